@@ -1,0 +1,24 @@
+"""Hypothesis profiles shared by tests/ and properties/ (select with --hypothesis-profile).
+
+ci:      CPU through the Triton interpreter: derandomized, no example database, bounded.
+dev:     a quick local loop, random.
+gpu:     compiled kernels on a GPU, real sizes, more examples.
+release: many examples, guided by target() towards the worst error/budget ratio.
+"""
+
+from datetime import timedelta
+
+from hypothesis import HealthCheck, Phase, settings
+
+_common = dict(
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    print_blob=True,
+)
+settings.register_profile("ci", max_examples=10, derandomize=True, database=None, deadline=None, **_common)
+settings.register_profile("dev", max_examples=20, deadline=None, **_common)
+settings.register_profile("gpu", max_examples=40, deadline=timedelta(seconds=60), derandomize=False, **_common)
+settings.register_profile(
+    "release", max_examples=400, deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink], **_common,
+)
+settings.load_profile("dev")

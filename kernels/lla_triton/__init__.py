@@ -1,0 +1,1 @@
+"""FlashLLA in Triton: blockwise Local Linear Attention with a conjugate-gradient solve."""

@@ -1,0 +1,248 @@
+"""The registry of LLA implementations under test: one record per implementation.
+
+A record says what the implementation can be asked (dtypes, head dims, devices,
+gradients, per-query lambda), the precision it computes in (which sets its error
+budget) and, for iterative solvers, the tolerance it stops at. Properties, goldens,
+the audit and the hunt all read these records; a property an implementation
+cannot be asked is skipped with the reason recorded here, never passed.
+
+The protocol an implementation follows (``--lla-impl MODULE:CALLABLE``):
+
+    fn(q, k, v, *, ridge_lambda, qk_scale) -> o
+
+q, k, v of shape (B, H, S, D) on the suite's device, ridge_lambda a float or a
+(B, H, S) tensor, o of shape (B, H, S, D) in q's dtype; gradients through autograd.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+
+from .validate import LLAInputError, check_lambda, check_qkv, check_scale
+
+ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = 2^-p for a dtype with p significand bits (round to nearest)."""
+    bits = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
+    if dtype not in bits:
+        raise LLAInputError(f"dtype: no unit roundoff known for {dtype}")
+    return 2.0 ** -bits[dtype]
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    forward: Callable  # fn(q, k, v, *, ridge_lambda, qk_scale) -> o
+    description: str
+    dtypes: tuple = ALL_DTYPES
+    head_dims: tuple | None = None  # None: any D >= 1
+    devices: tuple = ("cpu", "cuda")
+    compute_dtype: torch.dtype = torch.float32  # precision of its arithmetic
+    solver_tol: float = 0.0  # relative residual its inner solve stops at; 0 = direct solve
+    supports_grad: bool = True
+    per_query_lambda: bool = True
+    forward_with_stats: Callable | None = None  # same args -> (o, stats dict of (B, H, S))
+    skips: dict = field(default_factory=dict)  # property name -> reason
+
+    @property
+    def u(self) -> float:
+        return unit_roundoff(self.compute_dtype)
+
+    def supports(self, *, dtype=None, head_dim=None, device=None) -> str | None:
+        """None if the implementation accepts this configuration, else the reason it does not."""
+        if dtype is not None and dtype not in self.dtypes:
+            return f"{self.name} does not accept dtype {dtype} (accepts {[str(d) for d in self.dtypes]})"
+        if head_dim is not None and self.head_dims is not None and head_dim not in self.head_dims:
+            return f"{self.name} does not accept head_dim {head_dim} (accepts {self.head_dims})"
+        if device is not None and torch.device(device).type not in self.devices:
+            return f"{self.name} does not run on {device} (runs on {self.devices})"
+        return None
+
+    def skip_reason(self, prop: str) -> str | None:
+        return self.skips.get(prop)
+
+
+# ---------------------------------------------------------------- dense fp32 torch
+def dense_torch_lla(q, k, v, *, ridge_lambda, qk_scale=None, compute_dtype=torch.float32):
+    """Dense LLA in ``compute_dtype`` (default fp32): materialises z_ij and Sigma_i.
+
+    The same-precision reference of SPEC 8 (FlashAttention's rule): the plain
+    computation, carried out in the kernel's compute precision on the same rounded
+    inputs. Direct solve (LU) per query; output in q's dtype. Memory Theta(S^2 D),
+    so small S only.
+    """
+    check_qkv(q, k, v)
+    scale = check_scale(qk_scale, q.shape[-1])
+    lam = check_lambda(ridge_lambda, tuple(q.shape[:-1]), q.device, dtype=compute_dtype)
+    cd = compute_dtype
+    qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
+    S, D = q.shape[-2], q.shape[-1]
+    a = scale * (qc @ kc.transpose(-1, -2))
+    mask = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    a = a.masked_fill(~mask, float("-inf"))
+    w = torch.exp(a - a.amax(-1, keepdim=True))
+    omega = w.sum(-1)
+    z = kc[..., None, :, :] - qc[..., :, None, :]  # (..., S, S, D)
+    wz = w[..., None] * z
+    mu = wz.sum(-2)
+    sig = wz.transpose(-1, -2) @ z + (lam * omega)[..., None, None] * torch.eye(D, dtype=cd, device=q.device)
+    rho = torch.linalg.solve_ex(sig, mu[..., None])[0][..., 0]
+    g = w * (1.0 - (z @ rho[..., None])[..., 0])
+    den = g.sum(-1, keepdim=True)
+    o = (g @ vc) / den
+    return o.to(q.dtype)
+
+
+def _oracle_impl(q, k, v, *, ridge_lambda, qk_scale=None):
+    from .oracle import lla_forward
+
+    return lla_forward(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+
+
+# ---------------------------------------------------------------- our Triton kernel
+def _triton_forward(q, k, v, *, ridge_lambda, qk_scale=None):
+    import lla_triton
+
+    return lla_triton.lla_attention(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+
+
+def _triton_forward_stats(q, k, v, *, ridge_lambda, qk_scale=None, **kw):
+    import lla_triton
+
+    return lla_triton.lla_attention(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale, return_stats=True, **kw)
+
+
+def _triton_record() -> Impl:
+    tol = 1e-6
+    try:
+        import lla_triton
+
+        tol = float(getattr(lla_triton, "DEFAULT_CG_TOL", tol))
+    except ImportError:
+        pass
+    return Impl(
+        name="triton",
+        forward=_triton_forward,
+        forward_with_stats=_triton_forward_stats,
+        description="lla_triton: blockwise FlashLLA in Triton, CG solve, fp32 accumulation",
+        dtypes=ALL_DTYPES,
+        head_dims=(16, 32, 64, 128),
+        devices=("cuda", "cpu"),  # cpu only through TRITON_INTERPRET=1
+        compute_dtype=torch.float32,
+        solver_tol=tol,
+    )
+
+
+# ---------------------------------------------------------------- public FlashLLA
+def _flashlla_forward(q, k, v, *, ridge_lambda, qk_scale=None):
+    import flashlla  # noqa: F401  (only when importable)
+
+    if isinstance(ridge_lambda, torch.Tensor):
+        raise LLAInputError("flashlla: ridge_lambda must be a float (the public kernel has no per-query lambda)")
+    B, H, S, D = q.shape
+    fold = lambda t: t.reshape(B * H, S, t.shape[-1])  # noqa: E731  (B, S, D) per head
+    o = flashlla.lla_attention(fold(q), fold(k), fold(v), ridge_lambda=float(ridge_lambda), qk_scale=qk_scale)
+    return o.reshape(B, H, S, v.shape[-1]).to(q.dtype)
+
+
+def _flashlla_record() -> Impl:
+    return Impl(
+        name="flashlla",
+        forward=_flashlla_forward,
+        description="public FlashLLA (flashlla.lla_attention), bf16 CG at its defaults",
+        dtypes=(torch.bfloat16,),
+        head_dims=(64,),
+        devices=("cuda",),
+        compute_dtype=torch.float32,
+        solver_tol=1e-12,
+        supports_grad=False,
+        per_query_lambda=False,
+        skips={"grad": "flashlla returns no gradient for ridge_lambda and is bf16-only"},
+    )
+
+
+def _builtin() -> dict[str, Callable[[], Impl]]:
+    return {
+        "triton": _triton_record,
+        "torch-fp32": lambda: Impl(
+            name="torch-fp32",
+            forward=dense_torch_lla,
+            description="dense LLA in fp32 torch (LU solve per query); the same-precision reference",
+            compute_dtype=torch.float32,
+        ),
+        "oracle-f64": lambda: Impl(
+            name="oracle-f64",
+            forward=_oracle_impl,
+            description="the float64 oracle itself (a sanity run of the suite)",
+            dtypes=(torch.float64, torch.float32, torch.bfloat16, torch.float16),
+            compute_dtype=torch.float64,
+        ),
+        "flashlla": _flashlla_record,
+    }
+
+
+BUILTIN_NAMES = tuple(_builtin())
+
+
+def get_impl(spec: str) -> Impl:
+    """Resolve ``NAME`` (a built-in) or ``MODULE:CALLABLE`` (the protocol above)."""
+    table = _builtin()
+    if spec in table:
+        return table[spec]()
+    if ":" not in spec:
+        raise LLAInputError(
+            f"--lla-impl: unknown implementation {spec!r}; expected one of {list(table)} or MODULE:CALLABLE"
+        )
+    modname, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(modname)
+    except ImportError as exc:
+        raise LLAInputError(f"--lla-impl: cannot import module {modname!r}: {exc}") from None
+    fn = mod
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise LLAInputError(f"--lla-impl: module {modname!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise LLAInputError(f"--lla-impl: {spec} is not callable")
+    record = getattr(fn, "lla_impl_record", None)  # an external may describe itself
+    if isinstance(record, Impl):
+        return record
+    return Impl(name=spec, forward=fn, description=f"external implementation {spec}")
+
+
+def with_overrides(impl: Impl, **kw) -> Impl:
+    return replace(impl, **kw)
+
+
+def is_available(impl: Impl, device: str) -> str | None:
+    """None if ``impl`` can run on ``device`` in this process, else why not."""
+    reason = impl.supports(device=device)
+    if reason:
+        return reason
+    if impl.name == "triton":
+        import os
+
+        if torch.device(device).type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "the Triton kernel runs on CPU only through the interpreter (set TRITON_INTERPRET=1)"
+        try:
+            import lla_triton  # noqa: F401
+            if not hasattr(lla_triton, "lla_attention"):
+                return "lla_triton.lla_attention is not built yet"
+        except ImportError as exc:
+            return f"lla_triton does not import: {exc}"
+    if impl.name == "flashlla":
+        try:
+            import flashlla  # noqa: F401
+        except ImportError:
+            return "flashlla (the public FlashLLA) is not installed"
+    return None
+
+
+__all__ = ["Impl", "get_impl", "BUILTIN_NAMES", "dense_torch_lla", "unit_roundoff", "is_available"]

@@ -1,0 +1,275 @@
+"""Float64 oracles for Local Linear Attention (docs/math.md derives every formula).
+
+Two independent implementations of the same operator:
+
+* ``lla_forward`` / ``lla_forward_details``: the rho/Schur formulation of SPEC 1,
+  with the pairwise differences z_ij = k_j - q_i formed explicitly (so a large
+  common offset of q and k cancels exactly, before any product), Sigma_i solved by
+  Cholesky, and the output normalised by sum_j w_ij (1 - <z_ij, rho_i>) (which is
+  delta_i in exact arithmetic, and keeps sum_j s_ij = 1 to rounding).
+* ``lla_forward_wls``: the intercept of the augmented weighted least-squares problem
+  of SPEC 2, on softmax-normalised weights and an LU solve of the (D+1)-square
+  normal matrix; it shares no arithmetic with the first beyond the scores.
+
+Both are float64 on any device, differentiable through autograd with respect to q,
+k, v and a tensor ridge_lambda, and process queries in chunks whose pairwise
+tensors fit a memory budget (only keys j <= the chunk's last query are touched).
+
+Queries with ridge_lambda == 0 whose Sigma_i is singular (early tokens i < D, or
+keys in a low-dimensional subspace) have no value: delta_i = 0 makes s_ij a 0/0.
+The oracles return NaN there and ``details.undefined`` marks them; comparisons
+skip those rows and say how many.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .validate import check_delta_eps, check_lambda, check_qkv, check_scale
+
+_F64 = torch.float64
+# A Sigma_i with lambda == 0 counts as singular when its condition number exceeds
+# 1 / (D * u64): there the float64 solve has no correct digit left.
+_U64 = 2.0**-53
+DEFAULT_CHUNK_BYTES = 128 * 2**20
+
+
+@dataclass
+class LLADetails:
+    """Per-query quantities of the float64 oracle; all float64, leading shape (..., S)."""
+
+    o: torch.Tensor  # (..., S, Dv)
+    m: torch.Tensor  # (..., S) row max of the scores a_ij
+    omega: torch.Tensor  # (..., S)
+    mu: torch.Tensor  # (..., S, D)
+    rho: torch.Tensor  # (..., S, D)
+    delta: torch.Tensor  # (..., S)  sum_j w (1 - z.rho)^2 + lambda omega |rho|^2 (>= 0)
+    kappa: torch.Tensor  # (..., S)  cond_2(Sigma_i) (inf when singular)
+    lam: torch.Tensor  # (..., S) ridge_lambda as broadcast
+    undefined: torch.Tensor  # (..., S) bool: lambda == 0 and Sigma_i singular
+    scale: float = 0.0
+    extras: dict = field(default_factory=dict)
+
+
+def _prepare(q, k, v, ridge_lambda, qk_scale, delta_eps):
+    check_qkv(q, k, v)
+    scale = check_scale(qk_scale, q.shape[-1])
+    eps = check_delta_eps(delta_eps)
+    lead = tuple(q.shape[:-1])
+    lam = check_lambda(ridge_lambda, lead, q.device)
+    return q.to(_F64), k.to(_F64), v.to(_F64), lam, scale, eps
+
+
+def _flat(t: torch.Tensor, tail: int) -> torch.Tensor:
+    return t.reshape((-1,) + tuple(t.shape[t.dim() - tail:]))
+
+
+def _chunk_size(S: int, D: int, Dv: int, budget: int) -> int:
+    # per query of a chunk: a few (S, D) pairwise tensors plus (S) weights, float64
+    per_query = 8 * S * (3 * D + Dv + 4)
+    return int(max(1, min(S, budget // max(per_query, 1))))
+
+
+def _scores(qc, k, scale, i0, causal_len):
+    """Masked scores a_ij for queries i0.. of the chunk against keys 0..causal_len-1."""
+    a = scale * (qc @ k[:, :causal_len].transpose(-1, -2))
+    C = qc.shape[1]
+    rows = torch.arange(i0, i0 + C, device=qc.device)[:, None]
+    cols = torch.arange(causal_len, device=qc.device)[None, :]
+    mask = cols <= rows
+    return a, mask
+
+
+def _singular_augmented(omega, mu, sig):
+    """True where G_i = [[omega, mu^T], [mu, Sigma]] is numerically singular.
+
+    At lambda == 0, G_i (the normal matrix of SPEC 2) is singular exactly when
+    delta_i = 0 or Sigma_i is singular, i.e. when o_i is a 0/0. That needs fewer than
+    D + 1 weighted keys in affine general position: every early token i < D, and
+    keys confined to a low-dimensional affine subspace. The test is on the
+    Jacobi-scaled G_i: an exactly singular one comes out of eigvalsh with a smallest
+    eigenvalue of a few u64 (either sign), so the cut is a condition number of
+    1/(100 (D+1) u64) (about 1e13): past it a float64 solve keeps under two digits
+    and the 0/0 cannot be told from a genuine, tiny delta_i.
+    """
+    D = sig.shape[-1]
+    G = torch.cat([torch.cat([omega[..., None, None], mu[..., None, :]], -1),
+                   torch.cat([mu[..., :, None], sig], -1)], -2)
+    d = torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(torch.finfo(_F64).tiny).rsqrt()
+    ev = torch.linalg.eigvalsh(d[..., :, None] * G * d[..., None, :])
+    return ev[..., 0] <= ev[..., -1] * (100 * (D + 1) * _U64)
+
+
+def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int):
+    """The rho/Schur oracle on flattened (N, S, D) float64 inputs."""
+    N, S, D = q.shape
+    Dv = v.shape[-1]
+    C = _chunk_size(S, D, Dv, chunk_bytes)
+    outs, dets = [], {key: [] for key in ("m", "omega", "mu", "rho", "delta", "kappa", "undefined")}
+    eye = torch.eye(D, dtype=_F64, device=q.device)
+    for i0 in range(0, S, C):
+        i1 = min(S, i0 + C)
+        qc, lc = q[:, i0:i1], lam[:, i0:i1]
+        a, mask = _scores(qc, k, scale, i0, i1)
+        a = a.masked_fill(~mask, float("-inf"))
+        m = a.detach().amax(-1, keepdim=True)  # o does not depend on m (shift invariance)
+        w = torch.exp(a - m)  # (N, C, J), exactly 0 where masked
+        omega = w.sum(-1)
+        z = k[:, None, :i1, :] - qc[:, :, None, :]  # (N, C, J, D), exact for shared offsets
+        wz = w[..., None] * z
+        mu = wz.sum(-2)
+        sig = wz.transpose(-1, -2) @ z + (lc * omega)[..., None, None] * eye
+        sig = 0.5 * (sig + sig.transpose(-1, -2))
+
+        zero_lam = lc.detach() == 0
+        need_kappa = want_details or bool(zero_lam.any())
+        if need_kappa:
+            ev = torch.linalg.eigvalsh(sig.detach())
+            lo, hi = ev[..., 0], ev[..., -1]
+            kappa = torch.where(lo > 0, hi / lo.clamp_min(torch.finfo(_F64).tiny), torch.full_like(hi, float("inf")))
+            undefined = zero_lam & _singular_augmented(omega.detach(), mu.detach(), sig.detach())
+        else:
+            kappa = None
+            undefined = torch.zeros_like(zero_lam)
+        if bool(undefined.any()):
+            # Keep the graph finite: solve an identity system there, NaN the output below.
+            sig = torch.where(undefined[..., None, None], eye.expand_as(sig), sig)
+
+        L, info = torch.linalg.cholesky_ex(sig)
+        rho = torch.cholesky_solve(mu[..., None], L)[..., 0]
+        bad = info != 0
+        if bool(bad.any()):
+            # Sigma_i is SPD in exact arithmetic when lambda_i > 0, but kappa beyond
+            # 1/u64 can fail Cholesky; LU still returns the float64 answer there.
+            rho_lu = torch.linalg.solve_ex(sig, mu[..., None])[0][..., 0]
+            rho = torch.where(bad[..., None], rho_lu, rho)
+
+        f = 1.0 - (z @ rho[..., None])[..., 0]  # (N, C, J): 1 - <z_ij, rho_i>
+        wf = w * f
+        den = wf.sum(-1)
+        if eps > 0:
+            den = den + eps * torch.sign(den)
+        den = torch.where(undefined, torch.ones_like(den), den)
+        o = (wf[..., None] * v[:, None, :i1, :]).sum(-2) / den[..., None]
+        o = torch.where(undefined[..., None], torch.full_like(o, float("nan")), o)
+        outs.append(o)
+        if want_details:
+            delta = (w * f * f).sum(-1) + lc * omega * (rho * rho).sum(-1)
+            dets["m"].append(m[..., 0])
+            dets["omega"].append(omega)
+            dets["mu"].append(mu)
+            dets["rho"].append(rho)
+            dets["delta"].append(delta)
+            dets["kappa"].append(kappa)
+            dets["undefined"].append(undefined)
+    o = torch.cat(outs, 1)
+    if not want_details:
+        return o, None
+    return o, {key: torch.cat(val, 1) for key, val in dets.items()}
+
+
+def lla_forward(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """Causal LLA in float64 (rho/Schur formulation). Returns float64 of shape (..., S, Dv).
+
+    q, k: (..., S, D); v: (..., S, Dv); any float dtype, converted exactly to float64.
+    ridge_lambda: float >= 0 or tensor broadcastable to (..., S).
+    """
+    q64, k64, v64, lam, scale, eps = _prepare(q, k, v, ridge_lambda, qk_scale, delta_eps)
+    lead = q.shape[:-2]
+    o, _ = _core(
+        _flat(q64, 2), _flat(k64, 2), _flat(v64, 2), lam.reshape(-1, q.shape[-2]), scale, eps,
+        want_details=False, chunk_bytes=chunk_bytes,
+    )
+    return o.reshape(*lead, q.shape[-2], v.shape[-1])
+
+
+def lla_forward_details(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """``lla_forward`` plus omega, mu, rho, delta, kappa(Sigma_i) and the undefined mask."""
+    q64, k64, v64, lam, scale, eps = _prepare(q, k, v, ridge_lambda, qk_scale, delta_eps)
+    lead = tuple(q.shape[:-2])
+    S, D, Dv = q.shape[-2], q.shape[-1], v.shape[-1]
+    o, d = _core(
+        _flat(q64, 2), _flat(k64, 2), _flat(v64, 2), lam.reshape(-1, S), scale, eps,
+        want_details=True, chunk_bytes=chunk_bytes,
+    )
+
+    def r(t, *tail):
+        return t.reshape(*lead, S, *tail)
+
+    return LLADetails(
+        o=r(o, Dv), m=r(d["m"]), omega=r(d["omega"]), mu=r(d["mu"], D), rho=r(d["rho"], D),
+        delta=r(d["delta"]), kappa=r(d["kappa"]), lam=lam, undefined=r(d["undefined"]), scale=scale,
+    )
+
+
+def lla_forward_wls(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """Causal LLA as the intercept of a weighted ridge regression (SPEC 2), float64.
+
+    Independent of ``lla_forward``: softmax-normalised weights p_ij, the augmented
+    design x_ij = [1, z_ij], the normal matrix G_i = sum_j p_ij x x^T + diag(0, lambda I)
+    solved by LU against sum_j p_ij x_ij v_j^T; o_i is the first row of the solution.
+    delta_eps is accepted for a uniform signature; the intercept has no denominator
+    to guard, so it must be 0.
+    """
+    q64, k64, v64, lam, scale, eps = _prepare(q, k, v, ridge_lambda, qk_scale, delta_eps)
+    if eps != 0.0:
+        raise ValueError("delta_eps: the WLS formulation has no delta to guard; pass 0")
+    lead = tuple(q.shape[:-2])
+    S, D, Dv = q.shape[-2], q.shape[-1], v.shape[-1]
+    qf, kf, vf, lf = _flat(q64, 2), _flat(k64, 2), _flat(v64, 2), lam.reshape(-1, S)
+    C = _chunk_size(S, D + 1, Dv, chunk_bytes)
+    reg = torch.diag(torch.cat([torch.zeros(1, dtype=_F64), torch.ones(D, dtype=_F64)])).to(q64.device)
+    outs = []
+    for i0 in range(0, S, C):
+        i1 = min(S, i0 + C)
+        qc = qf[:, i0:i1]
+        a, mask = _scores(qc, kf, scale, i0, i1)
+        p = torch.softmax(a.masked_fill(~mask, float("-inf")), dim=-1)
+        x = torch.cat([torch.ones_like(qc[:, :, None, :1]).expand(-1, -1, i1, 1),
+                       kf[:, None, :i1, :] - qc[:, :, None, :]], dim=-1)  # (N, C, J, D+1)
+        px = p[..., None] * x
+        G = px.transpose(-1, -2) @ x + lf[:, i0:i1, None, None] * reg
+        R = px.transpose(-1, -2) @ vf[:, None, :i1, :]  # (N, C, D+1, Dv)
+        beta, info = torch.linalg.solve_ex(G, R)
+        o = beta[..., 0, :]
+        o = torch.where((info != 0)[..., None], torch.full_like(o, float("nan")), o)
+        outs.append(o)
+    return torch.cat(outs, 1).reshape(*lead, S, Dv)
+
+
+def softmax_attention(q, k, v, *, qk_scale=None):
+    """Causal softmax attention in float64: the lambda -> infinity limit of LLA."""
+    check_qkv(q, k, v)
+    scale = check_scale(qk_scale, q.shape[-1])
+    q64, k64, v64 = q.to(_F64), k.to(_F64), v.to(_F64)
+    S = q.shape[-2]
+    a = scale * (q64 @ k64.transpose(-1, -2))
+    mask = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    p = torch.softmax(a.masked_fill(~mask, float("-inf")), dim=-1)
+    return p @ v64
+
+
+def mesanet_attention(q, k, v, *, ridge_lambda):
+    """The scale -> 0 limit of LLA (SPEC 4), float64.
+
+    Linear attention on augmented keys k' = [k; 1] and queries q' = [q; 1] with a
+    ridge lambda_i (i+1) on the key block only:
+        o_i = (sum_j v_j k'_j^T) (sum_j k'_j k'_j^T + diag(lambda_i (i+1) I_D, 0))^{-1} q'_i
+    Memory is Theta(S D^2) (prefix sums of k' k'^T); meant for tests and small S.
+    """
+    check_qkv(q, k, v)
+    lead = tuple(q.shape[:-2])
+    S, D = q.shape[-2], q.shape[-1]
+    lam = check_lambda(ridge_lambda, tuple(q.shape[:-1]), q.device)
+    one = torch.ones(*q.shape[:-1], 1, dtype=_F64, device=q.device)
+    qa = torch.cat([q.to(_F64), one], -1)
+    ka = torch.cat([k.to(_F64), one], -1)
+    A = torch.cumsum(ka[..., :, None] * ka[..., None, :], dim=-3)  # (..., S, D+1, D+1)
+    Bm = torch.cumsum(v.to(_F64)[..., :, None] * ka[..., None, :], dim=-3)  # (..., S, Dv, D+1)
+    count = torch.arange(1, S + 1, dtype=_F64, device=q.device)
+    reg = torch.diag(torch.cat([torch.ones(D, dtype=_F64), torch.zeros(1, dtype=_F64)])).to(q.device)
+    A = A + (lam * count)[..., None, None] * reg
+    y = torch.linalg.solve(A, qa[..., None])  # (..., S, D+1, 1)
+    return (Bm @ y)[..., 0].reshape(*lead, S, v.shape[-1])
