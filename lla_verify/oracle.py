@@ -49,6 +49,7 @@ class LLADetails:
     kappa: torch.Tensor  # (..., S)  cond_2(Sigma_i) (inf when singular)
     lam: torch.Tensor  # (..., S) ridge_lambda as broadcast
     undefined: torch.Tensor  # (..., S) bool: lambda == 0 and Sigma_i singular
+    solv: torch.Tensor = None  # (..., S) ||(do_i/drho_i) Sigma_i^{-1}||_F ||mu_i||: output change per unit relative residual
     scale: float = 0.0
     extras: dict = field(default_factory=dict)
 
@@ -107,7 +108,7 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int):
     N, S, D = q.shape
     Dv = v.shape[-1]
     C = _chunk_size(S, D, Dv, chunk_bytes)
-    outs, dets = [], {key: [] for key in ("m", "omega", "mu", "rho", "delta", "kappa", "undefined")}
+    outs, dets = [], {key: [] for key in ("m", "omega", "mu", "rho", "delta", "kappa", "undefined", "solv")}
     eye = torch.eye(D, dtype=_F64, device=q.device)
     for i0 in range(0, S, C):
         i1 = min(S, i0 + C)
@@ -157,6 +158,19 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int):
         outs.append(o)
         if want_details:
             delta = (w * f * f).sum(-1) + lc * omega * (rho * rho).sum(-1)
+            # Solver sensitivity (error-model.md): a residual r_i in the solve moves o_i
+            # by (d o_i / d rho_i) Sigma_i^{-1} r_i, with d o_i/d rho_i = -B_i and
+            # B_i = (1/den_i) sum_j w_ij (v_j - o_i) z_ij^T; so ||B_i Sigma_i^{-1}||_F ||mu_i||
+            # is the output change per unit of relative residual ||r_i|| / ||mu_i||.
+            with torch.no_grad():
+                coef = (w / den[..., None])[..., None] * (v[:, None, :i1, :] - o[:, :, None, :])
+                Bm = coef.transpose(-1, -2) @ z  # (N, C, Dv, D)
+                X = torch.cholesky_solve(Bm.transpose(-1, -2), L)
+                if bool(bad.any()):
+                    X = torch.where(bad[..., None, None], torch.linalg.solve_ex(sig, Bm.transpose(-1, -2))[0], X)
+                solv = X.flatten(-2).norm(dim=-1) * mu.norm(dim=-1)
+                solv = torch.where(undefined, torch.full_like(solv, float("nan")), solv)
+            dets["solv"].append(solv)
             dets["m"].append(m[..., 0])
             dets["omega"].append(omega)
             dets["mu"].append(mu)
@@ -201,6 +215,7 @@ def lla_forward_details(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, 
     return LLADetails(
         o=r(o, Dv), m=r(d["m"]), omega=r(d["omega"]), mu=r(d["mu"], D), rho=r(d["rho"], D),
         delta=r(d["delta"]), kappa=r(d["kappa"]), lam=lam, undefined=r(d["undefined"]), scale=scale,
+        solv=r(d["solv"]),
     )
 
 
