@@ -1,0 +1,275 @@
+"""Goldens: the files on disk, their manifest, regen/--check, and compare (CPU, fast)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lla_verify import goldens as G
+from lla_verify.cases import FAMILIES
+from lla_verify.cli import main
+from lla_verify.impls import Impl, get_impl
+from lla_verify.validate import check_lambda, check_qkv, check_scale
+
+SMALL = "gaussian-f32-S16-D4-H2"
+PERQ = "lambda-decades-perquery-f32-S16-D4"
+MEDIUM = "subspace-noise1e-4-bf16-S33-D16"
+LAM0 = "linear-values-lam0-f32-S16-D4"
+SUBSET = [SMALL, PERQ, MEDIUM, LAM0, "const-values-f16-S16-D4"]
+
+
+def _copy_goldens(dst):
+    shutil.copytree(G.DEFAULT_DIR, dst)
+    return dst
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# ------------------------------------------------------------------ catalog
+def test_catalog_covers_every_family_dtype_and_limit():
+    names = [g.name for g in G.CATALOG]
+    assert len(names) == len(set(names))
+    assert {g.case.family for g in G.CATALOG} == set(FAMILIES)
+    assert {g.case.dtype for g in G.CATALOG} >= {"float32", "bfloat16", "float16"}
+    assert {g.variant for g in G.CATALOG} == set(G.VARIANTS)
+    assert any(g.case.S == 1 for g in G.CATALOG), "first token"
+    assert max(g.case.S for g in G.CATALOG) == 512 and max(g.case.D for g in G.CATALOG) == 64
+    for g in G.CATALOG:
+        assert g.mp == (g.case.S <= G.MP_MAX_S and g.case.D <= G.MP_MAX_D), g.name
+        assert G.parse_golden_spec(g.spec) == (g.case, g.variant), g.name
+    assert isinstance(G.build_problem(G.get_golden(PERQ)).ridge_lambda, torch.Tensor)
+
+
+def test_bad_golden_spec_and_name_are_named():
+    with pytest.raises(ValueError, match="variant"):
+        G.parse_golden_spec("gaussian::B=1,H=1,S=4,D=2,dtype=float32,seed=0|v=linear")
+    with pytest.raises(ValueError, match="--only"):
+        G.get_golden("no-such-golden")
+
+
+# ------------------------------------------------------------------ on disk
+def test_files_on_disk_match_manifest_hashes():
+    man = G.load_manifest(G.DEFAULT_DIR)
+    assert man is not None, "goldens/MANIFEST.json is missing"
+    assert set(man["versions"]) >= {"torch", "numpy", "mpmath", "lla-verify"} and man["created"]
+    assert [e["name"] for e in man["cases"]] == [g.name for g in G.CATALOG]
+    total = 0
+    for e in man["cases"]:
+        g = G.get_golden(e["name"])
+        assert e["spec"] == g.spec and e["seed"] == g.case.seed
+        assert e["oracle"]["mp_dps"] == (G.MP_DPS if g.mp else None)
+        path = G.DEFAULT_DIR / e["file"]
+        total += path.stat().st_size
+        arrays = load_file(str(path))
+        assert set(arrays) == set(e["arrays"]), e["name"]
+        for key, t in arrays.items():
+            meta = e["arrays"][key]
+            assert (G._dtype_name(t), list(t.shape)) == (meta["dtype"], meta["shape"]), (e["name"], key)
+            assert G.array_hash(t) == meta["sha256"], (e["name"], key)
+        assert ("o_mp" in arrays) == g.mp
+        assert str(arrays["q"].dtype) == f"torch.{g.case.dtype}"
+    assert total < 4 * 2**20, f"goldens take {total / 2**20:.1f} MiB; keep them to a few MiB"
+
+
+def test_regen_check_is_clean_on_the_repository(capsys):
+    # CI: a fresh clone must reproduce its goldens (bitwise, or within float64 noise)
+    assert main(["goldens", "regen", "--check"]) == 0, capsys.readouterr().out
+    assert "reproduce" in capsys.readouterr().out
+
+
+def test_oracle_reproduces_the_mp_values_to_float64_noise():
+    # small goldens: the float64 oracle against the stored mpmath output
+    for g in G.CATALOG:
+        if not g.mp:
+            continue
+        a = load_file(str(G.DEFAULT_DIR / g.file))
+        ok = ~a["undefined"]
+        err = (a["o"] - a["o_mp"]).norm(dim=-1)[ok]
+        assert float(err.max()) <= G.noise_tol(a) * float(a["o_mp"][ok].norm(dim=-1).max()), g.name
+
+
+# ------------------------------------------------------------------ --check catches damage
+def test_altered_value_is_caught_naming_case_and_array(tmp_path, capsys):
+    folder = _copy_goldens(tmp_path / "g")
+    path = folder / G.get_golden(SMALL).file
+    arrays = load_file(str(path))
+    arrays["o"][0, 1, 5, 2] += 1e-9
+    save_file(arrays, str(path))
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL {SMALL}: hash mismatch in array o " in out
+    assert "drift: max rel" in out and "at o[0,1,5,2]" in out
+
+
+def test_corrupted_bytes_are_caught(tmp_path, capsys):
+    folder = _copy_goldens(tmp_path / "g")
+    path = folder / G.get_golden(MEDIUM).file
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x40  # inside the last array's data: the header still parses
+    path.write_bytes(bytes(raw))
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", MEDIUM]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL {MEDIUM}: hash mismatch in array" in out
+    path.write_bytes(bytes(raw[:100]))  # truncated: the header does not parse
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", MEDIUM]) == 1
+    assert f"FAIL {MEDIUM}: corrupt file" in capsys.readouterr().out
+
+
+def test_missing_and_extra_files_are_reported(tmp_path, capsys):
+    folder = _copy_goldens(tmp_path / "g")
+    (folder / G.get_golden(SMALL).file).unlink()
+    (folder / "stray.safetensors").write_bytes(b"x")
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL {SMALL}: missing file {SMALL}.safetensors" in out
+    assert "FAIL extra file stray.safetensors" in out
+    man = json.loads((folder / G.MANIFEST).read_text())
+    man["cases"].append(dict(man["cases"][0], name="retired-golden"))
+    (folder / G.MANIFEST).write_text(json.dumps(man))
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", PERQ]) == 1
+    assert "FAIL retired-golden: extra manifest entry" in capsys.readouterr().out
+
+
+def test_check_without_manifest_fails(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["goldens", "regen", "--check", "--dir", str(tmp_path / "empty"), "--only", SMALL]) == 1
+    assert "no MANIFEST.json" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ regen
+def test_regen_twice_gives_identical_bytes(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["goldens", "regen", "--dir", str(a), "--only", *SUBSET]) == 0
+    assert main(["goldens", "regen", "--dir", str(b), "--only", *SUBSET]) == 0
+    fa, fb = _files(a), _files(b)
+    assert set(fa) == set(fb) == {G.get_golden(n).file for n in SUBSET} | {G.MANIFEST}
+    for name in fa:
+        if name != G.MANIFEST:
+            assert fa[name] == fb[name], name
+    ma, mb = (json.loads(f[G.MANIFEST]) for f in (fa, fb))
+    ma.pop("created"), mb.pop("created")
+    assert ma == mb
+    # and the same bytes as the repository's goldens, arrays and manifest entries alike
+    repo = {e["name"]: e for e in G.load_manifest(G.DEFAULT_DIR)["cases"]}
+    for e in json.loads(fa[G.MANIFEST])["cases"]:
+        assert e == repo[e["name"]], e["name"]
+    # a second regen into the same folder writes nothing, not even the manifest date
+    assert main(["goldens", "regen", "--dir", str(a), "--only", *SUBSET]) == 0
+    assert _files(a) == fa
+    assert "0 written" in capsys.readouterr().out
+
+
+def test_regen_refuses_changed_values_without_force(tmp_path, capsys):
+    folder = tmp_path / "g"
+    assert main(["goldens", "regen", "--dir", str(folder), "--only", PERQ]) == 0
+    before = _files(folder)
+    path = folder / G.get_golden(PERQ).file
+    arrays = load_file(str(path))
+    arrays["dlambda"][0, 0, 3] *= 1.5
+    save_file(arrays, str(path))
+    tampered = _files(folder)
+    capsys.readouterr()
+    assert main(["goldens", "regen", "--dir", str(folder), "--only", PERQ]) == 1
+    out = capsys.readouterr().out
+    assert f"REFUSED {PERQ}: drift" in out and "dlambda[0,0,3]" in out and "nothing written" in out
+    assert _files(folder) == tampered
+    assert main(["goldens", "regen", "--dir", str(folder), "--only", PERQ, "--force"]) == 0
+    out = capsys.readouterr().out
+    assert f"{PERQ}: drift: max rel" in out and "--force" in out
+    assert _files(folder)[path.name] == before[path.name]
+
+
+def test_drift_classes():
+    a = G.compute(G.get_golden(SMALL))
+    tol = G.noise_tol(a)
+    assert G.drift(a, a).kind == "bitwise"
+    b = dict(a, dq=a["dq"] * (1 + 2 * G.U64))
+    assert G.drift(a, b).kind == "drift within float64 noise"
+    c = dict(a, rho=a["rho"] * (1 + 1e3 * tol))
+    d = G.drift(a, c)
+    assert d.kind == "drift" and d.where.startswith("rho[")
+    e = dict(a, q=(a["q"] * 2))
+    assert G.drift(a, e).kind == "inputs changed"
+    f = dict(a, o=torch.where(a["o"] > 0, torch.nan, a["o"]))
+    assert G.drift(a, f).max_rel == float("inf")
+
+
+def test_usage_errors_exit_2(tmp_path, capsys):
+    assert main(["goldens", "regen", "--check", "--only", "nope"]) == 2
+    assert "--only: unknown golden 'nope'" in capsys.readouterr().err
+    assert main(["goldens", "regen", "--check", "--force"]) == 2
+    assert main(["goldens", "regen", "--check", "--dir", str(tmp_path / "absent")]) == 2
+    assert main(["goldens", "compare", "--impl", "no-such-impl"]) == 2
+    assert main(["goldens", "compare", "--impl", "torch-fp32", "--dir", str(tmp_path / "absent")]) == 2
+    assert main(["goldens"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["goldens", "compare"])  # --impl is required
+    assert exc.value.code == 2
+
+
+# ------------------------------------------------------------------ compare
+def test_compare_torch_fp32_passes(capsys):
+    assert main(["goldens", "compare", "--impl", "torch-fp32"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == len(G.CATALOG) + 1
+    assert out[-1].startswith(f"0 of {3 * len(G.CATALOG)} checks over threshold, worst ratio ")
+
+
+def _lla_no_omega(q, k, v, *, ridge_lambda, qk_scale=None):
+    """Planted bug: the ridge is lambda * I instead of lambda * omega * I."""
+    check_qkv(q, k, v)
+    scale = check_scale(qk_scale, q.shape[-1])
+    lam = check_lambda(ridge_lambda, tuple(q.shape[:-1]), q.device, dtype=torch.float32)
+    qc, kc, vc = q.float(), k.float(), v.float()
+    S, D = q.shape[-2], q.shape[-1]
+    a = (scale * qc @ kc.transpose(-1, -2)).masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
+    w = torch.exp(a - a.amax(-1, keepdim=True))
+    z = kc[..., None, :, :] - qc[..., :, None, :]
+    wz = w[..., None] * z
+    sig = wz.transpose(-1, -2) @ z + lam[..., None, None] * torch.eye(D)
+    rho = torch.linalg.solve(sig, wz.sum(-2)[..., None])[..., 0]
+    g = w * (1.0 - (z @ rho[..., None])[..., 0])
+    return ((g @ vc) / g.sum(-1, keepdim=True)).to(q.dtype)
+
+
+def test_compare_catches_a_planted_bug(capsys):
+    bug = Impl(name="planted-no-omega", forward=_lla_no_omega, description="lambda not multiplied by omega")
+    code, results = G.compare(G.DEFAULT_DIR, bug, only=[SMALL, PERQ, "gaussian-f32-S512-D16"])
+    assert code == 1
+    out = capsys.readouterr().out
+    for r in results:
+        assert r.checks["forward"] > 1 and r.checks["stored"] > 1, r.name
+        assert r.checks["oracle"] == 0.0
+        assert f"{r.name}  " in out and "FAIL" in out
+    assert out.strip().splitlines()[-1].startswith("6 of 9 checks over threshold, worst ratio ")
+
+
+def test_compare_skips_what_the_impl_cannot_do(capsys):
+    narrow = G.compare(G.DEFAULT_DIR, Impl(name="f32-d4", forward=get_impl("torch-fp32").forward, description="x",
+                                           dtypes=(torch.float32,), head_dims=(4,), per_query_lambda=False),
+                       only=[SMALL, MEDIUM, PERQ, "early-lam1e-10-f16-S8-D8"])
+    code, results = narrow
+    assert code == 0
+    skipped = {r.name: r.skipped for r in results}
+    assert skipped[SMALL] is None
+    assert "does not accept dtype torch.bfloat16" in skipped[MEDIUM]
+    assert "no per-query lambda" in skipped[PERQ]
+    assert "does not accept dtype torch.float16" in skipped["early-lam1e-10-f16-S8-D8"]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("0 of 3 checks over threshold") and "(3 golden(s) skipped)" in last
+
+
+def test_compare_refuses_an_altered_golden(tmp_path, capsys):
+    folder = _copy_goldens(tmp_path / "g")
+    path = folder / G.get_golden(SMALL).file
+    arrays = load_file(str(path))
+    arrays["o_mp"][0, 0, 0, 0] += 1.0
+    save_file(arrays, str(path))
+    code, results = G.compare(folder, get_impl("torch-fp32"), only=[SMALL])
+    assert code == 1 and "hash mismatch in ['o_mp']" in results[0].notes
