@@ -1,0 +1,204 @@
+"""The release audit (lla_verify/audit.py) and its report: verdicts, a planted bug, baselines, exit codes.
+
+CPU only, torch-fp32 and tiny cell subsets (``--only`` / ``--max-cells`` on the
+command line, explicit cell lists through ``run_audit``), so each test takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from lla_verify import audit
+from lla_verify.cases import Case
+from lla_verify.cli import main
+from lla_verify.impls import Impl, dense_torch_lla, get_impl
+from lla_verify.validate import check_lambda, check_scale
+
+# Well-conditioned cells (kappa(Sigma_i) at most ~1e3): every honest fp32
+# implementation is far inside budget here, so a failure is the implementation's.
+EASY = [
+    Case("gaussian", {"lam": 1.0}, S=33, D=8),
+    Case("gaussian", {"lam": 10.0}, S=24, D=8, dtype="bfloat16"),
+    Case("spectrum", {"kappa": 100.0, "rotate": 1}, S=20, D=8),
+    Case("bandwidth", {"scale": 1e-2, "lam": 1.0}, S=17, D=8),
+]
+ONLY = ["--only", "gaussian:lam=1:B=1,H=1,S=40", "--only", "kappa=100,rotate=1:B=1,H=1,S=48,D=16,dtype=float32"]
+
+
+def omega_dropped_lla(q, k, v, *, ridge_lambda, qk_scale=None):
+    """The planted bug: Sigma_i = scatter + lambda I, the omega_i factor on the ridge forgotten.
+
+    Written as dense_torch_lla with lambda_i replaced by lambda_i / omega_i, so the
+    only difference from the reference is the missing factor.
+    """
+    scale = check_scale(qk_scale, q.shape[-1])
+    S = q.shape[-2]
+    a = scale * (q.float() @ k.float().transpose(-1, -2))
+    a = a.masked_fill(~torch.ones(S, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    omega = torch.exp(a - a.amax(-1, keepdim=True)).sum(-1)
+    lam = check_lambda(ridge_lambda, tuple(q.shape[:-1]), q.device, dtype=torch.float32)
+    return dense_torch_lla(q, k, v, ridge_lambda=lam / omega, qk_scale=qk_scale)
+
+
+def _cells(cases):
+    return [audit.Cell("test", c) for c in cases]
+
+
+def _run_cli(argv, capsys):
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        rc = exc.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_reference_passes_and_writes_both_reports(tmp_path, capsys):
+    rc, out, err = _run_cli(["audit", "--impl", "torch-fp32", "--out", str(tmp_path), "--no-progress", *ONLY], capsys)
+    assert rc == 0, out + err
+    assert out.startswith("PASS: 0 out of")
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert {"schema", "meta", "verdict", "regressions", "cells", "skipped"} <= set(rep)
+    assert rep["meta"]["impl"] == "torch-fp32" and rep["meta"]["device"] == "cpu"
+    assert {"torch", "python"} <= set(rep["meta"]["versions"]) and rep["meta"]["command"].startswith("lla-verify audit")
+    assert rep["verdict"]["passed"] and rep["verdict"]["n_cells"] == len(rep["cells"]) >= 3
+    for c in rep["cells"]:
+        for key in ("spec", "ratio", "passed", "cause", "err_max", "kappa_max", "kappa_worst", "n_nan", "n_inf",
+                    "time_s", "command", "grad"):
+            assert key in c, key
+        assert c["command"].startswith("lla-verify check --case ")
+        assert c["grad"]["status"] == "checked" or c["grad"]["status"].startswith("not checked")
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("src='data:image/png;base64,") >= 2
+    assert html.index("PASS") < html.index("<h2>")  # the verdict comes first
+
+
+def test_planted_omega_bug_fails_with_implementation_attribution(tmp_path):
+    bug = Impl(name="omega-dropped", forward=omega_dropped_lla, description="planted bug: ridge lambda I")
+    res = audit.run_audit(bug, _cells(EASY), out=str(tmp_path), backward=False)
+    assert res.exit_code == 1
+    v = res.report["verdict"]
+    assert v["n_failed"] == len(EASY), [c["ratio"] for c in res.report["cells"]]
+    assert all(c["cause"] == "implementation" for c in res.report["cells"])
+    assert all(c["ratio"] > 10 for c in res.report["cells"])
+    html = (tmp_path / "report.html").read_text()
+    assert "FAIL" in html and "implementation" in html and "lla-verify check --case" in html
+
+
+def test_planted_bug_through_module_callable(tmp_path, capsys):
+    rc, out, _ = _run_cli(["audit", "--impl", "tests.test_audit:omega_dropped_lla", "--out", str(tmp_path),
+                           "--no-progress", "--no-backward", "--only", "gaussian:lam=1:B=1,H=1,S=40"], capsys)
+    assert rc == 1
+    assert "cause implementation" in out and "lla-verify check --case" in out
+
+
+def test_baseline_against_itself_then_doctored(tmp_path, capsys):
+    base = tmp_path / "base"
+    args = ["audit", "--impl", "torch-fp32", "--no-progress", "--no-backward", *ONLY]
+    rc, _, _ = _run_cli([*args, "--out", str(base)], capsys)
+    assert rc == 0
+    rc, out, _ = _run_cli([*args, "--out", str(tmp_path / "same"), "--baseline", str(base / "report.json")], capsys)
+    assert rc == 0, out
+    rep = json.loads((tmp_path / "same" / "report.json").read_text())
+    assert rep["regressions"] == [] and rep["baseline"]["matched"] == len(rep["cells"])
+
+    doctored = json.loads((base / "report.json").read_text())
+    for c in doctored["cells"]:
+        c["forward_ratio"] = c["ratio"] = c["ratio"] / 100.0
+    (tmp_path / "doctored.json").write_text(json.dumps(doctored))
+    # the dense reference sits at ratio ~1/3 by construction (FlashAttention's rule against
+    # itself), under the default noise floor of 0.5: lower the floor to see growth
+    rc, out, _ = _run_cli([*args, "--out", str(tmp_path / "reg"), "--baseline", str(tmp_path / "doctored.json"),
+                           "--regression-floor", "0.05"], capsys)
+    rep = json.loads((tmp_path / "reg" / "report.json").read_text())
+    grown = [c for c in rep["cells"] if c["ratio"] > 0.05]
+    assert grown, "the subset needs a cell above the regression floor"
+    assert rc == 1 and len(rep["regressions"]) == len(grown)
+    assert out.startswith("REGRESSIONS against the baseline")  # listed before the verdict
+    html = (tmp_path / "reg" / "report.html").read_text()
+    assert html.index("Regressions against the baseline") < html.index("Worst cells")
+
+
+def test_compare_rules():
+    def cell(ratio, passed=True, spec="s"):
+        return {"spec": spec, "ratio": ratio, "forward_ratio": ratio, "passed": passed, "command": "c"}
+
+    assert audit.compare([cell(0.4)], [cell(0.01)])[0] == []  # grew, but below the noise floor
+    assert audit.compare([cell(0.9)], [cell(0.5)])[0] == []  # above the floor, but less than x2
+    assert len(audit.compare([cell(0.9)], [cell(0.3)])[0]) == 1
+    assert "newly failing" in audit.compare([cell(1.5, False)], [cell(0.9)])[0][0]["why"]
+    assert len(audit.compare([cell(math.inf, False)], [cell(0.1)])[0]) == 1
+    regs, info = audit.compare([cell(0.9, spec="new")], [cell(0.1, spec="old")])
+    assert regs == [] and info == {"matched": 0, "new": 1, "missing": 1}
+
+
+def test_check_replays_a_case(capsys):
+    spec = Case("gaussian", {"lam": 1.0}, S=17, D=8).spec()
+    rc, out, _ = _run_cli(["check", "--case", spec, "--impl", "torch-fp32"], capsys)
+    assert rc == 0 and "forward PASS" in out and spec in out
+    rc, out, _ = _run_cli(["check", "--case", spec, "--impl", "tests.test_audit:omega_dropped_lla"], capsys)
+    assert rc == 1 and "cause: implementation" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["audit", "--impl", "no-such-impl"], "--impl"),
+    (["audit", "--impl", "torch-fp32", "--quick", "--full"], "not allowed with"),
+    (["audit", "--impl", "torch-fp32", "--seed", "x"], "--seed"),
+    (["audit", "--impl", "torch-fp32", "--baseline", "/nonexistent/report.json"], "--baseline"),
+    (["audit", "--impl", "torch-fp32", "--only", "no-such-family"], "--only"),
+    (["audit", "--impl", "torch-fp32", "--device", "tpu"], "--device"),
+    (["audit", "--impl", "torch-fp32", "--regression-factor", "0.5"], "--regression-factor"),
+    (["check", "--case", "nofamily:x=1:S=4", "--impl", "torch-fp32"], "--case"),
+    (["check", "--case", "gaussian:lam=1:S=4,D=4,dtype=float8", "--impl", "torch-fp32"], "--case"),
+    (["check", "--impl", "torch-fp32"], "--case"),
+], ids=["unknown-impl", "quick-and-full", "bad-seed", "missing-baseline", "only-nothing", "bad-device", "bad-factor",
+        "bad-family", "bad-dtype", "no-case"])
+def test_usage_errors_exit_2(argv, needle, capsys):
+    rc, out, err = _run_cli(argv, capsys)
+    assert rc == 2
+    assert needle in err
+
+
+def test_unavailable_impl_exits_2(capsys, monkeypatch):
+    # the default impl is triton: without its kernel (or without CUDA) the audit says so and exits 2
+    monkeypatch.setattr(audit, "plan", lambda *a, **k: pytest.fail("must not start the sweep"))
+    rc, _, err = _run_cli(["audit", "--impl", "flashlla", "--device", "cpu"], capsys)
+    assert rc == 2 and "--impl flashlla: not available on cpu" in err and "torch-fp32" in err
+
+
+def test_plan_covers_every_family_and_sweep():
+    impl = get_impl("torch-fp32")
+    for full in (False, True):
+        cells, skipped = audit.plan(impl, full=full)
+        fams = {c.case.family for c in cells}
+        assert set(audit.FAMILY_CELLS) | {"spectrum", "bandwidth", "gaussian", "lambda_decades"} <= fams
+        assert {"float32", "bfloat16"} <= {c.case.dtype for c in cells}
+        assert any(c.case.S % 16 for c in cells)
+        kap = {c.case.params["kappa"] for c in cells if c.case.family == "spectrum"}
+        assert min(kap) == 1.0 and max(kap) == 1e8
+        grid = [c for c in cells if c.sweep == "scale-lambda"]
+        assert len({c.case.params["lam"] for c in grid}) >= 3 and len({c.case.params["scale"] for c in grid}) >= 5
+        assert len({c.case.spec() for c in cells}) == len(cells)
+        if full:
+            assert {64, 128} <= {c.case.D for c in cells} and max(c.case.S for c in cells) >= 2048
+            assert 100 <= len(cells) <= 200
+        else:
+            assert max(c.case.S for c in cells) <= 48
+    # a kernel with fixed head dims gets its cells skipped with the reason recorded
+    narrow = Impl(name="d64", forward=dense_torch_lla, description="", head_dims=(64,))
+    cells, skipped = audit.plan(narrow, full=False)
+    assert skipped and all("head_dim" in s["reason"] for s in skipped)
+
+
+def test_triton_on_cpu_sets_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    try:
+        audit._resolve("triton", "cpu")
+    except audit.UsageError:
+        pass  # the kernel may not be built yet; the environment must be set either way
+    assert os.environ.get("TRITON_INTERPRET") == "1"
