@@ -1,1 +1,107 @@
-"""FlashLLA in Triton: blockwise Local Linear Attention with a conjugate-gradient solve."""
+"""FlashLLA in Triton: blockwise Local Linear Attention with a conjugate-gradient solve.
+
+Public API: ``lla_attention`` and the defaults below. docs/kernels.md explains them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lla_verify.validate import LLAInputError, check_delta_eps, check_lambda, check_qkv, check_scale
+
+from ._common import PRECISIONS, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, interpreting
+from .forward import (
+    DEFAULT_CG_MAX_ITERS,
+    DEFAULT_CG_TOL,
+    DEFAULT_DELTA_EPS,
+    DEFAULT_PRECISION,
+    ForwardOut,
+    lla_forward_kernel,
+)
+
+__all__ = [
+    "lla_attention", "DEFAULT_CG_TOL", "DEFAULT_CG_MAX_ITERS", "DEFAULT_DELTA_EPS", "DEFAULT_PRECISION",
+    "PRECISIONS", "ForwardOut", "lla_forward_kernel", "LLAInputError",
+]
+
+
+def _check_options(cg_tol, cg_max_iters, preconditioner, precision):
+    try:
+        tol = float(cg_tol)
+    except (TypeError, ValueError):
+        raise LLAInputError(f"cg_tol: expected a float >= 0, got {cg_tol!r}") from None
+    if not math.isfinite(tol) or tol < 0:
+        raise LLAInputError(f"cg_tol: expected a finite value >= 0, got {tol}")
+    if isinstance(cg_max_iters, bool) or not isinstance(cg_max_iters, int) or cg_max_iters < 0:
+        raise LLAInputError(f"cg_max_iters: expected an int >= 0, got {cg_max_iters!r}")
+    if preconditioner not in (None, "none", "jacobi"):
+        raise LLAInputError(f"preconditioner: expected None, 'none' or 'jacobi', got {preconditioner!r}")
+    if precision not in PRECISIONS:
+        raise LLAInputError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    return tol
+
+
+def lla_attention(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=DEFAULT_DELTA_EPS, cg_tol=DEFAULT_CG_TOL,
+                  cg_max_iters=DEFAULT_CG_MAX_ITERS, preconditioner=None, precision=DEFAULT_PRECISION,
+                  return_stats=False, check_finite=True):
+    """Causal Local Linear Attention (SPEC 1).
+
+    q, k, v: (B, H, S, D) or (B, S, D), one of fp32 / bf16 / fp16, D in {16, 32, 64, 128};
+    output in the input dtype and rank. ridge_lambda: float >= 0 or a tensor broadcastable
+    to (B, H, S) (per-query lambda). ``return_stats=True`` returns (o, stats) with
+    (B, H, S) tensors cg_iters, cg_residual (true relative residual), omega, delta, m.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise LLAInputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() not in (3, 4):
+            raise LLAInputError(f"{name}: expected shape (B, H, S, D) or (B, S, D), got {tuple(t.shape)}")
+    check_qkv(q, k, v, dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS, check_finite=check_finite)
+    if v.shape != q.shape:
+        raise LLAInputError(f"v: expected the shape of q {tuple(q.shape)} (same D), got {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise LLAInputError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device.type == "cpu" and not interpreting():
+        raise LLAInputError("q: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1) or a CUDA device")
+    if isinstance(ridge_lambda, torch.Tensor) and ridge_lambda.device != q.device and ridge_lambda.dim() > 0:
+        raise LLAInputError(f"ridge_lambda: expected a tensor on {q.device}, got one on {ridge_lambda.device}")
+    scale = check_scale(qk_scale, q.shape[-1])
+    eps = check_delta_eps(delta_eps)
+    tol = _check_options(cg_tol, cg_max_iters, preconditioner, precision)
+
+    lead = tuple(q.shape[:-1])
+    S, D = q.shape[-2], q.shape[-1]
+    N = math.prod(lead[:-1])
+    lam = check_lambda(ridge_lambda, lead, q.device, dtype=torch.float32).reshape(N, S).contiguous()
+    q3, k3, v3 = (t.reshape(N, S, D).contiguous() for t in (q, k, v))
+
+    lam_grad = isinstance(ridge_lambda, torch.Tensor) and ridge_lambda.requires_grad
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or lam_grad):
+        try:
+            from .autograd import LLAFunction
+        except ImportError:
+            raise NotImplementedError("lla_triton: backward not available yet") from None
+        o3 = LLAFunction.apply(q3, k3, v3, lam, scale, eps, tol, cg_max_iters, preconditioner, precision)
+        if not return_stats:
+            return o3.reshape(q.shape)
+        with torch.no_grad():
+            fo = lla_forward_kernel(q3.detach(), k3.detach(), v3.detach(), lam.detach(), scale, delta_eps=eps,
+                                    cg_tol=tol, cg_max_iters=cg_max_iters, preconditioner=preconditioner,
+                                    want_stats=True, precision=precision)
+    else:
+        fo = lla_forward_kernel(q3, k3, v3, lam, scale, delta_eps=eps, cg_tol=tol, cg_max_iters=cg_max_iters,
+                                preconditioner=preconditioner, want_stats=return_stats, precision=precision)
+        o3 = fo.o
+    o = o3.reshape(q.shape)
+    if not return_stats:
+        return o
+    stats = {
+        "cg_iters": fo.cg_iters.reshape(lead),
+        "cg_residual": fo.cg_residual.reshape(lead),
+        "omega": fo.omega.reshape(lead),
+        "delta": fo.den.reshape(lead),
+        "m": fo.m.reshape(lead),
+    }
+    return o, stats

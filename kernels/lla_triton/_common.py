@@ -1,0 +1,36 @@
+"""Helpers shared by the forward and backward kernels of lla_triton.
+
+Kept small and stable: the backward engineer imports from here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# The dtypes and head dims the kernels are compiled for.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+# Input precision of tl.dot on fp32 operands (see docs/kernels.md):
+#   "ieee"   exact fp32 products, no tensor cores (slow, most accurate)
+#   "tf32x3" three TF32 tensor-core products (about fp32 accuracy)
+#   "tf32"   one TF32 product (10-bit mantissa; too coarse for CG on an
+#            ill-conditioned Sigma_i, kept for speed experiments)
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_dtype_ok_for_dot(dtype: torch.dtype) -> bool:
+    """Whether tiles of this dtype may go to tl.dot unconverted.
+
+    The interpreter of Triton 3.9 computes garbage for bfloat16 dot operands
+    (triton issue 11584), so under the interpreter every tile is upcast to fp32
+    first; compiled, 16-bit operands give exact products with fp32 accumulation.
+    """
+    return not interpreting() or dtype == torch.float32

@@ -1,0 +1,315 @@
+"""FlashLLA forward in Triton: one program per (head, query tile), CG inside.
+
+docs/kernels.md explains the passes, the anchor, the stopping rule and the
+delta guard; this file keeps to why-comments.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting
+
+DEFAULT_CG_TOL = 1e-7
+DEFAULT_CG_MAX_ITERS = 128
+DEFAULT_DELTA_EPS = 1e-6
+DEFAULT_PRECISION = "tf32x3"
+
+
+class ForwardOut(NamedTuple):
+    o: torch.Tensor  # (N, S, D) input dtype
+    m: torch.Tensor  # (N, S) fp32, row max of a_ij (natural-log units)
+    omega: torch.Tensor  # (N, S) fp32, sum_j w_ij
+    den: torch.Tensor  # (N, S) fp32, normaliser used (after the delta guard)
+    rho: torch.Tensor  # (N, S, D) fp32
+    cg_iters: Optional[torch.Tensor]  # (N, S) int32 or None
+    cg_residual: Optional[torch.Tensor]  # (N, S) fp32 or None
+
+
+# ----------------------------------------------------------------------------- device helpers
+@triton.jit
+def _load_keys(K, base, start_n, S, c, D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    k = tl.load(K + base + offs_n[:, None] * D + offs_d[None, :], mask=(offs_n < S)[:, None], other=0.0)
+    kf = k.to(tl.float32)
+    # z_ij = k'_j - q'_i: subtracting the anchor here, before any product, is what
+    # makes a large common offset of q and k cancel exactly instead of in a dot.
+    kp = kf - c[None, :]
+    if UPCAST:
+        k_dot = kf
+    else:
+        k_dot = k
+    return offs_n, k_dot, kp
+
+
+@triton.jit
+def _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK: tl.constexpr, SPREC: tl.constexpr):
+    a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC) * scale
+    if MASK:
+        keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S)
+        a = tl.where(keep, a, float("-inf"))
+    return a
+
+
+@triton.jit
+def _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, s2,
+                D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
+                JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+    offs_n, k_dot, kp = _load_keys(K, base, start_n, S, c, D, BLOCK_N, UPCAST)
+    a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC)
+    m_new = tl.maximum(m_i, tl.max(a, 1))
+    # every row sees key 0 in the first tile, so m_new is finite from then on
+    alpha = tl.exp(m_i - m_new)
+    w = tl.exp(a - m_new[:, None])
+    omega = omega * alpha + tl.sum(w, 1)
+    s1 = s1 * alpha[:, None] + tl.dot(w, kp, input_precision=PREC)
+    if JACOBI:
+        s2 = s2 * alpha[:, None] + tl.dot(w, kp * kp, input_precision=PREC)
+    return m_new, omega, s1, s2
+
+
+@triton.jit
+def _matvec_tile(p, pq, q_dot, c, K, base, start_n, S, scale, offs_m, m_i, acc, tsum,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
+                 PREC: tl.constexpr, SPREC: tl.constexpr):
+    offs_n, k_dot, kp = _load_keys(K, base, start_n, S, c, D, BLOCK_N, UPCAST)
+    a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC)
+    w = tl.exp(a - m_i[:, None])
+    # t_ij = w_ij <z_ij, p_i>, with z expanded around the anchor (never formed)
+    t = w * (tl.dot(p, tl.trans(kp), input_precision=PREC) - pq[:, None])
+    acc += tl.dot(t, kp, input_precision=PREC)
+    tsum += tl.sum(t, 1)
+    return acc, tsum
+
+
+@triton.jit
+def _matvec(p, qp, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
+            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+            PREC: tl.constexpr, SPREC: tl.constexpr):
+    """(Sigma_i p_i) for every row of the tile: one pass over the causal key tiles."""
+    pq = tl.sum(qp * p, 1)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    tsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, lo_full, BLOCK_N):
+        acc, tsum = _matvec_tile(p, pq, q_dot, c, K, base, start_n, S, scale, offs_m, m_i, acc, tsum,
+                                 D, BLOCK_N, UPCAST, False, PREC, SPREC)
+    for start_n in range(lo_full, hi, BLOCK_N):
+        acc, tsum = _matvec_tile(p, pq, q_dot, c, K, base, start_n, S, scale, offs_m, m_i, acc, tsum,
+                                 D, BLOCK_N, UPCAST, True, PREC, SPREC)
+    return acc - tsum[:, None] * qp + lam_omega[:, None] * p
+
+
+@triton.jit
+def _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
+              D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
+              PREC: tl.constexpr, SPREC: tl.constexpr):
+    offs_n, k_dot, kp = _load_keys(K, base, start_n, S, c, D, BLOCK_N, UPCAST)
+    offs_d = tl.arange(0, D)
+    v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :], mask=(offs_n < S)[:, None], other=0.0)
+    a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC)
+    w = tl.exp(a - m_i[:, None])
+    # g_ij = w_ij (1 - <z_ij, rho_i>); weights stay fp32 into the value product
+    g = w * ((1.0 + qr[:, None]) - tl.dot(rho, tl.trans(kp), input_precision=PREC))
+    den += tl.sum(g, 1)
+    acc += tl.dot(g, v.to(tl.float32), input_precision=PREC)
+    return acc, den
+
+
+# ----------------------------------------------------------------------------- the kernel
+@triton.jit
+def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, ITERS_OUT, RES_OUT,
+                    S, scale, cg_tol, cg_max_iters, delta_eps,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    UPCAST: tl.constexpr, JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
+                    WANT_STATS: tl.constexpr):
+    n_tiles = tl.cdiv(S, BLOCK_M)
+    # late query tiles do the most work: launch them first for a balanced tail
+    pid_m = n_tiles - 1 - tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    base = head * S * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < S
+
+    q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    qf = q.to(tl.float32)
+    # anchor c: the tile's first query row (always a valid row)
+    c = tl.load(Q + base + pid_m * BLOCK_M * D + offs_d).to(tl.float32)
+    qp = qf - c[None, :]
+    if UPCAST:
+        q_dot = qf
+    else:
+        q_dot = q
+    lam = tl.load(LAM + head * S + offs_m, mask=row_ok, other=0.0)
+
+    hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
+    # key tiles entirely below the diagonal (and inside S) need no mask
+    lo_full = ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+
+    # ---- pass 1: online max, omega, S1 = sum w k' (and sum w k'^2 for Jacobi)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    omega = tl.zeros([BLOCK_M], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    if JACOBI:
+        s2 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    else:
+        s2 = 0.0
+    for start_n in range(0, lo_full, BLOCK_N):
+        m_i, omega, s1, s2 = _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, s2,
+                                         D, BLOCK_N, UPCAST, False, JACOBI, PREC, SPREC)
+    for start_n in range(lo_full, hi, BLOCK_N):
+        m_i, omega, s1, s2 = _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, s2,
+                                         D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC)
+
+    mu = s1 - omega[:, None] * qp
+    mu = tl.where(row_ok[:, None], mu, 0.0)
+    lam_omega = lam * omega
+
+    # ---- CG on Sigma_i rho_i = mu_i, all rows of the tile together
+    rho = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    r = mu
+    if JACOBI:
+        diag = s2 - 2.0 * qp * s1 + omega[:, None] * qp * qp + lam_omega[:, None]
+        inv_diag = tl.where(diag > 0.0, 1.0 / diag, 1.0)
+        zr = r * inv_diag
+    else:
+        inv_diag = 1.0
+        zr = r
+    p = zr
+    rz = tl.sum(r * zr, 1)
+    rr = tl.sum(r * r, 1)
+    mu2 = tl.sum(mu * mu, 1)
+    thresh = (cg_tol * cg_tol) * mu2
+    # a row with mu_i = 0 (first token, padding rows) is solved by rho = 0 at once
+    active = row_ok & (rr > thresh)
+    iters = tl.zeros([BLOCK_M], dtype=tl.int32)
+    n_active = tl.sum(active.to(tl.int32), 0)
+    it = 0
+    while (n_active > 0) & (it < cg_max_iters):
+        ap = _matvec(p, qp, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
+                     D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC)
+        pap = tl.sum(p * ap, 1)
+        # pAp <= 0 only when Sigma_i is singular (lambda_i = 0) and p hit its null
+        # space, or p underflowed: stop the row there rather than divide by it
+        ok = active & (pap > 0.0)
+        alpha = tl.where(ok, rz / tl.where(ok, pap, 1.0), 0.0)
+        rho += alpha[:, None] * p
+        r -= alpha[:, None] * ap
+        if JACOBI:
+            zr = r * inv_diag
+        else:
+            zr = r
+        rz_new = tl.sum(r * zr, 1)
+        beta = tl.where(ok & (rz > 0.0), rz_new / tl.where(rz > 0.0, rz, 1.0), 0.0)
+        p = tl.where(ok[:, None], zr + beta[:, None] * p, p)
+        rz = tl.where(ok, rz_new, rz)
+        rr = tl.where(ok, tl.sum(r * r, 1), rr)
+        iters += active.to(tl.int32)
+        active = ok & (rr > thresh)
+        n_active = tl.sum(active.to(tl.int32), 0)
+        it += 1
+
+    # ---- output pass: g_ij = w_ij (1 - <z_ij, rho_i>), den_i = sum_j g_ij
+    qr = tl.sum(qp * rho, 1)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, lo_full, BLOCK_N):
+        acc, den = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
+                             D, BLOCK_N, UPCAST, False, PREC, SPREC)
+    for start_n in range(lo_full, hi, BLOCK_N):
+        acc, den = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
+                             D, BLOCK_N, UPCAST, True, PREC, SPREC)
+    # delta guard: |den| below delta_eps * omega is replaced, sign kept (+ for 0)
+    floor = delta_eps * omega
+    den = tl.where(tl.abs(den) < floor, tl.where(den < 0.0, -floor, floor), den)
+    o = acc / den[:, None]
+
+    tile_ptrs = base + offs_m[:, None] * D + offs_d[None, :]
+    tl.store(O + tile_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(RHO_OUT + tile_ptrs, rho, mask=row_ok[:, None])
+    row_ptrs = head * S + offs_m
+    tl.store(M_OUT + row_ptrs, m_i, mask=row_ok)
+    tl.store(OMEGA_OUT + row_ptrs, omega, mask=row_ok)
+    tl.store(DEN_OUT + row_ptrs, den, mask=row_ok)
+    if WANT_STATS:
+        # the true residual, one extra matvec: CG's recursive r drifts from it
+        sr = _matvec(rho, qp, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
+                     D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC)
+        res = mu - sr
+        res_n = tl.sqrt(tl.sum(res * res, 1))
+        mu_n = tl.sqrt(mu2)
+        rel = tl.where(mu_n > 0.0, res_n / tl.where(mu_n > 0.0, mu_n, 1.0), 0.0)
+        tl.store(ITERS_OUT + row_ptrs, iters, mask=row_ok)
+        tl.store(RES_OUT + row_ptrs, rel, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- launcher
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim on the GPU; hand-picked
+# (docs/performance.md) rather than autotuned, so runs are deterministic.
+GPU_CONFIGS = {
+    16: (64, 64, 4, 2),
+    32: (64, 64, 4, 2),
+    64: (64, 64, 8, 2),
+    128: (32, 64, 8, 2),
+}
+INTERP_CONFIG = (16, 16, 1, 1)
+
+
+def _config(D: int, override=None):
+    if override is not None:
+        return tuple(override)
+    if interpreting():
+        return INTERP_CONFIG
+    return GPU_CONFIGS[D]
+
+
+def lla_forward_kernel(q, k, v, lam, scale, *, delta_eps, cg_tol, cg_max_iters, preconditioner,
+                       want_stats, precision=None, config=None) -> ForwardOut:
+    """Launch the forward kernel on flattened heads.
+
+    q, k, v: (N, S, D) contiguous, one dtype; lam: (N, S) float32 contiguous.
+    ``precision`` (default DEFAULT_PRECISION) and ``config`` ((BLOCK_M, BLOCK_N,
+    num_warps, num_stages)) are optional extras; callers that know neither omit them.
+    """
+    N, S, D = q.shape
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: head dimension {D} unsupported; expected one of {SUPPORTED_HEAD_DIMS}")
+    precision = precision or DEFAULT_PRECISION
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if preconditioner not in (None, "none", "jacobi"):
+        raise ValueError(f"preconditioner: expected None, 'none' or 'jacobi', got {preconditioner!r}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("lam", lam)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: lla_forward_kernel needs a contiguous tensor")
+    dev = q.device
+    o = torch.empty_like(q)
+    m = torch.empty(N, S, device=dev, dtype=torch.float32)
+    omega = torch.empty_like(m)
+    den = torch.empty_like(m)
+    rho = torch.empty(N, S, D, device=dev, dtype=torch.float32)
+    if want_stats:
+        iters = torch.empty(N, S, device=dev, dtype=torch.int32)
+        res = torch.empty_like(m)
+    else:
+        iters = torch.empty(1, device=dev, dtype=torch.int32)
+        res = torch.empty(1, device=dev, dtype=torch.float32)
+    interp = interpreting()
+    upcast = interp  # triton issue 11584: interpreted bf16 dots are wrong
+    BM, BN, warps, stages = _config(D, config)
+    # 16-bit score products are exact in fp32, so precision only matters for fp32 q, k
+    sprec = precision if q.dtype == torch.float32 or upcast else "tf32"
+    grid = (triton.cdiv(S, BM), N)
+    _lla_fwd_kernel[grid](
+        q, k, v, lam, o, m, omega, den, rho, iters, res,
+        S, float(scale), float(cg_tol), int(cg_max_iters), float(delta_eps),
+        D=D, BLOCK_M=BM, BLOCK_N=BN, UPCAST=upcast, JACOBI=(preconditioner == "jacobi"),
+        PREC=precision, SPREC=sprec, WANT_STATS=bool(want_stats),
+        num_warps=warps, num_stages=stages,
+    )
+    return ForwardOut(o, m, omega, den, rho, iters if want_stats else None, res if want_stats else None)
