@@ -55,7 +55,10 @@ U64 = 2.0**-53
 # cond = max over defined queries of kappa(Sigma_i) * omega_i / delta_i. The factor
 # covers accumulation lengths (sqrt(S D) ~ 100) and the backward pass.
 NOISE_FACTOR = 1e3
-DEFAULT_DIR = Path(__file__).resolve().parents[1] / "goldens"
+# the repository's goldens/ (an editable install or a checkout); a plain install has
+# none beside the package, and then the folder is looked for in the working directory
+_REPO_GOLDENS = Path(__file__).resolve().parents[1] / "goldens"
+DEFAULT_DIR = _REPO_GOLDENS if _REPO_GOLDENS.is_dir() else Path("goldens")
 
 INPUTS = ("q", "k", "v", "lam")
 FORWARD = ("o", "omega", "delta", "rho", "kappa", "undefined")
@@ -476,7 +479,14 @@ def _progress(items, desc):
 
 
 def _compute_all(goldens):
-    return {g.name: compute(g) for g in _progress(goldens, "goldens")}
+    """name -> arrays, or name -> the error that kept it from being recomputed."""
+    out = {}
+    for g in _progress(goldens, "goldens"):
+        try:
+            out[g.name] = compute(g)
+        except Exception as exc:  # one broken golden must not hide the report on the others
+            out[g.name] = exc
+    return out
 
 
 def check(folder: Path, only=None) -> int:
@@ -504,6 +514,10 @@ def check(folder: Path, only=None) -> int:
         fresh = fresh_all[g.name]
         e = entries.get(g.name)
         lines = []
+        if isinstance(fresh, Exception):
+            problems += 1
+            _say(f"FAIL {g.name}: cannot recompute: {type(fresh).__name__}: {fresh}")
+            continue
         if e is None:
             lines.append(f"missing from the manifest (expected file {g.file})")
         else:
@@ -577,6 +591,12 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
         man = None
     old = {e.get("name"): e for e in (man or {}).get("cases", [])}
     fresh_all = _compute_all(goldens)
+    broken = [(n, e) for n, e in fresh_all.items() if isinstance(e, Exception)]
+    if broken:
+        for name, exc in broken:
+            _say(f"FAIL {name}: cannot recompute: {type(exc).__name__}: {exc}")
+        _say("regen: nothing written")
+        return 1
     to_write, refused, reports = [], [], []
     for g in goldens:
         fresh = fresh_all[g.name]

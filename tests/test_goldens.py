@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from lla_verify import goldens as G
 from lla_verify.cases import FAMILIES
 from lla_verify.cli import main
 from lla_verify.impls import Impl, get_impl
+from lla_verify.oracle import mesanet_attention, softmax_attention
 from lla_verify.validate import check_lambda, check_qkv, check_scale
 
 SMALL = "gaussian-f32-S16-D4-H2"
@@ -94,6 +96,68 @@ def test_oracle_reproduces_the_mp_values_to_float64_noise():
         assert float(err.max()) <= G.noise_tol(a) * float(a["o_mp"][ok].norm(dim=-1).max()), g.name
 
 
+def _stored(name):
+    return load_file(str(G.DEFAULT_DIR / G.get_golden(name).file))
+
+
+def _rel(a, b):
+    return float((a - b).norm(dim=-1).max() / b.norm(dim=-1).max())
+
+
+def _limit_softmax(a, g):
+    return _rel(a["o_mp"], softmax_attention(a["q"], a["k"], a["v"], qk_scale=G.build_problem(g).qk_scale)) < 0.05
+
+
+def _limit_mesanet(a, g):
+    return _rel(a["o_mp"], mesanet_attention(a["q"], a["k"], a["v"], ridge_lambda=float(a["lam"]))) < 1e-3
+
+
+def _const_values(a, g):
+    v0 = a["v"].double()[..., :1, :].expand_as(a["o"])
+    return torch.equal(a["o_mp"], v0) and float((a["o"] - v0).abs().max()) < 1e-14
+
+
+def _first_token(a, g):
+    return torch.equal(a["o_mp"][..., 0, :], a["v"].double()[..., 0, :])
+
+
+def _hard_attention(a, g):
+    q, k, v = (a[x].double() for x in "qkv")
+    S = q.shape[-2]
+    sc = (G.build_problem(g).qk_scale * q @ k.transpose(-1, -2)).masked_fill(
+        ~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
+    top = sc.topk(min(2, S), dim=-1).values
+    gap = (top[..., 0] - top[..., 1]).nan_to_num(posinf=1e3)  # the first token has one key
+    hard = torch.gather(v, -2, sc.argmax(-1)[..., None].expand_as(v))
+    err = (a["o_mp"] - hard).norm(dim=-1)
+    return bool((err <= 100 * torch.exp(-gap) * v.norm(dim=-1).max() + 1e-15).all())
+
+
+def _linear_values(a, g):
+    # v = A k + b rounded to float32, so exact only to u32: fit A, b, then o_i = A q_i + b for i >= D
+    k, v, q = (a[x].double()[0, 0] for x in "kvq")
+    X = torch.cat([k, torch.ones(k.shape[0], 1, dtype=k.dtype)], -1)
+    coef = torch.linalg.lstsq(X, v).solution
+    pred = torch.cat([q, torch.ones(q.shape[0], 1, dtype=q.dtype)], -1) @ coef
+    D = q.shape[-1]
+    undefined = a["undefined"][0, 0]
+    return bool(undefined[:D].all() and not undefined[D:].any()) and _rel(a["o_mp"][0, 0, D:], pred[D:]) < 1e-5
+
+
+@pytest.mark.parametrize("name, holds", [
+    ("softmax-limit-lam100-f32-S16-D4", _limit_softmax),
+    ("tiny-scale1e-4-f32-S16-D4", _limit_mesanet),
+    ("const-values-f16-S16-D4", _const_values),
+    ("first-token-f32-S1-D4", _first_token),
+    ("gaussian-f32-S16-D4-H2", _first_token),
+    ("large-scale1e2-bf16-S16-D4", _hard_attention),
+    ("linear-values-lam0-f32-S16-D4", _linear_values),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_goldens_show_the_limit_or_identity_they_pin(name, holds):
+    g = G.get_golden(name)
+    assert holds(_stored(name), g), f"{name}: {g.why}"
+
+
 # ------------------------------------------------------------------ --check catches damage
 def test_altered_value_is_caught_naming_case_and_array(tmp_path, capsys):
     folder = _copy_goldens(tmp_path / "g")
@@ -140,6 +204,12 @@ def test_check_without_manifest_fails(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["goldens", "regen", "--check", "--dir", str(tmp_path / "empty"), "--only", SMALL]) == 1
     assert "no MANIFEST.json" in capsys.readouterr().out
+
+
+def test_check_reports_a_golden_it_cannot_recompute(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lla_verify.oracle_mp", None)  # the import now fails
+    assert main(["goldens", "regen", "--check", "--only", SMALL]) == 1
+    assert f"FAIL {SMALL}: cannot recompute: RuntimeError" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ regen
