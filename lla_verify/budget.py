@@ -237,3 +237,146 @@ def assert_within_budget(verdict: Verdict) -> None:
     __tracebackhide__ = True
     if not verdict.passed:
         raise AssertionError(verdict.message)
+
+
+# ------------------------------------------------------------------ gradients
+THRESH_GRAD = 8.0  # gradients chain two solves (rho and the adjoint u): a wider factor, as JAX keeps
+FA_FACTOR_GRAD = 3.0  # FlashAttention's rule for gradients: 3x the same-precision reference
+GRAD_NAMES = ("dq", "dk", "dv", "dlambda")
+
+
+def cotangent_for(problem: Problem, seed: int = 1234) -> torch.Tensor:
+    """A fixed float64 output cotangent for ``problem`` (zero on undefined rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(problem.v.shape, generator=gen, dtype=torch.float64).to(problem.q.device)
+
+
+def oracle_grads(problem: Problem, cot: torch.Tensor, *, q=None, k=None, v=None, lam=None) -> dict:
+    """float64 autograd through the oracle: dq, dk, dv, dlambda of sum <cot, o>."""
+    q = (problem.q if q is None else q).to(torch.float64).detach().requires_grad_(True)
+    k = (problem.k if k is None else k).to(torch.float64).detach().requires_grad_(True)
+    v = (problem.v if v is None else v).to(torch.float64).detach().requires_grad_(True)
+    lam = (_lam_tensor(problem) if lam is None else lam).detach().clone().requires_grad_(True)
+    o = lla_forward(q, k, v, ridge_lambda=lam, qk_scale=problem.qk_scale)
+    cot = torch.where(torch.isnan(o), torch.zeros_like(cot), cot)
+    gq, gk, gv, gl = torch.autograd.grad(torch.nan_to_num(o, nan=0.0), (q, k, v, lam), cot)
+    return {"dq": gq, "dk": gk, "dv": gv, "dlambda": gl}
+
+
+def impl_grads(impl: Impl, problem: Problem, cot: torch.Tensor, forward=None) -> dict:
+    """The implementation's gradients of sum <cot, o> (lambda as a (B, H, S) tensor)."""
+    fwd = forward or impl.forward
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (problem.q, problem.k, problem.v))
+    lam = _lam_tensor(problem).to(torch.float32).detach().clone().requires_grad_(True)
+    o = fwd(q, k, v, ridge_lambda=lam, qk_scale=problem.qk_scale)
+    grads = torch.autograd.grad(o, (q, k, v, lam), cot.to(o.dtype), allow_unused=True)
+    return dict(zip(GRAD_NAMES, grads))
+
+
+def _row_norm(t: torch.Tensor, name: str) -> torch.Tensor:
+    t = t.to(torch.float64)
+    return t.abs() if name == "dlambda" else t.norm(dim=-1)
+
+
+def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = None, dense: bool = True,
+                   grads: dict | None = None, h: float = 1e-6) -> Verdict:
+    """Gradients of ``impl`` against float64 autograd through the oracle, within budget.
+
+    Per row (query for dq and dlambda, key for dk and dv):
+        model = THRESH_GRAD ((u_c sqrt(S D) + tol) sens + (u_c sqrt(D) + tol) sens_solve
+                             + u_out |g_ref| + u_c sqrt(S D) max|g_ref|)
+        allowed = max(model, FA_FACTOR_GRAD * error of dense fp32 autograd)
+    with sens the change of the float64 gradient under a unit relative perturbation of
+    the inputs along a random sign pattern (central difference at step h), and
+    sens_solve its change under a ridge shift of size ||Sigma_i|| (the solves' rounding).
+    """
+    case = problem.describe()
+    if not impl.supports_grad:
+        return Verdict("backward", impl.name, case, 0.0, True, "skipped",
+                       f"[{impl.name}] backward skipped on {case}: {impl.skip_reason('grad') or 'no gradients'}")
+    d = lla_forward_details(problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
+                            qk_scale=problem.qk_scale)
+    defined = ~d.undefined
+    cot = cotangent_for(problem) if cot is None else cot
+    # the implementation receives the cotangent in its dtype: that rounding is input, not error
+    cot = torch.where(defined[..., None], cot, torch.zeros_like(cot)).to(problem.q.dtype).to(torch.float64)
+    ref = oracle_grads(problem, cot)
+    # sensitivity of the gradient: central difference along x -> x (1 + t xi)
+    gen = torch.Generator().manual_seed(7)
+    base = [t.to(torch.float64) for t in (problem.q, problem.k, problem.v)] + [_lam_tensor(problem)]
+    xi = [(torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t) for t in base]
+    def shifted(sign):
+        q_, k_, v_, l_ = (t * (1 + sign * h * x) for t, x in zip(base, xi))
+        return oracle_grads(problem, cot, q=q_, k=k_, v=v_, lam=l_)
+
+    plus, minus = shifted(1.0), shifted(-1.0)
+    # Rounding inside the solves (rho and the adjoint u) acts like a perturbation of
+    # Sigma_i of size u ||Sigma_i||, whatever lambda is: probe it as a ridge shift
+    # lambda_i -> lambda_i + h ||Sigma_i|| / omega_i (one-sided: lambda stays >= 0).
+    lam_shift = torch.nan_to_num(d.sigma_norm / d.omega, nan=0.0)
+    solve_probe = oracle_grads(problem, cot, lam=base[3] + h * lam_shift)
+    try:
+        got = grads or impl_grads(impl, problem, cot)
+    except NotImplementedError as exc:
+        return Verdict("backward", impl.name, case, 0.0, True, "skipped", f"[{impl.name}] backward skipped: {exc}")
+    dense_g = None
+    if dense:
+        dense_g = impl_grads(impl, problem, cot, forward=lambda *a, **kw: dense_torch_lla(
+            *a, compute_dtype=impl.compute_dtype, **kw))
+    u_c = impl.u
+    u_out = unit_roundoff(problem.q.dtype) if problem.q.dtype != torch.float64 else U64
+    S, D = problem.q.shape[-2], problem.q.shape[-1]
+    root_n = math.sqrt(S * D)
+    lines, worst = [], (0.0, None, None)
+    per_query, nonfinite = {}, 0
+    for name in GRAD_NAMES:
+        g_ref = ref[name]
+        g = got.get(name)
+        if g is None:
+            if name == "dlambda" and not impl.per_query_lambda:
+                continue
+            lines.append(f"  {name:8s} missing: the implementation returned no gradient")
+            worst = max(worst, (math.inf, name, None), key=lambda w: w[0])
+            continue
+        diff = (g.to(torch.float64) - g_ref)
+        err = _row_norm(diff, name)
+        sens = _row_norm((plus[name] - minus[name]) / (2 * h), name)
+        sens_solve = _row_norm((solve_probe[name] - g_ref) / h, name)
+        ref_n = _row_norm(g_ref, name)
+        model = THRESH_GRAD * ((u_c * root_n + impl.solver_tol) * sens
+                               + (u_c * math.sqrt(D) + impl.solver_tol) * sens_solve
+                               + u_out * ref_n + u_c * root_n * ref_n.amax(-1, keepdim=True))
+        allowed = model
+        if dense_g is not None and dense_g.get(name) is not None:
+            dense_err = _row_norm(dense_g[name].to(torch.float64) - g_ref, name)
+            allowed = torch.maximum(model, FA_FACTOR_GRAD * torch.nan_to_num(dense_err, nan=0.0, posinf=0.0))
+        fin = torch.isfinite(g.to(torch.float64))
+        fin = fin if name == "dlambda" else fin.all(-1)
+        rows = defined if name in ("dq", "dlambda") else torch.ones_like(defined)
+        r = torch.where(rows, err / allowed, torch.zeros_like(err))
+        r = torch.where(rows & ~fin, torch.full_like(r, math.inf), r)
+        nonfinite += int((rows & ~fin).sum())
+        flat = torch.nan_to_num(r.flatten(), nan=math.inf)
+        k = int(torch.argmax(flat))
+        idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(k), r.shape))
+        rel = float(diff.norm() / g_ref.norm().clamp_min(1e-300))
+        lines.append(f"  {name:8s} ratio {float(flat[k]):9.3g}  rel err {rel:.2e}  worst row {idx}: "
+                     f"error {float(err[idx]):.2e} vs allowed {float(allowed[idx]):.2e}")
+        per_query[name] = r
+        if float(flat[k]) > worst[0] or worst[1] is None:
+            worst = (float(flat[k]), name, idx)
+    ratio, wname, widx = worst
+    passed = ratio <= THRESHOLD
+    cause = "ok" if passed else ("non-finite" if nonfinite else "implementation")
+    extra = ""
+    if not passed and widx is not None:
+        kap = float(torch.nan_to_num(d.kappa, posinf=1e300).amax()) if wname in ("dk", "dv") else float(d.kappa[widx])
+        if kap * u_c >= 0.1:
+            # Sigma_i is singular to the compute precision: no fp32 computation resolves it
+            cause = "conditioning"
+            extra = f" (kappa {kap:.2e} x u_c {u_c:.1e} >= 0.1: beyond the compute precision)"
+    msg = (f"[{impl.name}] backward {'PASS' if passed else 'FAIL'} ratio {ratio:.3g} on {case}\n" + "\n".join(lines)
+           + f"\n  worst: {wname} at {widx}; kappa max {float(torch.nan_to_num(d.kappa, posinf=1e300).max()):.3e}; "
+           f"{int(d.undefined.sum())} undefined rows skipped\n  cause: {cause}{extra}")
+    return Verdict("backward", impl.name, case, ratio, passed, cause, msg, widx, int(defined.sum()),
+                   int(d.undefined.sum()), per_query, {"ratio": ratio, "cause": cause, "worst_tensor": wname})

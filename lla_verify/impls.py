@@ -74,8 +74,8 @@ def dense_torch_lla(q, k, v, *, ridge_lambda, qk_scale=None, compute_dtype=torch
 
     The same-precision reference of SPEC 8 (FlashAttention's rule): the plain
     computation, carried out in the kernel's compute precision on the same rounded
-    inputs. Direct solve (LU) per query; output in q's dtype. Memory Theta(S^2 D),
-    so small S only.
+    inputs. Direct solve (Cholesky) per query; output in q's dtype. Memory
+    Theta(S^2 D), so small S only.
     """
     check_qkv(q, k, v)
     scale = check_scale(qk_scale, q.shape[-1])
@@ -92,9 +92,21 @@ def dense_torch_lla(q, k, v, *, ridge_lambda, qk_scale=None, compute_dtype=torch
     wz = w[..., None] * z
     mu = wz.sum(-2)
     sig = wz.transpose(-1, -2) @ z + (lam * omega)[..., None, None] * torch.eye(D, dtype=cd, device=q.device)
-    rho = torch.linalg.solve_ex(sig, mu[..., None])[0][..., 0]
+    L, info = torch.linalg.cholesky_ex(sig)
+    if bool((info != 0).any()):
+        # Sigma_i is SPD in exact arithmetic when lambda_i > 0, but once kappa exceeds
+        # 1/u_c its rounded form need not be: a jitter of D u_c tr(Sigma_i)/D is a
+        # backward error of the size the rounding already made.
+        u = torch.finfo(cd).eps / 2
+        jitter = (u * torch.diagonal(sig, dim1=-2, dim2=-1).sum(-1))[..., None, None] * torch.eye(D, dtype=cd, device=q.device)
+        L2, _ = torch.linalg.cholesky_ex(sig + jitter)
+        L = torch.where((info != 0)[..., None, None], L2, L)
+    rho = torch.cholesky_solve(mu[..., None], L)[..., 0]
     g = w * (1.0 - (z @ rho[..., None])[..., 0])
     den = g.sum(-1, keepdim=True)
+    # lambda = 0 early tokens are a 0/0; keep the output finite as a kernel must
+    tiny = torch.finfo(cd).eps * omega[..., None]
+    den = torch.where(den.abs() < tiny, torch.where(den < 0, -tiny, tiny), den)
     o = (g @ vc) / den
     return o.to(q.dtype)
 
@@ -173,7 +185,7 @@ def _builtin() -> dict[str, Callable[[], Impl]]:
         "torch-fp32": lambda: Impl(
             name="torch-fp32",
             forward=dense_torch_lla,
-            description="dense LLA in fp32 torch (LU solve per query); the same-precision reference",
+            description="dense LLA in fp32 torch (Cholesky per query); the same-precision reference",
             compute_dtype=torch.float32,
         ),
         "oracle-f64": lambda: Impl(

@@ -49,6 +49,7 @@ class LLADetails:
     kappa: torch.Tensor  # (..., S)  cond_2(Sigma_i) (inf when singular)
     lam: torch.Tensor  # (..., S) ridge_lambda as broadcast
     undefined: torch.Tensor  # (..., S) bool: lambda == 0 and Sigma_i singular
+    sigma_norm: torch.Tensor = None  # (..., S) ||Sigma_i||_2 (largest eigenvalue)
     solv: torch.Tensor = None  # (..., S) ||(do_i/drho_i) Sigma_i^{-1}||_F ||mu_i||: output change per unit relative residual
     scale: float = 0.0
     extras: dict = field(default_factory=dict)
@@ -108,7 +109,7 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int):
     N, S, D = q.shape
     Dv = v.shape[-1]
     C = _chunk_size(S, D, Dv, chunk_bytes)
-    outs, dets = [], {key: [] for key in ("m", "omega", "mu", "rho", "delta", "kappa", "undefined", "solv")}
+    outs, dets = [], {key: [] for key in ("m", "omega", "mu", "rho", "delta", "kappa", "undefined", "solv", "sigma_norm")}
     eye = torch.eye(D, dtype=_F64, device=q.device)
     for i0 in range(0, S, C):
         i1 = min(S, i0 + C)
@@ -171,6 +172,7 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int):
                 solv = X.flatten(-2).norm(dim=-1) * mu.norm(dim=-1)
                 solv = torch.where(undefined, torch.full_like(solv, float("nan")), solv)
             dets["solv"].append(solv)
+            dets["sigma_norm"].append(ev[..., -1])
             dets["m"].append(m[..., 0])
             dets["omega"].append(omega)
             dets["mu"].append(mu)
@@ -215,7 +217,7 @@ def lla_forward_details(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, 
     return LLADetails(
         o=r(o, Dv), m=r(d["m"]), omega=r(d["omega"]), mu=r(d["mu"], D), rho=r(d["rho"], D),
         delta=r(d["delta"]), kappa=r(d["kappa"]), lam=lam, undefined=r(d["undefined"]), scale=scale,
-        solv=r(d["solv"]),
+        solv=r(d["solv"]), sigma_norm=r(d["sigma_norm"]),
     )
 
 

@@ -1,0 +1,97 @@
+"""Backward: dq, dk, dv and d lambda against float64 autograd through the oracle,
+within the derived gradient budget (lla_verify.budget.check_backward), and the
+exact identities of the gradient (docs/math.md, backward section).
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings, target
+
+from lla_verify import suite
+from lla_verify.budget import assert_within_budget, check_backward, impl_grads
+from lla_verify.cases import FAMILIES, Problem
+
+GRAD_FAMILIES = [f for f in FAMILIES if f != "linear_values"] + ["linear_values"]
+
+
+def _needs_grad(impl):
+    if not impl.supports_grad:
+        pytest.skip(impl.skip_reason("grad") or f"{impl.name} provides no gradients")
+
+
+@pytest.mark.parametrize("family", GRAD_FAMILIES)
+def test_gradients_within_budget(impl, device, family):
+    _needs_grad(impl)
+
+    @settings(max_examples=suite.examples(0.2))
+    @given(case=suite.case_strategy(impl, device, families=(family,), seq=(1, 24)))
+    def prop(case):
+        problem = case.build(device)
+        suite.skip_unless(impl, "grad", problem)
+        verdict = check_backward(problem, impl)
+        if verdict.cause == "skipped":
+            pytest.skip(verdict.message)
+        target(min(verdict.ratio, 1e6), label=f"backward ratio {family}")
+        if verdict.cause == "conditioning":
+            return  # kappa u_c >= 0.1: no computation in this precision resolves the gradient
+        assert_within_budget(verdict)
+
+    prop()
+
+
+def test_dv_sums_to_total_cotangent(impl, device):
+    """sum_j dL/dv_j = sum_i g_i, because sum_j s_ij = 1 (exactly, for any rho)."""
+    _needs_grad(impl)
+
+    @settings(max_examples=suite.examples(0.3))
+    @given(case=suite.case_strategy(impl, device, families=("gaussian", "spectrum", "offset"), seq=(1, 24)))
+    def prop(case):
+        p = case.build(device)
+        suite.skip_unless(impl, "grad", p)
+        g = torch.ones(p.v.shape, dtype=torch.float64, device=device)
+        grads = impl_grads(impl, p, g)
+        total = grads["dv"].double().sum(-2)
+        S = p.q.shape[-2]
+        from lla_verify.budget import THRESH_GRAD
+        from lla_verify.impls import unit_roundoff
+
+        # each dv_j carries its own rounding (output dtype, and fp32 accumulation over
+        # S D terms); summing S of them adds at most their sum of magnitudes times that
+        mag = grads["dv"].double().abs().sum(-2)
+        D = p.q.shape[-1]
+        allowed = THRESH_GRAD * (unit_roundoff(p.q.dtype) + impl.u * (S * D) ** 0.5) * mag
+        err = (total - S).abs()
+        allowed, err = float(allowed.flatten()[int(torch.argmax(err / allowed))]), float(err.flatten()[int(torch.argmax(err / allowed))])
+        assert err <= allowed, (
+            f"sum_j dv_j = {total.flatten()[:4].tolist()}..., expected {S} (g = 1): error {err:.3e} > "
+            f"allowed {allowed:.3e} on {case.spec()}")
+
+    prop()
+
+
+def test_value_shift_leaves_dq_dk_unchanged(impl, device):
+    """Adding a constant vector to every v_j shifts o by it and leaves dq, dk, d lambda as they were."""
+    _needs_grad(impl)
+
+    @settings(max_examples=suite.examples(0.3))
+    @given(case=suite.case_strategy(impl, device, families=("gaussian", "lambda_decades"), seq=(1, 24),
+                                    dtypes=("float32",)))
+    def prop(case):
+        p = case.build(device)
+        suite.skip_unless(impl, "grad", p)
+        shift = torch.linspace(-3, 3, p.v.shape[-1], dtype=p.v.dtype, device=device)
+        p2 = Problem(case, p.q, p.k, (p.v + shift), p.ridge_lambda, p.qk_scale)
+        from lla_verify.budget import cotangent_for
+
+        cot = cotangent_for(p)
+        g1 = impl_grads(impl, p, cot)
+        g2 = impl_grads(impl, p2, cot)
+        v1 = check_backward(p, impl, cot=cot, grads=g1, dense=False)
+        v2 = check_backward(p2, impl, cot=cot, grads=g2, dense=False)
+        if "conditioning" in (v1.cause, v2.cause):
+            return
+        # the float64 dq, dk, dlambda of the two problems are equal (math.md): each
+        # implementation gradient within its budget of them is the identity, checked
+        assert v1.passed and v2.passed, "value shift:\n" + v1.message + "\n" + v2.message
+
+    prop()

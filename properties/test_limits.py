@@ -1,0 +1,103 @@
+"""Limits of SPEC 4 asked of the implementation (docs/math.md §4).
+
+Baselines: lla_verify.oracle.softmax_attention and mesanet_attention (float64).
+Each allowance is the implementation's forward budget at that input plus the
+limit's own distance, measured on the float64 oracle (so the rate is the oracle's,
+and the implementation is asked to follow it).
+"""
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lla_verify import suite
+from lla_verify.budget import forward_budget
+from lla_verify.cases import Case, Problem
+from lla_verify.oracle import mesanet_attention, softmax_attention
+
+
+def _gauss(case: Case, device, lam, scale=None):
+    p = Case("gaussian", {"lam": 1.0}, case.B, case.H, case.S, case.D, case.dtype, case.seed).build(device)
+    return Problem(case, p.q, p.k, p.v, lam, p.qk_scale if scale is None else scale)
+
+
+def test_large_lambda_is_softmax_with_rate(impl, device):
+    """lambda -> infinity: o -> softmax attention, the distance shrinking like 1/lambda."""
+
+    @settings(max_examples=suite.examples(0.3))
+    @given(case=suite.case_strategy(impl, device, families=("gaussian",), seq=(2, 40)))
+    def prop(case):
+        dists = []
+        for lam in (1e2, 1e3, 1e4):
+            p = _gauss(case, device, lam)
+            suite.skip_unless(impl, "limits", p)
+            o = suite.run(impl, p).double()
+            sm = softmax_attention(p.q, p.k, p.v, qk_scale=p.qk_scale)
+            fb = forward_budget(p, impl, dense=False)
+            oracle_gap = (fb.details.o - sm).norm(dim=-1)
+            gap = (o - sm).norm(dim=-1)
+            # the implementation is within budget of the oracle, whose gap is the limit's
+            assert bool((gap <= oracle_gap + fb.allowed).all()), (
+                f"softmax limit at lambda={lam:g}: |o - softmax| {float(gap.max()):.3e} exceeds the oracle's "
+                f"gap {float(oracle_gap.max()):.3e} + budget {float(fb.allowed.max()):.3e} on {case.spec()}")
+            dists.append((lam, float(oracle_gap.max()), float(fb.allowed.max())))
+        # the rate, where the gap stands clear of the budget: ~10x smaller per decade
+        for (l1, g1, _), (l2, g2, b2) in zip(dists, dists[1:]):
+            if g2 > 10 * b2:
+                assert 5.0 <= g1 / g2 <= 20.0, f"softmax limit rate: gap ratio {g1 / g2:.3g} between lambda {l1:g} and {l2:g}"
+
+    prop()
+
+
+def test_small_scale_is_mesanet(impl, device):
+    """scale -> 0: o -> the augmented MesaNet form (ridge lambda (i+1) on the key block)."""
+
+    @settings(max_examples=suite.examples(0.3))
+    @given(case=suite.case_strategy(impl, device, families=("gaussian",), seq=(2, 40)),
+           lam=st.sampled_from([0.1, 1.0, 10.0]))
+    def prop(case, lam):
+        p = _gauss(case, device, lam, scale=1e-6)
+        suite.skip_unless(impl, "limits", p)
+        o = suite.run(impl, p).double()
+        mesa = mesanet_attention(p.q, p.k, p.v, ridge_lambda=lam)
+        fb = forward_budget(p, impl, dense=False)
+        gap = (fb.details.o - mesa).norm(dim=-1)
+        err = (o - mesa).norm(dim=-1)
+        assert bool((err <= gap + fb.allowed).all()), (
+            f"MesaNet limit at scale 1e-6: |o - mesa| {float(err.max()):.3e} > oracle gap {float(gap.max()):.3e} "
+            f"+ budget {float(fb.allowed.max()):.3e} on {case.spec()}")
+
+    prop()
+
+
+def test_large_scale_is_hard_attention(impl, device):
+    """scale -> infinity with a unique argmax key: o_i -> v_{j*}."""
+
+    @settings(max_examples=suite.examples(0.3))
+    @given(case=suite.case_strategy(impl, device, families=("gaussian",), seq=(2, 40)))
+    def prop(case):
+        p = _gauss(case, device, 1.0, scale=1.0)
+        suite.skip_unless(impl, "limits", p)
+        a = p.q.double() @ p.k.double().transpose(-1, -2)
+        S = a.shape[-1]
+        a = a.masked_fill(~torch.ones(S, S, dtype=torch.bool, device=device).tril(), -math.inf)
+        top2 = a.topk(min(2, S), dim=-1).values
+        gapmin = (top2[..., 0] - top2[..., 1]).clamp(min=0) if S > 1 else torch.ones_like(top2[..., 0])
+        gapmin[..., 0] = math.inf  # one key: always unique
+        if float(gapmin.min()) < 1e-2:
+            return  # near-ties make the limit slow; not this property's business
+        scale = 60.0 / float(gapmin.min())  # exp(-60) ~ 1e-26: every other weight vanishes in fp32
+        p = Problem(case, p.q, p.k, p.v, 1.0, scale)
+        o = suite.run(impl, p).double()
+        jstar = a.argmax(-1)
+        hard = torch.gather(p.v.double(), -2, jstar[..., None].expand(*jstar.shape, p.v.shape[-1]))
+        fb = forward_budget(p, impl, dense=False)
+        err = (o - hard).norm(dim=-1)
+        gap = (fb.details.o - hard).norm(dim=-1)
+        assert bool((err <= gap + fb.allowed).all()), (
+            f"hard-attention limit at scale {scale:.3g}: |o - v_j*| {float(err.max()):.3e} > "
+            f"{float((gap + fb.allowed).max()):.3e} on {case.spec()}")
+
+    prop()
