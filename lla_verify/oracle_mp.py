@@ -48,10 +48,11 @@ from .validate import LLAInputError, check_delta_eps, check_lambda, check_qkv, c
 _F64 = torch.float64
 
 # Multiply-adds N * S(S+1)/2 * D (D + Dv) that the mp oracle accepts without force:
-# at 50 digits mpmath does ~1e6 of them per second on one core.
+# at 50 digits mpmath does ~1e6 of them per second on one core (S = 64, D = 8: 0.3 s).
 MP_MAX_WORK = 4_000_000
-# The interval oracle is ~10x slower per operation than mp.
-INTERVAL_MAX_WORK = 400_000
+# The interval oracle does ~2e5 of them per second: this allows S = 32, D = 8 (~0.5 s),
+# well past the tiny sizes (S, D <= 8) it is meant for.
+INTERVAL_MAX_WORK = 100_000
 # Finite differences evaluate each row ~2 (S D + S Dv + S) times.
 GRAD_MAX_S, GRAD_MAX_D = 8, 4
 MIN_DPS = 20  # below ~16 digits a float64 input would not even be held exactly
