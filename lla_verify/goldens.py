@@ -601,7 +601,6 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
     for g in goldens:
         fresh = fresh_all[g.name]
         path = folder / g.file
-        entry = manifest_entry(g, fresh)
         prev = old.get(g.name)
         if not path.exists():
             to_write.append(g)
@@ -647,7 +646,7 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
             "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "versions": versions(),
             "hash": "sha256 of '<dtype>|<shape as a JSON list>|' followed by the raw little-endian bytes",
-            "noise_tol": f"{NOISE_FACTOR:g} * 2^-53 * conditioning (max kappa * omega / delta over defined queries)",
+            "noise_tol": f"{NOISE_FACTOR:g} * 2^-53 * conditioning (max over defined queries of max(kappa, omega / delta))",
             "cotangent": "do = randn(o.shape, float64, torch.Generator().manual_seed(seed + "
                          f"{COTANGENT_SEED_OFFSET})), zero on undefined rows",
             "cases": [entries[n] for n in order],

@@ -225,10 +225,11 @@ def test_regen_twice_gives_identical_bytes(tmp_path, capsys):
     ma, mb = (json.loads(f[G.MANIFEST]) for f in (fa, fb))
     ma.pop("created"), mb.pop("created")
     assert ma == mb
-    # and the same bytes as the repository's goldens, arrays and manifest entries alike
-    repo = {e["name"]: e for e in G.load_manifest(G.DEFAULT_DIR)["cases"]}
-    for e in json.loads(fa[G.MANIFEST])["cases"]:
-        assert e == repo[e["name"]], e["name"]
+    # the same values as the repository's goldens: bitwise here, and within float64
+    # noise on a machine whose BLAS takes other code paths (what --check allows)
+    for n in SUBSET:
+        f = G.get_golden(n).file
+        assert G.drift(load_file(str(G.DEFAULT_DIR / f)), load_file(str(a / f))).ok, n
     # a second regen into the same folder writes nothing, not even the manifest date
     assert main(["goldens", "regen", "--dir", str(a), "--only", *SUBSET]) == 0
     assert _files(a) == fa
