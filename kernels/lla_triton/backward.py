@@ -1,0 +1,484 @@
+"""FlashLLA backward in Triton: dq and d lambda per query tile, dk and dv per key tile.
+
+docs/kernels-backward.md derives the gradient and explains the design; this file
+keeps to why-comments. Notation (per query i, keys j <= i):
+
+    z_ij = k_j - q_i      f_ij = 1 - <z_ij, rho_i>     den_i = sum_j w_ij f_ij
+    c_ij = <g_i, v_j - o_i> / den_i                     b_i = sum_j c_ij w_ij z_ij
+    Sigma_i u_i = b_i     e_ij = c_ij - <u_i, z_ij>     beta_i = lambda_i <u_i, rho_i>
+    dA_ij = w_ij (f_ij e_ij + beta_i)
+    dq_i = s sum_j dA_ij k_j + rho_i sum_j w_ij e_ij + u_i den_i
+    dk_j = s sum_i dA_ij q_i - sum_i w_ij (e_ij rho_i + f_ij u_i)
+    dv_j = sum_i (w_ij f_ij / den_i) g_i          dlambda_i = omega_i <u_i, rho_i>
+
+Kernel A (one program per query tile) recomputes m_i, omega_i, den_i and o_i
+itself in its first pass, from the saved rho alone: the gradient is then that of
+exactly the weights it recomputes, whatever rounding the forward's saved
+normalisers carried. It solves for u_i by CG and hands per-row scalars to
+kernel B (one program per key tile), which loops over query tiles i >= j. Neither
+uses atomics: every output element is written by one program, so runs are
+bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting
+
+DEFAULT_PRECISION = "tf32x3"
+
+
+class BackwardOut(NamedTuple):
+    dq: torch.Tensor  # (N, S, D) input dtype
+    dk: torch.Tensor  # (N, S, D) input dtype
+    dv: torch.Tensor  # (N, S, D) input dtype
+    dlam: torch.Tensor  # (N, S) fp32, dL/dlambda_i per query
+    u: torch.Tensor  # (N, S, D) fp32, the adjoint solution
+    cg_iters: Optional[torch.Tensor]  # (N, S) int32
+    cg_residual: Optional[torch.Tensor]  # (N, S) fp32, recursive relative residual at exit
+
+
+# ----------------------------------------------------------------------------- device helpers
+@triton.jit
+def _load_rows(PTR, base, offs, S, D: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    return tl.load(PTR + base + offs[:, None] * D + offs_d[None, :], mask=(offs < S)[:, None], other=0.0)
+
+
+@triton.jit
+def _a_pass1_tile(q_dot, g_dot, c, rho, qr, K, V, base, start_n, S, scale, offs_m,
+                  m_i, omega, den, ov, pk, p0, mk, k2,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
+                  JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(K, base, offs_n, S, D)
+    v = _load_rows(V, base, offs_n, S, D)
+    kf = k.to(tl.float32)
+    # anchored keys: z_ij = k'_j - q'_i with the same anchor on both sides, so a
+    # common offset of q and k cancels here, before any product
+    kp = kf - c[None, :]
+    if UPCAST:
+        k_dot = kf
+        v_dot = v.to(tl.float32)
+    else:
+        k_dot = k
+        v_dot = v
+    # scores exactly as the forward forms them (unanchored, same operands)
+    a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC) * scale
+    if MASK:
+        keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S)
+        a = tl.where(keep, a, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(a, 1))
+    alpha = tl.exp(m_i - m_new)
+    w = tl.exp(a - m_new[:, None])
+    wf = w * ((1.0 + qr[:, None]) - tl.dot(rho, tl.trans(kp), input_precision=PREC))
+    # <g_i, v_j>: raw 16-bit operands give exact products, fp32 accumulation
+    gv = tl.dot(g_dot, tl.trans(v_dot), input_precision=SPREC)
+    wg = w * gv
+    omega = omega * alpha + tl.sum(w, 1)
+    den = den * alpha + tl.sum(wf, 1)
+    ov = ov * alpha[:, None] + tl.dot(wf, v.to(tl.float32), input_precision=PREC)
+    # b_i needs o_i, known only after this pass: keep sum_j w <g,v_j> z_ij and
+    # sum_j w z_ij apart and combine them with <g_i, o_i> afterwards
+    pk = pk * alpha[:, None] + tl.dot(wg, kp, input_precision=PREC)
+    p0 = p0 * alpha + tl.sum(wg, 1)
+    mk = mk * alpha[:, None] + tl.dot(w, kp, input_precision=PREC)
+    if JACOBI:
+        k2 = k2 * alpha[:, None] + tl.dot(w, kp * kp, input_precision=PREC)
+    return m_new, omega, den, ov, pk, p0, mk, k2
+
+
+@triton.jit
+def _a_matvec_tile(p, pq, q_dot, c, K, base, start_n, S, scale, offs_m, m_i, acc, tsum,
+                   D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
+                   PREC: tl.constexpr, SPREC: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(K, base, offs_n, S, D)
+    kf = k.to(tl.float32)
+    kp = kf - c[None, :]
+    if UPCAST:
+        k_dot = kf
+    else:
+        k_dot = k
+    a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC) * scale
+    if MASK:
+        keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S)
+        a = tl.where(keep, a, float("-inf"))
+    w = tl.exp(a - m_i[:, None])
+    t = w * (tl.dot(p, tl.trans(kp), input_precision=PREC) - pq[:, None])
+    acc += tl.dot(t, kp, input_precision=PREC)
+    tsum += tl.sum(t, 1)
+    return acc, tsum
+
+
+@triton.jit
+def _a_matvec(p, qp, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
+              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+              PREC: tl.constexpr, SPREC: tl.constexpr):
+    """Sigma_i p_i for every row of the tile; Sigma_i is never formed."""
+    pq = tl.sum(qp * p, 1)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    tsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, lo_full, BLOCK_N):
+        acc, tsum = _a_matvec_tile(p, pq, q_dot, c, K, base, start_n, S, scale, offs_m, m_i, acc, tsum,
+                                   D, BLOCK_N, UPCAST, False, PREC, SPREC)
+    for start_n in range(lo_full, hi, BLOCK_N):
+        acc, tsum = _a_matvec_tile(p, pq, q_dot, c, K, base, start_n, S, scale, offs_m, m_i, acc, tsum,
+                                   D, BLOCK_N, UPCAST, True, PREC, SPREC)
+    return acc - tsum[:, None] * qp + lam_omega[:, None] * p
+
+
+@triton.jit
+def _a_grad_tile(q_dot, g_dot, c, rho, qr, u, uq, go, inv_den, beta, K, V, base, start_n, S, scale,
+                 offs_m, m_i, dqa, esum,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
+                 PREC: tl.constexpr, SPREC: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(K, base, offs_n, S, D)
+    v = _load_rows(V, base, offs_n, S, D)
+    kf = k.to(tl.float32)
+    kp = kf - c[None, :]
+    if UPCAST:
+        k_dot = kf
+        v_dot = v.to(tl.float32)
+    else:
+        k_dot = k
+        v_dot = v
+    a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC) * scale
+    if MASK:
+        keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S)
+        a = tl.where(keep, a, float("-inf"))
+    w = tl.exp(a - m_i[:, None])
+    f = (1.0 + qr[:, None]) - tl.dot(rho, tl.trans(kp), input_precision=PREC)
+    cc = (tl.dot(g_dot, tl.trans(v_dot), input_precision=SPREC) - go[:, None]) * inv_den[:, None]
+    e = cc - (tl.dot(u, tl.trans(kp), input_precision=PREC) - uq[:, None])
+    da = w * (f * e + beta[:, None])
+    # sum_j dA_ij = 0 exactly (o is invariant to a per-row shift of the scores),
+    # so the anchored k'_j give the same dq as k_j, without the offset's rounding
+    dqa += tl.dot(da, kp, input_precision=PREC)
+    esum += tl.sum(w * e, 1)
+    return dqa, esum
+
+
+# ----------------------------------------------------------------------------- kernel A
+@triton.jit
+def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, U, DQ, DLAM, M_OUT, DEN_OUT, GO_OUT, BETA_OUT,
+                          ITERS_OUT, RES_OUT,
+                          S, scale, cg_tol, cg_max_iters, delta_eps,
+                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          UPCAST: tl.constexpr, JACOBI: tl.constexpr, PREC: tl.constexpr,
+                          SPREC: tl.constexpr):
+    n_tiles = tl.cdiv(S, BLOCK_M)
+    # late query tiles do the most work: launch them first for a balanced tail
+    pid_m = n_tiles - 1 - tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    base = head * S * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < S
+
+    q = _load_rows(Q, base, offs_m, S, D)
+    g = _load_rows(G, base, offs_m, S, D)
+    qf = q.to(tl.float32)
+    gf = g.to(tl.float32)
+    c = tl.load(Q + base + pid_m * BLOCK_M * D + offs_d).to(tl.float32)
+    qp = qf - c[None, :]
+    if UPCAST:
+        q_dot = qf
+        g_dot = gf
+    else:
+        q_dot = q
+        g_dot = g
+    rho = _load_rows(RHO, base, offs_m, S, D)
+    lam = tl.load(LAM + head * S + offs_m, mask=row_ok, other=0.0)
+    qr = tl.sum(qp * rho, 1)
+
+    hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
+    lo_full = ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+
+    # ---- pass 1: m, omega, den, o and the pieces of b
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    omega = tl.zeros([BLOCK_M], dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    ov = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    pk = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    p0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mk = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    if JACOBI:
+        k2 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    else:
+        k2 = 0.0
+    for start_n in range(0, lo_full, BLOCK_N):
+        m_i, omega, den, ov, pk, p0, mk, k2 = _a_pass1_tile(
+            q_dot, g_dot, c, rho, qr, K, V, base, start_n, S, scale, offs_m,
+            m_i, omega, den, ov, pk, p0, mk, k2, D, BLOCK_N, UPCAST, False, JACOBI, PREC, SPREC)
+    for start_n in range(lo_full, hi, BLOCK_N):
+        m_i, omega, den, ov, pk, p0, mk, k2 = _a_pass1_tile(
+            q_dot, g_dot, c, rho, qr, K, V, base, start_n, S, scale, offs_m,
+            m_i, omega, den, ov, pk, p0, mk, k2, D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC)
+
+    # the forward's delta guard, reproduced on the recomputed den
+    floor = delta_eps * omega
+    den_used = tl.where(tl.abs(den) < floor, tl.where(den < 0.0, -floor, floor), den)
+    inv_den = tl.where(row_ok, 1.0 / den_used, 0.0)
+    o = ov * inv_den[:, None]
+    go = tl.sum(gf * o, 1)
+    # b_i = sum_j (<g,v_j> - <g,o_i>) w_ij (k'_j - q'_i) / den_i
+    b = ((pk - p0[:, None] * qp) - go[:, None] * (mk - omega[:, None] * qp)) * inv_den[:, None]
+    b = tl.where(row_ok[:, None], b, 0.0)
+    lam_omega = lam * omega
+
+    # ---- CG on Sigma_i u_i = b_i: the forward's iteration and stopping rule
+    u = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    r = b
+    if JACOBI:
+        diag = k2 - 2.0 * qp * mk + omega[:, None] * qp * qp + lam_omega[:, None]
+        inv_diag = tl.where(diag > 0.0, 1.0 / diag, 1.0)
+        zr = r * inv_diag
+    else:
+        inv_diag = 1.0
+        zr = r
+    p = zr
+    rz = tl.sum(r * zr, 1)
+    rr = tl.sum(r * r, 1)
+    b2 = rr
+    thresh = (cg_tol * cg_tol) * b2
+    # b_i = 0 (first token, padding rows, g_i = 0) is solved by u_i = 0 at once
+    active = row_ok & (rr > thresh)
+    iters = tl.zeros([BLOCK_M], dtype=tl.int32)
+    n_active = tl.sum(active.to(tl.int32), 0)
+    it = 0
+    while (n_active > 0) & (it < cg_max_iters):
+        ap = _a_matvec(p, qp, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
+                       D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC)
+        pap = tl.sum(p * ap, 1)
+        # pAp <= 0 only for a singular Sigma_i (lambda_i = 0) or an underflowed p
+        ok = active & (pap > 0.0)
+        alpha = tl.where(ok, rz / tl.where(ok, pap, 1.0), 0.0)
+        u += alpha[:, None] * p
+        r -= alpha[:, None] * ap
+        if JACOBI:
+            zr = r * inv_diag
+        else:
+            zr = r
+        rz_new = tl.sum(r * zr, 1)
+        bcg = tl.where(ok & (rz > 0.0), rz_new / tl.where(rz > 0.0, rz, 1.0), 0.0)
+        p = tl.where(ok[:, None], zr + bcg[:, None] * p, p)
+        rz = tl.where(ok, rz_new, rz)
+        rr = tl.where(ok, tl.sum(r * r, 1), rr)
+        iters += active.to(tl.int32)
+        active = ok & (rr > thresh)
+        n_active = tl.sum(active.to(tl.int32), 0)
+        it += 1
+
+    # ---- pass 3: dq and E_i = sum_j w_ij e_ij
+    ur = tl.sum(u * rho, 1)
+    beta = lam * ur
+    uq = tl.sum(u * qp, 1)
+    dqa = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    esum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, lo_full, BLOCK_N):
+        dqa, esum = _a_grad_tile(q_dot, g_dot, c, rho, qr, u, uq, go, inv_den, beta, K, V, base, start_n,
+                                 S, scale, offs_m, m_i, dqa, esum, D, BLOCK_N, UPCAST, False, PREC, SPREC)
+    for start_n in range(lo_full, hi, BLOCK_N):
+        dqa, esum = _a_grad_tile(q_dot, g_dot, c, rho, qr, u, uq, go, inv_den, beta, K, V, base, start_n,
+                                 S, scale, offs_m, m_i, dqa, esum, D, BLOCK_N, UPCAST, True, PREC, SPREC)
+    # -sum_j dZ_ij = rho_i E_i + u_i sum_j w_ij f_ij; the last sum is the raw den
+    # (the guard is a constant shift, not a function of z)
+    dq = scale * dqa + esum[:, None] * rho + den[:, None] * u
+
+    tile_ptrs = base + offs_m[:, None] * D + offs_d[None, :]
+    tl.store(U + tile_ptrs, u, mask=row_ok[:, None])
+    tl.store(DQ + tile_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    row_ptrs = head * S + offs_m
+    tl.store(DLAM + row_ptrs, omega * ur, mask=row_ok)
+    tl.store(M_OUT + row_ptrs, m_i, mask=row_ok)
+    tl.store(DEN_OUT + row_ptrs, den_used, mask=row_ok)
+    tl.store(GO_OUT + row_ptrs, go, mask=row_ok)
+    tl.store(BETA_OUT + row_ptrs, beta, mask=row_ok)
+    tl.store(ITERS_OUT + row_ptrs, iters, mask=row_ok)
+    rel = tl.where(b2 > 0.0, tl.sqrt(rr / tl.where(b2 > 0.0, b2, 1.0)), 0.0)
+    tl.store(RES_OUT + row_ptrs, rel, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- kernel B
+@triton.jit
+def _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, base, row_base,
+            start_m, S, scale, offs_n, dv, dka, cs,
+            D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
+            PREC: tl.constexpr, SPREC: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < S
+    q = _load_rows(Q, base, offs_m, S, D)
+    g = _load_rows(G, base, offs_m, S, D)
+    rho = _load_rows(RHO, base, offs_m, S, D)
+    u = _load_rows(U, base, offs_m, S, D)
+    # padding rows: m = +inf makes w = 0, den = 1 keeps c finite, so they add 0
+    m_i = tl.load(M_IN + row_base + offs_m, mask=row_ok, other=float("inf"))
+    den = tl.load(DEN_IN + row_base + offs_m, mask=row_ok, other=1.0)
+    go = tl.load(GO_IN + row_base + offs_m, mask=row_ok, other=0.0)
+    beta = tl.load(BETA_IN + row_base + offs_m, mask=row_ok, other=0.0)
+    qf = q.to(tl.float32)
+    gf = g.to(tl.float32)
+    qp = qf - c[None, :]
+    if UPCAST:
+        q_dot = qf
+        g_dot = gf
+    else:
+        q_dot = q
+        g_dot = g
+    inv_den = 1.0 / den
+    qr = tl.sum(qp * rho, 1)
+    uq = tl.sum(qp * u, 1)
+    # transposed tiles: rows are keys j, columns queries i
+    a = tl.dot(k_dot, tl.trans(q_dot), input_precision=SPREC) * scale
+    if MASK:
+        keep = (offs_n[:, None] <= offs_m[None, :]) & row_ok[None, :]
+        a = tl.where(keep, a, float("-inf"))
+    w = tl.exp(a - m_i[None, :])
+    f = (1.0 + qr[None, :]) - tl.dot(kp, tl.trans(rho), input_precision=PREC)
+    cc = (tl.dot(v_dot, tl.trans(g_dot), input_precision=SPREC) - go[None, :]) * inv_den[None, :]
+    e = cc - (tl.dot(kp, tl.trans(u), input_precision=PREC) - uq[None, :])
+    wf = w * f
+    dv += tl.dot(wf * inv_den[None, :], gf, input_precision=PREC)
+    da = w * (f * e + beta[None, :])
+    dka += tl.dot(scale * da, qp, input_precision=PREC)
+    dka -= tl.dot(w * e, rho, input_precision=PREC)
+    dka -= tl.dot(wf, u, input_precision=PREC)
+    cs += tl.sum(da, 1)
+    return dv, dka, cs
+
+
+@triton.jit
+def _lla_bwd_key_kernel(Q, K, V, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, DK, DV, S, scale,
+                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        UPCAST: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+    # early key tiles meet the most queries: launch them first
+    pid_n = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    base = head * S * D
+    row_base = head * S
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    col_ok = offs_n < S
+    k = _load_rows(K, base, offs_n, S, D)
+    v = _load_rows(V, base, offs_n, S, D)
+    kf = k.to(tl.float32)
+    c = tl.load(K + base + pid_n * BLOCK_N * D + offs_d).to(tl.float32)
+    kp = kf - c[None, :]
+    if UPCAST:
+        k_dot = kf
+        v_dot = v.to(tl.float32)
+    else:
+        k_dot = k
+        v_dot = v
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dka = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    cs = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # query tiles that reach the diagonal need the causal mask; later ones do not
+    # (padding rows past S are neutralised by their loads)
+    first = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
+    full = tl.cdiv((pid_n + 1) * BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    full = tl.minimum(full, tl.cdiv(S, BLOCK_M) * BLOCK_M)
+    for start_m in range(first, full, BLOCK_M):
+        dv, dka, cs = _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, base, row_base,
+                              start_m, S, scale, offs_n, dv, dka, cs, D, BLOCK_M, UPCAST, True, PREC, SPREC)
+    for start_m in range(full, S, BLOCK_M):
+        dv, dka, cs = _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, base, row_base,
+                              start_m, S, scale, offs_n, dv, dka, cs, D, BLOCK_M, UPCAST, False, PREC, SPREC)
+    # s sum_i dA_ij q_i with q_i = q'_i + c: the anchor's share is a rank-one term
+    dk = dka + (scale * cs)[:, None] * c[None, :]
+    tile_ptrs = base + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(DK + tile_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + tile_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+# ----------------------------------------------------------------------------- launcher
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel A and kernel B per head dim;
+# hand-picked (docs/performance.md), not autotuned, so runs are deterministic.
+GPU_CONFIGS_A = {
+    16: (64, 64, 4, 2),
+    32: (64, 64, 4, 2),
+    64: (64, 64, 8, 2),
+    128: (32, 64, 8, 2),
+}
+GPU_CONFIGS_B = {
+    16: (64, 64, 4, 2),
+    32: (64, 64, 4, 2),
+    64: (64, 64, 8, 2),
+    128: (32, 64, 8, 2),
+}
+INTERP_CONFIG = (16, 16, 1, 1)
+
+
+def _configs(D, config_a=None, config_b=None):
+    if interpreting():
+        ca, cb = INTERP_CONFIG, INTERP_CONFIG
+    else:
+        ca, cb = GPU_CONFIGS_A[D], GPU_CONFIGS_B[D]
+    return tuple(config_a or ca), tuple(config_b or cb)
+
+
+def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, delta_eps, cg_tol, cg_max_iters,
+                        preconditioner=None, precision=None, config_a=None, config_b=None) -> BackwardOut:
+    """Gradients of sum(o * grad_out) with respect to q, k, v and lambda.
+
+    q, k, v, grad_out: (N, S, D) contiguous, one dtype; rho: (N, S, D) fp32 from the
+    forward; lam: (N, S) fp32. Returns BackwardOut; dq, dk, dv in the input dtype.
+    """
+    N, S, D = q.shape
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: head dimension {D} unsupported; expected one of {SUPPORTED_HEAD_DIMS}")
+    precision = precision or DEFAULT_PRECISION
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if preconditioner not in (None, "none", "jacobi"):
+        raise ValueError(f"preconditioner: expected None, 'none' or 'jacobi', got {preconditioner!r}")
+    if grad_out.shape != q.shape or grad_out.dtype != q.dtype:
+        raise ValueError(
+            f"grad_output: expected shape {tuple(q.shape)} and dtype {q.dtype}, "
+            f"got shape {tuple(grad_out.shape)} and dtype {grad_out.dtype}")
+    if rho.shape != q.shape or rho.dtype != torch.float32:
+        raise ValueError(f"rho: expected fp32 of shape {tuple(q.shape)}, got {rho.dtype} {tuple(rho.shape)}")
+    if lam.shape != (N, S) or lam.dtype != torch.float32:
+        raise ValueError(f"lam: expected fp32 of shape {(N, S)}, got {lam.dtype} {tuple(lam.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("grad_output", grad_out), ("rho", rho), ("lam", lam)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: lla_backward_kernel needs a contiguous tensor")
+    dev = q.device
+    f32 = torch.float32
+    upcast = interpreting()  # triton issue 11584: interpreted bf16 dots are wrong
+    # The interpreter casts fp32 -> bf16 by truncation (twice the error of the
+    # GPU's round-to-nearest): there the kernels store fp32 and torch rounds.
+    gdt = f32 if upcast else q.dtype
+    dq = torch.empty(N, S, D, device=dev, dtype=gdt)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    u = torch.empty(N, S, D, device=dev, dtype=f32)
+    dlam = torch.empty(N, S, device=dev, dtype=f32)
+    m = torch.empty_like(dlam)
+    den = torch.empty_like(dlam)
+    go = torch.empty_like(dlam)
+    beta = torch.empty_like(dlam)
+    iters = torch.empty(N, S, device=dev, dtype=torch.int32)
+    res = torch.empty_like(dlam)
+    # 16-bit operands give exact products in any mode; only fp32 q, k, v, g need it
+    sprec = precision if q.dtype == torch.float32 or upcast else "tf32"
+    (am, an, aw, ast), (bm, bn, bw, bst) = _configs(D, config_a, config_b)
+    _lla_bwd_query_kernel[(triton.cdiv(S, am), N)](
+        q, k, v, grad_out, rho, lam, u, dq, dlam, m, den, go, beta, iters, res,
+        S, float(scale), float(cg_tol), int(cg_max_iters), float(delta_eps),
+        D=D, BLOCK_M=am, BLOCK_N=an, UPCAST=upcast, JACOBI=(preconditioner == "jacobi"),
+        PREC=precision, SPREC=sprec, num_warps=aw, num_stages=ast,
+    )
+    _lla_bwd_key_kernel[(triton.cdiv(S, bn), N)](
+        q, k, v, grad_out, rho, u, m, den, go, beta, dk, dv, S, float(scale),
+        D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, PREC=precision, SPREC=sprec,
+        num_warps=bw, num_stages=bst,
+    )
+    return BackwardOut(dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dlam, u, iters, res)
