@@ -4,6 +4,8 @@ ci:      CPU through the Triton interpreter: derandomized, no example database, 
 dev:     a quick local loop, random.
 gpu:     compiled kernels on a GPU, real sizes, more examples.
 release: many examples, guided by target() towards the worst error/budget ratio.
+triage:  the ci profile without shrinking: reports the first failing example fast
+         (used to measure the suite against planted bugs, docs/kill-list.md).
 """
 
 from datetime import timedelta
@@ -20,5 +22,9 @@ settings.register_profile("gpu", max_examples=40, deadline=timedelta(seconds=60)
 settings.register_profile(
     "release", max_examples=400, deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink], **_common,
+)
+settings.register_profile(
+    "triage", max_examples=10, derandomize=True, database=None, deadline=None,
+    phases=[Phase.explicit, Phase.generate], **_common,
 )
 settings.load_profile("dev")
