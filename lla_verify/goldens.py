@@ -639,24 +639,27 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
     for g in goldens:
         entries[g.name] = manifest_entry(g, fresh_all[g.name])
     order = [g.name for g in CATALOG if g.name in entries] + sorted(n for n in entries if n not in _BY_NAME)
-    changed = bool(to_write) or man is None or [entries[n] for n in order] != (man or {}).get("cases")
-    if changed:
-        new = {
-            "format": FORMAT,
-            "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "versions": versions(),
-            "hash": "sha256 of '<dtype>|<shape as a JSON list>|' followed by the raw little-endian bytes",
-            "noise_tol": f"{NOISE_FACTOR:g} * 2^-53 * conditioning (max over defined queries of max(kappa, omega / delta))",
-            "cotangent": "do = randn(o.shape, float64, torch.Generator().manual_seed(seed + "
-                         f"{COTANGENT_SEED_OFFSET})), zero on undefined rows",
-            "cases": [entries[n] for n in order],
-        }
+    new = {
+        "format": FORMAT,
+        "hash": "sha256 of '<dtype>|<shape as a JSON list>|' followed by the raw little-endian bytes",
+        "noise_tol": f"{NOISE_FACTOR:g} * 2^-53 * conditioning (max over defined queries of max(kappa, omega / delta))",
+        "cotangent": "do = randn(o.shape, float64, torch.Generator().manual_seed(seed + "
+                     f"{COTANGENT_SEED_OFFSET})), zero on undefined rows",
+        "cases": [entries[n] for n in order],
+    }
+    # date and versions move only with the content: an idle regen leaves the bytes alone
+    same = man is not None and all(man.get(key) == val for key, val in new.items())
+    wrote_manifest = bool(to_write) or not same
+    if wrote_manifest:
+        new["created"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        new["versions"] = versions()
         _atomic_write(folder / MANIFEST, dump_manifest(new))
     extras = [p.name for p in sorted(folder.iterdir()) if p.name != MANIFEST
               and p.name not in {e["file"] for e in entries.values()} and not p.name.startswith(".")]
     for name in extras:
         _say(f"note: extra file {name} in {folder} (not in the manifest; left alone)")
-    _say(f"regen: {len(to_write)} written, {len(goldens) - len(to_write)} unchanged, in {folder}")
+    tail = ", manifest updated" if wrote_manifest else ""
+    _say(f"regen: {len(to_write)} written, {len(goldens) - len(to_write)} unchanged{tail}, in {folder}")
     return 0
 
 
