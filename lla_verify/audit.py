@@ -333,6 +333,12 @@ def _num(x) -> float:
     return float(x) if x is not None else math.nan
 
 
+def _show(x) -> str:
+    from .report import _r
+
+    return _r(x)
+
+
 def load_baseline(path: str) -> list[dict]:
     try:
         with open(path) as fh:
@@ -448,7 +454,7 @@ def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = 
         rec = run_cell(cell, impl, device, backward=backward, impl_name=impl_name)
         records.append(rec)
         if not rec["passed"] and log is not None:
-            tqdm.write(f"FAIL {'+'.join(rec.get('failed_checks', []))} ratio {_num(rec['ratio']):.3g} "
+            tqdm.write(f"FAIL {'+'.join(rec.get('failed_checks', []))} ratio {_show(rec['ratio'])} "
                        f"({rec['cause']}) {rec['spec']}", file=log)
     regressions, binfo = (compare(records, baseline, factor=factor, floor=floor) if baseline is not None
                           else ([], None))
@@ -486,10 +492,10 @@ def summary_lines(report: dict, *, top: int = 5) -> list[str]:
                  f"[impl {meta.get('impl')}, device {meta.get('device')}, {meta.get('mode')}, "
                  f"{meta.get('wall_s', 0):.0f} s]")
     if v.get("worst_spec"):
-        lines.append(f"worst ratio {_num(v['worst_ratio']):.3g} at {v['worst_spec']}")
+        lines.append(f"worst ratio {_show(v['worst_ratio'])} at {v['worst_spec']}")
     failed = [c for c in report["cells"] if not c.get("passed")]
     for c in sorted(failed, key=lambda c: -_num(c["ratio"]) if not math.isnan(_num(c["ratio"])) else -math.inf):
-        lines.append(f"  FAIL {'+'.join(c.get('failed_checks', []))} ratio {_num(c['ratio']):.3g} "
+        lines.append(f"  FAIL {'+'.join(c.get('failed_checks', []))} ratio {_show(c['ratio'])} "
                      f"cause {c['cause']}: {c['spec']}")
         lines.append(f"    {c['command']}")
     if v.get("gradients_checked"):

@@ -30,8 +30,24 @@ def num(x) -> float:
     return float(x)
 
 
+RATIO_CEIL = 1e4  # larger ratios (and inf/nan) are drawn on this line as off-scale triangles
+
+
 def _pos(x: float) -> float:
-    return RATIO_FLOOR if not (x > RATIO_FLOOR) or math.isnan(x) else min(x, 1e30)
+    if math.isnan(x) or x > RATIO_CEIL:
+        return RATIO_CEIL
+    return max(x, RATIO_FLOOR)
+
+
+def _off(x: float) -> bool:
+    return math.isnan(x) or x > RATIO_CEIL
+
+
+def _ratio_axis(ax, label: str) -> None:
+    ax.axhline(THRESHOLD, color="#c92a2a", lw=1, ls="--")
+    ax.set_yscale("log")
+    ax.set_ylim(RATIO_FLOOR / 3, RATIO_CEIL * 4)
+    ax.set_ylabel(label)
 
 
 def write_reports(report: dict, out: str) -> tuple[str, str]:
@@ -69,20 +85,21 @@ def plot_overview(cells: list[dict]) -> str | None:
         return None
     plt = _mpl()
     sweeps = list(dict.fromkeys(c["sweep"] for c in cells))
-    fig, ax = plt.subplots(figsize=(7.5, 2.8))
+    fig, ax = plt.subplots(figsize=(8.5, 2.9))
     for xi, sw in enumerate(sweeps):
         cs = [c for c in cells if c["sweep"] == sw]
         for j, c in enumerate(cs):
             x = xi + (j / max(len(cs) - 1, 1) - 0.5) * 0.6
             r = num(c["ratio"])
-            ax.scatter(x, _pos(r), s=22 if c.get("passed") else 40, marker="o" if c.get("passed") else "X",
-                       color=CAUSE_COLORS.get(c.get("cause"), "#888"), edgecolor="none",
-                       alpha=0.8)
-    ax.axhline(THRESHOLD, color="#c92a2a", lw=1, ls="--")
-    ax.set_yscale("log")
+            ax.scatter(x, _pos(r), s=22 if c.get("passed") else 44,
+                       marker="^" if _off(r) else ("o" if c.get("passed") else "X"),
+                       color=CAUSE_COLORS.get(c.get("cause"), "#888"), edgecolor="none", alpha=0.8)
+    _ratio_axis(ax, "error / budget (worst check)")
     ax.set_xticks(range(len(sweeps)), sweeps)
-    ax.set_ylabel("error / budget (worst query)")
-    ax.set_title("every cell (red X: over budget; colour = attribution)")
+    handles = [ax.scatter([], [], color=col, s=22, label=cause) for cause, col in CAUSE_COLORS.items()]
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="attribution",
+              title_fontsize=7)
+    ax.set_title(f"every cell, forward and gradient (X: over budget; triangles: above {RATIO_CEIL:g} or non-finite)")
     return _png(fig)
 
 
@@ -93,7 +110,7 @@ def plot_kappa(cells: list[dict]) -> str | None:
         return None
     plt = _mpl()
     dts = list(dict.fromkeys(c["dtype"] for c in with_q))
-    fig, axes = plt.subplots(1, len(dts), figsize=(4.2 * len(dts), 3.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(dts), figsize=(4.6 * len(dts), 3.4), squeeze=False, sharey=True)
     for ax, dt in zip(axes[0], dts):
         cs = [c for c in with_q if c["dtype"] == dt]
         xs, ys = [], []
@@ -107,17 +124,15 @@ def plot_kappa(cells: list[dict]) -> str | None:
             k = num(c.get("kappa_worst"))
             if not (k > 0 and math.isfinite(k)):
                 continue
-            ax.scatter(k, _pos(num(c["ratio"])), s=30, facecolor="none",
-                       edgecolor="#c92a2a" if not c.get("passed") else "#212529", lw=0.9)
+            r = num(c.get("forward_ratio", c["ratio"]))
+            ax.scatter(k, _pos(r), s=30, marker="^" if _off(r) else "o", facecolor="none",
+                       edgecolor="#c92a2a" if r > THRESHOLD or math.isnan(r) else "#212529", lw=0.9)
         ax.scatter([], [], s=30, facecolor="none", edgecolor="#212529", label="cell worst")
-        ax.axhline(THRESHOLD, color="#c92a2a", lw=1, ls="--", label="budget")
+        _ratio_axis(ax, "forward error / budget" if ax is axes[0][0] else "")
         ax.set_xscale("log")
-        ax.set_yscale("log")
         ax.set_xlabel("kappa(Sigma_i)")
         ax.set_title(dt)
-        ax.legend(loc="lower right", fontsize=7)
-    axes[0][0].set_ylabel("error / budget")
-    fig.suptitle("error / budget against conditioning", y=1.02)
+        ax.legend(loc="upper left", fontsize=7)
     return _png(fig)
 
 
@@ -136,18 +151,19 @@ def plot_heatmap(cells: list[dict]) -> str | None:
     plt = _mpl()
     from matplotlib.colors import TwoSlopeNorm
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 3.2), squeeze=False)
     for ax, (dt, cs, lams, scales) in zip(axes[0], panels):
         M = [[math.nan] * len(scales) for _ in lams]
         for c in cs:
             M[lams.index(c["params"]["lam"])][scales.index(c["params"]["scale"])] = math.log10(_pos(num(c["ratio"])))
-        norm = TwoSlopeNorm(vmin=-4.0, vcenter=0.0, vmax=2.0)
-        im = ax.imshow([[min(max(x, -4.0), 2.0) if not math.isnan(x) else math.nan for x in row] for row in M],
+        norm = TwoSlopeNorm(vmin=-3.0, vcenter=0.0, vmax=2.0)
+        im = ax.imshow([[min(max(x, -3.0), 2.0) if not math.isnan(x) else math.nan for x in row] for row in M],
                        cmap="RdYlGn_r", norm=norm, aspect="auto", origin="lower")
         for i in range(len(lams)):
             for j in range(len(scales)):
                 if not math.isnan(M[i][j]):
-                    ax.text(j, i, f"{10 ** M[i][j]:.2g}", ha="center", va="center", fontsize=7)
+                    r = 10 ** M[i][j]
+                    ax.text(j, i, f"{r:.2g}" if r < RATIO_CEIL else "off", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(scales)), [f"{s:g}" for s in scales])
         ax.set_yticks(range(len(lams)), [f"{x:g}" for x in lams])
         ax.set_xlabel("qk_scale (bandwidth family)")
@@ -200,13 +216,14 @@ def plot_grad(cells: list[dict]) -> str | None:
     fig, ax = plt.subplots(figsize=(6.0, 3.0))
     for dt in dict.fromkeys(c["dtype"] for c in gs):
         cs = [c for c in gs if c["dtype"] == dt]
-        ax.scatter([max(num(c.get("kappa_max")), 1.0) if math.isfinite(num(c.get("kappa_max"))) else 1e30 for c in cs],
-                   [_pos(num(c["grad"]["ratio"])) for c in cs], s=18, color=DTYPE_COLORS.get(dt, "#555"), label=dt)
-    ax.axhline(THRESHOLD, color="#c92a2a", lw=1, ls="--")
+        for off in (False, True):
+            sel = [c for c in cs if _off(num(c["grad"]["ratio"])) == off]
+            ax.scatter([max(num(c.get("kappa_max")), 1.0) if math.isfinite(num(c.get("kappa_max"))) else 1e30
+                        for c in sel], [_pos(num(c["grad"]["ratio"])) for c in sel], s=18, marker="^" if off else "o",
+                       color=DTYPE_COLORS.get(dt, "#555"), label=dt if not off else None)
+    _ratio_axis(ax, "gradient error / budget")
     ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel("kappa max of the cell")
-    ax.set_ylabel("gradient error / budget")
     ax.set_title("gradients (fixed cotangent)")
     ax.legend(fontsize=7)
     return _png(fig)
@@ -238,7 +255,8 @@ def _e(x) -> str:
 
 def _r(x) -> str:
     v = num(x)
-    return "inf" if v == math.inf else ("nan" if math.isnan(v) else f"{v:.3g}")
+    # >= 1e300 is an inf that went through nan_to_num on its way here
+    return "inf" if v >= 1e300 else ("nan" if math.isnan(v) else f"{v:.3g}")
 
 
 def _g(x) -> str:
@@ -307,18 +325,25 @@ def render_html(report: dict) -> str:
         parts.append(f"<h2>Failing cells ({len(failed)}), worst first</h2>")
         for c in failed[:40]:
             g = c.get("grad") or {}
-            gtxt = f"\n{g['message']}" if g.get("status") == "checked" and not g.get("passed") else ""
-            parts.append(f"<p><b>ratio {_r(c['ratio'])}</b> &middot; attribution {_cause(c['cause'])} &middot; "
-                         f"<code>{_e(c['command'])}</code></p><pre>{_e(c.get('message', ''))}{_e(gtxt)}</pre>")
+            fwd_failed = not c.get("forward_passed", False)
+            msgs = ([c.get("message", "")] if fwd_failed else []) + \
+                ([g["message"]] if g.get("status") == "checked" and not g.get("passed") else [])
+            ratios = f"forward {_r(c.get('forward_ratio', c['ratio']))}"
+            if g.get("status") == "checked":
+                ratios += f", gradient {_r(g['ratio'])}"
+            parts.append(f"<p><b>{_e(' + '.join(c.get('failed_checks') or ['forward']))} over budget</b> "
+                         f"({ratios}) &middot; attribution {_cause(c['cause'])}<br>"
+                         f"<code>{_e(c['command'])}</code></p><pre>{_e(chr(10).join(msgs))}</pre>")
         if len(failed) > 40:
             parts.append(f"<p>{len(failed) - 40} more failing cells in the full table below and in report.json.</p>")
 
     parts.append("<h2>Worst cells</h2>")
     top = sorted(cells, key=_ratio_key, reverse=True)[:8]
     parts.append(_table(
-        ["ratio", "result", "sweep", "kappa worst", "error max", "reproduce"],
-        [[_r(c["ratio"]), _cause(c["cause"]), _e(c["sweep"]), _g(c.get("kappa_worst")), _g(c.get("err_max")),
-          f"<code>{_e(c['command'])}</code>"] for c in top], numeric={0, 3, 4}))
+        ["ratio", "check", "result", "kappa worst", "error max", "reproduce"],
+        [[_r(c["ratio"]), _e("+".join(c.get("failed_checks") or []) or "-"), _cause(c["cause"]),
+          _g(c.get("kappa_worst")), _g(c.get("err_max")), f"<code>{_e(c['command'])}</code>"] for c in top],
+        numeric={0, 3, 4}))
 
     parts.append("<h2>By sweep</h2>")
     rows = []
