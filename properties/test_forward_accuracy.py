@@ -4,6 +4,9 @@ derived budget (lla_verify.budget), on every family of SPEC 7.
 Oracle: lla_verify/oracle.py. Budget: lla_verify/budget.py. Families: lla_verify/cases.py.
 """
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import example, given, settings, target
@@ -11,14 +14,18 @@ from hypothesis import strategies as st
 
 from lla_verify import suite
 from lla_verify.budget import assert_within_budget, check_forward
-from lla_verify.cases import FAMILIES, Case
+from lla_verify.cases import FAMILIES, Case, parse_case
 
-# Regressions found once and checked forever (lla-verify hunt appends here).
+# Regressions found once and checked forever: these, plus what `lla-verify hunt
+# --add-regression` stored in properties/regressions.json.
 PINNED = [
     Case("offset", {"offset": 100.0, "lam": 10.0}, S=33, D=16, dtype="bfloat16", seed=0),
     Case("gaussian", {"lam": 1e-3}, S=17, D=16, dtype="bfloat16", seed=1),
     Case("large_norm", {"factor": 8.0, "lam": 1e-3}, S=19, D=16, dtype="bfloat16", seed=2),
 ]
+_STORED = Path(__file__).with_name("regressions.json")
+if _STORED.exists():
+    PINNED += [parse_case(d["spec"]) for d in json.loads(_STORED.read_text())]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
