@@ -670,6 +670,7 @@ class CaseResult:
     checks: dict  # check name -> ratio (error / allowed; > 1 fails)
     skipped: str | None = None
     notes: str = ""
+    detail: str = ""  # the failing verdict's message, printed under the case line
 
     @property
     def worst(self) -> tuple[str, float]:
@@ -735,9 +736,8 @@ def compare_one(golden: Golden, folder: Path, entry: dict | None, impl, device: 
     notes = f"stored ref {'mp' + str(MP_DPS) if ref_key == 'o_mp' else 'f64'}"
     if rel > 0:
         notes += f"; oracle drift {rel:.2g} at o[{','.join(map(str, idx))}]"
-    if not verdict.passed:
-        notes += "\n" + "\n".join("    " + ln for ln in verdict.message.splitlines())
-    return CaseResult(golden.name, checks, notes=notes)
+    detail = "" if verdict.passed else "\n".join("    " + ln for ln in verdict.message.splitlines())
+    return CaseResult(golden.name, checks, notes=notes, detail=detail)
 
 
 def compare(folder: Path, impl, *, device: str = "cpu", only=None) -> tuple[int, list[CaseResult]]:
@@ -758,6 +758,8 @@ def compare(folder: Path, impl, *, device: str = "cpu", only=None) -> tuple[int,
         status = "PASS" if worst <= 1.0 else "FAIL"
         ratios = "  ".join(f"{k} {v:.3g}" for k, v in r.checks.items())
         _say(f"{g.name:<{width}}  {status}  ratio {worst:.3g}  ({ratios}; {r.notes})")
+        if r.detail:
+            _say(r.detail)
     n = sum(len(r.checks) for r in results)
     over = sum(1 for r in results for v in r.checks.values() if not v <= 1.0)
     ran = [r for r in results if not r.skipped]
