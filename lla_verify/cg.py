@@ -343,8 +343,9 @@ def residual_rounding(q, k, ridge_lambda, qk_scale, rho, *, u: float = U32, wors
 
     with c_i = n_i + D + 2 (the gamma_n worst case, ``worst_case=True``) or, by
     default, the probabilistic model of budget.py, c_i = THRESH (sqrt(n_i) + sqrt(D) + 2)
-    with THRESH = 4: the worst case is 20 to 50 times what a dense fp32 residual
-    actually shows here, and would hide a residual that is plainly wrong. The
+    with THRESH = 4, which grows like sqrt(n) and so stays meaningful at S = 2048 where
+    the worst case would hide a plainly wrong residual (both sit about 100 times above
+    what a dense fp32 residual shows at S = 48). The
     relative error of ||mu_i|| itself is covered by the same terms. Returns the
     bound per query, float64, shape (..., S).
     """
