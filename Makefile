@@ -30,5 +30,8 @@ test: setup
 test-gpu: setup
 	$(BIN)/python -m pytest -n auto --hypothesis-profile gpu tests properties
 
+goldens-check: setup
+	$(BIN)/lla-verify goldens regen --check
+
 clean:
 	rm -rf $(VENV) $(OUTDIR) .hypothesis
