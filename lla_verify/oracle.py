@@ -18,7 +18,9 @@ tensors fit a memory budget (only keys j <= the chunk's last query are touched).
 Queries with ridge_lambda == 0 whose Sigma_i is singular (early tokens i < D, or
 keys in a low-dimensional subspace) have no value: delta_i = 0 makes s_ij a 0/0.
 The oracles return NaN there and ``details.undefined`` marks them; comparisons
-skip those rows and say how many.
+skip those rows and say how many. The same mark (and NaN) goes on the rare rows with
+lambda > 0 where float64 cannot resolve the value at all: kappa ~ 1e30, every
+1 - <z_ij, rho_i> rounding to 0. The mpmath oracle resolves those.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class LLADetails:
     delta: torch.Tensor  # (..., S)  sum_j w (1 - z.rho)^2 + lambda omega |rho|^2 (>= 0)
     kappa: torch.Tensor  # (..., S)  cond_2(Sigma_i) (inf when singular)
     lam: torch.Tensor  # (..., S) ridge_lambda as broadcast
-    undefined: torch.Tensor  # (..., S) bool: lambda == 0 and Sigma_i singular
+    undefined: torch.Tensor  # (..., S) bool: lambda == 0 and Sigma_i singular (or float64 unresolved)
     sigma_norm: torch.Tensor = None  # (..., S) ||Sigma_i||_2 (largest eigenvalue)
     solv: torch.Tensor = None  # (..., S) ||(do_i/drho_i) Sigma_i^{-1}||_F ||mu_i||: output change per unit relative residual
     scale: float = 0.0
@@ -153,6 +155,10 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int):
         den = wf.sum(-1)
         if eps > 0:
             den = den + eps * torch.sign(den)
+        # lambda > 0 but so small (kappa ~ 1e30) that every f_ij rounds to 0: float64 has
+        # no digit of this row; flag it with the structurally undefined ones (mpmath
+        # resolves it: tests/test_oracle_mp.py)
+        undefined = undefined | (den.detach() == 0) | ~torch.isfinite(den.detach())
         den = torch.where(undefined, torch.ones_like(den), den)
         o = (wf[..., None] * v[:, None, :i1, :]).sum(-2) / den[..., None]
         o = torch.where(undefined[..., None], torch.full_like(o, float("nan")), o)
