@@ -38,6 +38,15 @@ U64 = 2.0**-53
 MP_MAX_WORK = 64 * 64 * 8  # S * S * D up to which the mpmath oracle re-checks a dispute
 
 
+# Every check made in this process: (check, impl, ratio, case). The property suite
+# prints "k of N checks over threshold, worst ratio r at <case>" from it.
+LEDGER: list = []
+
+
+def record(check: str, impl: str, ratio: float, case: str) -> None:
+    LEDGER.append((check, impl, float(ratio), case))
+
+
 @dataclass
 class Verdict:
     """The outcome of one comparison: a ratio, a pass/fail, and why."""
@@ -211,6 +220,7 @@ def check_forward(problem: Problem, impl: Impl, o: torch.Tensor, *, stats: dict 
                "kappa_max": float(torch.nan_to_num(d.kappa, posinf=1e300).max()),
                "err_max": float(torch.where(defined, err, torch.zeros_like(err)).max()),
                "nonfinite": int((defined & ~finite).sum()), "n_defined": n_def, "n_undefined": n_undef}
+    record("forward", impl.name, ratio, case)
     return Verdict("forward", impl.name, case, ratio, passed, "ok" if passed else cause, msg, idx, n_def, n_undef,
                    per_query, summary)
 
@@ -284,7 +294,9 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
 
     Per row (query for dq and dlambda, key for dk and dv):
         model = THRESH_GRAD ((u_c sqrt(S D) + tol) sens + (u_c sqrt(D) + tol) sens_solve
-                             + u_out |g_ref| + u_c sqrt(S D) max|g_ref|)
+                             + u_out |g_ref| + u_c sqrt(S D) (max|g_ref| + floor))
+    where floor = |g|_max |v|_max / rms(X) for X = q, k (|g|_max for v, / max(lambda, 1) for
+    lambda) keeps a gradient that vanishes exactly from demanding an exact zero.
         allowed = max(model, FA_FACTOR_GRAD * error of dense fp32 autograd)
     with sens the change of the float64 gradient under a unit relative perturbation of
     the inputs along a random sign pattern (central difference at step h), and
@@ -327,6 +339,15 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     u_out = unit_roundoff(problem.q.dtype) if problem.q.dtype != torch.float64 else U64
     S, D = problem.q.shape[-2], problem.q.shape[-1]
     root_n = math.sqrt(S * D)
+    # A floor for gradients that vanish exactly (S = 1, or a zero cotangent row): dL/dX
+    # has the units of |g| |v| / |X|, so rounding leaves about u that much behind.
+    gv = cot.norm(dim=-1).amax(-1, keepdim=True) * problem.v.to(torch.float64).norm(dim=-1).amax(-1, keepdim=True)
+
+    def rms(t):
+        return t.to(torch.float64).pow(2).mean((-1, -2)).sqrt()[..., None].clamp_min(1e-30)
+
+    floor = {"dq": gv / rms(problem.q), "dk": gv / rms(problem.k), "dv": cot.norm(dim=-1).amax(-1, keepdim=True),
+             "dlambda": gv / _lam_tensor(problem).clamp_min(1.0)}
     lines, worst = [], (0.0, None, None)
     per_query, nonfinite = {}, 0
     for name in GRAD_NAMES:
@@ -345,7 +366,7 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
         ref_n = _row_norm(g_ref, name)
         model = THRESH_GRAD * ((u_c * root_n + impl.solver_tol) * sens
                                + (u_c * math.sqrt(D) + impl.solver_tol) * sens_solve
-                               + u_out * ref_n + u_c * root_n * ref_n.amax(-1, keepdim=True))
+                               + u_out * ref_n + u_c * root_n * (ref_n.amax(-1, keepdim=True) + floor[name]))
         allowed = model
         if dense_g is not None and dense_g.get(name) is not None:
             dense_err = _row_norm(dense_g[name].to(torch.float64) - g_ref, name)
@@ -378,5 +399,6 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     msg = (f"[{impl.name}] backward {'PASS' if passed else 'FAIL'} ratio {ratio:.3g} on {case}\n" + "\n".join(lines)
            + f"\n  worst: {wname} at {widx}; kappa max {float(torch.nan_to_num(d.kappa, posinf=1e300).max()):.3e}; "
            f"{int(d.undefined.sum())} undefined rows skipped\n  cause: {cause}{extra}")
+    record("backward", impl.name, ratio, case)
     return Verdict("backward", impl.name, case, ratio, passed, cause, msg, widx, int(defined.sum()),
                    int(d.undefined.sum()), per_query, {"ratio": ratio, "cause": cause, "worst_tensor": wname})

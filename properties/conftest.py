@@ -9,6 +9,8 @@ before anything touches CUDA; the report header says which.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 
 import pytest
@@ -78,3 +80,40 @@ def impl(pytestconfig, device):
     if reason:
         pytest.skip(f"implementation {record.name} unavailable: {reason}")
     return record
+
+
+# ---- one closing line for the whole run: "k of N checks over threshold, worst ratio r at <case>"
+def _ledger(config) -> list:
+    from lla_verify import budget
+
+    return list(budget.LEDGER) + getattr(config, "_lla_worker_ledgers", [])
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: hand the ledger to the controller
+        from lla_verify import budget
+
+        session.config.workeroutput["lla_ledger"] = json.dumps(budget.LEDGER)
+
+
+try:
+    import xdist  # noqa: F401
+
+    def pytest_testnodedown(node, error):
+        led = json.loads(getattr(node, "workeroutput", {}).get("lla_ledger", "[]"))
+        node.config._lla_worker_ledgers = getattr(node.config, "_lla_worker_ledgers", []) + [tuple(x) for x in led]
+except ImportError:
+    pass
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    from lla_verify.budget import THRESHOLD
+
+    led = _ledger(config)
+    if not led:
+        return
+    over = [x for x in led if not x[2] <= THRESHOLD]
+    worst = max(led, key=lambda x: x[2] if not math.isnan(x[2]) else math.inf)
+    terminalreporter.write_line(
+        f"lla-verify: {len(over)} of {len(led)} checks over threshold, worst ratio {worst[2]:.3g} "
+        f"({worst[0]}, {worst[1]}) at {worst[3]}")
