@@ -27,7 +27,7 @@ EASY = [
     Case("spectrum", {"kappa": 100.0, "rotate": 1}, S=20, D=8),
     Case("bandwidth", {"scale": 1e-2, "lam": 1.0}, S=17, D=8),
 ]
-ONLY = ["--only", "gaussian:lam=1:B=1,H=1,S=40", "--only", "kappa=100,rotate=1:B=1,H=1,S=48,D=16,dtype=float32"]
+ONLY = ["--only", "gaussian:lam=0.1:B=1,H=1,S=40", "--only", "kappa=100,rotate=1:B=1,H=1,S=48,D=16,dtype=float32"]
 
 
 def omega_dropped_lla(q, k, v, *, ridge_lambda, qk_scale=None):
@@ -92,7 +92,7 @@ def test_planted_omega_bug_fails_with_implementation_attribution(tmp_path):
 
 def test_planted_bug_through_module_callable(tmp_path, capsys):
     rc, out, _ = _run_cli(["audit", "--impl", "tests.test_audit:omega_dropped_lla", "--out", str(tmp_path),
-                           "--no-progress", "--no-backward", "--only", "gaussian:lam=1:B=1,H=1,S=40"], capsys)
+                           "--no-progress", "--no-backward", "--only", "gaussian:lam=0.1:B=1,H=1,S=40"], capsys)
     assert rc == 1
     assert "cause implementation" in out and "lla-verify check --case" in out
 
