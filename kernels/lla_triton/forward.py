@@ -57,6 +57,31 @@ def _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK: tl.constexpr, SPREC: t
 
 
 @triton.jit
+def _dot3(a, b, UPCAST: tl.constexpr):
+    """a (fp32) times b (exact bf16 values) to fp32 accuracy with bf16 MMAs.
+
+    a = a_h + a_m + a_l, three bf16 parts holding 24 bits; each product with a bf16
+    b is exact in fp32 and accumulates in fp32: the accuracy of an fp32 dot against
+    the exact keys/values, at 3 bf16 MMAs (tf32x3 costs the equivalent of 6).
+    """
+    a_h = a.to(tl.bfloat16)
+    r = a - a_h.to(tl.float32)
+    a_m = r.to(tl.bfloat16)
+    a_l = (r - a_m.to(tl.float32)).to(tl.bfloat16)
+    if UPCAST:
+        # same numbers, fp32 operands: the interpreter's bf16 dot is broken
+        bf = b.to(tl.float32)
+        acc = tl.dot(a_l.to(tl.float32), bf, input_precision="ieee")
+        acc = tl.dot(a_m.to(tl.float32), bf, acc, input_precision="ieee")
+        acc = tl.dot(a_h.to(tl.float32), bf, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a_l, b)
+        acc = tl.dot(a_m, b, acc)
+        acc = tl.dot(a_h, b, acc)
+    return acc
+
+
+@triton.jit
 def _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, s2,
                 D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
                 JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
@@ -76,47 +101,61 @@ def _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, s2
 @triton.jit
 def _matvec_tile(p, pq, q_dot, c, K, base, start_n, S, scale, offs_m, m_i, acc, tsum,
                  D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
-                 PREC: tl.constexpr, SPREC: tl.constexpr):
+                 PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
     offs_n, k_dot, kp = _load_keys(K, base, start_n, S, c, D, BLOCK_N, UPCAST)
     a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC)
     w = tl.exp(a - m_i[:, None])
-    # t_ij = w_ij <z_ij, p_i>, with z expanded around the anchor (never formed)
-    t = w * (tl.dot(p, tl.trans(kp), input_precision=PREC) - pq[:, None])
-    acc += tl.dot(t, kp, input_precision=PREC)
+    # t_ij = w_ij <z_ij, p_i>, with z expanded (never formed)
+    if SPLIT:
+        # bf16 keys are exact: expand around 0 (pq = <q_i, p_i>); the fp32
+        # accumulation loses only u ||k|| / ||z||, see docs/kernels.md
+        t = w * (_dot3(p, tl.trans(k_dot), UPCAST) - pq[:, None])
+        acc += _dot3(t, k_dot, UPCAST)
+    else:
+        t = w * (tl.dot(p, tl.trans(kp), input_precision=PREC) - pq[:, None])
+        acc += tl.dot(t, kp, input_precision=PREC)
     tsum += tl.sum(t, 1)
     return acc, tsum
 
 
 @triton.jit
-def _matvec(p, qp, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
+def _matvec(p, qx, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
             D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-            PREC: tl.constexpr, SPREC: tl.constexpr):
-    """(Sigma_i p_i) for every row of the tile: one pass over the causal key tiles."""
-    pq = tl.sum(qp * p, 1)
+            PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
+    """(Sigma_i p_i) for every row of the tile: one pass over the causal key tiles.
+
+    qx is q' = q - c (anchored path) or q itself (SPLIT path, keys not anchored).
+    """
+    pq = tl.sum(qx * p, 1)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     tsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, lo_full, BLOCK_N):
         acc, tsum = _matvec_tile(p, pq, q_dot, c, K, base, start_n, S, scale, offs_m, m_i, acc, tsum,
-                                 D, BLOCK_N, UPCAST, False, PREC, SPREC)
+                                 D, BLOCK_N, UPCAST, False, PREC, SPREC, SPLIT)
     for start_n in range(lo_full, hi, BLOCK_N):
         acc, tsum = _matvec_tile(p, pq, q_dot, c, K, base, start_n, S, scale, offs_m, m_i, acc, tsum,
-                                 D, BLOCK_N, UPCAST, True, PREC, SPREC)
-    return acc - tsum[:, None] * qp + lam_omega[:, None] * p
+                                 D, BLOCK_N, UPCAST, True, PREC, SPREC, SPLIT)
+    return acc - tsum[:, None] * qx + lam_omega[:, None] * p
 
 
 @triton.jit
 def _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
               D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
-              PREC: tl.constexpr, SPREC: tl.constexpr):
+              PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
     offs_n, k_dot, kp = _load_keys(K, base, start_n, S, c, D, BLOCK_N, UPCAST)
     offs_d = tl.arange(0, D)
     v = tl.load(V + base + offs_n[:, None] * D + offs_d[None, :], mask=(offs_n < S)[:, None], other=0.0)
     a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC)
     w = tl.exp(a - m_i[:, None])
     # g_ij = w_ij (1 - <z_ij, rho_i>); weights stay fp32 into the value product
-    g = w * ((1.0 + qr[:, None]) - tl.dot(rho, tl.trans(kp), input_precision=PREC))
+    if SPLIT:
+        # qr = <q_i, rho_i> here (keys not anchored on this path)
+        g = w * ((1.0 + qr[:, None]) - _dot3(rho, tl.trans(k_dot), UPCAST))
+        acc += _dot3(g, v, UPCAST)
+    else:
+        g = w * ((1.0 + qr[:, None]) - tl.dot(rho, tl.trans(kp), input_precision=PREC))
+        acc += tl.dot(g, v.to(tl.float32), input_precision=PREC)
     den += tl.sum(g, 1)
-    acc += tl.dot(g, v.to(tl.float32), input_precision=PREC)
     return acc, den
 
 
@@ -126,7 +165,7 @@ def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, ITERS_O
                     S, scale, cg_tol, cg_max_iters, delta_eps,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     UPCAST: tl.constexpr, JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                    WANT_STATS: tl.constexpr):
+                    SPLIT: tl.constexpr, WANT_STATS: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_M)
     # late query tiles do the most work: launch them first for a balanced tail
     pid_m = n_tiles - 1 - tl.program_id(0)
@@ -169,6 +208,10 @@ def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, ITERS_O
     mu = s1 - omega[:, None] * qp
     mu = tl.where(row_ok[:, None], mu, 0.0)
     lam_omega = lam * omega
+    if SPLIT:
+        qx = qf
+    else:
+        qx = qp
 
     # ---- CG on Sigma_i rho_i = mu_i, all rows of the tile together
     rho = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -191,8 +234,8 @@ def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, ITERS_O
     n_active = tl.sum(active.to(tl.int32), 0)
     it = 0
     while (n_active > 0) & (it < cg_max_iters):
-        ap = _matvec(p, qp, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
-                     D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC)
+        ap = _matvec(p, qx, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
+                     D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC, SPLIT)
         pap = tl.sum(p * ap, 1)
         # pAp <= 0 only when Sigma_i is singular (lambda_i = 0) and p hit its null
         # space, or p underflowed: stop the row there rather than divide by it
@@ -215,15 +258,15 @@ def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, ITERS_O
         it += 1
 
     # ---- output pass: g_ij = w_ij (1 - <z_ij, rho_i>), den_i = sum_j g_ij
-    qr = tl.sum(qp * rho, 1)
+    qr = tl.sum(qx * rho, 1)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, lo_full, BLOCK_N):
         acc, den = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
-                             D, BLOCK_N, UPCAST, False, PREC, SPREC)
+                             D, BLOCK_N, UPCAST, False, PREC, SPREC, SPLIT)
     for start_n in range(lo_full, hi, BLOCK_N):
         acc, den = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
-                             D, BLOCK_N, UPCAST, True, PREC, SPREC)
+                             D, BLOCK_N, UPCAST, True, PREC, SPREC, SPLIT)
     # delta guard: |den| below delta_eps * omega is replaced, sign kept (+ for 0)
     floor = delta_eps * omega
     den = tl.where(tl.abs(den) < floor, tl.where(den < 0.0, -floor, floor), den)
@@ -238,8 +281,8 @@ def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, ITERS_O
     tl.store(DEN_OUT + row_ptrs, den, mask=row_ok)
     if WANT_STATS:
         # the true residual, one extra matvec: CG's recursive r drifts from it
-        sr = _matvec(rho, qp, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
-                     D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC)
+        sr = _matvec(rho, qx, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
+                     D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC, SPLIT)
         res = mu - sr
         res_n = tl.sqrt(tl.sum(res * res, 1))
         mu_n = tl.sqrt(mu2)
@@ -254,8 +297,8 @@ def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, ITERS_O
 GPU_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
-    64: (64, 64, 8, 2),
-    128: (32, 64, 8, 2),
+    64: (128, 64, 8, 2),
+    128: (32, 64, 4, 2),
 }
 INTERP_CONFIG = (16, 16, 1, 1)
 
@@ -304,12 +347,15 @@ def lla_forward_kernel(q, k, v, lam, scale, *, delta_eps, cg_tol, cg_max_iters, 
     BM, BN, warps, stages = _config(D, config)
     # 16-bit score products are exact in fp32, so precision only matters for fp32 q, k
     sprec = precision if q.dtype == torch.float32 or upcast else "tf32"
+    # bf16 inputs: the fp32 operand of each solve/output product is split into three
+    # bf16 parts against the exact bf16 keys/values (tf32x3-class accuracy, half the work)
+    split = q.dtype == torch.bfloat16 and precision == "tf32x3"
     grid = (triton.cdiv(S, BM), N)
     _lla_fwd_kernel[grid](
         q, k, v, lam, o, m, omega, den, rho, iters, res,
         S, float(scale), float(cg_tol), int(cg_max_iters), float(delta_eps),
         D=D, BLOCK_M=BM, BLOCK_N=BN, UPCAST=upcast, JACOBI=(preconditioner == "jacobi"),
-        PREC=precision, SPREC=sprec, WANT_STATS=bool(want_stats),
+        PREC=precision, SPREC=sprec, SPLIT=split, WANT_STATS=bool(want_stats),
         num_warps=warps, num_stages=stages,
     )
     return ForwardOut(o, m, omega, den, rho, iters if want_stats else None, res if want_stats else None)

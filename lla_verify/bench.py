@@ -1,0 +1,149 @@
+"""``lla-verify bench``: forward time of lla_triton against torch SDPA (flash), with accuracy.
+
+For each (B, H, S, D): the median forward time (triton.testing.do_bench) of our kernel
+and of causal SDPA with the flash backend in the same dtype, timed in the same run; the
+relative L2 error against the float64 oracle (on a slice of heads); the CG iterations
+used; the time of one CG iteration (from runs at a fixed iteration count) and of the
+non-CG passes (cg_max_iters = 0), each over the SDPA time; then peak memory at long S.
+Prints a markdown table; ``--out FILE`` writes it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+
+# The public FlashLLA kernel at its defaults on an H100, bf16, lambda 0.1 (the bar to beat).
+PUBLIC_MS = {(16, 1, 2048, 64): 2.60, (8, 1, 4096, 64): 4.28, (8, 1, 2048, 128): 2.76}
+DEFAULT_SHAPES = "16,1,2048,64;8,1,4096,64;8,1,2048,128"
+
+
+def _parse_shapes(text):
+    return [tuple(int(x) for x in part.split(",")) for part in text.split(";") if part.strip()]
+
+
+def _parse_configs(text):
+    if not text:
+        return [None]
+    return [tuple(int(x) for x in part.split(",")) for part in text.split(";") if part.strip()]
+
+
+def _run(args) -> int:
+    import torch
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import lla_triton
+    from lla_triton.forward import lla_forward_kernel
+    from lla_verify.oracle import lla_forward
+
+    if not torch.cuda.is_available():
+        print("bench: needs a CUDA device (the interpreter is far too slow to time)")
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dev = "cuda"
+    lam = args.ridge_lambda
+    lines = []
+
+    def emit(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    def bench(fn):
+        return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+
+    emit(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
+         f"date {datetime.date.today().isoformat()}")
+    emit(f"dtype {args.dtype}, ridge_lambda {lam}, causal; cg_tol {lla_triton.DEFAULT_CG_TOL}, "
+         f"cg_max_iters {lla_triton.DEFAULT_CG_MAX_ITERS}, delta_eps {lla_triton.DEFAULT_DELTA_EPS}")
+    emit()
+    emit("| B,H,S,D | precision | tiles (BM,BN,warps,stages) | ours ms | SDPA ms | public ms | speed-up vs public "
+         "| rel L2 err vs f64 | CG iters mean/max | ms per CG iter | per iter / SDPA | non-CG ms | non-CG / SDPA |")
+    emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for shape in _parse_shapes(args.shapes):
+        B, H, S, D = shape
+        q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=torch.float32, generator=g).to(dtype) for _ in range(3))
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION if dtype != torch.float32 else SDPBackend.EFFICIENT_ATTENTION):
+            t_sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+        N = B * H
+        q3, k3, v3 = (t.reshape(N, S, D) for t in (q, k, v))
+        lam3 = torch.full((N, S), lam, device=dev, dtype=torch.float32)
+        scale = 1.0 / math.sqrt(D)
+        nh = max(1, min(N, args.oracle_heads))
+        ref = lla_forward(q3[:nh], k3[:nh], v3[:nh], ridge_lambda=lam)
+        for prec in args.precisions.split(","):
+            for cfg in _parse_configs(args.configs):
+                def call(max_iters=lla_triton.DEFAULT_CG_MAX_ITERS, tol=lla_triton.DEFAULT_CG_TOL, stats=False):
+                    return lla_forward_kernel(q3, k3, v3, lam3, scale, delta_eps=lla_triton.DEFAULT_DELTA_EPS,
+                                              cg_tol=tol, cg_max_iters=max_iters, preconditioner=None,
+                                              want_stats=stats, precision=prec, config=cfg)
+
+                fo = call(stats=True)
+                err = ((fo.o[:nh].double() - ref).norm() / ref.norm()).item()
+                it = fo.cg_iters.float()
+                t_ours = bench(lambda: call())
+                t0 = bench(lambda: call(max_iters=0))
+                n_fix = args.fixed_iters
+                t_fix = bench(lambda: call(max_iters=n_fix, tol=0.0))
+                per_iter = (t_fix - t0) / n_fix
+                from lla_triton.forward import _config
+                tiles = ",".join(str(x) for x in _config(D, cfg))
+                pub = PUBLIC_MS.get(shape)
+                emit(f"| {B},{H},{S},{D} | {prec} | {tiles} | {t_ours:.3f} | {t_sdpa:.3f} | "
+                     f"{pub if pub else '-'} | {('%.2fx' % (pub / t_ours)) if pub else '-'} | {err:.2e} | "
+                     f"{it.mean().item():.1f}/{int(it.max().item())} | {per_iter:.4f} | {per_iter / t_sdpa:.2f} | "
+                     f"{t0:.4f} | {t0 / t_sdpa:.2f} |")
+        del q, k, v, q3, k3, v3, ref
+
+    if args.mem_seqs:
+        emit()
+        emit("| B,H,S,D | peak extra memory MiB (ours) | inputs MiB | ours ms | SDPA ms |")
+        emit("|---|---|---|---|---|")
+        for S in (int(x) for x in args.mem_seqs.split(",")):
+            D = 64
+            q, k, v = (torch.randn(1, 1, S, D, device=dev, dtype=torch.float32, generator=g).to(dtype)
+                       for _ in range(3))
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            o = lla_triton.lla_attention(q, k, v, ridge_lambda=lam)
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            inputs = 3 * q.numel() * q.element_size() / 2**20
+            t_ours = bench(lambda: lla_triton.lla_attention(q, k, v, ridge_lambda=lam, check_finite=False))
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION if dtype != torch.float32 else SDPBackend.EFFICIENT_ATTENTION):
+                t_sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+            emit(f"| 1,1,{S},{D} | {peak:.2f} | {inputs:.2f} | {t_ours:.3f} | {t_sdpa:.3f} |")
+            del q, k, v, o
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="time the lla_triton forward against torch SDPA, with its error",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="B,H,S,D;B,H,S,D;...")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--ridge-lambda", type=float, default=0.1)
+    p.add_argument("--precisions", default=None,
+                   help="comma list among ieee,tf32x3,tf32 (default: lla_triton.DEFAULT_PRECISION)")
+    p.add_argument("--configs", default="", help="tile configs BM,BN,warps,stages;... (default: the built-in table)")
+    p.add_argument("--fixed-iters", type=int, default=8, help="CG iterations of the per-iteration timing run")
+    p.add_argument("--oracle-heads", type=int, default=2, help="heads checked against the float64 oracle")
+    p.add_argument("--mem-seqs", default="2048,8192,32768", help="S values for the peak-memory rows ('' to skip)")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
+    p.add_argument("--out", default=None, help="also write the table to this file")
+
+    def run(args):
+        if args.precisions is None:
+            import lla_triton
+
+            args.precisions = lla_triton.DEFAULT_PRECISION
+        return _run(args)
+
+    p.set_defaults(func=run)
