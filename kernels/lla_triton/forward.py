@@ -297,7 +297,7 @@ def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, ITERS_O
 GPU_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
-    64: (128, 64, 8, 2),
+    64: (64, 64, 4, 2),
     128: (32, 64, 4, 2),
 }
 INTERP_CONFIG = (16, 16, 1, 1)
