@@ -282,6 +282,21 @@ def _ratio_key(c: dict) -> float:
     return math.inf if math.isnan(v) else v
 
 
+def _ratios(c: dict) -> str:
+    g = c.get("grad") or {}
+    txt = f"forward {_r(c.get('forward_ratio', c['ratio']))}"
+    return txt + (f", gradient {_r(g['ratio'])}" if g.get("status") == "checked" else "")
+
+
+def _cell_table(cs: list[dict], *, failing: bool) -> str:
+    head = ["ratio", "over budget" if failing else "ratios", "attribution", "kappa worst", "reproduce"]
+    rows = [[f"<b>{_r(c['ratio'])}</b>",
+             _e("+".join(c.get("failed_checks") or [])) + f"<br><span class=meta>{_e(_ratios(c))}</span>"
+             if failing else _e(_ratios(c)),
+             _cause(c["cause"]), _g(c.get("kappa_worst")), f"<code>{_e(c['command'])}</code>"] for c in cs]
+    return _table(head, rows, numeric={0, 3})
+
+
 def render_html(report: dict) -> str:
     v, meta, cells = report["verdict"], report.get("meta", {}), report["cells"]
     regs = report.get("regressions") or []
@@ -321,29 +336,17 @@ def render_html(report: dict) -> str:
         else:
             parts.append("<p class=ok>No regression.</p>")
 
+    # Short tables up front; the Verdicts' full messages come after the plots.
     if failed:
         parts.append(f"<h2>Failing cells ({len(failed)}), worst first</h2>")
-        for c in failed[:40]:
-            g = c.get("grad") or {}
-            fwd_failed = not c.get("forward_passed", False)
-            msgs = ([c.get("message", "")] if fwd_failed else []) + \
-                ([g["message"]] if g.get("status") == "checked" and not g.get("passed") else [])
-            ratios = f"forward {_r(c.get('forward_ratio', c['ratio']))}"
-            if g.get("status") == "checked":
-                ratios += f", gradient {_r(g['ratio'])}"
-            parts.append(f"<p><b>{_e(' + '.join(c.get('failed_checks') or ['forward']))} over budget</b> "
-                         f"({ratios}) &middot; attribution {_cause(c['cause'])}<br>"
-                         f"<code>{_e(c['command'])}</code></p><pre>{_e(chr(10).join(msgs))}</pre>")
-        if len(failed) > 40:
-            parts.append(f"<p>{len(failed) - 40} more failing cells in the full table below and in report.json.</p>")
-
-    parts.append("<h2>Worst cells</h2>")
-    top = sorted(cells, key=_ratio_key, reverse=True)[:8]
-    parts.append(_table(
-        ["ratio", "check", "result", "kappa worst", "error max", "reproduce"],
-        [[_r(c["ratio"]), _e("+".join(c.get("failed_checks") or []) or "-"), _cause(c["cause"]),
-          _g(c.get("kappa_worst")), _g(c.get("err_max")), f"<code>{_e(c['command'])}</code>"] for c in top],
-        numeric={0, 3, 4}))
+        parts.append(_cell_table(failed[:15], failing=True))
+        if len(failed) > 15:
+            parts.append(f"<p class=meta>{len(failed) - 15} more below (failure details) and in report.json.</p>")
+        parts.append("<p class=meta>Each command replays its cell and prints the full verdict; the messages are "
+                     "also under <a href='#details'>failure details</a>.</p>")
+    passing = [c for c in cells if c.get("passed")]
+    parts.append("<h2>Worst passing cells</h2>" if failed else "<h2>Worst cells</h2>")
+    parts.append(_cell_table(sorted(passing, key=_ratio_key, reverse=True)[:5 if failed else 8], failing=False))
 
     parts.append("<h2>By sweep</h2>")
     rows = []
@@ -363,7 +366,8 @@ def render_html(report: dict) -> str:
         ("Error / budget against kappa", plot_kappa(cells),
          "Dots: sampled queries of every cell; rings: each cell's worst query. Points above the dashed line fail."),
         ("Scale &times; lambda (bandwidth family)", plot_heatmap(cells),
-         "Worst ratio per cell; green well within budget, red over. Scale 1e-4 is uniform weights, 1e2 one-hot."),
+         "Worst ratio per cell (forward or gradient); green well within budget, red over. Scale 1e-4 is uniform "
+         "weights, 1e2 one-hot."),
         ("CG iterations", plot_cg(cells, plt_tol),
          "Per query; the line is the textbook bound for unpreconditioned CG (SPEC 5)."),
         ("Gradients", plot_grad(cells), "Backward check with a fixed cotangent (budget.check_backward)."),
@@ -376,6 +380,18 @@ def render_html(report: dict) -> str:
                      "(a direct solve, or a kernel that does not report them).</p>")
     if not plots[4][1]:
         parts.append(f"<p class=meta>Gradients: {_e(v.get('gradients_note') or 'not checked')}.</p>")
+
+    if failed:
+        parts.append(f"<h2 id=details>Failure details ({len(failed)})</h2>")
+        for c in failed[:60]:
+            g = c.get("grad") or {}
+            msgs = ([c.get("message", "")] if not c.get("forward_passed", False) else []) + \
+                ([g["message"]] if g.get("status") == "checked" and not g.get("passed") else [])
+            parts.append(f"<p><b>{_e(' + '.join(c.get('failed_checks') or ['forward']))} over budget</b> "
+                         f"({_ratios(c)}) &middot; attribution {_cause(c['cause'])}<br>"
+                         f"<code>{_e(c['command'])}</code></p><pre>{_e(chr(10).join(msgs))}</pre>")
+        if len(failed) > 60:
+            parts.append(f"<p>{len(failed) - 60} more failing cells in the table below and in report.json.</p>")
 
     parts.append("<h2>All cells</h2><details><summary>show the table of all "
                  f"{len(cells)} cells</summary>")
