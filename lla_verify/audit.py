@@ -595,7 +595,6 @@ def _command_line(args, full: bool, device: str) -> str:
 
 
 def _audit_main(args) -> int:
-    from .cases import parse_case  # noqa: F401  (import errors surface here, not mid-sweep)
 
     full = bool(args.full)
     device = args.device or ("cuda" if full else "cpu")
@@ -695,7 +694,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="report", metavar="DIR", help="directory for report.html and report.json "
                    "(default: ./report)")
     p.add_argument("--regression-factor", type=float, default=REGRESSION_FACTOR, metavar="X",
-                   help=f"with --baseline: a ratio growing more than X times is a regression (default {REGRESSION_FACTOR:g})")
+                   help="with --baseline: a ratio growing more than X times is a regression "
+                        f"(default {REGRESSION_FACTOR:g})")
     p.add_argument("--regression-floor", type=float, default=REGRESSION_FLOOR, metavar="R",
                    help="with --baseline: growth to a ratio below R is rounding noise, not a regression "
                         f"(default {REGRESSION_FLOOR:g})")

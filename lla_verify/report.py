@@ -16,7 +16,8 @@ import json
 import math
 import os
 
-THRESHOLD = 1.0  # drawn on every ratio axis; the same number as budget.THRESHOLD
+from .budget import THRESHOLD  # drawn on every ratio axis: the one threshold, never a copy
+
 RATIO_FLOOR = 1e-6  # ratios of 0 (exact answers) are drawn here on log axes
 CAUSE_COLORS = {"ok": "#2b8a3e", "implementation": "#c92a2a", "conditioning": "#e67700",
                 "solver": "#5f3dc4", "non-finite": "#000000"}
@@ -317,7 +318,8 @@ def render_html(report: dict) -> str:
     vers = meta.get("versions", {})
     parts.append(f"<div class='meta'>{_e(meta.get('date'))} &middot; {_e(meta.get('impl_description', ''))} "
                  f"&middot; compute {_e(meta.get('compute_dtype'))}, solver tol {_e(meta.get('solver_tol'))} "
-                 f"&middot; torch {_e(vers.get('torch'))}, triton {_e(vers.get('triton'))} ({_e(vers.get('triton_mode'))})"
+                 f"&middot; torch {_e(vers.get('torch'))}, triton {_e(vers.get('triton'))} "
+                 f"({_e(vers.get('triton_mode'))})"
                  f" &middot; {meta.get('wall_s', 0):.0f} s<br><code>{_e(meta.get('command', ''))}</code><br>"
                  f"Each cell: error / budget of its worst query (budget derived per query from conditioning and the "
                  f"compute precision, SPEC 8); a cell fails above 1. {_e(v.get('gradients_note') or '')}</div>")
