@@ -28,7 +28,7 @@ from torch.func import jvp
 
 from .cases import DTYPE_NAMES, Problem
 from .impls import Impl, dense_torch_lla, unit_roundoff
-from .oracle import LLADetails, lla_forward, lla_forward_details
+from .oracle import LLADetails, lla_forward, lla_forward_details, lla_forward_sigma_probe
 
 THRESHOLD = 1.0  # a check fails when error / allowed exceeds this
 THRESH = 4.0  # safety factor on the first-order model (its terms are estimates, not bounds)
@@ -253,6 +253,7 @@ def assert_within_budget(verdict: Verdict) -> None:
 THRESH_GRAD = 8.0  # gradients chain two solves (rho and the adjoint u): a wider factor, as JAX keeps
 FA_FACTOR_GRAD = 3.0  # FlashAttention's rule for gradients: 3x the same-precision reference
 GRAD_NAMES = ("dq", "dk", "dv", "dlambda")
+SOLVE_PROBE_SEEDS = (0, 1)
 
 
 def cotangent_for(problem: Problem, seed: int = 1234) -> torch.Tensor:
@@ -261,13 +262,22 @@ def cotangent_for(problem: Problem, seed: int = 1234) -> torch.Tensor:
     return torch.randn(problem.v.shape, generator=gen, dtype=torch.float64).to(problem.q.device)
 
 
-def oracle_grads(problem: Problem, cot: torch.Tensor, *, q=None, k=None, v=None, lam=None) -> dict:
-    """float64 autograd through the oracle: dq, dk, dv, dlambda of sum <cot, o>."""
+def oracle_grads(problem: Problem, cot: torch.Tensor, *, q=None, k=None, v=None, lam=None,
+                 sigma_probe: tuple[float, int] | None = None) -> dict:
+    """float64 autograd through the oracle: dq, dk, dv, dlambda of sum <cot, o>.
+
+    sigma_probe=(h, seed): through ``lla_forward_sigma_probe`` instead (every Sigma_i
+    perturbed by a random symmetric h ||Sigma_i||_F E_i).
+    """
     q = (problem.q if q is None else q).to(torch.float64).detach().requires_grad_(True)
     k = (problem.k if k is None else k).to(torch.float64).detach().requires_grad_(True)
     v = (problem.v if v is None else v).to(torch.float64).detach().requires_grad_(True)
     lam = (_lam_tensor(problem) if lam is None else lam).detach().clone().requires_grad_(True)
-    o = lla_forward(q, k, v, ridge_lambda=lam, qk_scale=problem.qk_scale)
+    if sigma_probe is None:
+        o = lla_forward(q, k, v, ridge_lambda=lam, qk_scale=problem.qk_scale)
+    else:
+        o = lla_forward_sigma_probe(q, k, v, ridge_lambda=lam, qk_scale=problem.qk_scale,
+                                    h=sigma_probe[0], seed=sigma_probe[1])
     cot = torch.where(torch.isnan(o), torch.zeros_like(cot), cot)
     gq, gk, gv, gl = torch.autograd.grad(torch.nan_to_num(o, nan=0.0), (q, k, v, lam), cot)
     return {"dq": gq, "dk": gk, "dv": gv, "dlambda": gl}
@@ -288,6 +298,31 @@ def _row_norm(t: torch.Tensor, name: str) -> torch.Tensor:
     return t.abs() if name == "dlambda" else t.norm(dim=-1)
 
 
+def _normalisation_terms(problem: Problem, d: LLADetails, cot: torch.Tensor, u_c: float, floor: dict) -> dict:
+    """Rounding of the normalised weights s_ij = w_ij f_ij / den_i in the gradients.
+
+    f_ij = 1 - <z_ij, rho_i> is formed with an error of ~ sqrt(D) u_c |z_ij| |rho_i|; the
+    forward output is immune (the same f_ij sit in numerator and denominator) but a
+    backward that forms s_ij, o_i or den_i in separate passes is not: s_ij moves by
+    w_ij sqrt(D) u_c |z_ij| |rho_i| / |den_i|, which is large where delta_i << omega_i.
+    dv_j = sum_i s_ij g_i takes that per pair; the other gradients take the row's
+    relative uncertainty r_i = sum_j (that) times their scale floor.
+    """
+    q, k = problem.q.to(torch.float64), problem.k.to(torch.float64)
+    S, D = q.shape[-2], q.shape[-1]
+    a = problem.qk_scale * (q @ k.transpose(-1, -2))
+    mask = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    w = torch.exp(a.masked_fill(~mask, float("-inf")) - d.m[..., None])
+    zn = torch.cdist(q, k)  # |z_ij|
+    den = (d.delta.abs()).clamp_min(torch.finfo(torch.float64).tiny)[..., None]
+    pair = math.sqrt(D) * u_c * w * zn * d.rho.norm(dim=-1)[..., None] / den  # (B, H, S_i, S_j)
+    pair = torch.nan_to_num(pair, nan=0.0, posinf=0.0)
+    r = pair.sum(-1)  # (B, H, S_i)
+    dv = (pair * cot.norm(dim=-1)[..., None]).sum(-2)  # (B, H, S_j)
+    return {"dv": dv, "dq": r * floor["dq"], "dlambda": r * floor["dlambda"],
+            "dk": r.amax(-1, keepdim=True) * floor["dk"]}
+
+
 def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = None, dense: bool = True,
                    grads: dict | None = None, h: float = 1e-6) -> Verdict:
     """Gradients of ``impl`` against float64 autograd through the oracle, within budget.
@@ -296,11 +331,13 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
         model = THRESH_GRAD ((u_c sqrt(S D) + tol) sens + (u_c sqrt(D) + tol) sens_solve
                              + u_out |g_ref| + u_c sqrt(S D) (max|g_ref| + floor))
     where floor = |g|_max |v|_max / rms(X) for X = q, k (|g|_max for v, / max(lambda, 1) for
-    lambda) keeps a gradient that vanishes exactly from demanding an exact zero.
+    lambda) keeps a gradient that vanishes exactly from demanding an exact zero, plus
+    the rounding of the normalised weights (_normalisation_terms).
         allowed = max(model, FA_FACTOR_GRAD * error of dense fp32 autograd)
     with sens the change of the float64 gradient under a unit relative perturbation of
     the inputs along a random sign pattern (central difference at step h), and
-    sens_solve its change under a ridge shift of size ||Sigma_i|| (the solves' rounding).
+    sens_solve its largest change under random symmetric perturbations of Sigma_i of size
+    ||Sigma_i||_F (the solves' rounding and stopping residual; one-sided difference).
     """
     case = problem.describe()
     if not impl.supports_grad:
@@ -322,11 +359,12 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
         return oracle_grads(problem, cot, q=q_, k=k_, v=v_, lam=l_)
 
     plus, minus = shifted(1.0), shifted(-1.0)
-    # Rounding inside the solves (rho and the adjoint u) acts like a perturbation of
-    # Sigma_i of size u ||Sigma_i||, whatever lambda is: probe it as a ridge shift
-    # lambda_i -> lambda_i + h ||Sigma_i|| / omega_i (one-sided: lambda stays >= 0).
-    lam_shift = torch.nan_to_num(d.sigma_norm / d.omega, nan=0.0)
-    solve_probe = oracle_grads(problem, cot, lam=base[3] + h * lam_shift)
+    # Rounding inside the solves (rho and the adjoint u) and the CG stopping residual act
+    # like a perturbation of Sigma_i of size (u + tol) ||Sigma_i||, whatever lambda is, in
+    # no particular direction. An isotropic ridge shift is one direction only, and the
+    # gradients can be blind to it (cancelling terms in dlambda at kappa ~ 1e4 were); two
+    # random symmetric directions, the larger response taken, are not.
+    solve_probes = [oracle_grads(problem, cot, sigma_probe=(h, seed)) for seed in SOLVE_PROBE_SEEDS]
     try:
         got = grads or impl_grads(impl, problem, cot)
     except NotImplementedError as exc:
@@ -348,6 +386,7 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
 
     floor = {"dq": gv / rms(problem.q), "dk": gv / rms(problem.k), "dv": cot.norm(dim=-1).amax(-1, keepdim=True),
              "dlambda": gv / _lam_tensor(problem).clamp_min(1.0)}
+    norm_terms = _normalisation_terms(problem, d, cot, u_c, floor)
     lines, worst = [], (0.0, None, None)
     per_query, nonfinite = {}, 0
     for name in GRAD_NAMES:
@@ -362,11 +401,12 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
         diff = (g.to(torch.float64) - g_ref)
         err = _row_norm(diff, name)
         sens = _row_norm((plus[name] - minus[name]) / (2 * h), name)
-        sens_solve = _row_norm((solve_probe[name] - g_ref) / h, name)
+        sens_solve = torch.stack([_row_norm((p[name] - g_ref) / h, name) for p in solve_probes]).amax(0)
         ref_n = _row_norm(g_ref, name)
         model = THRESH_GRAD * ((u_c * root_n + impl.solver_tol) * sens
                                + (u_c * math.sqrt(D) + impl.solver_tol) * sens_solve
-                               + u_out * ref_n + u_c * root_n * (ref_n.amax(-1, keepdim=True) + floor[name]))
+                               + u_out * ref_n + u_c * root_n * (ref_n.amax(-1, keepdim=True) + floor[name])
+                               + norm_terms[name])
         allowed = model
         if dense_g is not None and dense_g.get(name) is not None:
             dense_err = _row_norm(dense_g[name].to(torch.float64) - g_ref, name)

@@ -106,8 +106,21 @@ def _singular_augmented(omega, mu, sig):
     return ev[..., 0] <= ev[..., -1] * (100 * (D + 1) * _U64)
 
 
-def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int):
-    """The rho/Schur oracle on flattened (N, S, D) float64 inputs."""
+def _sym_probe(shape, seed: int, i0: int, device) -> torch.Tensor:
+    """Random symmetric (..., D, D) matrices of unit Frobenius norm, reproducible per chunk."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + i0)
+    g = torch.randn(shape, generator=gen, dtype=_F64)
+    e = g + g.transpose(-1, -2)
+    return (e / e.flatten(-2).norm(dim=-1)[..., None, None]).to(device)
+
+
+def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sigma_probe=None):
+    """The rho/Schur oracle on flattened (N, S, D) float64 inputs.
+
+    sigma_probe = (h, seed) adds h ||Sigma_i||_F E_i to every Sigma_i, E_i random symmetric
+    of unit Frobenius norm (constant: no gradient flows through the perturbation). Budgets
+    use it to measure how far rounding inside the solves can move the gradients.
+    """
     N, S, D = q.shape
     Dv = v.shape[-1]
     C = _chunk_size(S, D, Dv, chunk_bytes)
@@ -126,6 +139,10 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int):
         mu = wz.sum(-2)
         sig = wz.transpose(-1, -2) @ z + (lc * omega)[..., None, None] * eye
         sig = 0.5 * (sig + sig.transpose(-1, -2))
+        if sigma_probe is not None:
+            h, seed = sigma_probe
+            size = sig.detach().flatten(-2).norm(dim=-1)[..., None, None]
+            sig = sig + h * size * _sym_probe(sig.shape, seed, i0, sig.device)
 
         zero_lam = lc.detach() == 0
         need_kappa = want_details or bool(zero_lam.any())
@@ -203,6 +220,22 @@ def lla_forward(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, chunk_by
     o, _ = _core(
         _flat(q64, 2), _flat(k64, 2), _flat(v64, 2), lam.reshape(-1, q.shape[-2]), scale, eps,
         want_details=False, chunk_bytes=chunk_bytes,
+    )
+    return o.reshape(*lead, q.shape[-2], v.shape[-1])
+
+
+def lla_forward_sigma_probe(q, k, v, *, ridge_lambda, h: float, seed: int, qk_scale=None,
+                            chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """``lla_forward`` with every Sigma_i perturbed by h ||Sigma_i||_F E_i (see ``_core``).
+
+    Not an LLA variant: a probe for error budgets (budget.check_backward). Differentiable
+    like ``lla_forward``.
+    """
+    q64, k64, v64, lam, scale, eps = _prepare(q, k, v, ridge_lambda, qk_scale, 0.0)
+    lead = q.shape[:-2]
+    o, _ = _core(
+        _flat(q64, 2), _flat(k64, 2), _flat(v64, 2), lam.reshape(-1, q.shape[-2]), scale, eps,
+        want_details=False, chunk_bytes=chunk_bytes, sigma_probe=(float(h), int(seed)),
     )
     return o.reshape(*lead, q.shape[-2], v.shape[-1])
 

@@ -26,6 +26,7 @@ def _allow(impl, problem, magnitude):
 
 
 def _describe_worst(err, allowed, case, what):
+    err, allowed = torch.broadcast_tensors(err, allowed)
     r = err / allowed
     idx = tuple(int(x) for x in torch.unravel_index(torch.argmax(r), r.shape))
     return (f"{what}: ratio {float(r[idx]):.3g} at query {idx}: error {float(err[idx]):.3e} vs allowed "
