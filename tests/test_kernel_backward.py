@@ -36,7 +36,7 @@ import pytest
 import torch
 
 from lla_verify.impls import dense_torch_lla, unit_roundoff
-from lla_verify.oracle import lla_forward, lla_forward_details
+from lla_verify.oracle import lla_forward, lla_forward_details, softmax_attention
 from lla_verify.validate import LLAInputError
 
 if torch.cuda.is_available():
@@ -315,12 +315,30 @@ def test_value_shift_leaves_dq_dk():
     _check(q, k, v + shift, lam, g, g2, label="v shifted", dense=False)
 
 
+def test_fallback_rows_get_the_softmax_gradient():
+    """lambda = 0 with S <= D: every den is rounding noise, every row falls back to the
+    softmax average (test_kernel_forward), and the backward must differentiate what was
+    returned: the softmax attention gradient, with dlambda = 0."""
+    q, k, v, g = _inputs(1, 12, 16, torch.float32, seed=11)
+    lam = torch.zeros(1, 12, device=DEVICE, requires_grad=True)
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, st = lla_triton.lla_attention(*xs, ridge_lambda=lam, return_stats=True)
+    assert bool(st["fallback"].all())
+    got = torch.autograd.grad((o * g).sum(), xs + [lam])
+    ref_in = [t.detach().to(F64).requires_grad_() for t in (q, k, v)]
+    ref = torch.autograd.grad((softmax_attention(*ref_in) * g.to(F64)).sum(), ref_in)
+    for name, a, b in zip(NAMES, got, ref):
+        # fp32 products over <= 12 keys: a few u_c relative to the largest entry
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=64 * U_C * float(b.abs().max()), msg=name)
+    assert bool((got[3] == 0).all())
+
+
 def test_deterministic():
     q, k, v, g = _inputs(1, 40, 16, torch.bfloat16, seed=9)
     lam = torch.full((1, 40), 0.1, device=DEVICE)
     fo = lla_triton.lla_forward_kernel(q, k, v, lam, 0.25, delta_eps=0.0, cg_tol=CG_TOL, cg_max_iters=64,
                                        preconditioner=None, want_stats=False)
-    runs = [lla_backward_kernel(q, k, v, fo.rho, lam, g, 0.25, delta_eps=0.0, cg_tol=CG_TOL, cg_max_iters=64)
+    runs = [lla_backward_kernel(q, k, v, fo.rho, lam, g, 0.25, fallback=fo.fallback, cg_tol=CG_TOL, cg_max_iters=64)
             for _ in range(2)]
     for name in ("dq", "dk", "dv", "dlam", "u"):
         a, b = getattr(runs[0], name), getattr(runs[1], name)
@@ -332,17 +350,19 @@ def test_errors():
     q, k, v, g = _inputs(1, 16, 16, torch.float32, seed=10)
     lam = torch.full((1, 16), 0.1, device=DEVICE)
     rho = torch.zeros(1, 16, 16, device=DEVICE)
-    kw = dict(delta_eps=0.0, cg_tol=CG_TOL, cg_max_iters=8)
+    kw = dict(cg_tol=CG_TOL, cg_max_iters=8)
     with pytest.raises(ValueError, match="grad_output"):
         lla_backward_kernel(q, k, v, rho, lam, g[:, :10].contiguous(), 0.25, **kw)
     with pytest.raises(ValueError, match="grad_output"):
         lla_backward_kernel(q, k, v, rho, lam, g.to(torch.bfloat16), 0.25, **kw)
     with pytest.raises(ValueError, match="preconditioner"):
         lla_backward_kernel(q, k, v, rho, lam, g, 0.25, preconditioner="ilu", **kw)
+    with pytest.raises(ValueError, match="fallback"):
+        lla_backward_kernel(q, k, v, rho, lam, g, 0.25, fallback=torch.zeros(1, 15, dtype=torch.int8), **kw)
     from lla_triton.autograd import LLAFunction
 
     class Ctx:  # the backward's own check, for callers that bypass autograd's
-        saved_tensors = (q, k, v, rho, lam)
+        saved_tensors = (q, k, v, rho, lam, torch.zeros(1, 16, dtype=torch.int8, device=DEVICE))
         opts = (0.25, 0.0, CG_TOL, 8, None, None)
         needs_input_grad = (True,) * 4 + (False,) * 6
     with pytest.raises(LLAInputError, match="grad_output"):

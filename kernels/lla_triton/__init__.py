@@ -51,7 +51,10 @@ def lla_attention(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=DEFAULT_DEL
     q, k, v: (B, H, S, D) or (B, S, D), one of fp32 / bf16 / fp16, D in {16, 32, 64, 128};
     output in the input dtype and rank. ridge_lambda: float >= 0 or a tensor broadcastable
     to (B, H, S) (per-query lambda). ``return_stats=True`` returns (o, stats) with
-    (B, H, S) tensors cg_iters, cg_residual (true relative residual), omega, delta, m.
+    (B, H, S) tensors cg_iters, cg_residual (true relative residual), omega, delta
+    (den_i = sum_j g_ij as summed), m, and fallback (True where |den_i| <= delta_eps
+    sum_j |g_ij|: den_i carried no correct digit and the row returned the softmax
+    average sum_j w_ij v_j / omega_i instead; docs/kernels.md).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -102,6 +105,7 @@ def lla_attention(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=DEFAULT_DEL
         "cg_residual": fo.cg_residual.reshape(lead),
         "omega": fo.omega.reshape(lead),
         "delta": fo.den.reshape(lead),
+        "fallback": fo.fallback.bool().reshape(lead),
         "m": fo.m.reshape(lead),
     }
     return o, stats

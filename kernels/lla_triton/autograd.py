@@ -28,7 +28,7 @@ class LLAFunction(torch.autograd.Function):
         fo = lla_forward_kernel(q, k, v, lam.detach(), scale, delta_eps=delta_eps, cg_tol=cg_tol,
                                 cg_max_iters=cg_max_iters, preconditioner=preconditioner, want_stats=False,
                                 precision=precision)
-        ctx.save_for_backward(q, k, v, fo.rho, lam.detach())
+        ctx.save_for_backward(q, k, v, fo.rho, lam.detach(), fo.fallback)
         ctx.opts = (scale, delta_eps, cg_tol, cg_max_iters, preconditioner, precision)
         return fo.o
 
@@ -58,8 +58,8 @@ class LLAFunction(torch.autograd.Function):
 
 
 def _backward(ctx, grad_output):
-    q, k, v, rho, lam = ctx.saved_tensors
-    scale, delta_eps, cg_tol, cg_max_iters, preconditioner, precision = ctx.opts
+    q, k, v, rho, lam, fallback = ctx.saved_tensors
+    scale, _delta_eps, cg_tol, cg_max_iters, preconditioner, precision = ctx.opts
     if grad_output.shape != q.shape:
         raise LLAInputError(
             f"grad_output: expected shape {tuple(q.shape)} (the output's), got {tuple(grad_output.shape)}")
@@ -67,7 +67,7 @@ def _backward(ctx, grad_output):
         raise LLAInputError(f"grad_output: expected dtype {q.dtype} (the output's), got {grad_output.dtype}")
     # sum().backward() hands in a stride-0 expanded tensor; the kernels index densely
     g = grad_output.contiguous()
-    bo = lla_backward_kernel(q, k, v, rho, lam, g, scale, delta_eps=delta_eps, cg_tol=cg_tol,
+    bo = lla_backward_kernel(q, k, v, rho, lam, g, scale, fallback=fallback, cg_tol=cg_tol,
                              cg_max_iters=cg_max_iters, preconditioner=preconditioner, precision=precision)
     need = ctx.needs_input_grad
     return (bo.dq if need[0] else None, bo.dk if need[1] else None, bo.dv if need[2] else None,

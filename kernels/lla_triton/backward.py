@@ -167,9 +167,9 @@ def _a_grad_tile(q_dot, g_dot, c, rho, qr, u, uq, go, inv_den, beta, K, V, base,
 
 # ----------------------------------------------------------------------------- kernel A
 @triton.jit
-def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, U, DQ, DLAM, M_OUT, DEN_OUT, GO_OUT, BETA_OUT,
+def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, FB, U, DQ, DLAM, M_OUT, DEN_OUT, GO_OUT, BETA_OUT,
                           ITERS_OUT, RES_OUT,
-                          S, scale, cg_tol, cg_max_iters, delta_eps,
+                          S, scale, cg_tol, cg_max_iters,
                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           UPCAST: tl.constexpr, JACOBI: tl.constexpr, PREC: tl.constexpr,
                           SPREC: tl.constexpr):
@@ -222,15 +222,18 @@ def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, U, DQ, DLAM, M_OUT, DEN_OUT, GO_
             q_dot, g_dot, c, rho, qr, K, V, base, start_n, S, scale, offs_m,
             m_i, omega, den, ov, pk, p0, mk, k2, D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC)
 
-    # the forward's delta guard, reproduced on the recomputed den
-    floor = delta_eps * omega
-    den_used = tl.where(tl.abs(den) < floor, tl.where(den < 0.0, -floor, floor), den)
+    # Rows where the forward's delta guard fell back to the softmax average arrive with
+    # rho_i = 0 (the caller zeroes it), so den_i = omega_i and o_i = sum w v / omega
+    # here exactly as there; b_i = 0 makes u_i = 0, and what remains is the gradient
+    # of softmax attention, the function the forward actually returned for that row.
+    fb = tl.load(FB + head * S + offs_m, mask=row_ok, other=0) != 0
+    den_used = tl.where(den == 0.0, 1.0, den)  # den = 0 only on padding rows
     inv_den = tl.where(row_ok, 1.0 / den_used, 0.0)
     o = ov * inv_den[:, None]
     go = tl.sum(gf * o, 1)
     # b_i = sum_j (<g,v_j> - <g,o_i>) w_ij (k'_j - q'_i) / den_i
     b = ((pk - p0[:, None] * qp) - go[:, None] * (mk - omega[:, None] * qp)) * inv_den[:, None]
-    b = tl.where(row_ok[:, None], b, 0.0)
+    b = tl.where(row_ok[:, None] & (~fb)[:, None], b, 0.0)
     lam_omega = lam * omega
 
     # ---- CG on Sigma_i u_i = b_i: the forward's iteration and stopping rule
@@ -288,8 +291,7 @@ def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, U, DQ, DLAM, M_OUT, DEN_OUT, GO_
     for start_n in range(lo_full, hi, BLOCK_N):
         dqa, esum = _a_grad_tile(q_dot, g_dot, c, rho, qr, u, uq, go, inv_den, beta, K, V, base, start_n,
                                  S, scale, offs_m, m_i, dqa, esum, D, BLOCK_N, UPCAST, True, PREC, SPREC)
-    # -sum_j dZ_ij = rho_i E_i + u_i sum_j w_ij f_ij; the last sum is the raw den
-    # (the guard is a constant shift, not a function of z)
+    # -sum_j dZ_ij = rho_i E_i + u_i sum_j w_ij f_ij; the last sum is den
     dq = scale * dqa + esum[:, None] * rho + den[:, None] * u
 
     tile_ptrs = base + offs_m[:, None] * D + offs_d[None, :]
@@ -424,12 +426,14 @@ def _configs(D, config_a=None, config_b=None):
     return tuple(config_a or ca), tuple(config_b or cb)
 
 
-def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, delta_eps, cg_tol, cg_max_iters,
+def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg_tol, cg_max_iters,
                         preconditioner=None, precision=None, config_a=None, config_b=None) -> BackwardOut:
     """Gradients of sum(o * grad_out) with respect to q, k, v and lambda.
 
     q, k, v, grad_out: (N, S, D) contiguous, one dtype; rho: (N, S, D) fp32 from the
-    forward; lam: (N, S) fp32. Returns BackwardOut; dq, dk, dv in the input dtype.
+    forward; lam: (N, S) fp32; fallback: the forward's (N, S) int8 mask of rows the
+    delta guard returned as softmax averages (None: no such row). Returns BackwardOut;
+    dq, dk, dv in the input dtype.
     """
     N, S, D = q.shape
     if D not in SUPPORTED_HEAD_DIMS:
@@ -452,6 +456,14 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, delta_eps, cg_tol
             raise ValueError(f"{name}: lla_backward_kernel needs a contiguous tensor")
     dev = q.device
     f32 = torch.float32
+    if fallback is None:
+        fallback = torch.zeros(N, S, device=dev, dtype=torch.int8)
+    elif fallback.shape != (N, S):
+        raise ValueError(f"fallback: expected shape {(N, S)}, got {tuple(fallback.shape)}")
+    else:
+        fallback = fallback.to(torch.int8).contiguous()
+        # both kernels read rho: a fallback row is the rho = 0 (lambda -> inf) limit
+        rho = rho.masked_fill(fallback.bool()[..., None], 0.0)
     upcast = interpreting()  # triton issue 11584: interpreted bf16 dots are wrong
     # The interpreter casts fp32 -> bf16 by truncation (twice the error of the
     # GPU's round-to-nearest): there the kernels store fp32 and torch rounds.
@@ -471,8 +483,8 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, delta_eps, cg_tol
     sprec = precision if q.dtype == torch.float32 or upcast else "tf32"
     (am, an, aw, ast), (bm, bn, bw, bst) = _configs(D, config_a, config_b)
     _lla_bwd_query_kernel[(triton.cdiv(S, am), N)](
-        q, k, v, grad_out, rho, lam, u, dq, dlam, m, den, go, beta, iters, res,
-        S, float(scale), float(cg_tol), int(cg_max_iters), float(delta_eps),
+        q, k, v, grad_out, rho, lam, fallback, u, dq, dlam, m, den, go, beta, iters, res,
+        S, float(scale), float(cg_tol), int(cg_max_iters),
         D=D, BLOCK_M=am, BLOCK_N=an, UPCAST=upcast, JACOBI=(preconditioner == "jacobi"),
         PREC=precision, SPREC=sprec, num_warps=aw, num_stages=ast,
     )

@@ -70,7 +70,7 @@ def main(argv=None):
 
         def call():
             return bw.lla_backward_kernel(q3, k3, v3, fo.rho, lam3, g3, D ** -0.5,
-                                          delta_eps=lla_triton.DEFAULT_DELTA_EPS, cg_tol=lla_triton.DEFAULT_CG_TOL,
+                                          fallback=fo.fallback, cg_tol=lla_triton.DEFAULT_CG_TOL,
                                           cg_max_iters=lla_triton.DEFAULT_CG_MAX_ITERS,
                                           config_a=cfg_a, config_b=cfg_b)
         return call, fo
@@ -112,10 +112,10 @@ def main(argv=None):
             for label, kw in (("cg_max_iters=0", dict(cg_max_iters=0)),
                               ("precision tf32 (1 pass)", dict(precision="tf32")),
                               ("cg_tol 1e-4", dict(cg_tol=1e-4))):
-                base = dict(delta_eps=lla_triton.DEFAULT_DELTA_EPS, cg_tol=lla_triton.DEFAULT_CG_TOL,
+                _, fo = bwd_only(q, k, v, g)
+                base = dict(fallback=fo.fallback, cg_tol=lla_triton.DEFAULT_CG_TOL,
                             cg_max_iters=lla_triton.DEFAULT_CG_MAX_ITERS)
                 base.update(kw)
-                _, fo = bwd_only(q, k, v, g)
                 f = lambda: bw.lla_backward_kernel(q3, k3, v3, fo.rho, lam3, g3, D_ ** -0.5, **base)  # noqa: E731
                 emit(f"  attribution D={D}: {label} {bench(f):.3f} ms (bwd CG iters max {int(f().cg_iters.max())})")
 

@@ -16,7 +16,7 @@ from ._common import PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting
 
 DEFAULT_CG_TOL = 1e-7
 DEFAULT_CG_MAX_ITERS = 128
-DEFAULT_DELTA_EPS = 1e-6
+DEFAULT_DELTA_EPS = 2.0**-22  # 4 u32 of sum_j w_ij (1 + |<z_ij, rho_i>|): den's rounding
 DEFAULT_PRECISION = "tf32x3"
 
 
@@ -24,8 +24,9 @@ class ForwardOut(NamedTuple):
     o: torch.Tensor  # (N, S, D) input dtype
     m: torch.Tensor  # (N, S) fp32, row max of a_ij (natural-log units)
     omega: torch.Tensor  # (N, S) fp32, sum_j w_ij
-    den: torch.Tensor  # (N, S) fp32, normaliser used (after the delta guard)
+    den: torch.Tensor  # (N, S) fp32, den_i = sum_j g_ij as summed (before the guard)
     rho: torch.Tensor  # (N, S, D) fp32
+    fallback: torch.Tensor  # (N, S) int8, 1 where the delta guard returned the softmax average
     cg_iters: Optional[torch.Tensor]  # (N, S) int32 or None
     cg_residual: Optional[torch.Tensor]  # (N, S) fp32 or None
 
@@ -139,7 +140,7 @@ def _matvec(p, qx, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full,
 
 
 @triton.jit
-def _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
+def _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den, mag,
               D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
               PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
     offs_n, k_dot, kp = _load_keys(K, base, start_n, S, c, D, BLOCK_N, UPCAST)
@@ -150,18 +151,23 @@ def _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc
     # g_ij = w_ij (1 - <z_ij, rho_i>); weights stay fp32 into the value product
     if SPLIT:
         # qr = <q_i, rho_i> here (keys not anchored on this path)
-        g = w * ((1.0 + qr[:, None]) - _dot3(rho, tl.trans(k_dot), UPCAST))
+        t = _dot3(rho, tl.trans(k_dot), UPCAST)
+    else:
+        t = tl.dot(rho, tl.trans(kp), input_precision=PREC)
+    g = w * ((1.0 + qr[:, None]) - t)
+    if SPLIT:
         acc += _dot3(g, v, UPCAST)
     else:
-        g = w * ((1.0 + qr[:, None]) - tl.dot(rho, tl.trans(kp), input_precision=PREC))
         acc += tl.dot(g, v.to(tl.float32), input_precision=PREC)
     den += tl.sum(g, 1)
-    return acc, den
+    # the size of what den_i's rounding acts on: sum_j w_ij (1 + |qr_i| + |t_ij|)
+    mag += tl.sum(w * ((1.0 + tl.abs(qr[:, None])) + tl.abs(t)), 1)
+    return acc, den, mag
 
 
 # ----------------------------------------------------------------------------- the kernel
 @triton.jit
-def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, ITERS_OUT, RES_OUT,
+def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, FB_OUT, ITERS_OUT, RES_OUT,
                     S, scale, cg_tol, cg_max_iters, delta_eps,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     UPCAST: tl.constexpr, JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
@@ -261,16 +267,41 @@ def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, ITERS_O
     qr = tl.sum(qx * rho, 1)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mag = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, lo_full, BLOCK_N):
-        acc, den = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
-                             D, BLOCK_N, UPCAST, False, PREC, SPREC, SPLIT)
+        acc, den, mag = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
+                                  mag, D, BLOCK_N, UPCAST, False, PREC, SPREC, SPLIT)
     for start_n in range(lo_full, hi, BLOCK_N):
-        acc, den = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
-                             D, BLOCK_N, UPCAST, True, PREC, SPREC, SPLIT)
-    # delta guard: |den| below delta_eps * omega is replaced, sign kept (+ for 0)
-    floor = delta_eps * omega
-    den = tl.where(tl.abs(den) < floor, tl.where(den < 0.0, -floor, floor), den)
-    o = acc / den[:, None]
+        acc, den, mag = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
+                                  mag, D, BLOCK_N, UPCAST, True, PREC, SPREC, SPLIT)
+    # delta guard (docs/kernels.md). den_i = omega_i - <mu_i, rho_i> carries two errors:
+    # rounding, below delta_eps * mag_i, and the solve's: with r_i = mu_i - Sigma_i rho_i,
+    # <mu_i, Sigma_i^-1 mu_i - rho_i> = <rho_i, r_i> exactly (Sigma_i symmetric), so at
+    # most |rho_i| |r_i| (2x for the recursive r's drift). A den inside that band has no
+    # correct digit (lambda = 0 early tokens, tiny lambda, CG stopped short on a singular
+    # Sigma_i); dividing would return noise / noise or 0 / 0. Such a row returns the
+    # rho = 0 (lambda -> inf) limit instead, the softmax average sum_j w_ij v_j / omega_i:
+    # finite, and sum_j s_ij = 1 still holds.
+    # delta_eps = 0 turns the guard off but for den = 0 exactly (no 0 / 0).
+    solve_err = tl.where(delta_eps > 0.0, 2.0 * tl.sqrt(tl.sum(rho * rho, 1)) * tl.sqrt(rr), 0.0)
+    fallback = row_ok & (tl.abs(den) <= delta_eps * mag + solve_err)
+    acc0 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    den0 = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    # one more output pass at rho = 0, only in the rare tile that needs it; it is the pass
+    # the backward recomputes for these rows, so forward and backward see one function
+    if tl.sum(fallback.to(tl.int32), 0) > 0:
+        rho0 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        qr0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        den0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        mag0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start_n in range(0, lo_full, BLOCK_N):
+            acc0, den0, mag0 = _out_tile(rho0, qr0, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc0,
+                                         den0, mag0, D, BLOCK_N, UPCAST, False, PREC, SPREC, SPLIT)
+        for start_n in range(lo_full, hi, BLOCK_N):
+            acc0, den0, mag0 = _out_tile(rho0, qr0, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc0,
+                                         den0, mag0, D, BLOCK_N, UPCAST, True, PREC, SPREC, SPLIT)
+    o = tl.where(fallback[:, None], acc0 / tl.where(fallback, den0, 1.0)[:, None],
+                 acc / tl.where(fallback | (den == 0.0), 1.0, den)[:, None])
 
     tile_ptrs = base + offs_m[:, None] * D + offs_d[None, :]
     tl.store(O + tile_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -279,6 +310,7 @@ def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, ITERS_O
     tl.store(M_OUT + row_ptrs, m_i, mask=row_ok)
     tl.store(OMEGA_OUT + row_ptrs, omega, mask=row_ok)
     tl.store(DEN_OUT + row_ptrs, den, mask=row_ok)
+    tl.store(FB_OUT + row_ptrs, fallback.to(tl.int8), mask=row_ok)
     if WANT_STATS:
         # the true residual, one extra matvec: CG's recursive r drifts from it
         sr = _matvec(rho, qx, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
@@ -336,6 +368,7 @@ def lla_forward_kernel(q, k, v, lam, scale, *, delta_eps, cg_tol, cg_max_iters, 
     omega = torch.empty_like(m)
     den = torch.empty_like(m)
     rho = torch.empty(N, S, D, device=dev, dtype=torch.float32)
+    fallback = torch.empty(N, S, device=dev, dtype=torch.int8)
     if want_stats:
         iters = torch.empty(N, S, device=dev, dtype=torch.int32)
         res = torch.empty_like(m)
@@ -352,10 +385,10 @@ def lla_forward_kernel(q, k, v, lam, scale, *, delta_eps, cg_tol, cg_max_iters, 
     split = q.dtype == torch.bfloat16 and precision == "tf32x3"
     grid = (triton.cdiv(S, BM), N)
     _lla_fwd_kernel[grid](
-        q, k, v, lam, o, m, omega, den, rho, iters, res,
+        q, k, v, lam, o, m, omega, den, rho, fallback, iters, res,
         S, float(scale), float(cg_tol), int(cg_max_iters), float(delta_eps),
         D=D, BLOCK_M=BM, BLOCK_N=BN, UPCAST=upcast, JACOBI=(preconditioner == "jacobi"),
         PREC=precision, SPREC=sprec, SPLIT=split, WANT_STATS=bool(want_stats),
         num_warps=warps, num_stages=stages,
     )
-    return ForwardOut(o, m, omega, den, rho, iters if want_stats else None, res if want_stats else None)
+    return ForwardOut(o, m, omega, den, rho, fallback, iters if want_stats else None, res if want_stats else None)
