@@ -48,6 +48,13 @@ class HuntResult:
     best: Eval | None
     history: list = field(default_factory=list)  # ratio of each evaluation, in order
 
+    def first_over(self, threshold: float = THRESHOLD) -> int | None:
+        """Evaluations until the first ratio over ``threshold`` (1-based), None if never."""
+        for n, r in enumerate(self.history, 1):
+            if r > threshold:
+                return n
+        return None
+
     def worst_so_far(self) -> list:
         out, best = [], -math.inf
         for r in self.history:
@@ -105,7 +112,7 @@ class Objective:
         return Eval(r, case, v.cause, v.message)
 
 
-def random_search(obj: Objective, family: str, evals: int, rng: np.random.Generator) -> HuntResult:
+def random_search(obj: Objective, family: str, evals: int, rng: np.random.Generator, progress=None) -> HuntResult:
     fam = get_family(family)
     res = HuntResult(family, None)
     for _ in range(evals):
@@ -114,6 +121,9 @@ def random_search(obj: Objective, family: str, evals: int, rng: np.random.Genera
         res.history.append(e.ratio)
         if res.best is None or e.ratio > res.best.ratio:
             res.best = e
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(worst=f"{res.best.ratio:.3g}")
     return res
 
 
@@ -194,7 +204,7 @@ def _run(args) -> int:
     try:
         impl = get_impl(args.impl)
     except LLAInputError as exc:
-        print(f"lla-verify hunt: {exc}", file=sys.stderr)
+        print(f"lla-verify hunt: {str(exc).replace('--lla-impl', '--impl')}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if impl.name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -225,12 +235,13 @@ def _run(args) -> int:
         for fam in families:
             res = hill_climb(obj, fam, args.evals, rng, progress=bar)
             curves[f"{fam} hunt"] = res
-            row = {"family": fam, "hunt_worst": res.best.ratio, "hunt_case": res.best.case.spec()}
+            row = {"family": fam, "hunt_worst": res.best.ratio, "hunt_first_over": res.first_over(),
+                   "hunt_case": res.best.case.spec()}
             if args.compare_random:
-                rres = random_search(obj, fam, args.evals, np.random.default_rng(args.seed + 1))
-                bar.update(args.evals)
+                rres = random_search(obj, fam, args.evals, np.random.default_rng(args.seed + 1), progress=bar)
                 curves[f"{fam} random"] = rres
-                row.update(random_worst=rres.best.ratio, random_case=rres.best.case.spec())
+                row.update(random_worst=rres.best.ratio, random_first_over=rres.first_over(),
+                           random_case=rres.best.case.spec())
             table.append(row)
             if worst is None or res.best.ratio > worst.ratio:
                 worst = res.best
@@ -240,9 +251,13 @@ def _run(args) -> int:
                "replay": replay, "families": table, "date": time.strftime("%Y-%m-%d")}
     (out / "hunt.json").write_text(json.dumps(summary, indent=1) + "\n")
     png = _plot(curves, out)
+    def first(n):
+        return "-" if n is None else str(n)
+
     for row in table:
-        extra = f"  random {row['random_worst']:.3g}" if "random_worst" in row else ""
-        print(f"{row['family']:15s} hunt {row['hunt_worst']:.3g}{extra}")
+        extra = (f"  random {row['random_worst']:9.3g} (over at eval {first(row['random_first_over'])})"
+                 if "random_worst" in row else "")
+        print(f"{row['family']:15s} hunt {row['hunt_worst']:9.3g} (over at eval {first(row['hunt_first_over'])}){extra}")
     print(worst.message)
     print(f"replay: {replay}")
     print(f"wrote {out / 'hunt.json'} and {png}")
