@@ -56,7 +56,7 @@ def _run(args) -> int:
     emit(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
          f"date {datetime.date.today().isoformat()}")
     emit(f"dtype {args.dtype}, ridge_lambda {lam}, causal; cg_tol {lla_triton.DEFAULT_CG_TOL}, "
-         f"cg_max_iters {lla_triton.DEFAULT_CG_MAX_ITERS}, delta_eps {lla_triton.DEFAULT_DELTA_EPS}")
+         f"cg_max_iters {lla_triton.CG_ITERS_PER_DIM} D, delta_eps {lla_triton.DEFAULT_DELTA_EPS}")
     emit()
     emit("| B,H,S,D | precision | tiles (BM,BN,warps,stages) | ours ms | SDPA ms | public ms | speed-up vs public "
          "| rel L2 err vs f64 | CG iters mean/max | ms per CG iter | per iter / SDPA | non-CG ms | non-CG / SDPA |")
@@ -75,7 +75,7 @@ def _run(args) -> int:
         ref = lla_forward(q3[:nh], k3[:nh], v3[:nh], ridge_lambda=lam)
         for prec in args.precisions.split(","):
             for cfg in _parse_configs(args.configs):
-                def call(max_iters=lla_triton.DEFAULT_CG_MAX_ITERS, tol=lla_triton.DEFAULT_CG_TOL, stats=False):
+                def call(max_iters=lla_triton.default_cg_max_iters(D), tol=lla_triton.DEFAULT_CG_TOL, stats=False):
                     return lla_forward_kernel(q3, k3, v3, lam3, scale, delta_eps=lla_triton.DEFAULT_DELTA_EPS,
                                               cg_tol=tol, cg_max_iters=max_iters, preconditioner=None,
                                               want_stats=stats, precision=prec, config=cfg)

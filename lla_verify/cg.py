@@ -419,14 +419,16 @@ def _kernel_delta_eps() -> float:
         return 0.0
 
 
-def kernel_defaults() -> tuple[float, int, str | None]:
-    """(DEFAULT_CG_TOL, DEFAULT_CG_MAX_ITERS, None) from lla_triton, or fallbacks and the reason."""
+def kernel_defaults(D: int = 64) -> tuple[float, int, str | None]:
+    """(DEFAULT_CG_TOL, the default iteration cap at head dim D, None) from lla_triton, or
+    fallbacks and the reason."""
     try:
         import lla_triton  # type: ignore
     except ImportError as exc:
         return 1e-6, 64, f"lla_triton does not import: {exc}"
     tol = float(getattr(lla_triton, "DEFAULT_CG_TOL", 1e-6))
-    iters = int(getattr(lla_triton, "DEFAULT_CG_MAX_ITERS", 64))
+    cap = getattr(lla_triton, "default_cg_max_iters", None)
+    iters = int(cap(D)) if cap is not None else 64
     return tol, iters, None
 
 

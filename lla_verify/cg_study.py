@@ -71,20 +71,24 @@ def run_study(*, impl_name="triton", full=False, out="cg-study", seed=0, kappas=
     shapes = tuple(shapes or cfg["shapes"])
     grid = kappa_grid(int(kappas or cfg["kappas"]))
     dev = _device(device, full)
-    d_tol, d_iters, why_defaults = kernel_defaults()
+    d_tol, _, why_defaults = kernel_defaults()
     tol = float(tol if tol is not None else d_tol)
-    max_iters = int(max_iters if max_iters is not None else d_iters)
+    fixed_iters = max_iters
+
+    def iters_for(D):  # the kernel's own cap depends on D
+        return int(fixed_iters) if fixed_iters is not None else kernel_defaults(D)[1]
     reason = _kernel_reason(impl_name, dev)
     impl = None
     if reason is None:
         from .impls import get_impl
 
         impl = get_impl(impl_name)
-        log(f"cg: kernel {impl.name} on {dev}, tol {tol:g}, max_iters {max_iters}")
+        log(f"cg: kernel {impl.name} on {dev}, tol {tol:g}, max_iters "
+            f"{', '.join(f'{iters_for(D)} (D={D})' for _, D in shapes)}")
     else:
         log(f"cg: kernel skipped: {reason}; running the float64 and float32 reference CG only")
     if why_defaults:
-        log(f"cg: kernel defaults unknown ({why_defaults}); using tol {tol:g}, max_iters {max_iters}")
+        log(f"cg: kernel defaults unknown ({why_defaults}); using tol {tol:g}, max_iters {iters_for(shapes[0][1])}")
 
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +101,7 @@ def run_study(*, impl_name="triton", full=False, out="cg-study", seed=0, kappas=
         case = Case("spectrum", {"kappa": kap, "rotate": rot}, B=cfg["B"], H=cfg["H"], S=S, D=D,
                     dtype="float32", seed=seed)
         problem = case.build(dev)
-        rec = cg_records(problem, tol=tol, max_iters=max_iters, impl=impl, device=dev)
+        rec = cg_records(problem, tol=tol, max_iters=iters_for(D), impl=impl, device=dev)
         if rec.kernel_skipped:
             notes.add(rec.kernel_skipped)
         for r in rec.rows():
@@ -109,7 +113,7 @@ def run_study(*, impl_name="triton", full=False, out="cg-study", seed=0, kappas=
     doc = {
         "settings": {"impl": impl_name, "kernel_ran": impl is not None, "kernel_skipped": reason,
                      "notes": sorted(notes), "device": dev, "mode": "full" if full else "quick",
-                     "tol": tol, "max_iters": max_iters, "seed": seed, "kappa_grid": grid,
+                     "tol": tol, "max_iters": {str(D): iters_for(D) for _, D in shapes}, "seed": seed, "kappa_grid": grid,
                      "shapes": [list(s) for s in shapes], "u32": U32, "seconds": round(elapsed, 1)},
         "summaries": summaries,
         "rows": rows,
@@ -264,11 +268,12 @@ def _plot_iterations(path, rows, st):
             ax.plot(ka, finite_precision_limit(ka, tol, D, 10**9), color="black", lw=0.8, ls="--",
                     label="allowed fp32: bound at 2 kappa, + 2 (up to 1/(2 D u32))")
         ax.axhline(D, color="tab:gray", lw=0.6, ls="--", label=f"D = {D} (exact CG terminates)")
-        ax.axhline(mi, color="grey", lw=0.8, ls="-.", label=f"max_iters = {mi}")
+        cap = mi[str(D)] if isinstance(mi, dict) else mi
+        ax.axhline(cap, color="grey", lw=0.8, ls="-.", label=f"max_iters = {cap}")
         ax.axvline(1.0 / (2 * D * st["u32"]), color="grey", lw=0.6, ls=":", label="kappa = 1/(2 D u32)")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_ylim(1, max(3 * mi, 10))
+        ax.set_ylim(1, max(3 * cap, 10))
         ax.set_xlabel("kappa(Sigma_i)")
         ax.set_ylabel("CG iterations to ||r|| <= tol ||mu||")
         ax.set_title(f"S={S} D={D} rotate={rot} tol={tol:g}")
@@ -364,7 +369,7 @@ def register(sub) -> None:
     p.add_argument("--kappas", type=int, default=None, help="grid points from 1 to 1e8 (default 9)")
     p.add_argument("--tol", type=float, default=None, help="CG tolerance (default: the kernel's DEFAULT_CG_TOL)")
     p.add_argument("--max-iters", type=int, default=None,
-                   help="kernel CG iteration cap (default: the kernel's DEFAULT_CG_MAX_ITERS)")
+                   help="kernel CG iteration cap (default: the kernel's own, 6 D)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --full when present, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.set_defaults(func=_run)

@@ -13,7 +13,8 @@ from lla_verify.validate import LLAInputError, check_delta_eps, check_lambda, ch
 
 from ._common import PRECISIONS, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, interpreting
 from .forward import (
-    DEFAULT_CG_MAX_ITERS,
+    CG_ITERS_PER_DIM,
+    default_cg_max_iters,
     DEFAULT_CG_TOL,
     DEFAULT_DELTA_EPS,
     DEFAULT_PRECISION,
@@ -22,7 +23,7 @@ from .forward import (
 )
 
 __all__ = [
-    "lla_attention", "DEFAULT_CG_TOL", "DEFAULT_CG_MAX_ITERS", "DEFAULT_DELTA_EPS", "DEFAULT_PRECISION",
+    "lla_attention", "DEFAULT_CG_TOL", "CG_ITERS_PER_DIM", "default_cg_max_iters", "DEFAULT_DELTA_EPS", "DEFAULT_PRECISION",
     "PRECISIONS", "ForwardOut", "lla_forward_kernel", "LLAInputError",
 ]
 
@@ -34,8 +35,9 @@ def _check_options(cg_tol, cg_max_iters, preconditioner, precision):
         raise LLAInputError(f"cg_tol: expected a float >= 0, got {cg_tol!r}") from None
     if not math.isfinite(tol) or tol < 0:
         raise LLAInputError(f"cg_tol: expected a finite value >= 0, got {tol}")
-    if isinstance(cg_max_iters, bool) or not isinstance(cg_max_iters, int) or cg_max_iters < 0:
-        raise LLAInputError(f"cg_max_iters: expected an int >= 0, got {cg_max_iters!r}")
+    if cg_max_iters is not None and (isinstance(cg_max_iters, bool) or not isinstance(cg_max_iters, int)
+                                     or cg_max_iters < 0):
+        raise LLAInputError(f"cg_max_iters: expected None (6 D) or an int >= 0, got {cg_max_iters!r}")
     if preconditioner not in (None, "none", "jacobi"):
         raise LLAInputError(f"preconditioner: expected None, 'none' or 'jacobi', got {preconditioner!r}")
     if precision not in PRECISIONS:
@@ -44,7 +46,7 @@ def _check_options(cg_tol, cg_max_iters, preconditioner, precision):
 
 
 def lla_attention(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=DEFAULT_DELTA_EPS, cg_tol=DEFAULT_CG_TOL,
-                  cg_max_iters=DEFAULT_CG_MAX_ITERS, preconditioner=None, precision=DEFAULT_PRECISION,
+                  cg_max_iters=None, preconditioner=None, precision=DEFAULT_PRECISION,
                   return_stats=False, check_finite=True):
     """Causal Local Linear Attention (SPEC 1).
 
@@ -76,6 +78,8 @@ def lla_attention(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=DEFAULT_DEL
 
     lead = tuple(q.shape[:-1])
     S, D = q.shape[-2], q.shape[-1]
+    if cg_max_iters is None:
+        cg_max_iters = default_cg_max_iters(D)
     N = math.prod(lead[:-1])
     lam = check_lambda(ridge_lambda, lead, q.device, dtype=torch.float32).reshape(N, S).contiguous()
     q3, k3, v3 = (t.reshape(N, S, D).contiguous() for t in (q, k, v))

@@ -34,3 +34,44 @@ def triton_dtype_ok_for_dot(dtype: torch.dtype) -> bool:
     first; compiled, 16-bit operands give exact products with fp32 accumulation.
     """
     return not interpreting() or dtype == torch.float32
+
+
+try:  # Triton 3.x; the name has moved before, so fall back to matching on the class name
+    from triton.runtime.errors import OutOfResources as _OutOfResources
+except ImportError:  # pragma: no cover
+    _OutOfResources = None
+
+# Tile configs smaller than any default, tried in order when a default does not fit
+# the GPU's shared memory (fp32 operands need twice the bf16 staging buffers).
+SMALLER_CONFIGS = ((64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1))
+_FITTING: dict = {}
+
+
+def _is_out_of_resources(exc: Exception) -> bool:
+    if _OutOfResources is not None and isinstance(exc, _OutOfResources):
+        return True
+    return type(exc).__name__ == "OutOfResources"
+
+
+def launch_fitting(name: str, key, config, launch, *, explicit: bool):
+    """``launch(config)``; where the config needs more shared memory than this GPU has,
+    the next smaller one of SMALLER_CONFIGS, remembered per (name, key).
+
+    An explicit config (a caller's tile sweep) is never replaced: its error propagates.
+    """
+    if explicit:
+        return launch(tuple(config))
+    first = _FITTING.get((name, key), tuple(config))
+    order = [first] + [c for c in (tuple(config),) + SMALLER_CONFIGS if c != first]
+    last = None
+    for cfg in order:
+        try:
+            out = launch(cfg)
+        except Exception as exc:  # noqa: BLE001 - only out-of-resources is retried
+            if not _is_out_of_resources(exc):
+                raise
+            last = exc
+            continue
+        _FITTING[(name, key)] = cfg
+        return out
+    raise last

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting
+from ._common import PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting, launch_fitting
 
 DEFAULT_PRECISION = "tf32x3"
 
@@ -481,16 +481,27 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg
     res = torch.empty_like(dlam)
     # 16-bit operands give exact products in any mode; only fp32 q, k, v, g need it
     sprec = precision if q.dtype == torch.float32 or upcast else "tf32"
-    (am, an, aw, ast), (bm, bn, bw, bst) = _configs(D, config_a, config_b)
-    _lla_bwd_query_kernel[(triton.cdiv(S, am), N)](
-        q, k, v, grad_out, rho, lam, fallback, u, dq, dlam, m, den, go, beta, iters, res,
-        S, float(scale), float(cg_tol), int(cg_max_iters),
-        D=D, BLOCK_M=am, BLOCK_N=an, UPCAST=upcast, JACOBI=(preconditioner == "jacobi"),
-        PREC=precision, SPREC=sprec, num_warps=aw, num_stages=ast,
-    )
-    _lla_bwd_key_kernel[(triton.cdiv(S, bn), N)](
-        q, k, v, grad_out, rho, u, m, den, go, beta, dk, dv, S, float(scale),
-        D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, PREC=precision, SPREC=sprec,
-        num_warps=bw, num_stages=bst,
-    )
+    cfg_a, cfg_b = _configs(D, config_a, config_b)
+
+    def launch_a(cfg):
+        am, an, aw, ast = cfg
+        _lla_bwd_query_kernel[(triton.cdiv(S, am), N)](
+            q, k, v, grad_out, rho, lam, fallback, u, dq, dlam, m, den, go, beta, iters, res,
+            S, float(scale), float(cg_tol), int(cg_max_iters),
+            D=D, BLOCK_M=am, BLOCK_N=an, UPCAST=upcast, JACOBI=(preconditioner == "jacobi"),
+            PREC=precision, SPREC=sprec, num_warps=aw, num_stages=ast,
+        )
+
+    def launch_b(cfg):
+        bm, bn, bw, bst = cfg
+        _lla_bwd_key_kernel[(triton.cdiv(S, bn), N)](
+            q, k, v, grad_out, rho, u, m, den, go, beta, dk, dv, S, float(scale),
+            D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, PREC=precision, SPREC=sprec,
+            num_warps=bw, num_stages=bst,
+        )
+
+    # fp32 operands at D = 64 overflow the H100's 227 KiB with kernel A's default tiles
+    key = (D, q.dtype, precision)
+    launch_fitting("bwd_query", key, cfg_a, launch_a, explicit=config_a is not None)
+    launch_fitting("bwd_key", key, cfg_b, launch_b, explicit=config_b is not None)
     return BackwardOut(dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dlam, u, iters, res)

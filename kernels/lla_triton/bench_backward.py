@@ -65,13 +65,13 @@ def main(argv=None):
         q3, k3, v3, g3 = (t.reshape(B * H, S, D) for t in (q, k, v, g))
         lam3 = torch.full((B * H, S), lam, device="cuda")
         fo = lla_forward_kernel(q3, k3, v3, lam3, D ** -0.5, delta_eps=lla_triton.DEFAULT_DELTA_EPS,
-                                cg_tol=lla_triton.DEFAULT_CG_TOL, cg_max_iters=lla_triton.DEFAULT_CG_MAX_ITERS,
+                                cg_tol=lla_triton.DEFAULT_CG_TOL, cg_max_iters=lla_triton.default_cg_max_iters(D),
                                 preconditioner=None, want_stats=True)
 
         def call():
             return bw.lla_backward_kernel(q3, k3, v3, fo.rho, lam3, g3, D ** -0.5,
                                           fallback=fo.fallback, cg_tol=lla_triton.DEFAULT_CG_TOL,
-                                          cg_max_iters=lla_triton.DEFAULT_CG_MAX_ITERS,
+                                          cg_max_iters=lla_triton.default_cg_max_iters(D),
                                           config_a=cfg_a, config_b=cfg_b)
         return call, fo
 
@@ -114,7 +114,7 @@ def main(argv=None):
                               ("cg_tol 1e-4", dict(cg_tol=1e-4))):
                 _, fo = bwd_only(q, k, v, g)
                 base = dict(fallback=fo.fallback, cg_tol=lla_triton.DEFAULT_CG_TOL,
-                            cg_max_iters=lla_triton.DEFAULT_CG_MAX_ITERS)
+                            cg_max_iters=lla_triton.default_cg_max_iters(D_))
                 base.update(kw)
                 f = lambda: bw.lla_backward_kernel(q3, k3, v3, fo.rho, lam3, g3, D_ ** -0.5, **base)  # noqa: E731
                 emit(f"  attribution D={D}: {label} {bench(f):.3f} ms (bwd CG iters max {int(f().cg_iters.max())})")
