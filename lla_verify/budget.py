@@ -125,11 +125,20 @@ def forward_budget(problem: Problem, impl: Impl, *, details: LLADetails | None =
     root_n = accumulation_length(problem).sqrt()
     vscale = problem.v.to(torch.float64).norm(dim=-1).amax(-1, keepdim=True)  # (B, H, 1)
     onorm = d.o.norm(dim=-1)
+    # The true residual ||mu_i - Sigma_i rho_i|| / ||mu_i|| the solve can reach, over u_c.
+    # Direct solves: ~1 (measured, error-model.md §3.2). CG: its recursive residual
+    # drifts from the true one by ~ sqrt(D) u_c ||Sigma_i|| ||rho_i|| (Greenbaum), up to
+    # kappa_i times more; the GPU property run found kernel rows at that level.
+    if impl.solver_tol > 0:
+        attainable = math.sqrt(q.shape[-1]) * torch.nan_to_num(
+            d.sigma_norm * d.rho.norm(dim=-1) / d.mu.norm(dim=-1), nan=1.0, posinf=1.0).clamp_min(1.0)
+    else:
+        attainable = torch.ones_like(d.omega)
     terms = {
         "rounding": u_c * root_n * sens,
-        # an iterative solve stops at relative residual tol; none, direct or iterative,
-        # gets below ~u_c in the compute precision
-        "solver": (impl.solver_tol + u_c) * torch.nan_to_num(d.solv, nan=0.0),
+        # an iterative solve stops at relative residual tol, and its true residual stays
+        # above u_c * attainable whatever tol says
+        "solver": (impl.solver_tol + u_c * attainable) * torch.nan_to_num(d.solv, nan=0.0),
         "output": u_out * onorm,
         "floor": u_c * root_n * vscale,
     }
