@@ -6,7 +6,7 @@ Each is a small variation of the dense fp32 reference and follows the
     pytest properties --lla-impl lla_verify.mutants:lambda_not_scaled_by_omega
 
 A suite that passes one of these has a hole; docs/kill-list.md records which
-property catches which mutant, and tests/test_mutants.py keeps that true.
+property catches which mutant, with the command that re-measures it.
 """
 
 from __future__ import annotations
