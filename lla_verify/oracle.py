@@ -215,11 +215,15 @@ def lla_forward(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, chunk_by
     q, k: (..., S, D); v: (..., S, Dv); any float dtype, converted exactly to float64.
     ridge_lambda: float >= 0 or tensor broadcastable to (..., S).
     """
+    return _output_only(q, k, v, ridge_lambda, qk_scale, delta_eps, chunk_bytes, None)
+
+
+def _output_only(q, k, v, ridge_lambda, qk_scale, delta_eps, chunk_bytes, sigma_probe):
     q64, k64, v64, lam, scale, eps = _prepare(q, k, v, ridge_lambda, qk_scale, delta_eps)
     lead = q.shape[:-2]
     o, _ = _core(
         _flat(q64, 2), _flat(k64, 2), _flat(v64, 2), lam.reshape(-1, q.shape[-2]), scale, eps,
-        want_details=False, chunk_bytes=chunk_bytes,
+        want_details=False, chunk_bytes=chunk_bytes, sigma_probe=sigma_probe,
     )
     return o.reshape(*lead, q.shape[-2], v.shape[-1])
 
@@ -231,13 +235,7 @@ def lla_forward_sigma_probe(q, k, v, *, ridge_lambda, h: float, seed: int, qk_sc
     Not an LLA variant: a probe for error budgets (budget.check_backward). Differentiable
     like ``lla_forward``.
     """
-    q64, k64, v64, lam, scale, eps = _prepare(q, k, v, ridge_lambda, qk_scale, 0.0)
-    lead = q.shape[:-2]
-    o, _ = _core(
-        _flat(q64, 2), _flat(k64, 2), _flat(v64, 2), lam.reshape(-1, q.shape[-2]), scale, eps,
-        want_details=False, chunk_bytes=chunk_bytes, sigma_probe=(float(h), int(seed)),
-    )
-    return o.reshape(*lead, q.shape[-2], v.shape[-1])
+    return _output_only(q, k, v, ridge_lambda, qk_scale, 0.0, chunk_bytes, (float(h), int(seed)))
 
 
 def lla_forward_details(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, chunk_bytes=DEFAULT_CHUNK_BYTES):
