@@ -217,6 +217,20 @@ def test_grads_common_offset_100():
     _check(q, k, v, lam_t, g, _kernel_grads(q, k, v, lam_t, g), label="offset100")
 
 
+def test_grads_two_tight_clusters_in_one_tile():
+    # rows alternate between clusters 10 apart with spread 2e-3 (kernel A and kernel
+    # B re-anchor the rows and keys far from their tile's first one)
+    gen = torch.Generator().manual_seed(5)
+    S, D = 40, 16
+    centers = 2.0 * torch.randn(2, D, generator=gen)
+    k = centers[torch.arange(S) % 2] + 2e-3 * torch.randn(S, D, generator=gen)
+    q = k + 2e-3 * torch.randn(S, D, generator=gen)
+    v, g = torch.randn(S, D, generator=gen), torch.randn(S, D, generator=gen)
+    q, k, v, g = (t[None].to(DEVICE) for t in (q, k, v, g))
+    lam_t = torch.full((1, S), 1e-4, dtype=torch.float32, device=DEVICE)
+    _check(q, k, v, lam_t, g, _kernel_grads(q, k, v, lam_t, g), label="two clusters")
+
+
 def test_grads_per_query_lambda_jacobi():
     # lambda spanning four decades, one per query, and the Jacobi-preconditioned CG
     q, k, v, g = _inputs(1, 40, 16, torch.float32, seed=3)

@@ -56,7 +56,9 @@ def lla_attention(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=DEFAULT_DEL
     (B, H, S) tensors cg_iters, cg_residual (true relative residual), omega, delta
     (den_i = sum_j g_ij as summed), m, and fallback (True where |den_i| <= delta_eps
     sum_j |g_ij|: den_i carried no correct digit and the row returned the softmax
-    average sum_j w_ij v_j / omega_i instead; docs/kernels.md).
+    average sum_j w_ij v_j / omega_i instead; docs/kernels.md), and anchor_rounds (int32:
+    how many anchors the row's tile tried before the row was served; above 1 only for
+    queries far from their tile's first one, docs/kernels.md "Rows far from the anchor").
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -111,5 +113,6 @@ def lla_attention(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=DEFAULT_DEL
         "delta": fo.den.reshape(lead),
         "fallback": fo.fallback.bool().reshape(lead),
         "m": fo.m.reshape(lead),
+        "anchor_rounds": fo.anchor_rounds.reshape(lead),
     }
     return o, stats

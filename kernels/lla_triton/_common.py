@@ -75,3 +75,37 @@ def launch_fitting(name: str, key, config, launch, *, explicit: bool):
         _FITTING[(name, key)] = cfg
         return out
     raise last
+
+
+def reanchor_rounds(far: torch.Tensor, block: int, launch_round, counter=None) -> None:
+    """Host side of the anchor rounds (docs/kernels.md, "Rows far from the anchor").
+
+    ``far`` (N, S) int8 holds what the first launch marked: rows (or keys) of its
+    tiles too far from the tile's anchor, left unwritten. While any remain, the tiles
+    holding them run again around their first such row: ``launch_round(tile_ids,
+    anchors, todo)`` with tile_ids (T,) int32 = head * n_tiles + tile, anchors (T,)
+    int32 row indices, todo (N, S) int8; it refills ``far``. Each round serves at least
+    its anchor's row, so there are at most ``block`` rounds. ``counter`` (N, S) int32,
+    when given, counts the rounds each row took part in.
+
+    The loop lives on the host, not in the kernel: a kernel-side loop around the
+    passes miscompiled bf16 products at D = 16 under Triton 3.6 (wrong results, then
+    an illegal address). Ordinary inputs pay one device-to-host read of far.any().
+    """
+    N, S = far.shape
+    n_tiles = -(-S // block)
+    pad = n_tiles * block - S
+    idx = torch.arange(n_tiles * block, device=far.device, dtype=torch.int32).view(n_tiles, block)
+    for _ in range(block):
+        if not bool(far.any()):
+            return
+        todo = far.clone()
+        far.zero_()
+        if counter is not None:
+            counter += todo.to(counter.dtype)
+        tf = torch.nn.functional.pad(todo, (0, pad)).view(N, n_tiles, block).bool()
+        first = torch.where(tf, idx, torch.iinfo(torch.int32).max).amin(-1).reshape(-1)
+        tile_ids = tf.any(-1).reshape(-1).nonzero().squeeze(1)
+        launch_round(tile_ids.to(torch.int32).contiguous(), first[tile_ids].to(torch.int32).contiguous(), todo)
+    if bool(far.any()):  # pragma: no cover - each round serves its anchor row
+        raise RuntimeError("lla_triton: anchor rounds did not terminate")

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting, launch_fitting
+from ._common import PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting, launch_fitting, reanchor_rounds
+from .forward import anchor_too_far
 
 DEFAULT_PRECISION = "tf32x3"
 
@@ -52,7 +53,7 @@ def _load_rows(PTR, base, offs, S, D: tl.constexpr):
 
 @triton.jit
 def _a_pass1_tile(q_dot, g_dot, c, rho, qr, K, V, base, start_n, S, scale, offs_m,
-                  m_i, omega, den, ov, pk, p0, mk, k2,
+                  m_i, omega, den, ov, pk, p0, mk, kk, k2,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
                   JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -88,9 +89,10 @@ def _a_pass1_tile(q_dot, g_dot, c, rho, qr, K, V, base, start_n, S, scale, offs_
     pk = pk * alpha[:, None] + tl.dot(wg, kp, input_precision=PREC)
     p0 = p0 * alpha + tl.sum(wg, 1)
     mk = mk * alpha[:, None] + tl.dot(w, kp, input_precision=PREC)
+    kk = kk * alpha + tl.sum(w * tl.sum(kp * kp, 1)[None, :], 1)
     if JACOBI:
         k2 = k2 * alpha[:, None] + tl.dot(w, kp * kp, input_precision=PREC)
-    return m_new, omega, den, ov, pk, p0, mk, k2
+    return m_new, omega, den, ov, pk, p0, mk, kk, k2
 
 
 @triton.jit
@@ -167,39 +169,15 @@ def _a_grad_tile(q_dot, g_dot, c, rho, qr, u, uq, go, inv_den, beta, K, V, base,
 
 # ----------------------------------------------------------------------------- kernel A
 @triton.jit
-def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, FB, U, DQ, DLAM, M_OUT, DEN_OUT, GO_OUT, BETA_OUT,
-                          ITERS_OUT, RES_OUT,
-                          S, scale, cg_tol, cg_max_iters,
-                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          UPCAST: tl.constexpr, JACOBI: tl.constexpr, PREC: tl.constexpr,
-                          SPREC: tl.constexpr):
-    n_tiles = tl.cdiv(S, BLOCK_M)
-    # late query tiles do the most work: launch them first for a balanced tail
-    pid_m = n_tiles - 1 - tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    base = head * S * D
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    row_ok = offs_m < S
-
-    q = _load_rows(Q, base, offs_m, S, D)
-    g = _load_rows(G, base, offs_m, S, D)
-    qf = q.to(tl.float32)
-    gf = g.to(tl.float32)
-    c = tl.load(Q + base + pid_m * BLOCK_M * D + offs_d).to(tl.float32)
+def _a_solve_rows(q_dot, g_dot, qf, gf, c, todo, fb, rho, lam, K, V, base, S, scale, cg_tol, cg_max_iters,
+                  offs_m, row_ok, lo_full, hi,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  UPCAST: tl.constexpr, JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+    """Kernel A's passes for one tile around anchor c; the adjoint CG runs on the rows
+    of ``todo`` this anchor serves, and ``far`` (the rest of todo) goes to the next
+    anchor, as in the forward (docs/kernels.md, "Anchor")."""
     qp = qf - c[None, :]
-    if UPCAST:
-        q_dot = qf
-        g_dot = gf
-    else:
-        q_dot = q
-        g_dot = g
-    rho = _load_rows(RHO, base, offs_m, S, D)
-    lam = tl.load(LAM + head * S + offs_m, mask=row_ok, other=0.0)
     qr = tl.sum(qp * rho, 1)
-
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
-    lo_full = ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
 
     # ---- pass 1: m, omega, den, o and the pieces of b
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -209,24 +187,22 @@ def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, FB, U, DQ, DLAM, M_OUT, DEN_OUT,
     pk = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     p0 = tl.zeros([BLOCK_M], dtype=tl.float32)
     mk = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    kk = tl.zeros([BLOCK_M], dtype=tl.float32)
     if JACOBI:
         k2 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     else:
         k2 = 0.0
     for start_n in range(0, lo_full, BLOCK_N):
-        m_i, omega, den, ov, pk, p0, mk, k2 = _a_pass1_tile(
+        m_i, omega, den, ov, pk, p0, mk, kk, k2 = _a_pass1_tile(
             q_dot, g_dot, c, rho, qr, K, V, base, start_n, S, scale, offs_m,
-            m_i, omega, den, ov, pk, p0, mk, k2, D, BLOCK_N, UPCAST, False, JACOBI, PREC, SPREC)
+            m_i, omega, den, ov, pk, p0, mk, kk, k2, D, BLOCK_N, UPCAST, False, JACOBI, PREC, SPREC)
     for start_n in range(lo_full, hi, BLOCK_N):
-        m_i, omega, den, ov, pk, p0, mk, k2 = _a_pass1_tile(
+        m_i, omega, den, ov, pk, p0, mk, kk, k2 = _a_pass1_tile(
             q_dot, g_dot, c, rho, qr, K, V, base, start_n, S, scale, offs_m,
-            m_i, omega, den, ov, pk, p0, mk, k2, D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC)
+            m_i, omega, den, ov, pk, p0, mk, kk, k2, D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC)
+    far = todo & anchor_too_far(qp, mk, kk, omega)
+    mine = todo & (~far)
 
-    # Rows where the forward's delta guard fell back to the softmax average arrive with
-    # rho_i = 0 (the caller zeroes it), so den_i = omega_i and o_i = sum w v / omega
-    # here exactly as there; b_i = 0 makes u_i = 0, and what remains is the gradient
-    # of softmax attention, the function the forward actually returned for that row.
-    fb = tl.load(FB + head * S + offs_m, mask=row_ok, other=0) != 0
     den_used = tl.where(den == 0.0, 1.0, den)  # den = 0 only on padding rows
     inv_den = tl.where(row_ok, 1.0 / den_used, 0.0)
     o = ov * inv_den[:, None]
@@ -252,7 +228,7 @@ def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, FB, U, DQ, DLAM, M_OUT, DEN_OUT,
     b2 = rr
     thresh = (cg_tol * cg_tol) * b2
     # b_i = 0 (first token, padding rows, g_i = 0) is solved by u_i = 0 at once
-    active = row_ok & (rr > thresh)
+    active = mine & (rr > thresh)
     iters = tl.zeros([BLOCK_M], dtype=tl.int32)
     n_active = tl.sum(active.to(tl.int32), 0)
     it = 0
@@ -293,25 +269,83 @@ def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, FB, U, DQ, DLAM, M_OUT, DEN_OUT,
                                  S, scale, offs_m, m_i, dqa, esum, D, BLOCK_N, UPCAST, True, PREC, SPREC)
     # -sum_j dZ_ij = rho_i E_i + u_i sum_j w_ij f_ij; the last sum is den
     dq = scale * dqa + esum[:, None] * rho + den[:, None] * u
+    rel = tl.where(b2 > 0.0, tl.sqrt(rr / tl.where(b2 > 0.0, b2, 1.0)), 0.0)
+    return u, dq, omega * ur, m_i, den_used, go, beta, iters, rel, far
+
+
+@triton.jit
+def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, FB, U, DQ, DLAM, M_OUT, DEN_OUT, GO_OUT, BETA_OUT,
+                          ITERS_OUT, RES_OUT, TILE_IDS, ANCHORS, TODO, FAR_OUT,
+                          S, scale, cg_tol, cg_max_iters,
+                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          UPCAST: tl.constexpr, JACOBI: tl.constexpr, PREC: tl.constexpr,
+                          SPREC: tl.constexpr, FIRST: tl.constexpr):
+    n_tiles = tl.cdiv(S, BLOCK_M)
+    if FIRST:
+        # late query tiles do the most work: launch them first for a balanced tail
+        pid_m = n_tiles - 1 - tl.program_id(0)
+        head = tl.program_id(1).to(tl.int64)
+    else:
+        tile = tl.load(TILE_IDS + tl.program_id(0))
+        pid_m = tile % n_tiles
+        head = (tile // n_tiles).to(tl.int64)
+    base = head * S * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < S
+    row_ptrs = head * S + offs_m
+
+    q = _load_rows(Q, base, offs_m, S, D)
+    g = _load_rows(G, base, offs_m, S, D)
+    qf = q.to(tl.float32)
+    gf = g.to(tl.float32)
+    if UPCAST:
+        q_dot = qf
+        g_dot = gf
+    else:
+        q_dot = q
+        g_dot = g
+    rho = _load_rows(RHO, base, offs_m, S, D)
+    lam = tl.load(LAM + row_ptrs, mask=row_ok, other=0.0)
+    hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
+    lo_full = ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    # Rows where the forward's delta guard fell back to the softmax average arrive with
+    # rho_i = 0 (the caller zeroes it), so den_i = omega_i and o_i = sum w v / omega
+    # here exactly as there; b_i = 0 makes u_i = 0, and what remains is the gradient
+    # of softmax attention, the function the forward actually returned for that row.
+    fb = tl.load(FB + row_ptrs, mask=row_ok, other=0) != 0
+
+    # anchors as in the forward: the tile's first row, then (later launches) the first
+    # row still too far
+    if FIRST:
+        a_row = pid_m * BLOCK_M
+        todo = row_ok
+    else:
+        a_row = tl.load(ANCHORS + tl.program_id(0))
+        todo = row_ok & (tl.load(TODO + row_ptrs, mask=row_ok, other=0) != 0)
+    c = tl.load(Q + base + a_row * D + offs_d).to(tl.float32)
+    u, dq, dlam, m_i, den, go, beta, iters, rel, far = _a_solve_rows(
+        q_dot, g_dot, qf, gf, c, todo, fb, rho, lam, K, V, base, S, scale, cg_tol, cg_max_iters,
+        offs_m, row_ok, lo_full, hi, D, BLOCK_M, BLOCK_N, UPCAST, JACOBI, PREC, SPREC)
+    take = todo & (~far)
 
     tile_ptrs = base + offs_m[:, None] * D + offs_d[None, :]
-    tl.store(U + tile_ptrs, u, mask=row_ok[:, None])
-    tl.store(DQ + tile_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
-    row_ptrs = head * S + offs_m
-    tl.store(DLAM + row_ptrs, omega * ur, mask=row_ok)
-    tl.store(M_OUT + row_ptrs, m_i, mask=row_ok)
-    tl.store(DEN_OUT + row_ptrs, den_used, mask=row_ok)
-    tl.store(GO_OUT + row_ptrs, go, mask=row_ok)
-    tl.store(BETA_OUT + row_ptrs, beta, mask=row_ok)
-    tl.store(ITERS_OUT + row_ptrs, iters, mask=row_ok)
-    rel = tl.where(b2 > 0.0, tl.sqrt(rr / tl.where(b2 > 0.0, b2, 1.0)), 0.0)
-    tl.store(RES_OUT + row_ptrs, rel, mask=row_ok)
+    tl.store(U + tile_ptrs, u, mask=take[:, None])
+    tl.store(DQ + tile_ptrs, dq.to(DQ.dtype.element_ty), mask=take[:, None])
+    tl.store(DLAM + row_ptrs, dlam, mask=take)
+    tl.store(M_OUT + row_ptrs, m_i, mask=take)
+    tl.store(DEN_OUT + row_ptrs, den, mask=take)
+    tl.store(GO_OUT + row_ptrs, go, mask=take)
+    tl.store(BETA_OUT + row_ptrs, beta, mask=take)
+    tl.store(ITERS_OUT + row_ptrs, iters, mask=take)
+    tl.store(RES_OUT + row_ptrs, rel, mask=take)
+    tl.store(FAR_OUT + row_ptrs, far.to(tl.int8), mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- kernel B
 @triton.jit
 def _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, base, row_base,
-            start_m, S, scale, offs_n, dv, dka, cs,
+            start_m, S, scale, offs_n, dv, dka, cs, sw, swq, swqq,
             D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
             PREC: tl.constexpr, SPREC: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -353,51 +387,93 @@ def _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, bas
     dka -= tl.dot(w * e, rho, input_precision=PREC)
     dka -= tl.dot(wf, u, input_precision=PREC)
     cs += tl.sum(da, 1)
-    return dv, dka, cs
+    # the key-side distance test (anchor_too_far with the roles of q and k swapped)
+    sw += tl.sum(w, 1)
+    swq += tl.dot(w, qp, input_precision=PREC)
+    swqq += tl.sum(w * tl.sum(qp * qp, 1)[None, :], 1)
+    return dv, dka, cs, sw, swq, swqq
 
 
 @triton.jit
-def _lla_bwd_key_kernel(Q, K, V, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, DK, DV, S, scale,
-                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        UPCAST: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
-    # early key tiles meet the most queries: launch them first
-    pid_n = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    base = head * S * D
-    row_base = head * S
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
-    col_ok = offs_n < S
-    k = _load_rows(K, base, offs_n, S, D)
-    v = _load_rows(V, base, offs_n, S, D)
-    kf = k.to(tl.float32)
-    c = tl.load(K + base + pid_n * BLOCK_N * D + offs_d).to(tl.float32)
+def _b_sweep(k_dot, v_dot, kf, c, todo, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, base, row_base, S, scale,
+             pid_n, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+             PREC: tl.constexpr, SPREC: tl.constexpr):
+    """dk, dv for the key tile around anchor c, and the keys of ``todo`` too far from it."""
     kp = kf - c[None, :]
-    if UPCAST:
-        k_dot = kf
-        v_dot = v.to(tl.float32)
-    else:
-        k_dot = k
-        v_dot = v
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dka = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     cs = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    swq = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    swqq = tl.zeros([BLOCK_N], dtype=tl.float32)
     # query tiles that reach the diagonal need the causal mask; later ones do not
     # (padding rows past S are neutralised by their loads)
     first = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
     full = tl.cdiv((pid_n + 1) * BLOCK_N - 1, BLOCK_M) * BLOCK_M
     full = tl.minimum(full, tl.cdiv(S, BLOCK_M) * BLOCK_M)
     for start_m in range(first, full, BLOCK_M):
-        dv, dka, cs = _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, base, row_base,
-                              start_m, S, scale, offs_n, dv, dka, cs, D, BLOCK_M, UPCAST, True, PREC, SPREC)
+        dv, dka, cs, sw, swq, swqq = _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN,
+                                             base, row_base, start_m, S, scale, offs_n_of(pid_n, BLOCK_N),
+                                             dv, dka, cs, sw, swq, swqq, D, BLOCK_M, UPCAST, True, PREC, SPREC)
     for start_m in range(full, S, BLOCK_M):
-        dv, dka, cs = _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, base, row_base,
-                              start_m, S, scale, offs_n, dv, dka, cs, D, BLOCK_M, UPCAST, False, PREC, SPREC)
+        dv, dka, cs, sw, swq, swqq = _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN,
+                                             base, row_base, start_m, S, scale, offs_n_of(pid_n, BLOCK_N),
+                                             dv, dka, cs, sw, swq, swqq, D, BLOCK_M, UPCAST, False, PREC, SPREC)
     # s sum_i dA_ij q_i with q_i = q'_i + c: the anchor's share is a rank-one term
     dk = dka + (scale * cs)[:, None] * c[None, :]
+    far = todo & anchor_too_far(kp, swq, swqq, sw)
+    return dk, dv, far
+
+
+@triton.jit
+def offs_n_of(pid_n, BLOCK_N: tl.constexpr):
+    return pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _lla_bwd_key_kernel(Q, K, V, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, DK, DV,
+                        TILE_IDS, ANCHORS, TODO, FAR_OUT, S, scale,
+                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        UPCAST: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, FIRST: tl.constexpr):
+    n_tiles = tl.cdiv(S, BLOCK_N)
+    if FIRST:
+        # early key tiles meet the most queries: launch them first
+        pid_n = tl.program_id(0)
+        head = tl.program_id(1).to(tl.int64)
+    else:
+        tile = tl.load(TILE_IDS + tl.program_id(0))
+        pid_n = tile % n_tiles
+        head = (tile // n_tiles).to(tl.int64)
+    base = head * S * D
+    row_base = head * S
+    offs_n = offs_n_of(pid_n, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    col_ok = offs_n < S
+    k = _load_rows(K, base, offs_n, S, D)
+    v = _load_rows(V, base, offs_n, S, D)
+    kf = k.to(tl.float32)
+    if UPCAST:
+        k_dot = kf
+        v_dot = v.to(tl.float32)
+    else:
+        k_dot = k
+        v_dot = v
+    # anchors as in kernel A, on the key side: the tile's first key, then (later
+    # launches) the first key whose queries sit too far from it
+    if FIRST:
+        a_row = pid_n * BLOCK_N
+        todo = col_ok
+    else:
+        a_row = tl.load(ANCHORS + tl.program_id(0))
+        todo = col_ok & (tl.load(TODO + row_base + offs_n, mask=col_ok, other=0) != 0)
+    c = tl.load(K + base + a_row * D + offs_d).to(tl.float32)
+    dk, dv, far = _b_sweep(k_dot, v_dot, kf, c, todo, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, base,
+                           row_base, S, scale, pid_n, D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC)
+    take = todo & (~far)
     tile_ptrs = base + offs_n[:, None] * D + offs_d[None, :]
-    tl.store(DK + tile_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + tile_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DK + tile_ptrs, dk.to(DK.dtype.element_ty), mask=take[:, None])
+    tl.store(DV + tile_ptrs, dv.to(DV.dtype.element_ty), mask=take[:, None])
+    tl.store(FAR_OUT + row_base + offs_n, far.to(tl.int8), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -483,25 +559,36 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg
     sprec = precision if q.dtype == torch.float32 or upcast else "tf32"
     cfg_a, cfg_b = _configs(D, config_a, config_b)
 
-    def launch_a(cfg):
+    far = torch.zeros(N, S, device=dev, dtype=torch.int8)
+    dummy = torch.zeros(1, device=dev, dtype=torch.int32)
+
+    def launch_a(cfg, first=True, tile_ids=dummy, anchors=dummy, todo=far):
         am, an, aw, ast = cfg
-        _lla_bwd_query_kernel[(triton.cdiv(S, am), N)](
+        grid = (triton.cdiv(S, am), N) if first else (tile_ids.numel(), 1)
+        _lla_bwd_query_kernel[grid](
             q, k, v, grad_out, rho, lam, fallback, u, dq, dlam, m, den, go, beta, iters, res,
+            tile_ids, anchors, todo, far,
             S, float(scale), float(cg_tol), int(cg_max_iters),
             D=D, BLOCK_M=am, BLOCK_N=an, UPCAST=upcast, JACOBI=(preconditioner == "jacobi"),
-            PREC=precision, SPREC=sprec, num_warps=aw, num_stages=ast,
+            PREC=precision, SPREC=sprec, FIRST=first, num_warps=aw, num_stages=ast,
         )
+        return cfg
 
-    def launch_b(cfg):
+    def launch_b(cfg, first=True, tile_ids=dummy, anchors=dummy, todo=far):
         bm, bn, bw, bst = cfg
-        _lla_bwd_key_kernel[(triton.cdiv(S, bn), N)](
-            q, k, v, grad_out, rho, u, m, den, go, beta, dk, dv, S, float(scale),
-            D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, PREC=precision, SPREC=sprec,
+        grid = (triton.cdiv(S, bn), N) if first else (tile_ids.numel(), 1)
+        _lla_bwd_key_kernel[grid](
+            q, k, v, grad_out, rho, u, m, den, go, beta, dk, dv, tile_ids, anchors, todo, far, S, float(scale),
+            D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, PREC=precision, SPREC=sprec, FIRST=first,
             num_warps=bw, num_stages=bst,
         )
+        return cfg
 
     # fp32 operands at D = 64 overflow the H100's 227 KiB with kernel A's default tiles
     key = (D, q.dtype, precision)
-    launch_fitting("bwd_query", key, cfg_a, launch_a, explicit=config_a is not None)
-    launch_fitting("bwd_key", key, cfg_b, launch_b, explicit=config_b is not None)
+    ca = launch_fitting("bwd_query", key, cfg_a, launch_a, explicit=config_a is not None)
+    # rows far from their tile's anchor, again around their own (docs/kernels.md)
+    reanchor_rounds(far, ca[0], lambda t, a, todo: launch_a(ca, False, t, a, todo))
+    cb = launch_fitting("bwd_key", key, cfg_b, launch_b, explicit=config_b is not None)
+    reanchor_rounds(far, cb[1], lambda t, a, todo: launch_b(cb, False, t, a, todo))
     return BackwardOut(dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dlam, u, iters, res)

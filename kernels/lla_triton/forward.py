@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting, launch_fitting
+from ._common import PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting, launch_fitting, reanchor_rounds
 
 DEFAULT_CG_TOL = 1e-7
 # CG ends in D steps in exact arithmetic; in fp32, at kappa(Sigma_i) ~ 1e4 to 1e5, the
@@ -39,6 +39,7 @@ class ForwardOut(NamedTuple):
     fallback: torch.Tensor  # (N, S) int8, 1 where the delta guard returned the softmax average
     cg_iters: Optional[torch.Tensor]  # (N, S) int32 or None
     cg_residual: Optional[torch.Tensor]  # (N, S) fp32 or None
+    anchor_rounds: Optional[torch.Tensor] = None  # (N, S) int32 or None: anchors the row's tile tried
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -93,7 +94,7 @@ def _dot3(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, s2,
+def _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, kk, s2,
                 D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
                 JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
     offs_n, k_dot, kp = _load_keys(K, base, start_n, S, c, D, BLOCK_N, UPCAST)
@@ -104,9 +105,10 @@ def _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, s2
     w = tl.exp(a - m_new[:, None])
     omega = omega * alpha + tl.sum(w, 1)
     s1 = s1 * alpha[:, None] + tl.dot(w, kp, input_precision=PREC)
+    kk = kk * alpha + tl.sum(w * tl.sum(kp * kp, 1)[None, :], 1)
     if JACOBI:
         s2 = s2 * alpha[:, None] + tl.dot(w, kp * kp, input_precision=PREC)
-    return m_new, omega, s1, s2
+    return m_new, omega, s1, kk, s2
 
 
 @triton.jit
@@ -176,53 +178,57 @@ def _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc
 
 
 # ----------------------------------------------------------------------------- the kernel
+# A row is re-solved around its own anchor when the anchored expansion's magnitude,
+# sum_j w_ij |k'_j|^2 + omega_i |q'_i|^2, exceeds REANCHOR_RATIO times what it expands,
+# sum_j w_ij |z_ij|^2 (docs/kernels.md, "Anchor"): products then lose more than
+# log2(REANCHOR_RATIO) bits to cancellation. Gaussian rows sit near 1 to 2.
+REANCHOR_RATIO = tl.constexpr(8.0)
+
+
 @triton.jit
-def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, FB_OUT, ITERS_OUT, RES_OUT,
-                    S, scale, cg_tol, cg_max_iters, delta_eps,
-                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    UPCAST: tl.constexpr, JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                    SPLIT: tl.constexpr, WANT_STATS: tl.constexpr):
-    n_tiles = tl.cdiv(S, BLOCK_M)
-    # late query tiles do the most work: launch them first for a balanced tail
-    pid_m = n_tiles - 1 - tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    base = head * S * D
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    row_ok = offs_m < S
+def anchor_too_far(qp, s1, kk, omega):
+    """Rows whose anchored expansion of sum_j w_ij |z_ij|^2 (kk = sum w |k'|^2,
+    s1 = sum w k') is under 1 / REANCHOR_RATIO of the magnitudes it cancels."""
+    qq = tl.sum(qp * qp, 1)
+    zz = kk - 2.0 * tl.sum(qp * s1, 1) + omega * qq
+    # an underestimated zz only makes a row look farther; at the anchor's own row
+    # q' = 0 and zz = kk exactly, so that row is never too far
+    return (kk + omega * qq) > REANCHOR_RATIO * tl.maximum(zz, 0.0)
 
-    q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    qf = q.to(tl.float32)
-    # anchor c: the tile's first query row (always a valid row)
-    c = tl.load(Q + base + pid_m * BLOCK_M * D + offs_d).to(tl.float32)
+
+@triton.jit
+def _solve_rows(q_dot, qf, c, todo, lam, K, V, base, S, scale, cg_tol, cg_max_iters, delta_eps,
+                offs_m, row_ok, lo_full, hi,
+                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                UPCAST: tl.constexpr, JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
+                SPLIT: tl.constexpr, WANT_STATS: tl.constexpr):
+    """Every pass for the rows of one tile around anchor c; CG runs on the rows in
+    ``todo`` that this anchor serves. Returns the outputs and ``far``, the rows of
+    ``todo`` too far from c, which the caller solves again around another anchor."""
     qp = qf - c[None, :]
-    if UPCAST:
-        q_dot = qf
-    else:
-        q_dot = q
-    lam = tl.load(LAM + head * S + offs_m, mask=row_ok, other=0.0)
 
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
-    # key tiles entirely below the diagonal (and inside S) need no mask
-    lo_full = ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
-
-    # ---- pass 1: online max, omega, S1 = sum w k' (and sum w k'^2 for Jacobi)
+    # ---- pass 1: online max, omega, S1 = sum w k', sum w |k'|^2 (and sum w k'^2 for Jacobi)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     omega = tl.zeros([BLOCK_M], dtype=tl.float32)
     s1 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    kk = tl.zeros([BLOCK_M], dtype=tl.float32)
     if JACOBI:
         s2 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     else:
         s2 = 0.0
     for start_n in range(0, lo_full, BLOCK_N):
-        m_i, omega, s1, s2 = _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, s2,
-                                         D, BLOCK_N, UPCAST, False, JACOBI, PREC, SPREC)
+        m_i, omega, s1, kk, s2 = _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, kk,
+                                             s2, D, BLOCK_N, UPCAST, False, JACOBI, PREC, SPREC)
     for start_n in range(lo_full, hi, BLOCK_N):
-        m_i, omega, s1, s2 = _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, s2,
-                                         D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC)
+        m_i, omega, s1, kk, s2 = _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, kk,
+                                             s2, D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC)
 
     mu = s1 - omega[:, None] * qp
     mu = tl.where(row_ok[:, None], mu, 0.0)
+    # sum_j w |z|^2 through the same expansion; where it is a small remainder of the
+    # magnitude, the row is far from c (an underestimate only makes it look farther)
+    far = todo & anchor_too_far(qp, s1, kk, omega)
+    mine = todo & (~far)
     lam_omega = lam * omega
     if SPLIT:
         qx = qf
@@ -245,7 +251,7 @@ def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, FB_OUT,
     mu2 = tl.sum(mu * mu, 1)
     thresh = (cg_tol * cg_tol) * mu2
     # a row with mu_i = 0 (first token, padding rows) is solved by rho = 0 at once
-    active = row_ok & (rr > thresh)
+    active = mine & (rr > thresh)
     iters = tl.zeros([BLOCK_M], dtype=tl.int32)
     n_active = tl.sum(active.to(tl.int32), 0)
     it = 0
@@ -294,7 +300,7 @@ def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, FB_OUT,
     # finite, and sum_j s_ij = 1 still holds.
     # delta_eps = 0 turns the guard off but for den = 0 exactly (no 0 / 0).
     solve_err = tl.where(delta_eps > 0.0, 2.0 * tl.sqrt(tl.sum(rho * rho, 1)) * tl.sqrt(rr), 0.0)
-    fallback = row_ok & (tl.abs(den) <= delta_eps * mag + solve_err)
+    fallback = mine & (tl.abs(den) <= delta_eps * mag + solve_err)
     acc0 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     den0 = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
     # one more output pass at rho = 0, only in the rare tile that needs it; it is the pass
@@ -312,15 +318,7 @@ def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, FB_OUT,
                                          den0, mag0, D, BLOCK_N, UPCAST, True, PREC, SPREC, SPLIT)
     o = tl.where(fallback[:, None], acc0 / tl.where(fallback, den0, 1.0)[:, None],
                  acc / tl.where(fallback | (den == 0.0), 1.0, den)[:, None])
-
-    tile_ptrs = base + offs_m[:, None] * D + offs_d[None, :]
-    tl.store(O + tile_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(RHO_OUT + tile_ptrs, rho, mask=row_ok[:, None])
-    row_ptrs = head * S + offs_m
-    tl.store(M_OUT + row_ptrs, m_i, mask=row_ok)
-    tl.store(OMEGA_OUT + row_ptrs, omega, mask=row_ok)
-    tl.store(DEN_OUT + row_ptrs, den, mask=row_ok)
-    tl.store(FB_OUT + row_ptrs, fallback.to(tl.int8), mask=row_ok)
+    rel = tl.zeros([BLOCK_M], dtype=tl.float32)
     if WANT_STATS:
         # the true residual, one extra matvec: CG's recursive r drifts from it
         sr = _matvec(rho, qx, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
@@ -329,8 +327,70 @@ def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, FB_OUT,
         res_n = tl.sqrt(tl.sum(res * res, 1))
         mu_n = tl.sqrt(mu2)
         rel = tl.where(mu_n > 0.0, res_n / tl.where(mu_n > 0.0, mu_n, 1.0), 0.0)
-        tl.store(ITERS_OUT + row_ptrs, iters, mask=row_ok)
-        tl.store(RES_OUT + row_ptrs, rel, mask=row_ok)
+    return o, rho, m_i, omega, den, fallback, iters, rel, far
+
+
+@triton.jit
+def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, FB_OUT, ITERS_OUT, RES_OUT,
+                    TILE_IDS, ANCHORS, TODO, FAR_OUT,
+                    S, scale, cg_tol, cg_max_iters, delta_eps,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    UPCAST: tl.constexpr, JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
+                    SPLIT: tl.constexpr, WANT_STATS: tl.constexpr, FIRST: tl.constexpr):
+    n_tiles = tl.cdiv(S, BLOCK_M)
+    if FIRST:
+        # late query tiles do the most work: launch them first for a balanced tail
+        pid_m = n_tiles - 1 - tl.program_id(0)
+        head = tl.program_id(1).to(tl.int64)
+    else:
+        tile = tl.load(TILE_IDS + tl.program_id(0))
+        pid_m = tile % n_tiles
+        head = (tile // n_tiles).to(tl.int64)
+    base = head * S * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < S
+    row_ptrs = head * S + offs_m
+
+    q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    qf = q.to(tl.float32)
+    if UPCAST:
+        q_dot = qf
+    else:
+        q_dot = q
+    lam = tl.load(LAM + head * S + offs_m, mask=row_ok, other=0.0)
+
+    hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
+    # key tiles entirely below the diagonal (and inside S) need no mask
+    lo_full = ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+
+    # Anchor c: in the first launch the tile's first query row; rows too far from it
+    # (queries of one tile in different tight clusters) are left unwritten, marked in
+    # FAR_OUT, and solved by a later launch around the first of them (the host loop,
+    # _common.reanchor_rounds).
+    if FIRST:
+        a_row = pid_m * BLOCK_M
+        todo = row_ok
+    else:
+        a_row = tl.load(ANCHORS + tl.program_id(0))
+        todo = row_ok & (tl.load(TODO + row_ptrs, mask=row_ok, other=0) != 0)
+    c = tl.load(Q + base + a_row * D + offs_d).to(tl.float32)
+    o, rho, m_i, omega, den, fb, iters, rel, far = _solve_rows(
+        q_dot, qf, c, todo, lam, K, V, base, S, scale, cg_tol, cg_max_iters, delta_eps,
+        offs_m, row_ok, lo_full, hi, D, BLOCK_M, BLOCK_N, UPCAST, JACOBI, PREC, SPREC, SPLIT, WANT_STATS)
+    take = todo & (~far)
+
+    tile_ptrs = base + offs_m[:, None] * D + offs_d[None, :]
+    tl.store(O + tile_ptrs, o.to(O.dtype.element_ty), mask=take[:, None])
+    tl.store(RHO_OUT + tile_ptrs, rho, mask=take[:, None])
+    tl.store(M_OUT + row_ptrs, m_i, mask=take)
+    tl.store(OMEGA_OUT + row_ptrs, omega, mask=take)
+    tl.store(DEN_OUT + row_ptrs, den, mask=take)
+    tl.store(FB_OUT + row_ptrs, fb.to(tl.int8), mask=take)
+    tl.store(FAR_OUT + row_ptrs, far.to(tl.int8), mask=row_ok)
+    if WANT_STATS:
+        tl.store(ITERS_OUT + row_ptrs, iters, mask=take)
+        tl.store(RES_OUT + row_ptrs, rel, mask=take)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -394,15 +454,24 @@ def lla_forward_kernel(q, k, v, lam, scale, *, delta_eps, cg_tol, cg_max_iters, 
     # bf16 parts against the exact bf16 keys/values (tf32x3-class accuracy, half the work)
     split = q.dtype == torch.bfloat16 and precision == "tf32x3"
 
-    def launch(cfg):
+    far = torch.zeros(N, S, device=dev, dtype=torch.int8)
+    dummy = torch.zeros(1, device=dev, dtype=torch.int32)
+
+    def launch(cfg, first=True, tile_ids=dummy, anchors=dummy, todo=far):
         bm, bn, nw, ns = cfg
-        _lla_fwd_kernel[(triton.cdiv(S, bm), N)](
-            q, k, v, lam, o, m, omega, den, rho, fallback, iters, res,
+        grid = (triton.cdiv(S, bm), N) if first else (tile_ids.numel(), 1)
+        _lla_fwd_kernel[grid](
+            q, k, v, lam, o, m, omega, den, rho, fallback, iters, res, tile_ids, anchors, todo, far,
             S, float(scale), float(cg_tol), int(cg_max_iters), float(delta_eps),
             D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, JACOBI=(preconditioner == "jacobi"),
-            PREC=precision, SPREC=sprec, SPLIT=split, WANT_STATS=bool(want_stats),
+            PREC=precision, SPREC=sprec, SPLIT=split, WANT_STATS=bool(want_stats), FIRST=first,
             num_warps=nw, num_stages=ns,
         )
+        return cfg
 
-    launch_fitting("fwd", (D, q.dtype, precision), (BM, BN, warps, stages), launch, explicit=config is not None)
-    return ForwardOut(o, m, omega, den, rho, fallback, iters if want_stats else None, res if want_stats else None)
+    cfg = launch_fitting("fwd", (D, q.dtype, precision), (BM, BN, warps, stages), launch,
+                         explicit=config is not None)
+    rounds = torch.ones(N, S, device=dev, dtype=torch.int32) if want_stats else None
+    reanchor_rounds(far, cfg[0], lambda t, a, todo: launch(cfg, False, t, a, todo), rounds)
+    return ForwardOut(o, m, omega, den, rho, fallback, iters if want_stats else None, res if want_stats else None,
+                      rounds)
