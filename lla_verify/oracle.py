@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .validate import check_delta_eps, check_lambda, check_qkv, check_scale
+from .validate import LLAInputError, check_delta_eps, check_lambda, check_qkv, check_scale
 
 _F64 = torch.float64
 # A Sigma_i with lambda == 0 counts as singular when its condition number exceeds
@@ -325,5 +325,11 @@ def mesanet_attention(q, k, v, *, ridge_lambda):
     count = torch.arange(1, S + 1, dtype=_F64, device=q.device)
     reg = torch.diag(torch.cat([torch.ones(D, dtype=_F64), torch.zeros(1, dtype=_F64)])).to(q.device)
     A = A + (lam * count)[..., None, None] * reg
-    y = torch.linalg.solve(A, qa[..., None])  # (..., S, D+1, 1)
+    y, info = torch.linalg.solve_ex(A, qa[..., None])  # (..., S, D+1, 1)
+    if bool((info != 0).any()):
+        first = int(torch.nonzero(info.reshape(-1, S) != 0)[0, 1])
+        raise LLAInputError(
+            f"ridge_lambda: the augmented Gram matrix of query {first} is singular (lambda = 0 there, and "
+            f"fewer than D + 1 = {D + 1} independent augmented keys); mesanet_attention needs ridge_lambda > 0 "
+            "for such queries")
     return (Bm @ y)[..., 0].reshape(*lead, S, v.shape[-1])

@@ -535,3 +535,11 @@ def test_smoke_S512_D64():
     assert torch.isfinite(d.o).all() and not d.undefined.any()
     assert_within("S512 schur vs wls", (d.o - w).abs().amax(-1), oracle_budget(d, v.abs().amax()))
     assert_within("S512 o_0", (d.o[..., 0, :] - v[..., 0, :]).abs(), 2 * U64 * v[..., 0, :].abs())
+
+
+def test_mesanet_lambda_zero_is_a_clear_error():
+    # lambda = 0 leaves query 0's augmented Gram matrix [k0;1][k0;1]^T rank one: the
+    # error names ridge_lambda and the query, instead of torch's LinAlgError
+    q, k, v = qkv(130, 6, 4)
+    with pytest.raises(LLAInputError, match=r"ridge_lambda: .*query 0 .*singular"):
+        mesanet_attention(q, k, v, ridge_lambda=0.0)
