@@ -102,12 +102,21 @@ def dense_torch_lla(q, k, v, *, ridge_lambda, qk_scale=None, compute_dtype=torch
         L2, _ = torch.linalg.cholesky_ex(sig + jitter)
         L = torch.where((info != 0)[..., None, None], L2, L)
     rho = torch.cholesky_solve(mu[..., None], L)[..., 0]
-    g = w * (1.0 - (z @ rho[..., None])[..., 0])
-    den = g.sum(-1, keepdim=True)
-    # lambda = 0 early tokens are a 0/0; keep the output finite as a kernel must
-    tiny = torch.finfo(cd).eps * omega[..., None]
-    den = torch.where(den.abs() < tiny, torch.where(den < 0, -tiny, tiny), den)
-    o = (g @ vc) / den
+    zr = (z @ rho[..., None])[..., 0]
+    g = w * (1.0 - zr)
+    den = g.sum(-1)
+    # The kernel's delta guard (docs/kernels.md), so that the reference is held to the
+    # same function: a den_i below the rounding of the sum it came from (4 u_c of
+    # sum_j w_ij (1 + |<z_ij, rho_i>|)) has no correct digit (lambda = 0 early tokens,
+    # lambda 1e-8), and a rho_i the jittered Cholesky could not make finite has none
+    # either; such rows return the softmax average (rho_i = 0). Without it the
+    # reference broke partition of unity at lambda 1e-8 and returned NaN at kappa 1e12.
+    u = torch.finfo(cd).eps / 2
+    mag = (w * (1.0 + zr.abs())).sum(-1)
+    bad = ~torch.isfinite(rho).all(-1) | ~torch.isfinite(den) | (den.abs() <= 4.0 * u * mag)
+    g = torch.where(bad[..., None], w, g)
+    den = torch.where(bad, omega, den)
+    o = (g @ vc) / den[..., None]
     return o.to(q.dtype)
 
 
