@@ -90,3 +90,23 @@ def test_shape_mismatch_fails_with_message():
     p = Case("gaussian", {}, S=12, D=8, seed=0).build()
     v = check_forward(p, DENSE, torch.zeros(1, 1, 11, 8))
     assert not v.passed and "output shape" in v.message
+
+
+def test_unmeasurable_sensitivity_keeps_the_other_terms(monkeypatch):
+    # On the GPU a float64 probe came back NaN (kappa 5e11, S = 1) and the whole budget
+    # became NaN, reported as ratio inf. A NaN term now drops out, is counted, and the
+    # rest of the budget still judges the row: a planted bug still fails.
+    from lla_verify import budget
+
+    real = budget._normalisation_terms
+
+    def nan_terms(*a, **kw):
+        return {k: torch.full_like(t, math.nan) for k, t in real(*a, **kw).items()}
+
+    monkeypatch.setattr(budget, "_normalisation_terms", nan_terms)
+    p = Case("gaussian", {"lam": 0.1}, S=9, D=4, seed=2).build()
+    v = check_backward(p, DENSE)
+    assert v.passed and math.isfinite(v.ratio), v.message
+    assert "without a measurable float64 sensitivity" in v.message
+    bad = check_backward(p, _mutant(mutants.lambda_not_scaled_by_omega))
+    assert not bad.passed and math.isfinite(bad.ratio), bad.message
