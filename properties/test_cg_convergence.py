@@ -63,9 +63,9 @@ def _examples(fraction: float) -> int:
 
 
 @st.composite
-def spectrum_cases(draw, *, kappa_lo=1.0, kappa_hi=1e8, rotate=None, on_gpu=False):
-    """A spectrum Case. Shrinks towards kappa_lo (kappa 2 when the range allows it),
-    rotate=1, the smallest S, seed 0."""
+def spectrum_cases(draw, *, kappa_lo=1.0, kappa_hi=1e8, rotate=None, on_gpu=False, keys_per_dim=1):
+    """A spectrum Case with S > keys_per_dim * D. Shrinks towards kappa_lo (kappa 2 when
+    the range allows it), rotate=1, the smallest S, seed 0."""
     if kappa_lo <= 2.0 <= kappa_hi and not draw(st.booleans()):
         kap = 2.0
     else:
@@ -73,7 +73,8 @@ def spectrum_cases(draw, *, kappa_lo=1.0, kappa_hi=1e8, rotate=None, on_gpu=Fals
     rot = rotate if rotate is not None else draw(st.sampled_from((1, 0)))
     D = draw(st.sampled_from((16, 64))) if on_gpu else 16
     # S > D always: the Jacobi properties judge only the full-rank queries i >= D
-    S = draw(st.integers(max(64, D + 1), 384)) if on_gpu else draw(st.integers(D + 1, 32))
+    lo = keys_per_dim * D + 1
+    S = draw(st.integers(max(64, lo), 384)) if on_gpu else draw(st.integers(lo, max(32, lo + 16)))
     seed = draw(st.integers(0, 2**16))
     return Case("spectrum", {"kappa": kap, "rotate": rot}, B=1, H=1, S=S, D=D, dtype="float32", seed=seed)
 
@@ -144,12 +145,20 @@ def test_reported_residual_matches_float64_recomputation(kernel):
     prop()
 
 
-def _full_rank(problem) -> torch.Tensor:
+def _full_rank(problem, keys_per_dim: int = 1) -> torch.Tensor:
     # queries i >= D: Sigma_i is a full-rank scatter plus ridge. Before that it is
     # lambda omega I plus rank i + 1, which plain CG finishes in i + 2 steps and
     # Jacobi scaling spoils (docs/cg.md): no claim there.
     S, D = problem.q.shape[-2], problem.q.shape[-1]
-    return (torch.arange(S) >= D).expand(problem.q.shape[:-1])
+    return (torch.arange(S) >= keys_per_dim * D).expand(problem.q.shape[:-1])
+
+
+# Jacobi removes the axis scaling and leaves the keys' sample correlation matrix,
+# whose condition number with n keys in D dimensions is about
+# ((1 + sqrt(D/n)) / (1 - sqrt(D/n)))^2 (Marchenko-Pastur): unbounded at n = D, where
+# both variants need all D steps (GPU, S = 65, D = 64: 64 vs 64), about 34 at n = 2 D.
+# So "clearly fewer" is claimed for queries with at least this many keys per dimension.
+GAIN_KEYS_PER_DIM = 2
 
 
 def test_jacobi_no_worse_on_axis_aligned_spectra(kernel):
@@ -174,15 +183,16 @@ def test_jacobi_no_worse_on_axis_aligned_spectra(kernel):
 
 
 def test_jacobi_clearly_fewer_on_badly_scaled_keys(kernel):
-    """rotate=0, kappa >= 1e4: Jacobi's total iterations <= 0.75 of plain CG's."""
+    """rotate=0, kappa >= 1e4: Jacobi's total iterations over the queries with at least
+    2 D keys <= 0.75 of plain CG's."""
     impl, device = kernel
     on_gpu = torch.device(device).type == "cuda"
 
     @settings(max_examples=_examples(0.2))
-    @given(case=spectrum_cases(kappa_lo=1e4, rotate=0, on_gpu=on_gpu))
+    @given(case=spectrum_cases(kappa_lo=1e4, rotate=0, on_gpu=on_gpu, keys_per_dim=GAIN_KEYS_PER_DIM))
     def prop(case):
         problem = case.build(device)
-        sel = _full_rank(problem)
+        sel = _full_rank(problem, GAIN_KEYS_PER_DIM)
         plain = run_kernel(impl, problem, tol=TOL, max_iters=MAX_ITERS).iters.cpu()[sel].sum()
         jac = run_kernel(impl, problem, tol=TOL, max_iters=MAX_ITERS, preconditioner="jacobi").iters.cpu()[sel].sum()
         target(float(jac) / float(plain), label="jacobi / plain iterations")
