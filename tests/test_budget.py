@@ -110,3 +110,52 @@ def test_unmeasurable_sensitivity_keeps_the_other_terms(monkeypatch):
     assert "without a measurable float64 sensitivity" in v.message
     bad = check_backward(p, _mutant(mutants.lambda_not_scaled_by_omega))
     assert not bad.passed and math.isfinite(bad.ratio), bad.message
+
+
+def _oracle_grads_as_impl(p):
+    from lla_verify.budget import cotangent_for, oracle_grads
+
+    cot = cotangent_for(p).to(p.q.dtype).to(torch.float64)
+    return {n: g.clone() for n, g in oracle_grads(p, cot).items()}
+
+
+def _mixed_precision_problem():
+    # queries 0..2 are early tokens (rank <= 3 in D = 4) under lambda 1e-12: kappa ~ 1e12,
+    # beyond fp32; the rest sit at lambda 1 and stay judged
+    from lla_verify.cases import Problem
+
+    p = Case("gaussian", {}, S=12, D=4, seed=5).build()
+    lam = torch.ones(1, 1, 12, dtype=torch.float64)
+    lam[..., :3] = 1e-12
+    return Problem(p.case, p.q, p.k, p.v, lam, p.qk_scale)
+
+
+def test_rows_beyond_the_compute_precision_are_checked_finite_only():
+    p = _mixed_precision_problem()
+    g = _oracle_grads_as_impl(p)
+    g["dq"][..., :3, :] *= 3.0  # garbage where fp32 cannot resolve Sigma_i: not judged
+    v = check_backward(p, DENSE, grads=g, dense=False)
+    assert v.passed, v.message
+    assert v.summary["n_beyond_precision"] == 3, v.message
+    assert "3 query rows and 3 key rows beyond the compute precision" in v.message
+    assert "(9 of 12 query rows judged)" in v.message
+
+
+def test_rows_within_precision_are_still_judged_beside_beyond_ones():
+    p = _mixed_precision_problem()
+    g = _oracle_grads_as_impl(p)
+    g["dq"][..., 8, :] *= 1.01
+    v = check_backward(p, DENSE, grads=g, dense=False)
+    assert not v.passed and v.cause == "implementation" and v.worst[-1] == 8, v.message
+    g = _oracle_grads_as_impl(p)
+    g["dk"][..., 5, :] *= 1.01  # key 5 is fed by judged queries only
+    v = check_backward(p, DENSE, grads=g, dense=False)
+    assert not v.passed and v.summary["worst_tensor"] == "dk", v.message
+
+
+def test_a_nonfinite_gradient_fails_even_beyond_the_compute_precision():
+    p = _mixed_precision_problem()
+    g = _oracle_grads_as_impl(p)
+    g["dlambda"][..., 1] = math.nan
+    v = check_backward(p, DENSE, grads=g, dense=False)
+    assert not v.passed and v.cause == "non-finite", v.message
