@@ -280,7 +280,8 @@ def backward_check(problem, impl) -> dict:
     if v.cause == "skipped":
         return {"status": f"not checked: {v.message}"}
     return {"status": "checked", "ratio": float(v.ratio), "passed": bool(v.passed), "cause": str(v.cause),
-            "message": str(v.message), "check": getattr(v, "check", "backward")}
+            "message": str(v.message), "check": getattr(v, "check", "backward"),
+            "n_beyond_precision": int((getattr(v, "summary", None) or {}).get("n_beyond_precision", 0))}
 
 
 def run_cell(cell: Cell, impl, device: str, *, backward: bool = True, impl_name: str | None = None) -> dict:
@@ -426,7 +427,7 @@ class AuditResult:
     exit_code: int
 
 
-def _verdict(cells: list[dict], regressions: list[dict]) -> dict:
+def _verdict(cells: list[dict], regressions: list[dict], interrupted: str | None = None) -> dict:
     failed = [c for c in cells if not c.get("passed")]
     finite = [c for c in cells if c.get("ratio") is not None]
     worst = max(finite, key=lambda c: _num(c["ratio"]) if not math.isnan(_num(c["ratio"])) else math.inf,
@@ -439,8 +440,13 @@ def _verdict(cells: list[dict], regressions: list[dict]) -> dict:
             # a reason's cell-specific tail (sizes, the case spec) is cut so that like reasons group
             key = re.sub(r" on [a-z_]+:\S*", "", st).split(" (")[0]
             unchecked[key] = unchecked.get(key, 0) + 1
+    beyond = [c for c in cells if (c.get("grad") or {}).get("n_beyond_precision")]
+    beyond_note = (f"; {len(beyond)} checked cells have rows beyond the compute precision (kappa u_c >= 1), "
+                   f"{sum(c['grad']['n_beyond_precision'] for c in beyond)} query rows checked finite only"
+                   if beyond else "")
     return {
-        "passed": not failed and not regressions,
+        "passed": not failed and not regressions and not interrupted,
+        "interrupted": interrupted,
         "n_cells": len(cells), "n_failed": len(failed), "n_regressions": len(regressions),
         "worst_ratio": worst["ratio"] if worst else None, "worst_spec": worst["spec"] if worst else None,
         "worst_command": worst["command"] if worst else None,
@@ -448,7 +454,8 @@ def _verdict(cells: list[dict], regressions: list[dict]) -> dict:
         "gradients_checked": len(grads),
         "gradients_unchecked": unchecked,
         "gradients_note": (f"gradients checked on {len(grads)} of {len(cells)} cells"
-                           + "".join(f"; {n} {why}" for why, n in unchecked.items())),
+                           + "".join(f"; {n} {why}" for why, n in unchecked.items()) + beyond_note),
+        "gradients_beyond_precision": len(beyond),
     }
 
 
@@ -489,19 +496,28 @@ def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = 
     # in a log (no terminal) a redraw every 0.1 s would bury the FAIL lines
     bar = tqdm(cells, desc=f"audit {impl_name or impl.name}", unit="cell", disable=not progress, file=sys.stderr,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)
-    for cell in bar:
-        bar.set_postfix_str(cell.case.family, refresh=False)
-        rec = run_cell(cell, impl, device, backward=backward, impl_name=impl_name)
-        records.append(rec)
-        if not rec["passed"] and log is not None:
-            tqdm.write(f"FAIL {'+'.join(rec.get('failed_checks', []))} ratio {_show(rec['ratio'])} "
-                       f"({rec['cause']}) {rec['spec']}", file=log)
+    interrupted = None
+    try:
+        for cell in bar:
+            bar.set_postfix_str(cell.case.family, refresh=False)
+            rec = run_cell(cell, impl, device, backward=backward, impl_name=impl_name)
+            records.append(rec)
+            if not rec["passed"] and log is not None:
+                tqdm.write(f"FAIL {'+'.join(rec.get('failed_checks', []))} ratio {_show(rec['ratio'])} "
+                           f"({rec['cause']}) {rec['spec']}", file=log)
+    except KeyboardInterrupt:
+        # Ctrl-C or a scheduler's SIGTERM: the cells done so far are evidence worth keeping;
+        # the report says it is partial and the verdict cannot pass
+        bar.close()
+        interrupted = f"interrupted after {len(records)} of {len(cells)} cells"
+        if log is not None:
+            print(f"lla-verify audit: {interrupted}; writing a partial report", file=log)
     regressions, binfo = (compare(records, baseline, factor=factor, floor=floor) if baseline is not None
                           else ([], None))
     report = {
         "schema": SCHEMA,
-        "meta": dict(meta or {}, wall_s=time.perf_counter() - t0),
-        "verdict": _verdict(records, regressions),
+        "meta": dict(meta or {}, wall_s=time.perf_counter() - t0, interrupted=interrupted),
+        "verdict": _verdict(records, regressions, interrupted=interrupted),
         "regressions": regressions,
         "baseline": binfo,
         "skipped": skipped or [],
@@ -531,6 +547,8 @@ def summary_lines(report: dict, *, top: int = 5) -> list[str]:
                  f"{'; ' + str(len(regs)) + ' regressions' if regs else ''} "
                  f"[impl {meta.get('impl')}, device {meta.get('device')}, {meta.get('mode')}, "
                  f"{meta.get('wall_s', 0):.0f} s]")
+    if v.get("interrupted"):
+        lines.append(f"INCOMPLETE: {v['interrupted']} (a partial audit never passes)")
     if v.get("worst_spec"):
         lines.append(f"worst ratio {_show(v['worst_ratio'])} at {v['worst_spec']}")
     failed = [c for c in report["cells"] if not c.get("passed")]
@@ -594,7 +612,15 @@ def _command_line(args, full: bool, device: str) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _audit_main(args) -> int:
+    import signal
+
+    # a batch scheduler's timeout (SIGTERM) ends the sweep like Ctrl-C: with a partial report
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 
     full = bool(args.full)
     device = args.device or ("cuda" if full else "cpu")

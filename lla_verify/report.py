@@ -308,6 +308,8 @@ def render_html(report: dict) -> str:
     parts.append(f"<h1>lla-verify audit: {_e(meta.get('impl'))} on {_e(meta.get('device'))} "
                  f"({_e(meta.get('mode'))})</h1>")
     line = f"{v['n_failed']} of {v['n_cells']} cells over threshold"
+    if v.get("interrupted"):
+        line += f"; INCOMPLETE: {_e(v['interrupted'])}"
     if report.get("baseline") is not None:
         line += f"; {len(regs)} regression{'s' if len(regs) != 1 else ''} against the baseline"
     worst = (f"worst ratio {_r(v['worst_ratio'])} at <code style='color:#fff'>{_e(v['worst_spec'])}</code>"

@@ -92,6 +92,26 @@ def test_planted_omega_bug_fails_with_implementation_attribution(tmp_path):
     assert "FAIL" in html and "implementation" in html and "lla-verify check --case" in html
 
 
+def test_interrupted_audit_writes_a_partial_report_that_fails(tmp_path):
+    # a scheduler's timeout or Ctrl-C mid-sweep: the finished cells are kept, marked partial
+    calls = []
+
+    def stops_on_second_call(q, k, v, *, ridge_lambda, qk_scale=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return dense_torch_lla(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+
+    impl = Impl(name="interrupted", forward=stops_on_second_call, description="interrupted after one cell")
+    res = audit.run_audit(impl, _cells(EASY), out=str(tmp_path), backward=False)
+    v = res.report["verdict"]
+    assert res.exit_code == 1 and not v["passed"] and v["n_failed"] == 0
+    assert v["interrupted"] == f"interrupted after 1 of {len(EASY)} cells" and len(res.report["cells"]) == 1
+    assert json.loads((tmp_path / "report.json").read_text())["meta"]["interrupted"] == v["interrupted"]
+    assert "INCOMPLETE" in (tmp_path / "report.html").read_text()
+    assert any(line.startswith("INCOMPLETE: interrupted after 1") for line in audit.summary_lines(res.report))
+
+
 def test_planted_bug_through_module_callable(tmp_path, capsys):
     rc, out, _ = _run_cli(["audit", "--impl", "tests.test_audit:omega_dropped_lla", "--out", str(tmp_path),
                            "--no-progress", "--no-backward", "--only", "gaussian:lam=0.1:B=1,H=1,S=40"], capsys)
