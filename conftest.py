@@ -8,7 +8,6 @@ triage:  the ci profile without shrinking: reports the first failing example fas
          (used to measure the suite against planted bugs, docs/kill-list.md).
 """
 
-from datetime import timedelta
 
 from hypothesis import HealthCheck, Phase, settings
 
@@ -18,7 +17,11 @@ _common = dict(
 )
 settings.register_profile("ci", max_examples=10, derandomize=True, database=None, deadline=None, **_common)
 settings.register_profile("dev", max_examples=20, deadline=None, **_common)
-settings.register_profile("gpu", max_examples=40, deadline=timedelta(seconds=60), derandomize=False, **_common)
+# No per-example deadline on the GPU: the float64 gradient check of a D = 128 example took
+# 108 s beside 13 other workers (2026-11-25) and failed as a "deadline", a finding about
+# the machine's load, not the kernel. The suite's wall time is measured instead
+# (docs/performance.md), never asserted.
+settings.register_profile("gpu", max_examples=40, deadline=None, derandomize=False, **_common)
 settings.register_profile(
     "release", max_examples=400, deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink], **_common,

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU half of a release check, in one go on a CUDA machine with the project on
+# PYTHONPATH: kernel tests at real sizes, the property suite (gpu profile), the CG study
+# (--full) and the audit (--full) side by side, then optionally the benchmarks alone.
+#
+#   OUT=gpu-out LIMIT=480 BENCH=1 bash scripts/gpu-release.sh
+#
+# Each job is stopped at LIMIT seconds: pytest with SIGINT (it prints its summary), the
+# audit with SIGTERM (it writes a partial report marked INCOMPLETE). Everything lands in
+# OUT/results.tgz, with the logs beside it.
+set -u
+OUT=${OUT:-gpu-out}
+LIMIT=${LIMIT:-480}
+JOBS=${JOBS:-10}
+PY=${PY:-python}
+mkdir -p "$OUT/work"
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+W="$OUT/work"
+start=$(date +%s)
+$PY -m lla_verify info > "$W/info.txt" 2>&1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$W/info.txt" 2>&1
+if [ "${BENCH:-0}" = 1 ]; then  # timings first, alone on the GPU
+    timeout 200 $PY -m lla_verify bench --out "$W/bench-fwd.md" --mem-seqs '' > "$W/bench.log" 2>&1
+    timeout 200 $PY -m lla_triton.bench_backward --out "$W/bench-bwd.md" >> "$W/bench.log" 2>&1
+fi
+( t0=$(date +%s); timeout -s INT -k 30 "$LIMIT" $PY -m pytest -p no:cacheprovider -n "$JOBS" -q --durations=15 \
+    --hypothesis-profile gpu tests/test_kernel_forward.py tests/test_kernel_backward.py tests/test_kernel_launch.py \
+    properties > "$W/pytest.log" 2>&1; echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/pytest.log" ) &
+( t0=$(date +%s); timeout -k 30 "$LIMIT" $PY -m lla_verify cg --full --no-progress --out "$W/cg-full" > "$W/cg.log" 2>&1
+  echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/cg.log" ) &
+( t0=$(date +%s); timeout -k 30 "$LIMIT" $PY -m lla_verify audit --full --device cuda --no-progress \
+    --out "$W/audit-full" > "$W/audit.log" 2>&1; echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/audit.log" ) &
+wait
+echo "gpu-release: $(( $(date +%s) - start )) s" >> "$W/info.txt"
+tar czf "$OUT/results.tgz" -C "$W" .
+cp "$W/pytest.log" "$W/audit.log" "$W/cg.log" "$W/info.txt" "$OUT/" 2>/dev/null
+rm -rf "$W"
