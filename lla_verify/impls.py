@@ -91,17 +91,27 @@ def dense_torch_lla(q, k, v, *, ridge_lambda, qk_scale=None, compute_dtype=torch
     z = kc[..., None, :, :] - qc[..., :, None, :]  # (..., S, S, D)
     wz = w[..., None] * z
     mu = wz.sum(-2)
-    sig = wz.transpose(-1, -2) @ z + (lam * omega)[..., None, None] * torch.eye(D, dtype=cd, device=q.device)
-    L, info = torch.linalg.cholesky_ex(sig)
-    if bool((info != 0).any()):
+    eye = torch.eye(D, dtype=cd, device=q.device)
+    sig = wz.transpose(-1, -2) @ z + (lam * omega)[..., None, None] * eye
+    # Which rows factor is decided without autograd, and the differentiable factorisation
+    # sees only matrices that factor: a failed factor is NaN, and selecting around it
+    # afterwards still sends NaN through autograd (0 * NaN is NaN) into every input.
+    with torch.no_grad():
+        _, info = torch.linalg.cholesky_ex(sig)
         # Sigma_i is SPD in exact arithmetic when lambda_i > 0, but once kappa exceeds
         # 1/u_c its rounded form need not be: a jitter of D u_c tr(Sigma_i)/D is a
         # backward error of the size the rounding already made.
         u = torch.finfo(cd).eps / 2
-        jitter = (u * torch.diagonal(sig, dim1=-2, dim2=-1).sum(-1))[..., None, None] * torch.eye(D, dtype=cd, device=q.device)
-        L2, _ = torch.linalg.cholesky_ex(sig + jitter)
-        L = torch.where((info != 0)[..., None, None], L2, L)
+        needs = (info != 0)[..., None, None]
+        jitter = torch.where(needs, (u * torch.diagonal(sig, dim1=-2, dim2=-1).sum(-1))[..., None, None] * eye,
+                             torch.zeros_like(sig))
+        L0, info2 = torch.linalg.cholesky_ex(sig + jitter)
+        chol_ok = (info2 == 0) & torch.isfinite(L0).flatten(-2).all(-1)
+    # rows that do not factor even jittered fall back to the softmax average below
+    L, _ = torch.linalg.cholesky_ex(torch.where(chol_ok[..., None, None], sig + jitter, eye))
     rho = torch.cholesky_solve(mu[..., None], L)[..., 0]
+    rho_ok = chol_ok & torch.isfinite(rho).all(-1)
+    rho = torch.where(rho_ok[..., None], rho, torch.zeros_like(rho))
     zr = (z @ rho[..., None])[..., 0]
     g = w * (1.0 - zr)
     den = g.sum(-1)
@@ -113,7 +123,7 @@ def dense_torch_lla(q, k, v, *, ridge_lambda, qk_scale=None, compute_dtype=torch
     # reference broke partition of unity at lambda 1e-8 and returned NaN at kappa 1e12.
     u = torch.finfo(cd).eps / 2
     mag = (w * (1.0 + zr.abs())).sum(-1)
-    bad = ~torch.isfinite(rho).all(-1) | ~torch.isfinite(den) | (den.abs() <= 4.0 * u * mag)
+    bad = ~rho_ok | ~torch.isfinite(den) | (den.abs() <= 4.0 * u * mag)
     g = torch.where(bad[..., None], w, g)
     den = torch.where(bad, omega, den)
     o = (g @ vc) / den[..., None]
