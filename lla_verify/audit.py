@@ -609,7 +609,20 @@ def _command_line(args, full: bool, device: str) -> str:
         parts.append("--no-backward")
     if args.max_cells is not None:
         parts += ["--max-cells", str(args.max_cells)]
+    if args.cells:
+        parts += ["--cells", args.cells]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _cell_slice(text: str, n: int) -> slice:
+    """--cells START:STOP, a Python slice of the plan (which is deterministic for a seed)."""
+    m = re.fullmatch(r"\s*(-?\d*)\s*:\s*(-?\d*)\s*", text)
+    if not m:
+        raise UsageError(f"--cells: expected START:STOP (e.g. 62: or 0:40), got {text!r}")
+    sl = slice(int(m[1]) if m[1] else None, int(m[2]) if m[2] else None)
+    if not range(n)[sl]:
+        raise UsageError(f"--cells: {text!r} selects no cell of the {n} planned")
+    return sl
 
 
 def _sigterm_as_interrupt(signum, frame):
@@ -639,6 +652,8 @@ def _audit_main(args) -> int:
         cells = [c for c in cells if any(s in c.case.spec() for s in args.only)]
         if not cells:
             raise UsageError(f"--only: no cell matches {args.only}")
+    if args.cells:
+        cells = cells[_cell_slice(args.cells, len(cells))]
     if args.max_cells is not None and len(cells) > args.max_cells:
         # evenly spaced, so every sweep keeps a few cells
         step = len(cells) / args.max_cells
@@ -731,6 +746,8 @@ def register(sub) -> None:
     p.add_argument("--no-backward", action="store_true", help="skip the gradient checks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--max-cells", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cells", default=None, metavar="START:STOP",
+                   help="run a slice of the plan (to finish an interrupted audit, or split one across machines)")
     p.set_defaults(func=_guard(_audit_main))
 
     c = sub.add_parser("check", help="replay one case from its one-line spec and judge it (exit 0 pass, 1 fail)",

@@ -159,6 +159,17 @@ def test_compare_rules():
     assert regs == [] and info == {"matched": 0, "new": 1, "missing": 1}
 
 
+def test_cells_slice_runs_that_part_of_the_plan(tmp_path, capsys):
+    # how an interrupted audit is finished: the plan is deterministic, --cells takes up where it stopped
+    rc, out, _ = _run_cli(["audit", "--impl", "torch-fp32", "--cells", "60:62", "--no-backward", "--no-progress",
+                           "--out", str(tmp_path)], capsys)
+    rep = json.loads((tmp_path / "report.json").read_text())
+    plan, _ = audit.plan(get_impl("torch-fp32"))
+    assert rc == 0, out
+    assert [c["spec"] for c in rep["cells"]] == [c.case.spec() for c in plan[60:62]]
+    assert "--cells 60:62" in rep["meta"]["command"]
+
+
 def test_check_replays_a_case(capsys):
     spec = Case("gaussian", {"lam": 1.0}, S=17, D=8).spec()
     rc, out, _ = _run_cli(["check", "--case", spec, "--impl", "torch-fp32"], capsys)
@@ -173,12 +184,14 @@ def test_check_replays_a_case(capsys):
     (["audit", "--impl", "torch-fp32", "--seed", "x"], "--seed"),
     (["audit", "--impl", "torch-fp32", "--baseline", "/nonexistent/report.json"], "--baseline"),
     (["audit", "--impl", "torch-fp32", "--only", "no-such-family"], "--only"),
+    (["audit", "--impl", "torch-fp32", "--cells", "9999:"], "--cells"),
+    (["audit", "--impl", "torch-fp32", "--cells", "three"], "--cells"),
     (["audit", "--impl", "torch-fp32", "--device", "tpu"], "--device"),
     (["audit", "--impl", "torch-fp32", "--regression-factor", "0.5"], "--regression-factor"),
     (["check", "--case", "nofamily:x=1:S=4", "--impl", "torch-fp32"], "--case"),
     (["check", "--case", "gaussian:lam=1:S=4,D=4,dtype=float8", "--impl", "torch-fp32"], "--case"),
     (["check", "--impl", "torch-fp32"], "--case"),
-], ids=["unknown-impl", "quick-and-full", "bad-seed", "missing-baseline", "only-nothing", "bad-device", "bad-factor",
+], ids=["unknown-impl", "quick-and-full", "bad-seed", "missing-baseline", "only-nothing", "cells-nothing", "cells-garbled", "bad-device", "bad-factor",
         "bad-family", "bad-dtype", "no-case"])
 def test_usage_errors_exit_2(argv, needle, capsys):
     rc, out, err = _run_cli(argv, capsys)
