@@ -175,10 +175,15 @@ def _flashlla_forward(q, k, v, *, ridge_lambda, qk_scale=None):
     import flashlla  # noqa: F401  (only when importable)
 
     if isinstance(ridge_lambda, torch.Tensor):
-        raise LLAInputError("flashlla: ridge_lambda must be a float (the public kernel has no per-query lambda)")
+        if ridge_lambda.numel() != 1 and not bool((ridge_lambda == ridge_lambda.flatten()[0]).all()):
+            raise LLAInputError("flashlla: ridge_lambda must be one value (the public kernel has no per-query "
+                                f"lambda); got a tensor of shape {tuple(ridge_lambda.shape)} with several values")
+        ridge_lambda = float(ridge_lambda.flatten()[0])
     B, H, S, D = q.shape
     fold = lambda t: t.reshape(B * H, S, t.shape[-1])  # noqa: E731  (B, S, D) per head
     o = flashlla.lla_attention(fold(q), fold(k), fold(v), ridge_lambda=float(ridge_lambda), qk_scale=qk_scale)
+    if isinstance(o, (tuple, list)):  # its autograd Function returns (o, omega); take o either way
+        o = o[0]
     return o.reshape(B, H, S, v.shape[-1]).to(q.dtype)
 
 
