@@ -7,7 +7,8 @@ ratio = max_i error_i / allowed_i, failing above 1 (THRESHOLD). For query i:
                          + (tol + u_c) solv_i           the inner solve (stopping at tol)
                          + u_out ||o_i||                  rounding of the output
                          + u_c sqrt(n_i) vscale )         floor for outputs near zero
-    allowed_i = max(model_i, FA_FACTOR * dense_err_i)
+    allowed_i = max(model_i, FA_FACTOR * dense_err_i)     (model_i x FA_FACTOR c where the
+                                                          reference exceeds it: same_precision_allowed)
 
 sens_i is the first-order change of o_i under componentwise relative perturbations
 of q, k, v, lambda of unit size along random sign patterns (Jacobian-vector
@@ -95,6 +96,28 @@ def sensitivity(problem: Problem, *, directions: int = N_DIRECTIONS, seed: int =
     return best
 
 
+def same_precision_allowed(model: torch.Tensor, dense_err: torch.Tensor, factor: float,
+                           rows: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """allowed_i and the scale put on the model, from the same-precision reference (SPEC 8).
+
+    Per row, FlashAttention's rule: allowed_i >= factor * dense_err_i. And the model is
+    checked against that honest computation: where the reference's own error exceeds the
+    model on some row of this problem (c = max_i dense_err_i / model_i > 1), the model is
+    demonstrably too tight here, and every row gets factor * c times its model: the same
+    rule in model-normalised units. The reference's error at one row is one sample of a
+    rounding error that a second fp32 computation (the kernel) draws afresh, so a
+    per-row comparison alone fails the kernel wherever the two samples differ (the
+    dlambda of a bandwidth problem at lambda 1e-3, S = 128, D = 64: reference 1.33x over
+    the model at row 19, kernel 1.4x at row 101, both at 10% relative error overall).
+    With c <= 1 nothing changes.
+    """
+    de = torch.nan_to_num(dense_err, nan=0.0, posinf=0.0)
+    ratio = torch.where(rows & (model > 0), de / model.clamp_min(1e-300), torch.zeros_like(de))
+    c = float(ratio.max()) if ratio.numel() else 0.0
+    scale = factor * c if c > 1.0 else 1.0
+    return torch.maximum(model * scale, factor * de), scale
+
+
 def accumulation_length(problem: Problem) -> torch.Tensor:
     """n_i = (i + 1) D, shaped (1, 1, S) to broadcast against (B, H, S)."""
     S, D = problem.q.shape[-2], problem.q.shape[-1]
@@ -111,6 +134,7 @@ class ForwardBudget:
     allowed: torch.Tensor
     u_c: float
     u_out: float
+    model_scale: float = 1.0  # > 1 where the same-precision reference exceeded the model
 
 
 def forward_budget(problem: Problem, impl: Impl, *, details: LLADetails | None = None, dense: bool = True,
@@ -149,7 +173,8 @@ def forward_budget(problem: Problem, impl: Impl, *, details: LLADetails | None =
         o_dense = dense_torch_lla(problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
                                   qk_scale=problem.qk_scale, compute_dtype=impl.compute_dtype)
         dense_err = (o_dense.to(torch.float64) - d.o).norm(dim=-1)
-        allowed = torch.maximum(model, FA_FACTOR * torch.nan_to_num(dense_err, nan=0.0, posinf=0.0))
+        allowed, scale = same_precision_allowed(model, dense_err, FA_FACTOR, ~d.undefined)
+        return ForwardBudget(d, sens, terms, model, dense_err, allowed, u_c, u_out, scale)
     return ForwardBudget(d, sens, terms, model, dense_err, allowed, u_c, u_out)
 
 
@@ -215,6 +240,8 @@ def check_forward(problem: Problem, impl: Impl, o: torch.Tensor, *, stats: dict 
     t = {k: float(v[idx]) for k, v in fb.terms.items()}
     dense_txt = f", dense {DTYPE_NAMES.get(impl.compute_dtype, impl.compute_dtype)} error {float(fb.dense_err[idx]):.3e}" \
         if fb.dense_err is not None else ""
+    if fb.model_scale > 1.0:
+        dense_txt += f"; model x{fb.model_scale:.3g}: the fp32 reference itself exceeds it on this problem"
     msg = (
         f"[{impl.name}] forward {'PASS' if passed else 'FAIL'} ratio {ratio:.3g} on {case}\n"
         f"  worst query {_fmt_idx(idx)}: error {float(err[idx]):.3e} vs allowed {float(fb.allowed[idx]):.3e} "
@@ -415,7 +442,7 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     beyond_k = beyond_q.flip(-1).to(torch.int8).cummax(-1).values.flip(-1).bool()
     norm_terms = _normalisation_terms(problem, d, cot, u_c, floor, exclude=beyond_q)
     lines, worst = [], (0.0, None, None)
-    per_query, nonfinite, n_unmeasured, n_overflow = {}, 0, 0, 0
+    per_query, nonfinite, n_unmeasured, n_overflow, scaled = {}, 0, 0, 0, []
     for name in GRAD_NAMES:
         g_ref = ref[name]
         g = got.get(name)
@@ -448,7 +475,9 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
         allowed = model
         if dense_g is not None and dense_g.get(name) is not None:
             dense_err = _row_norm(dense_g[name].to(torch.float64) - g_ref, name)
-            allowed = torch.maximum(model, FA_FACTOR_GRAD * torch.nan_to_num(dense_err, nan=0.0, posinf=0.0))
+            allowed, scale = same_precision_allowed(model, dense_err, FA_FACTOR_GRAD, judged)
+            if scale > 1.0:
+                scaled.append(f"{name} x{scale:.3g}")
         g64 = g.to(torch.float64)
         fin, not_nan = torch.isfinite(g64), ~torch.isnan(g64)
         fin, not_nan = (fin, not_nan) if name == "dlambda" else (fin.all(-1), not_nan.all(-1))
@@ -493,6 +522,8 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
               f"precision (kappa u_c >= {BEYOND_PRECISION:g}, kappa up to {float(kappa_q[beyond_q].max()):.2e}): "
               "no budget applies, a NaN still fails" if bool(beyond_q.any()) else "")
            + (f"; {n_overflow} of those rows overflowed to Inf (counted, not failed)" if n_overflow else "")
+           + (f"\n  model scaled where the fp32 reference itself exceeds it ({', '.join(scaled)}: "
+              "FA factor x the reference's worst error / model)" if scaled else "")
            + f"\n  cause: {cause}{extra}")
     record("backward", impl.name, ratio, case)
     return Verdict("backward", impl.name, case, ratio, passed, cause, msg, widx, int(defined.sum()),
