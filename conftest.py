@@ -8,7 +8,6 @@ triage:  the ci profile without shrinking: reports the first failing example fas
          (used to measure the suite against planted bugs, docs/kill-list.md).
 """
 
-
 from hypothesis import HealthCheck, Phase, settings
 
 _common = dict(

@@ -135,7 +135,7 @@ class ForwardBudget:
     allowed: torch.Tensor
     u_c: float
     u_out: float
-    model_scale: float = 1.0  # > 1 where the same-precision reference exceeded the model
+    model_scale: float = 1.0  # the same-precision scale on the model (same_precision_allowed)
 
 
 def forward_budget(problem: Problem, impl: Impl, *, details: LLADetails | None = None, dense: bool = True,
@@ -168,15 +168,13 @@ def forward_budget(problem: Problem, impl: Impl, *, details: LLADetails | None =
         "floor": u_c * root_n * vscale,
     }
     model = THRESH * sum(terms.values())
-    dense_err = None
-    allowed = model
+    dense_err, allowed, scale = None, model, 1.0
     if dense:
         o_dense = dense_torch_lla(problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
                                   qk_scale=problem.qk_scale, compute_dtype=impl.compute_dtype)
         dense_err = (o_dense.to(torch.float64) - d.o).norm(dim=-1)
         allowed, scale = same_precision_allowed(model, dense_err, FA_FACTOR, ~d.undefined)
-        return ForwardBudget(d, sens, terms, model, dense_err, allowed, u_c, u_out, scale)
-    return ForwardBudget(d, sens, terms, model, dense_err, allowed, u_c, u_out)
+    return ForwardBudget(d, sens, terms, model, dense_err, allowed, u_c, u_out, scale)
 
 
 def _fmt_idx(idx) -> str:
