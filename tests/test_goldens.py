@@ -321,6 +321,30 @@ def test_compare_catches_a_planted_bug(capsys):
     assert out.strip().splitlines()[-1].startswith("6 of 9 checks over threshold, worst ratio ")
 
 
+# Goldens the Triton kernel takes (D >= 16), one per dtype at least, mid-sized so the
+# interpreter does them in about a minute on 2 cores; `lla-verify goldens compare --impl
+# triton` runs all twelve (3.4 min there).
+KERNEL_GOLDENS = ["spectrum-kappa1e8-bf16-S129-D32", "subspace-noise1e-4-bf16-S33-D16",
+                  "clusters-spread1e-3-f16-S100-D32", "offset1e4-f32-S127-D32",
+                  "linear-values-lam0-f32-S100-D16", "early-lam1e-8-bf16-S72-D64"]
+
+
+@pytest.mark.interp
+def test_triton_kernel_matches_the_goldens_within_budgets(capsys):
+    from lla_verify.impls import is_available
+
+    impl = get_impl("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = is_available(impl, device)
+    if reason:
+        pytest.skip(reason)
+    code, results = G.compare(G.DEFAULT_DIR, impl, device=device, only=KERNEL_GOLDENS)
+    out = capsys.readouterr().out
+    assert [r.name for r in results] == KERNEL_GOLDENS and not any(r.skipped for r in results), out
+    assert code == 0, out
+    assert out.strip().splitlines()[-1].startswith(f"0 of {3 * len(KERNEL_GOLDENS)} checks over threshold"), out
+
+
 def test_compare_skips_what_the_impl_cannot_do(capsys):
     narrow = G.compare(G.DEFAULT_DIR, Impl(name="f32-d4", forward=get_impl("torch-fp32").forward, description="x",
                                            dtypes=(torch.float32,), head_dims=(4,), per_query_lambda=False),
