@@ -5,7 +5,7 @@ exact identities of the gradient (docs/math.md, backward section).
 
 import pytest
 import torch
-from hypothesis import given, settings, target
+from hypothesis import event, given, settings, target
 
 from lla_verify import suite
 from lla_verify.budget import assert_within_budget, check_backward, impl_grads
@@ -33,7 +33,11 @@ def test_gradients_within_budget(impl, device, family):
             pytest.skip(verdict.message)
         target(min(verdict.ratio, 1e6), label=f"backward ratio {family}")
         if verdict.cause == "conditioning":
-            return  # kappa u_c >= 0.1: no computation in this precision resolves the gradient
+            # kappa u_c >= 0.1 at the worst row: no computation in this precision resolves
+            # it; counted in Hypothesis' statistics (--hypothesis-show-statistics) and in
+            # the ledger's closing line, and the audit still reports it as a failing cell
+            event("backward over budget where kappa u_c >= 0.1 (conditioning): not held against the kernel")
+            return
         assert_within_budget(verdict)
 
     prop()
