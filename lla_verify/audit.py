@@ -629,8 +629,70 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+MERGE_KEYS = ("impl", "device", "mode", "seed", "only", "plan_size")
+
+
+def merge_reports(paths: list[str], command: str = "") -> dict:
+    """One report from the slices of one plan (``--cells``), e.g. run on several calls or
+    machines. The slices must share implementation, device, mode, seed and plan; a cell
+    in two slices keeps the first record. The merge is complete, and can pass, only when
+    every planned cell is in it."""
+    reps = []
+    for path in paths:
+        try:
+            with open(path) as fh:
+                rep = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"--merge: cannot read {path!r} as an audit report.json: {exc}") from None
+        if not isinstance(rep, dict) or not isinstance(rep.get("cells"), list) or "meta" not in rep:
+            raise UsageError(f"--merge: {path!r} is not an audit report.json (no 'cells' list)")
+        reps.append(rep)
+    first = reps[0]["meta"]
+    for path, rep in zip(paths[1:], reps[1:]):
+        for key in MERGE_KEYS:
+            if rep["meta"].get(key) != first.get(key):
+                raise UsageError(f"--merge: {path!r} has {key}={rep['meta'].get(key)!r} where {paths[0]!r} has "
+                                 f"{first.get(key)!r}: not slices of one audit")
+    cells, seen, regressions = [], set(), []
+    for rep in reps:
+        for c in rep["cells"]:
+            if c["spec"] not in seen:
+                seen.add(c["spec"])
+                cells.append(c)
+        regressions += [r for r in rep.get("regressions") or [] if r not in regressions]
+    plan_size = first.get("plan_size")
+    interrupted = None
+    if not isinstance(plan_size, int):
+        interrupted = f"merged {len(cells)} cells of a plan of unknown size (a report from before --merge)"
+    elif len(cells) < plan_size:
+        interrupted = f"merged {len(cells)} of {plan_size} planned cells"
+    meta = dict(first, merged_from=list(paths), wall_s=sum(float(r["meta"].get("wall_s") or 0) for r in reps),
+                interrupted=interrupted, command=command or first.get("command"))
+    return _jsonable({"schema": SCHEMA, "meta": meta, "verdict": _verdict(cells, regressions, interrupted=interrupted),
+                      "regressions": regressions, "baseline": None, "skipped": reps[0].get("skipped") or [],
+                      "cells": cells})
+
+
+def _merge_main(args) -> int:
+    command = "lla-verify audit --merge " + " ".join(shlex.quote(p) for p in args.merge) + (
+        f" --out {shlex.quote(args.out)}" if args.out else "")
+    report = merge_reports(args.merge, command)
+    if args.out:
+        from .report import write_reports
+
+        write_reports(report, args.out)
+    for line in summary_lines(report):
+        print(line)
+    if args.out:
+        print(f"report: {os.path.join(args.out, 'report.html')} and report.json")
+    return EXIT_OK if report["verdict"]["passed"] else EXIT_FAIL
+
+
 def _audit_main(args) -> int:
     import signal
+
+    if args.merge:
+        return _merge_main(args)
 
     # a batch scheduler's timeout (SIGTERM) ends the sweep like Ctrl-C: with a partial report
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
@@ -652,6 +714,7 @@ def _audit_main(args) -> int:
         cells = [c for c in cells if any(s in c.case.spec() for s in args.only)]
         if not cells:
             raise UsageError(f"--only: no cell matches {args.only}")
+    plan_size = len(cells)
     if args.cells:
         cells = cells[_cell_slice(args.cells, len(cells))]
     if args.max_cells is not None and len(cells) > args.max_cells:
@@ -661,6 +724,8 @@ def _audit_main(args) -> int:
     command = _command_line(args, full, device)
     meta = metadata(impl, device, "full" if full else "quick", command, args.seed)
     meta["impl"] = args.impl
+    meta["plan_size"] = plan_size  # cells planned before --cells: what --merge checks completeness against
+    meta["only"] = list(args.only or [])
     meta["regression_rule"] = (f"forward or gradient ratio grew more than x{args.regression_factor:g} to above "
                                f"{args.regression_floor:g}, or a cell newly failing")
     print(f"lla-verify audit: {len(cells)} cells on {args.impl} ({device}, {'full' if full else 'quick'})"
@@ -748,6 +813,8 @@ def register(sub) -> None:
     p.add_argument("--max-cells", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--cells", default=None, metavar="START:STOP",
                    help="run a slice of the plan (to finish an interrupted audit, or split one across machines)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="REPORT",
+                   help="merge the report.json files of slices of one audit into one report (no cell is run)")
     p.set_defaults(func=_guard(_audit_main))
 
     c = sub.add_parser("check", help="replay one case from its one-line spec and judge it (exit 0 pass, 1 fail)",

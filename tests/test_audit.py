@@ -170,6 +170,36 @@ def test_cells_slice_runs_that_part_of_the_plan(tmp_path, capsys):
     assert "--cells 60:62" in rep["meta"]["command"]
 
 
+def test_slices_merge_into_one_complete_report(tmp_path, capsys):
+    base = ["audit", "--impl", "torch-fp32", "--no-backward", "--no-progress", "--only", "kappa=100,"]
+    outs = [str(tmp_path / n) for n in ("a", "b", "merged", "partial")]
+    assert _run_cli(base + ["--cells", "0:1", "--out", outs[0]], capsys)[0] == 0
+    assert _run_cli(base + ["--cells", "1:", "--out", outs[1]], capsys)[0] == 0
+    slices = [json.loads((tmp_path / n / "report.json").read_text()) for n in ("a", "b")]
+    plan = slices[0]["meta"]["plan_size"]
+    assert plan >= 2 and len(slices[0]["cells"]) == 1 and len(slices[1]["cells"]) == plan - 1
+    rc, out, _ = _run_cli(["audit", "--merge", f"{outs[0]}/report.json", f"{outs[1]}/report.json",
+                           "--out", outs[2]], capsys)
+    merged = json.loads((tmp_path / "merged" / "report.json").read_text())
+    assert rc == 0 and out.startswith(f"PASS: 0 out of {plan} cells"), out
+    assert [c["spec"] for c in merged["cells"]] == [c["spec"] for sl in slices for c in sl["cells"]]
+    assert merged["verdict"]["interrupted"] is None and merged["meta"]["merged_from"][1].endswith("b/report.json")
+    # one slice alone is a partial audit, whatever its cells say
+    rc, out, _ = _run_cli(["audit", "--merge", f"{outs[0]}/report.json", "--out", outs[3]], capsys)
+    assert rc == 1 and f"INCOMPLETE: merged 1 of {plan} planned cells" in out, out
+
+
+def test_merge_refuses_reports_of_different_audits(tmp_path, capsys):
+    for name, seed in (("s0", "0"), ("s1", "1")):
+        _run_cli(["audit", "--impl", "torch-fp32", "--no-backward", "--no-progress", "--only", "kappa=100,",
+                  "--cells", "0:1", "--seed", seed, "--out", str(tmp_path / name)], capsys)
+    rc, _, err = _run_cli(["audit", "--merge", str(tmp_path / "s0/report.json"), str(tmp_path / "s1/report.json")],
+                          capsys)
+    assert rc == 2 and "--merge" in err and "seed=1" in err, err
+    rc, _, err = _run_cli(["audit", "--merge", str(tmp_path / "nothing.json")], capsys)
+    assert rc == 2 and "--merge: cannot read" in err, err
+
+
 def test_check_replays_a_case(capsys):
     spec = Case("gaussian", {"lam": 1.0}, S=17, D=8).spec()
     rc, out, _ = _run_cli(["check", "--case", spec, "--impl", "torch-fp32"], capsys)
