@@ -370,17 +370,22 @@ def _show(x) -> str:
     return _r(x)
 
 
-def load_baseline(path: str) -> list[dict]:
+def read_report(path: str, flag: str) -> dict:
+    """An audit report.json, or a UsageError naming ``flag`` and what is wrong with it."""
     try:
         with open(path) as fh:
             data = json.load(fh)
     except FileNotFoundError:
-        raise UsageError(f"--baseline: no such file {path!r}") from None
+        raise UsageError(f"{flag}: cannot read {path!r}: no such file") from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"--baseline: cannot read {path!r} as JSON: {exc}") from None
+        raise UsageError(f"{flag}: cannot read {path!r} as JSON: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("cells"), list):
-        raise UsageError(f"--baseline: {path!r} is not an audit report.json (no 'cells' list)")
-    return data["cells"]
+        raise UsageError(f"{flag}: {path!r} is not an audit report.json (no 'cells' list)")
+    return data
+
+
+def load_baseline(path: str) -> list[dict]:
+    return read_report(path, "--baseline")["cells"]
 
 
 def compare(cells: list[dict], baseline: list[dict], *, factor: float = REGRESSION_FACTOR,
@@ -637,16 +642,10 @@ def merge_reports(paths: list[str], command: str = "") -> dict:
     machines. The slices must share implementation, device, mode, seed and plan; a cell
     in two slices keeps the first record. The merge is complete, and can pass, only when
     every planned cell is in it."""
-    reps = []
-    for path in paths:
-        try:
-            with open(path) as fh:
-                rep = json.load(fh)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UsageError(f"--merge: cannot read {path!r} as an audit report.json: {exc}") from None
-        if not isinstance(rep, dict) or not isinstance(rep.get("cells"), list) or "meta" not in rep:
-            raise UsageError(f"--merge: {path!r} is not an audit report.json (no 'cells' list)")
-        reps.append(rep)
+    reps = [read_report(path, "--merge") for path in paths]
+    for path, rep in zip(paths, reps):
+        if not isinstance(rep.get("meta"), dict):
+            raise UsageError(f"--merge: {path!r} has no 'meta': not an audit report.json")
     first = reps[0]["meta"]
     for path, rep in zip(paths[1:], reps[1:]):
         for key in MERGE_KEYS:
@@ -681,10 +680,15 @@ def _merge_main(args) -> int:
         from .report import write_reports
 
         write_reports(report, args.out)
+    return _print_summary(report, args.out)
+
+
+def _print_summary(report: dict, out: str | None) -> int:
+    """The stdout summary of a written report; returns its exit status."""
     for line in summary_lines(report):
         print(line)
-    if args.out:
-        print(f"report: {os.path.join(args.out, 'report.html')} and report.json")
+    if out:
+        print(f"report: {os.path.join(out, 'report.html')} and report.json")
     return EXIT_OK if report["verdict"]["passed"] else EXIT_FAIL
 
 
@@ -733,11 +737,7 @@ def _audit_main(args) -> int:
     res = run_audit(impl, cells, device=device, backward=not args.no_backward, baseline=baseline, out=args.out,
                     meta=meta, skipped=skipped, progress=not args.no_progress, impl_name=args.impl, log=sys.stderr,
                     factor=args.regression_factor, floor=args.regression_floor)
-    for line in summary_lines(res.report):
-        print(line)
-    if args.out:
-        print(f"report: {os.path.join(args.out, 'report.html')} and report.json")
-    return res.exit_code
+    return _print_summary(res.report, args.out)
 
 
 def _check_main(args) -> int:

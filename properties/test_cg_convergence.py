@@ -72,7 +72,7 @@ def spectrum_cases(draw, *, kappa_lo=1.0, kappa_hi=1e8, rotate=None, on_gpu=Fals
         kap = 10.0 ** draw(st.floats(math.log10(kappa_lo), math.log10(kappa_hi), allow_nan=False))
     rot = rotate if rotate is not None else draw(st.sampled_from((1, 0)))
     D = draw(st.sampled_from((16, 64))) if on_gpu else 16
-    # S > D always: the Jacobi properties judge only the full-rank queries i >= D
+    # S > keys_per_dim D always: the Jacobi properties judge only queries i >= keys_per_dim D
     lo = keys_per_dim * D + 1
     S = draw(st.integers(max(64, lo), 384)) if on_gpu else draw(st.integers(lo, max(32, lo + 16)))
     seed = draw(st.integers(0, 2**16))
