@@ -8,6 +8,8 @@ triage:  the ci profile without shrinking: reports the first failing example fas
          (used to measure the suite against planted bugs, docs/kill-list.md).
 """
 
+import os
+
 from hypothesis import HealthCheck, Phase, settings
 
 _common = dict(
@@ -30,3 +32,15 @@ settings.register_profile(
     phases=[Phase.explicit, Phase.generate], **_common,
 )
 settings.load_profile("dev")
+
+
+def pytest_configure(config):
+    # Under xdist, each worker takes its share of the CPUs for torch's CPU work (the
+    # float64 oracles): torch's default of every CPU per worker oversubscribes n-fold.
+    n = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if n:
+        import torch
+
+        from lla_verify.gpu_pinning import threads_per_worker
+
+        torch.set_num_threads(threads_per_worker(os.cpu_count() or 1, int(n)))

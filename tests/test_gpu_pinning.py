@@ -36,6 +36,11 @@ def test_opt_out():
     assert gp.pin_current_worker(env) is None and env["CUDA_VISIBLE_DEVICES"] == "0,1"
 
 
-@pytest.mark.parametrize("gpus, cpus, expect", [(0, 16, 16), (1, 16, 2), (2, 32, 4), (8, 8, 8)])
+@pytest.mark.parametrize("gpus, cpus, expect", [(0, 16, 16), (1, 16, 16), (2, 32, 32), (8, 4, 4), (1, 0, 1)])
 def test_workers_for_auto(gpus, cpus, expect):
     assert gp.workers_for(gpus, cpus) == expect
+
+
+@pytest.mark.parametrize("cpus, workers, expect", [(16, 16, 1), (16, 4, 4), (2, 2, 1), (2, 3, 1), (8, 0, 8)])
+def test_threads_per_worker(cpus, workers, expect):
+    assert gp.threads_per_worker(cpus, workers) == expect

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting, launch_fitting, reanchor_rounds
-from .forward import anchor_too_far
+from .forward import _matvec, anchor_too_far
 
 DEFAULT_PRECISION = "tf32x3"
 
@@ -96,46 +96,6 @@ def _a_pass1_tile(q_dot, g_dot, c, rho, qr, K, V, base, start_n, S, scale, offs_
 
 
 @triton.jit
-def _a_matvec_tile(p, pq, q_dot, c, K, base, start_n, S, scale, offs_m, m_i, acc, tsum,
-                   D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
-                   PREC: tl.constexpr, SPREC: tl.constexpr):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K, base, offs_n, S, D)
-    kf = k.to(tl.float32)
-    kp = kf - c[None, :]
-    if UPCAST:
-        k_dot = kf
-    else:
-        k_dot = k
-    a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC) * scale
-    if MASK:
-        keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S)
-        a = tl.where(keep, a, float("-inf"))
-    w = tl.exp(a - m_i[:, None])
-    t = w * (tl.dot(p, tl.trans(kp), input_precision=PREC) - pq[:, None])
-    acc += tl.dot(t, kp, input_precision=PREC)
-    tsum += tl.sum(t, 1)
-    return acc, tsum
-
-
-@triton.jit
-def _a_matvec(p, qp, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
-              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-              PREC: tl.constexpr, SPREC: tl.constexpr):
-    """Sigma_i p_i for every row of the tile; Sigma_i is never formed."""
-    pq = tl.sum(qp * p, 1)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    tsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, lo_full, BLOCK_N):
-        acc, tsum = _a_matvec_tile(p, pq, q_dot, c, K, base, start_n, S, scale, offs_m, m_i, acc, tsum,
-                                   D, BLOCK_N, UPCAST, False, PREC, SPREC)
-    for start_n in range(lo_full, hi, BLOCK_N):
-        acc, tsum = _a_matvec_tile(p, pq, q_dot, c, K, base, start_n, S, scale, offs_m, m_i, acc, tsum,
-                                   D, BLOCK_N, UPCAST, True, PREC, SPREC)
-    return acc - tsum[:, None] * qp + lam_omega[:, None] * p
-
-
-@triton.jit
 def _a_grad_tile(q_dot, g_dot, c, rho, qr, u, uq, go, inv_den, beta, K, V, base, start_n, S, scale,
                  offs_m, m_i, dqa, esum,
                  D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
@@ -172,7 +132,8 @@ def _a_grad_tile(q_dot, g_dot, c, rho, qr, u, uq, go, inv_den, beta, K, V, base,
 def _a_solve_rows(q_dot, g_dot, qf, gf, c, todo, fb, rho, lam, K, V, base, S, scale, cg_tol, cg_max_iters,
                   offs_m, row_ok, lo_full, hi,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  UPCAST: tl.constexpr, JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+                  UPCAST: tl.constexpr, JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
+                  SPLIT: tl.constexpr):
     """Kernel A's passes for one tile around anchor c; the adjoint CG runs on the rows
     of ``todo`` this anchor serves, and ``far`` (the rest of todo) goes to the next
     anchor, as in the forward (docs/kernels.md, "Anchor")."""
@@ -211,6 +172,12 @@ def _a_solve_rows(q_dot, g_dot, qf, gf, c, todo, fb, rho, lam, K, V, base, S, sc
     b = ((pk - p0[:, None] * qp) - go[:, None] * (mk - omega[:, None] * qp)) * inv_den[:, None]
     b = tl.where(row_ok[:, None] & (~fb)[:, None], b, 0.0)
     lam_omega = lam * omega
+    # the forward's matvec, split path included: bf16 keys are exact, so Sigma_i p_i is
+    # expanded around 0 (q itself) with 3 bf16 MMAs per product instead of tf32x3's 6
+    if SPLIT:
+        qx = qf
+    else:
+        qx = qp
 
     # ---- CG on Sigma_i u_i = b_i: the forward's iteration and stopping rule
     u = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -233,8 +200,8 @@ def _a_solve_rows(q_dot, g_dot, qf, gf, c, todo, fb, rho, lam, K, V, base, S, sc
     n_active = tl.sum(active.to(tl.int32), 0)
     it = 0
     while (n_active > 0) & (it < cg_max_iters):
-        ap = _a_matvec(p, qp, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
-                       D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC)
+        ap = _matvec(p, qx, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
+                     D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC, SPLIT)
         pap = tl.sum(p * ap, 1)
         # pAp <= 0 only for a singular Sigma_i (lambda_i = 0) or an underflowed p
         ok = active & (pap > 0.0)
@@ -279,7 +246,7 @@ def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, FB, U, DQ, DLAM, M_OUT, DEN_OUT,
                           S, scale, cg_tol, cg_max_iters,
                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           UPCAST: tl.constexpr, JACOBI: tl.constexpr, PREC: tl.constexpr,
-                          SPREC: tl.constexpr, FIRST: tl.constexpr):
+                          SPREC: tl.constexpr, SPLIT: tl.constexpr, FIRST: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_M)
     if FIRST:
         # late query tiles do the most work: launch them first for a balanced tail
@@ -326,7 +293,7 @@ def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, FB, U, DQ, DLAM, M_OUT, DEN_OUT,
     c = tl.load(Q + base + a_row * D + offs_d).to(tl.float32)
     u, dq, dlam, m_i, den, go, beta, iters, rel, far = _a_solve_rows(
         q_dot, g_dot, qf, gf, c, todo, fb, rho, lam, K, V, base, S, scale, cg_tol, cg_max_iters,
-        offs_m, row_ok, lo_full, hi, D, BLOCK_M, BLOCK_N, UPCAST, JACOBI, PREC, SPREC)
+        offs_m, row_ok, lo_full, hi, D, BLOCK_M, BLOCK_N, UPCAST, JACOBI, PREC, SPREC, SPLIT)
     take = todo & (~far)
 
     tile_ptrs = base + offs_m[:, None] * D + offs_d[None, :]
@@ -557,6 +524,9 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg
     res = torch.empty_like(dlam)
     # 16-bit operands give exact products in any mode; only fp32 q, k, v, g need it
     sprec = precision if q.dtype == torch.float32 or upcast else "tf32"
+    # the forward's rule: bf16 keys are exact in bf16, so the adjoint CG's products split
+    # their fp32 operand three ways against them (forward._dot3)
+    split = q.dtype == torch.bfloat16 and precision == "tf32x3"
     cfg_a, cfg_b = _configs(D, config_a, config_b)
 
     far = torch.zeros(N, S, device=dev, dtype=torch.int8)
@@ -570,7 +540,7 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg
             tile_ids, anchors, todo, far,
             S, float(scale), float(cg_tol), int(cg_max_iters),
             D=D, BLOCK_M=am, BLOCK_N=an, UPCAST=upcast, JACOBI=(preconditioner == "jacobi"),
-            PREC=precision, SPREC=sprec, FIRST=first, num_warps=aw, num_stages=ast,
+            PREC=precision, SPREC=sprec, SPLIT=split, FIRST=first, num_warps=aw, num_stages=ast,
         )
         return cfg
 
