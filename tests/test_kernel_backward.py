@@ -329,6 +329,24 @@ def test_value_shift_leaves_dq_dk():
     _check(q, k, v + shift, lam, g, g2, label="v shifted", dense=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lam", [1e-5, 1.0])
+def test_first_token_gradients_are_exactly_zero(dtype, lam):
+    # One key: s_00 = 1, so o_0 = v_0 whatever q_0, k_0, lambda_0 > 0, and dq_0 = 0,
+    # dlambda_0 = 0 exactly. The kernel gets exact zeros because row 0 anchors its tile's
+    # values (v_0 - v_ref = 0, so c_0j = 0, b_0 = 0, u_0 = 0), not because rounding is
+    # small: unanchored, <g, v_0 - o_0> was rounding noise divided by den_0 ~ lambda,
+    # and an H200 returned dlambda_0 = 50 at lambda 1e-5 (bf16, clusters family) where
+    # float64 says 0 (docs/kernels-backward.md).
+    N, S, D = 6, 5, 16
+    q, k, v, g = _inputs(N, S, D, dtype, seed=21)
+    q, k, v = 3 * q, 3 * k, 3 * v
+    lam_t = torch.full((N, S), lam, device=DEVICE)
+    dq, _, _, dlam = _kernel_grads(q, k, v, lam_t, g)
+    assert torch.count_nonzero(dq[:, 0]) == 0, f"dq_0 = {dq[:, 0].abs().amax().item():.3e}, expected exactly 0"
+    assert torch.count_nonzero(dlam[:, 0]) == 0, f"dlambda_0 = {dlam[:, 0].abs().amax().item():.3e}, expected 0"
+
+
 def test_fallback_rows_get_the_softmax_gradient():
     """lambda = 0 with S <= D: every den is rounding noise, every row falls back to the
     softmax average (test_kernel_forward), and the backward must differentiate what was

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting, launch_fitting, reanchor_rounds
-from .forward import _matvec, anchor_too_far
+from .forward import _dot3, _matvec, anchor_too_far
 
 DEFAULT_PRECISION = "tf32x3"
 
@@ -52,10 +52,22 @@ def _load_rows(PTR, base, offs, S, D: tl.constexpr):
 
 
 @triton.jit
-def _a_pass1_tile(q_dot, g_dot, c, rho, qr, K, V, base, start_n, S, scale, offs_m,
+def _gv_anchored(g_dot, gf, vp, UPCAST: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """<g_i, v_j - v_ref> for a tile, (BLOCK_M, BLOCK_N), to fp32 accuracy.
+
+    vp = v - v_ref is exact in fp32 for 16-bit v but not a 16-bit number, so the product
+    is fp32-class: bf16 g is exact, and vp splits three ways against it (forward._dot3)."""
+    if SPLIT:
+        return tl.trans(_dot3(vp, tl.trans(g_dot), UPCAST))
+    else:
+        return tl.dot(gf, tl.trans(vp), input_precision=PREC)
+
+
+@triton.jit
+def _a_pass1_tile(q_dot, g_dot, gf, c, vref, rho, qr, K, V, base, start_n, S, scale, offs_m,
                   m_i, omega, den, ov, pk, p0, mk, kk, k2,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
-                  JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+                  JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(K, base, offs_n, S, D)
     v = _load_rows(V, base, offs_n, S, D)
@@ -63,12 +75,14 @@ def _a_pass1_tile(q_dot, g_dot, c, rho, qr, K, V, base, start_n, S, scale, offs_
     # anchored keys: z_ij = k'_j - q'_i with the same anchor on both sides, so a
     # common offset of q and k cancels here, before any product
     kp = kf - c[None, :]
+    # values anchored too (v' = v - v_ref, v_ref the anchor row's value): c_ij needs
+    # <g_i, v_j - o_i>, a difference that is 0 where o_i = v_j exactly (the first token,
+    # one dominant key) and is otherwise formed from two rounded sums of the size of v
+    vp = v.to(tl.float32) - vref[None, :]
     if UPCAST:
         k_dot = kf
-        v_dot = v.to(tl.float32)
     else:
         k_dot = k
-        v_dot = v
     # scores exactly as the forward forms them (unanchored, same operands)
     a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC) * scale
     if MASK:
@@ -78,14 +92,14 @@ def _a_pass1_tile(q_dot, g_dot, c, rho, qr, K, V, base, start_n, S, scale, offs_
     alpha = tl.exp(m_i - m_new)
     w = tl.exp(a - m_new[:, None])
     wf = w * ((1.0 + qr[:, None]) - tl.dot(rho, tl.trans(kp), input_precision=PREC))
-    # <g_i, v_j>: raw 16-bit operands give exact products, fp32 accumulation
-    gv = tl.dot(g_dot, tl.trans(v_dot), input_precision=SPREC)
+    gv = _gv_anchored(g_dot, gf, vp, UPCAST, PREC, SPLIT)
     wg = w * gv
     omega = omega * alpha + tl.sum(w, 1)
     den = den * alpha + tl.sum(wf, 1)
-    ov = ov * alpha[:, None] + tl.dot(wf, v.to(tl.float32), input_precision=PREC)
-    # b_i needs o_i, known only after this pass: keep sum_j w <g,v_j> z_ij and
-    # sum_j w z_ij apart and combine them with <g_i, o_i> afterwards
+    # ov = sum_j w f (v_j - v_ref): o_i - v_ref = ov / den
+    ov = ov * alpha[:, None] + tl.dot(wf, vp, input_precision=PREC)
+    # b_i needs o_i, known only after this pass: keep sum_j w <g,v'_j> z_ij and
+    # sum_j w z_ij apart and combine them with <g_i, o_i - v_ref> afterwards
     pk = pk * alpha[:, None] + tl.dot(wg, kp, input_precision=PREC)
     p0 = p0 * alpha + tl.sum(wg, 1)
     mk = mk * alpha[:, None] + tl.dot(w, kp, input_precision=PREC)
@@ -96,28 +110,28 @@ def _a_pass1_tile(q_dot, g_dot, c, rho, qr, K, V, base, start_n, S, scale, offs_
 
 
 @triton.jit
-def _a_grad_tile(q_dot, g_dot, c, rho, qr, u, uq, go, inv_den, beta, K, V, base, start_n, S, scale,
+def _a_grad_tile(q_dot, g_dot, gf, c, vref, rho, qr, u, uq, go, inv_den, beta, K, V, base, start_n, S, scale,
                  offs_m, m_i, dqa, esum,
                  D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
-                 PREC: tl.constexpr, SPREC: tl.constexpr):
+                 PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(K, base, offs_n, S, D)
     v = _load_rows(V, base, offs_n, S, D)
     kf = k.to(tl.float32)
     kp = kf - c[None, :]
+    vp = v.to(tl.float32) - vref[None, :]
     if UPCAST:
         k_dot = kf
-        v_dot = v.to(tl.float32)
     else:
         k_dot = k
-        v_dot = v
     a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC) * scale
     if MASK:
         keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S)
         a = tl.where(keep, a, float("-inf"))
     w = tl.exp(a - m_i[:, None])
     f = (1.0 + qr[:, None]) - tl.dot(rho, tl.trans(kp), input_precision=PREC)
-    cc = (tl.dot(g_dot, tl.trans(v_dot), input_precision=SPREC) - go[:, None]) * inv_den[:, None]
+    # go = <g_i, o_i - v_ref> here (pass 1's anchored values)
+    cc = (_gv_anchored(g_dot, gf, vp, UPCAST, PREC, SPLIT) - go[:, None]) * inv_den[:, None]
     e = cc - (tl.dot(u, tl.trans(kp), input_precision=PREC) - uq[:, None])
     da = w * (f * e + beta[:, None])
     # sum_j dA_ij = 0 exactly (o is invariant to a per-row shift of the scores),
@@ -129,7 +143,7 @@ def _a_grad_tile(q_dot, g_dot, c, rho, qr, u, uq, go, inv_den, beta, K, V, base,
 
 # ----------------------------------------------------------------------------- kernel A
 @triton.jit
-def _a_solve_rows(q_dot, g_dot, qf, gf, c, todo, fb, rho, lam, K, V, base, S, scale, cg_tol, cg_max_iters,
+def _a_solve_rows(q_dot, g_dot, qf, gf, c, vref, todo, fb, rho, lam, K, V, base, S, scale, cg_tol, cg_max_iters,
                   offs_m, row_ok, lo_full, hi,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   UPCAST: tl.constexpr, JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
@@ -155,20 +169,20 @@ def _a_solve_rows(q_dot, g_dot, qf, gf, c, todo, fb, rho, lam, K, V, base, S, sc
         k2 = 0.0
     for start_n in range(0, lo_full, BLOCK_N):
         m_i, omega, den, ov, pk, p0, mk, kk, k2 = _a_pass1_tile(
-            q_dot, g_dot, c, rho, qr, K, V, base, start_n, S, scale, offs_m,
-            m_i, omega, den, ov, pk, p0, mk, kk, k2, D, BLOCK_N, UPCAST, False, JACOBI, PREC, SPREC)
+            q_dot, g_dot, gf, c, vref, rho, qr, K, V, base, start_n, S, scale, offs_m,
+            m_i, omega, den, ov, pk, p0, mk, kk, k2, D, BLOCK_N, UPCAST, False, JACOBI, PREC, SPREC, SPLIT)
     for start_n in range(lo_full, hi, BLOCK_N):
         m_i, omega, den, ov, pk, p0, mk, kk, k2 = _a_pass1_tile(
-            q_dot, g_dot, c, rho, qr, K, V, base, start_n, S, scale, offs_m,
-            m_i, omega, den, ov, pk, p0, mk, kk, k2, D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC)
+            q_dot, g_dot, gf, c, vref, rho, qr, K, V, base, start_n, S, scale, offs_m,
+            m_i, omega, den, ov, pk, p0, mk, kk, k2, D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC, SPLIT)
     far = todo & anchor_too_far(qp, mk, kk, omega)
     mine = todo & (~far)
 
     den_used = tl.where(den == 0.0, 1.0, den)  # den = 0 only on padding rows
     inv_den = tl.where(row_ok, 1.0 / den_used, 0.0)
-    o = ov * inv_den[:, None]
-    go = tl.sum(gf * o, 1)
-    # b_i = sum_j (<g,v_j> - <g,o_i>) w_ij (k'_j - q'_i) / den_i
+    # go = <g_i, o_i - v_ref>; o_i = v_ref + ov / den
+    go = tl.sum(gf * (ov * inv_den[:, None]), 1)
+    # b_i = sum_j (<g,v'_j> - <g,o_i - v_ref>) w_ij (k'_j - q'_i) / den_i
     b = ((pk - p0[:, None] * qp) - go[:, None] * (mk - omega[:, None] * qp)) * inv_den[:, None]
     b = tl.where(row_ok[:, None] & (~fb)[:, None], b, 0.0)
     lam_omega = lam * omega
@@ -229,15 +243,19 @@ def _a_solve_rows(q_dot, g_dot, qf, gf, c, todo, fb, rho, lam, K, V, base, S, sc
     dqa = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     esum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, lo_full, BLOCK_N):
-        dqa, esum = _a_grad_tile(q_dot, g_dot, c, rho, qr, u, uq, go, inv_den, beta, K, V, base, start_n,
-                                 S, scale, offs_m, m_i, dqa, esum, D, BLOCK_N, UPCAST, False, PREC, SPREC)
+        dqa, esum = _a_grad_tile(q_dot, g_dot, gf, c, vref, rho, qr, u, uq, go, inv_den, beta, K, V, base,
+                                 start_n, S, scale, offs_m, m_i, dqa, esum, D, BLOCK_N, UPCAST, False, PREC,
+                                 SPREC, SPLIT)
     for start_n in range(lo_full, hi, BLOCK_N):
-        dqa, esum = _a_grad_tile(q_dot, g_dot, c, rho, qr, u, uq, go, inv_den, beta, K, V, base, start_n,
-                                 S, scale, offs_m, m_i, dqa, esum, D, BLOCK_N, UPCAST, True, PREC, SPREC)
+        dqa, esum = _a_grad_tile(q_dot, g_dot, gf, c, vref, rho, qr, u, uq, go, inv_den, beta, K, V, base,
+                                 start_n, S, scale, offs_m, m_i, dqa, esum, D, BLOCK_N, UPCAST, True, PREC,
+                                 SPREC, SPLIT)
     # -sum_j dZ_ij = rho_i E_i + u_i sum_j w_ij f_ij; the last sum is den
     dq = scale * dqa + esum[:, None] * rho + den[:, None] * u
     rel = tl.where(b2 > 0.0, tl.sqrt(rr / tl.where(b2 > 0.0, b2, 1.0)), 0.0)
-    return u, dq, omega * ur, m_i, den_used, go, beta, iters, rel, far
+    # kernel B forms <g_i, v_j> - <g_i, o_i> unanchored: hand it <g_i, o_i> whole
+    go_full = go + tl.sum(gf * vref[None, :], 1)
+    return u, dq, omega * ur, m_i, den_used, go_full, beta, iters, rel, far
 
 
 @triton.jit
@@ -291,8 +309,9 @@ def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, FB, U, DQ, DLAM, M_OUT, DEN_OUT,
         a_row = tl.load(ANCHORS + tl.program_id(0))
         todo = row_ok & (tl.load(TODO + row_ptrs, mask=row_ok, other=0) != 0)
     c = tl.load(Q + base + a_row * D + offs_d).to(tl.float32)
+    vref = tl.load(V + base + a_row * D + offs_d).to(tl.float32)
     u, dq, dlam, m_i, den, go, beta, iters, rel, far = _a_solve_rows(
-        q_dot, g_dot, qf, gf, c, todo, fb, rho, lam, K, V, base, S, scale, cg_tol, cg_max_iters,
+        q_dot, g_dot, qf, gf, c, vref, todo, fb, rho, lam, K, V, base, S, scale, cg_tol, cg_max_iters,
         offs_m, row_ok, lo_full, hi, D, BLOCK_M, BLOCK_N, UPCAST, JACOBI, PREC, SPREC, SPLIT)
     take = todo & (~far)
 
