@@ -538,6 +538,8 @@ def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = 
 
 def summary_lines(report: dict, *, top: int = 5) -> list[str]:
     """The stdout summary: regressions first, then the verdict, failures, worst cells."""
+    from .report import wall_text
+
     v = report["verdict"]
     lines = []
     regs = report.get("regressions") or []
@@ -551,9 +553,12 @@ def summary_lines(report: dict, *, top: int = 5) -> list[str]:
     lines.append(f"{head}: {v['n_failed']} out of {v['n_cells']} cells failed to pass the threshold (ratio > 1)"
                  f"{'; ' + str(len(regs)) + ' regressions' if regs else ''} "
                  f"[impl {meta.get('impl')}, device {meta.get('device')}, {meta.get('mode')}, "
-                 f"{meta.get('wall_s', 0):.0f} s]")
+                 f"{wall_text(meta)}]")
     if v.get("interrupted"):
         lines.append(f"INCOMPLETE: {v['interrupted']} (a partial audit never passes)")
+    if meta.get("cells_slice") and not meta.get("merged_from"):
+        lines.append(f"slice {meta['cells_slice']} of a {meta.get('plan_size')}-cell plan: this verdict covers "
+                     f"its cells only; the audit's is the merge of every slice (lla-verify audit --merge)")
     if v.get("worst_spec"):
         lines.append(f"worst ratio {_show(v['worst_ratio'])} at {v['worst_spec']}")
     failed = [c for c in report["cells"] if not c.get("passed")]
@@ -665,7 +670,7 @@ def merge_reports(paths: list[str], command: str = "") -> dict:
         interrupted = f"merged {len(cells)} cells of a plan of unknown size (a report from before --merge)"
     elif len(cells) < plan_size:
         interrupted = f"merged {len(cells)} of {plan_size} planned cells"
-    meta = dict(first, merged_from=list(paths), wall_s=sum(float(r["meta"].get("wall_s") or 0) for r in reps),
+    meta = dict(first, merged_from=list(paths), cells_slice=None, wall_s=sum(float(r["meta"].get("wall_s") or 0) for r in reps),
                 interrupted=interrupted, command=command or first.get("command"))
     return _jsonable({"schema": SCHEMA, "meta": meta, "verdict": _verdict(cells, regressions, interrupted=interrupted),
                       "regressions": regressions, "baseline": None, "skipped": reps[0].get("skipped") or [],
@@ -730,6 +735,7 @@ def _audit_main(args) -> int:
     meta["impl"] = args.impl
     meta["plan_size"] = plan_size  # cells planned before --cells: what --merge checks completeness against
     meta["only"] = list(args.only or [])
+    meta["cells_slice"] = args.cells or None
     meta["regression_rule"] = (f"forward or gradient ratio grew more than x{args.regression_factor:g} to above "
                                f"{args.regression_floor:g}, or a cell newly failing")
     print(f"lla-verify audit: {len(cells)} cells on {args.impl} ({device}, {'full' if full else 'quick'})"

@@ -24,6 +24,14 @@ CAUSE_COLORS = {"ok": "#2b8a3e", "implementation": "#c92a2a", "conditioning": "#
 DTYPE_COLORS = {"float32": "#1c7ed6", "bfloat16": "#e8590c", "float16": "#2f9e44", "float64": "#495057"}
 
 
+
+def wall_text(meta: dict) -> str:
+    """The run's time for headers: a merged report's is the sum over its slices, which
+    may have run side by side, so it says so rather than pass for a wall time."""
+    wall = float(meta.get("wall_s") or 0)
+    parts = meta.get("merged_from") or []
+    return f"{wall:.0f} s summed over {len(parts)} slices" if parts else f"{wall:.0f} s"
+
 def num(x) -> float:
     """A ratio from report.json: numbers, or the strings 'inf' / 'nan' strict JSON needs."""
     if x is None:
@@ -322,7 +330,7 @@ def render_html(report: dict) -> str:
                  f"&middot; compute {_e(meta.get('compute_dtype'))}, solver tol {_e(meta.get('solver_tol'))} "
                  f"&middot; torch {_e(vers.get('torch'))}, triton {_e(vers.get('triton'))} "
                  f"({_e(vers.get('triton_mode'))})"
-                 f" &middot; {meta.get('wall_s', 0):.0f} s<br><code>{_e(meta.get('command', ''))}</code><br>"
+                 f" &middot; {_e(wall_text(meta))}<br><code>{_e(meta.get('command', ''))}</code><br>"
                  f"Each cell: error / budget of its worst query (budget derived per query from conditioning and the "
                  f"compute precision, SPEC 8); a cell fails above 1. {_e(v.get('gradients_note') or '')}</div>")
 

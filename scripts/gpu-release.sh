@@ -3,7 +3,7 @@
 # PYTHONPATH: kernel tests at real sizes, the property suite (gpu profile), the CG study
 # (--full) and the audit (--full) side by side, then optionally the benchmarks alone.
 #
-#   OUT=gpu-out LIMIT=480 BENCH=1 bash scripts/gpu-release.sh
+#   OUT=gpu-out LIMIT=480 BENCH=1 SLICES=10 bash scripts/gpu-release.sh
 #
 # Each job is stopped at LIMIT seconds: pytest with SIGINT (it prints its summary), the
 # audit with SIGTERM (it writes a partial report marked INCOMPLETE). Everything lands in
@@ -13,8 +13,9 @@ set -u
 OUT=${OUT:-gpu-out}
 LIMIT=${LIMIT:-480}
 JOBS=${JOBS:-10}
+SLICES=${SLICES:-10}
 PY=${PY:-python}
-mkdir -p "$OUT/work"
+mkdir -p "$OUT/work/audit-slices"
 export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 W="$OUT/work"
 start=$(date +%s)
@@ -29,8 +30,17 @@ fi
     properties > "$W/pytest.log" 2>&1; echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/pytest.log" ) &
 ( t0=$(date +%s); timeout -k 30 "$LIMIT" $PY -m lla_verify cg --full --no-progress --out "$W/cg-full" > "$W/cg.log" 2>&1
   echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/cg.log" ) &
-( t0=$(date +%s); timeout -k 30 "$LIMIT" $PY -m lla_verify audit --full --device cuda --no-progress \
-    --out "$W/audit-full" > "$W/audit.log" 2>&1; echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/audit.log" ) &
+# the audit as SLICES slices of its plan side by side (one process takes ~18 min on an
+# H200, past a 10-minute scheduler limit; ten took 377 s), merged into one report after
+( t0=$(date +%s)
+  n=$($PY -c "from lla_verify.audit import plan; from lla_verify.impls import get_impl; print(len(plan(get_impl('triton'), full=True)[0]))")
+  step=$(( (n + SLICES - 1) / SLICES ))
+  for a in $(seq 0 "$step" $(( n - 1 ))); do
+    ( OMP_NUM_THREADS=1 timeout -k 30 "$LIMIT" $PY -m lla_verify audit --full --device cuda --no-progress \
+        --cells "$a:$(( a + step ))" --out "$W/audit-slices/s$a" > "$W/audit-slices/s$a.log" 2>&1 ) &
+  done; wait
+  $PY -m lla_verify audit --merge "$W"/audit-slices/s*/report.json --out "$W/audit-full" > "$W/audit.log" 2>&1
+  echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/audit.log" ) &
 wait
 echo "gpu-release: $(( $(date +%s) - start )) s" >> "$W/info.txt"
 # cg_points.json (74 MB at --full) repeats cg_points.csv with the residual histories:

@@ -277,3 +277,11 @@ def test_triton_imported_compiled_on_cpu_is_a_usage_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(audit.UsageError, match="TRITON_INTERPRET=1"):
         audit._resolve("triton", "cpu")
+
+
+def test_merged_time_is_not_shown_as_a_wall_time():
+    from lla_verify.report import wall_text
+
+    assert wall_text({"wall_s": 12.4}) == "12 s"
+    assert wall_text({"wall_s": 700.0, "merged_from": ["a/report.json", "b/report.json"]}) == \
+        "700 s summed over 2 slices"
