@@ -285,3 +285,12 @@ def test_merged_time_is_not_shown_as_a_wall_time():
     assert wall_text({"wall_s": 12.4}) == "12 s"
     assert wall_text({"wall_s": 700.0, "merged_from": ["a/report.json", "b/report.json"]}) == \
         "700 s summed over 2 slices"
+
+
+def test_a_slice_says_its_verdict_is_partial(tmp_path):
+    res = audit.run_audit(get_impl("torch-fp32"), _cells(EASY[:1]), out=str(tmp_path), backward=False,
+                          meta={"cells_slice": "0:1", "plan_size": 9})
+    lines = audit.summary_lines(res.report)
+    assert any(line.startswith("slice 0:1 of a 9-cell plan") for line in lines), lines
+    merged = dict(res.report, meta=dict(res.report["meta"], merged_from=["a", "b"]))
+    assert not any(line.startswith("slice ") for line in audit.summary_lines(merged))
