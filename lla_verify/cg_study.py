@@ -369,7 +369,7 @@ def register(sub) -> None:
     p.add_argument("--kappas", type=int, default=None, help="grid points from 1 to 1e8 (default 9)")
     p.add_argument("--tol", type=float, default=None, help="CG tolerance (default: the kernel's DEFAULT_CG_TOL)")
     p.add_argument("--max-iters", type=int, default=None,
-                   help="kernel CG iteration cap (default: the kernel's own, 6 D)")
+                   help="kernel CG iteration cap (default: the kernel's own, 16 D)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --full when present, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.set_defaults(func=_run)

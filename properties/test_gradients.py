@@ -3,13 +3,21 @@ within the derived gradient budget (lla_verify.budget.check_backward), and the
 exact identities of the gradient (docs/math.md, backward section).
 """
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import event, given, settings, target
 
 from lla_verify import suite
 from lla_verify.budget import assert_within_budget, check_backward, impl_grads
-from lla_verify.cases import FAMILIES, Problem
+from lla_verify.cases import FAMILIES, Problem, parse_case
+
+# gradient findings checked forever: the entries of properties/regressions.json marked
+# "backward" (the forward pinned test runs every entry)
+GRAD_PINNED = [parse_case(d["spec"]) for d in json.loads(Path(__file__).with_name("regressions.json").read_text())
+               if d.get("backward")]
 
 GRAD_FAMILIES = [f for f in FAMILIES if f != "linear_values"] + ["linear_values"]
 
@@ -41,6 +49,14 @@ def test_gradients_within_budget(impl, device, family):
         assert_within_budget(verdict)
 
     prop()
+
+
+@pytest.mark.parametrize("case", GRAD_PINNED, ids=lambda c: c.spec())
+def test_gradients_pinned_regressions(impl, device, case):
+    _needs_grad(impl)
+    problem = case.build(device)
+    suite.skip_unless(impl, "grad", problem)
+    assert_within_budget(check_backward(problem, impl))
 
 
 def test_dv_sums_to_total_cotangent(impl, device):

@@ -211,7 +211,9 @@ def test_grads_match_oracle(dtype, lam):
 
 
 def test_grads_common_offset_100():
-    # ||c|| = 100 on q and k: z = k - q must cancel c before any product
+    # ||c|| = 100 on q and k: z = k - q must cancel c before any product (an offset of 1e4,
+    # where the bf16 split matvec must hand rows to the anchored path, is pinned in
+    # properties/regressions.json: at this test's scale fp32 resolves no weight there)
     q, k, v, g = _inputs(1, 35, 16, torch.bfloat16, offset=100.0, seed=2)
     lam_t = torch.full((1, 35), 0.1, dtype=torch.float32, device=DEVICE)
     _check(q, k, v, lam_t, g, _kernel_grads(q, k, v, lam_t, g), label="offset100")

@@ -37,7 +37,7 @@ def _check_options(cg_tol, cg_max_iters, preconditioner, precision):
         raise LLAInputError(f"cg_tol: expected a finite value >= 0, got {tol}")
     if cg_max_iters is not None and (isinstance(cg_max_iters, bool) or not isinstance(cg_max_iters, int)
                                      or cg_max_iters < 0):
-        raise LLAInputError(f"cg_max_iters: expected None (6 D) or an int >= 0, got {cg_max_iters!r}")
+        raise LLAInputError(f"cg_max_iters: expected None (16 D) or an int >= 0, got {cg_max_iters!r}")
     if preconditioner not in (None, "none", "jacobi"):
         raise LLAInputError(f"preconditioner: expected None, 'none' or 'jacobi', got {preconditioner!r}")
     if precision not in PRECISIONS:

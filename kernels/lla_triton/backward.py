@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting, launch_fitting, reanchor_rounds
-from .forward import _dot3, _matvec, anchor_too_far
+from .forward import _dot3, _matvec, anchor_too_far, split_too_lossy
 
 DEFAULT_PRECISION = "tf32x3"
 
@@ -176,6 +176,10 @@ def _a_solve_rows(q_dot, g_dot, qf, gf, c, vref, todo, fb, rho, lam, K, V, base,
             q_dot, g_dot, gf, c, vref, rho, qr, K, V, base, start_n, S, scale, offs_m,
             m_i, omega, den, ov, pk, p0, mk, kk, k2, D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC, SPLIT)
     far = todo & anchor_too_far(qp, mk, kk, omega)
+    if SPLIT:
+        # the forward's rule: rows the split matvec would serve badly go to a later,
+        # anchored round (the launcher passes SPLIT only to the first)
+        far = far | (todo & split_too_lossy(qf, c, mk, kk, omega))
     mine = todo & (~far)
 
     den_used = tl.where(den == 0.0, 1.0, den)  # den = 0 only on padding rows
@@ -559,7 +563,7 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg
             tile_ids, anchors, todo, far,
             S, float(scale), float(cg_tol), int(cg_max_iters),
             D=D, BLOCK_M=am, BLOCK_N=an, UPCAST=upcast, JACOBI=(preconditioner == "jacobi"),
-            PREC=precision, SPREC=sprec, SPLIT=split, FIRST=first, num_warps=aw, num_stages=ast,
+            PREC=precision, SPREC=sprec, SPLIT=split and first, FIRST=first, num_warps=aw, num_stages=ast,
         )
         return cfg
 

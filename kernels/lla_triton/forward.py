@@ -15,14 +15,16 @@ import triton.language as tl
 from ._common import PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting, launch_fitting, reanchor_rounds
 
 DEFAULT_CG_TOL = 1e-7
-# CG ends in D steps in exact arithmetic; in fp32, at kappa(Sigma_i) ~ 1e4 to 1e5, the
-# property suite's cases took up to 5.2 D (lost orthogonality delays convergence, it
-# does not stop it), and 128 flat left D = 64 rows at residual 1e-5 on the GPU.
-CG_ITERS_PER_DIM = 6
+# CG ends in D steps in exact arithmetic; in fp32 lost orthogonality delays convergence
+# without stopping it: kappa(Sigma_i) ~ 1e4 to 1e5 took up to 5.2 D, and a kappa 1.7e6
+# row (spectrum family, D = 32) 13.5 D, where a cap of 6 D left it at residual 7e-4 and
+# the output 1.26x over its budget (GPU property suite, 2026-12-01). Tiles stop when
+# their rows converge, so the cap costs only the rows that need it.
+CG_ITERS_PER_DIM = 16
 
 
 def default_cg_max_iters(D: int) -> int:
-    """The CG iteration cap ``lla_attention`` uses when cg_max_iters is None: 6 D."""
+    """The CG iteration cap ``lla_attention`` uses when cg_max_iters is None: 16 D."""
     return CG_ITERS_PER_DIM * int(D)
 
 
@@ -196,6 +198,25 @@ def anchor_too_far(qp, s1, kk, omega):
     return (kk + omega * qq) > REANCHOR_RATIO * tl.maximum(zz, 0.0)
 
 
+# The bf16 split path expands z_ij around 0, not the anchor (keys stay exact bf16): its
+# products lose about log2 sqrt(r) bits, r = (sum_j w_ij |k_j|^2 + omega_i |q_i|^2) /
+# sum_j w_ij |z_ij|^2 (docs/kernels.md). Rows with r above SPLIT_RATIO (5 bits) are left to
+# the anchored path of a later round: at a common offset of 1e4 (r ~ 6e6) the split
+# matvec's floor, ~ u_32 sqrt(r) = 1.5e-4, stopped CG's true residual far above tol.
+SPLIT_RATIO = tl.constexpr(1024.0)
+
+
+@triton.jit
+def split_too_lossy(qf, c, s1, kk, omega):
+    """Rows whose expansion around 0 (the split path's) cancels more than SPLIT_RATIO:
+    s1, kk are the anchored sums sum w k', sum w |k'|^2 with k' = k - c."""
+    kk0 = kk + 2.0 * tl.sum(c[None, :] * s1, 1) + omega * tl.sum(c * c, 0)  # sum_j w |k_j|^2
+    qq = tl.sum(qf * qf, 1)
+    qp = qf - c[None, :]
+    zz = kk - 2.0 * tl.sum(qp * s1, 1) + omega * tl.sum(qp * qp, 1)
+    return (kk0 + omega * qq) > SPLIT_RATIO * tl.maximum(zz, 0.0)
+
+
 @triton.jit
 def _solve_rows(q_dot, qf, c, todo, lam, K, V, base, S, scale, cg_tol, cg_max_iters, delta_eps,
                 offs_m, row_ok, lo_full, hi,
@@ -228,6 +249,9 @@ def _solve_rows(q_dot, qf, c, todo, lam, K, V, base, S, scale, cg_tol, cg_max_it
     # sum_j w |z|^2 through the same expansion; where it is a small remainder of the
     # magnitude, the row is far from c (an underestimate only makes it look farther)
     far = todo & anchor_too_far(qp, s1, kk, omega)
+    if SPLIT:
+        # later rounds run the anchored path (the launcher passes SPLIT only to the first)
+        far = far | (todo & split_too_lossy(qf, c, s1, kk, omega))
     mine = todo & (~far)
     lam_omega = lam * omega
     if SPLIT:
@@ -460,11 +484,13 @@ def lla_forward_kernel(q, k, v, lam, scale, *, delta_eps, cg_tol, cg_max_iters, 
     def launch(cfg, first=True, tile_ids=dummy, anchors=dummy, todo=far):
         bm, bn, nw, ns = cfg
         grid = (triton.cdiv(S, bm), N) if first else (tile_ids.numel(), 1)
+        # rows of later rounds are far from their anchor or lost too much on the split
+        # path: they run the anchored one
         _lla_fwd_kernel[grid](
             q, k, v, lam, o, m, omega, den, rho, fallback, iters, res, tile_ids, anchors, todo, far,
             S, float(scale), float(cg_tol), int(cg_max_iters), float(delta_eps),
             D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, JACOBI=(preconditioner == "jacobi"),
-            PREC=precision, SPREC=sprec, SPLIT=split, WANT_STATS=bool(want_stats), FIRST=first,
+            PREC=precision, SPREC=sprec, SPLIT=split and first, WANT_STATS=bool(want_stats), FIRST=first,
             num_warps=nw, num_stages=ns,
         )
         return cfg
