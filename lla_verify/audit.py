@@ -657,6 +657,13 @@ def merge_reports(paths: list[str], command: str = "") -> dict:
             if rep["meta"].get(key) != first.get(key):
                 raise UsageError(f"--merge: {path!r} has {key}={rep['meta'].get(key)!r} where {paths[0]!r} has "
                                  f"{first.get(key)!r}: not slices of one audit")
+    # cells in plan order whatever order the files came in (a shell glob sorts s105
+    # before s15): by each slice's --cells start where the slices recorded it
+    def _start(rep):
+        m = re.fullmatch(r"\s*(\d*)\s*:.*", str(rep["meta"].get("cells_slice") or ""))
+        return int(m[1] or 0) if m else math.inf
+
+    reps = sorted(reps, key=_start)  # stable: unrecorded slices keep the given order, last
     cells, seen, regressions = [], set(), []
     for rep in reps:
         for c in rep["cells"]:

@@ -184,6 +184,10 @@ def test_slices_merge_into_one_complete_report(tmp_path, capsys):
     assert rc == 0 and out.startswith(f"PASS: 0 out of {plan} cells"), out
     assert [c["spec"] for c in merged["cells"]] == [c["spec"] for sl in slices for c in sl["cells"]]
     assert merged["verdict"]["interrupted"] is None and merged["meta"]["merged_from"][1].endswith("b/report.json")
+    # given in the other order (as a glob may sort s105 before s15), the cells keep the plan's
+    _run_cli(["audit", "--merge", f"{outs[1]}/report.json", f"{outs[0]}/report.json", "--out", outs[2]], capsys)
+    swapped = json.loads((tmp_path / "merged" / "report.json").read_text())
+    assert [c["spec"] for c in swapped["cells"]] == [c["spec"] for c in merged["cells"]]
     # one slice alone is a partial audit, whatever its cells say
     rc, out, _ = _run_cli(["audit", "--merge", f"{outs[0]}/report.json", "--out", outs[3]], capsys)
     assert rc == 1 and f"INCOMPLETE: merged 1 of {plan} planned cells" in out, out
