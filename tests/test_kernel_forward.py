@@ -187,6 +187,19 @@ def test_gaussian_rows_need_one_anchor():
     assert int(st["anchor_rounds"].max()) == 1
 
 
+def test_split_path_hands_offset_rows_to_the_anchored_path():
+    # bf16 inputs take the split path, which expands around 0: Gaussian rows stay on it
+    # (one round), rows at a common offset of 1e4 (r ~ 1e7 > SPLIT_RATIO) all go to a
+    # second, anchored round (the GPU finding pinned in properties/regressions.json).
+    q, k, v = _inputs(1, 2, 40, 16, torch.bfloat16, seed=4)
+    _, st = lla_triton.lla_attention(q, k, v, ridge_lambda=0.1, return_stats=True)
+    assert int(st["anchor_rounds"].max()) == 1
+    q, k, v = _inputs(1, 2, 40, 16, torch.bfloat16, offset=1e4, seed=4)
+    o, st = lla_triton.lla_attention(q, k, v, ridge_lambda=0.1, qk_scale=1e-4, return_stats=True)
+    assert int(st["anchor_rounds"].min()) == 2, st["anchor_rounds"]
+    assert bool(torch.isfinite(o).all())
+
+
 def test_per_query_lambda_spanning_decades():
     q, k, v = _inputs(1, 2, 40, 16, torch.float32, seed=3)
     g = torch.Generator().manual_seed(4)
