@@ -24,13 +24,13 @@ CAUSE_COLORS = {"ok": "#2b8a3e", "implementation": "#c92a2a", "conditioning": "#
 DTYPE_COLORS = {"float32": "#1c7ed6", "bfloat16": "#e8590c", "float16": "#2f9e44", "float64": "#495057"}
 
 
-
 def wall_text(meta: dict) -> str:
     """The run's time for headers: a merged report's is the sum over its slices, which
     may have run side by side, so it says so rather than pass for a wall time."""
     wall = float(meta.get("wall_s") or 0)
     parts = meta.get("merged_from") or []
     return f"{wall:.0f} s summed over {len(parts)} slices" if parts else f"{wall:.0f} s"
+
 
 def num(x) -> float:
     """A ratio from report.json: numbers, or the strings 'inf' / 'nan' strict JSON needs."""

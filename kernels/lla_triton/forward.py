@@ -188,14 +188,19 @@ REANCHOR_RATIO = tl.constexpr(8.0)
 
 
 @triton.jit
+def _zz_anchored(qp, s1, kk, omega):
+    """sum_j w_ij |z_ij|^2 through the anchored expansion (kk = sum w |k'|^2,
+    s1 = sum w k'); an underestimate only makes a row look farther from c."""
+    return kk - 2.0 * tl.sum(qp * s1, 1) + omega * tl.sum(qp * qp, 1)
+
+
+@triton.jit
 def anchor_too_far(qp, s1, kk, omega):
-    """Rows whose anchored expansion of sum_j w_ij |z_ij|^2 (kk = sum w |k'|^2,
-    s1 = sum w k') is under 1 / REANCHOR_RATIO of the magnitudes it cancels."""
-    qq = tl.sum(qp * qp, 1)
-    zz = kk - 2.0 * tl.sum(qp * s1, 1) + omega * qq
-    # an underestimated zz only makes a row look farther; at the anchor's own row
-    # q' = 0 and zz = kk exactly, so that row is never too far
-    return (kk + omega * qq) > REANCHOR_RATIO * tl.maximum(zz, 0.0)
+    """Rows whose anchored expansion of sum_j w_ij |z_ij|^2 is under 1 / REANCHOR_RATIO
+    of the magnitudes it cancels."""
+    # at the anchor's own row q' = 0 and zz = kk exactly, so that row is never too far
+    mag = kk + omega * tl.sum(qp * qp, 1)
+    return mag > REANCHOR_RATIO * tl.maximum(_zz_anchored(qp, s1, kk, omega), 0.0)
 
 
 # The bf16 split path expands z_ij around 0, not the anchor (keys stay exact bf16): its
@@ -211,10 +216,8 @@ def split_too_lossy(qf, c, s1, kk, omega):
     """Rows whose expansion around 0 (the split path's) cancels more than SPLIT_RATIO:
     s1, kk are the anchored sums sum w k', sum w |k'|^2 with k' = k - c."""
     kk0 = kk + 2.0 * tl.sum(c[None, :] * s1, 1) + omega * tl.sum(c * c, 0)  # sum_j w |k_j|^2
-    qq = tl.sum(qf * qf, 1)
-    qp = qf - c[None, :]
-    zz = kk - 2.0 * tl.sum(qp * s1, 1) + omega * tl.sum(qp * qp, 1)
-    return (kk0 + omega * qq) > SPLIT_RATIO * tl.maximum(zz, 0.0)
+    mag0 = kk0 + omega * tl.sum(qf * qf, 1)
+    return mag0 > SPLIT_RATIO * tl.maximum(_zz_anchored(qf - c[None, :], s1, kk, omega), 0.0)
 
 
 @triton.jit
