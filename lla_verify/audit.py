@@ -658,12 +658,10 @@ def merge_reports(paths: list[str], command: str = "") -> dict:
                 raise UsageError(f"--merge: {path!r} has {key}={rep['meta'].get(key)!r} where {paths[0]!r} has "
                                  f"{first.get(key)!r}: not slices of one audit")
     # cells in plan order whatever order the files came in (a shell glob sorts s105
-    # before s15): by each slice's --cells start where the slices recorded it
-    def _start(rep):
-        m = re.fullmatch(r"\s*(\d*)\s*:.*", str(rep["meta"].get("cells_slice") or ""))
-        return int(m[1] or 0) if m else math.inf
-
-    reps = sorted(reps, key=_start)  # stable: unrecorded slices keep the given order, last
+    # before s15): by each slice's first plan position, where the slice recorded it;
+    # stable, so slices that did not keep the given order, last
+    reps = sorted(reps, key=lambda r: r["meta"]["cells_start"] if isinstance(r["meta"].get("cells_start"), int)
+                  else math.inf)
     cells, seen, regressions = [], set(), []
     for rep in reps:
         for c in rep["cells"]:
@@ -677,7 +675,7 @@ def merge_reports(paths: list[str], command: str = "") -> dict:
         interrupted = f"merged {len(cells)} cells of a plan of unknown size (a report from before --merge)"
     elif len(cells) < plan_size:
         interrupted = f"merged {len(cells)} of {plan_size} planned cells"
-    meta = dict(first, merged_from=list(paths), cells_slice=None, wall_s=sum(float(r["meta"].get("wall_s") or 0) for r in reps),
+    meta = dict(first, merged_from=list(paths), cells_slice=None, cells_start=None, wall_s=sum(float(r["meta"].get("wall_s") or 0) for r in reps),
                 interrupted=interrupted, command=command or first.get("command"))
     return _jsonable({"schema": SCHEMA, "meta": meta, "verdict": _verdict(cells, regressions, interrupted=interrupted),
                       "regressions": regressions, "baseline": None, "skipped": reps[0].get("skipped") or [],
@@ -731,8 +729,10 @@ def _audit_main(args) -> int:
         if not cells:
             raise UsageError(f"--only: no cell matches {args.only}")
     plan_size = len(cells)
+    cells_start = 0
     if args.cells:
-        cells = cells[_cell_slice(args.cells, len(cells))]
+        sl = _cell_slice(args.cells, plan_size)
+        cells, cells_start = cells[sl], range(plan_size)[sl].start
     if args.max_cells is not None and len(cells) > args.max_cells:
         # evenly spaced, so every sweep keeps a few cells
         step = len(cells) / args.max_cells
@@ -743,6 +743,7 @@ def _audit_main(args) -> int:
     meta["plan_size"] = plan_size  # cells planned before --cells: what --merge checks completeness against
     meta["only"] = list(args.only or [])
     meta["cells_slice"] = args.cells or None
+    meta["cells_start"] = cells_start  # the slice's first plan position: --merge orders by it
     meta["regression_rule"] = (f"forward or gradient ratio grew more than x{args.regression_factor:g} to above "
                                f"{args.regression_floor:g}, or a cell newly failing")
     print(f"lla-verify audit: {len(cells)} cells on {args.impl} ({device}, {'full' if full else 'quick'})"
