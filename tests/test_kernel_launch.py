@@ -41,3 +41,26 @@ def test_explicit_configs_and_other_errors_propagate():
         launch_fitting("t", "v", (64, 64, 4, 2), broken, explicit=False)
     with pytest.raises(OutOfResources):
         launch_fitting("t", "none", (64, 64, 4, 2), _launcher(8, []), explicit=False)
+
+
+def test_round_configs_keep_the_block_the_tile_ids_count():
+    from lla_triton._common import round_configs
+    assert round_configs((128, 64, 8, 3), 0) == (
+        (128, 64, 8, 2), (128, 64, 8, 1), (128, 32, 8, 1), (128, 16, 8, 1))
+    assert round_configs((32, 128, 8, 2), 1) == ((32, 128, 8, 1), (16, 128, 8, 1))
+
+
+def test_a_later_round_falls_back_with_its_block_kept():
+    from lla_triton._common import round_configs
+    _FITTING.clear()
+    calls = []
+
+    def launch(cfg):  # the later round's variant fits only with one stage
+        calls.append(cfg)
+        if cfg[3] > 1:
+            raise OutOfResources(f"shared memory: {cfg}")
+        return cfg
+    cfg = (128, 64, 8, 3)
+    got = launch_fitting("r", "k", cfg, launch, explicit=False, fallbacks=round_configs(cfg, 0))
+    assert got == (128, 64, 8, 1)
+    assert all(c[0] == 128 for c in calls)

@@ -53,16 +53,31 @@ def _is_out_of_resources(exc: Exception) -> bool:
     return type(exc).__name__ == "OutOfResources"
 
 
-def launch_fitting(name: str, key, config, launch, *, explicit: bool):
+def round_configs(config, keep: int) -> tuple:
+    """Fallbacks for a later anchor round, whose kernel variant (other constexprs: the
+    anchored path instead of the split one) can need more shared memory than the first
+    round's config left room for. Its tile ids count tiles of the first round's block
+    ``config[keep]``, so that block stays; fewer stages come first, then a smaller other
+    block with one stage."""
+    bm, bn, nw, ns = (int(x) for x in config)
+    out = [(bm, bn, nw, s) for s in range(ns - 1, 0, -1)]
+    other = (bn, bm)[keep]
+    while other > 16:
+        other //= 2
+        out.append((bm, other, nw, 1) if keep == 0 else (other, bn, nw, 1))
+    return tuple(out)
+
+
+def launch_fitting(name: str, key, config, launch, *, explicit: bool, fallbacks=SMALLER_CONFIGS):
     """``launch(config)``; where the config needs more shared memory than this GPU has,
-    the next smaller one of SMALLER_CONFIGS, remembered per (name, key).
+    the next of ``fallbacks`` that fits, remembered per (name, key).
 
     An explicit config (a caller's tile sweep) is never replaced: its error propagates.
     """
     if explicit:
         return launch(tuple(config))
     first = _FITTING.get((name, key), tuple(config))
-    order = [first] + [c for c in (tuple(config),) + SMALLER_CONFIGS if c != first]
+    order = [first] + [c for c in (tuple(config),) + tuple(fallbacks) if c != first]
     last = None
     for cfg in order:
         try:

@@ -28,8 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting, launch_fitting, reanchor_rounds
-from .forward import _dot3, _matvec, anchor_too_far, split_too_lossy
+from ._common import (PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting, launch_fitting, reanchor_rounds,
+                      round_configs)
+from .forward import NO_SPECIALIZE, _dot3, _matvec, anchor_too_far, split_too_lossy
 
 DEFAULT_PRECISION = "tf32x3"
 
@@ -262,7 +263,7 @@ def _a_solve_rows(q_dot, g_dot, qf, gf, c, vref, todo, fb, rho, lam, K, V, base,
     return u, dq, omega * ur, m_i, den_used, go_full, beta, iters, rel, far
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, FB, U, DQ, DLAM, M_OUT, DEN_OUT, GO_OUT, BETA_OUT,
                           ITERS_OUT, RES_OUT, TILE_IDS, ANCHORS, TODO, FAR_OUT,
                           S, scale, cg_tol, cg_max_iters,
@@ -420,7 +421,7 @@ def offs_n_of(pid_n, BLOCK_N: tl.constexpr):
     return pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("S",))
 def _lla_bwd_key_kernel(Q, K, V, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, DK, DV,
                         TILE_IDS, ANCHORS, TODO, FAR_OUT, S, scale,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -581,7 +582,14 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg
     key = (D, q.dtype, precision)
     ca = launch_fitting("bwd_query", key, cfg_a, launch_a, explicit=config_a is not None)
     # rows far from their tile's anchor, again around their own (docs/kernels.md)
-    reanchor_rounds(far, ca[0], lambda t, a, todo: launch_a(ca, False, t, a, todo))
+    # later rounds run other variants (kernel A's anchored path instead of the split one:
+    # 240 KiB of shared memory at D = 64 on an H200): they may need smaller tiles, with
+    # the block the round's tile ids count kept
+    reanchor_rounds(far, ca[0], lambda t, a, todo: launch_fitting(
+        "bwd_query_round", key + (ca,), ca, lambda c: launch_a(c, False, t, a, todo),
+        explicit=config_a is not None, fallbacks=round_configs(ca, 0)))
     cb = launch_fitting("bwd_key", key, cfg_b, launch_b, explicit=config_b is not None)
-    reanchor_rounds(far, cb[1], lambda t, a, todo: launch_b(cb, False, t, a, todo))
+    reanchor_rounds(far, cb[1], lambda t, a, todo: launch_fitting(
+        "bwd_key_round", key + (cb,), cb, lambda c: launch_b(c, False, t, a, todo),
+        explicit=config_b is not None, fallbacks=round_configs(cb, 1)))
     return BackwardOut(dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dlam, u, iters, res)

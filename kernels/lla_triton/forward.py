@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting, launch_fitting, reanchor_rounds
+from ._common import (PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting, launch_fitting, reanchor_rounds,
+                      round_configs)
 
 DEFAULT_CG_TOL = 1e-7
 # CG ends in D steps in exact arithmetic; in fp32 lost orthogonality delays convergence
@@ -357,7 +358,13 @@ def _solve_rows(q_dot, qf, c, todo, lam, K, V, base, S, scale, cg_tol, cg_max_it
     return o, rho, m_i, omega, den, fallback, iters, rel, far
 
 
-@triton.jit
+# S and cg_max_iters are not specialised on (== 1, % 16): every pointer is offset by
+# multiples of D, so it bought no speed, and it tripled the variants each new shape
+# compiled (96 forward variants in one GPU property-suite run)
+NO_SPECIALIZE = ("S", "cg_max_iters")
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _lla_fwd_kernel(Q, K, V, LAM, O, M_OUT, OMEGA_OUT, DEN_OUT, RHO_OUT, FB_OUT, ITERS_OUT, RES_OUT,
                     TILE_IDS, ANCHORS, TODO, FAR_OUT,
                     S, scale, cg_tol, cg_max_iters, delta_eps,
@@ -501,6 +508,11 @@ def lla_forward_kernel(q, k, v, lam, scale, *, delta_eps, cg_tol, cg_max_iters, 
     cfg = launch_fitting("fwd", (D, q.dtype, precision), (BM, BN, warps, stages), launch,
                          explicit=config is not None)
     rounds = torch.ones(N, S, device=dev, dtype=torch.int32) if want_stats else None
-    reanchor_rounds(far, cfg[0], lambda t, a, todo: launch(cfg, False, t, a, todo), rounds)
+    # later rounds run another variant (anchored, not split): it may need smaller tiles
+    # than cfg, with the same BLOCK_M (the round's tile ids count BLOCK_M tiles)
+    def round_launch(t, a, todo):
+        launch_fitting("fwd_round", (D, q.dtype, precision, cfg), cfg, lambda c: launch(c, False, t, a, todo),
+                       explicit=config is not None, fallbacks=round_configs(cfg, 0))
+    reanchor_rounds(far, cfg[0], round_launch, rounds)
     return ForwardOut(o, m, omega, den, rho, fallback, iters if want_stats else None, res if want_stats else None,
                       rounds)
