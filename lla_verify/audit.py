@@ -642,11 +642,13 @@ def _sigterm_as_interrupt(signum, frame):
 MERGE_KEYS = ("impl", "device", "mode", "seed", "only", "plan_size")
 
 
-def merge_reports(paths: list[str], command: str = "") -> dict:
+def merge_reports(paths: list[str], command: str = "", *, baseline: list[dict] | None = None,
+                  factor: float = REGRESSION_FACTOR, floor: float = REGRESSION_FLOOR) -> dict:
     """One report from the slices of one plan (``--cells``), e.g. run on several calls or
     machines. The slices must share implementation, device, mode, seed and plan; a cell
     in two slices keeps the first record. The merge is complete, and can pass, only when
-    every planned cell is in it."""
+    every planned cell is in it. With ``baseline`` the merged cells are compared with it
+    (a slice's own comparison sees only its cells, so its 'missing' count is wrong)."""
     reps = [read_report(path, "--merge") for path in paths]
     for path, rep in zip(paths, reps):
         if not isinstance(rep.get("meta"), dict):
@@ -675,17 +677,24 @@ def merge_reports(paths: list[str], command: str = "") -> dict:
         interrupted = f"merged {len(cells)} cells of a plan of unknown size (a report from before --merge)"
     elif len(cells) < plan_size:
         interrupted = f"merged {len(cells)} of {plan_size} planned cells"
-    meta = dict(first, merged_from=list(paths), cells_slice=None, cells_start=None, wall_s=sum(float(r["meta"].get("wall_s") or 0) for r in reps),
+    binfo = None
+    if baseline is not None:
+        regressions, binfo = compare(cells, baseline, factor=factor, floor=floor)
+    meta = dict(first, merged_from=list(paths), cells_slice=None, cells_start=None,
+                wall_s=sum(float(r["meta"].get("wall_s") or 0) for r in reps),
                 interrupted=interrupted, command=command or first.get("command"))
     return _jsonable({"schema": SCHEMA, "meta": meta, "verdict": _verdict(cells, regressions, interrupted=interrupted),
-                      "regressions": regressions, "baseline": None, "skipped": reps[0].get("skipped") or [],
+                      "regressions": regressions, "baseline": binfo, "skipped": reps[0].get("skipped") or [],
                       "cells": cells})
 
 
 def _merge_main(args) -> int:
     command = "lla-verify audit --merge " + " ".join(shlex.quote(p) for p in args.merge) + (
+        f" --baseline {shlex.quote(args.baseline)}" if args.baseline else "") + (
         f" --out {shlex.quote(args.out)}" if args.out else "")
-    report = merge_reports(args.merge, command)
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    report = merge_reports(args.merge, command, baseline=baseline, factor=args.regression_factor,
+                           floor=args.regression_floor)
     if args.out:
         from .report import write_reports
 
@@ -705,6 +714,10 @@ def _print_summary(report: dict, out: str | None) -> int:
 def _audit_main(args) -> int:
     import signal
 
+    if not args.regression_factor >= 1.0:
+        raise UsageError(f"--regression-factor: must be >= 1, got {args.regression_factor}")
+    if not args.regression_floor >= 0.0:
+        raise UsageError(f"--regression-floor: must be >= 0, got {args.regression_floor}")
     if args.merge:
         return _merge_main(args)
 
@@ -715,10 +728,6 @@ def _audit_main(args) -> int:
     device = args.device or ("cuda" if full else "cpu")
     if args.max_cells is not None and args.max_cells < 1:
         raise UsageError(f"--max-cells: must be >= 1, got {args.max_cells}")
-    if not args.regression_factor >= 1.0:
-        raise UsageError(f"--regression-factor: must be >= 1, got {args.regression_factor}")
-    if not args.regression_floor >= 0.0:
-        raise UsageError(f"--regression-floor: must be >= 0, got {args.regression_floor}")
     if args.seed < 0:
         raise UsageError(f"--seed: must be >= 0, got {args.seed}")
     baseline = load_baseline(args.baseline) if args.baseline else None

@@ -5,6 +5,10 @@
 #
 #   OUT=gpu-out LIMIT=480 BENCH=1 SLICES=10 bash scripts/gpu-release.sh
 #
+# ONLY (default "pytest,cg,audit") picks the jobs; BASELINE (default the last full GPU
+# audit committed under docs/audit-runs/, "" for none) is the report.json the merged
+# audit is compared with: a cell that grew past it fails the audit.
+#
 # Each job is stopped at LIMIT seconds: pytest with SIGINT (it prints its summary), the
 # audit with SIGTERM (it writes a partial report marked INCOMPLETE). Everything lands in
 # OUT/results.tgz (without cg_points.json, which cg_points.csv carries), with the logs
@@ -15,6 +19,9 @@ LIMIT=${LIMIT:-480}
 JOBS=${JOBS:-10}
 SLICES=${SLICES:-10}
 PY=${PY:-python}
+ONLY=${ONLY:-pytest,cg,audit}
+BASELINE=${BASELINE-docs/audit-runs/2026-12-01-h200-full/report.json}
+want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 mkdir -p "$OUT/work/audit-slices"
 export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 W="$OUT/work"
@@ -25,21 +32,22 @@ if [ "${BENCH:-0}" = 1 ]; then  # timings first, alone on the GPU
     timeout 200 $PY -m lla_verify bench --out "$W/bench-fwd.md" --mem-seqs '' > "$W/bench.log" 2>&1
     timeout 200 $PY -m lla_triton.bench_backward --out "$W/bench-bwd.md" >> "$W/bench.log" 2>&1
 fi
-( t0=$(date +%s); timeout -s INT -k 30 "$LIMIT" $PY -m pytest -p no:cacheprovider -n "$JOBS" -q --durations=15 \
+want pytest && ( t0=$(date +%s); timeout -s INT -k 30 "$LIMIT" $PY -m pytest -p no:cacheprovider -n "$JOBS" -q --durations=15 \
     --hypothesis-profile gpu tests/test_kernel_forward.py tests/test_kernel_backward.py tests/test_kernel_launch.py \
     properties > "$W/pytest.log" 2>&1; echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/pytest.log" ) &
-( t0=$(date +%s); timeout -k 30 "$LIMIT" $PY -m lla_verify cg --full --no-progress --out "$W/cg-full" > "$W/cg.log" 2>&1
+want cg && ( t0=$(date +%s); timeout -k 30 "$LIMIT" $PY -m lla_verify cg --full --no-progress --out "$W/cg-full" > "$W/cg.log" 2>&1
   echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/cg.log" ) &
 # the audit as SLICES slices of its plan side by side (one process takes ~18 min on an
 # H200, past a 10-minute scheduler limit; ten took 377 s), merged into one report after
-( t0=$(date +%s)
+want audit && ( t0=$(date +%s)
   n=$($PY -c "from lla_verify.audit import plan; from lla_verify.impls import get_impl; print(len(plan(get_impl('triton'), full=True)[0]))")
   step=$(( (n + SLICES - 1) / SLICES ))
   for a in $(seq 0 "$step" $(( n - 1 ))); do
     ( OMP_NUM_THREADS=1 timeout -k 30 "$LIMIT" $PY -m lla_verify audit --full --device cuda --no-progress \
         --cells "$a:$(( a + step ))" --out "$W/audit-slices/s$a" > "$W/audit-slices/s$a.log" 2>&1 ) &
   done; wait
-  $PY -m lla_verify audit --merge "$W"/audit-slices/s*/report.json --out "$W/audit-full" > "$W/audit.log" 2>&1
+  $PY -m lla_verify audit --merge "$W"/audit-slices/s*/report.json ${BASELINE:+--baseline "$BASELINE"} \
+      --out "$W/audit-full" > "$W/audit.log" 2>&1
   echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/audit.log" ) &
 wait
 echo "gpu-release: $(( $(date +%s) - start )) s" >> "$W/info.txt"

@@ -7,6 +7,7 @@ command line, explicit cell lists through ``run_audit``), so each test takes sec
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 import os
 import subprocess
@@ -191,6 +192,27 @@ def test_slices_merge_into_one_complete_report(tmp_path, capsys):
     # one slice alone is a partial audit, whatever its cells say
     rc, out, _ = _run_cli(["audit", "--merge", f"{outs[0]}/report.json", "--out", outs[3]], capsys)
     assert rc == 1 and f"INCOMPLETE: merged 1 of {plan} planned cells" in out, out
+
+
+def test_merge_compares_the_whole_audit_with_a_baseline(tmp_path, capsys):
+    base = ["audit", "--impl", "torch-fp32", "--no-backward", "--no-progress", "--only", "kappa=100,"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _run_cli(base + ["--cells", "0:1", "--out", a], capsys)
+    _run_cli(base + ["--cells", "1:", "--out", b], capsys)
+    slices = [f"{a}/report.json", f"{b}/report.json"]
+    # a baseline in which the first cell's ratio was 100 times smaller (and a cell the
+    # audit no longer plans): the merge alone sees it, each slice saw half the plan
+    cells = [c for path in slices for c in json.loads(Path(path).read_text())["cells"]]
+    grown = dict(cells[0], ratio=cells[0]["ratio"] / 100, forward_ratio=cells[0]["forward_ratio"] / 100)
+    gone = dict(cells[0], spec=cells[0]["spec"] + "-retired")
+    (tmp_path / "base.json").write_text(json.dumps({"schema": 1, "cells": [grown] + cells[1:] + [gone]}))
+    rc, out, _ = _run_cli(["audit", "--merge", *slices, "--baseline", str(tmp_path / "base.json"),
+                           "--regression-floor", "0", "--out", str(tmp_path / "m")], capsys)
+    merged = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert rc == 1 and "REGRESSIONS against the baseline: 1" in out, out
+    assert [r["spec"] for r in merged["regressions"]] == [cells[0]["spec"]]
+    assert merged["baseline"] == {"matched": len(cells), "new": 0, "missing": 1}
+    assert "--baseline" in merged["meta"]["command"]
 
 
 def test_merge_refuses_reports_of_different_audits(tmp_path, capsys):
