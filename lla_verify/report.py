@@ -340,7 +340,7 @@ def render_html(report: dict) -> str:
         parts.append(f"<p>{b['matched']} cells matched by case spec, {b['new']} new, {b['missing']} no longer run. "
                      f"Rule: {_e(meta.get('regression_rule', ''))}.</p>")
         if regs:
-            parts.append(_table(["what", "ratio (old &rarr; new)", "case", "reproduce"],
+            parts.append(_table(["what", "ratio (old \u2192 new)", "case", "reproduce"],
                                 [[f"<span class=bad>{_e(r['why'])}</span>",
                                   f"{_r(r['baseline_ratio'])} &rarr; {_r(r['ratio'])}",
                                   f"<code>{_e(r['spec'])}</code>", f"<code>{_e(r['command'])}</code>"]

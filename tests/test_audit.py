@@ -213,6 +213,8 @@ def test_merge_compares_the_whole_audit_with_a_baseline(tmp_path, capsys):
     assert [r["spec"] for r in merged["regressions"]] == [cells[0]["spec"]]
     assert merged["baseline"] == {"matched": len(cells), "new": 0, "missing": 1}
     assert "--baseline" in merged["meta"]["command"]
+    html = (tmp_path / "m" / "report.html").read_text()
+    assert "Regressions against the baseline" in html and "&amp;" not in html, "markup escaped twice"
 
 
 def test_merge_refuses_reports_of_different_audits(tmp_path, capsys):
