@@ -68,7 +68,9 @@ def check_qkv(
         head_dims = tuple(head_dims)
         if q.shape[-1] not in head_dims:
             raise LLAInputError(f"q: head dimension D={q.shape[-1]} unsupported; expected one of {head_dims}")
-    if check_finite:
+    # one host sync for the three tensors (a device-to-host read stalls the launch queue);
+    # the per-tensor search for the message runs only on failure
+    if check_finite and not bool(torch.stack([torch.isfinite(t).all() for t in (q, k, v)]).all()):
         for name, t in (("q", q), ("k", k), ("v", v)):
             bad = ~torch.isfinite(t)
             if bool(bad.any()):
