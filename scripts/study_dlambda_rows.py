@@ -1,0 +1,140 @@
+"""Where the error of dlambda on early rows comes from (the backward issue's open finding).
+
+    PYTHONPATH=.:kernels [TRITON_INTERPRET=1] python scripts/study_dlambda_rows.py \
+        [--case SPEC] [--rows 64] [--cg-tol 1e-7] [--device cpu|cuda] [--precision ieee|tf32x3]
+
+Takes the first ``--rows`` rows of a case (causal: they see only each other, so the
+rows are those of the full case) and builds dlambda_i = omega_i <u_i, rho_i>
+(docs/math.md section 6) in float64 with exactly one ingredient perturbed at a time:
+
+- one intermediate of forming b_i rounded to fp32 (scores, weights, the anchored keys
+  k - c, f, den, <g, v>, <g, o>), the two solves exact;
+- rho_i from a CG in fp32 arithmetic on an fp32 Sigma_i (what a solve on a formed
+  Sigma_i attains), or rho_i from the Triton forward kernel itself (its first tile
+  anchored at row 0, as on the GPU), b_i and u_i exact;
+
+and judges each by the gradient budget (budget.check_backward, the other gradients
+set to the reference), so every line reads as "this ingredient alone costs that much
+of the budget". The first finding (docs/audit.md, second GPU audit) was: forming b_i
+costs at most 0.28 at kappa 1e6 (one-pass and two-pass forms alike), the kernel's rho
+0.56 (its true residual sits at the fp32 floor, ~1.4e-7, whatever cg_tol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+DEFAULT_CASE = "spectrum:kappa=100000,rotate=0:B=1,H=1,S=1000,D=64,dtype=float32,seed=0"
+ROUNDABLE = ("a", "w", "kp", "f", "den", "gv", "go")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--case", default=DEFAULT_CASE)
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--cg-tol", type=float, default=1e-7)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default=None, help="the kernel's precision (ieee, tf32x3, tf32; default its own)")
+    args = ap.parse_args(argv)
+
+    import lla_triton
+    from lla_triton.forward import lla_forward_kernel
+    from lla_verify.budget import check_backward, oracle_grads
+    from lla_verify.cases import Problem, parse_case
+    from lla_verify.impls import get_impl
+    from lla_verify.oracle import lla_forward_details
+
+    full = parse_case(args.case).build()
+    R = args.rows
+    lam_full = full.lam_tensor
+    prob = Problem(full.case, *(t[..., :R, :].contiguous() for t in (full.q, full.k, full.v)),
+                   lam_full[..., :R].contiguous(), full.qk_scale)
+    q, k, v = (t.reshape(R, -1).double() for t in (prob.q, prob.k, prob.v))
+    lam = prob.lam_tensor.reshape(R).double()
+    D, scale = q.shape[-1], prob.qk_scale
+    g = torch.randn(R, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(prob.q.dtype).double()
+    cot = g.reshape(1, 1, R, D)
+    ref = oracle_grads(prob, cot)
+    det = lla_forward_details(q[None], k[None], v[None], ridge_lambda=lam[None], qk_scale=scale)
+    rho64, mu, kappa = det.rho[0], det.mu[0], det.kappa[0]
+
+    causal = torch.tril(torch.ones(R, R, dtype=torch.bool))
+    a64 = ((q @ k.T) * scale).masked_fill(~causal, -math.inf)
+    w64 = torch.exp(a64 - a64.max(1).values[:, None])
+    omega = w64.sum(1)
+    z = k[None, :, :] - q[:, None, :]
+    sigma = torch.einsum("ij,ijd,ije->ide", w64, z, z) + (lam * omega)[:, None, None] * torch.eye(D, dtype=q.dtype)
+
+    def b_of(rho, rounded=()):
+        """b_i as kernel A forms it (anchor c = q_0, values anchored at v_0), float64 but
+        for the intermediates named in ``rounded``, which are rounded to fp32."""
+        r = (lambda name, t: t.float().double() if name in rounded else t)  # noqa: E731
+        c, vref = q[0], v[0]
+        a = r("a", (q @ k.T) * scale).masked_fill(~causal, -math.inf)
+        w = r("w", torch.exp(a - a.max(1).values[:, None]))
+        kp, qp, vp = r("kp", k - c), r("kp", q - c), v - vref
+        f = r("f", (1 + (qp * rho).sum(1)[:, None]) - rho @ kp.T)
+        den = r("den", (w * f).sum(1))
+        gv = r("gv", g @ vp.T)
+        go = r("go", (g * (((w * f) @ vp) / den[:, None])).sum(1))
+        wc = w * (gv - go[:, None]) / den[:, None]
+        return wc @ kp - wc.sum(1)[:, None] * qp
+
+    def dlam(rho, b):
+        u = torch.linalg.solve(sigma, b[..., None])[..., 0]
+        return omega * (u * rho).sum(1)
+
+    def cg(A, b, tol, maxit):
+        x, r = torch.zeros_like(b), b.clone()
+        p, rr = r.clone(), (r * r).sum(-1)
+        b2 = rr.clone()
+        for _ in range(maxit):
+            act = rr > tol * tol * b2
+            if not bool(act.any()):
+                break
+            Ap = (A @ p[..., None])[..., 0]
+            pap = (p * Ap).sum(-1)
+            al = torch.where(act & (pap > 0), rr / pap.clamp_min(1e-300), torch.zeros_like(rr))
+            x, r = x + al[:, None] * p, r - al[:, None] * Ap
+            rn = (r * r).sum(-1)
+            p = torch.where(act[:, None], r + torch.where(act, rn / rr.clamp_min(1e-300), 0 * rr)[:, None] * p, p)
+            rr = torch.where(act, rn, rr)
+        return x
+
+    impl = get_impl("triton")
+
+    def judge(label, dl):
+        grads = {n: ref[n].clone() for n in ref}
+        grads["dlambda"] = dl.reshape(1, 1, R)
+        r = check_backward(prob, impl, cot=cot, grads=grads).per_query["dlambda"].flatten()
+        i = int(r.argmax())
+        print(f"{label:40s} dlambda error / budget: max {float(r.max()):.3g} at row {i} (kappa {float(kappa[i]):.2e}); "
+              f"rows 1-8 {[round(float(x), 2) for x in r[1:9]]}")
+
+    print(f"{args.case}, first {R} rows; ratio = this ingredient's dlambda error / the gradient budget")
+    for name in ROUNDABLE:
+        judge(f"b with {name} rounded to fp32", dlam(rho64, b_of(rho64, (name,))))
+    judge("b with all of them rounded", dlam(rho64, b_of(rho64, ROUNDABLE)))
+    rho_cg32 = cg(sigma.float(), mu.float(), args.cg_tol, 16 * D).double()
+    judge("rho from fp32 CG on an fp32 Sigma", dlam(rho_cg32, b_of(rho_cg32)))
+
+    dev = args.device
+    q3, k3, v3 = (t.to(dev).reshape(1, R, D).contiguous() for t in (prob.q, prob.k, prob.v))
+    lam3 = prob.lam_tensor.to(dev).float().reshape(1, R).contiguous()
+    block = 64 if dev == "cpu" else None  # the GPU's first tile: rows 0-63 anchored at row 0
+    fo = lla_forward_kernel(q3, k3, v3, lam3, scale, delta_eps=lla_triton.DEFAULT_DELTA_EPS, cg_tol=args.cg_tol,
+                            cg_max_iters=16 * D, preconditioner=None, want_stats=True, precision=args.precision,
+                            config=(block, 16, 1, 1) if block else None)
+    rk = fo.rho[0].double().cpu()
+    rel = ((rk - rho64).norm(dim=-1) / rho64.norm(dim=-1)).tolist()
+    print(f"kernel rho: relative error rows 1-8 {[f'{x:.1e}' for x in rel[1:9]]}; "
+          f"CG iterations {fo.cg_iters[0, 1:9].tolist()}; final residual "
+          f"{[f'{float(x):.1e}' for x in fo.cg_residual[0, 1:9]]}")
+    judge("rho from the Triton forward kernel", dlam(rk, b_of(rk)))
+
+
+if __name__ == "__main__":
+    main()
