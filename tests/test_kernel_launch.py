@@ -51,7 +51,7 @@ def test_round_configs_keep_the_block_the_tile_ids_count():
 
 
 def test_a_later_round_falls_back_with_its_block_kept():
-    from lla_triton._common import round_configs
+    from lla_triton._common import fitted_rounds
     _FITTING.clear()
     calls = []
 
@@ -60,7 +60,12 @@ def test_a_later_round_falls_back_with_its_block_kept():
         if cfg[3] > 1:
             raise OutOfResources(f"shared memory: {cfg}")
         return cfg
-    cfg = (128, 64, 8, 3)
-    got = launch_fitting("r", "k", cfg, launch, explicit=False, fallbacks=round_configs(cfg, 0))
-    assert got == (128, 64, 8, 1)
+    launch_round = fitted_rounds("r", ("k",), (128, 64, 8, 3), 0, lambda c, t, a, todo: launch(c), explicit=False)
+    assert launch_round(None, None, None) == (128, 64, 8, 1)
     assert all(c[0] == 128 for c in calls)
+    calls.clear()
+    launch_round(None, None, None)
+    assert calls == [(128, 64, 8, 1)], "the round's fitted config is remembered"
+    explicit = fitted_rounds("r", ("e",), (128, 64, 8, 3), 0, lambda c, t, a, todo: launch(c), explicit=True)
+    with pytest.raises(OutOfResources):
+        explicit(None, None, None)

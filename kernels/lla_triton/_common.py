@@ -92,6 +92,20 @@ def launch_fitting(name: str, key, config, launch, *, explicit: bool, fallbacks=
     raise last
 
 
+def fitted_rounds(name: str, key, config, keep: int, launch, *, explicit: bool):
+    """``launch_round(tile_ids, anchors, todo)`` for reanchor_rounds: ``launch(cfg,
+    tile_ids, anchors, todo)`` through launch_fitting, from ``config`` (the first round's)
+    down its round_configs. Later rounds run another kernel variant (the anchored path
+    where the first ran the split one: 240 KiB of shared memory for kernel A at D = 64 with
+    the first round's tiles, on a 227 KiB H200), so they fit their tiles on their own."""
+    config = tuple(config)
+
+    def launch_round(tile_ids, anchors, todo):
+        return launch_fitting(name, key + (config,), config, lambda c: launch(c, tile_ids, anchors, todo),
+                              explicit=explicit, fallbacks=round_configs(config, keep))
+    return launch_round
+
+
 def reanchor_rounds(far: torch.Tensor, block: int, launch_round, counter=None) -> None:
     """Host side of the anchor rounds (docs/kernels.md, "Rows far from the anchor").
 

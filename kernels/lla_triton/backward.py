@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting, launch_fitting, reanchor_rounds,
-                      round_configs)
+from ._common import (PRECISIONS, SUPPORTED_HEAD_DIMS, fitted_rounds, interpreting, launch_fitting,
+                      reanchor_rounds)
 from .forward import NO_SPECIALIZE, _dot3, _matvec, anchor_too_far, split_too_lossy
 
 DEFAULT_PRECISION = "tf32x3"
@@ -582,14 +582,12 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg
     key = (D, q.dtype, precision)
     ca = launch_fitting("bwd_query", key, cfg_a, launch_a, explicit=config_a is not None)
     # rows far from their tile's anchor, again around their own (docs/kernels.md)
-    # later rounds run other variants (kernel A's anchored path instead of the split one:
-    # 240 KiB of shared memory at D = 64 on an H200): they may need smaller tiles, with
-    # the block the round's tile ids count kept
-    reanchor_rounds(far, ca[0], lambda t, a, todo: launch_fitting(
-        "bwd_query_round", key + (ca,), ca, lambda c: launch_a(c, False, t, a, todo),
-        explicit=config_a is not None, fallbacks=round_configs(ca, 0)))
+    reanchor_rounds(far, ca[0], fitted_rounds("bwd_query_round", key, ca, 0,
+                                              lambda c, t, a, todo: launch_a(c, False, t, a, todo),
+                                              explicit=config_a is not None))
     cb = launch_fitting("bwd_key", key, cfg_b, launch_b, explicit=config_b is not None)
-    reanchor_rounds(far, cb[1], lambda t, a, todo: launch_fitting(
-        "bwd_key_round", key + (cb,), cb, lambda c: launch_b(c, False, t, a, todo),
-        explicit=config_b is not None, fallbacks=round_configs(cb, 1)))
+    # kernel B's tiles are key tiles: its rounds keep BLOCK_N
+    reanchor_rounds(far, cb[1], fitted_rounds("bwd_key_round", key, cb, 1,
+                                              lambda c, t, a, todo: launch_b(c, False, t, a, todo),
+                                              explicit=config_b is not None))
     return BackwardOut(dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dlam, u, iters, res)

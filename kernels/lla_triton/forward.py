@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (PRECISIONS, SUPPORTED_HEAD_DIMS, interpreting, launch_fitting, reanchor_rounds,
-                      round_configs)
+from ._common import (PRECISIONS, SUPPORTED_HEAD_DIMS, fitted_rounds, interpreting, launch_fitting,
+                      reanchor_rounds)
 
 DEFAULT_CG_TOL = 1e-7
 # CG ends in D steps in exact arithmetic; in fp32 lost orthogonality delays convergence
@@ -359,8 +359,9 @@ def _solve_rows(q_dot, qf, c, todo, lam, K, V, base, S, scale, cg_tol, cg_max_it
 
 
 # S and cg_max_iters are not specialised on (== 1, % 16): every pointer is offset by
-# multiples of D, so it bought no speed, and it tripled the variants each new shape
-# compiled (96 forward variants in one GPU property-suite run)
+# multiples of D, and it doubled the variants the shapes of a GPU property-suite run
+# compiled (96 forward variants, 46 without); timed within 4% either way
+# (docs/performance.md, sixth run)
 NO_SPECIALIZE = ("S", "cg_max_iters")
 
 
@@ -508,11 +509,8 @@ def lla_forward_kernel(q, k, v, lam, scale, *, delta_eps, cg_tol, cg_max_iters, 
     cfg = launch_fitting("fwd", (D, q.dtype, precision), (BM, BN, warps, stages), launch,
                          explicit=config is not None)
     rounds = torch.ones(N, S, device=dev, dtype=torch.int32) if want_stats else None
-    # later rounds run another variant (anchored, not split): it may need smaller tiles
-    # than cfg, with the same BLOCK_M (the round's tile ids count BLOCK_M tiles)
-    def round_launch(t, a, todo):
-        launch_fitting("fwd_round", (D, q.dtype, precision, cfg), cfg, lambda c: launch(c, False, t, a, todo),
-                       explicit=config is not None, fallbacks=round_configs(cfg, 0))
-    reanchor_rounds(far, cfg[0], round_launch, rounds)
+    reanchor_rounds(far, cfg[0], fitted_rounds("fwd_round", (D, q.dtype, precision), cfg, 0,
+                                               lambda c, t, a, todo: launch(c, False, t, a, todo),
+                                               explicit=config is not None), rounds)
     return ForwardOut(o, m, omega, den, rho, fallback, iters if want_stats else None, res if want_stats else None,
                       rounds)
