@@ -44,6 +44,7 @@ def main(argv=None):
     from lla_triton.forward import lla_forward_kernel
     from lla_verify.budget import check_backward, oracle_grads
     from lla_verify.cases import Problem, parse_case
+    from lla_verify.cg import reference_cg, sigma_mu
     from lla_verify.impls import get_impl
     from lla_verify.oracle import lla_forward_details
 
@@ -62,11 +63,8 @@ def main(argv=None):
     rho64, mu, kappa = det.rho[0], det.mu[0], det.kappa[0]
 
     causal = torch.tril(torch.ones(R, R, dtype=torch.bool))
-    a64 = ((q @ k.T) * scale).masked_fill(~causal, -math.inf)
-    w64 = torch.exp(a64 - a64.max(1).values[:, None])
-    omega = w64.sum(1)
-    z = k[None, :, :] - q[:, None, :]
-    sigma = torch.einsum("ij,ijd,ije->ide", w64, z, z) + (lam * omega)[:, None, None] * torch.eye(D, dtype=q.dtype)
+    # the oracle's Sigma_i and omega_i, with the row max as the weights' shift (as b_of's)
+    sigma, _, omega = (t[0] for t in sigma_mu(q[None], k[None], lam[None], scale))
 
     def b_of(rho, rounded=()):
         """b_i as kernel A forms it (anchor c = q_0, values anchored at v_0), float64 but
@@ -87,23 +85,6 @@ def main(argv=None):
         u = torch.linalg.solve(sigma, b[..., None])[..., 0]
         return omega * (u * rho).sum(1)
 
-    def cg(A, b, tol, maxit):
-        x, r = torch.zeros_like(b), b.clone()
-        p, rr = r.clone(), (r * r).sum(-1)
-        b2 = rr.clone()
-        for _ in range(maxit):
-            act = rr > tol * tol * b2
-            if not bool(act.any()):
-                break
-            Ap = (A @ p[..., None])[..., 0]
-            pap = (p * Ap).sum(-1)
-            al = torch.where(act & (pap > 0), rr / pap.clamp_min(1e-300), torch.zeros_like(rr))
-            x, r = x + al[:, None] * p, r - al[:, None] * Ap
-            rn = (r * r).sum(-1)
-            p = torch.where(act[:, None], r + torch.where(act, rn / rr.clamp_min(1e-300), 0 * rr)[:, None] * p, p)
-            rr = torch.where(act, rn, rr)
-        return x
-
     impl = get_impl("triton")
 
     def judge(label, dl):
@@ -118,7 +99,8 @@ def main(argv=None):
     for name in ROUNDABLE:
         judge(f"b with {name} rounded to fp32", dlam(rho64, b_of(rho64, (name,))))
     judge("b with all of them rounded", dlam(rho64, b_of(rho64, ROUNDABLE)))
-    rho_cg32 = cg(sigma.float(), mu.float(), args.cg_tol, 16 * D).double()
+    rho_cg32 = reference_cg(sigma, mu, tol=args.cg_tol, max_iters=16 * D, dtype=torch.float32,
+                            history=False).rho.double()
     judge("rho from fp32 CG on an fp32 Sigma", dlam(rho_cg32, b_of(rho_cg32)))
 
     dev = args.device
