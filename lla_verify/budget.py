@@ -298,6 +298,23 @@ SOLVE_PROBE_SEEDS = (0, 1)
 BEYOND_PRECISION = 1.0
 
 
+SOLVE_PROBE_LINEAR = 1e-2  # h_solve kappa_i at most this: the probe's second-order term ~1%
+SOLVE_PROBE_MIN_STEP = 1e-12  # below this float64's own rounding of the gradient takes over
+
+
+def solve_probe_step(kappa: torch.Tensor, defined: torch.Tensor, u_c: float, h: float = 1e-6) -> float:
+    """The relative size of the Sigma_i probe: ``h``, or less where a judged row's kappa_i
+    would take the one-sided difference out of its linear regime (h kappa_i ~ 1 moves the
+    smallest eigenvalue by its own size). Rows beyond the compute precision
+    (kappa_i u_c >= BEYOND_PRECISION) are judged for NaN only and set no step."""
+    k = torch.nan_to_num(kappa, nan=math.inf)
+    judged = defined & (k * u_c < BEYOND_PRECISION)
+    if not bool(judged.any()):
+        return h
+    k_max = float(k[judged].max())
+    return float(min(h, max(SOLVE_PROBE_MIN_STEP, SOLVE_PROBE_LINEAR / max(k_max, 1.0))))
+
+
 def cotangent_for(problem: Problem, seed: int = 1234) -> torch.Tensor:
     """A fixed float64 output cotangent for ``problem`` (zero on undefined rows)."""
     gen = torch.Generator().manual_seed(seed)
@@ -309,7 +326,7 @@ def oracle_grads(problem: Problem, cot: torch.Tensor, *, q=None, k=None, v=None,
     """float64 autograd through the oracle: dq, dk, dv, dlambda of sum <cot, o>.
 
     sigma_probe=(h, seed): through ``lla_forward_sigma_probe`` instead (every Sigma_i
-    perturbed by a random symmetric h ||Sigma_i||_F E_i).
+    perturbed by h ||Sigma_i||_2 E_i, E_i random symmetric of unit spectral norm).
     """
     q = (problem.q if q is None else q).to(torch.float64).detach().requires_grad_(True)
     k = (problem.k if k is None else k).to(torch.float64).detach().requires_grad_(True)
@@ -413,7 +430,10 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     # no particular direction. An isotropic ridge shift is one direction only, and the
     # gradients can be blind to it (cancelling terms in dlambda at kappa ~ 1e4 were); two
     # random symmetric directions, the larger response taken, are not.
-    solve_probes = [oracle_grads(problem, cot, sigma_probe=(h, seed)) for seed in SOLVE_PROBE_SEEDS]
+    # The probe's step must stay in the linear regime, h_solve kappa_i << 1: at h = 1e-6 a
+    # kappa 9e5 row's one-sided difference came out 13x its h -> 0 value (error-model.md §6)
+    h_solve = solve_probe_step(d.kappa, defined, impl.u, h)
+    solve_probes = [oracle_grads(problem, cot, sigma_probe=(h_solve, seed)) for seed in SOLVE_PROBE_SEEDS]
     try:
         got = grads or impl_grads(impl, problem, cot)
     except NotImplementedError as exc:
@@ -454,7 +474,7 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
         diff = (g.to(torch.float64) - g_ref)
         err = _row_norm(diff, name)
         sens = _row_norm((plus[name] - minus[name]) / (2 * h), name)
-        sens_solve = torch.stack([_row_norm((p[name] - g_ref) / h, name) for p in solve_probes]).amax(0)
+        sens_solve = torch.stack([_row_norm((p[name] - g_ref) / h_solve, name) for p in solve_probes]).amax(0)
         ref_n = _row_norm(g_ref, name)
         # by causality a judged row depends on no beyond row: their (huge) gradients
         # set no scale for it

@@ -107,18 +107,22 @@ def _singular_augmented(omega, mu, sig):
 
 
 def _sym_probe(shape, seed: int, i0: int, device) -> torch.Tensor:
-    """Random symmetric (..., D, D) matrices of unit Frobenius norm, reproducible per chunk."""
+    """Random symmetric (..., D, D) matrices of unit spectral norm, reproducible per chunk.
+
+    Unit spectral (not Frobenius) norm: the probe stands for a normwise perturbation of
+    relative size h in the 2-norm, whatever the spectrum of Sigma_i (docs/error-model.md §6).
+    """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + i0)
     g = torch.randn(shape, generator=gen, dtype=_F64)
     e = g + g.transpose(-1, -2)
-    return (e / e.flatten(-2).norm(dim=-1)[..., None, None]).to(device)
+    return (e / torch.linalg.eigvalsh(e).abs().amax(-1)[..., None, None]).to(device)
 
 
 def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sigma_probe=None):
     """The rho/Schur oracle on flattened (N, S, D) float64 inputs.
 
-    sigma_probe = (h, seed) adds h ||Sigma_i||_F E_i to every Sigma_i, E_i random symmetric
-    of unit Frobenius norm (constant: no gradient flows through the perturbation). Budgets
+    sigma_probe = (h, seed) adds h ||Sigma_i||_2 E_i to every Sigma_i, E_i random symmetric
+    of unit spectral norm (constant: no gradient flows through the perturbation). Budgets
     use it to measure how far rounding inside the solves can move the gradients.
     """
     N, S, D = q.shape
@@ -141,7 +145,8 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
         sig = 0.5 * (sig + sig.transpose(-1, -2))
         if sigma_probe is not None:
             h, seed = sigma_probe
-            size = sig.detach().flatten(-2).norm(dim=-1)[..., None, None]
+            # Sigma_i is symmetric positive semi-definite: its 2-norm is its top eigenvalue
+            size = torch.linalg.eigvalsh(sig.detach())[..., -1].clamp_min(0.0)[..., None, None]
             sig = sig + h * size * _sym_probe(sig.shape, seed, i0, sig.device)
 
         zero_lam = lc.detach() == 0
@@ -230,7 +235,7 @@ def _output_only(q, k, v, ridge_lambda, qk_scale, delta_eps, chunk_bytes, sigma_
 
 def lla_forward_sigma_probe(q, k, v, *, ridge_lambda, h: float, seed: int, qk_scale=None,
                             chunk_bytes=DEFAULT_CHUNK_BYTES):
-    """``lla_forward`` with every Sigma_i perturbed by h ||Sigma_i||_F E_i (see ``_core``).
+    """``lla_forward`` with every Sigma_i perturbed by h ||Sigma_i||_2 E_i (see ``_core``).
 
     Not an LLA variant: a probe for error budgets (budget.check_backward). Differentiable
     like ``lla_forward``.

@@ -56,7 +56,9 @@ def main(argv=None):
     q, k, v = (t.reshape(R, -1).double() for t in (prob.q, prob.k, prob.v))
     lam = prob.lam_tensor.reshape(R).double()
     D, scale = q.shape[-1], prob.qk_scale
-    g = torch.randn(R, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(prob.q.dtype).double()
+    # the audit's cotangent, cut to the first R rows: dlambda_i depends on g_i and rows <= i only
+    from lla_verify.budget import cotangent_for
+    g = cotangent_for(full)[..., :R, :].reshape(R, D).to(prob.q.dtype).double()
     cot = g.reshape(1, 1, R, D)
     ref = oracle_grads(prob, cot)
     det = lla_forward_details(q[None], k[None], v[None], ridge_lambda=lam[None], qk_scale=scale)
@@ -116,6 +118,19 @@ def main(argv=None):
           f"CG iterations {fo.cg_iters[0, 1:9].tolist()}; final residual "
           f"{[f'{float(x):.1e}' for x in fo.cg_residual[0, 1:9]]}")
     judge("rho from the Triton forward kernel", dlam(rk, b_of(rk)))
+
+    # the backward kernel itself (kernel A's b, adjoint CG and dlambda), first on the
+    # exact rho rounded to fp32, then on the forward kernel's rho: what the audit ran
+    from lla_triton.backward import lla_backward_kernel
+    g3 = g.to(prob.q.dtype).to(dev).reshape(1, R, D).contiguous()
+    for label, rho_in in (("exact rho", rho64.float().to(dev)[None]), ("kernel rho", fo.rho)):
+        bo = lla_backward_kernel(q3, k3, v3, rho_in.contiguous(), lam3, g3, scale, fallback=fo.fallback,
+                                 cg_tol=args.cg_tol, cg_max_iters=16 * D, precision=args.precision,
+                                 config_a=(block, 16, 1, 1) if block else None,
+                                 config_b=(16, 16, 1, 1) if block else None)
+        judge(f"backward kernel, {label}", bo.dlam[0].double().cpu())
+        print(f"  adjoint CG iterations rows 1-8 {bo.cg_iters[0, 1:9].tolist()}; recursive residual "
+              f"{[f'{float(x):.1e}' for x in bo.cg_residual[0, 1:9]]}")
 
 
 if __name__ == "__main__":
