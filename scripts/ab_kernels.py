@@ -6,7 +6,7 @@ A kernel change is judged by the ratio new / old at the bench shapes (bf16, caus
 lambda 0.1): forward alone and one fwd+bwd step, each the median of ``--rounds``
 rounds of triton.testing.do_bench medians, the two copies alternating within a round
 so that clock and thermal drift fall on both (docs/performance.md, METHOD). The
-outputs of the two copies are compared too (max abs difference of o and dq), so a
+outputs of the two copies are compared too (max abs difference of o, dq, dk, dv), so a
 speed-up that changed the numbers does not pass unnoticed.
 """
 
@@ -59,7 +59,7 @@ def main(argv=None):
     emit(f"old: {args.old}; new: {args.new}; bf16, causal, lambda {lam}; median of {args.rounds} interleaved rounds")
     emit()
     emit("| B,H,S,D | fwd old ms | fwd new ms | new/old | fwd+bwd old ms | fwd+bwd new ms | new/old "
-         "| max abs diff o / dq |")
+         "| max abs diff o / dq / dk / dv |")
     emit("|---|---|---|---|---|---|---|---|")
     for B, H, S, D in SHAPES:
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -70,7 +70,7 @@ def main(argv=None):
             qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
             o = mod.lla_attention(qq, kk, vv, ridge_lambda=lam)
             o.backward(g)
-            outs[c] = (o.detach(), qq.grad)
+            outs[c] = (o.detach(), qq.grad, kk.grad, vv.grad)
         for _ in range(args.rounds):
             for c, mod in copies.items():
                 qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
@@ -85,11 +85,11 @@ def main(argv=None):
                 times[(c, "fwd")].append(bench(fwd))
                 times[(c, "step")].append(bench(step, [qq, kk, vv]))
         med = {key: statistics.median(v) for key, v in times.items()}
-        do = float((outs["old"][0].float() - outs["new"][0].float()).abs().max())
-        dq = float((outs["old"][1].float() - outs["new"][1].float()).abs().max())
+        diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(outs["old"], outs["new"])]
         emit(f"| {B},{H},{S},{D} | {med[('old', 'fwd')]:.3f} | {med[('new', 'fwd')]:.3f} "
              f"| {med[('new', 'fwd')] / med[('old', 'fwd')]:.3f} | {med[('old', 'step')]:.3f} "
-             f"| {med[('new', 'step')]:.3f} | {med[('new', 'step')] / med[('old', 'step')]:.3f} | {do:.2e} / {dq:.2e} |")
+             f"| {med[('new', 'step')]:.3f} | {med[('new', 'step')] / med[('old', 'step')]:.3f} | "
+             + " / ".join(f"{x:.2e}" for x in diffs) + " |")
         torch.cuda.empty_cache()
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")

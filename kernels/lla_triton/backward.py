@@ -65,6 +65,18 @@ def _gv_anchored(g_dot, gf, vp, UPCAST: tl.constexpr, PREC: tl.constexpr, SPLIT:
 
 
 @triton.jit
+def _xk_tile(x, kp, k_dot, UPCAST: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """<k'_j, x_i> for a tile (anchored keys), or on the split path <k_j, x_i> against the
+    exact bf16 keys, expanded around 0 as the forward's output pass does: 3 bf16 MMAs
+    instead of tf32x3's 6, its loss bounded by the split rule (forward.SPLIT_RATIO). The
+    caller pairs it with <q'_i, x_i> or <q_i, x_i> to match."""
+    if SPLIT:
+        return _dot3(x, tl.trans(k_dot), UPCAST)
+    else:
+        return tl.dot(x, tl.trans(kp), input_precision=PREC)
+
+
+@triton.jit
 def _a_pass1_tile(q_dot, g_dot, gf, c, vref, rho, qr, K, V, base, start_n, S, scale, offs_m,
                   m_i, omega, den, ov, pk, p0, mk, kk, k2,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
@@ -92,7 +104,7 @@ def _a_pass1_tile(q_dot, g_dot, gf, c, vref, rho, qr, K, V, base, start_n, S, sc
     m_new = tl.maximum(m_i, tl.max(a, 1))
     alpha = tl.exp(m_i - m_new)
     w = tl.exp(a - m_new[:, None])
-    wf = w * ((1.0 + qr[:, None]) - tl.dot(rho, tl.trans(kp), input_precision=PREC))
+    wf = w * ((1.0 + qr[:, None]) - _xk_tile(rho, kp, k_dot, UPCAST, PREC, SPLIT))
     gv = _gv_anchored(g_dot, gf, vp, UPCAST, PREC, SPLIT)
     wg = w * gv
     omega = omega * alpha + tl.sum(w, 1)
@@ -130,14 +142,19 @@ def _a_grad_tile(q_dot, g_dot, gf, c, vref, rho, qr, u, uq, go, inv_den, beta, K
         keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S)
         a = tl.where(keep, a, float("-inf"))
     w = tl.exp(a - m_i[:, None])
-    f = (1.0 + qr[:, None]) - tl.dot(rho, tl.trans(kp), input_precision=PREC)
+    f = (1.0 + qr[:, None]) - _xk_tile(rho, kp, k_dot, UPCAST, PREC, SPLIT)
     # go = <g_i, o_i - v_ref> here (pass 1's anchored values)
     cc = (_gv_anchored(g_dot, gf, vp, UPCAST, PREC, SPLIT) - go[:, None]) * inv_den[:, None]
-    e = cc - (tl.dot(u, tl.trans(kp), input_precision=PREC) - uq[:, None])
+    e = cc - (_xk_tile(u, kp, k_dot, UPCAST, PREC, SPLIT) - uq[:, None])
     da = w * (f * e + beta[:, None])
-    # sum_j dA_ij = 0 exactly (o is invariant to a per-row shift of the scores),
-    # so the anchored k'_j give the same dq as k_j, without the offset's rounding
-    dqa += tl.dot(da, kp, input_precision=PREC)
+    # sum_j dA_ij = 0 exactly (o is invariant to a per-row shift of the scores), so
+    # k'_j and k_j give the same dq; the anchored k' avoid the offset's rounding, and
+    # the split path's exact bf16 k lose at most its 5 bits (SPLIT_RATIO) against a
+    # bf16 dq: 3 bf16 MMAs instead of tf32x3's 6
+    if SPLIT:
+        dqa += _dot3(da, k_dot, UPCAST)
+    else:
+        dqa += tl.dot(da, kp, input_precision=PREC)
     esum += tl.sum(w * e, 1)
     return dqa, esum
 
@@ -153,7 +170,11 @@ def _a_solve_rows(q_dot, g_dot, qf, gf, c, vref, todo, fb, rho, lam, K, V, base,
     of ``todo`` this anchor serves, and ``far`` (the rest of todo) goes to the next
     anchor, as in the forward (docs/kernels.md, "Anchor")."""
     qp = qf - c[None, :]
-    qr = tl.sum(qp * rho, 1)
+    # f_ij = 1 + <q_i, rho_i> - <k_j, rho_i>: around the anchor, or around 0 on the split path
+    if SPLIT:
+        qr = tl.sum(qf * rho, 1)
+    else:
+        qr = tl.sum(qp * rho, 1)
 
     # ---- pass 1: m, omega, den, o and the pieces of b
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -244,7 +265,10 @@ def _a_solve_rows(q_dot, g_dot, qf, gf, c, vref, todo, fb, rho, lam, K, V, base,
     # ---- pass 3: dq and E_i = sum_j w_ij e_ij
     ur = tl.sum(u * rho, 1)
     beta = lam * ur
-    uq = tl.sum(u * qp, 1)
+    if SPLIT:
+        uq = tl.sum(u * qf, 1)
+    else:
+        uq = tl.sum(u * qp, 1)
     dqa = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     esum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, lo_full, BLOCK_N):
@@ -338,7 +362,7 @@ def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, FB, U, DQ, DLAM, M_OUT, DEN_OUT,
 def _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, base, row_base,
             start_m, S, scale, offs_n, dv, dka, cs, sw, swq, swqq,
             D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
-            PREC: tl.constexpr, SPREC: tl.constexpr):
+            PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < S
     q = _load_rows(Q, base, offs_m, S, D)
@@ -372,7 +396,11 @@ def _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, bas
     cc = (tl.dot(v_dot, tl.trans(g_dot), input_precision=SPREC) - go[None, :]) * inv_den[None, :]
     e = cc - (tl.dot(kp, tl.trans(u), input_precision=PREC) - uq[None, :])
     wf = w * f
-    dv += tl.dot(wf * inv_den[None, :], gf, input_precision=PREC)
+    if SPLIT:
+        # bf16 g is exact: the fp32 weights split three ways against it (forward._dot3)
+        dv += _dot3(wf * inv_den[None, :], g_dot, UPCAST)
+    else:
+        dv += tl.dot(wf * inv_den[None, :], gf, input_precision=PREC)
     da = w * (f * e + beta[None, :])
     dka += tl.dot(scale * da, qp, input_precision=PREC)
     dka -= tl.dot(w * e, rho, input_precision=PREC)
@@ -380,7 +408,8 @@ def _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, bas
     cs += tl.sum(da, 1)
     # the key-side distance test (anchor_too_far with the roles of q and k swapped)
     sw += tl.sum(w, 1)
-    swq += tl.dot(w, qp, input_precision=PREC)
+    # swq only routes keys (anchor_too_far against a ratio of 8): TF32's 2^-11 is ample
+    swq += tl.dot(w, qp, input_precision="tf32")
     swqq += tl.sum(w * tl.sum(qp * qp, 1)[None, :], 1)
     return dv, dka, cs, sw, swq, swqq
 
@@ -388,7 +417,7 @@ def _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, bas
 @triton.jit
 def _b_sweep(k_dot, v_dot, kf, c, todo, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, base, row_base, S, scale,
              pid_n, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-             PREC: tl.constexpr, SPREC: tl.constexpr):
+             PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
     """dk, dv for the key tile around anchor c, and the keys of ``todo`` too far from it."""
     kp = kf - c[None, :]
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
@@ -405,11 +434,11 @@ def _b_sweep(k_dot, v_dot, kf, c, todo, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_
     for start_m in range(first, full, BLOCK_M):
         dv, dka, cs, sw, swq, swqq = _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN,
                                              base, row_base, start_m, S, scale, offs_n_of(pid_n, BLOCK_N),
-                                             dv, dka, cs, sw, swq, swqq, D, BLOCK_M, UPCAST, True, PREC, SPREC)
+                                             dv, dka, cs, sw, swq, swqq, D, BLOCK_M, UPCAST, True, PREC, SPREC, SPLIT)
     for start_m in range(full, S, BLOCK_M):
         dv, dka, cs, sw, swq, swqq = _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN,
                                              base, row_base, start_m, S, scale, offs_n_of(pid_n, BLOCK_N),
-                                             dv, dka, cs, sw, swq, swqq, D, BLOCK_M, UPCAST, False, PREC, SPREC)
+                                             dv, dka, cs, sw, swq, swqq, D, BLOCK_M, UPCAST, False, PREC, SPREC, SPLIT)
     # s sum_i dA_ij q_i with q_i = q'_i + c: the anchor's share is a rank-one term
     dk = dka + (scale * cs)[:, None] * c[None, :]
     far = todo & anchor_too_far(kp, swq, swqq, sw)
@@ -425,7 +454,8 @@ def offs_n_of(pid_n, BLOCK_N: tl.constexpr):
 def _lla_bwd_key_kernel(Q, K, V, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, DK, DV,
                         TILE_IDS, ANCHORS, TODO, FAR_OUT, S, scale,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        UPCAST: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, FIRST: tl.constexpr):
+                        UPCAST: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr,
+                        FIRST: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_N)
     if FIRST:
         # early key tiles meet the most queries: launch them first
@@ -459,7 +489,7 @@ def _lla_bwd_key_kernel(Q, K, V, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, DK, DV
         todo = col_ok & (tl.load(TODO + row_base + offs_n, mask=col_ok, other=0) != 0)
     c = tl.load(K + base + a_row * D + offs_d).to(tl.float32)
     dk, dv, far = _b_sweep(k_dot, v_dot, kf, c, todo, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, base,
-                           row_base, S, scale, pid_n, D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC)
+                           row_base, S, scale, pid_n, D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC, SPLIT)
     take = todo & (~far)
     tile_ptrs = base + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + tile_ptrs, dk.to(DK.dtype.element_ty), mask=take[:, None])
@@ -573,7 +603,7 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg
         grid = (triton.cdiv(S, bn), N) if first else (tile_ids.numel(), 1)
         _lla_bwd_key_kernel[grid](
             q, k, v, grad_out, rho, u, m, den, go, beta, dk, dv, tile_ids, anchors, todo, far, S, float(scale),
-            D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, PREC=precision, SPREC=sprec, FIRST=first,
+            D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, PREC=precision, SPREC=sprec, SPLIT=split, FIRST=first,
             num_warps=bw, num_stages=bst,
         )
         return cfg
