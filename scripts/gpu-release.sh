@@ -20,7 +20,7 @@ JOBS=${JOBS:-10}
 SLICES=${SLICES:-10}
 PY=${PY:-python}
 ONLY=${ONLY:-pytest,cg,audit}
-BASELINE=${BASELINE-docs/audit-runs/2026-12-01-h200-full-2/report.json}
+BASELINE=${BASELINE-docs/audit-runs/2026-12-01-h200-full-3/report.json}
 want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 mkdir -p "$OUT/work/audit-slices"
 export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
