@@ -70,15 +70,29 @@ def check_qkv(
             raise LLAInputError(f"q: head dimension D={q.shape[-1]} unsupported; expected one of {head_dims}")
     # one host sync for the three tensors (a device-to-host read stalls the launch queue);
     # the per-tensor search for the message runs only on failure
-    if check_finite and not bool(torch.stack([torch.isfinite(t).all() for t in (q, k, v)]).all()):
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            bad = ~torch.isfinite(t)
-            if bool(bad.any()):
-                idx = tuple(int(i) for i in bad.nonzero()[0])
-                raise LLAInputError(
-                    f"{name}: expected finite values, found {int(bad.sum())} non-finite "
-                    f"(first at index {idx}: {t[idx].item()})"
-                )
+    if check_finite and bool(nonfinite_flag((q, k, v))):
+        raise_nonfinite((("q", q), ("k", k), ("v", v)))
+
+
+def nonfinite_flag(tensors) -> torch.Tensor:
+    """A 0-d bool tensor on the tensors' device, True where any holds a NaN or Inf. No host
+    sync: a caller that reads it later (the kernels, with their own device-to-host read)
+    keeps the launch queue running."""
+    return ~torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def raise_nonfinite(named) -> None:
+    """Raise LLAInputError naming the first of ``named`` ((name, tensor) pairs) with a NaN
+    or Inf, its count and the index of the first one."""
+    for name, t in named:
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            raise LLAInputError(
+                f"{name}: expected finite values, found {int(bad.sum())} non-finite "
+                f"(first at index {idx}: {t[idx].item()})"
+            )
+    raise LLAInputError("q, k, v: expected finite values, found NaN or Inf")  # pragma: no cover
 
 
 def check_scale(qk_scale: float | None, head_dim: int) -> float:
@@ -112,7 +126,12 @@ def check_lambda(ridge_lambda, lead_shape: tuple[int, ...], device, *, dtype=tor
             raise LLAInputError(
                 f"ridge_lambda: expected a float >= 0 or a tensor broadcastable to {lead_shape}, got {ridge_lambda!r}"
             ) from None
-        lam = torch.tensor(val, device=device, dtype=dtype)
+        # a float is checked on the host: no device round trip
+        if not math.isfinite(val):
+            raise LLAInputError("ridge_lambda: expected finite values, found NaN or Inf")
+        if val < 0:
+            raise LLAInputError(f"ridge_lambda: expected values >= 0, got minimum {val:g}")
+        return torch.full(lead_shape, val, device=device, dtype=dtype)
     try:
         lam_b = torch.broadcast_to(lam, lead_shape)
     except RuntimeError:
@@ -120,9 +139,11 @@ def check_lambda(ridge_lambda, lead_shape: tuple[int, ...], device, *, dtype=tor
             f"ridge_lambda: shape {tuple(lam.shape)} does not broadcast to (..., S) = {lead_shape}"
         ) from None
     det = lam_b.detach()
-    if not bool(torch.isfinite(det).all()):
+    # both checks in one device-to-host read
+    nonfinite, negative = torch.stack([(~torch.isfinite(det)).any(), (det < 0).any()]).tolist()
+    if nonfinite:
         raise LLAInputError("ridge_lambda: expected finite values, found NaN or Inf")
-    if bool((det < 0).any()):
+    if negative:
         raise LLAInputError(f"ridge_lambda: expected values >= 0, got minimum {det.min().item():g}")
     return lam_b
 

@@ -392,6 +392,18 @@ def test_errors_name_the_argument():
     bad[0, 0, 3, 2] = float("inf")
     with pytest.raises(LLAInputError, match="q: expected finite"):
         lla_triton.lla_attention(bad, k, v, ridge_lambda=0.1)
+    # the check is deferred to the kernel's own device-to-host read: it still names the
+    # tensor and the index, on the autograd path too, and with a tensor lambda
+    nan_v = v.clone()
+    nan_v[0, 0, 5, 1] = float("nan")
+    with pytest.raises(LLAInputError, match=r"v: expected finite values, found 1 non-finite \(first at index \(0, 0, 5, 1\)"):
+        lla_triton.lla_attention(q, k, nan_v, ridge_lambda=torch.full((8,), 0.1, device=DEVICE))
+    with pytest.raises(LLAInputError, match="k: expected finite"):
+        kk = k.clone()
+        kk[0, 0, 0, 0] = float("-inf")
+        lla_triton.lla_attention(q.clone().requires_grad_(), kk, v, ridge_lambda=0.1)
+    with pytest.raises(LLAInputError, match="ridge_lambda: expected values >= 0"):
+        lla_triton.lla_attention(q, k, v, ridge_lambda=torch.tensor([0.1, -1.0] * 4, device=DEVICE))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a CUDA device")

@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from lla_verify.validate import LLAInputError, check_delta_eps, check_lambda, check_qkv, check_scale
+from lla_verify.validate import (LLAInputError, check_delta_eps, check_lambda, check_qkv, check_scale,
+                                 nonfinite_flag)
 
 from ._common import PRECISIONS, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, interpreting
 from .forward import (
@@ -65,7 +66,10 @@ def lla_attention(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=DEFAULT_DEL
             raise LLAInputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() not in (3, 4):
             raise LLAInputError(f"{name}: expected shape (B, H, S, D) or (B, S, D), got {tuple(t.shape)}")
-    check_qkv(q, k, v, dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS, check_finite=check_finite)
+    # finiteness is checked on the device and read with the kernel's own device-to-host
+    # transfer (forward.lla_forward_kernel, input_check): a sync of its own here left the
+    # GPU idle for the launch's host work, 0.23-0.33 ms (docs/performance.md, seventh run)
+    check_qkv(q, k, v, dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS, check_finite=False)
     if v.shape != q.shape:
         raise LLAInputError(f"v: expected the shape of q {tuple(q.shape)} (same D), got {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -85,6 +89,7 @@ def lla_attention(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=DEFAULT_DEL
     N = math.prod(lead[:-1])
     lam = check_lambda(ridge_lambda, lead, q.device, dtype=torch.float32).reshape(N, S).contiguous()
     q3, k3, v3 = (t.reshape(N, S, D).contiguous() for t in (q, k, v))
+    pending = (nonfinite_flag((q, k, v)), (("q", q), ("k", k), ("v", v))) if check_finite else None
 
     lam_grad = isinstance(ridge_lambda, torch.Tensor) and ridge_lambda.requires_grad
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or lam_grad):
@@ -92,7 +97,7 @@ def lla_attention(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=DEFAULT_DEL
             from .autograd import LLAFunction
         except ImportError:
             raise NotImplementedError("lla_triton: backward not available yet") from None
-        o3 = LLAFunction.apply(q3, k3, v3, lam, scale, eps, tol, cg_max_iters, preconditioner, precision)
+        o3 = LLAFunction.apply(q3, k3, v3, lam, scale, eps, tol, cg_max_iters, preconditioner, precision, pending)
         if not return_stats:
             return o3.reshape(q.shape)
         with torch.no_grad():
@@ -101,7 +106,8 @@ def lla_attention(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=DEFAULT_DEL
                                     want_stats=True, precision=precision)
     else:
         fo = lla_forward_kernel(q3, k3, v3, lam, scale, delta_eps=eps, cg_tol=tol, cg_max_iters=cg_max_iters,
-                                preconditioner=preconditioner, want_stats=return_stats, precision=precision)
+                                preconditioner=preconditioner, want_stats=return_stats, precision=precision,
+                                input_check=pending)
         o3 = fo.o
     o = o3.reshape(q.shape)
     if not return_stats:

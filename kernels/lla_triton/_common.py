@@ -106,7 +106,7 @@ def fitted_rounds(name: str, key, config, keep: int, launch, *, explicit: bool):
     return launch_round
 
 
-def reanchor_rounds(far: torch.Tensor, block: int, launch_round, counter=None) -> None:
+def reanchor_rounds(far: torch.Tensor, block: int, launch_round, counter=None, also=None) -> bool:
     """Host side of the anchor rounds (docs/kernels.md, "Rows far from the anchor").
 
     ``far`` (N, S) int8 holds what the first launch marked: rows (or keys) of its
@@ -117,17 +117,27 @@ def reanchor_rounds(far: torch.Tensor, block: int, launch_round, counter=None) -
     its anchor's row, so there are at most ``block`` rounds. ``counter`` (N, S) int32,
     when given, counts the rounds each row took part in.
 
+    ``also``, a 0-d bool tensor (the caller's deferred check of its inputs), is read in
+    the same device-to-host transfer as the first far.any() and returned; when it is
+    True no round runs (the caller raises).
+
     The loop lives on the host, not in the kernel: a kernel-side loop around the
     passes miscompiled bf16 products at D = 16 under Triton 3.6 (wrong results, then
     an illegal address). Ordinary inputs pay one device-to-host read of far.any().
     """
+    if also is not None:
+        any_far, flag = torch.stack([far.any(), also.to(far.device)]).tolist()
+        if flag or not any_far:
+            return bool(flag)
+    elif not bool(far.any()):
+        return False
     N, S = far.shape
     n_tiles = -(-S // block)
     pad = n_tiles * block - S
     idx = torch.arange(n_tiles * block, device=far.device, dtype=torch.int32).view(n_tiles, block)
-    for _ in range(block):
-        if not bool(far.any()):
-            return
+    for r in range(block):
+        if r and not bool(far.any()):
+            return False
         todo = far.clone()
         far.zero_()
         if counter is not None:
@@ -138,3 +148,4 @@ def reanchor_rounds(far: torch.Tensor, block: int, launch_round, counter=None) -
         launch_round(tile_ids.to(torch.int32).contiguous(), first[tile_ids].to(torch.int32).contiguous(), todo)
     if bool(far.any()):  # pragma: no cover - each round serves its anchor row
         raise RuntimeError("lla_triton: anchor rounds did not terminate")
+    return False

@@ -1,7 +1,7 @@
 """Autograd wiring for lla_triton: the forward kernel's output, the backward kernels' gradients.
 
 ``LLAFunction.apply(q, k, v, lam, scale, delta_eps, cg_tol, cg_max_iters,
-preconditioner[, precision])`` on flattened heads: q, k, v (N, S, D) contiguous,
+preconditioner[, precision[, input_check]])`` (input_check: forward.lla_forward_kernel's) on flattened heads: q, k, v (N, S, D) contiguous,
 lam (N, S) fp32. lam may carry a graph (a broadcast, reshaped, cast user tensor):
 the per-query d lambda returned here flows back through it, and autograd sums it
 over the broadcast dimensions. A Python-float lambda arrives as a tensor without
@@ -23,11 +23,12 @@ from .forward import DEFAULT_PRECISION, lla_forward_kernel
 
 class LLAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lam, scale, delta_eps, cg_tol, cg_max_iters, preconditioner, precision=None):
+    def forward(ctx, q, k, v, lam, scale, delta_eps, cg_tol, cg_max_iters, preconditioner, precision=None,
+                input_check=None):
         precision = precision or DEFAULT_PRECISION
         fo = lla_forward_kernel(q, k, v, lam.detach(), scale, delta_eps=delta_eps, cg_tol=cg_tol,
                                 cg_max_iters=cg_max_iters, preconditioner=preconditioner, want_stats=False,
-                                precision=precision)
+                                precision=precision, input_check=input_check)
         ctx.save_for_backward(q, k, v, fo.rho, lam.detach(), fo.fallback)
         ctx.opts = (scale, delta_eps, cg_tol, cg_max_iters, preconditioner, precision)
         return fo.o
@@ -71,4 +72,4 @@ def _backward(ctx, grad_output):
                              cg_max_iters=cg_max_iters, preconditioner=preconditioner, precision=precision)
     need = ctx.needs_input_grad
     return (bo.dq if need[0] else None, bo.dk if need[1] else None, bo.dv if need[2] else None,
-            bo.dlam if need[3] else None, None, None, None, None, None, None)
+            bo.dlam if need[3] else None, None, None, None, None, None, None, None)

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lla_verify.validate import raise_nonfinite
+
 from ._common import (PRECISIONS, SUPPORTED_HEAD_DIMS, fitted_rounds, interpreting, launch_fitting,
                       reanchor_rounds)
 
@@ -449,12 +451,15 @@ def _config(D: int, override=None):
 
 
 def lla_forward_kernel(q, k, v, lam, scale, *, delta_eps, cg_tol, cg_max_iters, preconditioner,
-                       want_stats, precision=None, config=None) -> ForwardOut:
+                       want_stats, precision=None, config=None, input_check=None) -> ForwardOut:
     """Launch the forward kernel on flattened heads.
 
     q, k, v: (N, S, D) contiguous, one dtype; lam: (N, S) float32 contiguous.
     ``precision`` (default DEFAULT_PRECISION) and ``config`` ((BLOCK_M, BLOCK_N,
     num_warps, num_stages)) are optional extras; callers that know neither omit them.
+    ``input_check`` = (flag, named): a deferred finiteness check of the caller's inputs
+    (validate.nonfinite_flag and the (name, tensor) pairs it covers), read in the same
+    device-to-host transfer as the anchor rounds' first; raises LLAInputError if set.
     """
     N, S, D = q.shape
     if D not in SUPPORTED_HEAD_DIMS:
@@ -509,8 +514,11 @@ def lla_forward_kernel(q, k, v, lam, scale, *, delta_eps, cg_tol, cg_max_iters, 
     cfg = launch_fitting("fwd", (D, q.dtype, precision), (BM, BN, warps, stages), launch,
                          explicit=config is not None)
     rounds = torch.ones(N, S, device=dev, dtype=torch.int32) if want_stats else None
-    reanchor_rounds(far, cfg[0], fitted_rounds("fwd_round", (D, q.dtype, precision), cfg, 0,
-                                               lambda c, t, a, todo: launch(c, False, t, a, todo),
-                                               explicit=config is not None), rounds)
+    bad = reanchor_rounds(far, cfg[0], fitted_rounds("fwd_round", (D, q.dtype, precision), cfg, 0,
+                                                     lambda c, t, a, todo: launch(c, False, t, a, todo),
+                                                     explicit=config is not None), rounds,
+                          also=None if input_check is None else input_check[0])
+    if bad:
+        raise_nonfinite(input_check[1])
     return ForwardOut(o, m, omega, den, rho, fallback, iters if want_stats else None, res if want_stats else None,
                       rounds)
