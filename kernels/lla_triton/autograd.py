@@ -1,10 +1,10 @@
 """Autograd wiring for lla_triton: the forward kernel's output, the backward kernels' gradients.
 
 ``LLAFunction.apply(q, k, v, lam, scale, delta_eps, cg_tol, cg_max_iters,
-preconditioner[, precision[, input_check]])`` (input_check: forward.lla_forward_kernel's) on flattened heads: q, k, v (N, S, D) contiguous,
-lam (N, S) fp32. lam may carry a graph (a broadcast, reshaped, cast user tensor):
-the per-query d lambda returned here flows back through it, and autograd sums it
-over the broadcast dimensions. A Python-float lambda arrives as a tensor without
+preconditioner[, precision[, input_check]])`` on flattened heads (input_check as in
+forward.lla_forward_kernel): q, k, v (N, S, D) contiguous, lam (N, S) fp32. lam may
+carry a graph (a broadcast, reshaped, cast user tensor): the per-query d lambda returned
+here flows back through it, and autograd sums it over the broadcast dimensions. A Python-float lambda arrives as a tensor without
 grad and gets none.
 
 Saved for backward: q, k, v, rho and lam only, Theta(S D). The backward
