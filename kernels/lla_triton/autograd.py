@@ -4,8 +4,8 @@
 preconditioner[, precision[, input_check]])`` on flattened heads (input_check as in
 forward.lla_forward_kernel): q, k, v (N, S, D) contiguous, lam (N, S) fp32. lam may
 carry a graph (a broadcast, reshaped, cast user tensor): the per-query d lambda returned
-here flows back through it, and autograd sums it over the broadcast dimensions. A Python-float lambda arrives as a tensor without
-grad and gets none.
+here flows back through it, and autograd sums it over the broadcast dimensions. A
+Python-float lambda arrives as a tensor without grad and gets none.
 
 Saved for backward: q, k, v, rho and lam only, Theta(S D). The backward
 recomputes m, omega, den and o from rho itself (docs/kernels-backward.md says why).
