@@ -281,9 +281,7 @@ def backward_check(problem, impl) -> dict:
         return {"status": f"not checked: {v.message}"}
     return {"status": "checked", "ratio": float(v.ratio), "passed": bool(v.passed), "cause": str(v.cause),
             "message": str(v.message), "check": getattr(v, "check", "backward"),
-            "n_beyond_precision": int((getattr(v, "summary", None) or {}).get("n_beyond_precision", 0)),
-            # judged rows whose conditioning alone allows >= the gradient (budget.check_backward)
-            "n_no_digit": {k: int(n) for k, n in ((getattr(v, "summary", None) or {}).get("n_no_digit") or {}).items()}}
+            "n_beyond_precision": int((getattr(v, "summary", None) or {}).get("n_beyond_precision", 0))}
 
 
 def run_cell(cell: Cell, impl, device: str, *, backward: bool = True, impl_name: str | None = None) -> dict:
@@ -451,9 +449,6 @@ def _verdict(cells: list[dict], regressions: list[dict], interrupted: str | None
     n_rows = sum(c["grad"]["n_beyond_precision"] for c in beyond)
     beyond_note = (f"; {len(beyond)} checked cells have rows beyond the compute precision (kappa u_c >= 1), "
                    f"{n_rows} query rows held to no budget (a NaN still fails)" if beyond else "")
-    no_digit = [c for c in cells if any(((c.get("grad") or {}).get("n_no_digit") or {}).values())]
-    beyond_note += (f"; {len(no_digit)} checked cells pass rows where conditioning alone allows >= the gradient "
-                    "(no digit required: see each cell's message)" if no_digit else "")
     return {
         "passed": not failed and not regressions and not interrupted,
         "interrupted": interrupted,

@@ -323,18 +323,3 @@ def test_a_slice_says_its_verdict_is_partial(tmp_path):
     merged = dict(res.report, meta=dict(res.report["meta"], merged_from=["a", "b"]))
     assert not any(line.startswith("slice ") for line in audit.summary_lines(merged))
 
-
-def test_verdict_counts_cells_that_pass_rows_with_no_digit_required():
-    """A cell whose gradient check passed rows where conditioning alone allows the whole
-    gradient is named in the verdict's gradient note, so such a pass is not read as accuracy."""
-    def cell(spec, n_no_digit):
-        return {"spec": spec, "command": f"lla-verify check --case {spec}", "ratio": 0.5, "passed": True,
-                "cause": "ok",
-                "grad": {"status": "checked", "ratio": 0.5, "passed": True, "cause": "ok",
-                         "n_beyond_precision": 0, "n_no_digit": n_no_digit}}
-    v = audit._verdict([cell("a", {"dq": 0, "dlambda": 3}), cell("b", {"dq": 0, "dlambda": 0}),
-                        cell("c", {})], [])
-    assert v["passed"]
-    assert "1 checked cells pass rows where conditioning alone allows >= the gradient" in v["gradients_note"]
-    quiet = audit._verdict([cell("b", {"dq": 0})], [])
-    assert "no digit required" not in quiet["gradients_note"]
