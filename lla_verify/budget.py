@@ -302,13 +302,19 @@ SOLVE_PROBE_LINEAR = 1e-2  # h_solve kappa_i at most this: the probe's second-or
 SOLVE_PROBE_MIN_STEP = 1e-12  # below this float64's own rounding of the gradient takes over
 
 
+def beyond_precision(kappa: torch.Tensor, defined: torch.Tensor, u_c: float) -> torch.Tensor:
+    """Defined query rows with kappa_i u_c >= BEYOND_PRECISION (an unmeasured kappa counts
+    as infinite): held to no gradient budget, only to being free of NaN."""
+    return defined & (torch.nan_to_num(kappa, nan=math.inf) * u_c >= BEYOND_PRECISION)
+
+
 def solve_probe_step(kappa: torch.Tensor, defined: torch.Tensor, u_c: float, h: float = 1e-6) -> float:
     """The relative size of the Sigma_i probe: ``h``, or less where a judged row's kappa_i
     would take the one-sided difference out of its linear regime (h kappa_i ~ 1 moves the
     smallest eigenvalue by its own size). Rows beyond the compute precision
-    (kappa_i u_c >= BEYOND_PRECISION) are judged for NaN only and set no step."""
+    (``beyond_precision``) are judged for NaN only and set no step."""
     k = torch.nan_to_num(kappa, nan=math.inf)
-    judged = defined & (k * u_c < BEYOND_PRECISION)
+    judged = defined & ~beyond_precision(kappa, defined, u_c)
     if not bool(judged.any()):
         return h
     k_max = float(k[judged].max())
@@ -456,7 +462,7 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     floor = {"dq": gv / rms(problem.q), "dk": gv / rms(problem.k), "dv": cot.norm(dim=-1).amax(-1, keepdim=True),
              "dlambda": gv / _lam_tensor(problem).clamp_min(1.0)}
     kappa_q = torch.nan_to_num(d.kappa, nan=math.inf)
-    beyond_q = defined & (kappa_q * u_c >= BEYOND_PRECISION)
+    beyond_q = beyond_precision(d.kappa, defined, u_c)
     # key j feeds every query i >= j: its dk, dv rows carry any beyond query at or after j
     beyond_k = beyond_q.flip(-1).to(torch.int8).cummax(-1).values.flip(-1).bool()
     norm_terms = _normalisation_terms(problem, d, cot, u_c, floor, exclude=beyond_q)
