@@ -503,7 +503,9 @@ def _lla_bwd_key_kernel(Q, K, V, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, DK, DV
 GPU_CONFIGS_A = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
-    64: (128, 64, 8, 3),
+    # (128, 64, 8, 3) until the split-path products; then 7.89 ms against 6.14 ms for
+    # the backward at (16, 1, 2048, 64), same run (docs/performance.md, seventh run)
+    64: (64, 64, 4, 2),
     128: (32, 64, 8, 2),
 }
 GPU_CONFIGS_B = {
