@@ -20,14 +20,17 @@ import datetime
 PUBLIC_FWD_BWD_MS = {(16, 1, 2048, 64): 6.23, (8, 1, 4096, 64): 10.70, (8, 1, 2048, 128): 7.60}
 SHAPES = [(16, 1, 2048, 64), (8, 1, 4096, 64), (8, 1, 2048, 128)]
 SWEEP_A = {64: [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 2)],
-           128: [(32, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2)]}
+           128: [(32, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2),
+                 (16, 64, 4, 2)]}
 SWEEP_B = {64: [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
-           128: [(32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2)]}
+           128: [(32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2),
+                 (16, 64, 4, 2)]}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-dims", default="64,128", help="head dims --sweep times (comma list)")
     ap.add_argument("--ridge-lambda", type=float, default=0.1)
     ap.add_argument("--oracle-heads", type=int, default=2)
     ap.add_argument("--out", default=None)
@@ -76,7 +79,7 @@ def main(argv=None):
         return call, fo
 
     if args.sweep:
-        for D in (64, 128):
+        for D in (int(x) for x in args.sweep_dims.split(",")):
             shape = next(sh for sh in SHAPES if sh[3] == D)
             q, k, v, g = inputs(*shape)
             emit()
