@@ -131,6 +131,10 @@ def check_lambda(ridge_lambda, lead_shape: tuple[int, ...], device, *, dtype=tor
             raise LLAInputError("ridge_lambda: expected finite values, found NaN or Inf")
         if val < 0:
             raise LLAInputError(f"ridge_lambda: expected values >= 0, got minimum {val:g}")
+        if val > torch.finfo(dtype).max:
+            # it would round to Inf in the kernels' dtype (torch.full refuses it outright)
+            raise LLAInputError(f"ridge_lambda: expected a value finite in {dtype} (at most "
+                                f"{torch.finfo(dtype).max:g}), got {val:g}")
         return torch.full(lead_shape, val, device=device, dtype=dtype)
     try:
         lam_b = torch.broadcast_to(lam, lead_shape)

@@ -372,6 +372,11 @@ def test_errors_name_the_argument():
         lla_triton.lla_attention(q, k, v, ridge_lambda=-1.0)
     with pytest.raises(LLAInputError, match="ridge_lambda: expected finite"):
         lla_triton.lla_attention(q, k, v, ridge_lambda=float("nan"))
+    # a float too large for the kernels' fp32 lambda would be Inf there
+    with pytest.raises(LLAInputError, match="ridge_lambda: expected a value finite in torch.float32"):
+        lla_triton.lla_attention(q, k, v, ridge_lambda=1e39)
+    with pytest.raises(LLAInputError, match="ridge_lambda: expected finite"):
+        lla_triton.lla_attention(q, k, v, ridge_lambda=torch.full((1,), 1e39, dtype=torch.float64, device=DEVICE))
     with pytest.raises(LLAInputError, match="ridge_lambda: shape"):
         lla_triton.lla_attention(q, k, v, ridge_lambda=torch.ones(3, device=DEVICE))
     with pytest.raises(LLAInputError, match="qk_scale"):
