@@ -6,7 +6,7 @@
 #   OUT=gpu-out LIMIT=480 BENCH=1 SLICES=10 bash scripts/gpu-release.sh
 #
 # ONLY (default "pytest,cg,audit") picks the jobs; BASELINE (default the last full GPU
-# audit committed under docs/audit-runs/, "" for none) is the report.json the merged
+# audit that passed, baselines/audit-full-h200.json, "" for none) is the report.json the merged
 # audit is compared with: a cell that grew past it fails the audit.
 #
 # Each job is stopped at LIMIT seconds: pytest with SIGINT (it prints its summary), the
@@ -20,7 +20,7 @@ JOBS=${JOBS:-10}
 SLICES=${SLICES:-10}
 PY=${PY:-python}
 ONLY=${ONLY:-pytest,cg,audit}
-BASELINE=${BASELINE-docs/audit-runs/2026-12-01-h200-full-3/report.json}
+BASELINE=${BASELINE-baselines/audit-full-h200.json}
 want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 mkdir -p "$OUT/work/audit-slices"
 export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
