@@ -1,11 +1,11 @@
 """``lla-verify suite``: the property suite, installed with lla-verify, run by pytest.
 
-    lla-verify suite --impl mypkg:fn [--device cpu|cuda|auto] [PYTEST_ARGS ...]
+    lla-verify suite --impl mypkg:fn [--device cpu|cuda|auto] [-- PYTEST_ARGS ...]
 
 is ``python -m pytest -p lla_verify.pytest_plugin --pyargs lla_verify_properties
 --lla-impl mypkg:fn --lla-device ... PYTEST_ARGS`` run from the current folder, so a
-module of that folder can be the implementation. Arguments after the options go to
-pytest as they are, after ``--`` (``-- -n auto -k forward --hypothesis-profile gpu``).
+module of that folder can be the implementation. The arguments after ``--`` go to
+pytest as they are (``-- -n auto -k forward --hypothesis-profile gpu``).
 
 Exit status is pytest's: 0 every test passed, 1 a property failed, 2 a usage error
 (pytest's own 4) or a run pytest interrupted (its 2: a collection error, Ctrl-C),
