@@ -37,8 +37,17 @@ def suite_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "properties"
 
 
+def _suite_args() -> list[str] | None:
+    """How pytest is to find the suite: the installed package by name, else the source
+    tree's folder (lla_verify imported from a checkout on PYTHONPATH); None: neither."""
+    if importlib.util.find_spec(SUITE_PACKAGE) is not None:
+        return ["--pyargs", SUITE_PACKAGE]
+    src = suite_dir()
+    return [str(src)] if (src / "__init__.py").is_file() else None
+
+
 def pytest_command(impl: str, device: str, pytest_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-p", "lla_verify.pytest_plugin", "--pyargs", SUITE_PACKAGE,
+    return [sys.executable, "-m", "pytest", "-p", "lla_verify.pytest_plugin", *(_suite_args() or []),
             "--lla-impl", impl, "--lla-device", device, *pytest_args]
 
 
@@ -46,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     from .impls import get_impl
     from .validate import LLAInputError
 
-    if importlib.util.find_spec(SUITE_PACKAGE) is None:
+    if _suite_args() is None:
         print(f"lla-verify suite: the suite package {SUITE_PACKAGE} is not installed "
               f"(pip install lla-verify, or pip install -e . in the source tree)", file=sys.stderr)
         return _USAGE_ERROR
@@ -56,8 +65,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         get_impl(args.impl)
     except LLAInputError as exc:
-        print(f"lla-verify suite: {exc}", file=sys.stderr)
+        print(f"lla-verify suite: {str(exc).replace('--lla-impl', '--impl')}", file=sys.stderr)
         return _USAGE_ERROR
+    finally:
+        sys.path.remove(os.getcwd())
     rest = list(args.pytest_args)
     if rest[:1] == ["--"]:
         rest = rest[1:]
