@@ -87,7 +87,7 @@ def _in_play(config) -> bool:
         return True
     if any(str(a).startswith("--lla-") for a in config.invocation_params.args):
         return True
-    if config.rootpath == _SOURCE_ROOT and (_SOURCE_ROOT / "properties").is_dir():
+    if config.rootpath.resolve() == _SOURCE_ROOT and (_SOURCE_ROOT / "properties").is_dir():
         return True
     from lla_verify.cmd_suite import SUITE_PACKAGE, suite_dir
 
