@@ -19,6 +19,7 @@ COMMANDS = {
     "goldens": "lla_verify.goldens",
     "cg": "lla_verify.cg_study",
     "hunt": "lla_verify.hunt",
+    "suite": "lla_verify.cmd_suite",
 }
 
 

@@ -28,10 +28,11 @@ import torch
 
 from .budget import THRESHOLD, check_forward
 from .cases import FAMILIES, Case, get_family
+from .cmd_suite import suite_dir
 from .impls import get_impl, is_available
 from .validate import LLAInputError
 
-REGRESSIONS = Path(__file__).resolve().parent.parent / "properties" / "regressions.json"
+REGRESSIONS = suite_dir() / "regressions.json"
 
 
 @dataclass
@@ -286,5 +287,5 @@ def register(sub) -> None:
     p.add_argument("--out", default="hunt-out", help="folder for hunt.json and hunt.png")
     p.add_argument("--compare-random", action="store_true", help="also run random sampling at the same budget")
     p.add_argument("--add-regression", action="store_true",
-                   help="store the worst case in properties/regressions.json when it exceeds the threshold")
+                   help="store the worst case in the suite's regressions.json when it exceeds the threshold")
     p.set_defaults(func=_run)

@@ -5,7 +5,7 @@ Oracle: lla_verify/oracle.py. Budget: lla_verify/budget.py. Families: lla_verify
 """
 
 import json
-from pathlib import Path
+from importlib import resources
 
 import pytest
 import torch
@@ -23,9 +23,7 @@ PINNED = [
     Case("gaussian", {"lam": 1e-3}, S=17, D=16, dtype="bfloat16", seed=1),
     Case("large_norm", {"factor": 8.0, "lam": 1e-3}, S=19, D=16, dtype="bfloat16", seed=2),
 ]
-_STORED = Path(__file__).with_name("regressions.json")
-if _STORED.exists():
-    PINNED += [parse_case(d["spec"]) for d in json.loads(_STORED.read_text())]
+PINNED += [parse_case(d["spec"]) for d in json.loads(resources.files(__package__).joinpath("regressions.json").read_text())]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -4,7 +4,7 @@ exact identities of the gradient (docs/math.md, backward section).
 """
 
 import json
-from pathlib import Path
+from importlib import resources
 
 import pytest
 import torch
@@ -16,7 +16,8 @@ from lla_verify.cases import FAMILIES, Problem, parse_case
 
 # gradient findings checked forever: the entries of properties/regressions.json marked
 # "backward" (the forward pinned test runs every entry)
-GRAD_PINNED = [parse_case(d["spec"]) for d in json.loads(Path(__file__).with_name("regressions.json").read_text())
+GRAD_PINNED = [parse_case(d["spec"])
+               for d in json.loads(resources.files(__package__).joinpath("regressions.json").read_text())
                if d.get("backward")]
 
 GRAD_FAMILIES = [f for f in FAMILIES if f != "linear_values"] + ["linear_values"]
