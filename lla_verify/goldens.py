@@ -117,6 +117,8 @@ CATALOG: tuple[Golden, ...] = (
        why="lambda -> inf: causal softmax attention, O(1/lambda)"),
     _g("tiny-scale1e-4-f32-S16-D4", "bandwidth", {"scale": 1e-4}, 16, 4, seed=4,
        why="s -> 0: uniform weights, the MesaNet limit"),
+    _g("zero-scale-f32-S16-D4", "bandwidth", {"scale": 0.0}, 16, 4, seed=33,
+       why="s = 0: uniform weights exactly; LLA is the MesaNet form (an identity, not a limit)"),
     _g("large-scale1e2-bf16-S16-D4", "bandwidth", {"scale": 100.0}, 16, 4, "bfloat16", seed=5,
        why="s -> inf: hard attention, exp underflow of all but one key"),
     _g("const-values-f16-S16-D4", "gaussian", {}, 16, 4, "float16", seed=6, variant="v=const",

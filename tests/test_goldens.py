@@ -112,6 +112,15 @@ def _limit_mesanet(a, g):
     return _rel(a["o_mp"], mesanet_attention(a["q"], a["k"], a["v"], ridge_lambda=float(a["lam"]))) < 1e-3
 
 
+def _mesanet_exact(a, g):
+    # s = 0 is the MesaNet form exactly: only float64 rounding separates the two formulas
+    from lla_verify.budget import THRESH
+
+    mesa, rounding = mesanet_attention(a["q"], a["k"], a["v"], ridge_lambda=float(a["lam"]), return_rounding=True)
+    err = (a["o_mp"] - mesa).norm(dim=-1)
+    return G.build_problem(g).qk_scale == 0.0 and bool((err <= THRESH * rounding + G.U64 * mesa.norm(dim=-1)).all())
+
+
 def _const_values(a, g):
     v0 = a["v"].double()[..., :1, :].expand_as(a["o"])
     return torch.equal(a["o_mp"], v0) and float((a["o"] - v0).abs().max()) < 1e-14
@@ -147,6 +156,7 @@ def _linear_values(a, g):
 @pytest.mark.parametrize("name, holds", [
     ("softmax-limit-lam100-f32-S16-D4", _limit_softmax),
     ("tiny-scale1e-4-f32-S16-D4", _limit_mesanet),
+    ("zero-scale-f32-S16-D4", _mesanet_exact),
     ("const-values-f16-S16-D4", _const_values),
     ("first-token-f32-S1-D4", _first_token),
     ("gaussian-f32-S16-D4-H2", _first_token),
