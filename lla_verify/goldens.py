@@ -387,7 +387,10 @@ def entry_path(folder: Path, entry: dict) -> Path:
         raise ValueError(f"{label}: 'file' {f!r} is not a plain file name inside the goldens folder {folder} "
                          "(absolute paths, subfolders and '..' are refused)")
     path = folder / f
-    target = path.resolve()
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise ValueError(f"{label}: 'file' {f!r} cannot be resolved ({exc})") from None
     if not target.is_relative_to(folder.resolve()):
         raise ValueError(f"{label}: 'file' {f!r} is a symlink to {target}, outside the goldens folder {folder}")
     return path

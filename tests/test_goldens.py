@@ -431,6 +431,13 @@ def test_golden_symlinked_out_of_the_folder_is_refused(tmp_path, capsys):
     assert f"REFUSED {SMALL}: manifest entry {SMALL!r}: 'file' {link.name!r} is a symlink" in capsys.readouterr().out
     assert main(["goldens", "regen", "--dir", str(folder), "--only", SMALL, "--force"]) == 0
     assert not link.is_symlink() and link.read_bytes() == before and out.read_bytes() == before
+    # a link that loops is refused, not followed forever
+    link.unlink()
+    link.symlink_to(link.name)
+    with pytest.raises(ValueError, match=f"^manifest entry {SMALL!r}: 'file' {link.name!r} cannot be resolved"):
+        G.entry_path(folder, entry)
+    link.unlink()
+    link.write_bytes(before)
     # a symlink that stays inside the folder is an ordinary entry
     inside = folder / "inside.safetensors"
     link.rename(inside)
