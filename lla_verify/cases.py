@@ -34,8 +34,13 @@ class Param:
     log: bool = True
     integer: bool = False
     doc: str = ""
+    # 0 is in range besides [lo, hi]: the end a log range cannot reach (scale 0 is a
+    # point of the operator, uniform weights, not only the limit of small scales)
+    zero: bool = False
 
     def clip(self, x: float) -> float:
+        if self.zero and float(x) == 0.0:
+            return 0.0
         x = min(max(float(x), self.lo), self.hi)
         return float(round(x)) if self.integer else x
 
@@ -310,8 +315,9 @@ _register(Family(
     (Param("pool", 1, 16, 8, log=False, integer=True), _lam(1e-6, 10.0, 1.0)), _duplicates,
 ))
 _register(Family(
-    "bandwidth", "extreme bandwidths: scale 1e-4 (uniform weights) to 1e2 (one-hot, exp underflow)",
-    (Param("scale", 1e-4, 1e2, 0.25), _lam(1e-3, 10.0, 1.0)), _bandwidth,
+    "bandwidth", "extreme bandwidths: scale 0 (uniform weights exactly: the MesaNet form) and 1e-4 (nearly "
+    "uniform) to 1e2 (one-hot, exp underflow)",
+    (Param("scale", 1e-4, 1e2, 0.25, zero=True), _lam(1e-3, 10.0, 1.0)), _bandwidth,
 ))
 _register(Family(
     "early", "early tokens with tiny lambda: kappa(Sigma_i) ~ 1/lambda for i < D",

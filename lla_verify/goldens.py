@@ -18,6 +18,7 @@ Commands (``lla-verify goldens ...``):
 
     regen [--dir D] [--force] [--check] [--only NAME...]
     compare --impl NAME [--device DEV] [--dir D] [--only NAME...]
+    clean [--dir D]         delete the temporary files of an interrupted regen
     list
 
 Exit status: 0 clean, 1 a check failed (or regen refused), 2 usage error.
@@ -116,6 +117,8 @@ CATALOG: tuple[Golden, ...] = (
        why="lambda -> inf: causal softmax attention, O(1/lambda)"),
     _g("tiny-scale1e-4-f32-S16-D4", "bandwidth", {"scale": 1e-4}, 16, 4, seed=4,
        why="s -> 0: uniform weights, the MesaNet limit"),
+    _g("zero-scale-f32-S16-D4", "bandwidth", {"scale": 0.0}, 16, 4, seed=33,
+       why="s = 0: uniform weights exactly; LLA is the MesaNet form (an identity, not a limit)"),
     _g("large-scale1e2-bf16-S16-D4", "bandwidth", {"scale": 100.0}, 16, 4, "bfloat16", seed=5,
        why="s -> inf: hard attention, exp underflow of all but one key"),
     _g("const-values-f16-S16-D4", "gaussian", {}, 16, 4, "float16", seed=6, variant="v=const",
@@ -276,8 +279,15 @@ def _dtype_name(t: torch.Tensor) -> str:
     return DTYPE_NAMES.get(t.dtype, str(t.dtype).replace("torch.", ""))
 
 
+# '.<target file>.<mkstemp's random part>.tmp': what _atomic_write leaves behind when
+# the process dies between creating and renaming its temporary file
+TEMP_RE = re.compile(r"\.(?P<target>[^/\\]+" + re.escape(SUFFIX) + "|" + re.escape(MANIFEST)
+                     + r")\.[A-Za-z0-9_]+\.tmp")
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    # a temp file in the same folder, so os.replace is a rename on one file system
+    # a temp file in the same folder, so os.replace is a rename on one file system;
+    # its name must keep matching TEMP_RE, so 'goldens clean' recognises a leftover
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp makes the file private; a golden is ordinary repository data
@@ -312,6 +322,78 @@ def read_arrays(path: Path) -> dict:
         return load(path.read_bytes())
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise ValueError(f"cannot parse {path.name}: {exc}") from None
+
+
+def read_embedded(path: Path) -> dict:
+    """The ``golden`` metadata a file carries (format, name, spec); ValueError when absent or bad."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise ValueError(f"cannot parse {path.name}: {exc}") from None
+    if "golden" not in meta:
+        raise ValueError(f"{path.name} carries no 'golden' metadata (format, name, spec)")
+    try:
+        info = json.loads(meta["golden"])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path.name}: its 'golden' metadata is not valid JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path.name}: its 'golden' metadata is not a JSON object")
+    return info
+
+
+def embedded_mismatch(path: Path, entry: dict) -> list[str]:
+    """Where the metadata stored inside a golden's file disagrees with its manifest entry.
+
+    The hashes cover the arrays only; the name and spec a file states about itself are
+    covered by this comparison, so an edit of either side is caught, and a manifest that
+    points one golden at another's file (same arrays, same hashes) is caught too.
+    """
+    try:
+        info = read_embedded(path)
+    except ValueError as exc:
+        return [str(exc)]
+    label = entry.get("name")
+    out = []
+    if info.get("format") != FORMAT:
+        out.append(f"format stored in {path.name} {info.get('format')!r} != {FORMAT!r}")
+    for key in ("name", "spec"):
+        if info.get(key) != entry.get(key):
+            out.append(f"{key} stored in {path.name} {info.get(key)!r} != {key} of manifest entry {label!r} "
+                       f"{entry.get(key)!r} (one of them was edited after regen)")
+    return out
+
+
+def is_temp_file(name: str) -> bool:
+    """True for the temporary file name of an interrupted ``_atomic_write`` (see TEMP_RE)."""
+    return TEMP_RE.fullmatch(name) is not None
+
+
+def entry_path(folder: Path, entry: dict) -> Path:
+    """The file of a manifest entry, confined to ``folder``; ValueError naming the entry otherwise.
+
+    A manifest is data that may come from anywhere (a pull request, a download): its
+    'file' must name a file directly inside the goldens folder, so check and compare
+    never read anything outside it (an absolute path, '..', a subfolder, or a symlink
+    whose target lies outside are refused).
+    """
+    label = f"manifest entry {entry.get('name')!r}"
+    f = entry.get("file")
+    if not isinstance(f, str) or not f:
+        raise ValueError(f"{label}: 'file' must be a file name, got {f!r}")
+    if f in (".", "..") or "\\" in f or "\0" in f or os.path.isabs(f) or Path(f).name != f:
+        raise ValueError(f"{label}: 'file' {f!r} is not a plain file name inside the goldens folder {folder} "
+                         "(absolute paths, subfolders and '..' are refused)")
+    path = folder / f
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise ValueError(f"{label}: 'file' {f!r} cannot be resolved ({exc})") from None
+    if not target.is_relative_to(folder.resolve()):
+        raise ValueError(f"{label}: 'file' {f!r} is a symlink to {target}, outside the goldens folder {folder}")
+    return path
 
 
 def versions() -> dict:
@@ -376,7 +458,18 @@ def load_manifest(folder: Path) -> dict | None:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT or not isinstance(man.get("cases"), list):
         raise ValueError(f"{path}: not a {FORMAT} manifest")
+    for n, e in enumerate(man["cases"]):
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+            raise ValueError(f"{path}: cases[{n}] is not an object with a string 'name'")
     return man
+
+
+def _manifest_hashes(entry: dict) -> dict:
+    """array name -> sha256 string from a manifest entry (a malformed table reads as empty)."""
+    arrays = entry.get("arrays")
+    if not isinstance(arrays, dict):
+        return {}
+    return {k: h.get("sha256") for k, h in arrays.items() if isinstance(h, dict)}
 
 
 def dump_manifest(man: dict) -> bytes:
@@ -523,41 +616,48 @@ def check(folder: Path, only=None) -> int:
         else:
             if e.get("spec") != g.spec:
                 lines.append(f"spec in manifest {e.get('spec')!r} != catalog {g.spec!r} (catalog changed without regen)")
-            path = folder / e.get("file", g.file)
-            if not path.exists():
+            if e.get("file") != g.file:
+                lines.append(f"file in manifest {e.get('file')!r} != catalog {g.file!r}")
+            hashes = _manifest_hashes(e)
+            try:
+                path = entry_path(folder, e)
+            except ValueError as exc:
+                path = None
+                lines.append(str(exc))
+            if path is not None and not path.exists():
                 lines.append(f"missing file {path.name}")
-            else:
+            elif path is not None:
                 try:
                     stored = read_arrays(path)
                 except ValueError as exc:
                     stored = None
                     lines.append(f"corrupt file: {exc}")
-                hashes = e.get("arrays", {})
+                else:
+                    lines.extend(embedded_mismatch(path, e))
                 if stored is not None:
                     for key in sorted(set(hashes) | set(stored)):
                         if key not in stored:
                             lines.append(f"array {key} missing from {path.name}")
                         elif key not in hashes:
                             lines.append(f"extra array {key} in {path.name} (not in the manifest)")
-                        elif array_hash(stored[key]) != hashes[key].get("sha256"):
+                        elif array_hash(stored[key]) != hashes[key]:
                             lines.append(f"hash mismatch in array {key} of {path.name}: the file was altered or "
                                          f"corrupted after regen (sha256 {array_hash(stored[key])[:12]} != manifest "
-                                         f"{str(hashes[key].get('sha256'))[:12]})")
+                                         f"{str(hashes[key])[:12]})")
                     dr = drift(stored, fresh)
                     if not dr.ok:
                         lines.append(str(dr))
                     elif not dr.bitwise:
                         noise_only += 1
                         _say(f"ok   {g.name}: {dr}")
-                for key, t in sorted(fresh.items()):
-                    h = hashes.get(key, {}).get("sha256")
-                    if stored is None and h != array_hash(t):
-                        lines.append(f"recomputed {key} does not match the manifest hash")
+                else:
+                    for key, t in sorted(fresh.items()):
+                        if hashes.get(key) != array_hash(t):
+                            lines.append(f"recomputed {key} does not match the manifest hash")
         if lines:
             problems += 1
             for ln in lines:
                 _say(f"FAIL {g.name}: {ln}")
-    # entries and files nobody in the catalog claims
     # entries and files nobody in the catalog claims (checked with --only too: cheap)
     names = {g.name for g in goldens}
     for name in entries:
@@ -566,8 +666,13 @@ def check(folder: Path, only=None) -> int:
             _say(f"FAIL {name}: extra manifest entry (no such golden in the catalog)")
     known = {e.get("file") for e in man["cases"] if e.get("name") in _BY_NAME} | {MANIFEST}
     for path in sorted(folder.iterdir()):
-        if path.name not in known:
-            problems += 1
+        if path.name in known:
+            continue
+        problems += 1
+        if is_temp_file(path.name):
+            _say(f"FAIL leftover temporary file {path.name} in {folder}: a temporary file of an interrupted regen "
+                 f"(not a golden); remove it with '{clean_command(folder)}'")
+        else:
             _say(f"FAIL extra file {path.name} in {folder} (not in the manifest)")
     n = len(names)
     tail = f" ({noise_only} within float64 noise)" if noise_only else ""
@@ -602,6 +707,16 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
         fresh = fresh_all[g.name]
         path = folder / g.file
         prev = old.get(g.name)
+        try:
+            entry_path(folder, {"name": g.name, "file": g.file})
+        except ValueError as exc:
+            # never read through a link that leaves the folder; os.replace swaps the link itself
+            if force:
+                to_write.append(g)
+                reports.append(f"{g.name}: {exc} (replaced by the golden, --force)")
+            else:
+                refused.append(f"{g.name}: {exc}")
+            continue
         if not path.exists():
             to_write.append(g)
             if prev is not None:
@@ -619,6 +734,9 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
                 # the manifest entry is refreshed below, and written only if it moved
                 if path.read_bytes() != encode(g, fresh):
                     to_write.append(g)
+                    moved = embedded_mismatch(path, {"name": g.name, "spec": g.spec})
+                    if moved:
+                        reports.append(f"{g.name}: arrays bitwise identical, metadata rewritten ({'; '.join(moved)})")
                 continue
         if force:
             to_write.append(g)
@@ -654,12 +772,48 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
         new["created"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         new["versions"] = versions()
         _atomic_write(folder / MANIFEST, dump_manifest(new))
-    extras = [p.name for p in sorted(folder.iterdir()) if p.name != MANIFEST
-              and p.name not in {e["file"] for e in entries.values()} and not p.name.startswith(".")]
-    for name in extras:
-        _say(f"note: extra file {name} in {folder} (not in the manifest; left alone)")
+    claimed = {e.get("file") for e in entries.values()} | {MANIFEST}
+    for path in sorted(folder.iterdir()):
+        if is_temp_file(path.name):
+            _say(f"note: leftover temporary file {path.name} in {folder}: a temporary file of an interrupted regen "
+                 f"(left alone; remove it with '{clean_command(folder)}')")
+        elif path.name not in claimed and not path.name.startswith("."):
+            _say(f"note: extra file {path.name} in {folder} (not in the manifest; left alone)")
     tail = ", manifest updated" if wrote_manifest else ""
     _say(f"regen: {len(to_write)} written, {len(goldens) - len(to_write)} unchanged{tail}, in {folder}")
+    return 0
+
+
+def clean_command(folder: Path) -> str:
+    cmd = "lla-verify goldens clean"
+    return cmd if Path(folder).resolve() == DEFAULT_DIR.resolve() else f"{cmd} --dir {folder}"
+
+
+def temp_files(folder: Path) -> list[Path]:
+    """The leftovers of interrupted regens in ``folder``: regular files (not links) matching TEMP_RE."""
+    import stat
+
+    out = []
+    for path in sorted(folder.iterdir()):
+        if is_temp_file(path.name) and stat.S_ISREG(path.lstat().st_mode):
+            out.append(path)
+    return out
+
+
+def clean(folder: Path) -> int:
+    """``goldens clean``: delete the temporary files interrupted regens left in ``folder``.
+
+    Only regular files whose name matches TEMP_RE ('.<golden or MANIFEST.json>.<random>.tmp',
+    what _atomic_write creates) are touched; goldens, the manifest, other files, links and
+    folders are left alone. A regen running at the same time would lose its temporary file,
+    so run it when none is.
+    """
+    removed = 0
+    for path in temp_files(folder):
+        path.unlink()
+        removed += 1
+        _say(f"removed {path.name} (temporary file of an interrupted regen)")
+    _say(f"goldens clean: {removed} temporary file(s) removed from {folder}")
     return 0
 
 
@@ -701,14 +855,21 @@ def compare_one(golden: Golden, folder: Path, entry: dict | None, impl, device: 
         return CaseResult(golden.name, {}, skipped=reason)
     if entry is None:
         return CaseResult(golden.name, {"golden": math.inf}, notes=f"not in the manifest of {folder}")
-    path = folder / entry["file"]
     try:
+        path = entry_path(folder, entry)
         stored = read_arrays(path)
     except (ValueError, FileNotFoundError) as exc:
         return CaseResult(golden.name, {"golden": math.inf}, notes=str(exc))
-    bad = [k for k, h in entry["arrays"].items() if k not in stored or array_hash(stored[k]) != h["sha256"]]
-    if bad:
-        return CaseResult(golden.name, {"golden": math.inf}, notes=f"hash mismatch in {bad}: the file is altered")
+    hashes = _manifest_hashes(entry)
+    bad = [k for k, h in hashes.items() if k not in stored or array_hash(stored[k]) != h]
+    if bad or not hashes:
+        return CaseResult(golden.name, {"golden": math.inf}, notes=f"hash mismatch in {bad}: the file is altered"
+                          if bad else f"manifest entry {golden.name!r} has no array hashes")
+    mismatch = embedded_mismatch(path, entry)
+    if entry.get("spec") != golden.spec:
+        mismatch.append(f"spec in manifest {entry.get('spec')!r} != catalog {golden.spec!r}")
+    if mismatch:
+        return CaseResult(golden.name, {"golden": math.inf}, notes="; ".join(mismatch))
     changed = [k for k in ("q", "k", "v") if array_hash(getattr(rebuilt, k)) != array_hash(stored[k])]
     if changed:
         return CaseResult(golden.name, {"golden": math.inf},
@@ -817,6 +978,13 @@ def _run_compare(args) -> int:
     return code
 
 
+def _run_clean(args) -> int:
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        return _usage(f"--dir: {folder} is not a directory")
+    return clean(folder)
+
+
 def _run_list(args) -> int:
     width = max(len(g.name) for g in CATALOG)
     for g in CATALOG:
@@ -843,6 +1011,10 @@ def register(sub) -> None:
     c.add_argument("--dir", default=str(DEFAULT_DIR), help="goldens folder (default: %(default)s)")
     c.add_argument("--only", nargs="+", metavar="NAME", help="only these goldens")
     c.set_defaults(func=_run_compare)
+
+    cl = gs.add_parser("clean", help="delete the temporary files an interrupted regen left behind (nothing else)")
+    cl.add_argument("--dir", default=str(DEFAULT_DIR), help="goldens folder (default: %(default)s)")
+    cl.set_defaults(func=_run_clean)
 
     ls = gs.add_parser("list", help="the catalog: name, reference kind, spec")
     ls.set_defaults(func=_run_list)

@@ -310,13 +310,23 @@ def softmax_attention(q, k, v, *, qk_scale=None):
     return p @ v64
 
 
-def mesanet_attention(q, k, v, *, ridge_lambda):
-    """The scale -> 0 limit of LLA (SPEC 4), float64.
+def mesanet_attention(q, k, v, *, ridge_lambda, return_rounding=False):
+    """LLA at scale 0, and its scale -> 0 limit (docs/math.md §4.2), float64.
 
     Linear attention on augmented keys k' = [k; 1] and queries q' = [q; 1] with a
     ridge lambda_i (i+1) on the key block only:
-        o_i = (sum_j v_j k'_j^T) (sum_j k'_j k'_j^T + diag(lambda_i (i+1) I_D, 0))^{-1} q'_i
+        o_i = B_i y_i,  A_i y_i = q'_i,  B_i = sum_j v_j k'_j^T,
+        A_i = sum_j k'_j k'_j^T + diag(lambda_i (i+1) I_D, 0).
+    A formula of its own (no scores, no rho, no Schur complement), so it checks LLA at
+    qk_scale = 0, where the two are equal exactly, independently of the oracle.
     Memory is Theta(S D^2) (prefix sums of k' k'^T); meant for tests and small S.
+
+    return_rounding=True also returns, per query, the first-order estimate of this
+    float64 computation's own error (no safety factor):
+        u64 (sqrt(i+1) + D + 1) (kappa_2(A_i) + 1) ||B_i||_2 ||y_i||
+    A_i and B_i are sums of i+1 terms (probabilistic rounding, sqrt(i+1) u64 relative),
+    the solve is backward stable (about (D+1) u64), and kappa_2(A_i) carries both into
+    y_i; the +1 is the rounding of B_i and of the product B_i y_i.
     """
     check_qkv(q, k, v)
     lead = tuple(q.shape[:-2])
@@ -337,4 +347,9 @@ def mesanet_attention(q, k, v, *, ridge_lambda):
             f"ridge_lambda: the augmented Gram matrix of query {first} is singular (lambda = 0 there, and "
             f"fewer than D + 1 = {D + 1} independent augmented keys); mesanet_attention needs ridge_lambda > 0 "
             "for such queries")
-    return (Bm @ y)[..., 0].reshape(*lead, S, v.shape[-1])
+    o = (Bm @ y)[..., 0].reshape(*lead, S, v.shape[-1])
+    if not return_rounding:
+        return o
+    steps = (count.sqrt() + (D + 1)) * (torch.linalg.cond(A) + 1.0)
+    rounding = _U64 * steps * torch.linalg.matrix_norm(Bm, ord=2) * y[..., 0].norm(dim=-1)
+    return o, rounding.reshape(*lead, S)

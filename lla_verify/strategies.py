@@ -30,6 +30,8 @@ def param_value(draw, p) -> float:
         return p.easy
     if p.integer:
         return float(draw(st.integers(int(p.lo), int(p.hi))))
+    if p.zero and draw(st.booleans()):
+        return 0.0  # the exact end of the range, which the log draw below never reaches
     if p.log:
         e = draw(st.floats(math.log10(p.lo), math.log10(p.hi), allow_nan=False))
         return p.clip(10.0**e)

@@ -96,16 +96,21 @@ def raise_nonfinite(named) -> None:
 
 
 def check_scale(qk_scale: float | None, head_dim: int) -> float:
-    """Return the bandwidth scale s (default 1/sqrt(D)), checked to be finite and > 0."""
+    """Return the bandwidth scale s (default 1/sqrt(D)), checked to be finite and >= 0.
+
+    s = 0 is a point of the operator, not only its limit: every score is 0, every
+    weight exp(0) = 1, and LLA is exactly the MesaNet form (docs/math.md §4.2). Only
+    None asks for the default; a 0 is kept as given.
+    """
     if qk_scale is None:
         return 1.0 / math.sqrt(head_dim)
     try:
         s = float(qk_scale)
     except (TypeError, ValueError):
-        raise LLAInputError(f"qk_scale: expected a positive float or None, got {qk_scale!r}") from None
-    if not math.isfinite(s) or s <= 0.0:
-        raise LLAInputError(f"qk_scale: expected a finite value > 0, got {s}")
-    return s
+        raise LLAInputError(f"qk_scale: expected a float >= 0 or None, got {qk_scale!r}") from None
+    if not math.isfinite(s) or s < 0.0:
+        raise LLAInputError(f"qk_scale: expected a finite value >= 0, got {s}")
+    return s + 0.0  # -0.0 reads as 0.0
 
 
 def check_lambda(ridge_lambda, lead_shape: tuple[int, ...], device, *, dtype=torch.float64) -> torch.Tensor:

@@ -112,6 +112,15 @@ def _limit_mesanet(a, g):
     return _rel(a["o_mp"], mesanet_attention(a["q"], a["k"], a["v"], ridge_lambda=float(a["lam"]))) < 1e-3
 
 
+def _mesanet_exact(a, g):
+    # s = 0 is the MesaNet form exactly: only float64 rounding separates the two formulas
+    from lla_verify.budget import THRESH
+
+    mesa, rounding = mesanet_attention(a["q"], a["k"], a["v"], ridge_lambda=float(a["lam"]), return_rounding=True)
+    err = (a["o_mp"] - mesa).norm(dim=-1)
+    return G.build_problem(g).qk_scale == 0.0 and bool((err <= THRESH * rounding + G.U64 * mesa.norm(dim=-1)).all())
+
+
 def _const_values(a, g):
     v0 = a["v"].double()[..., :1, :].expand_as(a["o"])
     return torch.equal(a["o_mp"], v0) and float((a["o"] - v0).abs().max()) < 1e-14
@@ -147,6 +156,7 @@ def _linear_values(a, g):
 @pytest.mark.parametrize("name, holds", [
     ("softmax-limit-lam100-f32-S16-D4", _limit_softmax),
     ("tiny-scale1e-4-f32-S16-D4", _limit_mesanet),
+    ("zero-scale-f32-S16-D4", _mesanet_exact),
     ("const-values-f16-S16-D4", _const_values),
     ("first-token-f32-S1-D4", _first_token),
     ("gaussian-f32-S16-D4-H2", _first_token),
@@ -368,3 +378,161 @@ def test_compare_refuses_an_altered_golden(tmp_path, capsys):
     save_file(arrays, str(path))
     code, results = G.compare(folder, get_impl("torch-fp32"), only=[SMALL])
     assert code == 1 and "hash mismatch in ['o_mp']" in results[0].notes
+
+
+# ------------------------------------------------------------------ manifest paths, embedded spec, leftovers
+def _edit_manifest(folder, name, **changes):
+    man = json.loads((folder / G.MANIFEST).read_text())
+    for e in man["cases"]:
+        if e["name"] == name:
+            e.update(changes)
+    (folder / G.MANIFEST).write_text(json.dumps(man))
+
+
+def _outside_copy(tmp_path, folder, name):
+    """The golden's file moved out of the goldens folder (a valid golden, in the wrong place)."""
+    out = tmp_path / "afile"
+    (folder / G.get_golden(name).file).rename(out)
+    return out
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "subfolder"])
+def test_manifest_file_outside_the_folder_is_refused(tmp_path, capsys, how):
+    folder = _copy_goldens(tmp_path / "g")
+    out = _outside_copy(tmp_path, folder, SMALL)
+    if how == "subfolder":
+        (folder / "sub").mkdir()
+        out = out.rename(folder / "sub" / "afile")
+    file = {"dotdot": "../afile", "absolute": str(out), "subfolder": "sub/afile"}[how]
+    _edit_manifest(folder, SMALL, file=file)
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 1
+    text = capsys.readouterr().out
+    assert f"FAIL {SMALL}: manifest entry {SMALL!r}: 'file' {file!r} is not a plain file name inside the goldens " \
+           f"folder {folder}" in text, text
+    res = G.compare_one(G.get_golden(SMALL), folder, G.load_manifest(folder)["cases"][0], get_impl("torch-fp32"), "cpu")
+    assert res.checks == {"golden": float("inf")} and f"manifest entry {SMALL!r}: 'file' {file!r}" in res.notes
+
+
+def test_golden_symlinked_out_of_the_folder_is_refused(tmp_path, capsys):
+    folder = _copy_goldens(tmp_path / "g")
+    out = _outside_copy(tmp_path, folder, SMALL)
+    link = folder / G.get_golden(SMALL).file
+    link.symlink_to(out)
+    before = out.read_bytes()
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 1
+    text = capsys.readouterr().out
+    assert f"FAIL {SMALL}: manifest entry {SMALL!r}: 'file' {link.name!r} is a symlink to {out.resolve()}, " \
+           f"outside the goldens folder" in text, text
+    entry = G.load_manifest(folder)["cases"][0]
+    res = G.compare_one(G.get_golden(SMALL), folder, entry, get_impl("torch-fp32"), "cpu")
+    assert res.checks == {"golden": float("inf")} and "is a symlink to" in res.notes
+    # regen does not read through the link, and --force replaces the link, never its target
+    assert main(["goldens", "regen", "--dir", str(folder), "--only", SMALL]) == 1
+    assert f"REFUSED {SMALL}: manifest entry {SMALL!r}: 'file' {link.name!r} is a symlink" in capsys.readouterr().out
+    assert main(["goldens", "regen", "--dir", str(folder), "--only", SMALL, "--force"]) == 0
+    assert not link.is_symlink() and link.read_bytes() == before and out.read_bytes() == before
+    # a link that loops is refused, not followed forever
+    link.unlink()
+    link.symlink_to(link.name)
+    with pytest.raises(ValueError, match=f"^manifest entry {SMALL!r}: 'file' {link.name!r} cannot be resolved"):
+        G.entry_path(folder, entry)
+    link.unlink()
+    link.write_bytes(before)
+    # a symlink that stays inside the folder is an ordinary entry
+    inside = folder / "inside.safetensors"
+    link.rename(inside)
+    link.symlink_to(inside.name)
+    _edit_manifest(folder, SMALL)
+    assert G.entry_path(folder, entry) == link
+
+
+def _rewrite_embedded(path, **changes):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        info = json.loads(fh.metadata()["golden"])
+    arrays = load_file(str(path))
+    info.update(changes)
+    save_file(arrays, str(path), metadata={"golden": json.dumps(info)})
+
+
+def test_embedded_spec_must_match_the_manifest(tmp_path, capsys):
+    folder = _copy_goldens(tmp_path / "g")
+    g = G.get_golden(SMALL)
+    path = folder / g.file
+    other = G.get_golden(PERQ).spec
+    # the spec inside the file edited: every array (and so every hash) unchanged
+    _rewrite_embedded(path, spec=other)
+    assert G.read_arrays(path).keys() == load_file(str(G.DEFAULT_DIR / g.file)).keys()
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 1
+    want = f"FAIL {SMALL}: spec stored in {g.file} {other!r} != spec of manifest entry {SMALL!r} {g.spec!r}"
+    assert want in capsys.readouterr().out
+    res = G.compare_one(g, folder, G.load_manifest(folder)["cases"][0], get_impl("torch-fp32"), "cpu")
+    assert res.checks == {"golden": float("inf")} and f"spec stored in {g.file} {other!r}" in res.notes
+    # regen puts the catalog's metadata back (the arrays are bitwise the same) and says so
+    assert main(["goldens", "regen", "--dir", str(folder), "--only", SMALL]) == 0
+    assert f"{SMALL}: arrays bitwise identical, metadata rewritten (spec stored in" in capsys.readouterr().out
+    assert path.read_bytes() == (G.DEFAULT_DIR / g.file).read_bytes()
+    # the manifest's spec edited instead: the file's own spec is named beside it
+    _edit_manifest(folder, SMALL, spec=other)
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 1
+    want = f"FAIL {SMALL}: spec stored in {g.file} {g.spec!r} != spec of manifest entry {SMALL!r} {other!r}"
+    assert want in capsys.readouterr().out
+    res = G.compare_one(g, folder, G.load_manifest(folder)["cases"][0], get_impl("torch-fp32"), "cpu")
+    assert res.checks == {"golden": float("inf")} and f"spec of manifest entry {SMALL!r} {other!r}" in res.notes
+    # the name inside the file, and a file without the metadata at all
+    _edit_manifest(folder, SMALL, spec=g.spec)
+    _rewrite_embedded(path, name=PERQ)
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 1
+    assert f"name stored in {g.file} {PERQ!r} != name of manifest entry {SMALL!r} {SMALL!r}" in capsys.readouterr().out
+    save_file(load_file(str(path)), str(path))
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 1
+    assert f"FAIL {SMALL}: {g.file} carries no 'golden' metadata" in capsys.readouterr().out
+
+
+def _interrupted_write(monkeypatch, path, data):
+    """_atomic_write killed between writing its temporary file and renaming it."""
+    def killed(*a):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(G.os, "replace", killed)
+        m.setattr(G.os, "unlink", lambda p: None)  # the process died: no cleanup ran
+        with pytest.raises(KeyboardInterrupt):
+            G._atomic_write(path, data)
+
+
+def test_leftover_temporary_file_is_named_and_cleaned(tmp_path, capsys, monkeypatch):
+    folder = _copy_goldens(tmp_path / "g")
+    golden = folder / G.get_golden(SMALL).file
+    _interrupted_write(monkeypatch, golden, b"half a golden")
+    _interrupted_write(monkeypatch, folder / G.MANIFEST, b"{")
+    temps = sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+    assert len(temps) == 2 and all(G.is_temp_file(n) for n in temps), temps
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 1
+    out = capsys.readouterr().out
+    for n in temps:
+        assert f"FAIL leftover temporary file {n} in {folder}: a temporary file of an interrupted regen (not a " \
+               f"golden); remove it with 'lla-verify goldens clean --dir {folder}'" in out
+    assert "extra file" not in out
+    assert main(["goldens", "regen", "--dir", str(folder), "--only", SMALL]) == 0
+    assert f"note: leftover temporary file {temps[0]} in {folder}" in capsys.readouterr().out
+    # clean removes those two and nothing else: not a look-alike of another name, a
+    # link or a folder with a matching name, nor the goldens
+    keep = [".notes.txt.abc123.tmp", f"{golden.name}.abcd1234.tmp", ".x.safetensors.tmp", "stray.safetensors"]
+    for n in keep:
+        (folder / n).write_bytes(b"x")
+    (folder / f".{golden.name}.link0000.tmp").symlink_to(golden.name)
+    (folder / f".{golden.name}.dir00000.tmp").mkdir()
+    keep += [f".{golden.name}.link0000.tmp", f".{golden.name}.dir00000.tmp"]
+    before = {p.name for p in folder.iterdir()}
+    assert main(["goldens", "clean", "--dir", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"goldens clean: 2 temporary file(s) removed from {folder}" in out
+    assert {p.name for p in folder.iterdir()} == before - set(temps)
+    assert golden.read_bytes() == (G.DEFAULT_DIR / golden.name).read_bytes()
+    for n in keep:
+        assert (folder / n).exists() or (folder / n).is_symlink(), n
+    assert main(["goldens", "clean", "--dir", str(folder)]) == 0
+    assert "0 temporary file(s) removed" in capsys.readouterr().out
+    assert main(["goldens", "clean", "--dir", str(tmp_path / "absent")]) == 2

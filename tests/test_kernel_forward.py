@@ -380,7 +380,7 @@ def test_errors_name_the_argument():
     with pytest.raises(LLAInputError, match="ridge_lambda: shape"):
         lla_triton.lla_attention(q, k, v, ridge_lambda=torch.ones(3, device=DEVICE))
     with pytest.raises(LLAInputError, match="qk_scale"):
-        lla_triton.lla_attention(q, k, v, ridge_lambda=0.1, qk_scale=0.0)
+        lla_triton.lla_attention(q, k, v, ridge_lambda=0.1, qk_scale=float("nan"))
     with pytest.raises(LLAInputError, match="qk_scale"):
         lla_triton.lla_attention(q, k, v, ridge_lambda=0.1, qk_scale=-2.0)
     with pytest.raises(LLAInputError, match="delta_eps"):

@@ -499,10 +499,10 @@ def _bad_inputs():
         pytest.param(dict(ridge_lambda=torch.ones(5, dtype=torch.int64)), "^ridge_lambda: expected a floating tensor",
                      id="lam-int-tensor"),
         pytest.param(dict(ridge_lambda="big"), "^ridge_lambda: expected a float", id="lam-str"),
-        pytest.param(dict(qk_scale=0.0), "^qk_scale: expected a finite value > 0", id="scale-0"),
-        pytest.param(dict(qk_scale=-1.0), "^qk_scale: expected a finite value > 0", id="scale-negative"),
-        pytest.param(dict(qk_scale=float("inf")), "^qk_scale: expected a finite value > 0", id="scale-inf"),
-        pytest.param(dict(qk_scale="x"), "^qk_scale: expected a positive float", id="scale-str"),
+        pytest.param(dict(qk_scale=-1.0), "^qk_scale: expected a finite value >= 0", id="scale-negative"),
+        pytest.param(dict(qk_scale=float("inf")), "^qk_scale: expected a finite value >= 0", id="scale-inf"),
+        pytest.param(dict(qk_scale=float("nan")), "^qk_scale: expected a finite value >= 0", id="scale-nan"),
+        pytest.param(dict(qk_scale="x"), "^qk_scale: expected a float >= 0 or None", id="scale-str"),
         pytest.param(dict(delta_eps=-1.0), "^delta_eps: expected a finite value >= 0", id="delta-eps-negative"),
     ]
 
