@@ -100,6 +100,15 @@ def kernel_view(problem: Problem, impl: Impl) -> Problem:
     return Problem(problem.case, q, k, v, lam, problem.qk_scale)
 
 
+def io_roundoff(problem: Problem, impl: Impl) -> float:
+    """Unit roundoff of the coarser of the rounding ``impl`` applies to its inputs and to its
+    output on ``problem`` (Impl.input_dtype, output_dtype; the problem's dtype where the
+    record names none): the rounding an exact identity of LLA is allowed on top of the
+    compute precision's."""
+    dts = [impl.input_dtype or problem.q.dtype, impl.output_dtype or problem.q.dtype]
+    return max(unit_roundoff(dt) if dt != torch.float64 else U64 for dt in dts)
+
+
 def rounding_note(problem: Problem, impl: Impl) -> str:
     """One line naming the rounding a verdict was judged under, or '' when there is none."""
     if not rounds_inputs(impl):
