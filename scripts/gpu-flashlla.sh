@@ -14,7 +14,10 @@
 # with SIGTERM: a partial report marked INCOMPLETE). The defaults keep the whole run
 # under 9 minutes on an H200 with 16 cores; in that budget the full audit (137 cells,
 # every one with gradients) may stop INCOMPLETE (lla_triton's 145 cells took 377 s in ten
-# slices), so a complete one is a second call: ONLY=audit REST_LIMIT=540.
+# slices), so a complete one is a second call: ONLY=audit REST_LIMIT=540. The suite
+# took 251 s there without gradients; with dq, dk, dv now checked it may need more:
+# a run stopped at SUITE_LIMIT is reported as incomplete (exit 2), and ONLY=suite
+# SUITE_LIMIT=560 gives it a call of its own.
 #
 # Everything lands in OUT/flashlla-results.tgz; OUT also gets the suite check's verdict
 # (suite-check.txt), a one-line status per job (status.txt) and the audit's report.html.
