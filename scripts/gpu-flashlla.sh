@@ -38,7 +38,7 @@ mkdir -p "$W/audit-slices"
 export PYTHONPATH="$PWD:$PWD/kernels:$(cd "$FLASHLLA_PATH" 2>/dev/null && pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 start=$(date +%s)
 status() { echo "$*" | tee -a "$OUT/status.txt"; }
-if ! $PY -c "import flashlla, sys; print('flashlla', flashlla.__version__, 'from', flashlla.__file__)" > "$W/info.txt" 2>&1; then
+if ! $PY -c "import flashlla, sys; print('flashlla', getattr(flashlla, '__version__', '(no version)'), 'from', flashlla.__file__)" > "$W/info.txt" 2>&1; then
     status "flashlla does not import from FLASHLLA_PATH=$FLASHLLA_PATH: $(tail -1 "$W/info.txt")"
     tar czf "$OUT/flashlla-results.tgz" -C "$W" . ; exit 2
 fi

@@ -401,3 +401,17 @@ def test_identities_allow_the_rounding_the_kernel_applies():
     assert io_roundoff(pbf, get_impl("flashlla")) == 2.0 ** -8
     assert io_roundoff(p32, get_impl("triton")) == 2.0 ** -24
     assert io_roundoff(pbf, get_impl("triton")) == 2.0 ** -8
+
+
+def test_the_checker_holds_failures_outside_the_implementation_against_the_harness():
+    xml = ('<testsuites><testsuite>'
+           '<testcase classname="properties.test_forward_accuracy" name="f"><failure message="AssertionError: '
+           '[flashlla] forward FAIL ratio 9">E   AssertionError: [flashlla] forward FAIL</failure></testcase>'
+           '<testcase classname="properties.test_gradients" name="g"><failure message="AssertionError: '
+           '[flashlla] backward FAIL ratio 9 (dq, dk, dv only)">E   AssertionError: x</failure></testcase>'
+           '<testcase classname="properties.test_cg_convergence" name="c"><failure message="AssertionError: '
+           'Torch not compiled with CUDA enabled">E   AssertionError: Torch not compiled</failure></testcase>'
+           '</testsuite></testsuites>')
+    res = _checker().judge(xml, get_impl("flashlla").skips, pytest_rc=1)
+    assert len(res["harness_errors"]) == 1 and "does not call flashlla" in res["harness_errors"][0], res
+    assert any("harness errors" in p for p in res["problems"]), res
