@@ -196,6 +196,8 @@ def _flashlla_forward(q, k, v, *, ridge_lambda, qk_scale=None):
     import flashlla  # only when importable (is_available says why not)
 
     check_qkv(q, k, v)
+    if q.dim() != 4:
+        raise LLAInputError(f"q: expected shape (B, H, S, D), got {tuple(q.shape)}")
     B, H, S, D = q.shape
     if v.shape[-1] != D:
         # forward.py loads v with q's HEAD_DIM block: it has no separate value width

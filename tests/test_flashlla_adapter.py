@@ -155,12 +155,14 @@ def test_a_float_lambda_is_left_for_the_kernel_to_round(stand_in):
     (dict(ridge_lambda=torch.ones(3)), "ridge_lambda: shape"),
     (dict(ridge_lambda=-1.0), "ridge_lambda: expected values >= 0"),
     (dict(qk_scale=-2.0), "qk_scale"),
+    (dict(q3=True), r"q: expected shape \(B, H, S, D\)"),
 ])
 def test_bad_arguments_are_refused_by_name(stand_in, bad, match):
     p = Case("gaussian", {}, B=1, H=2, S=5, D=16, seed=1).build()
     kw = {"ridge_lambda": 0.1, "qk_scale": None, **bad}
+    qkv = (p.q[0], p.k[0], p.v[0]) if kw.pop("q3", False) else (p.q, p.k, p.v)
     with pytest.raises(LLAInputError, match=match):
-        _impl().forward(p.q, p.k, p.v, **kw)
+        _impl().forward(*qkv, **kw)
     assert not stand_in.CALLS
 
 
