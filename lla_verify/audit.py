@@ -281,6 +281,8 @@ def backward_check(problem, impl) -> dict:
         return {"status": f"not checked: {v.message}"}
     return {"status": "checked", "ratio": float(v.ratio), "passed": bool(v.passed), "cause": str(v.cause),
             "message": str(v.message), "check": getattr(v, "check", "backward"),
+            "grads_checked": list((getattr(v, "summary", None) or {}).get("grads_checked", [])),
+            "grads_not_checked": list((getattr(v, "summary", None) or {}).get("grads_not_checked", [])),
             "n_beyond_precision": int((getattr(v, "summary", None) or {}).get("n_beyond_precision", 0))}
 
 
@@ -485,6 +487,11 @@ def metadata(impl, device: str, mode: str, command: str, seed: int) -> dict:
             "seed": seed, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": command, "versions": versions, "solver_tol": impl.solver_tol,
             "compute_dtype": str(impl.compute_dtype).replace("torch.", ""),
+            # what the implementation rounds its inputs to and which gradients it is judged on
+            "input_dtype": str(impl.input_dtype).replace("torch.", "") if impl.input_dtype else None,
+            "grads": list(impl.grads) if impl.supports_grad else [],
+            "grads_not_checked": {n: impl.skip_reason(n) for n in ("dq", "dk", "dv", "dlambda")
+                                  if impl.supports_grad and n not in impl.grads},
             "regression_rule": f"forward or gradient ratio grew more than x{REGRESSION_FACTOR:g} to above "
                                f"{REGRESSION_FLOOR:g}, or a cell newly failing"}
 

@@ -73,6 +73,52 @@ def _lam_tensor(problem: Problem) -> torch.Tensor:
     return problem.lam_tensor.to(problem.q.device)
 
 
+def rounds_inputs(impl: Impl) -> bool:
+    """Whether ``impl`` declares a rounding of its inputs (Impl.input_dtype, lambda_dtype)."""
+    return impl.input_dtype is not None or impl.lambda_dtype is not None
+
+
+def kernel_view(problem: Problem, impl: Impl) -> Problem:
+    """``problem`` as ``impl`` computes on it: q, k, v rounded to ``impl.input_dtype`` (and
+    held in it), lambda to ``impl.lambda_dtype`` ("input": the dtype of q as passed).
+
+    The oracle and every budget term run on this problem (SPEC 8: rounding the kernel
+    does to its inputs is input, not error). Apply it once, to the problem the
+    implementation was given: a "input" lambda follows that problem's dtype.
+    """
+    if not rounds_inputs(impl):
+        return problem
+    in_dt = impl.input_dtype
+    q, k, v = (t if in_dt is None else t.to(in_dt) for t in (problem.q, problem.k, problem.v))
+    lam_dt = problem.q.dtype if impl.lambda_dtype == "input" else impl.lambda_dtype
+    lam = problem.ridge_lambda
+    if lam_dt is not None:
+        if isinstance(lam, torch.Tensor):
+            lam = lam.to(lam_dt).to(lam.dtype)
+        else:
+            lam = float(torch.tensor(float(lam), dtype=lam_dt))
+    return Problem(problem.case, q, k, v, lam, problem.qk_scale)
+
+
+def io_roundoff(problem: Problem, impl: Impl) -> float:
+    """Unit roundoff of the coarser of the rounding ``impl`` applies to its inputs and to its
+    output on ``problem`` (Impl.input_dtype, output_dtype; the problem's dtype where the
+    record names none): the rounding an exact identity of LLA is allowed on top of the
+    compute precision's."""
+    dts = [impl.input_dtype or problem.q.dtype, impl.output_dtype or problem.q.dtype]
+    return max(unit_roundoff(dt) if dt != torch.float64 else U64 for dt in dts)
+
+
+def rounding_note(problem: Problem, impl: Impl) -> str:
+    """One line naming the rounding a verdict was judged under, or '' when there is none."""
+    if not rounds_inputs(impl):
+        return ""
+    lam_dt = problem.q.dtype if impl.lambda_dtype == "input" else impl.lambda_dtype
+    name = lambda dt: DTYPE_NAMES.get(dt, str(dt)) if dt is not None else "as given"  # noqa: E731
+    return (f"\n  judged on what {impl.name} computes from: q, k, v rounded to {name(impl.input_dtype)}, "
+            f"lambda to {name(lam_dt)}, output rounded to {name(impl.output_dtype)}")
+
+
 def sensitivity(problem: Problem, *, directions: int = N_DIRECTIONS, seed: int = 0) -> torch.Tensor:
     """max over random sign directions xi of ||J_o(x)[x * xi]||_2 per query, (B, H, S).
 
@@ -139,13 +185,21 @@ class ForwardBudget:
 
 
 def forward_budget(problem: Problem, impl: Impl, *, details: LLADetails | None = None, dense: bool = True,
-                   out_dtype: torch.dtype | None = None) -> ForwardBudget:
-    """The allowed per-query error of ``impl`` on ``problem`` (module docstring)."""
+                   out_dtype: torch.dtype | None = None, rounded: bool = False) -> ForwardBudget:
+    """The allowed per-query error of ``impl`` on ``problem`` (module docstring).
+
+    ``problem`` is the one the implementation was given; the budget is built on
+    ``kernel_view(problem, impl)`` (pass ``rounded=True`` when it already is that view),
+    and the output rounding is ``impl.output_dtype`` when the record names one.
+    """
+    if not rounded:
+        problem = kernel_view(problem, impl)
     q = problem.q
     d = details or lla_forward_details(problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
                                        qk_scale=problem.qk_scale)
     u_c = impl.u
-    u_out = unit_roundoff(out_dtype or q.dtype) if (out_dtype or q.dtype) != torch.float64 else U64
+    out_dt = impl.output_dtype or out_dtype or q.dtype
+    u_out = unit_roundoff(out_dt) if out_dt != torch.float64 else U64
     sens = sensitivity(problem)
     root_n = accumulation_length(problem).sqrt()
     vscale = problem.v.to(torch.float64).norm(dim=-1).amax(-1, keepdim=True)  # (B, H, 1)
@@ -193,7 +247,9 @@ def check_forward(problem: Problem, impl: Impl, o: torch.Tensor, *, stats: dict 
     if o.shape != problem.v.shape:
         return Verdict("forward", impl.name, case, math.inf, False, "implementation",
                        f"[{impl.name}] forward on {case}: output shape {tuple(o.shape)} != expected {tuple(problem.v.shape)}")
-    fb = fb or forward_budget(problem, impl, dense=dense, out_dtype=o.dtype)
+    given = problem
+    problem = kernel_view(problem, impl)
+    fb = fb or forward_budget(problem, impl, dense=dense, out_dtype=o.dtype, rounded=True)
     d = fb.details
     defined = ~d.undefined
     o64 = o.detach().to(torch.float64)
@@ -250,6 +306,7 @@ def check_forward(problem: Problem, impl: Impl, o: torch.Tensor, *, stats: dict 
         f"lambda {float(lam[idx]):.3g}, scale {problem.qk_scale:.4g}, |o| {float(d.o[idx].norm()):.3g}; "
         f"{n_def} defined queries, {n_undef} undefined (lambda=0, delta=0) skipped\n"
         f"  cause: {cause}{extra}"
+        f"{rounding_note(given, impl)}"
     )
     summary = {"ratio": ratio, "cause": cause, "kappa_worst": float(d.kappa[idx]),
                "kappa_max": float(torch.nan_to_num(d.kappa, posinf=1e300).max()),
@@ -415,6 +472,10 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     if not impl.supports_grad:
         return Verdict("backward", impl.name, case, 0.0, True, "skipped",
                        f"[{impl.name}] backward skipped on {case}: {impl.skip_reason('grad') or 'no gradients'}")
+    # the implementation runs on the problem it was given; the oracle, the budget and the
+    # same-precision reference on what it computes from (kernel_view)
+    given = problem
+    problem = kernel_view(problem, impl)
     d = lla_forward_details(problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
                             qk_scale=problem.qk_scale)
     defined = ~d.undefined
@@ -441,7 +502,7 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     h_solve = solve_probe_step(d.kappa, defined, impl.u, h)
     solve_probes = [oracle_grads(problem, cot, sigma_probe=(h_solve, seed)) for seed in SOLVE_PROBE_SEEDS]
     try:
-        got = grads or impl_grads(impl, problem, cot)
+        got = grads or impl_grads(impl, given, cot)
     except NotImplementedError as exc:
         return Verdict("backward", impl.name, case, 0.0, True, "skipped", f"[{impl.name}] backward skipped: {exc}")
     dense_g = None
@@ -449,7 +510,8 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
         dense_g = impl_grads(impl, problem, cot, forward=lambda *a, **kw: dense_torch_lla(
             *a, compute_dtype=impl.compute_dtype, **kw))
     u_c = impl.u
-    u_out = unit_roundoff(problem.q.dtype) if problem.q.dtype != torch.float64 else U64
+    out_dt = impl.output_dtype or problem.q.dtype
+    u_out = unit_roundoff(out_dt) if out_dt != torch.float64 else U64
     S, D = problem.q.shape[-2], problem.q.shape[-1]
     root_n = math.sqrt(S * D)
     # A floor for gradients that vanish exactly (S = 1, or a zero cotangent row): dL/dX
@@ -468,7 +530,11 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     norm_terms = _normalisation_terms(problem, d, cot, u_c, floor, exclude=beyond_q)
     lines, worst = [], (0.0, None, None)
     per_query, nonfinite, n_unmeasured, n_overflow, scaled = {}, 0, 0, 0, []
+    not_checked = [n for n in GRAD_NAMES if n not in impl.grads]
     for name in GRAD_NAMES:
+        if name in not_checked:
+            lines.append(f"  {name:8s} not checked: {impl.skip_reason(name) or 'not among the gradients the record names'}")
+            continue
         g_ref = ref[name]
         g = got.get(name)
         if g is None:
@@ -536,7 +602,8 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
             extra = f" (kappa {kap:.2e} x u_c {u_c:.1e} >= 0.1: beyond the compute precision)"
     n_judged = int((defined & ~beyond_q).sum())
     judged_txt = f" ({n_judged} of {int(defined.sum())} query rows judged)" if bool(beyond_q.any()) else ""
-    msg = (f"[{impl.name}] backward {'PASS' if passed else 'FAIL'} ratio {ratio:.3g}{judged_txt} on {case}\n"
+    checked_txt = f" ({', '.join(n for n in GRAD_NAMES if n not in not_checked)} only)" if not_checked else ""
+    msg = (f"[{impl.name}] backward {'PASS' if passed else 'FAIL'} ratio {ratio:.3g}{checked_txt}{judged_txt} on {case}\n"
            + "\n".join(lines)
            + f"\n  worst: {wname} at {widx}; kappa max {float(torch.nan_to_num(d.kappa, posinf=1e300).max()):.3e}; "
            f"{int(d.undefined.sum())} undefined rows skipped"
@@ -548,8 +615,11 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
            + (f"; {n_overflow} of those rows overflowed to Inf (counted, not failed)" if n_overflow else "")
            + (f"\n  model scaled by the same-precision reference ({', '.join(scaled)}: FA factor x its "
               "worst error / model on this problem)" if scaled else "")
-           + f"\n  cause: {cause}{extra}")
+           + f"\n  cause: {cause}{extra}"
+           + rounding_note(given, impl))
     record("backward", impl.name, ratio, case)
     return Verdict("backward", impl.name, case, ratio, passed, cause, msg, widx, int(defined.sum()),
                    int(d.undefined.sum()), per_query, {"ratio": ratio, "cause": cause, "worst_tensor": wname,
-                                                        "n_beyond_precision": int(beyond_q.sum())})
+                                                        "n_beyond_precision": int(beyond_q.sum()),
+                                                        "grads_checked": [n for n in GRAD_NAMES if n not in not_checked],
+                                                        "grads_not_checked": not_checked})

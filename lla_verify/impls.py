@@ -25,6 +25,7 @@ import torch
 from .validate import LLAInputError, check_lambda, check_qkv, check_scale
 
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ALL_GRADS = ("dq", "dk", "dv", "dlambda")
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -46,7 +47,17 @@ class Impl:
     compute_dtype: torch.dtype = torch.float32  # precision of its arithmetic
     solver_tol: float = 0.0  # relative residual its inner solve stops at; 0 = direct solve
     supports_grad: bool = True
+    # the gradients it returns and is judged on; one left out is reported as not
+    # checked, with the reason in skips[name], never passed
+    grads: tuple = ALL_GRADS
     per_query_lambda: bool = True
+    # Rounding it applies before computing, which budgets treat as input (SPEC 8: the
+    # oracle runs on what the implementation computed from): q, k, v rounded to
+    # input_dtype, lambda to lambda_dtype ("input": the dtype of q as passed to it), the
+    # result rounded to output_dtype before the adapter casts it to q's dtype. None: as given.
+    input_dtype: torch.dtype | None = None
+    lambda_dtype: torch.dtype | str | None = None
+    output_dtype: torch.dtype | None = None
     forward_with_stats: Callable | None = None  # same args -> (o, stats dict of (B, H, S))
     skips: dict = field(default_factory=dict)  # property name -> reason
 
@@ -171,35 +182,66 @@ def _triton_record() -> Impl:
 
 
 # ---------------------------------------------------------------- public FlashLLA
-def _flashlla_forward(q, k, v, *, ridge_lambda, qk_scale=None):
-    import flashlla  # noqa: F401  (only when importable)
+# What the adapter relies on in the public code (flashlla/ops/__init__.py and forward.py;
+# tests/test_flashlla_adapter.py::test_assumed_api_matches_the_public_source reads it):
+# lla_attention(q, k, v, *, ridge_lambda, qk_scale, ...) takes (batch, seqlen, head_dim)
+# tensors and a ridge_lambda that is a float or a tensor expanding to (batch, seqlen); a
+# float becomes a tensor of q's dtype as passed (so bf16 inputs get a bf16 lambda); a
+# tensor is used in its own dtype. LLAFunction.forward casts q, k, v to bf16 and returns
+# o in bf16; its backward returns dq, dk, dv in bf16 and None for ridge_lambda.
+FLASHLLA_HEAD_DIMS = (16, 32, 64, 128)
 
-    if isinstance(ridge_lambda, torch.Tensor):
-        if ridge_lambda.numel() != 1 and not bool((ridge_lambda == ridge_lambda.flatten()[0]).all()):
-            raise LLAInputError("flashlla: ridge_lambda must be one value (the public kernel has no per-query "
-                                f"lambda); got a tensor of shape {tuple(ridge_lambda.shape)} with several values")
-        ridge_lambda = float(ridge_lambda.flatten()[0])
+
+def _flashlla_forward(q, k, v, *, ridge_lambda, qk_scale=None):
+    import flashlla  # only when importable (is_available says why not)
+
+    check_qkv(q, k, v)
+    if q.dim() != 4:
+        raise LLAInputError(f"q: expected shape (B, H, S, D), got {tuple(q.shape)}")
     B, H, S, D = q.shape
-    fold = lambda t: t.reshape(B * H, S, t.shape[-1])  # noqa: E731  (B, S, D) per head
-    o = flashlla.lla_attention(fold(q), fold(k), fold(v), ridge_lambda=float(ridge_lambda), qk_scale=qk_scale)
-    if isinstance(o, (tuple, list)):  # its autograd Function returns (o, omega); take o either way
-        o = o[0]
-    return o.reshape(B, H, S, v.shape[-1]).to(q.dtype)
+    if v.shape[-1] != D:
+        # forward.py loads v with q's HEAD_DIM block: it has no separate value width
+        raise LLAInputError(f"v: flashlla needs v's head dimension equal to q's ({D}), got {v.shape[-1]}")
+    if isinstance(ridge_lambda, torch.Tensor):
+        # Its docstring says a tensor lambda is coerced to q's dtype, its code passes the
+        # tensor through: the adapter does the coercion, so a tensor lambda is rounded as a
+        # float one is (Impl.lambda_dtype "input"), and folds heads into the batch.
+        lam = check_lambda(ridge_lambda, (B, H, S), q.device, dtype=q.dtype).reshape(B * H, S).contiguous()
+    else:
+        check_lambda(ridge_lambda, (1,), "cpu", dtype=q.dtype)  # the same refusals, by name
+        lam = float(ridge_lambda)  # the kernel rounds it to q's dtype itself
+    fold = lambda t: t.reshape(B * H, S, t.shape[-1])  # noqa: E731  heads folded into its batch
+    o = flashlla.lla_attention(fold(q), fold(k), fold(v), ridge_lambda=lam,
+                               qk_scale=check_scale(qk_scale, D))
+    return o.reshape(B, H, S, D).to(q.dtype)
 
 
 def _flashlla_record() -> Impl:
     return Impl(
         name="flashlla",
         forward=_flashlla_forward,
-        description="public FlashLLA (flashlla.lla_attention), bf16 CG at its defaults",
-        dtypes=(torch.bfloat16,),
-        head_dims=(64,),
+        description="public FlashLLA (flashlla.lla_attention) at its defaults: bf16 inputs and output, "
+                    "fp32 accumulation, unpreconditioned CG (atol = rtol = 1e-12, 32 iterations)",
+        # float32 and bfloat16 inputs are both rounded to bf16 by the kernel (input_dtype).
+        # float16 is left out: a float lambda becomes an fp16 tensor (lla_attention), so
+        # lambda < 6e-8 turns into 0 and lambda > 65504 into Inf, a different problem
+        # rather than a rounding of this one.
+        dtypes=(torch.float32, torch.bfloat16),
+        # HEAD_DIM is a tl.constexpr block-shape dimension (tl.make_block_ptr, tl.zeros):
+        # Triton needs a power of two, and tl.dot at least 16; its autotuner tries 256-row
+        # tiles, so widths beyond 128 are not claimed.
+        head_dims=FLASHLLA_HEAD_DIMS,
         devices=("cuda",),
         compute_dtype=torch.float32,
         solver_tol=1e-12,
-        supports_grad=False,
-        per_query_lambda=False,
-        skips={"grad": "flashlla returns no gradient for ridge_lambda and is bf16-only"},
+        supports_grad=True,
+        grads=("dq", "dk", "dv"),
+        per_query_lambda=True,
+        input_dtype=torch.bfloat16,
+        lambda_dtype="input",
+        output_dtype=torch.bfloat16,
+        skips={"dlambda": "flashlla's LLAFunction.backward returns None for ridge_lambda: "
+                          "d lambda is not computed, so it is not checked"},
     )
 
 

@@ -13,16 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lla_verify import suite
-from lla_verify.budget import THRESH, check_forward, forward_budget
+from lla_verify.budget import THRESH, check_forward, forward_budget, io_roundoff
 from lla_verify.cases import Case
-from lla_verify.impls import unit_roundoff
 
 
 def _allow(impl, problem, magnitude):
     """THRESH (u_out + u_c sqrt((i+1) D)) * magnitude, per query (B, H, S)."""
     S, D = problem.q.shape[-2], problem.q.shape[-1]
     n = torch.arange(1, S + 1, dtype=torch.float64, device=problem.q.device) * D
-    return THRESH * (unit_roundoff(problem.q.dtype) + impl.u * n.sqrt()) * magnitude
+    return THRESH * (io_roundoff(problem, impl) + impl.u * n.sqrt()) * magnitude
 
 
 def _describe_worst(err, allowed, case, what):
@@ -69,7 +68,7 @@ def test_linearity_in_v(impl, device):
         fb = forward_budget(p, impl, dense=False)
         scale = (abs(a) + abs(b) + 1) * fb.allowed
         # v12 is itself rounded to the dtype: its rounding enters through o's sensitivity to v
-        vround = unit_roundoff(p.v.dtype) * (a * p.v.double() + b * v2.double()).norm(dim=-1).amax(-1, keepdim=True)
+        vround = io_roundoff(p, impl) * (a * p.v.double() + b * v2.double()).norm(dim=-1).amax(-1, keepdim=True)
         allowed = scale + THRESH * vround * 2
         err = (o12 - lin).norm(dim=-1)
         ok = torch.isnan(fb.details.o).any(-1) | (err <= allowed)
@@ -129,7 +128,7 @@ def test_first_token_is_v0(impl, device):
             return
         o = suite.run(impl, p).double()
         err = (o[..., 0, :] - p.v[..., 0, :].double()).norm(dim=-1)
-        allowed = THRESH * (unit_roundoff(p.q.dtype) + impl.u) * p.v[..., 0, :].double().norm(dim=-1)
+        allowed = THRESH * (io_roundoff(p, impl) + impl.u) * p.v[..., 0, :].double().norm(dim=-1)
         assert bool((err <= allowed).all()), (
             f"first token: |o_0 - v_0| = {float(err.max()):.3e} > allowed {float(allowed.max()):.3e} on {case.spec()}")
 
