@@ -103,7 +103,9 @@ def pointer_cache(q, k, v, *, ridge_lambda, qk_scale=None):
 
 def interrupt_parent(q, k, v, *, ridge_lambda, qk_scale=None):
     """A genuine Ctrl-C arriving while this cell runs: SIGINT to the process that runs the sweep."""
-    target = os.getppid() if os.environ.get("LLA_TRUST_IN_WORKER") else os.getpid()
+    import multiprocessing
+
+    target = os.getppid() if multiprocessing.parent_process() is not None else os.getpid()
     os.kill(target, signal.SIGINT)
     time.sleep(5)
     return honest(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
