@@ -126,8 +126,12 @@ def _same(before: torch.Tensor, after: torch.Tensor) -> bool:
 
 
 # The inputs handed to the last calls stay alive until the next call has its own, so
-# consecutive calls never share an input address (a data_ptr-keyed cache misses).
+# consecutive calls never share an input address; and a fresh copy that lands on an
+# address handed out in the last HANDED_MEMORY calls is reallocated (the clash held
+# alive meanwhile), so that a cache keyed on data_ptr() misses instead of replaying.
+HANDED_MEMORY = 64
 _RECENT: collections.deque = collections.deque(maxlen=2)
+_HANDED: collections.deque = collections.deque(maxlen=HANDED_MEMORY)
 
 
 def _fresh(t: torch.Tensor) -> torch.Tensor:
@@ -137,22 +141,24 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
 
 
 def _hand_over(named: dict) -> dict:
-    """Fresh contiguous copies of the tensor inputs, at addresses none of the last calls got."""
-    taken = {p for call in _RECENT for p in call}
+    """Fresh contiguous copies of the tensor inputs, at addresses none of the recent calls got."""
+    taken = set().union(*_HANDED) if _HANDED else set()
     out, hold = {}, []
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             out[name] = t
             continue
         c = _fresh(t)
-        for _ in range(8):  # an address still in use cannot come back, so keep the clash alive and retry
+        for _ in range(16):
             if c.numel() == 0 or c.data_ptr() not in taken:
                 break
             hold.append(c)
             c = _fresh(t)
         out[name] = c
     del hold
-    _RECENT.append({t.data_ptr(): t for t in out.values() if isinstance(t, torch.Tensor) and t.numel()})
+    ptrs = frozenset(t.data_ptr() for t in out.values() if isinstance(t, torch.Tensor) and t.numel())
+    _HANDED.append(ptrs)
+    _RECENT.append(out)
     return out
 
 
