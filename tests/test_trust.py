@@ -196,14 +196,30 @@ def test_empty_output_fails():
 
 
 def test_empty_output_cannot_pick_up_a_freed_reference():
-    # the attack of KernelBench PR 82: the reference output is freed just before the call
+    # the attack of KernelBench PR 82: the float64 reference output is freed just before
+    # the call, and the implementation asks for memory of its size
+    from lla_verify.oracle import lla_forward
+
     p = problem(S=512)
-    ref = dense_torch_lla(p.q, p.k, p.v, ridge_lambda=1.0)
+    ref = lla_forward(p.q, p.k, p.v, ridge_lambda=1.0)
     values = ref.clone()
     del ref
-    o, _ = forward("empty_output", p)
+    o, _ = forward("empty_float64_output", p)
     recovered = float((o == values).float().mean())
     assert recovered < 0.01, f"{recovered:.1%} of the freed reference came back through torch.empty"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_poison_overwrites_a_freed_block(dtype):
+    # the boundary's own input copies already reshuffle a CPU heap (the test above passes
+    # without poisoning); poison() on its own must make a freed block unrecoverable
+    values = torch.randn(4096, dtype=torch.float64).to(dtype)
+    ref = values.clone()
+    del ref
+    trust.poison("cpu", values.numel())
+    got = torch.empty(values.shape, dtype=dtype)
+    recovered = float((got == values).float().mean())
+    assert recovered < 0.01, f"{recovered:.1%} of a freed block survived the poisoning"
 
 
 # ------------------------------------------------------------------ pointer caches

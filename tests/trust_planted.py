@@ -117,3 +117,8 @@ def fake_clock(q, k, v, *, ridge_lambda, qk_scale=None):
     time.perf_counter = lambda: frozen
     time.sleep(0.2)
     return honest(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+
+
+def empty_float64_output(q, k, v, *, ridge_lambda, qk_scale=None):
+    """torch.empty in float64, the oracle's dtype: the block a freed float64 reference left."""
+    return torch.empty(v.shape, dtype=torch.float64, device=v.device)
