@@ -481,6 +481,57 @@ def run_isolated(worker: Worker | None, fn, *args, **kw):
 
 
 # ------------------------------------------------------------------ timing
+def timed_calls(fn, *, device, reps: int) -> tuple[list[float], object]:
+    """``fn()`` ``reps`` times, each timed by the harness's clock between device-wide
+    synchronisations; returns the times (seconds) and the last call's result.
+
+    ``torch.cuda.synchronize`` waits for every stream of the device, so work an
+    implementation launched on a side stream is inside its time; the clock was captured
+    at import, so a patched ``time.perf_counter`` does not shorten it. Launch overhead is
+    inside too: this is an upper bound on the kernel's time, against the event timing's
+    lower one.
+    """
+    if reps < 1:
+        raise ValueError(f"timed_calls: reps must be >= 1, got {reps}")
+    times, out = [], None
+    for _ in range(reps):
+        out = None  # the previous result is freed before the next call, as in a training step
+        _sync(device)
+        t0 = _perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(_perf_counter() - t0)
+    return times, out
+
+
+# Dense peak rates, the highest a device of the name reaches in any precision the LLA
+# kernels use (bf16 tensor cores) and its memory bandwidth: a floor computed from them
+# is below any honest time. An unknown device gets rates above every current GPU.
+PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.04e12),
+         "L40S": (362e12, 0.864e12), "A10": (125e12, 0.6e12)}
+UNKNOWN_PEAK = (5e15, 20e12)
+
+
+def device_peaks(name: str) -> tuple[float, float]:
+    """(flop/s, byte/s) for a device name as torch.cuda.get_device_name reports it."""
+    for key, peaks in PEAKS.items():
+        if key.lower() in name.lower():
+            return peaks
+    return UNKNOWN_PEAK
+
+
+def lla_forward_floor_s(B: int, H: int, S: int, D: int, elem_bytes: int, peaks: tuple[float, float]) -> float:
+    """The least time a causal LLA forward can take on a device with ``peaks``.
+
+    Work counted is a strict part of the forward: the causal scores q k^T and the
+    weighted sum over v (2 S (S + 1) D flops per head together; Sigma_i and the solve
+    only add), and reading q, k, v and writing o once.
+    """
+    flops = 2.0 * B * H * S * (S + 1) * D
+    bytes_moved = 4.0 * B * H * S * D * elem_bytes
+    return roofline_floor_s(flops=flops, bytes_moved=bytes_moved, peak_flops=peaks[0], peak_bytes_s=peaks[1])
+
+
 def roofline_floor_s(*, flops: float, bytes_moved: float, peak_flops: float, peak_bytes_s: float) -> float:
     """The least time any implementation needs: its work at the device's peak rate."""
     if not (peak_flops > 0 and peak_bytes_s > 0):
@@ -498,6 +549,19 @@ def implausible_speed(time_s: float, floor_s: float, *, margin: float = 1.0) -> 
     return None
 
 
+def timing_disagrees(event_s: float, synced_s: float, *, overhead_s: float = 1e-4) -> str | None:
+    """Why an event-timed median far below the synchronised one is not to be believed.
+
+    Events on the timed stream miss work left on other streams; the synchronised time
+    misses nothing and exceeds the true time only by launch overhead. An event time
+    below half the synchronised one, less ``overhead_s``, is work the events did not see.
+    """
+    if event_s < 0.5 * synced_s - overhead_s:
+        return (f"event-timed {event_s * 1e3:.4g} ms against {synced_s * 1e3:.4g} ms between device-wide "
+                "synchronisations: work outside the timed stream")
+    return None
+
+
 __all__ = ["Misbehaved", "ChildFailed", "Worker", "call_forward", "call_grads", "check_tensor", "clock",
-           "materialise", "poison", "user_interrupt", "run_isolated", "picklable", "roofline_floor_s",
-           "implausible_speed", "DEFAULT_CALL_TIMEOUT"]
+           "materialise", "poison", "user_interrupt", "run_isolated", "picklable", "timed_calls", "device_peaks",
+           "lla_forward_floor_s", "roofline_floor_s", "implausible_speed", "timing_disagrees", "DEFAULT_CALL_TIMEOUT"]

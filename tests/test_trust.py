@@ -243,6 +243,26 @@ def test_patched_timer_does_not_fool_the_cells_time(monkeypatch):
     assert rec["time_s"] >= 0.2, rec["time_s"]
 
 
+def test_bench_clock_is_out_of_the_implementations_reach(monkeypatch):
+    monkeypatch.setattr(time, "perf_counter", time.perf_counter)  # restored after the test
+    p = problem()
+    times, o = trust.timed_calls(lambda: planted.fake_clock(p.q, p.k, p.v, ridge_lambda=1.0), device="cpu", reps=2)
+    assert min(times) >= 0.2, times
+    assert type(o) is torch.Tensor
+
+
+def test_bench_floor_and_disagreement():
+    h200 = trust.device_peaks("NVIDIA H200")
+    assert h200 == trust.PEAKS["H200"] and trust.device_peaks("a future GPU") == trust.UNKNOWN_PEAK
+    # (16, 1, 2048, 64) bf16: 2 S (S + 1) D B H flops = 8.6e9 at 989 TFLOP/s, 8.7 us
+    floor = trust.lla_forward_floor_s(16, 1, 2048, 64, 2, h200)
+    assert floor == pytest.approx(2 * 16 * 2048 * 2049 * 64 / 989e12)
+    assert trust.implausible_speed(2.6e-3, floor) is None  # the public kernel's time
+    assert trust.implausible_speed(1e-6, floor)  # a cached or skipped computation
+    assert trust.timing_disagrees(1e-3, 2.7e-3)  # events saw a third of the work
+    assert trust.timing_disagrees(2.5e-3, 2.6e-3) is None
+
+
 def test_roofline_flags_a_speed_beyond_the_hardware():
     floor = trust.roofline_floor_s(flops=2e12, bytes_moved=1e9, peak_flops=1e15, peak_bytes_s=4.8e12)
     assert floor == pytest.approx(2e-3)
