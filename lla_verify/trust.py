@@ -472,6 +472,12 @@ class Worker:
         self.close()
         return False
 
+    def __del__(self):
+        try:
+            self._kill()
+        except Exception:  # interpreter shutdown: the daemon child goes with us anyway
+            pass
+
 
 def run_isolated(worker: Worker | None, fn, *args, **kw):
     """fn(*args, **kw) in ``worker`` when there is one, else in this process."""
