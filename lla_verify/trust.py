@@ -48,8 +48,7 @@ def clock() -> float:
 
 DEFAULT_CALL_TIMEOUT = 300.0  # seconds one call of the implementation may take in a worker
 EXIT_TIMEOUT = 113  # a worker's exit status when its watchdog ended a call past its limit
-# The largest freed block poisoned on a GPU before each call (see poison())
-POISON_MAX_BYTES = 256 * 2**20
+POISON_BLOCKS = 8  # freed blocks of each output size poisoned on a GPU before a call (see poison())
 
 
 class Misbehaved(Exception):
@@ -164,27 +163,23 @@ def _hand_over(named: dict) -> dict:
 
 # ------------------------------------------------------------------ freed memory
 def poison(device, numel: int) -> None:
-    """Fill memory the allocator will hand out next with NaN, then free it.
+    """Fill the freed blocks an output of ``numel`` elements would be cut from with NaN.
 
     A kernel that returns ``torch.empty`` memory must not receive a freed reference
-    output (KernelBench PR 82). On a GPU the caching allocator reuses freed blocks: the
-    cache is emptied and one NaN block of at least the output's size (up to
-    POISON_MAX_BYTES) is left in it, from which the next allocations are cut. On CPU,
-    malloc hands out the most recently freed block of a size first: blocks of an
-    output of ``numel`` elements at 2, 4 and 8 bytes each are filled with all-ones
-    bytes (NaN in every float format) and freed last.
+    output (KernelBench PR 82). Both allocators hand a request the best-fitting free
+    block, most recently freed first (CUDA's caching allocator: best fit; malloc: its
+    bins): blocks of the output's size at 2, 4 and 8 bytes an element (bf16/fp16, fp32,
+    fp64), several of each alive at once, are filled with all-ones bytes (NaN in every
+    float format) and freed, so that the free blocks of those sizes, a freed reference
+    among them, now hold NaN. POISON_BLOCKS per size on a GPU, where the pool keeps many.
     """
     dev = torch.device(device)
     numel = max(int(numel), 4)
+    count = POISON_BLOCKS if dev.type == "cuda" else 2
+    blocks = [torch.full((numel * size,), 255, dtype=torch.uint8, device=dev)
+              for size in (8, 4, 2) for _ in range(count)]
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        n = min(max(4 * 8 * numel, 2**20), POISON_MAX_BYTES)
-        block = torch.full((n,), 255, dtype=torch.uint8, device=dev)
-        torch.cuda.synchronize(dev)
-        del block
-        return
-    blocks = [torch.full((numel * size,), 255, dtype=torch.uint8) for size in (8, 4, 2) for _ in range(2)]
+        torch.cuda.synchronize(dev)  # the fills land before the blocks can be reused
     del blocks
 
 
