@@ -142,6 +142,13 @@ def test_hunt_and_goldens_fail_an_exiting_implementation(tmp_path, capsys):
     finally:
         obj.close()
     assert e.ratio > 1e29 and "ended its process" in e.message
+    obj = hunt.Objective(impl("hang"), "cpu", S=12, D=4, dtype="float32", timeout=1.0)
+    try:
+        e = obj(obj.case("gaussian", [0.5, 0.5], 0))
+        again = obj(obj.case("gaussian", [0.5, 0.5], 1))  # the search goes on in a fresh worker
+    finally:
+        obj.close()
+    assert e.ratio > 1e29 and "timed out after 1 s" in e.message and "timed out" in again.message
     rc, out = cli(["goldens", "compare", "--impl", "tests.trust_planted:sys_exit", "--only", "gaussian-f32-S16-D4-H2"],
                   capsys)
     assert rc == 1 and "raised SystemExit(0)" in out, out
