@@ -104,10 +104,20 @@ def test_exit_and_own_interrupt_are_failed_verdicts(name, reason, capsys):
 
 
 def test_os_exit_fails_its_cell_and_the_audit_goes_on(tmp_path):
-    cells = [audit.Cell("test", CASE), audit.Cell("test", Case("gaussian", {"lam": 10.0}, S=17, D=8))]
-    res = audit.run_audit(impl("os_exit"), cells, backward=False, out=str(tmp_path))
+    # in a subprocess: were the cells run in this process, os._exit(0) would end pytest
+    # with status 0 and no output, the very failure this guards against
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "kernels")]))
+    run = subprocess.run([sys.executable, "-m", "lla_verify", "audit", "--impl", "tests.trust_planted:os_exit",
+                          "--no-progress", "--no-backward", "--max-cells", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert run.returncode == 1, run.stdout + run.stderr
     rep = json.loads((tmp_path / "report.json").read_text())
-    assert res.exit_code == 1 and rep["verdict"]["n_failed"] == 2 and not rep["verdict"]["interrupted"]
+    assert rep["verdict"]["n_failed"] == 2 and not rep["verdict"]["interrupted"]
     assert all("ended its process (exit status 0) without a result" in c["message"] for c in rep["cells"])
 
 
