@@ -317,11 +317,11 @@ def register(sub) -> None:
     p.add_argument("--seq", type=int, default=33, help="sequence length S of the problems searched")
     p.add_argument("--head-dim", type=int, default=None, help="head dimension D (default 16 for kernels, 8 otherwise)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
+                   help="each call of the implementation may take this long before its evaluation fails as timed "
+                        "out (default 300)")
     p.add_argument("--out", default="hunt-out", help="folder for hunt.json and hunt.png")
     p.add_argument("--compare-random", action="store_true", help="also run random sampling at the same budget")
     p.add_argument("--add-regression", action="store_true",
                    help="store the worst case in properties/regressions.json when it exceeds the threshold")
-    p.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
-                   help="each call of the implementation may take this long before its evaluation fails as timed "
-                        "out (default 300)")
     p.set_defaults(func=_run)
