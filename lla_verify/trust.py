@@ -290,13 +290,15 @@ def call_forward(impl, q, k, v, *, ridge_lambda, qk_scale, stats: bool = False, 
         out, st = out
         if st is not None and not isinstance(st, dict):
             raise Misbehaved(f"forward_with_stats returned stats of type {type(st).__name__}, expected a dict")
+    _check_inputs(snapshot, originals, handed)
     o = check_tensor(out, "the output o", shape=tuple(v.shape), dtypes=_output_dtypes(q), device=device)
     o = materialise(o)
     if st is not None:
-        st = {key: (materialise(check_tensor(val, f"stats[{key!r}]", shape=tuple(q.shape[:-1]),
-                                             dtypes=(val.dtype,), device=device))
-                    if isinstance(val, torch.Tensor) else val) for key, val in st.items()}
-    _check_inputs(snapshot, originals, handed)
+        # statistics only attribute a failure (solver or implementation); what is not a
+        # plain per-query tensor is left out rather than trusted
+        lead = tuple(q.shape[:-1])
+        st = {key: materialise(val) for key, val in st.items()
+              if type(val) is torch.Tensor and tuple(val.shape) == lead and val.device == device}
     return o, st
 
 
@@ -324,6 +326,7 @@ def call_grads(forward, q, k, v, lam, cot, *, qk_scale) -> tuple:
         inputs = (handed["q"], handed["k"], handed["v"], handed["ridge_lambda"])
         grads = _guarded(torch.autograd.grad, o, inputs, cot.to(o.dtype), allow_unused=True)
         _sync(device)
+    _check_inputs(snapshot, originals, {n: t.detach() for n, t in handed.items()})
     out = []
     for name, g, x in zip(("dq", "dk", "dv", "dlambda"), grads, inputs):
         if g is None:
@@ -332,7 +335,6 @@ def call_grads(forward, q, k, v, lam, cot, *, qk_scale) -> tuple:
         floats = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
         out.append(materialise(check_tensor(g, f"the gradient {name}", shape=tuple(x.shape), dtypes=floats,
                                             device=device)))
-    _check_inputs(snapshot, originals, {n: t.detach() for n, t in handed.items()})
     return tuple(out)
 
 

@@ -191,6 +191,20 @@ def test_int64_output_is_a_failure_not_a_usage_error(capsys):
     assert rc == 1 and "dtype torch.int64" in out and "--case" not in out.split("\n")[0], out
 
 
+def test_stats_that_are_not_per_query_tensors_are_left_out():
+    p = problem()
+
+    def odd_stats(q, k, v, *, ridge_lambda, qk_scale=None):
+        o = dense_torch_lla(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+        lead = q.shape[:-1]
+        return o, {"cg_iters": torch.ones(lead), "cg_residual": torch.zeros(lead).as_subclass(planted.Lazy),
+                   "note": "x", "total": torch.tensor(3.0)}
+
+    rec = Impl("s", planted.honest, "x", forward_with_stats=odd_stats)
+    _, st = trust.call_forward(rec, p.q, p.k, p.v, ridge_lambda=1.0, qk_scale=None, stats=True)
+    assert set(st) == {"cg_iters"} and type(st["cg_iters"]) is torch.Tensor
+
+
 def test_output_is_the_harness_copy():
     p = problem()
     kept = []
