@@ -211,13 +211,12 @@ def _sync(device: str) -> None:
 
 
 def _call(impl, problem):
-    """Run the forward (with CG statistics when the implementation has them)."""
-    kw = {"ridge_lambda": problem.ridge_lambda, "qk_scale": problem.qk_scale}
-    if impl.forward_with_stats is not None:
-        out = impl.forward_with_stats(problem.q, problem.k, problem.v, **kw)
-        o, stats = out if isinstance(out, tuple) else (out, None)
-        return o, stats
-    return impl.forward(problem.q, problem.k, problem.v, **kw), None
+    """Run the forward across the trust boundary (with CG statistics when the implementation
+    has them); raises trust.Misbehaved when the implementation breaks the calling contract."""
+    from .trust import call_forward
+
+    return call_forward(impl, problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
+                        qk_scale=problem.qk_scale, stats=True)
 
 
 def _cotangent(problem):
@@ -267,8 +266,13 @@ def backward_check(problem, impl) -> dict:
         if name in params:
             kw[name] = cot
             break
+    from .trust import Misbehaved
+
     try:
         res = cb(problem, impl, **kw)
+    except Misbehaved as exc:
+        return {"status": "checked", "ratio": math.inf, "passed": False, "cause": "implementation",
+                "message": f"[{impl.name}] backward {exc}"}
     except TypeError as exc:
         return {"status": f"not checked: budget.check_backward{inspect.signature(cb)} not understood: {exc}"}
     except Exception as exc:  # the implementation's backward raised: its fault
@@ -286,6 +290,35 @@ def backward_check(problem, impl) -> dict:
             "n_beyond_precision": int((getattr(v, "summary", None) or {}).get("n_beyond_precision", 0))}
 
 
+def failed_record(rec: dict, message: str, *, time_s: float = math.nan) -> dict:
+    """``rec`` (the cell's identity) completed as a forward failure of the implementation's."""
+    rec.update(ratio=math.inf, forward_ratio=math.inf, passed=False, cause="implementation",
+               forward_passed=False, failed_checks=["forward"], message=message, time_s=time_s,
+               grad={"status": "not checked: the forward failed"})
+    return rec
+
+
+def _cell_record(cell: Cell, impl, device: str, *, backward: bool, impl_name: str | None) -> dict:
+    case = cell.case
+    spec = case.spec()
+    return {"spec": spec, "sweep": cell.sweep, "family": case.family, "params": dict(case.params),
+            "dtype": case.dtype, "B": case.B, "H": case.H, "S": case.S, "D": case.D, "seed": case.seed,
+            "command": repro_command(spec, impl_name or impl.name, device, backward=backward and impl.supports_grad)}
+
+
+def run_cell_isolated(worker, cell: Cell, impl, device: str, *, backward: bool = True,
+                      impl_name: str | None = None) -> dict:
+    """run_cell in ``worker``'s child process (in this one when ``worker`` is None): an
+    implementation that ends its process, crashes it or hangs fails this cell only."""
+    from .trust import ChildFailed, run_isolated
+
+    try:
+        return run_isolated(worker, run_cell, cell, impl, device, backward=backward, impl_name=impl_name)
+    except ChildFailed as exc:
+        rec = _cell_record(cell, impl, device, backward=backward, impl_name=impl_name)
+        return failed_record(rec, f"[{impl_name or impl.name}] {exc} on {rec['spec']}")
+
+
 def run_cell(cell: Cell, impl, device: str, *, backward: bool = True, impl_name: str | None = None) -> dict:
     """Build, run, time and judge one cell; every number lands in the returned record."""
     import torch
@@ -295,28 +328,28 @@ def run_cell(cell: Cell, impl, device: str, *, backward: bool = True, impl_name:
     case = cell.case
     spec = case.spec()
     name = impl_name or impl.name
-    rec = {"spec": spec, "sweep": cell.sweep, "family": case.family, "params": dict(case.params),
-           "dtype": case.dtype, "B": case.B, "H": case.H, "S": case.S, "D": case.D, "seed": case.seed,
-           "command": repro_command(spec, name, device, backward=backward and impl.supports_grad)}
+    rec = _cell_record(cell, impl, device, backward=backward, impl_name=impl_name)
     problem = case.build(device)
-    t0 = time.perf_counter()
+    from .trust import Misbehaved, clock
+
+    t0 = clock()
     try:
         _sync(device)
         o, stats = _call(impl, problem)
         _sync(device)
+        elapsed = clock() - t0
+        if str(device).startswith("cuda"):
+            # the first call carries the JIT compile; time a second one (fresh input copies:
+            # a cache keyed on their addresses misses), and judge that one
+            t1 = clock()
+            o, stats = _call(impl, problem)
+            _sync(device)
+            elapsed = clock() - t1
+    except Misbehaved as exc:  # a breach of the calling contract fails the cell, whatever the output
+        return failed_record(rec, f"[{name}] forward {exc} on {spec}", time_s=clock() - t0)
     except Exception as exc:  # a kernel that raises on a valid input fails that cell
-        rec.update(ratio=math.inf, forward_ratio=math.inf, passed=False, cause="implementation",
-                   forward_passed=False, failed_checks=["forward"],
-                   message=f"[{name}] forward raised {type(exc).__name__}: {exc} on {spec}",
-                   time_s=time.perf_counter() - t0, grad={"status": "not checked: forward raised"})
-        return rec
-    elapsed = time.perf_counter() - t0
-    if str(device).startswith("cuda"):
-        # the first call carries the JIT compile; time a second one
-        t1 = time.perf_counter()
-        _call(impl, problem)
-        _sync(device)
-        elapsed = time.perf_counter() - t1
+        return failed_record(rec, f"[{name}] forward raised {type(exc).__name__}: {exc} on {spec}",
+                             time_s=clock() - t0)
     v = check_forward(problem, impl, o, stats=stats)
     of = o.detach()
     rec.update(
@@ -499,9 +532,19 @@ def metadata(impl, device: str, mode: str, command: str, seed: int) -> dict:
 def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = True,
               baseline: list[dict] | None = None, out: str | None = None, meta: dict | None = None,
               skipped: list[dict] | None = None, progress: bool = False, impl_name: str | None = None,
-              log=None, factor: float = REGRESSION_FACTOR, floor: float = REGRESSION_FLOOR) -> AuditResult:
-    """Run ``cells`` on ``impl``; write report.json and report.html into ``out`` when given."""
+              log=None, factor: float = REGRESSION_FACTOR, floor: float = REGRESSION_FLOOR,
+              isolate: bool = True, cell_timeout: float | None = None) -> AuditResult:
+    """Run ``cells`` on ``impl``; write report.json and report.html into ``out`` when given.
+
+    With ``isolate`` (the default) the cells run one after another in a child process
+    (trust.Worker), so that an implementation that exits, crashes or hangs fails its cell
+    and the sweep goes on; ``cell_timeout`` bounds each of its calls (seconds, default
+    trust.DEFAULT_CALL_TIMEOUT). An implementation that cannot be pickled (a closure)
+    runs in this process, behind the same boundary but without those two protections.
+    """
     from tqdm import tqdm
+
+    from .trust import DEFAULT_CALL_TIMEOUT, Worker, picklable
 
     t0 = time.perf_counter()
     records = []
@@ -509,10 +552,16 @@ def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = 
     bar = tqdm(cells, desc=f"audit {impl_name or impl.name}", unit="cell", disable=not progress, file=sys.stderr,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)
     interrupted = None
+    worker = None
+    if isolate and picklable(impl, cells):
+        worker = Worker(cell_timeout if cell_timeout is not None else DEFAULT_CALL_TIMEOUT)
+    elif isolate and log is not None:
+        print(f"lla-verify audit: {impl_name or impl.name} cannot be pickled into a worker process; its cells run "
+              "in this one (no protection against exit or hang)", file=log)
     try:
         for cell in bar:
             bar.set_postfix_str(cell.case.family, refresh=False)
-            rec = run_cell(cell, impl, device, backward=backward, impl_name=impl_name)
+            rec = run_cell_isolated(worker, cell, impl, device, backward=backward, impl_name=impl_name)
             records.append(rec)
             if not rec["passed"] and log is not None:
                 tqdm.write(f"FAIL {'+'.join(rec.get('failed_checks', []))} ratio {_show(rec['ratio'])} "
@@ -524,6 +573,9 @@ def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = 
         interrupted = f"interrupted after {len(records)} of {len(cells)} cells"
         if log is not None:
             print(f"lla-verify audit: {interrupted}; writing a partial report", file=log)
+    finally:
+        if worker is not None:
+            worker.close()
     regressions, binfo = (compare(records, baseline, factor=factor, floor=floor) if baseline is not None
                           else ([], None))
     report = {
@@ -628,6 +680,8 @@ def _command_line(args, full: bool, device: str) -> str:
         parts += ["--max-cells", str(args.max_cells)]
     if args.cells:
         parts += ["--cells", args.cells]
+    if getattr(args, "cell_timeout", None) is not None:
+        parts += ["--cell-timeout", f"{args.cell_timeout:g}"]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -643,7 +697,9 @@ def _cell_slice(text: str, n: int) -> slice:
 
 
 def _sigterm_as_interrupt(signum, frame):
-    raise KeyboardInterrupt
+    from .trust import user_interrupt
+
+    user_interrupt(signum, frame)  # marked as the user's: the trust boundary lets it stop the run
 
 
 MERGE_KEYS = ("impl", "device", "mode", "seed", "only", "plan_size")
@@ -766,7 +822,8 @@ def _audit_main(args) -> int:
           f"{', ' + str(len(skipped)) + ' skipped' if skipped else ''}", file=sys.stderr)
     res = run_audit(impl, cells, device=device, backward=not args.no_backward, baseline=baseline, out=args.out,
                     meta=meta, skipped=skipped, progress=not args.no_progress, impl_name=args.impl, log=sys.stderr,
-                    factor=args.regression_factor, floor=args.regression_floor)
+                    factor=args.regression_factor, floor=args.regression_floor,
+                    cell_timeout=_cell_timeout(args))
     return _print_summary(res.report, args.out)
 
 
@@ -784,10 +841,22 @@ def _check_main(args) -> int:
     reason = impl.supports(dtype=DTYPES[case.dtype], head_dim=case.D)
     if reason:
         raise UsageError(f"--case: {reason}")
+    from .trust import Worker, picklable
+
     try:
-        rec = run_cell(Cell("check", case), impl, args.device, backward=args.backward, impl_name=args.impl)
+        case.build(args.device)  # a case that cannot be built is the user's error, said here
     except LLAInputError as exc:
         raise UsageError(f"--case: {exc}") from None
+    cell = Cell("check", case)
+    worker = Worker(_cell_timeout(args)) if picklable(impl, cell) else None
+    try:
+        # in a child process: an implementation that exits or hangs fails the check, it does not end it
+        rec = run_cell_isolated(worker, cell, impl, args.device, backward=args.backward, impl_name=args.impl)
+    except LLAInputError as exc:
+        raise UsageError(f"--case: {exc}") from None
+    finally:
+        if worker is not None:
+            worker.close()
     print(rec["message"])
     extras = [f"time {rec['time_s'] * 1e3:.1f} ms"]
     if rec.get("n_nan") or rec.get("n_inf"):
@@ -801,6 +870,22 @@ def _check_main(args) -> int:
     if args.backward:
         print(g.get("message") or f"gradients {g.get('status')}")
     return EXIT_OK if rec["passed"] else EXIT_FAIL
+
+
+def _cell_timeout(args) -> float:
+    from .trust import DEFAULT_CALL_TIMEOUT
+
+    t = getattr(args, "cell_timeout", None)
+    t = DEFAULT_CALL_TIMEOUT if t is None else t
+    if not (t > 0 and math.isfinite(t)):
+        raise UsageError(f"--cell-timeout: expected a positive number of seconds, got {t:g}")
+    return float(t)
+
+
+def _add_cell_timeout(p) -> None:
+    p.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
+                   help="each call of the implementation may take this long before its cell fails as timed out "
+                        "(default 300)")
 
 
 def _guard(fn):
@@ -845,6 +930,7 @@ def register(sub) -> None:
                    help="run a slice of the plan (to finish an interrupted audit, or split one across machines)")
     p.add_argument("--merge", nargs="+", default=None, metavar="REPORT",
                    help="merge the report.json files of slices of one audit into one report (no cell is run)")
+    _add_cell_timeout(p)
     p.set_defaults(func=_guard(_audit_main))
 
     c = sub.add_parser("check", help="replay one case from its one-line spec and judge it (exit 0 pass, 1 fail)",
@@ -855,6 +941,7 @@ def register(sub) -> None:
     c.add_argument("--impl", default="triton", help="implementation (default: triton)")
     c.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     c.add_argument("--backward", action="store_true", help="also check gradients (budget.check_backward)")
+    _add_cell_timeout(c)
     c.set_defaults(func=_guard(_check_main))
 
 

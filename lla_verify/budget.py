@@ -407,11 +407,12 @@ def oracle_grads(problem: Problem, cot: torch.Tensor, *, q=None, k=None, v=None,
 
 def impl_grads(impl: Impl, problem: Problem, cot: torch.Tensor, forward=None) -> dict:
     """The implementation's gradients of sum <cot, o> (lambda as a (B, H, S) tensor)."""
+    from .trust import call_grads
+
     fwd = forward or impl.forward
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (problem.q, problem.k, problem.v))
-    lam = _lam_tensor(problem).to(torch.float32).detach().clone().requires_grad_(True)
-    o = fwd(q, k, v, ridge_lambda=lam, qk_scale=problem.qk_scale)
-    grads = torch.autograd.grad(o, (q, k, v, lam), cot.to(o.dtype), allow_unused=True)
+    lam = _lam_tensor(problem).to(torch.float32)
+    # across the trust boundary: fresh copies in, a checked plain tensor out (trust.Misbehaved if not)
+    grads = call_grads(fwd, problem.q, problem.k, problem.v, lam, cot, qk_scale=problem.qk_scale)
     return dict(zip(GRAD_NAMES, grads))
 
 

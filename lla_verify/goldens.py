@@ -888,12 +888,16 @@ def compare_one(golden: Golden, folder: Path, entry: dict | None, impl, device: 
                           notes=f"the spec no longer rebuilds the stored inputs {changed}")
     problem = problem_from_arrays(golden, stored, rebuilt.qk_scale)
     with deterministic():
+        from .trust import Misbehaved, call_forward
+
+        on = problem.to(device)
         try:
-            o = impl.forward(*(t.to(device) for t in (problem.q, problem.k, problem.v)),
-                             ridge_lambda=problem.to(device).ridge_lambda, qk_scale=problem.qk_scale)
+            o, _ = call_forward(impl, on.q, on.k, on.v, ridge_lambda=on.ridge_lambda, qk_scale=problem.qk_scale)
+        except Misbehaved as exc:  # a breach of the calling contract fails the golden, whatever came back
+            return CaseResult(golden.name, {"forward": math.inf}, notes=f"[{impl.name}] {exc}")
         except Exception as exc:  # an implementation crash is a failed check, reported with its reason
             return CaseResult(golden.name, {"forward": math.inf}, notes=f"{type(exc).__name__}: {exc}")
-        o = o.detach().cpu()
+        o = o.cpu()
         fb = forward_budget(problem, impl, dense=True, out_dtype=o.dtype)
         verdict = check_forward(problem, impl, o, fb=fb)
     # the oracle of today against the stored oracle: the golden still means what it says
@@ -922,16 +926,41 @@ def compare_one(golden: Golden, folder: Path, entry: dict | None, impl, device: 
     return CaseResult(golden.name, checks, notes=notes, detail=detail)
 
 
-def compare(folder: Path, impl, *, device: str = "cpu", only=None) -> tuple[int, list[CaseResult]]:
+def _compare_one_isolated(worker, golden: Golden, folder: Path, entry: dict | None, impl, device: str) -> CaseResult:
+    from .trust import ChildFailed, run_isolated
+
+    try:
+        return run_isolated(worker, compare_one, golden, folder, entry, impl, device)
+    except ChildFailed as exc:  # the implementation ended or hung its process: this golden fails
+        return CaseResult(golden.name, {"forward": math.inf}, notes=f"[{impl.name}] {exc}")
+
+
+def compare(folder: Path, impl, *, device: str = "cpu", only=None, isolate: bool = True,
+            timeout: float | None = None) -> tuple[int, list[CaseResult]]:
+    """Every selected golden through ``impl``; with ``isolate`` each in a child process
+    (trust.Worker), so an implementation that exits or hangs fails its golden only."""
+    from .trust import DEFAULT_CALL_TIMEOUT, Worker, picklable
+
     goldens = select(only)
     man = load_manifest(folder)
     if man is None:
         raise FileNotFoundError(f"--dir: no {MANIFEST} in {folder}")
     entries = {e.get("name"): e for e in man["cases"]}
-    results = []
     width = max(len(g.name) for g in goldens)
+    worker = (Worker(timeout if timeout is not None else DEFAULT_CALL_TIMEOUT)
+              if isolate and picklable(impl) else None)
+    try:
+        results = _compare_all(worker, goldens, folder, entries, impl, device, width)
+    finally:
+        if worker is not None:
+            worker.close()
+    return _compare_summary(results)
+
+
+def _compare_all(worker, goldens, folder, entries, impl, device, width) -> list[CaseResult]:
+    results = []
     for g in goldens:
-        r = compare_one(g, folder, entries.get(g.name), impl, device)
+        r = _compare_one_isolated(worker, g, folder, entries.get(g.name), impl, device)
         results.append(r)
         if r.skipped:
             _say(f"{g.name:<{width}}  SKIP  {r.skipped}")
@@ -942,6 +971,10 @@ def compare(folder: Path, impl, *, device: str = "cpu", only=None) -> tuple[int,
         _say(f"{g.name:<{width}}  {status}  ratio {worst:.3g}  ({ratios}; {r.notes})")
         if r.detail:
             _say(r.detail)
+    return results
+
+
+def _compare_summary(results: list[CaseResult]) -> tuple[int, list[CaseResult]]:
     n = sum(len(r.checks) for r in results)
     over = sum(1 for r in results for v in r.checks.values() if not v <= 1.0)
     ran = [r for r in results if not r.skipped]

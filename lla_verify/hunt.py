@@ -81,13 +81,43 @@ def _from_unit(p, u: float) -> float:
     return p.clip(x)
 
 
-class Objective:
-    """ratio(case) for one implementation; counts evaluations; never raises on a bad point."""
+def evaluate(impl, device: str, case: Case) -> tuple[float, str, str]:
+    """(ratio, cause, message) of one case: the implementation across the trust boundary,
+    judged by check_forward. Runs in the Objective's worker process."""
+    from .trust import Misbehaved, call_forward
 
-    def __init__(self, impl, device, *, S, D, dtype, B=1, H=1):
+    problem = case.build(device)
+    try:
+        o, stats = call_forward(impl, problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
+                                qk_scale=problem.qk_scale, stats=True)
+    except Misbehaved as exc:  # a breach of the calling contract is the worst possible verdict
+        return math.inf, "implementation", f"[{impl.name}] {exc} on {case.spec()}"
+    except Exception as exc:  # an implementation that crashes on a valid input has failed
+        return math.inf, "implementation", f"[{impl.name}] raised {type(exc).__name__}: {exc}"
+    v = check_forward(problem, impl, o, stats=stats, mp_recheck=False)
+    return v.ratio, v.cause, v.message
+
+
+class Objective:
+    """ratio(case) for one implementation; counts evaluations; never raises on a bad point.
+
+    With ``isolate`` (the default) each evaluation runs in a child process (trust.Worker):
+    an implementation that exits, crashes or runs past ``timeout`` seconds on a call
+    scores the worst ratio at that point and the search goes on.
+    """
+
+    def __init__(self, impl, device, *, S, D, dtype, B=1, H=1, isolate: bool = True, timeout: float | None = None):
+        from .trust import DEFAULT_CALL_TIMEOUT, Worker, picklable
+
         self.impl, self.device = impl, device
         self.S, self.D, self.dtype, self.B, self.H = S, D, dtype, B, H
         self.evals = 0
+        self.worker = (Worker(timeout if timeout is not None else DEFAULT_CALL_TIMEOUT)
+                       if isolate and picklable(impl) else None)
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
 
     def case(self, family: str, u: np.ndarray, seed: int) -> Case:
         fam = get_family(family)
@@ -95,22 +125,15 @@ class Objective:
         return Case(family, params, B=self.B, H=self.H, S=self.S, D=self.D, dtype=self.dtype, seed=int(seed))
 
     def __call__(self, case: Case) -> Eval:
+        from .trust import ChildFailed, run_isolated
+
         self.evals += 1
-        problem = case.build(self.device)
         try:
-            with torch.no_grad():
-                if self.impl.forward_with_stats is not None:
-                    o, stats = self.impl.forward_with_stats(problem.q, problem.k, problem.v,
-                                                            ridge_lambda=problem.ridge_lambda,
-                                                            qk_scale=problem.qk_scale)
-                else:
-                    o, stats = self.impl.forward(problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
-                                                 qk_scale=problem.qk_scale), None
-        except Exception as exc:  # an implementation that crashes on a valid input has failed
-            return Eval(math.inf, case, "implementation", f"[{self.impl.name}] raised {type(exc).__name__}: {exc}")
-        v = check_forward(problem, self.impl, o, stats=stats, mp_recheck=False)
-        r = v.ratio if math.isfinite(v.ratio) else 1e30
-        return Eval(r, case, v.cause, v.message)
+            ratio, cause, message = run_isolated(self.worker, evaluate, self.impl, self.device, case)
+        except ChildFailed as exc:
+            ratio, cause, message = math.inf, "implementation", f"[{self.impl.name}] {exc} on {case.spec()}"
+        r = ratio if math.isfinite(ratio) else 1e30
+        return Eval(r, case, cause, message)
 
 
 def random_search(obj: Objective, family: str, evals: int, rng: np.random.Generator, progress=None) -> HuntResult:
@@ -200,8 +223,6 @@ def _plot(results: dict, out: Path) -> Path:
 
 
 def _run(args) -> int:
-    from tqdm import tqdm
-
     try:
         impl = get_impl(args.impl)
     except LLAInputError as exc:
@@ -225,7 +246,20 @@ def _run(args) -> int:
         print("lla-verify hunt: --evals: expected a positive count", file=sys.stderr)
         return 2
     D = args.head_dim or (16 if impl.head_dims else 8)
-    obj = Objective(impl, device, S=args.seq, D=D, dtype=args.dtype)
+    if args.cell_timeout is not None and not (args.cell_timeout > 0 and math.isfinite(args.cell_timeout)):
+        print(f"lla-verify hunt: --cell-timeout: expected a positive number of seconds, got {args.cell_timeout:g}",
+              file=sys.stderr)
+        return 2
+    obj = Objective(impl, device, S=args.seq, D=D, dtype=args.dtype, timeout=args.cell_timeout)
+    try:
+        return _search(args, impl, device, families, obj)
+    finally:
+        obj.close()
+
+
+def _search(args, impl, device, families, obj) -> int:
+    from tqdm import tqdm
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
@@ -284,6 +318,9 @@ def register(sub) -> None:
     p.add_argument("--seq", type=int, default=33, help="sequence length S of the problems searched")
     p.add_argument("--head-dim", type=int, default=None, help="head dimension D (default 16 for kernels, 8 otherwise)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
+                   help="each call of the implementation may take this long before its evaluation fails as timed "
+                        "out (default 300)")
     p.add_argument("--out", default="hunt-out", help="folder for hunt.json and hunt.png")
     p.add_argument("--compare-random", action="store_true", help="also run random sampling at the same budget")
     p.add_argument("--add-regression", action="store_true",

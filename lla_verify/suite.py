@@ -47,14 +47,17 @@ def build(case: Case, device: str) -> Problem:
 
 
 def run(impl: Impl, problem: Problem, *, v=None, q=None, k=None, ridge_lambda=None, stats=False):
-    """Call ``impl`` on ``problem`` (optionally with replaced inputs); returns o or (o, stats)."""
+    """Call ``impl`` on ``problem`` (optionally with replaced inputs); returns o or (o, stats).
+
+    Across the trust boundary (trust.call_forward): a breach of the calling contract
+    (inputs modified, a wrong return value, SystemExit) raises trust.Misbehaved, which
+    fails the property with its reason."""
+    from .trust import call_forward
+
     args = (problem.q if q is None else q, problem.k if k is None else k, problem.v if v is None else v)
     lam = problem.ridge_lambda if ridge_lambda is None else ridge_lambda
-    with torch.no_grad():
-        if stats and impl.forward_with_stats is not None:
-            return impl.forward_with_stats(*args, ridge_lambda=lam, qk_scale=problem.qk_scale)
-        o = impl.forward(*args, ridge_lambda=lam, qk_scale=problem.qk_scale)
-        return (o, None) if stats else o
+    o, st = call_forward(impl, *args, ridge_lambda=lam, qk_scale=problem.qk_scale, stats=stats)
+    return (o, st) if stats else o
 
 
 def skip_unless(impl: Impl, prop: str, problem: Problem | None = None):

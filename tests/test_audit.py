@@ -94,13 +94,17 @@ def test_planted_omega_bug_fails_with_implementation_attribution(tmp_path):
 
 
 def test_interrupted_audit_writes_a_partial_report_that_fails(tmp_path):
-    # a scheduler's timeout or Ctrl-C mid-sweep: the finished cells are kept, marked partial
+    # a scheduler's timeout or Ctrl-C mid-sweep: the finished cells are kept, marked partial.
+    # The interrupt is a real SIGINT (one the implementation raises itself is its failure,
+    # tests/test_trust.py); a closure, so the cells run in this process and receive it.
+    import signal
+
     calls = []
 
     def stops_on_second_call(q, k, v, *, ridge_lambda, qk_scale=None):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         return dense_torch_lla(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
 
     impl = Impl(name="interrupted", forward=stops_on_second_call, description="interrupted after one cell")

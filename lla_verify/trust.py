@@ -1,0 +1,570 @@
+"""The trust boundary: every call of an implementation under test goes through here.
+
+The implementation is code we are judging, so the harness assumes nothing of it
+(docs/trust.md; STYLE.md, "Evaluators that were fooled"):
+
+- it gets fresh copies of q, k, v and lambda, at addresses no other recent call was
+  given (a cache keyed on ``data_ptr()`` cannot replay an earlier result), and the
+  copies and the harness's originals are compared bit for bit with a snapshot after
+  the call: a change is :class:`Misbehaved` "modified its inputs", naming the tensor;
+- it must return an exact ``torch.Tensor`` (no subclass, no lazy wrapper) of the
+  expected shape, a floating dtype we expect and the inputs' device; the harness
+  judges a synchronised, contiguous copy of it, never the object it returned;
+- ``SystemExit``, and a ``KeyboardInterrupt`` that no signal delivered, raised by the
+  implementation are :class:`Misbehaved` too; a real Ctrl-C (SIGINT) or a
+  scheduler's SIGTERM still stops the run;
+- freed memory is poisoned with NaN before the call, so that ``torch.empty`` inside
+  the implementation does not hand back a freed reference output;
+- :class:`Worker` runs whole cells in a child process (spawn) so that ``os._exit``, a
+  crash or a hang ends the cell, not the run: a call running past its time limit
+  becomes "timed out after N s".
+
+What it cannot do is in docs/trust.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+
+import torch
+
+# Clocks captured at import: an implementation that patches time.perf_counter (or
+# time.monotonic) after this module is loaded does not change the harness's clock.
+_perf_counter = time.perf_counter
+_monotonic = time.monotonic
+
+
+def clock() -> float:
+    """Seconds, from the perf_counter captured when the harness was imported."""
+    return _perf_counter()
+
+
+DEFAULT_CALL_TIMEOUT = 300.0  # seconds one call of the implementation may take in a worker
+EXIT_TIMEOUT = 113  # a worker's exit status when its watchdog ended a call past its limit
+POISON_BLOCKS = 8  # freed blocks of each output size poisoned on a GPU before a call (see poison())
+
+
+class Misbehaved(Exception):
+    """The implementation broke the calling contract; str() is the reason, e.g.
+    "modified its inputs: v (16 of 256 elements changed)". A failed verdict, never a pass."""
+
+
+# ------------------------------------------------------------------ interrupts
+# A KeyboardInterrupt is the user's only when a signal delivered it: the handlers below
+# mark it before raising, and one raised by the implementation's own code is unmarked.
+_SIGNALLED = threading.Event()
+
+
+def user_interrupt(signum=None, frame=None):
+    """Signal handler (SIGINT, SIGTERM): a genuine interrupt of the run."""
+    _SIGNALLED.set()
+    raise KeyboardInterrupt
+
+
+class _InterruptGuard:
+    """Installs user_interrupt on SIGINT for the duration of a call (main thread only)."""
+
+    def __enter__(self):
+        _SIGNALLED.clear()
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            cur = signal.getsignal(signal.SIGINT)
+            if cur is signal.default_int_handler:  # leave a caller's own handler (or SIG_IGN) alone
+                self.old = cur
+                signal.signal(signal.SIGINT, user_interrupt)
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        return False
+
+
+def _reason_for(exc: BaseException) -> str | None:
+    """The misbehaviour a BaseException from the implementation stands for, or None to re-raise it."""
+    if isinstance(exc, SystemExit):
+        return f"raised SystemExit({exc.code!r}) (tried to end the process)"
+    if isinstance(exc, KeyboardInterrupt):
+        if _SIGNALLED.is_set():
+            return None  # the user's Ctrl-C or a scheduler's SIGTERM: stop the run
+        return "raised KeyboardInterrupt itself (no interrupt signal was delivered)"
+    if isinstance(exc, GeneratorExit):
+        return "raised GeneratorExit"
+    return None
+
+
+# ------------------------------------------------------------------ inputs
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t as integers of the same width: equality of these is bitwise (NaN == NaN, -0 != +0)."""
+    t = t.detach().contiguous()
+    if t.is_complex() or t.element_size() not in _INT_VIEW:
+        return t
+    return t.view(_INT_VIEW[t.element_size()])
+
+
+def _n_changed(before: torch.Tensor, after: torch.Tensor) -> str:
+    if after.shape != before.shape or after.dtype != before.dtype:
+        return f"now shape {tuple(after.shape)} dtype {after.dtype}, was {tuple(before.shape)} {before.dtype}"
+    n = int((_bits(before) != _bits(after.to(before.device))).sum())
+    return f"{n} of {before.numel()} elements changed"
+
+
+def _same(before: torch.Tensor, after: torch.Tensor) -> bool:
+    return (after.shape == before.shape and after.dtype == before.dtype and after.device == before.device
+            and torch.equal(_bits(before), _bits(after)))
+
+
+# The inputs handed to the last calls stay alive until the next call has its own, so
+# consecutive calls never share an input address; and a fresh copy that lands on an
+# address handed out in the last HANDED_MEMORY calls is reallocated (the clash held
+# alive meanwhile), so that a cache keyed on data_ptr() misses instead of replaying.
+HANDED_MEMORY = 64
+_RECENT: collections.deque = collections.deque(maxlen=2)
+_HANDED: collections.deque = collections.deque(maxlen=HANDED_MEMORY)
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    out.copy_(t.detach())
+    return out
+
+
+def _hand_over(named: dict) -> dict:
+    """Fresh contiguous copies of the tensor inputs, at addresses none of the recent calls got."""
+    taken = set().union(*_HANDED) if _HANDED else set()
+    out, hold = {}, []
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            out[name] = t
+            continue
+        c = _fresh(t)
+        for _ in range(16):
+            if c.numel() == 0 or c.data_ptr() not in taken:
+                break
+            hold.append(c)
+            c = _fresh(t)
+        out[name] = c
+    del hold
+    ptrs = frozenset(t.data_ptr() for t in out.values() if isinstance(t, torch.Tensor) and t.numel())
+    _HANDED.append(ptrs)
+    _RECENT.append(out)
+    return out
+
+
+# ------------------------------------------------------------------ freed memory
+def poison(device, numel: int) -> None:
+    """Fill the freed blocks an output of ``numel`` elements would be cut from with NaN.
+
+    A kernel that returns ``torch.empty`` memory must not receive a freed reference
+    output (KernelBench PR 82). Both allocators hand a request the best-fitting free
+    block, most recently freed first (CUDA's caching allocator: best fit; malloc: its
+    bins): blocks of the output's size at 2, 4 and 8 bytes an element (bf16/fp16, fp32,
+    fp64), several of each alive at once, are filled with all-ones bytes (NaN in every
+    float format) and freed, so that the free blocks of those sizes, a freed reference
+    among them, now hold NaN. POISON_BLOCKS per size on a GPU, where the pool keeps many.
+    """
+    dev = torch.device(device)
+    numel = max(int(numel), 4)
+    count = POISON_BLOCKS if dev.type == "cuda" else 2
+    blocks = [torch.full((numel * size,), 255, dtype=torch.uint8, device=dev)
+              for size in (8, 4, 2) for _ in range(count)]
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)  # the fills land before the blocks can be reused
+    del blocks
+
+
+# ------------------------------------------------------------------ outputs
+def check_tensor(x, what: str, *, shape: tuple, dtypes: tuple, device: torch.device) -> torch.Tensor:
+    """``x`` if it is a plain tensor of ``shape``, one of ``dtypes``, on ``device``; else Misbehaved."""
+    if type(x) is not torch.Tensor:
+        kind = type(x).__name__
+        if isinstance(x, torch.Tensor):
+            raise Misbehaved(f"returned a {kind} (a torch.Tensor subclass) as {what}; a plain torch.Tensor is required")
+        if isinstance(x, (list, tuple)):
+            kind += f" of length {len(x)}"
+        raise Misbehaved(f"returned {kind} as {what}, not a torch.Tensor")
+    if x.layout != torch.strided:
+        raise Misbehaved(f"returned a {x.layout} tensor as {what}; a dense (strided) tensor is required")
+    if tuple(x.shape) != tuple(shape):
+        raise Misbehaved(f"returned {what} of shape {tuple(x.shape)}, expected {tuple(shape)}")
+    if x.dtype not in dtypes:
+        raise Misbehaved(f"returned {what} of dtype {x.dtype}, expected {' or '.join(str(d) for d in dtypes)}")
+    if x.device != device:
+        raise Misbehaved(f"returned {what} on {x.device}, expected {device} (the inputs' device)")
+    return x
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)  # every stream: work left on a side stream is finished first
+
+
+def materialise(x: torch.Tensor) -> torch.Tensor:
+    """A synchronised, contiguous copy owned by the harness."""
+    _sync(x.device)
+    y = x.detach().clone(memory_format=torch.contiguous_format)
+    _sync(x.device)
+    return y
+
+
+def _output_dtypes(q: torch.Tensor) -> tuple:
+    # the protocol's q dtype; float64 carries strictly more and is judged at its own rounding
+    return (q.dtype,) if q.dtype == torch.float64 else (q.dtype, torch.float64)
+
+
+# ------------------------------------------------------------------ the calls
+def _guarded(fn, *args, **kw):
+    """fn(*args, **kw) with the implementation's own SystemExit / KeyboardInterrupt as Misbehaved."""
+    with _InterruptGuard():
+        try:
+            return fn(*args, **kw)
+        except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
+            why = _reason_for(exc)
+            if why is None:
+                raise
+            raise Misbehaved(why) from None
+
+
+class _Watch:
+    """Marks a call in progress for the worker's watchdog (no effect outside a worker)."""
+
+    def __enter__(self):
+        _WATCH["since"] = _monotonic()
+
+    def __exit__(self, *exc):
+        _WATCH["since"] = None
+        return False
+
+
+_WATCH: dict = {"since": None, "limit": None}
+
+
+def _inputs(q, k, v, ridge_lambda) -> dict:
+    return {"q": q, "k": k, "v": v, "ridge_lambda": ridge_lambda}
+
+
+def _check_inputs(snapshot: dict, originals: dict, handed: dict) -> None:
+    for name, before in snapshot.items():
+        if not _same(before, handed[name]):
+            raise Misbehaved(f"modified its inputs: {name} ({_n_changed(before, handed[name])})")
+        if not _same(before, originals[name]):
+            raise Misbehaved(f"modified the harness's copy of its inputs: {name} "
+                             f"({_n_changed(before, originals[name])})")
+
+
+def call_forward(impl, q, k, v, *, ridge_lambda, qk_scale, stats: bool = False, poison_memory: bool = True):
+    """Run ``impl``'s forward across the boundary; returns (o, stats or None).
+
+    ``o`` is the harness's own synchronised copy of what came back; ``stats`` (only with
+    ``stats=True`` and an implementation that has forward_with_stats) a dict of copies.
+    Raises Misbehaved for any breach of the contract; an ordinary exception of the
+    implementation propagates unchanged (callers report it as a crash of the forward).
+    """
+    originals = _inputs(q, k, v, ridge_lambda)
+    snapshot = {n: t.detach().clone() for n, t in originals.items() if isinstance(t, torch.Tensor)}
+    handed = _hand_over(originals)
+    device = q.device
+    if poison_memory:
+        poison(device, v.numel())
+    use_stats = stats and impl.forward_with_stats is not None
+    fn = impl.forward_with_stats if use_stats else impl.forward
+    with torch.no_grad(), _Watch():
+        _sync(device)
+        out = _guarded(fn, handed["q"], handed["k"], handed["v"], ridge_lambda=handed["ridge_lambda"],
+                       qk_scale=qk_scale)
+        _sync(device)
+    st = None
+    if use_stats:
+        if type(out) is not tuple or len(out) != 2:
+            raise Misbehaved(f"forward_with_stats returned {type(out).__name__}, expected a tuple (o, stats)")
+        out, st = out
+        if st is not None and not isinstance(st, dict):
+            raise Misbehaved(f"forward_with_stats returned stats of type {type(st).__name__}, expected a dict")
+    _check_inputs(snapshot, originals, handed)
+    o = check_tensor(out, "the output o", shape=tuple(v.shape), dtypes=_output_dtypes(q), device=device)
+    o = materialise(o)
+    if st is not None:
+        # statistics only attribute a failure (solver or implementation); what is not a
+        # plain per-query tensor is left out rather than trusted
+        lead = tuple(q.shape[:-1])
+        st = {key: materialise(val) for key, val in st.items()
+              if type(val) is torch.Tensor and tuple(val.shape) == lead and val.device == device}
+    return o, st
+
+
+def call_grads(forward, q, k, v, lam, cot, *, qk_scale) -> tuple:
+    """Gradients of sum <cot, forward(q, k, v, lam)> across the boundary: (dq, dk, dv, dlambda).
+
+    ``lam`` is a (B, H, S) tensor; each gradient is None (not returned) or the harness's
+    copy of a plain tensor of its input's shape, a floating dtype, on the inputs' device.
+    """
+    originals = _inputs(q, k, v, lam)
+    snapshot = {n: t.detach().clone() for n, t in originals.items()}
+    handed = _hand_over(originals)
+    for t in handed.values():
+        t.requires_grad_(True)
+    device = q.device
+    poison(device, v.numel())
+    with _Watch():
+        _sync(device)
+        with torch.enable_grad():
+            o = _guarded(forward, handed["q"], handed["k"], handed["v"], ridge_lambda=handed["ridge_lambda"],
+                         qk_scale=qk_scale)
+        o = check_tensor(o, "the output o", shape=tuple(v.shape), dtypes=_output_dtypes(q), device=device)
+        if not o.requires_grad:
+            raise Misbehaved("returned an output that does not require grad (no autograd graph to the inputs)")
+        inputs = (handed["q"], handed["k"], handed["v"], handed["ridge_lambda"])
+        grads = _guarded(torch.autograd.grad, o, inputs, cot.to(o.dtype), allow_unused=True)
+        _sync(device)
+    _check_inputs(snapshot, originals, {n: t.detach() for n, t in handed.items()})
+    out = []
+    for name, g, x in zip(("dq", "dk", "dv", "dlambda"), grads, inputs):
+        if g is None:
+            out.append(None)
+            continue
+        floats = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+        out.append(materialise(check_tensor(g, f"the gradient {name}", shape=tuple(x.shape), dtypes=floats,
+                                            device=device)))
+    return tuple(out)
+
+
+# ------------------------------------------------------------------ child processes
+class ChildFailed(Exception):
+    """The worker process ended without answering: the cell failed with this reason."""
+
+
+def _watchdog():
+    while True:
+        time.sleep(0.05)
+        since, limit = _WATCH["since"], _WATCH["limit"]
+        if since is not None and limit is not None and _monotonic() - since > limit:
+            os._exit(EXIT_TIMEOUT)
+
+
+def _worker_main(conn, call_limit) -> None:
+    # Ctrl-C reaches the whole process group: the parent decides, the child carries on
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WATCH["limit"] = call_limit
+    threading.Thread(target=_watchdog, daemon=True, name="lla-verify-watchdog").start()
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        fn, args, kw = msg
+        try:
+            res = ("ok", fn(*args, **kw))
+        except BaseException as exc:  # noqa: B036  anything the cell raised is reported, not fatal
+            res = ("raised", f"{type(exc).__name__}: {exc}")
+        try:
+            conn.send(res)
+        except Exception as exc:  # an unpicklable result
+            conn.send(("raised", f"the cell's result could not be sent back: {type(exc).__name__}: {exc}"))
+
+
+def picklable(*objs) -> bool:
+    try:
+        pickle.dumps(objs)
+        return True
+    except Exception:
+        return False
+
+
+class Worker:
+    """A child process (spawn) that runs ``fn(*args)`` calls one at a time.
+
+    ``call_limit`` bounds each call of the implementation inside the child (its
+    watchdog ends the child); ``hard_limit`` bounds a whole call from the parent's side,
+    for a hang the watchdog cannot see (one that never releases the GIL). A dead or
+    timed-out child is replaced at the next call.
+    """
+
+    def __init__(self, call_limit: float | None = DEFAULT_CALL_TIMEOUT, hard_limit: float | None = None):
+        self.call_limit = call_limit
+        self.hard_limit = hard_limit if hard_limit is not None else (
+            None if call_limit is None else 3 * call_limit + 600.0)
+        self.proc = None
+        self.conn = None
+
+    def _start(self):
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, self.call_limit), daemon=True,
+                                name="lla-verify-worker")
+        self.proc.start()
+        child.close()
+        self.conn = parent
+
+    def _kill(self):
+        if self.proc is not None:
+            if self.proc.is_alive():
+                self.proc.kill()
+            self.proc.join(5)
+        if self.conn is not None:
+            self.conn.close()
+        self.proc = self.conn = None
+
+    def call(self, fn, *args, **kw):
+        if self.proc is None or not self.proc.is_alive():
+            self._kill()
+            self._start()
+        try:
+            self.conn.send((fn, args, kw))
+            t0 = _monotonic()
+            while True:
+                left = None if self.hard_limit is None else self.hard_limit - (_monotonic() - t0)
+                if left is not None and left <= 0:
+                    self._kill()
+                    raise ChildFailed(f"timed out after {self.hard_limit:g} s (the cell's hard limit)")
+                if self.conn.poll(1.0 if left is None else min(left, 1.0)):
+                    break
+                if not self.proc.is_alive() and not self.conn.poll(0):
+                    break
+            status, value = self.conn.recv()
+        except (EOFError, ConnectionError, OSError, BrokenPipeError):
+            self.proc.join(5)
+            code = self.proc.exitcode
+            self._kill()
+            if code == EXIT_TIMEOUT:
+                raise ChildFailed(f"timed out after {self.call_limit:g} s") from None
+            if code is not None and code < 0:
+                try:
+                    name = signal.Signals(-code).name
+                except ValueError:
+                    name = str(-code)
+                raise ChildFailed(f"killed its process by signal {name}") from None
+            raise ChildFailed(f"ended its process (exit status {code}) without a result") from None
+        except BaseException:
+            self._kill()  # the user's Ctrl-C: the child goes with the run
+            raise
+        if status == "raised":
+            raise ChildFailed(f"the cell raised in its worker process: {value}")
+        return value
+
+    def close(self):
+        if self.conn is not None and self.proc is not None and self.proc.is_alive():
+            try:
+                self.conn.send(None)
+                self.proc.join(5)
+            except (OSError, BrokenPipeError):
+                pass
+        self._kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self._kill()
+        except Exception:  # interpreter shutdown: the daemon child goes with us anyway
+            pass
+
+
+def run_isolated(worker: Worker | None, fn, *args, **kw):
+    """fn(*args, **kw) in ``worker`` when there is one, else in this process."""
+    if worker is None:
+        return fn(*args, **kw)
+    return worker.call(fn, *args, **kw)
+
+
+# ------------------------------------------------------------------ timing
+def timed_calls(fn, *, device, reps: int) -> tuple[list[float], object]:
+    """``fn()`` ``reps`` times, each timed by the harness's clock between device-wide
+    synchronisations; returns the times (seconds) and the last call's result.
+
+    ``torch.cuda.synchronize`` waits for every stream of the device, so work an
+    implementation launched on a side stream is inside its time; the clock was captured
+    at import, so a patched ``time.perf_counter`` does not shorten it. Launch overhead is
+    inside too: this is an upper bound on the kernel's time, against the event timing's
+    lower one.
+    """
+    if reps < 1:
+        raise ValueError(f"timed_calls: reps must be >= 1, got {reps}")
+    times, out = [], None
+    for _ in range(reps):
+        out = None  # the previous result is freed before the next call, as in a training step
+        _sync(device)
+        t0 = _perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(_perf_counter() - t0)
+    return times, out
+
+
+# Dense peak rates, the highest a device of the name reaches in any precision the LLA
+# kernels use (bf16 tensor cores) and its memory bandwidth: a floor computed from them
+# is below any honest time. An unknown device gets rates above every current GPU.
+PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.04e12),
+         "L40S": (362e12, 0.864e12), "A10": (125e12, 0.6e12)}
+UNKNOWN_PEAK = (5e15, 20e12)
+
+
+def device_peaks(name: str) -> tuple[float, float]:
+    """(flop/s, byte/s) for a device name as torch.cuda.get_device_name reports it."""
+    for key, peaks in PEAKS.items():
+        if key.lower() in name.lower():
+            return peaks
+    return UNKNOWN_PEAK
+
+
+def lla_forward_floor_s(B: int, H: int, S: int, D: int, elem_bytes: int, peaks: tuple[float, float]) -> float:
+    """The least time a causal LLA forward can take on a device with ``peaks``.
+
+    Work counted is a strict part of the forward: the causal scores q k^T and the
+    weighted sum over v (2 S (S + 1) D flops per head together; Sigma_i and the solve
+    only add), and reading q, k, v and writing o once.
+    """
+    flops = 2.0 * B * H * S * (S + 1) * D
+    bytes_moved = 4.0 * B * H * S * D * elem_bytes
+    return roofline_floor_s(flops=flops, bytes_moved=bytes_moved, peak_flops=peaks[0], peak_bytes_s=peaks[1])
+
+
+def roofline_floor_s(*, flops: float, bytes_moved: float, peak_flops: float, peak_bytes_s: float) -> float:
+    """The least time any implementation needs: its work at the device's peak rate."""
+    if not (peak_flops > 0 and peak_bytes_s > 0):
+        raise ValueError("roofline_floor_s: peak_flops and peak_bytes_s must be > 0")
+    return max(flops / peak_flops, bytes_moved / peak_bytes_s)
+
+
+def implausible_speed(time_s: float, floor_s: float, *, margin: float = 1.0) -> str | None:
+    """Why a measured time is faster than the hardware allows, or None when it is not."""
+    if not math.isfinite(time_s) or time_s <= 0:
+        return f"measured time {time_s!r} s is not a positive number"
+    if time_s * margin < floor_s:
+        return (f"measured {time_s * 1e3:.4g} ms, below the hardware's floor of {floor_s * 1e3:.4g} ms "
+                f"(the work at the device's peak rate): the timing was fooled")
+    return None
+
+
+def timing_disagrees(event_s: float, synced_s: float, *, overhead_s: float = 1e-4) -> str | None:
+    """Why an event-timed median far below the synchronised one is not to be believed.
+
+    Events on the timed stream miss work left on other streams; the synchronised time
+    misses nothing and exceeds the true time only by launch overhead. An event time
+    below half the synchronised one, less ``overhead_s``, is work the events did not see.
+    """
+    if event_s < 0.5 * synced_s - overhead_s:
+        return (f"event-timed {event_s * 1e3:.4g} ms against {synced_s * 1e3:.4g} ms between device-wide "
+                "synchronisations: work outside the timed stream")
+    return None
+
+
+__all__ = ["Misbehaved", "ChildFailed", "Worker", "call_forward", "call_grads", "check_tensor", "clock",
+           "materialise", "poison", "user_interrupt", "run_isolated", "picklable", "timed_calls", "device_peaks",
+           "lla_forward_floor_s", "roofline_floor_s", "implausible_speed", "timing_disagrees", "DEFAULT_CALL_TIMEOUT"]
