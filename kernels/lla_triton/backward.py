@@ -446,12 +446,12 @@ def _b_sweep(k_dot, vf, kf, c, vref, todo, V, Q, G, RHO, U, M_IN, DEN_IN, GO_IN,
     full = tl.cdiv((pid_n + 1) * BLOCK_N - 1, BLOCK_M) * BLOCK_M
     full = tl.minimum(full, tl.cdiv(S, BLOCK_M) * BLOCK_M)
     for start_m in range(first, full, BLOCK_M):
-        dv, dka, cs, sw, swq, swqq = _b_tile(k_dot, vp, vref, kp, c, V, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, VA_IN, BETA_IN,
-                                             base, row_base, start_m, S, scale, offs_n_of(pid_n, BLOCK_N),
+        dv, dka, cs, sw, swq, swqq = _b_tile(k_dot, vp, vref, kp, c, V, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, VA_IN,
+                                             BETA_IN, base, row_base, start_m, S, scale, offs_n_of(pid_n, BLOCK_N),
                                              dv, dka, cs, sw, swq, swqq, D, BLOCK_M, UPCAST, True, PREC, SPREC, SPLIT)
     for start_m in range(full, S, BLOCK_M):
-        dv, dka, cs, sw, swq, swqq = _b_tile(k_dot, vp, vref, kp, c, V, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, VA_IN, BETA_IN,
-                                             base, row_base, start_m, S, scale, offs_n_of(pid_n, BLOCK_N),
+        dv, dka, cs, sw, swq, swqq = _b_tile(k_dot, vp, vref, kp, c, V, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, VA_IN,
+                                             BETA_IN, base, row_base, start_m, S, scale, offs_n_of(pid_n, BLOCK_N),
                                              dv, dka, cs, sw, swq, swqq, D, BLOCK_M, UPCAST, False, PREC, SPREC, SPLIT)
     # s sum_i dA_ij q_i with q_i = q'_i + c: the anchor's share is a rank-one term
     dk = dka + (scale * cs)[:, None] * c[None, :]
