@@ -29,7 +29,7 @@ from torch.func import jvp
 
 from .cases import DTYPE_NAMES, Problem
 from .impls import Impl, dense_torch_lla, unit_roundoff
-from .oracle import LLADetails, lla_forward, lla_forward_details, lla_forward_sigma_probe
+from .oracle import LLADetails, lla_forward, lla_forward_details, lla_forward_mu_shift, lla_forward_sigma_probe
 
 THRESHOLD = 1.0  # a check fails when error / allowed exceeds this
 THRESH = 4.0  # safety factor on the first-order model (its terms are estimates, not bounds)
@@ -416,6 +416,36 @@ def impl_grads(impl: Impl, problem: Problem, cot: torch.Tensor, forward=None) ->
     return dict(zip(GRAD_NAMES, grads))
 
 
+def solve_residual(d: LLADetails, impl: Impl) -> torch.Tensor:
+    """||r_i||, the true residual of the forward solve the forward model allows, (B, H, S):
+    (tol + u_c attainable_i) ||mu_i|| as in forward_budget (error-model.md §3.2)."""
+    mu_n = d.mu.norm(dim=-1)
+    attainable = torch.nan_to_num(d.sigma_norm * d.rho.norm(dim=-1) / mu_n, nan=1.0, posinf=1.0).clamp_min(1.0)
+    if impl.solver_tol > 0:
+        attainable = math.sqrt(d.mu.shape[-1]) * attainable
+    return (impl.solver_tol + impl.u * attainable) * mu_n
+
+
+def rho_residual_dlambda(problem: Problem, cot: torch.Tensor) -> torch.Tensor:
+    """||d dlambda_i / d r_i||_2 per query (B, H, S): how dlambda_i = omega_i <u_i, rho_i>
+    moves per unit of residual r_i left in the forward solve for rho_i, when the backward
+    uses that rho_i (error-model.md §6, "The forward solve's residual").
+
+    dlambda_i depends on rho_i alone among the rho's, so one reverse pass through the
+    float64 gradient (double backward) gives every row's vector at once.
+    """
+    q, k, v = (t.to(torch.float64).detach() for t in (problem.q, problem.k, problem.v))
+    lam = _lam_tensor(problem).detach().clone().requires_grad_(True)
+    shift = torch.zeros(q.shape, dtype=torch.float64, device=q.device, requires_grad=True)
+    o = lla_forward_mu_shift(q, k, v, ridge_lambda=lam, shift=shift, qk_scale=problem.qk_scale)
+    cot = torch.where(torch.isnan(o), torch.zeros_like(cot), cot)
+    (dl,) = torch.autograd.grad(torch.nan_to_num(o, nan=0.0), lam, cot, create_graph=True)
+    (j,) = torch.autograd.grad(dl.sum(), shift, allow_unused=True)
+    if j is None:  # no row's dlambda depends on its solve (every lambda_i's row undefined)
+        return torch.zeros(q.shape[:-1], dtype=torch.float64, device=q.device)
+    return j.norm(dim=-1)
+
+
 def _row_norm(t: torch.Tensor, name: str) -> torch.Tensor:
     t = t.to(torch.float64)
     return t.abs() if name == "dlambda" else t.norm(dim=-1)
@@ -459,7 +489,9 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
                              + u_out |g_ref| + u_c sqrt(S D) (max|g_ref| + floor))
     where floor = |g|_max |v|_max / rms(X) for X = q, k (|g|_max for v, / max(lambda, 1) for
     lambda) keeps a gradient that vanishes exactly from demanding an exact zero, plus
-    the rounding of the normalised weights (_normalisation_terms).
+    the rounding of the normalised weights (_normalisation_terms), and for dlambda the
+    forward solve's residual ||r_i|| (solve_residual) through ||d dlambda_i / d mu_i|| / sqrt(D)
+    (rho_residual_dlambda; error-model.md §6).
         allowed = max(model, FA_FACTOR_GRAD * error of dense fp32 autograd)
     with sens the change of the float64 gradient under a unit relative perturbation of
     the inputs along a random sign pattern (central difference at step h), and
@@ -529,6 +561,12 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     # key j feeds every query i >= j: its dk, dv rows carry any beyond query at or after j
     beyond_k = beyond_q.flip(-1).to(torch.int8).cummax(-1).values.flip(-1).bool()
     norm_terms = _normalisation_terms(problem, d, cot, u_c, floor, exclude=beyond_q)
+    # the forward solve's residual, in the typical (isotropic) direction: the RMS of
+    # <J_i, r_i> over directions of r_i is ||J_i|| ||r_i|| / sqrt(D) (error-model.md §6)
+    rho_resid = None
+    if got.get("dlambda") is not None:
+        rho_resid = (torch.nan_to_num(rho_residual_dlambda(problem, cot), nan=0.0, posinf=0.0)
+                     * torch.nan_to_num(solve_residual(d, impl), nan=0.0, posinf=0.0) / math.sqrt(D))
     lines, worst = [], (0.0, None, None)
     per_query, nonfinite, n_unmeasured, n_overflow, scaled = {}, 0, 0, 0, []
     not_checked = [n for n in GRAD_NAMES if n not in impl.grads]
@@ -563,6 +601,8 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
                                      + (u_c * math.sqrt(D) + impl.solver_tol) * sens_solve)
         scale_max = ref_n.masked_fill(~judged, 0.0).amax(-1, keepdim=True)
         model = conditioned + THRESH_GRAD * (u_out * ref_n + u_c * root_n * (scale_max + floor[name]) + nterm)
+        if name == "dlambda" and rho_resid is not None:
+            model = model + THRESH_GRAD * rho_resid
         allowed = model
         if dense_g is not None and dense_g.get(name) is not None:
             dense_err = _row_norm(dense_g[name].to(torch.float64) - g_ref, name)

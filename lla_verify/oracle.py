@@ -118,12 +118,15 @@ def _sym_probe(shape, seed: int, i0: int, device) -> torch.Tensor:
     return (e / torch.linalg.eigvalsh(e).abs().amax(-1)[..., None, None]).to(device)
 
 
-def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sigma_probe=None):
+def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sigma_probe=None, mu_shift=None):
     """The rho/Schur oracle on flattened (N, S, D) float64 inputs.
 
     sigma_probe = (h, seed) adds h ||Sigma_i||_2 E_i to every Sigma_i, E_i random symmetric
     of unit spectral norm (constant: no gradient flows through the perturbation). Budgets
     use it to measure how far rounding inside the solves can move the gradients.
+    mu_shift (N, S, D): rho_i solves Sigma_i rho_i = mu_i + shift_i, i.e. carries the solve
+    residual -shift_i, and every later step uses that rho_i, as a kernel uses its inexact
+    one; differentiable in the shift (budget.rho_residual_dlambda).
     """
     N, S, D = q.shape
     Dv = v.shape[-1]
@@ -163,13 +166,14 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
             # Keep the graph finite: solve an identity system there, NaN the output below.
             sig = torch.where(undefined[..., None, None], eye.expand_as(sig), sig)
 
+        rhs = mu if mu_shift is None else mu + mu_shift[:, i0:i1]
         L, info = torch.linalg.cholesky_ex(sig)
-        rho = torch.cholesky_solve(mu[..., None], L)[..., 0]
+        rho = torch.cholesky_solve(rhs[..., None], L)[..., 0]
         bad = info != 0
         if bool(bad.any()):
             # Sigma_i is SPD in exact arithmetic when lambda_i > 0, but kappa beyond
             # 1/u64 can fail Cholesky; LU still returns the float64 answer there.
-            rho_lu = torch.linalg.solve_ex(sig, mu[..., None])[0][..., 0]
+            rho_lu = torch.linalg.solve_ex(sig, rhs[..., None])[0][..., 0]
             rho = torch.where(bad[..., None], rho_lu, rho)
 
         f = 1.0 - (z @ rho[..., None])[..., 0]  # (N, C, J): 1 - <z_ij, rho_i>
@@ -223,12 +227,13 @@ def lla_forward(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, chunk_by
     return _output_only(q, k, v, ridge_lambda, qk_scale, delta_eps, chunk_bytes, None)
 
 
-def _output_only(q, k, v, ridge_lambda, qk_scale, delta_eps, chunk_bytes, sigma_probe):
+def _output_only(q, k, v, ridge_lambda, qk_scale, delta_eps, chunk_bytes, sigma_probe, mu_shift=None):
     q64, k64, v64, lam, scale, eps = _prepare(q, k, v, ridge_lambda, qk_scale, delta_eps)
     lead = q.shape[:-2]
     o, _ = _core(
         _flat(q64, 2), _flat(k64, 2), _flat(v64, 2), lam.reshape(-1, q.shape[-2]), scale, eps,
         want_details=False, chunk_bytes=chunk_bytes, sigma_probe=sigma_probe,
+        mu_shift=None if mu_shift is None else _flat(mu_shift, 2),
     )
     return o.reshape(*lead, q.shape[-2], v.shape[-1])
 
@@ -241,6 +246,17 @@ def lla_forward_sigma_probe(q, k, v, *, ridge_lambda, h: float, seed: int, qk_sc
     like ``lla_forward``.
     """
     return _output_only(q, k, v, ridge_lambda, qk_scale, 0.0, chunk_bytes, (float(h), int(seed)))
+
+
+def lla_forward_mu_shift(q, k, v, *, ridge_lambda, shift, qk_scale=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """``lla_forward`` with each rho_i solving Sigma_i rho_i = mu_i + shift_i (shift: (..., S, D)).
+
+    Not an LLA variant: a probe for error budgets. A solve that stops with residual
+    r_i = mu_i - Sigma_i rho_i returns the rho_i of shift -r_i, and a backward that uses it
+    (kernels do) computes this function's gradient; differentiating that gradient in the
+    shift gives the gradient's response to the solve's residual (budget.rho_residual_dlambda).
+    """
+    return _output_only(q, k, v, ridge_lambda, qk_scale, 0.0, chunk_bytes, None, shift)
 
 
 def lla_forward_details(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, chunk_bytes=DEFAULT_CHUNK_BYTES):

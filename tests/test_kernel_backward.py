@@ -371,6 +371,62 @@ def test_first_token_gradients_are_exactly_zero(dtype, lam):
     assert torch.count_nonzero(dlam[:, 0]) == 0, f"dlambda_0 = {dlam[:, 0].abs().amax().item():.3e}, expected 0"
 
 
+# families whose first token the GPU property suite caught (dk_0 = 6.7e-5 where float64
+# says 0, clusters at lambda 1e-5; ratio 20 at lambda 1.4e-7), and a common offset, where
+# an unanchored <g_0, v_0> - <g_0, o_0> would cancel most
+FIRST_TOKEN_CASES = [
+    "clusters:clusters=2,lam=1e-05,spread=0.001",
+    "clusters:clusters=1,lam=1.3758e-07,spread=0.000788859",
+    "gaussian:lam=0.01,scale_mult=1",
+    "offset:lam=0.1,offset=1000,scale_mult=1",
+    "spectrum:kappa=10000,rotate=1,lam_rel=0.001,scale_mult=1",
+]
+
+
+def _case_grads(spec, g=None):
+    from lla_verify.budget import cotangent_for
+    from lla_verify.cases import parse_case
+
+    p = parse_case(spec).build(DEVICE)
+    g = cotangent_for(p).to(p.q.dtype) if g is None else g
+    xs = [t.detach().clone().requires_grad_() for t in (p.q, p.k, p.v)]
+    lam = p.lam_tensor.to(DEVICE).float().requires_grad_()
+    o = lla_triton.lla_attention(*xs, ridge_lambda=lam, cg_tol=CG_TOL)
+    return dict(zip(("dq", "dk", "dv", "dlambda"), torch.autograd.grad(o, xs + [lam], g))), g
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("family", FIRST_TOKEN_CASES, ids=lambda s: s.replace(":", "-"))
+def test_first_token_alone_gives_exact_zeros(family, dtype):
+    # S = 1: o_0 = v_0 whatever q_0, k_0, lambda_0 > 0, so dq_0, dk_0 and dlambda_0 are 0
+    # exactly (docs/math.md, the gradient's identity 7). Kernel B must form c_00 from
+    # values anchored like kernel A's (v_0 - v_ref = 0), or dk_0 is rounding noise over
+    # den_0 ~ lambda_0 (docs/kernels-backward.md, "Values anchored").
+    grads, _ = _case_grads(f"{family}:B=1,H=2,S=1,D=16,dtype={dtype},seed=3")
+    for name in ("dq", "dk", "dlambda"):
+        t = grads[name]
+        assert torch.equal(t, torch.zeros_like(t)), f"{name} at the only token: {t.abs().max().item():.3e}, expected 0"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", FIRST_TOKEN_CASES, ids=lambda s: s.replace(":", "-"))
+def test_first_token_contributes_nothing_to_dq_dk_dlambda(family, dtype):
+    # S = 20 (two interpreter tiles): row 0 adds exactly nothing to dq, dk and dlambda
+    # (identity 7: c_00 = 0, so u_0 = 0, e_00 = 0 and dA_00 = 0), so the gradients with
+    # the cotangent's row 0 zeroed are bitwise those with it; dq_0 = dlambda_0 = 0. dv_0
+    # takes s_00 g_0 = g_0 from row 0, which is not bitwise (s_00 = w f / den is rounded).
+    spec = f"{family}:B=1,H=2,S=20,D=16,dtype={dtype},seed=5"
+    full, g = _case_grads(spec)
+    g0 = g.clone()
+    g0[..., 0, :] = 0
+    cut, _ = _case_grads(spec, g0)
+    for name in ("dq", "dk", "dlambda"):
+        assert torch.equal(full[name], cut[name]), (
+            f"{name}: row 0's cotangent moved it by {(full[name] - cut[name]).abs().max().item():.3e}")
+    assert torch.count_nonzero(full["dq"][..., 0, :]) == 0
+    assert torch.count_nonzero(full["dlambda"][..., 0]) == 0
+
+
 def test_fallback_rows_get_the_softmax_gradient():
     """lambda = 0 with S <= D: every den is rounding noise, every row falls back to the
     softmax average (test_kernel_forward), and the backward must differentiate what was

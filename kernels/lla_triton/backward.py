@@ -282,13 +282,11 @@ def _a_solve_rows(q_dot, g_dot, qf, gf, c, vref, todo, fb, rho, lam, K, V, base,
     # -sum_j dZ_ij = rho_i E_i + u_i sum_j w_ij f_ij; the last sum is den
     dq = scale * dqa + esum[:, None] * rho + den[:, None] * u
     rel = tl.where(b2 > 0.0, tl.sqrt(rr / tl.where(b2 > 0.0, b2, 1.0)), 0.0)
-    # kernel B forms <g_i, v_j> - <g_i, o_i> unanchored: hand it <g_i, o_i> whole
-    go_full = go + tl.sum(gf * vref[None, :], 1)
-    return u, dq, omega * ur, m_i, den_used, go_full, beta, iters, rel, far
+    return u, dq, omega * ur, m_i, den_used, go, beta, iters, rel, far
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
-def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, FB, U, DQ, DLAM, M_OUT, DEN_OUT, GO_OUT, BETA_OUT,
+def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, FB, U, DQ, DLAM, M_OUT, DEN_OUT, GO_OUT, VA_OUT, BETA_OUT,
                           ITERS_OUT, RES_OUT, TILE_IDS, ANCHORS, TODO, FAR_OUT,
                           S, scale, cg_tol, cg_max_iters,
                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -350,7 +348,9 @@ def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, FB, U, DQ, DLAM, M_OUT, DEN_OUT,
     tl.store(DLAM + row_ptrs, dlam, mask=take)
     tl.store(M_OUT + row_ptrs, m_i, mask=take)
     tl.store(DEN_OUT + row_ptrs, den, mask=take)
+    # go = <g_i, o_i - v_a> around this anchor: kernel B re-anchors it to its own
     tl.store(GO_OUT + row_ptrs, go, mask=take)
+    tl.store(VA_OUT + row_ptrs, a_row.to(tl.int32) + tl.zeros([BLOCK_M], dtype=tl.int32), mask=take)
     tl.store(BETA_OUT + row_ptrs, beta, mask=take)
     tl.store(ITERS_OUT + row_ptrs, iters, mask=take)
     tl.store(RES_OUT + row_ptrs, rel, mask=take)
@@ -359,7 +359,7 @@ def _lla_bwd_query_kernel(Q, K, V, G, RHO, LAM, FB, U, DQ, DLAM, M_OUT, DEN_OUT,
 
 # ----------------------------------------------------------------------------- kernel B
 @triton.jit
-def _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, base, row_base,
+def _b_tile(k_dot, vp, vref, kp, c, V, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, VA_IN, BETA_IN, base, row_base,
             start_m, S, scale, offs_n, dv, dka, cs, sw, swq, swqq,
             D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
             PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
@@ -374,6 +374,9 @@ def _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, bas
     den = tl.load(DEN_IN + row_base + offs_m, mask=row_ok, other=1.0)
     go = tl.load(GO_IN + row_base + offs_m, mask=row_ok, other=0.0)
     beta = tl.load(BETA_IN + row_base + offs_m, mask=row_ok, other=0.0)
+    # kernel A's value anchor of each query row (its tile's, or its round's)
+    va_row = tl.load(VA_IN + row_base + offs_m, mask=row_ok, other=0)
+    va = tl.load(V + base + va_row[:, None] * D + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0)
     qf = q.to(tl.float32)
     gf = g.to(tl.float32)
     qp = qf - c[None, :]
@@ -384,6 +387,9 @@ def _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, bas
         q_dot = q
         g_dot = g
     inv_den = 1.0 / den
+    # <g_i, o_i - v_ref> for this program's anchor v_ref: kernel A's <g_i, o_i - v_a> plus
+    # <g_i, v_a - v_ref>, both exactly 0 at the first token (v_a = v_ref = v_0, o_0 = v_0)
+    go = go + tl.sum(gf * (va.to(tl.float32) - vref[None, :]), 1)
     qr = tl.sum(qp * rho, 1)
     uq = tl.sum(qp * u, 1)
     # transposed tiles: rows are keys j, columns queries i
@@ -393,7 +399,14 @@ def _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, bas
         a = tl.where(keep, a, float("-inf"))
     w = tl.exp(a - m_i[None, :])
     f = (1.0 + qr[None, :]) - tl.dot(kp, tl.trans(rho), input_precision=PREC)
-    cc = (tl.dot(v_dot, tl.trans(g_dot), input_precision=SPREC) - go[None, :]) * inv_den[None, :]
+    # c_ij = <g_i, (v_j - v_ref) - (o_i - v_ref)> / den_i, anchored as in kernel A: 0 exactly
+    # where o_i = v_j = v_ref (the first token), and otherwise rounding relative to the
+    # values' spread around the anchor, not to |v|
+    if SPLIT:
+        gv = _dot3(vp, tl.trans(g_dot), UPCAST)
+    else:
+        gv = tl.dot(vp, tl.trans(gf), input_precision=PREC)
+    cc = (gv - go[None, :]) * inv_den[None, :]
     e = cc - (tl.dot(kp, tl.trans(u), input_precision=PREC) - uq[None, :])
     wf = w * f
     if SPLIT:
@@ -415,11 +428,12 @@ def _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, bas
 
 
 @triton.jit
-def _b_sweep(k_dot, v_dot, kf, c, todo, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, base, row_base, S, scale,
-             pid_n, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+def _b_sweep(k_dot, vf, kf, c, vref, todo, V, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, VA_IN, BETA_IN, base, row_base,
+             S, scale, pid_n, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
              PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
     """dk, dv for the key tile around anchor c, and the keys of ``todo`` too far from it."""
     kp = kf - c[None, :]
+    vp = vf - vref[None, :]
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dka = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     cs = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -432,12 +446,12 @@ def _b_sweep(k_dot, v_dot, kf, c, todo, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_
     full = tl.cdiv((pid_n + 1) * BLOCK_N - 1, BLOCK_M) * BLOCK_M
     full = tl.minimum(full, tl.cdiv(S, BLOCK_M) * BLOCK_M)
     for start_m in range(first, full, BLOCK_M):
-        dv, dka, cs, sw, swq, swqq = _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN,
-                                             base, row_base, start_m, S, scale, offs_n_of(pid_n, BLOCK_N),
+        dv, dka, cs, sw, swq, swqq = _b_tile(k_dot, vp, vref, kp, c, V, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, VA_IN,
+                                             BETA_IN, base, row_base, start_m, S, scale, offs_n_of(pid_n, BLOCK_N),
                                              dv, dka, cs, sw, swq, swqq, D, BLOCK_M, UPCAST, True, PREC, SPREC, SPLIT)
     for start_m in range(full, S, BLOCK_M):
-        dv, dka, cs, sw, swq, swqq = _b_tile(k_dot, v_dot, kp, c, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN,
-                                             base, row_base, start_m, S, scale, offs_n_of(pid_n, BLOCK_N),
+        dv, dka, cs, sw, swq, swqq = _b_tile(k_dot, vp, vref, kp, c, V, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, VA_IN,
+                                             BETA_IN, base, row_base, start_m, S, scale, offs_n_of(pid_n, BLOCK_N),
                                              dv, dka, cs, sw, swq, swqq, D, BLOCK_M, UPCAST, False, PREC, SPREC, SPLIT)
     # s sum_i dA_ij q_i with q_i = q'_i + c: the anchor's share is a rank-one term
     dk = dka + (scale * cs)[:, None] * c[None, :]
@@ -451,7 +465,7 @@ def offs_n_of(pid_n, BLOCK_N: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=("S",))
-def _lla_bwd_key_kernel(Q, K, V, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, DK, DV,
+def _lla_bwd_key_kernel(Q, K, V, G, RHO, U, M_IN, DEN_IN, GO_IN, VA_IN, BETA_IN, DK, DV,
                         TILE_IDS, ANCHORS, TODO, FAR_OUT, S, scale,
                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         UPCAST: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr,
@@ -475,10 +489,8 @@ def _lla_bwd_key_kernel(Q, K, V, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, DK, DV
     kf = k.to(tl.float32)
     if UPCAST:
         k_dot = kf
-        v_dot = v.to(tl.float32)
     else:
         k_dot = k
-        v_dot = v
     # anchors as in kernel A, on the key side: the tile's first key, then (later
     # launches) the first key whose queries sit too far from it
     if FIRST:
@@ -488,8 +500,10 @@ def _lla_bwd_key_kernel(Q, K, V, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, DK, DV
         a_row = tl.load(ANCHORS + tl.program_id(0))
         todo = col_ok & (tl.load(TODO + row_base + offs_n, mask=col_ok, other=0) != 0)
     c = tl.load(K + base + a_row * D + offs_d).to(tl.float32)
-    dk, dv, far = _b_sweep(k_dot, v_dot, kf, c, todo, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, BETA_IN, base,
-                           row_base, S, scale, pid_n, D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC, SPLIT)
+    # the values anchored at the same row, for c_ij (as kernel A anchors its query rows')
+    vref = tl.load(V + base + a_row * D + offs_d).to(tl.float32)
+    dk, dv, far = _b_sweep(k_dot, v.to(tl.float32), kf, c, vref, todo, V, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, VA_IN,
+                           BETA_IN, base, row_base, S, scale, pid_n, D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC, SPLIT)
     take = todo & (~far)
     tile_ptrs = base + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + tile_ptrs, dk.to(DK.dtype.element_ty), mask=take[:, None])
@@ -575,6 +589,7 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg
     m = torch.empty_like(dlam)
     den = torch.empty_like(dlam)
     go = torch.empty_like(dlam)
+    va = torch.zeros(N, S, device=dev, dtype=torch.int32)
     beta = torch.empty_like(dlam)
     iters = torch.empty(N, S, device=dev, dtype=torch.int32)
     res = torch.empty_like(dlam)
@@ -592,7 +607,7 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg
         am, an, aw, ast = cfg
         grid = (triton.cdiv(S, am), N) if first else (tile_ids.numel(), 1)
         _lla_bwd_query_kernel[grid](
-            q, k, v, grad_out, rho, lam, fallback, u, dq, dlam, m, den, go, beta, iters, res,
+            q, k, v, grad_out, rho, lam, fallback, u, dq, dlam, m, den, go, va, beta, iters, res,
             tile_ids, anchors, todo, far,
             S, float(scale), float(cg_tol), int(cg_max_iters),
             D=D, BLOCK_M=am, BLOCK_N=an, UPCAST=upcast, JACOBI=(preconditioner == "jacobi"),
@@ -604,7 +619,7 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg
         bm, bn, bw, bst = cfg
         grid = (triton.cdiv(S, bn), N) if first else (tile_ids.numel(), 1)
         _lla_bwd_key_kernel[grid](
-            q, k, v, grad_out, rho, u, m, den, go, beta, dk, dv, tile_ids, anchors, todo, far, S, float(scale),
+            q, k, v, grad_out, rho, u, m, den, go, va, beta, dk, dv, tile_ids, anchors, todo, far, S, float(scale),
             D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, PREC=precision, SPREC=sprec, SPLIT=split, FIRST=first,
             num_warps=bw, num_stages=bst,
         )
