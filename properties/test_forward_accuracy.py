@@ -45,8 +45,8 @@ def test_forward_within_budget(impl, device, family):
 
 @pytest.mark.parametrize("case", PINNED, ids=lambda c: c.spec())
 def test_forward_pinned_regressions(impl, device, case):
-    if torch.device(device).type == "cpu" and impl.head_dims is None:
-        case = Case(case.family, case.params, case.B, case.H, case.S, 8, case.dtype, case.seed)
+    """Each pinned case at its own shape: a D the implementation does not support is
+    skipped with the record's reason, never changed."""
     problem = case.build(device)
     suite.skip_unless(impl, "forward", problem)
     o, stats = suite.run(impl, problem, stats=True)

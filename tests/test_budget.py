@@ -41,6 +41,7 @@ def test_same_precision_reference_is_within_the_model_budget(family, dtype):
     ("dropped_partial_tile", Case("gaussian", {}, S=21, D=8, seed=1)),
     ("rho_rounded_to_bf16", Case("gaussian", {"lam": 0.1}, S=21, D=8, seed=1)),
     ("cg_two_short", Case("spectrum", {"kappa": 1e3}, S=21, D=8, seed=1)),
+    ("head_dim_block_8", Case("gaussian", {}, S=21, D=16, seed=1)),
 ])
 def test_planted_bugs_fail_with_cause_implementation(name, case):
     impl = _mutant(mutants.MUTANTS[name])
