@@ -47,6 +47,7 @@ class Family:
     params: tuple[Param, ...]
     build: Callable  # (params: dict, shape: (B, H, S, D), gen) -> (q, k, v, lam, scale) in float64
     min_seq: int = 1  # smallest S that makes sense for the family
+    per_query_lambda: bool = False  # its lambda varies per query (an implementation needs per_query_lambda)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -332,6 +333,7 @@ _register(Family(
 _register(Family(
     "lambda_decades", "per-query lambda log-uniform over several decades",
     (Param("lam_lo", 1e-4, 1.0, 0.1), Param("decades", 0.0, 6.0, 1.0, log=False)), _lambda_decades,
+    per_query_lambda=True,
 ))
 _register(Family(
     "spectrum", "prescribed spread of Sigma_i's spectrum: kappa(Sigma_i) tracks the kappa parameter (1 to 1e8)",

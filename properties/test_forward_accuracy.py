@@ -30,11 +30,12 @@ if _STORED.exists():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_forward_within_budget(impl, device, family):
+    suite.require(impl, "forward")
     @settings(max_examples=suite.examples(0.4))
     @given(case=suite.case_strategy(impl, device, families=(family,)))
     def prop(case):
         problem = case.build(device)
-        suite.skip_unless(impl, "forward", problem)
+        suite.assume_supported(impl, problem)
         o, stats = suite.run(impl, problem, stats=True)
         verdict = check_forward(problem, impl, o, stats=stats)
         target(min(verdict.ratio, 1e6), label=f"forward ratio {family}")
@@ -55,6 +56,7 @@ def test_forward_pinned_regressions(impl, device, case):
 
 def test_no_nonfinite_output_when_lambda_positive(impl, device):
     """Any finite input with lambda > 0 gives a finite output (every family, extreme params)."""
+    suite.require(impl, "forward")
 
     @settings(max_examples=suite.examples(1.0))
     @given(case=suite.case_strategy(impl, device), lam=st.floats(1e-12, 1e3))
@@ -65,7 +67,7 @@ def test_no_nonfinite_output_when_lambda_positive(impl, device):
             params["lam"] = lam
         case = Case(case.family, params, case.B, case.H, case.S, case.D, case.dtype, case.seed)
         problem = case.build(device)
-        suite.skip_unless(impl, "forward", problem)
+        suite.assume_supported(impl, problem)
         lam_t = problem.lam_tensor
         if not bool((lam_t > 0).all()):
             return  # the family's own lambda can be 0 only through overrides; nothing to check

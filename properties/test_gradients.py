@@ -23,8 +23,10 @@ GRAD_FAMILIES = [f for f in FAMILIES if f != "linear_values"] + ["linear_values"
 
 
 def _needs_grad(impl):
+    """Outside @given: the whole property is skipped, with the record's reason."""
+    suite.require(impl, "grad")
     if not impl.supports_grad:
-        pytest.skip(impl.skip_reason("grad") or f"{impl.name} provides no gradients")
+        pytest.skip(f"{impl.name} provides no gradients")
 
 
 @pytest.mark.parametrize("family", GRAD_FAMILIES)
@@ -35,7 +37,7 @@ def test_gradients_within_budget(impl, device, family):
     @given(case=suite.case_strategy(impl, device, families=(family,), seq=(1, 24)))
     def prop(case):
         problem = case.build(device)
-        suite.skip_unless(impl, "grad", problem)
+        suite.assume_supported(impl, problem)
         verdict = check_backward(problem, impl)
         if verdict.cause == "skipped":
             pytest.skip(verdict.message)
@@ -67,7 +69,7 @@ def test_dv_sums_to_total_cotangent(impl, device):
     @given(case=suite.case_strategy(impl, device, families=("gaussian", "spectrum", "offset"), seq=(1, 24)))
     def prop(case):
         p = case.build(device)
-        suite.skip_unless(impl, "grad", p)
+        suite.assume_supported(impl, p)
         g = torch.ones(p.v.shape, dtype=torch.float64, device=device)
         grads = impl_grads(impl, p, g)
         total = grads["dv"].double().sum(-2)
@@ -105,7 +107,7 @@ def test_value_shift_leaves_dq_dk_unchanged(impl, device):
                                     dtypes=("float32",)))
     def prop(case):
         p = case.build(device)
-        suite.skip_unless(impl, "grad", p)
+        suite.assume_supported(impl, p)
         shift = torch.linspace(-3, 3, p.v.shape[-1], dtype=p.v.dtype, device=device)
         p2 = Problem(case, p.q, p.k, (p.v + shift), p.ridge_lambda, p.qk_scale)
         from lla_verify.budget import cotangent_for

@@ -25,6 +25,7 @@ def _gauss(case: Case, device, lam, scale=None):
 
 def test_large_lambda_is_softmax_with_rate(impl, device):
     """lambda -> infinity: o -> softmax attention, the distance shrinking like 1/lambda."""
+    suite.require(impl, "limits")
 
     @settings(max_examples=suite.examples(0.3))
     @given(case=suite.case_strategy(impl, device, families=("gaussian",), seq=(2, 40)))
@@ -32,7 +33,7 @@ def test_large_lambda_is_softmax_with_rate(impl, device):
         dists = []
         for lam in (1e2, 1e3, 1e4):
             p = _gauss(case, device, lam)
-            suite.skip_unless(impl, "limits", p)
+            suite.assume_supported(impl, p)
             o = suite.run(impl, p).double()
             sm = softmax_attention(p.q, p.k, p.v, qk_scale=p.qk_scale)
             fb = forward_budget(p, impl, dense=False)
@@ -53,13 +54,14 @@ def test_large_lambda_is_softmax_with_rate(impl, device):
 
 def test_small_scale_is_mesanet(impl, device):
     """scale -> 0: o -> the augmented MesaNet form (ridge lambda (i+1) on the key block)."""
+    suite.require(impl, "limits")
 
     @settings(max_examples=suite.examples(0.3))
     @given(case=suite.case_strategy(impl, device, families=("gaussian",), seq=(2, 40)),
            lam=st.sampled_from([0.1, 1.0, 10.0]))
     def prop(case, lam):
         p = _gauss(case, device, lam, scale=1e-6)
-        suite.skip_unless(impl, "limits", p)
+        suite.assume_supported(impl, p)
         o = suite.run(impl, p).double()
         mesa = mesanet_attention(p.q, p.k, p.v, ridge_lambda=lam)
         fb = forward_budget(p, impl, dense=False)
@@ -74,12 +76,13 @@ def test_small_scale_is_mesanet(impl, device):
 
 def test_large_scale_is_hard_attention(impl, device):
     """scale -> infinity with a unique argmax key: o_i -> v_{j*}."""
+    suite.require(impl, "limits")
 
     @settings(max_examples=suite.examples(0.3))
     @given(case=suite.case_strategy(impl, device, families=("gaussian",), seq=(2, 40)))
     def prop(case):
         p = _gauss(case, device, 1.0, scale=1.0)
-        suite.skip_unless(impl, "limits", p)
+        suite.assume_supported(impl, p)
         a = p.q.double() @ p.k.double().transpose(-1, -2)
         S = a.shape[-1]
         a = a.masked_fill(~torch.ones(S, S, dtype=torch.bool, device=device).tril(), -math.inf)
