@@ -81,6 +81,26 @@ def _cg(A, b, iters):
     return x
 
 
+class _ScaleLastKeyGrad(torch.autograd.Function):
+    """Identity on k; its backward scales the last key's gradient."""
+
+    @staticmethod
+    def forward(ctx, k):
+        return k.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g[..., -1, :] *= 1.05
+        return g
+
+
+def dk_last_key_scaled(q, k, v, *, ridge_lambda, qk_scale=None):
+    """dk of the sequence's last key 5% too large (the forward is right): a key fed by the
+    last query alone, so its conditioning is that query's, whatever earlier ones are."""
+    return _dense(q, _ScaleLastKeyGrad.apply(k), v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+
+
 def _make(bug: str, doc: str, **kw):
     def fn(q, k, v, *, ridge_lambda, qk_scale=None):
         return _dense(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale, bug=bug, **kw)
@@ -115,4 +135,5 @@ MUTANTS = {
     "rho_rounded_to_bf16": rho_rounded_to_bf16,
     "cg_two_short": cg_two_short,
     "head_dim_block_8": head_dim_block_8,
+    "dk_last_key_scaled": dk_last_key_scaled,
 }
