@@ -49,7 +49,7 @@ def test_gradients_within_budget(impl, device, family):
             # closing line, and the audit still reports it as a failing cell
             event("backward over budget where kappa u_c >= 0.1 (conditioning): not held against the kernel")
         # passes, or conditioning explains each row over budget (checked afresh per row)
-        assert_backward_within_budget(verdict, problem, impl)
+        assert_backward_within_budget(verdict, impl)
 
     prop()
 
@@ -121,7 +121,7 @@ def test_value_shift_leaves_dq_dk_unchanged(impl, device):
         # the float64 dq, dk, dlambda of the two problems are equal (math.md): each
         # implementation gradient within its budget of them (or over it only on rows
         # conditioning explains) is the identity, checked
-        assert_backward_within_budget(v1, p, impl)
-        assert_backward_within_budget(v2, p2, impl)
+        assert_backward_within_budget(v1, impl)
+        assert_backward_within_budget(v2, impl)
 
     prop()
