@@ -52,6 +52,11 @@ class Family:
     params: tuple[Param, ...]
     build: Callable  # (params: dict, shape: (B, H, S, D), gen) -> (q, k, v, lam, scale) in float64
     min_seq: int = 1  # smallest S that makes sense for the family
+    per_query_lambda: bool = False  # its lambda varies per query (an implementation needs per_query_lambda)
+    # The parameter that sets the ridge: 'lam' is lambda itself; spectrum's 'lam_rel' is
+    # lambda kappa (lambda relative to the spectrum's smallest spread); lambda_decades'
+    # 'lam_lo' is the smallest of its per-query lambdas.
+    ridge: str = "lam"
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -338,11 +343,12 @@ _register(Family(
 _register(Family(
     "lambda_decades", "per-query lambda log-uniform over several decades",
     (Param("lam_lo", 1e-4, 1.0, 0.1), Param("decades", 0.0, 6.0, 1.0, log=False)), _lambda_decades,
+    per_query_lambda=True, ridge="lam_lo",
 ))
 _register(Family(
     "spectrum", "prescribed spread of Sigma_i's spectrum: kappa(Sigma_i) tracks the kappa parameter (1 to 1e8)",
     (Param("kappa", 1.0, 1e8, 2.0), Param("rotate", 0, 1, 1, log=False, integer=True),
-     Param("lam_rel", 1e-3, 10.0, 1.0), Param("scale_mult", 0.25, 4.0, 1.0)), _spectrum,
+     Param("lam_rel", 1e-3, 10.0, 1.0), Param("scale_mult", 0.25, 4.0, 1.0)), _spectrum, ridge="lam_rel",
 ))
 
 

@@ -27,6 +27,10 @@ def _dense(q, k, v, *, ridge_lambda, qk_scale=None, bug: str = "", cg_iters: int
         lam = lam[..., :1].expand_as(lam)  # one lambda per head: the first query's
     qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
     S, D = q.shape[-2], q.shape[-1]
+    if bug == "head_dim_block_8":
+        # a head-dim loop that covers one block of 8 channels: q and k beyond it unseen
+        qc, kc = qc.clone(), kc.clone()
+        qc[..., 8:], kc[..., 8:] = 0.0, 0.0
     a = scale * (qc @ kc.transpose(-1, -2))
     diag = 1 if bug == "off_by_one_mask" else 0
     mask = torch.ones(S, S, dtype=torch.bool, device=q.device).tril(diag)
@@ -77,6 +81,26 @@ def _cg(A, b, iters):
     return x
 
 
+class _ScaleLastKeyGrad(torch.autograd.Function):
+    """Identity on k; its backward scales the last key's gradient."""
+
+    @staticmethod
+    def forward(ctx, k):
+        return k.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g[..., -1, :] *= 1.05
+        return g
+
+
+def dk_last_key_scaled(q, k, v, *, ridge_lambda, qk_scale=None):
+    """dk of the sequence's last key 5% too large (the forward is right): a key fed by the
+    last query alone, so its conditioning is that query's, whatever earlier ones are."""
+    return _dense(q, _ScaleLastKeyGrad.apply(k), v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+
+
 def _make(bug: str, doc: str, **kw):
     def fn(q, k, v, *, ridge_lambda, qk_scale=None):
         return _dense(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale, bug=bug, **kw)
@@ -93,6 +117,7 @@ bias_01pct = _make("bias_0.1pct", "output scaled by 1.001")
 per_query_lambda_ignored = _make("per_query_lambda_ignored", "the first query's lambda used for every query")
 no_max_subtraction = _make("no_max_subtraction", "w = exp(a) without subtracting the row max")
 rho_rounded_to_bf16 = _make("rho_rounded_to_bf16", "rho rounded to bf16 before the output pass")
+head_dim_block_8 = _make("head_dim_block_8", "q and k channels beyond the first 8 ignored (correct at D <= 8)")
 
 
 def cg_two_short(q, k, v, *, ridge_lambda, qk_scale=None):
@@ -109,4 +134,6 @@ MUTANTS = {
     "no_max_subtraction": no_max_subtraction,
     "rho_rounded_to_bf16": rho_rounded_to_bf16,
     "cg_two_short": cg_two_short,
+    "head_dim_block_8": head_dim_block_8,
+    "dk_last_key_scaled": dk_last_key_scaled,
 }

@@ -38,13 +38,34 @@ def param_value(draw, p) -> float:
     return p.clip(draw(st.floats(p.lo, p.hi, allow_nan=False)))
 
 
+def ridge_value(draw, p) -> float:
+    """Draw the ridge parameter over its whole range, never its easy value: log-uniform,
+    its two ends drawn as such too (and shrinking towards the low end)."""
+    end = draw(st.sampled_from(("lo", "hi", "inside")))
+    if end != "inside":
+        return p.lo if end == "lo" else p.hi
+    if p.log:
+        return p.clip(10.0 ** draw(st.floats(math.log10(p.lo), math.log10(p.hi), allow_nan=False)))
+    return p.clip(draw(st.floats(p.lo, p.hi, allow_nan=False)))
+
+
 @st.composite
 def cases(draw, families=None, *, dtypes=("float32", "bfloat16"), seq=(1, 48), head_dims=(4, 8, 16),
-          batch=(1, 2), heads=(1, 2), overrides: dict | None = None) -> Case:
+          batch=(1, 2), heads=(1, 2), overrides: dict | None = None, full_ridge: bool = False) -> Case:
     """A Case from one of ``families`` (default: all, SPEC 7).
 
     seq: (min, max) for S (the family's min_seq is respected); head_dims: allowed D,
     smallest first; overrides: fixed parameter values (e.g. {"lam": 0.0}).
+
+    full_ridge: the family's ridge parameter (Family.ridge) is drawn over its whole range,
+    ends included, instead of behind a booleans() that shrinks it to its easy value. It is
+    the family's own parameter, with the family's meaning, never an absolute lambda laid
+    over it: 'lam' for most families; for 'spectrum', lam_rel = lambda kappa, since the
+    family places lambda relative to the smallest spread of the keys (an absolute lambda
+    far above it hides the spectrum the family is for; far below it, it changes only the
+    early rank-deficient rows, the 'early' family's subject); for 'lambda_decades',
+    lam_lo, the smallest per-query lambda (the others span 'decades' above it: one lambda
+    for all queries would undo the family).
     """
     names = tuple(families) if families else FAMILY_ORDER
     for n in names:
@@ -53,7 +74,8 @@ def cases(draw, families=None, *, dtypes=("float32", "bfloat16"), seq=(1, 48), h
         raise LLAInputError("head_dims: expected at least one head dimension")
     name = draw(st.sampled_from(names))
     fam: Family = FAMILIES[name]
-    params = {p.name: param_value(draw, p) for p in fam.params}
+    params = {p.name: (ridge_value(draw, p) if full_ridge and p.name == fam.ridge else param_value(draw, p))
+              for p in fam.params}
     if overrides:
         params.update(overrides)
     lo, hi = max(seq[0], fam.min_seq), max(seq[1], fam.min_seq)

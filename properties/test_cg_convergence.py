@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from lla_verify.cases import Case, Problem
 from lla_verify.cg import (
-    EXTRA_ITERS, finite_precision_limit, kappas, problem_sigma_mu, residual_rounding, run_kernel,
+    finite_precision_limit, kappas, problem_sigma_mu, reference_cg, residual_rounding, run_kernel,
     triton_unavailable, true_residual,
 )
 
@@ -253,9 +253,54 @@ def test_singular_sigma_ends_cleanly(kernel, prec):
     prop()
 
 
-def test_slack_constants_are_the_documented_ones():
-    """docs/cg.md states the slack; a change here must change the docs."""
-    from lla_verify import cg
+def _steepest_descent_iters(sig, mu, tol: float, steps: int) -> torch.Tensor:
+    """Steps float64 steepest descent (CG with its beta lost) takes to relative residual
+    tol, per query; ``steps`` for a query still above tol after that many."""
+    A, b = sig.to(torch.float64), mu.to(torch.float64)
+    x, r = torch.zeros_like(b), b.clone()
+    thresh = tol * b.norm(dim=-1)
+    active = r.norm(dim=-1) > thresh
+    iters = torch.zeros(b.shape[:-1], dtype=torch.int64)
+    for _ in range(steps):
+        if not bool(active.any()):
+            break
+        Ar = (A @ r[..., None])[..., 0]
+        rAr = (r * Ar).sum(-1)
+        alpha = torch.where(active & (rAr > 0), (r * r).sum(-1) / rAr.clamp_min(1e-300), torch.zeros_like(rAr))
+        x, r = x + alpha[..., None] * r, r - alpha[..., None] * Ar
+        iters += active.to(torch.int64)
+        active = active & (r.norm(dim=-1) > thresh)
+    return iters
 
-    assert (cg.KAPPA_FP_FACTOR, cg.EXTRA_ITERS, cg.GREENBAUM_C) == (2.0, 2, 1.0)
-    assert EXTRA_ITERS == 2
+
+def test_slack_admits_float32_cg_and_rejects_a_lost_beta():
+    """The allowed count (cg.finite_precision_limit: its KAPPA_FP_FACTOR, EXTRA_ITERS and
+    GREENBAUM_C) is wide enough for CG carried out in float32 and still too narrow for
+    steepest descent, the iteration a lost beta leaves (docs/cg.md, "The slack"), on
+    every full-rank query (i >= 2 D: an early Sigma_i has few distinct eigenvalues, and
+    mu_i lies in few of its eigenvectors, where even steepest descent ends in a few steps)
+    of spectrum problems (kappa 1e3 to 1e5) with kappa(Sigma_i) >= 100 where a rate is claimed."""
+    cap = 20_000  # far above any limit drawn here: the limit, not the cap, decides
+
+    @settings(max_examples=_examples(0.3))
+    @given(case=spectrum_cases(kappa_lo=1e3, kappa_hi=1e5, keys_per_dim=2))
+    def prop(case):
+        problem, sig, mu, kap, _ = _setup(case, "cpu")
+        D = problem.q.shape[-1]
+        lim = finite_precision_limit(kap, TOL, D, cap)
+        full_rank = torch.arange(problem.q.shape[-2]) >= 2 * D
+        judged = full_rank & (kap >= 1e2) & (lim < cap) & (mu.norm(dim=-1) > 0)
+        assert bool(judged.any()), f"no query with kappa >= 100 under a claimed rate on {case.spec()}"
+        cg32 = reference_cg(sig, mu, tol=TOL, max_iters=cap, dtype=torch.float32, history=False)
+        it = cg32.iters.to(torch.float64)
+        over = judged & (it > lim)
+        assert not bool(over.any()), (
+            f"float32 CG over the allowed count at {int(over.sum())} queries: {it[over].tolist()} > "
+            f"{lim[over].tolist()} (kappa {kap[over].tolist()}) on {case.spec()}")
+        sd = _steepest_descent_iters(sig, mu, TOL, int(lim[judged].max()) + 1).to(torch.float64)
+        caught = judged & (sd > lim)
+        assert bool(caught[judged].all()), (
+            f"steepest descent within the allowed count at {int((judged & ~caught).sum())} queries: "
+            f"{sd[judged & ~caught].tolist()} <= {lim[judged & ~caught].tolist()} on {case.spec()}")
+
+    prop()

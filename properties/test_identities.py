@@ -34,12 +34,13 @@ def _describe_worst(err, allowed, case, what):
 
 def test_partition_of_unity(impl, device):
     """Constant values v_j = c are reproduced: sum_j s_ij = 1 for any lambda and any rho."""
+    suite.require(impl, "partition_of_unity")
 
     @settings(max_examples=suite.examples(0.5))
     @given(case=suite.case_strategy(impl, device), c=st.floats(-10, 10).filter(lambda x: abs(x) > 1e-3))
     def prop(case, c):
         p = case.build(device)
-        suite.skip_unless(impl, "partition_of_unity", p)
+        suite.assume_supported(impl, p)
         lam = p.lam_tensor
         v = torch.full_like(p.v, c)
         o = suite.run(impl, p, v=v).to(torch.float64)
@@ -54,12 +55,13 @@ def test_partition_of_unity(impl, device):
 
 def test_linearity_in_v(impl, device):
     """o(a v1 + b v2) = a o(v1) + b o(v2)."""
+    suite.require(impl, "linearity")
 
     @settings(max_examples=suite.examples(0.5))
     @given(case=suite.case_strategy(impl, device), a=st.floats(-2, 2), b=st.floats(-2, 2))
     def prop(case, a, b):
         p = case.build(device)
-        suite.skip_unless(impl, "linearity", p)
+        suite.assume_supported(impl, p)
         gen = torch.Generator().manual_seed(case.seed + 1)
         v2 = torch.randn(p.v.shape, generator=gen).to(p.v.dtype).to(device)
         v12 = (a * p.v.double() + b * v2.double()).to(p.v.dtype)
@@ -85,12 +87,13 @@ def test_shift_invariance_of_scores(impl, device):
     the scores, a per-row constant, large enough (t^2 s ~ 200) that an implementation
     without max subtraction overflows exp.
     """
+    suite.require(impl, "shift_invariance")
 
     @settings(max_examples=suite.examples(0.5))
     @given(case=suite.case_strategy(impl, device, families=("gaussian", "spectrum", "lambda_decades")))
     def prop(case):
         p = case.build(device)
-        suite.skip_unless(impl, "shift_invariance", p)
+        suite.assume_supported(impl, p)
         D = p.q.shape[-1]
         k = p.k.clone()
         k[..., -1] = 0.5
@@ -118,12 +121,13 @@ def test_shift_invariance_of_scores(impl, device):
 
 def test_first_token_is_v0(impl, device):
     """o_0 = v_0 whenever lambda_0 > 0 (one key: the regression interpolates it)."""
+    suite.require(impl, "first_token")
 
     @settings(max_examples=suite.examples(0.5))
     @given(case=suite.case_strategy(impl, device))
     def prop(case):
         p = case.build(device)
-        suite.skip_unless(impl, "first_token", p)
+        suite.assume_supported(impl, p)
         if not bool((p.lam_tensor[..., 0] > 0).all()):
             return
         o = suite.run(impl, p).double()
@@ -137,12 +141,13 @@ def test_first_token_is_v0(impl, device):
 
 def test_causality_bitwise(impl, device):
     """Changing tokens after position t leaves outputs 0..t bitwise unchanged."""
+    suite.require(impl, "causality")
 
     @settings(max_examples=suite.examples(0.5))
     @given(case=suite.case_strategy(impl, device, seq=(2, 40)), frac=st.floats(0, 1))
     def prop(case, frac):
         p = case.build(device)
-        suite.skip_unless(impl, "causality", p)
+        suite.assume_supported(impl, p)
         S = p.q.shape[-2]
         t = min(S - 2, int(frac * (S - 1)))
         gen = torch.Generator().manual_seed(case.seed + 7)
@@ -168,12 +173,13 @@ def test_causality_bitwise(impl, device):
 
 def test_batch_and_head_independence(impl, device):
     """Each (batch, head) is computed as if alone: slicing one out gives the same output."""
+    suite.require(impl, "independence")
 
     @settings(max_examples=suite.examples(0.4))
     @given(case=suite.case_strategy(impl, device, batch=(2, 3), heads=(2, 3)))
     def prop(case):
         p = case.build(device)
-        suite.skip_unless(impl, "independence", p)
+        suite.assume_supported(impl, p)
         o = suite.run(impl, p)
         b, h = case.B - 1, case.H - 1
         lam = p.ridge_lambda
@@ -193,12 +199,13 @@ def test_batch_and_head_independence(impl, device):
 
 def test_determinism_bitwise(impl, device):
     """Two calls on the same inputs give bitwise identical outputs."""
+    suite.require(impl, "determinism")
 
     @settings(max_examples=suite.examples(0.3))
     @given(case=suite.case_strategy(impl, device))
     def prop(case):
         p = case.build(device)
-        suite.skip_unless(impl, "determinism", p)
+        suite.assume_supported(impl, p)
         o1, o2 = suite.run(impl, p), suite.run(impl, p)
         same = (o1 == o2) | (torch.isnan(o1) & torch.isnan(o2))
         assert bool(same.all()), f"determinism: two runs differ at {int((~same).sum())} elements on {case.spec()}"
@@ -209,13 +216,14 @@ def test_determinism_bitwise(impl, device):
 def test_linear_values_reproduced_at_lambda_zero(impl, device):
     """v_j = A k_j + b gives o_i = A q_i + b at lambda = 0 once i >= D (the oracle's value
     there is A q_i + b: tests/test_oracle.py); rows i < D are a 0/0 and are skipped."""
+    suite.require(impl, "linear_reproduction")
 
     @settings(max_examples=suite.examples(0.4))
     @given(case=suite.case_strategy(impl, device, families=("linear_values",), overrides={"lam": 0.0}))
     def prop(case):
         # the family's range stops at 1e-8; lambda = 0 is set on the built problem
         p = case.build(device)
-        suite.skip_unless(impl, "linear_reproduction", p)
+        suite.assume_supported(impl, p)
         from lla_verify.cases import Problem
 
         p0 = Problem(case, p.q, p.k, p.v, 0.0, p.qk_scale)

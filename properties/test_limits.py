@@ -25,6 +25,7 @@ def _gauss(case: Case, device, lam, scale=None):
 
 def test_large_lambda_is_softmax_with_rate(impl, device):
     """lambda -> infinity: o -> softmax attention, the distance shrinking like 1/lambda."""
+    suite.require(impl, "limits")
 
     @settings(max_examples=suite.examples(0.3))
     @given(case=suite.case_strategy(impl, device, families=("gaussian",), seq=(2, 40)))
@@ -32,7 +33,7 @@ def test_large_lambda_is_softmax_with_rate(impl, device):
         dists = []
         for lam in (1e2, 1e3, 1e4):
             p = _gauss(case, device, lam)
-            suite.skip_unless(impl, "limits", p)
+            suite.assume_supported(impl, p)
             o = suite.run(impl, p).double()
             sm = softmax_attention(p.q, p.k, p.v, qk_scale=p.qk_scale)
             fb = forward_budget(p, impl, dense=False)
@@ -53,6 +54,7 @@ def test_large_lambda_is_softmax_with_rate(impl, device):
 
 def test_small_scale_is_mesanet(impl, device):
     """scale -> 0: o -> the augmented MesaNet form (ridge lambda (i+1) on the key block), O(s)."""
+    suite.require(impl, "limits")
 
     @settings(max_examples=suite.examples(0.3))
     @given(case=suite.case_strategy(impl, device, families=("gaussian",), seq=(2, 40)),
@@ -61,7 +63,7 @@ def test_small_scale_is_mesanet(impl, device):
         dists = []
         for scale in (1e-2, 1e-3, 1e-4):
             p = _gauss(case, device, lam, scale=scale)
-            suite.skip_unless(impl, "limits", p)
+            suite.assume_supported(impl, p)
             o = suite.run(impl, p).double()
             mesa = mesanet_attention(p.q, p.k, p.v, ridge_lambda=lam)
             fb = forward_budget(p, impl, dense=False)
@@ -87,13 +89,14 @@ def test_zero_scale_is_mesanet_exactly(impl, device):
     formula's estimated float64 rounding under the budget's safety factor. An
     implementation that refuses 0, or reads it as "use the default scale", fails.
     """
+    suite.require(impl, "limits")
 
     @settings(max_examples=suite.examples(0.3))
     @given(case=suite.case_strategy(impl, device, families=("gaussian",), seq=(1, 40)),
            lam=st.sampled_from([0.1, 1.0, 10.0]))
     def prop(case, lam):
         p = _gauss(case, device, lam, scale=0.0)
-        suite.skip_unless(impl, "limits", p)
+        suite.assume_supported(impl, p)
         o = suite.run(impl, p).double()
         mesa, mesa_rounding = mesanet_attention(p.q, p.k, p.v, ridge_lambda=lam, return_rounding=True)
         fb = forward_budget(p, impl, dense=False)
@@ -108,12 +111,13 @@ def test_zero_scale_is_mesanet_exactly(impl, device):
 
 def test_large_scale_is_hard_attention(impl, device):
     """scale -> infinity with a unique argmax key: o_i -> v_{j*}."""
+    suite.require(impl, "limits")
 
     @settings(max_examples=suite.examples(0.3))
     @given(case=suite.case_strategy(impl, device, families=("gaussian",), seq=(2, 40)))
     def prop(case):
         p = _gauss(case, device, 1.0, scale=1.0)
-        suite.skip_unless(impl, "limits", p)
+        suite.assume_supported(impl, p)
         a = p.q.double() @ p.k.double().transpose(-1, -2)
         S = a.shape[-1]
         a = a.masked_fill(~torch.ones(S, S, dtype=torch.bool, device=device).tril(), -math.inf)

@@ -41,6 +41,7 @@ def test_same_precision_reference_is_within_the_model_budget(family, dtype):
     ("dropped_partial_tile", Case("gaussian", {}, S=21, D=8, seed=1)),
     ("rho_rounded_to_bf16", Case("gaussian", {"lam": 0.1}, S=21, D=8, seed=1)),
     ("cg_two_short", Case("spectrum", {"kappa": 1e3}, S=21, D=8, seed=1)),
+    ("head_dim_block_8", Case("gaussian", {}, S=21, D=16, seed=1)),
 ])
 def test_planted_bugs_fail_with_cause_implementation(name, case):
     impl = _mutant(mutants.MUTANTS[name])
@@ -236,3 +237,67 @@ def test_gradient_budget_covers_the_forward_solves_residual():
         assert v.passed, v.message
     # not vacuous: the residual costs dlambda a visible share of its budget
     assert max(ratios) > 0.05, ratios
+
+
+def test_row_kappa_follows_causality():
+    # dq, dlambda: the row's own kappa; dk, dv at key j: the largest kappa of the defined
+    # queries i >= j (an unmeasured one counts as infinite, an undefined one as nothing)
+    from lla_verify.budget import row_kappa
+
+    kappa = torch.tensor([[[5.0, 1e7, 2.0, math.nan, 3.0, 9.0, 4.0]]])
+    defined = torch.tensor([[[True, True, True, True, True, False, True]]])
+    assert row_kappa(kappa, defined, "dq").flatten().tolist() == [5.0, 1e7, 2.0, math.inf, 3.0, 0.0, 4.0]
+    assert row_kappa(kappa, defined, "dk").flatten().tolist() == [math.inf] * 4 + [4.0, 4.0, 4.0]
+    kappa[..., 3] = 1.0
+    assert row_kappa(kappa, defined, "dv").flatten().tolist() == [1e7, 1e7, 4.0, 4.0, 4.0, 4.0, 4.0]
+
+
+def _one_query_in_the_conditioning_band():
+    # query 1 of 12 (an early token, rank 2 in D = 4) at lambda 1e-6: kappa 3.9e6, kappa u32
+    # 0.23, inside [0.1, 1): judged, and blamed on conditioning when over budget; every
+    # other query at lambda 1 (kappa <= 8). Keys 2..11 feed only the well-conditioned ones.
+    from lla_verify.cases import Problem
+
+    p = Case("gaussian", {}, S=12, D=4, seed=5).build()
+    lam = torch.ones(1, 1, 12)
+    lam[..., 1] = 1e-6
+    return Problem(p.case, p.q, p.k, p.v, lam, p.qk_scale)
+
+
+def test_a_dk_bug_at_a_well_conditioned_key_is_the_implementations():
+    # the largest kappa over all rows (3.9e6) used to decide the cause for dk and dv, and
+    # the largest normalisation term over all queries set every key's dk budget: key 11,
+    # fed by query 11 alone (kappa 1.9), had an allowed error 1e6 x its own
+    from lla_verify.budget import assert_backward_within_budget
+
+    p = _one_query_in_the_conditioning_band()
+    assert check_backward(p, DENSE).passed  # control: the same computation without the bug
+    impl = _mutant(mutants.dk_last_key_scaled)
+    v = check_backward(p, impl)
+    assert not v.passed and v.cause == "implementation" and v.summary["worst_tensor"] == "dk", v.message
+    assert v.worst[-1] == 11, v.message
+    with pytest.raises(AssertionError, match="dk"):
+        assert_backward_within_budget(v, impl)
+
+
+def test_conditioning_is_blamed_only_for_rows_it_explains():
+    from lla_verify.budget import assert_backward_within_budget
+
+    p = _one_query_in_the_conditioning_band()
+    g = _oracle_grads_as_impl(p)
+    # far over the budgets of key 1 (it feeds query 1, kappa u32 0.23) and of query 1,
+    # which are wide there already (their rounding of s_1j over a delta_1 ~ lambda)
+    g["dk"][..., 1, :] *= 300.0
+    g["dq"][..., 1, :] *= 300.0
+    v = check_backward(p, DENSE, grads=g, dense=False)
+    assert not v.passed and v.cause == "conditioning", v.message
+    assert_backward_within_budget(v, DENSE)  # explained: every row over budget is query 1's
+    g["dv"][..., 6, :] *= 1.01  # and a bug beside them, at a key fed by kappa <= 8 only
+    v = check_backward(p, DENSE, grads=g, dense=False)
+    assert not v.passed and v.cause == "implementation", v.message
+    with pytest.raises(AssertionError, match="dv"):
+        assert_backward_within_budget(v, DENSE)
+    # a verdict that blames conditioning wrongly is caught by the property's own per-row check
+    v.cause = "conditioning"
+    with pytest.raises(AssertionError, match="dv: 1 rows over budget where kappa u_c < 0.1"):
+        assert_backward_within_budget(v, DENSE)

@@ -24,9 +24,9 @@ same dense computation in fp32 (an LU solve per query) on the same inputs.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -425,15 +425,22 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         lla_triton.lla_attention(a, a, a, ridge_lambda=0.1)
 
 
-def test_grad_request_without_backward():
-    if importlib.util.find_spec("lla_triton.autograd") is not None:
-        pytest.skip("lla_triton.autograd exists: gradients are tested in its own file")
+def test_grad_request_without_backward(monkeypatch):
+    """With lla_triton.autograd unavailable (a kernel package shipped forward-only), a
+    call that wants gradients says so instead of returning an output autograd cannot
+    differentiate, and a call that wants none still runs the forward."""
+    monkeypatch.setitem(sys.modules, "lla_triton.autograd", None)  # the import now fails
     q, k, v = _ok()
-    q.requires_grad_(True)
+    want = lla_triton.lla_attention(q, k, v, ridge_lambda=0.1)
+    qg = q.clone().requires_grad_(True)
     with pytest.raises(NotImplementedError, match="backward"):
-        lla_triton.lla_attention(q, k, v, ridge_lambda=0.1)
-    with torch.no_grad():  # no gradient wanted: the forward runs
-        assert torch.isfinite(lla_triton.lla_attention(q, k, v, ridge_lambda=0.1)).all()
+        lla_triton.lla_attention(qg, k, v, ridge_lambda=0.1)
+    lam = torch.full((1, 1, q.shape[-2]), 0.1, device=DEVICE, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="backward"):  # a gradient wanted for lambda alone
+        lla_triton.lla_attention(q, k, v, ridge_lambda=lam)
+    with torch.no_grad():  # no gradient wanted: the forward runs, as without requires_grad
+        got = lla_triton.lla_attention(qg, k, v, ridge_lambda=0.1)
+    assert not got.requires_grad and torch.equal(got, want)
 
 
 # ------------------------------------------------------------------------- real sizes (GPU)

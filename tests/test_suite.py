@@ -1,0 +1,87 @@
+"""lla_verify/suite.py: the property suite draws only what an implementation's record
+accepts, rejects (never skips on) an unsupported draw inside @given, and skips a whole
+property, with the record's reason, only outside @given."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
+
+from lla_verify import suite
+from lla_verify.cases import Case
+from lla_verify.impls import Impl, dense_torch_lla
+
+NARROW = Impl(name="narrow", forward=dense_torch_lla, description="bf16, D = 16, one lambda",
+              dtypes=(torch.bfloat16,), head_dims=(16,), per_query_lambda=False)
+
+
+def test_case_strategy_draws_only_what_the_record_accepts():
+    drawn = []
+
+    @settings(max_examples=60, database=None, derandomize=True)
+    @given(case=suite.case_strategy(NARROW, "cpu", dtypes=("float32", "bfloat16", "float16")))
+    def prop(case):
+        drawn.append(case)
+
+    prop()
+    assert {c.dtype for c in drawn} == {"bfloat16"}
+    assert {c.D for c in drawn} == {16}
+    assert "lambda_decades" not in {c.family for c in drawn} and len({c.family for c in drawn}) > 3
+
+
+def test_a_property_the_record_cannot_serve_is_skipped_with_its_reason():
+    with pytest.raises(pytest.skip.Exception, match="narrow accepts none of the dtypes"):
+        suite.case_strategy(NARROW, "cpu", dtypes=("float32",))
+    with pytest.raises(pytest.skip.Exception, match="one lambda per call"):
+        suite.case_strategy(NARROW, "cpu", families=("lambda_decades",))
+    fwd_only = Impl(name="fwd", forward=dense_torch_lla, description="", skips={"grad": "no backward here"})
+    with pytest.raises(pytest.skip.Exception, match="no backward here"):
+        suite.require(fwd_only, "grad")
+    suite.require(fwd_only, "forward")  # no reason recorded: nothing happens
+
+
+def test_an_unsupported_draw_does_not_end_the_property():
+    seen = []
+
+    @settings(max_examples=30, database=None, derandomize=True)
+    @given(dtype=st.sampled_from(["float32", "bfloat16"]), seed=st.integers(0, 5))
+    def prop(dtype, seed):
+        p = Case("gaussian", {}, S=4, D=16, dtype=dtype, seed=seed).build()
+        suite.assume_supported(NARROW, p)
+        seen.append(dtype)
+
+    try:
+        prop()
+    except pytest.skip.Exception as exc:
+        pytest.fail(f"an unsupported draw ended the whole property as a skip: {exc}")
+    assert "bfloat16" in seen and "float32" not in seen
+
+
+def test_a_property_whose_every_draw_is_rejected_fails():
+    @settings(max_examples=10, database=None, derandomize=True)
+    @given(seed=st.integers(0, 5))
+    def prop(seed):
+        suite.assume_supported(NARROW, Case("gaussian", {}, S=4, D=16, dtype="float32", seed=seed).build())
+
+    try:
+        with pytest.raises(Unsatisfiable):
+            prop()
+    except pytest.skip.Exception as exc:
+        pytest.fail(f"a property with no supported draw ended as a skip: {exc}")
+
+
+def test_per_query_lambda_is_unsupported_for_a_one_lambda_record():
+    p = Case("lambda_decades", {"decades": 3.0}, S=6, D=16, dtype="bfloat16").build()
+    assert "one lambda per call" in suite.unsupported(NARROW, p)
+    assert suite.unsupported(NARROW, Case("gaussian", {}, S=6, D=16, dtype="bfloat16").build()) is None
+
+
+def test_skip_unless_refuses_to_run_inside_given():
+    @settings(max_examples=1, database=None)
+    @given(seed=st.just(0))
+    def prop(seed):
+        suite.skip_unless(NARROW, "forward", Case("gaussian", {}, S=4, D=16, dtype="float32").build())
+
+    with pytest.raises(RuntimeError, match="inside @given"):
+        prop()
