@@ -2,14 +2,28 @@
 
 Each subcommand lives in its own module, which exposes ``register(subparsers)``
 (adds its parser and sets ``func``); the table below is the only list of them.
-Exit status: 0 success, 1 a check failed, 2 usage error.
+
+Exit status, the same for every subcommand:
+  0    success (every check within budget)
+  1    a check failed (an implementation over budget, a regression, an incomplete audit)
+  2    usage error: a bad argument, case spec, input file or output path (one line on stderr)
+  3    internal error: an exception from lla-verify's own code, a bug to report; one line
+       names it, and LLA_VERIFY_DEBUG=1 prints its traceback
+  130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
+
+from .cliutil import UsageError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DEBUG_ENV = "LLA_VERIFY_DEBUG"
 
 # name -> module implementing it (imported lazily so ``info`` stays fast)
 COMMANDS = {
@@ -41,14 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # argparse's own usage errors exit 2 through SystemExit
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    name = f"lla-verify {args.command}"
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except UsageError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001  (the one place a stray exception becomes a status)
+        # Not a usage error and not a verdict: a bug in lla-verify (an implementation's
+        # own exceptions are caught where it is called and fail its check). Its name and
+        # message stay visible; the traceback is one variable away.
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        msg = " ".join(str(exc).split())
+        print(f"{name}: internal error: {type(exc).__name__}: {msg[:500]} (a bug in lla-verify; rerun with "
+              f"{DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":
