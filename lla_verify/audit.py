@@ -386,8 +386,6 @@ def read_report(path: str, flag: str) -> dict:
         raise UsageError(f"{flag}: {path!r} is not an audit report.json (no 'cells' list)")
     if data.get("schema") != SCHEMA:
         raise UsageError(f"{flag}: {path!r} has schema {data.get('schema')!r}, expected {SCHEMA!r}")
-    if not isinstance(data.get("meta"), dict):
-        raise UsageError(f"{flag}: {path!r} has no 'meta' object: not an audit report.json")
     for n, cell in enumerate(data["cells"]):
         check_cell(cell, f"{flag}: {path!r} cell {n}")
     return data
@@ -424,6 +422,9 @@ def check_cell(c, where: str) -> None:
     except LLAInputError as exc:
         raise UsageError(f"{where}: spec {spec!r} is not a case: {exc}") from None
     where = f"{where} ({spec})"
+    for key in ("command", "cause"):  # the summary prints both beside a failing or the worst cell
+        if not isinstance(c.get(key), str):
+            raise UsageError(f"{where}: '{key}' must be a string, got {c.get(key)!r}")
     if not isinstance(c.get("passed"), bool):
         raise UsageError(f"{where}: 'passed' must be true or false, got {c.get('passed')!r}")
     ratio = _ratio_of(c.get("ratio"), f"{where} ratio")
@@ -772,6 +773,13 @@ def merge_reports(paths: list[str], command: str = "", *, baseline: list[dict] |
     ``baseline`` the merged cells are compared with it (a slice's own comparison sees
     only its cells, so its 'missing' count is wrong)."""
     reps = [read_report(path, "--merge") for path in paths]
+    for path, rep in zip(paths, reps):
+        if not isinstance(rep.get("meta"), dict):
+            raise UsageError(f"--merge: {path!r} has no 'meta' object: not the report.json of an audit slice")
+        if not isinstance(rep.get("regressions") or [], list) or not all(
+                isinstance(r, dict) and isinstance(r.get("spec"), str) and isinstance(r.get("why"), str)
+                for r in rep.get("regressions") or []):
+            raise UsageError(f"--merge: {path!r} has a malformed 'regressions' list")
     first = reps[0]["meta"]
     for path, rep in zip(paths[1:], reps[1:]):
         for key in MERGE_KEYS:

@@ -42,7 +42,7 @@ def cases(draw, families=None, *, dtypes=("float32", "bfloat16"), seq=(1, 48), h
     """A Case from one of ``families`` (default: all, SPEC 7).
 
     seq: (min, max) for S (the family's min_seq is respected); head_dims: allowed D,
-    smallest first; overrides: fixed parameter values (e.g. {"lam": 0.0}).
+    smallest first; overrides: fixed parameter values, each in its family's range (e.g. {"lam": 1e-3}).
     """
     names = tuple(families) if families else FAMILY_ORDER
     for n in names:
