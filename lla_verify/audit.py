@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .cliutil import UsageError, check_out_dir, seed_type
+from .cliutil import UsageError, check_device, check_out_dir, one_line, seed_type
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 SCHEMA = "lla-verify-audit/1"
@@ -676,10 +676,7 @@ def _resolve(impl_spec: str, device: str):
     from .impls import get_impl, is_available
     from .validate import LLAInputError
 
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsageError(f"--device: expected cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device: cuda requested but torch sees no CUDA device (use --device cpu)")
+    check_device(device)
     if impl_spec == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         # triton.jit decides compiled vs interpreted when lla_triton is imported, so the
         # variable must be set before that import; a process that already imported it
@@ -861,7 +858,7 @@ def _audit_main(args) -> int:
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 
     full = bool(args.full)
-    device = args.device or ("cuda" if full else "cpu")
+    device = args.device if args.device is not None else ("cuda" if full else "cpu")
     if args.max_cells is not None and args.max_cells < 1:
         raise UsageError(f"--max-cells: must be >= 1, got {args.max_cells}")
     baseline = load_baseline(args.baseline) if args.baseline else None
@@ -953,7 +950,7 @@ def _guard(fn):
         try:
             return fn(args)
         except UsageError as exc:
-            print(f"lla-verify {args.command}: error: {exc}", file=sys.stderr)
+            print(f"lla-verify {args.command}: error: {one_line(exc)}", file=sys.stderr)
             return EXIT_USAGE
 
     return run

@@ -20,7 +20,7 @@ import os
 import sys
 import traceback
 
-from .cliutil import UsageError
+from .cliutil import UsageError, one_line
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEBUG_ENV = "LLA_VERIFY_DEBUG"
@@ -40,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with its usage errors on one line: the error and where the usage is."""
 
     def error(self, message):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse's own usage errors exit 2 through SystemExit
     if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
+        print(f"lla-verify: error: expected a command: {', '.join(COMMANDS)} (see lla-verify --help)",
+              file=sys.stderr)
         return EXIT_USAGE
     name = f"lla-verify {args.command}"
     try:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except UsageError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001  (the one place a stray exception becomes a status)
         # Not a usage error and not a verdict: a bug in lla-verify (an implementation's
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         # message stay visible; the traceback is one variable away.
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             traceback.print_exc()
-        msg = " ".join(str(exc).split())
+        msg = one_line(" ".join(str(exc).split()))
         print(f"{name}: internal error: {type(exc).__name__}: {msg[:500]} (a bug in lla-verify; rerun with "
               f"{DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL

@@ -22,6 +22,14 @@ class UsageError(Exception):
     """Bad command-line input; ``cli.main`` prints it as one line and exits 2."""
 
 
+def one_line(msg: str) -> str:
+    """``msg`` with control characters (a newline or carriage return inside a quoted
+    argument) escaped, so an error stays one line on stderr."""
+    import unicodedata
+
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch) == "Cc" else ch for ch in str(msg))
+
+
 # ------------------------------------------------------------------ argument types
 def int_in(lo: int, hi: int | None = None):
     """An argparse type: a decimal integer in [lo, hi] (ASCII digits only)."""

@@ -757,7 +757,9 @@ def compare(folder: Path, impl, *, device: str = "cpu", only=None) -> tuple[int,
 
 # ------------------------------------------------------------------ CLI
 def _usage(msg: str) -> int:
-    print(f"lla-verify goldens: error: {msg}", file=sys.stderr)
+    from .cliutil import one_line
+
+    print(f"lla-verify goldens: error: {one_line(msg)}", file=sys.stderr)
     return 2
 
 
@@ -823,7 +825,7 @@ def _run_list(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("goldens", help="golden outputs: regenerate, check, and compare an implementation against them")
     gs = p.add_subparsers(dest="goldens_command", metavar="ACTION")
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    p.set_defaults(func=lambda a: _usage("expected an action: regen, compare or list (see lla-verify goldens --help)"))
 
     r = gs.add_parser("regen", help="recompute every golden deterministically and write it (or --check)")
     r.add_argument("--dir", default=str(DEFAULT_DIR), help="goldens folder (default: %(default)s)")

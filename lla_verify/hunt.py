@@ -204,7 +204,7 @@ def _run(args) -> int:
         impl = get_impl(args.impl)
     except LLAInputError as exc:
         raise UsageError(str(exc).replace("--lla-impl", "--impl")) from None
-    device = check_device(args.device) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device) if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if impl.name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UsageError("--impl triton: the Triton kernel on CPU needs TRITON_INTERPRET=1")
     reason = is_available(impl, device)
