@@ -116,8 +116,12 @@ def broken_spec(draw) -> str:
     elif kind == "duplicate":
         shape += ",S=2" if draw(st.booleans()) else ""
         ps = ps if shape.endswith("S=2") else f"{params[0].name}={params[0].easy},{params[0].name}={params[0].easy}"
-    elif kind == "fullwidth":
-        shape = shape.replace("S=", "S=\uff11", 1)
+    elif kind == "fullwidth":  # a digit Python's int() and float() read, our parser must not
+        wide = chr(0xFF10 + draw(st.integers(0, 9)))
+        if ps and draw(st.booleans()):
+            ps = ps.replace("=", "=" + wide, 1)
+        else:
+            shape = shape.replace("S=", "S=" + wide, 1)
     elif kind == "no-equals":
         ps = params[0].name
     elif kind == "unknown":
@@ -142,27 +146,27 @@ IMPL_BAD = (":", "nosuch", "nosuchmod_fuzz:fn", "lla_verify.mutants:nosuch", "ll
 DEVICE_BAD = ("tpu", "cuda:99", "") + (("cuda",) if NO_CUDA else ())
 
 
+@fuzz(50)
+@given(spec=broken_spec(), impl=st.sampled_from(IMPL_OK), backward=st.booleans())
+def test_check_broken_spec(spec, impl, backward, capsys):
+    judge(["check", "--case", spec, "--impl", impl] + (["--backward"] if backward else []), True, capsys)
+
+
 @fuzz(40)
 @given(data=st.data())
 def test_check(data, capsys):
-    bad = []
-    if data.draw(st.integers(0, 3)) == 0:
-        spec, bad = data.draw(broken_spec()), ["--case"]
-    else:
-        spec = data.draw(valid_case()).spec()
-    impl = data.draw(st.sampled_from(IMPL_OK + IMPL_BAD))
-    bad += ["--impl"] if impl in IMPL_BAD else []
+    """A tiny valid case run, or one usage error (spec, implementation, device, a stray word)."""
+    wrong = data.draw(st.sampled_from(["none", "spec", "impl", "device", "junk", "none"]))
+    spec = data.draw(broken_spec()) if wrong == "spec" else data.draw(valid_case()).spec()
+    impl = data.draw(st.sampled_from(IMPL_BAD if wrong == "impl" else IMPL_OK))
     argv = ["check", "--case", spec, "--impl", impl]
-    if data.draw(st.booleans()):
-        dev = data.draw(st.sampled_from(("cpu",) + DEVICE_BAD))
-        argv += ["--device", dev]
-        bad += ["--device"] if dev != "cpu" else []
+    if wrong == "device" or data.draw(st.booleans()):
+        argv += ["--device", data.draw(st.sampled_from(DEVICE_BAD)) if wrong == "device" else "cpu"]
     if data.draw(st.booleans()):
         argv.append("--backward")
-    if not bad and data.draw(st.integers(0, 4)) == 0:
+    if wrong == "junk":
         argv.append(data.draw(JUNK))
-        bad.append("junk")
-    judge(argv, bool(bad), capsys)
+    judge(argv, wrong != "none", capsys)
 
 
 @fuzz(30)
@@ -178,12 +182,13 @@ def options(table: dict, files, data) -> tuple[list[str], list[str]]:
     out; at least one invalid. Returns argv and the names drawn invalid."""
     argv, bad = [], []
     names = sorted(table)
-    forced = data.draw(st.sampled_from([n for n in names if table[n][1]]))
+    forced = data.draw(st.sampled_from([n for n in names if table[n][1]] + ["junk"]))
     for name in names:
         good, wrong = table[name]
         if name != forced and not data.draw(st.booleans()):
             continue
-        use_bad = name == forced or (bool(wrong) and data.draw(st.integers(0, 3)) == 0)
+        # one usage error at a time, so each check must catch its own; now and then a second
+        use_bad = name == forced or (bool(wrong) and data.draw(st.integers(0, 7)) == 0)
         pool = wrong if use_bad else good
         if not pool:
             continue
@@ -191,7 +196,7 @@ def options(table: dict, files, data) -> tuple[list[str], list[str]]:
         argv += [name] + [v.format(root=files) for v in (val if isinstance(val, tuple) else (val,)) if v is not None]
         if use_bad:
             bad.append(name)
-    if data.draw(st.integers(0, 5)) == 0:
+    if forced == "junk":
         argv.append(data.draw(JUNK))
         bad.append("junk")
     return argv, bad
