@@ -788,7 +788,7 @@ def merge_reports(paths: list[str], command: str = "", *, baseline: list[dict] |
         for i, c in zip(_slice_indices(rep, path), rep["cells"]):
             if i in by_index:
                 raise UsageError(f"--merge: plan position {i} is in two slices ({specs[i]} and {path!r}): "
-                                 f"slices overlap")
+                                 f"slices overlap (drop one of the two)")
             if c["spec"] in seen:
                 raise UsageError(f"--merge: {c['spec']} appears at two plan positions")
             by_index[i], specs[i] = c, path

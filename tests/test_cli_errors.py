@@ -416,3 +416,11 @@ def test_a_stray_exception_is_one_line_with_its_own_status(capsys, monkeypatch):
     monkeypatch.setenv("LLA_VERIFY_DEBUG", "1")
     rc, _, err = run_cli(["info"], capsys)
     assert rc == 3 and "Traceback" in err and "ZeroDivisionError" in err
+
+
+def test_cg_study_kappas_zero_is_refused_not_replaced_by_the_default(tmp_path):
+    from lla_verify.cg_study import run_study
+
+    with pytest.raises(ValueError, match="--kappas"):
+        run_study(impl_name="none", kappas=0, out=str(tmp_path), progress=False, log=lambda *_: None)
+    assert not any(tmp_path.iterdir())
