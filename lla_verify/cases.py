@@ -14,6 +14,7 @@ Every family states what it targets; tests/test_cases.py measures that it does.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -46,15 +47,18 @@ class Param:
 
     def range_text(self) -> str:
         kind = "an integer" if self.integer else "a finite number"
-        return f"{kind} in [{_fmt(float(self.lo))}, {_fmt(float(self.hi))}]"
+        zero = " or exactly 0" if getattr(self, "zero", False) else ""
+        return f"{kind} in [{_fmt(float(self.lo))}, {_fmt(float(self.hi))}]{zero}"
 
     def check(self, x, family: str = "") -> None:
         """LLAInputError naming the parameter and its range unless ``x`` is a value of it."""
         where = f"{family}'s " if family else ""
-        ok = isinstance(x, (int, float)) and not isinstance(x, bool)
+        ok = isinstance(x, numbers.Real) and not isinstance(x, bool)
         if ok:
             x = float(x)
-            ok = math.isfinite(x) and self.lo <= x <= self.hi and (not self.integer or x.is_integer())
+            # a parameter that admits 0 besides its range (Param.zero, where it exists) takes it exactly
+            in_range = self.lo <= x <= self.hi or (getattr(self, "zero", False) and x == 0.0)
+            ok = math.isfinite(x) and in_range and (not self.integer or x.is_integer())
         if not ok:
             raise LLAInputError(f"case: parameter {self.name}={x!r}: {where}{self.name} must be {self.range_text()}"
                                 + (f" ({self.doc})" if self.doc else ""))
@@ -134,9 +138,9 @@ class Case:
         if self.dtype not in DTYPES:
             raise LLAInputError(f"case: dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         for name, val in (("B", self.B), ("H", self.H), ("S", self.S), ("D", self.D)):
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            if not isinstance(val, numbers.Integral) or isinstance(val, bool) or val < 1:
                 raise LLAInputError(f"case: {name} must be an integer >= 1, got {val!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= SEED_MAX:
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or not 0 <= self.seed <= SEED_MAX:
             raise LLAInputError(f"case: seed must be an integer in [0, {SEED_MAX}] (the generator keeps 32 bits; "
                                 f"a larger seed would repeat a smaller one), got {self.seed!r}")
 
@@ -147,7 +151,7 @@ class Case:
     def build_bytes(self) -> int:
         """Host memory ``build`` needs: the float64 draws (q, k, v and the generators'
         temporaries) and the rounded copies."""
-        n = self.B * self.H * self.S * self.D
+        n = int(self.B) * int(self.H) * int(self.S) * int(self.D)  # Python ints: no overflow
         return 8 * 8 * n + 3 * DTYPES[self.dtype].itemsize * n
 
     def check_bytes(self) -> int:
@@ -155,7 +159,7 @@ class Case:
         the build, the float64 oracle (queries in chunks of DEFAULT_CHUNK_BYTES, plus
         per-query (D, D) matrices) and the dense same-precision reference, which holds
         about three (B, H, S, S, D) float32 tensors (lla_verify/impls.dense_torch_lla)."""
-        B, H, S, D = self.B, self.H, self.S, self.D
+        B, H, S, D = (int(x) for x in (self.B, self.H, self.S, self.D))
         return (self.build_bytes() + 16 * 8 * B * H * S * D + 3 * 8 * B * H * S * D * D
                 + 3 * 4 * B * H * S * S * D + 4 * 128 * 2**20)
 

@@ -326,9 +326,13 @@ def test_info(junk, capsys):
 
 @pytest.mark.skipif("suite" not in COMMANDS, reason="no suite command in this version")
 @fuzz(10)
-@given(junk=st.lists(JUNK, min_size=1, max_size=2))
-def test_suite_refuses_stray_arguments(junk, capsys):
-    judge(["suite", "--no-such-option-for-fuzz"] + junk, True, capsys)
+@given(argv=st.one_of(
+    st.lists(JUNK, max_size=2).map(lambda j: ["suite"] + j),  # no --impl
+    st.sampled_from(IMPL_BAD).map(lambda i: ["suite", "--impl", i]),
+    st.sampled_from(("tpu", "", "gpu")).map(lambda d: ["suite", "--impl", "torch-fp32", "--device", d])))
+def test_suite_usage_errors(argv, capsys):
+    # a valid call starts pytest on the whole suite: only usage errors are drawn
+    judge(argv, True, capsys)
 
 
 @fuzz(10)
