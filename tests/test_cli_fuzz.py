@@ -129,7 +129,7 @@ def broken_spec(draw) -> str:
     elif kind == "dtype":
         shape = shape.replace(f"dtype={case.dtype}", "dtype=" + draw(st.sampled_from(["float8", "int32", ""])))
     elif kind == "size":
-        shape = shape.replace("B=", "B=0", 1) if draw(st.booleans()) else shape.replace(f"D={case.D}", "D=-4")
+        shape = shape.replace(f"B={case.B},", "B=0,", 1) if draw(st.booleans()) else shape.replace(f"D={case.D},", "D=-4,")
     elif kind == "seed":
         shape = shape.replace(f"seed={case.seed}", f"seed={draw(st.integers(SEED_MAX + 1, 10**30))}")
     elif kind == "huge":
