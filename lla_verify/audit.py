@@ -30,6 +30,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from .cliutil import UsageError, check_device, check_out_dir, one_line, seed_type
+
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 SCHEMA = "lla-verify-audit/1"
 # A cell regresses against a baseline when its ratio grew by more than this factor
@@ -47,8 +49,6 @@ COTANGENT_SEED = 1234  # the fixed cotangent of the backward check
 BACKWARD_MAX_WORK = 1024 * 1024 * 64
 
 
-class UsageError(Exception):
-    """Bad command-line input; reported on stderr with exit status 2."""
 
 
 # ------------------------------------------------------------------ the cells
@@ -406,21 +406,116 @@ def _show(x) -> str:
 
 
 def read_report(path: str, flag: str) -> dict:
-    """An audit report.json, or a UsageError naming ``flag`` and what is wrong with it."""
+    """An audit report.json whose cells are well formed and consistent (``check_cell``),
+    or a UsageError naming ``flag``, the file and what is wrong with it."""
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except FileNotFoundError:
         raise UsageError(f"{flag}: cannot read {path!r}: no such file") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{flag}: cannot read {path!r}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (OSError, ValueError, RecursionError) as exc:
         raise UsageError(f"{flag}: cannot read {path!r} as JSON: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("cells"), list):
         raise UsageError(f"{flag}: {path!r} is not an audit report.json (no 'cells' list)")
+    if data.get("schema") != SCHEMA:
+        raise UsageError(f"{flag}: {path!r} has schema {data.get('schema')!r}, expected {SCHEMA!r}")
+    for n, cell in enumerate(data["cells"]):
+        check_cell(cell, f"{flag}: {path!r} cell {n}")
     return data
 
 
+def _ratio_of(x, where: str) -> float:
+    """A stored ratio: a number >= 0 (NaN allowed), or the strings 'inf' / 'nan'."""
+    if isinstance(x, str) and x in ("inf", "nan"):
+        return float(x)
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and not x < 0:
+        return float(x)
+    raise UsageError(f"{where}: expected a ratio (a number >= 0, 'inf' or 'nan'), got {x!r}")
+
+
+def check_cell(c, where: str) -> None:
+    """UsageError unless ``c`` is a well-formed cell record whose ``passed`` agrees with
+    its ratios: a passing cell has every ratio within the threshold and every check
+    passed, and its ratio is its worst check's. (A cell may fail with a ratio within
+    the threshold: failing is never the forgery that matters.)"""
+    from .budget import THRESHOLD
+    from .cases import parse_case
+    from .validate import LLAInputError
+
+    def _over(r: float) -> bool:
+        return not r <= THRESHOLD  # NaN is over
+
+    if not isinstance(c, dict):
+        raise UsageError(f"{where}: expected a cell object, got {type(c).__name__}")
+    spec = c.get("spec")
+    if not isinstance(spec, str):
+        raise UsageError(f"{where}: no case spec")
+    try:
+        parse_case(spec)
+    except LLAInputError as exc:
+        raise UsageError(f"{where}: spec {spec!r} is not a case: {exc}") from None
+    where = f"{where} ({spec})"
+    for key in ("command", "cause"):  # the summary prints both beside a failing or the worst cell
+        if not isinstance(c.get(key), str):
+            raise UsageError(f"{where}: '{key}' must be a string, got {c.get(key)!r}")
+    if not isinstance(c.get("passed"), bool):
+        raise UsageError(f"{where}: 'passed' must be true or false, got {c.get('passed')!r}")
+    ratio = _ratio_of(c.get("ratio"), f"{where} ratio")
+    checks = []  # (name, ratio, passed) of each recorded check
+    if "forward_ratio" in c or "forward_passed" in c:
+        fp = c.get("forward_passed")
+        if not isinstance(fp, bool):
+            raise UsageError(f"{where}: 'forward_passed' must be true or false, got {fp!r}")
+        checks.append(("forward", _ratio_of(c.get("forward_ratio"), f"{where} forward_ratio"), fp))
+    g = c.get("grad")
+    if g is not None and not isinstance(g, dict):
+        raise UsageError(f"{where}: 'grad' must be an object, got {type(g).__name__}")
+    if isinstance(g, dict) and g.get("status") == "checked":
+        gp = g.get("passed")
+        if not isinstance(gp, bool):
+            raise UsageError(f"{where}: grad 'passed' must be true or false, got {gp!r}")
+        checks.append(("gradient", _ratio_of(g.get("ratio"), f"{where} grad ratio"), gp))
+    for name, r, ok in checks:
+        if ok and _over(r):
+            raise UsageError(f"{where}: {name} check marked passed with ratio {_show(r)} > {THRESHOLD:g}")
+        if not (ratio >= r or math.isnan(ratio)):
+            raise UsageError(f"{where}: ratio {_show(ratio)} is below its {name} ratio {_show(r)}")
+    if c["passed"]:
+        if _over(ratio):
+            raise UsageError(f"{where}: marked passed with ratio {_show(ratio)} > {THRESHOLD:g}")
+        failed = [name for name, _, ok in checks if not ok]
+        if failed:
+            raise UsageError(f"{where}: marked passed with a failed {' and '.join(failed)} check")
+
+
 def load_baseline(path: str) -> list[dict]:
-    return read_report(path, "--baseline")["cells"]
+    """The cells of a baseline report.json, validated; each case spec once."""
+    cells = read_report(path, "--baseline")["cells"]
+    seen = set()
+    for c in cells:
+        if c["spec"] in seen:
+            raise UsageError(f"--baseline: {path!r} holds {c['spec']} twice")
+        seen.add(c["spec"])
+    return cells
+
+
+def check_baseline_matches(specs, baseline: list[dict], path: str) -> None:
+    """A baseline that matches none of the cells compares nothing: a usage error, not a pass."""
+    have = {c["spec"] for c in baseline}
+    specs = list(specs)
+    if specs and not any(s in have for s in specs):
+        raise UsageError(f"--baseline: {path!r} matches none of the {len(specs)} cells (another mode, seed or "
+                         f"sizes?)")
+
+
+def plan_digest(specs) -> str:
+    """A fingerprint of the planned cells, in plan order: --merge checks a complete
+    merge against it, so a slice's edited plan_size cannot make a part pass for the whole."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(specs).encode()).hexdigest()
 
 
 def compare(cells: list[dict], baseline: list[dict], *, factor: float = REGRESSION_FACTOR,
@@ -640,10 +735,7 @@ def _resolve(impl_spec: str, device: str):
     from .impls import get_impl, is_available
     from .validate import LLAInputError
 
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsageError(f"--device: expected cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device: cuda requested but torch sees no CUDA device (use --device cpu)")
+    check_device(device)
     if impl_spec == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         # triton.jit decides compiled vs interpreted when lla_triton is imported, so the
         # variable must be set before that import; a process that already imported it
@@ -702,53 +794,92 @@ def _sigterm_as_interrupt(signum, frame):
     user_interrupt(signum, frame)  # marked as the user's: the trust boundary lets it stop the run
 
 
-MERGE_KEYS = ("impl", "device", "mode", "seed", "only", "plan_size")
+MERGE_KEYS = ("impl", "device", "mode", "seed", "only", "plan_size", "plan_digest")
+
+
+def _slice_indices(rep: dict, path: str) -> list[int]:
+    """The plan positions of a slice's cell records, checked against its meta."""
+    meta = rep["meta"]
+    where = f"--merge: {path!r}"
+    size, idx = meta.get("plan_size"), meta.get("cell_indices")
+    if not isinstance(meta.get("plan_digest"), str) or not isinstance(idx, list):
+        raise UsageError(f"{where} has no meta.plan_digest or meta.cell_indices: not a slice this lla-verify "
+                         f"can check (rerun it)")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise UsageError(f"{where}: meta.plan_size must be an integer >= 1, got {size!r}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < size for i in idx) \
+            or any(a >= b for a, b in zip(idx, idx[1:])):
+        raise UsageError(f"{where}: meta.cell_indices must be increasing plan positions in [0, {size})")
+    sl = meta.get("cells_slice")
+    if sl is not None:
+        allowed = set(range(size)[_cell_slice(str(sl), size)]) if isinstance(sl, str) else set()
+        if not set(idx) <= allowed:
+            raise UsageError(f"{where}: meta.cell_indices lie outside its slice {sl!r} of {size} cells")
+    n = len(rep["cells"])
+    if n > len(idx) or (n < len(idx) and not meta.get("interrupted")):
+        raise UsageError(f"{where} holds {n} cells where meta.cell_indices names {len(idx)}"
+                         f"{'' if n > len(idx) else ' and it was not interrupted'}")
+    return idx[:n]  # an interrupted slice ran the first of its cells
 
 
 def merge_reports(paths: list[str], command: str = "", *, baseline: list[dict] | None = None,
-                  factor: float = REGRESSION_FACTOR, floor: float = REGRESSION_FLOOR) -> dict:
+                  factor: float = REGRESSION_FACTOR, floor: float = REGRESSION_FLOOR,
+                  baseline_path: str = "") -> dict:
     """One report from the slices of one plan (``--cells``), e.g. run on several calls or
-    machines. The slices must share implementation, device, mode, seed and plan; a cell
-    in two slices keeps the first record. The merge is complete, and can pass, only when
-    every planned cell is in it. With ``baseline`` the merged cells are compared with it
-    (a slice's own comparison sees only its cells, so its 'missing' count is wrong)."""
+    machines. Each slice is validated (schema, cells, passed against ratio), the slices
+    must share implementation, device, mode, seed and plan (size and digest), and no plan
+    position may be in two slices. The merge is complete, and can pass, only when every
+    planned cell is in it, and then its cells must be the plan its digest names. With
+    ``baseline`` the merged cells are compared with it (a slice's own comparison sees
+    only its cells, so its 'missing' count is wrong)."""
     reps = [read_report(path, "--merge") for path in paths]
     for path, rep in zip(paths, reps):
         if not isinstance(rep.get("meta"), dict):
-            raise UsageError(f"--merge: {path!r} has no 'meta': not an audit report.json")
+            raise UsageError(f"--merge: {path!r} has no 'meta' object: not the report.json of an audit slice")
+        if not isinstance(rep.get("regressions") or [], list) or not all(
+                isinstance(r, dict) and isinstance(r.get("spec"), str) and isinstance(r.get("why"), str)
+                for r in rep.get("regressions") or []):
+            raise UsageError(f"--merge: {path!r} has a malformed 'regressions' list")
     first = reps[0]["meta"]
     for path, rep in zip(paths[1:], reps[1:]):
         for key in MERGE_KEYS:
             if rep["meta"].get(key) != first.get(key):
                 raise UsageError(f"--merge: {path!r} has {key}={rep['meta'].get(key)!r} where {paths[0]!r} has "
                                  f"{first.get(key)!r}: not slices of one audit")
-    # cells in plan order whatever order the files came in (a shell glob sorts s105
-    # before s15): by each slice's first plan position, where the slice recorded it;
-    # stable, so slices that did not keep the given order, last
-    reps = sorted(reps, key=lambda r: r["meta"]["cells_start"] if isinstance(r["meta"].get("cells_start"), int)
-                  else math.inf)
-    cells, seen, regressions = [], set(), []
-    for rep in reps:
-        for c in rep["cells"]:
-            if c["spec"] not in seen:
-                seen.add(c["spec"])
-                cells.append(c)
+    by_index, specs, seen, regressions = {}, {}, set(), []
+    for path, rep in zip(paths, reps):
+        for i, c in zip(_slice_indices(rep, path), rep["cells"]):
+            if i in by_index:
+                raise UsageError(f"--merge: plan position {i} is in two slices ({specs[i]} and {path!r}): "
+                                 f"slices overlap (drop one of the two)")
+            if c["spec"] in seen:
+                raise UsageError(f"--merge: {c['spec']} appears at two plan positions")
+            by_index[i], specs[i] = c, path
+            seen.add(c["spec"])
         regressions += [r for r in rep.get("regressions") or [] if r not in regressions]
-    plan_size = first.get("plan_size")
+    cells = [by_index[i] for i in sorted(by_index)]
+    plan_size = first["plan_size"]
     interrupted = None
-    if not isinstance(plan_size, int):
-        interrupted = f"merged {len(cells)} cells of a plan of unknown size (a report from before --merge)"
-    elif len(cells) < plan_size:
+    if len(cells) < plan_size:
         interrupted = f"merged {len(cells)} of {plan_size} planned cells"
+    elif plan_digest(c["spec"] for c in cells) != first["plan_digest"]:
+        raise UsageError(f"--merge: the {len(cells)} merged cells are not the plan the slices name "
+                         f"(meta.plan_digest differs): a slice was edited or comes from another plan")
     binfo = None
     if baseline is not None:
+        check_baseline_matches([c["spec"] for c in cells], baseline, baseline_path)
         regressions, binfo = compare(cells, baseline, factor=factor, floor=floor)
     meta = dict(first, merged_from=list(paths), cells_slice=None, cells_start=None,
-                wall_s=sum(float(r["meta"].get("wall_s") or 0) for r in reps),
+                cell_indices=sorted(by_index),
+                wall_s=sum(float(r["meta"].get("wall_s") or 0) for r in reps if _is_number(r["meta"].get("wall_s"))),
                 interrupted=interrupted, command=command or first.get("command"))
     return _jsonable({"schema": SCHEMA, "meta": meta, "verdict": _verdict(cells, regressions, interrupted=interrupted),
                       "regressions": regressions, "baseline": binfo, "skipped": reps[0].get("skipped") or [],
                       "cells": cells})
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _merge_main(args) -> int:
@@ -756,8 +887,10 @@ def _merge_main(args) -> int:
         f" --baseline {shlex.quote(args.baseline)}" if args.baseline else "") + (
         f" --out {shlex.quote(args.out)}" if args.out else "")
     baseline = load_baseline(args.baseline) if args.baseline else None
+    if args.out:
+        check_out_dir(args.out)
     report = merge_reports(args.merge, command, baseline=baseline, factor=args.regression_factor,
-                           floor=args.regression_floor)
+                           floor=args.regression_floor, baseline_path=args.baseline or "")
     if args.out:
         from .report import write_reports
 
@@ -788,31 +921,45 @@ def _audit_main(args) -> int:
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 
     full = bool(args.full)
-    device = args.device or ("cuda" if full else "cpu")
+    device = args.device if args.device is not None else ("cuda" if full else "cpu")
     if args.max_cells is not None and args.max_cells < 1:
         raise UsageError(f"--max-cells: must be >= 1, got {args.max_cells}")
-    if args.seed < 0:
-        raise UsageError(f"--seed: must be >= 0, got {args.seed}")
     baseline = load_baseline(args.baseline) if args.baseline else None
     impl = _resolve(args.impl, device)
+    if args.out:
+        check_out_dir(args.out)  # before the sweep: a bad --out found after it loses the run
     cells, skipped = plan(impl, full=full, seed=args.seed)
     if args.only:
         cells = [c for c in cells if any(s in c.case.spec() for s in args.only)]
         if not cells:
             raise UsageError(f"--only: no cell matches {args.only}")
     plan_size = len(cells)
-    cells_start = 0
+    digest = plan_digest(c.case.spec() for c in cells)
+    indices = list(range(plan_size))
     if args.cells:
-        sl = _cell_slice(args.cells, plan_size)
-        cells, cells_start = cells[sl], range(plan_size)[sl].start
-    if args.max_cells is not None and len(cells) > args.max_cells:
+        indices = indices[_cell_slice(args.cells, plan_size)]
+    if args.max_cells is not None and len(indices) > args.max_cells:
         # evenly spaced, so every sweep keeps a few cells
-        step = len(cells) / args.max_cells
-        cells = [cells[int(i * step)] for i in range(args.max_cells)]
+        step = len(indices) / args.max_cells
+        indices = [indices[int(i * step)] for i in range(args.max_cells)]
+    cells = [cells[i] for i in indices]
+    cells_start = indices[0]
+    if baseline is not None:
+        check_baseline_matches([c.case.spec() for c in cells], baseline, args.baseline)
+    from .validate import LLAInputError
+
+    for c in cells:
+        try:
+            c.case.check_fits(device)
+        except LLAInputError as exc:
+            raise UsageError(f"cell {c.case.spec()}: {str(exc).removeprefix('case: ')} (--only or --cells "
+                             f"leave it out)") from None
     command = _command_line(args, full, device)
     meta = metadata(impl, device, "full" if full else "quick", command, args.seed)
     meta["impl"] = args.impl
     meta["plan_size"] = plan_size  # cells planned before --cells: what --merge checks completeness against
+    meta["plan_digest"] = digest  # and what a complete merge's cells must hash to
+    meta["cell_indices"] = indices  # the plan position of each cell run, in order
     meta["only"] = list(args.only or [])
     meta["cells_slice"] = args.cells or None
     meta["cells_start"] = cells_start  # the slice's first plan position: --merge orders by it
@@ -833,20 +980,19 @@ def _check_main(args) -> int:
 
     try:
         case = parse_case(args.case)
-    except (LLAInputError, ValueError) as exc:
-        raise UsageError(f"--case: {exc}") from None
+    except LLAInputError as exc:
+        raise UsageError(f"--case: {str(exc).removeprefix('case: ')}") from None
     impl = _resolve(args.impl, args.device)
-    if case.dtype not in DTYPES:
-        raise UsageError(f"--case: dtype must be one of {list(DTYPES)}, got {case.dtype!r}")
     reason = impl.supports(dtype=DTYPES[case.dtype], head_dim=case.D)
     if reason:
         raise UsageError(f"--case: {reason}")
     from .trust import Worker, picklable
 
     try:
+        case.check_fits(args.device)
         case.build(args.device)  # a case that cannot be built is the user's error, said here
     except LLAInputError as exc:
-        raise UsageError(f"--case: {exc}") from None
+        raise UsageError(f"--case: {str(exc).removeprefix('case: ')}") from None
     cell = Cell("check", case)
     worker = Worker(_cell_timeout(args)) if picklable(impl, cell) else None
     try:
@@ -893,7 +1039,7 @@ def _guard(fn):
         try:
             return fn(args)
         except UsageError as exc:
-            print(f"lla-verify {args.command}: error: {exc}", file=sys.stderr)
+            print(f"lla-verify {args.command}: error: {one_line(exc)}", file=sys.stderr)
             return EXIT_USAGE
 
     return run
@@ -920,7 +1066,7 @@ def register(sub) -> None:
     p.add_argument("--regression-floor", type=float, default=REGRESSION_FLOOR, metavar="R",
                    help="with --baseline: growth to a ratio below R is rounding noise, not a regression "
                         f"(default {REGRESSION_FLOOR:g})")
-    p.add_argument("--seed", type=int, default=0, help="seed of every case (default 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of every case (default 0)")
     p.add_argument("--only", action="append", metavar="SUBSTRING",
                    help="keep only cells whose case spec contains SUBSTRING (repeatable)")
     p.add_argument("--no-backward", action="store_true", help="skip the gradient checks")

@@ -23,6 +23,8 @@ import datetime
 import math
 import statistics
 
+from .cliutil import UsageError, atomic_write, check_out_file, float_in, int_in
+
 # The public FlashLLA kernel at its defaults on an H100, bf16, lambda 0.1 (the bar to beat).
 PUBLIC_MS = {(16, 1, 2048, 64): 2.60, (8, 1, 4096, 64): 4.28, (8, 1, 2048, 128): 2.76}
 DEFAULT_SHAPES = "16,1,2048,64;8,1,4096,64;8,1,2048,128"
@@ -46,14 +48,75 @@ def judge(problem, o, stats=None):
     return check_forward(problem, get_impl("triton"), o, stats=stats, dense=True, mp_recheck=False)
 
 
+def _int_tuples(text: str, n: int, flag: str, what: str) -> list[tuple]:
+    """'a,b,c;a,b,c' -> tuples of n positive integers, or a UsageError naming ``flag``."""
+    out = []
+    pos = int_in(1)
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        fields = part.split(",")
+        try:
+            if len(fields) != n:
+                raise argparse.ArgumentTypeError(f"expected {n} fields")
+            out.append(tuple(pos(x) for x in fields))
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"{flag}: expected {what} ({n} integers >= 1), got {part!r}: {exc}") from None
+    return out
+
+
 def _parse_shapes(text):
-    return [tuple(int(x) for x in part.split(",")) for part in text.split(";") if part.strip()]
+    shapes = _int_tuples(text, 4, "--shapes", "B,H,S,D")
+    if not shapes:
+        raise UsageError(f"--shapes: expected at least one B,H,S,D, got {text!r}")
+    return shapes
 
 
 def _parse_configs(text):
     if not text:
         return [None]
-    return [tuple(int(x) for x in part.split(",")) for part in text.split(";") if part.strip()]
+    return _int_tuples(text, 4, "--configs", "BM,BN,warps,stages") or [None]
+
+
+def check_args(args) -> None:
+    """Every argument checked before CUDA or a kernel is touched (a usage error, exit 2)."""
+    from .validate import LLAInputError
+
+    shapes = _parse_shapes(args.shapes)
+    _parse_configs(args.configs)
+    if args.precisions is not None:
+        from lla_triton._common import PRECISIONS
+
+        bad = [p for p in args.precisions.split(",") if p not in PRECISIONS]
+        if bad or not args.precisions:
+            raise UsageError(f"--precisions: expected a comma list among {','.join(PRECISIONS)}, got "
+                             f"{args.precisions!r}")
+    if args.mem_seqs:
+        for x in args.mem_seqs.split(","):
+            try:
+                int_in(1)(x)
+            except argparse.ArgumentTypeError:
+                raise UsageError(f"--mem-seqs: expected a comma list of integers >= 1, got {args.mem_seqs!r}") \
+                    from None
+    name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]
+    for B, H, S, D in shapes:
+        try:  # the judged case, as _run builds it (the lambda in the registry's range, too)
+            case = check_case(S, D, max(1, min(B * H, args.oracle_heads)), args.ridge_lambda, name)
+        except LLAInputError as exc:
+            raise UsageError(f"--shapes/--ridge-lambda: {str(exc).removeprefix('case: ')}") from None
+        if available_gpu() is not None:
+            try:
+                case.check_fits("cuda")
+            except LLAInputError as exc:
+                raise UsageError(f"--shapes: {str(exc).removeprefix('case: ')}") from None
+    if args.out:
+        check_out_file(args.out)
+
+
+def available_gpu():
+    import torch
+
+    return 0 if torch.cuda.is_available() else None
 
 
 def _run(args) -> int:
@@ -67,8 +130,7 @@ def _run(args) -> int:
     from lla_verify.trust import device_peaks, implausible_speed, lla_forward_floor_s, timed_calls, timing_disagrees
 
     if not torch.cuda.is_available():
-        print("bench: needs a CUDA device (the interpreter is far too slow to time)")
-        return 2
+        raise UsageError("needs a CUDA device (the interpreter is far too slow to time)")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     dev = "cuda"
     lam = args.ridge_lambda
@@ -195,8 +257,7 @@ def _run(args) -> int:
             emit(f"| 1,1,{S},{D} | {peak:.2f} | {inputs:.2f} | {t_ours:.3f} | {t_sdpa:.3f} |")
             del q, k, v, o
     if args.out:
-        with open(args.out, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+        atomic_write(args.out, "\n".join(lines) + "\n")
     return 1 if flags else 0
 
 
@@ -205,23 +266,26 @@ def register(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="B,H,S,D;B,H,S,D;...")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--ridge-lambda", type=float, default=0.1)
+    p.add_argument("--ridge-lambda", type=float_in(1e-3, 1e2), default=0.1,
+                   help="lambda, in the gaussian family's range (its accuracy case is a registry case)")
     p.add_argument("--precisions", default=None,
                    help="comma list among ieee,tf32x3,tf32 (default: lla_triton.DEFAULT_PRECISION)")
     p.add_argument("--configs", default="", help="tile configs BM,BN,warps,stages;... (default: the built-in table)")
-    p.add_argument("--cg-tol", type=float, default=None,
+    p.add_argument("--cg-tol", type=float_in(0.0, 1.0, lo_open=True, hi_open=True), default=None,
                    help="CG tolerance of the timed and judged runs (default: lla_triton.DEFAULT_CG_TOL); "
                         "the budget stays the default's")
-    p.add_argument("--fixed-iters", type=int, default=8, help="CG iterations of the per-iteration timing run")
-    p.add_argument("--oracle-heads", type=int, default=2, help="heads checked against the float64 oracle")
+    p.add_argument("--fixed-iters", type=int_in(1, 2**31 - 1), default=8,
+                   help="CG iterations of the per-iteration timing run")
+    p.add_argument("--oracle-heads", type=int_in(1), default=2, help="heads checked against the float64 oracle")
     p.add_argument("--mem-seqs", default="2048,8192,32768", help="S values for the peak-memory rows ('' to skip)")
-    p.add_argument("--sync-reps", type=int, default=20,
+    p.add_argument("--sync-reps", type=int_in(1), default=20,
                    help="calls timed between device-wide synchronisations (the check on do_bench's events)")
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
+    p.add_argument("--warmup", type=int_in(1), default=25, help="do_bench warm-up (ms)")
+    p.add_argument("--rep", type=int_in(1), default=100, help="do_bench repetitions (ms)")
     p.add_argument("--out", default=None, help="also write the table to this file")
 
     def run(args):
+        check_args(args)
         if args.precisions is None:
             import lla_triton
 

@@ -14,6 +14,9 @@ Every family states what it targets; tests/test_cases.py measures that it does.
 from __future__ import annotations
 
 import math
+import numbers
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +26,7 @@ from .validate import LLAInputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+SEED_MAX = 2**32 - 1  # torch's CPU generator keeps 32 bits: seed 2**32 would repeat seed 0
 
 
 @dataclass(frozen=True)
@@ -39,10 +43,30 @@ class Param:
     zero: bool = False
 
     def clip(self, x: float) -> float:
+        """``x`` moved into range: for generators (strategies, the hunt), whose Case then
+        holds and prints the moved value. A given value is never clipped: see ``check``."""
         if self.zero and float(x) == 0.0:
             return 0.0
         x = min(max(float(x), self.lo), self.hi)
         return float(round(x)) if self.integer else x
+
+    def range_text(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        zero = " or exactly 0" if self.zero else ""
+        return f"{kind} in [{_fmt(float(self.lo))}, {_fmt(float(self.hi))}]{zero}"
+
+    def check(self, x, family: str = "") -> None:
+        """LLAInputError naming the parameter and its range unless ``x`` is a value of it."""
+        where = f"{family}'s " if family else ""
+        ok = isinstance(x, numbers.Real) and not isinstance(x, bool)
+        if ok:
+            x = float(x)
+            # a parameter that admits 0 besides its range (Param.zero) takes it exactly
+            in_range = self.lo <= x <= self.hi or (self.zero and x == 0.0)
+            ok = math.isfinite(x) and in_range and (not self.integer or x.is_integer())
+        if not ok:
+            raise LLAInputError(f"case: parameter {self.name}={x!r}: {where}{self.name} must be {self.range_text()}"
+                                + (f" ({self.doc})" if self.doc else ""))
 
 
 @dataclass(frozen=True)
@@ -106,22 +130,67 @@ class Case:
     dtype: str = "float32"
     seed: int = 0
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """LLAInputError naming the first field that is not a value this case can have.
+
+        Nothing is clipped: the case that runs is the case ``spec()`` prints."""
+        fam = get_family(self.family)
+        if not isinstance(self.params, dict):
+            raise LLAInputError(f"case: params must be a dict, got {type(self.params).__name__}")
+        names = [p.name for p in fam.params]
+        for k, v in self.params.items():
+            if k not in names:
+                raise LLAInputError(f"case: family {self.family!r} has no parameter {k!r} (has {names})")
+            fam.param(k).check(v, self.family)
+        if self.dtype not in DTYPES:
+            raise LLAInputError(f"case: dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        for name, val in (("B", self.B), ("H", self.H), ("S", self.S), ("D", self.D)):
+            if not isinstance(val, numbers.Integral) or isinstance(val, bool) or val < 1:
+                raise LLAInputError(f"case: {name} must be an integer >= 1, got {val!r}")
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or not 0 <= self.seed <= SEED_MAX:
+            raise LLAInputError(f"case: seed must be an integer in [0, {SEED_MAX}] (the generator keeps 32 bits; "
+                                f"a larger seed would repeat a smaller one), got {self.seed!r}")
+
     def spec(self) -> str:
         ps = ",".join(f"{k}={_fmt(v)}" for k, v in sorted(self.params.items()))
         return f"{self.family}:{ps}:B={self.B},H={self.H},S={self.S},D={self.D},dtype={self.dtype},seed={self.seed}"
 
+    def build_bytes(self) -> int:
+        """Host memory ``build`` needs: the float64 draws (q, k, v and the generators'
+        temporaries) and the rounded copies."""
+        n = int(self.B) * int(self.H) * int(self.S) * int(self.D)  # Python ints: no overflow
+        return 8 * 8 * n + 3 * DTYPES[self.dtype].itemsize * n
+
+    def check_bytes(self) -> int:
+        """Memory one judged run of this case needs, beside the implementation's own:
+        the build, the float64 oracle (queries in chunks of DEFAULT_CHUNK_BYTES, plus
+        per-query (D, D) matrices) and the dense same-precision reference, which holds
+        about three (B, H, S, S, D) float32 tensors (lla_verify/impls.dense_torch_lla)."""
+        B, H, S, D = (int(x) for x in (self.B, self.H, self.S, self.D))
+        return (self.build_bytes() + 16 * 8 * B * H * S * D + 3 * 8 * B * H * S * D * D
+                + 3 * 4 * B * H * S * S * D + 4 * 128 * 2**20)
+
+    def check_fits(self, device="cpu", *, nbytes: int | None = None, what: str = "checking it") -> None:
+        """LLAInputError when ``nbytes`` (default: ``check_bytes``) exceeds the memory
+        available on ``device`` (and the build's host memory on the host): refused before
+        anything is allocated, not found out by the allocator."""
+        need = self.check_bytes() if nbytes is None else int(nbytes)
+        shape = f"B={self.B},H={self.H},S={self.S},D={self.D}"
+        for dev, n, why in (("cpu", self.build_bytes(), "building its inputs"), (str(device), need, what)):
+            have = available_bytes(dev)
+            if have is not None and n > have:
+                raise LLAInputError(f"case: {shape} needs about {_gib(n)} of {dev} memory for {why}; "
+                                    f"{_gib(have)} is available (make S, B, H or D smaller)")
+
     def build(self, device="cpu") -> Problem:
+        self.validate()
         fam = get_family(self.family)
         params = fam.easy()
-        for k, v in self.params.items():
-            if k not in params:
-                raise LLAInputError(f"case: family {self.family!r} has no parameter {k!r} (has {list(params)})")
-            params[k] = fam.param(k).clip(v)
-        if self.dtype not in DTYPES:
-            raise LLAInputError(f"case: dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        for name, val in (("B", self.B), ("H", self.H), ("S", self.S), ("D", self.D)):
-            if int(val) < 1:
-                raise LLAInputError(f"case: {name} must be >= 1, got {val}")
+        params.update({k: float(v) for k, v in self.params.items()})
+        self.check_fits(device, nbytes=self.build_bytes(), what="building its inputs")
         gen = torch.Generator().manual_seed(int(self.seed))
         q, k, v, lam, scale = fam.build(params, (self.B, self.H, self.S, self.D), gen)
         dt = DTYPES[self.dtype]
@@ -135,33 +204,108 @@ class Case:
         return Problem(self, q, k, v, lam, float(scale))
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def available_bytes(device="cpu") -> int | None:
+    """Memory a new allocation can take on ``device`` (None when unknown): MemAvailable
+    on a Linux host, free memory on a CUDA device."""
+    dev = str(device)
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.mem_get_info(torch.device(dev))[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _fmt(v) -> str:
+    """A parameter as the spec prints it: 6 significant digits when they give the value
+    back exactly, else as many as it takes (a replayed spec is the same case)."""
     if isinstance(v, float) and v.is_integer() and abs(v) < 1e6:
         return str(int(v))
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
+    if not isinstance(v, float):
+        return str(v)
+    for digits in range(6, 18):
+        text = f"{v:.{digits}g}"
+        if float(text) == v:
+            return text
+    return repr(v)
+
+
+# ASCII only: Python's float() and int() also take fullwidth and other Unicode digits
+# and underscores, which a spec printed by this module never holds
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)",
+                     re.IGNORECASE | re.ASCII)
+_INTEGER = re.compile(r"[+-]?[0-9]{1,40}", re.ASCII)
+SHAPE_FIELDS = ("B", "H", "S", "D", "dtype", "seed")
+
+
+def _items(text: str, what: str, spec: str):
+    """(key, value) pairs of 'k=v,k=v'; every key once, every item with its '='."""
+    seen = set()
+    if not text:
+        return
+    for item in text.split(","):
+        key, eq, val = item.partition("=")
+        if not item:
+            raise LLAInputError(f"case: an empty {what} item (two commas, or a trailing one) in {spec!r}")
+        if not eq:
+            raise LLAInputError(f"case: {what} {key!r} has no value: expected {key}=VALUE in {spec!r}")
+        if key in seen:
+            raise LLAInputError(f"case: {what} {key!r} given twice in {spec!r}")
+        seen.add(key)
+        yield key, val
 
 
 def parse_case(spec: str) -> Case:
-    """Inverse of ``Case.spec``: 'family:p=v,...:B=1,H=1,S=16,D=16,dtype=float32,seed=0'."""
+    """Inverse of ``Case.spec``: 'family:p=v,...:B=1,H=1,S=16,D=16,dtype=float32,seed=0'.
+
+    Strict: every parameter in its family's range, finite, given once, in ASCII digits;
+    a mistyped spec is an LLAInputError naming the field, never a nearby case."""
+    if not isinstance(spec, str):
+        raise LLAInputError(f"case: expected a spec string, got {type(spec).__name__}")
     parts = spec.strip().split(":")
     if len(parts) != 3:
         raise LLAInputError(f"case: expected 'family:params:shape', got {spec!r}")
-    fam, ps, shape = parts
-    get_family(fam)
+    name, ps, shape = parts
+    fam = get_family(name)
     params = {}
-    for item in filter(None, ps.split(",")):
-        key, _, val = item.partition("=")
+    for key, val in _items(ps, "parameter", spec):
+        try:
+            p = fam.param(key)
+        except KeyError:
+            raise LLAInputError(f"case: family {name!r} has no parameter {key!r} "
+                                f"(has {[q.name for q in fam.params]})") from None
+        if not _NUMBER.fullmatch(val):
+            raise LLAInputError(f"case: parameter {key}={val!r}: {name}'s {key} must be {p.range_text()} "
+                                f"in ASCII digits")
         params[key] = float(val)
+        p.check(params[key], name)
     kw = {}
-    for item in filter(None, shape.split(",")):
-        key, _, val = item.partition("=")
-        if key in ("B", "H", "S", "D", "seed"):
-            kw[key] = int(val)
-        elif key == "dtype":
+    for key, val in _items(shape, "shape field", spec):
+        if key == "dtype":
+            if val not in DTYPES:
+                raise LLAInputError(f"case: dtype must be one of {list(DTYPES)}, got {val!r}")
             kw[key] = val
+        elif key in SHAPE_FIELDS:
+            want = f"an integer in [0, {SEED_MAX}]" if key == "seed" else "an integer >= 1"
+            if not _INTEGER.fullmatch(val):
+                raise LLAInputError(f"case: {key}={val!r}: expected {want} in ASCII digits")
+            kw[key] = int(val)
         else:
-            raise LLAInputError(f"case: unknown shape field {key!r} in {spec!r}")
-    return Case(family=fam, params=params, **kw)
+            raise LLAInputError(f"case: unknown shape field {key!r} in {spec!r} (expected {', '.join(SHAPE_FIELDS)})")
+    return Case(family=name, params=params, **kw)
 
 
 # ------------------------------------------------------------------ generators
@@ -307,7 +451,8 @@ _register(Family("gaussian", "baseline: standard normal q, k, v", (_lam(), Param
 _register(Family(
     "subspace", "near-singular Sigma_i: q and k on a rank-r affine subspace; kappa(Sigma_i) >= 1e6 for most queries "
     "when noise <= 1e-4 and lambda <= 1e-8",
-    (Param("rank", 1, 8, 2, log=False, integer=True), Param("noise", 1e-8, 1e-1, 1e-1), _lam(1e-12, 1.0, 1.0)),
+    (Param("rank", 1, 8, 2, log=False, integer=True,
+           doc="rank of the subspace; min(rank, D - 1) is used, a rank-D subspace being no constraint"), Param("noise", 1e-8, 1e-1, 1e-1), _lam(1e-12, 1.0, 1.0)),
     _subspace,
 ))
 _register(Family(
@@ -317,7 +462,7 @@ _register(Family(
 ))
 _register(Family(
     "duplicates", "repeated keys: rank(scatter) <= pool size",
-    (Param("pool", 1, 16, 8, log=False, integer=True), _lam(1e-6, 10.0, 1.0)), _duplicates,
+    (Param("pool", 1, 16, 8, log=False, integer=True, doc="distinct keys; min(pool, S) are used"), _lam(1e-6, 10.0, 1.0)), _duplicates,
 ))
 _register(Family(
     "bandwidth", "extreme bandwidths: scale 0 (uniform weights exactly: the MesaNet form) and 1e-4 (nearly "

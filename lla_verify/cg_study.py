@@ -19,6 +19,7 @@ then writes
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -28,8 +29,10 @@ from pathlib import Path
 import torch
 
 from .cases import Case
+from .cliutil import UsageError, atomic_write, check_device, check_out_dir, float_in, int_in, save_figure, seed_type
 from .cg import U32, bound_applies, cg_records, finite_precision_limit, iteration_bound, kernel_defaults, triton_unavailable
 
+KAPPAS_MAX = 1000  # grid points; a denser log grid from 1 to 1e8 adds nothing but time
 QUICK = dict(shapes=((48, 16),), kappas=9, B=1, H=1)
 FULL = dict(shapes=((1024, 64), (2048, 128)), kappas=9, B=1, H=1)
 
@@ -69,7 +72,7 @@ def run_study(*, impl_name="triton", full=False, out="cg-study", seed=0, kappas=
 
     cfg = FULL if full else QUICK
     shapes = tuple(shapes or cfg["shapes"])
-    grid = kappa_grid(int(kappas or cfg["kappas"]))
+    grid = kappa_grid(int(kappas if kappas is not None else cfg["kappas"]))
     dev = _device(device, full)
     d_tol, _, why_defaults = kernel_defaults()
     tol = float(tol if tol is not None else d_tol)
@@ -119,8 +122,7 @@ def run_study(*, impl_name="triton", full=False, out="cg-study", seed=0, kappas=
         "rows": rows,
     }
     _write_csv(outdir / "cg_points.csv", rows)
-    with open(outdir / "cg_points.json", "w") as fh:
-        json.dump(_jsonable(doc), fh, indent=1)
+    atomic_write(outdir / "cg_points.json", json.dumps(_jsonable(doc), indent=1))
     _plot_iterations(outdir / "cg_iterations.png", rows, doc["settings"])
     _plot_error(outdir / "cg_error.png", rows, doc["settings"])
     log(format_table(summaries, kernel=impl is not None))
@@ -180,18 +182,19 @@ def format_table(summaries, *, kernel: bool) -> str:
 
 def _write_csv(path, rows):
     if not rows:
-        path.write_text("")
+        atomic_write(path, "")
         return
     names = list(rows[0])
     for r in rows:
         for k in r:
             if k not in names:
                 names.append(k)
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=names)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _scalar(v) for k, v in r.items()})
+    fh = io.StringIO(newline="")
+    w = csv.DictWriter(fh, fieldnames=names)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _scalar(v) for k, v in r.items()})
+    atomic_write(path, fh.getvalue())
 
 
 def _scalar(v):
@@ -281,7 +284,7 @@ def _plot_iterations(path, rows, st):
     axes[0][0].legend(fontsize=6.5, loc="upper left")
     fig.suptitle(_title(st), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -328,7 +331,7 @@ def _plot_error(path, rows, st):
     axes[0][0].legend(fontsize=6.5, loc="upper left")
     fig.suptitle(_title(st), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -346,7 +349,23 @@ def _median(xs):
 
 
 # ------------------------------------------------------------------ the command
+def _check_args(args) -> None:
+    """Every argument checked before the sweep: a usage error names it (exit 2)."""
+    if args.device is not None:
+        check_device(args.device)
+    if args.impl not in ("none", "triton"):
+        from .impls import get_impl
+        from .validate import LLAInputError
+
+        try:
+            get_impl(args.impl)
+        except LLAInputError as exc:
+            raise UsageError(str(exc).replace("--lla-impl", "--impl")) from None
+    check_out_dir(args.out)
+
+
 def _run(args) -> int:
+    _check_args(args)
     if not args.full and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available() \
             and args.impl == "triton":
         # --quick runs the kernel on CPU through the interpreter; say so instead of skipping silently
@@ -365,11 +384,13 @@ def register(sub) -> None:
     mode.add_argument("--quick", action="store_true", help="CPU through the Triton interpreter, S=48, D=16 (default)")
     mode.add_argument("--full", action="store_true", help="GPU sizes: S=1024 D=64 and S=2048 D=128")
     p.add_argument("--out", default="cg-study", help="output directory (default cg-study)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the spectrum problems")
-    p.add_argument("--kappas", type=int, default=None, help="grid points from 1 to 1e8 (default 9)")
-    p.add_argument("--tol", type=float, default=None, help="CG tolerance (default: the kernel's DEFAULT_CG_TOL)")
-    p.add_argument("--max-iters", type=int, default=None,
-                   help="kernel CG iteration cap (default: the kernel's own, 16 D)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of the spectrum problems")
+    p.add_argument("--kappas", type=int_in(1, KAPPAS_MAX), default=None,
+                   help=f"grid points from 1 to 1e8, 1 to {KAPPAS_MAX} (default 9)")
+    p.add_argument("--tol", type=float_in(0.0, 1.0, lo_open=True, hi_open=True), default=None,
+                   help="CG relative tolerance in (0, 1) (default: the kernel's DEFAULT_CG_TOL)")
+    p.add_argument("--max-iters", type=int_in(0, 2**31 - 1), default=None,
+                   help="kernel CG iteration cap, >= 0 (default: the kernel's own, 16 D)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --full when present, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.set_defaults(func=_run)

@@ -52,21 +52,20 @@ def pytest_command(impl: str, device: str, pytest_args: list[str]) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .cliutil import UsageError
     from .impls import get_impl
     from .validate import LLAInputError
 
     if _suite_args() is None:
-        print(f"lla-verify suite: the suite package {SUITE_PACKAGE} is not installed "
-              f"(pip install lla-verify, or pip install -e . in the source tree)", file=sys.stderr)
-        return _USAGE_ERROR
+        raise UsageError(f"the suite package {SUITE_PACKAGE} is not installed "
+                         f"(pip install lla-verify, or pip install -e . in the source tree)")
     # Resolved here first so that a bad --impl is one line and exit 2, not an error in
     # every test; from the current folder, as ``python -m pytest`` will import it.
     sys.path.insert(0, os.getcwd())
     try:
         get_impl(args.impl)
     except LLAInputError as exc:
-        print(f"lla-verify suite: {str(exc).replace('--lla-impl', '--impl')}", file=sys.stderr)
-        return _USAGE_ERROR
+        raise UsageError(str(exc).replace("--lla-impl", "--impl")) from None
     finally:
         sys.path.remove(os.getcwd())
     rest = list(args.pytest_args)

@@ -34,13 +34,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .cases import DTYPE_NAMES, DTYPES, Case, Problem, get_family, parse_case
+from .cliutil import atomic_write as _atomic_write  # temp file ".NAME.*.tmp" beside NAME, then a rename
 from .validate import LLAInputError
 
 FORMAT = "lla-verify-goldens/1"
@@ -279,30 +279,11 @@ def _dtype_name(t: torch.Tensor) -> str:
     return DTYPE_NAMES.get(t.dtype, str(t.dtype).replace("torch.", ""))
 
 
-# '.<target file>.<mkstemp's random part>.tmp': what _atomic_write leaves behind when
-# the process dies between creating and renaming its temporary file
+# '.<target file>.<mkstemp's random part>.tmp': what _atomic_write (cliutil.atomic_write)
+# leaves behind when the process dies between creating and renaming its temporary file;
+# 'goldens clean' relies on that name
 TEMP_RE = re.compile(r"\.(?P<target>[^/\\]+" + re.escape(SUFFIX) + "|" + re.escape(MANIFEST)
                      + r")\.[A-Za-z0-9_]+\.tmp")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # a temp file in the same folder, so os.replace is a rename on one file system;
-    # its name must keep matching TEMP_RE, so 'goldens clean' recognises a leftover
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file private; a golden is ordinary repository data
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def encode(golden: Golden, arrays: dict) -> bytes:
@@ -991,7 +972,9 @@ def _compare_summary(results: list[CaseResult]) -> tuple[int, list[CaseResult]]:
 
 # ------------------------------------------------------------------ CLI
 def _usage(msg: str) -> int:
-    print(f"lla-verify goldens: error: {msg}", file=sys.stderr)
+    from .cliutil import one_line
+
+    print(f"lla-verify goldens: error: {one_line(msg)}", file=sys.stderr)
     return 2
 
 
@@ -1009,6 +992,12 @@ def _run_regen(args) -> int:
         if not folder.is_dir():
             return _usage(f"--dir: {folder} does not exist")
         return check(folder, args.only)
+    from .cliutil import UsageError, check_out_dir
+
+    try:
+        check_out_dir(str(folder), "--dir")  # before the goldens are computed
+    except UsageError as exc:
+        return _usage(str(exc))
     return regen(folder, force=args.force, only=args.only)
 
 
@@ -1016,12 +1005,21 @@ def _run_compare(args) -> int:
     from .impls import get_impl
 
     folder = Path(args.dir)
+    from .cliutil import UsageError, check_device
+
     try:
         select(args.only)
         impl = get_impl(args.impl)
-        torch.device(args.device)
-    except (LLAInputError, RuntimeError) as exc:
-        return _usage(str(exc) if "device" not in str(exc).lower() else f"--device: {exc}")
+        check_device(args.device)
+    except LLAInputError as exc:
+        return _usage(str(exc).replace("--lla-impl", "--impl"))
+    except UsageError as exc:
+        return _usage(str(exc))
+    from .impls import is_available
+
+    why = is_available(impl, args.device)
+    if why:
+        return _usage(f"--impl {args.impl}: not available on {args.device}: {why}")
     if not folder.is_dir():
         return _usage(f"--dir: {folder} is not a directory")
     try:
@@ -1049,7 +1047,7 @@ def _run_list(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("goldens", help="golden outputs: regenerate, check, and compare an implementation against them")
     gs = p.add_subparsers(dest="goldens_command", metavar="ACTION")
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    p.set_defaults(func=lambda a: _usage("expected an action: regen, compare or list (see lla-verify goldens --help)"))
 
     r = gs.add_parser("regen", help="recompute every golden deterministically and write it (or --check)")
     r.add_argument("--dir", default=str(DEFAULT_DIR), help="goldens folder (default: %(default)s)")

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from .budget import THRESHOLD, check_forward
-from .cases import FAMILIES, Case, get_family
+from .cases import DTYPES, FAMILIES, Case, get_family
+from .cliutil import UsageError, atomic_write, check_device, check_out_dir, int_in, save_figure, seed_type
 from .cmd_suite import suite_dir
 from .impls import get_impl, is_available
 from .validate import LLAInputError
@@ -196,9 +197,7 @@ def add_regression(case: Case, note: str, path: Path = REGRESSIONS) -> None:
     if any(d["spec"] == case.spec() for d in data):
         return
     data.append({"spec": case.spec(), "note": note, "date": time.strftime("%Y-%m-%d")})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
 
 
 def _plot(results: dict, out: Path) -> Path:
@@ -217,7 +216,7 @@ def _plot(results: dict, out: Path) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "hunt.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -226,42 +225,38 @@ def _run(args) -> int:
     try:
         impl = get_impl(args.impl)
     except LLAInputError as exc:
-        print(f"lla-verify hunt: {str(exc).replace('--lla-impl', '--impl')}", file=sys.stderr)
-        return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        raise UsageError(str(exc).replace("--lla-impl", "--impl")) from None
+    device = check_device(args.device) if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if impl.name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        print("lla-verify hunt: the Triton kernel on CPU needs TRITON_INTERPRET=1", file=sys.stderr)
-        return 2
+        raise UsageError("--impl triton: the Triton kernel on CPU needs TRITON_INTERPRET=1")
     reason = is_available(impl, device)
     if reason:
-        print(f"lla-verify hunt: {reason}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--impl {args.impl}: {reason}")
     families = list(FAMILIES) if args.family == "all" else [args.family]
     for f in families:
         if f not in FAMILIES:
-            print(f"lla-verify hunt: --family: unknown {f!r}; expected 'all' or one of {list(FAMILIES)}",
-                  file=sys.stderr)
-            return 2
-    if args.evals < 1:
-        print("lla-verify hunt: --evals: expected a positive count", file=sys.stderr)
-        return 2
-    D = args.head_dim or (16 if impl.head_dims else 8)
+            raise UsageError(f"--family: unknown {f!r}; expected 'all' or one of {list(FAMILIES)}")
+    D = args.head_dim or (min(impl.head_dims) if impl.head_dims else 8)
+    reason = impl.supports(dtype=DTYPES[args.dtype], head_dim=D)
+    if reason:
+        raise UsageError(f"--head-dim/--dtype: {reason}")
+    try:  # the largest problem the search builds: refused now, not by the allocator mid-search
+        Case(families[0], {}, S=args.seq, D=D, dtype=args.dtype).check_fits(device)
+    except LLAInputError as exc:
+        raise UsageError(f"--seq/--head-dim: {str(exc).removeprefix('case: ')}") from None
     if args.cell_timeout is not None and not (args.cell_timeout > 0 and math.isfinite(args.cell_timeout)):
-        print(f"lla-verify hunt: --cell-timeout: expected a positive number of seconds, got {args.cell_timeout:g}",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"--cell-timeout: expected a positive number of seconds, got {args.cell_timeout:g}")
+    out = check_out_dir(args.out)
     obj = Objective(impl, device, S=args.seq, D=D, dtype=args.dtype, timeout=args.cell_timeout)
     try:
-        return _search(args, impl, device, families, obj)
+        return _search(args, impl, device, families, obj, out)
     finally:
         obj.close()
 
 
-def _search(args, impl, device, families, obj) -> int:
+def _search(args, impl, device, families, obj, out) -> int:
     from tqdm import tqdm
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     worst: Eval | None = None
     curves, table = {}, []
@@ -287,7 +282,7 @@ def _search(args, impl, device, families, obj) -> int:
     summary = {"impl": args.impl, "device": device, "evals_per_family": args.evals, "seed": args.seed,
                "worst_ratio": worst.ratio, "worst_case": worst.case.spec(), "cause": worst.cause,
                "replay": replay, "families": table, "date": time.strftime("%Y-%m-%d")}
-    (out / "hunt.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write(out / "hunt.json", json.dumps(summary, indent=1) + "\n")
     png = _plot(curves, out)
     def first(n):
         return "-" if n is None else str(n)
@@ -312,11 +307,12 @@ def register(sub) -> None:
     p = sub.add_parser("hunt", help="search for the input that maximises error / budget")
     p.add_argument("--impl", default="triton", help="implementation: built-in name or MODULE:CALLABLE")
     p.add_argument("--family", default="all", help="a family of cases.py, or 'all'")
-    p.add_argument("--evals", type=int, default=40, help="evaluations per family")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    p.add_argument("--seq", type=int, default=33, help="sequence length S of the problems searched")
-    p.add_argument("--head-dim", type=int, default=None, help="head dimension D (default 16 for kernels, 8 otherwise)")
+    p.add_argument("--evals", type=int_in(1), default=40, help="evaluations per family (>= 1)")
+    p.add_argument("--seed", type=seed_type, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--seq", type=int_in(1), default=33, help="sequence length S of the problems searched")
+    p.add_argument("--head-dim", type=int_in(1), default=None,
+                   help="head dimension D (default: the smallest the implementation takes, else 8)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
                    help="each call of the implementation may take this long before its evaluation fails as timed "

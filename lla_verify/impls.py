@@ -278,10 +278,13 @@ def get_impl(spec: str) -> Impl:
             f"--lla-impl: unknown implementation {spec!r}; expected one of {list(table)} or MODULE:CALLABLE"
         )
     modname, _, attr = spec.partition(":")
+    if not modname or not attr or modname.startswith(".") or any(not p.isidentifier() for p in attr.split(".")):
+        raise LLAInputError(f"--lla-impl: expected a built-in name {list(table)} or MODULE:CALLABLE "
+                            f"(e.g. mypkg.mymod:my_lla), got {spec!r}")
     try:
         mod = importlib.import_module(modname)
-    except ImportError as exc:
-        raise LLAInputError(f"--lla-impl: cannot import module {modname!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001  (the user's module failed to import: their input, named)
+        raise LLAInputError(f"--lla-impl: cannot import module {modname!r}: {type(exc).__name__}: {exc}") from None
     fn = mod
     for part in attr.split("."):
         fn = getattr(fn, part, None)

@@ -60,13 +60,15 @@ def _ratio_axis(ax, label: str) -> None:
 
 
 def write_reports(report: dict, out: str) -> tuple[str, str]:
+    """report.json, then report.html, each written whole or not at all (``atomic_write``):
+    a Ctrl-C during the write of a partial report leaves no truncated file."""
+    from .cliutil import atomic_write
+
     os.makedirs(out, exist_ok=True)
     jpath = os.path.join(out, "report.json")
-    with open(jpath, "w") as fh:
-        json.dump(report, fh, indent=1, allow_nan=False)
+    atomic_write(jpath, json.dumps(report, indent=1, allow_nan=False))
     hpath = os.path.join(out, "report.html")
-    with open(hpath, "w") as fh:
-        fh.write(render_html(report))
+    atomic_write(hpath, render_html(report))
     return jpath, hpath
 
 

@@ -55,7 +55,7 @@ def cases(draw, families=None, *, dtypes=("float32", "bfloat16"), seq=(1, 48), h
     """A Case from one of ``families`` (default: all, SPEC 7).
 
     seq: (min, max) for S (the family's min_seq is respected); head_dims: allowed D,
-    smallest first; overrides: fixed parameter values (e.g. {"lam": 0.0}).
+    smallest first; overrides: fixed parameter values, each in its family's range (e.g. {"lam": 1e-3}).
 
     full_ridge: the family's ridge parameter (Family.ridge) is drawn over its whole range,
     ends included, instead of behind a booleans() that shrinks it to its easy value. It is

@@ -208,8 +208,8 @@ def test_merge_compares_the_whole_audit_with_a_baseline(tmp_path, capsys):
     # audit no longer plans): the merge alone sees it, each slice saw half the plan
     cells = [c for path in slices for c in json.loads(Path(path).read_text())["cells"]]
     grown = dict(cells[0], ratio=cells[0]["ratio"] / 100, forward_ratio=cells[0]["forward_ratio"] / 100)
-    gone = dict(cells[0], spec=cells[0]["spec"] + "-retired")
-    (tmp_path / "base.json").write_text(json.dumps({"schema": 1, "cells": [grown] + cells[1:] + [gone]}))
+    gone = dict(cells[0], spec=cells[0]["spec"].replace("seed=0", "seed=99"))
+    (tmp_path / "base.json").write_text(json.dumps({"schema": audit.SCHEMA, "cells": [grown] + cells[1:] + [gone]}))
     rc, out, _ = _run_cli(["audit", "--merge", *slices, "--baseline", str(tmp_path / "base.json"),
                            "--regression-floor", "0", "--out", str(tmp_path / "m")], capsys)
     merged = json.loads((tmp_path / "m" / "report.json").read_text())
