@@ -370,7 +370,7 @@ def run_cell(cell: Cell, impl, device: str, *, backward: bool = True, impl_name:
             rec["cg_iters_max"] = int(it.max())
             rec["queries"]["cg_iters"] = _sample(it)
         if "cg_residual" in stats:
-            rec["cg_residual_max"] = float(torch.nan_to_num(stats["cg_residual"].detach().double(), nan=math.inf).max())
+            rec["cg_residual_max"] = float(torch.nan_to_num(stats["cg_residual"].detach().double(), nan=math.inf, posinf=math.inf).max())
     work = case.B * case.H * case.S * case.S * case.D
     if backward and cell.no_grad:
         rec["grad"] = {"status": cell.no_grad}

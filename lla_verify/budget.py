@@ -259,7 +259,7 @@ def check_forward(problem: Problem, impl: Impl, o: torch.Tensor, *, stats: dict 
     ratio_q = torch.where(defined & ~finite, torch.full_like(err, math.inf), ratio_q)
     n_def, n_undef = int(defined.sum()), int((~defined).sum())
     flat = ratio_q.flatten()
-    worst_flat = int(torch.argmax(torch.nan_to_num(flat, nan=math.inf)))
+    worst_flat = int(torch.argmax(torch.nan_to_num(flat, nan=math.inf, posinf=math.inf)))
     idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(worst_flat), ratio_q.shape))
     ratio = float(flat[worst_flat])
     passed = ratio <= THRESHOLD
@@ -362,7 +362,7 @@ SOLVE_PROBE_MIN_STEP = 1e-12  # below this float64's own rounding of the gradien
 def beyond_precision(kappa: torch.Tensor, defined: torch.Tensor, u_c: float) -> torch.Tensor:
     """Defined query rows with kappa_i u_c >= BEYOND_PRECISION (an unmeasured kappa counts
     as infinite): held to no gradient budget, only to being free of NaN."""
-    return defined & (torch.nan_to_num(kappa, nan=math.inf) * u_c >= BEYOND_PRECISION)
+    return defined & (torch.nan_to_num(kappa, nan=math.inf, posinf=math.inf) * u_c >= BEYOND_PRECISION)
 
 
 def solve_probe_step(kappa: torch.Tensor, defined: torch.Tensor, u_c: float, h: float = 1e-6) -> float:
@@ -370,7 +370,7 @@ def solve_probe_step(kappa: torch.Tensor, defined: torch.Tensor, u_c: float, h: 
     would take the one-sided difference out of its linear regime (h kappa_i ~ 1 moves the
     smallest eigenvalue by its own size). Rows beyond the compute precision
     (``beyond_precision``) are judged for NaN only and set no step."""
-    k = torch.nan_to_num(kappa, nan=math.inf)
+    k = torch.nan_to_num(kappa, nan=math.inf, posinf=math.inf)
     judged = defined & ~beyond_precision(kappa, defined, u_c)
     if not bool(judged.any()):
         return h
@@ -493,7 +493,7 @@ def row_kappa(kappa: torch.Tensor, defined: torch.Tensor, name: str) -> torch.Te
     queries is judged as well-conditioned, whatever an earlier query's kappa. An
     unmeasured kappa counts as infinite; undefined queries feed nothing.
     """
-    k = torch.nan_to_num(kappa, nan=math.inf).masked_fill(~defined, 0.0)
+    k = torch.nan_to_num(kappa, nan=math.inf, posinf=math.inf).masked_fill(~defined, 0.0)
     if name in ("dq", "dlambda"):
         return k
     return k.flip(-1).cummax(-1).values.flip(-1)
@@ -501,7 +501,7 @@ def row_kappa(kappa: torch.Tensor, defined: torch.Tensor, name: str) -> torch.Te
 
 def _worst_outside_conditioning(r: torch.Tensor, kap_rows: torch.Tensor, u_c: float) -> tuple:
     """(ratio, index) of the worst row of ``r`` whose kappa u_c stays below CONDITIONING."""
-    plain = torch.nan_to_num(r.masked_fill(kap_rows * u_c >= CONDITIONING, 0.0), nan=math.inf).flatten()
+    plain = torch.nan_to_num(r.masked_fill(kap_rows * u_c >= CONDITIONING, 0.0), nan=math.inf, posinf=math.inf).flatten()
     k = int(torch.argmax(plain))
     return float(plain[k]), tuple(int(x) for x in torch.unravel_index(torch.tensor(k), r.shape))
 
@@ -535,7 +535,7 @@ def assert_backward_within_budget(verdict: Verdict, impl: Impl) -> None:
         r = verdict.per_query.get(name)
         if r is None:
             continue
-        bad = torch.nan_to_num(r, nan=math.inf) > THRESHOLD
+        bad = torch.nan_to_num(r, nan=math.inf, posinf=math.inf) > THRESHOLD
         bad &= row_kappa(kappa, defined, name) * impl.u < CONDITIONING
         if bool(bad.any()):
             idx = tuple(int(x) for x in bad.nonzero()[0])
@@ -620,7 +620,7 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
 
     floor = {"dq": gv / rms(problem.q), "dk": gv / rms(problem.k), "dv": cot.norm(dim=-1).amax(-1, keepdim=True),
              "dlambda": gv / _lam_tensor(problem).clamp_min(1.0)}
-    kappa_q = torch.nan_to_num(d.kappa, nan=math.inf)
+    kappa_q = torch.nan_to_num(d.kappa, nan=math.inf, posinf=math.inf)
     beyond_q = beyond_precision(d.kappa, defined, u_c)
     # key j feeds every query i >= j: its dk, dv rows carry any beyond query at or after j
     beyond_k = beyond_q.flip(-1).to(torch.int8).cummax(-1).values.flip(-1).bool()
@@ -685,7 +685,7 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
         r = torch.where(judged, err / allowed, torch.zeros_like(err))
         r = torch.where(rows & ~fin, torch.full_like(r, math.inf), r)
         nonfinite += int((rows & ~fin).sum())
-        flat = torch.nan_to_num(r.flatten(), nan=math.inf)
+        flat = torch.nan_to_num(r.flatten(), nan=math.inf, posinf=math.inf)
         k = int(torch.argmax(flat))
         idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(k), r.shape))
         rel = float(diff.norm() / g_ref.norm().clamp_min(1e-300))

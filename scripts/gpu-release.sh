@@ -14,6 +14,8 @@
 # baselines/audit-full-h200.json, "" for none) is the report.json the merged audit is compared with: a cell that grew
 # past it fails the audit.
 #
+# PYTEST_ARGS are added to the pytest job's command (e.g. "--hypothesis-seed=1").
+#
 # Each job is stopped at LIMIT seconds: pytest with SIGINT (it prints its summary), the
 # audit with SIGTERM (it writes a partial report marked INCOMPLETE). Everything lands in
 # OUT/results.tgz (without cg_points.json, which cg_points.csv carries), with the logs
@@ -40,8 +42,8 @@ if [ "${BENCH:-0}" = 1 ]; then  # timings first, alone on the GPU
     timeout 200 $PY -m lla_triton.bench_backward --out "$W/bench-bwd.md" >> "$W/bench.log" 2>&1
 fi
 want pytest && ( t0=$(date +%s); timeout -s INT -k 30 "$LIMIT" $PY -m pytest -p no:cacheprovider -n "$JOBS" -q --durations=15 \
-    --hypothesis-profile gpu tests/test_kernel_forward.py tests/test_kernel_backward.py tests/test_kernel_launch.py \
-    properties > "$W/pytest.log" 2>&1; echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/pytest.log" ) &
+    --hypothesis-profile gpu ${PYTEST_ARGS:-} tests/test_kernel_forward.py tests/test_kernel_backward.py \
+    tests/test_kernel_launch.py tests/test_scale_zero.py properties > "$W/pytest.log" 2>&1; echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/pytest.log" ) &
 want cg && ( t0=$(date +%s); timeout -k 30 "$LIMIT" $PY -m lla_verify cg --full --no-progress --out "$W/cg-full" > "$W/cg.log" 2>&1
   echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/cg.log" ) &
 # the audit as SLICES slices of its plan side by side (one process takes ~18 min on an
