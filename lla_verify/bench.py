@@ -5,7 +5,9 @@ and of causal SDPA with the flash backend in the same dtype, timed in the same r
 relative L2 error against the float64 oracle (on a slice of heads); the CG iterations
 used; the time of one CG iteration (from runs at a fixed iteration count) and of the
 non-CG passes (cg_max_iters = 0), each over the SDPA time; then peak memory at long S.
-Prints a markdown table; ``--out FILE`` writes it too.
+Prints a markdown table; ``--out FILE`` writes it too. The public FlashLLA kernel is
+timed against ours and SDPA in one run by scripts/bench_public.py (a ratio against a
+figure from another card or another day would not be a ratio).
 
 The timing is not taken on trust (lla_verify/trust.py, docs/trust.md): the same calls
 are also timed between device-wide synchronisations on a clock captured at import
@@ -25,8 +27,6 @@ import statistics
 
 from .cliutil import UsageError, atomic_write, check_out_file, float_in, int_in
 
-# The public FlashLLA kernel at its defaults on an H100, bf16, lambda 0.1 (the bar to beat).
-PUBLIC_MS = {(16, 1, 2048, 64): 2.60, (8, 1, 4096, 64): 4.28, (8, 1, 2048, 128): 2.76}
 DEFAULT_SHAPES = "16,1,2048,64;8,1,4096,64;8,1,2048,128"
 
 
@@ -154,9 +154,8 @@ def _run(args) -> int:
          f"cg_max_iters {lla_triton.CG_ITERS_PER_DIM} D, delta_eps {lla_triton.DEFAULT_DELTA_EPS}")
     emit()
     emit("| B,H,S,D | precision | tiles (BM,BN,warps,stages) | ours ms | ours ms, synced | floor ms | SDPA ms "
-         "| public ms | speed-up vs public "
          "| rel L2 err vs f64 | err / budget (worst query) | CG iters mean/max | ms per CG iter | per iter / SDPA | non-CG ms | non-CG / SDPA |")
-    emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator(device=dev).manual_seed(0)
     verdicts, flags = [], []
     peaks = device_peaks(torch.cuda.get_device_name())
@@ -215,10 +214,8 @@ def _run(args) -> int:
                 per_iter = (t_fix - t0) / n_fix
                 from lla_triton.forward import _config
                 tiles = ",".join(str(x) for x in _config(D, cfg))
-                pub = PUBLIC_MS.get(shape)
                 emit(f"| {B},{H},{S},{D} | {prec} | {tiles} | {t_ours:.3f} | {t_sync:.3f} | {floor * 1e3:.4f} | "
-                     f"{t_sdpa:.3f} | "
-                     f"{pub if pub else '-'} | {('%.2fx' % (pub / t_ours)) if pub else '-'} | {err:.2e} | "
+                     f"{t_sdpa:.3f} | {err:.2e} | "
                      f"{verdict.ratio:.3f}{'' if verdict.passed else ' OVER (' + verdict.cause + ')'} | "
                      f"{it.mean().item():.1f}/{int(it.max().item())} | {per_iter:.4f} | {per_iter / t_sdpa:.2f} | "
                      f"{t0:.4f} | {t0 / t_sdpa:.2f} |")

@@ -21,7 +21,7 @@ DEFAULT_CG_TOL = 1e-7
 # CG ends in D steps in exact arithmetic; in fp32 lost orthogonality delays convergence
 # without stopping it: kappa(Sigma_i) ~ 1e4 to 1e5 took up to 5.2 D, and a kappa 1.7e6
 # row (spectrum family, D = 32) 13.5 D, where a cap of 6 D left it at residual 7e-4 and
-# the output 1.26x over its budget (GPU property suite, 2026-12-01). Tiles stop when
+# the output 1.26x over its budget (found by the GPU property suite). Tiles stop when
 # their rows converge, so the cap costs only the rows that need it.
 CG_ITERS_PER_DIM = 16
 
