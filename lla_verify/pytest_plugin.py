@@ -79,6 +79,11 @@ def pytest_addoption(parser):
                      "or MODULE:CALLABLE following fn(q, k, v, *, ridge_lambda, qk_scale) -> o")
     g.addoption("--lla-device", default=os.environ.get("LLA_DEVICE", "auto"), choices=("auto", "cpu", "cuda"),
                 help="device the implementation runs on (auto: cuda if available)")
+    g.addoption("--lla-call-timeout", type=float, default=float(os.environ.get("LLA_CALL_TIMEOUT", "300")),
+                metavar="SECONDS",
+                help="one call of the implementation may run this long before it fails as timed out "
+                     "(default 300; 0 for no limit). A hang in native code that never returns to Python "
+                     "is beyond this: run the suite with -n (xdist reports a dead or stuck worker)")
 
 
 def _in_play(config) -> bool:
@@ -115,6 +120,12 @@ def pytest_configure(config):
         config.addinivalue_line("markers", line)
     if not _in_play(config):
         return
+    limit = config.getoption("--lla-call-timeout")
+    if not (limit >= 0 and limit != float("inf")):
+        raise pytest.UsageError(f"--lla-call-timeout: expected a number of seconds >= 0, got {limit:g}")
+    from lla_verify import trust
+
+    trust.CALL_LIMIT = limit or None
     # A run of the suite defaults to the dev profile; --hypothesis-profile, applied by
     # Hypothesis's own plugin, takes precedence.
     if getattr(config.option, "hypothesis_profile", None) is None:

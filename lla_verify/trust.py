@@ -223,11 +223,68 @@ def _output_dtypes(q: torch.Tensor) -> tuple:
 
 
 # ------------------------------------------------------------------ the calls
+# The real os._exit, for the worker's watchdog: during a guarded call os._exit is replaced
+_REAL_EXIT = os._exit
+
+
+class _ExitCalled(BaseException):
+    """os._exit called by the implementation during a guarded call."""
+
+
+def _refuse_exit(status=0):
+    raise _ExitCalled(status)
+
+
+class _CallTimedOut(BaseException):
+    """The guarded call ran past CALL_LIMIT (signalled by SIGALRM in the main thread)."""
+
+
+# Seconds a guarded call may run in this process before it fails as timed out (None: no
+# limit). The property suite sets it (--lla-call-timeout); check, audit, hunt and goldens
+# run their calls in a Worker, whose watchdog ends the child instead.
+CALL_LIMIT: float | None = None
+
+
+class _ExitGuard:
+    """os._exit raises instead of ending the process, and, in the main thread with
+    CALL_LIMIT set, a SIGALRM timer interrupts a call that runs past it. A hang inside
+    native code that never returns to Python is beyond a signal: only a child process
+    (Worker) ends that."""
+
+    _timing = False  # a timer is running: a nested guarded call keeps the outer one's
+
+    def __enter__(self):
+        self.prev_exit, os._exit = os._exit, _refuse_exit
+        self.old_alarm = None
+        if (CALL_LIMIT and _WATCH["limit"] is None and not _ExitGuard._timing
+                and threading.current_thread() is threading.main_thread()):
+            def on_alarm(signum, frame):
+                raise _CallTimedOut()
+
+            self.old_alarm = signal.signal(signal.SIGALRM, on_alarm)
+            _ExitGuard._timing = True
+            signal.setitimer(signal.ITIMER_REAL, CALL_LIMIT)
+        return self
+
+    def __exit__(self, *exc):
+        os._exit = self.prev_exit
+        if self.old_alarm is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old_alarm)
+            _ExitGuard._timing = False
+        return False
+
+
 def _guarded(fn, *args, **kw):
-    """fn(*args, **kw) with the implementation's own SystemExit / KeyboardInterrupt as Misbehaved."""
-    with _InterruptGuard():
+    """fn(*args, **kw) with the implementation's own SystemExit / KeyboardInterrupt, its
+    os._exit and (CALL_LIMIT) a call past the limit as Misbehaved."""
+    with _InterruptGuard(), _ExitGuard():
         try:
             return fn(*args, **kw)
+        except _ExitCalled as exc:
+            raise Misbehaved(f"called os._exit({exc.args[0]!r}) (tried to end the process)") from None
+        except _CallTimedOut:
+            raise Misbehaved(f"timed out after {CALL_LIMIT:g} s") from None
         except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
             why = _reason_for(exc)
             if why is None:
@@ -348,7 +405,7 @@ def _watchdog():
         time.sleep(0.05)
         since, limit = _WATCH["since"], _WATCH["limit"]
         if since is not None and limit is not None and _monotonic() - since > limit:
-            os._exit(EXIT_TIMEOUT)
+            _REAL_EXIT(EXIT_TIMEOUT)
 
 
 def _worker_main(conn, call_limit) -> None:

@@ -1,8 +1,8 @@
 """Comments and docstrings say why, never when: a date in one is a run log in the code.
 
 Run logs belong in commit messages and docs/runs/. This scans every tracked *.py file's
-comments (tokenize) and docstrings (ast) for calendar dates: ISO (2026-12-01), or a
-month name with a day and year ("December 1, 2026", "1 Dec 2026").
+comments (tokenize) and docstrings (ast) for calendar dates: ISO (YYYY-MM-DD, or
+YYYY-MM), or a month name with a day and year (as "Month D, YYYY" or "D Mon YYYY").
 """
 
 from __future__ import annotations

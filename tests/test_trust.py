@@ -9,7 +9,7 @@ CPU only, small cases; the tests that go through a worker process each start one
 from __future__ import annotations
 
 import json
-import math
+import os
 import re
 import time
 
@@ -112,13 +112,49 @@ def test_os_exit_fails_its_cell_and_the_audit_goes_on(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "kernels")]))
-    run = subprocess.run([sys.executable, "-m", "lla_verify", "audit", "--impl", "tests.trust_planted:os_exit",
+    run = subprocess.run([sys.executable, "-m", "lla_verify", "audit", "--impl", "tests.trust_planted:libc_exit",
                           "--no-progress", "--no-backward", "--max-cells", "2", "--out", str(tmp_path)],
                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert run.returncode == 1, run.stdout + run.stderr
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["verdict"]["n_failed"] == 2 and not rep["verdict"]["interrupted"]
     assert all("ended its process (exit status 0) without a result" in c["message"] for c in rep["cells"])
+
+
+def test_os_exit_in_process_is_a_failed_call(monkeypatch):
+    # the property suite calls the implementation in pytest's own process: os._exit there
+    # raises instead, and the process (and os._exit itself) is intact afterwards
+    real = os._exit
+    with pytest.raises(trust.Misbehaved, match=re.escape("called os._exit(0) (tried to end the process)")):
+        suite.run(impl("os_exit"), problem())
+    assert os._exit is real
+
+
+def test_a_hang_in_process_times_out_at_the_call_limit(monkeypatch):
+    monkeypatch.setattr(trust, "CALL_LIMIT", 0.5)
+    t0 = time.monotonic()
+    with pytest.raises(trust.Misbehaved, match=re.escape("timed out after 0.5 s")):
+        suite.run(impl("hang"), problem())
+    assert time.monotonic() - t0 < 30
+    # the timer is off again: a later honest call is not cut short
+    assert suite.run(impl("honest"), problem()).shape == problem().v.shape
+
+
+@pytest.mark.parametrize("name, needle", [("os_exit", "called os._exit(0)"), ("hang", "timed out after 2 s")])
+def test_the_suite_fails_an_exiting_or_hanging_implementation(name, needle):
+    # pytest itself, no xdist: exit status 1 with the reason, never 0 and never a block
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "kernels")]))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x",
+                          "properties/test_identities.py::test_first_token_is_v0", "--lla-impl",
+                          f"tests.trust_planted:{name}", "--lla-device", "cpu", "--lla-call-timeout", "2",
+                          "--hypothesis-profile", "ci"],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    assert needle in run.stdout, run.stdout[-3000:]
 
 
 def test_hang_times_out_and_the_audit_goes_on(tmp_path):
@@ -146,7 +182,7 @@ def test_hunt_and_goldens_fail_an_exiting_implementation(tmp_path, capsys):
     finally:
         obj.close()
     assert e.ratio > 1e29 and "raised SystemExit(0)" in e.message
-    obj = hunt.Objective(impl("os_exit"), "cpu", S=12, D=4, dtype="float32")
+    obj = hunt.Objective(impl("libc_exit"), "cpu", S=12, D=4, dtype="float32")
     try:
         e = obj(obj.case("gaussian", [0.5, 0.5], 0))
     finally:
