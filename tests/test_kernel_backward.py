@@ -16,7 +16,6 @@ preconditioner, and the real sizes only a GPU reaches.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import pytest
@@ -24,7 +23,7 @@ import torch
 
 from lla_verify.budget import assert_backward_within_budget, check_backward, cotangent_for
 from lla_verify.cases import Case, Problem, parse_case
-from lla_verify.impls import get_impl, unit_roundoff, with_overrides
+from lla_verify.impls import triton_impl, unit_roundoff
 from lla_verify.oracle import softmax_attention
 from lla_verify.validate import LLAInputError
 
@@ -51,20 +50,9 @@ U_C = unit_roundoff(torch.float32)  # the kernels compute in fp32
 NAMES = ("q", "k", "v", "lam")
 
 
-def _impl(solver_tol=None, **kernel_kw):
-    """The triton record, its kernel called with ``kernel_kw`` (cg_tol, preconditioner);
-    the budget's solver_tol follows cg_tol."""
-    base = get_impl("triton")
-    if not kernel_kw:
-        return base
-    name = "triton[" + ",".join(f"{k}={v}" for k, v in sorted(kernel_kw.items())) + "]"
-    return with_overrides(base, name=name, forward=functools.partial(lla_triton.lla_attention, **kernel_kw),
-                          solver_tol=float(kernel_kw.get("cg_tol", base.solver_tol)))
-
-
 def _judge(p: Problem, *, dense: bool = True, **kernel_kw):
     __tracebackhide__ = True
-    impl = _impl(**kernel_kw)
+    impl = triton_impl(**kernel_kw)
     verdict = check_backward(p, impl, dense=dense)
     print(verdict.message)
     assert_backward_within_budget(verdict, impl)

@@ -14,7 +14,6 @@ argument errors, and the real sizes only a GPU reaches.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sys
@@ -24,7 +23,7 @@ import torch
 
 from lla_verify.budget import THRESH, assert_within_budget, check_forward, solve_residual
 from lla_verify.cases import Case, Problem
-from lla_verify.impls import get_impl, unit_roundoff, with_overrides
+from lla_verify.impls import triton_impl, unit_roundoff
 from lla_verify.oracle import lla_forward_details, softmax_attention
 from lla_verify.validate import LLAInputError
 
@@ -46,15 +45,6 @@ if DEVICE is not None:
 U_C = unit_roundoff(torch.float32)  # the kernel computes in fp32
 
 
-def _impl(**kernel_kw):
-    """The triton record, its kernel called with ``kernel_kw`` (e.g. the preconditioner)."""
-    base = get_impl("triton")
-    if not kernel_kw:
-        return base
-    name = "triton[" + ",".join(f"{k}={v}" for k, v in sorted(kernel_kw.items())) + "]"
-    return with_overrides(base, name=name, forward=functools.partial(lla_triton.lla_attention, **kernel_kw))
-
-
 def _problem(family, S, D, dtype="float32", *, B=1, H=2, seed=0, **params) -> Problem:
     return Case(family, params, B=B, H=H, S=S, D=D, dtype=dtype, seed=seed).build(DEVICE)
 
@@ -68,7 +58,7 @@ def _judge(p: Problem, *, dense: bool = True, **kernel_kw):
     __tracebackhide__ = True
     o, st = _run(p, return_stats=True, **kernel_kw)
     assert o.dtype == p.q.dtype and o.shape == p.q.shape
-    assert_within_budget(check_forward(p, _impl(**kernel_kw), o, stats=st, dense=dense))
+    assert_within_budget(check_forward(p, triton_impl(**kernel_kw), o, stats=st, dense=dense))
     return o, st
 
 
@@ -185,7 +175,7 @@ def test_stats_fields_and_convergence():
     assert int(st["cg_iters"].max()) <= 2 * D
     # the TRUE residual is within what the budget allows the solve (budget.solve_residual:
     # tol, plus the drift of CG's recursive residual from the true one)
-    impl = with_overrides(_impl(), solver_tol=tol)
+    impl = triton_impl(cg_tol=tol)
     allowed = THRESH * solve_residual(d, impl) / d.mu.norm(dim=-1)
     assert bool((st["cg_residual"].double() <= allowed).all()), (st["cg_residual"].double() / allowed).max()
     # m, omega and delta agree with the oracle to fp32 rounding of the key passes
@@ -197,7 +187,7 @@ def test_stats_fields_and_convergence():
     assert bool((dd <= THRESH * (tol * d.kappa + U_C * root_n * d.kappa)).all()), dd.max()
     # 0 < delta <= omega when lambda > 0
     assert bool((st["delta"] > 0).all()) and bool((st["delta"] <= st["omega"] * (1 + 1e-5)).all())
-    assert_within_budget(check_forward(p, with_overrides(_impl(), solver_tol=tol), o, stats=st))
+    assert_within_budget(check_forward(p, impl, o, stats=st))
 
 
 def test_cg_max_iters_caps_iterations():
