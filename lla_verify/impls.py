@@ -181,6 +181,27 @@ def _triton_record() -> Impl:
     )
 
 
+def triton_impl(**kernel_kw) -> Impl:
+    """The triton record with its kernel called with ``kernel_kw`` (``lla_attention``'s
+    options: preconditioner, cg_tol, ...), named after them; the budget's solver_tol
+    follows cg_tol, so a budget is built for the solve that ran."""
+    base = _triton_record()
+    if not kernel_kw:
+        return base
+
+    def forward(q, k, v, *, ridge_lambda, qk_scale=None):
+        import lla_triton
+
+        return lla_triton.lla_attention(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale, **kernel_kw)
+
+    def forward_stats(q, k, v, *, ridge_lambda, qk_scale=None):
+        return _triton_forward_stats(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale, **kernel_kw)
+
+    name = "triton[" + ",".join(f"{k}={v}" for k, v in sorted(kernel_kw.items())) + "]"
+    return replace(base, name=name, forward=forward, forward_with_stats=forward_stats,
+                   solver_tol=float(kernel_kw.get("cg_tol", base.solver_tol)))
+
+
 # ---------------------------------------------------------------- public FlashLLA
 # What the adapter relies on in the public code (flashlla/ops/__init__.py and forward.py;
 # tests/test_flashlla_adapter.py::test_assumed_api_matches_the_public_source reads it):
