@@ -442,7 +442,7 @@ def check_cell(c, where: str) -> None:
     the threshold: failing is never the forgery that matters.)"""
     from .budget import THRESHOLD
     from .cases import parse_case
-    from .validate import LLAInputError
+    from lla_contract import LLAInputError
 
     def _over(r: float) -> bool:
         return not r <= THRESHOLD  # NaN is over
@@ -733,7 +733,7 @@ def _resolve(impl_spec: str, device: str):
     import torch
 
     from .impls import get_impl, is_available
-    from .validate import LLAInputError
+    from lla_contract import LLAInputError
 
     check_device(device)
     if impl_spec == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -946,7 +946,7 @@ def _audit_main(args) -> int:
     cells_start = indices[0]
     if baseline is not None:
         check_baseline_matches([c.case.spec() for c in cells], baseline, args.baseline)
-    from .validate import LLAInputError
+    from lla_contract import LLAInputError
 
     for c in cells:
         try:
@@ -976,7 +976,7 @@ def _audit_main(args) -> int:
 
 def _check_main(args) -> int:
     from .cases import DTYPES, parse_case
-    from .validate import LLAInputError
+    from lla_contract import LLAInputError
 
     try:
         case = parse_case(args.case)

@@ -80,7 +80,7 @@ def _parse_configs(text):
 
 def check_args(args) -> None:
     """Every argument checked before CUDA or a kernel is touched (a usage error, exit 2)."""
-    from .validate import LLAInputError
+    from lla_contract import LLAInputError
 
     shapes = _parse_shapes(args.shapes)
     _parse_configs(args.configs)

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .validate import LLAInputError
+from lla_contract import LLAInputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

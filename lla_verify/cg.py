@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cases import Problem
-from .validate import LLAInputError, check_lambda, check_qkv, check_scale
+from lla_contract import LLAInputError, check_lambda, check_qkv, check_scale
 
 _F64 = torch.float64
 U32 = 2.0**-24

@@ -355,7 +355,7 @@ def _check_args(args) -> None:
         check_device(args.device)
     if args.impl not in ("none", "triton"):
         from .impls import get_impl
-        from .validate import LLAInputError
+        from lla_contract import LLAInputError
 
         try:
             get_impl(args.impl)

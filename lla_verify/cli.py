@@ -29,6 +29,7 @@ DEBUG_ENV = "LLA_VERIFY_DEBUG"
 COMMANDS = {
     "info": "lla_verify.cmd_info",
     "bench": "lla_verify.bench",
+    "bench-backward": "lla_verify.commands.bench_backward",
     "audit": "lla_verify.audit",
     "goldens": "lla_verify.goldens",
     "cg": "lla_verify.cg_study",

@@ -54,7 +54,7 @@ def pytest_command(impl: str, device: str, pytest_args: list[str]) -> list[str]:
 def _run(args: argparse.Namespace) -> int:
     from .cliutil import UsageError
     from .impls import get_impl
-    from .validate import LLAInputError
+    from lla_contract import LLAInputError
 
     if _suite_args() is None:
         raise UsageError(f"the suite package {SUITE_PACKAGE} is not installed "

@@ -41,7 +41,7 @@ import torch
 
 from .cases import DTYPE_NAMES, DTYPES, Case, Problem, get_family, parse_case
 from .cliutil import atomic_write as _atomic_write  # temp file ".NAME.*.tmp" beside NAME, then a rename
-from .validate import LLAInputError
+from lla_contract import LLAInputError
 
 FORMAT = "lla-verify-goldens/1"
 MANIFEST = "MANIFEST.json"

@@ -31,7 +31,7 @@ from .cases import DTYPES, FAMILIES, Case, get_family
 from .cliutil import UsageError, atomic_write, check_device, check_out_dir, int_in, save_figure, seed_type
 from .cmd_suite import suite_dir
 from .impls import get_impl, is_available
-from .validate import LLAInputError
+from lla_contract import LLAInputError
 
 REGRESSIONS = suite_dir() / "regressions.json"
 

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .validate import LLAInputError, check_lambda, check_qkv, check_scale
+from lla_contract import LLAInputError, check_lambda, check_qkv, check_scale
 
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALL_GRADS = ("dq", "dk", "dv", "dlambda")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .validate import check_lambda, check_qkv, check_scale
+from lla_contract import check_lambda, check_qkv, check_scale
 
 TILE = 16  # the tile a blockwise kernel would use, for the dropped-tile mutant
 

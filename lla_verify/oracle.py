@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .validate import LLAInputError, check_delta_eps, check_lambda, check_qkv, check_scale
+from lla_contract import LLAInputError, check_delta_eps, check_lambda, check_qkv, check_scale
 
 _F64 = torch.float64
 # A Sigma_i with lambda == 0 counts as singular when its condition number exceeds

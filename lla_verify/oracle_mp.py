@@ -16,7 +16,7 @@ Conventions shared with the float64 oracle, so the two compare directly:
 
 * Inputs of any float dtype are taken as the float64 values they hold; every such
   value is an exact mpf. The default bandwidth is the float64 number 1/sqrt(D)
-  that ``validate.check_scale`` returns, also taken exactly.
+  that ``lla_contract.check_scale`` returns, also taken exactly.
 * z_ij = k_j - q_i is formed exactly (``fsub(exact=True)``), so a common offset of q
   and k cancels before any rounding.
 * o_i is normalised by sum_j w_ij (1 - <z_ij, rho_i>) (delta_i in exact arithmetic),
@@ -43,7 +43,7 @@ import mpmath
 import numpy as np
 import torch
 
-from .validate import LLAInputError, check_delta_eps, check_lambda, check_qkv, check_scale
+from lla_contract import LLAInputError, check_delta_eps, check_lambda, check_qkv, check_scale
 
 _F64 = torch.float64
 

@@ -148,7 +148,7 @@ def pytest_report_header(config):
     if not _in_play(config):
         return None
     from lla_verify.impls import get_impl
-    from lla_verify.validate import LLAInputError
+    from lla_contract import LLAInputError
 
     spec = config.getoption("--lla-impl")
     try:
@@ -173,7 +173,7 @@ def device(pytestconfig) -> str:
 @pytest.fixture(scope="session")
 def impl(pytestconfig, device):
     from lla_verify.impls import get_impl, is_available
-    from lla_verify.validate import LLAInputError
+    from lla_contract import LLAInputError
 
     spec = pytestconfig.getoption("--lla-impl")
     try:

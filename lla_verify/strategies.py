@@ -18,7 +18,7 @@ from hypothesis import event, note
 from hypothesis import strategies as st
 
 from .cases import FAMILIES, Case, Family, get_family
-from .validate import LLAInputError
+from lla_contract import LLAInputError
 
 # 'gaussian' first: sampled_from shrinks towards the first element
 FAMILY_ORDER = ("gaussian",) + tuple(f for f in FAMILIES if f != "gaussian")

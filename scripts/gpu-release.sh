@@ -39,7 +39,7 @@ $PY -m lla_verify info > "$W/info.txt" 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$W/info.txt" 2>&1
 if [ "${BENCH:-0}" = 1 ]; then  # timings first, alone on the GPU
     timeout 200 $PY -m lla_verify bench --out "$W/bench-fwd.md" --mem-seqs '' > "$W/bench.log" 2>&1
-    timeout 200 $PY -m lla_triton.bench_backward --out "$W/bench-bwd.md" >> "$W/bench.log" 2>&1
+    timeout 200 $PY -m lla_verify bench-backward --out "$W/bench-bwd.md" >> "$W/bench.log" 2>&1
 fi
 want pytest && ( t0=$(date +%s); timeout -s INT -k 30 "$LIMIT" $PY -m pytest -p no:cacheprovider -n "$JOBS" -q --durations=15 \
     --hypothesis-profile gpu ${PYTEST_ARGS:-} tests/test_kernel_forward.py tests/test_kernel_backward.py \

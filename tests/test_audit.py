@@ -20,7 +20,7 @@ from lla_verify import audit
 from lla_verify.cases import Case
 from lla_verify.cli import main
 from lla_verify.impls import Impl, dense_torch_lla, get_impl
-from lla_verify.validate import check_lambda, check_scale
+from lla_contract import check_lambda, check_scale
 
 # Well-conditioned cells (kappa(Sigma_i) at most ~1e3): every honest fp32
 # implementation is far inside budget here, so a failure is the implementation's.

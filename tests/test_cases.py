@@ -5,7 +5,7 @@ import torch
 
 from lla_verify.cases import FAMILIES, Case, parse_case
 from lla_verify.oracle import lla_forward_details
-from lla_verify.validate import LLAInputError
+from lla_contract import LLAInputError
 
 
 def details(case):

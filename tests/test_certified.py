@@ -17,7 +17,7 @@ import torch
 
 from lla_verify.oracle import lla_forward_details
 from lla_verify.oracle_mp import lla_forward_details_mp, lla_forward_interval, lla_forward_mp, mp_self_check
-from lla_verify.validate import LLAInputError
+from lla_contract import LLAInputError
 
 pytestmark = pytest.mark.mp
 

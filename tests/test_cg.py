@@ -14,7 +14,7 @@ from lla_verify.cg import (
     a_norm_error_at, cg_bound, finite_precision_limit, iteration_bound, jacobi_iteration_bound, kappas, problem_sigma_mu,
     reference_cg, residual_rounding, true_residual,
 )
-from lla_verify.validate import LLAInputError
+from lla_contract import LLAInputError
 
 F64 = torch.float64
 

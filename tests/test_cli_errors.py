@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from lla_verify import audit, cliutil, report
 from lla_verify.cases import FAMILIES, Case, parse_case
 from lla_verify.cli import EXIT_INTERNAL, main
-from lla_verify.validate import LLAInputError
+from lla_contract import LLAInputError
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = "B=1,H=1,S=4,D=8,dtype=float32,seed=0"
@@ -193,6 +193,9 @@ def _edit(path: Path, dest: Path, fn) -> str:
     (["bench", "--precisions", "fp64"], ("--precisions",)),
     (["bench", "--fixed-iters", "0"], ("--fixed-iters",)),
     (["bench", "--configs", "64,64"], ("--configs",)),
+    (["bench-backward", "--ridge-lambda", "nan"], ("--ridge-lambda",)),
+    (["bench-backward", "--oracle-heads", "0"], ("--oracle-heads",)),
+    (["bench-backward", "--sweep-dims", "64,32"], ("--sweep-dims",)),
     (["goldens", "compare", "--impl", ":"], ("--impl",)),
     (["goldens", "compare", "--impl", "torch-fp32", "--device", "tpu"], ("--device",)),
     (["goldens", "compare", "--impl", "torch-fp32", "--only", "nosuch"], ("--only",)),

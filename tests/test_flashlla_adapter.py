@@ -26,7 +26,7 @@ from lla_verify.budget import check_backward, check_forward, kernel_view
 from lla_verify.cases import Case, Problem
 from lla_verify.impls import get_impl, is_available, with_overrides
 from lla_verify.oracle import lla_forward
-from lla_verify.validate import LLAInputError
+from lla_contract import LLAInputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -312,7 +312,7 @@ SYNTHETIC_SUITE = textwrap.dedent('''
     from hypothesis import given, settings, strategies as st
 
     from lla_verify.impls import get_impl
-    from lla_verify.validate import LLAInputError
+    from lla_contract import LLAInputError
 
     MODE = {mode!r}
 

@@ -15,7 +15,7 @@ from lla_verify.cases import FAMILIES
 from lla_verify.cli import main
 from lla_verify.impls import Impl, get_impl
 from lla_verify.oracle import mesanet_attention, softmax_attention
-from lla_verify.validate import check_lambda, check_qkv, check_scale
+from lla_contract import check_lambda, check_qkv, check_scale
 
 SMALL = "gaussian-f32-S16-D4-H2"
 PERQ = "lambda-decades-perquery-f32-S16-D4"

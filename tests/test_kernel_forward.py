@@ -34,7 +34,7 @@ from torch.func import jvp
 
 from lla_verify.impls import dense_torch_lla, unit_roundoff
 from lla_verify.oracle import lla_forward, lla_forward_details, softmax_attention
-from lla_verify.validate import LLAInputError
+from lla_contract import LLAInputError
 
 if torch.cuda.is_available():
     DEVICE = "cuda"

@@ -20,7 +20,7 @@ from lla_verify.oracle import (
     mesanet_attention,
     softmax_attention,
 )
-from lla_verify.validate import LLAInputError
+from lla_contract import LLAInputError
 
 F64 = torch.float64
 U64 = 2.0**-53

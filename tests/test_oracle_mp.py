@@ -18,7 +18,7 @@ from lla_verify.oracle_mp import (
     lla_grad_mp,
     lla_jvp_mp,
 )
-from lla_verify.validate import LLAInputError
+from lla_contract import LLAInputError
 
 pytestmark = pytest.mark.mp
 

@@ -21,7 +21,7 @@ from lla_verify.impls import dense_torch_lla, get_impl, is_available
 from lla_verify.oracle import (lla_forward, lla_forward_details, lla_forward_wls, mesanet_attention,
                                softmax_attention)
 from lla_verify.strategies import cases
-from lla_verify.validate import LLAInputError, check_scale
+from lla_contract import LLAInputError, check_scale
 
 F64 = torch.float64
 

@@ -65,7 +65,7 @@ def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "*.pyc")
-    for part in ("lla_verify", "properties", "kernels/lla_triton"):
+    for part in ("lla_verify", "properties", "kernels/lla_contract", "kernels/lla_triton"):
         shutil.copytree(ROOT / part, src / part, ignore=skip)
     for part in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / part, src / part)

@@ -1,6 +1,10 @@
-"""Forward + backward time of lla_triton against torch SDPA (flash, causal), with gradient error.
+"""``lla-verify bench-backward``: forward + backward time of lla_triton against torch SDPA
+(flash, causal), with gradient error.
 
-    PYTHONPATH=.:kernels python -m lla_triton.bench_backward [--sweep] [--out FILE]
+    lla-verify bench-backward [--sweep] [--out FILE]
+
+It lives in the harness, not beside the kernels, because its accuracy columns need the
+float64 oracle: the kernel package imports nothing of the harness.
 
 For each (B, H, S, D), bf16, lambda 0.1: the median (triton.testing.do_bench) of one
 fwd+bwd step of lla_triton.lla_attention and of causal SDPA (flash backend) timed in
@@ -16,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
+
+from ..cliutil import UsageError, check_out_file, float_in, int_in
 
 PUBLIC_FWD_BWD_MS = {(16, 1, 2048, 64): 6.23, (8, 1, 4096, 64): 10.70, (8, 1, 2048, 128): 7.60}
 SHAPES = [(16, 1, 2048, 64), (8, 1, 4096, 64), (8, 1, 2048, 128)]
@@ -27,23 +34,34 @@ SWEEP_B = {64: [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
                  (16, 64, 4, 2)]}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--sweep-dims", default="64,128", help="head dims --sweep times (comma list)")
-    ap.add_argument("--ridge-lambda", type=float, default=0.1)
-    ap.add_argument("--oracle-heads", type=int, default=2)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+def register(sub) -> None:
+    p = sub.add_parser("bench-backward", help="time the lla_triton forward + backward against torch SDPA, "
+                       "with its gradient error", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sweep", action="store_true", help="first time the backward's tile configs and use the fastest")
+    p.add_argument("--sweep-dims", default="64,128", help="head dims --sweep times (comma list)")
+    p.add_argument("--ridge-lambda", type=float_in(0.0, math.inf, hi_open=True), default=0.1)
+    p.add_argument("--oracle-heads", type=int_in(1), default=2, help="heads checked against the float64 oracle")
+    p.add_argument("--out", default=None, help="also write the table to this file")
+    p.set_defaults(func=run)
 
+
+def run(args) -> int:
     import torch
+
+    if args.out is not None:
+        check_out_file(args.out)
+    dims = [d.strip() for d in args.sweep_dims.split(",")]
+    if not all(d.isdigit() and int(d) in SWEEP_A for d in dims):
+        raise UsageError(f"--sweep-dims: expected a comma list among {sorted(SWEEP_A)}, got {args.sweep_dims!r}")
+    if not torch.cuda.is_available():
+        raise UsageError("expected a CUDA device (it times GPU kernels); torch sees none")
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import lla_triton
     from lla_triton import backward as bw
     from lla_triton.forward import lla_forward_kernel
-    from lla_verify.oracle import lla_forward
+    from ..oracle import lla_forward
 
     lines = []
 
@@ -79,7 +97,7 @@ def main(argv=None):
         return call, fo
 
     if args.sweep:
-        for D in (int(x) for x in args.sweep_dims.split(",")):
+        for D in (int(x) for x in dims):
             shape = next(sh for sh in SHAPES if sh[3] == D)
             q, k, v, g = inputs(*shape)
             emit()
@@ -179,7 +197,4 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as fh:
             fh.write("\n".join(lines) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

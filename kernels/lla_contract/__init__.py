@@ -1,4 +1,8 @@
-"""Argument checks shared by the oracles, the registry and the CLI.
+"""The LLA operator's input contract: the argument checks the kernels, the oracles, the
+registry and the CLI share.
+
+A leaf: it imports torch and nothing of this project, so a kernel package depends on
+torch, triton and this module only, and installs and runs without the harness.
 
 Every failure is an ``LLAInputError`` (a ``ValueError``) whose message names the
 argument and says what was expected, so a bad call never turns into a silent NaN
