@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import jvp
 
-from .cases import DTYPE_NAMES, Problem
-from .impls import Impl, dense_torch_lla, unit_roundoff
-from .oracle import LLADetails, lla_forward, lla_forward_details, lla_forward_mu_shift, lla_forward_sigma_probe
+from lla_verify.registry.cases import DTYPE_NAMES, Problem
+from lla_verify.registry.impls import Impl, dense_torch_lla, unit_roundoff
+from lla_verify.oracles.float64 import LLADetails, lla_forward, lla_forward_details, lla_forward_mu_shift, lla_forward_sigma_probe
 
 THRESHOLD = 1.0  # a check fails when error / allowed exceeds this
 THRESH = 4.0  # safety factor on the first-order model (its terms are estimates, not bounds)
@@ -323,7 +323,7 @@ def _mp_recheck(problem: Problem, o64: torch.Tensor, idx, allowed: float):
     if S * S * D > MP_MAX_WORK:
         return None
     try:
-        from .oracle_mp import lla_forward_mp
+        from lla_verify.oracles.mp import lla_forward_mp
     except ImportError:
         return None
     b, h, i = idx
@@ -407,7 +407,7 @@ def oracle_grads(problem: Problem, cot: torch.Tensor, *, q=None, k=None, v=None,
 
 def impl_grads(impl: Impl, problem: Problem, cot: torch.Tensor, forward=None) -> dict:
     """The implementation's gradients of sum <cot, o> (lambda as a (B, H, S) tensor)."""
-    from .trust import call_grads
+    from lla_verify.trust import call_grads
 
     fwd = forward or impl.forward
     lam = _lam_tensor(problem).to(torch.float32)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from hypothesis import event, given, reject, settings, target
 
-from lla_verify import suite
+from lla_verify.testing import suite
 from lla_verify.budget import assert_backward_within_budget, assert_within_budget, check_backward, impl_grads
-from lla_verify.cases import FAMILIES, Problem, parse_case
+from lla_verify.registry.cases import FAMILIES, Problem, parse_case
 
 # gradient findings checked forever: the entries of properties/regressions.json marked
 # "backward" (the forward pinned test runs every entry)
@@ -86,7 +86,7 @@ def test_dv_sums_to_total_cotangent(impl, device):
         mag = grads["dv"].double().abs().sum(-2)
         D = p.q.shape[-1]
         from lla_verify.budget import _normalisation_terms
-        from lla_verify.oracle import lla_forward_details
+        from lla_verify.oracles.float64 import lla_forward_details
 
         d = lla_forward_details(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale)
         if bool(d.undefined.any()):

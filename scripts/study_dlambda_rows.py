@@ -43,10 +43,10 @@ def main(argv=None):
     import lla_triton
     from lla_triton.forward import lla_forward_kernel
     from lla_verify.budget import check_backward, oracle_grads
-    from lla_verify.cases import Problem, parse_case
-    from lla_verify.cg import reference_cg, sigma_mu
-    from lla_verify.impls import get_impl
-    from lla_verify.oracle import lla_forward_details
+    from lla_verify.registry.cases import Problem, parse_case
+    from lla_verify.cg.reference import reference_cg, sigma_mu
+    from lla_verify.registry.impls import get_impl
+    from lla_verify.oracles.float64 import lla_forward_details
 
     full = parse_case(args.case).build()
     R = args.rows

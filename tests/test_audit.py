@@ -1,4 +1,4 @@
-"""The release audit (lla_verify/audit.py) and its report: verdicts, a planted bug, baselines, exit codes.
+"""The release audit (lla_verify/audit/run.py) and its report: verdicts, a planted bug, baselines, exit codes.
 
 CPU only, torch-fp32 and tiny cell subsets (``--only`` / ``--max-cells`` on the
 command line, explicit cell lists through ``run_audit``), so each test takes seconds.
@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 
-from lla_verify import audit
-from lla_verify.cases import Case
+from lla_verify.audit import run as audit
+from lla_verify.registry.cases import Case
 from lla_verify.cli import main
-from lla_verify.impls import Impl, dense_torch_lla, get_impl
+from lla_verify.registry.impls import Impl, dense_torch_lla, get_impl
 from lla_contract import check_lambda, check_scale
 
 # Well-conditioned cells (kappa(Sigma_i) at most ~1e3): every honest fp32
@@ -296,7 +296,7 @@ def test_triton_on_cpu_sets_the_interpreter():
     """triton.jit reads TRITON_INTERPRET when lla_triton is imported, so this needs a
     fresh interpreter that has not imported it (pytest's own process may have)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import os, sys; from lla_verify import audit; audit._resolve('triton', 'cpu'); "
+    code = ("import os, sys; from lla_verify.audit import run as audit; audit._resolve('triton', 'cpu'); "
             "print(os.environ.get('TRITON_INTERPRET'), 'lla_triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -312,7 +312,7 @@ def test_triton_imported_compiled_on_cpu_is_a_usage_error(monkeypatch):
 
 
 def test_merged_time_is_not_shown_as_a_wall_time():
-    from lla_verify.report import wall_text
+    from lla_verify.audit.report import wall_text
 
     assert wall_text({"wall_s": 12.4}) == "12 s"
     assert wall_text({"wall_s": 700.0, "merged_from": ["a/report.json", "b/report.json"]}) == \

@@ -16,8 +16,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lla_verify import audit, cliutil, report
-from lla_verify.cases import FAMILIES, Case, parse_case
+from lla_verify import cliutil
+
+from lla_verify.audit import run as audit
+
+from lla_verify.audit import report
+from lla_verify.registry.cases import FAMILIES, Case, parse_case
 from lla_verify.cli import EXIT_INTERNAL, main
 from lla_contract import LLAInputError
 
@@ -113,9 +117,9 @@ def test_spec_round_trip_is_exact(data):
 def test_every_stored_and_planned_spec_still_parses():
     """The strict parser against every spec the project writes: regressions, goldens,
     both audit plans for every implementation record, the cg sweep's grid."""
-    from lla_verify import goldens
-    from lla_verify.cg_study import kappa_grid
-    from lla_verify.impls import get_impl
+    from lla_verify.goldens import store as goldens
+    from lla_verify.commands.cg import kappa_grid
+    from lla_verify.registry.impls import get_impl
 
     for d in json.loads((ROOT / "properties" / "regressions.json").read_text()):
         assert parse_case(d["spec"]).spec() == d["spec"]
@@ -134,7 +138,7 @@ def test_every_stored_and_planned_spec_still_parses():
 
 
 def test_memory_is_estimated_before_anything_is_allocated(monkeypatch):
-    import lla_verify.cases as cases
+    import lla_verify.registry.cases as cases
 
     monkeypatch.setattr(cases, "available_bytes", lambda device="cpu": 2**10)
     with pytest.raises(LLAInputError, match="needs about .* GiB of cpu memory"):
@@ -167,7 +171,7 @@ def _edit(path: Path, dest: Path, fn) -> str:
 @pytest.mark.parametrize("argv, needles", [
     (["check", "--case", f"gaussian::{SHAPE}", "--impl", ":"], ("--impl", "MODULE:CALLABLE")),
     (["check", "--case", f"gaussian::{SHAPE}", "--impl", "nosuchmod_xyz:fn"], ("--impl", "cannot import")),
-    (["check", "--case", f"gaussian::{SHAPE}", "--impl", "lla_verify.mutants:nosuch"], ("--impl", "no attribute")),
+    (["check", "--case", f"gaussian::{SHAPE}", "--impl", "lla_verify.testing.mutants:nosuch"], ("--impl", "no attribute")),
     (["audit", "--impl", ":"], ("--impl",)),
     (["audit", "--seed", "99999999999999999999999"], ("--seed",)),
     (["cg", "--kappas", "-3"], ("--kappas",)),
@@ -331,8 +335,8 @@ def test_bad_out_is_refused_before_any_work(kind, command, slices, tmp_path, cap
         out = _unwritable(tmp_path, monkeypatch) + ("/report.md" if command == "bench" else "")
     if command == "bench" and kind == "existing-file":
         out = str(tmp_path)  # bench writes a file: a folder is its wrong kind of path
-    import lla_verify.cg_study as cg_study
-    import lla_verify.hunt as hunt
+    import lla_verify.commands.cg as cg_study
+    import lla_verify.commands.hunt as hunt
 
     def boom(*a, **k):
         pytest.fail("work started before --out was checked")
@@ -408,7 +412,7 @@ def test_every_report_writer_is_atomic():
 
 # ------------------------------------------------------------------ internal errors
 def test_a_stray_exception_is_one_line_with_its_own_status(capsys, monkeypatch):
-    import lla_verify.cmd_info as cmd_info
+    import lla_verify.commands.info as cmd_info
 
     def broken():
         raise ZeroDivisionError("planted")
@@ -424,7 +428,7 @@ def test_a_stray_exception_is_one_line_with_its_own_status(capsys, monkeypatch):
 
 
 def test_cg_study_kappas_zero_is_refused_not_replaced_by_the_default(tmp_path):
-    from lla_verify.cg_study import run_study
+    from lla_verify.commands.cg import run_study
 
     with pytest.raises(ValueError, match="--kappas"):
         run_study(impl_name="none", kappas=0, out=str(tmp_path), progress=False, log=lambda *_: None)

@@ -1,4 +1,4 @@
-"""The adapter for the public FlashLLA kernel (lla_verify/impls.py), checked without it.
+"""The adapter for the public FlashLLA kernel (lla_verify/registry/impls.py), checked without it.
 
 The public kernel needs a CUDA GPU. Here a stand-in package named ``flashlla``, written
 to a temporary folder put on sys.path, has the public call: ``lla_attention(q, k, v, *,
@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from lla_verify import budget
-from lla_verify.audit import backward_check
+from lla_verify.audit.run import backward_check
 from lla_verify.budget import check_backward, check_forward, kernel_view
-from lla_verify.cases import Case, Problem
-from lla_verify.impls import get_impl, is_available, with_overrides
-from lla_verify.oracle import lla_forward
+from lla_verify.registry.cases import Case, Problem
+from lla_verify.registry.impls import get_impl, is_available, with_overrides
+from lla_verify.oracles.float64 import lla_forward
 from lla_contract import LLAInputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ STAND_IN = textwrap.dedent('''
     """Stand-in for the public flashlla package: its call and dtype handling, the float64 oracle inside."""
     import torch
 
-    from lla_verify.oracle import lla_forward
+    from lla_verify.oracles.float64 import lla_forward
 
     CALLS = []          # (q shape, lambda as received, qk_scale) per call
     GRAD_PLANT = {}     # name -> factor put on that gradient (a planted backward bug)
@@ -311,7 +311,7 @@ SYNTHETIC_SUITE = textwrap.dedent('''
     import pytest
     from hypothesis import given, settings, strategies as st
 
-    from lla_verify.impls import get_impl
+    from lla_verify.registry.impls import get_impl
     from lla_contract import LLAInputError
 
     MODE = {mode!r}
@@ -382,7 +382,7 @@ def test_the_gpu_jobs_checker_accepts_only_the_documented_failures(tmp_path, mod
 def test_goldens_compare_judges_the_rounded_inputs_and_says_so(stand_in):
     """An fp32 golden: the stand-in computes from its bf16 rounding; the verdict is taken on
     that rounding, the stored-reference check (of the unrounded inputs) is left out and named."""
-    from lla_verify import goldens
+    from lla_verify.goldens import store as goldens
 
     _, results = goldens.compare(goldens.DEFAULT_DIR, _impl(), device="cpu", only=["duplicates-pool4-f32-S64-D16"])
     (res,) = results

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lla_verify import goldens as G
-from lla_verify.cases import FAMILIES
+from lla_verify.goldens import store as G
+from lla_verify.registry.cases import FAMILIES
 from lla_verify.cli import main
-from lla_verify.impls import Impl, get_impl
-from lla_verify.oracle import mesanet_attention, softmax_attention
+from lla_verify.registry.impls import Impl, get_impl
+from lla_verify.oracles.float64 import mesanet_attention, softmax_attention
 from lla_contract import check_lambda, check_qkv, check_scale
 
 SMALL = "gaussian-f32-S16-D4-H2"
@@ -217,7 +217,7 @@ def test_check_without_manifest_fails(tmp_path, capsys):
 
 
 def test_check_reports_a_golden_it_cannot_recompute(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "lla_verify.oracle_mp", None)  # the import now fails
+    monkeypatch.setitem(sys.modules, "lla_verify.oracles.mp", None)  # the import now fails
     assert main(["goldens", "regen", "--check", "--only", SMALL]) == 1
     assert f"FAIL {SMALL}: cannot recompute: RuntimeError" in capsys.readouterr().out
 
@@ -341,7 +341,7 @@ KERNEL_GOLDENS = ["spectrum-kappa1e8-bf16-S129-D32", "subspace-noise1e-4-bf16-S3
 
 @pytest.mark.interp
 def test_triton_kernel_matches_the_goldens_within_budgets(capsys):
-    from lla_verify.impls import is_available
+    from lla_verify.registry.impls import is_available
 
     impl = get_impl("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"

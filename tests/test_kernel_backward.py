@@ -5,7 +5,7 @@ compiled on a CUDA device (``gpu``-marked cases add real sizes there).
 
 Every comparison is per gradient tensor X in {q, k, v, lambda}, on the inputs as
 rounded to the kernel's dtype, against autograd through the float64 oracle
-(``lla_verify.oracle.lla_forward``) with the same cotangent g:
+(``lla_verify.oracles.float64.lla_forward``) with the same cotangent g:
 
     err_X   = ||dX - dX^{f64}||
     model_X = C_MODEL * ( u_c sqrt(n) sens_X                 rounding in fp32 (JVP of the gradient map)
@@ -23,7 +23,7 @@ relative residual in both solves: the float64 dense gradient formulas of this fi
 rho + Sigma^-1 r, u + Sigma^-1 r' with ||r_i|| = ||mu_i||, ||r'_i|| = ||b_i||, along the
 directions that move dX most (``_solver_sensitivities``). Second, FlashAttention's rule: err_X <= C_DENSE err_dense_X + u_out ||dX^{f64}||
 + cg_tol solv_X, where err_dense_X is the error of autograd through the dense fp32
-torch reference (``lla_verify.impls.dense_torch_lla``, an LU solve per query) on the
+torch reference (``lla_verify.registry.impls.dense_torch_lla``, an LU solve per query) on the
 same inputs, and the last term is the CG stopping error the LU reference does not have.
 """
 
@@ -35,8 +35,8 @@ import os
 import pytest
 import torch
 
-from lla_verify.impls import dense_torch_lla, unit_roundoff
-from lla_verify.oracle import lla_forward, lla_forward_details, softmax_attention
+from lla_verify.registry.impls import dense_torch_lla, unit_roundoff
+from lla_verify.oracles.float64 import lla_forward, lla_forward_details, softmax_attention
 from lla_contract import LLAInputError
 
 if torch.cuda.is_available():
@@ -406,7 +406,7 @@ FIRST_TOKEN_CASES = [
 
 def _case_grads(spec, g=None):
     from lla_verify.budget import cotangent_for
-    from lla_verify.cases import parse_case
+    from lla_verify.registry.cases import parse_case
 
     p = parse_case(spec).build(DEVICE)
     g = cotangent_for(p).to(p.q.dtype) if g is None else g
@@ -529,8 +529,8 @@ def test_grads_gpu_anchored_rounds_fit_every_head_dim(D):
     # kernel A's variant for it needed 240 KiB of shared memory with the first round's
     # tiles (an H200 has 227 KiB) and the launch failed
     from lla_verify.budget import assert_within_budget, check_backward
-    from lla_verify.cases import Case
-    from lla_verify.impls import get_impl
+    from lla_verify.registry.cases import Case
+    from lla_verify.registry.impls import get_impl
 
     p = Case("offset", {"offset": 1000.0, "lam": 1.0, "scale_mult": 1.0}, S=130, D=D, dtype="bfloat16",
              seed=3).build(DEVICE)

@@ -32,8 +32,8 @@ import pytest
 import torch
 from torch.func import jvp
 
-from lla_verify.impls import dense_torch_lla, unit_roundoff
-from lla_verify.oracle import lla_forward, lla_forward_details, softmax_attention
+from lla_verify.registry.impls import dense_torch_lla, unit_roundoff
+from lla_verify.oracles.float64 import lla_forward, lla_forward_details, softmax_attention
 from lla_contract import LLAInputError
 
 if torch.cuda.is_available():

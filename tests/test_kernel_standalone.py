@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import site
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from lla_verify.oracle import lla_forward
+from lla_verify.oracles.float64 import lla_forward
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 
@@ -66,7 +65,11 @@ print(json.dumps({"lla_triton": lla_triton.__file__, "attempts": attempts,
 
 
 def _site_dirs() -> list[str]:
-    dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    """The folders that hold torch and triton, and this interpreter's site-packages folders."""
+    import triton
+
+    dirs = [str(Path(m.__file__).resolve().parents[1]) for m in (torch, triton)]
+    dirs += [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 

@@ -16,11 +16,11 @@ import torch
 from hypothesis import find, settings
 
 from lla_verify.budget import THRESH, check_backward, check_forward, forward_budget
-from lla_verify.cases import Case, Problem, get_family, parse_case
-from lla_verify.impls import dense_torch_lla, get_impl, is_available
-from lla_verify.oracle import (lla_forward, lla_forward_details, lla_forward_wls, mesanet_attention,
+from lla_verify.registry.cases import Case, Problem, get_family, parse_case
+from lla_verify.registry.impls import dense_torch_lla, get_impl, is_available
+from lla_verify.oracles.float64 import (lla_forward, lla_forward_details, lla_forward_wls, mesanet_attention,
                                softmax_attention)
-from lla_verify.strategies import cases
+from lla_verify.testing.strategies import cases
 from lla_contract import LLAInputError, check_scale
 
 F64 = torch.float64
@@ -74,7 +74,7 @@ def test_oracles_at_scale_zero_are_the_mesanet_form():
         _within(name, (o - mesa).norm(dim=-1), allowed)
     # the mpmath oracle at 30 digits: exact to float64 output rounding, so only the
     # MesaNet formula's own rounding separates them
-    from lla_verify.oracle_mp import lla_forward_mp
+    from lla_verify.oracles.mp import lla_forward_mp
 
     o_mp = lla_forward_mp(q[:, :1, :8], k[:, :1, :8], v[:, :1, :8], ridge_lambda=lam, qk_scale=0.0, dps=30)
     mp_err = (o_mp - mesa[:, :1, :8]).norm(dim=-1)

@@ -16,11 +16,17 @@ import time
 import pytest
 import torch
 
-from lla_verify import audit, hunt, suite, trust
+from lla_verify import trust
+
+from lla_verify.audit import run as audit
+
+from lla_verify.commands import hunt
+
+from lla_verify.testing import suite
 from lla_verify.budget import cotangent_for, impl_grads
-from lla_verify.cases import Case
+from lla_verify.registry.cases import Case
 from lla_verify.cli import main
-from lla_verify.impls import Impl, dense_torch_lla
+from lla_verify.registry.impls import Impl, dense_torch_lla
 from tests import trust_planted as planted
 
 CASE = Case("gaussian", {"lam": 1.0}, S=24, D=8)
@@ -229,7 +235,7 @@ def test_empty_output_fails():
 def test_empty_output_cannot_pick_up_a_freed_reference():
     # the attack of KernelBench PR 82: the float64 reference output is freed just before
     # the call, and the implementation asks for memory of its size
-    from lla_verify.oracle import lla_forward
+    from lla_verify.oracles.float64 import lla_forward
 
     p = problem(S=512)
     ref = lla_forward(p.q, p.k, p.v, ridge_lambda=1.0)

@@ -22,7 +22,7 @@ import argparse
 import datetime
 import math
 
-from ..cliutil import UsageError, check_out_file, float_in, int_in
+from lla_verify.cliutil import UsageError, check_out_file, float_in, int_in
 
 PUBLIC_FWD_BWD_MS = {(16, 1, 2048, 64): 6.23, (8, 1, 4096, 64): 10.70, (8, 1, 2048, 128): 7.60}
 SHAPES = [(16, 1, 2048, 64), (8, 1, 4096, 64), (8, 1, 2048, 128)]
@@ -61,7 +61,7 @@ def run(args) -> int:
     import lla_triton
     from lla_triton import backward as bw
     from lla_triton.forward import lla_forward_kernel
-    from ..oracle import lla_forward
+    from lla_verify.oracles.float64 import lla_forward
 
     lines = []
 

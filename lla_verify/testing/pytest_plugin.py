@@ -8,7 +8,7 @@ from any folder::
 
 In the source tree, the root conftest.py names it in ``pytest_plugins`` for an
 environment where the entry point is not installed; the entry point's name is this
-module's name, so pytest registers it once either way. ``-p no:lla_verify.pytest_plugin``
+module's name, so pytest registers it once either way. ``-p no:lla_verify.testing.pytest_plugin``
 turns it off.
 
 --lla-impl NAME|MODULE:CALLABLE   the implementation under test (default: triton)
@@ -23,7 +23,7 @@ release: many examples, guided by target() towards the worst error/budget ratio.
 triage:  the ci profile without shrinking: reports the first failing example fast
          (used to measure the suite against planted bugs, docs/kill-list.md).
 
-Under pytest-xdist each worker takes one GPU, round-robin (lla_verify.gpu_pinning),
+Under pytest-xdist each worker takes one GPU, round-robin (lla_verify.testing.gpu_pinning),
 before anything touches CUDA; LLA_NO_GPU_PINNING=1 leaves CUDA_VISIBLE_DEVICES alone.
 
 An installed plugin is loaded by every pytest run of its environment, so what changes
@@ -43,7 +43,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from lla_verify import gpu_pinning
+from lla_verify.testing import gpu_pinning
 
 # Must run at import, before torch creates a CUDA context in this worker: xdist sets
 # PYTEST_XDIST_WORKER before its workers load their plugins.
@@ -69,7 +69,7 @@ settings.register_profile(
     phases=[Phase.explicit, Phase.generate], **_common,
 )
 
-_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def pytest_addoption(parser):
@@ -89,7 +89,7 @@ def _in_play(config) -> bool:
         return True
     if config.rootpath.resolve() == _SOURCE_ROOT and (_SOURCE_ROOT / "properties").is_dir():
         return True
-    from lla_verify.cmd_suite import SUITE_PACKAGE, suite_dir
+    from lla_verify.commands.suite import SUITE_PACKAGE, suite_dir
 
     here = suite_dir().resolve()
     for arg in config.args:
@@ -147,7 +147,7 @@ def _device(config) -> str:
 def pytest_report_header(config):
     if not _in_play(config):
         return None
-    from lla_verify.impls import get_impl
+    from lla_verify.registry.impls import get_impl
     from lla_contract import LLAInputError
 
     spec = config.getoption("--lla-impl")
@@ -172,7 +172,7 @@ def device(pytestconfig) -> str:
 
 @pytest.fixture(scope="session")
 def impl(pytestconfig, device):
-    from lla_verify.impls import get_impl, is_available
+    from lla_verify.registry.impls import get_impl, is_available
     from lla_contract import LLAInputError
 
     spec = pytestconfig.getoption("--lla-impl")
@@ -214,7 +214,7 @@ def pytest_terminal_summary(terminalreporter, config):
     if not led:
         return
     from lla_verify.budget import THRESHOLD
-    from lla_verify.mutants import MUTANTS
+    from lla_verify.testing.mutants import MUTANTS
 
     groups: dict = {}
     for row in led:

@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .cliutil import UsageError, check_device, check_out_dir, one_line, seed_type
+from lla_verify.cliutil import UsageError, check_device, check_out_dir, one_line, seed_type
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 SCHEMA = "lla-verify-audit/1"
@@ -103,7 +103,7 @@ def plan(impl, *, full: bool = False, seed: int = 0) -> tuple[list[Cell], list[d
     Full: GPU sizes, S from 1 to 4096 (non-multiples of the tile sizes included),
     D = 64 and 128, about 150 cells.
     """
-    from .cases import Case, DTYPES
+    from lla_verify.registry.cases import Case, DTYPES
 
     cells: list[Cell] = []
     skipped: list[dict] = []
@@ -213,7 +213,7 @@ def _sync(device: str) -> None:
 def _call(impl, problem):
     """Run the forward across the trust boundary (with CG statistics when the implementation
     has them); raises trust.Misbehaved when the implementation breaks the calling contract."""
-    from .trust import call_forward
+    from lla_verify.trust import call_forward
 
     return call_forward(impl, problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
                         qk_scale=problem.qk_scale, stats=True)
@@ -247,7 +247,7 @@ def backward_check(problem, impl) -> dict:
     """
     import inspect
 
-    from . import budget
+    from lla_verify import budget
 
     if not impl.supports_grad:
         return {"status": f"not checked: {impl.name} has no gradients"}
@@ -266,7 +266,7 @@ def backward_check(problem, impl) -> dict:
         if name in params:
             kw[name] = cot
             break
-    from .trust import Misbehaved
+    from lla_verify.trust import Misbehaved
 
     try:
         res = cb(problem, impl, **kw)
@@ -310,7 +310,7 @@ def run_cell_isolated(worker, cell: Cell, impl, device: str, *, backward: bool =
                       impl_name: str | None = None) -> dict:
     """run_cell in ``worker``'s child process (in this one when ``worker`` is None): an
     implementation that ends its process, crashes it or hangs fails this cell only."""
-    from .trust import ChildFailed, run_isolated
+    from lla_verify.trust import ChildFailed, run_isolated
 
     try:
         return run_isolated(worker, run_cell, cell, impl, device, backward=backward, impl_name=impl_name)
@@ -323,14 +323,14 @@ def run_cell(cell: Cell, impl, device: str, *, backward: bool = True, impl_name:
     """Build, run, time and judge one cell; every number lands in the returned record."""
     import torch
 
-    from .budget import check_forward
+    from lla_verify.budget import check_forward
 
     case = cell.case
     spec = case.spec()
     name = impl_name or impl.name
     rec = _cell_record(cell, impl, device, backward=backward, impl_name=impl_name)
     problem = case.build(device)
-    from .trust import Misbehaved, clock
+    from lla_verify.trust import Misbehaved, clock
 
     t0 = clock()
     try:
@@ -400,7 +400,7 @@ def _num(x) -> float:
 
 
 def _show(x) -> str:
-    from .report import _r
+    from lla_verify.audit.report import _r
 
     return _r(x)
 
@@ -440,8 +440,8 @@ def check_cell(c, where: str) -> None:
     its ratios: a passing cell has every ratio within the threshold and every check
     passed, and its ratio is its worst check's. (A cell may fail with a ratio within
     the threshold: failing is never the forgery that matters.)"""
-    from .budget import THRESHOLD
-    from .cases import parse_case
+    from lla_verify.budget import THRESHOLD
+    from lla_verify.registry.cases import parse_case
     from lla_contract import LLAInputError
 
     def _over(r: float) -> bool:
@@ -605,7 +605,7 @@ def _jsonable(x):
 
 
 def metadata(impl, device: str, mode: str, command: str, seed: int) -> dict:
-    from .cmd_info import collect
+    from lla_verify.commands.info import collect
 
     try:
         versions = collect()
@@ -639,7 +639,7 @@ def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = 
     """
     from tqdm import tqdm
 
-    from .trust import DEFAULT_CALL_TIMEOUT, Worker, picklable
+    from lla_verify.trust import DEFAULT_CALL_TIMEOUT, Worker, picklable
 
     t0 = time.perf_counter()
     records = []
@@ -684,7 +684,7 @@ def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = 
     }
     report = _jsonable(report)
     if out:
-        from .report import write_reports
+        from lla_verify.audit.report import write_reports
 
         write_reports(report, out)
     return AuditResult(report, EXIT_OK if report["verdict"]["passed"] else EXIT_FAIL)
@@ -692,7 +692,7 @@ def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = 
 
 def summary_lines(report: dict, *, top: int = 5) -> list[str]:
     """The stdout summary: regressions first, then the verdict, failures, worst cells."""
-    from .report import wall_text
+    from lla_verify.audit.report import wall_text
 
     v = report["verdict"]
     lines = []
@@ -732,7 +732,7 @@ def _resolve(impl_spec: str, device: str):
     """The Impl record, after the environment it needs; UsageError when it cannot run."""
     import torch
 
-    from .impls import get_impl, is_available
+    from lla_verify.registry.impls import get_impl, is_available
     from lla_contract import LLAInputError
 
     check_device(device)
@@ -789,7 +789,7 @@ def _cell_slice(text: str, n: int) -> slice:
 
 
 def _sigterm_as_interrupt(signum, frame):
-    from .trust import user_interrupt
+    from lla_verify.trust import user_interrupt
 
     user_interrupt(signum, frame)  # marked as the user's: the trust boundary lets it stop the run
 
@@ -892,7 +892,7 @@ def _merge_main(args) -> int:
     report = merge_reports(args.merge, command, baseline=baseline, factor=args.regression_factor,
                            floor=args.regression_floor, baseline_path=args.baseline or "")
     if args.out:
-        from .report import write_reports
+        from lla_verify.audit.report import write_reports
 
         write_reports(report, args.out)
     return _print_summary(report, args.out)
@@ -975,7 +975,7 @@ def _audit_main(args) -> int:
 
 
 def _check_main(args) -> int:
-    from .cases import DTYPES, parse_case
+    from lla_verify.registry.cases import DTYPES, parse_case
     from lla_contract import LLAInputError
 
     try:
@@ -986,7 +986,7 @@ def _check_main(args) -> int:
     reason = impl.supports(dtype=DTYPES[case.dtype], head_dim=case.D)
     if reason:
         raise UsageError(f"--case: {reason}")
-    from .trust import Worker, picklable
+    from lla_verify.trust import Worker, picklable
 
     try:
         case.check_fits(args.device)
@@ -1019,7 +1019,7 @@ def _check_main(args) -> int:
 
 
 def _cell_timeout(args) -> float:
-    from .trust import DEFAULT_CALL_TIMEOUT
+    from lla_verify.trust import DEFAULT_CALL_TIMEOUT
 
     t = getattr(args, "cell_timeout", None)
     t = DEFAULT_CALL_TIMEOUT if t is None else t

@@ -25,7 +25,7 @@ import datetime
 import math
 import statistics
 
-from .cliutil import UsageError, atomic_write, check_out_file, float_in, int_in
+from lla_verify.cliutil import UsageError, atomic_write, check_out_file, float_in, int_in
 
 DEFAULT_SHAPES = "16,1,2048,64;8,1,4096,64;8,1,2048,128"
 
@@ -33,7 +33,7 @@ DEFAULT_SHAPES = "16,1,2048,64;8,1,4096,64;8,1,2048,128"
 def check_case(S: int, D: int, heads: int, ridge_lambda: float, dtype_name: str):
     """The registry case the bench judges its accuracy on: Gaussian q, k, v (the timed
     inputs' distribution) on ``heads`` heads, reproducible from its spec alone."""
-    from .cases import Case
+    from lla_verify.registry.cases import Case
 
     return Case("gaussian", {"lam": float(ridge_lambda)}, B=1, H=int(heads), S=int(S), D=int(D), dtype=dtype_name)
 
@@ -42,8 +42,8 @@ def judge(problem, o, stats=None):
     """The forward verdict of ``o`` (B, H, S, D) on ``problem``, as the audit judges
     lla_triton (budget.check_forward: SPEC 8's budget with the dense fp32 reference's
     same-precision scale): the bench's "err / budget" column."""
-    from .budget import check_forward
-    from .impls import get_impl
+    from lla_verify.budget import check_forward
+    from lla_verify.registry.impls import get_impl
 
     return check_forward(problem, get_impl("triton"), o, stats=stats, dense=True, mp_recheck=False)
 
@@ -126,7 +126,7 @@ def _run(args) -> int:
 
     import lla_triton
     from lla_triton.forward import lla_forward_kernel
-    from lla_verify.oracle import lla_forward
+    from lla_verify.oracles.float64 import lla_forward
     from lla_verify.trust import device_peaks, implausible_speed, lla_forward_floor_s, timed_calls, timing_disagrees
 
     if not torch.cuda.is_available():

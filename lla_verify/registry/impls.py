@@ -142,7 +142,7 @@ def dense_torch_lla(q, k, v, *, ridge_lambda, qk_scale=None, compute_dtype=torch
 
 
 def _oracle_impl(q, k, v, *, ridge_lambda, qk_scale=None):
-    from .oracle import lla_forward
+    from lla_verify.oracles.float64 import lla_forward
 
     return lla_forward(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
 

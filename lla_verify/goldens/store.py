@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from .cases import DTYPE_NAMES, DTYPES, Case, Problem, get_family, parse_case
-from .cliutil import atomic_write as _atomic_write  # temp file ".NAME.*.tmp" beside NAME, then a rename
+from lla_verify.registry.cases import DTYPE_NAMES, DTYPES, Case, Problem, get_family, parse_case
+from lla_verify.cliutil import atomic_write as _atomic_write  # temp file ".NAME.*.tmp" beside NAME, then a rename
 from lla_contract import LLAInputError
 
 FORMAT = "lla-verify-goldens/1"
@@ -58,7 +58,7 @@ U64 = 2.0**-53
 NOISE_FACTOR = 1e3
 # the repository's goldens/ (an editable install or a checkout); a plain install has
 # none beside the package, and then the folder is looked for in the working directory
-_REPO_GOLDENS = Path(__file__).resolve().parents[1] / "goldens"
+_REPO_GOLDENS = Path(__file__).resolve().parents[2] / "goldens"
 DEFAULT_DIR = _REPO_GOLDENS if _REPO_GOLDENS.is_dir() else Path("goldens")
 
 INPUTS = ("q", "k", "v", "lam")
@@ -218,7 +218,7 @@ def problem_from_arrays(golden: Golden, arrays: dict, qk_scale: float) -> Proble
 
 def compute(golden: Golden) -> dict[str, torch.Tensor]:
     """Every stored array of ``golden``, recomputed from its spec (CPU, deterministic)."""
-    from .oracle import lla_forward, lla_forward_details
+    from lla_verify.oracles.float64 import lla_forward, lla_forward_details
 
     with deterministic():
         p = build_problem(golden)
@@ -241,9 +241,9 @@ def compute(golden: Golden) -> dict[str, torch.Tensor]:
         }
         if golden.mp:
             try:
-                from .oracle_mp import lla_forward_mp
+                from lla_verify.oracles.mp import lla_forward_mp
             except ImportError as exc:
-                raise RuntimeError(f"golden {golden.name}: the mpmath oracle (lla_verify.oracle_mp) "
+                raise RuntimeError(f"golden {golden.name}: the mpmath oracle (lla_verify.oracles.mp) "
                                    f"is not importable: {exc}") from None
             out["o_mp"] = lla_forward_mp(p.q, p.k, p.v, ridge_lambda=lam_in, qk_scale=p.qk_scale, dps=MP_DPS)
     return {key: t.detach().contiguous() for key, t in out.items()}
@@ -825,7 +825,7 @@ def _stored_ratio(o: torch.Tensor, ref: torch.Tensor, allowed: torch.Tensor, und
 
 def _rounded_by(impl, problem: Problem) -> str:
     """Which inputs the implementation's declared rounding changes on ``problem`` ('' if none)."""
-    from .budget import kernel_view
+    from lla_verify.budget import kernel_view
 
     seen = kernel_view(problem, impl)
     names = [n for n in ("q", "k", "v") if not torch.equal(getattr(seen, n).to(torch.float64),
@@ -836,8 +836,8 @@ def _rounded_by(impl, problem: Problem) -> str:
 
 
 def compare_one(golden: Golden, folder: Path, entry: dict | None, impl, device: str) -> CaseResult:
-    from .budget import check_forward, forward_budget
-    from .impls import is_available
+    from lla_verify.budget import check_forward, forward_budget
+    from lla_verify.registry.impls import is_available
 
     dt = DTYPES[golden.case.dtype]
     reason = impl.supports(dtype=dt, head_dim=golden.case.D) or is_available(impl, device)
@@ -869,7 +869,7 @@ def compare_one(golden: Golden, folder: Path, entry: dict | None, impl, device: 
                           notes=f"the spec no longer rebuilds the stored inputs {changed}")
     problem = problem_from_arrays(golden, stored, rebuilt.qk_scale)
     with deterministic():
-        from .trust import Misbehaved, call_forward
+        from lla_verify.trust import Misbehaved, call_forward
 
         on = problem.to(device)
         try:
@@ -884,7 +884,7 @@ def compare_one(golden: Golden, folder: Path, entry: dict | None, impl, device: 
     # the oracle of today against the stored oracle: the golden still means what it says
     fresh_o, rounded = fb.details.o, _rounded_by(impl, problem)
     if rounded:  # fb's oracle is of the inputs the implementation rounded (budget.kernel_view)
-        from .oracle import lla_forward_details
+        from lla_verify.oracles.float64 import lla_forward_details
 
         fresh_o = lla_forward_details(problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
                                       qk_scale=problem.qk_scale).o
@@ -908,7 +908,7 @@ def compare_one(golden: Golden, folder: Path, entry: dict | None, impl, device: 
 
 
 def _compare_one_isolated(worker, golden: Golden, folder: Path, entry: dict | None, impl, device: str) -> CaseResult:
-    from .trust import ChildFailed, run_isolated
+    from lla_verify.trust import ChildFailed, run_isolated
 
     try:
         return run_isolated(worker, compare_one, golden, folder, entry, impl, device)
@@ -920,7 +920,7 @@ def compare(folder: Path, impl, *, device: str = "cpu", only=None, isolate: bool
             timeout: float | None = None) -> tuple[int, list[CaseResult]]:
     """Every selected golden through ``impl``; with ``isolate`` each in a child process
     (trust.Worker), so an implementation that exits or hangs fails its golden only."""
-    from .trust import DEFAULT_CALL_TIMEOUT, Worker, picklable
+    from lla_verify.trust import DEFAULT_CALL_TIMEOUT, Worker, picklable
 
     goldens = select(only)
     man = load_manifest(folder)
@@ -972,7 +972,7 @@ def _compare_summary(results: list[CaseResult]) -> tuple[int, list[CaseResult]]:
 
 # ------------------------------------------------------------------ CLI
 def _usage(msg: str) -> int:
-    from .cliutil import one_line
+    from lla_verify.cliutil import one_line
 
     print(f"lla-verify goldens: error: {one_line(msg)}", file=sys.stderr)
     return 2
@@ -992,7 +992,7 @@ def _run_regen(args) -> int:
         if not folder.is_dir():
             return _usage(f"--dir: {folder} does not exist")
         return check(folder, args.only)
-    from .cliutil import UsageError, check_out_dir
+    from lla_verify.cliutil import UsageError, check_out_dir
 
     try:
         check_out_dir(str(folder), "--dir")  # before the goldens are computed
@@ -1002,10 +1002,10 @@ def _run_regen(args) -> int:
 
 
 def _run_compare(args) -> int:
-    from .impls import get_impl
+    from lla_verify.registry.impls import get_impl
 
     folder = Path(args.dir)
-    from .cliutil import UsageError, check_device
+    from lla_verify.cliutil import UsageError, check_device
 
     try:
         select(args.only)
@@ -1015,7 +1015,7 @@ def _run_compare(args) -> int:
         return _usage(str(exc).replace("--lla-impl", "--impl"))
     except UsageError as exc:
         return _usage(str(exc))
-    from .impls import is_available
+    from lla_verify.registry.impls import is_available
 
     why = is_available(impl, args.device)
     if why:

@@ -8,9 +8,9 @@ import math
 import torch
 from hypothesis import settings
 
-from .cases import DTYPES, Case, Problem, get_family
-from .impls import Impl
-from .strategies import FAMILY_ORDER, cases
+from lla_verify.registry.cases import DTYPES, Case, Problem, get_family
+from lla_verify.registry.impls import Impl
+from lla_verify.testing.strategies import FAMILY_ORDER, cases
 
 
 DTYPE_ORDER = (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16))
@@ -77,7 +77,7 @@ def run(impl: Impl, problem: Problem, *, v=None, q=None, k=None, ridge_lambda=No
     Across the trust boundary (trust.call_forward): a breach of the calling contract
     (inputs modified, a wrong return value, SystemExit) raises trust.Misbehaved, which
     fails the property with its reason."""
-    from .trust import call_forward
+    from lla_verify.trust import call_forward
 
     args = (problem.q if q is None else q, problem.k if k is None else k, problem.v if v is None else v)
     lam = problem.ridge_lambda if ridge_lambda is None else ridge_lambda

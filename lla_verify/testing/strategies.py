@@ -17,7 +17,7 @@ import math
 from hypothesis import event, note
 from hypothesis import strategies as st
 
-from .cases import FAMILIES, Case, Family, get_family
+from lla_verify.registry.cases import FAMILIES, Case, Family, get_family
 from lla_contract import LLAInputError
 
 # 'gaussian' first: sampled_from shrinks towards the first element

@@ -16,7 +16,7 @@ import json
 import math
 import os
 
-from .budget import THRESHOLD  # drawn on every ratio axis: the one threshold, never a copy
+from lla_verify.budget import THRESHOLD  # drawn on every ratio axis: the one threshold, never a copy
 
 RATIO_FLOOR = 1e-6  # ratios of 0 (exact answers) are drawn here on log axes
 CAUSE_COLORS = {"ok": "#2b8a3e", "implementation": "#c92a2a", "conditioning": "#e67700",
@@ -62,7 +62,7 @@ def _ratio_axis(ax, label: str) -> None:
 def write_reports(report: dict, out: str) -> tuple[str, str]:
     """report.json, then report.html, each written whole or not at all (``atomic_write``):
     a Ctrl-C during the write of a partial report leaves no truncated file."""
-    from .cliutil import atomic_write
+    from lla_verify.cliutil import atomic_write
 
     os.makedirs(out, exist_ok=True)
     jpath = os.path.join(out, "report.json")

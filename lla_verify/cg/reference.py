@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cases import Problem
+from lla_verify.registry.cases import Problem
 from lla_contract import LLAInputError, check_lambda, check_qkv, check_scale
 
 _F64 = torch.float64
@@ -434,7 +434,7 @@ def kernel_defaults(D: int = 64) -> tuple[float, int, str | None]:
 
 def triton_unavailable(device: str = "cpu") -> str | None:
     """None when lla_triton.lla_attention can run on ``device`` here, else why not."""
-    from .impls import get_impl, is_available
+    from lla_verify.registry.impls import get_impl, is_available
 
     reason = is_available(get_impl("triton"), device)
     if reason is None:
@@ -479,7 +479,7 @@ def cg_records(problem: Problem, *, tol: float, max_iters: int, ref_max_iters: i
     exposed, the relative error of o against the float64 oracle) and
     kernel_{plain,jacobi}_err_rho.
     """
-    from .oracle import lla_forward
+    from lla_verify.oracles.float64 import lla_forward
 
     dev = device or problem.q.device
     B, H, S, D = problem.q.shape

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from .cases import Case
-from .cliutil import UsageError, atomic_write, check_device, check_out_dir, float_in, int_in, save_figure, seed_type
-from .cg import U32, bound_applies, cg_records, finite_precision_limit, iteration_bound, kernel_defaults, triton_unavailable
+from lla_verify.registry.cases import Case
+from lla_verify.cliutil import UsageError, atomic_write, check_device, check_out_dir, float_in, int_in, save_figure, seed_type
+from lla_verify.cg.reference import U32, bound_applies, cg_records, finite_precision_limit, iteration_bound, kernel_defaults, triton_unavailable
 
 KAPPAS_MAX = 1000  # grid points; a denser log grid from 1 to 1e8 adds nothing but time
 QUICK = dict(shapes=((48, 16),), kappas=9, B=1, H=1)
@@ -57,7 +57,7 @@ def _kernel_reason(impl_name: str | None, device: str) -> str | None:
         return "no implementation asked for (--impl none)"
     if impl_name == "triton":
         return triton_unavailable(device)
-    from .impls import get_impl, is_available
+    from lla_verify.registry.impls import get_impl, is_available
 
     impl = get_impl(impl_name)
     if impl.forward_with_stats is None:
@@ -83,7 +83,7 @@ def run_study(*, impl_name="triton", full=False, out="cg-study", seed=0, kappas=
     reason = _kernel_reason(impl_name, dev)
     impl = None
     if reason is None:
-        from .impls import get_impl
+        from lla_verify.registry.impls import get_impl
 
         impl = get_impl(impl_name)
         log(f"cg: kernel {impl.name} on {dev}, tol {tol:g}, max_iters "
@@ -354,7 +354,7 @@ def _check_args(args) -> None:
     if args.device is not None:
         check_device(args.device)
     if args.impl not in ("none", "triton"):
-        from .impls import get_impl
+        from lla_verify.registry.impls import get_impl
         from lla_contract import LLAInputError
 
         try:

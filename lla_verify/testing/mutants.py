@@ -3,7 +3,7 @@
 Each is a small variation of the dense fp32 reference and follows the
 ``--lla-impl MODULE:CALLABLE`` protocol, e.g.
 
-    pytest properties --lla-impl lla_verify.mutants:lambda_not_scaled_by_omega
+    pytest properties --lla-impl lla_verify.testing.mutants:lambda_not_scaled_by_omega
 
 A suite that passes one of these has a hole; docs/kill-list.md records which
 property catches which mutant, with the command that re-measures it.

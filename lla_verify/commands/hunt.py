@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .budget import THRESHOLD, check_forward
-from .cases import DTYPES, FAMILIES, Case, get_family
-from .cliutil import UsageError, atomic_write, check_device, check_out_dir, int_in, save_figure, seed_type
-from .cmd_suite import suite_dir
-from .impls import get_impl, is_available
+from lla_verify.budget import THRESHOLD, check_forward
+from lla_verify.registry.cases import DTYPES, FAMILIES, Case, get_family
+from lla_verify.cliutil import UsageError, atomic_write, check_device, check_out_dir, int_in, save_figure, seed_type
+from lla_verify.commands.suite import suite_dir
+from lla_verify.registry.impls import get_impl, is_available
 from lla_contract import LLAInputError
 
 REGRESSIONS = suite_dir() / "regressions.json"
@@ -85,7 +85,7 @@ def _from_unit(p, u: float) -> float:
 def evaluate(impl, device: str, case: Case) -> tuple[float, str, str]:
     """(ratio, cause, message) of one case: the implementation across the trust boundary,
     judged by check_forward. Runs in the Objective's worker process."""
-    from .trust import Misbehaved, call_forward
+    from lla_verify.trust import Misbehaved, call_forward
 
     problem = case.build(device)
     try:
@@ -108,7 +108,7 @@ class Objective:
     """
 
     def __init__(self, impl, device, *, S, D, dtype, B=1, H=1, isolate: bool = True, timeout: float | None = None):
-        from .trust import DEFAULT_CALL_TIMEOUT, Worker, picklable
+        from lla_verify.trust import DEFAULT_CALL_TIMEOUT, Worker, picklable
 
         self.impl, self.device = impl, device
         self.S, self.D, self.dtype, self.B, self.H = S, D, dtype, B, H
@@ -126,7 +126,7 @@ class Objective:
         return Case(family, params, B=self.B, H=self.H, S=self.S, D=self.D, dtype=self.dtype, seed=int(seed))
 
     def __call__(self, case: Case) -> Eval:
-        from .trust import ChildFailed, run_isolated
+        from lla_verify.trust import ChildFailed, run_isolated
 
         self.evals += 1
         try:

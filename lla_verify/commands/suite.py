@@ -2,7 +2,7 @@
 
     lla-verify suite --impl mypkg:fn [--device cpu|cuda|auto] [-- PYTEST_ARGS ...]
 
-is ``python -m pytest -p lla_verify.pytest_plugin --pyargs lla_verify_properties
+is ``python -m pytest -p lla_verify.testing.pytest_plugin --pyargs lla_verify_properties
 --lla-impl mypkg:fn --lla-device ... PYTEST_ARGS`` run from the current folder, so a
 module of that folder can be the implementation. The arguments after ``--`` go to
 pytest as they are (``-- -n auto -k forward --hypothesis-profile gpu``).
@@ -34,7 +34,7 @@ def suite_dir() -> Path:
     spec = importlib.util.find_spec(SUITE_PACKAGE)
     if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
-    return Path(__file__).resolve().parent.parent / "properties"
+    return Path(__file__).resolve().parents[2] / "properties"
 
 
 def _suite_args() -> list[str] | None:
@@ -47,13 +47,13 @@ def _suite_args() -> list[str] | None:
 
 
 def pytest_command(impl: str, device: str, pytest_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-p", "lla_verify.pytest_plugin", *(_suite_args() or []),
+    return [sys.executable, "-m", "pytest", "-p", "lla_verify.testing.pytest_plugin", *(_suite_args() or []),
             "--lla-impl", impl, "--lla-device", device, *pytest_args]
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .cliutil import UsageError
-    from .impls import get_impl
+    from lla_verify.cliutil import UsageError
+    from lla_verify.registry.impls import get_impl
     from lla_contract import LLAInputError
 
     if _suite_args() is None:
