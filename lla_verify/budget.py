@@ -28,7 +28,9 @@ import torch
 from torch.func import jvp
 
 from lla_verify.registry.cases import DTYPE_NAMES, Problem
-from lla_verify.registry.impls import Impl, dense_torch_lla, unit_roundoff
+from lla_verify.registry.impls import Impl
+from lla_verify.oracles.dense import dense_torch_lla
+from lla_verify.registry.precision import unit_roundoff
 from lla_verify.oracles.float64 import LLADetails, lla_forward, lla_forward_details, lla_forward_mu_shift, lla_forward_sigma_probe
 
 THRESHOLD = 1.0  # a check fails when error / allowed exceeds this

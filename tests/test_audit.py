@@ -19,7 +19,8 @@ import torch
 from lla_verify.audit import run as audit
 from lla_verify.registry.cases import Case
 from lla_verify.cli import main
-from lla_verify.registry.impls import Impl, dense_torch_lla, get_impl
+from lla_verify.registry.impls import Impl, get_impl
+from lla_verify.oracles.dense import dense_torch_lla
 from lla_contract import check_lambda, check_scale
 
 # Well-conditioned cells (kappa(Sigma_i) at most ~1e3): every honest fp32

@@ -23,7 +23,7 @@ relative residual in both solves: the float64 dense gradient formulas of this fi
 rho + Sigma^-1 r, u + Sigma^-1 r' with ||r_i|| = ||mu_i||, ||r'_i|| = ||b_i||, along the
 directions that move dX most (``_solver_sensitivities``). Second, FlashAttention's rule: err_X <= C_DENSE err_dense_X + u_out ||dX^{f64}||
 + cg_tol solv_X, where err_dense_X is the error of autograd through the dense fp32
-torch reference (``lla_verify.registry.impls.dense_torch_lla``, an LU solve per query) on the
+torch reference (``lla_verify.oracles.dense.dense_torch_lla``, an LU solve per query) on the
 same inputs, and the last term is the CG stopping error the LU reference does not have.
 """
 
@@ -35,7 +35,9 @@ import os
 import pytest
 import torch
 
-from lla_verify.registry.impls import dense_torch_lla, unit_roundoff
+from lla_verify.oracles.dense import dense_torch_lla
+
+from lla_verify.registry.precision import unit_roundoff
 from lla_verify.oracles.float64 import lla_forward, lla_forward_details, softmax_attention
 from lla_contract import LLAInputError
 

@@ -32,7 +32,9 @@ import pytest
 import torch
 from torch.func import jvp
 
-from lla_verify.registry.impls import dense_torch_lla, unit_roundoff
+from lla_verify.oracles.dense import dense_torch_lla
+
+from lla_verify.registry.precision import unit_roundoff
 from lla_verify.oracles.float64 import lla_forward, lla_forward_details, softmax_attention
 from lla_contract import LLAInputError
 

@@ -17,7 +17,8 @@ from hypothesis import find, settings
 
 from lla_verify.budget import THRESH, check_backward, check_forward, forward_budget
 from lla_verify.registry.cases import Case, Problem, get_family, parse_case
-from lla_verify.registry.impls import dense_torch_lla, get_impl, is_available
+from lla_verify.registry.impls import get_impl, is_available
+from lla_verify.oracles.dense import dense_torch_lla
 from lla_verify.oracles.float64 import (lla_forward, lla_forward_details, lla_forward_wls, mesanet_attention,
                                softmax_attention)
 from lla_verify.testing.strategies import cases

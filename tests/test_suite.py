@@ -10,7 +10,8 @@ from hypothesis.errors import Unsatisfiable
 
 from lla_verify.testing import suite
 from lla_verify.registry.cases import Case
-from lla_verify.registry.impls import Impl, dense_torch_lla
+from lla_verify.registry.impls import Impl
+from lla_verify.oracles.dense import dense_torch_lla
 
 NARROW = Impl(name="narrow", forward=dense_torch_lla, description="bf16, D = 16, one lambda",
               dtypes=(torch.bfloat16,), head_dims=(16,), per_query_lambda=False)

@@ -26,7 +26,8 @@ from lla_verify.testing import suite
 from lla_verify.budget import cotangent_for, impl_grads
 from lla_verify.registry.cases import Case
 from lla_verify.cli import main
-from lla_verify.registry.impls import Impl, dense_torch_lla
+from lla_verify.registry.impls import Impl
+from lla_verify.oracles.dense import dense_torch_lla
 from tests import trust_planted as planted
 
 CASE = Case("gaussian", {"lam": 1.0}, S=24, D=8)

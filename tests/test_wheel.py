@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # A user's implementation: the dense fp32 reference behind the protocol, and a copy
 # off by one part in a hundred, which the suite must fail.
 IMPL_MODULE = '''
-from lla_verify.registry.impls import dense_torch_lla
+from lla_verify.oracles.dense import dense_torch_lla
 
 
 def fn(q, k, v, *, ridge_lambda, qk_scale=None):

@@ -168,7 +168,7 @@ class Case:
         """Memory one judged run of this case needs, beside the implementation's own:
         the build, the float64 oracle (queries in chunks of DEFAULT_CHUNK_BYTES, plus
         per-query (D, D) matrices) and the dense same-precision reference, which holds
-        about three (B, H, S, S, D) float32 tensors (lla_verify/impls.dense_torch_lla)."""
+        about three (B, H, S, S, D) float32 tensors (lla_verify/oracles/dense.py)."""
         B, H, S, D = (int(x) for x in (self.B, self.H, self.S, self.D))
         return (self.build_bytes() + 16 * 8 * B * H * S * D + 3 * 8 * B * H * S * D * D
                 + 3 * 4 * B * H * S * S * D + 4 * 128 * 2**20)

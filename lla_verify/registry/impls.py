@@ -22,18 +22,12 @@ from typing import Callable
 
 import torch
 
-from lla_contract import LLAInputError, check_lambda, check_qkv, check_scale
+from lla_contract import LLAInputError
+from lla_verify.oracles.dense import dense_torch_lla
+from lla_verify.registry.precision import unit_roundoff
 
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALL_GRADS = ("dq", "dk", "dv", "dlambda")
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """u = 2^-p for a dtype with p significand bits (round to nearest)."""
-    bits = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
-    if dtype not in bits:
-        raise LLAInputError(f"dtype: no unit roundoff known for {dtype}")
-    return 2.0 ** -bits[dtype]
 
 
 @dataclass(frozen=True)
@@ -77,68 +71,6 @@ class Impl:
 
     def skip_reason(self, prop: str) -> str | None:
         return self.skips.get(prop)
-
-
-# ---------------------------------------------------------------- dense fp32 torch
-def dense_torch_lla(q, k, v, *, ridge_lambda, qk_scale=None, compute_dtype=torch.float32):
-    """Dense LLA in ``compute_dtype`` (default fp32): materialises z_ij and Sigma_i.
-
-    The same-precision reference of SPEC 8 (FlashAttention's rule): the plain
-    computation, carried out in the kernel's compute precision on the same rounded
-    inputs. Direct solve (Cholesky) per query; output in q's dtype. Memory
-    Theta(S^2 D), so small S only.
-    """
-    check_qkv(q, k, v)
-    scale = check_scale(qk_scale, q.shape[-1])
-    lam = check_lambda(ridge_lambda, tuple(q.shape[:-1]), q.device, dtype=compute_dtype)
-    cd = compute_dtype
-    qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
-    S, D = q.shape[-2], q.shape[-1]
-    a = scale * (qc @ kc.transpose(-1, -2))
-    mask = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
-    a = a.masked_fill(~mask, float("-inf"))
-    w = torch.exp(a - a.amax(-1, keepdim=True))
-    omega = w.sum(-1)
-    z = kc[..., None, :, :] - qc[..., :, None, :]  # (..., S, S, D)
-    wz = w[..., None] * z
-    mu = wz.sum(-2)
-    eye = torch.eye(D, dtype=cd, device=q.device)
-    sig = wz.transpose(-1, -2) @ z + (lam * omega)[..., None, None] * eye
-    # Which rows factor is decided without autograd, and the differentiable factorisation
-    # sees only matrices that factor: a failed factor is NaN, and selecting around it
-    # afterwards still sends NaN through autograd (0 * NaN is NaN) into every input.
-    with torch.no_grad():
-        _, info = torch.linalg.cholesky_ex(sig)
-        # Sigma_i is SPD in exact arithmetic when lambda_i > 0, but once kappa exceeds
-        # 1/u_c its rounded form need not be: a jitter of D u_c tr(Sigma_i)/D is a
-        # backward error of the size the rounding already made.
-        u = torch.finfo(cd).eps / 2
-        needs = (info != 0)[..., None, None]
-        jitter = torch.where(needs, (u * torch.diagonal(sig, dim1=-2, dim2=-1).sum(-1))[..., None, None] * eye,
-                             torch.zeros_like(sig))
-        L0, info2 = torch.linalg.cholesky_ex(sig + jitter)
-        chol_ok = (info2 == 0) & torch.isfinite(L0).flatten(-2).all(-1)
-    # rows that do not factor even jittered fall back to the softmax average below
-    L, _ = torch.linalg.cholesky_ex(torch.where(chol_ok[..., None, None], sig + jitter, eye))
-    rho = torch.cholesky_solve(mu[..., None], L)[..., 0]
-    rho_ok = chol_ok & torch.isfinite(rho).all(-1)
-    rho = torch.where(rho_ok[..., None], rho, torch.zeros_like(rho))
-    zr = (z @ rho[..., None])[..., 0]
-    g = w * (1.0 - zr)
-    den = g.sum(-1)
-    # The kernel's delta guard (docs/kernels.md), so that the reference is held to the
-    # same function: a den_i below the rounding of the sum it came from (4 u_c of
-    # sum_j w_ij (1 + |<z_ij, rho_i>|)) has no correct digit (lambda = 0 early tokens,
-    # lambda 1e-8), and a rho_i the jittered Cholesky could not make finite has none
-    # either; such rows return the softmax average (rho_i = 0). Without it the
-    # reference broke partition of unity at lambda 1e-8 and returned NaN at kappa 1e12.
-    u = torch.finfo(cd).eps / 2
-    mag = (w * (1.0 + zr.abs())).sum(-1)
-    bad = ~rho_ok | ~torch.isfinite(den) | (den.abs() <= 4.0 * u * mag)
-    g = torch.where(bad[..., None], w, g)
-    den = torch.where(bad, omega, den)
-    o = (g @ vc) / den[..., None]
-    return o.to(q.dtype)
 
 
 def _oracle_impl(q, k, v, *, ridge_lambda, qk_scale=None):
@@ -326,4 +258,4 @@ def is_available(impl: Impl, device: str) -> str | None:
     return None
 
 
-__all__ = ["Impl", "get_impl", "BUILTIN_NAMES", "dense_torch_lla", "unit_roundoff", "is_available"]
+__all__ = ["Impl", "get_impl", "BUILTIN_NAMES", "is_available"]
