@@ -16,14 +16,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lla_contract import LLAInputError
 from lla_verify import cliutil
-
-from lla_verify.audit import run as audit
-
+from lla_verify.audit import baseline as audit_baseline
+from lla_verify.audit import plan as audit_plan
 from lla_verify.audit import report
+from lla_verify.audit import run as audit_run
+from lla_verify.commands import audit as cmd_audit
 from lla_verify.registry.cases import FAMILIES, Case, parse_case
 from lla_verify.cli import EXIT_INTERNAL, main
-from lla_contract import LLAInputError
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = "B=1,H=1,S=4,D=8,dtype=float32,seed=0"
@@ -127,14 +128,14 @@ def test_every_stored_and_planned_spec_still_parses():
         assert parse_case(g.case.spec()) == g.case
     for name in ("triton", "torch-fp32", "oracle-f64"):
         for full in (False, True):
-            for cell in audit.plan(get_impl(name), full=full)[0]:
+            for cell in audit_plan.plan(get_impl(name), full=full)[0]:
                 assert parse_case(cell.case.spec()) == cell.case
     for kap in kappa_grid(9):
         Case("spectrum", {"kappa": kap, "rotate": 1})
     stored = sorted((ROOT / "baselines").glob("*.json"))
     assert stored, "no stored baseline under baselines/"
     for path in stored:
-        audit.load_baseline(str(path))  # the stored GPU audits stay valid baselines
+        audit_baseline.load_baseline(str(path))  # the stored GPU audits stay valid baselines
 
 
 def test_memory_is_estimated_before_anything_is_allocated(monkeypatch):
@@ -340,8 +341,8 @@ def test_bad_out_is_refused_before_any_work(kind, command, slices, tmp_path, cap
 
     def boom(*a, **k):
         pytest.fail("work started before --out was checked")
-    monkeypatch.setattr(audit, "run_audit", boom)
-    monkeypatch.setattr(audit, "merge_reports", boom)
+    monkeypatch.setattr(cmd_audit, "run_audit", boom)
+    monkeypatch.setattr(cmd_audit, "merge_reports", boom)
     monkeypatch.setattr(cg_study, "run_study", boom)
     monkeypatch.setattr(hunt, "hill_climb", boom)
     argv = {"audit": ["audit", "--impl", "torch-fp32", "--no-progress"],
@@ -355,7 +356,7 @@ def test_bad_out_is_refused_before_any_work(kind, command, slices, tmp_path, cap
 
 
 def test_report_write_interrupted_leaves_no_truncated_file(tmp_path, monkeypatch):
-    rep = {"schema": audit.SCHEMA, "meta": {}, "verdict": audit._verdict([], []), "regressions": [],
+    rep = {"schema": audit_baseline.SCHEMA, "meta": {}, "verdict": audit_run._verdict([], []), "regressions": [],
            "baseline": None, "skipped": [], "cells": []}
     report.write_reports(rep, str(tmp_path))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}

@@ -19,15 +19,9 @@ import torch
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from lla_verify.audit import run as audit
-
-from lla_verify.commands import bench
-
+from lla_verify.commands import audit, bench, hunt
 from lla_verify.commands import cg as cg_study
-
 from lla_verify.goldens import store as goldens
-
-from lla_verify.commands import hunt
 from lla_verify.registry.cases import FAMILIES, SEED_MAX, Case
 from lla_verify.cli import COMMANDS, main
 

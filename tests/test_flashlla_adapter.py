@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from lla_verify import budget
-from lla_verify.audit.run import backward_check
+from lla_verify.audit.cell import backward_check
 from lla_verify.budget import check_backward, check_forward, kernel_view
 from lla_verify.registry.cases import Case, Problem
 from lla_verify.registry.impls import get_impl, is_available, with_overrides

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from lla_contract import LLAInputError
+from lla_contract import LLAInputError, check_lambda, check_qkv, check_scale
 from lla_verify.oracles.dense import dense_torch_lla
 from lla_verify.registry.precision import unit_roundoff
 
