@@ -32,7 +32,7 @@ COMMANDS = {
     "bench-backward": "lla_verify.commands.bench_backward",
     "audit": "lla_verify.commands.audit",
     "check": "lla_verify.commands.check",
-    "goldens": "lla_verify.goldens.store",
+    "goldens": "lla_verify.commands.goldens",
     "cg": "lla_verify.commands.cg",
     "hunt": "lla_verify.commands.hunt",
     "suite": "lla_verify.commands.suite",

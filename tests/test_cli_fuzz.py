@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from lla_verify.commands import audit, bench, hunt
 from lla_verify.commands import cg as cg_study
-from lla_verify.goldens import store as goldens
+from lla_verify.commands import goldens
 from lla_verify.registry.cases import FAMILIES, SEED_MAX, Case
 from lla_verify.cli import COMMANDS, main
 

@@ -382,9 +382,10 @@ def test_the_gpu_jobs_checker_accepts_only_the_documented_failures(tmp_path, mod
 def test_goldens_compare_judges_the_rounded_inputs_and_says_so(stand_in):
     """An fp32 golden: the stand-in computes from its bf16 rounding; the verdict is taken on
     that rounding, the stored-reference check (of the unrounded inputs) is left out and named."""
-    from lla_verify.goldens import store as goldens
+    from lla_verify.goldens.compare import compare
+    from lla_verify.goldens.store import DEFAULT_DIR
 
-    _, results = goldens.compare(goldens.DEFAULT_DIR, _impl(), device="cpu", only=["duplicates-pool4-f32-S64-D16"])
+    _, results = compare(DEFAULT_DIR, _impl(), device="cpu", only=["duplicates-pool4-f32-S64-D16"])
     (res,) = results
     assert res.skipped is None and "stored" not in res.checks, res
     assert res.checks["forward"] <= 1.0 and res.checks["oracle"] <= 1.0, res
