@@ -21,10 +21,9 @@ from hypothesis import given, note, settings, target
 from hypothesis import strategies as st
 
 from lla_verify.registry.cases import Case, Problem
-from lla_verify.cg.reference import (
-    finite_precision_limit, kappas, problem_sigma_mu, reference_cg, residual_rounding, run_kernel,
-    triton_unavailable, true_residual,
-)
+from lla_verify.cg.bound import finite_precision_limit
+from lla_verify.cg.kernel import run_kernel, triton_unavailable
+from lla_verify.cg.reference import kappas, problem_sigma_mu, reference_cg, residual_rounding, true_residual
 
 pytestmark = pytest.mark.interp
 

@@ -10,10 +10,8 @@ import pytest
 import torch
 
 from lla_verify.registry.cases import Case
-from lla_verify.cg.reference import (
-    a_norm_error_at, cg_bound, finite_precision_limit, iteration_bound, jacobi_iteration_bound, kappas, problem_sigma_mu,
-    reference_cg, residual_rounding, true_residual,
-)
+from lla_verify.cg.bound import a_norm_error_at, cg_bound, finite_precision_limit, iteration_bound, jacobi_iteration_bound
+from lla_verify.cg.reference import kappas, problem_sigma_mu, reference_cg, residual_rounding, true_residual
 from lla_contract import LLAInputError
 
 F64 = torch.float64

@@ -30,7 +30,8 @@ import torch
 
 from lla_verify.registry.cases import Case
 from lla_verify.cliutil import UsageError, atomic_write, check_device, check_out_dir, float_in, int_in, save_figure, seed_type
-from lla_verify.cg.reference import U32, bound_applies, cg_records, finite_precision_limit, iteration_bound, kernel_defaults, triton_unavailable
+from lla_verify.cg.bound import U32, bound_applies, finite_precision_limit, iteration_bound
+from lla_verify.cg.kernel import cg_records, kernel_defaults, triton_unavailable
 
 KAPPAS_MAX = 1000  # grid points; a denser log grid from 1 to 1e8 adds nothing but time
 QUICK = dict(shapes=((48, 16),), kappas=9, B=1, H=1)
