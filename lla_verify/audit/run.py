@@ -71,7 +71,7 @@ def _jsonable(x):
 
 
 def metadata(impl, device: str, mode: str, command: str, seed: int) -> dict:
-    from lla_verify.commands.info import collect
+    from lla_verify.environment import collect
 
     try:
         versions = collect()

@@ -29,7 +29,7 @@ import torch
 from lla_verify.budget import THRESHOLD, check_forward
 from lla_verify.registry.cases import DTYPES, FAMILIES, Case, get_family
 from lla_verify.cliutil import UsageError, atomic_write, check_device, check_out_dir, int_in, save_figure, seed_type
-from lla_verify.commands.suite import suite_dir
+from lla_verify.testing.location import suite_dir
 from lla_verify.registry.impls import get_impl, is_available
 from lla_contract import LLAInputError
 

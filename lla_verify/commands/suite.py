@@ -19,22 +19,11 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-# The import name of the property suite: setuptools maps it to the properties/ folder
-# of the source tree (pyproject.toml, [tool.setuptools.package-dir]).
-SUITE_PACKAGE = "lla_verify_properties"
+from lla_verify.testing.location import SUITE_PACKAGE, suite_dir
 
 _PYTEST_USAGE_ERROR = 4
 _USAGE_ERROR = 2
-
-
-def suite_dir() -> Path:
-    """The suite's folder: the installed package, else properties/ of the source tree."""
-    spec = importlib.util.find_spec(SUITE_PACKAGE)
-    if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0])
-    return Path(__file__).resolve().parents[2] / "properties"
 
 
 def _suite_args() -> list[str] | None:

@@ -89,7 +89,7 @@ def _in_play(config) -> bool:
         return True
     if config.rootpath.resolve() == _SOURCE_ROOT and (_SOURCE_ROOT / "properties").is_dir():
         return True
-    from lla_verify.commands.suite import SUITE_PACKAGE, suite_dir
+    from lla_verify.testing.location import SUITE_PACKAGE, suite_dir
 
     here = suite_dir().resolve()
     for arg in config.args:
