@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lla_verify.testing import suite
-from lla_verify.budget import THRESH, check_forward, forward_budget, io_roundoff
+from lla_verify.budget.forward import THRESH, check_forward, forward_budget, io_roundoff
 from lla_verify.registry.cases import Case
 
 

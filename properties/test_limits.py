@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lla_verify.testing import suite
-from lla_verify.budget import THRESH, forward_budget
+from lla_verify.budget.forward import THRESH, forward_budget
 from lla_verify.registry.cases import Case, Problem
 from lla_verify.oracles.float64 import mesanet_attention, softmax_attention
 

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 
 from lla_verify.testing import suite
-from lla_verify.budget import U64, forward_budget
+from lla_verify.budget.forward import U64, forward_budget
 from lla_verify.registry.impls import get_impl
 from lla_verify.oracles.mp import lla_forward_mp
 from lla_verify.testing.strategies import cases

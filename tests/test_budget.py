@@ -1,4 +1,4 @@
-"""The derived budgets (lla_verify/budget.py): tight enough to catch bugs, never
+"""The derived budgets (lla_verify/budget/): tight enough to catch bugs, never
 failing a correct same-precision computation, and messages that name the cause."""
 
 import math
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lla_verify.testing import mutants
-from lla_verify.budget import check_backward, check_forward, forward_budget
+from lla_verify.budget.backward import check_backward
+from lla_verify.budget.forward import check_forward, forward_budget
 from lla_verify.registry.cases import FAMILIES, Case
 from lla_verify.registry.impls import Impl, get_impl
 
@@ -97,7 +98,7 @@ def test_unmeasurable_sensitivity_keeps_the_other_terms(monkeypatch):
     # On the GPU a float64 probe came back NaN (kappa 5e11, S = 1) and the whole budget
     # became NaN, reported as ratio inf. A NaN term now drops out, is counted, and the
     # rest of the budget still judges the row: a planted bug still fails.
-    from lla_verify import budget
+    from lla_verify.budget import backward as budget
 
     real = budget._normalisation_terms
 
@@ -114,7 +115,7 @@ def test_unmeasurable_sensitivity_keeps_the_other_terms(monkeypatch):
 
 
 def _oracle_grads_as_impl(p):
-    from lla_verify.budget import cotangent_for, oracle_grads
+    from lla_verify.budget.backward import cotangent_for, oracle_grads
 
     cot = cotangent_for(p).to(p.q.dtype).to(torch.float64)
     return {n: g.clone() for n, g in oracle_grads(p, cot).items()}
@@ -172,7 +173,7 @@ def test_dense_reference_gradients_stay_finite_where_its_cholesky_fails(spec):
     # and a torch.where placed after the NaN factor used to send NaN through autograd
     # (the property suite under random seeds found it once NaN gradients stopped being
     # excused as conditioning)
-    from lla_verify.budget import cotangent_for, impl_grads
+    from lla_verify.budget.backward import cotangent_for, impl_grads
     from lla_verify.registry.cases import parse_case
 
     p = parse_case(spec).build()
@@ -218,7 +219,7 @@ def test_gradient_budget_covers_the_forward_solves_residual():
     # direction per row: the gradient a backward computes from that rho is within budget.
     # Planted (the term removed from check_backward): 5 of these 8 directions fail, worst 2.9;
     # with it the worst is 0.25.
-    from lla_verify.budget import cotangent_for, solve_residual
+    from lla_verify.budget.backward import cotangent_for, solve_residual
     from lla_verify.registry.cases import parse_case
     from lla_verify.registry.impls import with_overrides
     from lla_verify.oracles.float64 import lla_forward_details
@@ -242,7 +243,7 @@ def test_gradient_budget_covers_the_forward_solves_residual():
 def test_row_kappa_follows_causality():
     # dq, dlambda: the row's own kappa; dk, dv at key j: the largest kappa of the defined
     # queries i >= j (an unmeasured one counts as infinite, an undefined one as nothing)
-    from lla_verify.budget import row_kappa
+    from lla_verify.budget.backward import row_kappa
 
     kappa = torch.tensor([[[5.0, 1e7, 2.0, math.nan, 3.0, 9.0, 4.0]]])
     defined = torch.tensor([[[True, True, True, True, True, False, True]]])
@@ -268,7 +269,7 @@ def test_a_dk_bug_at_a_well_conditioned_key_is_the_implementations():
     # the largest kappa over all rows (3.9e6) used to decide the cause for dk and dv, and
     # the largest normalisation term over all queries set every key's dk budget: key 11,
     # fed by query 11 alone (kappa 1.9), had an allowed error 1e6 x its own
-    from lla_verify.budget import assert_backward_within_budget
+    from lla_verify.budget.backward import assert_backward_within_budget
 
     p = _one_query_in_the_conditioning_band()
     assert check_backward(p, DENSE).passed  # control: the same computation without the bug
@@ -281,7 +282,7 @@ def test_a_dk_bug_at_a_well_conditioned_key_is_the_implementations():
 
 
 def test_conditioning_is_blamed_only_for_rows_it_explains():
-    from lla_verify.budget import assert_backward_within_budget
+    from lla_verify.budget.backward import assert_backward_within_budget
 
     p = _one_query_in_the_conditioning_band()
     g = _oracle_grads_as_impl(p)

@@ -22,7 +22,8 @@ import torch
 
 from lla_verify import budget
 from lla_verify.audit.cell import backward_check
-from lla_verify.budget import check_backward, check_forward, kernel_view
+from lla_verify.budget.backward import check_backward
+from lla_verify.budget.forward import check_forward, kernel_view
 from lla_verify.registry.cases import Case, Problem
 from lla_verify.registry.impls import get_impl, is_available, with_overrides
 from lla_verify.oracles.float64 import lla_forward
@@ -396,7 +397,7 @@ def test_identities_allow_the_rounding_the_kernel_applies():
     """properties/test_identities.py and the dv-sum property allow io_roundoff: bf16 for the
     public kernel even on fp32 inputs (with the problem's fp32 roundoff, the exact stand-in
     failed partition of unity at ratio 2.9e3 and the first token at 3.4e3 on fp32 draws)."""
-    from lla_verify.budget import io_roundoff
+    from lla_verify.budget.forward import io_roundoff
 
     p32 = Case("gaussian", {}, B=1, H=1, S=4, D=16, dtype="float32").build()
     pbf = Case("gaussian", {}, B=1, H=1, S=4, D=16, dtype="bfloat16").build()

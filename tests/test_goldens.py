@@ -118,7 +118,7 @@ def _limit_mesanet(a, g):
 
 def _mesanet_exact(a, g):
     # s = 0 is the MesaNet form exactly: only float64 rounding separates the two formulas
-    from lla_verify.budget import THRESH
+    from lla_verify.budget.forward import THRESH
 
     mesa, rounding = mesanet_attention(a["q"], a["k"], a["v"], ridge_lambda=float(a["lam"]), return_rounding=True)
     err = (a["o_mp"] - mesa).norm(dim=-1)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lla_verify.commands import hunt
-from lla_verify.budget import THRESHOLD
+from lla_verify.budget.verdict import THRESHOLD
 from lla_verify.registry.cases import FAMILIES, get_family, parse_case
 from lla_verify.registry.impls import get_impl
 

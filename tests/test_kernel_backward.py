@@ -407,7 +407,7 @@ FIRST_TOKEN_CASES = [
 
 
 def _case_grads(spec, g=None):
-    from lla_verify.budget import cotangent_for
+    from lla_verify.budget.backward import cotangent_for
     from lla_verify.registry.cases import parse_case
 
     p = parse_case(spec).build(DEVICE)
@@ -530,7 +530,8 @@ def test_grads_gpu_anchored_rounds_fit_every_head_dim(D):
     # 1e3 sends bf16 rows from the split path to a later, anchored round: at D = 64
     # kernel A's variant for it needed 240 KiB of shared memory with the first round's
     # tiles (an H200 has 227 KiB) and the launch failed
-    from lla_verify.budget import assert_within_budget, check_backward
+    from lla_verify.budget.backward import check_backward
+    from lla_verify.budget.verdict import assert_within_budget
     from lla_verify.registry.cases import Case
     from lla_verify.registry.impls import get_impl
 

@@ -15,7 +15,9 @@ import pytest
 import torch
 from hypothesis import find, settings
 
-from lla_verify.budget import THRESH, check_backward, check_forward, forward_budget
+from lla_verify.budget.backward import check_backward
+
+from lla_verify.budget.forward import THRESH, check_forward, forward_budget
 from lla_verify.registry.cases import Case, Problem, get_family, parse_case
 from lla_verify.registry.impls import get_impl, is_available
 from lla_verify.oracles.dense import dense_torch_lla
@@ -150,7 +152,7 @@ _REASON = is_available(TRITON, _DEVICE) if (_DEVICE == "cuda" or os.environ.get(
 @pytest.mark.skipif(bool(_REASON), reason=str(_REASON))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_kernel_at_scale_zero_forward_and_backward(dtype):
-    """S = 40 spans several key tiles; the budgets are budget.py's, against the float64 oracle."""
+    """S = 40 spans several key tiles; the budgets are lla_verify/budget's, against the float64 oracle."""
     p = _problem(40, 16, dtype, 0.5, seed=4).to(_DEVICE)
     o = TRITON.forward(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=0.0)
     fb = forward_budget(p, TRITON, out_dtype=o.dtype)

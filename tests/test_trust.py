@@ -25,7 +25,7 @@ from lla_verify.audit import run as audit_run
 from lla_verify.commands import hunt
 
 from lla_verify.testing import suite
-from lla_verify.budget import cotangent_for, impl_grads
+from lla_verify.budget.backward import cotangent_for, impl_grads
 from lla_verify.registry.cases import Case
 from lla_verify.cli import main
 from lla_verify.registry.impls import Impl

@@ -60,7 +60,7 @@ def check_cell(c, where: str) -> None:
     its ratios: a passing cell has every ratio within the threshold and every check
     passed, and its ratio is its worst check's. (A cell may fail with a ratio within
     the threshold: failing is never the forgery that matters.)"""
-    from lla_verify.budget import THRESHOLD
+    from lla_verify.budget.verdict import THRESHOLD
     from lla_verify.registry.cases import parse_case
     from lla_contract import LLAInputError
 

@@ -83,7 +83,7 @@ def backward_check(problem, impl) -> dict:
     """
     import inspect
 
-    from lla_verify import budget
+    from lla_verify.budget import backward as budget
 
     if not impl.supports_grad:
         return {"status": f"not checked: {impl.name} has no gradients"}
@@ -159,7 +159,7 @@ def run_cell(cell: Cell, impl, device: str, *, backward: bool = True, impl_name:
     """Build, run, time and judge one cell; every number lands in the returned record."""
     import torch
 
-    from lla_verify.budget import check_forward
+    from lla_verify.budget.forward import check_forward
 
     case = cell.case
     spec = case.spec()

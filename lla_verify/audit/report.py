@@ -16,7 +16,7 @@ import json
 import math
 import os
 
-from lla_verify.budget import THRESHOLD  # drawn on every ratio axis: the one threshold, never a copy
+from lla_verify.budget.verdict import THRESHOLD  # drawn on every ratio axis: the one threshold, never a copy
 
 RATIO_FLOOR = 1e-6  # ratios of 0 (exact answers) are drawn here on log axes
 CAUSE_COLORS = {"ok": "#2b8a3e", "implementation": "#c92a2a", "conditioning": "#e67700",

@@ -230,7 +230,7 @@ def residual_rounding(q, k, ridge_lambda, qk_scale, rho, *, u: float = U32, wors
         | ||r_fp|| - ||r_64|| | / ||mu_i||  <=  c_i u ( || |Sigma|_abs |rho_i| || + || |mu|_abs || ) / ||mu_i||
 
     with c_i = n_i + D + 2 (the gamma_n worst case, ``worst_case=True``) or, by
-    default, the probabilistic model of budget.py, c_i = THRESH (sqrt(n_i) + sqrt(D) + 2)
+    default, the probabilistic model of budget/forward.py, c_i = THRESH (sqrt(n_i) + sqrt(D) + 2)
     with THRESH = 4, which grows like sqrt(n) and so stays meaningful at S = 2048 where
     the worst case would hide a plainly wrong residual (both sit about 100 times above
     what a dense fp32 residual shows at S = 48). The

@@ -42,7 +42,7 @@ def judge(problem, o, stats=None):
     """The forward verdict of ``o`` (B, H, S, D) on ``problem``, as the audit judges
     lla_triton (budget.check_forward: SPEC 8's budget with the dense fp32 reference's
     same-precision scale): the bench's "err / budget" column."""
-    from lla_verify.budget import check_forward
+    from lla_verify.budget.forward import check_forward
     from lla_verify.registry.impls import get_impl
 
     return check_forward(problem, get_impl("triton"), o, stats=stats, dense=True, mp_recheck=False)

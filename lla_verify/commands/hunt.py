@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lla_verify.budget import THRESHOLD, check_forward
+from lla_verify.budget.forward import check_forward
+
+from lla_verify.budget.verdict import THRESHOLD
 from lla_verify.registry.cases import DTYPES, FAMILIES, Case, get_family
 from lla_verify.cliutil import UsageError, atomic_write, check_device, check_out_dir, int_in, save_figure, seed_type
 from lla_verify.testing.location import suite_dir

@@ -42,7 +42,7 @@ def _stored_ratio(o: torch.Tensor, ref: torch.Tensor, allowed: torch.Tensor, und
 
 def _rounded_by(impl, problem: Problem) -> str:
     """Which inputs the implementation's declared rounding changes on ``problem`` ('' if none)."""
-    from lla_verify.budget import kernel_view
+    from lla_verify.budget.forward import kernel_view
 
     seen = kernel_view(problem, impl)
     names = [n for n in ("q", "k", "v") if not torch.equal(getattr(seen, n).to(torch.float64),
@@ -53,7 +53,7 @@ def _rounded_by(impl, problem: Problem) -> str:
 
 
 def compare_one(golden: Golden, folder: Path, entry: dict | None, impl, device: str) -> CaseResult:
-    from lla_verify.budget import check_forward, forward_budget
+    from lla_verify.budget.forward import check_forward, forward_budget
     from lla_verify.registry.impls import is_available
 
     dt = DTYPES[golden.case.dtype]

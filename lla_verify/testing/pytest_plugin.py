@@ -187,10 +187,10 @@ def impl(pytestconfig, device):
 
 
 # ---- one closing line for the whole run: "k of N checks over threshold, worst ratio r at <case>"
-# The ledger lives in lla_verify.budget; a run that never imported it has nothing to say.
+# The ledger lives in lla_verify.budget.verdict; a run that never imported it has nothing to say.
 def _own_ledger() -> list:
-    budget = sys.modules.get("lla_verify.budget")
-    return list(budget.LEDGER) if budget is not None else []
+    verdict = sys.modules.get("lla_verify.budget.verdict")
+    return list(verdict.LEDGER) if verdict is not None else []
 
 
 def pytest_sessionfinish(session):
@@ -213,7 +213,7 @@ def pytest_terminal_summary(terminalreporter, config):
     led = _own_ledger() + getattr(config, "_lla_worker_ledgers", [])
     if not led:
         return
-    from lla_verify.budget import THRESHOLD
+    from lla_verify.budget.verdict import THRESHOLD
     from lla_verify.testing.mutants import MUTANTS
 
     groups: dict = {}
