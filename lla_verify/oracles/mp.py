@@ -1,6 +1,6 @@
 """High-precision oracles for Local Linear Attention: mpmath, and certified intervals.
 
-The float64 oracles (``oracle.py``) lose digits in proportion to kappa(Sigma_i) and
+The float64 oracles (``float64.py``) lose digits in proportion to kappa(Sigma_i) and
 omega_i / delta_i; past kappa ~ 1e16 they have none left. The functions here say
 what the exact operator of SPEC 1 returns on such inputs, for small problems:
 
