@@ -2,4 +2,4 @@
 an environment where lla-verify's pytest11 entry point is not installed (the source
 tree on PYTHONPATH); pytest registers it once either way."""
 
-pytest_plugins = ["lla_verify.pytest_plugin"]
+pytest_plugins = ["lla_verify.testing.pytest_plugin"]

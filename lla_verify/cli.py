@@ -20,20 +20,22 @@ import os
 import sys
 import traceback
 
-from .cliutil import UsageError, one_line
+from lla_verify.cliutil import UsageError, one_line
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEBUG_ENV = "LLA_VERIFY_DEBUG"
 
 # name -> module implementing it (imported lazily so ``info`` stays fast)
 COMMANDS = {
-    "info": "lla_verify.cmd_info",
-    "bench": "lla_verify.bench",
-    "audit": "lla_verify.audit",
-    "goldens": "lla_verify.goldens",
-    "cg": "lla_verify.cg_study",
-    "hunt": "lla_verify.hunt",
-    "suite": "lla_verify.cmd_suite",
+    "info": "lla_verify.commands.info",
+    "bench": "lla_verify.commands.bench",
+    "bench-backward": "lla_verify.commands.bench_backward",
+    "audit": "lla_verify.commands.audit",
+    "check": "lla_verify.commands.check",
+    "goldens": "lla_verify.commands.goldens",
+    "cg": "lla_verify.commands.cg",
+    "hunt": "lla_verify.commands.hunt",
+    "suite": "lla_verify.commands.suite",
 }
 
 

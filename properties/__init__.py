@@ -2,7 +2,7 @@
 against the float64 and mpmath oracles, within derived error budgets.
 
 Installed as ``lla_verify_properties``; its options, fixtures and profiles come from
-the pytest plugin lla_verify.pytest_plugin. From any folder::
+the pytest plugin lla_verify.testing.pytest_plugin. From any folder::
 
     pytest --pyargs lla_verify_properties --lla-impl mypkg:fn -n auto
 """

@@ -1,7 +1,7 @@
 """CG convergence of lla_triton against kappa(Sigma_i) (issue 6; docs/cg.md).
 
-Reference CG, bound and slack: lla_verify/cg.py. Problems: the 'spectrum' family of
-lla_verify/cases.py (kappa 1 to 1e8; rotate=0 leaves the bad scaling on the key
+Reference CG, bound and slack: lla_verify/cg/reference.py. Problems: the 'spectrum' family of
+lla_verify/registry/cases.py (kappa 1 to 1e8; rotate=0 leaves the bad scaling on the key
 axes, rotate=1 hides it behind a rotation).
 
 The kernel is asked directly (its CG options and statistics are specific to it), so
@@ -20,11 +20,10 @@ import torch
 from hypothesis import given, note, settings, target
 from hypothesis import strategies as st
 
-from lla_verify.cases import Case, Problem
-from lla_verify.cg import (
-    finite_precision_limit, kappas, problem_sigma_mu, reference_cg, residual_rounding, run_kernel,
-    triton_unavailable, true_residual,
-)
+from lla_verify.registry.cases import Case, Problem
+from lla_verify.cg.bound import finite_precision_limit
+from lla_verify.cg.kernel import run_kernel, triton_unavailable
+from lla_verify.cg.reference import kappas, problem_sigma_mu, reference_cg, residual_rounding, true_residual
 
 pytestmark = pytest.mark.interp
 
@@ -49,7 +48,7 @@ def _device(config) -> str:
 @pytest.fixture(scope="module")
 def kernel(pytestconfig):
     """(impl record, device) for lla_triton, or a skip saying why it cannot run here."""
-    from lla_verify.impls import get_impl
+    from lla_verify.registry.impls import get_impl
 
     device = _device(pytestconfig)
     reason = triton_unavailable(device)

@@ -1,7 +1,7 @@
 """Forward accuracy: the implementation against the float64 oracle, within the
 derived budget (lla_verify.budget), on every family of SPEC 7.
 
-Oracle: lla_verify/oracle.py. Budget: lla_verify/budget.py. Families: lla_verify/cases.py.
+Oracle: lla_verify/oracles/float64.py. Budget: lla_verify/budget/forward.py. Families: lla_verify/registry/cases.py.
 """
 
 import json
@@ -11,9 +11,10 @@ import pytest
 import torch
 from hypothesis import given, settings, target
 
-from lla_verify import suite
-from lla_verify.budget import assert_within_budget, check_forward
-from lla_verify.cases import FAMILIES, Case, parse_case
+from lla_verify.testing import suite
+from lla_verify.budget.forward import check_forward
+from lla_verify.budget.verdict import assert_within_budget
+from lla_verify.registry.cases import FAMILIES, Case, parse_case
 
 # Regressions found once and checked forever: these, plus what `lla-verify hunt
 # --add-regression` stored in properties/regressions.json.

@@ -1,5 +1,5 @@
 """Backward: dq, dk, dv and d lambda against float64 autograd through the oracle,
-within the derived gradient budget (lla_verify.budget.check_backward), and the
+within the derived gradient budget (lla_verify.budget.backward.check_backward), and the
 exact identities of the gradient (docs/math.md, backward section).
 """
 
@@ -10,9 +10,10 @@ import pytest
 import torch
 from hypothesis import event, given, reject, settings, target
 
-from lla_verify import suite
-from lla_verify.budget import assert_backward_within_budget, assert_within_budget, check_backward, impl_grads
-from lla_verify.cases import FAMILIES, Problem, parse_case
+from lla_verify.testing import suite
+from lla_verify.budget.backward import assert_backward_within_budget, check_backward, impl_grads
+from lla_verify.budget.verdict import assert_within_budget
+from lla_verify.registry.cases import FAMILIES, Problem, parse_case
 
 # gradient findings checked forever: the entries of properties/regressions.json marked
 # "backward" (the forward pinned test runs every entry)
@@ -79,14 +80,15 @@ def test_dv_sums_to_total_cotangent(impl, device):
         grads = impl_grads(impl, p, g)
         total = grads["dv"].double().sum(-2)
         S = p.q.shape[-2]
-        from lla_verify.budget import THRESH_GRAD, io_roundoff
+        from lla_verify.budget.backward import THRESH_GRAD
+        from lla_verify.budget.forward import io_roundoff
 
         # each dv_j carries its own rounding (output dtype, and fp32 accumulation over
         # S D terms); summing S of them adds at most their sum of magnitudes times that
         mag = grads["dv"].double().abs().sum(-2)
         D = p.q.shape[-1]
-        from lla_verify.budget import _normalisation_terms
-        from lla_verify.oracle import lla_forward_details
+        from lla_verify.budget.backward import _normalisation_terms
+        from lla_verify.oracles.float64 import lla_forward_details
 
         d = lla_forward_details(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale)
         if bool(d.undefined.any()):
@@ -114,7 +116,7 @@ def test_value_shift_leaves_dq_dk_unchanged(impl, device):
         suite.assume_supported(impl, p)
         shift = torch.linspace(-3, 3, p.v.shape[-1], dtype=p.v.dtype, device=device)
         p2 = Problem(case, p.q, p.k, (p.v + shift), p.ridge_lambda, p.qk_scale)
-        from lla_verify.budget import cotangent_for
+        from lla_verify.budget.backward import cotangent_for
 
         cot = cotangent_for(p)
         g1 = impl_grads(impl, p, cot)

@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lla_verify import suite
-from lla_verify.budget import THRESH, check_forward, forward_budget, io_roundoff
-from lla_verify.cases import Case
+from lla_verify.testing import suite
+from lla_verify.budget.forward import THRESH, check_forward, forward_budget, io_roundoff
+from lla_verify.registry.cases import Case
 
 
 def _allow(impl, problem, magnitude):
@@ -108,7 +108,7 @@ def test_shift_invariance_of_scores(impl, device):
         o1 = suite.run(impl, p, k=k)
         o2 = suite.run(impl, p, q=q2, k=k2)
         assert bool(torch.isfinite(o2).all()), f"shift invariance: non-finite output after a per-row score shift of ~200 on {base.spec()}"
-        from lla_verify.cases import Problem
+        from lla_verify.registry.cases import Problem
 
         p1 = Problem(case, p.q, k, p.v, p.ridge_lambda, p.qk_scale)
         v1 = check_forward(p1, impl, o1, dense=False)
@@ -186,7 +186,7 @@ def test_batch_and_head_independence(impl, device):
         lam1 = lam.broadcast_to(p.q.shape[:-1])[b:b + 1, h:h + 1] if isinstance(lam, torch.Tensor) else lam
         sl = lambda x: x[b:b + 1, h:h + 1].contiguous()  # noqa: E731
         o1 = suite.run(impl, p, q=sl(p.q), k=sl(p.k), v=sl(p.v), ridge_lambda=lam1)
-        from lla_verify.cases import Problem
+        from lla_verify.registry.cases import Problem
 
         p1 = Problem(case, sl(p.q), sl(p.k), sl(p.v), lam1, p.qk_scale)
         fb = forward_budget(p1, impl, dense=False)
@@ -225,7 +225,7 @@ def test_linear_values_reproduced_at_lambda_zero(impl, device):
         # is set on the built problem
         p = case.build(device)
         suite.assume_supported(impl, p)
-        from lla_verify.cases import Problem
+        from lla_verify.registry.cases import Problem
 
         p0 = Problem(case, p.q, p.k, p.v, 0.0, p.qk_scale)
         o = suite.run(impl, p0)

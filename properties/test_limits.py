@@ -1,6 +1,6 @@
 """Limits of SPEC 4 asked of the implementation (docs/math.md §4).
 
-Baselines: lla_verify.oracle.softmax_attention and mesanet_attention (float64).
+Baselines: lla_verify.oracles.float64.softmax_attention and mesanet_attention (float64).
 Each allowance is the implementation's forward budget at that input plus the
 limit's own distance, measured on the float64 oracle (so the rate is the oracle's,
 and the implementation is asked to follow it).
@@ -12,10 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lla_verify import suite
-from lla_verify.budget import THRESH, forward_budget
-from lla_verify.cases import Case, Problem
-from lla_verify.oracle import mesanet_attention, softmax_attention
+from lla_verify.testing import suite
+from lla_verify.budget.forward import THRESH, forward_budget
+from lla_verify.registry.cases import Case, Problem
+from lla_verify.oracles.float64 import mesanet_attention, softmax_attention
 
 
 def _gauss(case: Case, device, lam, scale=None):

@@ -3,18 +3,18 @@
 The float64 oracle is the reference for everything else, so it is held to its own
 budget (the same model at u = 2^-53, lla_verify.budget) against mpmath at 50 digits,
 on the near-singular families, wherever kappa u64 leaves float64 digits to check.
-Oracles: lla_verify/oracle.py (float64) and lla_verify/oracle_mp.py (mpmath).
+Oracles: lla_verify/oracles/float64.py (float64) and lla_verify/oracles/mp.py (mpmath).
 """
 
 import pytest
 import torch
 from hypothesis import given, settings
 
-from lla_verify import suite
-from lla_verify.budget import U64, forward_budget
-from lla_verify.impls import get_impl
-from lla_verify.oracle_mp import lla_forward_mp
-from lla_verify.strategies import cases
+from lla_verify.testing import suite
+from lla_verify.budget.forward import U64, forward_budget
+from lla_verify.registry.impls import get_impl
+from lla_verify.oracles.mp import lla_forward_mp
+from lla_verify.testing.strategies import cases
 
 pytestmark = pytest.mark.mp
 

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
 
     import flashlla
     import lla_triton
-    from lla_verify.oracle import lla_forward
+    from lla_verify.oracles.float64 import lla_forward
 
     if not torch.cuda.is_available():
         print("bench_public: needs a CUDA device")

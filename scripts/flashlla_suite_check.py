@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pytest-rc", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the judgement here")
     args = ap.parse_args(argv)
-    from lla_verify.impls import get_impl
+    from lla_verify.registry.impls import get_impl
 
     try:
         with open(args.junit) as fh:

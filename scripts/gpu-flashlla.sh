@@ -62,7 +62,7 @@ if want suite; then
 fi
 
 if want audit; then ( t0=$(date +%s)
-    n=$($PY -c "from lla_verify.audit import plan; from lla_verify.impls import get_impl; print(len(plan(get_impl('flashlla'), full=True)[0]))")
+    n=$($PY -c "from lla_verify.audit.plan import plan; from lla_verify.registry.impls import get_impl; print(len(plan(get_impl('flashlla'), full=True)[0]))")
     step=$(( (n + SLICES - 1) / SLICES ))
     for a in $(seq 0 "$step" $(( n - 1 ))); do
         ( OMP_NUM_THREADS=1 timeout -k 20 "$REST_LIMIT" $PY -m lla_verify audit --full --impl flashlla --device cuda \

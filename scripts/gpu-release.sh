@@ -39,7 +39,7 @@ $PY -m lla_verify info > "$W/info.txt" 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$W/info.txt" 2>&1
 if [ "${BENCH:-0}" = 1 ]; then  # timings first, alone on the GPU
     timeout 200 $PY -m lla_verify bench --out "$W/bench-fwd.md" --mem-seqs '' > "$W/bench.log" 2>&1
-    timeout 200 $PY -m lla_triton.bench_backward --out "$W/bench-bwd.md" >> "$W/bench.log" 2>&1
+    timeout 200 $PY -m lla_verify bench-backward --out "$W/bench-bwd.md" >> "$W/bench.log" 2>&1
 fi
 want pytest && ( t0=$(date +%s); timeout -s INT -k 30 "$LIMIT" $PY -m pytest -p no:cacheprovider -n "$JOBS" -q --durations=15 \
     --hypothesis-profile gpu ${PYTEST_ARGS:-} tests/test_kernel_forward.py tests/test_kernel_backward.py \
@@ -49,7 +49,7 @@ want cg && ( t0=$(date +%s); timeout -k 30 "$LIMIT" $PY -m lla_verify cg --full 
 # the audit as SLICES slices of its plan side by side (one process takes ~18 min on an
 # H200, past a 10-minute scheduler limit; ten took 377 s), merged into one report after
 want audit && ( t0=$(date +%s)
-  n=$($PY -c "from lla_verify.audit import plan; from lla_verify.impls import get_impl; print(len(plan(get_impl('triton'), full=True)[0]))")
+  n=$($PY -c "from lla_verify.audit.plan import plan; from lla_verify.registry.impls import get_impl; print(len(plan(get_impl('triton'), full=True)[0]))")
   step=$(( (n + SLICES - 1) / SLICES ))
   for a in $(seq 0 "$step" $(( n - 1 ))); do
     ( OMP_NUM_THREADS=1 timeout -k 30 "$LIMIT" $PY -m lla_verify audit --full --device cuda --no-progress \
@@ -65,7 +65,7 @@ elif want impl; then ( t0=$(date +%s); mkdir -p "$W/impl-audit-slices"
   timeout -s INT -k 30 "$LIMIT" $PY -m pytest -p no:cacheprovider -n "$JOBS" -q -rs --hypothesis-profile gpu \
       --lla-impl "$IMPL" --lla-device cuda --junitxml="$W/impl-pytest-junit.xml" properties > "$W/impl-pytest.log" 2>&1
   echo "rc=$? wall=$(( $(date +%s) - t0 )) s impl=$IMPL" >> "$W/impl-pytest.log"
-  n=$($PY -c "import sys; from lla_verify.audit import plan; from lla_verify.impls import get_impl; print(len(plan(get_impl(sys.argv[1]), full=True)[0]))" "$IMPL")
+  n=$($PY -c "import sys; from lla_verify.audit.plan import plan; from lla_verify.registry.impls import get_impl; print(len(plan(get_impl(sys.argv[1]), full=True)[0]))" "$IMPL")
   step=$(( (n + SLICES - 1) / SLICES ))
   for a in $(seq 0 "$step" $(( n - 1 ))); do
     ( OMP_NUM_THREADS=1 timeout -k 30 "$LIMIT" $PY -m lla_verify audit --full --impl "$IMPL" --device cuda --no-progress \

@@ -42,11 +42,11 @@ def main(argv=None):
 
     import lla_triton
     from lla_triton.forward import lla_forward_kernel
-    from lla_verify.budget import check_backward, oracle_grads
-    from lla_verify.cases import Problem, parse_case
-    from lla_verify.cg import reference_cg, sigma_mu
-    from lla_verify.impls import get_impl
-    from lla_verify.oracle import lla_forward_details
+    from lla_verify.budget.backward import check_backward, oracle_grads
+    from lla_verify.registry.cases import Problem, parse_case
+    from lla_verify.cg.reference import reference_cg, sigma_mu
+    from lla_verify.registry.impls import get_impl
+    from lla_verify.oracles.float64 import lla_forward_details
 
     full = parse_case(args.case).build()
     R = args.rows
@@ -57,7 +57,7 @@ def main(argv=None):
     lam = prob.lam_tensor.reshape(R).double()
     D, scale = q.shape[-1], prob.qk_scale
     # the audit's cotangent, cut to the first R rows: dlambda_i depends on g_i and rows <= i only
-    from lla_verify.budget import cotangent_for
+    from lla_verify.budget.backward import cotangent_for
     g = cotangent_for(full)[..., :R, :].reshape(R, D).to(prob.q.dtype).double()
     cot = g.reshape(1, 1, R, D)
     ref = oracle_grads(prob, cot)

@@ -28,7 +28,7 @@ def main(argv=None):
 
     import lla_triton
     from lla_triton.forward import lla_forward_kernel
-    from lla_verify.oracle import lla_forward
+    from lla_verify.oracles.float64 import lla_forward
 
     if not torch.cuda.is_available():
         raise SystemExit("study_forward_costs: needs a CUDA device")

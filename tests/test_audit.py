@@ -1,4 +1,4 @@
-"""The release audit (lla_verify/audit.py) and its report: verdicts, a planted bug, baselines, exit codes.
+"""The release audit (lla_verify/audit/, lla-verify audit and check) and its report: verdicts, a planted bug, baselines, exit codes.
 
 CPU only, torch-fp32 and tiny cell subsets (``--only`` / ``--max-cells`` on the
 command line, explicit cell lists through ``run_audit``), so each test takes seconds.
@@ -16,11 +16,16 @@ import sys
 import pytest
 import torch
 
-from lla_verify import audit
-from lla_verify.cases import Case
+from lla_verify.audit import plan as audit_plan
+from lla_verify.audit import baseline as audit_baseline
+from lla_verify.audit import run as audit_run
+from lla_verify.commands import audit as cmd_audit
+from lla_verify.registry.cases import Case
 from lla_verify.cli import main
-from lla_verify.impls import Impl, dense_torch_lla, get_impl
-from lla_verify.validate import check_lambda, check_scale
+from lla_verify.cliutil import UsageError
+from lla_verify.registry.impls import Impl, get_impl
+from lla_verify.oracles.dense import dense_torch_lla
+from lla_contract import check_lambda, check_scale
 
 # Well-conditioned cells (kappa(Sigma_i) at most ~1e3): every honest fp32
 # implementation is far inside budget here, so a failure is the implementation's.
@@ -49,7 +54,7 @@ def omega_dropped_lla(q, k, v, *, ridge_lambda, qk_scale=None):
 
 
 def _cells(cases):
-    return [audit.Cell("test", c) for c in cases]
+    return [audit_plan.Cell("test", c) for c in cases]
 
 
 def _run_cli(argv, capsys):
@@ -83,7 +88,7 @@ def test_reference_passes_and_writes_both_reports(tmp_path, capsys):
 
 def test_planted_omega_bug_fails_with_implementation_attribution(tmp_path):
     bug = Impl(name="omega-dropped", forward=omega_dropped_lla, description="planted bug: ridge lambda I")
-    res = audit.run_audit(bug, _cells(EASY), out=str(tmp_path), backward=False)
+    res = audit_run.run_audit(bug, _cells(EASY), out=str(tmp_path), backward=False)
     assert res.exit_code == 1
     v = res.report["verdict"]
     assert v["n_failed"] == len(EASY), [c["ratio"] for c in res.report["cells"]]
@@ -108,13 +113,13 @@ def test_interrupted_audit_writes_a_partial_report_that_fails(tmp_path):
         return dense_torch_lla(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
 
     impl = Impl(name="interrupted", forward=stops_on_second_call, description="interrupted after one cell")
-    res = audit.run_audit(impl, _cells(EASY), out=str(tmp_path), backward=False)
+    res = audit_run.run_audit(impl, _cells(EASY), out=str(tmp_path), backward=False)
     v = res.report["verdict"]
     assert res.exit_code == 1 and not v["passed"] and v["n_failed"] == 0
     assert v["interrupted"] == f"interrupted after 1 of {len(EASY)} cells" and len(res.report["cells"]) == 1
     assert json.loads((tmp_path / "report.json").read_text())["meta"]["interrupted"] == v["interrupted"]
     assert "INCOMPLETE" in (tmp_path / "report.html").read_text()
-    assert any(line.startswith("INCOMPLETE: interrupted after 1") for line in audit.summary_lines(res.report))
+    assert any(line.startswith("INCOMPLETE: interrupted after 1") for line in audit_run.summary_lines(res.report))
 
 
 def test_planted_bug_through_module_callable(tmp_path, capsys):
@@ -155,12 +160,12 @@ def test_compare_rules():
     def cell(ratio, passed=True, spec="s"):
         return {"spec": spec, "ratio": ratio, "forward_ratio": ratio, "passed": passed, "command": "c"}
 
-    assert audit.compare([cell(0.4)], [cell(0.01)])[0] == []  # grew, but below the noise floor
-    assert audit.compare([cell(0.9)], [cell(0.5)])[0] == []  # above the floor, but less than x2
-    assert len(audit.compare([cell(0.9)], [cell(0.3)])[0]) == 1
-    assert "newly failing" in audit.compare([cell(1.5, False)], [cell(0.9)])[0][0]["why"]
-    assert len(audit.compare([cell(math.inf, False)], [cell(0.1)])[0]) == 1
-    regs, info = audit.compare([cell(0.9, spec="new")], [cell(0.1, spec="old")])
+    assert audit_baseline.compare([cell(0.4)], [cell(0.01)])[0] == []  # grew, but below the noise floor
+    assert audit_baseline.compare([cell(0.9)], [cell(0.5)])[0] == []  # above the floor, but less than x2
+    assert len(audit_baseline.compare([cell(0.9)], [cell(0.3)])[0]) == 1
+    assert "newly failing" in audit_baseline.compare([cell(1.5, False)], [cell(0.9)])[0][0]["why"]
+    assert len(audit_baseline.compare([cell(math.inf, False)], [cell(0.1)])[0]) == 1
+    regs, info = audit_baseline.compare([cell(0.9, spec="new")], [cell(0.1, spec="old")])
     assert regs == [] and info == {"matched": 0, "new": 1, "missing": 1}
 
 
@@ -169,7 +174,7 @@ def test_cells_slice_runs_that_part_of_the_plan(tmp_path, capsys):
     rc, out, _ = _run_cli(["audit", "--impl", "torch-fp32", "--cells", "60:62", "--no-backward", "--no-progress",
                            "--out", str(tmp_path)], capsys)
     rep = json.loads((tmp_path / "report.json").read_text())
-    plan, _ = audit.plan(get_impl("torch-fp32"))
+    plan, _ = audit_plan.plan(get_impl("torch-fp32"))
     assert rc == 0, out
     assert [c["spec"] for c in rep["cells"]] == [c.case.spec() for c in plan[60:62]]
     assert "--cells 60:62" in rep["meta"]["command"]
@@ -209,7 +214,7 @@ def test_merge_compares_the_whole_audit_with_a_baseline(tmp_path, capsys):
     cells = [c for path in slices for c in json.loads(Path(path).read_text())["cells"]]
     grown = dict(cells[0], ratio=cells[0]["ratio"] / 100, forward_ratio=cells[0]["forward_ratio"] / 100)
     gone = dict(cells[0], spec=cells[0]["spec"].replace("seed=0", "seed=99"))
-    (tmp_path / "base.json").write_text(json.dumps({"schema": audit.SCHEMA, "cells": [grown] + cells[1:] + [gone]}))
+    (tmp_path / "base.json").write_text(json.dumps({"schema": audit_baseline.SCHEMA, "cells": [grown] + cells[1:] + [gone]}))
     rc, out, _ = _run_cli(["audit", "--merge", *slices, "--baseline", str(tmp_path / "base.json"),
                            "--regression-floor", "0", "--out", str(tmp_path / "m")], capsys)
     merged = json.loads((tmp_path / "m" / "report.json").read_text())
@@ -263,7 +268,7 @@ def test_usage_errors_exit_2(argv, needle, capsys):
 
 def test_unavailable_impl_exits_2(capsys, monkeypatch):
     # the default impl is triton: without its kernel (or without CUDA) the audit says so and exits 2
-    monkeypatch.setattr(audit, "plan", lambda *a, **k: pytest.fail("must not start the sweep"))
+    monkeypatch.setattr(cmd_audit, "plan", lambda *a, **k: pytest.fail("must not start the sweep"))
     rc, _, err = _run_cli(["audit", "--impl", "flashlla", "--device", "cpu"], capsys)
     assert rc == 2 and "--impl flashlla: not available on cpu" in err and "torch-fp32" in err
 
@@ -271,9 +276,9 @@ def test_unavailable_impl_exits_2(capsys, monkeypatch):
 def test_plan_covers_every_family_and_sweep():
     impl = get_impl("torch-fp32")
     for full in (False, True):
-        cells, skipped = audit.plan(impl, full=full)
+        cells, skipped = audit_plan.plan(impl, full=full)
         fams = {c.case.family for c in cells}
-        assert set(audit.FAMILY_CELLS) | {"spectrum", "bandwidth", "gaussian", "lambda_decades"} <= fams
+        assert set(audit_plan.FAMILY_CELLS) | {"spectrum", "bandwidth", "gaussian", "lambda_decades"} <= fams
         assert {"float32", "bfloat16"} <= {c.case.dtype for c in cells}
         assert any(c.case.S % 16 for c in cells)
         kap = {c.case.params["kappa"] for c in cells if c.case.family == "spectrum"}
@@ -288,7 +293,7 @@ def test_plan_covers_every_family_and_sweep():
             assert max(c.case.S for c in cells) <= 48
     # a kernel with fixed head dims gets its cells skipped with the reason recorded
     narrow = Impl(name="d64", forward=dense_torch_lla, description="", head_dims=(64,))
-    cells, skipped = audit.plan(narrow, full=False)
+    cells, skipped = audit_plan.plan(narrow, full=False)
     assert skipped and all("head_dim" in s["reason"] for s in skipped)
 
 
@@ -296,7 +301,7 @@ def test_triton_on_cpu_sets_the_interpreter():
     """triton.jit reads TRITON_INTERPRET when lla_triton is imported, so this needs a
     fresh interpreter that has not imported it (pytest's own process may have)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import os, sys; from lla_verify import audit; audit._resolve('triton', 'cpu'); "
+    code = ("import os, sys; from lla_verify.commands import audit; audit._resolve('triton', 'cpu'); "
             "print(os.environ.get('TRITON_INTERPRET'), 'lla_triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -307,12 +312,12 @@ def test_triton_imported_compiled_on_cpu_is_a_usage_error(monkeypatch):
     import lla_triton  # noqa: F401  (the state this test is about)
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(audit.UsageError, match="TRITON_INTERPRET=1"):
-        audit._resolve("triton", "cpu")
+    with pytest.raises(UsageError, match="TRITON_INTERPRET=1"):
+        cmd_audit._resolve("triton", "cpu")
 
 
 def test_merged_time_is_not_shown_as_a_wall_time():
-    from lla_verify.report import wall_text
+    from lla_verify.audit.report import wall_text
 
     assert wall_text({"wall_s": 12.4}) == "12 s"
     assert wall_text({"wall_s": 700.0, "merged_from": ["a/report.json", "b/report.json"]}) == \
@@ -320,10 +325,10 @@ def test_merged_time_is_not_shown_as_a_wall_time():
 
 
 def test_a_slice_says_its_verdict_is_partial(tmp_path):
-    res = audit.run_audit(get_impl("torch-fp32"), _cells(EASY[:1]), out=str(tmp_path), backward=False,
+    res = audit_run.run_audit(get_impl("torch-fp32"), _cells(EASY[:1]), out=str(tmp_path), backward=False,
                           meta={"cells_slice": "0:1", "plan_size": 9})
-    lines = audit.summary_lines(res.report)
+    lines = audit_run.summary_lines(res.report)
     assert any(line.startswith("slice 0:1 of a 9-cell plan") for line in lines), lines
     merged = dict(res.report, meta=dict(res.report["meta"], merged_from=["a", "b"]))
-    assert not any(line.startswith("slice ") for line in audit.summary_lines(merged))
+    assert not any(line.startswith("slice ") for line in audit_run.summary_lines(merged))
 

@@ -4,9 +4,9 @@ means everywhere else. The timing itself needs a GPU and is a command, not a tes
 
 import torch
 
-from lla_verify.bench import check_case, judge
-from lla_verify.cases import parse_case
-from lla_verify.oracle import lla_forward
+from lla_verify.commands.bench import check_case, judge
+from lla_verify.registry.cases import parse_case
+from lla_verify.oracles.float64 import lla_forward
 
 
 def _problem():

@@ -1,4 +1,4 @@
-"""The derived budgets (lla_verify/budget.py): tight enough to catch bugs, never
+"""The derived budgets (lla_verify/budget/): tight enough to catch bugs, never
 failing a correct same-precision computation, and messages that name the cause."""
 
 import math
@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-from lla_verify import mutants
-from lla_verify.budget import check_backward, check_forward, forward_budget
-from lla_verify.cases import FAMILIES, Case
-from lla_verify.impls import Impl, get_impl
+from lla_verify.testing import mutants
+from lla_verify.budget.backward import check_backward
+from lla_verify.budget.forward import check_forward, forward_budget
+from lla_verify.registry.cases import FAMILIES, Case
+from lla_verify.registry.impls import Impl, get_impl
 
 DENSE = get_impl("torch-fp32")
 
@@ -70,7 +71,7 @@ def test_backward_catches_a_planted_bug():
 
 def test_undefined_rows_are_skipped_and_counted():
     p = Case("gaussian", {}, S=12, D=8, seed=0).build()
-    from lla_verify.cases import Problem
+    from lla_verify.registry.cases import Problem
 
     p0 = Problem(p.case, p.q, p.k, p.v, 0.0, p.qk_scale)
     o = DENSE.forward(p0.q, p0.k, p0.v, ridge_lambda=0.0, qk_scale=p0.qk_scale)
@@ -97,7 +98,7 @@ def test_unmeasurable_sensitivity_keeps_the_other_terms(monkeypatch):
     # On the GPU a float64 probe came back NaN (kappa 5e11, S = 1) and the whole budget
     # became NaN, reported as ratio inf. A NaN term now drops out, is counted, and the
     # rest of the budget still judges the row: a planted bug still fails.
-    from lla_verify import budget
+    from lla_verify.budget import backward as budget
 
     real = budget._normalisation_terms
 
@@ -114,7 +115,7 @@ def test_unmeasurable_sensitivity_keeps_the_other_terms(monkeypatch):
 
 
 def _oracle_grads_as_impl(p):
-    from lla_verify.budget import cotangent_for, oracle_grads
+    from lla_verify.budget.backward import cotangent_for, oracle_grads
 
     cot = cotangent_for(p).to(p.q.dtype).to(torch.float64)
     return {n: g.clone() for n, g in oracle_grads(p, cot).items()}
@@ -123,7 +124,7 @@ def _oracle_grads_as_impl(p):
 def _mixed_precision_problem():
     # queries 0..2 are early tokens (rank <= 3 in D = 4) under lambda 1e-12: kappa ~ 1e12,
     # beyond fp32; the rest sit at lambda 1 and stay judged
-    from lla_verify.cases import Problem
+    from lla_verify.registry.cases import Problem
 
     p = Case("gaussian", {}, S=12, D=4, seed=5).build()
     lam = torch.ones(1, 1, 12, dtype=torch.float64)
@@ -172,8 +173,8 @@ def test_dense_reference_gradients_stay_finite_where_its_cholesky_fails(spec):
     # and a torch.where placed after the NaN factor used to send NaN through autograd
     # (the property suite under random seeds found it once NaN gradients stopped being
     # excused as conditioning)
-    from lla_verify.budget import cotangent_for, impl_grads
-    from lla_verify.cases import parse_case
+    from lla_verify.budget.backward import cotangent_for, impl_grads
+    from lla_verify.registry.cases import parse_case
 
     p = parse_case(spec).build()
     grads = impl_grads(DENSE, p, cotangent_for(p))
@@ -204,7 +205,7 @@ RESIDUAL_CASE = "lambda_decades:decades=1.05823e-20,lam_lo=0.00215954:B=1,H=1,S=
 def _grads_with_rho_residual(p, cot, residual):
     """float64 gradients of sum <cot, o> computed, as a kernel computes them, from rho_i with
     the solve residual ``residual`` (B, H, S, D): rho_i = Sigma_i^{-1} (mu_i - r_i)."""
-    from lla_verify.oracle import lla_forward_mu_shift
+    from lla_verify.oracles.float64 import lla_forward_mu_shift
 
     xs = [t.to(torch.float64).detach().requires_grad_() for t in (p.q, p.k, p.v)]
     lam = p.lam_tensor.to(torch.float64).detach().clone().requires_grad_()
@@ -218,10 +219,10 @@ def test_gradient_budget_covers_the_forward_solves_residual():
     # direction per row: the gradient a backward computes from that rho is within budget.
     # Planted (the term removed from check_backward): 5 of these 8 directions fail, worst 2.9;
     # with it the worst is 0.25.
-    from lla_verify.budget import cotangent_for, solve_residual
-    from lla_verify.cases import parse_case
-    from lla_verify.impls import with_overrides
-    from lla_verify.oracle import lla_forward_details
+    from lla_verify.budget.backward import cotangent_for, solve_residual
+    from lla_verify.registry.cases import parse_case
+    from lla_verify.registry.impls import with_overrides
+    from lla_verify.oracles.float64 import lla_forward_details
 
     p = parse_case(RESIDUAL_CASE).build()
     impl = with_overrides(DENSE, name="cg-1e-7", solver_tol=1e-7)
@@ -242,7 +243,7 @@ def test_gradient_budget_covers_the_forward_solves_residual():
 def test_row_kappa_follows_causality():
     # dq, dlambda: the row's own kappa; dk, dv at key j: the largest kappa of the defined
     # queries i >= j (an unmeasured one counts as infinite, an undefined one as nothing)
-    from lla_verify.budget import row_kappa
+    from lla_verify.budget.backward import row_kappa
 
     kappa = torch.tensor([[[5.0, 1e7, 2.0, math.nan, 3.0, 9.0, 4.0]]])
     defined = torch.tensor([[[True, True, True, True, True, False, True]]])
@@ -256,7 +257,7 @@ def _one_query_in_the_conditioning_band():
     # query 1 of 12 (an early token, rank 2 in D = 4) at lambda 1e-6: kappa 3.9e6, kappa u32
     # 0.23, inside [0.1, 1): judged, and blamed on conditioning when over budget; every
     # other query at lambda 1 (kappa <= 8). Keys 2..11 feed only the well-conditioned ones.
-    from lla_verify.cases import Problem
+    from lla_verify.registry.cases import Problem
 
     p = Case("gaussian", {}, S=12, D=4, seed=5).build()
     lam = torch.ones(1, 1, 12)
@@ -268,7 +269,7 @@ def test_a_dk_bug_at_a_well_conditioned_key_is_the_implementations():
     # the largest kappa over all rows (3.9e6) used to decide the cause for dk and dv, and
     # the largest normalisation term over all queries set every key's dk budget: key 11,
     # fed by query 11 alone (kappa 1.9), had an allowed error 1e6 x its own
-    from lla_verify.budget import assert_backward_within_budget
+    from lla_verify.budget.backward import assert_backward_within_budget
 
     p = _one_query_in_the_conditioning_band()
     assert check_backward(p, DENSE).passed  # control: the same computation without the bug
@@ -281,7 +282,7 @@ def test_a_dk_bug_at_a_well_conditioned_key_is_the_implementations():
 
 
 def test_conditioning_is_blamed_only_for_rows_it_explains():
-    from lla_verify.budget import assert_backward_within_budget
+    from lla_verify.budget.backward import assert_backward_within_budget
 
     p = _one_query_in_the_conditioning_band()
     g = _oracle_grads_as_impl(p)

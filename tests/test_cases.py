@@ -1,11 +1,11 @@
-"""The families of lla_verify/cases.py reach what they claim to target (SPEC 7)."""
+"""The families of lla_verify/registry/cases.py reach what they claim to target (SPEC 7)."""
 
 import pytest
 import torch
 
-from lla_verify.cases import FAMILIES, Case, parse_case
-from lla_verify.oracle import lla_forward_details
-from lla_verify.validate import LLAInputError
+from lla_verify.registry.cases import FAMILIES, Case, parse_case
+from lla_verify.oracles.float64 import lla_forward_details
+from lla_contract import LLAInputError
 
 
 def details(case):

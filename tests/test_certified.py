@@ -15,9 +15,9 @@ import mpmath
 import pytest
 import torch
 
-from lla_verify.oracle import lla_forward_details
-from lla_verify.oracle_mp import lla_forward_details_mp, lla_forward_interval, lla_forward_mp, mp_self_check
-from lla_verify.validate import LLAInputError
+from lla_verify.oracles.float64 import lla_forward_details
+from lla_verify.oracles.mp import lla_forward_details_mp, lla_forward_interval, lla_forward_mp, mp_self_check
+from lla_contract import LLAInputError
 
 pytestmark = pytest.mark.mp
 

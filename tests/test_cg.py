@@ -1,4 +1,4 @@
-"""The CG tracking of lla_verify/cg.py (issue 6): reference CG, bound, residual, study.
+"""The CG tracking of lla_verify/cg/reference.py (issue 6): reference CG, bound, residual, study.
 
 CPU, float64, seconds. The kernel-facing claims are in properties/test_cg_convergence.py.
 """
@@ -9,12 +9,10 @@ import math
 import pytest
 import torch
 
-from lla_verify.cases import Case
-from lla_verify.cg import (
-    a_norm_error_at, cg_bound, finite_precision_limit, iteration_bound, jacobi_iteration_bound, kappas, problem_sigma_mu,
-    reference_cg, residual_rounding, true_residual,
-)
-from lla_verify.validate import LLAInputError
+from lla_verify.registry.cases import Case
+from lla_verify.cg.bound import a_norm_error_at, cg_bound, finite_precision_limit, iteration_bound, jacobi_iteration_bound
+from lla_verify.cg.reference import kappas, problem_sigma_mu, reference_cg, residual_rounding, true_residual
+from lla_contract import LLAInputError
 
 F64 = torch.float64
 
@@ -135,7 +133,7 @@ def test_true_residual_matches_definition():
 
 
 def test_sigma_mu_agrees_with_the_oracle():
-    from lla_verify.oracle import lla_forward_details
+    from lla_verify.oracles.float64 import lla_forward_details
 
     p = Case("spectrum", {"kappa": 1e3, "rotate": 1}, B=1, H=2, S=20, D=8, seed=3).build()
     sig, mu, omega = problem_sigma_mu(p)
@@ -159,7 +157,7 @@ def test_residual_rounding_covers_a_float32_residual():
 
 
 def test_cg_study_quick_writes_its_files(tmp_path):
-    from lla_verify.cg_study import run_study
+    from lla_verify.commands.cg import run_study
 
     doc = run_study(impl_name="none", out=str(tmp_path), kappas=3, shapes=((12, 4),), progress=False,
                     log=lambda *_: None)

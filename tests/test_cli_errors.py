@@ -16,10 +16,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lla_verify import audit, cliutil, report
-from lla_verify.cases import FAMILIES, Case, parse_case
+from lla_contract import LLAInputError
+from lla_verify import cliutil
+from lla_verify.audit import baseline as audit_baseline
+from lla_verify.audit import plan as audit_plan
+from lla_verify.audit import report
+from lla_verify.audit import run as audit_run
+from lla_verify.commands import audit as cmd_audit
+from lla_verify.registry.cases import FAMILIES, Case, parse_case
 from lla_verify.cli import EXIT_INTERNAL, main
-from lla_verify.validate import LLAInputError
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = "B=1,H=1,S=4,D=8,dtype=float32,seed=0"
@@ -113,28 +118,28 @@ def test_spec_round_trip_is_exact(data):
 def test_every_stored_and_planned_spec_still_parses():
     """The strict parser against every spec the project writes: regressions, goldens,
     both audit plans for every implementation record, the cg sweep's grid."""
-    from lla_verify import goldens
-    from lla_verify.cg_study import kappa_grid
-    from lla_verify.impls import get_impl
+    from lla_verify.goldens.catalog import CATALOG
+    from lla_verify.commands.cg import kappa_grid
+    from lla_verify.registry.impls import get_impl
 
     for d in json.loads((ROOT / "properties" / "regressions.json").read_text()):
         assert parse_case(d["spec"]).spec() == d["spec"]
-    for g in goldens.CATALOG:
+    for g in CATALOG:
         assert parse_case(g.case.spec()) == g.case
     for name in ("triton", "torch-fp32", "oracle-f64"):
         for full in (False, True):
-            for cell in audit.plan(get_impl(name), full=full)[0]:
+            for cell in audit_plan.plan(get_impl(name), full=full)[0]:
                 assert parse_case(cell.case.spec()) == cell.case
     for kap in kappa_grid(9):
         Case("spectrum", {"kappa": kap, "rotate": 1})
     stored = sorted((ROOT / "baselines").glob("*.json"))
     assert stored, "no stored baseline under baselines/"
     for path in stored:
-        audit.load_baseline(str(path))  # the stored GPU audits stay valid baselines
+        audit_baseline.load_baseline(str(path))  # the stored GPU audits stay valid baselines
 
 
 def test_memory_is_estimated_before_anything_is_allocated(monkeypatch):
-    import lla_verify.cases as cases
+    import lla_verify.registry.cases as cases
 
     monkeypatch.setattr(cases, "available_bytes", lambda device="cpu": 2**10)
     with pytest.raises(LLAInputError, match="needs about .* GiB of cpu memory"):
@@ -167,7 +172,7 @@ def _edit(path: Path, dest: Path, fn) -> str:
 @pytest.mark.parametrize("argv, needles", [
     (["check", "--case", f"gaussian::{SHAPE}", "--impl", ":"], ("--impl", "MODULE:CALLABLE")),
     (["check", "--case", f"gaussian::{SHAPE}", "--impl", "nosuchmod_xyz:fn"], ("--impl", "cannot import")),
-    (["check", "--case", f"gaussian::{SHAPE}", "--impl", "lla_verify.mutants:nosuch"], ("--impl", "no attribute")),
+    (["check", "--case", f"gaussian::{SHAPE}", "--impl", "lla_verify.testing.mutants:nosuch"], ("--impl", "no attribute")),
     (["audit", "--impl", ":"], ("--impl",)),
     (["audit", "--seed", "99999999999999999999999"], ("--seed",)),
     (["cg", "--kappas", "-3"], ("--kappas",)),
@@ -193,6 +198,9 @@ def _edit(path: Path, dest: Path, fn) -> str:
     (["bench", "--precisions", "fp64"], ("--precisions",)),
     (["bench", "--fixed-iters", "0"], ("--fixed-iters",)),
     (["bench", "--configs", "64,64"], ("--configs",)),
+    (["bench-backward", "--ridge-lambda", "nan"], ("--ridge-lambda",)),
+    (["bench-backward", "--oracle-heads", "0"], ("--oracle-heads",)),
+    (["bench-backward", "--sweep-dims", "64,32"], ("--sweep-dims",)),
     (["goldens", "compare", "--impl", ":"], ("--impl",)),
     (["goldens", "compare", "--impl", "torch-fp32", "--device", "tpu"], ("--device",)),
     (["goldens", "compare", "--impl", "torch-fp32", "--only", "nosuch"], ("--only",)),
@@ -328,13 +336,13 @@ def test_bad_out_is_refused_before_any_work(kind, command, slices, tmp_path, cap
         out = _unwritable(tmp_path, monkeypatch) + ("/report.md" if command == "bench" else "")
     if command == "bench" and kind == "existing-file":
         out = str(tmp_path)  # bench writes a file: a folder is its wrong kind of path
-    import lla_verify.cg_study as cg_study
-    import lla_verify.hunt as hunt
+    import lla_verify.commands.cg as cg_study
+    import lla_verify.commands.hunt as hunt
 
     def boom(*a, **k):
         pytest.fail("work started before --out was checked")
-    monkeypatch.setattr(audit, "run_audit", boom)
-    monkeypatch.setattr(audit, "merge_reports", boom)
+    monkeypatch.setattr(cmd_audit, "run_audit", boom)
+    monkeypatch.setattr(cmd_audit, "merge_reports", boom)
     monkeypatch.setattr(cg_study, "run_study", boom)
     monkeypatch.setattr(hunt, "hill_climb", boom)
     argv = {"audit": ["audit", "--impl", "torch-fp32", "--no-progress"],
@@ -348,7 +356,7 @@ def test_bad_out_is_refused_before_any_work(kind, command, slices, tmp_path, cap
 
 
 def test_report_write_interrupted_leaves_no_truncated_file(tmp_path, monkeypatch):
-    rep = {"schema": audit.SCHEMA, "meta": {}, "verdict": audit._verdict([], []), "regressions": [],
+    rep = {"schema": audit_baseline.SCHEMA, "meta": {}, "verdict": audit_run._verdict([], []), "regressions": [],
            "baseline": None, "skipped": [], "cells": []}
     report.write_reports(rep, str(tmp_path))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -405,7 +413,7 @@ def test_every_report_writer_is_atomic():
 
 # ------------------------------------------------------------------ internal errors
 def test_a_stray_exception_is_one_line_with_its_own_status(capsys, monkeypatch):
-    import lla_verify.cmd_info as cmd_info
+    import lla_verify.commands.info as cmd_info
 
     def broken():
         raise ZeroDivisionError("planted")
@@ -421,7 +429,7 @@ def test_a_stray_exception_is_one_line_with_its_own_status(capsys, monkeypatch):
 
 
 def test_cg_study_kappas_zero_is_refused_not_replaced_by_the_default(tmp_path):
-    from lla_verify.cg_study import run_study
+    from lla_verify.commands.cg import run_study
 
     with pytest.raises(ValueError, match="--kappas"):
         run_study(impl_name="none", kappas=0, out=str(tmp_path), progress=False, log=lambda *_: None)

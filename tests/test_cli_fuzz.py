@@ -19,8 +19,10 @@ import torch
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from lla_verify import audit, bench, cg_study, goldens, hunt
-from lla_verify.cases import FAMILIES, SEED_MAX, Case
+from lla_verify.commands import audit, bench, hunt
+from lla_verify.commands import cg as cg_study
+from lla_verify.commands import goldens
+from lla_verify.registry.cases import FAMILIES, SEED_MAX, Case
 from lla_verify.cli import COMMANDS, main
 
 def fuzz(n: int):
@@ -142,7 +144,7 @@ def broken_spec(draw) -> str:
 
 
 IMPL_OK = ("torch-fp32", "oracle-f64")
-IMPL_BAD = (":", "nosuch", "nosuchmod_fuzz:fn", "lla_verify.mutants:nosuch", "lla_verify.cases:SEED_MAX", "")
+IMPL_BAD = (":", "nosuch", "nosuchmod_fuzz:fn", "lla_verify.testing.mutants:nosuch", "lla_verify.registry.cases:SEED_MAX", "")
 DEVICE_BAD = ("tpu", "cuda:99", "") + (("cuda",) if NO_CUDA else ())
 
 

@@ -7,7 +7,9 @@ import subprocess
 
 import pytest
 
-from lla_verify import cli, cmd_suite
+from lla_verify import cli
+
+from lla_verify.commands import suite as cmd_suite
 
 
 @pytest.fixture
@@ -41,7 +43,7 @@ def test_pytest_arguments_after_the_separator_pass_through(pytest_exits):
 
 @pytest.mark.parametrize("spec, words", [
     ("no_such_module_xyz:fn", ["--impl", "no_such_module_xyz"]),
-    ("lla_verify.impls:no_such_fn", ["--impl", "no_such_fn"]),
+    ("lla_verify.registry.impls:no_such_fn", ["--impl", "no_such_fn"]),
     ("not-a-builtin", ["--impl", "not-a-builtin"]),
 ])
 def test_bad_impl_is_one_line_and_exit_2_before_pytest_runs(pytest_exits, capsys, spec, words):

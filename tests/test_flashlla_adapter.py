@@ -1,4 +1,4 @@
-"""The adapter for the public FlashLLA kernel (lla_verify/impls.py), checked without it.
+"""The adapter for the public FlashLLA kernel (lla_verify/registry/impls.py), checked without it.
 
 The public kernel needs a CUDA GPU. Here a stand-in package named ``flashlla``, written
 to a temporary folder put on sys.path, has the public call: ``lla_attention(q, k, v, *,
@@ -21,12 +21,13 @@ import pytest
 import torch
 
 from lla_verify import budget
-from lla_verify.audit import backward_check
-from lla_verify.budget import check_backward, check_forward, kernel_view
-from lla_verify.cases import Case, Problem
-from lla_verify.impls import get_impl, is_available, with_overrides
-from lla_verify.oracle import lla_forward
-from lla_verify.validate import LLAInputError
+from lla_verify.audit.cell import backward_check
+from lla_verify.budget.backward import check_backward
+from lla_verify.budget.forward import check_forward, kernel_view
+from lla_verify.registry.cases import Case, Problem
+from lla_verify.registry.impls import get_impl, is_available, with_overrides
+from lla_verify.oracles.float64 import lla_forward
+from lla_contract import LLAInputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ STAND_IN = textwrap.dedent('''
     """Stand-in for the public flashlla package: its call and dtype handling, the float64 oracle inside."""
     import torch
 
-    from lla_verify.oracle import lla_forward
+    from lla_verify.oracles.float64 import lla_forward
 
     CALLS = []          # (q shape, lambda as received, qk_scale) per call
     GRAD_PLANT = {}     # name -> factor put on that gradient (a planted backward bug)
@@ -311,8 +312,8 @@ SYNTHETIC_SUITE = textwrap.dedent('''
     import pytest
     from hypothesis import given, settings, strategies as st
 
-    from lla_verify.impls import get_impl
-    from lla_verify.validate import LLAInputError
+    from lla_verify.registry.impls import get_impl
+    from lla_contract import LLAInputError
 
     MODE = {mode!r}
 
@@ -382,9 +383,10 @@ def test_the_gpu_jobs_checker_accepts_only_the_documented_failures(tmp_path, mod
 def test_goldens_compare_judges_the_rounded_inputs_and_says_so(stand_in):
     """An fp32 golden: the stand-in computes from its bf16 rounding; the verdict is taken on
     that rounding, the stored-reference check (of the unrounded inputs) is left out and named."""
-    from lla_verify import goldens
+    from lla_verify.goldens.compare import compare
+    from lla_verify.goldens.store import DEFAULT_DIR
 
-    _, results = goldens.compare(goldens.DEFAULT_DIR, _impl(), device="cpu", only=["duplicates-pool4-f32-S64-D16"])
+    _, results = compare(DEFAULT_DIR, _impl(), device="cpu", only=["duplicates-pool4-f32-S64-D16"])
     (res,) = results
     assert res.skipped is None and "stored" not in res.checks, res
     assert res.checks["forward"] <= 1.0 and res.checks["oracle"] <= 1.0, res
@@ -395,7 +397,7 @@ def test_identities_allow_the_rounding_the_kernel_applies():
     """properties/test_identities.py and the dv-sum property allow io_roundoff: bf16 for the
     public kernel even on fp32 inputs (with the problem's fp32 roundoff, the exact stand-in
     failed partition of unity at ratio 2.9e3 and the first token at 3.4e3 on fp32 draws)."""
-    from lla_verify.budget import io_roundoff
+    from lla_verify.budget.forward import io_roundoff
 
     p32 = Case("gaussian", {}, B=1, H=1, S=4, D=16, dtype="float32").build()
     pbf = Case("gaussian", {}, B=1, H=1, S=4, D=16, dtype="bfloat16").build()

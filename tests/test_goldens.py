@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 
@@ -10,12 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lla_verify import goldens as G
-from lla_verify.cases import FAMILIES
+from lla_verify.goldens import catalog as gcat
+from lla_verify.goldens import store as gstore
+from lla_verify.goldens import regen as gregen
+from lla_verify.goldens import compare as gcompare
+from lla_verify.registry.cases import FAMILIES
 from lla_verify.cli import main
-from lla_verify.impls import Impl, get_impl
-from lla_verify.oracle import mesanet_attention, softmax_attention
-from lla_verify.validate import check_lambda, check_qkv, check_scale
+from lla_verify.registry.impls import Impl, get_impl
+from lla_verify.oracles.float64 import mesanet_attention, softmax_attention
+from lla_contract import check_lambda, check_qkv, check_scale
 
 SMALL = "gaussian-f32-S16-D4-H2"
 PERQ = "lambda-decades-perquery-f32-S16-D4"
@@ -25,7 +29,7 @@ SUBSET = [SMALL, PERQ, MEDIUM, LAM0, "const-values-f16-S16-D4"]
 
 
 def _copy_goldens(dst):
-    shutil.copytree(G.DEFAULT_DIR, dst)
+    shutil.copytree(gstore.DEFAULT_DIR, dst)
     return dst
 
 
@@ -35,45 +39,45 @@ def _files(folder):
 
 # ------------------------------------------------------------------ catalog
 def test_catalog_covers_every_family_dtype_and_limit():
-    names = [g.name for g in G.CATALOG]
+    names = [g.name for g in gcat.CATALOG]
     assert len(names) == len(set(names))
-    assert {g.case.family for g in G.CATALOG} == set(FAMILIES)
-    assert {g.case.dtype for g in G.CATALOG} >= {"float32", "bfloat16", "float16"}
-    assert {g.variant for g in G.CATALOG} == set(G.VARIANTS)
-    assert any(g.case.S == 1 for g in G.CATALOG), "first token"
-    assert max(g.case.S for g in G.CATALOG) == 512 and max(g.case.D for g in G.CATALOG) == 64
-    for g in G.CATALOG:
-        assert g.mp == (g.case.S <= G.MP_MAX_S and g.case.D <= G.MP_MAX_D), g.name
-        assert G.parse_golden_spec(g.spec) == (g.case, g.variant), g.name
-    assert isinstance(G.build_problem(G.get_golden(PERQ)).ridge_lambda, torch.Tensor)
+    assert {g.case.family for g in gcat.CATALOG} == set(FAMILIES)
+    assert {g.case.dtype for g in gcat.CATALOG} >= {"float32", "bfloat16", "float16"}
+    assert {g.variant for g in gcat.CATALOG} == set(gcat.VARIANTS)
+    assert any(g.case.S == 1 for g in gcat.CATALOG), "first token"
+    assert max(g.case.S for g in gcat.CATALOG) == 512 and max(g.case.D for g in gcat.CATALOG) == 64
+    for g in gcat.CATALOG:
+        assert g.mp == (g.case.S <= gcat.MP_MAX_S and g.case.D <= gcat.MP_MAX_D), g.name
+        assert gcat.parse_golden_spec(g.spec) == (g.case, g.variant), g.name
+    assert isinstance(gcat.build_problem(gcat.get_golden(PERQ)).ridge_lambda, torch.Tensor)
 
 
 def test_bad_golden_spec_and_name_are_named():
     with pytest.raises(ValueError, match="variant"):
-        G.parse_golden_spec("gaussian::B=1,H=1,S=4,D=2,dtype=float32,seed=0|v=linear")
+        gcat.parse_golden_spec("gaussian::B=1,H=1,S=4,D=2,dtype=float32,seed=0|v=linear")
     with pytest.raises(ValueError, match="--only"):
-        G.get_golden("no-such-golden")
+        gcat.get_golden("no-such-golden")
 
 
 # ------------------------------------------------------------------ on disk
 def test_files_on_disk_match_manifest_hashes():
-    man = G.load_manifest(G.DEFAULT_DIR)
+    man = gstore.load_manifest(gstore.DEFAULT_DIR)
     assert man is not None, "goldens/MANIFEST.json is missing"
     assert set(man["versions"]) >= {"torch", "numpy", "mpmath", "lla-verify"} and man["created"]
-    assert [e["name"] for e in man["cases"]] == [g.name for g in G.CATALOG]
+    assert [e["name"] for e in man["cases"]] == [g.name for g in gcat.CATALOG]
     total = 0
     for e in man["cases"]:
-        g = G.get_golden(e["name"])
+        g = gcat.get_golden(e["name"])
         assert e["spec"] == g.spec and e["seed"] == g.case.seed
-        assert e["oracle"]["mp_dps"] == (G.MP_DPS if g.mp else None)
-        path = G.DEFAULT_DIR / e["file"]
+        assert e["oracle"]["mp_dps"] == (gcat.MP_DPS if g.mp else None)
+        path = gstore.DEFAULT_DIR / e["file"]
         total += path.stat().st_size
         arrays = load_file(str(path))
         assert set(arrays) == set(e["arrays"]), e["name"]
         for key, t in arrays.items():
             meta = e["arrays"][key]
-            assert (G._dtype_name(t), list(t.shape)) == (meta["dtype"], meta["shape"]), (e["name"], key)
-            assert G.array_hash(t) == meta["sha256"], (e["name"], key)
+            assert (gstore._dtype_name(t), list(t.shape)) == (meta["dtype"], meta["shape"]), (e["name"], key)
+            assert gstore.array_hash(t) == meta["sha256"], (e["name"], key)
         assert ("o_mp" in arrays) == g.mp
         assert str(arrays["q"].dtype) == f"torch.{g.case.dtype}"
     assert total < 4 * 2**20, f"goldens take {total / 2**20:.1f} MiB; keep them to a few MiB"
@@ -87,17 +91,17 @@ def test_regen_check_is_clean_on_the_repository(capsys):
 
 def test_oracle_reproduces_the_mp_values_to_float64_noise():
     # small goldens: the float64 oracle against the stored mpmath output
-    for g in G.CATALOG:
+    for g in gcat.CATALOG:
         if not g.mp:
             continue
-        a = load_file(str(G.DEFAULT_DIR / g.file))
+        a = load_file(str(gstore.DEFAULT_DIR / g.file))
         ok = ~a["undefined"]
         err = (a["o"] - a["o_mp"]).norm(dim=-1)[ok]
-        assert float(err.max()) <= G.noise_tol(a) * float(a["o_mp"][ok].norm(dim=-1).max()), g.name
+        assert float(err.max()) <= gcat.noise_tol(a) * float(a["o_mp"][ok].norm(dim=-1).max()), g.name
 
 
 def _stored(name):
-    return load_file(str(G.DEFAULT_DIR / G.get_golden(name).file))
+    return load_file(str(gstore.DEFAULT_DIR / gcat.get_golden(name).file))
 
 
 def _rel(a, b):
@@ -105,7 +109,7 @@ def _rel(a, b):
 
 
 def _limit_softmax(a, g):
-    return _rel(a["o_mp"], softmax_attention(a["q"], a["k"], a["v"], qk_scale=G.build_problem(g).qk_scale)) < 0.05
+    return _rel(a["o_mp"], softmax_attention(a["q"], a["k"], a["v"], qk_scale=gcat.build_problem(g).qk_scale)) < 0.05
 
 
 def _limit_mesanet(a, g):
@@ -114,11 +118,11 @@ def _limit_mesanet(a, g):
 
 def _mesanet_exact(a, g):
     # s = 0 is the MesaNet form exactly: only float64 rounding separates the two formulas
-    from lla_verify.budget import THRESH
+    from lla_verify.budget.forward import THRESH
 
     mesa, rounding = mesanet_attention(a["q"], a["k"], a["v"], ridge_lambda=float(a["lam"]), return_rounding=True)
     err = (a["o_mp"] - mesa).norm(dim=-1)
-    return G.build_problem(g).qk_scale == 0.0 and bool((err <= THRESH * rounding + G.U64 * mesa.norm(dim=-1)).all())
+    return gcat.build_problem(g).qk_scale == 0.0 and bool((err <= THRESH * rounding + gcat.U64 * mesa.norm(dim=-1)).all())
 
 
 def _const_values(a, g):
@@ -133,7 +137,7 @@ def _first_token(a, g):
 def _hard_attention(a, g):
     q, k, v = (a[x].double() for x in "qkv")
     S = q.shape[-2]
-    sc = (G.build_problem(g).qk_scale * q @ k.transpose(-1, -2)).masked_fill(
+    sc = (gcat.build_problem(g).qk_scale * q @ k.transpose(-1, -2)).masked_fill(
         ~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
     top = sc.topk(min(2, S), dim=-1).values
     gap = (top[..., 0] - top[..., 1]).nan_to_num(posinf=1e3)  # the first token has one key
@@ -164,14 +168,14 @@ def _linear_values(a, g):
     ("linear-values-lam0-f32-S16-D4", _linear_values),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_goldens_show_the_limit_or_identity_they_pin(name, holds):
-    g = G.get_golden(name)
+    g = gcat.get_golden(name)
     assert holds(_stored(name), g), f"{name}: {g.why}"
 
 
 # ------------------------------------------------------------------ --check catches damage
 def test_altered_value_is_caught_naming_case_and_array(tmp_path, capsys):
     folder = _copy_goldens(tmp_path / "g")
-    path = folder / G.get_golden(SMALL).file
+    path = folder / gcat.get_golden(SMALL).file
     arrays = load_file(str(path))
     arrays["o"][0, 1, 5, 2] += 1e-9
     save_file(arrays, str(path))
@@ -183,7 +187,7 @@ def test_altered_value_is_caught_naming_case_and_array(tmp_path, capsys):
 
 def test_corrupted_bytes_are_caught(tmp_path, capsys):
     folder = _copy_goldens(tmp_path / "g")
-    path = folder / G.get_golden(MEDIUM).file
+    path = folder / gcat.get_golden(MEDIUM).file
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0x40  # inside the last array's data: the header still parses
     path.write_bytes(bytes(raw))
@@ -197,15 +201,15 @@ def test_corrupted_bytes_are_caught(tmp_path, capsys):
 
 def test_missing_and_extra_files_are_reported(tmp_path, capsys):
     folder = _copy_goldens(tmp_path / "g")
-    (folder / G.get_golden(SMALL).file).unlink()
+    (folder / gcat.get_golden(SMALL).file).unlink()
     (folder / "stray.safetensors").write_bytes(b"x")
     assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 1
     out = capsys.readouterr().out
     assert f"FAIL {SMALL}: missing file {SMALL}.safetensors" in out
     assert "FAIL extra file stray.safetensors" in out
-    man = json.loads((folder / G.MANIFEST).read_text())
+    man = json.loads((folder / gstore.MANIFEST).read_text())
     man["cases"].append(dict(man["cases"][0], name="retired-golden"))
-    (folder / G.MANIFEST).write_text(json.dumps(man))
+    (folder / gstore.MANIFEST).write_text(json.dumps(man))
     assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", PERQ]) == 1
     assert "FAIL retired-golden: extra manifest entry" in capsys.readouterr().out
 
@@ -217,7 +221,7 @@ def test_check_without_manifest_fails(tmp_path, capsys):
 
 
 def test_check_reports_a_golden_it_cannot_recompute(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "lla_verify.oracle_mp", None)  # the import now fails
+    monkeypatch.setitem(sys.modules, "lla_verify.oracles.mp", None)  # the import now fails
     assert main(["goldens", "regen", "--check", "--only", SMALL]) == 1
     assert f"FAIL {SMALL}: cannot recompute: RuntimeError" in capsys.readouterr().out
 
@@ -228,18 +232,18 @@ def test_regen_twice_gives_identical_bytes(tmp_path, capsys):
     assert main(["goldens", "regen", "--dir", str(a), "--only", *SUBSET]) == 0
     assert main(["goldens", "regen", "--dir", str(b), "--only", *SUBSET]) == 0
     fa, fb = _files(a), _files(b)
-    assert set(fa) == set(fb) == {G.get_golden(n).file for n in SUBSET} | {G.MANIFEST}
+    assert set(fa) == set(fb) == {gcat.get_golden(n).file for n in SUBSET} | {gstore.MANIFEST}
     for name in fa:
-        if name != G.MANIFEST:
+        if name != gstore.MANIFEST:
             assert fa[name] == fb[name], name
-    ma, mb = (json.loads(f[G.MANIFEST]) for f in (fa, fb))
+    ma, mb = (json.loads(f[gstore.MANIFEST]) for f in (fa, fb))
     ma.pop("created"), mb.pop("created")
     assert ma == mb
     # the same values as the repository's goldens: bitwise here, and within float64
     # noise on a machine whose BLAS takes other code paths (what --check allows)
     for n in SUBSET:
-        f = G.get_golden(n).file
-        assert G.drift(load_file(str(G.DEFAULT_DIR / f)), load_file(str(a / f))).ok, n
+        f = gcat.get_golden(n).file
+        assert gregen.drift(load_file(str(gstore.DEFAULT_DIR / f)), load_file(str(a / f))).ok, n
     # a second regen into the same folder writes nothing, not even the manifest date
     assert main(["goldens", "regen", "--dir", str(a), "--only", *SUBSET]) == 0
     assert _files(a) == fa
@@ -250,7 +254,7 @@ def test_regen_refuses_changed_values_without_force(tmp_path, capsys):
     folder = tmp_path / "g"
     assert main(["goldens", "regen", "--dir", str(folder), "--only", PERQ]) == 0
     before = _files(folder)
-    path = folder / G.get_golden(PERQ).file
+    path = folder / gcat.get_golden(PERQ).file
     arrays = load_file(str(path))
     arrays["dlambda"][0, 0, 3] *= 1.5
     save_file(arrays, str(path))
@@ -267,18 +271,18 @@ def test_regen_refuses_changed_values_without_force(tmp_path, capsys):
 
 
 def test_drift_classes():
-    a = G.compute(G.get_golden(SMALL))
-    tol = G.noise_tol(a)
-    assert G.drift(a, a).kind == "bitwise"
-    b = dict(a, dq=a["dq"] * (1 + 2 * G.U64))
-    assert G.drift(a, b).kind == "drift within float64 noise"
+    a = gcat.compute(gcat.get_golden(SMALL))
+    tol = gcat.noise_tol(a)
+    assert gregen.drift(a, a).kind == "bitwise"
+    b = dict(a, dq=a["dq"] * (1 + 2 * gcat.U64))
+    assert gregen.drift(a, b).kind == "drift within float64 noise"
     c = dict(a, rho=a["rho"] * (1 + 1e3 * tol))
-    d = G.drift(a, c)
+    d = gregen.drift(a, c)
     assert d.kind == "drift" and d.where.startswith("rho[")
     e = dict(a, q=(a["q"] * 2))
-    assert G.drift(a, e).kind == "inputs changed"
+    assert gregen.drift(a, e).kind == "inputs changed"
     f = dict(a, o=torch.where(a["o"] > 0, torch.nan, a["o"]))
-    assert G.drift(a, f).max_rel == float("inf")
+    assert gregen.drift(a, f).max_rel == float("inf")
 
 
 def test_usage_errors_exit_2(tmp_path, capsys):
@@ -298,8 +302,8 @@ def test_usage_errors_exit_2(tmp_path, capsys):
 def test_compare_torch_fp32_passes(capsys):
     assert main(["goldens", "compare", "--impl", "torch-fp32"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == len(G.CATALOG) + 1
-    assert out[-1].startswith(f"0 of {3 * len(G.CATALOG)} checks over threshold, worst ratio ")
+    assert len(out) == len(gcat.CATALOG) + 1
+    assert out[-1].startswith(f"0 of {3 * len(gcat.CATALOG)} checks over threshold, worst ratio ")
 
 
 def _lla_no_omega(q, k, v, *, ridge_lambda, qk_scale=None):
@@ -321,7 +325,7 @@ def _lla_no_omega(q, k, v, *, ridge_lambda, qk_scale=None):
 
 def test_compare_catches_a_planted_bug(capsys):
     bug = Impl(name="planted-no-omega", forward=_lla_no_omega, description="lambda not multiplied by omega")
-    code, results = G.compare(G.DEFAULT_DIR, bug, only=[SMALL, PERQ, "gaussian-f32-S512-D16"])
+    code, results = gcompare.compare(gstore.DEFAULT_DIR, bug, only=[SMALL, PERQ, "gaussian-f32-S512-D16"])
     assert code == 1
     out = capsys.readouterr().out
     for r in results:
@@ -341,14 +345,14 @@ KERNEL_GOLDENS = ["spectrum-kappa1e8-bf16-S129-D32", "subspace-noise1e-4-bf16-S3
 
 @pytest.mark.interp
 def test_triton_kernel_matches_the_goldens_within_budgets(capsys):
-    from lla_verify.impls import is_available
+    from lla_verify.registry.impls import is_available
 
     impl = get_impl("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reason = is_available(impl, device)
     if reason:
         pytest.skip(reason)
-    code, results = G.compare(G.DEFAULT_DIR, impl, device=device, only=KERNEL_GOLDENS)
+    code, results = gcompare.compare(gstore.DEFAULT_DIR, impl, device=device, only=KERNEL_GOLDENS)
     out = capsys.readouterr().out
     assert [r.name for r in results] == KERNEL_GOLDENS and not any(r.skipped for r in results), out
     assert code == 0, out
@@ -356,7 +360,7 @@ def test_triton_kernel_matches_the_goldens_within_budgets(capsys):
 
 
 def test_compare_skips_what_the_impl_cannot_do(capsys):
-    narrow = G.compare(G.DEFAULT_DIR, Impl(name="f32-d4", forward=get_impl("torch-fp32").forward, description="x",
+    narrow = gcompare.compare(gstore.DEFAULT_DIR, Impl(name="f32-d4", forward=get_impl("torch-fp32").forward, description="x",
                                            dtypes=(torch.float32,), head_dims=(4,), per_query_lambda=False),
                        only=[SMALL, MEDIUM, PERQ, "early-lam1e-10-f16-S8-D8"])
     code, results = narrow
@@ -372,27 +376,27 @@ def test_compare_skips_what_the_impl_cannot_do(capsys):
 
 def test_compare_refuses_an_altered_golden(tmp_path, capsys):
     folder = _copy_goldens(tmp_path / "g")
-    path = folder / G.get_golden(SMALL).file
+    path = folder / gcat.get_golden(SMALL).file
     arrays = load_file(str(path))
     arrays["o_mp"][0, 0, 0, 0] += 1.0
     save_file(arrays, str(path))
-    code, results = G.compare(folder, get_impl("torch-fp32"), only=[SMALL])
+    code, results = gcompare.compare(folder, get_impl("torch-fp32"), only=[SMALL])
     assert code == 1 and "hash mismatch in ['o_mp']" in results[0].notes
 
 
 # ------------------------------------------------------------------ manifest paths, embedded spec, leftovers
 def _edit_manifest(folder, name, **changes):
-    man = json.loads((folder / G.MANIFEST).read_text())
+    man = json.loads((folder / gstore.MANIFEST).read_text())
     for e in man["cases"]:
         if e["name"] == name:
             e.update(changes)
-    (folder / G.MANIFEST).write_text(json.dumps(man))
+    (folder / gstore.MANIFEST).write_text(json.dumps(man))
 
 
 def _outside_copy(tmp_path, folder, name):
     """The golden's file moved out of the goldens folder (a valid golden, in the wrong place)."""
     out = tmp_path / "afile"
-    (folder / G.get_golden(name).file).rename(out)
+    (folder / gcat.get_golden(name).file).rename(out)
     return out
 
 
@@ -409,22 +413,22 @@ def test_manifest_file_outside_the_folder_is_refused(tmp_path, capsys, how):
     text = capsys.readouterr().out
     assert f"FAIL {SMALL}: manifest entry {SMALL!r}: 'file' {file!r} is not a plain file name inside the goldens " \
            f"folder {folder}" in text, text
-    res = G.compare_one(G.get_golden(SMALL), folder, G.load_manifest(folder)["cases"][0], get_impl("torch-fp32"), "cpu")
+    res = gcompare.compare_one(gcat.get_golden(SMALL), folder, gstore.load_manifest(folder)["cases"][0], get_impl("torch-fp32"), "cpu")
     assert res.checks == {"golden": float("inf")} and f"manifest entry {SMALL!r}: 'file' {file!r}" in res.notes
 
 
 def test_golden_symlinked_out_of_the_folder_is_refused(tmp_path, capsys):
     folder = _copy_goldens(tmp_path / "g")
     out = _outside_copy(tmp_path, folder, SMALL)
-    link = folder / G.get_golden(SMALL).file
+    link = folder / gcat.get_golden(SMALL).file
     link.symlink_to(out)
     before = out.read_bytes()
     assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 1
     text = capsys.readouterr().out
     assert f"FAIL {SMALL}: manifest entry {SMALL!r}: 'file' {link.name!r} is a symlink to {out.resolve()}, " \
            f"outside the goldens folder" in text, text
-    entry = G.load_manifest(folder)["cases"][0]
-    res = G.compare_one(G.get_golden(SMALL), folder, entry, get_impl("torch-fp32"), "cpu")
+    entry = gstore.load_manifest(folder)["cases"][0]
+    res = gcompare.compare_one(gcat.get_golden(SMALL), folder, entry, get_impl("torch-fp32"), "cpu")
     assert res.checks == {"golden": float("inf")} and "is a symlink to" in res.notes
     # regen does not read through the link, and --force replaces the link, never its target
     assert main(["goldens", "regen", "--dir", str(folder), "--only", SMALL]) == 1
@@ -435,7 +439,7 @@ def test_golden_symlinked_out_of_the_folder_is_refused(tmp_path, capsys):
     link.unlink()
     link.symlink_to(link.name)
     with pytest.raises(ValueError, match=f"^manifest entry {SMALL!r}: 'file' {link.name!r} cannot be resolved"):
-        G.entry_path(folder, entry)
+        gstore.entry_path(folder, entry)
     link.unlink()
     link.write_bytes(before)
     # a symlink that stays inside the folder is an ordinary entry
@@ -443,7 +447,7 @@ def test_golden_symlinked_out_of_the_folder_is_refused(tmp_path, capsys):
     link.rename(inside)
     link.symlink_to(inside.name)
     _edit_manifest(folder, SMALL)
-    assert G.entry_path(folder, entry) == link
+    assert gstore.entry_path(folder, entry) == link
 
 
 def _rewrite_embedded(path, **changes):
@@ -458,27 +462,27 @@ def _rewrite_embedded(path, **changes):
 
 def test_embedded_spec_must_match_the_manifest(tmp_path, capsys):
     folder = _copy_goldens(tmp_path / "g")
-    g = G.get_golden(SMALL)
+    g = gcat.get_golden(SMALL)
     path = folder / g.file
-    other = G.get_golden(PERQ).spec
+    other = gcat.get_golden(PERQ).spec
     # the spec inside the file edited: every array (and so every hash) unchanged
     _rewrite_embedded(path, spec=other)
-    assert G.read_arrays(path).keys() == load_file(str(G.DEFAULT_DIR / g.file)).keys()
+    assert gstore.read_arrays(path).keys() == load_file(str(gstore.DEFAULT_DIR / g.file)).keys()
     assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 1
     want = f"FAIL {SMALL}: spec stored in {g.file} {other!r} != spec of manifest entry {SMALL!r} {g.spec!r}"
     assert want in capsys.readouterr().out
-    res = G.compare_one(g, folder, G.load_manifest(folder)["cases"][0], get_impl("torch-fp32"), "cpu")
+    res = gcompare.compare_one(g, folder, gstore.load_manifest(folder)["cases"][0], get_impl("torch-fp32"), "cpu")
     assert res.checks == {"golden": float("inf")} and f"spec stored in {g.file} {other!r}" in res.notes
     # regen puts the catalog's metadata back (the arrays are bitwise the same) and says so
     assert main(["goldens", "regen", "--dir", str(folder), "--only", SMALL]) == 0
     assert f"{SMALL}: arrays bitwise identical, metadata rewritten (spec stored in" in capsys.readouterr().out
-    assert path.read_bytes() == (G.DEFAULT_DIR / g.file).read_bytes()
+    assert path.read_bytes() == (gstore.DEFAULT_DIR / g.file).read_bytes()
     # the manifest's spec edited instead: the file's own spec is named beside it
     _edit_manifest(folder, SMALL, spec=other)
     assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 1
     want = f"FAIL {SMALL}: spec stored in {g.file} {g.spec!r} != spec of manifest entry {SMALL!r} {other!r}"
     assert want in capsys.readouterr().out
-    res = G.compare_one(g, folder, G.load_manifest(folder)["cases"][0], get_impl("torch-fp32"), "cpu")
+    res = gcompare.compare_one(g, folder, gstore.load_manifest(folder)["cases"][0], get_impl("torch-fp32"), "cpu")
     assert res.checks == {"golden": float("inf")} and f"spec of manifest entry {SMALL!r} {other!r}" in res.notes
     # the name inside the file, and a file without the metadata at all
     _edit_manifest(folder, SMALL, spec=g.spec)
@@ -496,19 +500,19 @@ def _interrupted_write(monkeypatch, path, data):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(G.os, "replace", killed)
-        m.setattr(G.os, "unlink", lambda p: None)  # the process died: no cleanup ran
+        m.setattr(os, "replace", killed)
+        m.setattr(os, "unlink", lambda p: None)  # the process died: no cleanup ran
         with pytest.raises(KeyboardInterrupt):
-            G._atomic_write(path, data)
+            gregen._atomic_write(path, data)
 
 
 def test_leftover_temporary_file_is_named_and_cleaned(tmp_path, capsys, monkeypatch):
     folder = _copy_goldens(tmp_path / "g")
-    golden = folder / G.get_golden(SMALL).file
+    golden = folder / gcat.get_golden(SMALL).file
     _interrupted_write(monkeypatch, golden, b"half a golden")
-    _interrupted_write(monkeypatch, folder / G.MANIFEST, b"{")
+    _interrupted_write(monkeypatch, folder / gstore.MANIFEST, b"{")
     temps = sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
-    assert len(temps) == 2 and all(G.is_temp_file(n) for n in temps), temps
+    assert len(temps) == 2 and all(gstore.is_temp_file(n) for n in temps), temps
     assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 1
     out = capsys.readouterr().out
     for n in temps:
@@ -530,7 +534,7 @@ def test_leftover_temporary_file_is_named_and_cleaned(tmp_path, capsys, monkeypa
     out = capsys.readouterr().out
     assert f"goldens clean: 2 temporary file(s) removed from {folder}" in out
     assert {p.name for p in folder.iterdir()} == before - set(temps)
-    assert golden.read_bytes() == (G.DEFAULT_DIR / golden.name).read_bytes()
+    assert golden.read_bytes() == (gstore.DEFAULT_DIR / golden.name).read_bytes()
     for n in keep:
         assert (folder / n).exists() or (folder / n).is_symlink(), n
     assert main(["goldens", "clean", "--dir", str(folder)]) == 0

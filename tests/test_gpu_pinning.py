@@ -2,7 +2,7 @@
 
 import pytest
 
-from lla_verify import gpu_pinning as gp
+from lla_verify.testing import gpu_pinning as gp
 
 
 @pytest.mark.parametrize("wid, n, expect", [

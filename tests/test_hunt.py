@@ -12,10 +12,10 @@ import sys
 import numpy as np
 import pytest
 
-from lla_verify import hunt
-from lla_verify.budget import THRESHOLD
-from lla_verify.cases import FAMILIES, get_family, parse_case
-from lla_verify.impls import get_impl
+from lla_verify.commands import hunt
+from lla_verify.budget.verdict import THRESHOLD
+from lla_verify.registry.cases import FAMILIES, get_family, parse_case
+from lla_verify.registry.impls import get_impl
 
 
 def _objective(name: str) -> hunt.Objective:
@@ -50,7 +50,7 @@ def test_a_correct_implementation_stays_under_threshold():
 
 
 def test_hunt_finds_a_planted_bias():
-    obj = _objective("lla_verify.mutants:bias_01pct")
+    obj = _objective("lla_verify.testing.mutants:bias_01pct")
     res = hunt.hill_climb(obj, "offset", 10, np.random.default_rng(0))
     assert res.best.ratio > THRESHOLD, f"a 0.1% output bias went unnoticed: {res.best.message}"
     assert res.best.cause == "implementation"
@@ -84,7 +84,7 @@ def test_cli_exit_codes_and_replay(tmp_path):
     bad = _cli("--family", "nope", "--impl", "torch-fp32", "--out", str(tmp_path / "a"), cwd=tmp_path)
     assert bad.returncode == 2 and "--family" in bad.stderr
 
-    found = _cli("--impl", "lla_verify.mutants:bias_01pct", "--family", "offset", "--evals", "6",
+    found = _cli("--impl", "lla_verify.testing.mutants:bias_01pct", "--family", "offset", "--evals", "6",
                  "--seq", "12", "--head-dim", "4", "--compare-random", "--out", str(tmp_path / "b"), cwd=tmp_path)
     assert found.returncode == 1, found.stdout + found.stderr
     summary = json.loads((tmp_path / "b" / "hunt.json").read_text())
@@ -93,7 +93,7 @@ def test_cli_exit_codes_and_replay(tmp_path):
     row = summary["families"][0]
     assert {"hunt_first_over", "random_first_over", "random_worst"} <= row.keys()
     # the printed replay command reproduces the failure
-    replay = [sys.executable, "-m", "lla_verify.cli", "check", "--impl", "lla_verify.mutants:bias_01pct",
+    replay = [sys.executable, "-m", "lla_verify.cli", "check", "--impl", "lla_verify.testing.mutants:bias_01pct",
               "--device", "cpu", "--case", summary["worst_case"]]
     again = subprocess.run(replay, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 1, again.stdout + again.stderr

@@ -21,11 +21,12 @@ import os
 import pytest
 import torch
 
-from lla_verify.budget import assert_backward_within_budget, check_backward, cotangent_for
-from lla_verify.cases import Case, Problem, parse_case
-from lla_verify.impls import triton_impl, unit_roundoff
-from lla_verify.oracle import softmax_attention
-from lla_verify.validate import LLAInputError
+from lla_contract import LLAInputError
+from lla_verify.budget.backward import assert_backward_within_budget, check_backward, cotangent_for
+from lla_verify.oracles.float64 import softmax_attention
+from lla_verify.registry.cases import Case, Problem, parse_case
+from lla_verify.registry.impls import triton_impl
+from lla_verify.registry.precision import unit_roundoff
 
 if torch.cuda.is_available():
     DEVICE = "cuda"

@@ -21,11 +21,14 @@ import sys
 import pytest
 import torch
 
-from lla_verify.budget import THRESH, assert_within_budget, check_forward, solve_residual
-from lla_verify.cases import Case, Problem
-from lla_verify.impls import triton_impl, unit_roundoff
-from lla_verify.oracle import lla_forward_details, softmax_attention
-from lla_verify.validate import LLAInputError
+from lla_contract import LLAInputError
+from lla_verify.budget.backward import solve_residual
+from lla_verify.budget.forward import THRESH, check_forward
+from lla_verify.budget.verdict import assert_within_budget
+from lla_verify.oracles.float64 import lla_forward_details, softmax_attention
+from lla_verify.registry.cases import Case, Problem
+from lla_verify.registry.impls import triton_impl
+from lla_verify.registry.precision import unit_roundoff
 
 if torch.cuda.is_available():
     DEVICE = "cuda"

@@ -1,4 +1,4 @@
-"""Properties of the float64 oracles (lla_verify/oracle.py): SPEC 3 identities, SPEC 4
+"""Properties of the float64 oracles (lla_verify/oracles/float64.py): SPEC 3 identities, SPEC 4
 limits, gradients, argument checks.
 
 Every tolerance is a budget derived for the input at hand (unit roundoff u64 times a
@@ -13,14 +13,14 @@ import math
 import pytest
 import torch
 
-from lla_verify.oracle import (
+from lla_verify.oracles.float64 import (
     lla_forward,
     lla_forward_details,
     lla_forward_wls,
     mesanet_attention,
     softmax_attention,
 )
-from lla_verify.validate import LLAInputError
+from lla_contract import LLAInputError
 
 F64 = torch.float64
 U64 = 2.0**-53

@@ -1,4 +1,4 @@
-"""The mpmath oracle (lla_verify/oracle_mp.py) against the float64 oracle, and why it is
+"""The mpmath oracle (lla_verify/oracles/mp.py) against the float64 oracle, and why it is
 needed: where kappa(Sigma_i) passes 1/u64 the float64 oracle has no digit left and
 the mp oracle, checked against itself at a higher precision, still has dozens.
 """
@@ -11,14 +11,14 @@ import mpmath
 import pytest
 import torch
 
-from lla_verify.oracle import lla_forward, lla_forward_details
-from lla_verify.oracle_mp import (
+from lla_verify.oracles.float64 import lla_forward, lla_forward_details
+from lla_verify.oracles.mp import (
     lla_forward_details_mp,
     lla_forward_mp,
     lla_grad_mp,
     lla_jvp_mp,
 )
-from lla_verify.validate import LLAInputError
+from lla_contract import LLAInputError
 
 pytestmark = pytest.mark.mp
 

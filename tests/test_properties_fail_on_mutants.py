@@ -1,8 +1,8 @@
-"""Properties that once could not fail, run against a planted bug (lla_verify/mutants.py)
+"""Properties that once could not fail, run against a planted bug (lla_verify/testing/mutants.py)
 that each of them must now catch; the mutant-free control passes the same command.
 
 Each runs one property of properties/ in a fresh pytest process under the ci profile,
-with ``--lla-impl lla_verify.mutants:NAME`` on the CPU: the property suite's own
+with ``--lla-impl lla_verify.testing.mutants:NAME`` on the CPU: the property suite's own
 options and fixtures, exactly as the kill list (docs/kill-list.md) runs them.
 """
 
@@ -41,5 +41,5 @@ PINNED_D16 = ("properties/test_forward_accuracy.py::test_forward_pinned_regressi
 def test_pinned_regression_runs_at_its_own_head_dim():
     """A pinned D = 16 case used to run at D = 8 on CPU for an implementation without
     head-dim limits, where head_dim_block_8 (channels beyond 8 unseen) is exact."""
-    _assert_fails(_run_property(PINNED_D16, "lla_verify.mutants:head_dim_block_8"), "head_dim_block_8")
+    _assert_fails(_run_property(PINNED_D16, "lla_verify.testing.mutants:head_dim_block_8"), "head_dim_block_8")
     _assert_passes(_run_property(PINNED_D16, "torch-fp32"), "torch-fp32 control")

@@ -15,13 +15,16 @@ import pytest
 import torch
 from hypothesis import find, settings
 
-from lla_verify.budget import THRESH, check_backward, check_forward, forward_budget
-from lla_verify.cases import Case, Problem, get_family, parse_case
-from lla_verify.impls import dense_torch_lla, get_impl, is_available
-from lla_verify.oracle import (lla_forward, lla_forward_details, lla_forward_wls, mesanet_attention,
+from lla_verify.budget.backward import check_backward
+
+from lla_verify.budget.forward import THRESH, check_forward, forward_budget
+from lla_verify.registry.cases import Case, Problem, get_family, parse_case
+from lla_verify.registry.impls import get_impl, is_available
+from lla_verify.oracles.dense import dense_torch_lla
+from lla_verify.oracles.float64 import (lla_forward, lla_forward_details, lla_forward_wls, mesanet_attention,
                                softmax_attention)
-from lla_verify.strategies import cases
-from lla_verify.validate import LLAInputError, check_scale
+from lla_verify.testing.strategies import cases
+from lla_contract import LLAInputError, check_scale
 
 F64 = torch.float64
 
@@ -74,7 +77,7 @@ def test_oracles_at_scale_zero_are_the_mesanet_form():
         _within(name, (o - mesa).norm(dim=-1), allowed)
     # the mpmath oracle at 30 digits: exact to float64 output rounding, so only the
     # MesaNet formula's own rounding separates them
-    from lla_verify.oracle_mp import lla_forward_mp
+    from lla_verify.oracles.mp import lla_forward_mp
 
     o_mp = lla_forward_mp(q[:, :1, :8], k[:, :1, :8], v[:, :1, :8], ridge_lambda=lam, qk_scale=0.0, dps=30)
     mp_err = (o_mp - mesa[:, :1, :8]).norm(dim=-1)
@@ -149,7 +152,7 @@ _REASON = is_available(TRITON, _DEVICE) if (_DEVICE == "cuda" or os.environ.get(
 @pytest.mark.skipif(bool(_REASON), reason=str(_REASON))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_kernel_at_scale_zero_forward_and_backward(dtype):
-    """S = 40 spans several key tiles; the budgets are budget.py's, against the float64 oracle."""
+    """S = 40 spans several key tiles; the budgets are lla_verify/budget's, against the float64 oracle."""
     p = _problem(40, 16, dtype, 0.5, seed=4).to(_DEVICE)
     o = TRITON.forward(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=0.0)
     fb = forward_budget(p, TRITON, out_dtype=o.dtype)

@@ -5,10 +5,10 @@ import math
 
 import torch
 
-from lla_verify.budget import (BEYOND_PRECISION, SOLVE_PROBE_LINEAR, SOLVE_PROBE_MIN_STEP, cotangent_for,
-                               oracle_grads, solve_probe_step)
-from lla_verify.cases import parse_case
-from lla_verify.oracle import _sym_probe, lla_forward_details
+from lla_verify.budget.backward import (BEYOND_PRECISION, SOLVE_PROBE_LINEAR, SOLVE_PROBE_MIN_STEP, cotangent_for,
+                                        oracle_grads, solve_probe_step)
+from lla_verify.registry.cases import parse_case
+from lla_verify.oracles.float64 import _sym_probe, lla_forward_details
 
 U32 = 2.0**-24
 

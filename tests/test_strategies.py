@@ -1,4 +1,4 @@
-"""lla_verify/strategies.py: with full_ridge=True every family's own ridge parameter
+"""lla_verify/testing/strategies.py: with full_ridge=True every family's own ridge parameter
 (Family.ridge) is drawn over its whole range, ends included, and sets the problem's
 lambda with the family's meaning."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from lla_verify.cases import FAMILIES
-from lla_verify.strategies import cases
+from lla_verify.registry.cases import FAMILIES
+from lla_verify.testing.strategies import cases
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

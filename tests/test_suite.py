@@ -1,4 +1,4 @@
-"""lla_verify/suite.py: the property suite draws only what an implementation's record
+"""lla_verify/testing/suite.py: the property suite draws only what an implementation's record
 accepts, rejects (never skips on) an unsupported draw inside @given, and skips a whole
 property, with the record's reason, only outside @given."""
 
@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
-from lla_verify import suite
-from lla_verify.cases import Case
-from lla_verify.impls import Impl, dense_torch_lla
+from lla_verify.testing import suite
+from lla_verify.registry.cases import Case
+from lla_verify.registry.impls import Impl
+from lla_verify.oracles.dense import dense_torch_lla
 
 NARROW = Impl(name="narrow", forward=dense_torch_lla, description="bf16, D = 16, one lambda",
               dtypes=(torch.bfloat16,), head_dims=(16,), per_query_lambda=False)

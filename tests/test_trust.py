@@ -16,11 +16,20 @@ import time
 import pytest
 import torch
 
-from lla_verify import audit, hunt, suite, trust
-from lla_verify.budget import cotangent_for, impl_grads
-from lla_verify.cases import Case
+from lla_verify import trust
+
+from lla_verify.audit import plan as audit_plan
+from lla_verify.audit import cell as audit_cell
+from lla_verify.audit import run as audit_run
+
+from lla_verify.commands import hunt
+
+from lla_verify.testing import suite
+from lla_verify.budget.backward import cotangent_for, impl_grads
+from lla_verify.registry.cases import Case
 from lla_verify.cli import main
-from lla_verify.impls import Impl, dense_torch_lla
+from lla_verify.registry.impls import Impl
+from lla_verify.oracles.dense import dense_torch_lla
 from tests import trust_planted as planted
 
 CASE = Case("gaussian", {"lam": 1.0}, S=24, D=8)
@@ -64,7 +73,7 @@ def test_fill_v_fails_check_and_the_audit(capsys, tmp_path):
     # before the boundary: check PASS at ratio 5.9e-11 and audit --quick --no-backward 67 of 67
     rc, out = cli(["check", "--impl", "tests.trust_planted:fill_v", "--case", SPEC], capsys)
     assert rc == 1 and "forward modified its inputs: v" in out, out
-    res = audit.run_audit(impl("double_k"), [audit.Cell("test", CASE), audit.Cell("test", Case("spectrum", {
+    res = audit_run.run_audit(impl("double_k"), [audit_plan.Cell("test", CASE), audit_plan.Cell("test", Case("spectrum", {
         "kappa": 100.0, "rotate": 1}, S=20, D=8))], backward=False, out=str(tmp_path))
     assert res.exit_code == 1 and res.report["verdict"]["n_failed"] == 2
     assert all("modified its inputs: k" in c["message"] for c in res.report["cells"])
@@ -158,9 +167,9 @@ def test_the_suite_fails_an_exiting_or_hanging_implementation(name, needle):
 
 
 def test_hang_times_out_and_the_audit_goes_on(tmp_path):
-    cells = [audit.Cell("test", CASE), audit.Cell("test", Case("gaussian", {"lam": 10.0}, S=17, D=8))]
+    cells = [audit_plan.Cell("test", CASE), audit_plan.Cell("test", Case("gaussian", {"lam": 10.0}, S=17, D=8))]
     t0 = time.monotonic()
-    res = audit.run_audit(impl("hang"), cells, backward=False, out=str(tmp_path), cell_timeout=1.0)
+    res = audit_run.run_audit(impl("hang"), cells, backward=False, out=str(tmp_path), cell_timeout=1.0)
     assert res.exit_code == 1 and res.report["verdict"]["n_failed"] == 2
     assert all("timed out after 1 s" in c["message"] for c in res.report["cells"])
     assert time.monotonic() - t0 < 120
@@ -168,8 +177,8 @@ def test_hang_times_out_and_the_audit_goes_on(tmp_path):
 
 def test_users_interrupt_still_stops_an_isolated_audit_with_a_partial_report(tmp_path):
     # SIGINT delivered to the sweep's process while a cell runs in the worker
-    cells = [audit.Cell("test", CASE), audit.Cell("test", Case("gaussian", {"lam": 10.0}, S=17, D=8))]
-    res = audit.run_audit(impl("interrupt_parent"), cells, backward=False, out=str(tmp_path))
+    cells = [audit_plan.Cell("test", CASE), audit_plan.Cell("test", Case("gaussian", {"lam": 10.0}, S=17, D=8))]
+    res = audit_run.run_audit(impl("interrupt_parent"), cells, backward=False, out=str(tmp_path))
     v = res.report["verdict"]
     assert res.exit_code == 1 and v["interrupted"] == "interrupted after 0 of 2 cells"
     assert "INCOMPLETE" in (tmp_path / "report.html").read_text()
@@ -218,7 +227,7 @@ def test_wrong_return_values_are_named(name, says):
 def test_wrong_return_values_fail_the_cell_not_the_harness():
     # before the boundary: a list or None gave a traceback, an int64 output a usage error
     for name in ("returns_list", "returns_none", "int64_output"):
-        rec = audit.run_cell(audit.Cell("test", CASE), impl(name), "cpu", backward=False)
+        rec = audit_cell.run_cell(audit_plan.Cell("test", CASE), impl(name), "cpu", backward=False)
         assert not rec["passed"] and rec["cause"] == "implementation" and "returned" in rec["message"], rec
 
 
@@ -257,7 +266,7 @@ def test_output_is_the_harness_copy():
 
 # ------------------------------------------------------------------ freed memory
 def test_empty_output_fails():
-    rec = audit.run_cell(audit.Cell("test", CASE), impl("empty_output"), "cpu", backward=False)
+    rec = audit_cell.run_cell(audit_plan.Cell("test", CASE), impl("empty_output"), "cpu", backward=False)
     # poisoned memory (NaN, or malloc's own bookkeeping in the first bytes) is far outside any budget
     assert not rec["passed"] and rec["forward_ratio"] > 1e3, rec["forward_ratio"]
 
@@ -265,7 +274,7 @@ def test_empty_output_fails():
 def test_empty_output_cannot_pick_up_a_freed_reference():
     # the attack of KernelBench PR 82: the float64 reference output is freed just before
     # the call, and the implementation asks for memory of its size
-    from lla_verify.oracle import lla_forward
+    from lla_verify.oracles.float64 import lla_forward
 
     p = problem(S=512)
     ref = lla_forward(p.q, p.k, p.v, ridge_lambda=1.0)
@@ -306,7 +315,7 @@ def test_consecutive_calls_get_fresh_addresses():
 # ------------------------------------------------------------------ clocks
 def test_patched_timer_does_not_fool_the_cells_time(monkeypatch):
     monkeypatch.setattr(time, "perf_counter", time.perf_counter)  # restored after the test
-    rec = audit.run_cell(audit.Cell("test", CASE), impl("fake_clock"), "cpu", backward=False)
+    rec = audit_cell.run_cell(audit_plan.Cell("test", CASE), impl("fake_clock"), "cpu", backward=False)
     assert rec["time_s"] >= 0.2, rec["time_s"]
 
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # A user's implementation: the dense fp32 reference behind the protocol, and a copy
 # off by one part in a hundred, which the suite must fail.
 IMPL_MODULE = '''
-from lla_verify.impls import dense_torch_lla
+from lla_verify.oracles.dense import dense_torch_lla
 
 
 def fn(q, k, v, *, ridge_lambda, qk_scale=None):
@@ -41,10 +41,10 @@ def off_by_a_percent(q, k, v, *, ridge_lambda, qk_scale=None):
 '''
 
 PROBE = '''
-import importlib.metadata, lla_verify, lla_verify.pytest_plugin, lla_verify_properties
+import importlib.metadata, lla_verify, lla_verify.testing.pytest_plugin, lla_verify_properties
 eps = [ep.value for ep in importlib.metadata.entry_points(group="pytest11")]
-print(lla_verify.__file__); print(lla_verify.pytest_plugin.__file__); print(lla_verify_properties.__file__)
-print("entry point:", "lla_verify.pytest_plugin" in eps)
+print(lla_verify.__file__); print(lla_verify.testing.pytest_plugin.__file__); print(lla_verify_properties.__file__)
+print("entry point:", "lla_verify.testing.pytest_plugin" in eps)
 '''
 
 
@@ -65,7 +65,7 @@ def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "*.pyc")
-    for part in ("lla_verify", "properties", "kernels/lla_triton"):
+    for part in ("lla_verify", "properties", "kernels/lla_contract", "kernels/lla_triton"):
         shutil.copytree(ROOT / part, src / part, ignore=skip)
     for part in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / part, src / part)
@@ -104,6 +104,17 @@ def test_wheel_code_is_what_runs(installed):
     for f in files:  # lla_verify, its plugin and the suite, each from the wheel
         assert Path(f).resolve().is_relative_to(own.resolve()), (f, own)
     assert ep == "entry point: True"
+
+
+def test_wheel_holds_every_package(installed):
+    """pyproject lists the packages by name: a subpackage left off the list would be
+    missing from the wheel while the source tree still imports it."""
+    *_, own = installed
+    for top, src in (("lla_verify", ROOT / "lla_verify"), ("lla_contract", ROOT / "kernels" / "lla_contract"),
+                     ("lla_triton", ROOT / "kernels" / "lla_triton")):
+        want = sorted(str(p.relative_to(src)) for p in src.rglob("*.py") if "__pycache__" not in p.parts)
+        got = sorted(str(p.relative_to(own / top)) for p in (own / top).rglob("*.py") if "__pycache__" not in p.parts)
+        assert got == want, (top, sorted(set(want) - set(got)))
 
 
 def test_suite_passes_from_another_folder_under_xdist(installed):

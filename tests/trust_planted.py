@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from lla_verify.impls import dense_torch_lla
+from lla_verify.oracles.dense import dense_torch_lla
 
 
 def honest(q, k, v, *, ridge_lambda, qk_scale=None):

@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from lla_verify.validate import (LLAInputError, check_delta_eps, check_lambda, check_qkv, check_scale,
-                                 nonfinite_flag)
+from lla_contract import (LLAInputError, check_delta_eps, check_lambda, check_qkv, check_scale,
+                          nonfinite_flag)
 
 from ._common import PRECISIONS, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, interpreting
 from .forward import (

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lla_verify.validate import LLAInputError
+from lla_contract import LLAInputError
 
 from .backward import lla_backward_kernel
 from .forward import DEFAULT_PRECISION, lla_forward_kernel

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lla_verify.validate import raise_nonfinite
+from lla_contract import raise_nonfinite
 
 from ._common import (PRECISIONS, SUPPORTED_HEAD_DIMS, fitted_rounds, interpreting, launch_fitting,
                       reanchor_rounds)
@@ -458,7 +458,7 @@ def lla_forward_kernel(q, k, v, lam, scale, *, delta_eps, cg_tol, cg_max_iters, 
     ``precision`` (default DEFAULT_PRECISION) and ``config`` ((BLOCK_M, BLOCK_N,
     num_warps, num_stages)) are optional extras; callers that know neither omit them.
     ``input_check`` = (flag, named): a deferred finiteness check of the caller's inputs
-    (validate.nonfinite_flag and the (name, tensor) pairs it covers), read in the same
+    (lla_contract.nonfinite_flag and the (name, tensor) pairs it covers), read in the same
     device-to-host transfer as the anchor rounds' first; raises LLAInputError if set.
     """
     N, S, D = q.shape

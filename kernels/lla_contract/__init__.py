@@ -1,0 +1,171 @@
+"""The LLA operator's input contract: the argument checks the kernels, the oracles, the
+registry and the CLI share.
+
+A leaf: it imports torch and nothing of this project, so a kernel package depends on
+torch, triton and this module only, and installs and runs without the harness.
+
+Every failure is an ``LLAInputError`` (a ``ValueError``) whose message names the
+argument and says what was expected, so a bad call never turns into a silent NaN
+or an error deep inside a solver or a Triton compile.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+
+class LLAInputError(ValueError):
+    """A caller passed an argument the LLA operator is not defined for."""
+
+
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    dtypes: Iterable[torch.dtype] = _FLOAT_DTYPES,
+    head_dims: Iterable[int] | None = None,
+    check_finite: bool = True,
+) -> None:
+    """Check q, k, v of shape (..., S, D) for the LLA operator.
+
+    q and k must agree exactly; v may have its own last dimension (the value
+    width) but the same leading dimensions and S.
+    """
+    dtypes = tuple(dtypes)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise LLAInputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in dtypes:
+            raise LLAInputError(
+                f"{name}: expected a floating dtype in {[str(d) for d in dtypes]}, got {t.dtype}"
+            )
+        if t.dim() < 2:
+            raise LLAInputError(f"{name}: expected shape (..., S, D) with at least 2 dims, got {_describe(t)}")
+        if t.shape[-1] == 0:
+            raise LLAInputError(f"{name}: head dimension D must be >= 1, got {_describe(t)}")
+        if t.shape[-2] == 0:
+            raise LLAInputError(f"{name}: sequence length S must be >= 1, got {_describe(t)}")
+    if q.shape != k.shape:
+        raise LLAInputError(
+            f"k: expected the shape of q {tuple(q.shape)} (S_q == S_k, same D), got {tuple(k.shape)}"
+        )
+    if v.shape[:-1] != q.shape[:-1]:
+        raise LLAInputError(
+            f"v: expected leading shape {tuple(q.shape[:-1])} to match q, got {tuple(v.shape)}"
+        )
+    if not (q.device == k.device == v.device):
+        raise LLAInputError(
+            f"q, k, v: expected one device, got q on {q.device}, k on {k.device}, v on {v.device}"
+        )
+    if head_dims is not None:
+        head_dims = tuple(head_dims)
+        if q.shape[-1] not in head_dims:
+            raise LLAInputError(f"q: head dimension D={q.shape[-1]} unsupported; expected one of {head_dims}")
+    # one host sync for the three tensors (a device-to-host read stalls the launch queue);
+    # the per-tensor search for the message runs only on failure
+    if check_finite and bool(nonfinite_flag((q, k, v))):
+        raise_nonfinite((("q", q), ("k", k), ("v", v)))
+
+
+def nonfinite_flag(tensors) -> torch.Tensor:
+    """A 0-d bool tensor on the tensors' device, True where any holds a NaN or Inf. No host
+    sync: a caller that reads it later (the kernels, with their own device-to-host read)
+    keeps the launch queue running."""
+    return ~torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def raise_nonfinite(named) -> None:
+    """Raise LLAInputError naming the first of ``named`` ((name, tensor) pairs) with a NaN
+    or Inf, its count and the index of the first one."""
+    for name, t in named:
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            raise LLAInputError(
+                f"{name}: expected finite values, found {int(bad.sum())} non-finite "
+                f"(first at index {idx}: {t[idx].item()})"
+            )
+    raise LLAInputError("q, k, v: expected finite values, found NaN or Inf")  # pragma: no cover
+
+
+def check_scale(qk_scale: float | None, head_dim: int) -> float:
+    """Return the bandwidth scale s (default 1/sqrt(D)), checked to be finite and >= 0.
+
+    s = 0 is a point of the operator, not only its limit: every score is 0, every
+    weight exp(0) = 1, and LLA is exactly the MesaNet form (docs/math.md §4.2). Only
+    None asks for the default; a 0 is kept as given.
+    """
+    if qk_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    try:
+        s = float(qk_scale)
+    except (TypeError, ValueError):
+        raise LLAInputError(f"qk_scale: expected a float >= 0 or None, got {qk_scale!r}") from None
+    if not math.isfinite(s) or s < 0.0:
+        raise LLAInputError(f"qk_scale: expected a finite value >= 0, got {s}")
+    return s + 0.0  # -0.0 reads as 0.0
+
+
+def check_lambda(ridge_lambda, lead_shape: tuple[int, ...], device, *, dtype=torch.float64) -> torch.Tensor:
+    """Return ridge_lambda broadcast to ``lead_shape`` (= (..., S)) as a tensor.
+
+    A float or a tensor that broadcasts to (..., S); every value finite and >= 0.
+    Tensors keep their autograd graph (the oracle differentiates through them).
+    """
+    if isinstance(ridge_lambda, torch.Tensor):
+        lam = ridge_lambda
+        if not (lam.is_floating_point()):
+            raise LLAInputError(f"ridge_lambda: expected a floating tensor, got dtype {lam.dtype}")
+        lam = lam.to(device=device, dtype=dtype)
+    else:
+        try:
+            val = float(ridge_lambda)
+        except (TypeError, ValueError):
+            raise LLAInputError(
+                f"ridge_lambda: expected a float >= 0 or a tensor broadcastable to {lead_shape}, got {ridge_lambda!r}"
+            ) from None
+        # a float is checked on the host: no device round trip
+        if not math.isfinite(val):
+            raise LLAInputError("ridge_lambda: expected finite values, found NaN or Inf")
+        if val < 0:
+            raise LLAInputError(f"ridge_lambda: expected values >= 0, got minimum {val:g}")
+        if val > torch.finfo(dtype).max:
+            # it would round to Inf in the kernels' dtype (torch.full refuses it outright)
+            raise LLAInputError(f"ridge_lambda: expected a value finite in {dtype} (at most "
+                                f"{torch.finfo(dtype).max:g}), got {val:g}")
+        return torch.full(lead_shape, val, device=device, dtype=dtype)
+    try:
+        lam_b = torch.broadcast_to(lam, lead_shape)
+    except RuntimeError:
+        raise LLAInputError(
+            f"ridge_lambda: shape {tuple(lam.shape)} does not broadcast to (..., S) = {lead_shape}"
+        ) from None
+    det = lam_b.detach()
+    # both checks in one device-to-host read
+    nonfinite, negative = torch.stack([(~torch.isfinite(det)).any(), (det < 0).any()]).tolist()
+    if nonfinite:
+        raise LLAInputError("ridge_lambda: expected finite values, found NaN or Inf")
+    if negative:
+        raise LLAInputError(f"ridge_lambda: expected values >= 0, got minimum {det.min().item():g}")
+    return lam_b
+
+
+def check_delta_eps(delta_eps: float) -> float:
+    try:
+        e = float(delta_eps)
+    except (TypeError, ValueError):
+        raise LLAInputError(f"delta_eps: expected a float >= 0, got {delta_eps!r}") from None
+    if not math.isfinite(e) or e < 0:
+        raise LLAInputError(f"delta_eps: expected a finite value >= 0, got {e}")
+    return e

@@ -1,0 +1,229 @@
+"""One audit cell: its case built, the implementation run (in a child process when it
+can be pickled), judged by the budget module, and kept as a record for the report.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+
+from lla_verify.audit.plan import Cell
+
+
+QUERY_SAMPLES = 96  # per-query points kept per cell in report.json, for the plots
+COTANGENT_SEED = 1234  # the fixed cotangent of the backward check
+# The backward check differentiates the float64 oracle (four times) and the dense
+# fp32 reference through autograd, which keeps every pairwise (S, S, D) tensor alive:
+# above this S * S * D (about 1 GiB per float64 pairwise tensor) it would not fit
+# beside the kernel (nor in a five-minute --full run), so larger cells check the
+# forward only, and say so.
+BACKWARD_MAX_WORK = 1024 * 1024 * 64
+
+
+def repro_command(spec: str, impl_name: str, device: str, backward: bool = False) -> str:
+    cmd = f"lla-verify check --case {shlex.quote(spec)} --impl {shlex.quote(impl_name)} --device {device}"
+    return cmd + (" --backward" if backward else "")
+
+
+def _f(x) -> float | None:
+    return None if x is None else float(x)
+
+
+def _sample(t, n=QUERY_SAMPLES):
+    """Up to n evenly spaced entries of a flattened per-query tensor, as floats."""
+    import torch
+
+    flat = t.detach().flatten().to(torch.float64).cpu()
+    if flat.numel() > n:
+        flat = flat[torch.linspace(0, flat.numel() - 1, n).round().long()]
+    return [float(x) for x in flat]
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _call(impl, problem):
+    """Run the forward across the trust boundary (with CG statistics when the implementation
+    has them); raises trust.Misbehaved when the implementation breaks the calling contract."""
+    from lla_verify.trust import call_forward
+
+    return call_forward(impl, problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
+                        qk_scale=problem.qk_scale, stats=True)
+
+
+def _cotangent(problem):
+    import torch
+
+    gen = torch.Generator().manual_seed(COTANGENT_SEED)
+    return torch.randn(tuple(problem.v.shape), generator=gen, dtype=torch.float64).to(problem.v.device)
+
+
+def _worst_verdict(res):
+    """check_backward may return one Verdict or several (one per input): keep the worst."""
+    if isinstance(res, dict):
+        res = list(res.values())
+    if isinstance(res, (list, tuple)):
+        vs = [r for r in res if hasattr(r, "ratio")]
+        if not vs:
+            return None
+        return max(vs, key=lambda r: (not r.passed, float(r.ratio) if not math.isnan(float(r.ratio)) else math.inf))
+    return res if hasattr(res, "ratio") else None
+
+
+def backward_check(problem, impl) -> dict:
+    """The gradient verdict of one cell, or why there is none.
+
+    budget.check_backward is being written alongside this module, so it is looked up
+    at call time and its cotangent argument found by name; the audit only supplies
+    the fixed cotangent and records the Verdict it returns.
+    """
+    import inspect
+
+    from lla_verify.budget import backward as budget
+
+    if not impl.supports_grad:
+        return {"status": f"not checked: {impl.name} has no gradients"}
+    cb = getattr(budget, "check_backward", None)
+    if cb is None:
+        return {"status": "not checked: budget.check_backward unavailable"}
+    # one definition of the fixed cotangent: the budget module's, when it has one
+    cot_fn = getattr(budget, "cotangent_for", None)
+    cot = cot_fn(problem) if callable(cot_fn) else _cotangent(problem)
+    try:
+        params = inspect.signature(cb).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kw = {}
+    for name in ("cot", "cotangent", "do", "grad_out", "grad_output"):
+        if name in params:
+            kw[name] = cot
+            break
+    from lla_verify.trust import Misbehaved
+
+    try:
+        res = cb(problem, impl, **kw)
+    except Misbehaved as exc:
+        return {"status": "checked", "ratio": math.inf, "passed": False, "cause": "implementation",
+                "message": f"[{impl.name}] backward {exc}"}
+    except TypeError as exc:
+        return {"status": f"not checked: budget.check_backward{inspect.signature(cb)} not understood: {exc}"}
+    except Exception as exc:  # the implementation's backward raised: its fault
+        return {"status": "checked", "ratio": math.inf, "passed": False, "cause": "implementation",
+                "message": f"[{impl.name}] backward raised {type(exc).__name__}: {exc}"}
+    v = _worst_verdict(res)
+    if v is None:
+        return {"status": f"not checked: budget.check_backward returned {type(res).__name__}, not a Verdict"}
+    if v.cause == "skipped":
+        return {"status": f"not checked: {v.message}"}
+    return {"status": "checked", "ratio": float(v.ratio), "passed": bool(v.passed), "cause": str(v.cause),
+            "message": str(v.message), "check": getattr(v, "check", "backward"),
+            "grads_checked": list((getattr(v, "summary", None) or {}).get("grads_checked", [])),
+            "grads_not_checked": list((getattr(v, "summary", None) or {}).get("grads_not_checked", [])),
+            "n_beyond_precision": int((getattr(v, "summary", None) or {}).get("n_beyond_precision", 0))}
+
+
+def failed_record(rec: dict, message: str, *, time_s: float = math.nan) -> dict:
+    """``rec`` (the cell's identity) completed as a forward failure of the implementation's."""
+    rec.update(ratio=math.inf, forward_ratio=math.inf, passed=False, cause="implementation",
+               forward_passed=False, failed_checks=["forward"], message=message, time_s=time_s,
+               grad={"status": "not checked: the forward failed"})
+    return rec
+
+
+def _cell_record(cell: Cell, impl, device: str, *, backward: bool, impl_name: str | None) -> dict:
+    case = cell.case
+    spec = case.spec()
+    return {"spec": spec, "sweep": cell.sweep, "family": case.family, "params": dict(case.params),
+            "dtype": case.dtype, "B": case.B, "H": case.H, "S": case.S, "D": case.D, "seed": case.seed,
+            "command": repro_command(spec, impl_name or impl.name, device, backward=backward and impl.supports_grad)}
+
+
+def run_cell_isolated(worker, cell: Cell, impl, device: str, *, backward: bool = True,
+                      impl_name: str | None = None) -> dict:
+    """run_cell in ``worker``'s child process (in this one when ``worker`` is None): an
+    implementation that ends its process, crashes it or hangs fails this cell only."""
+    from lla_verify.trust import ChildFailed, run_isolated
+
+    try:
+        return run_isolated(worker, run_cell, cell, impl, device, backward=backward, impl_name=impl_name)
+    except ChildFailed as exc:
+        rec = _cell_record(cell, impl, device, backward=backward, impl_name=impl_name)
+        return failed_record(rec, f"[{impl_name or impl.name}] {exc} on {rec['spec']}")
+
+
+def run_cell(cell: Cell, impl, device: str, *, backward: bool = True, impl_name: str | None = None) -> dict:
+    """Build, run, time and judge one cell; every number lands in the returned record."""
+    import torch
+
+    from lla_verify.budget.forward import check_forward
+
+    case = cell.case
+    spec = case.spec()
+    name = impl_name or impl.name
+    rec = _cell_record(cell, impl, device, backward=backward, impl_name=impl_name)
+    problem = case.build(device)
+    from lla_verify.trust import Misbehaved, clock
+
+    t0 = clock()
+    try:
+        _sync(device)
+        o, stats = _call(impl, problem)
+        _sync(device)
+        elapsed = clock() - t0
+        if str(device).startswith("cuda"):
+            # the first call carries the JIT compile; time a second one (fresh input copies:
+            # a cache keyed on their addresses misses), and judge that one
+            t1 = clock()
+            o, stats = _call(impl, problem)
+            _sync(device)
+            elapsed = clock() - t1
+    except Misbehaved as exc:  # a breach of the calling contract fails the cell, whatever the output
+        return failed_record(rec, f"[{name}] forward {exc} on {spec}", time_s=clock() - t0)
+    except Exception as exc:  # a kernel that raises on a valid input fails that cell
+        return failed_record(rec, f"[{name}] forward raised {type(exc).__name__}: {exc} on {spec}",
+                             time_s=clock() - t0)
+    v = check_forward(problem, impl, o, stats=stats)
+    of = o.detach()
+    rec.update(
+        ratio=float(v.ratio), forward_ratio=float(v.ratio), forward_passed=bool(v.passed), cause=v.cause,
+        message=v.message,
+        worst_query=list(v.worst) if v.worst is not None else None,
+        err_max=_f(v.summary.get("err_max")), kappa_max=_f(v.summary.get("kappa_max")),
+        kappa_worst=_f(v.summary.get("kappa_worst")),
+        n_nan=int(torch.isnan(of).sum()), n_inf=int(torch.isinf(of).sum()),
+        n_defined=v.n_defined, n_undefined=v.n_undefined, time_s=elapsed,
+    )
+    pq = v.per_query
+    rec["queries"] = {"kappa": _sample(pq["kappa"].clamp(max=1e300)), "ratio": _sample(pq["ratio"].clamp(max=1e300))}
+    if stats:
+        if "cg_iters" in stats:
+            it = stats["cg_iters"].detach().to(torch.float64)
+            rec["cg_iters_mean"] = float(it.mean())
+            rec["cg_iters_max"] = int(it.max())
+            rec["queries"]["cg_iters"] = _sample(it)
+        if "cg_residual" in stats:
+            rec["cg_residual_max"] = float(torch.nan_to_num(stats["cg_residual"].detach().double(), nan=math.inf, posinf=math.inf).max())
+    work = case.B * case.H * case.S * case.S * case.D
+    if backward and cell.no_grad:
+        rec["grad"] = {"status": cell.no_grad}
+    elif backward and work > BACKWARD_MAX_WORK:
+        rec["grad"] = {"status": f"not checked: too large for the backward check (B H S^2 D = {work:.2e} > "
+                                 f"{BACKWARD_MAX_WORK:.2e}, its memory limit)"}
+    elif backward:
+        rec["grad"] = backward_check(problem, impl)
+    else:
+        rec["grad"] = {"status": "not checked: --no-backward"}
+    g = rec["grad"]
+    grad_ok = g.get("passed", True)
+    rec["passed"] = bool(v.passed) and bool(grad_ok)
+    if "ratio" in g:
+        # the cell's ratio is its worst check, so sorting and the verdict see gradient failures too
+        rec["ratio"] = max(rec["forward_ratio"], g["ratio"], key=lambda x: math.inf if math.isnan(x) else x)
+    if v.passed and not grad_ok:
+        rec["cause"] = g.get("cause", "implementation")
+    rec["failed_checks"] = [n for n, ok in (("forward", v.passed), ("backward", grad_ok)) if not ok]
+    return rec

@@ -1,0 +1,139 @@
+"""The audit's plan: the cells it sweeps, one ``Case`` each, along the axes where LLA
+kernels break (the spread of Sigma_i's spectrum, bandwidth against ridge, lambda, every
+other family, awkward shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Cell:
+    sweep: str  # "kappa" | "scale-lambda" | "lambda" | "family" | "shape"
+    case: object  # cases.Case
+    # why this cell's gradients are not checked even when the implementation has them
+    # (None: checked); the quick audit checks float32 gradients only, to stay in minutes
+    no_grad: str | None = None
+
+
+# Adversarial but not absurd settings for the families that get one cell each:
+# each sits where its family's trouble starts (SPEC 7), not at its extreme.
+FAMILY_CELLS = {
+    "subspace": {"rank": 2, "noise": 1e-3, "lam": 1e-6},
+    "clusters": {"clusters": 2, "spread": 1e-3, "lam": 1e-4},
+    "duplicates": {"pool": 4, "lam": 1e-4},
+    "early": {"lam": 1e-6},
+    "offset": {"offset": 1e3, "lam": 1.0},
+    "large_norm": {"factor": 1e2, "lam": 1.0},
+    "linear_values": {"lam": 1e-8},
+}
+
+KAPPAS_QUICK = (1.0, 1e2, 1e4, 1e6, 1e8)
+KAPPAS_FULL = tuple(10.0**e for e in range(9))
+# The quick grid and lambda sweep are thinned to every other decade: through the
+# Triton interpreter a cell with its gradient check costs seconds on two cores.
+SCALES_QUICK = (1e-4, 1e-2, 1.0, 1e1, 1e2)
+SCALES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2)
+GRID_LAMS_QUICK = (1e-3, 1e-1, 1.0)
+GRID_LAMS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+LAMS_QUICK = (1e-3, 1e-1, 10.0, 100.0)
+LAMS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+DECADES = ({"lam_lo": 1e-4, "decades": 6.0}, {"lam_lo": 1e-2, "decades": 2.0})
+
+
+def _dtypes(impl, full: bool) -> list[str]:
+    import torch
+
+    want = ["float32", "bfloat16"] + (["float16"] if full else [])
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    have = {names[d] for d in impl.dtypes if d in names}
+    return [d for d in want if d in have]
+
+
+def plan(impl, *, full: bool = False, seed: int = 0) -> tuple[list[Cell], list[dict]]:
+    """The cells of a quick or full audit for ``impl``, and the skipped ones with reasons.
+
+    Quick: S <= 48, D = 16 (the smallest head dim the Triton kernel takes), about
+    a hundred cells, minutes on two CPU cores even through the Triton interpreter.
+    Full: GPU sizes, S from 1 to 4096 (non-multiples of the tile sizes included),
+    D = 64 and 128, about 150 cells.
+    """
+    from lla_verify.registry.cases import Case, DTYPES
+
+    cells: list[Cell] = []
+    skipped: list[dict] = []
+    dts = _dtypes(impl, full)
+    if not dts:
+        skipped.append({"spec": "*", "reason": f"{impl.name} accepts neither float32 nor bfloat16"})
+        return cells, skipped
+
+    def add(sweep, family, params, *, S, D, dtype, B=1, H=1):
+        case = Case(family=family, params=dict(params), B=B, H=H, S=S, D=D, dtype=dtype, seed=seed)
+        reason = impl.supports(dtype=DTYPES[dtype], head_dim=D)
+        if reason is None and family == "lambda_decades" and not impl.per_query_lambda:
+            reason = f"{impl.name} takes no per-query lambda"
+        no_grad = None
+        if not full and dtype != "float32":
+            no_grad = "not checked: --quick checks gradients on float32 cells only (--full checks every dtype)"
+        elif not full and (params.get("rotate") == 0 or (family == "bandwidth" and params.get("lam") == 0.1)):
+            # each backward check through the Triton interpreter costs seconds: the
+            # rotated spectrum and the grid's outer lambda rows keep the hard ones
+            no_grad = "not checked: --quick thins gradient checks (axis-aligned kappa, grid row lambda 0.1)"
+        if reason is None:
+            cells.append(Cell(sweep, case, no_grad))
+        else:
+            skipped.append({"spec": case.spec(), "sweep": sweep, "reason": reason})
+
+    if not full:
+        D = 16
+        for dt in dts:
+            # the axis-aligned spectrum is float32's; bfloat16 gets the rotated one only
+            # (high-kappa cells run CG to its cap, the costliest cells of the sweep)
+            for rot in ((0, 1) if dt == dts[0] else (1,)):
+                for kap in KAPPAS_QUICK:
+                    add("kappa", "spectrum", {"kappa": kap, "rotate": rot}, S=48, D=D, dtype=dt)
+        for dt in dts:
+            for lam in (GRID_LAMS_QUICK if dt == "float32" else (1.0,)):
+                for s in SCALES_QUICK:
+                    add("scale-lambda", "bandwidth", {"scale": s, "lam": lam}, S=33, D=D, dtype=dt)
+        for dt in dts:
+            for lam in LAMS_QUICK:
+                add("lambda", "gaussian", {"lam": lam}, S=40, D=D, dtype=dt)
+            for p in DECADES:
+                add("lambda", "lambda_decades", p, S=40, D=D, dtype=dt)
+        for dt in dts:
+            for fam, p in FAMILY_CELLS.items():
+                add("family", fam, p, S=48, D=D, dtype=dt)
+        for S, D2, B, H in ((1, 16, 1, 1), (7, 16, 1, 1), (17, 16, 2, 3), (31, 32, 1, 1), (47, 16, 1, 1)):
+            add("shape", "gaussian", {"lam": 1.0}, S=S, D=D2, dtype=dts[0], B=B, H=H)
+        if dts[-1] != dts[0]:
+            add("shape", "gaussian", {"lam": 1.0}, S=17, D=16, dtype=dts[-1], B=2, H=3)
+        return cells, skipped
+
+    for dt in dts[:2]:
+        for rot in (0, 1):
+            for kap in KAPPAS_FULL:
+                add("kappa", "spectrum", {"kappa": kap, "rotate": rot}, S=1000, D=64, dtype=dt)
+        for kap in (1.0, 1e4, 1e8):
+            add("kappa", "spectrum", {"kappa": kap, "rotate": 1}, S=1000, D=128, dtype=dt)
+    for dt in dts[:2]:
+        for lam in (GRID_LAMS if dt == "float32" else (1.0,)):
+            for s in SCALES:
+                add("scale-lambda", "bandwidth", {"scale": s, "lam": lam}, S=1000, D=64, dtype=dt)
+    for dt in dts:
+        for lam in LAMS:
+            add("lambda", "gaussian", {"lam": lam}, S=2047, D=64, dtype=dt)
+        for p in DECADES:
+            add("lambda", "lambda_decades", p, S=2047, D=64, dtype=dt)
+    for dt in dts[:2]:
+        for D in (64, 128):
+            for fam, p in FAMILY_CELLS.items():
+                add("family", fam, p, S=1000, D=D, dtype=dt)
+    for S, D, B, H in ((1, 64, 1, 1), (63, 64, 2, 3), (1000, 128, 1, 1), (2048, 64, 1, 1), (2048, 128, 1, 1),
+                       (4096, 64, 1, 1), (4096, 128, 1, 1)):
+        add("shape", "gaussian", {"lam": 1.0}, S=S, D=D, dtype=dts[0], B=B, H=H)
+    if len(dts) > 1:
+        for S, D in ((4096, 64), (4095, 128)):
+            add("shape", "gaussian", {"lam": 1.0}, S=S, D=D, dtype=dts[1])
+    return cells, skipped

@@ -1,0 +1,193 @@
+"""The release audit: the plan's cells run one by one, a report of their verdicts.
+
+The audit sweeps the case registry along the axes where LLA kernels break
+(lla_verify/audit/plan.py). Each cell is one ``Case``: built, run through the
+implementation, judged by ``budget.check_forward`` (and ``budget.check_backward``
+when the implementation has gradients). The audit owns no oracle and no tolerance:
+the verdicts, ratios and attributions are the budget module's.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+from lla_verify.audit.baseline import REGRESSION_FACTOR, REGRESSION_FLOOR, SCHEMA, _num, _show, compare
+from lla_verify.audit.cell import run_cell_isolated
+from lla_verify.audit.plan import Cell
+
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+@dataclass
+class AuditResult:
+    report: dict
+    exit_code: int
+
+
+def _verdict(cells: list[dict], regressions: list[dict], interrupted: str | None = None) -> dict:
+    failed = [c for c in cells if not c.get("passed")]
+    finite = [c for c in cells if c.get("ratio") is not None]
+    worst = max(finite, key=lambda c: _num(c["ratio"]) if not math.isnan(_num(c["ratio"])) else math.inf,
+                default=None)
+    grads = [c["grad"] for c in cells if (c.get("grad") or {}).get("status") == "checked"]
+    unchecked: dict[str, int] = {}
+    for c in cells:
+        st = (c.get("grad") or {}).get("status", "not checked")
+        if st != "checked":
+            # a reason's cell-specific tail (sizes, the case spec) is cut so that like reasons group
+            key = re.sub(r" on [a-z_]+:\S*", "", st).split(" (")[0]
+            unchecked[key] = unchecked.get(key, 0) + 1
+    beyond = [c for c in cells if (c.get("grad") or {}).get("n_beyond_precision")]
+    n_rows = sum(c["grad"]["n_beyond_precision"] for c in beyond)
+    beyond_note = (f"; {len(beyond)} checked cells have rows beyond the compute precision (kappa u_c >= 1), "
+                   f"{n_rows} query rows held to no budget (a NaN still fails)" if beyond else "")
+    return {
+        "passed": not failed and not regressions and not interrupted,
+        "interrupted": interrupted,
+        "n_cells": len(cells), "n_failed": len(failed), "n_regressions": len(regressions),
+        "worst_ratio": worst["ratio"] if worst else None, "worst_spec": worst["spec"] if worst else None,
+        "worst_command": worst["command"] if worst else None,
+        "causes": {k: sum(1 for c in failed if c.get("cause") == k) for k in sorted({c.get("cause") for c in failed})},
+        "gradients_checked": len(grads),
+        "gradients_unchecked": unchecked,
+        "gradients_note": (f"gradients checked on {len(grads)} of {len(cells)} cells"
+                           + "".join(f"; {n} {why}" for why, n in unchecked.items()) + beyond_note),
+        "gradients_beyond_precision": len(beyond),
+    }
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def metadata(impl, device: str, mode: str, command: str, seed: int) -> dict:
+    from lla_verify.environment import collect
+
+    try:
+        versions = collect()
+    except Exception as exc:  # versions are context, never a reason to lose the audit
+        versions = {"error": str(exc)}
+    return {"impl": impl.name, "impl_description": impl.description, "device": device, "mode": mode,
+            "seed": seed, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": command, "versions": versions, "solver_tol": impl.solver_tol,
+            "compute_dtype": str(impl.compute_dtype).replace("torch.", ""),
+            # what the implementation rounds its inputs to and which gradients it is judged on
+            "input_dtype": str(impl.input_dtype).replace("torch.", "") if impl.input_dtype else None,
+            "grads": list(impl.grads) if impl.supports_grad else [],
+            "grads_not_checked": {n: impl.skip_reason(n) for n in ("dq", "dk", "dv", "dlambda")
+                                  if impl.supports_grad and n not in impl.grads},
+            "regression_rule": f"forward or gradient ratio grew more than x{REGRESSION_FACTOR:g} to above "
+                               f"{REGRESSION_FLOOR:g}, or a cell newly failing"}
+
+
+def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = True,
+              baseline: list[dict] | None = None, out: str | None = None, meta: dict | None = None,
+              skipped: list[dict] | None = None, progress: bool = False, impl_name: str | None = None,
+              log=None, factor: float = REGRESSION_FACTOR, floor: float = REGRESSION_FLOOR,
+              isolate: bool = True, cell_timeout: float | None = None) -> AuditResult:
+    """Run ``cells`` on ``impl``; write report.json and report.html into ``out`` when given.
+
+    With ``isolate`` (the default) the cells run one after another in a child process
+    (trust.Worker), so that an implementation that exits, crashes or hangs fails its cell
+    and the sweep goes on; ``cell_timeout`` bounds each of its calls (seconds, default
+    trust.DEFAULT_CALL_TIMEOUT). An implementation that cannot be pickled (a closure)
+    runs in this process, behind the same boundary but without those two protections.
+    """
+    from tqdm import tqdm
+
+    from lla_verify.trust import DEFAULT_CALL_TIMEOUT, Worker, picklable
+
+    t0 = time.perf_counter()
+    records = []
+    # in a log (no terminal) a redraw every 0.1 s would bury the FAIL lines
+    bar = tqdm(cells, desc=f"audit {impl_name or impl.name}", unit="cell", disable=not progress, file=sys.stderr,
+               mininterval=0.1 if sys.stderr.isatty() else 10.0)
+    interrupted = None
+    worker = None
+    if isolate and picklable(impl, cells):
+        worker = Worker(cell_timeout if cell_timeout is not None else DEFAULT_CALL_TIMEOUT)
+    elif isolate and log is not None:
+        print(f"lla-verify audit: {impl_name or impl.name} cannot be pickled into a worker process; its cells run "
+              "in this one (no protection against exit or hang)", file=log)
+    try:
+        for cell in bar:
+            bar.set_postfix_str(cell.case.family, refresh=False)
+            rec = run_cell_isolated(worker, cell, impl, device, backward=backward, impl_name=impl_name)
+            records.append(rec)
+            if not rec["passed"] and log is not None:
+                tqdm.write(f"FAIL {'+'.join(rec.get('failed_checks', []))} ratio {_show(rec['ratio'])} "
+                           f"({rec['cause']}) {rec['spec']}", file=log)
+    except KeyboardInterrupt:
+        # Ctrl-C or a scheduler's SIGTERM: the cells done so far are evidence worth keeping;
+        # the report says it is partial and the verdict cannot pass
+        bar.close()
+        interrupted = f"interrupted after {len(records)} of {len(cells)} cells"
+        if log is not None:
+            print(f"lla-verify audit: {interrupted}; writing a partial report", file=log)
+    finally:
+        if worker is not None:
+            worker.close()
+    regressions, binfo = (compare(records, baseline, factor=factor, floor=floor) if baseline is not None
+                          else ([], None))
+    report = {
+        "schema": SCHEMA,
+        "meta": dict(meta or {}, wall_s=time.perf_counter() - t0, interrupted=interrupted),
+        "verdict": _verdict(records, regressions, interrupted=interrupted),
+        "regressions": regressions,
+        "baseline": binfo,
+        "skipped": skipped or [],
+        "cells": records,
+    }
+    report = _jsonable(report)
+    if out:
+        from lla_verify.audit.report import write_reports
+
+        write_reports(report, out)
+    return AuditResult(report, EXIT_OK if report["verdict"]["passed"] else EXIT_FAIL)
+
+
+def summary_lines(report: dict, *, top: int = 5) -> list[str]:
+    """The stdout summary: regressions first, then the verdict, failures, worst cells."""
+    from lla_verify.audit.report import wall_text
+
+    v = report["verdict"]
+    lines = []
+    regs = report.get("regressions") or []
+    if regs:
+        lines.append(f"REGRESSIONS against the baseline: {len(regs)}")
+        for r in regs:
+            lines.append(f"  {r['why']}: {r['spec']}")
+            lines.append(f"    {r['command']}")
+    meta = report.get("meta", {})
+    head = "PASS" if v["passed"] else "FAIL"
+    lines.append(f"{head}: {v['n_failed']} out of {v['n_cells']} cells failed to pass the threshold (ratio > 1)"
+                 f"{'; ' + str(len(regs)) + ' regressions' if regs else ''} "
+                 f"[impl {meta.get('impl')}, device {meta.get('device')}, {meta.get('mode')}, "
+                 f"{wall_text(meta)}]")
+    if v.get("interrupted"):
+        lines.append(f"INCOMPLETE: {v['interrupted']} (a partial audit never passes)")
+    if meta.get("cells_slice") and not meta.get("merged_from"):
+        lines.append(f"slice {meta['cells_slice']} of a {meta.get('plan_size')}-cell plan: this verdict covers "
+                     f"its cells only; the audit's is the merge of every slice (lla-verify audit --merge)")
+    if v.get("worst_spec"):
+        lines.append(f"worst ratio {_show(v['worst_ratio'])} at {v['worst_spec']}")
+    failed = [c for c in report["cells"] if not c.get("passed")]
+    for c in sorted(failed, key=lambda c: -_num(c["ratio"]) if not math.isnan(_num(c["ratio"])) else -math.inf):
+        lines.append(f"  FAIL {'+'.join(c.get('failed_checks', []))} ratio {_show(c['ratio'])} "
+                     f"cause {c['cause']}: {c['spec']}")
+        lines.append(f"    {c['command']}")
+    if v.get("gradients_note"):
+        lines.append(v["gradients_note"])
+    if report.get("skipped"):
+        lines.append(f"{len(report['skipped'])} cells skipped (reasons in report.json)")
+    return lines

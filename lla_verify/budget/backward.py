@@ -1,0 +1,407 @@
+"""The gradient budget (docs/error-model.md): dq, dk, dv and d lambda against float64
+autograd through the oracle, each row judged against its own allowed error, and an
+over-budget row attributed to conditioning only where kappa u_c says so.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lla_verify.registry.cases import Problem
+from lla_verify.registry.impls import Impl
+from lla_verify.oracles.dense import dense_torch_lla
+from lla_verify.registry.precision import unit_roundoff
+from lla_verify.oracles.float64 import (LLADetails, lla_forward, lla_forward_details, lla_forward_mu_shift,
+                                        lla_forward_sigma_probe)
+from lla_verify.budget.forward import U64, _lam_tensor, kernel_view, rounding_note, same_precision_allowed
+from lla_verify.budget.verdict import THRESHOLD, Verdict, record
+
+
+THRESH_GRAD = 8.0  # gradients chain two solves (rho and the adjoint u): a wider factor, as JAX keeps
+FA_FACTOR_GRAD = 3.0  # FlashAttention's rule for gradients: 3x the same-precision reference
+GRAD_NAMES = ("dq", "dk", "dv", "dlambda")
+SOLVE_PROBE_SEEDS = (0, 1)
+# Where kappa(Sigma_i) u_c >= 1, a perturbation of Sigma_i of the compute precision's
+# rounding size reaches its smallest eigenvalue: Sigma_i may as well be singular in that
+# precision, no first-order model of the gradient's error applies (both solves feed it),
+# and the dense same-precision reference itself returns 100% errors there (spectrum
+# kappa 1e8, fp32). Such rows, and the key rows their queries feed, are checked for NaN
+# and counted, not judged against a budget.
+BEYOND_PRECISION = 1.0
+
+
+SOLVE_PROBE_LINEAR = 1e-2  # h_solve kappa_i at most this: the probe's second-order term ~1%
+SOLVE_PROBE_MIN_STEP = 1e-12  # below this float64's own rounding of the gradient takes over
+
+
+def beyond_precision(kappa: torch.Tensor, defined: torch.Tensor, u_c: float) -> torch.Tensor:
+    """Defined query rows with kappa_i u_c >= BEYOND_PRECISION (an unmeasured kappa counts
+    as infinite): held to no gradient budget, only to being free of NaN."""
+    return defined & (torch.nan_to_num(kappa, nan=math.inf, posinf=math.inf) * u_c >= BEYOND_PRECISION)
+
+
+def solve_probe_step(kappa: torch.Tensor, defined: torch.Tensor, u_c: float, h: float = 1e-6) -> float:
+    """The relative size of the Sigma_i probe: ``h``, or less where a judged row's kappa_i
+    would take the one-sided difference out of its linear regime (h kappa_i ~ 1 moves the
+    smallest eigenvalue by its own size). Rows beyond the compute precision
+    (``beyond_precision``) are judged for NaN only and set no step."""
+    k = torch.nan_to_num(kappa, nan=math.inf, posinf=math.inf)
+    judged = defined & ~beyond_precision(kappa, defined, u_c)
+    if not bool(judged.any()):
+        return h
+    k_max = float(k[judged].max())
+    return float(min(h, max(SOLVE_PROBE_MIN_STEP, SOLVE_PROBE_LINEAR / max(k_max, 1.0))))
+
+
+def cotangent_for(problem: Problem, seed: int = 1234) -> torch.Tensor:
+    """A fixed float64 output cotangent for ``problem`` (zero on undefined rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(problem.v.shape, generator=gen, dtype=torch.float64).to(problem.q.device)
+
+
+def oracle_grads(problem: Problem, cot: torch.Tensor, *, q=None, k=None, v=None, lam=None,
+                 sigma_probe: tuple[float, int] | None = None) -> dict:
+    """float64 autograd through the oracle: dq, dk, dv, dlambda of sum <cot, o>.
+
+    sigma_probe=(h, seed): through ``lla_forward_sigma_probe`` instead (every Sigma_i
+    perturbed by h ||Sigma_i||_2 E_i, E_i random symmetric of unit spectral norm).
+    """
+    q = (problem.q if q is None else q).to(torch.float64).detach().requires_grad_(True)
+    k = (problem.k if k is None else k).to(torch.float64).detach().requires_grad_(True)
+    v = (problem.v if v is None else v).to(torch.float64).detach().requires_grad_(True)
+    lam = (_lam_tensor(problem) if lam is None else lam).detach().clone().requires_grad_(True)
+    if sigma_probe is None:
+        o = lla_forward(q, k, v, ridge_lambda=lam, qk_scale=problem.qk_scale)
+    else:
+        o = lla_forward_sigma_probe(q, k, v, ridge_lambda=lam, qk_scale=problem.qk_scale,
+                                    h=sigma_probe[0], seed=sigma_probe[1])
+    cot = torch.where(torch.isnan(o), torch.zeros_like(cot), cot)
+    gq, gk, gv, gl = torch.autograd.grad(torch.nan_to_num(o, nan=0.0), (q, k, v, lam), cot)
+    return {"dq": gq, "dk": gk, "dv": gv, "dlambda": gl}
+
+
+def impl_grads(impl: Impl, problem: Problem, cot: torch.Tensor, forward=None) -> dict:
+    """The implementation's gradients of sum <cot, o> (lambda as a (B, H, S) tensor)."""
+    from lla_verify.trust import call_grads
+
+    fwd = forward or impl.forward
+    lam = _lam_tensor(problem).to(torch.float32)
+    # across the trust boundary: fresh copies in, a checked plain tensor out (trust.Misbehaved if not)
+    grads = call_grads(fwd, problem.q, problem.k, problem.v, lam, cot, qk_scale=problem.qk_scale)
+    return dict(zip(GRAD_NAMES, grads))
+
+
+def solve_residual(d: LLADetails, impl: Impl) -> torch.Tensor:
+    """||r_i||, the true residual of the forward solve the forward model allows, (B, H, S):
+    (tol + u_c attainable_i) ||mu_i|| as in forward_budget (error-model.md §3.2)."""
+    mu_n = d.mu.norm(dim=-1)
+    attainable = torch.nan_to_num(d.sigma_norm * d.rho.norm(dim=-1) / mu_n, nan=1.0, posinf=1.0).clamp_min(1.0)
+    if impl.solver_tol > 0:
+        attainable = math.sqrt(d.mu.shape[-1]) * attainable
+    return (impl.solver_tol + impl.u * attainable) * mu_n
+
+
+def rho_residual_dlambda(problem: Problem, cot: torch.Tensor) -> torch.Tensor:
+    """||d dlambda_i / d r_i||_2 per query (B, H, S): how dlambda_i = omega_i <u_i, rho_i>
+    moves per unit of residual r_i left in the forward solve for rho_i, when the backward
+    uses that rho_i (error-model.md §6, "The forward solve's residual").
+
+    dlambda_i depends on rho_i alone among the rho's, so one reverse pass through the
+    float64 gradient (double backward) gives every row's vector at once.
+    """
+    q, k, v = (t.to(torch.float64).detach() for t in (problem.q, problem.k, problem.v))
+    lam = _lam_tensor(problem).detach().clone().requires_grad_(True)
+    shift = torch.zeros(q.shape, dtype=torch.float64, device=q.device, requires_grad=True)
+    o = lla_forward_mu_shift(q, k, v, ridge_lambda=lam, shift=shift, qk_scale=problem.qk_scale)
+    cot = torch.where(torch.isnan(o), torch.zeros_like(cot), cot)
+    (dl,) = torch.autograd.grad(torch.nan_to_num(o, nan=0.0), lam, cot, create_graph=True)
+    (j,) = torch.autograd.grad(dl.sum(), shift, allow_unused=True)
+    if j is None:  # no row's dlambda depends on its solve (every lambda_i's row undefined)
+        return torch.zeros(q.shape[:-1], dtype=torch.float64, device=q.device)
+    return j.norm(dim=-1)
+
+
+def _row_norm(t: torch.Tensor, name: str) -> torch.Tensor:
+    t = t.to(torch.float64)
+    return t.abs() if name == "dlambda" else t.norm(dim=-1)
+
+
+def _normalisation_terms(problem: Problem, d: LLADetails, cot: torch.Tensor, u_c: float, floor: dict,
+                         exclude: torch.Tensor | None = None) -> dict:
+    """Rounding of the normalised weights s_ij = w_ij f_ij / den_i in the gradients.
+
+    f_ij = 1 - <z_ij, rho_i> is formed with an error of ~ sqrt(D) u_c |z_ij| |rho_i|; the
+    forward output is immune (the same f_ij sit in numerator and denominator) but a
+    backward that forms s_ij, o_i or den_i in separate passes is not: s_ij moves by
+    w_ij sqrt(D) u_c |z_ij| |rho_i| / |den_i|, which is large where delta_i << omega_i.
+    dv_j = sum_i s_ij g_i takes that per pair; the other gradients take the row's
+    relative uncertainty r_i = sum_j (that) times their scale floor; dk_j takes the
+    largest r_i over the queries i >= j that key j feeds (causality: an earlier query,
+    however ill-conditioned, adds nothing to it). Query rows in ``exclude`` (beyond the
+    compute precision) feed no judged key row, so they are left out of dk's maximum.
+    """
+    q, k = problem.q.to(torch.float64), problem.k.to(torch.float64)
+    S, D = q.shape[-2], q.shape[-1]
+    a = problem.qk_scale * (q @ k.transpose(-1, -2))
+    mask = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    w = torch.exp(a.masked_fill(~mask, float("-inf")) - d.m[..., None])
+    zn = torch.cdist(q, k)  # |z_ij|
+    den = (d.delta.abs()).clamp_min(torch.finfo(torch.float64).tiny)[..., None]
+    pair = math.sqrt(D) * u_c * w * zn * d.rho.norm(dim=-1)[..., None] / den  # (B, H, S_i, S_j)
+    pair = torch.nan_to_num(pair, nan=0.0, posinf=0.0)
+    r = pair.sum(-1)  # (B, H, S_i)
+    dv = (pair * cot.norm(dim=-1)[..., None]).sum(-2)  # (B, H, S_j)
+    r_keys = r if exclude is None else r.masked_fill(exclude, 0.0)
+    return {"dv": dv, "dq": r * floor["dq"], "dlambda": r * floor["dlambda"],
+            "dk": r_keys.flip(-1).cummax(-1).values.flip(-1) * floor["dk"]}
+
+
+# ---- cause attribution: which over-budget gradient rows conditioning explains
+CONDITIONING = 0.1  # kappa u_c at or above this: a row over budget is blamed on conditioning
+
+
+def row_kappa(kappa: torch.Tensor, defined: torch.Tensor, name: str) -> torch.Tensor:
+    """The condition number gradient row ``name`` answers to, (B, H, S).
+
+    dq and dlambda row i: kappa_i. dk and dv row j: the largest kappa_i over the defined
+    queries i >= j, the ones key j feeds (causality); a key fed only by well-conditioned
+    queries is judged as well-conditioned, whatever an earlier query's kappa. An
+    unmeasured kappa counts as infinite; undefined queries feed nothing.
+    """
+    k = torch.nan_to_num(kappa, nan=math.inf, posinf=math.inf).masked_fill(~defined, 0.0)
+    if name in ("dq", "dlambda"):
+        return k
+    return k.flip(-1).cummax(-1).values.flip(-1)
+
+
+def _worst_outside_conditioning(r: torch.Tensor, kap_rows: torch.Tensor, u_c: float) -> tuple:
+    """(ratio, index) of the worst row of ``r`` whose kappa u_c stays below CONDITIONING."""
+    plain = torch.nan_to_num(r.masked_fill(kap_rows * u_c >= CONDITIONING, 0.0), nan=math.inf, posinf=math.inf).flatten()
+    k = int(torch.argmax(plain))
+    return float(plain[k]), tuple(int(x) for x in torch.unravel_index(torch.tensor(k), r.shape))
+
+
+def _conditioning_cause(worst_plain: tuple, kappa, defined, wname: str, widx: tuple, u_c: float) -> tuple:
+    """("implementation" | "conditioning", message tail) for a failed backward check:
+    conditioning only when every row over THRESHOLD answers to kappa u_c >= CONDITIONING."""
+    ratio, name, idx = worst_plain
+    if ratio > THRESHOLD:
+        kap = float(row_kappa(kappa, defined, name)[idx])
+        return "implementation", (f" ({name} row {idx} over budget, ratio {ratio:.3g}, where kappa "
+                                  f"{kap:.2e} x u_c {u_c:.1e} < {CONDITIONING:g})")
+    kap = float(row_kappa(kappa, defined, wname)[widx])
+    fed = " over the queries that key feeds" if wname in ("dk", "dv") else ""
+    return "conditioning", (f" (every row over budget has kappa u_c >= {CONDITIONING:g}; worst: kappa {kap:.2e}"
+                            f"{fed} x u_c {u_c:.1e}: beyond the compute precision)")
+
+
+def assert_backward_within_budget(verdict: Verdict, impl: Impl) -> None:
+    """pytest helper: a backward verdict passes, or conditioning explains every row over
+    budget: each such row's kappa (row_kappa, from the float64 kappas the verdict carries,
+    not from the cause it states) reaches kappa u_c >= CONDITIONING. Anything else fails
+    with the verdict's message."""
+    __tracebackhide__ = True
+    if verdict.passed:
+        return
+    if verdict.cause != "conditioning":
+        raise AssertionError(verdict.message)
+    kappa, defined = verdict.per_query["kappa"], verdict.per_query["defined"]
+    for name in GRAD_NAMES:
+        r = verdict.per_query.get(name)
+        if r is None:
+            continue
+        bad = torch.nan_to_num(r, nan=math.inf, posinf=math.inf) > THRESHOLD
+        bad &= row_kappa(kappa, defined, name) * impl.u < CONDITIONING
+        if bool(bad.any()):
+            idx = tuple(int(x) for x in bad.nonzero()[0])
+            raise AssertionError(f"{name}: {int(bad.sum())} rows over budget where kappa u_c < {CONDITIONING:g} "
+                                 f"(first {idx}, ratio {float(r[idx]):.3g}), yet the cause given is "
+                                 f"conditioning\n{verdict.message}")
+
+
+def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = None, dense: bool = True,
+                   grads: dict | None = None, h: float = 1e-6) -> Verdict:
+    """Gradients of ``impl`` against float64 autograd through the oracle, within budget.
+
+    Per row (query for dq and dlambda, key for dk and dv):
+        model = THRESH_GRAD ((u_c sqrt(S D) + tol) sens + (u_c sqrt(D) + tol) sens_solve
+                             + u_out |g_ref| + u_c sqrt(S D) (max|g_ref| + floor))
+    where floor = |g|_max |v|_max / rms(X) for X = q, k (|g|_max for v, / max(lambda, 1) for
+    lambda) keeps a gradient that vanishes exactly from demanding an exact zero, plus
+    the rounding of the normalised weights (_normalisation_terms), and for dlambda the
+    forward solve's residual ||r_i|| (solve_residual) through ||d dlambda_i / d mu_i|| / sqrt(D)
+    (rho_residual_dlambda; error-model.md §6).
+        allowed = max(model, FA_FACTOR_GRAD * error of dense fp32 autograd)
+    with sens the change of the float64 gradient under a unit relative perturbation of
+    the inputs along a random sign pattern (central difference at step h), and
+    sens_solve its largest change under random symmetric perturbations of Sigma_i of size
+    ||Sigma_i||_F (the solves' rounding and stopping residual; one-sided difference).
+    Rows beyond the compute precision (BEYOND_PRECISION) are held to no budget, only to
+    being free of NaN (an overflow to Inf there is counted), and counted in the message
+    and in summary["n_beyond_precision"].
+    """
+    case = problem.describe()
+    if not impl.supports_grad:
+        return Verdict("backward", impl.name, case, 0.0, True, "skipped",
+                       f"[{impl.name}] backward skipped on {case}: {impl.skip_reason('grad') or 'no gradients'}")
+    # the implementation runs on the problem it was given; the oracle, the budget and the
+    # same-precision reference on what it computes from (kernel_view)
+    given = problem
+    problem = kernel_view(problem, impl)
+    d = lla_forward_details(problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
+                            qk_scale=problem.qk_scale)
+    defined = ~d.undefined
+    cot = cotangent_for(problem) if cot is None else cot
+    # the implementation receives the cotangent in its dtype: that rounding is input, not error
+    cot = torch.where(defined[..., None], cot, torch.zeros_like(cot)).to(problem.q.dtype).to(torch.float64)
+    ref = oracle_grads(problem, cot)
+    # sensitivity of the gradient: central difference along x -> x (1 + t xi)
+    gen = torch.Generator().manual_seed(7)
+    base = [t.to(torch.float64) for t in (problem.q, problem.k, problem.v)] + [_lam_tensor(problem)]
+    xi = [(torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t) for t in base]
+    def shifted(sign):
+        q_, k_, v_, l_ = (t * (1 + sign * h * x) for t, x in zip(base, xi))
+        return oracle_grads(problem, cot, q=q_, k=k_, v=v_, lam=l_)
+
+    plus, minus = shifted(1.0), shifted(-1.0)
+    # Rounding inside the solves (rho and the adjoint u) and the CG stopping residual act
+    # like a perturbation of Sigma_i of size (u + tol) ||Sigma_i||, whatever lambda is, in
+    # no particular direction. An isotropic ridge shift is one direction only, and the
+    # gradients can be blind to it (cancelling terms in dlambda at kappa ~ 1e4 were); two
+    # random symmetric directions, the larger response taken, are not.
+    # The probe's step must stay in the linear regime, h_solve kappa_i << 1: at h = 1e-6 a
+    # kappa 9e5 row's one-sided difference came out 13x its h -> 0 value (error-model.md §6)
+    h_solve = solve_probe_step(d.kappa, defined, impl.u, h)
+    solve_probes = [oracle_grads(problem, cot, sigma_probe=(h_solve, seed)) for seed in SOLVE_PROBE_SEEDS]
+    try:
+        got = grads or impl_grads(impl, given, cot)
+    except NotImplementedError as exc:
+        return Verdict("backward", impl.name, case, 0.0, True, "skipped", f"[{impl.name}] backward skipped: {exc}")
+    dense_g = None
+    if dense:
+        dense_g = impl_grads(impl, problem, cot, forward=lambda *a, **kw: dense_torch_lla(
+            *a, compute_dtype=impl.compute_dtype, **kw))
+    u_c = impl.u
+    out_dt = impl.output_dtype or problem.q.dtype
+    u_out = unit_roundoff(out_dt) if out_dt != torch.float64 else U64
+    S, D = problem.q.shape[-2], problem.q.shape[-1]
+    root_n = math.sqrt(S * D)
+    # A floor for gradients that vanish exactly (S = 1, or a zero cotangent row): dL/dX
+    # has the units of |g| |v| / |X|, so rounding leaves about u that much behind.
+    gv = cot.norm(dim=-1).amax(-1, keepdim=True) * problem.v.to(torch.float64).norm(dim=-1).amax(-1, keepdim=True)
+
+    def rms(t):
+        return t.to(torch.float64).pow(2).mean((-1, -2)).sqrt()[..., None].clamp_min(1e-30)
+
+    floor = {"dq": gv / rms(problem.q), "dk": gv / rms(problem.k), "dv": cot.norm(dim=-1).amax(-1, keepdim=True),
+             "dlambda": gv / _lam_tensor(problem).clamp_min(1.0)}
+    kappa_q = torch.nan_to_num(d.kappa, nan=math.inf, posinf=math.inf)
+    beyond_q = beyond_precision(d.kappa, defined, u_c)
+    # key j feeds every query i >= j: its dk, dv rows carry any beyond query at or after j
+    beyond_k = beyond_q.flip(-1).to(torch.int8).cummax(-1).values.flip(-1).bool()
+    norm_terms = _normalisation_terms(problem, d, cot, u_c, floor, exclude=beyond_q)
+    # the forward solve's residual, in the typical (isotropic) direction: the RMS of
+    # <J_i, r_i> over directions of r_i is ||J_i|| ||r_i|| / sqrt(D) (error-model.md §6)
+    rho_resid = None
+    if got.get("dlambda") is not None:
+        rho_resid = (torch.nan_to_num(rho_residual_dlambda(problem, cot), nan=0.0, posinf=0.0)
+                     * torch.nan_to_num(solve_residual(d, impl), nan=0.0, posinf=0.0) / math.sqrt(D))
+    lines, worst, worst_plain = [], (0.0, None, None), (0.0, None, None)
+    per_query, nonfinite, n_unmeasured, n_overflow, scaled = {}, 0, 0, 0, []
+    not_checked = [n for n in GRAD_NAMES if n not in impl.grads]
+    for name in GRAD_NAMES:
+        if name in not_checked:
+            lines.append(f"  {name:8s} not checked: {impl.skip_reason(name) or 'not among the gradients the record names'}")
+            continue
+        g_ref = ref[name]
+        g = got.get(name)
+        if g is None:
+            if name == "dlambda" and not impl.per_query_lambda:
+                continue
+            lines.append(f"  {name:8s} missing: the implementation returned no gradient")
+            worst = max(worst, (math.inf, name, None), key=lambda w: w[0])
+            continue
+        diff = (g.to(torch.float64) - g_ref)
+        err = _row_norm(diff, name)
+        sens = _row_norm((plus[name] - minus[name]) / (2 * h), name)
+        sens_solve = torch.stack([_row_norm((p[name] - g_ref) / h_solve, name) for p in solve_probes]).amax(0)
+        ref_n = _row_norm(g_ref, name)
+        # by causality a judged row depends on no beyond row: their (huge) gradients
+        # set no scale for it
+        rows = defined if name in ("dq", "dlambda") else torch.ones_like(defined)
+        judged = rows & ~(beyond_q if name in ("dq", "dlambda") else beyond_k)
+        # A float64 probe can itself fail (kappa 5e11 at S = 1 made the GPU's probe NaN):
+        # such a row keeps the budget's other terms, the smaller budget, and is counted
+        unmeasured = ~(torch.isfinite(sens) & torch.isfinite(sens_solve) & torch.isfinite(norm_terms[name]))
+        n_unmeasured += int(unmeasured.sum())
+        sens, sens_solve = torch.nan_to_num(sens, nan=0.0, posinf=0.0), torch.nan_to_num(sens_solve, nan=0.0, posinf=0.0)
+        nterm = torch.nan_to_num(norm_terms[name], nan=0.0, posinf=0.0)
+        conditioned = THRESH_GRAD * ((u_c * root_n + impl.solver_tol) * sens
+                                     + (u_c * math.sqrt(D) + impl.solver_tol) * sens_solve)
+        scale_max = ref_n.masked_fill(~judged, 0.0).amax(-1, keepdim=True)
+        model = conditioned + THRESH_GRAD * (u_out * ref_n + u_c * root_n * (scale_max + floor[name]) + nterm)
+        if name == "dlambda" and rho_resid is not None:
+            model = model + THRESH_GRAD * rho_resid
+        allowed = model
+        if dense_g is not None and dense_g.get(name) is not None:
+            dense_err = _row_norm(dense_g[name].to(torch.float64) - g_ref, name)
+            allowed, scale = same_precision_allowed(model, dense_err, FA_FACTOR_GRAD, judged)
+            if scale > 1.0:
+                scaled.append(f"{name} x{scale:.3g}")
+        g64 = g.to(torch.float64)
+        fin, not_nan = torch.isfinite(g64), ~torch.isnan(g64)
+        fin, not_nan = (fin, not_nan) if name == "dlambda" else (fin.all(-1), not_nan.all(-1))
+        # A row beyond the compute precision may overflow (its true scale can exceed a
+        # 16-bit gradient's range, and the implementation cannot resolve it): an Inf there
+        # is counted, not failed. NaN fails everywhere.
+        beyond_rows = rows & ~judged
+        n_overflow += int((beyond_rows & ~fin & not_nan).sum())
+        fin = torch.where(beyond_rows, not_nan, fin)
+        r = torch.where(judged, err / allowed, torch.zeros_like(err))
+        r = torch.where(rows & ~fin, torch.full_like(r, math.inf), r)
+        nonfinite += int((rows & ~fin).sum())
+        flat = torch.nan_to_num(r.flatten(), nan=math.inf, posinf=math.inf)
+        k = int(torch.argmax(flat))
+        idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(k), r.shape))
+        rel = float(diff.norm() / g_ref.norm().clamp_min(1e-300))
+        lines.append(f"  {name:8s} ratio {float(flat[k]):9.3g}  rel err {rel:.2e}  worst row {idx}: "
+                     f"error {float(err[idx]):.2e} vs allowed {float(allowed[idx]):.2e}")
+        per_query[name] = r
+        if float(flat[k]) > worst[0] or worst[1] is None:
+            worst = (float(flat[k]), name, idx)
+        plain = _worst_outside_conditioning(r, row_kappa(d.kappa, defined, name), u_c)
+        if plain[0] > worst_plain[0]:
+            worst_plain = (plain[0], name, plain[1])
+    per_query["kappa"], per_query["defined"] = d.kappa, defined  # what conditioning is judged from
+    ratio, wname, widx = worst
+    passed = ratio <= THRESHOLD
+    cause = "ok" if passed else ("non-finite" if nonfinite else "implementation")
+    extra = ""
+    # a NaN or Inf at lambda > 0 is the implementation's, however bad the conditioning
+    if cause == "implementation" and widx is not None:
+        cause, extra = _conditioning_cause(worst_plain, d.kappa, defined, wname, widx, u_c)
+    n_judged = int((defined & ~beyond_q).sum())
+    judged_txt = f" ({n_judged} of {int(defined.sum())} query rows judged)" if bool(beyond_q.any()) else ""
+    checked_txt = f" ({', '.join(n for n in GRAD_NAMES if n not in not_checked)} only)" if not_checked else ""
+    msg = (f"[{impl.name}] backward {'PASS' if passed else 'FAIL'} ratio {ratio:.3g}{checked_txt}{judged_txt} on {case}\n"
+           + "\n".join(lines)
+           + f"\n  worst: {wname} at {widx}; kappa max {float(torch.nan_to_num(d.kappa, posinf=1e300).max()):.3e}; "
+           f"{int(d.undefined.sum())} undefined rows skipped"
+           + (f"; {n_unmeasured} rows without a measurable float64 sensitivity (budget without that term)"
+              if n_unmeasured else "")
+           + (f"\n  {int(beyond_q.sum())} query rows and {int(beyond_k.sum())} key rows beyond the compute "
+              f"precision (kappa u_c >= {BEYOND_PRECISION:g}, kappa up to {float(kappa_q[beyond_q].max()):.2e}): "
+              "no budget applies, a NaN still fails" if bool(beyond_q.any()) else "")
+           + (f"; {n_overflow} of those rows overflowed to Inf (counted, not failed)" if n_overflow else "")
+           + (f"\n  model scaled by the same-precision reference ({', '.join(scaled)}: FA factor x its "
+              "worst error / model on this problem)" if scaled else "")
+           + f"\n  cause: {cause}{extra}"
+           + rounding_note(given, impl))
+    record("backward", impl.name, ratio, case)
+    return Verdict("backward", impl.name, case, ratio, passed, cause, msg, widx, int(defined.sum()),
+                   int(d.undefined.sum()), per_query, {"ratio": ratio, "cause": cause, "worst_tensor": wname,
+                                                        "n_beyond_precision": int(beyond_q.sum()),
+                                                        "grads_checked": [n for n in GRAD_NAMES if n not in not_checked],
+                                                        "grads_not_checked": not_checked})

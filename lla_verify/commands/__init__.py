@@ -1,0 +1,1 @@
+"""The ``lla-verify`` subcommands, one module each; lla_verify/cli.py's table lists them."""

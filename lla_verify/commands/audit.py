@@ -1,0 +1,232 @@
+"""``lla-verify audit``: the release audit from the command line, and ``--merge`` of its slices.
+
+A failing cell is replayed by the one-line ``lla-verify check --case SPEC`` that
+the report prints beside it.
+
+Exit status: 0 every cell within budget and no regression, 1 otherwise, 2 usage
+error (bad argument, unknown or unavailable implementation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+
+from lla_verify.cliutil import UsageError, check_device, check_out_dir, one_line, seed_type
+from lla_verify.audit.baseline import (REGRESSION_FACTOR, REGRESSION_FLOOR, check_baseline_matches,
+                                       load_baseline, plan_digest)
+from lla_verify.audit.merge import _cell_slice, merge_reports
+from lla_verify.audit.plan import plan
+from lla_verify.audit.run import EXIT_FAIL, EXIT_OK, EXIT_USAGE, metadata, run_audit, summary_lines
+
+
+def _resolve(impl_spec: str, device: str):
+    """The Impl record, after the environment it needs; UsageError when it cannot run."""
+    import torch  # noqa: F401
+
+    from lla_verify.registry.impls import get_impl, is_available
+    from lla_contract import LLAInputError
+
+    check_device(device)
+    if impl_spec == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # triton.jit decides compiled vs interpreted when lla_triton is imported, so the
+        # variable must be set before that import; a process that already imported it
+        # compiled would need a fresh interpreter.
+        if "lla_triton" in sys.modules:
+            raise UsageError("--impl triton on cpu: lla_triton was imported before TRITON_INTERPRET=1 could be set; "
+                             "rerun as TRITON_INTERPRET=1 lla-verify ...")
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        impl = get_impl(impl_spec)
+    except LLAInputError as exc:
+        raise UsageError(str(exc).replace("--lla-impl", "--impl")) from None
+    why = is_available(impl, device)
+    if why:
+        hint = "" if impl_spec == "torch-fp32" else " (--impl torch-fp32 runs everywhere)"
+        raise UsageError(f"--impl {impl_spec}: not available on {device}: {why}{hint}")
+    return impl
+
+
+def _command_line(args, full: bool, device: str) -> str:
+    """The audit's own invocation, rebuilt from the parsed arguments (argv may be a test's list)."""
+    parts = ["lla-verify", "audit", "--impl", args.impl, "--device", device, "--full" if full else "--quick",
+             "--seed", str(args.seed), "--out", args.out]
+    for s in args.only or ():
+        parts += ["--only", s]
+    if args.baseline:
+        parts += ["--baseline", args.baseline]
+        if args.regression_factor != REGRESSION_FACTOR or args.regression_floor != REGRESSION_FLOOR:
+            parts += ["--regression-factor", f"{args.regression_factor:g}",
+                      "--regression-floor", f"{args.regression_floor:g}"]
+    if args.no_backward:
+        parts.append("--no-backward")
+    if args.max_cells is not None:
+        parts += ["--max-cells", str(args.max_cells)]
+    if args.cells:
+        parts += ["--cells", args.cells]
+    if getattr(args, "cell_timeout", None) is not None:
+        parts += ["--cell-timeout", f"{args.cell_timeout:g}"]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _sigterm_as_interrupt(signum, frame):
+    from lla_verify.trust import user_interrupt
+
+    user_interrupt(signum, frame)  # marked as the user's: the trust boundary lets it stop the run
+
+
+def _merge_main(args) -> int:
+    command = "lla-verify audit --merge " + " ".join(shlex.quote(p) for p in args.merge) + (
+        f" --baseline {shlex.quote(args.baseline)}" if args.baseline else "") + (
+        f" --out {shlex.quote(args.out)}" if args.out else "")
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    if args.out:
+        check_out_dir(args.out)
+    report = merge_reports(args.merge, command, baseline=baseline, factor=args.regression_factor,
+                           floor=args.regression_floor, baseline_path=args.baseline or "")
+    if args.out:
+        from lla_verify.audit.report import write_reports
+
+        write_reports(report, args.out)
+    return _print_summary(report, args.out)
+
+
+def _print_summary(report: dict, out: str | None) -> int:
+    """The stdout summary of a written report; returns its exit status."""
+    for line in summary_lines(report):
+        print(line)
+    if out:
+        print(f"report: {os.path.join(out, 'report.html')} and report.json")
+    return EXIT_OK if report["verdict"]["passed"] else EXIT_FAIL
+
+
+def _audit_main(args) -> int:
+    import signal
+
+    if not args.regression_factor >= 1.0:
+        raise UsageError(f"--regression-factor: must be >= 1, got {args.regression_factor}")
+    if not args.regression_floor >= 0.0:
+        raise UsageError(f"--regression-floor: must be >= 0, got {args.regression_floor}")
+    if args.merge:
+        return _merge_main(args)
+
+    # a batch scheduler's timeout (SIGTERM) ends the sweep like Ctrl-C: with a partial report
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+
+    full = bool(args.full)
+    device = args.device if args.device is not None else ("cuda" if full else "cpu")
+    if args.max_cells is not None and args.max_cells < 1:
+        raise UsageError(f"--max-cells: must be >= 1, got {args.max_cells}")
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    impl = _resolve(args.impl, device)
+    if args.out:
+        check_out_dir(args.out)  # before the sweep: a bad --out found after it loses the run
+    cells, skipped = plan(impl, full=full, seed=args.seed)
+    if args.only:
+        cells = [c for c in cells if any(s in c.case.spec() for s in args.only)]
+        if not cells:
+            raise UsageError(f"--only: no cell matches {args.only}")
+    plan_size = len(cells)
+    digest = plan_digest(c.case.spec() for c in cells)
+    indices = list(range(plan_size))
+    if args.cells:
+        indices = indices[_cell_slice(args.cells, plan_size)]
+    if args.max_cells is not None and len(indices) > args.max_cells:
+        # evenly spaced, so every sweep keeps a few cells
+        step = len(indices) / args.max_cells
+        indices = [indices[int(i * step)] for i in range(args.max_cells)]
+    cells = [cells[i] for i in indices]
+    cells_start = indices[0]
+    if baseline is not None:
+        check_baseline_matches([c.case.spec() for c in cells], baseline, args.baseline)
+    from lla_contract import LLAInputError
+
+    for c in cells:
+        try:
+            c.case.check_fits(device)
+        except LLAInputError as exc:
+            raise UsageError(f"cell {c.case.spec()}: {str(exc).removeprefix('case: ')} (--only or --cells "
+                             f"leave it out)") from None
+    command = _command_line(args, full, device)
+    meta = metadata(impl, device, "full" if full else "quick", command, args.seed)
+    meta["impl"] = args.impl
+    meta["plan_size"] = plan_size  # cells planned before --cells: what --merge checks completeness against
+    meta["plan_digest"] = digest  # and what a complete merge's cells must hash to
+    meta["cell_indices"] = indices  # the plan position of each cell run, in order
+    meta["only"] = list(args.only or [])
+    meta["cells_slice"] = args.cells or None
+    meta["cells_start"] = cells_start  # the slice's first plan position: --merge orders by it
+    meta["regression_rule"] = (f"forward or gradient ratio grew more than x{args.regression_factor:g} to above "
+                               f"{args.regression_floor:g}, or a cell newly failing")
+    print(f"lla-verify audit: {len(cells)} cells on {args.impl} ({device}, {'full' if full else 'quick'})"
+          f"{', ' + str(len(skipped)) + ' skipped' if skipped else ''}", file=sys.stderr)
+    res = run_audit(impl, cells, device=device, backward=not args.no_backward, baseline=baseline, out=args.out,
+                    meta=meta, skipped=skipped, progress=not args.no_progress, impl_name=args.impl, log=sys.stderr,
+                    factor=args.regression_factor, floor=args.regression_floor,
+                    cell_timeout=_cell_timeout(args))
+    return _print_summary(res.report, args.out)
+
+
+def _cell_timeout(args) -> float:
+    from lla_verify.trust import DEFAULT_CALL_TIMEOUT
+
+    t = getattr(args, "cell_timeout", None)
+    t = DEFAULT_CALL_TIMEOUT if t is None else t
+    if not (t > 0 and math.isfinite(t)):
+        raise UsageError(f"--cell-timeout: expected a positive number of seconds, got {t:g}")
+    return float(t)
+
+
+def _add_cell_timeout(p) -> None:
+    p.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
+                   help="each call of the implementation may take this long before its cell fails as timed out "
+                        "(default 300)")
+
+
+def _guard(fn):
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except UsageError as exc:
+            print(f"lla-verify {args.command}: error: {one_line(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return run
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "audit", help="the release audit: sweep kappa, bandwidth, lambda and every case family; HTML + JSON report",
+        description="Sweep the case registry over kappa, scale x lambda, lambda, every SPEC 7 family and awkward "
+                    "shapes; judge each cell against its derived budget; write report.html and report.json. "
+                    "Exit 0 all within budget, 1 a cell over budget or a regression, 2 usage error.")
+    p.add_argument("--impl", default="triton", help="implementation: triton, torch-fp32, oracle-f64, flashlla or "
+                   "MODULE:CALLABLE (default: triton)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu for --quick, cuda for --full)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small sizes on CPU, minutes (the default)")
+    mode.add_argument("--full", action="store_true", help="GPU sizes: S up to 4096, D 64 and 128, ~150 cells")
+    p.add_argument("--baseline", metavar="REPORT_JSON", help="an earlier report.json: regressions fail the audit")
+    p.add_argument("--out", default="report", metavar="DIR", help="directory for report.html and report.json "
+                   "(default: ./report)")
+    p.add_argument("--regression-factor", type=float, default=REGRESSION_FACTOR, metavar="X",
+                   help="with --baseline: a ratio growing more than X times is a regression "
+                        f"(default {REGRESSION_FACTOR:g})")
+    p.add_argument("--regression-floor", type=float, default=REGRESSION_FLOOR, metavar="R",
+                   help="with --baseline: growth to a ratio below R is rounding noise, not a regression "
+                        f"(default {REGRESSION_FLOOR:g})")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of every case (default 0)")
+    p.add_argument("--only", action="append", metavar="SUBSTRING",
+                   help="keep only cells whose case spec contains SUBSTRING (repeatable)")
+    p.add_argument("--no-backward", action="store_true", help="skip the gradient checks")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-cells", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cells", default=None, metavar="START:STOP",
+                   help="run a slice of the plan (to finish an interrupted audit, or split one across machines)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="REPORT",
+                   help="merge the report.json files of slices of one audit into one report (no cell is run)")
+    _add_cell_timeout(p)
+    p.set_defaults(func=_guard(_audit_main))

@@ -1,0 +1,69 @@
+"""``lla-verify check``: replay one case from its one-line spec (as the audit prints it)
+and judge it. Exit 0 within budget, 1 not, 2 usage error.
+"""
+
+from __future__ import annotations
+
+
+from lla_verify.cliutil import UsageError
+from lla_verify.audit.cell import run_cell_isolated
+from lla_verify.audit.plan import Cell
+from lla_verify.audit.run import EXIT_FAIL, EXIT_OK
+from lla_verify.commands.audit import _add_cell_timeout, _cell_timeout, _guard, _resolve
+
+
+def _check_main(args) -> int:
+    from lla_verify.registry.cases import DTYPES, parse_case
+    from lla_contract import LLAInputError
+
+    try:
+        case = parse_case(args.case)
+    except LLAInputError as exc:
+        raise UsageError(f"--case: {str(exc).removeprefix('case: ')}") from None
+    impl = _resolve(args.impl, args.device)
+    reason = impl.supports(dtype=DTYPES[case.dtype], head_dim=case.D)
+    if reason:
+        raise UsageError(f"--case: {reason}")
+    from lla_verify.trust import Worker, picklable
+
+    try:
+        case.check_fits(args.device)
+        case.build(args.device)  # a case that cannot be built is the user's error, said here
+    except LLAInputError as exc:
+        raise UsageError(f"--case: {str(exc).removeprefix('case: ')}") from None
+    cell = Cell("check", case)
+    worker = Worker(_cell_timeout(args)) if picklable(impl, cell) else None
+    try:
+        # in a child process: an implementation that exits or hangs fails the check, it does not end it
+        rec = run_cell_isolated(worker, cell, impl, args.device, backward=args.backward, impl_name=args.impl)
+    except LLAInputError as exc:
+        raise UsageError(f"--case: {exc}") from None
+    finally:
+        if worker is not None:
+            worker.close()
+    print(rec["message"])
+    extras = [f"time {rec['time_s'] * 1e3:.1f} ms"]
+    if rec.get("n_nan") or rec.get("n_inf"):
+        extras.append(f"NaN {rec['n_nan']}, Inf {rec['n_inf']}")
+    if "cg_iters_max" in rec:
+        extras.append(f"CG iterations mean {rec['cg_iters_mean']:.1f} max {rec['cg_iters_max']}")
+    if "cg_residual_max" in rec:
+        extras.append(f"CG residual max {rec['cg_residual_max']:.2e}")
+    print("  " + ", ".join(extras))
+    g = rec.get("grad") or {}
+    if args.backward:
+        print(g.get("message") or f"gradients {g.get('status')}")
+    return EXIT_OK if rec["passed"] else EXIT_FAIL
+
+
+def register(sub) -> None:
+    c = sub.add_parser("check", help="replay one case from its one-line spec and judge it (exit 0 pass, 1 fail)",
+                       description="Rebuild one case from its spec (as printed by the audit), run the "
+                                   "implementation, print the verdict. Exit 0 within budget, 1 not, 2 usage error.")
+    c.add_argument("--case", required=True, metavar="SPEC",
+                   help="e.g. 'spectrum:kappa=1e+06,rotate=1:B=1,H=1,S=48,D=16,dtype=float32,seed=0'")
+    c.add_argument("--impl", default="triton", help="implementation (default: triton)")
+    c.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    c.add_argument("--backward", action="store_true", help="also check gradients (budget.check_backward)")
+    _add_cell_timeout(c)
+    c.set_defaults(func=_guard(_check_main))

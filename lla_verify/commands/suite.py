@@ -1,0 +1,77 @@
+"""``lla-verify suite``: the property suite, installed with lla-verify, run by pytest.
+
+    lla-verify suite --impl mypkg:fn [--device cpu|cuda|auto] [-- PYTEST_ARGS ...]
+
+is ``python -m pytest -p lla_verify.testing.pytest_plugin --pyargs lla_verify_properties
+--lla-impl mypkg:fn --lla-device ... PYTEST_ARGS`` run from the current folder, so a
+module of that folder can be the implementation. The arguments after ``--`` go to
+pytest as they are (``-- -n auto -k forward --hypothesis-profile gpu``).
+
+Exit status is pytest's: 0 every test passed, 1 a property failed, 2 a usage error
+(pytest's own 4) or a run pytest interrupted (its 2: a collection error, Ctrl-C),
+3 pytest's internal error, 5 no test collected (e.g. a -k that matches nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+
+from lla_verify.testing.location import SUITE_PACKAGE, suite_dir
+
+_PYTEST_USAGE_ERROR = 4
+_USAGE_ERROR = 2
+
+
+def _suite_args() -> list[str] | None:
+    """How pytest is to find the suite: the installed package by name, else the source
+    tree's folder (lla_verify imported from a checkout on PYTHONPATH); None: neither."""
+    if importlib.util.find_spec(SUITE_PACKAGE) is not None:
+        return ["--pyargs", SUITE_PACKAGE]
+    src = suite_dir()
+    return [str(src)] if (src / "__init__.py").is_file() else None
+
+
+def pytest_command(impl: str, device: str, pytest_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-p", "lla_verify.testing.pytest_plugin", *(_suite_args() or []),
+            "--lla-impl", impl, "--lla-device", device, *pytest_args]
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lla_verify.cliutil import UsageError
+    from lla_verify.registry.impls import get_impl
+    from lla_contract import LLAInputError
+
+    if _suite_args() is None:
+        raise UsageError(f"the suite package {SUITE_PACKAGE} is not installed "
+                         f"(pip install lla-verify, or pip install -e . in the source tree)")
+    # Resolved here first so that a bad --impl is one line and exit 2, not an error in
+    # every test; from the current folder, as ``python -m pytest`` will import it.
+    sys.path.insert(0, os.getcwd())
+    try:
+        get_impl(args.impl)
+    except LLAInputError as exc:
+        raise UsageError(str(exc).replace("--lla-impl", "--impl")) from None
+    finally:
+        sys.path.remove(os.getcwd())
+    rest = list(args.pytest_args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    rc = subprocess.run(pytest_command(args.impl, args.device, rest)).returncode
+    return _USAGE_ERROR if rc == _PYTEST_USAGE_ERROR else rc
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "suite", help="run the property suite (pytest) against an implementation",
+        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--impl", required=True, help="implementation: built-in name or MODULE:CALLABLE")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="device the implementation runs on (auto: cuda if available)")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST_ARGS",
+                   help="passed to pytest as they are")
+    p.set_defaults(func=_run)

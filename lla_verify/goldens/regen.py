@@ -1,0 +1,357 @@
+"""Regenerating the goldens, and checking the stored ones against a fresh computation
+(the drift between them, within float64 noise).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lla_verify.cliutil import atomic_write as _atomic_write  # temp file ".NAME.*.tmp" beside NAME, then a rename
+from lla_verify.goldens.catalog import (CATALOG, COTANGENT_SEED_OFFSET, NOISE_FACTOR, _BY_NAME, compute,
+                                        noise_tol, select)
+from lla_verify.goldens.store import (DEFAULT_DIR, FORMAT, INPUTS, MANIFEST, _manifest_hashes, array_hash,
+                                      dump_manifest, embedded_mismatch, encode, entry_path, is_temp_file,
+                                      load_manifest, manifest_entry, read_arrays, versions)
+
+
+# ------------------------------------------------------------------ comparing
+@dataclass
+class Drift:
+    """Stored vs recomputed arrays of one golden."""
+
+    max_rel: float  # worst elementwise relative difference (inf: NaN pattern or input change)
+    where: str  # 'array[index]' of the worst difference, '' when bitwise
+    tol: float  # float64 noise allowed for this golden
+    bitwise: bool
+    inputs_changed: list
+
+    @property
+    def kind(self) -> str:
+        if self.bitwise:
+            return "bitwise"
+        if self.inputs_changed:
+            return "inputs changed"
+        return "drift within float64 noise" if self.max_rel <= self.tol else "drift"
+
+    @property
+    def ok(self) -> bool:
+        return self.kind in ("bitwise", "drift within float64 noise")
+
+    def __str__(self) -> str:
+        if self.bitwise:
+            return "bitwise identical"
+        txt = f"{self.kind}: max rel {self.max_rel:.3g} at {self.where} (float64 noise tol {self.tol:.3g})"
+        if self.inputs_changed:
+            txt += f"; the case no longer rebuilds the stored inputs {self.inputs_changed}"
+        return txt
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, tuple]:
+    """Worst |a - b| / max(|b|, rms(b)) with its index; a NaN/inf pattern change is inf."""
+    if a.shape != b.shape:
+        return math.inf, ()
+    if a.dtype == torch.bool or b.dtype == torch.bool:
+        diff = (a != b).to(torch.float64) * math.inf
+    else:
+        a, b = a.to(torch.float64), b.to(torch.float64)
+        same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+        fin = torch.isfinite(a) & torch.isfinite(b)
+        bf = torch.where(fin, b, torch.zeros_like(b))
+        rms = float(bf.square().mean().sqrt()) if bf.numel() else 0.0
+        scale = bf.abs().clamp_min(max(rms, torch.finfo(torch.float64).tiny))
+        diff = torch.where(fin, (a - b).abs() / scale, torch.full_like(a, math.inf))
+        diff = torch.where(same, torch.zeros_like(diff), diff)
+    if diff.numel() == 0:
+        return 0.0, ()
+    flat = int(torch.argmax(diff.reshape(-1)))
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.dim() else ()
+    return float(diff.reshape(-1)[flat]), idx
+
+
+def drift(stored: dict, fresh: dict) -> Drift:
+    """Compare stored arrays with recomputed ones (both dicts of tensors)."""
+    tol = noise_tol(fresh)
+    worst, where = 0.0, ""
+    bitwise = True
+    inputs_changed = []
+    for key in sorted(set(stored) | set(fresh)):
+        if key not in stored or key not in fresh:
+            bitwise = False
+            worst, where = math.inf, f"{key} (only in the {'stored' if key in stored else 'recomputed'} set)"
+            continue
+        a, b = stored[key], fresh[key]
+        if a.dtype == b.dtype and a.shape == b.shape and array_hash(a) == array_hash(b):
+            continue
+        bitwise = False
+        if key in INPUTS:
+            inputs_changed.append(key)
+        rel, idx = _rel_diff(a, b)
+        if key in INPUTS and rel == 0.0:
+            rel = math.inf  # an input must rebuild bit for bit (e.g. -0.0 vs 0.0, dtype)
+        if rel > worst or not where:
+            worst, where = rel, f"{key}[{','.join(map(str, idx))}]"
+    return Drift(worst, where if not bitwise else "", tol, bitwise, inputs_changed)
+
+
+# ------------------------------------------------------------------ regen / check
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def _progress(items, desc):
+    from tqdm import tqdm
+
+    # disable=None: a bar on a terminal, quiet in CI logs
+    return tqdm(items, desc=desc, unit="case", disable=None, file=sys.stderr, leave=False)
+
+
+def _compute_all(goldens):
+    """name -> arrays, or name -> the error that kept it from being recomputed."""
+    out = {}
+    for g in _progress(goldens, "goldens"):
+        try:
+            out[g.name] = compute(g)
+        except Exception as exc:  # one broken golden must not hide the report on the others
+            out[g.name] = exc
+    return out
+
+
+def check(folder: Path, only=None) -> int:
+    """``regen --check``: recompute in memory and compare with what is on disk."""
+    goldens = select(only)
+    try:
+        man = load_manifest(folder)
+    except ValueError as exc:
+        _say(f"FAIL manifest: {exc}")
+        return 1
+    if man is None:
+        _say(f"FAIL manifest: no {MANIFEST} in {folder} (run 'lla-verify goldens regen --dir {folder}')")
+        return 1
+    entries = {e.get("name"): e for e in man["cases"]}
+    problems = 0
+    noise_only = 0
+    here = versions()
+    made = man.get("versions", {})
+    diffs = {k: (made.get(k), here[k]) for k in here if made.get(k) != here[k]}
+    if diffs:
+        _say("note: manifest made with " + ", ".join(f"{k} {a}" for k, (a, b) in diffs.items())
+             + "; running " + ", ".join(f"{k} {b}" for k, (a, b) in diffs.items()))
+    fresh_all = _compute_all(goldens)
+    for g in goldens:
+        fresh = fresh_all[g.name]
+        e = entries.get(g.name)
+        lines = []
+        if isinstance(fresh, Exception):
+            problems += 1
+            _say(f"FAIL {g.name}: cannot recompute: {type(fresh).__name__}: {fresh}")
+            continue
+        if e is None:
+            lines.append(f"missing from the manifest (expected file {g.file})")
+        else:
+            if e.get("spec") != g.spec:
+                lines.append(f"spec in manifest {e.get('spec')!r} != catalog {g.spec!r} (catalog changed without regen)")
+            if e.get("file") != g.file:
+                lines.append(f"file in manifest {e.get('file')!r} != catalog {g.file!r}")
+            hashes = _manifest_hashes(e)
+            try:
+                path = entry_path(folder, e)
+            except ValueError as exc:
+                path = None
+                lines.append(str(exc))
+            if path is not None and not path.exists():
+                lines.append(f"missing file {path.name}")
+            elif path is not None:
+                try:
+                    stored = read_arrays(path)
+                except ValueError as exc:
+                    stored = None
+                    lines.append(f"corrupt file: {exc}")
+                else:
+                    lines.extend(embedded_mismatch(path, e))
+                if stored is not None:
+                    for key in sorted(set(hashes) | set(stored)):
+                        if key not in stored:
+                            lines.append(f"array {key} missing from {path.name}")
+                        elif key not in hashes:
+                            lines.append(f"extra array {key} in {path.name} (not in the manifest)")
+                        elif array_hash(stored[key]) != hashes[key]:
+                            lines.append(f"hash mismatch in array {key} of {path.name}: the file was altered or "
+                                         f"corrupted after regen (sha256 {array_hash(stored[key])[:12]} != manifest "
+                                         f"{str(hashes[key])[:12]})")
+                    dr = drift(stored, fresh)
+                    if not dr.ok:
+                        lines.append(str(dr))
+                    elif not dr.bitwise:
+                        noise_only += 1
+                        _say(f"ok   {g.name}: {dr}")
+                else:
+                    for key, t in sorted(fresh.items()):
+                        if hashes.get(key) != array_hash(t):
+                            lines.append(f"recomputed {key} does not match the manifest hash")
+        if lines:
+            problems += 1
+            for ln in lines:
+                _say(f"FAIL {g.name}: {ln}")
+    # entries and files nobody in the catalog claims (checked with --only too: cheap)
+    names = {g.name for g in goldens}
+    for name in entries:
+        if name not in _BY_NAME:
+            problems += 1
+            _say(f"FAIL {name}: extra manifest entry (no such golden in the catalog)")
+    known = {e.get("file") for e in man["cases"] if e.get("name") in _BY_NAME} | {MANIFEST}
+    for path in sorted(folder.iterdir()):
+        if path.name in known:
+            continue
+        problems += 1
+        if is_temp_file(path.name):
+            _say(f"FAIL leftover temporary file {path.name} in {folder}: a temporary file of an interrupted regen "
+                 f"(not a golden); remove it with '{clean_command(folder)}'")
+        else:
+            _say(f"FAIL extra file {path.name} in {folder} (not in the manifest)")
+    n = len(names)
+    tail = f" ({noise_only} within float64 noise)" if noise_only else ""
+    if problems:
+        _say(f"goldens check: {problems} problem(s) over {n} golden(s){tail}")
+        return 1
+    _say(f"goldens check: {n} golden(s) reproduce{tail}, hashes match")
+    return 0
+
+
+def regen(folder: Path, *, force: bool = False, only=None) -> int:
+    """Recompute and write; refuse to change stored values without ``force``."""
+    goldens = select(only)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        man = load_manifest(folder)
+    except ValueError as exc:
+        if not force:
+            _say(f"refusing: {exc}; rerun with --force to rebuild it")
+            return 1
+        man = None
+    old = {e.get("name"): e for e in (man or {}).get("cases", [])}
+    fresh_all = _compute_all(goldens)
+    broken = [(n, e) for n, e in fresh_all.items() if isinstance(e, Exception)]
+    if broken:
+        for name, exc in broken:
+            _say(f"FAIL {name}: cannot recompute: {type(exc).__name__}: {exc}")
+        _say("regen: nothing written")
+        return 1
+    to_write, refused, reports = [], [], []
+    for g in goldens:
+        fresh = fresh_all[g.name]
+        path = folder / g.file
+        prev = old.get(g.name)
+        try:
+            entry_path(folder, {"name": g.name, "file": g.file})
+        except ValueError as exc:
+            # never read through a link that leaves the folder; os.replace swaps the link itself
+            if force:
+                to_write.append(g)
+                reports.append(f"{g.name}: {exc} (replaced by the golden, --force)")
+            else:
+                refused.append(f"{g.name}: {exc}")
+            continue
+        if not path.exists():
+            to_write.append(g)
+            if prev is not None:
+                reports.append(f"{g.name}: file was missing, written")
+            continue
+        try:
+            stored = read_arrays(path)
+        except ValueError as exc:
+            stored, dr_txt = None, f"unreadable ({exc})"
+        if stored is not None:
+            dr = drift(stored, fresh)
+            dr_txt = str(dr)
+            if dr.bitwise:
+                # values identical: rewrite only if the file's bytes (metadata) differ;
+                # the manifest entry is refreshed below, and written only if it moved
+                if path.read_bytes() != encode(g, fresh):
+                    to_write.append(g)
+                    moved = embedded_mismatch(path, {"name": g.name, "spec": g.spec})
+                    if moved:
+                        reports.append(f"{g.name}: arrays bitwise identical, metadata rewritten ({'; '.join(moved)})")
+                continue
+        if force:
+            to_write.append(g)
+            reports.append(f"{g.name}: {dr_txt} (overwritten, --force)")
+        else:
+            refused.append(f"{g.name}: {dr_txt}")
+    if refused:
+        for ln in refused:
+            _say(f"REFUSED {ln}")
+        _say(f"regen: {len(refused)} golden(s) would change; nothing written. Run 'lla-verify goldens regen --check' "
+             "to read the drift, then 'regen --force' if the change is intended (see docs/goldens.md).")
+        return 1
+    for ln in reports:
+        _say(ln)
+    for g in to_write:
+        _atomic_write(folder / g.file, encode(g, fresh_all[g.name]))
+    entries = dict(old)
+    for g in goldens:
+        entries[g.name] = manifest_entry(g, fresh_all[g.name])
+    order = [g.name for g in CATALOG if g.name in entries] + sorted(n for n in entries if n not in _BY_NAME)
+    new = {
+        "format": FORMAT,
+        "hash": "sha256 of '<dtype>|<shape as a JSON list>|' followed by the raw little-endian bytes",
+        "noise_tol": f"{NOISE_FACTOR:g} * 2^-53 * conditioning (max over defined queries of max(kappa, omega / delta))",
+        "cotangent": "do = randn(o.shape, float64, torch.Generator().manual_seed(seed + "
+                     f"{COTANGENT_SEED_OFFSET})), zero on undefined rows",
+        "cases": [entries[n] for n in order],
+    }
+    # date and versions move only with the content: an idle regen leaves the bytes alone
+    same = man is not None and all(man.get(key) == val for key, val in new.items())
+    wrote_manifest = bool(to_write) or not same
+    if wrote_manifest:
+        new["created"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        new["versions"] = versions()
+        _atomic_write(folder / MANIFEST, dump_manifest(new))
+    claimed = {e.get("file") for e in entries.values()} | {MANIFEST}
+    for path in sorted(folder.iterdir()):
+        if is_temp_file(path.name):
+            _say(f"note: leftover temporary file {path.name} in {folder}: a temporary file of an interrupted regen "
+                 f"(left alone; remove it with '{clean_command(folder)}')")
+        elif path.name not in claimed and not path.name.startswith("."):
+            _say(f"note: extra file {path.name} in {folder} (not in the manifest; left alone)")
+    tail = ", manifest updated" if wrote_manifest else ""
+    _say(f"regen: {len(to_write)} written, {len(goldens) - len(to_write)} unchanged{tail}, in {folder}")
+    return 0
+
+
+def clean_command(folder: Path) -> str:
+    cmd = "lla-verify goldens clean"
+    return cmd if Path(folder).resolve() == DEFAULT_DIR.resolve() else f"{cmd} --dir {folder}"
+
+
+def temp_files(folder: Path) -> list[Path]:
+    """The leftovers of interrupted regens in ``folder``: regular files (not links) matching TEMP_RE."""
+    import stat
+
+    out = []
+    for path in sorted(folder.iterdir()):
+        if is_temp_file(path.name) and stat.S_ISREG(path.lstat().st_mode):
+            out.append(path)
+    return out
+
+
+def clean(folder: Path) -> int:
+    """``goldens clean``: delete the temporary files interrupted regens left in ``folder``.
+
+    Only regular files whose name matches TEMP_RE ('.<golden or MANIFEST.json>.<random>.tmp',
+    what _atomic_write creates) are touched; goldens, the manifest, other files, links and
+    folders are left alone. A regen running at the same time would lose its temporary file,
+    so run it when none is.
+    """
+    removed = 0
+    for path in temp_files(folder):
+        path.unlink()
+        removed += 1
+        _say(f"removed {path.name} (temporary file of an interrupted regen)")
+    _say(f"goldens clean: {removed} temporary file(s) removed from {folder}")
+    return 0

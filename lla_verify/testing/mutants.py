@@ -1,0 +1,139 @@
+"""Planted bugs: implementations that are wrong on purpose, to measure the suite.
+
+Each is a small variation of the dense fp32 reference and follows the
+``--lla-impl MODULE:CALLABLE`` protocol, e.g.
+
+    pytest properties --lla-impl lla_verify.testing.mutants:lambda_not_scaled_by_omega
+
+A suite that passes one of these has a hole; docs/kill-list.md records which
+property catches which mutant, with the command that re-measures it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lla_contract import check_lambda, check_qkv, check_scale
+
+TILE = 16  # the tile a blockwise kernel would use, for the dropped-tile mutant
+
+
+def _dense(q, k, v, *, ridge_lambda, qk_scale=None, bug: str = "", cg_iters: int | None = None):
+    check_qkv(q, k, v)
+    scale = check_scale(qk_scale, q.shape[-1])
+    cd = torch.float32
+    lam = check_lambda(ridge_lambda, tuple(q.shape[:-1]), q.device, dtype=cd)
+    if bug == "per_query_lambda_ignored":
+        lam = lam[..., :1].expand_as(lam)  # one lambda per head: the first query's
+    qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
+    S, D = q.shape[-2], q.shape[-1]
+    if bug == "head_dim_block_8":
+        # a head-dim loop that covers one block of 8 channels: q and k beyond it unseen
+        qc, kc = qc.clone(), kc.clone()
+        qc[..., 8:], kc[..., 8:] = 0.0, 0.0
+    a = scale * (qc @ kc.transpose(-1, -2))
+    diag = 1 if bug == "off_by_one_mask" else 0
+    mask = torch.ones(S, S, dtype=torch.bool, device=q.device).tril(diag)
+    if bug == "dropped_partial_tile" and S % TILE:
+        # the last, partial key tile is skipped by its own queries (their diagonal kept,
+        # so the bug shows as wrong values rather than an easy 0/0)
+        last = (S // TILE) * TILE
+        mask[last:, last:] = torch.eye(S - last, dtype=torch.bool, device=q.device)
+    a = a.masked_fill(~mask, float("-inf"))
+    if bug == "no_max_subtraction":
+        w = torch.exp(a)
+    else:
+        w = torch.exp(a - a.amax(-1, keepdim=True))
+    omega = w.sum(-1)
+    z = kc[..., None, :, :] - qc[..., :, None, :]
+    wz = w[..., None] * z
+    mu = wz.sum(-2)
+    ridge = lam if bug == "lambda_not_scaled_by_omega" else lam * omega
+    eye = torch.eye(D, dtype=cd, device=q.device)
+    sig = wz.transpose(-1, -2) @ z + ridge[..., None, None] * eye
+    if cg_iters is not None:
+        rho = _cg(sig, mu, cg_iters)
+    else:
+        rho = torch.linalg.solve_ex(sig, mu[..., None])[0][..., 0]
+    if bug == "rho_rounded_to_bf16":
+        rho = rho.to(torch.bfloat16).to(cd)
+    g = w * (1.0 - (z @ rho[..., None])[..., 0])
+    den = g.sum(-1, keepdim=True)
+    o = (g @ vc) / den
+    if bug == "bias_0.1pct":
+        o = o * 1.001
+    return o.to(q.dtype)
+
+
+def _cg(A, b, iters):
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rr = (r * r).sum(-1, keepdim=True)
+    for _ in range(iters):
+        Ap = (A @ p[..., None])[..., 0]
+        alpha = rr / (p * Ap).sum(-1, keepdim=True).clamp_min(1e-30)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        rr_new = (r * r).sum(-1, keepdim=True)
+        p = r + (rr_new / rr.clamp_min(1e-30)) * p
+        rr = rr_new
+    return x
+
+
+class _ScaleLastKeyGrad(torch.autograd.Function):
+    """Identity on k; its backward scales the last key's gradient."""
+
+    @staticmethod
+    def forward(ctx, k):
+        return k.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g[..., -1, :] *= 1.05
+        return g
+
+
+def dk_last_key_scaled(q, k, v, *, ridge_lambda, qk_scale=None):
+    """dk of the sequence's last key 5% too large (the forward is right): a key fed by the
+    last query alone, so its conditioning is that query's, whatever earlier ones are."""
+    return _dense(q, _ScaleLastKeyGrad.apply(k), v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+
+
+def _make(bug: str, doc: str, **kw):
+    def fn(q, k, v, *, ridge_lambda, qk_scale=None):
+        return _dense(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale, bug=bug, **kw)
+
+    fn.__name__ = bug
+    fn.__doc__ = doc
+    return fn
+
+
+off_by_one_mask = _make("off_by_one_mask", "the causal mask admits key i+1 at query i")
+lambda_not_scaled_by_omega = _make("lambda_not_scaled_by_omega", "ridge lambda instead of lambda * omega")
+dropped_partial_tile = _make("dropped_partial_tile", "queries of the last partial tile ignore that tile's earlier keys")
+bias_01pct = _make("bias_0.1pct", "output scaled by 1.001")
+per_query_lambda_ignored = _make("per_query_lambda_ignored", "the first query's lambda used for every query")
+no_max_subtraction = _make("no_max_subtraction", "w = exp(a) without subtracting the row max")
+rho_rounded_to_bf16 = _make("rho_rounded_to_bf16", "rho rounded to bf16 before the output pass")
+head_dim_block_8 = _make("head_dim_block_8", "q and k channels beyond the first 8 ignored (correct at D <= 8)")
+
+
+def cg_two_short(q, k, v, *, ridge_lambda, qk_scale=None):
+    """CG with D - 2 iterations: two short of the exact-arithmetic D steps."""
+    return _dense(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale, cg_iters=max(1, q.shape[-1] - 2))
+
+
+MUTANTS = {
+    "off_by_one_mask": off_by_one_mask,
+    "lambda_not_scaled_by_omega": lambda_not_scaled_by_omega,
+    "dropped_partial_tile": dropped_partial_tile,
+    "bias_0.1pct": bias_01pct,
+    "per_query_lambda_ignored": per_query_lambda_ignored,
+    "no_max_subtraction": no_max_subtraction,
+    "rho_rounded_to_bf16": rho_rounded_to_bf16,
+    "cg_two_short": cg_two_short,
+    "head_dim_block_8": head_dim_block_8,
+    "dk_last_key_scaled": dk_last_key_scaled,
+}
