@@ -24,7 +24,6 @@ import math
 
 from lla_verify.cliutil import UsageError, check_out_file, float_in, int_in
 
-PUBLIC_FWD_BWD_MS = {(16, 1, 2048, 64): 6.23, (8, 1, 4096, 64): 10.70, (8, 1, 2048, 128): 7.60}
 SHAPES = [(16, 1, 2048, 64), (8, 1, 4096, 64), (8, 1, 2048, 128)]
 SWEEP_A = {64: [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 2)],
            128: [(32, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2),
@@ -141,9 +140,9 @@ def run(args) -> int:
                 emit(f"  attribution D={D}: {label} {bench(f):.3f} ms (bwd CG iters max {int(f().cg_iters.max())})")
 
     emit()
-    emit("| B,H,S,D | LLA fwd+bwd ms | fwd ms | bwd ms | SDPA fwd+bwd ms | vs SDPA | public fwd+bwd ms | speed-up vs public "
+    emit("| B,H,S,D | LLA fwd+bwd ms | fwd ms | bwd ms | SDPA fwd+bwd ms | vs SDPA "
          "| CG iters fwd / bwd (max) | rel err dq / dk / dv | bf16 floor dq / dk / dv |")
-    emit("|---|---|---|---|---|---|---|---|---|---|---|")
+    emit("|---|---|---|---|---|---|---|---|---|")
     for shape in SHAPES:
         B, H, S, D = shape
         q, k, v, g = inputs(B, H, S, D)
@@ -185,9 +184,7 @@ def run(args) -> int:
         for got, r in zip((qq.grad, kk.grad, vv.grad), ref):
             errs.append(float((sl(got).double() - r).norm() / r.norm()))
             floors.append(float((r.bfloat16().double() - r).norm() / r.norm()))
-        pub = PUBLIC_FWD_BWD_MS.get(shape)
         emit(f"| {B},{H},{S},{D} | {t_step:.3f} | {t_fwd:.3f} | {t_bwd:.3f} | {t_sdpa:.3f} | {t_step / t_sdpa:.1f}x "
-             f"| {pub if pub else '-'} | {(pub / t_step if pub else float('nan')):.2f}x "
              f"| {int(fo.cg_iters.max())} / {int(bo.cg_iters.max())} "
              f"| {errs[0]:.2e} / {errs[1]:.2e} / {errs[2]:.2e} | {floors[0]:.2e} / {floors[1]:.2e} / {floors[2]:.2e} |")
         del qq, kk, vv, qs, ks, vs
