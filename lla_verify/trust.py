@@ -25,6 +25,7 @@ What it cannot do is in docs/trust.md.
 from __future__ import annotations
 
 import collections
+import ctypes
 import math
 import multiprocessing
 import os
@@ -49,6 +50,10 @@ def clock() -> float:
 DEFAULT_CALL_TIMEOUT = 300.0  # seconds one call of the implementation may take in a worker
 EXIT_TIMEOUT = 113  # a worker's exit status when its watchdog ended a call past its limit
 POISON_BLOCKS = 8  # freed blocks of each output size poisoned on a GPU before a call (see poison())
+POISON_BLOCKS_CPU = 4  # the same on a CPU heap, per round
+POISON_ROUNDS_CPU = 4  # allocate-fill-free rounds on a CPU heap (see poison())
+_M_PERTURB = -6  # glibc mallopt's parameter number (malloc.h)
+_PERTURB_BYTE = 0xFF  # freed bytes become 0xff (NaN); fresh allocations 0x00
 
 
 class Misbehaved(Exception):
@@ -166,21 +171,64 @@ def poison(device, numel: int) -> None:
     """Fill the freed blocks an output of ``numel`` elements would be cut from with NaN.
 
     A kernel that returns ``torch.empty`` memory must not receive a freed reference
-    output (KernelBench PR 82). Both allocators hand a request the best-fitting free
-    block, most recently freed first (CUDA's caching allocator: best fit; malloc: its
-    bins): blocks of the output's size at 2, 4 and 8 bytes an element (bf16/fp16, fp32,
-    fp64), several of each alive at once, are filled with all-ones bytes (NaN in every
-    float format) and freed, so that the free blocks of those sizes, a freed reference
-    among them, now hold NaN. POISON_BLOCKS per size on a GPU, where the pool keeps many.
+    output (KernelBench PR 82). Blocks of the output's size at 2, 4 and 8 bytes an
+    element (bf16/fp16, fp32, fp64), several of each alive at once, are filled with
+    all-ones bytes (NaN in every float format) and freed, so that the free blocks of
+    those sizes, a freed reference among them, now hold NaN.
+
+    CUDA's caching allocator hands a request the best-fitting free block of its pool, so
+    one round of POISON_BLOCKS per size reaches a freed reference. glibc's malloc does
+    not: a chunk freed a moment ago waits in the unsorted bin, and a request of its size
+    may be served from elsewhere while that pass only files the chunk into its size bin;
+    a later request of the size then gets it. On a fragmented heap one round leaves about
+    one freed block in ten intact, so the CPU path repeats the round POISON_ROUNDS_CPU
+    times (tests/test_trust.py fragments a heap and measures it).
     """
     dev = torch.device(device)
     numel = max(int(numel), 4)
-    count = POISON_BLOCKS if dev.type == "cuda" else 2
-    blocks = [torch.full((numel * size,), 255, dtype=torch.uint8, device=dev)
-              for size in (8, 4, 2) for _ in range(count)]
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)  # the fills land before the blocks can be reused
-    del blocks
+    count, rounds = (POISON_BLOCKS, 1) if dev.type == "cuda" else (POISON_BLOCKS_CPU, POISON_ROUNDS_CPU)
+    for _ in range(rounds):
+        blocks = [torch.full((numel * size,), 255, dtype=torch.uint8, device=dev)
+                  for size in (8, 4, 2) for _ in range(count)]
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # the fills land before the blocks can be reused
+        del blocks
+
+
+def _find_mallopt():
+    try:
+        return ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no glibc (macOS, Windows): poison() alone
+        return None
+
+
+_MALLOPT = _find_mallopt()
+
+
+class FreshHeap:
+    """Within it, CPU memory the implementation allocates does not hold what was freed before.
+
+    poison() makes recovering a freed block unlikely; on glibc this makes it impossible:
+    mallopt(M_PERTURB) has malloc fill every block it hands out with one byte (0x00 here,
+    so ``torch.empty`` returns zeros) and every block freed with its complement (NaN). It
+    costs a memset per allocation, so it is on only while the implementation runs.
+    ``active`` says whether it took effect (glibc and a CPU device).
+    """
+
+    def __init__(self, device, *, enabled: bool = True):
+        self.device = torch.device(device)
+        self.enabled = enabled
+        self.active = False
+
+    def __enter__(self):
+        if self.enabled and self.device.type == "cpu" and _MALLOPT is not None:
+            self.active = _MALLOPT(_M_PERTURB, _PERTURB_BYTE) == 1
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            _MALLOPT(_M_PERTURB, 0)
+        return False
 
 
 # ------------------------------------------------------------------ outputs
@@ -335,7 +383,7 @@ def call_forward(impl, q, k, v, *, ridge_lambda, qk_scale, stats: bool = False, 
         poison(device, v.numel())
     use_stats = stats and impl.forward_with_stats is not None
     fn = impl.forward_with_stats if use_stats else impl.forward
-    with torch.no_grad(), _Watch():
+    with torch.no_grad(), _Watch(), FreshHeap(device, enabled=poison_memory):
         _sync(device)
         out = _guarded(fn, handed["q"], handed["k"], handed["v"], ridge_lambda=handed["ridge_lambda"],
                        qk_scale=qk_scale)
@@ -372,7 +420,7 @@ def call_grads(forward, q, k, v, lam, cot, *, qk_scale) -> tuple:
         t.requires_grad_(True)
     device = q.device
     poison(device, v.numel())
-    with _Watch():
+    with _Watch(), FreshHeap(device):
         _sync(device)
         with torch.enable_grad():
             o = _guarded(forward, handed["q"], handed["k"], handed["v"], ridge_lambda=handed["ridge_lambda"],

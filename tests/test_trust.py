@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import time
 
@@ -285,17 +286,50 @@ def test_empty_output_cannot_pick_up_a_freed_reference():
     assert recovered < 0.01, f"{recovered:.1%} of the freed reference came back through torch.empty"
 
 
+def _fragment(rng: random.Random) -> list:
+    # a long pytest worker's heap: many free holes of assorted sizes between live blocks
+    holes = [torch.empty(rng.randint(1, 20000) * 8, dtype=torch.uint8) for _ in range(rng.randint(0, 300))]
+    rng.shuffle(holes)
+    del holes[::2]
+    return holes
+
+
+def _survivors(dtype, trials: int, fresh: bool) -> dict:
+    """Per element count, the trials in which torch.empty handed back a freed block's values."""
+    rng = random.Random(0)
+    survived = {}
+    for _ in range(trials):
+        live = _fragment(rng)
+        numel = rng.choice([64, 500, 4096, 12345])
+        values = torch.randn(numel, dtype=torch.float64).to(dtype)
+        ref = values.clone()
+        del ref
+        trust.poison("cpu", values.numel())
+        with trust.FreshHeap("cpu", enabled=fresh):
+            got = torch.empty(values.shape, dtype=dtype)
+        if float((got == values).float().mean()) > 0.01:
+            survived[numel] = survived.get(numel, 0) + 1
+        del live
+    return survived
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_poison_overwrites_a_freed_block(dtype):
-    # the boundary's own input copies already reshuffle a CPU heap (the test above passes
-    # without poisoning); poison() on its own must make a freed block unrecoverable
-    values = torch.randn(4096, dtype=torch.float64).to(dtype)
-    ref = values.clone()
-    del ref
-    trust.poison("cpu", values.numel())
-    got = torch.empty(values.shape, dtype=dtype)
-    recovered = float((got == values).float().mean())
-    assert recovered < 0.01, f"{recovered:.1%} of a freed block survived the poisoning"
+def test_poison_overwrites_most_freed_blocks(dtype):
+    # whether malloc reuses a given block depends on the heap's history: one round of
+    # poisoning leaves 10-30% of these trials' blocks intact, the CPU rounds under 2%;
+    # the bound measures the rate rather than one heap's luck
+    survived = _survivors(dtype, 150, fresh=False)
+    assert sum(survived.values()) <= 7, (
+        f"{sum(survived.values())} of 150 freed blocks survived the poisoning (by element count: {survived})")
+
+
+@pytest.mark.skipif(trust._MALLOPT is None, reason="mallopt(M_PERTURB) needs glibc")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fresh_heap_never_hands_back_a_freed_block(dtype):
+    survived = _survivors(dtype, 150, fresh=True)
+    assert not survived, f"torch.empty returned a freed block's values inside FreshHeap: {survived}"
+    with trust.FreshHeap("cpu") as fresh:
+        assert fresh.active and bool((torch.empty(4096, dtype=dtype) == 0).all())
 
 
 # ------------------------------------------------------------------ pointer caches
