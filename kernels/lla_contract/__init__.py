@@ -78,6 +78,22 @@ def check_qkv(
         raise_nonfinite((("q", q), ("k", k), ("v", v)))
 
 
+def check_probe(r, q: torch.Tensor, *, dtypes: Iterable[torch.dtype] = _FLOAT_DTYPES,
+                check_finite: bool = True) -> None:
+    """Check Parallax's probe r: a tensor of q's shape (..., S, D) on q's device."""
+    if not isinstance(r, torch.Tensor):
+        raise LLAInputError(f"r: expected a torch.Tensor of shape {tuple(q.shape)}, got {type(r).__name__}")
+    dtypes = tuple(dtypes)
+    if r.dtype not in dtypes:
+        raise LLAInputError(f"r: expected a floating dtype in {[str(d) for d in dtypes]}, got {r.dtype}")
+    if r.shape != q.shape:
+        raise LLAInputError(f"r: expected the shape of q {tuple(q.shape)}, got {tuple(r.shape)}")
+    if r.device != q.device:
+        raise LLAInputError(f"r: expected q's device {q.device}, got {r.device}")
+    if check_finite and bool(nonfinite_flag((r,))):
+        raise_nonfinite((("r", r),))
+
+
 def nonfinite_flag(tensors) -> torch.Tensor:
     """A 0-d bool tensor on the tensors' device, True where any holds a NaN or Inf. No host
     sync: a caller that reads it later (the kernels, with their own device-to-host read)

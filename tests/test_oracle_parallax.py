@@ -1,0 +1,52 @@
+"""The Parallax float64 oracle against the exact identities it must satisfy (docs/math.md)."""
+
+import pytest
+import torch
+
+from lla_contract import LLAInputError
+from lla_verify.oracles.float64 import lla_forward, softmax_attention
+from lla_verify.oracles.parallax import lla_probe, parallax_forward
+
+U64 = 2.0**-53
+
+
+def _qkvr(S=40, D=8, Dv=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(2, 2, S, D, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 2, S, Dv, generator=g, dtype=torch.float64)
+    r = torch.randn(2, 2, S, D, generator=g, dtype=torch.float64)
+    return q, k, v, r
+
+
+@pytest.mark.parametrize("lam", [1e-3, 0.1, 10.0])
+def test_lla_probe_reduces_parallax_to_lla(lam):
+    q, k, v, _ = _qkvr()
+    r = lla_probe(q, k, v, ridge_lambda=lam)
+    got, want = parallax_forward(q, k, v, r), lla_forward(q, k, v, ridge_lambda=lam)
+    # both are float64 evaluations of the same value; the solve's conditioning bounds the gap
+    torch.testing.assert_close(got, want, rtol=0, atol=1e4 * U64 / lam)
+
+
+def test_zero_probe_is_softmax_attention():
+    q, k, v, r = _qkvr(Dv=5)
+    torch.testing.assert_close(parallax_forward(q, k, v, torch.zeros_like(r)), softmax_attention(q, k, v),
+                               rtol=0, atol=16 * U64)
+
+
+def test_key_offset_cancels_in_the_chunked_centred_form():
+    q, k, v, r = _qkvr()
+    c = 1e3 * torch.randn(8, dtype=torch.float64)
+    torch.testing.assert_close(parallax_forward(q, k + c, v, r, chunk_bytes=10_000), parallax_forward(q, k, v, r),
+                               rtol=0, atol=1e4 * U64 * 1e3)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda q: q[..., :-1], "r: expected the shape of q"),
+    (lambda q: q.to(torch.int32), "r: expected a floating dtype"),
+    (lambda q: q.clone().fill_(float("nan")), "r: expected finite values"),
+    (lambda q: q.tolist(), "r: expected a torch.Tensor"),
+])
+def test_bad_probe_is_named(bad, match):
+    q, k, v, _ = _qkvr(S=4)
+    with pytest.raises(LLAInputError, match=match):
+        parallax_forward(q, k, v, bad(q))
