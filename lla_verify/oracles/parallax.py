@@ -23,12 +23,25 @@ from .float64 import DEFAULT_CHUNK_BYTES, _F64, _chunk_size, _flat, _scores, lla
 
 def parallax_forward(q, k, v, r, *, qk_scale=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
     """Causal Parallax o = nu - C r in float64; shape (..., S, Dv)."""
+    return _parallax(q, k, v, r, qk_scale, _F64, chunk_bytes)
+
+
+def parallax_dense(q, k, v, r, *, qk_scale=None, compute_dtype=torch.float32, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """The same computation in ``compute_dtype`` on the same rounded inputs, output in q's dtype.
+
+    The same-precision reference of the error model (docs/error-model.md): what the plain
+    centred computation loses in the kernel's compute precision.
+    """
+    return _parallax(q, k, v, r, qk_scale, compute_dtype, chunk_bytes).to(q.dtype)
+
+
+def _parallax(q, k, v, r, qk_scale, cd, chunk_bytes):
     check_qkv(q, k, v)
     check_probe(r, q)
     scale = check_scale(qk_scale, q.shape[-1])
     lead = tuple(q.shape[:-2])
     S, D, Dv = q.shape[-2], q.shape[-1], v.shape[-1]
-    qf, kf, vf, rf = (_flat(t.to(_F64), 2) for t in (q, k, v, r))
+    qf, kf, vf, rf = (_flat(t.to(cd), 2) for t in (q, k, v, r))
     C = _chunk_size(S, D, Dv, chunk_bytes)
     outs = []
     for i0 in range(0, S, C):
