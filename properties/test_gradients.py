@@ -80,7 +80,7 @@ def test_dv_sums_to_total_cotangent(impl, device):
         grads = impl_grads(impl, p, g)
         total = grads["dv"].double().sum(-2)
         S = p.q.shape[-2]
-        from lla_verify.budget.backward import THRESH_GRAD
+        from lla_verify.budget.backward import GRAD_SAFETY
         from lla_verify.budget.forward import io_roundoff
 
         # each dv_j carries its own rounding (output dtype, and fp32 accumulation over
@@ -94,7 +94,7 @@ def test_dv_sums_to_total_cotangent(impl, device):
         if bool(d.undefined.any()):
             return
         norm = _normalisation_terms(p, d, g, impl.u, {"dq": 0.0, "dk": 0.0, "dlambda": 0.0})["dv"].sum(-1)
-        allowed = THRESH_GRAD * ((io_roundoff(p, impl) + impl.u * (S * D) ** 0.5) * mag + norm[..., None])
+        allowed = GRAD_SAFETY * ((io_roundoff(p, impl) + impl.u * (S * D) ** 0.5) * mag + norm[..., None])
         err = (total - S).abs()
         allowed, err = float(allowed.flatten()[int(torch.argmax(err / allowed))]), float(err.flatten()[int(torch.argmax(err / allowed))])
         assert err <= allowed, (

@@ -1,7 +1,7 @@
 """Exact identities of SPEC 3 asked of the implementation (docs/math.md §3).
 
 Each comparison's allowance is derived: the rounding of the output dtype plus the
-compute precision's accumulation error sqrt(n) u_c, times the budget's THRESH, on
+compute precision's accumulation error sqrt(n) u_c, times the budget's MODEL_SAFETY, on
 the magnitude involved; bitwise where the identity is structural (causality,
 determinism).
 """
@@ -13,15 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lla_verify.testing import suite
-from lla_verify.budget.forward import THRESH, check_forward, forward_budget, io_roundoff
+from lla_verify.budget.forward import MODEL_SAFETY, check_forward, forward_budget, io_roundoff
 from lla_verify.registry.cases import Case
 
 
 def _allow(impl, problem, magnitude):
-    """THRESH (u_out + u_c sqrt((i+1) D)) * magnitude, per query (B, H, S)."""
+    """MODEL_SAFETY (u_out + u_c sqrt((i+1) D)) * magnitude, per query (B, H, S)."""
     S, D = problem.q.shape[-2], problem.q.shape[-1]
     n = torch.arange(1, S + 1, dtype=torch.float64, device=problem.q.device) * D
-    return THRESH * (io_roundoff(problem, impl) + impl.u * n.sqrt()) * magnitude
+    return MODEL_SAFETY * (io_roundoff(problem, impl) + impl.u * n.sqrt()) * magnitude
 
 
 def _describe_worst(err, allowed, case, what):
@@ -71,7 +71,7 @@ def test_linearity_in_v(impl, device):
         scale = (abs(a) + abs(b) + 1) * fb.allowed
         # v12 is itself rounded to the dtype: its rounding enters through o's sensitivity to v
         vround = io_roundoff(p, impl) * (a * p.v.double() + b * v2.double()).norm(dim=-1).amax(-1, keepdim=True)
-        allowed = scale + THRESH * vround * 2
+        allowed = scale + MODEL_SAFETY * vround * 2
         err = (o12 - lin).norm(dim=-1)
         ok = torch.isnan(fb.details.o).any(-1) | (err <= allowed)
         assert bool(ok.all()), _describe_worst(err, allowed, case, "linearity in v")
@@ -132,7 +132,7 @@ def test_first_token_is_v0(impl, device):
             return
         o = suite.run(impl, p).double()
         err = (o[..., 0, :] - p.v[..., 0, :].double()).norm(dim=-1)
-        allowed = THRESH * (io_roundoff(p, impl) + impl.u) * p.v[..., 0, :].double().norm(dim=-1)
+        allowed = MODEL_SAFETY * (io_roundoff(p, impl) + impl.u) * p.v[..., 0, :].double().norm(dim=-1)
         assert bool((err <= allowed).all()), (
             f"first token: |o_0 - v_0| = {float(err.max()):.3e} > allowed {float(allowed.max()):.3e} on {case.spec()}")
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lla_verify.testing import suite
-from lla_verify.budget.forward import THRESH, forward_budget
+from lla_verify.budget.forward import MODEL_SAFETY, forward_budget
 from lla_verify.registry.cases import Case, Problem
 from lla_verify.oracles.float64 import mesanet_attention, softmax_attention
 
@@ -100,11 +100,11 @@ def test_zero_scale_is_mesanet_exactly(impl, device):
         o = suite.run(impl, p).double()
         mesa, mesa_rounding = mesanet_attention(p.q, p.k, p.v, ridge_lambda=lam, return_rounding=True)
         fb = forward_budget(p, impl, dense=False)
-        allowed = fb.allowed + THRESH * mesa_rounding
+        allowed = fb.allowed + MODEL_SAFETY * mesa_rounding
         err = (o - mesa).norm(dim=-1)
         assert bool((err <= allowed).all()), (
             f"scale 0: |o - mesa| {float(err.max()):.3e} > budget {float(fb.allowed.max()):.3e} + MesaNet "
-            f"rounding {float(THRESH * mesa_rounding.max()):.3e} on {case.spec()} with qk_scale=0")
+            f"rounding {float(MODEL_SAFETY * mesa_rounding.max()):.3e} on {case.spec()} with qk_scale=0")
 
     prop()
 

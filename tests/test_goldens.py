@@ -118,11 +118,11 @@ def _limit_mesanet(a, g):
 
 def _mesanet_exact(a, g):
     # s = 0 is the MesaNet form exactly: only float64 rounding separates the two formulas
-    from lla_verify.budget.forward import THRESH
+    from lla_verify.budget.forward import MODEL_SAFETY
 
     mesa, rounding = mesanet_attention(a["q"], a["k"], a["v"], ridge_lambda=float(a["lam"]), return_rounding=True)
     err = (a["o_mp"] - mesa).norm(dim=-1)
-    return gcat.build_problem(g).qk_scale == 0.0 and bool((err <= THRESH * rounding + gcat.U64 * mesa.norm(dim=-1)).all())
+    return gcat.build_problem(g).qk_scale == 0.0 and bool((err <= MODEL_SAFETY * rounding + gcat.U64 * mesa.norm(dim=-1)).all())
 
 
 def _const_values(a, g):

@@ -23,7 +23,7 @@ import torch
 
 from lla_contract import LLAInputError
 from lla_verify.budget.backward import solve_residual
-from lla_verify.budget.forward import THRESH, check_forward
+from lla_verify.budget.forward import MODEL_SAFETY, check_forward
 from lla_verify.budget.verdict import assert_within_budget
 from lla_verify.oracles.float64 import lla_forward_details, softmax_attention
 from lla_verify.registry.cases import Case, Problem
@@ -179,7 +179,7 @@ def test_stats_fields_and_convergence():
     # the TRUE residual is within what the budget allows the solve (budget.solve_residual:
     # tol, plus the drift of CG's recursive residual from the true one)
     impl = triton_impl(cg_tol=tol)
-    allowed = THRESH * solve_residual(d, impl) / d.mu.norm(dim=-1)
+    allowed = MODEL_SAFETY * solve_residual(d, impl) / d.mu.norm(dim=-1)
     assert bool((st["cg_residual"].double() <= allowed).all()), (st["cg_residual"].double() / allowed).max()
     # m, omega and delta agree with the oracle to fp32 rounding of the key passes
     torch.testing.assert_close(st["m"].double(), d.m, rtol=1e-5, atol=1e-5)
@@ -187,7 +187,7 @@ def test_stats_fields_and_convergence():
     # delta_i = sum_j g_ij: its error relative to omega_i is the solve's (tol kappa) plus rounding
     root_n = (torch.arange(1, S + 1, dtype=torch.float64, device=DEVICE) * D).sqrt()
     dd = (st["delta"].double() - d.delta).abs() / d.omega
-    assert bool((dd <= THRESH * (tol * d.kappa + U_C * root_n * d.kappa)).all()), dd.max()
+    assert bool((dd <= MODEL_SAFETY * (tol * d.kappa + U_C * root_n * d.kappa)).all()), dd.max()
     # 0 < delta <= omega when lambda > 0
     assert bool((st["delta"] > 0).all()) and bool((st["delta"] <= st["omega"] * (1 + 1e-5)).all())
     assert_within_budget(check_forward(p, impl, o, stats=st))
@@ -220,7 +220,7 @@ def test_no_nan_for_tiny_lambda_and_early_tokens(lam, dtype):
         assert bool(fb.all()), fb
     # fallback rows are the softmax average: fp32 products (sqrt(n) u_c) and one rounding
     soft = softmax_attention(p.q, p.k, p.v, qk_scale=p.qk_scale)[0, 0]
-    tol = THRESH * (unit_roundoff(p.q.dtype) + U_C * math.sqrt(p.q.shape[-2])) * float(soft.abs().max())
+    tol = MODEL_SAFETY * (unit_roundoff(p.q.dtype) + U_C * math.sqrt(p.q.shape[-2])) * float(soft.abs().max())
     torch.testing.assert_close(o[0, 0][fb].double(), soft[fb], rtol=0, atol=tol)
     # rows that divided were not pure noise: |den_i| > delta_eps sum_j |g_ij| >= ... > 0
     assert bool((st["delta"][0, 0][~fb] != 0).all())

@@ -17,7 +17,7 @@ from hypothesis import find, settings
 
 from lla_verify.budget.backward import check_backward
 
-from lla_verify.budget.forward import THRESH, check_forward, forward_budget
+from lla_verify.budget.forward import MODEL_SAFETY, check_forward, forward_budget
 from lla_verify.registry.cases import Case, Problem, get_family, parse_case
 from lla_verify.registry.impls import get_impl, is_available
 from lla_verify.oracles.dense import dense_torch_lla
@@ -71,7 +71,7 @@ def test_oracles_at_scale_zero_are_the_mesanet_form():
     # each float64 formulation against the MesaNet formula: the oracle's own budget
     # (budget.forward_budget of the float64 oracle) plus the formula's estimated rounding
     fb = forward_budget(p, get_impl("oracle-f64"), details=d, dense=False)
-    allowed = fb.allowed + THRESH * rounding
+    allowed = fb.allowed + MODEL_SAFETY * rounding
     for name, o in (("details", d.o), ("schur", lla_forward(q, k, v, ridge_lambda=lam, qk_scale=0.0)),
                     ("wls", lla_forward_wls(q, k, v, ridge_lambda=lam, qk_scale=0.0))):
         _within(name, (o - mesa).norm(dim=-1), allowed)
@@ -81,11 +81,11 @@ def test_oracles_at_scale_zero_are_the_mesanet_form():
 
     o_mp = lla_forward_mp(q[:, :1, :8], k[:, :1, :8], v[:, :1, :8], ridge_lambda=lam, qk_scale=0.0, dps=30)
     mp_err = (o_mp - mesa[:, :1, :8]).norm(dim=-1)
-    _within("mpmath", mp_err, THRESH * rounding[:, :1, :8] + 2.0**-53 * o_mp.norm(dim=-1))
+    _within("mpmath", mp_err, MODEL_SAFETY * rounding[:, :1, :8] + 2.0**-53 * o_mp.norm(dim=-1))
     # the dense fp32 reference: within the fp32 model (the same budget at u_c = 2^-24)
     fb32 = forward_budget(p, get_impl("torch-fp32"), details=d, dense=False)
     o32 = dense_torch_lla(q, k, v, ridge_lambda=lam, qk_scale=0.0).double()
-    _within("dense fp32", (o32 - mesa).norm(dim=-1), fb32.allowed + THRESH * rounding)
+    _within("dense fp32", (o32 - mesa).norm(dim=-1), fb32.allowed + MODEL_SAFETY * rounding)
     # and softmax attention at scale 0 is the running mean of the values
     mean = v.cumsum(-2) / torch.arange(1, 21, dtype=F64)[:, None]
     _within("softmax", (softmax_attention(q, k, v, qk_scale=0.0) - mean).norm(dim=-1),
@@ -110,7 +110,7 @@ def test_oracle_at_scale_zero_and_lambda_zero_is_least_squares():
         cond = float(torch.linalg.cond(ka[: i + 1]))
         # lstsq's and the oracle's rounding: u64 times the design matrix's condition squared
         # (normal equations) times the output's scale, with the budget's safety factor
-        tol = THRESH * 2.0**-53 * (i + 1 + D + 1) * cond**2 * float(v[0, 0, : i + 1].norm(dim=-1).max())
+        tol = MODEL_SAFETY * 2.0**-53 * (i + 1 + D + 1) * cond**2 * float(v[0, 0, : i + 1].norm(dim=-1).max())
         assert float((d.o[0, 0, i] - ols).norm()) <= tol, (i, float((d.o[0, 0, i] - ols).norm()), tol)
 
 
@@ -160,7 +160,7 @@ def test_kernel_at_scale_zero_forward_and_backward(dtype):
     assert v.passed, v.message
     # and the MesaNet formula, independent of the oracle, within the same budget
     mesa, rounding = mesanet_attention(p.q, p.k, p.v, ridge_lambda=0.5, return_rounding=True)
-    _within("kernel vs MesaNet", (o.double() - mesa).norm(dim=-1), fb.allowed + THRESH * rounding)
+    _within("kernel vs MesaNet", (o.double() - mesa).norm(dim=-1), fb.allowed + MODEL_SAFETY * rounding)
     vb = check_backward(p, TRITON)
     assert vb.passed, vb.message
 

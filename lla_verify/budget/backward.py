@@ -19,7 +19,7 @@ from lla_verify.budget.forward import U64, _lam_tensor, kernel_view, rounding_no
 from lla_verify.budget.verdict import THRESHOLD, Verdict, record
 
 
-THRESH_GRAD = 8.0  # gradients chain two solves (rho and the adjoint u): a wider factor, as JAX keeps
+GRAD_SAFETY = 8.0  # gradients chain two solves (rho and the adjoint u): a wider factor, as JAX keeps
 FA_FACTOR_GRAD = 3.0  # FlashAttention's rule for gradients: 3x the same-precision reference
 GRAD_NAMES = ("dq", "dk", "dv", "dlambda")
 SOLVE_PROBE_SEEDS = (0, 1)
@@ -226,7 +226,7 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     """Gradients of ``impl`` against float64 autograd through the oracle, within budget.
 
     Per row (query for dq and dlambda, key for dk and dv):
-        model = THRESH_GRAD ((u_c sqrt(S D) + tol) sens + (u_c sqrt(D) + tol) sens_solve
+        model = GRAD_SAFETY ((u_c sqrt(S D) + tol) sens + (u_c sqrt(D) + tol) sens_solve
                              + u_out |g_ref| + u_c sqrt(S D) (max|g_ref| + floor))
     where floor = |g|_max |v|_max / rms(X) for X = q, k (|g|_max for v, / max(lambda, 1) for
     lambda) keeps a gradient that vanishes exactly from demanding an exact zero, plus
@@ -338,12 +338,12 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
         n_unmeasured += int(unmeasured.sum())
         sens, sens_solve = torch.nan_to_num(sens, nan=0.0, posinf=0.0), torch.nan_to_num(sens_solve, nan=0.0, posinf=0.0)
         nterm = torch.nan_to_num(norm_terms[name], nan=0.0, posinf=0.0)
-        conditioned = THRESH_GRAD * ((u_c * root_n + impl.solver_tol) * sens
+        conditioned = GRAD_SAFETY * ((u_c * root_n + impl.solver_tol) * sens
                                      + (u_c * math.sqrt(D) + impl.solver_tol) * sens_solve)
         scale_max = ref_n.masked_fill(~judged, 0.0).amax(-1, keepdim=True)
-        model = conditioned + THRESH_GRAD * (u_out * ref_n + u_c * root_n * (scale_max + floor[name]) + nterm)
+        model = conditioned + GRAD_SAFETY * (u_out * ref_n + u_c * root_n * (scale_max + floor[name]) + nterm)
         if name == "dlambda" and rho_resid is not None:
-            model = model + THRESH_GRAD * rho_resid
+            model = model + GRAD_SAFETY * rho_resid
         allowed = model
         if dense_g is not None and dense_g.get(name) is not None:
             dense_err = _row_norm(dense_g[name].to(torch.float64) - g_ref, name)

@@ -3,7 +3,7 @@
 Every comparison in lla-verify goes through here and reduces to one number,
 ratio = max_i error_i / allowed_i, failing above 1 (THRESHOLD). For query i:
 
-    model_i   = THRESH * ( u_c sqrt(n_i) sens_i           rounding in the compute precision
+    model_i   = MODEL_SAFETY * ( u_c sqrt(n_i) sens_i           rounding in the compute precision
                          + (tol + u_c) solv_i           the inner solve (stopping at tol)
                          + u_out ||o_i||                  rounding of the output
                          + u_c sqrt(n_i) vscale )         floor for outputs near zero
@@ -35,11 +35,11 @@ from lla_verify.oracles.float64 import LLADetails, lla_forward, lla_forward_deta
 from lla_verify.budget.verdict import THRESHOLD, Verdict, record
 
 
-THRESH = 4.0  # safety factor on the first-order model (its terms are estimates, not bounds)
+MODEL_SAFETY = 4.0  # safety factor on the first-order model (its terms are estimates, not bounds)
 FA_FACTOR = 3.0  # kernel error may be this multiple of the same-precision dense error
 N_DIRECTIONS = 2  # random sign directions for the sensitivity estimate
 U64 = 2.0**-53
-MP_MAX_WORK = 64 * 64 * 8  # S * S * D up to which the mpmath oracle re-checks a dispute
+MP_RECHECK_WORK = 64 * 64 * 8  # S * S * D up to which the mpmath oracle re-checks a dispute
 
 def _lam_tensor(problem: Problem) -> torch.Tensor:
     return problem.lam_tensor.to(problem.q.device)
@@ -193,7 +193,7 @@ def forward_budget(problem: Problem, impl: Impl, *, details: LLADetails | None =
         "output": u_out * onorm,
         "floor": u_c * root_n * vscale,
     }
-    model = THRESH * sum(terms.values())
+    model = MODEL_SAFETY * sum(terms.values())
     dense_err, allowed, scale = None, model, 1.0
     if dense:
         o_dense = dense_torch_lla(problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
@@ -273,7 +273,7 @@ def check_forward(problem: Problem, impl: Impl, o: torch.Tensor, *, stats: dict 
         f"[{impl.name}] forward {'PASS' if passed else 'FAIL'} ratio {ratio:.3g} on {case}\n"
         f"  worst query {_fmt_idx(idx)}: error {float(err[idx]):.3e} vs allowed {float(fb.allowed[idx]):.3e} "
         f"(model: rounding {t['rounding']:.2e} + solver {t['solver']:.2e} + output {t['output']:.2e} + floor "
-        f"{t['floor']:.2e}, x{THRESH:g}{dense_txt})\n"
+        f"{t['floor']:.2e}, x{MODEL_SAFETY:g}{dense_txt})\n"
         f"  kappa(Sigma) {float(d.kappa[idx]):.3e}, delta/omega {float(d.delta[idx] / d.omega[idx]):.3e}, "
         f"lambda {float(lam[idx]):.3g}, scale {problem.qk_scale:.4g}, |o| {float(d.o[idx].norm()):.3g}; "
         f"{n_def} defined queries, {n_undef} undefined (lambda=0, delta=0) skipped\n"
@@ -292,7 +292,7 @@ def check_forward(problem: Problem, impl: Impl, o: torch.Tensor, *, stats: dict 
 def _mp_recheck(problem: Problem, o64: torch.Tensor, idx, allowed: float):
     """Re-run the worst head in mpmath when small enough; return (error, ratio) or None."""
     B, H, S, D = problem.q.shape
-    if S * S * D > MP_MAX_WORK:
+    if S * S * D > MP_RECHECK_WORK:
         return None
     try:
         from lla_verify.oracles.mp import lla_forward_mp

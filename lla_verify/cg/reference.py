@@ -29,7 +29,7 @@ from lla_verify.cg.bound import _F64, U32
 
 
 DEFAULT_CHUNK_BYTES = 128 * 2**20
-RESIDUAL_THRESH = 4.0  # safety factor on the probabilistic rounding model (as budget.THRESH)
+RESIDUAL_SAFETY = 4.0  # safety factor on the probabilistic rounding model (as budget.MODEL_SAFETY)
 # ------------------------------------------------------------------ Sigma_i in float64
 def sigma_mu(q, k, ridge_lambda, qk_scale=None, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, absolute: bool = False):
     """Sigma_i (..., S, D, D), mu_i (..., S, D) and omega_i (..., S) in float64.
@@ -230,8 +230,8 @@ def residual_rounding(q, k, ridge_lambda, qk_scale, rho, *, u: float = U32, wors
         | ||r_fp|| - ||r_64|| | / ||mu_i||  <=  c_i u ( || |Sigma|_abs |rho_i| || + || |mu|_abs || ) / ||mu_i||
 
     with c_i = n_i + D + 2 (the gamma_n worst case, ``worst_case=True``) or, by
-    default, the probabilistic model of budget/forward.py, c_i = THRESH (sqrt(n_i) + sqrt(D) + 2)
-    with THRESH = 4, which grows like sqrt(n) and so stays meaningful at S = 2048 where
+    default, the probabilistic model of budget/forward.py, c_i = MODEL_SAFETY (sqrt(n_i) + sqrt(D) + 2)
+    with MODEL_SAFETY = 4, which grows like sqrt(n) and so stays meaningful at S = 2048 where
     the worst case would hide a plainly wrong residual (both sit about 100 times above
     what a dense fp32 residual shows at S = 48). The
     relative error of ||mu_i|| itself is covered by the same terms. Returns the
@@ -243,6 +243,6 @@ def residual_rounding(q, k, ridge_lambda, qk_scale, rho, *, u: float = U32, wors
     x = rho.to(_F64).to(sig_abs.device).abs()
     mag = (sig_abs @ x[..., None])[..., 0].norm(dim=-1) + mu_abs.norm(dim=-1)
     n = torch.arange(1, S + 1, dtype=_F64, device=sig_abs.device)
-    c = (n + D + 2) if worst_case else RESIDUAL_THRESH * (n.sqrt() + math.sqrt(D) + 2)
+    c = (n + D + 2) if worst_case else RESIDUAL_SAFETY * (n.sqrt() + math.sqrt(D) + 2)
     den = mu.norm(dim=-1)
     return c * u * mag / torch.where(den > 0, den, torch.ones_like(den))

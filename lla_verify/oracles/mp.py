@@ -49,10 +49,10 @@ _F64 = torch.float64
 
 # Multiply-adds N * S(S+1)/2 * D (D + Dv) that the mp oracle accepts without force:
 # at 50 digits mpmath does ~1e6 of them per second on one core (S = 64, D = 8: 0.3 s).
-MP_MAX_WORK = 4_000_000
+MP_WORK_LIMIT = 4_000_000
 # The interval oracle does ~2e5 of them per second: this allows S = 32, D = 8 (~0.5 s),
 # well past the tiny sizes (S, D <= 8) it is meant for.
-INTERVAL_MAX_WORK = 100_000
+INTERVAL_WORK_LIMIT = 100_000
 # Finite differences evaluate each row ~2 (S D + S Dv + S) times.
 GRAD_MAX_S, GRAD_MAX_D = 8, 4
 MIN_DPS = 20  # below ~16 digits a float64 input would not even be held exactly
@@ -344,7 +344,7 @@ def lla_forward_mp(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, dps=5
     """
     dps = _check_dps(dps)
     p = _prepare(q, k, v, ridge_lambda, qk_scale, delta_eps)
-    _check_work(p, MP_MAX_WORK, force, "lla_forward_mp")
+    _check_work(p, MP_WORK_LIMIT, force, "lla_forward_mp")
     rows = _run_mp(p, dps, want_kappa=False)
     o_mp = _objarray([[r.o for r in seq] for seq in rows], p.lead + (p.S, p.Dv))
     o = _f64(o_mp)
@@ -360,7 +360,7 @@ def lla_forward_details_mp(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.
     """
     dps = _check_dps(dps)
     p = _prepare(q, k, v, ridge_lambda, qk_scale, delta_eps)
-    _check_work(p, MP_MAX_WORK, force, "lla_forward_details_mp")
+    _check_work(p, MP_WORK_LIMIT, force, "lla_forward_details_mp")
     rows = _run_mp(p, dps, want_kappa=True)
     L, S, D, Dv = p.lead, p.S, p.D, p.Dv
     nan = mpmath.nan
@@ -515,7 +515,7 @@ def lla_jvp_mp(q, k, v, *, ridge_lambda, qk_scale=None, tangents, delta_eps=0.0,
     dps = _check_dps(dps)
     h = _check_step(step, dps)
     p = _prepare(q, k, v, ridge_lambda, qk_scale, delta_eps)
-    _check_work(p, MP_MAX_WORK // 4, force, "lla_jvp_mp")
+    _check_work(p, MP_WORK_LIMIT // 4, force, "lla_jvp_mp")
     if not isinstance(tangents, (tuple, list)) or len(tangents) != 4:
         raise LLAInputError("tangents: expected a tuple (tq, tk, tv, tlam), each a tensor or None")
     S, D, Dv = p.S, p.D, p.Dv
@@ -570,7 +570,7 @@ def mp_self_check(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, dps_pa
     if hi_dps <= lo_dps:
         raise LLAInputError(f"dps_pair: expected dps_lo < dps_hi, got {dps_pair!r}")
     p = _prepare(q, k, v, ridge_lambda, qk_scale, delta_eps)
-    _check_work(p, MP_MAX_WORK // 2, force, "mp_self_check")
+    _check_work(p, MP_WORK_LIMIT // 2, force, "mp_self_check")
     lo_rows = _run_mp(p, lo_dps, want_kappa=True)
     hi_rows = _run_mp(p, hi_dps, want_kappa=False)
     S, D, Dv = p.S, p.D, p.Dv
@@ -678,7 +678,7 @@ def lla_forward_interval(q, k, v, *, ridge_lambda, qk_scale=None, prec=200, retu
     if isinstance(prec, bool) or not isinstance(prec, int) or prec < 60:
         raise LLAInputError(f"prec: expected an int >= 60 (bits), got {prec!r}")
     p = _prepare(q, k, v, ridge_lambda, qk_scale, 0.0)
-    _check_work(p, INTERVAL_MAX_WORK, force, "lla_forward_interval")
+    _check_work(p, INTERVAL_WORK_LIMIT, force, "lla_forward_interval")
     S, Dv = p.S, p.Dv
     inf = math.inf
     lo = [[[-inf] * Dv for _ in range(S)] for _ in range(p.N)]
