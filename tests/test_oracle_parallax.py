@@ -50,3 +50,22 @@ def test_bad_probe_is_named(bad, match):
     q, k, v, _ = _qkvr(S=4)
     with pytest.raises(LLAInputError, match=match):
         parallax_forward(q, k, v, bad(q))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_budget_passes_the_dense_reference_and_fails_a_dropped_term(dtype):
+    from lla_verify.budget.parallax import check_parallax_forward
+    from lla_verify.oracles.parallax import parallax_dense
+
+    q, k, v, r = (t.to(dtype) for t in _qkvr(S=24, D=16, Dv=16))
+    honest = parallax_dense(q, k, v, r)
+    ok = check_parallax_forward(q, k, v, r, honest, impl="dense", case="gaussian")
+    assert ok.passed, ok.message
+    # a kernel that forgets the covariance term is softmax attention: far outside the budget
+    wrong = parallax_dense(q, k, v, torch.zeros_like(r))
+    bad = check_parallax_forward(q, k, v, r, wrong, impl="dropped-term", case="gaussian")
+    assert not bad.passed and bad.cause == "implementation" and bad.ratio > 10, bad.message
+    # and one output ulp-level nudge in one row is still inside it
+    nudged = honest.clone()
+    nudged[0, 0, 5] = nudged[0, 0, 5] * (1 + torch.finfo(dtype).eps)
+    assert check_parallax_forward(q, k, v, r, nudged, impl="nudged", case="gaussian").passed

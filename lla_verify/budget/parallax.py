@@ -1,0 +1,118 @@
+"""The Parallax forward budget (docs/error-model.md, "Parallax"): the same model as LLA's
+forward budget without the solve.
+
+Parallax has no inner solve, so of budget/forward.py's terms three remain. For query i:
+
+    model_i   = MODEL_SAFETY * ( u_c sqrt(n_i) sens_i     rounding in the compute precision
+                               + u_out ||o_i||            rounding of the output
+                               + u_c sqrt(n_i) vscale )   floor for outputs near zero
+    allowed_i = max(model_i max(1, FA_FACTOR c), FA_FACTOR * dense_err_i)
+
+sens_i is the first-order change of o_i under componentwise relative perturbations of q,
+k, v and r along random sign patterns (Jacobian-vector products of the float64 oracle):
+the conditioning of this operator, large where |r_i| amplifies the covariance term;
+dense_err_i is the error of the plain centred computation in the compute precision on
+the same inputs (oracles.parallax.parallax_dense), FlashAttention's rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.func import jvp
+
+from lla_verify.budget.forward import FA_FACTOR, MODEL_SAFETY, N_DIRECTIONS, U64, same_precision_allowed
+from lla_verify.budget.verdict import THRESHOLD, Verdict, record
+from lla_verify.oracles.parallax import parallax_dense, parallax_forward
+from lla_verify.registry.precision import unit_roundoff
+
+
+@dataclass
+class ParallaxBudget:
+    o: torch.Tensor  # float64 oracle output (..., S, Dv)
+    sens: torch.Tensor  # (..., S)
+    terms: dict
+    model: torch.Tensor
+    dense_err: torch.Tensor | None
+    allowed: torch.Tensor
+    model_scale: float
+
+
+def parallax_sensitivity(q, k, v, r, *, qk_scale=None, directions: int = N_DIRECTIONS,
+                         seed: int = 0) -> torch.Tensor:
+    """max over random sign directions xi of ||J_o(x)[x * xi]||_2 per query, (..., S)."""
+    xs64 = tuple(t.detach().to(torch.float64) for t in (q, k, v, r))
+    gen = torch.Generator().manual_seed(seed)
+
+    def f(*a):
+        return parallax_forward(*a, qk_scale=qk_scale)
+
+    best = None
+    for _ in range(directions):
+        signs = [(torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t) for t in xs64]
+        _, do = jvp(f, xs64, tuple(s * t for s, t in zip(signs, xs64)))
+        n = do.norm(dim=-1)
+        best = n if best is None else torch.maximum(best, n)
+    return best
+
+
+def parallax_budget(q, k, v, r, *, qk_scale=None, compute_dtype=torch.float32,
+                    out_dtype: torch.dtype | None = None, dense: bool = True) -> ParallaxBudget:
+    """The allowed per-query error of an implementation computing in ``compute_dtype``."""
+    o64 = parallax_forward(q, k, v, r, qk_scale=qk_scale)
+    u_c = unit_roundoff(compute_dtype) if compute_dtype != torch.float64 else U64
+    out_dt = out_dtype or q.dtype
+    u_out = unit_roundoff(out_dt) if out_dt != torch.float64 else U64
+    S, D = q.shape[-2], q.shape[-1]
+    root_n = (torch.arange(1, S + 1, dtype=torch.float64, device=q.device) * D).sqrt()
+    sens = parallax_sensitivity(q, k, v, r, qk_scale=qk_scale)
+    vscale = v.to(torch.float64).norm(dim=-1).amax(-1, keepdim=True)
+    terms = {"rounding": u_c * root_n * sens, "output": u_out * o64.norm(dim=-1), "floor": u_c * root_n * vscale}
+    model = MODEL_SAFETY * sum(terms.values())
+    dense_err, allowed, scale = None, model, 1.0
+    if dense:
+        o_dense = parallax_dense(q, k, v, r, qk_scale=qk_scale, compute_dtype=compute_dtype)
+        dense_err = (o_dense.to(torch.float64) - o64).norm(dim=-1)
+        allowed, scale = same_precision_allowed(model, dense_err, FA_FACTOR, torch.ones_like(model, dtype=torch.bool))
+    return ParallaxBudget(o64, sens, terms, model, dense_err, allowed, scale)
+
+
+def check_parallax_forward(q, k, v, r, o, *, impl: str, case: str, qk_scale=None,
+                           compute_dtype=torch.float32, dense: bool = True,
+                           pb: ParallaxBudget | None = None) -> Verdict:
+    """Compare an implementation's Parallax output ``o`` with the float64 oracle within budget."""
+    expected = tuple(v.shape)
+    if tuple(o.shape) != expected:
+        return Verdict("parallax-forward", impl, case, math.inf, False, "implementation",
+                       f"[{impl}] parallax forward on {case}: output shape {tuple(o.shape)} != expected {expected}")
+    pb = pb or parallax_budget(q, k, v, r, qk_scale=qk_scale, compute_dtype=compute_dtype, out_dtype=o.dtype,
+                               dense=dense)
+    o64 = o.detach().to(torch.float64)
+    err = (o64 - pb.o).norm(dim=-1)
+    finite = torch.isfinite(o64).all(-1)
+    ratio_q = torch.where(finite, err / pb.allowed, torch.full_like(err, math.inf))
+    flat = torch.nan_to_num(ratio_q.flatten(), nan=math.inf)
+    worst = int(torch.argmax(flat))
+    idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(worst), ratio_q.shape))
+    ratio = float(flat[worst])
+    passed = ratio <= THRESHOLD
+    cause = "ok" if passed else ("non-finite" if not bool(finite[idx]) else "implementation")
+    t = {key: float(val[idx]) for key, val in pb.terms.items()}
+    dense_txt = f", dense error {float(pb.dense_err[idx]):.3e}" if pb.dense_err is not None else ""
+    if pb.model_scale > 1.0:
+        dense_txt += f"; model x{pb.model_scale:.3g} (FA factor x the reference's worst error / model)"
+    where = ", ".join(f"{n}={i}" for n, i in zip("bhi" if len(idx) == 3 else "x" * len(idx), idx))
+    msg = (f"[{impl}] parallax forward {'PASS' if passed else 'FAIL'} ratio {ratio:.3g} on {case}\n"
+           f"  worst query ({where}): error {float(err[idx]):.3e} vs allowed {float(pb.allowed[idx]):.3e} "
+           f"(model: rounding {t['rounding']:.2e} + output {t['output']:.2e} + floor {t['floor']:.2e}, "
+           f"x{MODEL_SAFETY:g}{dense_txt})\n"
+           f"  sensitivity {float(pb.sens[idx]):.3e}, |r| {float(r[idx].double().norm()):.3g}, "
+           f"|o| {float(pb.o[idx].norm()):.3g}\n  cause: {cause}")
+    record("parallax-forward", impl, ratio, case)
+    per_query = {"err": err, "allowed": pb.allowed, "ratio": ratio_q, "model": pb.model}
+    summary = {"ratio": ratio, "cause": cause, "err_max": float(torch.nan_to_num(err, nan=math.inf).max()),
+               "nonfinite": int((~finite).sum())}
+    return Verdict("parallax-forward", impl, case, ratio, passed, cause, msg, idx, int(err.numel()), 0,
+                   per_query, summary)
