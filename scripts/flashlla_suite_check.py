@@ -40,10 +40,15 @@ def exception_names(text: str) -> set[str]:
 
 def judge(xml_text: str, impl_skips: dict, *, pytest_rc: int | None = None, impl: str = "flashlla") -> dict:
     root = ET.fromstring(xml_text)
-    res = {"tests": 0, "passed": 0, "forward_failures": [], "gradient_failures": [], "other_failures": [],
+    res = {"tests": 0, "unnamed": 0, "passed": 0, "forward_failures": [], "gradient_failures": [], "other_failures": [],
            "harness_errors": [], "bad_skips": [], "record_skips": 0, "problems": [], "incomplete": False}
     allowed_skips = [r for r in impl_skips.values() if r]
     for tc in root.iter("testcase"):
+        if not tc.get("name"):
+            # pytest-xdist writes a name-less, result-less entry for reports it never
+            # matched to a test (a run cut short): not a pass, and not a test
+            res["unnamed"] += 1
+            continue
         res["tests"] += 1
         tid = f"{tc.get('classname', '')}::{tc.get('name', '')}"
         fail, err, skip = tc.find("failure"), tc.find("error"), tc.find("skipped")
@@ -80,6 +85,9 @@ def judge(xml_text: str, impl_skips: dict, *, pytest_rc: int | None = None, impl
                 res["problems"].append(f"{tid}: a gradient verdict that does not say it judged dq, dk, dv only")
         else:
             res["other_failures"].append(line)
+    if res["unnamed"]:
+        res["problems"].append(f"{res['unnamed']} testcase entries without a name (not counted: a run cut short "
+                               "leaves them)")
     if pytest_rc == 2:
         res["incomplete"] = True
         res["problems"].append("pytest was interrupted (rc 2): the run is incomplete")
@@ -116,7 +124,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=1)
-    print(f"suite check ({args.impl}): {res['tests']} tests, {res['passed']} passed, "
+    print(f"suite check ({args.impl}): {res['tests']} tests ({res['unnamed']} unnamed entries not counted), "
+          f"{res['passed']} passed, "
           f"{len(res['forward_failures'])} forward failures, {len(res['gradient_failures'])} gradient failures, "
           f"{len(res['other_failures'])} other assertion failures, {len(res['harness_errors'])} harness errors, "
           f"{res['record_skips']} skips named by the record, {len(res['bad_skips'])} other skips")

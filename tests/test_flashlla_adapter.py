@@ -419,3 +419,16 @@ def test_the_checker_holds_failures_outside_the_implementation_against_the_harne
     res = _checker().judge(xml, get_impl("flashlla").skips, pytest_rc=1)
     assert len(res["harness_errors"]) == 1 and "does not call flashlla" in res["harness_errors"][0], res
     assert any("harness errors" in p for p in res["problems"]), res
+
+
+def test_the_checker_does_not_count_unnamed_entries_as_passes():
+    # an interrupted xdist run leaves <testcase time="..."/> entries with no name and no result
+    xml = ('<testsuites><testsuite>'
+           '<testcase classname="properties.test_forward_accuracy" name="f"><failure message="AssertionError: '
+           '[flashlla] forward FAIL ratio 9">E   AssertionError: [flashlla] forward FAIL</failure></testcase>'
+           '<testcase classname="properties.test_identities" name="p" time="1.0"/>'
+           '<testcase time="0.5"/><testcase time="0.0"/>'
+           '</testsuite></testsuites>')
+    res = _checker().judge(xml, get_impl("flashlla").skips, pytest_rc=1)
+    assert (res["tests"], res["passed"], res["unnamed"]) == (2, 1, 2), res
+    assert any("2 testcase entries without a name" in p for p in res["problems"]), res
