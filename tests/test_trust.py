@@ -379,3 +379,34 @@ def test_roofline_flags_a_speed_beyond_the_hardware():
     assert trust.implausible_speed(1e-4, floor) and "below the hardware's floor" in trust.implausible_speed(1e-4, floor)
     assert trust.implausible_speed(3e-3, floor) is None
     assert trust.implausible_speed(0.0, floor)
+
+
+# ------------------------------------------------------------------ the CG study
+def _with_stats(fn, stats):
+    def forward_with_stats(q, k, v, *, ridge_lambda, qk_scale=None, cg_tol=None, cg_max_iters=None,
+                           preconditioner=None):
+        o = fn(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+        lead = tuple(q.shape[:-1])
+        return o, {key: torch.ones(lead) for key in stats}
+    return Impl(name=fn.__name__, forward=fn, description="planted", forward_with_stats=forward_with_stats)
+
+
+@pytest.mark.parametrize("name, stats, reason", [
+    ("double_k", ("cg_iters", "cg_residual"), "modified its inputs: k"),
+    ("sys_exit", ("cg_iters", "cg_residual"), "SystemExit"),
+    ("honest", ("cg_iters",), "no per-query cg_residual"),
+])
+def test_cg_study_runs_the_implementation_across_the_boundary(name, stats, reason):
+    from lla_verify.cg.kernel import run_kernel
+
+    p = problem(S=8)
+    with pytest.raises(trust.Misbehaved, match=reason):
+        run_kernel(_with_stats(getattr(planted, name), stats), p, tol=1e-6, max_iters=8)
+
+
+def test_cg_study_of_honest_statistics_runs():
+    from lla_verify.cg.kernel import run_kernel
+
+    p = problem(S=8)
+    kr = run_kernel(_with_stats(planted.honest, ("cg_iters", "cg_residual")), p, tol=1e-6, max_iters=8)
+    assert kr.o.shape == p.v.shape and kr.iters.shape == p.q.shape[:-1] and kr.rho is None

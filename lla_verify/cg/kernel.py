@@ -5,6 +5,8 @@ plain and Jacobi) when given an implementation with stats.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -57,11 +59,17 @@ def run_kernel(impl, problem: Problem, *, tol: float, max_iters: int, preconditi
         why = f"{impl.name} exposes no rho"
     if impl.forward_with_stats is None:
         raise LLAInputError(f"{impl.name}: has no forward_with_stats (no CG statistics to compare)")
-    with torch.no_grad():
-        o, st = impl.forward_with_stats(
-            problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda, qk_scale=problem.qk_scale,
-            cg_tol=tol, cg_max_iters=int(max_iters), preconditioner=preconditioner,
-        )
+    # an implementation the harness does not own runs across the trust boundary, as in
+    # check and audit: its outputs are the harness's copies, its breaches are Misbehaved
+    from lla_verify.trust import Misbehaved, call_forward
+
+    bound = dataclasses.replace(impl, forward_with_stats=functools.partial(
+        impl.forward_with_stats, cg_tol=tol, cg_max_iters=int(max_iters), preconditioner=preconditioner))
+    o, st = call_forward(bound, problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
+                         qk_scale=problem.qk_scale, stats=True)
+    missing = [key for key in ("cg_iters", "cg_residual") if key not in (st or {})]
+    if missing:
+        raise Misbehaved(f"forward_with_stats returned no per-query {' or '.join(missing)} of shape {(B, H, S)}")
     return KernelRun(o=o, iters=st["cg_iters"], residual=st["cg_residual"], rho=None, note=why)
 
 

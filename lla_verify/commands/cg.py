@@ -372,8 +372,14 @@ def _run(args) -> int:
         # --quick runs the kernel on CPU through the interpreter; say so instead of skipping silently
         os.environ["TRITON_INTERPRET"] = "1"
         print("lla-verify cg: --quick on CPU: setting TRITON_INTERPRET=1 for the Triton kernel")
-    run_study(impl_name=args.impl, full=args.full, out=args.out, seed=args.seed, kappas=args.kappas,
-              tol=args.tol, max_iters=args.max_iters, device=args.device, progress=not args.no_progress)
+    from lla_verify.trust import Misbehaved
+
+    try:
+        run_study(impl_name=args.impl, full=args.full, out=args.out, seed=args.seed, kappas=args.kappas,
+                  tol=args.tol, max_iters=args.max_iters, device=args.device, progress=not args.no_progress)
+    except Misbehaved as exc:  # a breach of the calling contract: no study of its statistics is possible
+        print(f"lla-verify cg: FAIL: {args.impl} broke the calling contract: {exc}")
+        return 1
     return 0
 
 
