@@ -323,15 +323,31 @@ class _ExitGuard:
         return False
 
 
+# Callables that ran past CALL_LIMIT in this process, with the limit they broke. Hypothesis
+# replays and shrinks a failing example many times; a hung implementation is not called
+# again, so a property fails in one limit's time instead of one per replay.
+_TIMED_OUT: dict = {}
+
+
 def _guarded(fn, *args, **kw):
     """fn(*args, **kw) with the implementation's own SystemExit / KeyboardInterrupt, its
     os._exit and (CALL_LIMIT) a call past the limit as Misbehaved."""
+    try:
+        broken = _TIMED_OUT.get(fn)
+    except TypeError:  # an unhashable callable is simply called
+        broken = None
+    if broken is not None:
+        raise Misbehaved(f"timed out after {broken:g} s on an earlier call in this process (not called again)")
     with _InterruptGuard(), _ExitGuard():
         try:
             return fn(*args, **kw)
         except _ExitCalled as exc:
             raise Misbehaved(f"called os._exit({exc.args[0]!r}) (tried to end the process)") from None
         except _CallTimedOut:
+            try:
+                _TIMED_OUT[fn] = CALL_LIMIT
+            except TypeError:
+                pass
             raise Misbehaved(f"timed out after {CALL_LIMIT:g} s") from None
         except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
             why = _reason_for(exc)

@@ -142,10 +142,14 @@ def test_os_exit_in_process_is_a_failed_call(monkeypatch):
 
 def test_a_hang_in_process_times_out_at_the_call_limit(monkeypatch):
     monkeypatch.setattr(trust, "CALL_LIMIT", 0.5)
+    monkeypatch.setattr(trust, "_TIMED_OUT", {})
     t0 = time.monotonic()
     with pytest.raises(trust.Misbehaved, match=re.escape("timed out after 0.5 s")):
         suite.run(impl("hang"), problem())
     assert time.monotonic() - t0 < 30
+    # Hypothesis replays a failing example: the hung implementation is not entered again
+    with pytest.raises(trust.Misbehaved, match=re.escape("on an earlier call in this process (not called again)")):
+        suite.run(impl("hang"), problem())
     # the timer is off again: a later honest call is not cut short
     assert suite.run(impl("honest"), problem()).shape == problem().v.shape
 
