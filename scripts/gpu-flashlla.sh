@@ -65,7 +65,9 @@ if want audit; then ( t0=$(date +%s)
     n=$($PY -c "from lla_verify.audit.plan import plan; from lla_verify.registry.impls import get_impl; print(len(plan(get_impl('flashlla'), full=True)[0]))")
     step=$(( (n + SLICES - 1) / SLICES ))
     for a in $(seq 0 "$step" $(( n - 1 ))); do
-        ( OMP_NUM_THREADS=1 timeout -k 20 "$REST_LIMIT" $PY -m lla_verify audit --full --impl flashlla --device cuda \
+        # SIGINT at the limit makes a slice write its partial report (INCOMPLETE); the kill
+        # comes 90 s later, room for the worker's close and the report of up to 14 full cells
+        ( OMP_NUM_THREADS=1 timeout -s INT -k 90 "$REST_LIMIT" $PY -m lla_verify audit --full --impl flashlla --device cuda \
             --no-progress --cells "$a:$(( a + step ))" --out "$W/audit-slices/s$a" > "$W/audit-slices/s$a.log" 2>&1 ) &
     done; wait
     $PY -m lla_verify audit --merge "$W"/audit-slices/s*/report.json --out "$W/audit-full" > "$W/audit.log" 2>&1
