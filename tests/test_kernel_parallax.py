@@ -100,6 +100,12 @@ def test_forward_wider_heads(family, D):
     _judge_forward(*_inputs(family, S=48, D=D, H=1), f"{family} S=48 D={D}")
 
 
+def test_head_dim_128():
+    q, k, v, r = _inputs("key_offset_large_probe", S=20, D=128, Dv=64, H=1)
+    _judge_forward(q, k, v, r, "key_offset_large_probe S=20 D=128 Dv=64")
+    _judge_backward(q, k, v, r, "key_offset_large_probe S=20 D=128 Dv=64")
+
+
 def test_forward_value_width_differs():
     _judge_forward(*_inputs("large_probe", S=29, D=16, Dv=32), "large_probe D=16 Dv=32")
 
