@@ -116,3 +116,108 @@ def check_parallax_forward(q, k, v, r, o, *, impl: str, case: str, qk_scale=None
                "nonfinite": int((~finite).sum())}
     return Verdict("parallax-forward", impl, case, ratio, passed, cause, msg, idx, int(err.numel()), 0,
                    per_query, summary)
+
+
+# ----------------------------------------------------------------------------- backward
+GRAD_NAMES = ("dq", "dk", "dv", "dr")
+BWD_FACTOR = 4.0  # an implementation's gradient error may be this multiple of the dense reference's
+BWD_ULPS = 2.0  # floor: this many units of roundoff (see parallax_backward_budget)
+
+
+@dataclass
+class ParallaxBackwardBudget:
+    grads64: tuple  # float64 oracle gradients (dq, dk, dv, dr)
+    dense_err: tuple  # per-row error of autograd through parallax_dense in the compute precision
+    allowed: tuple  # per-row allowed error, one tensor per gradient
+
+
+def _grads(fn, xs, do):
+    leaves = tuple(t.detach().requires_grad_(True) for t in xs)
+    return torch.autograd.grad(fn(*leaves), leaves, do)
+
+
+def parallax_backward_budget(q, k, v, r, do, *, qk_scale=None, compute_dtype=torch.float32,
+                             grad_dtype: torch.dtype | None = None) -> ParallaxBackwardBudget:
+    """The allowed per-row error of dq, dk, dv, dr for the cotangent ``do``.
+
+    Per row x of each gradient (one row of dq, dk, dv or dr, a vector over D or Dv):
+
+        floor_x   = BWD_ULPS (u_c sqrt(S D) max_x' ||g64_x'|| + u_g ||g64_x||)
+        allowed_x = max(BWD_FACTOR * dense_err_x, floor_x max(1, BWD_FACTOR c)),
+        c         = max_x dense_err_x / floor_x
+
+    dense_err_x is the error of autograd through parallax_dense in ``compute_dtype`` on the
+    same inputs and cotangent (gradients in the inputs' dtype, as an implementation returns
+    them): FlashAttention's rule. It is one sample of a rounding error that the
+    implementation, summing in another order, draws afresh; a row where that sample
+    happens to be near zero (the last key's dv, a single product) would demand more than
+    the precision holds. Hence the floor: a few units of the compute precision u_c over
+    sums of S terms of D-long products at the scale of the head's largest gradient row
+    (max over x' in the same (batch, head)), plus the output rounding u_g of the row
+    itself in the gradient dtype. Where the reference's error is far above that floor
+    (keys with a large common offset: the scores' rounding, u_c s |q_i| |k_j|, is the
+    conditioning), c scales the floor as the forward budget's same_precision_allowed
+    does: every row may reach BWD_FACTOR times the reference's worst error in floor units.
+    """
+    xs = (q, k, v, r)
+    g64 = _grads(lambda *a: parallax_forward(*a, qk_scale=qk_scale), tuple(t.to(torch.float64) for t in xs),
+                 do.to(torch.float64))
+    gd = _grads(lambda *a: parallax_dense(*a, qk_scale=qk_scale, compute_dtype=compute_dtype), xs, do.to(q.dtype))
+    gdt = grad_dtype or q.dtype
+    u_g = unit_roundoff(gdt) if gdt != torch.float64 else U64
+    u_c = unit_roundoff(compute_dtype) if compute_dtype != torch.float64 else U64
+    root_n = math.sqrt(q.shape[-2] * q.shape[-1])
+    dense_err = tuple((a.to(torch.float64) - b).norm(dim=-1) for a, b in zip(gd, g64))
+    allowed = []
+    for e, b in zip(dense_err, g64):
+        n = b.norm(dim=-1)
+        floor = BWD_ULPS * (u_c * root_n * n.amax(-1, keepdim=True) + u_g * n)
+        allowed.append(same_precision_allowed(floor, e, BWD_FACTOR, torch.ones_like(e, dtype=torch.bool))[0])
+    allowed = tuple(allowed)
+    return ParallaxBackwardBudget(g64, dense_err, allowed)
+
+
+def check_parallax_backward(q, k, v, r, do, grads, *, impl: str, case: str, qk_scale=None,
+                            compute_dtype=torch.float32,
+                            pb: ParallaxBackwardBudget | None = None) -> Verdict:
+    """Compare an implementation's gradients ``grads`` = (dq, dk, dv, dr) of <do, o> with the
+    float64 oracle's (autograd through parallax_forward), row by row within budget."""
+    expected = tuple(tuple(t.shape) for t in (q, k, v, r))
+    got = tuple(None if t is None else tuple(t.shape) for t in grads)
+    if len(got) != 4 or got != expected:
+        return Verdict("parallax-backward", impl, case, math.inf, False, "implementation",
+                       f"[{impl}] parallax backward on {case}: gradient shapes {got} != expected {expected}")
+    pb = pb or parallax_backward_budget(q, k, v, r, do, qk_scale=qk_scale, compute_dtype=compute_dtype,
+                                        grad_dtype=grads[0].dtype)
+    worst = (-1.0, None, None)
+    per_query, summary = {}, {"nonfinite": 0}
+    for name, g, g64, allowed, de in zip(GRAD_NAMES, grads, pb.grads64, pb.allowed, pb.dense_err):
+        g = g.detach().to(torch.float64)
+        err = (g - g64).norm(dim=-1)
+        finite = torch.isfinite(g).all(-1)
+        # a row whose gradient vanishes exactly (dq_0, dr_0: one key) allows 0 and passes at 0
+        ratio_x = torch.where(allowed > 0, err / allowed.clamp_min(1e-300), torch.where(err > 0, math.inf, 0.0))
+        ratio_x = torch.where(finite, ratio_x, torch.full_like(err, math.inf))
+        flat = torch.nan_to_num(ratio_x.flatten(), nan=math.inf)
+        at = int(torch.argmax(flat))
+        per_query[name] = {"err": err, "allowed": allowed, "ratio": ratio_x, "dense_err": de}
+        summary[f"ratio_{name}"] = float(flat[at])
+        summary["nonfinite"] += int((~finite).sum())
+        if float(flat[at]) > worst[0]:
+            idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(at), ratio_x.shape))
+            worst = (float(flat[at]), name, idx)
+    ratio, name, idx = worst
+    passed = ratio <= THRESHOLD
+    pq = per_query[name]
+    cause = "ok" if passed else ("non-finite" if not math.isfinite(float(pq["err"][idx])) else "implementation")
+    where = ", ".join(f"{n}={i}" for n, i in zip("bhi" if len(idx) == 3 else "x" * len(idx), idx))
+    parts = ", ".join(f"{n} {summary[f'ratio_{n}']:.3g}" for n in GRAD_NAMES)
+    g64 = pb.grads64[GRAD_NAMES.index(name)]
+    msg = (f"[{impl}] parallax backward {'PASS' if passed else 'FAIL'} ratio {ratio:.3g} on {case} ({parts})\n"
+           f"  worst row {name} ({where}): error {float(pq['err'][idx]):.3e} vs allowed {float(pq['allowed'][idx]):.3e} "
+           f"(x{BWD_FACTOR:g} dense error {float(pq['dense_err'][idx]):.3e}, or {BWD_ULPS:g} ulp of "
+           f"|{name}| {float(g64[idx].norm()):.3e})\n  cause: {cause}")
+    record("parallax-backward", impl, ratio, case)
+    summary.update(ratio=ratio, cause=cause)
+    return Verdict("parallax-backward", impl, case, ratio, passed, cause, msg, (name, idx),
+                   int(sum(t.numel() for t in pb.allowed)), 0, per_query, summary)

@@ -1,0 +1,346 @@
+"""Parallax forward and backward in Triton.
+
+docs/kernels-parallax.md derives the gradient and explains the centring; this file keeps
+to why-comments. Notation per query i, keys j <= i (c_k = k_0 and c_v = v_0 are the
+head's first key and value, the anchors):
+
+    a_ij = s <q_i, k_j>      p_ij = exp(a_ij - lse_i)      kp_j = k_j - c_k, vp_j = v_j - c_v
+    d_ij = <kp_j, r_i>       dbar_i = sum_j p_ij d_ij       e_ij = d_ij - dbar_i = <k_j - kbar_i, r_i>
+    nup_i = sum_j p_ij vp_j  cr_i = C_i r_i = sum_j p_ij vp_j d_ij - nup_i dbar_i
+    o_i = c_v + nup_i - cr_i
+
+Backward, with g_i = dL/do_i, gv_ij = <g_i, vp_j> - <g_i, nup_i> = <g_i, v_j - nu_i> and
+delta_i = <g_i, cr_i>:
+
+    da_ij = p_ij (gv_ij (1 - e_ij) + delta_i)
+    dq_i = s sum_j da_ij kp_j         dr_i = -sum_j p_ij gv_ij kp_j
+    dk_j = s sum_i da_ij q_i - sum_i p_ij gv_ij r_i
+    dv_j = sum_i p_ij (1 - e_ij) g_i
+
+One program per (head, query tile) for the forward and for dq, dr; one per (head, key
+tile) for dk, dv. No atomics: every output element is written by one program.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+# Input precision of fp32 tl.dot on the GPU: three TF32 products, about fp32 accuracy.
+# One TF32 product (10 mantissa bits) would put the covariance term's error far above
+# the fp32 dense reference the budget compares with.
+GPU_PRECISION = "tf32x3"
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class ForwardOut(NamedTuple):
+    o: torch.Tensor  # (N, S, Dv) input dtype
+    lse: torch.Tensor  # (N, S) accumulation dtype: m_i + log(sum_j exp(a_ij - m_i))
+    nup: torch.Tensor  # (N, S, Dv): nu_i - v_0
+    dbar: torch.Tensor  # (N, S): sum_j p_ij <k_j - k_0, r_i>
+    cr: torch.Tensor  # (N, S, Dv): C_i r_i
+
+
+class BackwardOut(NamedTuple):
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    dr: torch.Tensor
+
+
+# ----------------------------------------------------------------------------- device helpers
+@triton.jit
+def _load_rows(PTR, base, offs, S, W: tl.constexpr):
+    offs_w = tl.arange(0, W)
+    return tl.load(PTR + base + offs[:, None] * W + offs_w[None, :], mask=(offs < S)[:, None], other=0.0)
+
+
+@triton.jit
+def _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D: tl.constexpr, DV: tl.constexpr,
+               UPCAST: tl.constexpr, ACC: tl.constexpr):
+    """Raw keys for the scores (exact 16-bit operands compiled), and the keys and values
+    less their anchors in the accumulation dtype for everything else."""
+    k = _load_rows(K, kbase, offs_n, S, D)
+    kp = k.to(ACC) - ck[None, :]
+    vp = _load_rows(V, vbase, offs_n, S, DV).to(ACC) - cv[None, :]
+    if UPCAST:
+        k_dot = k.to(ACC)
+    else:
+        k_dot = k
+    return k_dot, kp, vp
+
+
+@triton.jit
+def _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK: tl.constexpr, SPREC: tl.constexpr):
+    a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC) * scale
+    if MASK:
+        keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S)
+        a = tl.where(keep, a, float("-inf"))
+    return a
+
+
+@triton.jit
+def _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, e_i, acc_a, acc_b,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+              MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
+    a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC).to(ACC)
+    m_new = tl.maximum(m_i, tl.max(a, 1))
+    # every row sees key 0 in the first tile, so m_new is finite from then on
+    alpha = tl.exp(m_i - m_new)
+    w = tl.exp(a - m_new[:, None])
+    # d_ij against the anchored keys: O(spread |r_i|), never O(|k_j| |r_i|)
+    d = tl.dot(rf, tl.trans(kp), input_precision=PREC)
+    wd = w * d
+    l_i = l_i * alpha + tl.sum(w, 1)
+    e_i = e_i * alpha + tl.sum(wd, 1)
+    acc_a = acc_a * alpha[:, None] + tl.dot(w, vp, input_precision=PREC)
+    acc_b = acc_b * alpha[:, None] + tl.dot(wd, vp, input_precision=PREC)
+    return m_new, l_i, e_i, acc_a, acc_b
+
+
+# S is not specialised on (== 1, % 16): every pointer is offset by multiples of D or Dv
+@triton.jit(do_not_specialize=("S",))
+def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, S, scale,
+                   D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+    n_tiles = tl.cdiv(S, BLOCK_M)
+    # late query tiles do the most work: launch them first for a balanced tail
+    pid_m = n_tiles - 1 - tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    kbase = head * S * D
+    vbase = head * S * DV
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < S
+
+    q = _load_rows(Q, kbase, offs_m, S, D)
+    if UPCAST:
+        q_dot = q.to(ACC)
+    else:
+        q_dot = q
+    rf = _load_rows(R, kbase, offs_m, S, D).to(ACC)
+    # Anchors: the head's first key and value. They move with a common offset of the
+    # keys (values), which then cancels in kp, vp before any product.
+    ck = tl.load(K + kbase + tl.arange(0, D)).to(ACC)
+    cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    e_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc_a = tl.zeros([BLOCK_M, DV], dtype=ACC)
+    acc_b = tl.zeros([BLOCK_M, DV], dtype=ACC)
+    hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
+    # key tiles entirely below the diagonal (and inside S) need no mask
+    lo_full = ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    for start_n in range(0, lo_full, BLOCK_N):
+        m_i, l_i, e_i, acc_a, acc_b = _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m,
+                                                m_i, l_i, e_i, acc_a, acc_b, D, DV, BLOCK_N, UPCAST, False, ACC,
+                                                PREC, SPREC)
+    for start_n in range(lo_full, hi, BLOCK_N):
+        m_i, l_i, e_i, acc_a, acc_b = _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m,
+                                                m_i, l_i, e_i, acc_a, acc_b, D, DV, BLOCK_N, UPCAST, True, ACC,
+                                                PREC, SPREC)
+    inv_l = 1.0 / l_i
+    nup = acc_a * inv_l[:, None]
+    dbar = e_i * inv_l
+    # sum_j p (vp - nup)(d - dbar) = sum_j p vp d - nup dbar: both terms O(spread^2 |r|)
+    cr = acc_b * inv_l[:, None] - nup * dbar[:, None]
+    o = cv[None, :] + nup - cr
+
+    offs_e = tl.arange(0, DV)
+    vptrs = vbase + offs_m[:, None] * DV + offs_e[None, :]
+    tl.store(O + vptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(NUP + vptrs, nup, mask=row_ok[:, None])
+    tl.store(CR + vptrs, cr, mask=row_ok[:, None])
+    tl.store(LSE + head * S + offs_m, m_i + tl.log(l_i), mask=row_ok)
+    tl.store(DBAR + head * S + offs_m, dbar, mask=row_ok)
+
+
+@triton.jit
+def _bwd_tile(q_dot, rf, gf, lse, dbar, gnu, delta, k_dot, kp, vp, offs_m, offs_n, S, scale,
+              PREC: tl.constexpr, SPREC: tl.constexpr, ACC: tl.constexpr):
+    """p, 1 - e, p gv and da for a (query tile, key tile) pair, causal mask included."""
+    a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC) * scale
+    keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S) & (offs_m[:, None] < S)
+    # the exponent is masked first: padding rows carry lse = 0 and could overflow
+    p = tl.exp(tl.where(keep, a - lse[:, None], float("-inf")))
+    f = 1.0 - (tl.dot(rf, tl.trans(kp), input_precision=PREC) - dbar[:, None])
+    gv = tl.dot(gf, tl.trans(vp), input_precision=PREC) - gnu[:, None]
+    pg = p * gv
+    da = pg * f + p * delta[:, None]
+    return p * f, pg, da
+
+
+@triton.jit(do_not_specialize=("S",))
+def _px_bwd_dq_kernel(Q, K, V, R, G, LSE, DBAR, GNU, DELTA, DQ, DR, S, scale,
+                      D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+    n_tiles = tl.cdiv(S, BLOCK_M)
+    pid_m = n_tiles - 1 - tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    kbase = head * S * D
+    vbase = head * S * DV
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < S
+    q = _load_rows(Q, kbase, offs_m, S, D)
+    if UPCAST:
+        q_dot = q.to(ACC)
+    else:
+        q_dot = q
+    rf = _load_rows(R, kbase, offs_m, S, D).to(ACC)
+    gf = _load_rows(G, vbase, offs_m, S, DV).to(ACC)
+    lse = tl.load(LSE + head * S + offs_m, mask=row_ok, other=0.0)
+    dbar = tl.load(DBAR + head * S + offs_m, mask=row_ok, other=0.0)
+    gnu = tl.load(GNU + head * S + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + head * S + offs_m, mask=row_ok, other=0.0)
+    ck = tl.load(K + kbase + tl.arange(0, D)).to(ACC)
+    cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
+
+    dq = tl.zeros([BLOCK_M, D], dtype=ACC)
+    dr = tl.zeros([BLOCK_M, D], dtype=ACC)
+    hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
+        _pf, pg, da = _bwd_tile(q_dot, rf, gf, lse, dbar, gnu, delta, k_dot, kp, vp, offs_m, offs_n, S, scale,
+                                PREC, SPREC, ACC)
+        # sum_j da_ij = 0 and sum_j pg_ij = 0, so the anchored keys give the same sums
+        # without a common offset of the keys in them
+        dq += tl.dot(da, kp, input_precision=PREC)
+        dr -= tl.dot(pg, kp, input_precision=PREC)
+    dq = dq * scale
+    ptrs = kbase + offs_m[:, None] * D + tl.arange(0, D)[None, :]
+    tl.store(DQ + ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DR + ptrs, dr.to(DR.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=("S",))
+def _px_bwd_dkdv_kernel(Q, K, V, R, G, LSE, DBAR, GNU, DELTA, DK, DV_OUT, S, scale,
+                        D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    kbase = head * S * D
+    vbase = head * S * DV
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < S
+    ck = tl.load(K + kbase + tl.arange(0, D)).to(ACC)
+    cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
+    k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
+
+    dk = tl.zeros([BLOCK_N, D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, DV], dtype=ACC)
+    # queries i >= j only: the first query tile that reaches this key tile
+    lo = (start_n // BLOCK_M) * BLOCK_M
+    for start_m in range(lo, S, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < S
+        q = _load_rows(Q, kbase, offs_m, S, D)
+        if UPCAST:
+            q_dot = q.to(ACC)
+        else:
+            q_dot = q
+        qf = q.to(ACC)
+        rf = _load_rows(R, kbase, offs_m, S, D).to(ACC)
+        gf = _load_rows(G, vbase, offs_m, S, DV).to(ACC)
+        lse = tl.load(LSE + head * S + offs_m, mask=row_ok, other=0.0)
+        dbar = tl.load(DBAR + head * S + offs_m, mask=row_ok, other=0.0)
+        gnu = tl.load(GNU + head * S + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + head * S + offs_m, mask=row_ok, other=0.0)
+        pf, pg, da = _bwd_tile(q_dot, rf, gf, lse, dbar, gnu, delta, k_dot, kp, vp, offs_m, offs_n, S, scale,
+                               PREC, SPREC, ACC)
+        dv += tl.dot(tl.trans(pf), gf, input_precision=PREC)
+        dk += scale * tl.dot(tl.trans(da), qf, input_precision=PREC) - tl.dot(tl.trans(pg), rf,
+                                                                              input_precision=PREC)
+    tl.store(DK + kbase + offs_n[:, None] * D + tl.arange(0, D)[None, :], dk.to(DK.dtype.element_ty),
+             mask=col_ok[:, None])
+    tl.store(DV_OUT + vbase + offs_n[:, None] * DV + tl.arange(0, DV)[None, :], dv.to(DV_OUT.dtype.element_ty),
+             mask=col_ok[:, None])
+
+
+# ----------------------------------------------------------------------------- launchers
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per larger head dim (of D, Dv) on the GPU,
+# then smaller ones tried in order where shared memory runs out.
+GPU_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 4, 2)}
+SMALLER_CONFIGS = ((32, 32, 4, 1), (16, 16, 4, 1))
+INTERP_CONFIG = (16, 16, 1, 1)
+
+
+def _is_out_of_resources(exc: Exception) -> bool:
+    return type(exc).__name__ == "OutOfResources"
+
+
+def _launch(kernel, grid_of, args, D, DV, dtype, config):
+    interp = interpreting()
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    # triton issue 11584: interpreted bf16 dots are wrong, so every tile goes to fp32 there
+    upcast = interp or dtype in (torch.float32, torch.float64)
+    prec = "ieee" if (interp or dtype == torch.float64) else GPU_PRECISION
+    # 16-bit score products are exact in fp32 accumulation: precision matters for fp32 only
+    sprec = prec if upcast else "tf32"
+    if config is not None:
+        order = [tuple(config)]
+    elif interp:
+        order = [INTERP_CONFIG]
+    else:
+        order = [GPU_CONFIGS[max(D, DV)], *SMALLER_CONFIGS]
+    last = None
+    for bm, bn, nw, ns in order:
+        try:
+            kernel[grid_of(bm, bn)](*args, D=D, DV=DV, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, ACC=acc,
+                                    PREC=prec, SPREC=sprec, num_warps=nw, num_stages=ns)
+            return
+        except Exception as exc:  # noqa: BLE001 - only out-of-resources is retried
+            if config is not None or not _is_out_of_resources(exc):
+                raise
+            last = exc
+    raise last
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def parallax_forward_kernel(q, k, v, r, scale, *, config=None) -> ForwardOut:
+    """Launch the forward on flattened heads: q, k, r (N, S, D), v (N, S, Dv), contiguous, one dtype."""
+    N, S, D = q.shape
+    DV = v.shape[-1]
+    acc = _acc_dtype(q.dtype)
+    o = torch.empty_like(v)
+    lse = torch.empty(N, S, device=q.device, dtype=acc)
+    dbar = torch.empty_like(lse)
+    nup = torch.empty(N, S, DV, device=q.device, dtype=acc)
+    cr = torch.empty_like(nup)
+    _launch(_px_fwd_kernel, lambda bm, bn: (triton.cdiv(S, bm), N),
+            (q, k, v, r, o, lse, nup, dbar, cr, S, float(scale)), D, DV, q.dtype, config)
+    return ForwardOut(o, lse, nup, dbar, cr)
+
+
+def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=None) -> BackwardOut:
+    """dq, dk, dv, dr for dL/do = g (N, S, Dv), from the forward's saved row quantities."""
+    N, S, D = q.shape
+    DV = v.shape[-1]
+    gf = g.to(fo.nup.dtype)
+    # per-row scalars of the gradient: <g_i, nu_i - v_0> and delta_i = <g_i, C_i r_i>
+    gnu = (gf * fo.nup).sum(-1).contiguous()
+    delta = (gf * fo.cr).sum(-1).contiguous()
+    dq, dk, dr = torch.empty_like(q), torch.empty_like(k), torch.empty_like(r)
+    dv = torch.empty_like(v)
+    common = (q, k, v, r, g, fo.lse, fo.dbar, gnu, delta)
+    _launch(_px_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, S, float(scale)),
+            D, DV, q.dtype, config)
+    _launch(_px_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(S, bn), N), common + (dk, dv, S, float(scale)),
+            D, DV, q.dtype, config)
+    return BackwardOut(dq, dk, dv, dr)
