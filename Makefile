@@ -10,7 +10,7 @@ TORCH   ?= torch==2.13.0
 JOBS    ?= 2
 OUTDIR  ?= report
 
-.PHONY: setup audit test test-gpu goldens-check clean
+.PHONY: setup audit test test-gpu goldens-check compile-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: setup
 
 test-gpu: setup
 	$(BIN)/python -m pytest -n auto --hypothesis-profile gpu tests properties
+
+# every kernel, dtype and head dim compiled to an sm_90 cubin, no GPU needed (minutes)
+compile-check: setup
+	env -u TRITON_INTERPRET $(BIN)/python -m lla_verify.testing.compile_check --full
 
 goldens-check: setup
 	$(BIN)/lla-verify goldens regen --check

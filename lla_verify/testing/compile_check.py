@@ -1,0 +1,149 @@
+"""Compile the Triton kernels for a GPU target on a machine without one.
+
+The interpreter (TRITON_INTERPRET=1) runs a kernel as numpy and never lowers it, so a
+kernel the GPU compiler rejects passes every CPU test. This runs the kernel packages'
+entry points on CPU tensors with Triton's active driver replaced by one that reports a
+CUDA target, and every launch turned into a warmup: each kernel a call would launch is
+compiled to a cubin for that target, and none runs. The outputs are never meaningful;
+what is checked is that every launch compiles and fits the target's shared memory.
+
+    python -m lla_verify.testing.compile_check [--arch 90] [--full] [--json OUT]
+
+It must run in a process without TRITON_INTERPRET (Triton decides at decoration time),
+so tests call it in a subprocess. It uses Triton's driver and JITFunction.run hooks,
+which are internal: a Triton that changes them fails here with a message, not silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+# shared memory per block (opt-in maximum) by compute capability, bytes
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
+
+
+def _install(arch: int, compiled: list) -> None:
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    class CompileOnlyDriver:
+        """The active driver as a kernel launch sees it: device 0 of a CUDA target."""
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def is_active(self):
+            return True
+
+    from triton.runtime.errors import OutOfResources
+
+    run = JITFunction.run
+    limit = SHARED_LIMIT.get(arch)
+
+    def compile_only(self, *args, grid, warmup, **kw):
+        kernel = run(self, *args, grid=grid, warmup=True, **kw)
+        shared = int(getattr(kernel.metadata, "shared", 0))
+        rejected = limit is not None and shared > limit
+        compiled.append({"kernel": self.fn.__name__, "shared": shared,
+                         "num_warps": int(getattr(kernel.metadata, "num_warps", 0)), "rejected": rejected})
+        if rejected:
+            # what the driver raises when it loads the kernel: the entry points' fallback
+            # to smaller tiles must see it here as it would on the card
+            raise OutOfResources(shared, limit, "shared memory")
+        return kernel
+
+    JITFunction.run = compile_only
+    driver.set_active(CompileOnlyDriver())
+
+
+def _calls(full: bool, dims=None):
+    """(label, thunk) per configuration: every entry point, forward and backward."""
+    import torch
+
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if full else (torch.float32, torch.bfloat16)
+    dims = dims or ((16, 32, 64, 128) if full else (128,))
+    out = []
+    for dt in dtypes:
+        for D in dims:
+            def lla(dt=dt, D=D):
+                import lla_triton
+
+                q, k, v = (torch.randn(1, 2, 256, D, dtype=dt, requires_grad=True) for _ in range(3))
+                o = lla_triton.lla_attention(q, k, v, ridge_lambda=0.1, check_finite=False)
+                o.backward(torch.ones_like(o))
+
+            def parallax(dt=dt, D=D):
+                import parallax_triton
+
+                q, k, v, r = (torch.randn(1, 2, 256, D, dtype=dt, requires_grad=True) for _ in range(4))
+                o = parallax_triton.parallax_attention(q, k, v, r, check_finite=False)
+                o.backward(torch.ones_like(o))
+
+            name = str(dt).removeprefix("torch.")
+            out += [(f"lla_triton {name} D={D}", lla), (f"parallax_triton {name} D={D}", parallax)]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
+    ap.add_argument("--full", action="store_true", help="every dtype and head dim (default: fp32/bf16, D 128)")
+    ap.add_argument("--dims", type=int, nargs="+", default=None, help="head dims (default 128; --full: 16 to 128)")
+    ap.add_argument("--only", default=None, help="configurations whose label contains this, e.g. 'parallax_triton'")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("compile_check: unset TRITON_INTERPRET (the interpreter never compiles)", file=sys.stderr)
+        return 2
+    compiled: list = []
+    _install(args.arch, compiled)
+    import lla_triton
+    import parallax_triton
+
+    # the entry points refuse CPU tensors unless interpreting; here they only compile
+    for pkg in (lla_triton, parallax_triton):
+        pkg.interpreting = lambda: True
+    results, failed = [], 0
+    limit = SHARED_LIMIT.get(args.arch)
+    for label, thunk in _calls(args.full, args.dims):
+        if args.only and args.only not in label:
+            continue
+        start = len(compiled)
+        err = None
+        try:
+            thunk()
+        except Exception as exc:  # noqa: BLE001 - a compile error of any kind is the finding
+            err = "".join(traceback.format_exception_only(type(exc), exc)).strip()[-2000:]
+        kernels = [k for k in compiled[start:] if not k["rejected"]]
+        rejected = [k["kernel"] for k in compiled[start:] if k["rejected"]]
+        ok = err is None and bool(kernels)
+        failed += not ok
+        results.append({"config": label, "ok": ok, "error": err, "kernels": compiled[start:]})
+        print(f"{'ok  ' if ok else 'FAIL'} {label}: {len(kernels)} kernels compiled for sm_{args.arch}"
+              + (f", shared up to {max(k['shared'] for k in kernels)} B" if kernels else "")
+              + (f" ({len(rejected)} tile configs over the {limit} B limit, fallen back from)" if rejected else "")
+              + (f"; {err.splitlines()[-1]}" if err else ""))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"arch": args.arch, "results": results}, fh, indent=1)
+    print(f"compile_check: {len(results) - failed} of {len(results)} configurations compile for sm_{args.arch}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
