@@ -110,6 +110,9 @@ def session(address: str | None, device: str, n_workers: int | None = None):
     # worker restart, so it stays set for the cluster's life
     stack = contextlib.ExitStack()
     stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
+    # a worker is sent only the cell it runs (none queued behind it): a worker that dies then
+    # charges that one cell's retry budget, not a bystander's
+    stack.enter_context(dask.config.set({"distributed.scheduler.worker-saturation": 1.0}))
     cluster = LocalCluster(n_workers=0, processes=True, threads_per_worker=1, host="127.0.0.1",
                            dashboard_address=None, memory_limit=0, silence_logs=logging.ERROR,
                            scheduler_kwargs={"allowed_failures": ALLOWED_FAILURES})
