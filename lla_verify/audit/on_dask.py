@@ -232,25 +232,51 @@ def _outcome(future, cell, impl, device: str, *, backward: bool, impl_name: str 
     return failed_record(rec, f"[{name}] {why} on {rec['spec']}")
 
 
+def _threads(client) -> int:
+    """Worker threads in the cluster now (at least 1: a scheduler still waiting for its
+    workers gets one cell, and more as they join)."""
+    try:
+        return max(1, sum(client.nthreads().values()))
+    except Exception:  # noqa: BLE001  the count only paces submission; the tasks' own errors are reported
+        return 1
+
+
 def sweep(client, cells, impl, device: str, *, backward: bool, impl_name: str | None, cell_timeout: float,
           done: dict, on_record, impl_ref=None) -> None:
     """Each of ``cells`` as a task on ``client``'s cluster; ``done[position] = record``
-    and ``on_record(record)`` as each completes. Interrupted, it cancels the rest."""
+    and ``on_record(record)`` as each completes. Interrupted, it cancels the rest.
+
+    At most one cell per worker thread is in flight: the scheduler charges a worker's
+    death to every task it holds, queued or running, so a cell queued behind one that
+    kills its worker would lose a retry it did not cause. (While a dead worker restarts,
+    the survivors may still hold two; docs/audit.md.)"""
     from distributed import as_completed
 
     token = uuid.uuid4().hex[:8]
     ref = impl if impl_ref is None else impl_ref
     futures = {}
-    for pos, cell in enumerate(cells):
-        f = client.submit(run_cell_task, cell, ref, device, backward, impl_name, cell_timeout,
-                          key=f"lla-audit-{token}-cell-{pos}", retries=TASK_RETRIES)
-        futures[f] = pos
+    todo = iter(enumerate(cells))
+    running = as_completed()
+
+    def submit(n: int) -> None:
+        for _ in range(n):
+            nxt = next(todo, None)
+            if nxt is None:
+                return
+            pos, cell = nxt
+            f = client.submit(run_cell_task, cell, ref, device, backward, impl_name, cell_timeout,
+                              key=f"lla-audit-{token}-cell-{pos}", retries=TASK_RETRIES)
+            futures[f] = pos
+            running.add(f)
+
+    submit(_threads(client))
     try:
-        for f in as_completed(list(futures)):
+        for f in running:
             pos = futures[f]
             rec = _outcome(f, cells[pos], impl, device, backward=backward, impl_name=impl_name)
             done[pos] = rec
             on_record(rec)
+            submit(_threads(client) - running.count())
     finally:
         left = [f for f in futures if not f.done()]
         if left:
