@@ -121,7 +121,8 @@ def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = 
     worker = None
     if dask_client is None and isolate and picklable(impl, cells):
         worker = Worker(cell_timeout if cell_timeout is not None else DEFAULT_CALL_TIMEOUT)
-    elif (dask_client is not None or isolate) and not picklable(impl, cells) and log is not None:
+    # on Dask with impl_ref, each worker resolves the implementation by name and checks it there
+    elif (isolate if dask_client is None else impl_ref is None) and log is not None and not picklable(impl, cells):
         print(f"lla-verify audit: {impl_name or impl.name} cannot be pickled into a worker process; its cells run "
               "in this one (no protection against exit or hang)", file=log)
 
