@@ -193,7 +193,8 @@ def _audit_main(args) -> int:
                  else f"the scheduler at {info['scheduler']} ({info['workers_at_start']} workers now)")
         print(f"lla-verify audit: on Dask, {where}", file=sys.stderr)
         res = run_audit(impl, cells, dask_client=client, impl_ref=args.impl, **run)
-    return _print_summary(res.report, args.out)
+        # the summary before the cluster's few seconds of shutdown, which an interrupt may cut short
+        return _print_summary(res.report, args.out)
 
 
 def _cell_timeout(args) -> float:
