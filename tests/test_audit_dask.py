@@ -67,17 +67,17 @@ def scheduler(tmp_path_factory):
     from lla_verify.audit.on_dask import session
 
     markers = tmp_path_factory.mktemp("planted-markers")
-    old = os.environ.get("LLA_PLANTED_MARKERS")
+    # distributed's nanny writes its workers' thread settings into this process's environment
+    # too; later tests in this process get the environment they had
+    saved = dict(os.environ)
     os.environ["LLA_PLANTED_MARKERS"] = str(markers)  # read by tests.trust_planted:dask_mixed on the workers
     try:
         with session(None, "cpu", 2) as (client, info):
             assert info["embedded"] and len(client.scheduler_info()["workers"]) == 2
             yield info["scheduler"], markers, info["worker_env"][0]
     finally:
-        if old is None:
-            os.environ.pop("LLA_PLANTED_MARKERS", None)
-        else:
-            os.environ["LLA_PLANTED_MARKERS"] = old
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _strip(rep: dict) -> dict:
