@@ -491,6 +491,8 @@ def _worker_main(conn, call_limit) -> None:
             res = ("raised", f"{type(exc).__name__}: {exc}")
         try:
             conn.send(res)
+        except (BrokenPipeError, ConnectionError, EOFError):  # the parent is gone (its run ended): no one to answer
+            return
         except Exception as exc:  # an unpicklable result
             conn.send(("raised", f"the cell's result could not be sent back: {type(exc).__name__}: {exc}"))
 

@@ -129,3 +129,32 @@ def fake_clock(q, k, v, *, ridge_lambda, qk_scale=None):
 def empty_float64_output(q, k, v, *, ridge_lambda, qk_scale=None):
     """torch.empty in float64, the oracle's dtype: the block a freed float64 reference left."""
     return torch.empty(v.shape, dtype=torch.float64, device=v.device)
+
+
+def _kill_worker_and_self():
+    """SIGKILL to the process that started this cell's child (on Dask: the worker running
+    the cell), then to this one: to the scheduler, a worker lost to an out-of-memory kill or
+    a dead node. Only for runs on Dask: in the one-process audit the parent is the audit."""
+    os.kill(os.getppid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def dask_mixed(q, k, v, *, ridge_lambda, qk_scale=None):
+    """One planted behaviour per cell, chosen by its shape (tests/test_audit_dask.py):
+    S = 40 in float32 kills its Dask worker every time; S = 48 kills it the first time only
+    (a marker file in $LLA_PLANTED_MARKERS), then is honest; S = 40 in bfloat16 calls
+    os._exit; any other cell is honest."""
+    S = q.shape[-2]
+    if S == 40 and q.dtype == torch.float32:
+        _kill_worker_and_self()
+    if S == 48:
+        try:
+            fd = os.open(os.path.join(os.environ["LLA_PLANTED_MARKERS"], "killed-S48"), os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            pass
+        else:
+            os.close(fd)
+            _kill_worker_and_self()
+    if S == 40 and q.dtype == torch.bfloat16:
+        os._exit(0)
+    return honest(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)

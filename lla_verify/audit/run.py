@@ -94,7 +94,8 @@ def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = 
               baseline: list[dict] | None = None, out: str | None = None, meta: dict | None = None,
               skipped: list[dict] | None = None, progress: bool = False, impl_name: str | None = None,
               log=None, factor: float = REGRESSION_FACTOR, floor: float = REGRESSION_FLOOR,
-              isolate: bool = True, cell_timeout: float | None = None) -> AuditResult:
+              isolate: bool = True, cell_timeout: float | None = None, dask_client=None,
+              impl_ref: str | None = None) -> AuditResult:
     """Run ``cells`` on ``impl``; write report.json and report.html into ``out`` when given.
 
     With ``isolate`` (the default) the cells run one after another in a child process
@@ -102,41 +103,61 @@ def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = 
     and the sweep goes on; ``cell_timeout`` bounds each of its calls (seconds, default
     trust.DEFAULT_CALL_TIMEOUT). An implementation that cannot be pickled (a closure)
     runs in this process, behind the same boundary but without those two protections.
+
+    With ``dask_client`` each cell is a task on its cluster (audit/on_dask.py), run there
+    as here; ``impl_ref`` (the CLI's --impl) lets the workers resolve the implementation
+    by name. The report is the same, in plan order, each cell also saying which worker ran it.
     """
     from tqdm import tqdm
 
     from lla_verify.trust import DEFAULT_CALL_TIMEOUT, Worker, picklable
 
     t0 = time.perf_counter()
-    records = []
+    done: dict[int, dict] = {}  # plan position in ``cells`` -> record
     # in a log (no terminal) a redraw every 0.1 s would bury the FAIL lines
-    bar = tqdm(cells, desc=f"audit {impl_name or impl.name}", unit="cell", disable=not progress, file=sys.stderr,
-               mininterval=0.1 if sys.stderr.isatty() else 10.0)
+    bar = tqdm(total=len(cells), desc=f"audit {impl_name or impl.name}", unit="cell", disable=not progress,
+               file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     interrupted = None
     worker = None
-    if isolate and picklable(impl, cells):
+    if dask_client is None and isolate and picklable(impl, cells):
         worker = Worker(cell_timeout if cell_timeout is not None else DEFAULT_CALL_TIMEOUT)
-    elif isolate and log is not None:
+    # on Dask with impl_ref, each worker resolves the implementation by name and checks it there
+    elif (isolate if dask_client is None else impl_ref is None) and log is not None and not picklable(impl, cells):
         print(f"lla-verify audit: {impl_name or impl.name} cannot be pickled into a worker process; its cells run "
               "in this one (no protection against exit or hang)", file=log)
+
+    def note(rec: dict) -> None:
+        bar.set_postfix_str(rec["family"], refresh=False)
+        bar.update(1)
+        if not rec["passed"] and log is not None:
+            tqdm.write(f"FAIL {'+'.join(rec.get('failed_checks', []))} ratio {_show(rec['ratio'])} "
+                       f"({rec['cause']}) {rec['spec']}", file=log)
+
     try:
-        for cell in bar:
-            bar.set_postfix_str(cell.case.family, refresh=False)
-            rec = run_cell_isolated(worker, cell, impl, device, backward=backward, impl_name=impl_name)
-            records.append(rec)
-            if not rec["passed"] and log is not None:
-                tqdm.write(f"FAIL {'+'.join(rec.get('failed_checks', []))} ratio {_show(rec['ratio'])} "
-                           f"({rec['cause']}) {rec['spec']}", file=log)
+        if dask_client is not None:
+            from lla_verify.audit.on_dask import sweep
+
+            sweep(dask_client, cells, impl, device, backward=backward, impl_name=impl_name,
+                  cell_timeout=cell_timeout if cell_timeout is not None else DEFAULT_CALL_TIMEOUT,
+                  done=done, on_record=note, impl_ref=impl_ref)
+        else:
+            for pos, cell in enumerate(cells):
+                done[pos] = run_cell_isolated(worker, cell, impl, device, backward=backward, impl_name=impl_name)
+                note(done[pos])
     except KeyboardInterrupt:
         # Ctrl-C or a scheduler's SIGTERM: the cells done so far are evidence worth keeping;
         # the report says it is partial and the verdict cannot pass
-        bar.close()
-        interrupted = f"interrupted after {len(records)} of {len(cells)} cells"
+        interrupted = f"interrupted after {len(done)} of {len(cells)} cells"
         if log is not None:
             print(f"lla-verify audit: {interrupted}; writing a partial report", file=log)
     finally:
+        bar.close()
         if worker is not None:
             worker.close()
+    records = [done[p] for p in sorted(done)]
+    if interrupted and isinstance((meta or {}).get("cell_indices"), list):
+        # on Dask the finished cells need not be the first ones: name exactly those (--merge reads it)
+        meta = dict(meta, cell_indices=[meta["cell_indices"][p] for p in sorted(done)])
     regressions, binfo = (compare(records, baseline, factor=factor, floor=floor) if baseline is not None
                           else ([], None))
     report = {

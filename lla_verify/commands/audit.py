@@ -69,6 +69,10 @@ def _command_line(args, full: bool, device: str) -> str:
         parts += ["--cells", args.cells]
     if getattr(args, "cell_timeout", None) is not None:
         parts += ["--cell-timeout", f"{args.cell_timeout:g}"]
+    if args.dask is not None:
+        parts += ["--dask"] + ([args.dask] if args.dask else [])
+    if args.dask_workers is not None:
+        parts += ["--dask-workers", str(args.dask_workers)]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -111,7 +115,19 @@ def _audit_main(args) -> int:
     if not args.regression_floor >= 0.0:
         raise UsageError(f"--regression-floor: must be >= 0, got {args.regression_floor}")
     if args.merge:
+        if args.dask is not None:
+            raise UsageError("--dask: --merge runs no cell; leave --dask out")
         return _merge_main(args)
+    if args.dask_workers is not None:
+        if args.dask is None or args.dask:
+            raise UsageError("--dask-workers: sizes the embedded cluster of a bare --dask (a running "
+                             "scheduler's workers are its own)")
+        if args.dask_workers < 1:
+            raise UsageError(f"--dask-workers: must be >= 1, got {args.dask_workers}")
+    if args.dask is not None:
+        from lla_verify.audit.on_dask import require
+
+        require()  # before anything runs: a missing extra is the user's to install
 
     # a batch scheduler's timeout (SIGTERM) ends the sweep like Ctrl-C: with a partial report
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
@@ -163,11 +179,22 @@ def _audit_main(args) -> int:
                                f"{args.regression_floor:g}, or a cell newly failing")
     print(f"lla-verify audit: {len(cells)} cells on {args.impl} ({device}, {'full' if full else 'quick'})"
           f"{', ' + str(len(skipped)) + ' skipped' if skipped else ''}", file=sys.stderr)
-    res = run_audit(impl, cells, device=device, backward=not args.no_backward, baseline=baseline, out=args.out,
-                    meta=meta, skipped=skipped, progress=not args.no_progress, impl_name=args.impl, log=sys.stderr,
-                    factor=args.regression_factor, floor=args.regression_floor,
-                    cell_timeout=_cell_timeout(args))
-    return _print_summary(res.report, args.out)
+    run = dict(device=device, backward=not args.no_backward, baseline=baseline, out=args.out, meta=meta,
+               skipped=skipped, progress=not args.no_progress, impl_name=args.impl, log=sys.stderr,
+               factor=args.regression_factor, floor=args.regression_floor, cell_timeout=_cell_timeout(args))
+    if args.dask is None:
+        return _print_summary(run_audit(impl, cells, **run).report, args.out)
+    from lla_verify.audit.on_dask import check_workers, session
+
+    with session(args.dask or None, device, args.dask_workers) as (client, info):
+        check_workers(client)
+        meta["dask"] = info
+        where = (f"a local cluster of {info['workers_at_start']} workers" if info["embedded"]
+                 else f"the scheduler at {info['scheduler']} ({info['workers_at_start']} workers now)")
+        print(f"lla-verify audit: on Dask, {where}", file=sys.stderr)
+        res = run_audit(impl, cells, dask_client=client, impl_ref=args.impl, **run)
+        # the summary before the cluster's few seconds of shutdown, which an interrupt may cut short
+        return _print_summary(res.report, args.out)
 
 
 def _cell_timeout(args) -> float:
@@ -228,5 +255,11 @@ def register(sub) -> None:
                    help="run a slice of the plan (to finish an interrupted audit, or split one across machines)")
     p.add_argument("--merge", nargs="+", default=None, metavar="REPORT",
                    help="merge the report.json files of slices of one audit into one report (no cell is run)")
+    p.add_argument("--dask", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run each cell as a task on Dask: alone, an embedded local cluster (one worker per visible "
+                        "GPU with --device cuda, else per CPU); with ADDRESS (tcp://host:8786 or a scheduler "
+                        "file *.json) a running scheduler. Needs the extra: pip install 'lla-verify[dask]'")
+    p.add_argument("--dask-workers", type=int, default=None, metavar="N",
+                   help="with a bare --dask: the embedded cluster's worker count (GPUs shared round-robin)")
     _add_cell_timeout(p)
     p.set_defaults(func=_guard(_audit_main))
