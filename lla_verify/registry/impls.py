@@ -54,6 +54,9 @@ class Impl:
     output_dtype: torch.dtype | None = None
     forward_with_stats: Callable | None = None  # same args -> (o, stats dict of (B, H, S))
     skips: dict = field(default_factory=dict)  # property name -> reason
+    # the operator it computes: "lla" (the protocol above) or "parallax"
+    # (registry/parallax.py: fn(q, k, v, r, *, qk_scale) -> o)
+    operator: str = "lla"
 
     @property
     def u(self) -> float:
