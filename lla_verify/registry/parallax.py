@@ -57,7 +57,11 @@ def _key_spread(k):
     a probe is measured in, so that <k_j - kbar_i, r_i> is O(amp) whatever the family's
     key norm or offset."""
     dev = k - k.mean(-2, keepdim=True)
-    return dev.pow(2).mean((-2, -1), keepdim=True).sqrt().clamp_min(1e-300)
+    spread = dev.pow(2).mean((-2, -1), keepdim=True).sqrt()
+    # one key (S = 1) or identical keys have no spread: the keys' own size, then 1e-20,
+    # stand in, so that r stays finite in every dtype
+    size = k.pow(2).mean((-2, -1), keepdim=True).sqrt()
+    return torch.maximum(spread, 1e-3 * size).clamp_min(1e-20)
 
 
 def _zero(p, q, k, v, lam, scale, gen):

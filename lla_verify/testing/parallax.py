@@ -63,7 +63,17 @@ def run(impl: Impl, problem: ParallaxProblem, *, q=None, k=None, v=None, r=None)
 
 
 def unsupported(impl: Impl, problem: ParallaxProblem) -> str | None:
-    return impl.supports(dtype=problem.q.dtype, head_dim=problem.q.shape[-1])
+    """Why ``impl`` cannot be asked this problem: a dtype or head dim its record refuses,
+    or an exact output beyond the dtype's range (a large probe in float16), which no
+    implementation can return in q's dtype."""
+    why = impl.supports(dtype=problem.q.dtype, head_dim=problem.q.shape[-1])
+    if why is None and problem.q.dtype == torch.float16:
+        from lla_verify.oracles.parallax import parallax_forward
+
+        big = float(parallax_forward(problem.q, problem.k, problem.v, problem.r, qk_scale=problem.qk_scale).abs().max())
+        if not big < torch.finfo(torch.float16).max / 2:
+            why = "the exact output (max |o| %.3g) is beyond float16's range" % big
+    return why
 
 
 def assume_supported(impl: Impl, problem: ParallaxProblem) -> None:
