@@ -111,3 +111,19 @@ def test_the_call_refuses_an_implementation_that_writes_its_inputs():
     p = ParallaxCase(Case("gaussian", {}, S=6, D=4, dtype="float32"), "random").build()
     with pytest.raises(trust.Misbehaved, match="modified its inputs: r"):
         run(Impl(name="w", forward=writes_r, description="", operator="parallax"), p)
+
+
+def test_an_external_describing_itself_as_parallax_is_refused_by_lla_and_taken_by_parallax(monkeypatch):
+    import types
+
+    mod = types.ModuleType("px_external_for_test")
+
+    def fn(q, k, v, r, *, qk_scale=None):
+        return v.clone()
+
+    fn.lla_impl_record = get_parallax_impl("parallax-dense")
+    mod.fn = fn
+    monkeypatch.setitem(sys.modules, "px_external_for_test", mod)
+    with pytest.raises(LLAInputError, match="a parallax implementation, not LLA"):
+        get_impl("px_external_for_test:fn")
+    assert get_parallax_impl("px_external_for_test:fn").name == "parallax-dense"

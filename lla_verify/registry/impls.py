@@ -250,6 +250,9 @@ def get_impl(spec: str) -> Impl:
         raise LLAInputError(f"--lla-impl: {spec} is not callable")
     record = getattr(fn, "lla_impl_record", None)  # an external may describe itself
     if isinstance(record, Impl):
+        if record.operator != "lla":
+            raise LLAInputError(f"--lla-impl: {spec} describes itself as a {record.operator} implementation, "
+                                f"not LLA (pass it to --lla-{record.operator}-impl)")
         return record
     return Impl(name=spec, forward=fn, description=f"external implementation {spec}")
 

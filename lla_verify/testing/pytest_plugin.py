@@ -172,7 +172,8 @@ def pytest_report_header(config):
     except LLAInputError as exc:
         desc = f"unresolved: {exc}"
     pin = f"worker pinned to GPU {PINNED}" if PINNED is not None else "no GPU pinning"
-    return [f"lla-verify: impl={spec} ({desc}); device={_device(config)}; {pin}; "
+    px_spec = config.getoption("--lla-parallax-impl")
+    return [f"lla-verify: impl={spec} ({desc}); parallax impl={px_spec}; device={_device(config)}; {pin}; "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
 
 
