@@ -127,3 +127,18 @@ def test_an_external_describing_itself_as_parallax_is_refused_by_lla_and_taken_b
     with pytest.raises(LLAInputError, match="a parallax implementation, not LLA"):
         get_impl("px_external_for_test:fn")
     assert get_parallax_impl("px_external_for_test:fn").name == "parallax-dense"
+
+
+def test_mp_parallax_refuses_what_it_cannot_do_by_name():
+    from lla_verify.oracles.mp_parallax import parallax_forward_mp, parallax_grad_mp
+
+    q = torch.zeros(1, 1, 9, 4, dtype=torch.float64)
+    with pytest.raises(LLAInputError, match="parallax_grad_mp: finite differences in mpmath are for tiny problems"):
+        parallax_grad_mp(q, q, q, q, cotangent=q)
+    with pytest.raises(LLAInputError, match="r: expected the shape of q"):
+        parallax_forward_mp(q, q, q, q[..., :-1])
+    with pytest.raises(LLAInputError, match="dps: expected an int >= 20"):
+        parallax_forward_mp(q, q, q, q, dps=10)
+    big = torch.zeros(4, 1, 128, 8, dtype=torch.float64)
+    with pytest.raises(LLAInputError, match="parallax_forward_mp: problem too large"):
+        parallax_forward_mp(big, big, big, big)
