@@ -142,3 +142,13 @@ def test_mp_parallax_refuses_what_it_cannot_do_by_name():
     big = torch.zeros(4, 1, 128, 8, dtype=torch.float64)
     with pytest.raises(LLAInputError, match="parallax_forward_mp: problem too large"):
         parallax_forward_mp(big, big, big, big)
+
+
+def test_a_probe_beyond_the_dtype_range_is_refused_by_name():
+    from lla_verify.registry.parallax import ProbeOutOfRange
+
+    pc = parse_parallax_case("spectrum:kappa=100000,lam_rel=1,rotate=1,scale_mult=1:B=1,H=1,S=1,D=16,"
+                             "dtype=float16,seed=0;probe=lla")
+    with pytest.raises(ProbeOutOfRange, match="probe lla reaches .* beyond float16's range"):
+        pc.build()
+    ParallaxCase(pc.case.__class__(**{**pc.case.__dict__, "dtype": "float32"}), "lla").build()  # fits float32

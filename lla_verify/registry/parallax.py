@@ -31,6 +31,10 @@ from lla_verify.registry.cases import DTYPES, Case, Param, _fmt, _items, _NUMBER
 from lla_verify.registry.impls import ALL_DTYPES, Impl
 
 OPERATOR = "parallax"
+
+
+class ProbeOutOfRange(LLAInputError):
+    """The probe family's r does not fit the case's dtype (strategies reject such draws)."""
 PROBE_SEP = ";probe="
 
 
@@ -187,8 +191,14 @@ class ParallaxCase:
         gen = torch.Generator().manual_seed((int(c.seed) * 7919 + 17) % (2**32))
         r = fam.build(params, q, k, v, base.ridge_lambda, base.qk_scale, gen)
         dt = DTYPES[c.dtype]
+        r_dt = r.to(dt)
+        if not bool(torch.isfinite(r_dt).all()):
+            # the exact LLA probe of an ill-conditioned row can exceed float16's range: that
+            # probe has no value in this dtype, and a clipped one would be another probe
+            raise ProbeOutOfRange(f"parallax case: probe {self.probe} reaches |r| = {float(r.abs().max()):.3g}, "
+                                  f"beyond {c.dtype}'s range, on {self.spec()}")
         return ParallaxProblem(self, base.q.to(device), base.k.to(device), base.v.to(device),
-                               r.to(dt).to(device), base.qk_scale)
+                               r_dt.to(device), base.qk_scale)
 
 
 def parse_parallax_case(spec: str) -> ParallaxCase:

@@ -13,7 +13,7 @@ from hypothesis import event, note
 from hypothesis import strategies as st
 
 from lla_verify.registry.impls import Impl
-from lla_verify.registry.parallax import PROBE_ORDER, ParallaxCase, ParallaxProblem, get_probe
+from lla_verify.registry.parallax import PROBE_ORDER, ParallaxCase, ParallaxProblem, ProbeOutOfRange, get_probe
 from lla_verify.testing import suite
 from lla_verify.testing.strategies import param_value
 
@@ -37,6 +37,19 @@ def parallax_cases(draw, case_strategy, probes=None) -> ParallaxCase:
 def parallax_case_strategy(impl: Impl, device: str, families=None, probes=None, **over):
     """Parallax cases ``impl`` accepts (dtypes, head dims narrowed as suite.case_strategy does)."""
     return parallax_cases(suite.case_strategy(impl, device, families=families, **over), probes)
+
+
+def build(pc: ParallaxCase, device: str) -> ParallaxProblem:
+    """Inside @given: ``pc.build(device)``, rejecting (with the reason in Hypothesis'
+    statistics) a draw whose probe does not fit the dtype, such as the exact LLA probe of
+    a near-singular row in float16."""
+    from hypothesis import reject
+
+    try:
+        return pc.build(device)
+    except ProbeOutOfRange as exc:
+        event(f"rejected: {str(exc).split(' on ')[0]}")
+        reject()
 
 
 def run(impl: Impl, problem: ParallaxProblem, *, q=None, k=None, v=None, r=None) -> torch.Tensor:
@@ -86,4 +99,4 @@ def assume_supported(impl: Impl, problem: ParallaxProblem) -> None:
         reject()
 
 
-__all__ = ["parallax_cases", "parallax_case_strategy", "run", "assume_supported"]
+__all__ = ["parallax_cases", "parallax_case_strategy", "build", "run", "assume_supported"]
