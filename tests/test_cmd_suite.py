@@ -63,3 +63,13 @@ def test_impl_is_required():
     with pytest.raises(SystemExit) as exc:
         cli.main(["suite"])
     assert exc.value.code == 2
+
+
+def test_parallax_impl_passes_through_and_a_bad_one_is_exit_2(pytest_exits, capsys):
+    assert cli.main(["suite", "--impl", "torch-fp32", "--parallax-impl", "parallax-oracle"]) == 0
+    cmd = pytest_exits[1]
+    assert cmd[cmd.index("--lla-parallax-impl") + 1] == "parallax-oracle"
+    assert cli.main(["suite", "--impl", "torch-fp32", "--parallax-impl", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--parallax-impl" in err and "nope" in err, err
+    assert len(pytest_exits) == 2  # the second run never started pytest

@@ -43,3 +43,22 @@ def test_pinned_regression_runs_at_its_own_head_dim():
     head-dim limits, where head_dim_block_8 (channels beyond 8 unseen) is exact."""
     _assert_fails(_run_property(PINNED_D16, "lla_verify.testing.mutants:head_dim_block_8"), "head_dim_block_8")
     _assert_passes(_run_property(PINNED_D16, "torch-fp32"), "torch-fp32 control")
+
+
+# Each Parallax planted bug (lla_verify/testing/mutants.py, PARALLAX_MUTANTS) against one
+# property of properties/test_parallax.py that kills it (docs/kill-list.md lists them all);
+# the same properties pass the dense reference.
+PARALLAX_KILLS = {
+    "px_uncentred": "properties/test_parallax.py::test_parallax_meets_the_same_precision_target",
+    "px_unnormalised_probe": "properties/test_parallax.py::test_parallax_within_budget[gaussian-random]",
+    "px_dropped_nu": "properties/test_parallax.py::test_zero_probe_is_softmax_attention",
+    "px_unmasked_correction": "properties/test_parallax.py::test_causality_bitwise",
+}
+
+
+def test_parallax_mutants_are_killed_and_the_reference_passes():
+    for name, node in PARALLAX_KILLS.items():
+        _assert_fails(_run_property(node, "torch-fp32", "--lla-parallax-impl", f"lla_verify.testing.mutants:{name}"),
+                      name)
+    nodes = sorted(set(PARALLAX_KILLS.values()))
+    _assert_passes(_run_property(nodes[0], "torch-fp32", *nodes[1:]), "parallax-dense control")

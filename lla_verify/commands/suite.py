@@ -1,6 +1,7 @@
 """``lla-verify suite``: the property suite, installed with lla-verify, run by pytest.
 
-    lla-verify suite --impl mypkg:fn [--device cpu|cuda|auto] [-- PYTEST_ARGS ...]
+    lla-verify suite --impl mypkg:fn [--parallax-impl NAME|MODULE:CALLABLE] [--device cpu|cuda|auto]
+                     [-- PYTEST_ARGS ...]
 
 is ``python -m pytest -p lla_verify.testing.pytest_plugin --pyargs lla_verify_properties
 --lla-impl mypkg:fn --lla-device ... PYTEST_ARGS`` run from the current folder, so a
@@ -35,9 +36,10 @@ def _suite_args() -> list[str] | None:
     return [str(src)] if (src / "__init__.py").is_file() else None
 
 
-def pytest_command(impl: str, device: str, pytest_args: list[str]) -> list[str]:
+def pytest_command(impl: str, device: str, pytest_args: list[str], parallax_impl: str | None = None) -> list[str]:
+    px = ["--lla-parallax-impl", parallax_impl] if parallax_impl else []
     return [sys.executable, "-m", "pytest", "-p", "lla_verify.testing.pytest_plugin", *(_suite_args() or []),
-            "--lla-impl", impl, "--lla-device", device, *pytest_args]
+            "--lla-impl", impl, *px, "--lla-device", device, *pytest_args]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -53,14 +55,18 @@ def _run(args: argparse.Namespace) -> int:
     sys.path.insert(0, os.getcwd())
     try:
         get_impl(args.impl)
+        if args.parallax_impl:
+            from lla_verify.registry.parallax import get_parallax_impl
+
+            get_parallax_impl(args.parallax_impl)
     except LLAInputError as exc:
-        raise UsageError(str(exc).replace("--lla-impl", "--impl")) from None
+        raise UsageError(str(exc).replace("--lla-impl", "--impl").replace("--lla-parallax-impl", "--parallax-impl")) from None
     finally:
         sys.path.remove(os.getcwd())
     rest = list(args.pytest_args)
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    rc = subprocess.run(pytest_command(args.impl, args.device, rest)).returncode
+    rc = subprocess.run(pytest_command(args.impl, args.device, rest, args.parallax_impl)).returncode
     return _USAGE_ERROR if rc == _PYTEST_USAGE_ERROR else rc
 
 
@@ -70,6 +76,9 @@ def register(sub) -> None:
         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--impl", required=True, help="implementation: built-in name or MODULE:CALLABLE")
+    p.add_argument("--parallax-impl", default=None,
+                   help="Parallax implementation for properties/test_parallax*.py: built-in name (parallax-dense, "
+                        "parallax-oracle, parallax-triton) or MODULE:CALLABLE; default parallax-dense")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="device the implementation runs on (auto: cuda if available)")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST_ARGS",

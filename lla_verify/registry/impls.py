@@ -54,6 +54,9 @@ class Impl:
     output_dtype: torch.dtype | None = None
     forward_with_stats: Callable | None = None  # same args -> (o, stats dict of (B, H, S))
     skips: dict = field(default_factory=dict)  # property name -> reason
+    # the operator it computes: "lla" (the protocol above) or "parallax"
+    # (registry/parallax.py: fn(q, k, v, r, *, qk_scale) -> o)
+    operator: str = "lla"
 
     @property
     def u(self) -> float:
@@ -247,6 +250,9 @@ def get_impl(spec: str) -> Impl:
         raise LLAInputError(f"--lla-impl: {spec} is not callable")
     record = getattr(fn, "lla_impl_record", None)  # an external may describe itself
     if isinstance(record, Impl):
+        if record.operator != "lla":
+            raise LLAInputError(f"--lla-impl: {spec} describes itself as a {record.operator} implementation, "
+                                f"not LLA (pass it to --lla-{record.operator}-impl)")
         return record
     return Impl(name=spec, forward=fn, description=f"external implementation {spec}")
 

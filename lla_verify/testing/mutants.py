@@ -137,3 +137,68 @@ MUTANTS = {
     "head_dim_block_8": head_dim_block_8,
     "dk_last_key_scaled": dk_last_key_scaled,
 }
+
+
+# ---------------------------------------------------------------- Parallax
+# Planted bugs of a Parallax kernel, each a variation of the dense fp32 centred
+# computation, following ``--lla-parallax-impl MODULE:CALLABLE``:
+#
+#     pytest properties/test_parallax.py --lla-parallax-impl lla_verify.testing.mutants:px_dropped_nu
+
+
+def _parallax_dense(q, k, v, r, *, qk_scale=None, bug: str = ""):
+    from lla_contract import check_probe
+
+    check_qkv(q, k, v)
+    check_probe(r, q)
+    scale = check_scale(qk_scale, q.shape[-1])
+    cd = torch.float32
+    qc, kc, vc, rc = (t.to(cd) for t in (q, k, v, r))
+    S = q.shape[-2]
+    a = scale * (qc @ kc.transpose(-1, -2))
+    causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    w = torch.exp(a.masked_fill(~causal, float("-inf")) - a.masked_fill(~causal, float("-inf")).amax(-1, keepdim=True))
+    omega = w.sum(-1, keepdim=True)
+    p = w / omega
+    nu = p @ vc
+    if bug == "unmasked_correction":
+        # the correction's weights over every key, the future included
+        pc = torch.softmax(a, -1)
+        nuc = pc @ vc
+    else:
+        pc, nuc = p, nu
+    kbar = pc @ kc
+    proj = ((kc[..., None, :, :] - kbar[..., :, None, :]) * rc[..., :, None, :]).sum(-1)  # <k_j - kbar_i, r_i>
+    if bug == "uncentred":
+        # the streaming expansion sum_j p_ij v_j <k_j, r_i> - nu_i <kbar_i, r_i>, which
+        # cancels when the keys share an offset
+        kr = (kc[..., None, :, :] * rc[..., :, None, :]).sum(-1)
+        corr = (pc * kr) @ vc - nuc * (kbar * rc).sum(-1, keepdim=True)
+    else:
+        wts = w if bug == "unnormalised_probe" else pc  # w: exp(a - m) without dividing by omega_i
+        corr = (wts * proj) @ vc - nuc * (wts * proj).sum(-1, keepdim=True)
+    o = -corr if bug == "dropped_nu" else nu - corr
+    return o.to(q.dtype)
+
+
+def _make_px(bug: str, doc: str):
+    def fn(q, k, v, r, *, qk_scale=None):
+        return _parallax_dense(q, k, v, r, qk_scale=qk_scale, bug=bug)
+
+    fn.__name__ = "px_" + bug
+    fn.__doc__ = doc
+    return fn
+
+
+px_uncentred = _make_px("uncentred", "the uncentred expansion sum_j p_ij v_j <k_j, r_i> - nu_i <kbar_i, r_i> in fp32")
+px_unnormalised_probe = _make_px("unnormalised_probe", "the correction weighted by w_ij = exp(a_ij - m_i), not p_ij")
+px_dropped_nu = _make_px("dropped_nu", "o_i = -C_i r_i: the softmax term nu_i dropped")
+px_unmasked_correction = _make_px("unmasked_correction", "the correction's weights over all keys, no causal mask")
+px_control = _make_px("", "the dense fp32 centred computation without a planted bug (the control)")
+
+PARALLAX_MUTANTS = {
+    "px_uncentred": px_uncentred,
+    "px_unnormalised_probe": px_unnormalised_probe,
+    "px_dropped_nu": px_dropped_nu,
+    "px_unmasked_correction": px_unmasked_correction,
+}

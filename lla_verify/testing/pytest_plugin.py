@@ -13,6 +13,8 @@ turns it off.
 
 --lla-impl NAME|MODULE:CALLABLE   the implementation under test (default: triton)
 --lla-device cpu|cuda|auto        where it runs (auto: cuda when available)
+--lla-parallax-impl NAME|MODULE:CALLABLE   the Parallax implementation under test
+                                  (default: parallax-dense, the fp32 dense reference)
 
 Hypothesis profiles (select with --hypothesis-profile):
 
@@ -77,6 +79,9 @@ def pytest_addoption(parser):
     g.addoption("--lla-impl", default=os.environ.get("LLA_IMPL", "triton"),
                 help="implementation under test: a built-in name (triton, torch-fp32, oracle-f64, flashlla) "
                      "or MODULE:CALLABLE following fn(q, k, v, *, ridge_lambda, qk_scale) -> o")
+    g.addoption("--lla-parallax-impl", default=os.environ.get("LLA_PARALLAX_IMPL", "parallax-dense"),
+                help="Parallax implementation under test: a built-in name (parallax-dense, parallax-oracle, "
+                     "parallax-triton) or MODULE:CALLABLE following fn(q, k, v, r, *, qk_scale) -> o")
     g.addoption("--lla-device", default=os.environ.get("LLA_DEVICE", "auto"), choices=("auto", "cpu", "cuda"),
                 help="device the implementation runs on (auto: cuda if available)")
     g.addoption("--lla-call-timeout", type=float, default=float(os.environ.get("LLA_CALL_TIMEOUT", "300")),
@@ -88,7 +93,7 @@ def pytest_addoption(parser):
 
 def _in_play(config) -> bool:
     """Whether this run is lla-verify's (see the module docstring)."""
-    if os.environ.get("LLA_IMPL") or os.environ.get("LLA_DEVICE"):
+    if os.environ.get("LLA_IMPL") or os.environ.get("LLA_DEVICE") or os.environ.get("LLA_PARALLAX_IMPL"):
         return True
     if any(str(a).startswith("--lla-") for a in config.invocation_params.args):
         return True
@@ -167,7 +172,8 @@ def pytest_report_header(config):
     except LLAInputError as exc:
         desc = f"unresolved: {exc}"
     pin = f"worker pinned to GPU {PINNED}" if PINNED is not None else "no GPU pinning"
-    return [f"lla-verify: impl={spec} ({desc}); device={_device(config)}; {pin}; "
+    px_spec = config.getoption("--lla-parallax-impl")
+    return [f"lla-verify: impl={spec} ({desc}); parallax impl={px_spec}; device={_device(config)}; {pin}; "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
 
 
@@ -194,6 +200,24 @@ def impl(pytestconfig, device):
     reason = is_available(record, device)
     if reason:
         pytest.skip(f"implementation {record.name} unavailable: {reason}")
+    return record
+
+
+@pytest.fixture(scope="session")
+def parallax_impl(pytestconfig, device):
+    """The Parallax implementation under test (--lla-parallax-impl); skipped with the
+    reason when it cannot run here (parallax_triton not importable, no interpreter)."""
+    from lla_verify.registry.parallax import get_parallax_impl, is_parallax_available
+    from lla_contract import LLAInputError
+
+    spec = pytestconfig.getoption("--lla-parallax-impl")
+    try:
+        record = get_parallax_impl(spec)
+    except LLAInputError as exc:
+        raise pytest.UsageError(str(exc))
+    reason = is_parallax_available(record, device)
+    if reason:
+        pytest.skip(f"Parallax implementation {record.name} unavailable: {reason}")
     return record
 
 
@@ -225,11 +249,12 @@ def pytest_terminal_summary(terminalreporter, config):
     if not led:
         return
     from lla_verify.budget.verdict import THRESHOLD
-    from lla_verify.testing.mutants import MUTANTS
+    from lla_verify.testing.mutants import MUTANTS, PARALLAX_MUTANTS
 
+    planted = set(MUTANTS) | set(PARALLAX_MUTANTS) | {f"lla_verify.testing.mutants:{n}" for n in PARALLAX_MUTANTS}
     groups: dict = {}
     for row in led:
-        groups.setdefault("planted bugs (must fail)" if row[1] in MUTANTS else row[1], []).append(row)
+        groups.setdefault("planted bugs (must fail)" if row[1] in planted else row[1], []).append(row)
     for name in sorted(groups, key=lambda n: (n.startswith("planted"), n)):
         rows = groups[name]
         over = [x for x in rows if not x[2] <= THRESHOLD]
