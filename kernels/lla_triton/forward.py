@@ -442,7 +442,7 @@ GPU_CONFIGS = {
 INTERP_CONFIG = (16, 16, 1, 1)
 
 
-def _config(D: int, override=None):
+def tile_config(D: int, override=None):
     if override is not None:
         return tuple(override)
     if interpreting():
@@ -487,7 +487,7 @@ def lla_forward_kernel(q, k, v, lam, scale, *, delta_eps, cg_tol, cg_max_iters, 
         res = torch.empty(1, device=dev, dtype=torch.float32)
     interp = interpreting()
     upcast = interp  # triton issue 11584: interpreted bf16 dots are wrong
-    BM, BN, warps, stages = _config(D, config)
+    BM, BN, warps, stages = tile_config(D, config)
     # 16-bit score products are exact in fp32, so precision only matters for fp32 q, k
     sprec = precision if q.dtype == torch.float32 or upcast else "tf32"
     # bf16 inputs: the fp32 operand of each solve/output product is split into three

@@ -15,7 +15,7 @@ from lla_verify.oracles.dense import dense_torch_lla
 from lla_verify.registry.precision import unit_roundoff
 from lla_verify.oracles.float64 import (LLADetails, lla_forward, lla_forward_details, lla_forward_mu_shift,
                                         lla_forward_sigma_probe)
-from lla_verify.budget.forward import U64, _lam_tensor, kernel_view, rounding_note, same_precision_allowed
+from lla_verify.budget.forward import U64, lam_on_device, kernel_view, rounding_note, same_precision_allowed
 from lla_verify.budget.verdict import THRESHOLD, Verdict, record
 
 
@@ -71,7 +71,7 @@ def oracle_grads(problem: Problem, cot: torch.Tensor, *, q=None, k=None, v=None,
     q = (problem.q if q is None else q).to(torch.float64).detach().requires_grad_(True)
     k = (problem.k if k is None else k).to(torch.float64).detach().requires_grad_(True)
     v = (problem.v if v is None else v).to(torch.float64).detach().requires_grad_(True)
-    lam = (_lam_tensor(problem) if lam is None else lam).detach().clone().requires_grad_(True)
+    lam = (lam_on_device(problem) if lam is None else lam).detach().clone().requires_grad_(True)
     if sigma_probe is None:
         o = lla_forward(q, k, v, ridge_lambda=lam, qk_scale=problem.qk_scale)
     else:
@@ -87,7 +87,7 @@ def impl_grads(impl: Impl, problem: Problem, cot: torch.Tensor, forward=None) ->
     from lla_verify.trust import call_grads
 
     fwd = forward or impl.forward
-    lam = _lam_tensor(problem).to(torch.float32)
+    lam = lam_on_device(problem).to(torch.float32)
     # across the trust boundary: fresh copies in, a checked plain tensor out (trust.Misbehaved if not)
     grads = call_grads(fwd, problem.q, problem.k, problem.v, lam, cot, qk_scale=problem.qk_scale)
     return dict(zip(GRAD_NAMES, grads))
@@ -112,7 +112,7 @@ def rho_residual_dlambda(problem: Problem, cot: torch.Tensor) -> torch.Tensor:
     float64 gradient (double backward) gives every row's vector at once.
     """
     q, k, v = (t.to(torch.float64).detach() for t in (problem.q, problem.k, problem.v))
-    lam = _lam_tensor(problem).detach().clone().requires_grad_(True)
+    lam = lam_on_device(problem).detach().clone().requires_grad_(True)
     shift = torch.zeros(q.shape, dtype=torch.float64, device=q.device, requires_grad=True)
     o = lla_forward_mu_shift(q, k, v, ridge_lambda=lam, shift=shift, qk_scale=problem.qk_scale)
     cot = torch.where(torch.isnan(o), torch.zeros_like(cot), cot)
@@ -128,7 +128,7 @@ def _row_norm(t: torch.Tensor, name: str) -> torch.Tensor:
     return t.abs() if name == "dlambda" else t.norm(dim=-1)
 
 
-def _normalisation_terms(problem: Problem, d: LLADetails, cot: torch.Tensor, u_c: float, floor: dict,
+def normalisation_terms(problem: Problem, d: LLADetails, cot: torch.Tensor, u_c: float, floor: dict,
                          exclude: torch.Tensor | None = None) -> dict:
     """Rounding of the normalised weights s_ij = w_ij f_ij / den_i in the gradients.
 
@@ -230,7 +230,7 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
                              + u_out |g_ref| + u_c sqrt(S D) (max|g_ref| + floor))
     where floor = |g|_max |v|_max / rms(X) for X = q, k (|g|_max for v, / max(lambda, 1) for
     lambda) keeps a gradient that vanishes exactly from demanding an exact zero, plus
-    the rounding of the normalised weights (_normalisation_terms), and for dlambda the
+    the rounding of the normalised weights (normalisation_terms), and for dlambda the
     forward solve's residual ||r_i|| (solve_residual) through ||d dlambda_i / d mu_i|| / sqrt(D)
     (rho_residual_dlambda; error-model.md §6).
         allowed = max(model, FA_FACTOR_GRAD * error of dense fp32 autograd)
@@ -259,7 +259,7 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     ref = oracle_grads(problem, cot)
     # sensitivity of the gradient: central difference along x -> x (1 + t xi)
     gen = torch.Generator().manual_seed(7)
-    base = [t.to(torch.float64) for t in (problem.q, problem.k, problem.v)] + [_lam_tensor(problem)]
+    base = [t.to(torch.float64) for t in (problem.q, problem.k, problem.v)] + [lam_on_device(problem)]
     xi = [(torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t) for t in base]
     def shifted(sign):
         q_, k_, v_, l_ = (t * (1 + sign * h * x) for t, x in zip(base, xi))
@@ -296,12 +296,12 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
         return t.to(torch.float64).pow(2).mean((-1, -2)).sqrt()[..., None].clamp_min(1e-30)
 
     floor = {"dq": gv / rms(problem.q), "dk": gv / rms(problem.k), "dv": cot.norm(dim=-1).amax(-1, keepdim=True),
-             "dlambda": gv / _lam_tensor(problem).clamp_min(1.0)}
+             "dlambda": gv / lam_on_device(problem).clamp_min(1.0)}
     kappa_q = torch.nan_to_num(d.kappa, nan=math.inf, posinf=math.inf)
     beyond_q = beyond_precision(d.kappa, defined, u_c)
     # key j feeds every query i >= j: its dk, dv rows carry any beyond query at or after j
     beyond_k = beyond_q.flip(-1).to(torch.int8).cummax(-1).values.flip(-1).bool()
-    norm_terms = _normalisation_terms(problem, d, cot, u_c, floor, exclude=beyond_q)
+    norm_terms = normalisation_terms(problem, d, cot, u_c, floor, exclude=beyond_q)
     # the forward solve's residual, in the typical (isotropic) direction: the RMS of
     # <J_i, r_i> over directions of r_i is ||J_i|| ||r_i|| / sqrt(D) (error-model.md §6)
     rho_resid = None

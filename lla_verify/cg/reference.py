@@ -129,7 +129,7 @@ class CGRun:
     dtype: torch.dtype = _F64
 
 
-def _check_prec(preconditioner):
+def check_preconditioner(preconditioner):
     if preconditioner not in (None, "jacobi"):
         raise LLAInputError(f"preconditioner: expected None or 'jacobi', got {preconditioner!r}")
 
@@ -145,7 +145,7 @@ def reference_cg(sig, mu, *, tol: float, max_iters: int, preconditioner: str | N
     converged after 0 steps. With Jacobi, z = diag(Sigma)^-1 r; the stopping test is
     still on the unpreconditioned r, as in the kernel.
     """
-    _check_prec(preconditioner)
+    check_preconditioner(preconditioner)
     if not tol > 0:
         raise LLAInputError(f"tol: expected > 0, got {tol}")
     if int(max_iters) < 0:

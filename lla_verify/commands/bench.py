@@ -212,8 +212,8 @@ def _run(args) -> int:
                 n_fix = args.fixed_iters
                 t_fix = bench(lambda: call(max_iters=n_fix, tol=0.0))
                 per_iter = (t_fix - t0) / n_fix
-                from lla_triton.forward import _config
-                tiles = ",".join(str(x) for x in _config(D, cfg))
+                from lla_triton.forward import tile_config
+                tiles = ",".join(str(x) for x in tile_config(D, cfg))
                 emit(f"| {B},{H},{S},{D} | {prec} | {tiles} | {t_ours:.3f} | {t_sync:.3f} | {floor * 1e3:.4f} | "
                      f"{t_sdpa:.3f} | {err:.2e} | "
                      f"{verdict.ratio:.3f}{'' if verdict.passed else ' OVER (' + verdict.cause + ')'} | "

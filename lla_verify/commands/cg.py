@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from lla_verify.registry.cases import Case
-from lla_verify.cliutil import UsageError, atomic_write, check_device, check_out_dir, float_in, int_in, save_figure, seed_type
+from lla_verify.cliutil import UsageError, atomic_write, check_device, check_out_dir, float_in, int_in, jsonable, save_figure, seed_type
 from lla_verify.cg.bound import U32, bound_applies, finite_precision_limit, iteration_bound
 from lla_verify.cg.kernel import cg_records, kernel_defaults, triton_unavailable
 
@@ -123,7 +123,7 @@ def run_study(*, impl_name="triton", full=False, out="cg-study", seed=0, kappas=
         "rows": rows,
     }
     _write_csv(outdir / "cg_points.csv", rows)
-    atomic_write(outdir / "cg_points.json", json.dumps(_jsonable(doc), indent=1))
+    atomic_write(outdir / "cg_points.json", json.dumps(jsonable(doc), indent=1))
     _plot_iterations(outdir / "cg_iterations.png", rows, doc["settings"])
     _plot_error(outdir / "cg_error.png", rows, doc["settings"])
     log(format_table(summaries, kernel=impl is not None))
@@ -204,16 +204,6 @@ def _scalar(v):
     if isinstance(v, float) and not math.isfinite(v):
         return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
     return v
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)  # JSON has no inf or nan
-    return x
 
 
 # ------------------------------------------------------------------ plots
