@@ -297,9 +297,28 @@ def _cell_table(cs: list[dict], *, failing: bool) -> str:
 
 
 def render_html(report: dict) -> str:
-    v, meta, cells = report["verdict"], report.get("meta", {}), report["cells"]
-    regs = report.get("regressions") or []
+    """The audit's HTML page: verdict, regressions, short tables, plots, failure details
+    and the table of all cells, in that order."""
+    cells = report["cells"]
     failed = sorted((c for c in cells if not c.get("passed")), key=_ratio_key, reverse=True)
+    parts = _html_head(report)
+    if report.get("baseline") is not None:
+        parts += _html_regressions(report)
+    # Short tables up front; the Verdicts' full messages come after the plots.
+    parts += _html_cell_tables(cells, failed)
+    parts += _html_by_sweep(cells)
+    parts += _html_plots(report)
+    if failed:
+        parts += _html_failure_details(failed)
+    parts += _html_all_cells(report)
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _html_head(report: dict) -> list[str]:
+    """Title, the verdict bar and the run's metadata."""
+    v, meta = report["verdict"], report.get("meta", {})
+    regs = report.get("regressions") or []
     ok = v["passed"]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>lla-verify audit: {_escape(meta.get('impl'))}"
              f"</title><style>{_CSS}</style></head><body>"]
@@ -323,22 +342,29 @@ def render_html(report: dict) -> str:
                  f" &middot; {_escape(wall_text(meta))}<br><code>{_escape(meta.get('command', ''))}</code><br>"
                  f"Each cell: error / budget of its worst query (budget derived per query from conditioning and the "
                  f"compute precision, SPEC 8); a cell fails above 1. {_escape(v.get('gradients_note') or '')}</div>")
+    return parts
 
-    if report.get("baseline") is not None:
-        b = report["baseline"]
-        parts.append("<h2>Regressions against the baseline</h2>")
-        parts.append(f"<p>{b['matched']} cells matched by case spec, {b['new']} new, {b['missing']} no longer run. "
-                     f"Rule: {_escape(meta.get('regression_rule', ''))}.</p>")
-        if regs:
-            parts.append(_table(["what", "ratio (old \u2192 new)", "case", "reproduce"],
-                                [[f"<span class=bad>{_escape(r['why'])}</span>",
-                                  f"{fmt_ratio(r['baseline_ratio'])} &rarr; {fmt_ratio(r['ratio'])}",
-                                  f"<code>{_escape(r['spec'])}</code>", f"<code>{_escape(r['command'])}</code>"]
-                                 for r in regs]))
-        else:
-            parts.append("<p class=ok>No regression.</p>")
 
-    # Short tables up front; the Verdicts' full messages come after the plots.
+def _html_regressions(report: dict) -> list[str]:
+    b, meta = report["baseline"], report.get("meta", {})
+    regs = report.get("regressions") or []
+    parts = ["<h2>Regressions against the baseline</h2>",
+             f"<p>{b['matched']} cells matched by case spec, {b['new']} new, {b['missing']} no longer run. "
+             f"Rule: {_escape(meta.get('regression_rule', ''))}.</p>"]
+    if regs:
+        parts.append(_table(["what", "ratio (old \u2192 new)", "case", "reproduce"],
+                            [[f"<span class=bad>{_escape(r['why'])}</span>",
+                              f"{fmt_ratio(r['baseline_ratio'])} &rarr; {fmt_ratio(r['ratio'])}",
+                              f"<code>{_escape(r['spec'])}</code>", f"<code>{_escape(r['command'])}</code>"]
+                             for r in regs]))
+    else:
+        parts.append("<p class=ok>No regression.</p>")
+    return parts
+
+
+def _html_cell_tables(cells: list[dict], failed: list[dict]) -> list[str]:
+    """The worst failing cells (at most 15), then the worst passing ones."""
+    parts = []
     if failed:
         parts.append(f"<h2>Failing cells ({len(failed)}), worst first</h2>")
         parts.append(_cell_table(failed[:15], failing=True))
@@ -349,8 +375,10 @@ def render_html(report: dict) -> str:
     passing = [c for c in cells if c.get("passed")]
     parts.append("<h2>Worst passing cells</h2>" if failed else "<h2>Worst cells</h2>")
     parts.append(_cell_table(sorted(passing, key=_ratio_key, reverse=True)[:5 if failed else 8], failing=False))
+    return parts
 
-    parts.append("<h2>By sweep</h2>")
+
+def _html_by_sweep(cells: list[dict]) -> list[str]:
     rows = []
     for sw in dict.fromkeys(c["sweep"] for c in cells):
         cs = [c for c in cells if c["sweep"] == sw]
@@ -359,9 +387,14 @@ def render_html(report: dict) -> str:
         t = sum(ratio_number(c.get("time_s")) for c in cs if c.get("time_s") is not None)
         rows.append([_escape(sw), str(len(cs)), f"<span class={'bad' if nf else 'ok'}>{nf}</span>", fmt_ratio(w["ratio"]),
                      f"<code>{_escape(w['spec'])}</code>", f"{t:.2f}"])
-    parts.append(_table(["sweep", "cells", "failed", "worst ratio", "worst case", "impl time (s)"], rows,
-                        numeric={1, 2, 3, 5}))
+    return ["<h2>By sweep</h2>",
+            _table(["sweep", "cells", "failed", "worst ratio", "worst case", "impl time (s)"], rows,
+                   numeric={1, 2, 3, 5})]
 
+
+def _html_plots(report: dict) -> list[str]:
+    """Each plot with its caption; a line saying why the CG or gradient plot is absent."""
+    v, meta, cells = report["verdict"], report.get("meta", {}), report["cells"]
     plt_tol = float(meta.get("solver_tol") or 0.0)
     plots = [
         ("All cells", plot_overview(cells), ""),
@@ -374,6 +407,7 @@ def render_html(report: dict) -> str:
          "Per query; the line is the textbook bound for unpreconditioned CG (SPEC 5)."),
         ("Gradients", plot_grad(cells), "Backward check with a fixed cotangent (budget.check_backward)."),
     ]
+    parts = []
     for title, img, caption in plots:
         if img:
             parts.append(f"<h2>{title}</h2><img alt='{title}' src='{img}'><div class=meta>{caption}</div>")
@@ -382,21 +416,29 @@ def render_html(report: dict) -> str:
                      "(a direct solve, or a kernel that does not report them).</p>")
     if not plots[4][1]:
         parts.append(f"<p class=meta>Gradients: {_escape(v.get('gradients_note') or 'not checked')}.</p>")
+    return parts
 
-    if failed:
-        parts.append(f"<h2 id=details>Failure details ({len(failed)})</h2>")
-        for c in failed[:60]:
-            g = c.get("grad") or {}
-            msgs = ([c.get("message", "")] if not c.get("forward_passed", False) else []) + \
-                ([g["message"]] if g.get("status") == "checked" and not g.get("passed") else [])
-            parts.append(f"<p><b>{_escape(' + '.join(c.get('failed_checks') or ['forward']))} over budget</b> "
-                         f"({_ratios(c)}) &middot; attribution {_cause(c['cause'])}<br>"
-                         f"<code>{_escape(c['command'])}</code></p><pre>{_escape(chr(10).join(msgs))}</pre>")
-        if len(failed) > 60:
-            parts.append(f"<p>{len(failed) - 60} more failing cells in the table below and in report.json.</p>")
 
-    parts.append("<h2>All cells</h2><details><summary>show the table of all "
-                 f"{len(cells)} cells</summary>")
+def _html_failure_details(failed: list[dict]) -> list[str]:
+    """The full verdict messages of the worst 60 failing cells."""
+    parts = [f"<h2 id=details>Failure details ({len(failed)})</h2>"]
+    for c in failed[:60]:
+        g = c.get("grad") or {}
+        msgs = ([c.get("message", "")] if not c.get("forward_passed", False) else []) + \
+            ([g["message"]] if g.get("status") == "checked" and not g.get("passed") else [])
+        parts.append(f"<p><b>{_escape(' + '.join(c.get('failed_checks') or ['forward']))} over budget</b> "
+                     f"({_ratios(c)}) &middot; attribution {_cause(c['cause'])}<br>"
+                     f"<code>{_escape(c['command'])}</code></p><pre>{_escape(chr(10).join(msgs))}</pre>")
+    if len(failed) > 60:
+        parts.append(f"<p>{len(failed) - 60} more failing cells in the table below and in report.json.</p>")
+    return parts
+
+
+def _html_all_cells(report: dict) -> list[str]:
+    """Every cell, and every skipped one, in collapsed tables."""
+    cells = report["cells"]
+    parts = ["<h2>All cells</h2><details><summary>show the table of all "
+             f"{len(cells)} cells</summary>"]
     parts.append(_table(
         ["sweep", "case", "ratio", "cause", "err max", "kappa max", "NaN/Inf", "CG mean/max", "CG res max",
          "grad", "time (ms)"],
@@ -413,5 +455,4 @@ def render_html(report: dict) -> str:
         parts.append(_table(["case", "reason"], [[f"<code>{_escape(s['spec'])}</code>", _escape(s["reason"])]
                                                  for s in report["skipped"]]))
         parts.append("</details>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return parts
