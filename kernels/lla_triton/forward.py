@@ -117,6 +117,29 @@ def _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, kk
 
 
 @triton.jit
+def _pass1(q_dot, c, K, base, S, scale, offs_m, lo_full, hi,
+           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+           JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+    """Pass 1 over the causal key tiles (full, then masked): the online max m_i, omega_i,
+    S1_i = sum_j w_ij k'_j, sum_j w_ij |k'_j|^2, and for Jacobi sum_j w_ij k'_j^2."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    omega = tl.zeros([BLOCK_M], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    kk = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if JACOBI:
+        s2 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    else:
+        s2 = 0.0
+    for start_n in range(0, lo_full, BLOCK_N):
+        m_i, omega, s1, kk, s2 = _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, kk,
+                                             s2, D, BLOCK_N, UPCAST, False, JACOBI, PREC, SPREC)
+    for start_n in range(lo_full, hi, BLOCK_N):
+        m_i, omega, s1, kk, s2 = _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, kk,
+                                             s2, D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC)
+    return m_i, omega, s1, kk, s2
+
+
+@triton.jit
 def _matvec_tile(p, pq, q_dot, c, K, base, start_n, S, scale, offs_m, m_i, acc, tsum,
                  D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
                  PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
@@ -191,6 +214,24 @@ REANCHOR_RATIO = tl.constexpr(8.0)
 
 
 @triton.jit
+def _out_pass(rho, qr, q_dot, c, K, V, base, S, scale, offs_m, m_i, lo_full, hi,
+              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+              PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
+    """The output pass over the causal key tiles (full tiles, then the masked diagonal
+    ones): acc_i = sum_j g_ij v_j, den_i = sum_j g_ij and mag_i (the delta guard's scale)."""
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mag = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, lo_full, BLOCK_N):
+        acc, den, mag = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
+                                  mag, D, BLOCK_N, UPCAST, False, PREC, SPREC, SPLIT)
+    for start_n in range(lo_full, hi, BLOCK_N):
+        acc, den, mag = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
+                                  mag, D, BLOCK_N, UPCAST, True, PREC, SPREC, SPLIT)
+    return acc, den, mag
+
+
+@triton.jit
 def _zz_anchored(qp, s1, kk, omega):
     """sum_j w_ij |z_ij|^2 through the anchored expansion (kk = sum w |k'|^2,
     s1 = sum w k'); an underestimate only makes a row look farther from c."""
@@ -234,21 +275,8 @@ def _solve_rows(q_dot, qf, c, todo, lam, K, V, base, S, scale, cg_tol, cg_max_it
     ``todo`` too far from c, which the caller solves again around another anchor."""
     qp = qf - c[None, :]
 
-    # ---- pass 1: online max, omega, S1 = sum w k', sum w |k'|^2 (and sum w k'^2 for Jacobi)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    omega = tl.zeros([BLOCK_M], dtype=tl.float32)
-    s1 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    kk = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if JACOBI:
-        s2 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    else:
-        s2 = 0.0
-    for start_n in range(0, lo_full, BLOCK_N):
-        m_i, omega, s1, kk, s2 = _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, kk,
-                                             s2, D, BLOCK_N, UPCAST, False, JACOBI, PREC, SPREC)
-    for start_n in range(lo_full, hi, BLOCK_N):
-        m_i, omega, s1, kk, s2 = _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, kk,
-                                             s2, D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC)
+    m_i, omega, s1, kk, s2 = _pass1(q_dot, c, K, base, S, scale, offs_m, lo_full, hi,
+                                    D, BLOCK_M, BLOCK_N, UPCAST, JACOBI, PREC, SPREC)
 
     mu = s1 - omega[:, None] * qp
     mu = tl.where(row_ok[:, None], mu, 0.0)
@@ -311,15 +339,8 @@ def _solve_rows(q_dot, qf, c, todo, lam, K, V, base, S, scale, cg_tol, cg_max_it
 
     # ---- output pass: g_ij = w_ij (1 - <z_ij, rho_i>), den_i = sum_j g_ij
     qr = tl.sum(qx * rho, 1)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    den = tl.zeros([BLOCK_M], dtype=tl.float32)
-    mag = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, lo_full, BLOCK_N):
-        acc, den, mag = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
-                                  mag, D, BLOCK_N, UPCAST, False, PREC, SPREC, SPLIT)
-    for start_n in range(lo_full, hi, BLOCK_N):
-        acc, den, mag = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
-                                  mag, D, BLOCK_N, UPCAST, True, PREC, SPREC, SPLIT)
+    acc, den, mag = _out_pass(rho, qr, q_dot, c, K, V, base, S, scale, offs_m, m_i, lo_full, hi,
+                              D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC, SPLIT)
     # delta guard (docs/kernels.md). den_i = omega_i - <mu_i, rho_i> carries two errors:
     # rounding, below delta_eps * mag_i, and the solve's: with r_i = mu_i - Sigma_i rho_i,
     # <mu_i, Sigma_i^-1 mu_i - rho_i> = <rho_i, r_i> exactly (Sigma_i symmetric), so at
@@ -338,14 +359,8 @@ def _solve_rows(q_dot, qf, c, todo, lam, K, V, base, S, scale, cg_tol, cg_max_it
     if tl.sum(fallback.to(tl.int32), 0) > 0:
         rho0 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         qr0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        den0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        mag0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start_n in range(0, lo_full, BLOCK_N):
-            acc0, den0, mag0 = _out_tile(rho0, qr0, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc0,
-                                         den0, mag0, D, BLOCK_N, UPCAST, False, PREC, SPREC, SPLIT)
-        for start_n in range(lo_full, hi, BLOCK_N):
-            acc0, den0, mag0 = _out_tile(rho0, qr0, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc0,
-                                         den0, mag0, D, BLOCK_N, UPCAST, True, PREC, SPREC, SPLIT)
+        acc0, den0, mag0 = _out_pass(rho0, qr0, q_dot, c, K, V, base, S, scale, offs_m, m_i, lo_full, hi,
+                                     D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC, SPLIT)
     o = tl.where(fallback[:, None], acc0 / tl.where(fallback, den0, 1.0)[:, None],
                  acc / tl.where(fallback | (den == 0.0), 1.0, den)[:, None])
     rel = tl.zeros([BLOCK_M], dtype=tl.float32)

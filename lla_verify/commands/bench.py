@@ -203,25 +203,36 @@ def _run(args) -> int:
         emit(f"TIMING NOT BELIEVED: {f}")
 
     if args.mem_seqs:
-        emit()
-        emit("| B,H,S,D | peak extra memory MiB (ours) | inputs MiB | ours ms | SDPA ms |")
-        emit("|---|---|---|---|---|")
-        for S in (int(x) for x in args.mem_seqs.split(",")):
-            D = 64
-            q, k, v = randn_inputs((1, 1, S, D), 3, dtype, generator=g, device=dev)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            o = lla_triton.lla_attention(q, k, v, ridge_lambda=lam)
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            inputs = 3 * q.numel() * q.element_size() / 2**20
-            t_ours = bench(lambda: lla_triton.lla_attention(q, k, v, ridge_lambda=lam, check_finite=False))
-            t_sdpa = bench(lambda: causal_sdpa(q, k, v))
-            emit(f"| 1,1,{S},{D} | {peak:.2f} | {inputs:.2f} | {t_ours:.3f} | {t_sdpa:.3f} |")
-            del q, k, v, o
+        _memory_rows(table, [int(x) for x in args.mem_seqs.split(",")], dtype, lam, g, bench)
     table.write(args.out)
     return 1 if flags else 0
+
+
+def _memory_rows(table: Table, seqs, dtype, lam: float, g, bench) -> None:
+    """Peak extra memory of one lla_triton call at each S in ``seqs`` (B = H = 1, D = 64)
+    beside the inputs' size, and its time against SDPA's."""
+    import torch
+
+    import lla_triton
+
+    emit, dev = table.emit, "cuda"
+    emit()
+    emit("| B,H,S,D | peak extra memory MiB (ours) | inputs MiB | ours ms | SDPA ms |")
+    emit("|---|---|---|---|---|")
+    for S in seqs:
+        D = 64
+        q, k, v = randn_inputs((1, 1, S, D), 3, dtype, generator=g, device=dev)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        o = lla_triton.lla_attention(q, k, v, ridge_lambda=lam)
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        inputs = 3 * q.numel() * q.element_size() / 2**20
+        t_ours = bench(lambda: lla_triton.lla_attention(q, k, v, ridge_lambda=lam, check_finite=False))
+        t_sdpa = bench(lambda: causal_sdpa(q, k, v))
+        emit(f"| 1,1,{S},{D} | {peak:.2f} | {inputs:.2f} | {t_ours:.3f} | {t_sdpa:.3f} |")
+        del q, k, v, o
 
 
 def register(sub) -> None:
