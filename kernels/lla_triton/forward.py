@@ -180,6 +180,60 @@ def _matvec(p, qx, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full,
 
 
 @triton.jit
+def _cg(b, rows, s2, s1, qp, omega, lam_omega, cg_tol, cg_max_iters,
+        qx, q_dot, c, K, base, S, scale, offs_m, m_i, lo_full, hi,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+        JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
+    """CG on Sigma_i x_i = b_i for the ``rows`` of the tile together (the forward's rho and
+    the backward's adjoint u), each row stopping at ||r_i|| <= cg_tol ||b_i||; Jacobi
+    preconditioning from diag(Sigma_i) = s2 - 2 q' s1 + omega q'^2 + lambda omega
+    (s2 = sum_j w_ij k'_j^2, s1 = sum_j w_ij k'_j). Returns x, ||r||^2 of the recursive
+    residual, and the iterations of each row."""
+    x = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    r = b
+    if JACOBI:
+        diag = s2 - 2.0 * qp * s1 + omega[:, None] * qp * qp + lam_omega[:, None]
+        inv_diag = tl.where(diag > 0.0, 1.0 / diag, 1.0)
+        zr = r * inv_diag
+    else:
+        inv_diag = 1.0
+        zr = r
+    p = zr
+    rz = tl.sum(r * zr, 1)
+    rr = tl.sum(r * r, 1)
+    thresh = (cg_tol * cg_tol) * tl.sum(b * b, 1)
+    # a row with b_i = 0 (first token, padding rows, a zero cotangent) is solved by x = 0 at once
+    active = rows & (rr > thresh)
+    iters = tl.zeros([BLOCK_M], dtype=tl.int32)
+    n_active = tl.sum(active.to(tl.int32), 0)
+    it = 0
+    while (n_active > 0) & (it < cg_max_iters):
+        ap = _matvec(p, qx, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
+                     D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC, SPLIT)
+        pap = tl.sum(p * ap, 1)
+        # pAp <= 0 only when Sigma_i is singular (lambda_i = 0) and p hit its null
+        # space, or p underflowed: stop the row there rather than divide by it
+        ok = active & (pap > 0.0)
+        alpha = tl.where(ok, rz / tl.where(ok, pap, 1.0), 0.0)
+        x += alpha[:, None] * p
+        r -= alpha[:, None] * ap
+        if JACOBI:
+            zr = r * inv_diag
+        else:
+            zr = r
+        rz_new = tl.sum(r * zr, 1)
+        beta = tl.where(ok & (rz > 0.0), rz_new / tl.where(rz > 0.0, rz, 1.0), 0.0)
+        p = tl.where(ok[:, None], zr + beta[:, None] * p, p)
+        rz = tl.where(ok, rz_new, rz)
+        rr = tl.where(ok, tl.sum(r * r, 1), rr)
+        iters += active.to(tl.int32)
+        active = ok & (rr > thresh)
+        n_active = tl.sum(active.to(tl.int32), 0)
+        it += 1
+    return x, rr, iters
+
+
+@triton.jit
 def _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den, mag,
               D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
               PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
@@ -294,48 +348,10 @@ def _solve_rows(q_dot, qf, c, todo, lam, K, V, base, S, scale, cg_tol, cg_max_it
         qx = qp
 
     # ---- CG on Sigma_i rho_i = mu_i, all rows of the tile together
-    rho = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    r = mu
-    if JACOBI:
-        diag = s2 - 2.0 * qp * s1 + omega[:, None] * qp * qp + lam_omega[:, None]
-        inv_diag = tl.where(diag > 0.0, 1.0 / diag, 1.0)
-        zr = r * inv_diag
-    else:
-        inv_diag = 1.0
-        zr = r
-    p = zr
-    rz = tl.sum(r * zr, 1)
-    rr = tl.sum(r * r, 1)
     mu2 = tl.sum(mu * mu, 1)
-    thresh = (cg_tol * cg_tol) * mu2
-    # a row with mu_i = 0 (first token, padding rows) is solved by rho = 0 at once
-    active = mine & (rr > thresh)
-    iters = tl.zeros([BLOCK_M], dtype=tl.int32)
-    n_active = tl.sum(active.to(tl.int32), 0)
-    it = 0
-    while (n_active > 0) & (it < cg_max_iters):
-        ap = _matvec(p, qx, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
-                     D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC, SPLIT)
-        pap = tl.sum(p * ap, 1)
-        # pAp <= 0 only when Sigma_i is singular (lambda_i = 0) and p hit its null
-        # space, or p underflowed: stop the row there rather than divide by it
-        ok = active & (pap > 0.0)
-        alpha = tl.where(ok, rz / tl.where(ok, pap, 1.0), 0.0)
-        rho += alpha[:, None] * p
-        r -= alpha[:, None] * ap
-        if JACOBI:
-            zr = r * inv_diag
-        else:
-            zr = r
-        rz_new = tl.sum(r * zr, 1)
-        beta = tl.where(ok & (rz > 0.0), rz_new / tl.where(rz > 0.0, rz, 1.0), 0.0)
-        p = tl.where(ok[:, None], zr + beta[:, None] * p, p)
-        rz = tl.where(ok, rz_new, rz)
-        rr = tl.where(ok, tl.sum(r * r, 1), rr)
-        iters += active.to(tl.int32)
-        active = ok & (rr > thresh)
-        n_active = tl.sum(active.to(tl.int32), 0)
-        it += 1
+    rho, rr, iters = _cg(mu, mine, s2, s1, qp, omega, lam_omega, cg_tol, cg_max_iters,
+                         qx, q_dot, c, K, base, S, scale, offs_m, m_i, lo_full, hi,
+                         D, BLOCK_M, BLOCK_N, UPCAST, JACOBI, PREC, SPREC, SPLIT)
 
     # ---- output pass: g_ij = w_ij (1 - <z_ij, rho_i>), den_i = sum_j g_ij
     qr = tl.sum(qx * rho, 1)
