@@ -12,8 +12,10 @@ import torch
 
 from lla_verify.registry.cases import Problem
 from lla_contract import LLAInputError
-from lla_verify.cg.bound import _F64, finite_precision_limit, iteration_bound, jacobi_iteration_bound
+from lla_verify.cg.bound import finite_precision_limit, iteration_bound, jacobi_iteration_bound
 from lla_verify.cg.reference import check_preconditioner, kappas, reference_cg, sigma_mu, true_residual
+
+_F64 = torch.float64
 
 
 # ------------------------------------------------------------------ the kernel side

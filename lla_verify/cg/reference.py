@@ -25,7 +25,9 @@ import torch
 
 from lla_verify.registry.cases import Problem
 from lla_contract import LLAInputError, check_lambda, check_qkv, check_scale
-from lla_verify.cg.bound import _F64, U32
+from lla_verify.cg.bound import U32
+
+_F64 = torch.float64
 
 
 DEFAULT_CHUNK_BYTES = 128 * 2**20

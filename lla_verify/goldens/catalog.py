@@ -129,13 +129,13 @@ CATALOG: tuple[Golden, ...] = (
     _golden("const-values-bf16-S200-D16", "gaussian", {"lam": 0.01}, 200, 16, "bfloat16", seed=32, variant="v=const",
        why="partition of unity at length, small lambda"),
 )
-_BY_NAME = {g.name: g for g in CATALOG}
+BY_NAME = {g.name: g for g in CATALOG}
 
 
 def get_golden(name: str) -> Golden:
-    if name not in _BY_NAME:
-        raise LLAInputError(f"--only: unknown golden {name!r}; known: {', '.join(_BY_NAME)}")
-    return _BY_NAME[name]
+    if name not in BY_NAME:
+        raise LLAInputError(f"--only: unknown golden {name!r}; known: {', '.join(BY_NAME)}")
+    return BY_NAME[name]
 
 
 def select(only) -> list[Golden]:

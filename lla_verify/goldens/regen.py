@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lla_verify.cliutil import atomic_write as _atomic_write  # temp file ".NAME.*.tmp" beside NAME, then a rename
-from lla_verify.goldens.catalog import (CATALOG, COTANGENT_SEED_OFFSET, NOISE_FACTOR, _BY_NAME, compute,
+from lla_verify.goldens.catalog import (CATALOG, COTANGENT_SEED_OFFSET, NOISE_FACTOR, BY_NAME, compute,
                                         noise_tol, select)
 from lla_verify.goldens.store import (DEFAULT_DIR, FORMAT, INPUTS, MANIFEST, manifest_hashes, array_hash,
                                       dump_manifest, embedded_mismatch, encode, entry_path, is_temp_file,
@@ -201,10 +201,10 @@ def check(folder: Path, only=None) -> int:
     # entries and files nobody in the catalog claims (checked with --only too: cheap)
     names = {g.name for g in goldens}
     for name in entries:
-        if name not in _BY_NAME:
+        if name not in BY_NAME:
             problems += 1
             say(f"FAIL {name}: extra manifest entry (no such golden in the catalog)")
-    known = {e.get("file") for e in man["cases"] if e.get("name") in _BY_NAME} | {MANIFEST}
+    known = {e.get("file") for e in man["cases"] if e.get("name") in BY_NAME} | {MANIFEST}
     for path in sorted(folder.iterdir()):
         if path.name in known:
             continue
@@ -296,7 +296,7 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
     entries = dict(old)
     for g in goldens:
         entries[g.name] = manifest_entry(g, fresh_all[g.name])
-    order = [g.name for g in CATALOG if g.name in entries] + sorted(n for n in entries if n not in _BY_NAME)
+    order = [g.name for g in CATALOG if g.name in entries] + sorted(n for n in entries if n not in BY_NAME)
     new = {
         "format": FORMAT,
         "hash": "sha256 of '<dtype>|<shape as a JSON list>|' followed by the raw little-endian bytes",
