@@ -179,11 +179,6 @@ def plot_heatmap(cells: list[dict]) -> str | None:
     return _png(fig)
 
 
-def cg_bound(kappa: float, tol: float) -> float:
-    """ceil(sqrt(kappa)/2 ln(2/tol)): CG steps to reduce the A-norm error by tol (SPEC 5)."""
-    return math.ceil(math.sqrt(kappa) / 2.0 * math.log(2.0 / tol))
-
-
 def plot_cg(cells: list[dict], tol: float) -> str | None:
     with_it = [c for c in cells if c.get("queries", {}).get("cg_iters")]
     if not with_it:
@@ -201,6 +196,8 @@ def plot_cg(cells: list[dict], tol: float) -> str | None:
                     ys.append(ratio_number(it))
         ax.scatter(xs, ys, s=4, alpha=0.35, color=DTYPE_COLORS.get(dt, "#555"), edgecolor="none", label=dt)
     if tol > 0:
+        from lla_verify.cg.bound import cg_bound
+
         ks = [10 ** (e / 10) for e in range(0, 101)]
         ax.plot(ks, [cg_bound(k, tol) for k in ks], color="#212529", lw=1,
                 label=f"bound ceil(sqrt(kappa)/2 ln(2/tol)), tol {tol:.0e}")
