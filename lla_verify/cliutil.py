@@ -161,6 +161,18 @@ def atomic_write(path, data: bytes | str) -> None:
         raise
 
 
+def jsonable(x):
+    """``x`` with every non-finite float replaced by the string 'inf', '-inf' or 'nan'
+    (strict JSON has none of them), through dicts, lists and tuples."""
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x
+
+
 def save_figure(fig, path, **kw) -> None:
     """``fig.savefig`` into memory, then ``atomic_write``."""
     buf = io.BytesIO()

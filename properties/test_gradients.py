@@ -87,13 +87,13 @@ def test_dv_sums_to_total_cotangent(impl, device):
         # S D terms); summing S of them adds at most their sum of magnitudes times that
         mag = grads["dv"].double().abs().sum(-2)
         D = p.q.shape[-1]
-        from lla_verify.budget.backward import _normalisation_terms
+        from lla_verify.budget.backward import normalisation_terms
         from lla_verify.oracles.float64 import lla_forward_details
 
         d = lla_forward_details(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale)
         if bool(d.undefined.any()):
             return
-        norm = _normalisation_terms(p, d, g, impl.u, {"dq": 0.0, "dk": 0.0, "dlambda": 0.0})["dv"].sum(-1)
+        norm = normalisation_terms(p, d, g, impl.u, {"dq": 0.0, "dk": 0.0, "dlambda": 0.0})["dv"].sum(-1)
         allowed = GRAD_SAFETY * ((io_roundoff(p, impl) + impl.u * (S * D) ** 0.5) * mag + norm[..., None])
         err = (total - S).abs()
         allowed, err = float(allowed.flatten()[int(torch.argmax(err / allowed))]), float(err.flatten()[int(torch.argmax(err / allowed))])

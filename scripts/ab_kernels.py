@@ -18,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-SHAPES = [(16, 1, 2048, 64), (8, 1, 4096, 64), (8, 1, 2048, 128)]
+from lla_verify.commands.benchkit import BENCH_SHAPES, Table, median_ms, randn_inputs, versions_line
 
 
 def load_copy(path: str, name: str):
@@ -42,28 +42,20 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import torch
-    import triton
 
     copies = {"old": load_copy(args.old, "lla_triton_old"), "new": load_copy(args.new, "lla_triton_new")}
     lam = args.ridge_lambda
-    lines = []
-
-    def emit(s=""):
-        print(s, flush=True)
-        lines.append(s)
-
-    def bench(fn, grads=None):
-        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
-
-    emit(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}")
+    table = Table()
+    emit = table.emit
+    emit(versions_line())
     emit(f"old: {args.old}; new: {args.new}; bf16, causal, lambda {lam}; median of {args.rounds} interleaved rounds")
     emit()
     emit("| B,H,S,D | fwd old ms | fwd new ms | new/old | fwd+bwd old ms | fwd+bwd new ms | new/old "
          "| max abs diff o / dq / dk / dv |")
     emit("|---|---|---|---|---|---|---|---|")
-    for B, H, S, D in SHAPES:
+    for B, H, S, D in BENCH_SHAPES:
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, g = (torch.randn(B, H, S, D, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(4))
+        q, k, v, g = randn_inputs((B, H, S, D), 4, torch.bfloat16, generator=gen)
         times = {(c, p): [] for c in copies for p in ("fwd", "step")}
         outs = {}
         for c, mod in copies.items():
@@ -82,8 +74,8 @@ def main(argv=None):
                 def step(mod=mod, qq=qq, kk=kk, vv=vv):
                     mod.lla_attention(qq, kk, vv, ridge_lambda=lam).backward(g)
 
-                times[(c, "fwd")].append(bench(fwd))
-                times[(c, "step")].append(bench(step, [qq, kk, vv]))
+                times[(c, "fwd")].append(median_ms(fwd))
+                times[(c, "step")].append(median_ms(step, grads=[qq, kk, vv]))
         med = {key: statistics.median(v) for key, v in times.items()}
         diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(outs["old"], outs["new"])]
         emit(f"| {B},{H},{S},{D} | {med[('old', 'fwd')]:.3f} | {med[('new', 'fwd')]:.3f} "
@@ -91,8 +83,7 @@ def main(argv=None):
              f"| {med[('new', 'step')]:.3f} | {med[('new', 'step')] / med[('old', 'step')]:.3f} | "
              + " / ".join(f"{x:.2e}" for x in diffs) + " |")
         torch.cuda.empty_cache()
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    table.write(args.out)
 
 
 if __name__ == "__main__":

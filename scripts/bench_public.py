@@ -15,20 +15,24 @@ from __future__ import annotations
 
 import argparse
 
-SHAPES = [(16, 1, 2048, 64), (8, 1, 4096, 64), (8, 1, 2048, 128)]
+from lla_verify.cliutil import UsageError
+from lla_verify.commands.benchkit import (BENCH_SHAPES, Table, causal_sdpa, median_ms, parse_shapes, randn_inputs,
+                                          shapes_text, versions_line)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    ap.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES),
+    ap.add_argument("--shapes", default=shapes_text(BENCH_SHAPES),
                     help="B,H,S,D;... (default: the three of docs/performance.md)")
     ap.add_argument("--ridge-lambda", type=float, default=0.1)
     ap.add_argument("--out", default=None, help="also write the table to this file")
     args = ap.parse_args(argv)
+    try:
+        shapes = parse_shapes(args.shapes)
+    except UsageError as exc:
+        ap.error(str(exc))
 
     import torch
-    import triton
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import flashlla
     import lla_triton
@@ -38,14 +42,8 @@ def main(argv=None) -> int:
         print("bench_public: needs a CUDA device")
         return 2
     lam = args.ridge_lambda
-    lines = []
-
-    def emit(s=""):
-        print(s, flush=True)
-        lines.append(s)
-
-    def bench(fn):
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    table = Table()
+    emit = table.emit
 
     def ours(q, k, v):
         return lla_triton.lla_attention(q, k, v, ridge_lambda=lam)
@@ -56,27 +54,22 @@ def main(argv=None) -> int:
                                    ridge_lambda=lam)
         return o.reshape(B, H, S, D)
 
-    def sdpa(q, k, v):
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-
     def rel(x, ref):
         return float((x.double() - ref).norm() / ref.norm())
 
-    emit(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}")
+    emit(versions_line())
     emit(f"bf16, causal, ridge_lambda {lam}; both LLA kernels at their defaults")
     emit()
     emit("| B,H,S,D | fwd ms ours | fwd ms public | fwd ms SDPA | fwd ours/public speed-up | "
          "fwd+bwd ms ours | fwd+bwd ms public | fwd+bwd ms SDPA | fwd+bwd speed-up | "
          "rel err o ours / public (floor) | rel err dq ours / public | dk | dv (floor) |")
     emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for part in args.shapes.split(";"):
-        B, H, S, D = (int(x) for x in part.split(","))
+    for B, H, S, D in shapes:
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, g = (torch.randn(B, H, S, D, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(4))
-        fns = {"ours": ours, "public": public, "sdpa": sdpa}
+        q, k, v, g = randn_inputs((B, H, S, D), 4, torch.bfloat16, generator=gen)
+        fns = {"ours": ours, "public": public, "sdpa": causal_sdpa}
         with torch.no_grad():
-            t_fwd = {n: bench(lambda f=f: f(q, k, v)) for n, f in fns.items()}
+            t_fwd = {n: median_ms(lambda f=f: f(q, k, v)) for n, f in fns.items()}
         t_step = {}
         outs = {}
         for n, f in fns.items():
@@ -85,8 +78,7 @@ def main(argv=None) -> int:
             def step(f=f, qq=qq, kk=kk, vv=vv):
                 f(qq, kk, vv).backward(g)
 
-            t_step[n] = triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=[qq, kk, vv],
-                                                return_mode="median")
+            t_step[n] = median_ms(step, grads=[qq, kk, vv])
             qq.grad = kk.grad = vv.grad = None
             o = f(qq, kk, vv)
             o.backward(g)
@@ -106,9 +98,7 @@ def main(argv=None) -> int:
              f"{err['ours'][0]:.2e} / {err['public'][0]:.2e} ({floor[0]:.2e}) | "
              f"{err['ours'][1]:.2e} / {err['public'][1]:.2e} | {err['ours'][2]:.2e} / {err['public'][2]:.2e} | "
              f"{err['ours'][3]:.2e} / {err['public'][3]:.2e} ({floor[3]:.2e}) |")
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+    table.write(args.out)
     return 0
 
 

@@ -301,7 +301,7 @@ def test_triton_on_cpu_sets_the_interpreter():
     """triton.jit reads TRITON_INTERPRET when lla_triton is imported, so this needs a
     fresh interpreter that has not imported it (pytest's own process may have)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import os, sys; from lla_verify.commands import audit; audit._resolve('triton', 'cpu'); "
+    code = ("import os, sys; from lla_verify.commands import audit; audit.resolve_impl('triton', 'cpu'); "
             "print(os.environ.get('TRITON_INTERPRET'), 'lla_triton' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -313,7 +313,7 @@ def test_triton_imported_compiled_on_cpu_is_a_usage_error(monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(UsageError, match="TRITON_INTERPRET=1"):
-        cmd_audit._resolve("triton", "cpu")
+        cmd_audit.resolve_impl("triton", "cpu")
 
 
 def test_merged_time_is_not_shown_as_a_wall_time():

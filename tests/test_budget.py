@@ -100,12 +100,12 @@ def test_unmeasurable_sensitivity_keeps_the_other_terms(monkeypatch):
     # rest of the budget still judges the row: a planted bug still fails.
     from lla_verify.budget import backward as budget
 
-    real = budget._normalisation_terms
+    real = budget.normalisation_terms
 
     def nan_terms(*a, **kw):
         return {k: torch.full_like(t, math.nan) for k, t in real(*a, **kw).items()}
 
-    monkeypatch.setattr(budget, "_normalisation_terms", nan_terms)
+    monkeypatch.setattr(budget, "normalisation_terms", nan_terms)
     p = Case("gaussian", {"lam": 0.1}, S=9, D=4, seed=2).build()
     v = check_backward(p, DENSE)
     assert v.passed and math.isfinite(v.ratio), v.message

@@ -356,7 +356,7 @@ def test_bad_out_is_refused_before_any_work(kind, command, slices, tmp_path, cap
 
 
 def test_report_write_interrupted_leaves_no_truncated_file(tmp_path, monkeypatch):
-    rep = {"schema": audit_baseline.SCHEMA, "meta": {}, "verdict": audit_run._verdict([], []), "regressions": [],
+    rep = {"schema": audit_baseline.SCHEMA, "meta": {}, "verdict": audit_run.audit_verdict([], []), "regressions": [],
            "baseline": None, "skipped": [], "cells": []}
     report.write_reports(rep, str(tmp_path))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}

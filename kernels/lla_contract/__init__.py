@@ -28,6 +28,23 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+def _check_dtype(name: str, t: torch.Tensor, dtypes: tuple) -> None:
+    if t.dtype not in dtypes:
+        raise LLAInputError(f"{name}: expected a floating dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def check_nonnegative(value, name: str, *, expected: str = "a float >= 0") -> float:
+    """``value`` as a float, checked to be finite and >= 0; else an LLAInputError naming
+    ``name`` (``expected`` says what a value of the wrong type should have been)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise LLAInputError(f"{name}: expected {expected}, got {value!r}") from None
+    if not math.isfinite(x) or x < 0:
+        raise LLAInputError(f"{name}: expected a finite value >= 0, got {x}")
+    return x
+
+
 def check_qkv(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -46,10 +63,7 @@ def check_qkv(
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise LLAInputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in dtypes:
-            raise LLAInputError(
-                f"{name}: expected a floating dtype in {[str(d) for d in dtypes]}, got {t.dtype}"
-            )
+        _check_dtype(name, t, dtypes)
         if t.dim() < 2:
             raise LLAInputError(f"{name}: expected shape (..., S, D) with at least 2 dims, got {_describe(t)}")
         if t.shape[-1] == 0:
@@ -83,9 +97,7 @@ def check_probe(r, q: torch.Tensor, *, dtypes: Iterable[torch.dtype] = _FLOAT_DT
     """Check Parallax's probe r: a tensor of q's shape (..., S, D) on q's device."""
     if not isinstance(r, torch.Tensor):
         raise LLAInputError(f"r: expected a torch.Tensor of shape {tuple(q.shape)}, got {type(r).__name__}")
-    dtypes = tuple(dtypes)
-    if r.dtype not in dtypes:
-        raise LLAInputError(f"r: expected a floating dtype in {[str(d) for d in dtypes]}, got {r.dtype}")
+    _check_dtype("r", r, tuple(dtypes))
     if r.shape != q.shape:
         raise LLAInputError(f"r: expected the shape of q {tuple(q.shape)}, got {tuple(r.shape)}")
     if r.device != q.device:
@@ -124,12 +136,7 @@ def check_scale(qk_scale: float | None, head_dim: int) -> float:
     """
     if qk_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    try:
-        s = float(qk_scale)
-    except (TypeError, ValueError):
-        raise LLAInputError(f"qk_scale: expected a float >= 0 or None, got {qk_scale!r}") from None
-    if not math.isfinite(s) or s < 0.0:
-        raise LLAInputError(f"qk_scale: expected a finite value >= 0, got {s}")
+    s = check_nonnegative(qk_scale, "qk_scale", expected="a float >= 0 or None")
     return s + 0.0  # -0.0 reads as 0.0
 
 
@@ -178,10 +185,4 @@ def check_lambda(ridge_lambda, lead_shape: tuple[int, ...], device, *, dtype=tor
 
 
 def check_delta_eps(delta_eps: float) -> float:
-    try:
-        e = float(delta_eps)
-    except (TypeError, ValueError):
-        raise LLAInputError(f"delta_eps: expected a float >= 0, got {delta_eps!r}") from None
-    if not math.isfinite(e) or e < 0:
-        raise LLAInputError(f"delta_eps: expected a finite value >= 0, got {e}")
-    return e
+    return check_nonnegative(delta_eps, "delta_eps")

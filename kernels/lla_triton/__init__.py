@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from lla_contract import (LLAInputError, check_delta_eps, check_lambda, check_qkv, check_scale,
+from lla_contract import (LLAInputError, check_delta_eps, check_lambda, check_nonnegative, check_qkv, check_scale,
                           nonfinite_flag)
 
 from ._common import PRECISIONS, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, interpreting
@@ -30,12 +30,7 @@ __all__ = [
 
 
 def _check_options(cg_tol, cg_max_iters, preconditioner, precision):
-    try:
-        tol = float(cg_tol)
-    except (TypeError, ValueError):
-        raise LLAInputError(f"cg_tol: expected a float >= 0, got {cg_tol!r}") from None
-    if not math.isfinite(tol) or tol < 0:
-        raise LLAInputError(f"cg_tol: expected a finite value >= 0, got {tol}")
+    tol = check_nonnegative(cg_tol, "cg_tol")
     if cg_max_iters is not None and (isinstance(cg_max_iters, bool) or not isinstance(cg_max_iters, int)
                                      or cg_max_iters < 0):
         raise LLAInputError(f"cg_max_iters: expected None (16 D) or an int >= 0, got {cg_max_iters!r}")

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ._common import (PRECISIONS, SUPPORTED_HEAD_DIMS, fitted_rounds, interpreting, launch_fitting,
                       reanchor_rounds)
-from .forward import NO_SPECIALIZE, _dot3, _matvec, anchor_too_far, split_too_lossy
+from .forward import NO_SPECIALIZE, _cg, _dot3, anchor_too_far, split_too_lossy
 
 DEFAULT_PRECISION = "tf32x3"
 
@@ -123,6 +123,35 @@ def _a_pass1_tile(q_dot, g_dot, gf, c, vref, rho, qr, K, V, base, start_n, S, sc
 
 
 @triton.jit
+def _a_pass1(q_dot, g_dot, gf, c, vref, rho, qr, K, V, base, S, scale, offs_m, lo_full, hi,
+             D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+             JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
+    """Kernel A's pass 1 over the causal key tiles (full, then masked): m, omega, den, o
+    and the pieces of b (and sum_j w_ij k'_j^2 for Jacobi)."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    omega = tl.zeros([BLOCK_M], dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    ov = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    pk = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    p0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mk = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    kk = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if JACOBI:
+        k2 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    else:
+        k2 = 0.0
+    for start_n in range(0, lo_full, BLOCK_N):
+        m_i, omega, den, ov, pk, p0, mk, kk, k2 = _a_pass1_tile(
+            q_dot, g_dot, gf, c, vref, rho, qr, K, V, base, start_n, S, scale, offs_m,
+            m_i, omega, den, ov, pk, p0, mk, kk, k2, D, BLOCK_N, UPCAST, False, JACOBI, PREC, SPREC, SPLIT)
+    for start_n in range(lo_full, hi, BLOCK_N):
+        m_i, omega, den, ov, pk, p0, mk, kk, k2 = _a_pass1_tile(
+            q_dot, g_dot, gf, c, vref, rho, qr, K, V, base, start_n, S, scale, offs_m,
+            m_i, omega, den, ov, pk, p0, mk, kk, k2, D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC, SPLIT)
+    return m_i, omega, den, ov, pk, p0, mk, kk, k2
+
+
+@triton.jit
 def _a_grad_tile(q_dot, g_dot, gf, c, vref, rho, qr, u, uq, go, inv_den, beta, K, V, base, start_n, S, scale,
                  offs_m, m_i, dqa, esum,
                  D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
@@ -176,27 +205,9 @@ def _a_solve_rows(q_dot, g_dot, qf, gf, c, vref, todo, fb, rho, lam, K, V, base,
     else:
         qr = tl.sum(qp * rho, 1)
 
-    # ---- pass 1: m, omega, den, o and the pieces of b
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    omega = tl.zeros([BLOCK_M], dtype=tl.float32)
-    den = tl.zeros([BLOCK_M], dtype=tl.float32)
-    ov = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    pk = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    p0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    mk = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    kk = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if JACOBI:
-        k2 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    else:
-        k2 = 0.0
-    for start_n in range(0, lo_full, BLOCK_N):
-        m_i, omega, den, ov, pk, p0, mk, kk, k2 = _a_pass1_tile(
-            q_dot, g_dot, gf, c, vref, rho, qr, K, V, base, start_n, S, scale, offs_m,
-            m_i, omega, den, ov, pk, p0, mk, kk, k2, D, BLOCK_N, UPCAST, False, JACOBI, PREC, SPREC, SPLIT)
-    for start_n in range(lo_full, hi, BLOCK_N):
-        m_i, omega, den, ov, pk, p0, mk, kk, k2 = _a_pass1_tile(
-            q_dot, g_dot, gf, c, vref, rho, qr, K, V, base, start_n, S, scale, offs_m,
-            m_i, omega, den, ov, pk, p0, mk, kk, k2, D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC, SPLIT)
+    m_i, omega, den, ov, pk, p0, mk, kk, k2 = _a_pass1(q_dot, g_dot, gf, c, vref, rho, qr, K, V, base, S, scale,
+                                                       offs_m, lo_full, hi, D, BLOCK_M, BLOCK_N, UPCAST, JACOBI,
+                                                       PREC, SPREC, SPLIT)
     far = todo & anchor_too_far(qp, mk, kk, omega)
     if SPLIT:
         # the forward's rule: rows the split matvec would serve badly go to a later,
@@ -220,47 +231,10 @@ def _a_solve_rows(q_dot, g_dot, qf, gf, c, vref, todo, fb, rho, lam, K, V, base,
         qx = qp
 
     # ---- CG on Sigma_i u_i = b_i: the forward's iteration and stopping rule
-    u = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    r = b
-    if JACOBI:
-        diag = k2 - 2.0 * qp * mk + omega[:, None] * qp * qp + lam_omega[:, None]
-        inv_diag = tl.where(diag > 0.0, 1.0 / diag, 1.0)
-        zr = r * inv_diag
-    else:
-        inv_diag = 1.0
-        zr = r
-    p = zr
-    rz = tl.sum(r * zr, 1)
-    rr = tl.sum(r * r, 1)
-    b2 = rr
-    thresh = (cg_tol * cg_tol) * b2
-    # b_i = 0 (first token, padding rows, g_i = 0) is solved by u_i = 0 at once
-    active = mine & (rr > thresh)
-    iters = tl.zeros([BLOCK_M], dtype=tl.int32)
-    n_active = tl.sum(active.to(tl.int32), 0)
-    it = 0
-    while (n_active > 0) & (it < cg_max_iters):
-        ap = _matvec(p, qx, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
-                     D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC, SPLIT)
-        pap = tl.sum(p * ap, 1)
-        # pAp <= 0 only for a singular Sigma_i (lambda_i = 0) or an underflowed p
-        ok = active & (pap > 0.0)
-        alpha = tl.where(ok, rz / tl.where(ok, pap, 1.0), 0.0)
-        u += alpha[:, None] * p
-        r -= alpha[:, None] * ap
-        if JACOBI:
-            zr = r * inv_diag
-        else:
-            zr = r
-        rz_new = tl.sum(r * zr, 1)
-        bcg = tl.where(ok & (rz > 0.0), rz_new / tl.where(rz > 0.0, rz, 1.0), 0.0)
-        p = tl.where(ok[:, None], zr + bcg[:, None] * p, p)
-        rz = tl.where(ok, rz_new, rz)
-        rr = tl.where(ok, tl.sum(r * r, 1), rr)
-        iters += active.to(tl.int32)
-        active = ok & (rr > thresh)
-        n_active = tl.sum(active.to(tl.int32), 0)
-        it += 1
+    b2 = tl.sum(b * b, 1)
+    u, rr, iters = _cg(b, mine, k2, mk, qp, omega, lam_omega, cg_tol, cg_max_iters,
+                       qx, q_dot, c, K, base, S, scale, offs_m, m_i, lo_full, hi,
+                       D, BLOCK_M, BLOCK_N, UPCAST, JACOBI, PREC, SPREC, SPLIT)
 
     # ---- pass 3: dq and E_i = sum_j w_ij e_ij
     ur = tl.sum(u * rho, 1)

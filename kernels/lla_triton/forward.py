@@ -117,6 +117,29 @@ def _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, kk
 
 
 @triton.jit
+def _pass1(q_dot, c, K, base, S, scale, offs_m, lo_full, hi,
+           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+           JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+    """Pass 1 over the causal key tiles (full, then masked): the online max m_i, omega_i,
+    S1_i = sum_j w_ij k'_j, sum_j w_ij |k'_j|^2, and for Jacobi sum_j w_ij k'_j^2."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    omega = tl.zeros([BLOCK_M], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    kk = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if JACOBI:
+        s2 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    else:
+        s2 = 0.0
+    for start_n in range(0, lo_full, BLOCK_N):
+        m_i, omega, s1, kk, s2 = _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, kk,
+                                             s2, D, BLOCK_N, UPCAST, False, JACOBI, PREC, SPREC)
+    for start_n in range(lo_full, hi, BLOCK_N):
+        m_i, omega, s1, kk, s2 = _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, kk,
+                                             s2, D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC)
+    return m_i, omega, s1, kk, s2
+
+
+@triton.jit
 def _matvec_tile(p, pq, q_dot, c, K, base, start_n, S, scale, offs_m, m_i, acc, tsum,
                  D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
                  PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
@@ -157,6 +180,60 @@ def _matvec(p, qx, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full,
 
 
 @triton.jit
+def _cg(b, rows, s2, s1, qp, omega, lam_omega, cg_tol, cg_max_iters,
+        qx, q_dot, c, K, base, S, scale, offs_m, m_i, lo_full, hi,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+        JACOBI: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
+    """CG on Sigma_i x_i = b_i for the ``rows`` of the tile together (the forward's rho and
+    the backward's adjoint u), each row stopping at ||r_i|| <= cg_tol ||b_i||; Jacobi
+    preconditioning from diag(Sigma_i) = s2 - 2 q' s1 + omega q'^2 + lambda omega
+    (s2 = sum_j w_ij k'_j^2, s1 = sum_j w_ij k'_j). Returns x, ||r||^2 of the recursive
+    residual, and the iterations of each row."""
+    x = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    r = b
+    if JACOBI:
+        diag = s2 - 2.0 * qp * s1 + omega[:, None] * qp * qp + lam_omega[:, None]
+        inv_diag = tl.where(diag > 0.0, 1.0 / diag, 1.0)
+        zr = r * inv_diag
+    else:
+        inv_diag = 1.0
+        zr = r
+    p = zr
+    rz = tl.sum(r * zr, 1)
+    rr = tl.sum(r * r, 1)
+    thresh = (cg_tol * cg_tol) * tl.sum(b * b, 1)
+    # a row with b_i = 0 (first token, padding rows, a zero cotangent) is solved by x = 0 at once
+    active = rows & (rr > thresh)
+    iters = tl.zeros([BLOCK_M], dtype=tl.int32)
+    n_active = tl.sum(active.to(tl.int32), 0)
+    it = 0
+    while (n_active > 0) & (it < cg_max_iters):
+        ap = _matvec(p, qx, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
+                     D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC, SPLIT)
+        pap = tl.sum(p * ap, 1)
+        # pAp <= 0 only when Sigma_i is singular (lambda_i = 0) and p hit its null
+        # space, or p underflowed: stop the row there rather than divide by it
+        ok = active & (pap > 0.0)
+        alpha = tl.where(ok, rz / tl.where(ok, pap, 1.0), 0.0)
+        x += alpha[:, None] * p
+        r -= alpha[:, None] * ap
+        if JACOBI:
+            zr = r * inv_diag
+        else:
+            zr = r
+        rz_new = tl.sum(r * zr, 1)
+        beta = tl.where(ok & (rz > 0.0), rz_new / tl.where(rz > 0.0, rz, 1.0), 0.0)
+        p = tl.where(ok[:, None], zr + beta[:, None] * p, p)
+        rz = tl.where(ok, rz_new, rz)
+        rr = tl.where(ok, tl.sum(r * r, 1), rr)
+        iters += active.to(tl.int32)
+        active = ok & (rr > thresh)
+        n_active = tl.sum(active.to(tl.int32), 0)
+        it += 1
+    return x, rr, iters
+
+
+@triton.jit
 def _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den, mag,
               D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, MASK: tl.constexpr,
               PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
@@ -188,6 +265,24 @@ def _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc
 # sum_j w_ij |z_ij|^2 (docs/kernels.md, "Anchor"): products then lose more than
 # log2(REANCHOR_RATIO) bits to cancellation. Gaussian rows sit near 1 to 2.
 REANCHOR_RATIO = tl.constexpr(8.0)
+
+
+@triton.jit
+def _out_pass(rho, qr, q_dot, c, K, V, base, S, scale, offs_m, m_i, lo_full, hi,
+              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+              PREC: tl.constexpr, SPREC: tl.constexpr, SPLIT: tl.constexpr):
+    """The output pass over the causal key tiles (full tiles, then the masked diagonal
+    ones): acc_i = sum_j g_ij v_j, den_i = sum_j g_ij and mag_i (the delta guard's scale)."""
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mag = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, lo_full, BLOCK_N):
+        acc, den, mag = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
+                                  mag, D, BLOCK_N, UPCAST, False, PREC, SPREC, SPLIT)
+    for start_n in range(lo_full, hi, BLOCK_N):
+        acc, den, mag = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
+                                  mag, D, BLOCK_N, UPCAST, True, PREC, SPREC, SPLIT)
+    return acc, den, mag
 
 
 @triton.jit
@@ -234,21 +329,8 @@ def _solve_rows(q_dot, qf, c, todo, lam, K, V, base, S, scale, cg_tol, cg_max_it
     ``todo`` too far from c, which the caller solves again around another anchor."""
     qp = qf - c[None, :]
 
-    # ---- pass 1: online max, omega, S1 = sum w k', sum w |k'|^2 (and sum w k'^2 for Jacobi)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    omega = tl.zeros([BLOCK_M], dtype=tl.float32)
-    s1 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    kk = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if JACOBI:
-        s2 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    else:
-        s2 = 0.0
-    for start_n in range(0, lo_full, BLOCK_N):
-        m_i, omega, s1, kk, s2 = _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, kk,
-                                             s2, D, BLOCK_N, UPCAST, False, JACOBI, PREC, SPREC)
-    for start_n in range(lo_full, hi, BLOCK_N):
-        m_i, omega, s1, kk, s2 = _pass1_tile(q_dot, c, K, base, start_n, S, scale, offs_m, m_i, omega, s1, kk,
-                                             s2, D, BLOCK_N, UPCAST, True, JACOBI, PREC, SPREC)
+    m_i, omega, s1, kk, s2 = _pass1(q_dot, c, K, base, S, scale, offs_m, lo_full, hi,
+                                    D, BLOCK_M, BLOCK_N, UPCAST, JACOBI, PREC, SPREC)
 
     mu = s1 - omega[:, None] * qp
     mu = tl.where(row_ok[:, None], mu, 0.0)
@@ -266,60 +348,15 @@ def _solve_rows(q_dot, qf, c, todo, lam, K, V, base, S, scale, cg_tol, cg_max_it
         qx = qp
 
     # ---- CG on Sigma_i rho_i = mu_i, all rows of the tile together
-    rho = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    r = mu
-    if JACOBI:
-        diag = s2 - 2.0 * qp * s1 + omega[:, None] * qp * qp + lam_omega[:, None]
-        inv_diag = tl.where(diag > 0.0, 1.0 / diag, 1.0)
-        zr = r * inv_diag
-    else:
-        inv_diag = 1.0
-        zr = r
-    p = zr
-    rz = tl.sum(r * zr, 1)
-    rr = tl.sum(r * r, 1)
     mu2 = tl.sum(mu * mu, 1)
-    thresh = (cg_tol * cg_tol) * mu2
-    # a row with mu_i = 0 (first token, padding rows) is solved by rho = 0 at once
-    active = mine & (rr > thresh)
-    iters = tl.zeros([BLOCK_M], dtype=tl.int32)
-    n_active = tl.sum(active.to(tl.int32), 0)
-    it = 0
-    while (n_active > 0) & (it < cg_max_iters):
-        ap = _matvec(p, qx, q_dot, c, K, base, S, scale, offs_m, m_i, lam_omega, lo_full, hi,
-                     D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC, SPLIT)
-        pap = tl.sum(p * ap, 1)
-        # pAp <= 0 only when Sigma_i is singular (lambda_i = 0) and p hit its null
-        # space, or p underflowed: stop the row there rather than divide by it
-        ok = active & (pap > 0.0)
-        alpha = tl.where(ok, rz / tl.where(ok, pap, 1.0), 0.0)
-        rho += alpha[:, None] * p
-        r -= alpha[:, None] * ap
-        if JACOBI:
-            zr = r * inv_diag
-        else:
-            zr = r
-        rz_new = tl.sum(r * zr, 1)
-        beta = tl.where(ok & (rz > 0.0), rz_new / tl.where(rz > 0.0, rz, 1.0), 0.0)
-        p = tl.where(ok[:, None], zr + beta[:, None] * p, p)
-        rz = tl.where(ok, rz_new, rz)
-        rr = tl.where(ok, tl.sum(r * r, 1), rr)
-        iters += active.to(tl.int32)
-        active = ok & (rr > thresh)
-        n_active = tl.sum(active.to(tl.int32), 0)
-        it += 1
+    rho, rr, iters = _cg(mu, mine, s2, s1, qp, omega, lam_omega, cg_tol, cg_max_iters,
+                         qx, q_dot, c, K, base, S, scale, offs_m, m_i, lo_full, hi,
+                         D, BLOCK_M, BLOCK_N, UPCAST, JACOBI, PREC, SPREC, SPLIT)
 
     # ---- output pass: g_ij = w_ij (1 - <z_ij, rho_i>), den_i = sum_j g_ij
     qr = tl.sum(qx * rho, 1)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    den = tl.zeros([BLOCK_M], dtype=tl.float32)
-    mag = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start_n in range(0, lo_full, BLOCK_N):
-        acc, den, mag = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
-                                  mag, D, BLOCK_N, UPCAST, False, PREC, SPREC, SPLIT)
-    for start_n in range(lo_full, hi, BLOCK_N):
-        acc, den, mag = _out_tile(rho, qr, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc, den,
-                                  mag, D, BLOCK_N, UPCAST, True, PREC, SPREC, SPLIT)
+    acc, den, mag = _out_pass(rho, qr, q_dot, c, K, V, base, S, scale, offs_m, m_i, lo_full, hi,
+                              D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC, SPLIT)
     # delta guard (docs/kernels.md). den_i = omega_i - <mu_i, rho_i> carries two errors:
     # rounding, below delta_eps * mag_i, and the solve's: with r_i = mu_i - Sigma_i rho_i,
     # <mu_i, Sigma_i^-1 mu_i - rho_i> = <rho_i, r_i> exactly (Sigma_i symmetric), so at
@@ -338,14 +375,8 @@ def _solve_rows(q_dot, qf, c, todo, lam, K, V, base, S, scale, cg_tol, cg_max_it
     if tl.sum(fallback.to(tl.int32), 0) > 0:
         rho0 = tl.zeros([BLOCK_M, D], dtype=tl.float32)
         qr0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        den0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        mag0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start_n in range(0, lo_full, BLOCK_N):
-            acc0, den0, mag0 = _out_tile(rho0, qr0, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc0,
-                                         den0, mag0, D, BLOCK_N, UPCAST, False, PREC, SPREC, SPLIT)
-        for start_n in range(lo_full, hi, BLOCK_N):
-            acc0, den0, mag0 = _out_tile(rho0, qr0, q_dot, c, K, V, base, start_n, S, scale, offs_m, m_i, acc0,
-                                         den0, mag0, D, BLOCK_N, UPCAST, True, PREC, SPREC, SPLIT)
+        acc0, den0, mag0 = _out_pass(rho0, qr0, q_dot, c, K, V, base, S, scale, offs_m, m_i, lo_full, hi,
+                                     D, BLOCK_M, BLOCK_N, UPCAST, PREC, SPREC, SPLIT)
     o = tl.where(fallback[:, None], acc0 / tl.where(fallback, den0, 1.0)[:, None],
                  acc / tl.where(fallback | (den == 0.0), 1.0, den)[:, None])
     rel = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -442,7 +473,7 @@ GPU_CONFIGS = {
 INTERP_CONFIG = (16, 16, 1, 1)
 
 
-def _config(D: int, override=None):
+def tile_config(D: int, override=None):
     if override is not None:
         return tuple(override)
     if interpreting():
@@ -487,7 +518,7 @@ def lla_forward_kernel(q, k, v, lam, scale, *, delta_eps, cg_tol, cg_max_iters, 
         res = torch.empty(1, device=dev, dtype=torch.float32)
     interp = interpreting()
     upcast = interp  # triton issue 11584: interpreted bf16 dots are wrong
-    BM, BN, warps, stages = _config(D, config)
+    BM, BN, warps, stages = tile_config(D, config)
     # 16-bit score products are exact in fp32, so precision only matters for fp32 q, k
     sprec = precision if q.dtype == torch.float32 or upcast else "tf32"
     # bf16 inputs: the fp32 operand of each solve/output product is split into three

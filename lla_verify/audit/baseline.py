@@ -14,15 +14,19 @@ SCHEMA = "lla-verify-audit/1"
 # noise (a different BLAS, thread count or GPU) and say nothing about the kernel.
 REGRESSION_FACTOR = 2.0
 REGRESSION_FLOOR = 0.5
-def _num(x) -> float:
-    """Ratios are stored as numbers, or as 'inf'/'nan' strings (strict JSON has neither)."""
+
+
+def ratio_number(x) -> float:
+    """A ratio from report.json: a number, or the string 'inf' / 'nan' (strict JSON has
+    neither); a missing one (None) is nan."""
     return float(x) if x is not None else math.nan
 
 
-def _show(x) -> str:
-    from lla_verify.audit.report import _r
-
-    return _r(x)
+def fmt_ratio(x) -> str:
+    """A ratio from report.json as it is printed: 3 significant digits, 'inf' or 'nan'."""
+    v = ratio_number(x)
+    # >= 1e300 is an inf that went through nan_to_num on its way here
+    return "inf" if v >= 1e300 else ("nan" if math.isnan(v) else f"{v:.3g}")
 
 
 def read_report(path: str, flag: str) -> dict:
@@ -99,12 +103,12 @@ def check_cell(c, where: str) -> None:
         checks.append(("gradient", _ratio_of(g.get("ratio"), f"{where} grad ratio"), gp))
     for name, r, ok in checks:
         if ok and _over(r):
-            raise UsageError(f"{where}: {name} check marked passed with ratio {_show(r)} > {THRESHOLD:g}")
+            raise UsageError(f"{where}: {name} check marked passed with ratio {fmt_ratio(r)} > {THRESHOLD:g}")
         if not (ratio >= r or math.isnan(ratio)):
-            raise UsageError(f"{where}: ratio {_show(ratio)} is below its {name} ratio {_show(r)}")
+            raise UsageError(f"{where}: ratio {fmt_ratio(ratio)} is below its {name} ratio {fmt_ratio(r)}")
     if c["passed"]:
         if _over(ratio):
-            raise UsageError(f"{where}: marked passed with ratio {_show(ratio)} > {THRESHOLD:g}")
+            raise UsageError(f"{where}: marked passed with ratio {fmt_ratio(ratio)} > {THRESHOLD:g}")
         failed = [name for name, _, ok in checks if not ok]
         if failed:
             raise UsageError(f"{where}: marked passed with a failed {' and '.join(failed)} check")
@@ -154,11 +158,11 @@ def compare(cells: list[dict], baseline: list[dict], *, factor: float = REGRESSI
         if b is None:
             continue
         matched += 1
-        fwd = lambda r: _num(r.get("forward_ratio", r.get("ratio")))  # noqa: E731
+        fwd = lambda r: ratio_number(r.get("forward_ratio", r.get("ratio")))  # noqa: E731
         pairs = [("forward", fwd(c), fwd(b))]
         cg, bg = c.get("grad") or {}, b.get("grad") or {}
         if "ratio" in cg and "ratio" in bg:
-            pairs.append(("gradient", _num(cg["ratio"]), _num(bg["ratio"])))
+            pairs.append(("gradient", ratio_number(cg["ratio"]), ratio_number(bg["ratio"])))
         why = []
         if b.get("passed") and not c.get("passed"):
             why.append("newly failing")

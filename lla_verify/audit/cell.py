@@ -25,7 +25,7 @@ def repro_command(spec: str, impl_name: str, device: str, backward: bool = False
     return cmd + (" --backward" if backward else "")
 
 
-def _f(x) -> float | None:
+def _float_or_none(x) -> float | None:
     return None if x is None else float(x)
 
 
@@ -192,8 +192,8 @@ def run_cell(cell: Cell, impl, device: str, *, backward: bool = True, impl_name:
         ratio=float(v.ratio), forward_ratio=float(v.ratio), forward_passed=bool(v.passed), cause=v.cause,
         message=v.message,
         worst_query=list(v.worst) if v.worst is not None else None,
-        err_max=_f(v.summary.get("err_max")), kappa_max=_f(v.summary.get("kappa_max")),
-        kappa_worst=_f(v.summary.get("kappa_worst")),
+        err_max=_float_or_none(v.summary.get("err_max")), kappa_max=_float_or_none(v.summary.get("kappa_max")),
+        kappa_worst=_float_or_none(v.summary.get("kappa_worst")),
         n_nan=int(torch.isnan(of).sum()), n_inf=int(torch.isinf(of).sum()),
         n_defined=v.n_defined, n_undefined=v.n_undefined, time_s=elapsed,
     )

@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 import re
 
-from lla_verify.cliutil import UsageError
+from lla_verify.cliutil import UsageError, jsonable
 from lla_verify.audit.baseline import (REGRESSION_FACTOR, REGRESSION_FLOOR, SCHEMA, check_baseline_matches,
                                        compare, plan_digest, read_report)
-from lla_verify.audit.run import _jsonable, _verdict
+from lla_verify.audit.run import audit_verdict
 
 
-def _cell_slice(text: str, n: int) -> slice:
+def cell_slice(text: str, n: int) -> slice:
     """--cells START:STOP, a Python slice of the plan (which is deterministic for a seed)."""
     m = re.fullmatch(r"\s*(-?\d*)\s*:\s*(-?\d*)\s*", text)
     if not m:
@@ -40,7 +40,7 @@ def _slice_indices(rep: dict, path: str) -> list[int]:
         raise UsageError(f"{where}: meta.cell_indices must be increasing plan positions in [0, {size})")
     sl = meta.get("cells_slice")
     if sl is not None:
-        allowed = set(range(size)[_cell_slice(str(sl), size)]) if isinstance(sl, str) else set()
+        allowed = set(range(size)[cell_slice(str(sl), size)]) if isinstance(sl, str) else set()
         if not set(idx) <= allowed:
             raise UsageError(f"{where}: meta.cell_indices lie outside its slice {sl!r} of {size} cells")
     n = len(rep["cells"])
@@ -101,7 +101,7 @@ def merge_reports(paths: list[str], command: str = "", *, baseline: list[dict] |
                 cell_indices=sorted(by_index),
                 wall_s=sum(float(r["meta"].get("wall_s") or 0) for r in reps if _is_number(r["meta"].get("wall_s"))),
                 interrupted=interrupted, command=command or first.get("command"))
-    return _jsonable({"schema": SCHEMA, "meta": meta, "verdict": _verdict(cells, regressions, interrupted=interrupted),
+    return jsonable({"schema": SCHEMA, "meta": meta, "verdict": audit_verdict(cells, regressions, interrupted=interrupted),
                       "regressions": regressions, "baseline": binfo, "skipped": reps[0].get("skipped") or [],
                       "cells": cells})
 

@@ -155,9 +155,9 @@ def _impl(ref, device: str):
         return ref
     cache = _STATE.__dict__.setdefault("impls", {})
     if (ref, device) not in cache:
-        from lla_verify.commands.audit import _resolve
+        from lla_verify.commands.audit import resolve_impl
 
-        cache[(ref, device)] = _resolve(ref, device)
+        cache[(ref, device)] = resolve_impl(ref, device)
     return cache[(ref, device)]
 
 

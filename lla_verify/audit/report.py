@@ -16,6 +16,7 @@ import json
 import math
 import os
 
+from lla_verify.audit.baseline import fmt_ratio, ratio_number
 from lla_verify.budget.verdict import THRESHOLD  # drawn on every ratio axis: the one threshold, never a copy
 
 RATIO_FLOOR = 1e-6  # ratios of 0 (exact answers) are drawn here on log axes
@@ -30,13 +31,6 @@ def wall_text(meta: dict) -> str:
     wall = float(meta.get("wall_s") or 0)
     parts = meta.get("merged_from") or []
     return f"{wall:.0f} s summed over {len(parts)} slices" if parts else f"{wall:.0f} s"
-
-
-def num(x) -> float:
-    """A ratio from report.json: numbers, or the strings 'inf' / 'nan' strict JSON needs."""
-    if x is None:
-        return math.nan
-    return float(x)
 
 
 RATIO_CEIL = 1e4  # larger ratios (and inf/nan) are drawn on this line as off-scale triangles
@@ -101,7 +95,7 @@ def plot_overview(cells: list[dict]) -> str | None:
         cs = [c for c in cells if c["sweep"] == sw]
         for j, c in enumerate(cs):
             x = xi + (j / max(len(cs) - 1, 1) - 0.5) * 0.6
-            r = num(c["ratio"])
+            r = ratio_number(c["ratio"])
             ax.scatter(x, _pos(r), s=22 if c.get("passed") else 44,
                        marker="^" if _off(r) else ("o" if c.get("passed") else "X"),
                        color=CAUSE_COLORS.get(c.get("cause"), "#888"), edgecolor="none", alpha=0.8)
@@ -127,15 +121,15 @@ def plot_kappa(cells: list[dict]) -> str | None:
         xs, ys = [], []
         for c in cs:
             for k, r in zip(c["queries"]["kappa"], c["queries"]["ratio"]):
-                if k is not None and num(k) > 0 and math.isfinite(num(k)):
-                    xs.append(num(k))
-                    ys.append(_pos(num(r)))
+                if k is not None and ratio_number(k) > 0 and math.isfinite(ratio_number(k)):
+                    xs.append(ratio_number(k))
+                    ys.append(_pos(ratio_number(r)))
         ax.scatter(xs, ys, s=3, color=DTYPE_COLORS.get(dt, "#555"), alpha=0.25, edgecolor="none", label="queries")
         for c in cs:
-            k = num(c.get("kappa_worst"))
+            k = ratio_number(c.get("kappa_worst"))
             if not (k > 0 and math.isfinite(k)):
                 continue
-            r = num(c.get("forward_ratio", c["ratio"]))
+            r = ratio_number(c.get("forward_ratio", c["ratio"]))
             ax.scatter(k, _pos(r), s=30, marker="^" if _off(r) else "o", facecolor="none",
                        edgecolor="#c92a2a" if r > THRESHOLD or math.isnan(r) else "#212529", lw=0.9)
         ax.scatter([], [], s=30, facecolor="none", edgecolor="#212529", label="cell worst")
@@ -166,7 +160,7 @@ def plot_heatmap(cells: list[dict]) -> str | None:
     for ax, (dt, cs, lams, scales) in zip(axes[0], panels):
         M = [[math.nan] * len(scales) for _ in lams]
         for c in cs:
-            M[lams.index(c["params"]["lam"])][scales.index(c["params"]["scale"])] = math.log10(_pos(num(c["ratio"])))
+            M[lams.index(c["params"]["lam"])][scales.index(c["params"]["scale"])] = math.log10(_pos(ratio_number(c["ratio"])))
         norm = TwoSlopeNorm(vmin=-3.0, vcenter=0.0, vmax=2.0)
         im = ax.imshow([[min(max(x, -3.0), 2.0) if not math.isnan(x) else math.nan for x in row] for row in M],
                        cmap="RdYlGn_r", norm=norm, aspect="auto", origin="lower")
@@ -185,11 +179,6 @@ def plot_heatmap(cells: list[dict]) -> str | None:
     return _png(fig)
 
 
-def cg_bound(kappa: float, tol: float) -> float:
-    """ceil(sqrt(kappa)/2 ln(2/tol)): CG steps to reduce the A-norm error by tol (SPEC 5)."""
-    return math.ceil(math.sqrt(kappa) / 2.0 * math.log(2.0 / tol))
-
-
 def plot_cg(cells: list[dict], tol: float) -> str | None:
     with_it = [c for c in cells if c.get("queries", {}).get("cg_iters")]
     if not with_it:
@@ -202,11 +191,13 @@ def plot_cg(cells: list[dict], tol: float) -> str | None:
             if c["dtype"] != dt:
                 continue
             for k, it in zip(c["queries"]["kappa"], c["queries"]["cg_iters"]):
-                if num(k) > 0 and math.isfinite(num(k)):
-                    xs.append(num(k))
-                    ys.append(num(it))
+                if ratio_number(k) > 0 and math.isfinite(ratio_number(k)):
+                    xs.append(ratio_number(k))
+                    ys.append(ratio_number(it))
         ax.scatter(xs, ys, s=4, alpha=0.35, color=DTYPE_COLORS.get(dt, "#555"), edgecolor="none", label=dt)
     if tol > 0:
+        from lla_verify.cg.bound import cg_bound
+
         ks = [10 ** (e / 10) for e in range(0, 101)]
         ax.plot(ks, [cg_bound(k, tol) for k in ks], color="#212529", lw=1,
                 label=f"bound ceil(sqrt(kappa)/2 ln(2/tol)), tol {tol:.0e}")
@@ -228,9 +219,9 @@ def plot_grad(cells: list[dict]) -> str | None:
     for dt in dict.fromkeys(c["dtype"] for c in gs):
         cs = [c for c in gs if c["dtype"] == dt]
         for off in (False, True):
-            sel = [c for c in cs if _off(num(c["grad"]["ratio"])) == off]
-            ax.scatter([max(num(c.get("kappa_max")), 1.0) if math.isfinite(num(c.get("kappa_max"))) else 1e30
-                        for c in sel], [_pos(num(c["grad"]["ratio"])) for c in sel], s=18, marker="^" if off else "o",
+            sel = [c for c in cs if _off(ratio_number(c["grad"]["ratio"])) == off]
+            ax.scatter([max(ratio_number(c.get("kappa_max")), 1.0) if math.isfinite(ratio_number(c.get("kappa_max"))) else 1e30
+                        for c in sel], [_pos(ratio_number(c["grad"]["ratio"])) for c in sel], s=18, marker="^" if off else "o",
                        color=DTYPE_COLORS.get(dt, "#555"), label=dt if not off else None)
     _ratio_axis(ax, "gradient error / budget")
     ax.set_xscale("log")
@@ -260,97 +251,117 @@ details summary{cursor:pointer;color:#1c7ed6}
 """
 
 
-def _e(x) -> str:
+def _escape(x) -> str:
     return html.escape(str(x))
 
 
-def _r(x) -> str:
-    v = num(x)
-    # >= 1e300 is an inf that went through nan_to_num on its way here
-    return "inf" if v >= 1e300 else ("nan" if math.isnan(v) else f"{v:.3g}")
-
-
-def _g(x) -> str:
+def _fmt_sci(x) -> str:
     if x is None:
         return ""
-    v = num(x)
+    v = ratio_number(x)
     return f"{v:.2e}" if math.isfinite(v) else str(x)
 
 
 def _cause(c: str) -> str:
-    return f'<span class="cause" style="color:{CAUSE_COLORS.get(c, "#333")}">{_e(c)}</span>'
+    return f'<span class="cause" style="color:{CAUSE_COLORS.get(c, "#333")}">{_escape(c)}</span>'
 
 
 def _table(head: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
-    h = "".join(f"<th>{_e(x)}</th>" for x in head)
+    h = "".join(f"<th>{_escape(x)}</th>" for x in head)
     body = "".join("<tr>" + "".join(f'<td{" class=n" if i in numeric else ""}>{x}</td>' for i, x in enumerate(r))
                    + "</tr>" for r in rows)
     return f"<table><tr>{h}</tr>{body}</table>"
 
 
 def _ratio_key(c: dict) -> float:
-    v = num(c.get("ratio"))
+    v = ratio_number(c.get("ratio"))
     return math.inf if math.isnan(v) else v
 
 
 def _ratios(c: dict) -> str:
     g = c.get("grad") or {}
-    txt = f"forward {_r(c.get('forward_ratio', c['ratio']))}"
-    return txt + (f", gradient {_r(g['ratio'])}" if g.get("status") == "checked" else "")
+    txt = f"forward {fmt_ratio(c.get('forward_ratio', c['ratio']))}"
+    return txt + (f", gradient {fmt_ratio(g['ratio'])}" if g.get("status") == "checked" else "")
 
 
 def _cell_table(cs: list[dict], *, failing: bool) -> str:
     head = ["ratio", "over budget" if failing else "ratios", "attribution", "kappa worst", "reproduce"]
-    rows = [[f"<b>{_r(c['ratio'])}</b>",
-             _e("+".join(c.get("failed_checks") or [])) + f"<br><span class=meta>{_e(_ratios(c))}</span>"
-             if failing else _e(_ratios(c)),
-             _cause(c["cause"]), _g(c.get("kappa_worst")), f"<code>{_e(c['command'])}</code>"] for c in cs]
+    rows = [[f"<b>{fmt_ratio(c['ratio'])}</b>",
+             _escape("+".join(c.get("failed_checks") or [])) + f"<br><span class=meta>{_escape(_ratios(c))}</span>"
+             if failing else _escape(_ratios(c)),
+             _cause(c["cause"]), _fmt_sci(c.get("kappa_worst")), f"<code>{_escape(c['command'])}</code>"] for c in cs]
     return _table(head, rows, numeric={0, 3})
 
 
 def render_html(report: dict) -> str:
-    v, meta, cells = report["verdict"], report.get("meta", {}), report["cells"]
-    regs = report.get("regressions") or []
+    """The audit's HTML page: verdict, regressions, short tables, plots, failure details
+    and the table of all cells, in that order."""
+    cells = report["cells"]
     failed = sorted((c for c in cells if not c.get("passed")), key=_ratio_key, reverse=True)
+    parts = _html_head(report)
+    if report.get("baseline") is not None:
+        parts += _html_regressions(report)
+    # Short tables up front; the Verdicts' full messages come after the plots.
+    parts += _html_cell_tables(cells, failed)
+    parts += _html_by_sweep(cells)
+    parts += _html_plots(report)
+    if failed:
+        parts += _html_failure_details(failed)
+    parts += _html_all_cells(report)
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _html_head(report: dict) -> list[str]:
+    """Title, the verdict bar and the run's metadata."""
+    v, meta = report["verdict"], report.get("meta", {})
+    regs = report.get("regressions") or []
     ok = v["passed"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>lla-verify audit: {_e(meta.get('impl'))}"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>lla-verify audit: {_escape(meta.get('impl'))}"
              f"</title><style>{_CSS}</style></head><body>"]
-    parts.append(f"<h1>lla-verify audit: {_e(meta.get('impl'))} on {_e(meta.get('device'))} "
-                 f"({_e(meta.get('mode'))})</h1>")
+    parts.append(f"<h1>lla-verify audit: {_escape(meta.get('impl'))} on {_escape(meta.get('device'))} "
+                 f"({_escape(meta.get('mode'))})</h1>")
     line = f"{v['n_failed']} of {v['n_cells']} cells over threshold"
     if v.get("interrupted"):
-        line += f"; INCOMPLETE: {_e(v['interrupted'])}"
+        line += f"; INCOMPLETE: {_escape(v['interrupted'])}"
     if report.get("baseline") is not None:
         line += f"; {len(regs)} regression{'s' if len(regs) != 1 else ''} against the baseline"
-    worst = (f"worst ratio {_r(v['worst_ratio'])} at <code style='color:#fff'>{_e(v['worst_spec'])}</code>"
+    worst = (f"worst ratio {fmt_ratio(v['worst_ratio'])} at <code style='color:#fff'>{_escape(v['worst_spec'])}</code>"
              if v.get("worst_spec") else "")
-    causes = ", ".join(f"{n} {_e(k)}" for k, n in v.get("causes", {}).items())
+    causes = ", ".join(f"{n} {_escape(k)}" for k, n in v.get("causes", {}).items())
     parts.append(f"<div class='verdict {'pass' if ok else 'fail'}'><b>{'PASS' if ok else 'FAIL'}</b>: {line}"
                  f"<small>{worst}{' &mdash; failures by cause: ' + causes if causes else ''}</small></div>")
     vers = meta.get("versions", {})
-    parts.append(f"<div class='meta'>{_e(meta.get('date'))} &middot; {_e(meta.get('impl_description', ''))} "
-                 f"&middot; compute {_e(meta.get('compute_dtype'))}, solver tol {_e(meta.get('solver_tol'))} "
-                 f"&middot; torch {_e(vers.get('torch'))}, triton {_e(vers.get('triton'))} "
-                 f"({_e(vers.get('triton_mode'))})"
-                 f" &middot; {_e(wall_text(meta))}<br><code>{_e(meta.get('command', ''))}</code><br>"
+    parts.append(f"<div class='meta'>{_escape(meta.get('date'))} &middot; {_escape(meta.get('impl_description', ''))} "
+                 f"&middot; compute {_escape(meta.get('compute_dtype'))}, solver tol {_escape(meta.get('solver_tol'))} "
+                 f"&middot; torch {_escape(vers.get('torch'))}, triton {_escape(vers.get('triton'))} "
+                 f"({_escape(vers.get('triton_mode'))})"
+                 f" &middot; {_escape(wall_text(meta))}<br><code>{_escape(meta.get('command', ''))}</code><br>"
                  f"Each cell: error / budget of its worst query (budget derived per query from conditioning and the "
-                 f"compute precision, SPEC 8); a cell fails above 1. {_e(v.get('gradients_note') or '')}</div>")
+                 f"compute precision, SPEC 8); a cell fails above 1. {_escape(v.get('gradients_note') or '')}</div>")
+    return parts
 
-    if report.get("baseline") is not None:
-        b = report["baseline"]
-        parts.append("<h2>Regressions against the baseline</h2>")
-        parts.append(f"<p>{b['matched']} cells matched by case spec, {b['new']} new, {b['missing']} no longer run. "
-                     f"Rule: {_e(meta.get('regression_rule', ''))}.</p>")
-        if regs:
-            parts.append(_table(["what", "ratio (old \u2192 new)", "case", "reproduce"],
-                                [[f"<span class=bad>{_e(r['why'])}</span>",
-                                  f"{_r(r['baseline_ratio'])} &rarr; {_r(r['ratio'])}",
-                                  f"<code>{_e(r['spec'])}</code>", f"<code>{_e(r['command'])}</code>"]
-                                 for r in regs]))
-        else:
-            parts.append("<p class=ok>No regression.</p>")
 
-    # Short tables up front; the Verdicts' full messages come after the plots.
+def _html_regressions(report: dict) -> list[str]:
+    b, meta = report["baseline"], report.get("meta", {})
+    regs = report.get("regressions") or []
+    parts = ["<h2>Regressions against the baseline</h2>",
+             f"<p>{b['matched']} cells matched by case spec, {b['new']} new, {b['missing']} no longer run. "
+             f"Rule: {_escape(meta.get('regression_rule', ''))}.</p>"]
+    if regs:
+        parts.append(_table(["what", "ratio (old \u2192 new)", "case", "reproduce"],
+                            [[f"<span class=bad>{_escape(r['why'])}</span>",
+                              f"{fmt_ratio(r['baseline_ratio'])} &rarr; {fmt_ratio(r['ratio'])}",
+                              f"<code>{_escape(r['spec'])}</code>", f"<code>{_escape(r['command'])}</code>"]
+                             for r in regs]))
+    else:
+        parts.append("<p class=ok>No regression.</p>")
+    return parts
+
+
+def _html_cell_tables(cells: list[dict], failed: list[dict]) -> list[str]:
+    """The worst failing cells (at most 15), then the worst passing ones."""
+    parts = []
     if failed:
         parts.append(f"<h2>Failing cells ({len(failed)}), worst first</h2>")
         parts.append(_cell_table(failed[:15], failing=True))
@@ -361,19 +372,26 @@ def render_html(report: dict) -> str:
     passing = [c for c in cells if c.get("passed")]
     parts.append("<h2>Worst passing cells</h2>" if failed else "<h2>Worst cells</h2>")
     parts.append(_cell_table(sorted(passing, key=_ratio_key, reverse=True)[:5 if failed else 8], failing=False))
+    return parts
 
-    parts.append("<h2>By sweep</h2>")
+
+def _html_by_sweep(cells: list[dict]) -> list[str]:
     rows = []
     for sw in dict.fromkeys(c["sweep"] for c in cells):
         cs = [c for c in cells if c["sweep"] == sw]
         w = max(cs, key=_ratio_key)
         nf = sum(1 for c in cs if not c.get("passed"))
-        t = sum(num(c.get("time_s")) for c in cs if c.get("time_s") is not None)
-        rows.append([_e(sw), str(len(cs)), f"<span class={'bad' if nf else 'ok'}>{nf}</span>", _r(w["ratio"]),
-                     f"<code>{_e(w['spec'])}</code>", f"{t:.2f}"])
-    parts.append(_table(["sweep", "cells", "failed", "worst ratio", "worst case", "impl time (s)"], rows,
-                        numeric={1, 2, 3, 5}))
+        t = sum(ratio_number(c.get("time_s")) for c in cs if c.get("time_s") is not None)
+        rows.append([_escape(sw), str(len(cs)), f"<span class={'bad' if nf else 'ok'}>{nf}</span>", fmt_ratio(w["ratio"]),
+                     f"<code>{_escape(w['spec'])}</code>", f"{t:.2f}"])
+    return ["<h2>By sweep</h2>",
+            _table(["sweep", "cells", "failed", "worst ratio", "worst case", "impl time (s)"], rows,
+                   numeric={1, 2, 3, 5})]
 
+
+def _html_plots(report: dict) -> list[str]:
+    """Each plot with its caption; a line saying why the CG or gradient plot is absent."""
+    v, meta, cells = report["verdict"], report.get("meta", {}), report["cells"]
     plt_tol = float(meta.get("solver_tol") or 0.0)
     plots = [
         ("All cells", plot_overview(cells), ""),
@@ -386,6 +404,7 @@ def render_html(report: dict) -> str:
          "Per query; the line is the textbook bound for unpreconditioned CG (SPEC 5)."),
         ("Gradients", plot_grad(cells), "Backward check with a fixed cotangent (budget.check_backward)."),
     ]
+    parts = []
     for title, img, caption in plots:
         if img:
             parts.append(f"<h2>{title}</h2><img alt='{title}' src='{img}'><div class=meta>{caption}</div>")
@@ -393,37 +412,44 @@ def render_html(report: dict) -> str:
         parts.append("<p class=meta>No CG statistics: the implementation has no forward_with_stats "
                      "(a direct solve, or a kernel that does not report them).</p>")
     if not plots[4][1]:
-        parts.append(f"<p class=meta>Gradients: {_e(v.get('gradients_note') or 'not checked')}.</p>")
+        parts.append(f"<p class=meta>Gradients: {_escape(v.get('gradients_note') or 'not checked')}.</p>")
+    return parts
 
-    if failed:
-        parts.append(f"<h2 id=details>Failure details ({len(failed)})</h2>")
-        for c in failed[:60]:
-            g = c.get("grad") or {}
-            msgs = ([c.get("message", "")] if not c.get("forward_passed", False) else []) + \
-                ([g["message"]] if g.get("status") == "checked" and not g.get("passed") else [])
-            parts.append(f"<p><b>{_e(' + '.join(c.get('failed_checks') or ['forward']))} over budget</b> "
-                         f"({_ratios(c)}) &middot; attribution {_cause(c['cause'])}<br>"
-                         f"<code>{_e(c['command'])}</code></p><pre>{_e(chr(10).join(msgs))}</pre>")
-        if len(failed) > 60:
-            parts.append(f"<p>{len(failed) - 60} more failing cells in the table below and in report.json.</p>")
 
-    parts.append("<h2>All cells</h2><details><summary>show the table of all "
-                 f"{len(cells)} cells</summary>")
+def _html_failure_details(failed: list[dict]) -> list[str]:
+    """The full verdict messages of the worst 60 failing cells."""
+    parts = [f"<h2 id=details>Failure details ({len(failed)})</h2>"]
+    for c in failed[:60]:
+        g = c.get("grad") or {}
+        msgs = ([c.get("message", "")] if not c.get("forward_passed", False) else []) + \
+            ([g["message"]] if g.get("status") == "checked" and not g.get("passed") else [])
+        parts.append(f"<p><b>{_escape(' + '.join(c.get('failed_checks') or ['forward']))} over budget</b> "
+                     f"({_ratios(c)}) &middot; attribution {_cause(c['cause'])}<br>"
+                     f"<code>{_escape(c['command'])}</code></p><pre>{_escape(chr(10).join(msgs))}</pre>")
+    if len(failed) > 60:
+        parts.append(f"<p>{len(failed) - 60} more failing cells in the table below and in report.json.</p>")
+    return parts
+
+
+def _html_all_cells(report: dict) -> list[str]:
+    """Every cell, and every skipped one, in collapsed tables."""
+    cells = report["cells"]
+    parts = ["<h2>All cells</h2><details><summary>show the table of all "
+             f"{len(cells)} cells</summary>"]
     parts.append(_table(
         ["sweep", "case", "ratio", "cause", "err max", "kappa max", "NaN/Inf", "CG mean/max", "CG res max",
          "grad", "time (ms)"],
-        [[_e(c["sweep"]), f"<code>{_e(c['spec'])}</code>", _r(c["ratio"]), _cause(c["cause"]), _g(c.get("err_max")),
-          _g(c.get("kappa_max")), f"{c.get('n_nan', 0)}/{c.get('n_inf', 0)}",
+        [[_escape(c["sweep"]), f"<code>{_escape(c['spec'])}</code>", fmt_ratio(c["ratio"]), _cause(c["cause"]), _fmt_sci(c.get("err_max")),
+          _fmt_sci(c.get("kappa_max")), f"{c.get('n_nan', 0)}/{c.get('n_inf', 0)}",
           (f"{c['cg_iters_mean']:.1f}/{c['cg_iters_max']}" if "cg_iters_mean" in c else ""),
-          _g(c.get("cg_residual_max")),
-          (_r(c["grad"]["ratio"]) if (c.get("grad") or {}).get("status") == "checked" else "&ndash;"),
-          f"{1e3 * num(c.get('time_s')):.1f}" if c.get("time_s") is not None else ""] for c in cells],
+          _fmt_sci(c.get("cg_residual_max")),
+          (fmt_ratio(c["grad"]["ratio"]) if (c.get("grad") or {}).get("status") == "checked" else "&ndash;"),
+          f"{1e3 * ratio_number(c.get('time_s')):.1f}" if c.get("time_s") is not None else ""] for c in cells],
         numeric={2, 4, 5, 6, 8, 9, 10}))
     parts.append("</details>")
     if report.get("skipped"):
         parts.append(f"<details><summary>{len(report['skipped'])} cells skipped</summary>")
-        parts.append(_table(["case", "reason"], [[f"<code>{_e(s['spec'])}</code>", _e(s["reason"])]
+        parts.append(_table(["case", "reason"], [[f"<code>{_escape(s['spec'])}</code>", _escape(s["reason"])]
                                                  for s in report["skipped"]]))
         parts.append("</details>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return parts

@@ -16,9 +16,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-from lla_verify.audit.baseline import REGRESSION_FACTOR, REGRESSION_FLOOR, SCHEMA, _num, _show, compare
+from lla_verify.audit.baseline import REGRESSION_FACTOR, REGRESSION_FLOOR, SCHEMA, compare, fmt_ratio, ratio_number
 from lla_verify.audit.cell import run_cell_isolated
 from lla_verify.audit.plan import Cell
+from lla_verify.cliutil import jsonable
 
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -28,10 +29,10 @@ class AuditResult:
     exit_code: int
 
 
-def _verdict(cells: list[dict], regressions: list[dict], interrupted: str | None = None) -> dict:
+def audit_verdict(cells: list[dict], regressions: list[dict], interrupted: str | None = None) -> dict:
     failed = [c for c in cells if not c.get("passed")]
     finite = [c for c in cells if c.get("ratio") is not None]
-    worst = max(finite, key=lambda c: _num(c["ratio"]) if not math.isnan(_num(c["ratio"])) else math.inf,
+    worst = max(finite, key=lambda c: ratio_number(c["ratio"]) if not math.isnan(ratio_number(c["ratio"])) else math.inf,
                 default=None)
     grads = [c["grad"] for c in cells if (c.get("grad") or {}).get("status") == "checked"]
     unchecked: dict[str, int] = {}
@@ -58,16 +59,6 @@ def _verdict(cells: list[dict], regressions: list[dict], interrupted: str | None
                            + "".join(f"; {n} {why}" for why, n in unchecked.items()) + beyond_note),
         "gradients_beyond_precision": len(beyond),
     }
-
-
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def metadata(impl, device: str, mode: str, command: str, seed: int) -> dict:
@@ -130,7 +121,7 @@ def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = 
         bar.set_postfix_str(rec["family"], refresh=False)
         bar.update(1)
         if not rec["passed"] and log is not None:
-            tqdm.write(f"FAIL {'+'.join(rec.get('failed_checks', []))} ratio {_show(rec['ratio'])} "
+            tqdm.write(f"FAIL {'+'.join(rec.get('failed_checks', []))} ratio {fmt_ratio(rec['ratio'])} "
                        f"({rec['cause']}) {rec['spec']}", file=log)
 
     try:
@@ -163,13 +154,13 @@ def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = 
     report = {
         "schema": SCHEMA,
         "meta": dict(meta or {}, wall_s=time.perf_counter() - t0, interrupted=interrupted),
-        "verdict": _verdict(records, regressions, interrupted=interrupted),
+        "verdict": audit_verdict(records, regressions, interrupted=interrupted),
         "regressions": regressions,
         "baseline": binfo,
         "skipped": skipped or [],
         "cells": records,
     }
-    report = _jsonable(report)
+    report = jsonable(report)
     if out:
         from lla_verify.audit.report import write_reports
 
@@ -201,10 +192,10 @@ def summary_lines(report: dict, *, top: int = 5) -> list[str]:
         lines.append(f"slice {meta['cells_slice']} of a {meta.get('plan_size')}-cell plan: this verdict covers "
                      f"its cells only; the audit's is the merge of every slice (lla-verify audit --merge)")
     if v.get("worst_spec"):
-        lines.append(f"worst ratio {_show(v['worst_ratio'])} at {v['worst_spec']}")
+        lines.append(f"worst ratio {fmt_ratio(v['worst_ratio'])} at {v['worst_spec']}")
     failed = [c for c in report["cells"] if not c.get("passed")]
-    for c in sorted(failed, key=lambda c: -_num(c["ratio"]) if not math.isnan(_num(c["ratio"])) else -math.inf):
-        lines.append(f"  FAIL {'+'.join(c.get('failed_checks', []))} ratio {_show(c['ratio'])} "
+    for c in sorted(failed, key=lambda c: -ratio_number(c["ratio"]) if not math.isnan(ratio_number(c["ratio"])) else -math.inf):
+        lines.append(f"  FAIL {'+'.join(c.get('failed_checks', []))} ratio {fmt_ratio(c['ratio'])} "
                      f"cause {c['cause']}: {c['spec']}")
         lines.append(f"    {c['command']}")
     if v.get("gradients_note"):

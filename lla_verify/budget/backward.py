@@ -6,6 +6,7 @@ over-budget row attributed to conditioning only where kappa u_c says so.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -15,7 +16,7 @@ from lla_verify.oracles.dense import dense_torch_lla
 from lla_verify.registry.precision import unit_roundoff
 from lla_verify.oracles.float64 import (LLADetails, lla_forward, lla_forward_details, lla_forward_mu_shift,
                                         lla_forward_sigma_probe)
-from lla_verify.budget.forward import U64, _lam_tensor, kernel_view, rounding_note, same_precision_allowed
+from lla_verify.budget.forward import U64, lam_on_device, kernel_view, rounding_note, same_precision_allowed
 from lla_verify.budget.verdict import THRESHOLD, Verdict, record
 
 
@@ -71,7 +72,7 @@ def oracle_grads(problem: Problem, cot: torch.Tensor, *, q=None, k=None, v=None,
     q = (problem.q if q is None else q).to(torch.float64).detach().requires_grad_(True)
     k = (problem.k if k is None else k).to(torch.float64).detach().requires_grad_(True)
     v = (problem.v if v is None else v).to(torch.float64).detach().requires_grad_(True)
-    lam = (_lam_tensor(problem) if lam is None else lam).detach().clone().requires_grad_(True)
+    lam = (lam_on_device(problem) if lam is None else lam).detach().clone().requires_grad_(True)
     if sigma_probe is None:
         o = lla_forward(q, k, v, ridge_lambda=lam, qk_scale=problem.qk_scale)
     else:
@@ -87,7 +88,7 @@ def impl_grads(impl: Impl, problem: Problem, cot: torch.Tensor, forward=None) ->
     from lla_verify.trust import call_grads
 
     fwd = forward or impl.forward
-    lam = _lam_tensor(problem).to(torch.float32)
+    lam = lam_on_device(problem).to(torch.float32)
     # across the trust boundary: fresh copies in, a checked plain tensor out (trust.Misbehaved if not)
     grads = call_grads(fwd, problem.q, problem.k, problem.v, lam, cot, qk_scale=problem.qk_scale)
     return dict(zip(GRAD_NAMES, grads))
@@ -112,7 +113,7 @@ def rho_residual_dlambda(problem: Problem, cot: torch.Tensor) -> torch.Tensor:
     float64 gradient (double backward) gives every row's vector at once.
     """
     q, k, v = (t.to(torch.float64).detach() for t in (problem.q, problem.k, problem.v))
-    lam = _lam_tensor(problem).detach().clone().requires_grad_(True)
+    lam = lam_on_device(problem).detach().clone().requires_grad_(True)
     shift = torch.zeros(q.shape, dtype=torch.float64, device=q.device, requires_grad=True)
     o = lla_forward_mu_shift(q, k, v, ridge_lambda=lam, shift=shift, qk_scale=problem.qk_scale)
     cot = torch.where(torch.isnan(o), torch.zeros_like(cot), cot)
@@ -128,7 +129,7 @@ def _row_norm(t: torch.Tensor, name: str) -> torch.Tensor:
     return t.abs() if name == "dlambda" else t.norm(dim=-1)
 
 
-def _normalisation_terms(problem: Problem, d: LLADetails, cot: torch.Tensor, u_c: float, floor: dict,
+def normalisation_terms(problem: Problem, d: LLADetails, cot: torch.Tensor, u_c: float, floor: dict,
                          exclude: torch.Tensor | None = None) -> dict:
     """Rounding of the normalised weights s_ij = w_ij f_ij / den_i in the gradients.
 
@@ -221,16 +222,121 @@ def assert_backward_within_budget(verdict: Verdict, impl: Impl) -> None:
                                  f"conditioning\n{verdict.message}")
 
 
+@dataclass
+class GradBudget:
+    """The allowed error of one gradient, per row (query for dq and dlambda, key for dk and dv)."""
+    allowed: torch.Tensor
+    model: torch.Tensor
+    rows: torch.Tensor  # rows the gradient has: defined queries (dq, dlambda), every key (dk, dv)
+    judged: torch.Tensor  # rows held to the budget: ``rows`` less those beyond the compute precision
+    n_unmeasured: int  # rows whose float64 sensitivity could not be measured (budget without it)
+    scale: float = 1.0  # the same-precision scale on the model (same_precision_allowed)
+
+
+@dataclass
+class BackwardBudget:
+    details: LLADetails
+    ref: dict  # the float64 gradients
+    grads: dict  # name -> GradBudget, for the gradients budgeted
+    beyond_q: torch.Tensor  # query rows beyond the compute precision (beyond_precision)
+    beyond_k: torch.Tensor  # key rows that feed such a query
+    u_c: float
+    u_out: float
+
+
+def backward_budget(problem: Problem, impl: Impl, cot: torch.Tensor, names, *, details: LLADetails,
+                    dense: bool = True, h: float = 1e-6) -> BackwardBudget:
+    """The allowed per-row error of ``impl``'s gradients ``names`` on ``problem`` (the
+    kernel's view of it: kernel_view), for the cotangent ``cot`` (float64, zero on
+    undefined rows); the model is check_backward's."""
+    d = details
+    defined = ~d.undefined
+    ref = oracle_grads(problem, cot)
+    # sensitivity of the gradient: central difference along x -> x (1 + t xi)
+    gen = torch.Generator().manual_seed(7)
+    base = [t.to(torch.float64) for t in (problem.q, problem.k, problem.v)] + [lam_on_device(problem)]
+    xi = [(torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t) for t in base]
+    def shifted(sign):
+        q_, k_, v_, l_ = (t * (1 + sign * h * x) for t, x in zip(base, xi))
+        return oracle_grads(problem, cot, q=q_, k=k_, v=v_, lam=l_)
+
+    plus, minus = shifted(1.0), shifted(-1.0)
+    # Rounding inside the solves (rho and the adjoint u) and the CG stopping residual act
+    # like a perturbation of Sigma_i of size (u + tol) ||Sigma_i||, whatever lambda is, in
+    # no particular direction. An isotropic ridge shift is one direction only, and the
+    # gradients can be blind to it (cancelling terms in dlambda at kappa ~ 1e4 were); two
+    # random symmetric directions, the larger response taken, are not.
+    # The probe's step must stay in the linear regime, h_solve kappa_i << 1: at h = 1e-6 a
+    # kappa 9e5 row's one-sided difference came out 13x its h -> 0 value (error-model.md §6)
+    h_solve = solve_probe_step(d.kappa, defined, impl.u, h)
+    solve_probes = [oracle_grads(problem, cot, sigma_probe=(h_solve, seed)) for seed in SOLVE_PROBE_SEEDS]
+    dense_g = None
+    if dense:
+        dense_g = impl_grads(impl, problem, cot, forward=lambda *a, **kw: dense_torch_lla(
+            *a, compute_dtype=impl.compute_dtype, **kw))
+    u_c = impl.u
+    out_dt = impl.output_dtype or problem.q.dtype
+    u_out = unit_roundoff(out_dt) if out_dt != torch.float64 else U64
+    S, D = problem.q.shape[-2], problem.q.shape[-1]
+    root_n = math.sqrt(S * D)
+    # A floor for gradients that vanish exactly (S = 1, or a zero cotangent row): dL/dX
+    # has the units of |g| |v| / |X|, so rounding leaves about u that much behind.
+    gv = cot.norm(dim=-1).amax(-1, keepdim=True) * problem.v.to(torch.float64).norm(dim=-1).amax(-1, keepdim=True)
+
+    def rms(t):
+        return t.to(torch.float64).pow(2).mean((-1, -2)).sqrt()[..., None].clamp_min(1e-30)
+
+    floor = {"dq": gv / rms(problem.q), "dk": gv / rms(problem.k), "dv": cot.norm(dim=-1).amax(-1, keepdim=True),
+             "dlambda": gv / lam_on_device(problem).clamp_min(1.0)}
+    beyond_q = beyond_precision(d.kappa, defined, u_c)
+    # key j feeds every query i >= j: its dk, dv rows carry any beyond query at or after j
+    beyond_k = beyond_q.flip(-1).to(torch.int8).cummax(-1).values.flip(-1).bool()
+    norm_terms = normalisation_terms(problem, d, cot, u_c, floor, exclude=beyond_q)
+    # the forward solve's residual, in the typical (isotropic) direction: the RMS of
+    # <J_i, r_i> over directions of r_i is ||J_i|| ||r_i|| / sqrt(D) (error-model.md §6)
+    rho_resid = None
+    if "dlambda" in names:
+        rho_resid = (torch.nan_to_num(rho_residual_dlambda(problem, cot), nan=0.0, posinf=0.0)
+                     * torch.nan_to_num(solve_residual(d, impl), nan=0.0, posinf=0.0) / math.sqrt(D))
+    grads = {}
+    for name in names:
+        g_ref = ref[name]
+        sens = _row_norm((plus[name] - minus[name]) / (2 * h), name)
+        sens_solve = torch.stack([_row_norm((p[name] - g_ref) / h_solve, name) for p in solve_probes]).amax(0)
+        ref_n = _row_norm(g_ref, name)
+        # by causality a judged row depends on no beyond row: their (huge) gradients
+        # set no scale for it
+        rows = defined if name in ("dq", "dlambda") else torch.ones_like(defined)
+        judged = rows & ~(beyond_q if name in ("dq", "dlambda") else beyond_k)
+        # A float64 probe can itself fail (kappa 5e11 at S = 1 made the GPU's probe NaN):
+        # such a row keeps the budget's other terms, the smaller budget, and is counted
+        unmeasured = ~(torch.isfinite(sens) & torch.isfinite(sens_solve) & torch.isfinite(norm_terms[name]))
+        sens, sens_solve = torch.nan_to_num(sens, nan=0.0, posinf=0.0), torch.nan_to_num(sens_solve, nan=0.0, posinf=0.0)
+        nterm = torch.nan_to_num(norm_terms[name], nan=0.0, posinf=0.0)
+        conditioned = GRAD_SAFETY * ((u_c * root_n + impl.solver_tol) * sens
+                                     + (u_c * math.sqrt(D) + impl.solver_tol) * sens_solve)
+        scale_max = ref_n.masked_fill(~judged, 0.0).amax(-1, keepdim=True)
+        model = conditioned + GRAD_SAFETY * (u_out * ref_n + u_c * root_n * (scale_max + floor[name]) + nterm)
+        if name == "dlambda" and rho_resid is not None:
+            model = model + GRAD_SAFETY * rho_resid
+        allowed, scale = model, 1.0
+        if dense_g is not None and dense_g.get(name) is not None:
+            dense_err = _row_norm(dense_g[name].to(torch.float64) - g_ref, name)
+            allowed, scale = same_precision_allowed(model, dense_err, FA_FACTOR_GRAD, judged)
+        grads[name] = GradBudget(allowed, model, rows, judged, int(unmeasured.sum()), scale)
+    return BackwardBudget(d, ref, grads, beyond_q, beyond_k, u_c, u_out)
+
+
 def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = None, dense: bool = True,
                    grads: dict | None = None, h: float = 1e-6) -> Verdict:
     """Gradients of ``impl`` against float64 autograd through the oracle, within budget.
 
-    Per row (query for dq and dlambda, key for dk and dv):
+    Per row (query for dq and dlambda, key for dk and dv; backward_budget):
         model = GRAD_SAFETY ((u_c sqrt(S D) + tol) sens + (u_c sqrt(D) + tol) sens_solve
                              + u_out |g_ref| + u_c sqrt(S D) (max|g_ref| + floor))
     where floor = |g|_max |v|_max / rms(X) for X = q, k (|g|_max for v, / max(lambda, 1) for
     lambda) keeps a gradient that vanishes exactly from demanding an exact zero, plus
-    the rounding of the normalised weights (_normalisation_terms), and for dlambda the
+    the rounding of the normalised weights (normalisation_terms), and for dlambda the
     forward solve's residual ||r_i|| (solve_residual) through ||d dlambda_i / d mu_i|| / sqrt(D)
     (rho_residual_dlambda; error-model.md §6).
         allowed = max(model, FA_FACTOR_GRAD * error of dense fp32 autograd)
@@ -256,122 +362,42 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     cot = cotangent_for(problem) if cot is None else cot
     # the implementation receives the cotangent in its dtype: that rounding is input, not error
     cot = torch.where(defined[..., None], cot, torch.zeros_like(cot)).to(problem.q.dtype).to(torch.float64)
-    ref = oracle_grads(problem, cot)
-    # sensitivity of the gradient: central difference along x -> x (1 + t xi)
-    gen = torch.Generator().manual_seed(7)
-    base = [t.to(torch.float64) for t in (problem.q, problem.k, problem.v)] + [_lam_tensor(problem)]
-    xi = [(torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t) for t in base]
-    def shifted(sign):
-        q_, k_, v_, l_ = (t * (1 + sign * h * x) for t, x in zip(base, xi))
-        return oracle_grads(problem, cot, q=q_, k=k_, v=v_, lam=l_)
-
-    plus, minus = shifted(1.0), shifted(-1.0)
-    # Rounding inside the solves (rho and the adjoint u) and the CG stopping residual act
-    # like a perturbation of Sigma_i of size (u + tol) ||Sigma_i||, whatever lambda is, in
-    # no particular direction. An isotropic ridge shift is one direction only, and the
-    # gradients can be blind to it (cancelling terms in dlambda at kappa ~ 1e4 were); two
-    # random symmetric directions, the larger response taken, are not.
-    # The probe's step must stay in the linear regime, h_solve kappa_i << 1: at h = 1e-6 a
-    # kappa 9e5 row's one-sided difference came out 13x its h -> 0 value (error-model.md §6)
-    h_solve = solve_probe_step(d.kappa, defined, impl.u, h)
-    solve_probes = [oracle_grads(problem, cot, sigma_probe=(h_solve, seed)) for seed in SOLVE_PROBE_SEEDS]
     try:
         got = grads or impl_grads(impl, given, cot)
     except NotImplementedError as exc:
         return Verdict("backward", impl.name, case, 0.0, True, "skipped", f"[{impl.name}] backward skipped: {exc}")
-    dense_g = None
-    if dense:
-        dense_g = impl_grads(impl, problem, cot, forward=lambda *a, **kw: dense_torch_lla(
-            *a, compute_dtype=impl.compute_dtype, **kw))
-    u_c = impl.u
-    out_dt = impl.output_dtype or problem.q.dtype
-    u_out = unit_roundoff(out_dt) if out_dt != torch.float64 else U64
-    S, D = problem.q.shape[-2], problem.q.shape[-1]
-    root_n = math.sqrt(S * D)
-    # A floor for gradients that vanish exactly (S = 1, or a zero cotangent row): dL/dX
-    # has the units of |g| |v| / |X|, so rounding leaves about u that much behind.
-    gv = cot.norm(dim=-1).amax(-1, keepdim=True) * problem.v.to(torch.float64).norm(dim=-1).amax(-1, keepdim=True)
-
-    def rms(t):
-        return t.to(torch.float64).pow(2).mean((-1, -2)).sqrt()[..., None].clamp_min(1e-30)
-
-    floor = {"dq": gv / rms(problem.q), "dk": gv / rms(problem.k), "dv": cot.norm(dim=-1).amax(-1, keepdim=True),
-             "dlambda": gv / _lam_tensor(problem).clamp_min(1.0)}
-    kappa_q = torch.nan_to_num(d.kappa, nan=math.inf, posinf=math.inf)
-    beyond_q = beyond_precision(d.kappa, defined, u_c)
-    # key j feeds every query i >= j: its dk, dv rows carry any beyond query at or after j
-    beyond_k = beyond_q.flip(-1).to(torch.int8).cummax(-1).values.flip(-1).bool()
-    norm_terms = _normalisation_terms(problem, d, cot, u_c, floor, exclude=beyond_q)
-    # the forward solve's residual, in the typical (isotropic) direction: the RMS of
-    # <J_i, r_i> over directions of r_i is ||J_i|| ||r_i|| / sqrt(D) (error-model.md §6)
-    rho_resid = None
-    if got.get("dlambda") is not None:
-        rho_resid = (torch.nan_to_num(rho_residual_dlambda(problem, cot), nan=0.0, posinf=0.0)
-                     * torch.nan_to_num(solve_residual(d, impl), nan=0.0, posinf=0.0) / math.sqrt(D))
-    lines, worst, worst_plain = [], (0.0, None, None), (0.0, None, None)
-    per_query, nonfinite, n_unmeasured, n_overflow, scaled = {}, 0, 0, 0, []
     not_checked = [n for n in GRAD_NAMES if n not in impl.grads]
+    returned = [n for n in GRAD_NAMES if n not in not_checked and got.get(n) is not None]
+    bb = backward_budget(problem, impl, cot, returned, details=d, dense=dense, h=h)
+    lines, worst, worst_plain = [], (0.0, None, None), (0.0, None, None)
+    per_query, nonfinite, n_overflow = {}, 0, 0
     for name in GRAD_NAMES:
         if name in not_checked:
             lines.append(f"  {name:8s} not checked: {impl.skip_reason(name) or 'not among the gradients the record names'}")
             continue
-        g_ref = ref[name]
-        g = got.get(name)
-        if g is None:
+        if name not in returned:
             if name == "dlambda" and not impl.per_query_lambda:
                 continue
             lines.append(f"  {name:8s} missing: the implementation returned no gradient")
             worst = max(worst, (math.inf, name, None), key=lambda w: w[0])
             continue
-        diff = (g.to(torch.float64) - g_ref)
+        gb = bb.grads[name]
+        g_ref = bb.ref[name]
+        diff = (got[name].to(torch.float64) - g_ref)
         err = _row_norm(diff, name)
-        sens = _row_norm((plus[name] - minus[name]) / (2 * h), name)
-        sens_solve = torch.stack([_row_norm((p[name] - g_ref) / h_solve, name) for p in solve_probes]).amax(0)
-        ref_n = _row_norm(g_ref, name)
-        # by causality a judged row depends on no beyond row: their (huge) gradients
-        # set no scale for it
-        rows = defined if name in ("dq", "dlambda") else torch.ones_like(defined)
-        judged = rows & ~(beyond_q if name in ("dq", "dlambda") else beyond_k)
-        # A float64 probe can itself fail (kappa 5e11 at S = 1 made the GPU's probe NaN):
-        # such a row keeps the budget's other terms, the smaller budget, and is counted
-        unmeasured = ~(torch.isfinite(sens) & torch.isfinite(sens_solve) & torch.isfinite(norm_terms[name]))
-        n_unmeasured += int(unmeasured.sum())
-        sens, sens_solve = torch.nan_to_num(sens, nan=0.0, posinf=0.0), torch.nan_to_num(sens_solve, nan=0.0, posinf=0.0)
-        nterm = torch.nan_to_num(norm_terms[name], nan=0.0, posinf=0.0)
-        conditioned = GRAD_SAFETY * ((u_c * root_n + impl.solver_tol) * sens
-                                     + (u_c * math.sqrt(D) + impl.solver_tol) * sens_solve)
-        scale_max = ref_n.masked_fill(~judged, 0.0).amax(-1, keepdim=True)
-        model = conditioned + GRAD_SAFETY * (u_out * ref_n + u_c * root_n * (scale_max + floor[name]) + nterm)
-        if name == "dlambda" and rho_resid is not None:
-            model = model + GRAD_SAFETY * rho_resid
-        allowed = model
-        if dense_g is not None and dense_g.get(name) is not None:
-            dense_err = _row_norm(dense_g[name].to(torch.float64) - g_ref, name)
-            allowed, scale = same_precision_allowed(model, dense_err, FA_FACTOR_GRAD, judged)
-            if scale > 1.0:
-                scaled.append(f"{name} x{scale:.3g}")
-        g64 = g.to(torch.float64)
-        fin, not_nan = torch.isfinite(g64), ~torch.isnan(g64)
-        fin, not_nan = (fin, not_nan) if name == "dlambda" else (fin.all(-1), not_nan.all(-1))
-        # A row beyond the compute precision may overflow (its true scale can exceed a
-        # 16-bit gradient's range, and the implementation cannot resolve it): an Inf there
-        # is counted, not failed. NaN fails everywhere.
-        beyond_rows = rows & ~judged
-        n_overflow += int((beyond_rows & ~fin & not_nan).sum())
-        fin = torch.where(beyond_rows, not_nan, fin)
-        r = torch.where(judged, err / allowed, torch.zeros_like(err))
-        r = torch.where(rows & ~fin, torch.full_like(r, math.inf), r)
-        nonfinite += int((rows & ~fin).sum())
+        r, n_bad, n_over = _row_ratios(got[name], err, gb, name)
+        nonfinite += n_bad
+        n_overflow += n_over
         flat = torch.nan_to_num(r.flatten(), nan=math.inf, posinf=math.inf)
         k = int(torch.argmax(flat))
         idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(k), r.shape))
         rel = float(diff.norm() / g_ref.norm().clamp_min(1e-300))
         lines.append(f"  {name:8s} ratio {float(flat[k]):9.3g}  rel err {rel:.2e}  worst row {idx}: "
-                     f"error {float(err[idx]):.2e} vs allowed {float(allowed[idx]):.2e}")
+                     f"error {float(err[idx]):.2e} vs allowed {float(gb.allowed[idx]):.2e}")
         per_query[name] = r
         if float(flat[k]) > worst[0] or worst[1] is None:
             worst = (float(flat[k]), name, idx)
-        plain = _worst_outside_conditioning(r, row_kappa(d.kappa, defined, name), u_c)
+        plain = _worst_outside_conditioning(r, row_kappa(d.kappa, defined, name), bb.u_c)
         if plain[0] > worst_plain[0]:
             worst_plain = (plain[0], name, plain[1])
     per_query["kappa"], per_query["defined"] = d.kappa, defined  # what conditioning is judged from
@@ -381,27 +407,56 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     extra = ""
     # a NaN or Inf at lambda > 0 is the implementation's, however bad the conditioning
     if cause == "implementation" and widx is not None:
-        cause, extra = _conditioning_cause(worst_plain, d.kappa, defined, wname, widx, u_c)
-    n_judged = int((defined & ~beyond_q).sum())
-    judged_txt = f" ({n_judged} of {int(defined.sum())} query rows judged)" if bool(beyond_q.any()) else ""
-    checked_txt = f" ({', '.join(n for n in GRAD_NAMES if n not in not_checked)} only)" if not_checked else ""
-    msg = (f"[{impl.name}] backward {'PASS' if passed else 'FAIL'} ratio {ratio:.3g}{checked_txt}{judged_txt} on {case}\n"
-           + "\n".join(lines)
-           + f"\n  worst: {wname} at {widx}; kappa max {float(torch.nan_to_num(d.kappa, posinf=1e300).max()):.3e}; "
-           f"{int(d.undefined.sum())} undefined rows skipped"
-           + (f"; {n_unmeasured} rows without a measurable float64 sensitivity (budget without that term)"
-              if n_unmeasured else "")
-           + (f"\n  {int(beyond_q.sum())} query rows and {int(beyond_k.sum())} key rows beyond the compute "
-              f"precision (kappa u_c >= {BEYOND_PRECISION:g}, kappa up to {float(kappa_q[beyond_q].max()):.2e}): "
-              "no budget applies, a NaN still fails" if bool(beyond_q.any()) else "")
-           + (f"; {n_overflow} of those rows overflowed to Inf (counted, not failed)" if n_overflow else "")
-           + (f"\n  model scaled by the same-precision reference ({', '.join(scaled)}: FA factor x its "
-              "worst error / model on this problem)" if scaled else "")
-           + f"\n  cause: {cause}{extra}"
-           + rounding_note(given, impl))
+        cause, extra = _conditioning_cause(worst_plain, d.kappa, defined, wname, widx, bb.u_c)
+    msg = _backward_message(impl, case, bb, lines, not_checked, ratio, passed, wname, widx, n_overflow,
+                            cause + extra, rounding_note(given, impl))
     record("backward", impl.name, ratio, case)
     return Verdict("backward", impl.name, case, ratio, passed, cause, msg, widx, int(defined.sum()),
                    int(d.undefined.sum()), per_query, {"ratio": ratio, "cause": cause, "worst_tensor": wname,
-                                                        "n_beyond_precision": int(beyond_q.sum()),
+                                                        "n_beyond_precision": int(bb.beyond_q.sum()),
                                                         "grads_checked": [n for n in GRAD_NAMES if n not in not_checked],
                                                         "grads_not_checked": not_checked})
+
+
+def _row_ratios(g: torch.Tensor, err: torch.Tensor, gb: GradBudget, name: str) -> tuple:
+    """(error / allowed per row, rows with a non-finite gradient that fail, rows beyond the
+    compute precision that overflowed to Inf): a judged row's ratio, 0 elsewhere, and inf
+    for a failing non-finite row."""
+    g64 = g.to(torch.float64)
+    fin, not_nan = torch.isfinite(g64), ~torch.isnan(g64)
+    fin, not_nan = (fin, not_nan) if name == "dlambda" else (fin.all(-1), not_nan.all(-1))
+    # A row beyond the compute precision may overflow (its true scale can exceed a
+    # 16-bit gradient's range, and the implementation cannot resolve it): an Inf there
+    # is counted, not failed. NaN fails everywhere.
+    beyond_rows = gb.rows & ~gb.judged
+    n_overflow = int((beyond_rows & ~fin & not_nan).sum())
+    fin = torch.where(beyond_rows, not_nan, fin)
+    r = torch.where(gb.judged, err / gb.allowed, torch.zeros_like(err))
+    r = torch.where(gb.rows & ~fin, torch.full_like(r, math.inf), r)
+    return r, int((gb.rows & ~fin).sum()), n_overflow
+
+
+def _backward_message(impl: Impl, case: str, bb: BackwardBudget, lines: list, not_checked: list, ratio: float,
+                      passed: bool, wname, widx, n_overflow: int, cause_txt: str, note: str) -> str:
+    d, beyond_q, beyond_k = bb.details, bb.beyond_q, bb.beyond_k
+    defined = ~d.undefined
+    kappa_q = torch.nan_to_num(d.kappa, nan=math.inf, posinf=math.inf)
+    n_unmeasured = sum(gb.n_unmeasured for gb in bb.grads.values())
+    scaled = [f"{name} x{gb.scale:.3g}" for name, gb in bb.grads.items() if gb.scale > 1.0]
+    n_judged = int((defined & ~beyond_q).sum())
+    judged_txt = f" ({n_judged} of {int(defined.sum())} query rows judged)" if bool(beyond_q.any()) else ""
+    checked_txt = f" ({', '.join(n for n in GRAD_NAMES if n not in not_checked)} only)" if not_checked else ""
+    return (f"[{impl.name}] backward {'PASS' if passed else 'FAIL'} ratio {ratio:.3g}{checked_txt}{judged_txt} on {case}\n"
+            + "\n".join(lines)
+            + f"\n  worst: {wname} at {widx}; kappa max {float(torch.nan_to_num(d.kappa, posinf=1e300).max()):.3e}; "
+            f"{int(d.undefined.sum())} undefined rows skipped"
+            + (f"; {n_unmeasured} rows without a measurable float64 sensitivity (budget without that term)"
+               if n_unmeasured else "")
+            + (f"\n  {int(beyond_q.sum())} query rows and {int(beyond_k.sum())} key rows beyond the compute "
+               f"precision (kappa u_c >= {BEYOND_PRECISION:g}, kappa up to {float(kappa_q[beyond_q].max()):.2e}): "
+               "no budget applies, a NaN still fails" if bool(beyond_q.any()) else "")
+            + (f"; {n_overflow} of those rows overflowed to Inf (counted, not failed)" if n_overflow else "")
+            + (f"\n  model scaled by the same-precision reference ({', '.join(scaled)}: FA factor x its "
+               "worst error / model on this problem)" if scaled else "")
+            + f"\n  cause: {cause_txt}"
+            + note)

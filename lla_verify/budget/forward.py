@@ -41,7 +41,7 @@ N_DIRECTIONS = 2  # random sign directions for the sensitivity estimate
 U64 = 2.0**-53
 MP_RECHECK_WORK = 64 * 64 * 8  # S * S * D up to which the mpmath oracle re-checks a dispute
 
-def _lam_tensor(problem: Problem) -> torch.Tensor:
+def lam_on_device(problem: Problem) -> torch.Tensor:
     return problem.lam_tensor.to(problem.q.device)
 
 
@@ -98,7 +98,7 @@ def sensitivity(problem: Problem, *, directions: int = N_DIRECTIONS, seed: int =
     componentwise relative backward error in q, k, v and lambda.
     """
     q, k, v = (t.to(torch.float64) for t in (problem.q, problem.k, problem.v))
-    lam = _lam_tensor(problem).clone()
+    lam = lam_on_device(problem).clone()
     gen = torch.Generator().manual_seed(seed)
 
     def f(q_, k_, v_, l_):
@@ -235,7 +235,7 @@ def check_forward(problem: Problem, impl: Impl, o: torch.Tensor, *, stats: dict 
     idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(worst_flat), ratio_q.shape))
     ratio = float(flat[worst_flat])
     passed = ratio <= THRESHOLD
-    lam = _lam_tensor(problem)
+    lam = lam_on_device(problem)
     per_query = {"err": err, "allowed": fb.allowed, "ratio": ratio_q, "kappa": d.kappa,
                  "delta_rel": d.delta / d.omega, "lam": lam, "model": fb.model}
     if fb.dense_err is not None:
@@ -299,7 +299,7 @@ def _mp_recheck(problem: Problem, o64: torch.Tensor, idx, allowed: float):
     except ImportError:
         return None
     b, h, i = idx
-    lam = _lam_tensor(problem)[b:b + 1, h:h + 1, : i + 1]
+    lam = lam_on_device(problem)[b:b + 1, h:h + 1, : i + 1]
     sl = lambda t: t[b:b + 1, h:h + 1, : i + 1]  # noqa: E731  causality: keys after i are irrelevant
     ref = lla_forward_mp(sl(problem.q), sl(problem.k), sl(problem.v), ridge_lambda=lam, qk_scale=problem.qk_scale)
     e = float((o64[b, h, i] - ref[0, 0, i]).norm())

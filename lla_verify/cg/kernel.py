@@ -14,8 +14,10 @@ import torch
 
 from lla_verify.registry.cases import Problem
 from lla_contract import LLAInputError
-from lla_verify.cg.bound import _F64, finite_precision_limit, iteration_bound, jacobi_iteration_bound
-from lla_verify.cg.reference import _check_prec, kappas, reference_cg, sigma_mu, true_residual
+from lla_verify.cg.bound import finite_precision_limit, iteration_bound, jacobi_iteration_bound
+from lla_verify.cg.reference import check_preconditioner, kappas, reference_cg, sigma_mu, true_residual
+
+_F64 = torch.float64
 
 
 # ------------------------------------------------------------------ the kernel side
@@ -38,7 +40,7 @@ def run_kernel(impl, problem: Problem, *, tol: float, max_iters: int, preconditi
     launch gives o, the iteration count, the reported residual and rho. Other
     implementations go through ``impl.forward_with_stats`` and have no rho.
     """
-    _check_prec(preconditioner)
+    check_preconditioner(preconditioner)
     B, H, S, D = problem.q.shape
     if impl.name == "triton":
         try:

@@ -25,7 +25,9 @@ import torch
 
 from lla_verify.registry.cases import Problem
 from lla_contract import LLAInputError, check_lambda, check_qkv, check_scale
-from lla_verify.cg.bound import _F64, U32
+from lla_verify.cg.bound import U32
+
+_F64 = torch.float64
 
 
 DEFAULT_CHUNK_BYTES = 128 * 2**20
@@ -129,7 +131,7 @@ class CGRun:
     dtype: torch.dtype = _F64
 
 
-def _check_prec(preconditioner):
+def check_preconditioner(preconditioner):
     if preconditioner not in (None, "jacobi"):
         raise LLAInputError(f"preconditioner: expected None or 'jacobi', got {preconditioner!r}")
 
@@ -145,7 +147,7 @@ def reference_cg(sig, mu, *, tol: float, max_iters: int, preconditioner: str | N
     converged after 0 steps. With Jacobi, z = diag(Sigma)^-1 r; the stopping test is
     still on the unpreconditioned r, as in the kernel.
     """
-    _check_prec(preconditioner)
+    check_preconditioner(preconditioner)
     if not tol > 0:
         raise LLAInputError(f"tol: expected > 0, got {tol}")
     if int(max_iters) < 0:

@@ -18,12 +18,12 @@ import sys
 from lla_verify.cliutil import UsageError, check_device, check_out_dir, one_line, seed_type
 from lla_verify.audit.baseline import (REGRESSION_FACTOR, REGRESSION_FLOOR, check_baseline_matches,
                                        load_baseline, plan_digest)
-from lla_verify.audit.merge import _cell_slice, merge_reports
+from lla_verify.audit.merge import cell_slice, merge_reports
 from lla_verify.audit.plan import plan
 from lla_verify.audit.run import EXIT_FAIL, EXIT_OK, EXIT_USAGE, metadata, run_audit, summary_lines
 
 
-def _resolve(impl_spec: str, device: str):
+def resolve_impl(impl_spec: str, device: str):
     """The Impl record, after the environment it needs; UsageError when it cannot run."""
     import torch  # noqa: F401
 
@@ -137,7 +137,7 @@ def _audit_main(args) -> int:
     if args.max_cells is not None and args.max_cells < 1:
         raise UsageError(f"--max-cells: must be >= 1, got {args.max_cells}")
     baseline = load_baseline(args.baseline) if args.baseline else None
-    impl = _resolve(args.impl, device)
+    impl = resolve_impl(args.impl, device)
     if args.out:
         check_out_dir(args.out)  # before the sweep: a bad --out found after it loses the run
     cells, skipped = plan(impl, full=full, seed=args.seed)
@@ -149,7 +149,7 @@ def _audit_main(args) -> int:
     digest = plan_digest(c.case.spec() for c in cells)
     indices = list(range(plan_size))
     if args.cells:
-        indices = indices[_cell_slice(args.cells, plan_size)]
+        indices = indices[cell_slice(args.cells, plan_size)]
     if args.max_cells is not None and len(indices) > args.max_cells:
         # evenly spaced, so every sweep keeps a few cells
         step = len(indices) / args.max_cells
@@ -181,7 +181,7 @@ def _audit_main(args) -> int:
           f"{', ' + str(len(skipped)) + ' skipped' if skipped else ''}", file=sys.stderr)
     run = dict(device=device, backward=not args.no_backward, baseline=baseline, out=args.out, meta=meta,
                skipped=skipped, progress=not args.no_progress, impl_name=args.impl, log=sys.stderr,
-               factor=args.regression_factor, floor=args.regression_floor, cell_timeout=_cell_timeout(args))
+               factor=args.regression_factor, floor=args.regression_floor, cell_timeout=cell_timeout(args))
     if args.dask is None:
         return _print_summary(run_audit(impl, cells, **run).report, args.out)
     from lla_verify.audit.on_dask import check_workers, session
@@ -197,7 +197,7 @@ def _audit_main(args) -> int:
         return _print_summary(res.report, args.out)
 
 
-def _cell_timeout(args) -> float:
+def cell_timeout(args) -> float:
     from lla_verify.trust import DEFAULT_CALL_TIMEOUT
 
     t = getattr(args, "cell_timeout", None)
@@ -207,13 +207,13 @@ def _cell_timeout(args) -> float:
     return float(t)
 
 
-def _add_cell_timeout(p) -> None:
+def add_cell_timeout_arg(p) -> None:
     p.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
                    help="each call of the implementation may take this long before its cell fails as timed out "
                         "(default 300)")
 
 
-def _guard(fn):
+def usage_errors_to_exit(fn):
     def run(args) -> int:
         try:
             return fn(args)
@@ -261,5 +261,5 @@ def register(sub) -> None:
                         "file *.json) a running scheduler. Needs the extra: pip install 'lla-verify[dask]'")
     p.add_argument("--dask-workers", type=int, default=None, metavar="N",
                    help="with a bare --dask: the embedded cluster's worker count (GPUs shared round-robin)")
-    _add_cell_timeout(p)
-    p.set_defaults(func=_guard(_audit_main))
+    add_cell_timeout_arg(p)
+    p.set_defaults(func=usage_errors_to_exit(_audit_main))

@@ -21,13 +21,14 @@ device's peak rate) or an event time far below the synchronised one is flagged
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import statistics
 
-from lla_verify.cliutil import UsageError, atomic_write, check_out_file, float_in, int_in
+from lla_verify.cliutil import UsageError, check_out_file, float_in, int_in
+from lla_verify.commands.benchkit import (BENCH_SHAPES, DTYPE_FLAGS, Table, causal_sdpa, int_tuples, median_ms,
+                                          parse_shapes, randn_inputs, shapes_text, torch_dtype, versions_line)
 
-DEFAULT_SHAPES = "16,1,2048,64;8,1,4096,64;8,1,2048,128"
+DEFAULT_SHAPES = shapes_text(BENCH_SHAPES)
 
 
 def check_case(S: int, D: int, heads: int, ridge_lambda: float, dtype_name: str):
@@ -48,41 +49,17 @@ def judge(problem, o, stats=None):
     return check_forward(problem, get_impl("triton"), o, stats=stats, dense=True, mp_recheck=False)
 
 
-def _int_tuples(text: str, n: int, flag: str, what: str) -> list[tuple]:
-    """'a,b,c;a,b,c' -> tuples of n positive integers, or a UsageError naming ``flag``."""
-    out = []
-    pos = int_in(1)
-    for part in text.split(";"):
-        if not part.strip():
-            continue
-        fields = part.split(",")
-        try:
-            if len(fields) != n:
-                raise argparse.ArgumentTypeError(f"expected {n} fields")
-            out.append(tuple(pos(x) for x in fields))
-        except argparse.ArgumentTypeError as exc:
-            raise UsageError(f"{flag}: expected {what} ({n} integers >= 1), got {part!r}: {exc}") from None
-    return out
-
-
-def _parse_shapes(text):
-    shapes = _int_tuples(text, 4, "--shapes", "B,H,S,D")
-    if not shapes:
-        raise UsageError(f"--shapes: expected at least one B,H,S,D, got {text!r}")
-    return shapes
-
-
 def _parse_configs(text):
     if not text:
         return [None]
-    return _int_tuples(text, 4, "--configs", "BM,BN,warps,stages") or [None]
+    return int_tuples(text, 4, "--configs", "BM,BN,warps,stages") or [None]
 
 
 def check_args(args) -> None:
     """Every argument checked before CUDA or a kernel is touched (a usage error, exit 2)."""
     from lla_contract import LLAInputError
 
-    shapes = _parse_shapes(args.shapes)
+    shapes = parse_shapes(args.shapes)
     _parse_configs(args.configs)
     if args.precisions is not None:
         from lla_triton._common import PRECISIONS
@@ -98,7 +75,7 @@ def check_args(args) -> None:
             except argparse.ArgumentTypeError:
                 raise UsageError(f"--mem-seqs: expected a comma list of integers >= 1, got {args.mem_seqs!r}") \
                     from None
-    name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]
+    name = DTYPE_FLAGS[args.dtype]
     for B, H, S, D in shapes:
         try:  # the judged case, as _run builds it (the lambda in the registry's range, too)
             case = check_case(S, D, max(1, min(B * H, args.oracle_heads)), args.ridge_lambda, name)
@@ -121,30 +98,24 @@ def available_gpu():
 
 def _run(args) -> int:
     import torch
-    import triton
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import lla_triton
-    from lla_triton.forward import lla_forward_kernel
+    from lla_triton.forward import lla_forward_kernel, tile_config
     from lla_verify.oracles.float64 import lla_forward
     from lla_verify.trust import device_peaks, implausible_speed, lla_forward_floor_s, timed_calls, timing_disagrees
 
     if not torch.cuda.is_available():
         raise UsageError("needs a CUDA device (the interpreter is far too slow to time)")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     dev = "cuda"
     lam = args.ridge_lambda
-    lines = []
-
-    def emit(s=""):
-        print(s, flush=True)
-        lines.append(s)
+    table = Table()
+    emit = table.emit
 
     def bench(fn):
-        return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+        return median_ms(fn, warmup=args.warmup, rep=args.rep)
 
-    emit(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
-         f"date {datetime.date.today().isoformat()}")
+    emit(versions_line(date=True))
     if args.cg_tol is None:
         args.cg_tol = lla_triton.DEFAULT_CG_TOL
     # the budget is always the shipped contract (solver term at DEFAULT_CG_TOL), so a
@@ -159,18 +130,17 @@ def _run(args) -> int:
     g = torch.Generator(device=dev).manual_seed(0)
     verdicts, flags = [], []
     peaks = device_peaks(torch.cuda.get_device_name())
-    for shape in _parse_shapes(args.shapes):
+    for shape in parse_shapes(args.shapes):
         B, H, S, D = shape
-        q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=torch.float32, generator=g).to(dtype) for _ in range(3))
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION if dtype != torch.float32 else SDPBackend.EFFICIENT_ATTENTION):
-            t_sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+        q, k, v = randn_inputs((B, H, S, D), 3, dtype, generator=g, device=dev)
+        t_sdpa = bench(lambda: causal_sdpa(q, k, v))
         N = B * H
         q3, k3, v3 = (t.reshape(N, S, D) for t in (q, k, v))
         lam3 = torch.full((N, S), lam, device=dev, dtype=torch.float32)
         scale = 1.0 / math.sqrt(D)
         nh = max(1, min(N, args.oracle_heads))
         # accuracy on a registry case of nh heads (its spec reproduces it), judged by the budget
-        prob = check_case(S, D, nh, lam, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]).build(dev)
+        prob = check_case(S, D, nh, lam, DTYPE_FLAGS[args.dtype]).build(dev)
         pq, pk, pv = (t.reshape(nh, S, D).contiguous() for t in (prob.q, prob.k, prob.v))
         plam = torch.full((nh, S), float(prob.ridge_lambda), device=dev, dtype=torch.float32)
         ref = lla_forward(pq, pk, pv, ridge_lambda=prob.ridge_lambda, qk_scale=prob.qk_scale)
@@ -212,8 +182,7 @@ def _run(args) -> int:
                 n_fix = args.fixed_iters
                 t_fix = bench(lambda: call(max_iters=n_fix, tol=0.0))
                 per_iter = (t_fix - t0) / n_fix
-                from lla_triton.forward import _config
-                tiles = ",".join(str(x) for x in _config(D, cfg))
+                tiles = ",".join(str(x) for x in tile_config(D, cfg))
                 emit(f"| {B},{H},{S},{D} | {prec} | {tiles} | {t_ours:.3f} | {t_sync:.3f} | {floor * 1e3:.4f} | "
                      f"{t_sdpa:.3f} | {err:.2e} | "
                      f"{verdict.ratio:.3f}{'' if verdict.passed else ' OVER (' + verdict.cause + ')'} | "
@@ -234,28 +203,36 @@ def _run(args) -> int:
         emit(f"TIMING NOT BELIEVED: {f}")
 
     if args.mem_seqs:
-        emit()
-        emit("| B,H,S,D | peak extra memory MiB (ours) | inputs MiB | ours ms | SDPA ms |")
-        emit("|---|---|---|---|---|")
-        for S in (int(x) for x in args.mem_seqs.split(",")):
-            D = 64
-            q, k, v = (torch.randn(1, 1, S, D, device=dev, dtype=torch.float32, generator=g).to(dtype)
-                       for _ in range(3))
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            o = lla_triton.lla_attention(q, k, v, ridge_lambda=lam)
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            inputs = 3 * q.numel() * q.element_size() / 2**20
-            t_ours = bench(lambda: lla_triton.lla_attention(q, k, v, ridge_lambda=lam, check_finite=False))
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION if dtype != torch.float32 else SDPBackend.EFFICIENT_ATTENTION):
-                t_sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
-            emit(f"| 1,1,{S},{D} | {peak:.2f} | {inputs:.2f} | {t_ours:.3f} | {t_sdpa:.3f} |")
-            del q, k, v, o
-    if args.out:
-        atomic_write(args.out, "\n".join(lines) + "\n")
+        _memory_rows(table, [int(x) for x in args.mem_seqs.split(",")], dtype, lam, g, bench)
+    table.write(args.out)
     return 1 if flags else 0
+
+
+def _memory_rows(table: Table, seqs, dtype, lam: float, g, bench) -> None:
+    """Peak extra memory of one lla_triton call at each S in ``seqs`` (B = H = 1, D = 64)
+    beside the inputs' size, and its time against SDPA's."""
+    import torch
+
+    import lla_triton
+
+    emit, dev = table.emit, "cuda"
+    emit()
+    emit("| B,H,S,D | peak extra memory MiB (ours) | inputs MiB | ours ms | SDPA ms |")
+    emit("|---|---|---|---|---|")
+    for S in seqs:
+        D = 64
+        q, k, v = randn_inputs((1, 1, S, D), 3, dtype, generator=g, device=dev)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        o = lla_triton.lla_attention(q, k, v, ridge_lambda=lam)
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        inputs = 3 * q.numel() * q.element_size() / 2**20
+        t_ours = bench(lambda: lla_triton.lla_attention(q, k, v, ridge_lambda=lam, check_finite=False))
+        t_sdpa = bench(lambda: causal_sdpa(q, k, v))
+        emit(f"| 1,1,{S},{D} | {peak:.2f} | {inputs:.2f} | {t_ours:.3f} | {t_sdpa:.3f} |")
+        del q, k, v, o
 
 
 def register(sub) -> None:

@@ -19,12 +19,13 @@ the first shape and uses the fastest for its head dim.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 
 from lla_verify.cliutil import UsageError, check_out_file, float_in, int_in
+from lla_verify.commands.benchkit import (BENCH_SHAPES, Table, causal_sdpa, median_ms, randn_inputs,
+                                          versions_line)
 
-SHAPES = [(16, 1, 2048, 64), (8, 1, 4096, 64), (8, 1, 2048, 128)]
+SHAPES = list(BENCH_SHAPES)
 SWEEP_A = {64: [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 2)],
            128: [(32, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2),
                  (16, 64, 4, 2)]}
@@ -54,144 +55,149 @@ def run(args) -> int:
         raise UsageError(f"--sweep-dims: expected a comma list among {sorted(SWEEP_A)}, got {args.sweep_dims!r}")
     if not torch.cuda.is_available():
         raise UsageError("expected a CUDA device (it times GPU kernels); torch sees none")
-    import triton
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import lla_triton
+    from lla_triton import backward as bw
+
+    table = Table()
+    lam = args.ridge_lambda
+    table.emit(versions_line(date=True))
+    table.emit(f"bf16, causal, ridge_lambda {lam}; cg_tol {lla_triton.DEFAULT_CG_TOL}, precision {bw.DEFAULT_PRECISION}")
+    if args.sweep:
+        for D in (int(x) for x in dims):
+            _sweep(table, next(sh for sh in SHAPES if sh[3] == D), lam)
+    table.emit()
+    table.emit("| B,H,S,D | LLA fwd+bwd ms | fwd ms | bwd ms | SDPA fwd+bwd ms | vs SDPA "
+               "| CG iters fwd / bwd (max) | rel err dq / dk / dv | bf16 floor dq / dk / dv |")
+    table.emit("|---|---|---|---|---|---|---|---|---|")
+    for shape in SHAPES:
+        table.emit(_step_row(shape, lam, args.oracle_heads))
+        torch.cuda.empty_cache()
+    table.emit()
+    table.emit(f"configs used: A {bw.GPU_CONFIGS_A}, B {bw.GPU_CONFIGS_B}")
+    table.write(args.out)
+    return 0
+
+
+def _inputs(B, H, S, D, seed=0):
+    """q, k, v and the output cotangent g, bf16 standard normal."""
+    import torch
+
+    return randn_inputs((B, H, S, D), 4, torch.bfloat16, generator=torch.Generator(device="cuda").manual_seed(seed))
+
+
+def _backward_only(q, k, v, g, lam, cfg_a=None, cfg_b=None, **options):
+    """(a call of the two backward kernels from a saved forward, that forward's output);
+    ``options`` override the call's fallback, cg_tol, cg_max_iters or precision."""
+    import torch
 
     import lla_triton
     from lla_triton import backward as bw
     from lla_triton.forward import lla_forward_kernel
+
+    B, H, S, D = q.shape
+    q3, k3, v3, g3 = (t.reshape(B * H, S, D) for t in (q, k, v, g))
+    lam3 = torch.full((B * H, S), lam, device="cuda")
+    fo = lla_forward_kernel(q3, k3, v3, lam3, D ** -0.5, delta_eps=lla_triton.DEFAULT_DELTA_EPS,
+                            cg_tol=lla_triton.DEFAULT_CG_TOL, cg_max_iters=lla_triton.default_cg_max_iters(D),
+                            preconditioner=None, want_stats=True)
+    kw = dict(fallback=fo.fallback, cg_tol=lla_triton.DEFAULT_CG_TOL, cg_max_iters=lla_triton.default_cg_max_iters(D),
+              config_a=cfg_a, config_b=cfg_b)
+    kw.update(options)
+
+    def call():
+        return bw.lla_backward_kernel(q3, k3, v3, fo.rho, lam3, g3, D ** -0.5, **kw)
+
+    return call, fo
+
+
+def _fastest(table: Table, label: str, configs, call_of) -> tuple:
+    """(ms, config) of the fastest of ``configs`` timed through ``call_of(config)``; a
+    config the device cannot run is reported and passed over."""
+    import triton
+
+    best = None
+    for cfg in configs:
+        try:
+            ms = median_ms(call_of(cfg))
+        except triton.runtime.errors.OutOfResources as exc:  # e.g. (64, 64, 8, 2) at D=128
+            table.emit(f"  {label} {cfg}: {exc}")
+            continue
+        table.emit(f"  {label} {cfg}: {ms:.3f}")
+        best = min(best or (ms, cfg), (ms, cfg))
+    return best
+
+
+def _sweep(table: Table, shape, lam) -> None:
+    """Time the tile configs of each backward kernel at ``shape``, keep the fastest for its
+    head dim, and attribute the backward's time (no CG, plain TF32 products, a looser tol)."""
+    from lla_triton import backward as bw
+
+    D = shape[3]
+    q, k, v, g = _inputs(*shape)
+    table.emit()
+    table.emit(f"sweep at {shape}: backward ms (kernel A config varied with B default, then B varied)")
+    best_a = _fastest(table, "A", SWEEP_A[D], lambda cfg: _backward_only(q, k, v, g, lam, cfg_a=cfg)[0])
+    best_b = _fastest(table, "B", SWEEP_B[D], lambda cfg: _backward_only(q, k, v, g, lam, cfg_b=cfg)[0])
+    bw.GPU_CONFIGS_A[D] = best_a[1]
+    bw.GPU_CONFIGS_B[D] = best_b[1]
+    table.emit(f"  chosen for D={D}: A {best_a[1]}, B {best_b[1]}")
+    # where the backward's time goes: no CG (passes + kernel B), plain TF32 products
+    call0, _ = _backward_only(q, k, v, g, lam)
+    table.emit(f"  attribution D={D}: full {median_ms(call0):.3f} ms")
+    for label, kw in (("cg_max_iters=0", dict(cg_max_iters=0)),
+                      ("precision tf32 (1 pass)", dict(precision="tf32")),
+                      ("cg_tol 1e-4", dict(cg_tol=1e-4))):
+        f, _ = _backward_only(q, k, v, g, lam, **kw)
+        table.emit(f"  attribution D={D}: {label} {median_ms(f):.3f} ms (bwd CG iters max {int(f().cg_iters.max())})")
+
+
+def _step_row(shape, lam, oracle_heads: int) -> str:
+    """One row of the table: fwd+bwd, fwd and bwd times against SDPA's fwd+bwd, CG
+    iterations, and the gradients' relative error against the float64 oracle's on the
+    first ``oracle_heads`` heads beside the bf16 rounding floor."""
+    import torch
+
+    import lla_triton
     from lla_verify.oracles.float64 import lla_forward
 
-    lines = []
+    B, H, S, D = shape
+    q, k, v, g = _inputs(B, H, S, D)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
 
-    def emit(s=""):
-        print(s, flush=True)
-        lines.append(s)
+    def step():
+        o = lla_triton.lla_attention(qq, kk, vv, ridge_lambda=lam)
+        o.backward(g)
 
-    def bench(fn, grads=None):
-        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
+    def fwd():
+        with torch.no_grad():
+            lla_triton.lla_attention(q, k, v, ridge_lambda=lam)
 
-    lam = args.ridge_lambda
-    emit(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
-         f"date {datetime.date.today().isoformat()}")
-    emit(f"bf16, causal, ridge_lambda {lam}; cg_tol {lla_triton.DEFAULT_CG_TOL}, precision {bw.DEFAULT_PRECISION}")
+    t_step = median_ms(step, grads=[qq, kk, vv])
+    t_fwd = median_ms(fwd)
+    call, fo = _backward_only(q, k, v, g, lam)
+    t_bwd = median_ms(call)
+    bo = call()
 
-    def inputs(B, H, S, D, seed=0):
-        gen = torch.Generator(device="cuda").manual_seed(seed)
-        return [torch.randn(B, H, S, D, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(4)]
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
 
-    def bwd_only(q, k, v, g, cfg_a=None, cfg_b=None):
-        B, H, S, D = q.shape
-        q3, k3, v3, g3 = (t.reshape(B * H, S, D) for t in (q, k, v, g))
-        lam3 = torch.full((B * H, S), lam, device="cuda")
-        fo = lla_forward_kernel(q3, k3, v3, lam3, D ** -0.5, delta_eps=lla_triton.DEFAULT_DELTA_EPS,
-                                cg_tol=lla_triton.DEFAULT_CG_TOL, cg_max_iters=lla_triton.default_cg_max_iters(D),
-                                preconditioner=None, want_stats=True)
+    def sdpa_step():
+        causal_sdpa(qs, ks, vs).backward(g)
 
-        def call():
-            return bw.lla_backward_kernel(q3, k3, v3, fo.rho, lam3, g3, D ** -0.5,
-                                          fallback=fo.fallback, cg_tol=lla_triton.DEFAULT_CG_TOL,
-                                          cg_max_iters=lla_triton.default_cg_max_iters(D),
-                                          config_a=cfg_a, config_b=cfg_b)
-        return call, fo
+    t_sdpa = median_ms(sdpa_step, grads=[qs, ks, vs])
 
-    if args.sweep:
-        for D in (int(x) for x in dims):
-            shape = next(sh for sh in SHAPES if sh[3] == D)
-            q, k, v, g = inputs(*shape)
-            emit()
-            emit(f"sweep at {shape}: backward ms (kernel A config varied with B default, then B varied)")
-            best_a, best_b = None, None
-            for cfg in SWEEP_A[D]:
-                call, _ = bwd_only(q, k, v, g, cfg_a=cfg)
-                try:
-                    ms = bench(call)
-                except triton.runtime.errors.OutOfResources as exc:  # e.g. (64, 64, 8, 2) at D=128
-                    emit(f"  A {cfg}: {exc}")
-                    continue
-                emit(f"  A {cfg}: {ms:.3f}")
-                best_a = min(best_a or (ms, cfg), (ms, cfg))
-            for cfg in SWEEP_B[D]:
-                call, _ = bwd_only(q, k, v, g, cfg_b=cfg)
-                try:
-                    ms = bench(call)
-                except triton.runtime.errors.OutOfResources as exc:
-                    emit(f"  B {cfg}: {exc}")
-                    continue
-                emit(f"  B {cfg}: {ms:.3f}")
-                best_b = min(best_b or (ms, cfg), (ms, cfg))
-            bw.GPU_CONFIGS_A[D] = best_a[1]
-            bw.GPU_CONFIGS_B[D] = best_b[1]
-            emit(f"  chosen for D={D}: A {best_a[1]}, B {best_b[1]}")
-            # where the backward's time goes: no CG (passes + kernel B), plain TF32 products
-            call0, _ = bwd_only(q, k, v, g)
-            emit(f"  attribution D={D}: full {bench(call0):.3f} ms")
-            B_, H_, S_, D_ = shape
-            q3, k3, v3, g3 = (t.reshape(B_ * H_, S_, D_) for t in (q, k, v, g))
-            lam3 = torch.full((B_ * H_, S_), lam, device="cuda")
-            for label, kw in (("cg_max_iters=0", dict(cg_max_iters=0)),
-                              ("precision tf32 (1 pass)", dict(precision="tf32")),
-                              ("cg_tol 1e-4", dict(cg_tol=1e-4))):
-                _, fo = bwd_only(q, k, v, g)
-                base = dict(fallback=fo.fallback, cg_tol=lla_triton.DEFAULT_CG_TOL,
-                            cg_max_iters=lla_triton.default_cg_max_iters(D_))
-                base.update(kw)
-                f = lambda: bw.lla_backward_kernel(q3, k3, v3, fo.rho, lam3, g3, D_ ** -0.5, **base)  # noqa: E731
-                emit(f"  attribution D={D}: {label} {bench(f):.3f} ms (bwd CG iters max {int(f().cg_iters.max())})")
-
-    emit()
-    emit("| B,H,S,D | LLA fwd+bwd ms | fwd ms | bwd ms | SDPA fwd+bwd ms | vs SDPA "
-         "| CG iters fwd / bwd (max) | rel err dq / dk / dv | bf16 floor dq / dk / dv |")
-    emit("|---|---|---|---|---|---|---|---|---|")
-    for shape in SHAPES:
-        B, H, S, D = shape
-        q, k, v, g = inputs(B, H, S, D)
-        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-
-        def step():
-            o = lla_triton.lla_attention(qq, kk, vv, ridge_lambda=lam)
-            o.backward(g)
-
-        def fwd():
-            with torch.no_grad():
-                lla_triton.lla_attention(q, k, v, ridge_lambda=lam)
-
-        t_step = bench(step, [qq, kk, vv])
-        t_fwd = bench(fwd)
-        call, fo = bwd_only(q, k, v, g)
-        t_bwd = bench(call)
-        bo = call()
-
-        qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-
-        def sdpa_step():
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-            o.backward(g)
-
-        t_sdpa = bench(sdpa_step, [qs, ks, vs])
-
-        # accuracy on the first heads: fresh grads from one step
-        for t in (qq, kk, vv):
-            t.grad = None
-        step()
-        nh = min(args.oracle_heads, B * H)
-        sl = lambda t: t.reshape(B * H, S, D)[:nh]  # noqa: E731
-        xs = [sl(t).detach().double().requires_grad_() for t in (q, k, v)]
-        o64 = lla_forward(*xs, ridge_lambda=lam)
-        ref = torch.autograd.grad((o64 * sl(g).double()).sum(), xs)
-        errs, floors = [], []
-        for got, r in zip((qq.grad, kk.grad, vv.grad), ref):
-            errs.append(float((sl(got).double() - r).norm() / r.norm()))
-            floors.append(float((r.bfloat16().double() - r).norm() / r.norm()))
-        emit(f"| {B},{H},{S},{D} | {t_step:.3f} | {t_fwd:.3f} | {t_bwd:.3f} | {t_sdpa:.3f} | {t_step / t_sdpa:.1f}x "
-             f"| {int(fo.cg_iters.max())} / {int(bo.cg_iters.max())} "
-             f"| {errs[0]:.2e} / {errs[1]:.2e} / {errs[2]:.2e} | {floors[0]:.2e} / {floors[1]:.2e} / {floors[2]:.2e} |")
-        del qq, kk, vv, qs, ks, vs
-        torch.cuda.empty_cache()
-    emit()
-    emit(f"configs used: A {bw.GPU_CONFIGS_A}, B {bw.GPU_CONFIGS_B}")
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
-    return 0
+    # accuracy on the first heads: fresh grads from one step
+    for t in (qq, kk, vv):
+        t.grad = None
+    step()
+    nh = min(oracle_heads, B * H)
+    sl = lambda t: t.reshape(B * H, S, D)[:nh]  # noqa: E731
+    xs = [sl(t).detach().double().requires_grad_() for t in (q, k, v)]
+    o64 = lla_forward(*xs, ridge_lambda=lam)
+    ref = torch.autograd.grad((o64 * sl(g).double()).sum(), xs)
+    errs, floors = [], []
+    for got, r in zip((qq.grad, kk.grad, vv.grad), ref):
+        errs.append(float((sl(got).double() - r).norm() / r.norm()))
+        floors.append(float((r.bfloat16().double() - r).norm() / r.norm()))
+    return (f"| {B},{H},{S},{D} | {t_step:.3f} | {t_fwd:.3f} | {t_bwd:.3f} | {t_sdpa:.3f} | {t_step / t_sdpa:.1f}x "
+            f"| {int(fo.cg_iters.max())} / {int(bo.cg_iters.max())} "
+            f"| {errs[0]:.2e} / {errs[1]:.2e} / {errs[2]:.2e} | {floors[0]:.2e} / {floors[1]:.2e} / {floors[2]:.2e} |")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from lla_verify.registry.cases import Case
-from lla_verify.cliutil import UsageError, atomic_write, check_device, check_out_dir, float_in, int_in, save_figure, seed_type
+from lla_verify.cliutil import UsageError, atomic_write, check_device, check_out_dir, float_in, int_in, jsonable, save_figure, seed_type
 from lla_verify.cg.bound import U32, bound_applies, finite_precision_limit, iteration_bound
 from lla_verify.cg.kernel import cg_records, kernel_defaults, triton_unavailable
 
@@ -123,7 +123,7 @@ def run_study(*, impl_name="triton", full=False, out="cg-study", seed=0, kappas=
         "rows": rows,
     }
     _write_csv(outdir / "cg_points.csv", rows)
-    atomic_write(outdir / "cg_points.json", json.dumps(_jsonable(doc), indent=1))
+    atomic_write(outdir / "cg_points.json", json.dumps(jsonable(doc), indent=1))
     _plot_iterations(outdir / "cg_iterations.png", rows, doc["settings"])
     _plot_error(outdir / "cg_error.png", rows, doc["settings"])
     log(format_table(summaries, kernel=impl is not None))
@@ -206,16 +206,6 @@ def _scalar(v):
     return v
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)  # JSON has no inf or nan
-    return x
-
-
 # ------------------------------------------------------------------ plots
 _SERIES = (  # column prefix, label, colour, marker, line style
     ("ref64_plain", "float64 CG, plain", "tab:blue", "o", "-"),
@@ -241,6 +231,39 @@ def _panels(rows):
     return [(S, D, rot) for (S, D) in shapes for rot in (0, 1)]
 
 
+def _plot_series(ax, groups, series, floor: float | None = None) -> None:
+    """Per series (row key, label, colour, marker, line style) present in the rows: every
+    row as a faint point over kappa, and the median of each kappa group as a line;
+    values below ``floor`` (a zero would vanish from a log plot) drawn at it."""
+    lift = (lambda y: y) if floor is None else (lambda y: max(y, floor))
+    for key, label, colour, marker, ls in series:
+        if key not in groups[0][0]:
+            continue
+        xs = [r["kappa"] for g in groups for r in g]
+        ys = [lift(r[key]) for g in groups for r in g]
+        ax.scatter(xs, ys, s=4, color=colour, marker=marker, alpha=0.12, linewidths=0)
+        mx = [_median([r["kappa"] for r in g]) for g in groups]
+        my = [lift(_median([r[key] for r in g])) for g in groups]
+        ax.plot(mx, my, color=colour, marker=marker, ls=ls, ms=4, label=f"{label} (median)")
+
+
+def _label_panel(ax, ylabel: str, title: str) -> None:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("kappa(Sigma_i)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _save_panels(plt, fig, axes, st, path) -> None:
+    axes[0][0].legend(fontsize=6.5, loc="upper left")
+    fig.suptitle(_title(st), fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
 def _plot_iterations(path, rows, st):
     import matplotlib
 
@@ -254,16 +277,7 @@ def _plot_iterations(path, rows, st):
         groups = _groups(rows, S, D, rot)
         kmin = min(r["kappa"] for g in groups for r in g)
         kmax = max(r["kappa"] for g in groups for r in g if math.isfinite(r["kappa"]))
-        for prefix, label, colour, marker, ls in _SERIES:
-            key = f"{prefix}_iters"
-            if key not in groups[0][0]:
-                continue
-            xs = [r["kappa"] for g in groups for r in g]
-            ys = [r[key] for g in groups for r in g]
-            ax.scatter(xs, ys, s=4, color=colour, marker=marker, alpha=0.12, linewidths=0)
-            mx = [_median([r["kappa"] for r in g]) for g in groups]
-            my = [_median([r[key] for r in g]) for g in groups]
-            ax.plot(mx, my, color=colour, marker=marker, ls=ls, ms=4, label=f"{label} (median)")
+        _plot_series(ax, groups, [(f"{prefix}_iters", *rest) for prefix, *rest in _SERIES])
         kk = torch.logspace(math.log10(max(kmin, 1.0)), math.log10(kmax), 100, dtype=torch.float64)
         ax.plot(kk, iteration_bound(kk, tol), color="black", lw=1.2,
                 label="bound ceil(sqrt(k)/2 ln(2 sqrt(k)/tol))")
@@ -275,18 +289,9 @@ def _plot_iterations(path, rows, st):
         cap = mi[str(D)] if isinstance(mi, dict) else mi
         ax.axhline(cap, color="grey", lw=0.8, ls="-.", label=f"max_iters = {cap}")
         ax.axvline(1.0 / (2 * D * st["u32"]), color="grey", lw=0.6, ls=":", label="kappa = 1/(2 D u32)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        _label_panel(ax, "CG iterations to ||r|| <= tol ||mu||", f"S={S} D={D} rotate={rot} tol={tol:g}")
         ax.set_ylim(1, max(3 * cap, 10))
-        ax.set_xlabel("kappa(Sigma_i)")
-        ax.set_ylabel("CG iterations to ||r|| <= tol ||mu||")
-        ax.set_title(f"S={S} D={D} rotate={rot} tol={tol:g}")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=6.5, loc="upper left")
-    fig.suptitle(_title(st), fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
+    _save_panels(plt, fig, axes, st, path)
 
 
 def _plot_error(path, rows, st):
@@ -311,29 +316,12 @@ def _plot_error(path, rows, st):
     for ax, (S, D, rot) in zip(axes[0], panels):
         groups = _groups(rows, S, D, rot)
         kmax = max(r["kappa"] for g in groups for r in g if math.isfinite(r["kappa"]))
-        for key, label, colour, marker, ls in series:
-            if key not in groups[0][0]:
-                continue
-            xs = [r["kappa"] for g in groups for r in g]
-            ys = [max(r[key], floor) for g in groups for r in g]
-            ax.scatter(xs, ys, s=4, color=colour, marker=marker, alpha=0.12, linewidths=0)
-            mx = [_median([r["kappa"] for r in g]) for g in groups]
-            my = [max(_median([r[key] for r in g]), floor) for g in groups]
-            ax.plot(mx, my, color=colour, marker=marker, ls=ls, ms=4, label=f"{label} (median)")
+        _plot_series(ax, groups, series, floor=floor)
         kk = torch.logspace(0, math.log10(kmax), 50, dtype=torch.float64)
         ax.plot(kk, (tol * kk).clamp_max(10.0), color="black", lw=1.0, label="tol * kappa (error from residual tol)")
         ax.plot(kk, (st["u32"] * kk).clamp_max(10.0), color="grey", lw=1.0, ls="--", label="u32 * kappa")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("kappa(Sigma_i)")
-        ax.set_ylabel("relative error vs float64 oracle")
-        ax.set_title(f"S={S} D={D} rotate={rot}")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=6.5, loc="upper left")
-    fig.suptitle(_title(st), fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
+        _label_panel(ax, "relative error vs float64 oracle", f"S={S} D={D} rotate={rot}")
+    _save_panels(plt, fig, axes, st, path)
 
 
 def _title(st) -> str:

@@ -9,7 +9,7 @@ from lla_verify.cliutil import UsageError
 from lla_verify.audit.cell import run_cell_isolated
 from lla_verify.audit.plan import Cell
 from lla_verify.audit.run import EXIT_FAIL, EXIT_OK
-from lla_verify.commands.audit import _add_cell_timeout, _cell_timeout, _guard, _resolve
+from lla_verify.commands.audit import add_cell_timeout_arg, cell_timeout, usage_errors_to_exit, resolve_impl
 
 
 def _check_main(args) -> int:
@@ -20,7 +20,7 @@ def _check_main(args) -> int:
         case = parse_case(args.case)
     except LLAInputError as exc:
         raise UsageError(f"--case: {str(exc).removeprefix('case: ')}") from None
-    impl = _resolve(args.impl, args.device)
+    impl = resolve_impl(args.impl, args.device)
     reason = impl.supports(dtype=DTYPES[case.dtype], head_dim=case.D)
     if reason:
         raise UsageError(f"--case: {reason}")
@@ -32,7 +32,7 @@ def _check_main(args) -> int:
     except LLAInputError as exc:
         raise UsageError(f"--case: {str(exc).removeprefix('case: ')}") from None
     cell = Cell("check", case)
-    worker = Worker(_cell_timeout(args)) if picklable(impl, cell) else None
+    worker = Worker(cell_timeout(args)) if picklable(impl, cell) else None
     try:
         # in a child process: an implementation that exits or hangs fails the check, it does not end it
         rec = run_cell_isolated(worker, cell, impl, args.device, backward=args.backward, impl_name=args.impl)
@@ -65,5 +65,5 @@ def register(sub) -> None:
     c.add_argument("--impl", default="triton", help="implementation (default: triton)")
     c.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     c.add_argument("--backward", action="store_true", help="also check gradients (budget.check_backward)")
-    _add_cell_timeout(c)
-    c.set_defaults(func=_guard(_check_main))
+    add_cell_timeout_arg(c)
+    c.set_defaults(func=usage_errors_to_exit(_check_main))

@@ -17,7 +17,7 @@ from pathlib import Path
 from lla_contract import LLAInputError
 from lla_verify.goldens.catalog import CATALOG, select
 from lla_verify.goldens.compare import compare
-from lla_verify.goldens.regen import _say, check, clean, regen
+from lla_verify.goldens.regen import say, check, clean, regen
 from lla_verify.goldens.store import DEFAULT_DIR
 
 
@@ -75,7 +75,7 @@ def _run_compare(args) -> int:
     try:
         code, _ = compare(folder, impl, device=args.device, only=args.only)
     except (FileNotFoundError, ValueError) as exc:
-        _say(f"FAIL {exc}")
+        say(f"FAIL {exc}")
         return 1
     return code
 
@@ -90,7 +90,7 @@ def _run_clean(args) -> int:
 def _run_list(args) -> int:
     width = max(len(g.name) for g in CATALOG)
     for g in CATALOG:
-        _say(f"{g.name:<{width}}  {'mp' if g.mp else 'f64'}  {g.spec}")
+        say(f"{g.name:<{width}}  {'mp' if g.mp else 'f64'}  {g.spec}")
     return 0
 
 

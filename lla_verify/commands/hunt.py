@@ -52,6 +52,16 @@ class HuntResult:
     best: Eval | None
     history: list = field(default_factory=list)  # ratio of each evaluation, in order
 
+    def add(self, e: Eval, progress=None) -> Eval:
+        """Record one evaluation: its ratio in the history, the worst so far, the bar."""
+        self.history.append(e.ratio)
+        if self.best is None or e.ratio > self.best.ratio:
+            self.best = e
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(worst=f"{self.best.ratio:.3g}")
+        return e
+
     def first_over(self, threshold: float = THRESHOLD) -> int | None:
         """Evaluations until the first ratio over ``threshold`` (1-based), None if never."""
         for n, r in enumerate(self.history, 1):
@@ -144,13 +154,7 @@ def random_search(obj: Objective, family: str, evals: int, rng: np.random.Genera
     res = HuntResult(family, None)
     for _ in range(evals):
         u = rng.random(len(fam.params))
-        e = obj(obj.case(family, u, int(rng.integers(0, 2**16))))
-        res.history.append(e.ratio)
-        if res.best is None or e.ratio > res.best.ratio:
-            res.best = e
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(worst=f"{res.best.ratio:.3g}")
+        res.add(obj(obj.case(family, u, int(rng.integers(0, 2**16)))), progress)
     return res
 
 
@@ -160,14 +164,7 @@ def hill_climb(obj: Objective, family: str, evals: int, rng: np.random.Generator
     res = HuntResult(family, None)
 
     def evaluate(u, seed):
-        e = obj(obj.case(family, u, seed))
-        res.history.append(e.ratio)
-        if res.best is None or e.ratio > res.best.ratio:
-            res.best = e
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(worst=f"{res.best.ratio:.3g}")
-        return e
+        return res.add(obj(obj.case(family, u, seed)), progress)
 
     start_easy = True
     while len(res.history) < evals:

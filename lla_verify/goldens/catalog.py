@@ -68,74 +68,74 @@ def parse_golden_spec(spec: str) -> tuple[Case, str]:
     return parse_case(base), variant
 
 
-def _g(name, family, params, S, D, dtype="float32", *, B=1, H=1, seed=0, variant="", why=""):
+def _golden(name, family, params, S, D, dtype="float32", *, B=1, H=1, seed=0, variant="", why=""):
     mp = S <= MP_MAX_S and D <= MP_MAX_D
     return Golden(name, Case(family, dict(params), B, H, S, D, dtype, seed), variant, mp, why)
 
 
 CATALOG: tuple[Golden, ...] = (
     # small: S <= 16, D <= 8, the mpmath oracle at 50 digits is the reference
-    _g("gaussian-f32-S16-D4-H2", "gaussian", {}, 16, 4, H=2, seed=1, why="baseline; heads independent"),
-    _g("first-token-f32-S1-D4", "gaussian", {}, 1, 4, B=2, seed=2, why="o_0 = v_0 when lambda > 0"),
-    _g("softmax-limit-lam100-f32-S16-D4", "gaussian", {"lam": 100.0}, 16, 4, seed=3,
+    _golden("gaussian-f32-S16-D4-H2", "gaussian", {}, 16, 4, H=2, seed=1, why="baseline; heads independent"),
+    _golden("first-token-f32-S1-D4", "gaussian", {}, 1, 4, B=2, seed=2, why="o_0 = v_0 when lambda > 0"),
+    _golden("softmax-limit-lam100-f32-S16-D4", "gaussian", {"lam": 100.0}, 16, 4, seed=3,
        why="lambda -> inf: causal softmax attention, O(1/lambda)"),
-    _g("tiny-scale1e-4-f32-S16-D4", "bandwidth", {"scale": 1e-4}, 16, 4, seed=4,
+    _golden("tiny-scale1e-4-f32-S16-D4", "bandwidth", {"scale": 1e-4}, 16, 4, seed=4,
        why="s -> 0: uniform weights, the MesaNet limit"),
-    _g("zero-scale-f32-S16-D4", "bandwidth", {"scale": 0.0}, 16, 4, seed=33,
+    _golden("zero-scale-f32-S16-D4", "bandwidth", {"scale": 0.0}, 16, 4, seed=33,
        why="s = 0: uniform weights exactly; LLA is the MesaNet form (an identity, not a limit)"),
-    _g("large-scale1e2-bf16-S16-D4", "bandwidth", {"scale": 100.0}, 16, 4, "bfloat16", seed=5,
+    _golden("large-scale1e2-bf16-S16-D4", "bandwidth", {"scale": 100.0}, 16, 4, "bfloat16", seed=5,
        why="s -> inf: hard attention, exp underflow of all but one key"),
-    _g("const-values-f16-S16-D4", "gaussian", {}, 16, 4, "float16", seed=6, variant="v=const",
+    _golden("const-values-f16-S16-D4", "gaussian", {}, 16, 4, "float16", seed=6, variant="v=const",
        why="partition of unity: constant values reproduced exactly"),
-    _g("linear-values-lam0-f32-S16-D4", "linear_values", {}, 16, 4, seed=7, variant="lam=0",
+    _golden("linear-values-lam0-f32-S16-D4", "linear_values", {}, 16, 4, seed=7, variant="lam=0",
        why="values linear in keys at lambda 0, S > D: o_i = A q_i + b for i >= D; early tokens 0/0"),
-    _g("linear-values-lam1e-8-bf16-S12-D4", "linear_values", {"lam": 1e-8}, 12, 4, "bfloat16", seed=8,
+    _golden("linear-values-lam1e-8-bf16-S12-D4", "linear_values", {"lam": 1e-8}, 12, 4, "bfloat16", seed=8,
        why="values linear in keys, tiny lambda"),
-    _g("subspace-noise1e-6-lam1e-10-f32-S16-D4", "subspace", {"rank": 1, "noise": 1e-6, "lam": 1e-10}, 16, 4, seed=9,
+    _golden("subspace-noise1e-6-lam1e-10-f32-S16-D4", "subspace", {"rank": 1, "noise": 1e-6, "lam": 1e-10}, 16, 4, seed=9,
        why="near-singular Sigma_i; float64 loses digits, mpmath does not"),
-    _g("early-lam1e-10-f16-S8-D8", "early", {"lam": 1e-10}, 8, 8, "float16", seed=10,
+    _golden("early-lam1e-10-f16-S8-D8", "early", {"lam": 1e-10}, 8, 8, "float16", seed=10,
        why="every token early (i < D) with tiny lambda: kappa ~ 1/lambda"),
-    _g("offset1e3-f32-S16-D4", "offset", {"offset": 1e3}, 16, 4, seed=11, why="cancellation: ||q|| >> ||k - q||"),
-    _g("clusters-spread1e-4-bf16-S16-D4", "clusters", {"clusters": 2, "spread": 1e-4}, 16, 4, "bfloat16", seed=12,
+    _golden("offset1e3-f32-S16-D4", "offset", {"offset": 1e3}, 16, 4, seed=11, why="cancellation: ||q|| >> ||k - q||"),
+    _golden("clusters-spread1e-4-bf16-S16-D4", "clusters", {"clusters": 2, "spread": 1e-4}, 16, 4, "bfloat16", seed=12,
        why="keys in tight clusters"),
-    _g("duplicates-pool2-f16-S16-D4", "duplicates", {"pool": 2}, 16, 4, "float16", seed=13,
+    _golden("duplicates-pool2-f16-S16-D4", "duplicates", {"pool": 2}, 16, 4, "float16", seed=13,
        why="repeated keys: rank(scatter) <= 2"),
-    _g("large-norm1e2-bf16-S16-D4", "large_norm", {"factor": 100.0}, 16, 4, "bfloat16", seed=14,
+    _golden("large-norm1e2-bf16-S16-D4", "large_norm", {"factor": 100.0}, 16, 4, "bfloat16", seed=14,
        why="large norms"),
-    _g("lambda-decades-perquery-f32-S16-D4", "lambda_decades", {"lam_lo": 1e-4, "decades": 5.0}, 16, 4, seed=15,
+    _golden("lambda-decades-perquery-f32-S16-D4", "lambda_decades", {"lam_lo": 1e-4, "decades": 5.0}, 16, 4, seed=15,
        why="per-query lambda over five decades"),
-    _g("spectrum-kappa1e6-bf16-S16-D8", "spectrum", {"kappa": 1e6}, 16, 8, "bfloat16", seed=16,
+    _golden("spectrum-kappa1e6-bf16-S16-D8", "spectrum", {"kappa": 1e6}, 16, 8, "bfloat16", seed=16,
        why="prescribed spectrum spread"),
     # medium: S up to 512, D up to 64, the float64 oracle is the reference
-    _g("gaussian-f32-S512-D16", "gaussian", {}, 512, 16, seed=21, why="baseline at length"),
-    _g("spectrum-kappa1e8-bf16-S129-D32", "spectrum", {"kappa": 1e8}, 129, 32, "bfloat16", seed=22,
+    _golden("gaussian-f32-S512-D16", "gaussian", {}, 512, 16, seed=21, why="baseline at length"),
+    _golden("spectrum-kappa1e8-bf16-S129-D32", "spectrum", {"kappa": 1e8}, 129, 32, "bfloat16", seed=22,
        why="kappa(Sigma_i) ~ 1e9; S not a multiple of any tile"),
-    _g("subspace-noise1e-4-bf16-S33-D16", "subspace", {"rank": 2, "noise": 1e-4, "lam": 1e-8}, 33, 16, "bfloat16",
+    _golden("subspace-noise1e-4-bf16-S33-D16", "subspace", {"rank": 2, "noise": 1e-4, "lam": 1e-8}, 33, 16, "bfloat16",
        seed=23, why="near-singular Sigma_i in bf16"),
-    _g("lambda-decades-f16-S96-D64", "lambda_decades", {"lam_lo": 1e-4, "decades": 6.0}, 96, 64, "float16", seed=24,
+    _golden("lambda-decades-f16-S96-D64", "lambda_decades", {"lam_lo": 1e-4, "decades": 6.0}, 96, 64, "float16", seed=24,
        why="per-query lambda over six decades, D = 64"),
-    _g("offset1e4-f32-S127-D32", "offset", {"offset": 1e4}, 127, 32, seed=25, why="cancellation at 1e4"),
-    _g("bandwidth-scale10-bf16-S96-D16", "bandwidth", {"scale": 10.0}, 96, 16, "bfloat16", seed=26,
+    _golden("offset1e4-f32-S127-D32", "offset", {"offset": 1e4}, 127, 32, seed=25, why="cancellation at 1e4"),
+    _golden("bandwidth-scale10-bf16-S96-D16", "bandwidth", {"scale": 10.0}, 96, 16, "bfloat16", seed=26,
        why="near one-hot weights"),
-    _g("clusters-spread1e-3-f16-S100-D32", "clusters", {"clusters": 3, "spread": 1e-3}, 100, 32, "float16", seed=27,
+    _golden("clusters-spread1e-3-f16-S100-D32", "clusters", {"clusters": 3, "spread": 1e-3}, 100, 32, "float16", seed=27,
        why="tight clusters, D = 32"),
-    _g("early-lam1e-8-bf16-S72-D64", "early", {"lam": 1e-8}, 72, 64, "bfloat16", seed=28,
+    _golden("early-lam1e-8-bf16-S72-D64", "early", {"lam": 1e-8}, 72, 64, "bfloat16", seed=28,
        why="early tokens (i < 64) with tiny lambda, D = 64"),
-    _g("linear-values-lam0-f32-S100-D16", "linear_values", {}, 100, 16, seed=29, variant="lam=0",
+    _golden("linear-values-lam0-f32-S100-D16", "linear_values", {}, 100, 16, seed=29, variant="lam=0",
        why="exact reproduction A q + b at lambda 0 for i >= D"),
-    _g("duplicates-pool4-f32-S64-D16", "duplicates", {"pool": 4}, 64, 16, seed=30, why="repeated keys at length"),
-    _g("large-norm1e3-f16-S64-D32", "large_norm", {"factor": 1e3}, 64, 32, "float16", seed=31,
+    _golden("duplicates-pool4-f32-S64-D16", "duplicates", {"pool": 4}, 64, 16, seed=30, why="repeated keys at length"),
+    _golden("large-norm1e3-f16-S64-D32", "large_norm", {"factor": 1e3}, 64, 32, "float16", seed=31,
        why="large norms near the float16 range"),
-    _g("const-values-bf16-S200-D16", "gaussian", {"lam": 0.01}, 200, 16, "bfloat16", seed=32, variant="v=const",
+    _golden("const-values-bf16-S200-D16", "gaussian", {"lam": 0.01}, 200, 16, "bfloat16", seed=32, variant="v=const",
        why="partition of unity at length, small lambda"),
 )
-_BY_NAME = {g.name: g for g in CATALOG}
+BY_NAME = {g.name: g for g in CATALOG}
 
 
 def get_golden(name: str) -> Golden:
-    if name not in _BY_NAME:
-        raise LLAInputError(f"--only: unknown golden {name!r}; known: {', '.join(_BY_NAME)}")
-    return _BY_NAME[name]
+    if name not in BY_NAME:
+        raise LLAInputError(f"--only: unknown golden {name!r}; known: {', '.join(BY_NAME)}")
+    return BY_NAME[name]
 
 
 def select(only) -> list[Golden]:

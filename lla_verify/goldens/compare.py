@@ -11,8 +11,8 @@ import torch
 from lla_verify.registry.cases import DTYPES, Problem
 from lla_verify.goldens.catalog import (Golden, MP_DPS, build_problem, deterministic, noise_tol,
                                         problem_from_arrays, select)
-from lla_verify.goldens.regen import _rel_diff, _say
-from lla_verify.goldens.store import (MANIFEST, _manifest_hashes, array_hash, embedded_mismatch, entry_path,
+from lla_verify.goldens.regen import rel_diff, say
+from lla_verify.goldens.store import (MANIFEST, manifest_hashes, array_hash, embedded_mismatch, entry_path,
                                       load_manifest, read_arrays)
 
 
@@ -70,7 +70,7 @@ def compare_one(golden: Golden, folder: Path, entry: dict | None, impl, device: 
         stored = read_arrays(path)
     except (ValueError, FileNotFoundError) as exc:
         return CaseResult(golden.name, {"golden": math.inf}, notes=str(exc))
-    hashes = _manifest_hashes(entry)
+    hashes = manifest_hashes(entry)
     bad = [k for k, h in hashes.items() if k not in stored or array_hash(stored[k]) != h]
     if bad or not hashes:
         return CaseResult(golden.name, {"golden": math.inf}, notes=f"hash mismatch in {bad}: the file is altered"
@@ -105,7 +105,7 @@ def compare_one(golden: Golden, folder: Path, entry: dict | None, impl, device: 
 
         fresh_o = lla_forward_details(problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
                                       qk_scale=problem.qk_scale).o
-    rel, idx = _rel_diff(stored["o"], fresh_o)
+    rel, idx = rel_diff(stored["o"], fresh_o)
     tol = noise_tol(stored)
     checks = {"oracle": rel / tol if rel > 0 else 0.0, "forward": verdict.ratio}
     ref_key = "o_mp" if "o_mp" in stored else "o"
@@ -161,14 +161,14 @@ def _compare_all(worker, goldens, folder, entries, impl, device, width) -> list[
         r = _compare_one_isolated(worker, g, folder, entries.get(g.name), impl, device)
         results.append(r)
         if r.skipped:
-            _say(f"{g.name:<{width}}  SKIP  {r.skipped}")
+            say(f"{g.name:<{width}}  SKIP  {r.skipped}")
             continue
         key, worst = r.worst
         status = "PASS" if worst <= 1.0 else "FAIL"
         ratios = "  ".join(f"{k} {v:.3g}" for k, v in r.checks.items())
-        _say(f"{g.name:<{width}}  {status}  ratio {worst:.3g}  ({ratios}; {r.notes})")
+        say(f"{g.name:<{width}}  {status}  ratio {worst:.3g}  ({ratios}; {r.notes})")
         if r.detail:
-            _say(r.detail)
+            say(r.detail)
     return results
 
 
@@ -183,5 +183,5 @@ def _compare_summary(results: list[CaseResult]) -> tuple[int, list[CaseResult]]:
     else:
         tail = ""
     skip_txt = f" ({skipped} golden(s) skipped)" if skipped else ""
-    _say(f"{over} of {n} checks over threshold{tail}{skip_txt}")
+    say(f"{over} of {n} checks over threshold{tail}{skip_txt}")
     return (1 if over else 0), results

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from lla_verify.cliutil import atomic_write as _atomic_write  # temp file ".NAME.*.tmp" beside NAME, then a rename
-from lla_verify.goldens.catalog import (CATALOG, COTANGENT_SEED_OFFSET, NOISE_FACTOR, _BY_NAME, compute,
+from lla_verify.goldens.catalog import (CATALOG, COTANGENT_SEED_OFFSET, NOISE_FACTOR, BY_NAME, compute,
                                         noise_tol, select)
-from lla_verify.goldens.store import (DEFAULT_DIR, FORMAT, INPUTS, MANIFEST, _manifest_hashes, array_hash,
+from lla_verify.goldens.store import (DEFAULT_DIR, FORMAT, INPUTS, MANIFEST, manifest_hashes, array_hash,
                                       dump_manifest, embedded_mismatch, encode, entry_path, is_temp_file,
                                       load_manifest, manifest_entry, read_arrays, versions)
 
@@ -52,7 +52,7 @@ class Drift:
         return txt
 
 
-def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, tuple]:
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, tuple]:
     """Worst |a - b| / max(|b|, rms(b)) with its index; a NaN/inf pattern change is inf."""
     if a.shape != b.shape:
         return math.inf, ()
@@ -91,7 +91,7 @@ def drift(stored: dict, fresh: dict) -> Drift:
         bitwise = False
         if key in INPUTS:
             inputs_changed.append(key)
-        rel, idx = _rel_diff(a, b)
+        rel, idx = rel_diff(a, b)
         if key in INPUTS and rel == 0.0:
             rel = math.inf  # an input must rebuild bit for bit (e.g. -0.0 vs 0.0, dtype)
         if rel > worst or not where:
@@ -100,7 +100,7 @@ def drift(stored: dict, fresh: dict) -> Drift:
 
 
 # ------------------------------------------------------------------ regen / check
-def _say(msg: str = "") -> None:
+def say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
@@ -128,10 +128,10 @@ def check(folder: Path, only=None) -> int:
     try:
         man = load_manifest(folder)
     except ValueError as exc:
-        _say(f"FAIL manifest: {exc}")
+        say(f"FAIL manifest: {exc}")
         return 1
     if man is None:
-        _say(f"FAIL manifest: no {MANIFEST} in {folder} (run 'lla-verify goldens regen --dir {folder}')")
+        say(f"FAIL manifest: no {MANIFEST} in {folder} (run 'lla-verify goldens regen --dir {folder}')")
         return 1
     entries = {e.get("name"): e for e in man["cases"]}
     problems = 0
@@ -140,7 +140,7 @@ def check(folder: Path, only=None) -> int:
     made = man.get("versions", {})
     diffs = {k: (made.get(k), here[k]) for k in here if made.get(k) != here[k]}
     if diffs:
-        _say("note: manifest made with " + ", ".join(f"{k} {a}" for k, (a, b) in diffs.items())
+        say("note: manifest made with " + ", ".join(f"{k} {a}" for k, (a, b) in diffs.items())
              + "; running " + ", ".join(f"{k} {b}" for k, (a, b) in diffs.items()))
     fresh_all = _compute_all(goldens)
     for g in goldens:
@@ -149,7 +149,7 @@ def check(folder: Path, only=None) -> int:
         lines = []
         if isinstance(fresh, Exception):
             problems += 1
-            _say(f"FAIL {g.name}: cannot recompute: {type(fresh).__name__}: {fresh}")
+            say(f"FAIL {g.name}: cannot recompute: {type(fresh).__name__}: {fresh}")
             continue
         if e is None:
             lines.append(f"missing from the manifest (expected file {g.file})")
@@ -158,7 +158,7 @@ def check(folder: Path, only=None) -> int:
                 lines.append(f"spec in manifest {e.get('spec')!r} != catalog {g.spec!r} (catalog changed without regen)")
             if e.get("file") != g.file:
                 lines.append(f"file in manifest {e.get('file')!r} != catalog {g.file!r}")
-            hashes = _manifest_hashes(e)
+            hashes = manifest_hashes(e)
             try:
                 path = entry_path(folder, e)
             except ValueError as exc:
@@ -189,7 +189,7 @@ def check(folder: Path, only=None) -> int:
                         lines.append(str(dr))
                     elif not dr.bitwise:
                         noise_only += 1
-                        _say(f"ok   {g.name}: {dr}")
+                        say(f"ok   {g.name}: {dr}")
                 else:
                     for key, t in sorted(fresh.items()):
                         if hashes.get(key) != array_hash(t):
@@ -197,29 +197,29 @@ def check(folder: Path, only=None) -> int:
         if lines:
             problems += 1
             for ln in lines:
-                _say(f"FAIL {g.name}: {ln}")
+                say(f"FAIL {g.name}: {ln}")
     # entries and files nobody in the catalog claims (checked with --only too: cheap)
     names = {g.name for g in goldens}
     for name in entries:
-        if name not in _BY_NAME:
+        if name not in BY_NAME:
             problems += 1
-            _say(f"FAIL {name}: extra manifest entry (no such golden in the catalog)")
-    known = {e.get("file") for e in man["cases"] if e.get("name") in _BY_NAME} | {MANIFEST}
+            say(f"FAIL {name}: extra manifest entry (no such golden in the catalog)")
+    known = {e.get("file") for e in man["cases"] if e.get("name") in BY_NAME} | {MANIFEST}
     for path in sorted(folder.iterdir()):
         if path.name in known:
             continue
         problems += 1
         if is_temp_file(path.name):
-            _say(f"FAIL leftover temporary file {path.name} in {folder}: a temporary file of an interrupted regen "
+            say(f"FAIL leftover temporary file {path.name} in {folder}: a temporary file of an interrupted regen "
                  f"(not a golden); remove it with '{clean_command(folder)}'")
         else:
-            _say(f"FAIL extra file {path.name} in {folder} (not in the manifest)")
+            say(f"FAIL extra file {path.name} in {folder} (not in the manifest)")
     n = len(names)
     tail = f" ({noise_only} within float64 noise)" if noise_only else ""
     if problems:
-        _say(f"goldens check: {problems} problem(s) over {n} golden(s){tail}")
+        say(f"goldens check: {problems} problem(s) over {n} golden(s){tail}")
         return 1
-    _say(f"goldens check: {n} golden(s) reproduce{tail}, hashes match")
+    say(f"goldens check: {n} golden(s) reproduce{tail}, hashes match")
     return 0
 
 
@@ -231,7 +231,7 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
         man = load_manifest(folder)
     except ValueError as exc:
         if not force:
-            _say(f"refusing: {exc}; rerun with --force to rebuild it")
+            say(f"refusing: {exc}; rerun with --force to rebuild it")
             return 1
         man = None
     old = {e.get("name"): e for e in (man or {}).get("cases", [])}
@@ -239,8 +239,8 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
     broken = [(n, e) for n, e in fresh_all.items() if isinstance(e, Exception)]
     if broken:
         for name, exc in broken:
-            _say(f"FAIL {name}: cannot recompute: {type(exc).__name__}: {exc}")
-        _say("regen: nothing written")
+            say(f"FAIL {name}: cannot recompute: {type(exc).__name__}: {exc}")
+        say("regen: nothing written")
         return 1
     to_write, refused, reports = [], [], []
     for g in goldens:
@@ -285,18 +285,18 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
             refused.append(f"{g.name}: {dr_txt}")
     if refused:
         for ln in refused:
-            _say(f"REFUSED {ln}")
-        _say(f"regen: {len(refused)} golden(s) would change; nothing written. Run 'lla-verify goldens regen --check' "
+            say(f"REFUSED {ln}")
+        say(f"regen: {len(refused)} golden(s) would change; nothing written. Run 'lla-verify goldens regen --check' "
              "to read the drift, then 'regen --force' if the change is intended (see docs/goldens.md).")
         return 1
     for ln in reports:
-        _say(ln)
+        say(ln)
     for g in to_write:
         _atomic_write(folder / g.file, encode(g, fresh_all[g.name]))
     entries = dict(old)
     for g in goldens:
         entries[g.name] = manifest_entry(g, fresh_all[g.name])
-    order = [g.name for g in CATALOG if g.name in entries] + sorted(n for n in entries if n not in _BY_NAME)
+    order = [g.name for g in CATALOG if g.name in entries] + sorted(n for n in entries if n not in BY_NAME)
     new = {
         "format": FORMAT,
         "hash": "sha256 of '<dtype>|<shape as a JSON list>|' followed by the raw little-endian bytes",
@@ -315,12 +315,12 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
     claimed = {e.get("file") for e in entries.values()} | {MANIFEST}
     for path in sorted(folder.iterdir()):
         if is_temp_file(path.name):
-            _say(f"note: leftover temporary file {path.name} in {folder}: a temporary file of an interrupted regen "
+            say(f"note: leftover temporary file {path.name} in {folder}: a temporary file of an interrupted regen "
                  f"(left alone; remove it with '{clean_command(folder)}')")
         elif path.name not in claimed and not path.name.startswith("."):
-            _say(f"note: extra file {path.name} in {folder} (not in the manifest; left alone)")
+            say(f"note: extra file {path.name} in {folder} (not in the manifest; left alone)")
     tail = ", manifest updated" if wrote_manifest else ""
-    _say(f"regen: {len(to_write)} written, {len(goldens) - len(to_write)} unchanged{tail}, in {folder}")
+    say(f"regen: {len(to_write)} written, {len(goldens) - len(to_write)} unchanged{tail}, in {folder}")
     return 0
 
 
@@ -352,6 +352,6 @@ def clean(folder: Path) -> int:
     for path in temp_files(folder):
         path.unlink()
         removed += 1
-        _say(f"removed {path.name} (temporary file of an interrupted regen)")
-    _say(f"goldens clean: {removed} temporary file(s) removed from {folder}")
+        say(f"removed {path.name} (temporary file of an interrupted regen)")
+    say(f"goldens clean: {removed} temporary file(s) removed from {folder}")
     return 0

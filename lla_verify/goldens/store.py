@@ -214,7 +214,7 @@ def load_manifest(folder: Path) -> dict | None:
     return man
 
 
-def _manifest_hashes(entry: dict) -> dict:
+def manifest_hashes(entry: dict) -> dict:
     """array name -> sha256 string from a manifest entry (a malformed table reads as empty)."""
     arrays = entry.get("arrays")
     if not isinstance(arrays, dict):

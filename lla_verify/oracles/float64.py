@@ -66,17 +66,17 @@ def _prepare(q, k, v, ridge_lambda, qk_scale, delta_eps):
     return q.to(_F64), k.to(_F64), v.to(_F64), lam, scale, eps
 
 
-def _flat(t: torch.Tensor, tail: int) -> torch.Tensor:
+def flatten_leading(t: torch.Tensor, tail: int) -> torch.Tensor:
     return t.reshape((-1,) + tuple(t.shape[t.dim() - tail:]))
 
 
-def _chunk_size(S: int, D: int, Dv: int, budget: int) -> int:
+def chunk_size(S: int, D: int, Dv: int, budget: int) -> int:
     # per query of a chunk: a few (S, D) pairwise tensors plus (S) weights, float64
     per_query = 8 * S * (3 * D + Dv + 4)
     return int(max(1, min(S, budget // max(per_query, 1))))
 
 
-def _scores(qc, k, scale, i0, causal_len):
+def causal_scores(qc, k, scale, i0, causal_len):
     """Masked scores a_ij for queries i0.. of the chunk against keys 0..causal_len-1."""
     a = scale * (qc @ k[:, :causal_len].transpose(-1, -2))
     C = qc.shape[1]
@@ -130,13 +130,13 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
     """
     N, S, D = q.shape
     Dv = v.shape[-1]
-    C = _chunk_size(S, D, Dv, chunk_bytes)
+    C = chunk_size(S, D, Dv, chunk_bytes)
     outs, dets = [], {key: [] for key in ("m", "omega", "mu", "rho", "delta", "kappa", "undefined", "solv", "sigma_norm")}
     eye = torch.eye(D, dtype=_F64, device=q.device)
     for i0 in range(0, S, C):
         i1 = min(S, i0 + C)
         qc, lc = q[:, i0:i1], lam[:, i0:i1]
-        a, mask = _scores(qc, k, scale, i0, i1)
+        a, mask = causal_scores(qc, k, scale, i0, i1)
         a = a.masked_fill(~mask, float("-inf"))
         m = a.detach().amax(-1, keepdim=True)  # o does not depend on m (shift invariance)
         w = torch.exp(a - m)  # (N, C, J), exactly 0 where masked
@@ -231,9 +231,9 @@ def _output_only(q, k, v, ridge_lambda, qk_scale, delta_eps, chunk_bytes, sigma_
     q64, k64, v64, lam, scale, eps = _prepare(q, k, v, ridge_lambda, qk_scale, delta_eps)
     lead = q.shape[:-2]
     o, _ = _core(
-        _flat(q64, 2), _flat(k64, 2), _flat(v64, 2), lam.reshape(-1, q.shape[-2]), scale, eps,
+        flatten_leading(q64, 2), flatten_leading(k64, 2), flatten_leading(v64, 2), lam.reshape(-1, q.shape[-2]), scale, eps,
         want_details=False, chunk_bytes=chunk_bytes, sigma_probe=sigma_probe,
-        mu_shift=None if mu_shift is None else _flat(mu_shift, 2),
+        mu_shift=None if mu_shift is None else flatten_leading(mu_shift, 2),
     )
     return o.reshape(*lead, q.shape[-2], v.shape[-1])
 
@@ -265,7 +265,7 @@ def lla_forward_details(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, 
     lead = tuple(q.shape[:-2])
     S, D, Dv = q.shape[-2], q.shape[-1], v.shape[-1]
     o, d = _core(
-        _flat(q64, 2), _flat(k64, 2), _flat(v64, 2), lam.reshape(-1, S), scale, eps,
+        flatten_leading(q64, 2), flatten_leading(k64, 2), flatten_leading(v64, 2), lam.reshape(-1, S), scale, eps,
         want_details=True, chunk_bytes=chunk_bytes,
     )
 
@@ -293,14 +293,14 @@ def lla_forward_wls(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, chun
         raise ValueError("delta_eps: the WLS formulation has no delta to guard; pass 0")
     lead = tuple(q.shape[:-2])
     S, D, Dv = q.shape[-2], q.shape[-1], v.shape[-1]
-    qf, kf, vf, lf = _flat(q64, 2), _flat(k64, 2), _flat(v64, 2), lam.reshape(-1, S)
-    C = _chunk_size(S, D + 1, Dv, chunk_bytes)
+    qf, kf, vf, lf = flatten_leading(q64, 2), flatten_leading(k64, 2), flatten_leading(v64, 2), lam.reshape(-1, S)
+    C = chunk_size(S, D + 1, Dv, chunk_bytes)
     reg = torch.diag(torch.cat([torch.zeros(1, dtype=_F64), torch.ones(D, dtype=_F64)])).to(q64.device)
     outs = []
     for i0 in range(0, S, C):
         i1 = min(S, i0 + C)
         qc = qf[:, i0:i1]
-        a, mask = _scores(qc, kf, scale, i0, i1)
+        a, mask = causal_scores(qc, kf, scale, i0, i1)
         p = torch.softmax(a.masked_fill(~mask, float("-inf")), dim=-1)
         x = torch.cat([torch.ones_like(qc[:, :, None, :1]).expand(-1, -1, i1, 1),
                        kf[:, None, :i1, :] - qc[:, :, None, :]], dim=-1)  # (N, C, J, D+1)

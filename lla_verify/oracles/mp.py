@@ -265,6 +265,18 @@ def _singular_G(omega, mu, Sig, D, cut) -> bool:
     return min(ev) <= cut * max(ev)
 
 
+def _sigma(ctx, wz, z, ridge):
+    """Sigma_i = sum_j w_ij z_ij z_ij^T + ridge I in the context ``ctx`` (mpmath.mp, or
+    mpmath.iv for enclosures), from wz_j = w_ij z_ij and z_j, each a list of D entries."""
+    n, D = len(z), len(z[0])
+    Sig = ctx.matrix(D, D)
+    for d in range(D):
+        for e in range(d, D):
+            val = ctx.fdot([wz[j][d] for j in range(n)], [z[j][e] for j in range(n)])
+            Sig[d, e] = Sig[e, d] = val + ridge if d == e else val
+    return Sig
+
+
 def _row_mp(qi, K, V, i, lam, s, eps, *, cut, want_kappa) -> _Row:
     """Query i of one sequence, SPEC 1 term by term at the mp precision in force."""
     mp = mpmath.mp
@@ -277,11 +289,7 @@ def _row_mp(qi, K, V, i, lam, s, eps, *, cut, want_kappa) -> _Row:
     wz = [[w[j] * z[j][d] for d in range(D)] for j in range(n)]
     mu = [mp.fsum(wz[j][d] for j in range(n)) for d in range(D)]
     ridge = lam * omega
-    Sig = mpmath.matrix(D, D)
-    for d in range(D):
-        for e in range(d, D):
-            val = mp.fdot([wz[j][d] for j in range(n)], [z[j][e] for j in range(n)])
-            Sig[d, e] = Sig[e, d] = val + ridge if d == e else val
+    Sig = _sigma(mp, wz, z, ridge)
 
     kappa = None
     if want_kappa:
@@ -634,11 +642,7 @@ def _row_iv(qi, K, V, i, lam, s):
     wz = [[w[j] * z[j][d] for d in range(D)] for j in range(n)]
     mu = iv.matrix([iv.fsum(wz[j][d] for j in range(n)) for d in range(D)])
     ridge = lam * omega
-    Sig = iv.matrix(D, D)
-    for d in range(D):
-        for e in range(d, D):
-            val = iv.fdot([wz[j][d] for j in range(n)], [z[j][e] for j in range(n)])
-            Sig[d, e] = Sig[e, d] = val + ridge if d == e else val
+    Sig = _sigma(iv, wz, z, ridge)
     try:
         rho = iv.lu_solve(Sig, mu)
     except (ZeroDivisionError, TypeError):

@@ -18,7 +18,9 @@ import torch
 
 from lla_contract import check_probe, check_qkv, check_scale
 
-from .float64 import DEFAULT_CHUNK_BYTES, _F64, _chunk_size, _flat, _scores, lla_forward_details
+from .float64 import DEFAULT_CHUNK_BYTES, causal_scores, chunk_size, flatten_leading, lla_forward_details
+
+_F64 = torch.float64
 
 
 def parallax_forward(q, k, v, r, *, qk_scale=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
@@ -41,13 +43,13 @@ def _parallax(q, k, v, r, qk_scale, cd, chunk_bytes):
     scale = check_scale(qk_scale, q.shape[-1])
     lead = tuple(q.shape[:-2])
     S, D, Dv = q.shape[-2], q.shape[-1], v.shape[-1]
-    qf, kf, vf, rf = (_flat(t.to(cd), 2) for t in (q, k, v, r))
-    C = _chunk_size(S, D, Dv, chunk_bytes)
+    qf, kf, vf, rf = (flatten_leading(t.to(cd), 2) for t in (q, k, v, r))
+    C = chunk_size(S, D, Dv, chunk_bytes)
     outs = []
     for i0 in range(0, S, C):
         i1 = min(S, i0 + C)
         qc, rc = qf[:, i0:i1], rf[:, i0:i1]
-        a, mask = _scores(qc, kf, scale, i0, i1)
+        a, mask = causal_scores(qc, kf, scale, i0, i1)
         p = torch.softmax(a.masked_fill(~mask, float("-inf")), dim=-1)  # (N, C, J)
         z = kf[:, None, :i1, :] - qc[:, :, None, :]  # (N, C, J, D)
         zbar = (p[..., None] * z).sum(-2)  # kbar_i - q_i

@@ -1,0 +1,117 @@
+"""What the benchmarks share (``lla-verify bench``, ``lla-verify bench-backward``,
+scripts/bench_public.py, scripts/ab_kernels.py): the standard shapes and their flag, the
+dtype flag, the random inputs, the timer, the SDPA backend of a dtype, and the table
+they print and write.
+
+torch and triton are imported where they are used, so a command's argument checks run
+without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+
+from lla_verify.cliutil import UsageError, atomic_write, int_in
+
+# the shapes of docs/performance.md: (B, H, S, D)
+BENCH_SHAPES = ((16, 1, 2048, 64), (8, 1, 4096, 64), (8, 1, 2048, 128))
+# --dtype's values and the registry's dtype names they stand for
+DTYPE_FLAGS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def shapes_text(shapes) -> str:
+    """(B, H, S, D) tuples as a --shapes value, 'B,H,S,D;B,H,S,D'."""
+    return ";".join(",".join(str(x) for x in s) for s in shapes)
+
+
+def int_tuples(text: str, n: int, flag: str, what: str) -> list[tuple]:
+    """'a,b,c;a,b,c' -> tuples of n positive integers, or a UsageError naming ``flag``."""
+    out = []
+    pos = int_in(1)
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        fields = part.split(",")
+        try:
+            if len(fields) != n:
+                raise argparse.ArgumentTypeError(f"expected {n} fields")
+            out.append(tuple(pos(x) for x in fields))
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"{flag}: expected {what} ({n} integers >= 1), got {part!r}: {exc}") from None
+    return out
+
+
+def parse_shapes(text: str, flag: str = "--shapes") -> list[tuple]:
+    """A --shapes value as (B, H, S, D) tuples: at least one, every field >= 1."""
+    shapes = int_tuples(text, 4, flag, "B,H,S,D")
+    if not shapes:
+        raise UsageError(f"{flag}: expected at least one B,H,S,D, got {text!r}")
+    return shapes
+
+
+def torch_dtype(flag: str):
+    """The torch dtype of a --dtype value (a key of DTYPE_FLAGS)."""
+    import torch
+
+    return getattr(torch, DTYPE_FLAGS[flag])
+
+
+class Table:
+    """Lines printed as they come (a long run shows progress) and kept for ``write``."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def emit(self, s: str = "") -> None:
+        print(s, flush=True)
+        self.lines.append(s)
+
+    def write(self, path) -> None:
+        """Every line so far to ``path`` (atomically), when a path is given."""
+        if path:
+            atomic_write(path, "\n".join(self.lines) + "\n")
+
+
+def versions_line(*, date: bool = False) -> str:
+    """'device: NAME; torch X; triton Y[; date D]', the header of every table."""
+    import torch
+    import triton
+
+    line = f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}"
+    return line + (f"; date {datetime.date.today().isoformat()}" if date else "")
+
+
+def median_ms(fn, *, grads=None, warmup: int = 25, rep: int = 100) -> float:
+    """triton.testing.do_bench's median time of ``fn`` in ms (``grads``: tensors whose
+    .grad it clears between calls)."""
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads, return_mode="median")
+
+
+def randn_inputs(shape, n: int, dtype, *, generator, device: str = "cuda") -> list:
+    """``n`` standard normal tensors of ``shape``, drawn in float32 from ``generator`` and
+    rounded to ``dtype``."""
+    import torch
+
+    return [torch.randn(*shape, device=device, dtype=torch.float32, generator=generator).to(dtype)
+            for _ in range(n)]
+
+
+def sdpa_backend(dtype):
+    """The SDPA backend a causal attention of ``dtype`` is timed with: flash, which has no
+    float32 kernel, else the memory-efficient one."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    return SDPBackend.FLASH_ATTENTION if dtype != torch.float32 else SDPBackend.EFFICIENT_ATTENTION
+
+
+def causal_sdpa(q, k, v):
+    """Causal torch SDPA of q, k, v on ``sdpa_backend(q.dtype)``."""
+    import torch
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(sdpa_backend(q.dtype)):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
