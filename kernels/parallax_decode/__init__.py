@@ -2,19 +2,23 @@
 
 o = nu - C r over the cache positions 0..lengths[b]-1 (docs/decode.md; the operator is
 docs/math.md "Parallax"). The cache is cut into splits of ``split`` positions, one program
-per (split, head); a second kernel combines the splits. Every split reports its weighted
-moments against one anchor shared by the whole sequence, its first key k_0 and value v_0:
+per (split, head); a second kernel combines the splits. With d_j = <k_j - k_0, r> and
+v'_j = v_j - v_0 (k_0, v_0: the sequence's first key and value, a common anchor) and the
+scores a_j = s <q, k_j - k_0> (a softmax-invariant shift), every group of positions (a
+tile, a split, the whole cache) is summarised by its centred moments
 
-    m_s    = max_j a_j                       a_j = s <q, k_j - k_0>  (softmax-invariant shift)
-    w_j    = exp(a_j - m_s)                  d_j = <k_j - k_0, r>
-    omega_s = sum_j w_j,  A_s = sum_j w_j (v_j - v_0),  D_s = sum_j w_j d_j,
-    X_s    = sum_j w_j d_j (v_j - v_0)
+    m = max_j a_j,  omega = sum_j w_j (w_j = exp(a_j - m)),  nu' = sum_j w_j v'_j / omega,
+    dbar = sum_j w_j d_j / omega,  X = sum_j w_j (v'_j - nu')(d_j - dbar)
 
-and the combine rescales each by exp(m_s - M), M = max_s m_s, sums, and forms
-nu = v_0 + A / Omega, C r = X / Omega - (A / Omega)(D / Omega). The pairwise form
-C r = sum_j p_j (v_j - nu)(d_j - dbar) equals that expansion exactly; anchored at the
-sequence's own first key and value, its terms are of the size of the data's spread, not
-of a common offset, so a key offset of 1e3 cancels in k_j - k_0 before any product.
+and two groups merge by the parallel-covariance rule (Chan, Golub and LeVeque): rescale
+omega and X by exp(m - M), then
+
+    omega = omega_a + omega_b,   nu' = nu'_a + (omega_b / omega)(nu'_b - nu'_a)   (same for dbar)
+    X = X_a + X_b + (omega_a omega_b / omega)(nu'_b - nu'_a)(dbar_b - dbar_a).
+
+o = v_0 + nu' - X / omega is nu - C r. No term is ever the uncentred product of two means,
+which cancels catastrophically under a large common key offset (docs/math.md §5.3); and a
+key offset of 1e3 cancels in k_j - k_0 before any product.
 
 Imports torch, triton and lla_contract only.
 """
@@ -61,7 +65,17 @@ def _scalar(x):
 
 
 @triton.jit
-def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DS_S, A_S, X_S,
+def _merge(om_a, nu_a, db_a, x_a, om_b, nu_b, db_b, x_b):
+    """Centred moments of two groups merged (both already against one max); om_a + om_b > 0."""
+    om = om_a + om_b
+    fb = om_b / om
+    dnu = nu_b - nu_a
+    ddb = db_b - db_a
+    return om, nu_a + fb * dnu, db_a + fb * ddb, x_a + x_b + (om_a * fb) * ddb * dnu
+
+
+@triton.jit
+def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
                            H, G, T, n_splits, split, scale,
                            D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_s = tl.program_id(0)
@@ -82,9 +96,9 @@ def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DS_S, A_S, X_S,
 
     m_i = _scalar(float("-inf"))
     omega = _scalar(0.0)
-    dsum = _scalar(0.0)
-    acc_a = tl.zeros([DV], dtype=tl.float32)
-    acc_x = tl.zeros([DV], dtype=tl.float32)
+    dbar = _scalar(0.0)
+    nu = tl.zeros([DV], dtype=tl.float32)
+    x = tl.zeros([DV], dtype=tl.float32)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         keep = offs_n < end
@@ -92,28 +106,30 @@ def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DS_S, A_S, X_S,
         v = tl.load(vbase + offs_n[:, None] * DV + offs_v[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
         kd = k - k0[None, :]
         a = tl.where(keep, scale * tl.sum(kd * q[None, :], 1), float("-inf"))
-        # each tile holds at least one kept position, so m_new is finite
+        # each tile holds at least one kept position, so m_new is finite and om_t > 0
         m_new = tl.maximum(m_i, tl.max(a, 0))
         alpha = tl.exp(m_i - m_new)
         w = tl.exp(a - m_new)
         d = tl.sum(kd * r[None, :], 1)
         vd = v - v0[None, :]
-        omega = omega * alpha + tl.sum(w, 0)
-        dsum = dsum * alpha + tl.sum(w * d, 0)
-        acc_a = acc_a * alpha + tl.sum(w[:, None] * vd, 0)
-        acc_x = acc_x * alpha + tl.sum((w * d)[:, None] * vd, 0)
+        # the tile's own centred moments (two passes over the tile in registers)
+        om_t = tl.sum(w, 0)
+        nu_t = tl.sum(w[:, None] * vd, 0) / om_t
+        db_t = tl.sum(w * d, 0) / om_t
+        x_t = tl.sum((w * (d - db_t))[:, None] * (vd - nu_t[None, :]), 0)
+        omega, nu, dbar, x = _merge(omega * alpha, nu, dbar, x * alpha, om_t, nu_t, db_t, x_t)
         m_i = m_new
-    # an empty split (start >= L) stores m = -inf and zero sums: weight 0 in the combine
+    # an empty split (start >= L) stores m = -inf and omega = 0: no weight in the combine
     row = bh.to(tl.int64) * n_splits + pid_s
     tl.store(M_S + row, m_i)
     tl.store(OM_S + row, omega)
-    tl.store(DS_S + row, dsum)
-    tl.store(A_S + row * DV + offs_v, acc_a)
-    tl.store(X_S + row * DV + offs_v, acc_x)
+    tl.store(DB_S + row, dbar)
+    tl.store(NU_S + row * DV + offs_v, nu)
+    tl.store(X_S + row * DV + offs_v, x)
 
 
 @triton.jit
-def _parallax_combine_kernel(V, LENS, M_S, OM_S, DS_S, A_S, X_S, O,
+def _parallax_combine_kernel(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O,
                              H, G, T, n_splits, split, DV: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
@@ -125,20 +141,17 @@ def _parallax_combine_kernel(V, LENS, M_S, OM_S, DS_S, A_S, X_S, O,
     for s in range(0, used):
         big = tl.maximum(big, tl.load(M_S + base + s))
     omega = _scalar(0.0)
-    dsum = _scalar(0.0)
-    acc_a = tl.zeros([DV], dtype=tl.float32)
-    acc_x = tl.zeros([DV], dtype=tl.float32)
+    dbar = _scalar(0.0)
+    nu = tl.zeros([DV], dtype=tl.float32)
+    x = tl.zeros([DV], dtype=tl.float32)
+    # split 0 is never empty, so omega > 0 from the first merge on
     for s in range(0, used):
         f = tl.exp(tl.load(M_S + base + s) - big)
-        omega += f * tl.load(OM_S + base + s)
-        dsum += f * tl.load(DS_S + base + s)
-        acc_a += f * tl.load(A_S + (base + s) * DV + offs_v)
-        acc_x += f * tl.load(X_S + (base + s) * DV + offs_v)
+        omega, nu, dbar, x = _merge(omega, nu, dbar, x, f * tl.load(OM_S + base + s),
+                                    tl.load(NU_S + (base + s) * DV + offs_v), tl.load(DB_S + base + s),
+                                    f * tl.load(X_S + (base + s) * DV + offs_v))
     v0 = tl.load(V + kvh * T * DV + offs_v).to(tl.float32)
-    nu_rel = acc_a / omega  # nu - v_0
-    dbar = dsum / omega
-    cr = acc_x / omega - nu_rel * dbar
-    o = (v0 + nu_rel) - cr
+    o = (v0 + nu) - x / omega
     tl.store(O + bh.to(tl.int64) * DV + offs_v, o.to(O.dtype.element_ty))
 
 
@@ -162,8 +175,8 @@ def _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite):
 
 
 def parallax_decode_partials(q, r, k_cache, v_cache, lengths, *, qk_scale=None, split=None, check_finite=True):
-    """The split kernel alone: per (B*H, n_splits) partial moments (m, omega, D, A, X) and
-    the split length; ``parallax_decode_combine`` finishes them. Exposed so that tests
+    """The split kernel alone: per (B*H, n_splits) centred moments (m, omega, dbar, nu', X)
+    and the split length; ``parallax_decode_combine`` finishes them. Exposed so that tests
     can plant a wrong combine."""
     lens, scale, split, bn = _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite)
     B, H, D = q.shape
@@ -172,15 +185,15 @@ def parallax_decode_partials(q, r, k_cache, v_cache, lengths, *, qk_scale=None, 
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
     m_s = torch.empty(B * H, n_splits, **f32)
-    om_s, ds_s = torch.empty_like(m_s), torch.empty_like(m_s)
-    a_s = torch.empty(B * H, n_splits, Dv, **f32)
-    x_s = torch.empty_like(a_s)
+    om_s, db_s = torch.empty_like(m_s), torch.empty_like(m_s)
+    nu_s = torch.empty(B * H, n_splits, Dv, **f32)
+    x_s = torch.empty_like(nu_s)
     lens_d = lens.to(device=dev, dtype=torch.int32)
     qc, rc, kc, vc = (t.contiguous() for t in (q, r, k_cache, v_cache))
     _parallax_split_kernel[(n_splits, B * H)](
-        qc, rc, kc, vc, lens_d, m_s, om_s, ds_s, a_s, x_s, H, H // Hk, T, n_splits, split, float(scale),
+        qc, rc, kc, vc, lens_d, m_s, om_s, db_s, nu_s, x_s, H, H // Hk, T, n_splits, split, float(scale),
         D=D, DV=Dv, BLOCK_N=bn, num_warps=4)
-    return {"m": m_s, "omega": om_s, "dsum": ds_s, "a": a_s, "x": x_s, "split": split, "lengths": lens_d}
+    return {"m": m_s, "omega": om_s, "dbar": db_s, "nu": nu_s, "x": x_s, "split": split, "lengths": lens_d}
 
 
 def parallax_decode_combine(parts, q, v_cache):
@@ -190,7 +203,7 @@ def parallax_decode_combine(parts, q, v_cache):
     o = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
     n_splits = parts["m"].shape[1]
     _parallax_combine_kernel[(B * H,)](
-        v_cache.contiguous(), parts["lengths"], parts["m"], parts["omega"], parts["dsum"], parts["a"], parts["x"], o,
+        v_cache.contiguous(), parts["lengths"], parts["m"], parts["omega"], parts["dbar"], parts["nu"], parts["x"], o,
         H, H // Hk, T, n_splits, parts["split"], DV=Dv, num_warps=4)
     return o
 
