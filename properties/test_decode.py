@@ -14,6 +14,7 @@ call the two kernels directly rather than through the ``impl`` fixture.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -42,10 +43,11 @@ pytestmark = [
 ]
 
 if DEVICE is not None:
-    from lla_decode import lla_decode
+    from lla_decode import DEFAULT_CG_TOL, lla_decode
     from parallax_decode import parallax_decode
 
-IMPL = triton_impl()  # an fp32-compute kernel whose CG stops at lla_decode's default tol
+    # the budget record: fp32 compute, its solver term at the CG tolerance lla_decode stops at
+    IMPL = replace(triton_impl(), name="lla_decode", solver_tol=DEFAULT_CG_TOL)
 ON_GPU = DEVICE == "cuda"
 SEQ = (1, 40) if not ON_GPU else (1, 300)
 DIMS = (16,) if not ON_GPU else (16, 32, 64, 128)

@@ -15,6 +15,7 @@ stale length for one sequence of a batch) must each fail the same checks.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -44,11 +45,11 @@ pytestmark = [
 ]
 
 if DEVICE is not None:
-    from lla_decode import lla_decode, lla_decode_stages
+    from lla_decode import DEFAULT_CG_TOL, lla_decode, lla_decode_stages
     from parallax_decode import parallax_decode, parallax_decode_partials
 
-# the budget record of an fp32-compute kernel whose CG stops at lla_decode's default tol
-IMPL = triton_impl()
+    # the budget record: fp32 compute, its solver term at the CG tolerance lla_decode stops at
+    IMPL = replace(triton_impl(), name="lla_decode", solver_tol=DEFAULT_CG_TOL)
 U_C = unit_roundoff(torch.float32)
 
 
@@ -72,25 +73,40 @@ def _judge_parallax(p: Problem, r, fn=None, **kw):
 
 
 # ------------------------------------------------------------------------- every position
-# S = 45 with split 16: three splits, the last one partial; split 48: one split
+# S = 45 with split 16: three splits, the last one partial; split 48: one split; D = 16 but for one case at D = 32
 LLA_CASES = [
-    pytest.param("gaussian", {"lam": 0.1}, 45, "float32", 16, id="fp32-lam0.1-S45-split16"),
-    pytest.param("gaussian", {"lam": 0.1}, 45, "float32", 48, id="fp32-lam0.1-S45-split48"),
-    pytest.param("gaussian", {"lam": 1e-3}, 40, "float32", 32, id="fp32-lam1e-3-S40-split32"),
-    pytest.param("gaussian", {"lam": 0.1}, 33, "bfloat16", 16, id="bf16-lam0.1-S33"),
-    pytest.param("gaussian", {"lam": 1.0}, 30, "float16", 16, id="fp16-lam1-S30"),
-    pytest.param("offset", {"offset": 100.0, "lam": 0.1}, 40, "float32", 16, id="fp32-offset100"),
-    pytest.param("spectrum", {"kappa": 1e3}, 40, "float32", 16, id="fp32-spectrum1e3"),
-    pytest.param("lambda_decades", {"decades": 3.0}, 40, "float16", 16, id="fp16-per-query-lambda"),
-    pytest.param("early", {"lam": 1e-6}, 30, "float32", 16, id="fp32-early-lam1e-6"),
-    pytest.param("bandwidth", {"scale": 0.0}, 20, "float32", 16, id="fp32-scale0"),
+    pytest.param("gaussian", {"lam": 0.1}, 45, "float32", 16, 16, id="fp32-lam0.1-S45-split16"),
+    pytest.param("gaussian", {"lam": 0.1}, 45, "float32", 48, 16, id="fp32-lam0.1-S45-split48"),
+    pytest.param("gaussian", {"lam": 1e-3}, 40, "float32", 32, 16, id="fp32-lam1e-3-S40-split32"),
+    pytest.param("gaussian", {"lam": 0.1}, 33, "bfloat16", 16, 16, id="bf16-lam0.1-S33"),
+    pytest.param("gaussian", {"lam": 1.0}, 30, "float16", 16, 16, id="fp16-lam1-S30"),
+    pytest.param("offset", {"offset": 100.0, "lam": 0.1}, 40, "float32", 16, 16, id="fp32-offset100"),
+    pytest.param("spectrum", {"kappa": 1e3}, 40, "float32", 16, 16, id="fp32-spectrum1e3"),
+    pytest.param("lambda_decades", {"decades": 3.0}, 40, "float16", 16, 16, id="fp16-per-query-lambda"),
+    pytest.param("early", {"lam": 1e-6}, 30, "float32", 16, 16, id="fp32-early-lam1e-6"),
+    pytest.param("bandwidth", {"scale": 0.0}, 20, "float32", 16, 16, id="fp32-scale0"),
+    pytest.param("gaussian", {"lam": 0.1}, 17, "bfloat16", 16, 32, id="bf16-S17-D32"),
 ]
 
 
-@pytest.mark.parametrize("family, params, S, dtype, split", LLA_CASES)
-def test_lla_decode_every_position_is_the_forward_row(family, params, S, dtype, split):
-    p = _problem(family, params, S, dtype)
+@pytest.mark.parametrize("family, params, S, dtype, split, D", LLA_CASES)
+def test_lla_decode_every_position_is_the_forward_row(family, params, S, dtype, split, D):
+    p = _problem(family, params, S, dtype, D=D)
     assert_within_budget(_judge_lla(p, split=split))
+
+
+def _wide_values(p: Problem, Dv: int) -> Problem:
+    gen = torch.Generator().manual_seed(11)
+    v = torch.randn(*p.v.shape[:-1], Dv, generator=gen, dtype=torch.float64).to(p.v.dtype).to(DEVICE)
+    return Problem(p.case, p.q, p.k, v, p.ridge_lambda, p.qk_scale)
+
+
+def test_value_width_other_than_the_key_width():
+    """Dv = 32 over D = 16 keys: both kernels, every position."""
+    p = _wide_values(_problem("gaussian", {"lam": 0.1}, 20), 32)
+    assert_within_budget(_judge_lla(p, split=16))
+    ratio, msg = _judge_parallax(p, _probe(p), split=16)
+    assert ratio <= THRESHOLD, msg
 
 
 PARALLAX_CASES = [
