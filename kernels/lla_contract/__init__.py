@@ -231,8 +231,11 @@ def check_cache(q, k_cache, v_cache, lengths, *, dtypes: Iterable[torch.dtype] =
         b = int(((lens < 1) | (lens > T)).nonzero()[0])
         raise LLAInputError(f"lengths: expected 1 <= lengths[b] <= T_max = {T}, got lengths[{b}] = {int(lens[b])}")
     if check_finite:
-        used = (torch.arange(T, device=k_cache.device)[None, :] < lens.to(k_cache.device)[:, None])[:, None, :, None]
-        named = (("q", q), ("k_cache", k_cache.masked_fill(~used, 0)), ("v_cache", v_cache.masked_fill(~used, 0)))
-        if bool(nonfinite_flag([t for _, t in named])):
-            raise_nonfinite(named)
+        unused = (torch.arange(T, device=k_cache.device)[None, :] >= lens.to(k_cache.device)[:, None])[:, None, :]
+        # per position, not masked copies: a (B, H_kv, T_max) mask beside the cache, not a second cache
+        ok = torch.stack([torch.isfinite(q).all()] + [(torch.isfinite(c).all(-1) | unused).all()
+                                                      for c in (k_cache, v_cache)]).all()
+        if not bool(ok):
+            raise_nonfinite((("q", q), ("k_cache", k_cache.masked_fill(unused[..., None], 0)),
+                             ("v_cache", v_cache.masked_fill(unused[..., None], 0))))
     return lens
