@@ -86,6 +86,9 @@ LLA_CASES = [
     pytest.param("early", {"lam": 1e-6}, 30, "float32", 16, 16, id="fp32-early-lam1e-6"),
     pytest.param("bandwidth", {"scale": 0.0}, 20, "float32", 16, 16, id="fp32-scale0"),
     pytest.param("gaussian", {"lam": 0.1}, 17, "bfloat16", 16, 32, id="bf16-S17-D32"),
+    # found by properties/test_decode.py: kappa 2.6e8, where CG on an fp32 Sigma stalled (ratio 4.6)
+    pytest.param("subspace", {"lam": 1e-8, "noise": 1e-4, "rank": 2}, 9, "float32", 16, 16,
+                 id="fp32-subspace-lam1e-8-kappa3e8"),
 ]
 
 

@@ -9,9 +9,13 @@ For the query q of a (batch, head), over the cache positions j < lengths[b]
 
 Four launches:
 1. split:  one program per (split of the cache, head): m_s, omega_s, mu_s and Sigma_s (D x D,
-           fp32), each against the split's own running max;
+           fp64), each against the split's own running max;
 2. solve:  one program per head: rescales the splits by exp(m_s - M), sums them, adds
-           lambda Omega I, and runs CG on the materialised Sigma (D <= 128: 64 KiB of fp32);
+           lambda Omega I, and runs CG in fp64 on the materialised Sigma (D <= 128: 128 KiB).
+           In fp32 the materialised Sigma's rounding, u_32 ||Sigma||, exceeds its smallest
+           eigenvalues once kappa passes 1/u_32: p^T Sigma p went negative and CG stopped at
+           relative residual 0.19 (subspace family, lambda 1e-8, kappa 2.6e8, a 4.6x budget
+           failure), where the forward's matvec, a sum of w_j <z_j, p>^2 >= 0, stays positive;
 3. output: one program per (split, head): g_j = w_j (1 - <z_j, rho>) against the global M, so
            its partial sums add without rescaling;
 4. finish: sums them and divides, with the forward kernel's delta guard.
@@ -86,7 +90,7 @@ def _tile(Kb, Vb, offs_n, end, q, k0, scale, D: tl.constexpr, DV: tl.constexpr):
 
 @triton.jit
 def _lla_split_kernel(Q, K, V, LENS, M_S, OM_S, MU_S, SIG_S, H, G, T, n_splits, split, scale,
-                      D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                      D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     b, kvh = _head(bh, H, G)
@@ -101,7 +105,7 @@ def _lla_split_kernel(Q, K, V, LENS, M_S, OM_S, MU_S, SIG_S, H, G, T, n_splits, 
     m_i = _scalar(float("-inf"))
     omega = _scalar(0.0)
     mu = tl.zeros([D], dtype=tl.float32)
-    sig = tl.zeros([D, D], dtype=tl.float32)
+    sig = tl.zeros([D, D], dtype=tl.float64)
     for start_n in range(start, end, BLOCK_N):
         a, z, v = _tile(Kb, Vb, start_n + tl.arange(0, BLOCK_N), end, q, k0, scale, D, DV)
         # each tile holds at least one kept position, so m_new is finite
@@ -111,7 +115,8 @@ def _lla_split_kernel(Q, K, V, LENS, M_S, OM_S, MU_S, SIG_S, H, G, T, n_splits, 
         wz = w[:, None] * z
         omega = omega * alpha + tl.sum(w, 0)
         mu = mu * alpha + tl.sum(wz, 0)
-        sig = sig * alpha + tl.dot(tl.trans(wz), z, input_precision=PREC)
+        # fp64: see the module docstring (the solve needs Sigma's small eigenvalues)
+        sig = sig * alpha.to(tl.float64) + tl.dot(tl.trans(wz).to(tl.float64), z.to(tl.float64))
         m_i = m_new
     # an empty split (start >= L) stores m = -inf and zero sums: weight 0 in the combine
     row = bh.to(tl.int64) * n_splits + pid_s
@@ -133,18 +138,18 @@ def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG_S, M_OUT, OM_OUT, RHO, ITE
     for s in range(0, used):
         big = tl.maximum(big, tl.load(M_S + base + s))
     omega = _scalar(0.0)
-    mu = tl.zeros([D], dtype=tl.float32)
-    sig = tl.zeros([D, D], dtype=tl.float32)
+    mu = tl.zeros([D], dtype=tl.float64)
+    sig = tl.zeros([D, D], dtype=tl.float64)
     for s in range(0, used):
         f = tl.exp(tl.load(M_S + base + s) - big)
         omega += f * tl.load(OM_S + base + s)
-        mu += f * tl.load(MU_S + (base + s) * D + offs_d)
-        sig += f * tl.load(SIG_S + (base + s) * D * D + offs_d[:, None] * D + offs_d[None, :])
+        mu += (f * tl.load(MU_S + (base + s) * D + offs_d)).to(tl.float64)
+        sig += f.to(tl.float64) * tl.load(SIG_S + (base + s) * D * D + offs_d[:, None] * D + offs_d[None, :])
     lam = tl.load(LAM + bh)
-    sig += tl.where(offs_d[:, None] == offs_d[None, :], lam * omega, 0.0)
+    sig += tl.where(offs_d[:, None] == offs_d[None, :], (lam * omega).to(tl.float64), 0.0)
 
     # CG on Sigma rho = mu; mu = 0 (the first token) is solved by rho = 0 at once
-    rho = tl.zeros([D], dtype=tl.float32)
+    rho = tl.zeros([D], dtype=tl.float64)
     res = mu
     p = mu
     rr = tl.sum(mu * mu, 0)
@@ -173,12 +178,12 @@ def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG_S, M_OUT, OM_OUT, RHO, ITE
     mn = tl.sqrt(mu2)
     tl.store(M_OUT + bh, big)
     tl.store(OM_OUT + bh, omega)
-    tl.store(RHO + bh.to(tl.int64) * D + offs_d, rho)
+    tl.store(RHO + bh.to(tl.int64) * D + offs_d, rho.to(tl.float32))
     tl.store(ITERS + bh, it)
-    tl.store(RES + bh, tl.where(mn > 0.0, tn / tl.where(mn > 0.0, mn, 1.0), 0.0))
+    tl.store(RES + bh, tl.where(mn > 0.0, tn / tl.where(mn > 0.0, mn, 1.0), 0.0).to(tl.float32))
     # <mu, Sigma^-1 mu - rho> = <rho, r> exactly for symmetric Sigma: the solve's error in
     # den is at most |rho| |r|, 2x for safety as in the forward kernel's guard
-    tl.store(SERR + bh, 2.0 * tl.sqrt(tl.sum(rho * rho, 0)) * tn)
+    tl.store(SERR + bh, (2.0 * tl.sqrt(tl.sum(rho * rho, 0)) * tn).to(tl.float32))
 
 
 @triton.jit
@@ -275,8 +280,8 @@ def _check_options(cg_tol, cg_max_iters, D):
 
 
 def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_tol=DEFAULT_CG_TOL,
-                      cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, precision=None,
-                      check_finite=True, combine=None):
+                      cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, check_finite=True,
+                      combine=None):
     """``lla_decode`` with every stage's result: returns (o, stats, parts), parts holding the
     split kernel's partials. ``combine``, when given, replaces the solve stage's rescaled
     sum of the splits by a function of those partials returning (M, Omega, mu, Sigma) per
@@ -295,9 +300,6 @@ def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=No
     scale = check_scale(qk_scale, D)
     eps = check_delta_eps(delta_eps)
     tol, max_iters = _check_options(cg_tol, cg_max_iters, D)
-    prec = precision or ("ieee" if _interpreting() else "tf32x3")
-    if prec not in ("ieee", "tf32x3", "tf32"):
-        raise LLAInputError(f"precision: expected one of ('ieee', 'tf32x3', 'tf32'), got {precision!r}")
     bn = _block_n()
     if split is None:
         split = choose_split(T, B * H, bn)
@@ -314,15 +316,16 @@ def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=No
     m_s = torch.empty(N, n_splits, **f32)
     om_s = torch.empty_like(m_s)
     mu_s = torch.empty(N, n_splits, D, **f32)
-    sig_s = torch.empty(N, n_splits, D, D, **f32)
+    sig_s = torch.empty(N, n_splits, D, D, device=dev, dtype=torch.float64)
     _lla_split_kernel[(n_splits, N)](qc, kc, vc, lens_d, m_s, om_s, mu_s, sig_s, H, G, T, n_splits, split,
-                                     float(scale), D=D, DV=Dv, BLOCK_N=bn, PREC=prec, num_warps=4)
+                                     float(scale), D=D, DV=Dv, BLOCK_N=bn, num_warps=4)
     parts = {"m": m_s, "omega": om_s, "mu": mu_s, "sigma": sig_s, "split": split, "lengths": lens_d}
     if combine is not None:
         # a planted combine hands the solve one "split" holding its sums
         big, om, mu, sig = combine(parts)
         m_s, om_s, mu_s, sig_s = (t.to(torch.float32).reshape(N, 1, *t.shape[1:]).contiguous()
                                   for t in (big, om, mu, sig))
+        sig_s = sig_s.double()
         n_solve, split_solve = 1, T
     else:
         n_solve, split_solve = n_splits, split
@@ -353,8 +356,8 @@ def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=No
 
 
 def lla_decode(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_tol=DEFAULT_CG_TOL,
-               cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, precision=None,
-               return_stats=False, check_finite=True):
+               cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, return_stats=False,
+               check_finite=True):
     """LLA for one query per (batch, head) against a cache (docs/decode.md).
 
     q: (B, H, D); k_cache (B, H_kv, T_max, D), v_cache (B, H_kv, T_max, Dv), H_kv dividing H
@@ -369,7 +372,7 @@ def lla_decode(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_
     """
     o, st, _ = lla_decode_stages(q, k_cache, v_cache, lengths, ridge_lambda=ridge_lambda, qk_scale=qk_scale,
                                  cg_tol=cg_tol, cg_max_iters=cg_max_iters, delta_eps=delta_eps, split=split,
-                                 precision=precision, check_finite=check_finite)
+                                 check_finite=check_finite)
     if not return_stats:
         return o
     return o, st._asdict()
