@@ -65,7 +65,8 @@ def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "*.pyc")
-    for part in ("lla_verify", "properties", "kernels/lla_contract", "kernels/lla_triton", "kernels/parallax_triton"):
+    for part in ("lla_verify", "properties", "kernels/lla_contract", "kernels/lla_triton", "kernels/parallax_triton",
+                 "kernels/lla_decode", "kernels/parallax_decode"):
         shutil.copytree(ROOT / part, src / part, ignore=skip)
     for part in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / part, src / part)
@@ -112,7 +113,9 @@ def test_wheel_holds_every_package(installed):
     *_, own = installed
     for top, src in (("lla_verify", ROOT / "lla_verify"), ("lla_contract", ROOT / "kernels" / "lla_contract"),
                      ("lla_triton", ROOT / "kernels" / "lla_triton"),
-                     ("parallax_triton", ROOT / "kernels" / "parallax_triton")):
+                     ("parallax_triton", ROOT / "kernels" / "parallax_triton"),
+                     ("lla_decode", ROOT / "kernels" / "lla_decode"),
+                     ("parallax_decode", ROOT / "kernels" / "parallax_decode")):
         want = sorted(str(p.relative_to(src)) for p in src.rglob("*.py") if "__pycache__" not in p.parts)
         got = sorted(str(p.relative_to(own / top)) for p in (own / top).rglob("*.py") if "__pycache__" not in p.parts)
         assert got == want, (top, sorted(set(want) - set(got)))

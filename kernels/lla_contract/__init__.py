@@ -186,3 +186,57 @@ def check_lambda(ridge_lambda, lead_shape: tuple[int, ...], device, *, dtype=tor
 
 def check_delta_eps(delta_eps: float) -> float:
     return check_nonnegative(delta_eps, "delta_eps")
+
+
+def check_cache(q, k_cache, v_cache, lengths, *, dtypes: Iterable[torch.dtype] = _FLOAT_DTYPES,
+                head_dims: Iterable[int] | None = None, check_finite: bool = True) -> torch.Tensor:
+    """Check a decode call's query (B, H, D) against its cache (B, Hk, T_max, D) and
+    (B, Hk, T_max, Dv) with per-sequence lengths (B,), 1 <= lengths[b] <= T_max; Hk divides H
+    (grouped-query heads share a key-value head). Returns lengths as a host int64 tensor.
+
+    Finiteness covers only the cache positions a sequence uses: the rest is free memory a
+    server has not written yet.
+    """
+    dtypes = tuple(dtypes)
+    for name, t, rank in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
+        if not isinstance(t, torch.Tensor):
+            raise LLAInputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in dtypes:
+            raise LLAInputError(f"{name}: expected a floating dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+        if t.dim() != rank:
+            want = "(B, H, D)" if rank == 3 else "(B, H_kv, T_max, D)"
+            raise LLAInputError(f"{name}: expected shape {want}, got {_describe(t)}")
+    B, H, D = q.shape
+    Bk, Hk, T, Dk = k_cache.shape
+    if Bk != B or Dk != D or T == 0 or Hk == 0 or H % Hk:
+        raise LLAInputError(f"k_cache: expected shape ({B}, H_kv, T_max >= 1, {D}) with H_kv dividing H = {H}, "
+                            f"got {tuple(k_cache.shape)}")
+    if v_cache.shape[:3] != k_cache.shape[:3] or v_cache.shape[-1] == 0:
+        raise LLAInputError(f"v_cache: expected shape {tuple(k_cache.shape[:3])} + (Dv,), got {tuple(v_cache.shape)}")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise LLAInputError(f"q, k_cache, v_cache: expected one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if not (q.device == k_cache.device == v_cache.device):
+        raise LLAInputError(f"q, k_cache, v_cache: expected one device, got {q.device}, {k_cache.device}, "
+                            f"{v_cache.device}")
+    if head_dims is not None:
+        head_dims = tuple(head_dims)
+        for name, d in (("q", D), ("v_cache", v_cache.shape[-1])):
+            if d not in head_dims:
+                raise LLAInputError(f"{name}: head dimension {d} unsupported; expected one of {head_dims}")
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.dtype.is_complex \
+            or lengths.dtype == torch.bool or tuple(lengths.shape) != (B,):
+        raise LLAInputError(f"lengths: expected an integer tensor of shape ({B},), got "
+                            f"{_describe(lengths) if isinstance(lengths, torch.Tensor) else type(lengths).__name__}")
+    lens = lengths.detach().to("cpu", torch.int64)
+    if bool(((lens < 1) | (lens > T)).any()):
+        b = int(((lens < 1) | (lens > T)).nonzero()[0])
+        raise LLAInputError(f"lengths: expected 1 <= lengths[b] <= T_max = {T}, got lengths[{b}] = {int(lens[b])}")
+    if check_finite:
+        unused = (torch.arange(T, device=k_cache.device)[None, :] >= lens.to(k_cache.device)[:, None])[:, None, :]
+        # per position, not masked copies: a (B, H_kv, T_max) mask beside the cache, not a second cache
+        ok = torch.stack([torch.isfinite(q).all()] + [(torch.isfinite(c).all(-1) | unused).all()
+                                                      for c in (k_cache, v_cache)]).all()
+        if not bool(ok):
+            raise_nonfinite((("q", q), ("k_cache", k_cache.masked_fill(unused[..., None], 0)),
+                             ("v_cache", v_cache.masked_fill(unused[..., None], 0))))
+    return lens

@@ -1,0 +1,378 @@
+"""LLA decode in Triton: one query against a key-value cache, flash-decoding style.
+
+For the query q of a (batch, head), over the cache positions j < lengths[b]
+(docs/decode.md; the operator is SPEC 1 / docs/math.md):
+
+    z_j = k_j - q,   w_j = exp(a_j - M),   a_j = s <q, k_j - k_0>   (softmax-invariant shift)
+    mu = sum_j w_j z_j,   Sigma = sum_j w_j z_j z_j^T + lambda Omega I,   Sigma rho = mu
+    o  = sum_j w_j (1 - <z_j, rho>) v_j / sum_j w_j (1 - <z_j, rho>)
+
+Four launches:
+1. split:  one program per (split of the cache, head): m_s, omega_s, mu_s and Sigma_s (D x D,
+           fp64), each against the split's own running max;
+2. solve:  one program per head: rescales the splits by exp(m_s - M), sums them, adds
+           lambda Omega I, and runs CG in fp64 on the materialised Sigma (D <= 128: 128 KiB).
+           In fp32 the materialised Sigma's rounding, u_32 ||Sigma||, exceeds its smallest
+           eigenvalues once kappa passes 1/u_32: p^T Sigma p went negative and CG stopped at
+           relative residual 0.19 (subspace family, lambda 1e-8, kappa 2.6e8, a 4.6x budget
+           failure), where the forward's matvec, a sum of w_j <z_j, p>^2 >= 0, stays positive;
+3. output: one program per (split, head): g_j = w_j (1 - <z_j, rho>) against the global M, so
+           its partial sums add without rescaling;
+4. finish: sums them and divides, with the forward kernel's delta guard.
+
+z_j is formed explicitly (k_j - q, in fp32, before any product): a common offset of q and
+the keys cancels there, as in the float64 oracle. Imports torch, triton and lla_contract only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from lla_contract import (LLAInputError, check_cache, check_delta_eps, check_lambda, check_scale)
+
+__all__ = ["lla_decode", "lla_decode_stages", "LLAInputError", "DEFAULT_CG_TOL", "DEFAULT_DELTA_EPS",
+           "CG_ITERS_PER_DIM", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # D and Dv: powers of two (tl.arange needs them)
+# The forward kernel's defaults (lla_triton.forward; not imported: this package stands alone)
+DEFAULT_CG_TOL = 1e-7
+CG_ITERS_PER_DIM = 16
+DEFAULT_DELTA_EPS = 2.0**-22
+TARGET_PROGRAMS = 264  # programs a GPU launch aims for when the caller gives no split size
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _block_n() -> int:
+    return 16 if _interpreting() else 64
+
+
+def choose_split(t_max: int, n_heads: int, block_n: int) -> int:
+    """Split length (a multiple of block_n) giving about TARGET_PROGRAMS programs."""
+    n_tiles = triton.cdiv(t_max, block_n)
+    n_splits = max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, n_heads)))
+    return triton.cdiv(n_tiles, n_splits) * block_n
+
+
+@triton.jit
+def _scalar(x):
+    """A 0-d fp32 tensor holding x (loop-carried scalars need a tensor type)."""
+    return tl.sum(tl.full([16], 0.0, tl.float32), 0) + x
+
+
+@triton.jit
+def _head(bh, H, G):
+    """(batch, key-value head) of flattened query head bh; G query heads share one kv head."""
+    b = bh // H
+    return b, (b * (H // G) + (bh % H) // G).to(tl.int64)
+
+
+@triton.jit
+def _tile(Kb, Vb, offs_n, end, q, k0, scale, D: tl.constexpr, DV: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    offs_v = tl.arange(0, DV)
+    keep = offs_n < end
+    k = tl.load(Kb + offs_n[:, None] * D + offs_d[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
+    v = tl.load(Vb + offs_n[:, None] * DV + offs_v[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
+    a = tl.where(keep, scale * tl.sum((k - k0[None, :]) * q[None, :], 1), float("-inf"))
+    z = tl.where(keep[:, None], k - q[None, :], 0.0)
+    return a, z, v
+
+
+@triton.jit
+def _lla_split_kernel(Q, K, V, LENS, M_S, OM_S, MU_S, SIG_S, H, G, T, n_splits, split, scale,
+                      D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, kvh = _head(bh, H, G)
+    L = tl.load(LENS + b)
+    start = pid_s * split
+    end = tl.minimum(start + split, L)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + bh.to(tl.int64) * D + offs_d).to(tl.float32)
+    Kb = K + kvh * T * D
+    Vb = V + kvh * T * DV
+    k0 = tl.load(Kb + offs_d).to(tl.float32)
+    m_i = _scalar(float("-inf"))
+    omega = _scalar(0.0)
+    mu = tl.zeros([D], dtype=tl.float32)
+    sig = tl.zeros([D, D], dtype=tl.float64)
+    for start_n in range(start, end, BLOCK_N):
+        a, z, v = _tile(Kb, Vb, start_n + tl.arange(0, BLOCK_N), end, q, k0, scale, D, DV)
+        # each tile holds at least one kept position, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(a, 0))
+        alpha = tl.exp(m_i - m_new)
+        w = tl.exp(a - m_new)
+        wz = w[:, None] * z
+        omega = omega * alpha + tl.sum(w, 0)
+        mu = mu * alpha + tl.sum(wz, 0)
+        # fp64: see the module docstring (the solve needs Sigma's small eigenvalues)
+        sig = sig * alpha.to(tl.float64) + tl.dot(tl.trans(wz).to(tl.float64), z.to(tl.float64))
+        m_i = m_new
+    # an empty split (start >= L) stores m = -inf and zero sums: weight 0 in the combine
+    row = bh.to(tl.int64) * n_splits + pid_s
+    tl.store(M_S + row, m_i)
+    tl.store(OM_S + row, omega)
+    tl.store(MU_S + row * D + offs_d, mu)
+    tl.store(SIG_S + row * D * D + offs_d[:, None] * D + offs_d[None, :], sig)
+
+
+@triton.jit
+def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG_S, M_OUT, OM_OUT, RHO, ITERS, RES, SERR,
+                      H, n_splits, split, cg_tol, cg_max_iters, D: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    used = tl.cdiv(tl.load(LENS + b), split)
+    offs_d = tl.arange(0, D)
+    base = bh.to(tl.int64) * n_splits
+    big = _scalar(float("-inf"))
+    for s in range(0, used):
+        big = tl.maximum(big, tl.load(M_S + base + s))
+    omega = _scalar(0.0)
+    mu = tl.zeros([D], dtype=tl.float64)
+    sig = tl.zeros([D, D], dtype=tl.float64)
+    for s in range(0, used):
+        f = tl.exp(tl.load(M_S + base + s) - big)
+        omega += f * tl.load(OM_S + base + s)
+        mu += (f * tl.load(MU_S + (base + s) * D + offs_d)).to(tl.float64)
+        sig += f.to(tl.float64) * tl.load(SIG_S + (base + s) * D * D + offs_d[:, None] * D + offs_d[None, :])
+    lam = tl.load(LAM + bh)
+    sig += tl.where(offs_d[:, None] == offs_d[None, :], (lam * omega).to(tl.float64), 0.0)
+
+    # CG on Sigma rho = mu; mu = 0 (the first token) is solved by rho = 0 at once
+    rho = tl.zeros([D], dtype=tl.float64)
+    res = mu
+    p = mu
+    rr = tl.sum(mu * mu, 0)
+    mu2 = rr
+    thresh = (cg_tol * cg_tol) * mu2
+    active = rr > thresh
+    it = 0
+    while active & (it < cg_max_iters):
+        ap = tl.sum(sig * p[None, :], 1)
+        pap = tl.sum(p * ap, 0)
+        # pAp <= 0 only when Sigma is singular (lambda = 0) and p hit its null space:
+        # stop there rather than divide by it
+        ok = pap > 0.0
+        alpha = tl.where(ok, rr / tl.where(ok, pap, 1.0), 0.0)
+        rho += alpha * p
+        res -= alpha * ap
+        rr_new = tl.sum(res * res, 0)
+        beta = tl.where(rr > 0.0, rr_new / tl.where(rr > 0.0, rr, 1.0), 0.0)
+        p = res + beta * p
+        rr = rr_new
+        it += 1
+        active = ok & (rr > thresh)
+    # the true residual of the rounded Sigma: CG's recursive one drifts from it
+    tres = mu - tl.sum(sig * rho[None, :], 1)
+    tn = tl.sqrt(tl.sum(tres * tres, 0))
+    mn = tl.sqrt(mu2)
+    tl.store(M_OUT + bh, big)
+    tl.store(OM_OUT + bh, omega)
+    tl.store(RHO + bh.to(tl.int64) * D + offs_d, rho.to(tl.float32))
+    tl.store(ITERS + bh, it)
+    tl.store(RES + bh, tl.where(mn > 0.0, tn / tl.where(mn > 0.0, mn, 1.0), 0.0).to(tl.float32))
+    # <mu, Sigma^-1 mu - rho> = <rho, r> exactly for symmetric Sigma: the solve's error in
+    # den is at most |rho| |r|, 2x for safety as in the forward kernel's guard
+    tl.store(SERR + bh, (2.0 * tl.sqrt(tl.sum(rho * rho, 0)) * tn).to(tl.float32))
+
+
+@triton.jit
+def _lla_out_kernel(Q, K, V, LENS, M_G, RHO, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S,
+                    H, G, T, n_splits, split, scale,
+                    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, kvh = _head(bh, H, G)
+    L = tl.load(LENS + b)
+    start = pid_s * split
+    end = tl.minimum(start + split, L)
+    offs_d = tl.arange(0, D)
+    offs_v = tl.arange(0, DV)
+    q = tl.load(Q + bh.to(tl.int64) * D + offs_d).to(tl.float32)
+    rho = tl.load(RHO + bh.to(tl.int64) * D + offs_d)
+    big = tl.load(M_G + bh)
+    Kb = K + kvh * T * D
+    Vb = V + kvh * T * DV
+    k0 = tl.load(Kb + offs_d).to(tl.float32)
+    acc = tl.zeros([DV], dtype=tl.float32)
+    acc0 = tl.zeros([DV], dtype=tl.float32)
+    den = _scalar(0.0)
+    mag = _scalar(0.0)
+    omw = _scalar(0.0)
+    for start_n in range(start, end, BLOCK_N):
+        a, z, v = _tile(Kb, Vb, start_n + tl.arange(0, BLOCK_N), end, q, k0, scale, D, DV)
+        # against the global max: the splits' sums add without rescaling
+        w = tl.exp(a - big)
+        t = tl.sum(z * rho[None, :], 1)
+        g = w * (1.0 - t)
+        acc += tl.sum(g[:, None] * v, 0)
+        acc0 += tl.sum(w[:, None] * v, 0)
+        den += tl.sum(g, 0)
+        # the size of what den's rounding acts on (the forward kernel's guard)
+        mag += tl.sum(w * (1.0 + tl.abs(t)), 0)
+        omw += tl.sum(w, 0)
+    row = bh.to(tl.int64) * n_splits + pid_s
+    tl.store(ACC_S + row * DV + offs_v, acc)
+    tl.store(ACC0_S + row * DV + offs_v, acc0)
+    tl.store(DEN_S + row, den)
+    tl.store(MAG_S + row, mag)
+    tl.store(OMW_S + row, omw)
+
+
+@triton.jit
+def _lla_finish_kernel(LENS, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S, SERR, O, DEN_OUT, FB_OUT,
+                       H, n_splits, split, delta_eps, DV: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    used = tl.cdiv(tl.load(LENS + b), split)
+    offs_v = tl.arange(0, DV)
+    base = bh.to(tl.int64) * n_splits
+    acc = tl.zeros([DV], dtype=tl.float32)
+    acc0 = tl.zeros([DV], dtype=tl.float32)
+    den = _scalar(0.0)
+    mag = _scalar(0.0)
+    omw = _scalar(0.0)
+    for s in range(0, used):
+        acc += tl.load(ACC_S + (base + s) * DV + offs_v)
+        acc0 += tl.load(ACC0_S + (base + s) * DV + offs_v)
+        den += tl.load(DEN_S + base + s)
+        mag += tl.load(MAG_S + base + s)
+        omw += tl.load(OMW_S + base + s)
+    # delta guard (docs/kernels.md): a den inside its rounding and solve error has no
+    # correct digit; such a query returns the softmax average (rho = 0) instead
+    fallback = tl.abs(den) <= delta_eps * mag + tl.load(SERR + bh)
+    o = tl.where(fallback, acc0 / omw, acc / tl.where(fallback | (den == 0.0), 1.0, den))
+    tl.store(O + bh.to(tl.int64) * DV + offs_v, o.to(O.dtype.element_ty))
+    tl.store(DEN_OUT + bh, den)
+    tl.store(FB_OUT + bh, fallback.to(tl.int8))
+
+
+class DecodeStats(NamedTuple):
+    cg_iters: torch.Tensor  # (B, H) int32
+    cg_residual: torch.Tensor  # (B, H) fp32, true relative residual ||mu - Sigma rho|| / ||mu||
+    omega: torch.Tensor  # (B, H) fp32
+    delta: torch.Tensor  # (B, H) fp32, den = sum_j w_j (1 - <z_j, rho>) as summed
+    fallback: torch.Tensor  # (B, H) bool
+
+
+def _check_options(cg_tol, cg_max_iters, D):
+    try:
+        tol = float(cg_tol)
+    except (TypeError, ValueError):
+        raise LLAInputError(f"cg_tol: expected a float >= 0, got {cg_tol!r}") from None
+    if not math.isfinite(tol) or tol < 0:
+        raise LLAInputError(f"cg_tol: expected a finite value >= 0, got {tol}")
+    if cg_max_iters is None:
+        return tol, CG_ITERS_PER_DIM * D
+    if isinstance(cg_max_iters, bool) or not isinstance(cg_max_iters, int) or cg_max_iters < 0:
+        raise LLAInputError(f"cg_max_iters: expected None (16 D) or an int >= 0, got {cg_max_iters!r}")
+    return tol, cg_max_iters
+
+
+def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_tol=DEFAULT_CG_TOL,
+                      cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, check_finite=True,
+                      combine=None):
+    """``lla_decode`` with every stage's result: returns (o, stats, parts), parts holding the
+    split kernel's partials. ``combine``, when given, replaces the solve stage's rescaled
+    sum of the splits by a function of those partials returning (M, Omega, mu, Sigma) per
+    head (Sigma without the ridge), which tests use to plant a wrong combine."""
+    if isinstance(q, torch.Tensor) and q.dim() != 3:
+        raise LLAInputError(f"q: expected shape (B, H, D), got {tuple(q.shape)}")
+    lens = check_cache(q, k_cache, v_cache, lengths, dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS,
+                       check_finite=check_finite)
+    if q.device.type == "cpu" and not _interpreting():
+        raise LLAInputError("q: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1) or a CUDA device")
+    B, H, D = q.shape
+    Hk, T, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
+    if isinstance(ridge_lambda, torch.Tensor) and ridge_lambda.dim() > 0 and ridge_lambda.device != q.device:
+        raise LLAInputError(f"ridge_lambda: expected a tensor on {q.device}, got one on {ridge_lambda.device}")
+    lam = check_lambda(ridge_lambda, (B, H), q.device, dtype=torch.float32).contiguous()
+    scale = check_scale(qk_scale, D)
+    eps = check_delta_eps(delta_eps)
+    tol, max_iters = _check_options(cg_tol, cg_max_iters, D)
+    bn = _block_n()
+    if split is None:
+        split = choose_split(T, B * H, bn)
+    elif isinstance(split, bool) or not isinstance(split, int) or split < bn or split % bn:
+        raise LLAInputError(f"split: expected None or a positive multiple of the tile {bn}, got {split!r}")
+    n_splits = triton.cdiv(T, split)
+    N = B * H
+    dev = q.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    lens_d = lens.to(device=dev, dtype=torch.int32)
+    qc, kc, vc = (t.contiguous() for t in (q, k_cache, v_cache))
+    G = H // Hk
+
+    m_s = torch.empty(N, n_splits, **f32)
+    om_s = torch.empty_like(m_s)
+    mu_s = torch.empty(N, n_splits, D, **f32)
+    sig_s = torch.empty(N, n_splits, D, D, device=dev, dtype=torch.float64)
+    _lla_split_kernel[(n_splits, N)](qc, kc, vc, lens_d, m_s, om_s, mu_s, sig_s, H, G, T, n_splits, split,
+                                     float(scale), D=D, DV=Dv, BLOCK_N=bn, num_warps=4)
+    parts = {"m": m_s, "omega": om_s, "mu": mu_s, "sigma": sig_s, "split": split, "lengths": lens_d}
+    if combine is not None:
+        # a planted combine hands the solve one "split" holding its sums
+        big, om, mu, sig = combine(parts)
+        m_s, om_s, mu_s, sig_s = (t.to(torch.float32).reshape(N, 1, *t.shape[1:]).contiguous()
+                                  for t in (big, om, mu, sig))
+        sig_s = sig_s.double()
+        n_solve, split_solve = 1, T
+    else:
+        n_solve, split_solve = n_splits, split
+
+    m_g = torch.empty(N, **f32)
+    om_g = torch.empty_like(m_g)
+    rho = torch.empty(N, D, **f32)
+    iters = torch.empty(N, device=dev, dtype=torch.int32)
+    res = torch.empty_like(m_g)
+    serr = torch.empty_like(m_g)
+    _lla_solve_kernel[(N,)](lens_d, lam, m_s, om_s, mu_s, sig_s, m_g, om_g, rho, iters, res, serr,
+                            H, n_solve, split_solve, float(tol), int(max_iters), D=D, num_warps=4)
+
+    acc_s = torch.empty(N, n_splits, Dv, **f32)
+    acc0_s = torch.empty_like(acc_s)
+    den_s = torch.empty(N, n_splits, **f32)
+    mag_s, omw_s = torch.empty_like(den_s), torch.empty_like(den_s)
+    _lla_out_kernel[(n_splits, N)](qc, kc, vc, lens_d, m_g, rho, acc_s, acc0_s, den_s, mag_s, omw_s,
+                                   H, G, T, n_splits, split, float(scale), D=D, DV=Dv, BLOCK_N=bn, num_warps=4)
+    o = torch.empty(B, H, Dv, device=dev, dtype=q.dtype)
+    den = torch.empty(N, **f32)
+    fb = torch.empty(N, device=dev, dtype=torch.int8)
+    _lla_finish_kernel[(N,)](lens_d, acc_s, acc0_s, den_s, mag_s, omw_s, serr, o, den, fb,
+                             H, n_splits, split, float(eps), DV=Dv, num_warps=4)
+    stats = DecodeStats(iters.reshape(B, H), res.reshape(B, H), om_g.reshape(B, H), den.reshape(B, H),
+                        fb.bool().reshape(B, H))
+    return o, stats, parts
+
+
+def lla_decode(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_tol=DEFAULT_CG_TOL,
+               cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, return_stats=False,
+               check_finite=True):
+    """LLA for one query per (batch, head) against a cache (docs/decode.md).
+
+    q: (B, H, D); k_cache (B, H_kv, T_max, D), v_cache (B, H_kv, T_max, Dv), H_kv dividing H
+    (query head h reads key-value head h // (H / H_kv)); lengths (B,) integers with
+    1 <= lengths[b] <= T_max: the query attends to positions 0..lengths[b]-1, its own key and
+    value being the last. ridge_lambda: a float >= 0 or a tensor broadcastable to (B, H).
+    One dtype of fp32 / bf16 / fp16; D, Dv in {16, 32, 64, 128}. Returns (B, H, Dv) in q's
+    dtype, and with ``return_stats`` a dict of (B, H) tensors: cg_iters, cg_residual (true
+    relative residual), omega, delta (den as summed) and fallback (the delta guard served
+    the softmax average). ``split``: cache positions per program (a multiple of the tile;
+    None picks one from the shape).
+    """
+    o, st, _ = lla_decode_stages(q, k_cache, v_cache, lengths, ridge_lambda=ridge_lambda, qk_scale=qk_scale,
+                                 cg_tol=cg_tol, cg_max_iters=cg_max_iters, delta_eps=delta_eps, split=split,
+                                 check_finite=check_finite)
+    if not return_stats:
+        return o
+    return o, st._asdict()

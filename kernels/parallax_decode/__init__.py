@@ -1,0 +1,223 @@
+"""Parallax decode in Triton: one query against a key-value cache, flash-decoding style.
+
+o = nu - C r over the cache positions 0..lengths[b]-1 (docs/decode.md; the operator is
+docs/math.md "Parallax"). The cache is cut into splits of ``split`` positions, one program
+per (split, head); a second kernel combines the splits. With d_j = <k_j - k_0, r> and
+v'_j = v_j - v_0 (k_0, v_0: the sequence's first key and value, a common anchor) and the
+scores a_j = s <q, k_j - k_0> (a softmax-invariant shift), every group of positions (a
+tile, a split, the whole cache) is summarised by its centred moments
+
+    m = max_j a_j,  omega = sum_j w_j (w_j = exp(a_j - m)),  nu' = sum_j w_j v'_j / omega,
+    dbar = sum_j w_j d_j / omega,  X = sum_j w_j (v'_j - nu')(d_j - dbar)
+
+and two groups merge by the parallel-covariance rule (Chan, Golub and LeVeque): rescale
+omega and X by exp(m - M), then
+
+    omega = omega_a + omega_b,   nu' = nu'_a + (omega_b / omega)(nu'_b - nu'_a)   (same for dbar)
+    X = X_a + X_b + (omega_a omega_b / omega)(nu'_b - nu'_a)(dbar_b - dbar_a).
+
+o = v_0 + nu' - X / omega is nu - C r. No term is ever the uncentred product of two means,
+which cancels catastrophically under a large common key offset (docs/math.md §5.3); and a
+key offset of 1e3 cancels in k_j - k_0 before any product.
+
+Imports torch, triton and lla_contract only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lla_contract import LLAInputError, check_cache, check_probe, check_scale
+
+__all__ = ["parallax_decode", "parallax_decode_partials", "parallax_decode_combine", "LLAInputError",
+           "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # D and Dv: powers of two (tl.arange needs them)
+# Programs a launch aims for on a GPU (a few per SM of an H100/H200), when the caller
+# gives no split size: fewer heads get more splits each.
+TARGET_PROGRAMS = 264
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _block_n() -> int:
+    return 16 if _interpreting() else 64
+
+
+def choose_split(t_max: int, n_heads: int, block_n: int) -> int:
+    """Split length (a multiple of block_n) giving about TARGET_PROGRAMS programs."""
+    n_tiles = triton.cdiv(t_max, block_n)
+    n_splits = max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, n_heads)))
+    return triton.cdiv(n_tiles, n_splits) * block_n
+
+
+@triton.jit
+def _scalar(x):
+    """A 0-d fp32 tensor holding x (loop-carried scalars need a tensor type)."""
+    return tl.sum(tl.full([16], 0.0, tl.float32), 0) + x
+
+
+@triton.jit
+def _merge(om_a, nu_a, db_a, x_a, om_b, nu_b, db_b, x_b):
+    """Centred moments of two groups merged (both already against one max); om_a + om_b > 0."""
+    om = om_a + om_b
+    fb = om_b / om
+    dnu = nu_b - nu_a
+    ddb = db_b - db_a
+    return om, nu_a + fb * dnu, db_a + fb * ddb, x_a + x_b + (om_a * fb) * ddb * dnu
+
+
+@triton.jit
+def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
+                           H, G, T, n_splits, split, scale,
+                           D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    kvh = (b * (H // G) + (bh % H) // G).to(tl.int64)
+    L = tl.load(LENS + b)
+    start = pid_s * split
+    end = tl.minimum(start + split, L)
+    offs_d = tl.arange(0, D)
+    offs_v = tl.arange(0, DV)
+    q = tl.load(Q + bh.to(tl.int64) * D + offs_d).to(tl.float32)
+    r = tl.load(R + bh.to(tl.int64) * D + offs_d).to(tl.float32)
+    kbase = K + kvh * T * D
+    vbase = V + kvh * T * DV
+    k0 = tl.load(kbase + offs_d).to(tl.float32)
+    v0 = tl.load(vbase + offs_v).to(tl.float32)
+
+    m_i = _scalar(float("-inf"))
+    omega = _scalar(0.0)
+    dbar = _scalar(0.0)
+    nu = tl.zeros([DV], dtype=tl.float32)
+    x = tl.zeros([DV], dtype=tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = offs_n < end
+        k = tl.load(kbase + offs_n[:, None] * D + offs_d[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
+        v = tl.load(vbase + offs_n[:, None] * DV + offs_v[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
+        kd = k - k0[None, :]
+        a = tl.where(keep, scale * tl.sum(kd * q[None, :], 1), float("-inf"))
+        # each tile holds at least one kept position, so m_new is finite and om_t > 0
+        m_new = tl.maximum(m_i, tl.max(a, 0))
+        alpha = tl.exp(m_i - m_new)
+        w = tl.exp(a - m_new)
+        d = tl.sum(kd * r[None, :], 1)
+        vd = v - v0[None, :]
+        # the tile's own centred moments (two passes over the tile in registers)
+        om_t = tl.sum(w, 0)
+        nu_t = tl.sum(w[:, None] * vd, 0) / om_t
+        db_t = tl.sum(w * d, 0) / om_t
+        x_t = tl.sum((w * (d - db_t))[:, None] * (vd - nu_t[None, :]), 0)
+        omega, nu, dbar, x = _merge(omega * alpha, nu, dbar, x * alpha, om_t, nu_t, db_t, x_t)
+        m_i = m_new
+    # an empty split (start >= L) stores m = -inf and omega = 0: no weight in the combine
+    row = bh.to(tl.int64) * n_splits + pid_s
+    tl.store(M_S + row, m_i)
+    tl.store(OM_S + row, omega)
+    tl.store(DB_S + row, dbar)
+    tl.store(NU_S + row * DV + offs_v, nu)
+    tl.store(X_S + row * DV + offs_v, x)
+
+
+@triton.jit
+def _parallax_combine_kernel(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O,
+                             H, G, T, n_splits, split, DV: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    kvh = (b * (H // G) + (bh % H) // G).to(tl.int64)
+    used = tl.cdiv(tl.load(LENS + b), split)
+    offs_v = tl.arange(0, DV)
+    base = bh.to(tl.int64) * n_splits
+    big = _scalar(float("-inf"))
+    for s in range(0, used):
+        big = tl.maximum(big, tl.load(M_S + base + s))
+    omega = _scalar(0.0)
+    dbar = _scalar(0.0)
+    nu = tl.zeros([DV], dtype=tl.float32)
+    x = tl.zeros([DV], dtype=tl.float32)
+    # split 0 is never empty, so omega > 0 from the first merge on
+    for s in range(0, used):
+        f = tl.exp(tl.load(M_S + base + s) - big)
+        omega, nu, dbar, x = _merge(omega, nu, dbar, x, f * tl.load(OM_S + base + s),
+                                    tl.load(NU_S + (base + s) * DV + offs_v), tl.load(DB_S + base + s),
+                                    f * tl.load(X_S + (base + s) * DV + offs_v))
+    v0 = tl.load(V + kvh * T * DV + offs_v).to(tl.float32)
+    o = (v0 + nu) - x / omega
+    tl.store(O + bh.to(tl.int64) * DV + offs_v, o.to(O.dtype.element_ty))
+
+
+def _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite):
+    if isinstance(q, torch.Tensor) and q.dim() != 3:
+        raise LLAInputError(f"q: expected shape (B, H, D), got {tuple(q.shape)}")
+    lens = check_cache(q, k_cache, v_cache, lengths, dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS,
+                       check_finite=check_finite)
+    check_probe(r, q, dtypes=SUPPORTED_DTYPES, check_finite=check_finite)
+    if r.dtype != q.dtype:
+        raise LLAInputError(f"r: expected q's dtype {q.dtype}, got {r.dtype}")
+    if q.device.type == "cpu" and not _interpreting():
+        raise LLAInputError("q: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1) or a CUDA device")
+    scale = check_scale(qk_scale, q.shape[-1])
+    bn = _block_n()
+    if split is None:
+        split = choose_split(k_cache.shape[2], q.shape[0] * q.shape[1], bn)
+    elif isinstance(split, bool) or not isinstance(split, int) or split < bn or split % bn:
+        raise LLAInputError(f"split: expected None or a positive multiple of the tile {bn}, got {split!r}")
+    return lens, scale, split, bn
+
+
+def parallax_decode_partials(q, r, k_cache, v_cache, lengths, *, qk_scale=None, split=None, check_finite=True):
+    """The split kernel alone: per (B*H, n_splits) centred moments (m, omega, dbar, nu', X)
+    and the split length; ``parallax_decode_combine`` finishes them. Exposed so that tests
+    can plant a wrong combine."""
+    lens, scale, split, bn = _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite)
+    B, H, D = q.shape
+    Hk, T, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
+    n_splits = triton.cdiv(T, split)
+    dev = q.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    m_s = torch.empty(B * H, n_splits, **f32)
+    om_s, db_s = torch.empty_like(m_s), torch.empty_like(m_s)
+    nu_s = torch.empty(B * H, n_splits, Dv, **f32)
+    x_s = torch.empty_like(nu_s)
+    lens_d = lens.to(device=dev, dtype=torch.int32)
+    qc, rc, kc, vc = (t.contiguous() for t in (q, r, k_cache, v_cache))
+    _parallax_split_kernel[(n_splits, B * H)](
+        qc, rc, kc, vc, lens_d, m_s, om_s, db_s, nu_s, x_s, H, H // Hk, T, n_splits, split, float(scale),
+        D=D, DV=Dv, BLOCK_N=bn, num_warps=4)
+    return {"m": m_s, "omega": om_s, "dbar": db_s, "nu": nu_s, "x": x_s, "split": split, "lengths": lens_d}
+
+
+def parallax_decode_combine(parts, q, v_cache):
+    """Combine the partial moments of ``parallax_decode_partials`` into o (B, H, Dv)."""
+    B, H, _ = q.shape
+    Hk, T, Dv = v_cache.shape[1], v_cache.shape[2], v_cache.shape[-1]
+    o = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
+    n_splits = parts["m"].shape[1]
+    _parallax_combine_kernel[(B * H,)](
+        v_cache.contiguous(), parts["lengths"], parts["m"], parts["omega"], parts["dbar"], parts["nu"], parts["x"], o,
+        H, H // Hk, T, n_splits, parts["split"], DV=Dv, num_warps=4)
+    return o
+
+
+def parallax_decode(q, r, k_cache, v_cache, lengths, *, qk_scale=None, split=None, check_finite=True):
+    """Parallax for one query per (batch, head) against a cache (docs/decode.md).
+
+    q, r: (B, H, D); k_cache (B, H_kv, T_max, D), v_cache (B, H_kv, T_max, Dv), H_kv dividing
+    H (query head h reads key-value head h // (H / H_kv)); lengths (B,) integers with
+    1 <= lengths[b] <= T_max: the query attends to positions 0..lengths[b]-1, its own key
+    and value being the last of them. One dtype of fp32 / bf16 / fp16; D, Dv in
+    {16, 32, 64, 128}. Returns (B, H, Dv) in q's dtype. ``split``: cache positions per
+    program (a multiple of the tile; None picks one from the shape).
+    """
+    parts = parallax_decode_partials(q, r, k_cache, v_cache, lengths, qk_scale=qk_scale, split=split,
+                                     check_finite=check_finite)
+    return parallax_decode_combine(parts, q, v_cache)

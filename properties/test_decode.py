@@ -1,0 +1,147 @@
+"""Decode equals the forward: one query against a cache gives row t of the causal forward.
+
+For LLA (kernels/lla_decode) and Parallax (kernels/parallax_decode), on every case family
+(SPEC 7): every position of a drawn problem is decoded (one batch of B * S sequences, the
+cache tails NaN-poisoned) and judged row by row by the forward's budget
+(lla_verify.testing.decode says which). Split sizes, ragged batches and token-by-token
+appends are drawn too. Draws shrink towards the easy problem: the gaussian family, its
+easy parameters, small S, fp32, one split of 16, the probe r = 0 and no key offset.
+
+Decode is not in the implementation registry yet (docs/decode.md), so these properties
+call the two kernels directly rather than through the ``impl`` fixture.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import example, given, note, settings, target
+from hypothesis import strategies as st
+
+from lla_verify.budget.forward import check_forward, forward_budget
+from lla_verify.budget.verdict import THRESHOLD, assert_within_budget
+from lla_verify.registry.cases import Case, Problem
+from lla_verify.registry.impls import triton_impl
+from lla_verify.testing import suite
+from lla_verify.testing.decode import (check_parallax, decode_lla_every_position, decode_parallax_every_position,
+                                       parallax_allowed, poison_past)
+from lla_verify.testing.strategies import FAMILY_ORDER, cases
+
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = "cpu"
+else:
+    DEVICE = None
+
+pytestmark = [
+    pytest.mark.interp,
+    pytest.mark.skipif(DEVICE is None, reason="needs a CUDA device or TRITON_INTERPRET=1 (CPU interpreter)"),
+]
+
+if DEVICE is not None:
+    from lla_decode import DEFAULT_CG_TOL, lla_decode
+    from parallax_decode import parallax_decode
+
+    # the budget record: fp32 compute, its solver term at the CG tolerance lla_decode stops at
+    IMPL = replace(triton_impl(), name="lla_decode", solver_tol=DEFAULT_CG_TOL)
+ON_GPU = DEVICE == "cuda"
+SEQ = (1, 40) if not ON_GPU else (1, 300)
+DIMS = (16,) if not ON_GPU else (16, 32, 64, 128)
+DTYPES = ("float32", "bfloat16", "float16")
+# the interpreter's tile is 16: splits of one, two and three tiles
+SPLITS = st.sampled_from([16, 32, 48]) if not ON_GPU else st.sampled_from([64, 128, 256])
+
+
+def _cases(**kw):
+    base = dict(dtypes=DTYPES, seq=SEQ, head_dims=DIMS, batch=(1, 2), heads=(1, 2))
+    base.update(kw)
+    return cases(FAMILY_ORDER, **base)
+
+
+@st.composite
+def probes(draw, problem: Problem):
+    """Parallax's probe r: 0 (softmax) unless asked, then a Gaussian of a drawn size."""
+    size = draw(st.sampled_from([0.0, 1.0, 0.1, 4.0]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    return (size * torch.randn(problem.q.shape, generator=gen, dtype=torch.float64)).to(problem.q.dtype)
+
+
+def _with_key_offset(p: Problem, offset: float, seed: int) -> Problem:
+    if offset == 0.0:
+        return p
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.randn(p.q.shape[-1], generator=gen, dtype=torch.float64)
+    k = (p.k.double() + offset * (c / c.norm()).to(p.k.device)).to(p.k.dtype)
+    return Problem(p.case, p.q, k, p.v, p.ridge_lambda, p.qk_scale)
+
+
+@settings(max_examples=suite.examples(0.4))
+@given(case=_cases(), split=SPLITS)
+@example(case=Case("gaussian", {}, S=1, D=16), split=16)
+def test_lla_decode_is_the_forward_row(case, split):
+    p = case.build(DEVICE)
+    o, st_ = decode_lla_every_position(p, lla_decode, split=split)
+    verdict = check_forward(p, IMPL, o, stats=st_)
+    target(min(verdict.ratio, 1e6), label="lla decode ratio")
+    assert_within_budget(verdict)
+
+
+@settings(max_examples=suite.examples(0.4))
+@given(case=_cases(), split=SPLITS, data=st.data(), offset=st.sampled_from([0.0, 1e3]))
+def test_parallax_decode_is_the_forward_row(case, split, data, offset):
+    p = _with_key_offset(case.build(DEVICE), offset, case.seed)
+    r = data.draw(probes(p)).to(DEVICE)
+    o = decode_parallax_every_position(p, r, parallax_decode, split=split)
+    ratio, msg = check_parallax(p.q, p.k, p.v, r, o, qk_scale=p.qk_scale, label=f"{case.spec()} offset {offset:g}")
+    note(msg)
+    target(min(ratio, 1e6), label="parallax decode ratio")
+    assert ratio <= THRESHOLD, msg
+
+
+@settings(max_examples=suite.examples(0.3))
+@given(case=_cases(batch=(1, 3)), split=SPLITS, data=st.data())
+def test_ragged_batch_decode(case, split, data):
+    """Sequences of different lengths in one call, each decoded at its last position."""
+    p = case.build(DEVICE)
+    B, H, S, _ = p.q.shape
+    lens = torch.tensor(data.draw(st.lists(st.integers(1, S), min_size=B, max_size=B), label="lengths"),
+                        device=DEVICE)
+    b, t = torch.arange(B, device=DEVICE), lens - 1
+    kc, vc = poison_past(p.k, lens), poison_past(p.v, lens)
+    lam = p.lam_tensor.to(DEVICE)[b, :, t].to(torch.float32)
+    o = lla_decode(p.q[b, :, t], kc, vc, lens, ridge_lambda=lam, qk_scale=p.qk_scale, split=split)
+    fb = forward_budget(p, IMPL)
+    defined = ~fb.details.undefined[b, :, t]
+    ratio = torch.where(defined, (o.double() - fb.details.o[b, :, t]).norm(dim=-1) / fb.allowed[b, :, t], 0.0)
+    assert bool((ratio <= THRESHOLD).all()), f"LLA ragged decode on {case.spec()}, lengths {lens.tolist()}: {ratio}"
+    r = data.draw(probes(p)).to(DEVICE)
+    o = parallax_decode(p.q[b, :, t], r[b, :, t], kc, vc, lens, qk_scale=p.qk_scale, split=split)
+    ref, allowed, _ = parallax_allowed(p.q, p.k, p.v, r, qk_scale=p.qk_scale, out_dtype=o.dtype)
+    ratio = (o.double() - ref[b, :, t]).norm(dim=-1) / allowed[b, :, t]
+    assert bool((ratio <= THRESHOLD).all()), f"Parallax ragged decode on {case.spec()}, lengths {lens.tolist()}: {ratio}"
+
+
+@settings(max_examples=suite.examples(0.2))
+@given(case=_cases(seq=(1, 16)), data=st.data())
+def test_token_by_token_reproduces_the_forward(case, data):
+    """Appending k_t, v_t to a cache (NaN beyond what was written) and decoding each step."""
+    p = case.build(DEVICE)
+    B, H, S, D = p.q.shape
+    T_max = S + data.draw(st.integers(0, 20), label="spare cache positions")
+    r = data.draw(probes(p)).to(DEVICE)
+    lam = p.lam_tensor.to(DEVICE).to(torch.float32)
+    kc = torch.full((B, H, T_max, D), float("nan"), dtype=p.k.dtype, device=DEVICE)
+    vc = torch.full_like(kc, float("nan"))
+    o_l, o_p = [], []
+    for t in range(S):
+        kc[:, :, t], vc[:, :, t] = p.k[:, :, t], p.v[:, :, t]
+        lens = torch.full((B,), t + 1, dtype=torch.int64, device=DEVICE)
+        o_l.append(lla_decode(p.q[:, :, t], kc, vc, lens, ridge_lambda=lam[:, :, t], qk_scale=p.qk_scale, split=16))
+        o_p.append(parallax_decode(p.q[:, :, t], r[:, :, t], kc, vc, lens, qk_scale=p.qk_scale, split=16))
+    assert_within_budget(check_forward(p, IMPL, torch.stack(o_l, 2)))
+    ratio, msg = check_parallax(p.q, p.k, p.v, r, torch.stack(o_p, 2), qk_scale=p.qk_scale)
+    assert ratio <= THRESHOLD, msg

@@ -1,0 +1,452 @@
+"""The decode kernels (kernels/lla_decode, kernels/parallax_decode) against the full forward.
+
+Decoding position t of a problem must give row t of the causal forward on the same
+inputs, within that row's budget: LLA by the forward kernels' own rule
+(``budget.forward.check_forward``: the derived model with its CG-tolerance term, and the
+same-precision dense rule), Parallax by the same rule on its oracle
+(``lla_verify.testing.decode.check_parallax``). Cache positions a sequence does not use are
+NaN-poisoned throughout. Runs on CPU through the Triton interpreter at small sizes
+(S <= 48, D = 16), compiled on a CUDA device.
+
+The planted bugs at the end (an off-by-one length, a combine that forgets to rescale, a
+stale length for one sequence of a batch) must each fail the same checks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lla_contract import LLAInputError
+from lla_verify.budget.forward import MODEL_SAFETY, check_forward, forward_budget
+from lla_verify.budget.verdict import THRESHOLD, assert_within_budget
+from lla_verify.oracles.decode import lla_decode_reference, parallax_decode_reference
+from lla_verify.oracles.float64 import lla_forward
+from lla_verify.oracles.parallax import parallax_forward
+from lla_verify.registry.cases import Case, Problem
+from lla_verify.registry.impls import triton_impl
+from lla_verify.registry.precision import unit_roundoff
+from lla_verify.testing.decode import (check_parallax, decode_lla_every_position, decode_parallax_every_position,
+                                       every_position, parallax_allowed, poison_past)
+
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    DEVICE = "cpu"
+else:
+    DEVICE = None
+
+pytestmark = [
+    pytest.mark.interp,
+    pytest.mark.skipif(DEVICE is None, reason="needs a CUDA device or TRITON_INTERPRET=1 (CPU interpreter)"),
+]
+
+if DEVICE is not None:
+    from lla_decode import DEFAULT_CG_TOL, lla_decode, lla_decode_stages
+    from parallax_decode import parallax_decode, parallax_decode_partials
+
+    # the budget record: fp32 compute, its solver term at the CG tolerance lla_decode stops at
+    IMPL = replace(triton_impl(), name="lla_decode", solver_tol=DEFAULT_CG_TOL)
+U_C = unit_roundoff(torch.float32)
+
+
+def _problem(family, params, S, dtype="float32", *, B=1, H=2, D=16, seed=0) -> Problem:
+    return Case(family, params, B=B, H=H, S=S, D=D, dtype=dtype, seed=seed).build(DEVICE)
+
+
+def _probe(p: Problem, seed=3, size=1.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (size * torch.randn(p.q.shape, generator=gen, dtype=torch.float64)).to(p.q.dtype).to(DEVICE)
+
+
+def _judge_lla(p: Problem, fn=None, **kw):
+    o, st = decode_lla_every_position(p, fn or lla_decode, **kw)
+    return check_forward(p, IMPL, o, stats=st or None)
+
+
+def _judge_parallax(p: Problem, r, fn=None, **kw):
+    o = decode_parallax_every_position(p, r, fn or parallax_decode, **kw)
+    return check_parallax(p.q, p.k, p.v, r, o, qk_scale=p.qk_scale, label=p.describe())
+
+
+# ------------------------------------------------------------------------- every position
+# S = 45 with split 16: three splits, the last one partial; split 48: one split; D = 16 but for one case at D = 32
+LLA_CASES = [
+    pytest.param("gaussian", {"lam": 0.1}, 45, "float32", 16, 16, id="fp32-lam0.1-S45-split16"),
+    pytest.param("gaussian", {"lam": 0.1}, 45, "float32", 48, 16, id="fp32-lam0.1-S45-split48"),
+    pytest.param("gaussian", {"lam": 1e-3}, 40, "float32", 32, 16, id="fp32-lam1e-3-S40-split32"),
+    pytest.param("gaussian", {"lam": 0.1}, 33, "bfloat16", 16, 16, id="bf16-lam0.1-S33"),
+    pytest.param("gaussian", {"lam": 1.0}, 30, "float16", 16, 16, id="fp16-lam1-S30"),
+    pytest.param("offset", {"offset": 100.0, "lam": 0.1}, 40, "float32", 16, 16, id="fp32-offset100"),
+    pytest.param("spectrum", {"kappa": 1e3}, 40, "float32", 16, 16, id="fp32-spectrum1e3"),
+    pytest.param("lambda_decades", {"decades": 3.0}, 40, "float16", 16, 16, id="fp16-per-query-lambda"),
+    pytest.param("early", {"lam": 1e-6}, 30, "float32", 16, 16, id="fp32-early-lam1e-6"),
+    pytest.param("bandwidth", {"scale": 0.0}, 20, "float32", 16, 16, id="fp32-scale0"),
+    pytest.param("gaussian", {"lam": 0.1}, 17, "bfloat16", 16, 32, id="bf16-S17-D32"),
+    # found by properties/test_decode.py: kappa 2.6e8, where CG on an fp32 Sigma stalled (ratio 4.6)
+    pytest.param("subspace", {"lam": 1e-8, "noise": 1e-4, "rank": 2}, 9, "float32", 16, 16,
+                 id="fp32-subspace-lam1e-8-kappa3e8"),
+]
+
+
+@pytest.mark.parametrize("family, params, S, dtype, split, D", LLA_CASES)
+def test_lla_decode_every_position_is_the_forward_row(family, params, S, dtype, split, D):
+    p = _problem(family, params, S, dtype, D=D)
+    assert_within_budget(_judge_lla(p, split=split))
+
+
+def _wide_values(p: Problem, Dv: int) -> Problem:
+    gen = torch.Generator().manual_seed(11)
+    v = torch.randn(*p.v.shape[:-1], Dv, generator=gen, dtype=torch.float64).to(p.v.dtype).to(DEVICE)
+    return Problem(p.case, p.q, p.k, v, p.ridge_lambda, p.qk_scale)
+
+
+def test_value_width_other_than_the_key_width():
+    """Dv = 32 over D = 16 keys: both kernels, every position."""
+    p = _wide_values(_problem("gaussian", {"lam": 0.1}, 20), 32)
+    assert_within_budget(_judge_lla(p, split=16))
+    ratio, msg = _judge_parallax(p, _probe(p), split=16)
+    assert ratio <= THRESHOLD, msg
+
+
+PARALLAX_CASES = [
+    pytest.param("gaussian", {}, 45, "float32", 16, 1.0, id="fp32-S45-split16"),
+    pytest.param("gaussian", {}, 45, "float32", 48, 1.0, id="fp32-S45-split48"),
+    pytest.param("gaussian", {}, 33, "bfloat16", 16, 1.0, id="bf16-S33"),
+    pytest.param("gaussian", {}, 30, "float16", 32, 1.0, id="fp16-S30-split32"),
+    pytest.param("gaussian", {}, 30, "float32", 16, 0.0, id="fp32-r0-softmax"),
+    pytest.param("offset", {"offset": 100.0}, 40, "float32", 16, 1.0, id="fp32-offset100"),
+    pytest.param("large_norm", {"factor": 30.0}, 30, "float32", 16, 1.0, id="fp32-large-norm30"),
+]
+
+
+@pytest.mark.parametrize("family, params, S, dtype, split, rsize", PARALLAX_CASES)
+def test_parallax_decode_every_position_is_the_forward_row(family, params, S, dtype, split, rsize):
+    p = _problem(family, params, S, dtype)
+    ratio, msg = _judge_parallax(p, _probe(p, size=rsize), split=split)
+    assert ratio <= THRESHOLD, msg
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_parallax_decode_under_a_large_common_key_offset(offset):
+    """k + offset c: the moments cancel the offset before any product (docs/decode.md)."""
+    p = _problem("gaussian", {}, 40, "float32", seed=2)
+    gen = torch.Generator().manual_seed(4)
+    c = torch.randn(p.q.shape[-1], generator=gen, dtype=torch.float64)
+    k = (p.k.double() + offset * c / c.norm()).to(p.k.dtype)
+    p2 = Problem(p.case, p.q, k, p.v, p.ridge_lambda, p.qk_scale)
+    ratio, msg = _judge_parallax(p2, _probe(p2, size=2.0), split=16)
+    assert ratio <= THRESHOLD, msg
+
+
+# ------------------------------------------------------------------------- ragged batches
+LENGTHS = [45, 1, 20]  # none a multiple of the split (16), one a first token
+
+
+def _ragged(dtype="float32"):
+    p = _problem("gaussian", {"lam": 0.1}, 48, dtype, B=len(LENGTHS))
+    lens = torch.tensor(LENGTHS, device=DEVICE)
+    t = lens - 1
+    b = torch.arange(len(LENGTHS), device=DEVICE)
+    return p, lens, b, t
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lla_decode_ragged_batch(dtype):
+    p, lens, b, t = _ragged(dtype)
+    q = p.q[b, :, t]
+    lam = p.lam_tensor[b, :, t].to(torch.float32)
+    o = lla_decode(q, poison_past(p.k, lens), poison_past(p.v, lens), lens, ridge_lambda=lam, qk_scale=p.qk_scale,
+                   split=16)
+    fb = forward_budget(p, IMPL)
+    err = (o.double() - fb.details.o[b, :, t]).norm(dim=-1)
+    ratio = err / fb.allowed[b, :, t]
+    assert bool((ratio <= THRESHOLD).all()), f"ragged LLA decode: ratios {ratio.tolist()} (lengths {LENGTHS})"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_parallax_decode_ragged_batch(dtype):
+    p, lens, b, t = _ragged(dtype)
+    r = _probe(p)
+    o = parallax_decode(p.q[b, :, t], r[b, :, t], poison_past(p.k, lens), poison_past(p.v, lens), lens,
+                        qk_scale=p.qk_scale, split=16)
+    ref, allowed, _ = parallax_allowed(p.q, p.k, p.v, r, qk_scale=p.qk_scale, out_dtype=o.dtype)
+    ratio = (o.double() - ref[b, :, t]).norm(dim=-1) / allowed[b, :, t]
+    assert bool((ratio <= THRESHOLD).all()), f"ragged Parallax decode: ratios {ratio.tolist()} (lengths {LENGTHS})"
+
+
+def test_decode_oracles_are_the_forward_rows():
+    """The decode oracles slice the forward oracles: ragged prefixes, grouped heads."""
+    gen = torch.Generator().manual_seed(0)
+    B, H, Hk, T, D = 3, 4, 2, 12, 8
+    q, r = (torch.randn(B, H, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(B, Hk, T, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    lens = torch.tensor([12, 1, 7])
+    lam = torch.rand(B, H, generator=gen, dtype=torch.float64) + 0.05
+    o_l = lla_decode_reference(q, poison_past(k, lens), poison_past(v, lens), lens, ridge_lambda=lam)
+    o_p = parallax_decode_reference(q, r, poison_past(k, lens), poison_past(v, lens), lens)
+    for b, L in enumerate(lens.tolist()):
+        kb, vb = (t[b:b + 1, :, :L].repeat_interleave(H // Hk, 1) for t in (k, v))
+        qb, rb = (t[b:b + 1, :, None, :].expand(1, H, L, D) for t in (q, r))
+        want_l = lla_forward(qb, kb, vb, ridge_lambda=lam[b][None, :, None].expand(1, H, L))[0, :, L - 1]
+        want_p = parallax_forward(qb, kb, vb, rb)[0, :, L - 1]
+        assert torch.equal(o_l[b], want_l) and torch.equal(o_p[b], want_p)
+    assert torch.allclose(o_l[1], v[1, :, 0].repeat_interleave(2, 0), rtol=0, atol=1e-14)  # first token
+
+
+# ------------------------------------------------------------------------- first token
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_first_token_is_v0(dtype):
+    """lengths = 1: LLA returns v_0 to rounding (one key: the regression interpolates it);
+    Parallax returns v_0 exactly (every centred moment is 0)."""
+    p = _problem("gaussian", {"lam": 0.1}, 16, dtype, B=2)
+    lens = torch.ones(2, dtype=torch.int64, device=DEVICE)
+    kc, vc = poison_past(p.k, lens), poison_past(p.v, lens)
+    v0 = p.v[:, :, 0].double()
+    o = lla_decode(p.q[:, :, 0], kc, vc, lens, ridge_lambda=0.1, qk_scale=p.qk_scale).double()
+    allowed = MODEL_SAFETY * (unit_roundoff(p.q.dtype) + U_C) * v0.norm(dim=-1)
+    assert bool(((o - v0).norm(dim=-1) <= allowed).all()), f"|o_0 - v_0| = {(o - v0).norm(dim=-1).max():.3e}"
+    o_p = parallax_decode(p.q[:, :, 0], _probe(p)[:, :, 0], kc, vc, lens, qk_scale=p.qk_scale)
+    assert torch.equal(o_p, p.v[:, :, 0])
+
+
+# ------------------------------------------------------------------------- token by token
+def _step(p: Problem, T_max: int, call):
+    """Decode a problem token by token, appending k_t, v_t to a NaN-filled cache of T_max."""
+    B, H, S, D = p.q.shape
+    kc = torch.full((B, H, T_max, D), float("nan"), dtype=p.k.dtype, device=DEVICE)
+    vc = torch.full((B, H, T_max, p.v.shape[-1]), float("nan"), dtype=p.v.dtype, device=DEVICE)
+    outs = []
+    for t in range(S):
+        kc[:, :, t] = p.k[:, :, t]
+        vc[:, :, t] = p.v[:, :, t]
+        outs.append(call(t, kc, vc, torch.full((B,), t + 1, dtype=torch.int32, device=DEVICE)))
+    return torch.stack(outs, 2)
+
+
+def test_lla_token_by_token_reproduces_the_forward():
+    p = _problem("gaussian", {"lam": 0.1}, 20, B=2, seed=5)
+    lam = p.lam_tensor.to(torch.float32)
+    o = _step(p, 24, lambda t, kc, vc, lens: lla_decode(p.q[:, :, t], kc, vc, lens, ridge_lambda=lam[:, :, t],
+                                                        qk_scale=p.qk_scale, split=16))
+    assert_within_budget(check_forward(p, IMPL, o))
+
+
+def test_parallax_token_by_token_reproduces_the_forward():
+    p = _problem("gaussian", {}, 20, "bfloat16", B=2, seed=5)
+    r = _probe(p)
+    o = _step(p, 24, lambda t, kc, vc, lens: parallax_decode(p.q[:, :, t], r[:, :, t], kc, vc, lens,
+                                                             qk_scale=p.qk_scale, split=16))
+    ratio, msg = check_parallax(p.q, p.k, p.v, r, o, qk_scale=p.qk_scale)
+    assert ratio <= THRESHOLD, msg
+
+
+# ------------------------------------------------------------------------- grouped heads
+def _grouped(dtype="float32"):
+    """H = 4 query heads over H_kv = 2 key-value heads; the forward sees the kv heads repeated."""
+    kv = _problem("gaussian", {"lam": 0.1}, 40, dtype, H=2, seed=6)
+    qs = _problem("gaussian", {"lam": 0.1}, 40, dtype, H=4, seed=7)
+    full = Problem(qs.case, qs.q, kv.k.repeat_interleave(2, 1), kv.v.repeat_interleave(2, 1), 0.1, qs.qk_scale)
+    return full, kv.k, kv.v
+
+
+def _every_position_grouped(p, k, v):
+    return every_position(p.q, k, v)
+
+
+def test_lla_decode_grouped_query_heads():
+    p, k, v = _grouped()
+    qd, kc, vc, lens, _ = _every_position_grouped(p, k, v)
+    o = lla_decode(qd, kc, vc, lens, ridge_lambda=0.1, qk_scale=p.qk_scale, split=16)
+    B, H, S, _ = p.q.shape
+    assert_within_budget(check_forward(p, IMPL, o.reshape(B, S, H, -1).transpose(1, 2)))
+
+
+def test_parallax_decode_grouped_query_heads():
+    p, k, v = _grouped("bfloat16")
+    r = _probe(p)
+    qd, kc, vc, lens, _ = _every_position_grouped(p, k, v)
+    rd = r.transpose(1, 2).reshape(qd.shape)
+    o = parallax_decode(qd, rd, kc, vc, lens, qk_scale=p.qk_scale, split=16)
+    B, H, S, _ = p.q.shape
+    ratio, msg = check_parallax(p.q, p.k, p.v, r, o.reshape(B, S, H, -1).transpose(1, 2), qk_scale=p.qk_scale)
+    assert ratio <= THRESHOLD, msg
+
+
+# ------------------------------------------------------------------------- statistics
+def test_lla_decode_statistics():
+    p = _problem("spectrum", {"kappa": 1e3}, 40)
+    o, st = decode_lla_every_position(p, lla_decode, split=16)
+    D = p.q.shape[-1]
+    assert set(st) == {"cg_iters", "cg_residual", "omega", "delta", "fallback"}
+    assert st["cg_iters"].dtype == torch.int32 and st["cg_iters"].shape == p.q.shape[:-1]
+    assert bool((st["cg_iters"] >= 1).all()) and bool((st["cg_iters"] <= 16 * D).all())
+    assert float(st["cg_residual"].max()) <= 1e-5, float(st["cg_residual"].max())
+    assert not bool(st["fallback"].any())
+    d = forward_budget(p, IMPL, dense=False).details
+    # omega and delta are the forward's, up to fp32 rounding of sums of S terms
+    assert torch.allclose(st["omega"].double(), d.omega, rtol=1e-5, atol=0)
+    assert torch.allclose(st["delta"].double() / st["omega"].double(), d.delta / d.omega, rtol=1e-3, atol=1e-6)
+    # no iteration: rho = 0, the true residual is ||mu|| / ||mu|| = 1
+    _, st0 = decode_lla_every_position(p, lla_decode, split=16, cg_max_iters=0)
+    assert bool((st0["cg_iters"] == 0).all()) and bool((st0["cg_residual"] == 1.0).all())
+
+
+# ------------------------------------------------------------------------- bad input
+def _args(B=2, H=2, T=8, D=16, Dv=16, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, D, generator=gen).to(dtype).to(DEVICE)
+    k = torch.randn(B, H, T, D, generator=gen).to(dtype).to(DEVICE)
+    v = torch.randn(B, H, T, Dv, generator=gen).to(dtype).to(DEVICE)
+    return q, k, v, torch.tensor([T, 3], device=DEVICE)
+
+
+def _bad(name):
+    q, k, v, lens = _args()
+    if name == "q-rank":
+        return (q[:, :, None], k, v, lens), "q: expected shape"
+    if name == "k-heads":
+        return (q, torch.zeros(2, 3, 8, 16, device=DEVICE), v, lens), "k_cache: expected shape.*H_kv dividing H"
+    if name == "k-D":
+        return (q, k[..., :8], v, lens), "k_cache"
+    if name == "v-T":
+        return (q, k, v[:, :, :4], lens), "v_cache"
+    if name == "dtype-mix":
+        return (q, k.half(), v, lens), "k_cache|one dtype"
+    if name == "float64":
+        return (q.double(), k.double(), v.double(), lens), "q: expected a floating dtype"
+    if name == "D-24":
+        q, k, v, lens = _args(D=24)
+        return (q, k, v, lens), "head dimension 24"
+    if name == "len-0":
+        return (q, k, v, torch.tensor([0, 3], device=DEVICE)), "lengths"
+    if name == "len-past":
+        return (q, k, v, torch.tensor([9, 3], device=DEVICE)), "lengths.*T_max = 8"
+    if name == "len-float":
+        return (q, k, v, lens.float()), "lengths: expected an integer tensor"
+    if name == "len-shape":
+        return (q, k, v, lens[:1]), "lengths: expected an integer tensor of shape"
+    if name == "nan-used":
+        k = k.clone()
+        k[1, 0, 2, 0] = float("nan")
+        return (q, k, v, lens), "k_cache: expected finite values"
+    raise AssertionError(name)
+
+
+BAD = ["q-rank", "k-heads", "k-D", "v-T", "dtype-mix", "float64", "D-24", "len-0", "len-past", "len-float",
+       "len-shape", "nan-used"]
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_is_named(name):
+    (q, k, v, lens), match = _bad(name)
+    with pytest.raises(LLAInputError, match=match):
+        lla_decode(q, k, v, lens, ridge_lambda=0.1)
+    r = q.clone() if q.dim() == 3 else torch.zeros_like(q)
+    with pytest.raises(LLAInputError, match=match):
+        parallax_decode(q, r, k, v, lens)
+
+
+def test_nan_past_the_length_is_not_an_error():
+    q, k, v, lens = _args()
+    k, v = poison_past(k, lens), poison_past(v, lens)
+    assert torch.isfinite(lla_decode(q, k, v, lens, ridge_lambda=0.1)).all()
+    assert torch.isfinite(parallax_decode(q, q, k, v, lens)).all()
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"ridge_lambda": -1.0}, "ridge_lambda"), ({"ridge_lambda": 0.1, "cg_tol": -1}, "cg_tol"),
+    ({"ridge_lambda": 0.1, "cg_max_iters": 1.5}, "cg_max_iters"), ({"ridge_lambda": 0.1, "split": 20}, "split"),
+    ({"ridge_lambda": 0.1, "qk_scale": float("nan")}, "qk_scale"), ({"ridge_lambda": torch.ones(3)}, "ridge_lambda"),
+])
+def test_bad_option_is_named(kw, match):
+    q, k, v, lens = _args()
+    with pytest.raises(LLAInputError, match=match):
+        lla_decode(q, k, v, lens, **kw)
+
+
+def test_bad_probe_is_named():
+    q, k, v, lens = _args()
+    with pytest.raises(LLAInputError, match="r: expected the shape of q"):
+        parallax_decode(q, q[:, :1], k, v, lens)
+    with pytest.raises(LLAInputError, match="r: expected q's dtype"):
+        parallax_decode(q, q.half(), k, v, lens)
+
+
+# ------------------------------------------------------------------------- planted bugs
+def _shorter(lengths):
+    return torch.clamp(lengths - 1, min=1)
+
+
+def lla_off_by_one(q, k, v, lengths, **kw):
+    """Attends to one position too few: the query's own key is dropped."""
+    return lla_decode(q, k, v, _shorter(lengths), **kw)
+
+
+def lla_stale_length(q, k, v, lengths, **kw):
+    """The last sequence of the batch keeps the length it had before its last append."""
+    lengths = lengths.clone()
+    lengths[-1:] = _shorter(lengths[-1:])
+    return lla_decode(q, k, v, lengths, **kw)
+
+
+def _sum_without_rescale(parts):
+    """The splits' sums added as they are, each against its own max: the missing exp(m_s - M)."""
+    return (parts["m"].amax(1), parts["omega"].sum(1), parts["mu"].sum(1), parts["sigma"].sum(1))
+
+
+def lla_no_rescale(q, k, v, lengths, *, return_stats=False, **kw):
+    o, st, _ = lla_decode_stages(q, k, v, lengths, combine=_sum_without_rescale, **kw)
+    return (o, st._asdict()) if return_stats else o
+
+
+def parallax_off_by_one(q, r, k, v, lengths, **kw):
+    return parallax_decode(q, r, k, v, _shorter(lengths), **kw)
+
+
+def parallax_stale_length(q, r, k, v, lengths, **kw):
+    lengths = lengths.clone()
+    lengths[-1:] = _shorter(lengths[-1:])
+    return parallax_decode(q, r, k, v, lengths, **kw)
+
+
+def parallax_no_rescale(q, r, k, v, lengths, **kw):
+    """The splits' centred moments merged (in torch) without the exp(m_s - M) rescale."""
+    parts = parallax_decode_partials(q, r, k, v, lengths, **kw)
+    B, H, _ = q.shape
+    om, nu, db, x = parts["omega"][:, 0], parts["nu"][:, 0], parts["dbar"][:, 0], parts["x"][:, 0]
+    used = -(-parts["lengths"].long().repeat_interleave(H) // parts["split"])
+    for s in range(1, parts["m"].shape[1]):
+        live = (s < used)[:, None]
+        om_b, nu_b, db_b, x_b = parts["omega"][:, s], parts["nu"][:, s], parts["dbar"][:, s], parts["x"][:, s]
+        tot = om + torch.where(live[:, 0], om_b, 0)
+        fb = torch.where(live[:, 0], om_b / tot, 0)
+        x = torch.where(live, x + x_b + (om * fb * (db_b - db))[:, None] * (nu_b - nu), x)
+        nu = nu + fb[:, None] * (nu_b - nu)
+        db = db + fb * (db_b - db)
+        om = tot
+    o = v[:, :, 0].reshape(B * H, -1).float() + nu - x / om[:, None]
+    return o.reshape(B, H, -1).to(q.dtype)
+
+
+LLA_MUTANTS = {"off-by-one-length": lla_off_by_one, "stale-length": lla_stale_length,
+               "combine-without-rescale": lla_no_rescale}
+PARALLAX_MUTANTS = {"off-by-one-length": parallax_off_by_one, "stale-length": parallax_stale_length,
+                    "combine-without-rescale": parallax_no_rescale}
+
+
+@pytest.mark.parametrize("name", list(LLA_MUTANTS))
+def test_lla_planted_bug_is_caught(name):
+    p = _problem("gaussian", {"lam": 0.1}, 40)
+    v = _judge_lla(p, LLA_MUTANTS[name], split=16)
+    assert not v.passed, f"planted bug {name} passed the decode check: {v.message}"
+
+
+@pytest.mark.parametrize("name", list(PARALLAX_MUTANTS))
+def test_parallax_planted_bug_is_caught(name):
+    p = _problem("gaussian", {}, 40)
+    ratio, msg = _judge_parallax(p, _probe(p), PARALLAX_MUTANTS[name], split=16)
+    assert ratio > THRESHOLD, f"planted bug {name} passed the decode check: {msg}"
