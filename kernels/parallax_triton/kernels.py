@@ -90,9 +90,12 @@ def _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK: tl.constexpr, SPREC: t
 
 
 @triton.jit
-def _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, e_i, acc_a, acc_b,
+def _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nu, dbar, cm,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
               MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+    """Merge one key tile into the running (m, W, nu, dbar, M) of each query (Chan et al.'s
+    pairwise update of a co-moment); M = sum_j w_j (vp_j - nu)(d_j - dbar) in the weights
+    of the running maximum."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
     a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC).to(ACC)
@@ -102,12 +105,25 @@ def _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, 
     w = tl.exp(a - m_new[:, None])
     # d_ij against the anchored keys: O(spread |r_i|), never O(|k_j| |r_i|)
     d = tl.dot(rf, tl.trans(kp), input_precision=PREC)
-    wd = w * d
-    l_i = l_i * alpha + tl.sum(w, 1)
-    e_i = e_i * alpha + tl.sum(wd, 1)
-    acc_a = acc_a * alpha[:, None] + tl.dot(w, vp, input_precision=PREC)
-    acc_b = acc_b * alpha[:, None] + tl.dot(wd, vp, input_precision=PREC)
-    return m_new, l_i, e_i, acc_a, acc_b
+    w_b = tl.sum(w, 1)
+    # a row may see no key of a diagonal tile (BLOCK_N < BLOCK_M), or only underflowed
+    # weights: its tile moments are then zero and the merge leaves the row as it was
+    inv_b = tl.where(w_b > 0, 1.0 / tl.where(w_b > 0, w_b, 1.0), 0.0)
+    nu_b = tl.dot(w, vp, input_precision=PREC) * inv_b[:, None]
+    dbar_b = tl.sum(w * d, 1) * inv_b
+    # the tile's co-moment with d centred on the tile mean; the value side is centred by
+    # subtracting nu_b sum_j w_j (d_j - dbar_b), which rounding leaves small but not zero
+    we = w * (d - dbar_b[:, None])
+    cm_b = tl.dot(we, vp, input_precision=PREC) - nu_b * tl.sum(we, 1)[:, None]
+    w_a = l_i * alpha
+    w_ab = w_a + w_b
+    frac = w_b / w_ab
+    dnu = nu_b - nu
+    dd = dbar_b - dbar
+    cm = cm * alpha[:, None] + cm_b + (w_a * frac * dd)[:, None] * dnu
+    nu = nu + frac[:, None] * dnu
+    dbar = dbar + frac * dd
+    return m_new, w_ab, nu, dbar, cm
 
 
 # S is not specialised on (== 1, % 16): every pointer is offset by multiples of D or Dv
@@ -137,25 +153,21 @@ def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, S, scale,
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
-    e_i = tl.zeros([BLOCK_M], dtype=ACC)
-    acc_a = tl.zeros([BLOCK_M, DV], dtype=ACC)
-    acc_b = tl.zeros([BLOCK_M, DV], dtype=ACC)
+    dbar = tl.zeros([BLOCK_M], dtype=ACC)
+    nup = tl.zeros([BLOCK_M, DV], dtype=ACC)
+    cm = tl.zeros([BLOCK_M, DV], dtype=ACC)
     hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
     # key tiles entirely below the diagonal (and inside S) need no mask
     lo_full = ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
     for start_n in range(0, lo_full, BLOCK_N):
-        m_i, l_i, e_i, acc_a, acc_b = _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m,
-                                                m_i, l_i, e_i, acc_a, acc_b, D, DV, BLOCK_N, UPCAST, False, ACC,
-                                                PREC, SPREC)
+        m_i, l_i, nup, dbar, cm = _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m,
+                                            m_i, l_i, nup, dbar, cm, D, DV, BLOCK_N, UPCAST, False, ACC,
+                                            PREC, SPREC)
     for start_n in range(lo_full, hi, BLOCK_N):
-        m_i, l_i, e_i, acc_a, acc_b = _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m,
-                                                m_i, l_i, e_i, acc_a, acc_b, D, DV, BLOCK_N, UPCAST, True, ACC,
-                                                PREC, SPREC)
-    inv_l = 1.0 / l_i
-    nup = acc_a * inv_l[:, None]
-    dbar = e_i * inv_l
-    # sum_j p (vp - nup)(d - dbar) = sum_j p vp d - nup dbar: both terms O(spread^2 |r|)
-    cr = acc_b * inv_l[:, None] - nup * dbar[:, None]
+        m_i, l_i, nup, dbar, cm = _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m,
+                                            m_i, l_i, nup, dbar, cm, D, DV, BLOCK_N, UPCAST, True, ACC,
+                                            PREC, SPREC)
+    cr = cm / l_i[:, None]
     o = cv[None, :] + nup - cr
 
     offs_e = tl.arange(0, DV)
