@@ -179,6 +179,20 @@ def test_pinned_forward_meets_the_same_precision_target(spec):
     assert bool((err <= allowed).all()), f"{spec}: error / target {worst:.3g} (errors {err.flatten().tolist()})"
 
 
+def test_forward_tiles_narrower_than_the_query_tile():
+    # BLOCK_N < BLOCK_M (the GPU's D = 128 configuration): the upper rows of a query tile
+    # see no key of the second diagonal key tile and must leave their moments unchanged
+    from parallax_triton import parallax_forward_kernel
+
+    spec = "large_norm:factor=19.95128837200088,lam=1:B=1,H=2,S=45,D=16,dtype=float32,seed=3;probe=lla"
+    p, _ = _pinned(spec)
+    flat = tuple(t.reshape(2, 45, t.shape[-1]).contiguous() for t in (p.q, p.k, p.v, p.r))
+    o = parallax_forward_kernel(*flat, p.qk_scale, config=(32, 16, 1, 1)).o.reshape(p.v.shape)
+    verdict = check_parallax_forward(p.q, p.k, p.v, p.r, o, impl="parallax_triton", case=f"{spec} BLOCK 32x16",
+                                     qk_scale=p.qk_scale)
+    assert verdict.passed, verdict.message
+
+
 def test_zero_probe_is_causal_softmax_attention():
     q, k, v, r = _inputs("zero_probe", S=40, dtype=torch.float64)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)

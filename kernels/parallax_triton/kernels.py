@@ -9,6 +9,10 @@ head's first key and value, the anchors):
     nup_i = sum_j p_ij vp_j  cr_i = C_i r_i = sum_j p_ij vp_j d_ij - nup_i dbar_i
     o_i = c_v + nup_i - cr_i
 
+The forward never evaluates that expansion of cr_i (its two sums cancel at |vp| |d| when
+the softmax sits on a key far from k_0): it streams the centred co-moment
+M_i = sum_j w_ij (vp_j - nup_i)(d_ij - dbar_i) over key tiles with Chan et al.'s merge.
+
 Backward, with g_i = dL/do_i, gv_ij = <g_i, vp_j> - <g_i, nup_i> = <g_i, v_j - nu_i> and
 delta_i = <g_i, cr_i>:
 
