@@ -109,25 +109,22 @@ def _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, 
     w = tl.exp(a - m_new[:, None])
     # d_ij against the anchored keys: O(spread |r_i|), never O(|k_j| |r_i|)
     d = tl.dot(rf, tl.trans(kp), input_precision=PREC)
-    w_b = tl.sum(w, 1)
-    # a row may see no key of a diagonal tile (BLOCK_N < BLOCK_M), or only underflowed
-    # weights: its tile moments are then zero and the merge leaves the row as it was
-    inv_b = tl.where(w_b > 0, 1.0 / tl.where(w_b > 0, w_b, 1.0), 0.0)
-    nu_b = tl.dot(w, vp, input_precision=PREC) * inv_b[:, None]
-    dbar_b = tl.sum(w * d, 1) * inv_b
-    # the tile's co-moment with d centred on the tile mean; the value side is centred by
-    # subtracting nu_b sum_j w_j (d_j - dbar_b), which rounding leaves small but not zero
-    we = w * (d - dbar_b[:, None])
-    cm_b = tl.dot(we, vp, input_precision=PREC) - nu_b * tl.sum(we, 1)[:, None]
     w_a = l_i * alpha
-    w_ab = w_a + w_b
-    frac = w_b / w_ab
-    dnu = nu_b - nu
-    dd = dbar_b - dbar
-    cm = cm * alpha[:, None] + cm_b + (w_a * frac * dd)[:, None] * dnu
-    nu = nu + frac[:, None] * dnu
-    dbar = dbar + frac * dd
-    return m_new, w_ab, nu, dbar, cm
+    w_ab = w_a + tl.sum(w, 1)
+    # w_ab >= 1 (the row's maximum weighs 1), while a tile's own weight may underflow to
+    # zero or a subnormal: so the tile is centred on the merged means, never divided by
+    # its own weight, and a row that sees no key of the tile is left as it was
+    inv = 1.0 / w_ab
+    nu_new = (w_a[:, None] * nu + tl.dot(w, vp, input_precision=PREC)) * inv[:, None]
+    dbar_new = (w_a * dbar + tl.sum(w * d, 1)) * inv
+    # sum_j w_ij (vp_j - nu_new)(d_ij - dbar_new), the value side centred through the
+    # second term because nu_new differs per query and cannot enter the product
+    we = w * (d - dbar_new[:, None])
+    cm_b = tl.dot(we, vp, input_precision=PREC) - nu_new * tl.sum(we, 1)[:, None]
+    # Chan et al.: moving the old moment from its means to the merged ones adds
+    # w_a (nu - nu_new)(dbar - dbar_new)
+    cm = cm * alpha[:, None] + cm_b + (w_a * (dbar - dbar_new))[:, None] * (nu - nu_new)
+    return m_new, w_ab, nu_new, dbar_new, cm
 
 
 # S is not specialised on (== 1, % 16): every pointer is offset by multiples of D or Dv
