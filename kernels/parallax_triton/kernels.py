@@ -98,7 +98,7 @@ def _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, 
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
               MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
     """Merge one key tile into the running (m, W, nu, dbar, M) of each query (Chan et al.'s
-    pairwise update of a co-moment); M = sum_j w_j (vp_j - nu)(d_j - dbar) in the weights
+    update of a co-moment); M = sum_j w_j (vp_j - nu)(d_j - dbar) in the weights
     of the running maximum."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
