@@ -129,6 +129,73 @@ def test_forward_float64_matches_the_oracle():
     _judge_forward(*_inputs("large_probe", dtype=torch.float64), "large_probe float64")
 
 
+# Pinned property-suite draws. Large-norm keys concentrate the softmax on a key far from
+# any fixed anchor: there sum_j p_j v_j d_j and nu_i sum_j p_j d_j are ~1e6 and cancel to
+# O(1), so only a co-moment centred on the running means meets the budget.
+PINNED_FORWARD = (
+    "large_norm:factor=19.95128837200088,lam=1:B=1,H=1,S=6,D=16,dtype=float32,seed=0;probe=lla",
+    "gaussian:lam=1,scale_mult=3.1622776601683795:B=1,H=1,S=2,D=16,dtype=float32,seed=1;probe=lla",
+    # row 19's second key tile weighs a subnormal against the running maximum: dividing by
+    # a tile's own weight overflows there and turns the row into NaN
+    "large_norm:factor=100,lam=1:B=1,H=1,S=20,D=16,dtype=float32,seed=0;probe=zero",
+)
+# issue 22's kernel target, as in properties/test_parallax.py: every query's error at most
+# this many times the dense centred fp32 computation's worst, or 2 ulp of its output
+KERNEL_TARGET_FACTOR = 4.0
+
+
+def _pinned(spec):
+    from lla_verify.registry.parallax import parse_parallax_case
+
+    p = parse_parallax_case(spec).build(DEVICE)
+    return p, parallax_attention(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale)
+
+
+@pytest.mark.parametrize("spec", PINNED_FORWARD)
+def test_pinned_forward_within_budget(spec):
+    p, o = _pinned(spec)
+    verdict = check_parallax_forward(p.q, p.k, p.v, p.r, o, impl="parallax_triton", case=spec, qk_scale=p.qk_scale)
+    assert verdict.passed, verdict.message
+
+
+# The gaussian draw misses the target by about 2x on its one covariance row (S = 2): the
+# error is fp32 rounding of the scores and of d_1 = <k_1 - k_0, r_1> (a 16-term dot with
+# cancellation) carried through cr = p_0 p_1 d_1 (v_1 - v_0), while the dense reference
+# happens to land within about 1 ulp on that row. It is rounding of products, not
+# cancellation, so no centring removes it. Strict, so a fix shows up here.
+TARGET_MISSES = {PINNED_FORWARD[1]: "fp32 rounding of the scores and d_ij, not the centring"}
+
+
+@pytest.mark.parametrize("spec", [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=TARGET_MISSES[s]))
+                                  if s in TARGET_MISSES else s for s in PINNED_FORWARD])
+def test_pinned_forward_meets_the_same_precision_target(spec):
+    from lla_verify.oracles.parallax import parallax_dense, parallax_forward
+    from lla_verify.registry.precision import unit_roundoff
+
+    p, o = _pinned(spec)
+    o64 = parallax_forward(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale)
+    dense = parallax_dense(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale).double()
+    err, dense_err = (o.double() - o64).norm(dim=-1), (dense - o64).norm(dim=-1)
+    allowed = torch.maximum(KERNEL_TARGET_FACTOR * dense_err.max(),
+                            2 * 2 * unit_roundoff(p.q.dtype) * o64.norm(dim=-1))
+    worst = float((err / allowed).max())
+    assert bool((err <= allowed).all()), f"{spec}: error / target {worst:.3g} (errors {err.flatten().tolist()})"
+
+
+def test_forward_tiles_narrower_than_the_query_tile():
+    # BLOCK_N < BLOCK_M (the GPU's D = 128 configuration): the upper rows of a query tile
+    # see no key of the second diagonal key tile and must leave their moments unchanged
+    from parallax_triton import parallax_forward_kernel
+
+    spec = "large_norm:factor=19.95128837200088,lam=1:B=1,H=2,S=45,D=16,dtype=float32,seed=3;probe=lla"
+    p, _ = _pinned(spec)
+    flat = tuple(t.reshape(2, 45, t.shape[-1]).contiguous() for t in (p.q, p.k, p.v, p.r))
+    o = parallax_forward_kernel(*flat, p.qk_scale, config=(32, 16, 1, 1)).o.reshape(p.v.shape)
+    verdict = check_parallax_forward(p.q, p.k, p.v, p.r, o, impl="parallax_triton", case=f"{spec} BLOCK 32x16",
+                                     qk_scale=p.qk_scale)
+    assert verdict.passed, verdict.message
+
+
 def test_zero_probe_is_causal_softmax_attention():
     q, k, v, r = _inputs("zero_probe", S=40, dtype=torch.float64)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)

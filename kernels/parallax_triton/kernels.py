@@ -9,6 +9,10 @@ head's first key and value, the anchors):
     nup_i = sum_j p_ij vp_j  cr_i = C_i r_i = sum_j p_ij vp_j d_ij - nup_i dbar_i
     o_i = c_v + nup_i - cr_i
 
+The forward never evaluates that expansion of cr_i (its two sums cancel at |vp| |d| when
+the softmax sits on a key far from k_0): it streams the centred co-moment
+M_i = sum_j w_ij (vp_j - nup_i)(d_ij - dbar_i) over key tiles with Chan et al.'s merge.
+
 Backward, with g_i = dL/do_i, gv_ij = <g_i, vp_j> - <g_i, nup_i> = <g_i, v_j - nu_i> and
 delta_i = <g_i, cr_i>:
 
@@ -90,9 +94,12 @@ def _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK: tl.constexpr, SPREC: t
 
 
 @triton.jit
-def _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, e_i, acc_a, acc_b,
+def _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nu, dbar, cm,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
               MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+    """Merge one key tile into the running (m, W, nu, dbar, M) of each query (Chan et al.'s
+    update of a co-moment); M = sum_j w_j (vp_j - nu)(d_j - dbar) in the weights
+    of the running maximum."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
     a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC).to(ACC)
@@ -102,12 +109,22 @@ def _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, 
     w = tl.exp(a - m_new[:, None])
     # d_ij against the anchored keys: O(spread |r_i|), never O(|k_j| |r_i|)
     d = tl.dot(rf, tl.trans(kp), input_precision=PREC)
-    wd = w * d
-    l_i = l_i * alpha + tl.sum(w, 1)
-    e_i = e_i * alpha + tl.sum(wd, 1)
-    acc_a = acc_a * alpha[:, None] + tl.dot(w, vp, input_precision=PREC)
-    acc_b = acc_b * alpha[:, None] + tl.dot(wd, vp, input_precision=PREC)
-    return m_new, l_i, e_i, acc_a, acc_b
+    w_a = l_i * alpha
+    w_ab = w_a + tl.sum(w, 1)
+    # w_ab >= 1 (the row's maximum weighs 1), while a tile's own weight may underflow to
+    # zero or a subnormal: so the tile is centred on the merged means, never divided by
+    # its own weight, and a row that sees no key of the tile is left as it was
+    inv = 1.0 / w_ab
+    nu_new = (w_a[:, None] * nu + tl.dot(w, vp, input_precision=PREC)) * inv[:, None]
+    dbar_new = (w_a * dbar + tl.sum(w * d, 1)) * inv
+    # sum_j w_ij (vp_j - nu_new)(d_ij - dbar_new), the value side centred through the
+    # second term because nu_new differs per query and cannot enter the product
+    we = w * (d - dbar_new[:, None])
+    cm_b = tl.dot(we, vp, input_precision=PREC) - nu_new * tl.sum(we, 1)[:, None]
+    # Chan et al.: moving the old moment from its means to the merged ones adds
+    # w_a (nu - nu_new)(dbar - dbar_new)
+    cm = cm * alpha[:, None] + cm_b + (w_a * (dbar - dbar_new))[:, None] * (nu - nu_new)
+    return m_new, w_ab, nu_new, dbar_new, cm
 
 
 # S is not specialised on (== 1, % 16): every pointer is offset by multiples of D or Dv
@@ -137,25 +154,21 @@ def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, S, scale,
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
-    e_i = tl.zeros([BLOCK_M], dtype=ACC)
-    acc_a = tl.zeros([BLOCK_M, DV], dtype=ACC)
-    acc_b = tl.zeros([BLOCK_M, DV], dtype=ACC)
+    dbar = tl.zeros([BLOCK_M], dtype=ACC)
+    nup = tl.zeros([BLOCK_M, DV], dtype=ACC)
+    cm = tl.zeros([BLOCK_M, DV], dtype=ACC)
     hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
     # key tiles entirely below the diagonal (and inside S) need no mask
     lo_full = ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
     for start_n in range(0, lo_full, BLOCK_N):
-        m_i, l_i, e_i, acc_a, acc_b = _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m,
-                                                m_i, l_i, e_i, acc_a, acc_b, D, DV, BLOCK_N, UPCAST, False, ACC,
-                                                PREC, SPREC)
+        m_i, l_i, nup, dbar, cm = _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m,
+                                            m_i, l_i, nup, dbar, cm, D, DV, BLOCK_N, UPCAST, False, ACC,
+                                            PREC, SPREC)
     for start_n in range(lo_full, hi, BLOCK_N):
-        m_i, l_i, e_i, acc_a, acc_b = _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m,
-                                                m_i, l_i, e_i, acc_a, acc_b, D, DV, BLOCK_N, UPCAST, True, ACC,
-                                                PREC, SPREC)
-    inv_l = 1.0 / l_i
-    nup = acc_a * inv_l[:, None]
-    dbar = e_i * inv_l
-    # sum_j p (vp - nup)(d - dbar) = sum_j p vp d - nup dbar: both terms O(spread^2 |r|)
-    cr = acc_b * inv_l[:, None] - nup * dbar[:, None]
+        m_i, l_i, nup, dbar, cm = _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m,
+                                            m_i, l_i, nup, dbar, cm, D, DV, BLOCK_N, UPCAST, True, ACC,
+                                            PREC, SPREC)
+    cr = cm / l_i[:, None]
     o = cv[None, :] + nup - cr
 
     offs_e = tl.arange(0, DV)
