@@ -34,7 +34,7 @@ def test_judge_passes_the_rounded_oracle_and_names_an_output_off_by_its_budget()
     bad_o = o64.clone()
     i = 17
     bad_o[0, 1, i, 0] += 3.0 * float(allowed[0, 1, i])
-    bad = judge(prob, bad_o)
+    bad = judge(prob, bad_o, name="planted:bench output off by 3x its budget")
     assert not bad.passed and 2.9 < bad.ratio < 3.1, bad.message
     assert bad.worst == (0, 1, i), bad.message
     assert case.spec() in bad.message and "kappa" in bad.message

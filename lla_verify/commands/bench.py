@@ -39,14 +39,20 @@ def check_case(S: int, D: int, heads: int, ridge_lambda: float, dtype_name: str)
     return Case("gaussian", {"lam": float(ridge_lambda)}, B=1, H=int(heads), S=int(S), D=int(D), dtype=dtype_name)
 
 
-def judge(problem, o, stats=None):
+def judge(problem, o, stats=None, *, name: str | None = None):
     """The forward verdict of ``o`` (B, H, S, D) on ``problem``, as the audit judges
-    lla_triton (budget.check_forward: SPEC 8's budget with the dense fp32 reference's
-    same-precision scale): the bench's "err / budget" column."""
+    lla_triton (budget.check_forward: the budget of docs/error-model.md with the dense
+    fp32 reference's same-precision scale): the bench's "err / budget" column. ``name``
+    records the verdict under another name (a test's planted output)."""
+    import dataclasses
+
     from lla_verify.budget.forward import check_forward
     from lla_verify.registry.impls import get_impl
 
-    return check_forward(problem, get_impl("triton"), o, stats=stats, dense=True, mp_recheck=False)
+    impl = get_impl("triton")
+    if name is not None:
+        impl = dataclasses.replace(impl, name=name)
+    return check_forward(problem, impl, o, stats=stats, dense=True, mp_recheck=False)
 
 
 def _parse_configs(text):

@@ -254,7 +254,8 @@ def pytest_terminal_summary(terminalreporter, config):
     planted = set(MUTANTS) | set(PARALLAX_MUTANTS) | {f"lla_verify.testing.mutants:{n}" for n in PARALLAX_MUTANTS}
     groups: dict = {}
     for row in led:
-        groups.setdefault("planted bugs (must fail)" if row[1] in planted else row[1], []).append(row)
+        is_planted = row[1] in planted or row[1].startswith("planted:")
+        groups.setdefault("planted bugs (must fail)" if is_planted else row[1], []).append(row)
     for name in sorted(groups, key=lambda n: (n.startswith("planted"), n)):
         rows = groups[name]
         over = [x for x in rows if not x[2] <= THRESHOLD]
