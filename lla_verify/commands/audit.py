@@ -87,7 +87,7 @@ def _merge_main(args) -> int:
         f" --baseline {shlex.quote(args.baseline)}" if args.baseline else "") + (
         f" --out {shlex.quote(args.out)}" if args.out else "")
     baseline = load_baseline(args.baseline) if args.baseline else None
-    if args.out:
+    if args.out is not None:
         check_out_dir(args.out)
     report = merge_reports(args.merge, command, baseline=baseline, factor=args.regression_factor,
                            floor=args.regression_floor, baseline_path=args.baseline or "")
@@ -138,7 +138,7 @@ def _audit_main(args) -> int:
         raise UsageError(f"--max-cells: must be >= 1, got {args.max_cells}")
     baseline = load_baseline(args.baseline) if args.baseline else None
     impl = resolve_impl(args.impl, device)
-    if args.out:
+    if args.out is not None:
         check_out_dir(args.out)  # before the sweep: a bad --out found after it loses the run
     cells, skipped = plan(impl, full=full, seed=args.seed)
     if args.only:
