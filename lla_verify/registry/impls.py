@@ -224,30 +224,38 @@ def _builtin() -> dict[str, Callable[[], Impl]]:
 BUILTIN_NAMES = tuple(_builtin())
 
 
+def load_callable(spec, opt: str, builtins: list, example: str):
+    """The callable named by ``MODULE:CALLABLE``; an LLAInputError naming ``opt`` otherwise.
+
+    Shared by every operator's implementation registry (LLA's --lla-impl, Parallax's
+    --lla-parallax-impl): ``builtins`` are the names the message offers instead.
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise LLAInputError(f"{opt}: unknown implementation {spec!r}; expected one of {builtins} or MODULE:CALLABLE")
+    modname, _, attr = spec.partition(":")
+    if not modname or not attr or modname.startswith(".") or any(not p.isidentifier() for p in attr.split(".")):
+        raise LLAInputError(f"{opt}: expected a built-in name {builtins} or MODULE:CALLABLE "
+                            f"(e.g. {example}), got {spec!r}")
+    try:
+        mod = importlib.import_module(modname)
+    except Exception as exc:  # noqa: BLE001  (the user's module failed to import: their input, named)
+        raise LLAInputError(f"{opt}: cannot import module {modname!r}: {type(exc).__name__}: {exc}") from None
+    fn = mod
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise LLAInputError(f"{opt}: module {modname!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise LLAInputError(f"{opt}: {spec} is not callable")
+    return fn
+
+
 def get_impl(spec: str) -> Impl:
     """Resolve ``NAME`` (a built-in) or ``MODULE:CALLABLE`` (the protocol above)."""
     table = _builtin()
     if spec in table:
         return table[spec]()
-    if ":" not in spec:
-        raise LLAInputError(
-            f"--lla-impl: unknown implementation {spec!r}; expected one of {list(table)} or MODULE:CALLABLE"
-        )
-    modname, _, attr = spec.partition(":")
-    if not modname or not attr or modname.startswith(".") or any(not p.isidentifier() for p in attr.split(".")):
-        raise LLAInputError(f"--lla-impl: expected a built-in name {list(table)} or MODULE:CALLABLE "
-                            f"(e.g. mypkg.mymod:my_lla), got {spec!r}")
-    try:
-        mod = importlib.import_module(modname)
-    except Exception as exc:  # noqa: BLE001  (the user's module failed to import: their input, named)
-        raise LLAInputError(f"--lla-impl: cannot import module {modname!r}: {type(exc).__name__}: {exc}") from None
-    fn = mod
-    for part in attr.split("."):
-        fn = getattr(fn, part, None)
-        if fn is None:
-            raise LLAInputError(f"--lla-impl: module {modname!r} has no attribute {attr!r}")
-    if not callable(fn):
-        raise LLAInputError(f"--lla-impl: {spec} is not callable")
+    fn = load_callable(spec, "--lla-impl", list(table), "mypkg.mymod:my_lla")
     record = getattr(fn, "lla_impl_record", None)  # an external may describe itself
     if isinstance(record, Impl):
         if record.operator != "lla":

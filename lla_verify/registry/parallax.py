@@ -28,7 +28,7 @@ import torch
 
 from lla_contract import LLAInputError
 from lla_verify.registry.cases import DTYPES, Case, Param, _fmt, _items, _NUMBER, parse_case
-from lla_verify.registry.impls import ALL_DTYPES, Impl
+from lla_verify.registry.impls import ALL_DTYPES, Impl, load_callable
 
 OPERATOR = "parallax"
 
@@ -270,23 +270,7 @@ def get_parallax_impl(spec: str) -> Impl:
     if spec in table:
         return table[spec]()
     opt = "--lla-parallax-impl"
-    if not isinstance(spec, str) or ":" not in spec:
-        raise LLAInputError(f"{opt}: unknown implementation {spec!r}; expected one of {list(table)} or MODULE:CALLABLE")
-    modname, _, attr = spec.partition(":")
-    if not modname or not attr or modname.startswith(".") or any(not p.isidentifier() for p in attr.split(".")):
-        raise LLAInputError(f"{opt}: expected a built-in name {list(table)} or MODULE:CALLABLE "
-                            f"(e.g. mypkg.mymod:my_parallax), got {spec!r}")
-    try:
-        mod = importlib.import_module(modname)
-    except Exception as exc:  # noqa: BLE001  (the user's module failed to import: their input, named)
-        raise LLAInputError(f"{opt}: cannot import module {modname!r}: {type(exc).__name__}: {exc}") from None
-    fn = mod
-    for part in attr.split("."):
-        fn = getattr(fn, part, None)
-        if fn is None:
-            raise LLAInputError(f"{opt}: module {modname!r} has no attribute {attr!r}")
-    if not callable(fn):
-        raise LLAInputError(f"{opt}: {spec} is not callable")
+    fn = load_callable(spec, opt, list(table), "mypkg.mymod:my_parallax")
     record = getattr(fn, "lla_impl_record", None)
     if isinstance(record, Impl) and record.operator == OPERATOR:
         return record
