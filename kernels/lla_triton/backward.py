@@ -366,8 +366,11 @@ def _b_tile(k_dot, vp, vref, kp, c, V, Q, G, RHO, U, M_IN, DEN_IN, GO_IN, VA_IN,
     go = go + tl.sum(gf * (va.to(tl.float32) - vref[None, :]), 1)
     qr = tl.sum(qp * rho, 1)
     uq = tl.sum(qp * u, 1)
-    # transposed tiles: rows are keys j, columns queries i
-    a = tl.dot(k_dot, tl.trans(q_dot), input_precision=SPREC) * scale
+    # transposed tiles: rows are keys j, columns queries i. The scores are formed as kernel A
+    # forms them (q k^T, then transposed): w_ij is divided by A's den_i and measured against
+    # A's m_i, and k q^T rounds differently: at |a| ~ 4e2 a one-hot row's weight would be
+    # 1 + O(u |a|) instead of exactly 1, a 1000x fp32 error in dv (regressions.json)
+    a = tl.trans(tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC)) * scale
     if MASK:
         keep = (offs_n[:, None] <= offs_m[None, :]) & row_ok[None, :]
         a = tl.where(keep, a, float("-inf"))
