@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The property suite on the GPU under several Hypothesis seeds, one after another, each
+# with every core (the suite is one pytest -n JOBS run per seed; the kernel tests at real
+# sizes do not depend on the seed and are gpu-release.sh's job). Issue 21's "ten-seed run".
+#
+#   SEEDS="1 2 3" PROFILE=gpu LIMIT=540 OUT=gpu-out bash scripts/gpu-seeds.sh
+#
+# Stops starting seeds once fewer than PER_SEED seconds of LIMIT are left, so the call
+# ends inside the scheduler's limit with every started seed finished. Per seed: the
+# pytest log and its JUnit XML; OUT/seeds.txt has one line per seed (counts, wall, rc).
+set -u
+OUT=${OUT:-gpu-out}
+PY=${PY:-python}
+SEEDS=${SEEDS:-"1 2 3 4 5 6 7 8 9 10"}
+PROFILE=${PROFILE:-gpu}
+LIMIT=${LIMIT:-540}
+PER_SEED=${PER_SEED:-150}
+JOBS=${JOBS:-16}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+start=$(date +%s)
+for s in $SEEDS; do
+    left=$(( LIMIT - ($(date +%s) - start) ))
+    if [ "$left" -lt "$PER_SEED" ]; then echo "seed $s not started: ${left} s left" >> "$OUT/seeds.txt"; continue; fi
+    t0=$(date +%s)
+    timeout -s INT -k 20 "$(( left - 10 ))" $PY -m pytest -p no:cacheprovider -n "$JOBS" -q -rs --durations=10 \
+        --hypothesis-profile "$PROFILE" --hypothesis-seed="$s" --junitxml="$OUT/seed$s.xml" properties \
+        > "$OUT/seed$s.log" 2>&1
+    rc=$?
+    echo "seed $s profile $PROFILE rc=$rc wall=$(( $(date +%s) - t0 )) s: $(grep -E '^[0-9]+ (passed|failed)|[0-9]+ (passed|failed)' "$OUT/seed$s.log" | tail -1)" >> "$OUT/seeds.txt"
+    grep -E "^FAILED|^lla-verify: " "$OUT/seed$s.log" >> "$OUT/seeds.txt"
+done
+cat "$OUT/seeds.txt"
