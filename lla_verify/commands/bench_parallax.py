@@ -206,9 +206,11 @@ def _shape_row(shape, impl, args, timer: Timer, dev: str):
         failures.append(vf)
     del o
     if dev == "cuda":
-        floor = roofline_floor_s(flops=2.0 * B * H * S * (S + 1) * D, bytes_moved=5.0 * B * H * S * D * q.element_size(),
-                                 peak_flops=device_peaks(torch.cuda.get_device_name())[0],
-                                 peak_bytes_s=device_peaks(torch.cuda.get_device_name())[1])
+        # the causal scores and values products, and one pass over q, k, v, r and o
+        peaks = device_peaks(torch.cuda.get_device_name())
+        floor = roofline_floor_s(flops=2.0 * B * H * S * (S + 1) * D,
+                                 bytes_moved=5.0 * B * H * S * D * q.element_size(),
+                                 peak_flops=peaks[0], peak_bytes_s=peaks[1])
         for why in (implausible_speed(min(t_fwd, t_fwd_sync) / 1e3, floor),
                     timing_disagrees(t_fwd / 1e3, t_fwd_sync / 1e3)):
             if why:
@@ -280,46 +282,53 @@ def _memory_rows(table: Table, seqs, D: int, impl, dev: str, bar) -> None:
     emit("| S,D | inputs MiB (q,k,v,r) | fwd MiB | fwd bytes per S*D | fwd+bwd MiB | fwd+bwd bytes per S*D "
          "| SDPA fwd MiB | SDPA fwd+bwd MiB |")
     emit("|---|---|---|---|---|---|---|---|")
-    fmt = lambda x: "n/a (no CUDA)" if x is None else f"{x:.2f}"  # noqa: E731
-    per = lambda x, S: "n/a" if x is None else f"{x * 2**20 / (S * D):.1f}"  # noqa: E731
     for S in seqs:
-        g = torch.Generator(device=dev).manual_seed(1)
-        q, k, v = randn_inputs((1, 1, S, D), 3, torch.bfloat16, generator=g, device=dev)
-        r = _probe((1, 1, S, D), torch.bfloat16, g, dev)
-        do = randn_inputs((1, 1, S, D), 1, torch.bfloat16, generator=g, device=dev)[0]
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, r)]
-        sdpa_leaves = leaves[:3]
-
-        def fwd():
-            with torch.no_grad():
-                return impl(q, k, v, r, qk_scale=D ** -0.5)
-
-        def step():
-            impl(*leaves, qk_scale=D ** -0.5).backward(do)
-            return tuple(t.grad for t in leaves)
-
-        def sdpa_fwd():
-            with torch.no_grad():
-                return causal_sdpa(q, k, v)
-
-        def sdpa_step():
-            causal_sdpa(*sdpa_leaves).backward(do)
-            return tuple(t.grad for t in sdpa_leaves)
-
-        fwd()  # compile and warm the allocator outside the measured call
-        m_fwd = _peak_extra_mib(fwd, dev)
-        step()
-        for t in leaves:
-            t.grad = None
-        m_step = _peak_extra_mib(step, dev)
-        for t in leaves:
-            t.grad = None
-        m_sdpa = _peak_extra_mib(sdpa_fwd, dev)
-        m_sdpa_step = _peak_extra_mib(sdpa_step, dev)
-        inputs = 4 * q.numel() * q.element_size() / 2**20
-        emit(f"| {S},{D} | {inputs:.2f} | {fmt(m_fwd)} | {per(m_fwd, S)} | {fmt(m_step)} | {per(m_step, S)} "
-             f"| {fmt(m_sdpa)} | {fmt(m_sdpa_step)} |")
-        del q, k, v, r, do, leaves, sdpa_leaves
+        emit(_memory_row(S, D, impl, dev))
         bar.update()
         if dev == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # the row's tensors are gone with _memory_row's frame
+
+
+def _memory_row(S: int, D: int, impl, dev: str) -> str:
+    import torch
+
+    fmt = lambda x: "n/a (no CUDA)" if x is None else f"{x:.2f}"  # noqa: E731
+    per = lambda x: "n/a" if x is None else f"{x * 2**20 / (S * D):.1f}"  # noqa: E731
+    g = torch.Generator(device=dev).manual_seed(1)
+    q, k, v = randn_inputs((1, 1, S, D), 3, torch.bfloat16, generator=g, device=dev)
+    r = _probe((1, 1, S, D), torch.bfloat16, g, dev)
+    do = randn_inputs((1, 1, S, D), 1, torch.bfloat16, generator=g, device=dev)[0]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, r)]
+    sdpa_leaves = leaves[:3]
+
+    def fwd():
+        with torch.no_grad():
+            return impl(q, k, v, r, qk_scale=D ** -0.5)
+
+    def step():
+        impl(*leaves, qk_scale=D ** -0.5).backward(do)
+        return tuple(t.grad for t in leaves)
+
+    def sdpa_fwd():
+        with torch.no_grad():
+            return causal_sdpa(q, k, v)
+
+    def sdpa_step():
+        causal_sdpa(*sdpa_leaves).backward(do)
+        return tuple(t.grad for t in sdpa_leaves)
+
+    def clear():
+        for t in leaves:
+            t.grad = None
+
+    fwd()  # compile and warm the allocator outside the measured calls
+    step()
+    clear()
+    m_fwd = _peak_extra_mib(fwd, dev)
+    m_step = _peak_extra_mib(step, dev)
+    clear()
+    m_sdpa = _peak_extra_mib(sdpa_fwd, dev)
+    m_sdpa_step = _peak_extra_mib(sdpa_step, dev)
+    inputs = 4 * q.numel() * q.element_size() / 2**20
+    return (f"| {S},{D} | {inputs:.2f} | {fmt(m_fwd)} | {per(m_fwd)} | {fmt(m_step)} | {per(m_step)} "
+            f"| {fmt(m_sdpa)} | {fmt(m_sdpa_step)} |")
