@@ -153,3 +153,22 @@ def test_bench_without_cuda_exits_2_with_one_line(command, capsys):
     assert main([command, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "expected a CUDA device" in err and "--smoke" in err, err
+
+
+def test_decode_accuracy_rule_passes_the_rounded_reference_and_fails_past_its_ulps():
+    from lla_verify.commands.bench_decode import DECODE_ULPS, accuracy, nominal_bandwidth
+
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(64, generator=g, dtype=torch.float64)
+    rel, over = accuracy(ref.to(torch.bfloat16), ref)
+    assert 0 < rel <= 2.0**-8 and over <= 1.0 / DECODE_ULPS
+    # moved along a random direction by 1.5x what is allowed: a FAIL by that ratio
+    d = torch.randn(64, generator=g, dtype=torch.float64)
+    allowed = DECODE_ULPS * 2.0**-8 * float(ref.norm())
+    bad = (ref + 1.5 * allowed * d / d.norm()).to(torch.bfloat16)
+    assert 1.3 < accuracy(bad, ref)[1] < 1.7
+    nan = ref.to(torch.bfloat16).clone()
+    nan[5] = float("nan")
+    assert accuracy(nan, ref)[1] == float("inf")
+    assert nominal_bandwidth("NVIDIA H200") == 4.8e12 and nominal_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert nominal_bandwidth("NVIDIA H100 PCIe") is None and nominal_bandwidth("NVIDIA A100-SXM4-80GB") is None
