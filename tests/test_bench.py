@@ -172,3 +172,38 @@ def test_decode_accuracy_rule_passes_the_rounded_reference_and_fails_past_its_ul
     assert accuracy(nan, ref)[1] == float("inf")
     assert nominal_bandwidth("NVIDIA H200") == 4.8e12 and nominal_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
     assert nominal_bandwidth("NVIDIA H100 PCIe") is None and nominal_bandwidth("NVIDIA A100-SXM4-80GB") is None
+
+
+@needs_interpreter
+@pytest.mark.parametrize("argv, flag", [
+    (["bench-parallax", "--shapes", "1,2"], "--shapes"),
+    (["bench-parallax", "--shapes", "1,1,32,24"], "--shapes"),
+    (["bench-parallax", "--mem-seqs", "0"], "--mem-seqs"),
+    (["bench-parallax", "--mem-dim", "48"], "--mem-dim"),
+    (["bench-parallax", "--impl", ":"], "--impl"),
+    (["bench-parallax", "--impl", "nosuch_module_x:fn"], "--impl"),
+    (["bench-decode", "--batches", "0"], "--batches"),
+    (["bench-decode", "--caches", "4k"], "--caches"),
+    (["bench-decode", "--dims", "48"], "--dims"),
+    (["bench-decode", "--kernels", "lla,flash"], "--kernels"),
+    (["bench-decode", "--lla-impl", "nosuch_module_x:fn"], "--lla-impl"),
+    (["bench-decode", "--parallax-impl", "parallax_decode:nosuch"], "--parallax-impl"),
+    (["bench-decode", "--ridge-lambda", "nan"], "--ridge-lambda"),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_bench_bad_argument_is_one_line_exit_2(argv, flag, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        rc = main([*argv, "--smoke", "--no-progress"])
+    except SystemExit as exc:  # argparse's own type errors
+        rc = exc.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and flag in err, err
+    assert not list(tmp_path.iterdir())
+
+
+@needs_interpreter
+@pytest.mark.parametrize("command", ["bench-parallax", "bench-decode"])
+def test_bench_out_folder_is_refused_before_any_work(command, tmp_path, capsys):
+    rc = main([command, "--smoke", "--no-progress", "--out", str(tmp_path)])
+    err = capsys.readouterr()
+    assert rc == 2 and "--out" in err.err and "command:" not in err.out, err
