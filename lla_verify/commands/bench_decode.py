@@ -48,6 +48,7 @@ LLA_EXTRA = 2  # issue 23: lla_decode at most (iterations + 2)x SDPA
 DECODE_ULPS = 4.0  # allowed normwise error, in units of the output dtype's roundoff
 NOMINAL_BW = (("H200", 4.8e12), ("H100 80GB HBM3", 3.35e12), ("H100 SXM", 3.35e12))  # byte/s, datasheets
 SLOW_MS = 20.0  # a call slower than this is timed over a few event-timed calls, not do_bench's estimate loop
+VERY_SLOW_MS = 1000.0  # a call slower than this is timed once
 ORACLE_CHUNK_BYTES = 8 * 2**30  # the float64 reference's chunk on a GPU: few, large chunks over a long cache
 COLUMNS = ("B,H,T,D", "kernel", "ms", "ms, synced", "SDPA ms", "/ SDPA", "target", "met", "CG iters mean/max",
            "cache GB/s", "/ measured peak", "/ nominal peak", "rel err vs f64", "err / allowed")
@@ -178,9 +179,9 @@ def accuracy(o_row, ref):
 
 class DecodeTimer(Timer):
     """do_bench for fast calls; a call slower than SLOW_MS (lla_decode at 128k, B 64) is
-    timed as the median of three event-timed calls after one warm call, instead of
-    do_bench's five-call estimate and its repetitions, and is then judged from one
-    synchronised call rather than ``sync_reps``."""
+    timed as the median of three event-timed calls after one warm call (one, past
+    VERY_SLOW_MS), instead of do_bench's five-call estimate and its repetitions, and is
+    then judged from one synchronised call rather than ``sync_reps``."""
 
     slow = False
 
@@ -207,6 +208,8 @@ class DecodeTimer(Timer):
         if first < SLOW_MS:
             return median_ms(fn, warmup=self.warmup, rep=self.rep)
         self.slow = True
+        if first >= VERY_SLOW_MS:
+            return first
         return statistics.median([first, event_ms(), event_ms()])
 
     def synced(self, fn) -> tuple[float, object]:
@@ -275,14 +278,15 @@ def run(args) -> int:
                         torch.cuda.empty_cache()  # this batch's cache is gone with _combo's frame
                     for row in rows:
                         table.emit(row)
+                    table.write(args.out)  # what is done so far survives a run cut short
                     failures += fails
                     bar.update()
                 del case
     table.emit()
     table.emit(f"ms: median of do_bench (CUDA events, L2 flushed between calls), or of three event-timed calls after "
-               f"a warm one for a call over {SLOW_MS:g} ms; 'synced' the median of {args.sync_reps} calls between "
-               "device-wide synchronisations (one for a call over that), the last of which is judged. The built-in "
-               "kernels are timed with check_finite=False (SDPA checks nothing either). Targets are issue 23's: "
+               f"a warm one for a call over {SLOW_MS:g} ms (one past {VERY_SLOW_MS:g} ms); 'synced' the median of "
+               f"{args.sync_reps} calls between device-wide synchronisations (one for a call over {SLOW_MS:g} ms), the "
+               "last of which is judged. The built-in kernels are timed with check_finite=False (SDPA checks nothing either). Targets are issue 23's: "
                "'NOT MET' is a measurement, not a failure; lla_decode's uses the largest CG iteration count over "
                "the call's heads.")
     table.emit(f"cache GB/s: 2 B H T D bf16 elements (K and V once) over the time. err / allowed: head (0, 0) of the "

@@ -132,6 +132,7 @@ def run(args) -> int:
         for shape in shapes:
             row, fails, why = _shape_row(shape, impl, args, timer, dev)
             table.emit(row)
+            table.write(args.out)  # what is done so far survives a run cut short
             failures += fails
             flags += why
             bar.update()
@@ -150,7 +151,7 @@ def run(args) -> int:
         for f in flags:
             table.emit(f"TIMING NOT BELIEVED: {f}")
         if seqs:
-            _memory_rows(table, seqs, args.mem_dim, impl, dev, bar)
+            _memory_rows(table, seqs, args.mem_dim, impl, dev, bar, args.out)
     table.write(args.out)
     return 1 if (failures or flags) else 0
 
@@ -278,7 +279,7 @@ def _peak_extra_mib(fn, dev: str):
     return peak / 2**20
 
 
-def _memory_rows(table: Table, seqs, D: int, impl, dev: str, bar) -> None:
+def _memory_rows(table: Table, seqs, D: int, impl, dev: str, bar, out) -> None:
     """Peak extra memory of the forward and of one step at each S (B = H = 1), beside
     SDPA's, and per S D element."""
     import torch
@@ -294,6 +295,7 @@ def _memory_rows(table: Table, seqs, D: int, impl, dev: str, bar) -> None:
     emit("|---|---|---|---|---|---|---|---|")
     for S in seqs:
         emit(_memory_row(S, D, impl, dev))
+        table.write(out)
         bar.update()
         if dev == "cuda":
             torch.cuda.empty_cache()  # the row's tensors are gone with _memory_row's frame
