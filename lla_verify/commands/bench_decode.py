@@ -286,9 +286,9 @@ def run(args) -> int:
     table.emit(f"ms: median of do_bench (CUDA events, L2 flushed between calls), or of three event-timed calls after "
                f"a warm one for a call over {SLOW_MS:g} ms (one past {VERY_SLOW_MS:g} ms); 'synced' the median of "
                f"{args.sync_reps} calls between device-wide synchronisations (one for a call over {SLOW_MS:g} ms), the "
-               "last of which is judged. The built-in kernels are timed with check_finite=False (SDPA checks nothing either). Targets are issue 23's: "
-               "'NOT MET' is a measurement, not a failure; lla_decode's uses the largest CG iteration count over "
-               "the call's heads.")
+               "last of which is judged. The built-in kernels are timed with check_finite=False (SDPA checks "
+               "nothing either). Targets are issue 23's: 'NOT MET' is a measurement, not a failure; lla_decode's "
+               "uses the largest CG iteration count over the call's heads.")
     table.emit(f"cache GB/s: 2 B H T D bf16 elements (K and V once) over the time. err / allowed: head (0, 0) of the "
                f"judged call against the float64 decode reference; allowed {DECODE_ULPS:g} units of bf16 roundoff "
                f"times |o| (above 1: FAIL, exit 1); 'not checked' above --oracle-max-cache {args.oracle_max_cache}.")
