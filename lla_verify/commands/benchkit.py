@@ -152,7 +152,7 @@ def header_lines(command: str, args, *, smoke: bool) -> list[str]:
     import torch
     import triton
 
-    skip = {"func", "command", "out"}
+    skip = {"func", "command"}
     opts = []
     for key, val in sorted(vars(args).items()):
         if key in skip or val is None or val is False:
