@@ -30,6 +30,8 @@ COMMANDS = {
     "info": "lla_verify.commands.info",
     "bench": "lla_verify.commands.bench",
     "bench-backward": "lla_verify.commands.bench_backward",
+    "bench-parallax": "lla_verify.commands.bench_parallax",
+    "bench-decode": "lla_verify.commands.bench_decode",
     "audit": "lla_verify.commands.audit",
     "check": "lla_verify.commands.check",
     "goldens": "lla_verify.commands.goldens",

@@ -115,3 +115,115 @@ def causal_sdpa(q, k, v):
 
     with sdpa_kernel(sdpa_backend(q.dtype)):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+# ------------------------------------------------------------------ bench-parallax, bench-decode
+# Their shared frame: a CUDA run, or ``--smoke`` (one tiny shape on the CPU through the
+# Triton interpreter, to exercise the code path: its times are meaningless and say so).
+KERNEL_PACKAGES = ("lla_triton", "parallax_triton", "lla_decode", "parallax_decode")
+SMOKE_NOTE = "SMOKE RUN on the CPU through the Triton interpreter: every time and bandwidth below is meaningless"
+
+
+def bench_device(smoke: bool) -> str:
+    """'cpu' for a --smoke run (the Triton interpreter switched on before any kernel is
+    imported), else 'cuda'; a UsageError when there is no CUDA device and no --smoke."""
+    import os
+    import sys
+
+    if smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            loaded = [m for m in KERNEL_PACKAGES if m in sys.modules]
+            if loaded:  # triton.jit chose compiled kernels when these were imported
+                raise UsageError(f"--smoke: {', '.join(loaded)} already imported without the Triton interpreter; "
+                                 "set TRITON_INTERPRET=1 before starting")
+            os.environ["TRITON_INTERPRET"] = "1"
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("expected a CUDA device (it times GPU kernels); torch sees none "
+                         "(--smoke runs one tiny shape on the CPU, timings meaningless)")
+    return "cuda"
+
+
+def header_lines(command: str, args, *, smoke: bool) -> list[str]:
+    """The command line (every option's value, defaults included), the device and the
+    torch and triton versions: the first lines of a bench-parallax or bench-decode table."""
+    import torch
+    import triton
+
+    skip = {"func", "command"}
+    opts = []
+    for key, val in sorted(vars(args).items()):
+        if key in skip or val is None or val is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        opts.append(flag if val is True else f"{flag} {shlex_quote(str(val))}")
+    device = SMOKE_NOTE if smoke else torch.cuda.get_device_name()
+    return [f"command: lla-verify {command} {' '.join(opts)}".rstrip(),
+            f"device: {device}; torch {torch.__version__}; triton {triton.__version__}; "
+            f"date {datetime.date.today().isoformat()}"]
+
+
+def shlex_quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+class Timer:
+    """Median times in ms: triton.testing.do_bench on CUDA (its own warm-up and L2 flush
+    between calls), the host clock over ``smoke_reps`` calls in a --smoke run; and the
+    calls between device-wide synchronisations (trust.timed_calls) whose last output the
+    accuracy columns judge."""
+
+    def __init__(self, device: str, *, warmup: int, rep: int, sync_reps: int, smoke_reps: int = 2):
+        self.device, self.warmup, self.rep, self.sync_reps, self.smoke_reps = device, warmup, rep, sync_reps, smoke_reps
+
+    def ms(self, fn, *, grads=None) -> float:
+        if self.device == "cuda":
+            return median_ms(fn, grads=grads, warmup=self.warmup, rep=self.rep)
+        import statistics
+        import time
+
+        times = []
+        for _ in range(self.smoke_reps):
+            for t in grads or ():
+                t.grad = None
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def synced(self, fn) -> tuple[float, object]:
+        """(median ms of ``sync_reps`` calls between device-wide synchronisations, the
+        last call's result)."""
+        import statistics
+
+        from lla_verify.trust import timed_calls
+
+        times, out = timed_calls(fn, device=self.device, reps=self.sync_reps if self.device == "cuda" else 1)
+        return statistics.median(times) * 1e3, out
+
+
+def progress(total: int, *, disable: bool, desc: str):
+    """A tqdm bar on stderr (the table goes to stdout)."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=disable, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def int_list(text: str, flag: str, *, allowed=None) -> list[int]:
+    """'a,b,c' -> integers >= 1 (each in ``allowed`` when given), or a UsageError naming ``flag``."""
+    out = []
+    for part in str(text).split(","):
+        try:
+            x = int_in(1)(part)
+        except argparse.ArgumentTypeError:
+            raise UsageError(f"{flag}: expected a comma list of integers >= 1, got {text!r}") from None
+        if allowed is not None and x not in allowed:
+            raise UsageError(f"{flag}: expected values among {list(allowed)}, got {x} in {text!r}")
+        out.append(x)
+    return out

@@ -1,0 +1,20 @@
+"""Planted wrong decode kernels for tests/test_bench.py, named on the command line as
+``tests.bench_planted:NAME`` (bench-decode's --lla-impl / --parallax-impl): each reads the
+cache one position short, the off-by-one a decode kernel's length handling invites."""
+
+from __future__ import annotations
+
+from lla_decode import lla_decode
+from parallax_decode import parallax_decode
+
+
+def _shorter(lengths):
+    return (lengths - 1).clamp_min(1)
+
+
+def lla_off_by_one(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
+    return lla_decode(q, k_cache, v_cache, _shorter(lengths), ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+
+
+def parallax_off_by_one(q, r, k_cache, v_cache, lengths, *, qk_scale=None):
+    return parallax_decode(q, r, k_cache, v_cache, _shorter(lengths), qk_scale=qk_scale)
