@@ -380,9 +380,19 @@ def test_zero_scale_is_uniform_average_minus_covariance(parallax_impl, device):
             allowed = oracle_gap + pb.allowed + MODEL_SAFETY * U64 * _root_n(p) ** 2 * v.norm(dim=-1).amax(-1, keepdim=True) * (1 + _reach(p))
             assert bool((err <= allowed).all()), _worst(err, allowed, pc, f"scale {s:g}: uniform-weight limit")
             gaps.append((s, float(oracle_gap.max()), float(pb.allowed.max())))
+        # The rate is O(s) only in the linear regime: p_ij moves from 1/(i+1) by about
+        # s |a_ij - mean_j a_ij| (unit-scale scores), and the covariance term multiplies that
+        # move by up to 1 + |<k_j - kbar_i, r_i>| (_reach) a second time, so the s^2 term
+        # relative to the s term is about curvature(s) = s spread (1 + reach). At 0.1 the
+        # ratio of gaps a decade apart is 10 (1 +- 0.1): the [5, 20] window has room.
+        a1 = q @ k.transpose(-1, -2)
+        mean = (a1 * mask).sum(-1, keepdim=True) / n
+        spread = float(((a1 - mean).abs() * mask).amax())
         for (s1, g1, _), (s2, g2, b2) in zip(gaps[1:], gaps[2:]):
-            if g2 > 10 * b2:
-                assert 5.0 <= g1 / g2 <= 20.0, f"uniform limit rate: gap ratio {g1 / g2:.3g} between scale {s1:g} and {s2:g}"
+            curvature = s1 * spread * (1 + float(_reach(_problem(p0, qk_scale=s1)).max()))
+            if g2 > 10 * b2 and curvature <= 0.1:
+                assert 5.0 <= g1 / g2 <= 20.0, (f"uniform limit rate: gap ratio {g1 / g2:.3g} between scale {s1:g} "
+                                                f"and {s2:g} (curvature {curvature:.2g})")
 
     prop()
 
