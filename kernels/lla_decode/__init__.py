@@ -37,7 +37,8 @@ import triton.language as tl
 from lla_contract import (LLAInputError, check_cache, check_delta_eps, check_lambda, check_scale)
 
 __all__ = ["lla_decode", "lla_decode_stages", "LLAInputError", "DEFAULT_CG_TOL", "DEFAULT_DELTA_EPS",
-           "CG_ITERS_PER_DIM", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
+           "CG_ITERS_PER_DIM", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "BLOCK_N",
+           "INTERPRETED_BLOCK_N"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # D and Dv: powers of two (tl.arange needs them)
@@ -46,14 +47,26 @@ DEFAULT_CG_TOL = 1e-7
 CG_ITERS_PER_DIM = 16
 DEFAULT_DELTA_EPS = 2.0**-22
 TARGET_PROGRAMS = 264  # programs a GPU launch aims for when the caller gives no split size
+# cache positions per tile: a split is a multiple of it. The interpreter runs each program
+# as numpy, where small tiles keep the CPU tests fast.
+BLOCK_N = 64
+INTERPRETED_BLOCK_N = 16
 
 
 def _interpreting() -> bool:
+    """Triton runs kernels through its interpreter: picks the tile (and so the split size)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _accepts_cpu() -> bool:
+    """CPU tensors run only under the interpreter. A name apart from ``_interpreting`` so that
+    lla_verify.testing.compile_check can let CPU tensors through to compile the kernels
+    and still get the GPU's tile and split sizes."""
+    return _interpreting()
+
+
 def _block_n() -> int:
-    return 16 if _interpreting() else 64
+    return INTERPRETED_BLOCK_N if _interpreting() else BLOCK_N
 
 
 def choose_split(t_max: int, n_heads: int, block_n: int) -> int:
@@ -290,7 +303,7 @@ def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=No
         raise LLAInputError(f"q: expected shape (B, H, D), got {tuple(q.shape)}")
     lens = check_cache(q, k_cache, v_cache, lengths, dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS,
                        check_finite=check_finite)
-    if q.device.type == "cpu" and not _interpreting():
+    if q.device.type == "cpu" and not _accepts_cpu():
         raise LLAInputError("q: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1) or a CUDA device")
     B, H, D = q.shape
     Hk, T, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
