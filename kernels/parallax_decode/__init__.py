@@ -77,6 +77,13 @@ def _scalar(x):
 
 
 @triton.jit
+def _head(bh, H, G):
+    """(batch, key-value head) of flattened query head bh; G query heads share one kv head."""
+    b = bh // H
+    return b, (b * (H // G) + (bh % H) // G).to(tl.int64)
+
+
+@triton.jit
 def _merge(om_a, nu_a, db_a, x_a, om_b, nu_b, db_b, x_b):
     """Centred moments of two groups merged (both already against one max); om_a + om_b > 0."""
     om = om_a + om_b
@@ -92,8 +99,7 @@ def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
                            D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    kvh = (b * (H // G) + (bh % H) // G).to(tl.int64)
+    b, kvh = _head(bh, H, G)
     L = tl.load(LENS + b)
     start = pid_s * split
     end = tl.minimum(start + split, L)
@@ -144,8 +150,7 @@ def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
 def _parallax_combine_kernel(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O,
                              H, G, T, n_splits, split, DV: tl.constexpr):
     bh = tl.program_id(0)
-    b = bh // H
-    kvh = (b * (H // G) + (bh % H) // G).to(tl.int64)
+    b, kvh = _head(bh, H, G)
     used = tl.cdiv(tl.load(LENS + b), split)
     offs_v = tl.arange(0, DV)
     base = bh.to(tl.int64) * n_splits
