@@ -172,7 +172,8 @@ def main(argv=None) -> int:
         results.append({"config": label, "ok": ok, "error": err, "kernels": compiled[start:]})
         print(f"{'ok  ' if ok else 'FAIL'} {label}: {len(kernels)} kernels compiled for sm_{args.arch}"
               + (f", shared up to {max(k['shared'] for k in kernels)} B" if kernels else "")
-              + (f" ({len(rejected)} tile configs over the {limit} B limit, fallen back from)" if rejected else "")
+              + (f" ({len(rejected)} tile configs over the {limit} B limit"
+                 + (", fallen back from)" if ok else ")") if rejected else "")
               + (f"; {err.splitlines()[-1]}" if err else ""))
     if args.json:
         with open(args.json, "w") as fh:
