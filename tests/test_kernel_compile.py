@@ -1,9 +1,10 @@
 """The kernels compile for a GPU target on this machine (lla_verify/testing/compile_check.py).
 
-The interpreter never lowers a kernel; this compiles one configuration of each package's
-forward and backward to an sm_90 cubin, with the launch-time shared-memory check, so a
-kernel the GPU compiler rejects fails CI without a GPU. `make compile-check` runs every
-dtype and head dim.
+The interpreter never lowers a kernel; this compiles one configuration of each package
+(lla_triton and parallax_triton forward and backward, the decode kernels of lla_decode and
+parallax_decode) to an sm_90 cubin, with the launch-time shared-memory check, so a kernel
+the GPU compiler rejects fails CI without a GPU. `make compile-check` runs every dtype
+and head dim.
 """
 
 import json
@@ -33,3 +34,23 @@ def test_forward_and_backward_compile_for_sm90(tmp_path, pkg):
     (res,) = doc["results"]
     names = {k["kernel"] for k in res["kernels"] if not k["rejected"]}
     assert res["ok"] and len(names) >= 3, res  # a forward and at least two backward kernels
+
+
+# every launch of a decode call; lla_decode's split kernel holds the fp64 tl.dot
+DECODE_KERNELS = {
+    "lla_decode": {"_lla_split_kernel", "_lla_solve_kernel", "_lla_out_kernel", "_lla_finish_kernel"},
+    "parallax_decode": {"_parallax_split_kernel", "_parallax_combine_kernel"},
+}
+
+
+@pytest.mark.parametrize("pkg", sorted(DECODE_KERNELS))
+def test_decode_compiles_for_sm90_at_the_gpu_tile(tmp_path, pkg):
+    run, doc = _run(tmp_path, "--dims", "16", "--only", f"{pkg} float32")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (res,) = doc["results"]
+    assert res["ok"], res
+    assert {k["kernel"] for k in res["kernels"] if not k["rejected"]} == DECODE_KERNELS[pkg], res
+    # the configuration a GPU launch takes, not the interpreter's smaller tile
+    module = __import__(pkg)
+    tiles = {k["constexprs"]["BLOCK_N"] for k in res["kernels"] if "BLOCK_N" in k["constexprs"]}
+    assert tiles == {module.BLOCK_N} and module.BLOCK_N != module.INTERPRETED_BLOCK_N, res

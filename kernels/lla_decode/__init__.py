@@ -26,7 +26,6 @@ the keys cancels there, as in the float64 oracle. Imports torch, triton and lla_
 
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple
 
@@ -34,10 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from lla_contract import (LLAInputError, check_cache, check_delta_eps, check_lambda, check_scale)
+from lla_contract import (LLAInputError, check_cache, check_delta_eps, check_lambda, check_nonnegative,
+                          check_scale)
 
 __all__ = ["lla_decode", "lla_decode_stages", "LLAInputError", "DEFAULT_CG_TOL", "DEFAULT_DELTA_EPS",
-           "CG_ITERS_PER_DIM", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
+           "CG_ITERS_PER_DIM", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "BLOCK_N",
+           "INTERPRETED_BLOCK_N"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # D and Dv: powers of two (tl.arange needs them)
@@ -46,14 +47,26 @@ DEFAULT_CG_TOL = 1e-7
 CG_ITERS_PER_DIM = 16
 DEFAULT_DELTA_EPS = 2.0**-22
 TARGET_PROGRAMS = 264  # programs a GPU launch aims for when the caller gives no split size
+# cache positions per tile: a split is a multiple of it. The interpreter runs each program
+# as numpy, where small tiles keep the CPU tests fast.
+BLOCK_N = 64
+INTERPRETED_BLOCK_N = 16
 
 
 def _interpreting() -> bool:
+    """Triton runs kernels through its interpreter: picks the tile (and so the split size)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _accepts_cpu() -> bool:
+    """CPU tensors run only under the interpreter. A name apart from ``_interpreting`` so that
+    lla_verify.testing.compile_check can let CPU tensors through to compile the kernels
+    and still get the GPU's tile and split sizes."""
+    return _interpreting()
+
+
 def _block_n() -> int:
-    return 16 if _interpreting() else 64
+    return INTERPRETED_BLOCK_N if _interpreting() else BLOCK_N
 
 
 def choose_split(t_max: int, n_heads: int, block_n: int) -> int:
@@ -89,8 +102,10 @@ def _tile(Kb, Vb, offs_n, end, q, k0, scale, D: tl.constexpr, DV: tl.constexpr):
 
 
 @triton.jit
-def _lla_split_kernel(Q, K, V, LENS, M_S, OM_S, MU_S, SIG_S, H, G, T, n_splits, split, scale,
-                      D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
+def _split_program(Q, K, V, LENS, H, G, T, split, D: tl.constexpr, DV: tl.constexpr):
+    """What a program of the split and output kernels serves: its split pid_s of head bh
+    (cache positions start..end-1), the query, its kv head's keys and values, and the
+    anchor key k_0."""
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     b, kvh = _head(bh, H, G)
@@ -102,6 +117,14 @@ def _lla_split_kernel(Q, K, V, LENS, M_S, OM_S, MU_S, SIG_S, H, G, T, n_splits, 
     Kb = K + kvh * T * D
     Vb = V + kvh * T * DV
     k0 = tl.load(Kb + offs_d).to(tl.float32)
+    return pid_s, bh, start, end, q, Kb, Vb, k0
+
+
+@triton.jit
+def _lla_split_kernel(Q, K, V, LENS, M_S, OM_S, MU_S, SIG_S, H, G, T, n_splits, split, scale,
+                      D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_s, bh, start, end, q, Kb, Vb, k0 = _split_program(Q, K, V, LENS, H, G, T, split, D, DV)
+    offs_d = tl.arange(0, D)
     m_i = _scalar(float("-inf"))
     omega = _scalar(0.0)
     mu = tl.zeros([D], dtype=tl.float32)
@@ -127,13 +150,19 @@ def _lla_split_kernel(Q, K, V, LENS, M_S, OM_S, MU_S, SIG_S, H, G, T, n_splits, 
 
 
 @triton.jit
+def _head_splits(LENS, H, n_splits, split):
+    """What a program of the solve and finish kernels serves: head bh, the number of its
+    splits that hold cache positions, and the row of its first split's partials."""
+    bh = tl.program_id(0)
+    used = tl.cdiv(tl.load(LENS + bh // H), split)
+    return bh, used, bh.to(tl.int64) * n_splits
+
+
+@triton.jit
 def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG_S, M_OUT, OM_OUT, RHO, ITERS, RES, SERR,
                       H, n_splits, split, cg_tol, cg_max_iters, D: tl.constexpr):
-    bh = tl.program_id(0)
-    b = bh // H
-    used = tl.cdiv(tl.load(LENS + b), split)
+    bh, used, base = _head_splits(LENS, H, n_splits, split)
     offs_d = tl.arange(0, D)
-    base = bh.to(tl.int64) * n_splits
     big = _scalar(float("-inf"))
     for s in range(0, used):
         big = tl.maximum(big, tl.load(M_S + base + s))
@@ -190,20 +219,11 @@ def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG_S, M_OUT, OM_OUT, RHO, ITE
 def _lla_out_kernel(Q, K, V, LENS, M_G, RHO, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S,
                     H, G, T, n_splits, split, scale,
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_s = tl.program_id(0)
-    bh = tl.program_id(1)
-    b, kvh = _head(bh, H, G)
-    L = tl.load(LENS + b)
-    start = pid_s * split
-    end = tl.minimum(start + split, L)
+    pid_s, bh, start, end, q, Kb, Vb, k0 = _split_program(Q, K, V, LENS, H, G, T, split, D, DV)
     offs_d = tl.arange(0, D)
     offs_v = tl.arange(0, DV)
-    q = tl.load(Q + bh.to(tl.int64) * D + offs_d).to(tl.float32)
     rho = tl.load(RHO + bh.to(tl.int64) * D + offs_d)
     big = tl.load(M_G + bh)
-    Kb = K + kvh * T * D
-    Vb = V + kvh * T * DV
-    k0 = tl.load(Kb + offs_d).to(tl.float32)
     acc = tl.zeros([DV], dtype=tl.float32)
     acc0 = tl.zeros([DV], dtype=tl.float32)
     den = _scalar(0.0)
@@ -232,11 +252,8 @@ def _lla_out_kernel(Q, K, V, LENS, M_G, RHO, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S,
 @triton.jit
 def _lla_finish_kernel(LENS, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S, SERR, O, DEN_OUT, FB_OUT,
                        H, n_splits, split, delta_eps, DV: tl.constexpr):
-    bh = tl.program_id(0)
-    b = bh // H
-    used = tl.cdiv(tl.load(LENS + b), split)
+    bh, used, base = _head_splits(LENS, H, n_splits, split)
     offs_v = tl.arange(0, DV)
-    base = bh.to(tl.int64) * n_splits
     acc = tl.zeros([DV], dtype=tl.float32)
     acc0 = tl.zeros([DV], dtype=tl.float32)
     den = _scalar(0.0)
@@ -266,12 +283,7 @@ class DecodeStats(NamedTuple):
 
 
 def _check_options(cg_tol, cg_max_iters, D):
-    try:
-        tol = float(cg_tol)
-    except (TypeError, ValueError):
-        raise LLAInputError(f"cg_tol: expected a float >= 0, got {cg_tol!r}") from None
-    if not math.isfinite(tol) or tol < 0:
-        raise LLAInputError(f"cg_tol: expected a finite value >= 0, got {tol}")
+    tol = check_nonnegative(cg_tol, "cg_tol")
     if cg_max_iters is None:
         return tol, CG_ITERS_PER_DIM * D
     if isinstance(cg_max_iters, bool) or not isinstance(cg_max_iters, int) or cg_max_iters < 0:
@@ -290,7 +302,7 @@ def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=No
         raise LLAInputError(f"q: expected shape (B, H, D), got {tuple(q.shape)}")
     lens = check_cache(q, k_cache, v_cache, lengths, dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS,
                        check_finite=check_finite)
-    if q.device.type == "cpu" and not _interpreting():
+    if q.device.type == "cpu" and not _accepts_cpu():
         raise LLAInputError("q: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1) or a CUDA device")
     B, H, D = q.shape
     Hk, T, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]

@@ -34,21 +34,33 @@ import triton.language as tl
 from lla_contract import LLAInputError, check_cache, check_probe, check_scale
 
 __all__ = ["parallax_decode", "parallax_decode_partials", "parallax_decode_combine", "LLAInputError",
-           "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
+           "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "BLOCK_N", "INTERPRETED_BLOCK_N"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # D and Dv: powers of two (tl.arange needs them)
 # Programs a launch aims for on a GPU (a few per SM of an H100/H200), when the caller
 # gives no split size: fewer heads get more splits each.
 TARGET_PROGRAMS = 264
+# cache positions per tile: a split is a multiple of it. The interpreter runs each program
+# as numpy, where small tiles keep the CPU tests fast.
+BLOCK_N = 64
+INTERPRETED_BLOCK_N = 16
 
 
 def _interpreting() -> bool:
+    """Triton runs kernels through its interpreter: picks the tile (and so the split size)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _accepts_cpu() -> bool:
+    """CPU tensors run only under the interpreter. A name apart from ``_interpreting`` so that
+    lla_verify.testing.compile_check can let CPU tensors through to compile the kernels
+    and still get the GPU's tile and split sizes."""
+    return _interpreting()
+
+
 def _block_n() -> int:
-    return 16 if _interpreting() else 64
+    return INTERPRETED_BLOCK_N if _interpreting() else BLOCK_N
 
 
 def choose_split(t_max: int, n_heads: int, block_n: int) -> int:
@@ -62,6 +74,13 @@ def choose_split(t_max: int, n_heads: int, block_n: int) -> int:
 def _scalar(x):
     """A 0-d fp32 tensor holding x (loop-carried scalars need a tensor type)."""
     return tl.sum(tl.full([16], 0.0, tl.float32), 0) + x
+
+
+@triton.jit
+def _head(bh, H, G):
+    """(batch, key-value head) of flattened query head bh; G query heads share one kv head."""
+    b = bh // H
+    return b, (b * (H // G) + (bh % H) // G).to(tl.int64)
 
 
 @triton.jit
@@ -80,8 +99,7 @@ def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
                            D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    kvh = (b * (H // G) + (bh % H) // G).to(tl.int64)
+    b, kvh = _head(bh, H, G)
     L = tl.load(LENS + b)
     start = pid_s * split
     end = tl.minimum(start + split, L)
@@ -132,8 +150,7 @@ def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
 def _parallax_combine_kernel(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O,
                              H, G, T, n_splits, split, DV: tl.constexpr):
     bh = tl.program_id(0)
-    b = bh // H
-    kvh = (b * (H // G) + (bh % H) // G).to(tl.int64)
+    b, kvh = _head(bh, H, G)
     used = tl.cdiv(tl.load(LENS + b), split)
     offs_v = tl.arange(0, DV)
     base = bh.to(tl.int64) * n_splits
@@ -163,7 +180,7 @@ def _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite):
     check_probe(r, q, dtypes=SUPPORTED_DTYPES, check_finite=check_finite)
     if r.dtype != q.dtype:
         raise LLAInputError(f"r: expected q's dtype {q.dtype}, got {r.dtype}")
-    if q.device.type == "cpu" and not _interpreting():
+    if q.device.type == "cpu" and not _accepts_cpu():
         raise LLAInputError("q: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1) or a CUDA device")
     scale = check_scale(qk_scale, q.shape[-1])
     bn = _block_n()

@@ -140,11 +140,7 @@ class Case:
         fam = get_family(self.family)
         if not isinstance(self.params, dict):
             raise LLAInputError(f"case: params must be a dict, got {type(self.params).__name__}")
-        names = [p.name for p in fam.params]
-        for k, v in self.params.items():
-            if k not in names:
-                raise LLAInputError(f"case: family {self.family!r} has no parameter {k!r} (has {names})")
-            fam.param(k).check(v, self.family)
+        check_params(self.params, fam, "case", f"family {self.family!r}", self.family)
         if self.dtype not in DTYPES:
             raise LLAInputError(f"case: dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         for name, val in (("B", self.B), ("H", self.H), ("S", self.S), ("D", self.D)):
@@ -268,6 +264,38 @@ def _items(text: str, what: str, spec: str):
         yield key, val
 
 
+def check_params(params: dict, fam, where: str, owner: str, label: str) -> None:
+    """LLAInputError unless every key of ``params`` is a parameter of ``fam`` (a Family or a
+    ProbeFamily) and its value in that parameter's range. Messages begin with ``where``
+    ('case'), name the family as ``owner`` ("family 'gaussian'") when a key is not one of
+    its parameters and as ``label`` ("gaussian's lam must be ...") when a value is out of range."""
+    for key, val in params.items():
+        _param_of(fam, key, where, owner).check(val, label)
+
+
+def _param_of(fam, key, where: str, owner: str) -> Param:
+    try:
+        return fam.param(key)
+    except KeyError:
+        raise LLAInputError(f"{where}: {owner} has no parameter {key!r} "
+                            f"(has {[p.name for p in fam.params]})") from None
+
+
+def parse_params(text: str, fam, spec: str, *, what: str, where: str, owner: str, label: str) -> dict:
+    """The 'k=v,...' parameters ``text`` of ``fam`` in ``spec``, as floats: each a parameter of
+    the family, given once, in ASCII digits and in its range, checked in the order given.
+    ``what`` names an item ('parameter'); where, owner, label as in ``check_params``."""
+    params = {}
+    for key, val in _items(text, what, spec):
+        p = _param_of(fam, key, where, owner)
+        if not _NUMBER.fullmatch(val):
+            raise LLAInputError(f"{where}: {what} {key}={val!r}: {label}'s {key} must be {p.range_text()} "
+                                f"in ASCII digits")
+        params[key] = float(val)
+        p.check(params[key], label)
+    return params
+
+
 def parse_case(spec: str) -> Case:
     """Inverse of ``Case.spec``: 'family:p=v,...:B=1,H=1,S=16,D=16,dtype=float32,seed=0'.
 
@@ -280,18 +308,7 @@ def parse_case(spec: str) -> Case:
         raise LLAInputError(f"case: expected 'family:params:shape', got {spec!r}")
     name, ps, shape = parts
     fam = get_family(name)
-    params = {}
-    for key, val in _items(ps, "parameter", spec):
-        try:
-            p = fam.param(key)
-        except KeyError:
-            raise LLAInputError(f"case: family {name!r} has no parameter {key!r} "
-                                f"(has {[q.name for q in fam.params]})") from None
-        if not _NUMBER.fullmatch(val):
-            raise LLAInputError(f"case: parameter {key}={val!r}: {name}'s {key} must be {p.range_text()} "
-                                f"in ASCII digits")
-        params[key] = float(val)
-        p.check(params[key], name)
+    params = parse_params(ps, fam, spec, what="parameter", where="case", owner=f"family {name!r}", label=name)
     kw = {}
     for key, val in _items(shape, "shape field", spec):
         if key == "dtype":

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from lla_contract import LLAInputError
-from lla_verify.registry.cases import DTYPES, Case, Param, _fmt, _items, _NUMBER, parse_case
+from lla_verify.registry.cases import DTYPES, Case, Param, _fmt, check_params, parse_case, parse_params
 from lla_verify.registry.impls import ALL_DTYPES, Impl, load_callable
 
 OPERATOR = "parallax"
@@ -169,11 +169,7 @@ class ParallaxCase:
         fam = get_probe(self.probe)
         if not isinstance(self.probe_params, dict):
             raise LLAInputError(f"parallax case: probe_params must be a dict, got {type(self.probe_params).__name__}")
-        names = [p.name for p in fam.params]
-        for key, val in self.probe_params.items():
-            if key not in names:
-                raise LLAInputError(f"parallax case: probe {self.probe!r} has no parameter {key!r} (has {names})")
-            fam.param(key).check(val, f"probe {self.probe}")
+        check_params(self.probe_params, fam, "parallax case", f"probe {self.probe!r}", f"probe {self.probe}")
 
     def spec(self) -> str:
         ps = ",".join(f"{key}={_fmt(val)}" for key, val in sorted(self.probe_params.items()))
@@ -210,16 +206,8 @@ def parse_parallax_case(spec: str) -> ParallaxCase:
         raise LLAInputError(f"parallax case: expected 'CASE_SPEC{PROBE_SEP}NAME[:p=v,...]', got {spec!r}")
     name, _, ps = tail.partition(":")
     fam = get_probe(name)
-    params = {}
-    for key, val in _items(ps, "probe parameter", spec):
-        try:
-            p = fam.param(key)
-        except KeyError:
-            raise LLAInputError(f"parallax case: probe {name!r} has no parameter {key!r} "
-                                f"(has {[x.name for x in fam.params]})") from None
-        if not _NUMBER.fullmatch(val):
-            raise LLAInputError(f"parallax case: probe parameter {key}={val!r}: must be {p.range_text()}")
-        params[key] = float(val)
+    params = parse_params(ps, fam, spec, what="probe parameter", where="parallax case", owner=f"probe {name!r}",
+                          label=f"probe {name}")
     return ParallaxCase(parse_case(head), name, params)
 
 

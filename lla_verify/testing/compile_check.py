@@ -1,11 +1,14 @@
 """Compile the Triton kernels for a GPU target on a machine without one.
 
 The interpreter (TRITON_INTERPRET=1) runs a kernel as numpy and never lowers it, so a
-kernel the GPU compiler rejects passes every CPU test. This runs the kernel packages'
-entry points on CPU tensors with Triton's active driver replaced by one that reports a
+kernel the GPU compiler rejects passes every CPU test. This runs the entry points of
+lla_triton, parallax_triton, lla_decode and parallax_decode on CPU tensors with Triton's active driver replaced by one that reports a
 CUDA target, and every launch turned into a warmup: each kernel a call would launch is
 compiled to a cubin for that target, and none runs. The outputs are never meaningful;
 what is checked is that every launch compiles and fits the target's shared memory.
+The packages' own test for "interpreting" stays false here, so each picks the tiles (and
+the decode packages the split sizes) it would on the GPU; only their refusal of CPU
+tensors is lifted.
 
     python -m lla_verify.testing.compile_check [--arch 90] [--full] [--json OUT]
 
@@ -59,8 +62,11 @@ def _install(arch: int, compiled: list) -> None:
         kernel = run(self, *args, grid=grid, warmup=True, **kw)
         shared = int(getattr(kernel.metadata, "shared", 0))
         rejected = limit is not None and shared > limit
+        # the constexprs passed by name (tile sizes, head dims), to show which configuration compiled
+        named = {k: v for k, v in kw.items() if isinstance(v, int) and not isinstance(v, bool)}
         compiled.append({"kernel": self.fn.__name__, "shared": shared,
-                         "num_warps": int(getattr(kernel.metadata, "num_warps", 0)), "rejected": rejected})
+                         "num_warps": int(getattr(kernel.metadata, "num_warps", 0)), "rejected": rejected,
+                         "constexprs": named})
         if rejected:
             # what the driver raises when it loads the kernel: the entry points' fallback
             # to smaller tiles must see it here as it would on the card
@@ -71,8 +77,19 @@ def _install(arch: int, compiled: list) -> None:
     driver.set_active(CompileOnlyDriver())
 
 
+def _decode_inputs(dt, D):
+    """q, r, k_cache, v_cache, lengths: grouped-query heads (H 4 over H_kv 2), a ragged batch
+    and several splits of the GPU's split size."""
+    import torch
+
+    q, r = (torch.randn(2, 4, D, dtype=dt) for _ in range(2))
+    kc, vc = (torch.randn(2, 2, 320, D, dtype=dt) for _ in range(2))
+    return q, r, kc, vc, torch.tensor([320, 70])
+
+
 def _calls(full: bool, dims=None):
-    """(label, thunk) per configuration: every entry point, forward and backward."""
+    """(label, thunk) per configuration: every entry point, forward and backward, and the
+    decode kernels."""
     import torch
 
     dtypes = (torch.float32, torch.bfloat16, torch.float16) if full else (torch.float32, torch.bfloat16)
@@ -94,8 +111,20 @@ def _calls(full: bool, dims=None):
                 o = parallax_triton.parallax_attention(q, k, v, r, check_finite=False)
                 o.backward(torch.ones_like(o))
 
+            def lla_dec(dt=dt, D=D):
+                import lla_decode
+
+                q, _, kc, vc, lens = _decode_inputs(dt, D)
+                lla_decode.lla_decode(q, kc, vc, lens, ridge_lambda=0.1, check_finite=False)
+
+            def parallax_dec(dt=dt, D=D):
+                import parallax_decode
+
+                parallax_decode.parallax_decode(*_decode_inputs(dt, D), check_finite=False)
+
             name = str(dt).removeprefix("torch.")
-            out += [(f"lla_triton {name} D={D}", lla), (f"parallax_triton {name} D={D}", parallax)]
+            out += [(f"lla_triton {name} D={D}", lla), (f"parallax_triton {name} D={D}", parallax),
+                    (f"lla_decode {name} D={D}", lla_dec), (f"parallax_decode {name} D={D}", parallax_dec)]
     return out
 
 
@@ -104,7 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     ap.add_argument("--full", action="store_true", help="every dtype and head dim (default: fp32/bf16, D 128)")
     ap.add_argument("--dims", type=int, nargs="+", default=None, help="head dims (default 128; --full: 16 to 128)")
-    ap.add_argument("--only", default=None, help="configurations whose label contains this, e.g. 'parallax_triton'")
+    ap.add_argument("--only", default=None, help="configurations whose label contains this, e.g. 'parallax_triton' or 'lla_decode float32'")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -112,12 +141,19 @@ def main(argv=None) -> int:
         return 2
     compiled: list = []
     _install(args.arch, compiled)
+    import lla_decode
     import lla_triton
+    import parallax_decode
     import parallax_triton
 
-    # the entry points refuse CPU tensors unless interpreting; here they only compile
+    # the entry points refuse CPU tensors unless interpreting; here they only compile.
+    # the modules of lla_triton and parallax_triton each bind interpreting for themselves, so
+    # replacing the package's name lifts the refusal alone; the decode packages keep the
+    # refusal under a name of its own
     for pkg in (lla_triton, parallax_triton):
         pkg.interpreting = lambda: True
+    for pkg in (lla_decode, parallax_decode):
+        pkg._accepts_cpu = lambda: True
     results, failed = [], 0
     limit = SHARED_LIMIT.get(args.arch)
     for label, thunk in _calls(args.full, args.dims):
@@ -136,7 +172,8 @@ def main(argv=None) -> int:
         results.append({"config": label, "ok": ok, "error": err, "kernels": compiled[start:]})
         print(f"{'ok  ' if ok else 'FAIL'} {label}: {len(kernels)} kernels compiled for sm_{args.arch}"
               + (f", shared up to {max(k['shared'] for k in kernels)} B" if kernels else "")
-              + (f" ({len(rejected)} tile configs over the {limit} B limit, fallen back from)" if rejected else "")
+              + (f" ({len(rejected)} tile configs over the {limit} B limit"
+                 + (", fallen back from)" if ok else ")") if rejected else "")
               + (f"; {err.splitlines()[-1]}" if err else ""))
     if args.json:
         with open(args.json, "w") as fh:
