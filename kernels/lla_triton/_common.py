@@ -21,6 +21,21 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
+def score_precision(dtype: torch.dtype, precision: str, upcast: bool) -> str:
+    """tl.dot input precision for the scores a_ij = s <q_i, k_j>.
+
+    The weights exponentiate the scores, so a score's absolute error is a relative
+    error of its weight: fp32 inputs need u_fp32 |a_ij|, which tf32x3 (about 12 u_fp32
+    per product: the split of each operand and the dropped lo*lo term) does not give
+    (docs/kernels.md, "Precision knob"). So fp32 scores are IEEE unless the caller asked
+    for plain tf32. 16-bit inputs have exact products in TF32 (8 or 11 significand
+    bits), so tf32 is exact there; interpreted (upcast) tiles follow the fp32 rule.
+    """
+    if dtype == torch.float32 or upcast:
+        return "tf32" if precision == "tf32" else "ieee"
+    return "tf32"
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import (PRECISIONS, SUPPORTED_HEAD_DIMS, fitted_rounds, interpreting, launch_fitting,
-                      reanchor_rounds)
+                      reanchor_rounds, score_precision)
 from .forward import NO_SPECIALIZE, _cg, _dot3, anchor_too_far, split_too_lossy
 
 DEFAULT_PRECISION = "tf32x3"
@@ -570,8 +570,7 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg
     beta = torch.empty_like(dlam)
     iters = torch.empty(N, S, device=dev, dtype=torch.int32)
     res = torch.empty_like(dlam)
-    # 16-bit operands give exact products in any mode; only fp32 q, k, v, g need it
-    sprec = precision if q.dtype == torch.float32 or upcast else "tf32"
+    sprec = score_precision(q.dtype, precision, upcast)
     # the forward's rule: bf16 keys are exact in bf16, so the adjoint CG's products split
     # their fp32 operand three ways against them (forward._dot3)
     split = q.dtype == torch.bfloat16 and precision == "tf32x3"

@@ -15,7 +15,7 @@ import triton.language as tl
 from lla_contract import raise_nonfinite
 
 from ._common import (PRECISIONS, SUPPORTED_HEAD_DIMS, fitted_rounds, interpreting, launch_fitting,
-                      reanchor_rounds)
+                      reanchor_rounds, score_precision)
 
 DEFAULT_CG_TOL = 1e-7
 # CG ends in D steps in exact arithmetic; in fp32 lost orthogonality delays convergence
@@ -519,8 +519,7 @@ def lla_forward_kernel(q, k, v, lam, scale, *, delta_eps, cg_tol, cg_max_iters, 
     interp = interpreting()
     upcast = interp  # triton issue 11584: interpreted bf16 dots are wrong
     BM, BN, warps, stages = tile_config(D, config)
-    # 16-bit score products are exact in fp32, so precision only matters for fp32 q, k
-    sprec = precision if q.dtype == torch.float32 or upcast else "tf32"
+    sprec = score_precision(q.dtype, precision, upcast)
     # bf16 inputs: the fp32 operand of each solve/output product is split into three
     # bf16 parts against the exact bf16 keys/values (tf32x3-class accuracy, half the work)
     split = q.dtype == torch.bfloat16 and precision == "tf32x3"
