@@ -44,3 +44,16 @@ def test_workers_for_auto(gpus, cpus, expect):
 @pytest.mark.parametrize("cpus, workers, expect", [(16, 16, 1), (16, 4, 4), (2, 2, 1), (2, 3, 1), (8, 0, 8)])
 def test_threads_per_worker(cpus, workers, expect):
     assert gp.threads_per_worker(cpus, workers) == expect
+
+
+def test_the_plugin_loads_without_xdist():
+    """The xdist hook (pytest_xdist_auto_num_workers) is optional: with xdist switched off
+    (-p no:xdist, as a profiler run needs) a required hook is an INTERNALERROR at start-up."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "--collect-only",
+                        "-q", "properties/test_limits.py"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "INTERNALERROR" not in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]

@@ -144,6 +144,9 @@ def pytest_configure(config):
         torch.set_num_threads(gpu_pinning.threads_per_worker(os.cpu_count() or 1, int(n)))
 
 
+# optional: without xdist (-p no:xdist, or not installed) the hook does not exist, and a
+# required one is a pytest INTERNALERROR before any test runs
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
     n_gpu = len(gpu_pinning.visible_devices())
     if n_gpu == 0 or not _in_play(config):
