@@ -118,6 +118,59 @@ def check_parallax_forward(q, k, v, r, o, *, impl: str, case: str, qk_scale=None
                    per_query, summary)
 
 
+# ----------------------------------------------------------------------------- issue 22's kernel target
+KERNEL_TARGET_FACTOR = 4.0  # a kernel's error may be this multiple of the dense fp32 computation's
+TARGET_ULPS = 2.0  # or this many ulp of the output
+TARGET_ORDERINGS = 9  # evaluations of the dense computation whose median is its error (odd: a true median)
+
+
+def dense_error_over_orderings(q, k, v, r, *, qk_scale=None, compute_dtype=torch.float32,
+                               orderings: int = TARGET_ORDERINGS, seed: int = 0,
+                               o64: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense centred computation's error per query, (..., S): the median over
+    ``orderings`` evaluations on the same problem with its coordinates reordered.
+
+    Permuting the D coordinates of q, k and r together, and the Dv coordinates of v, is
+    an exact symmetry of the operator (o comes out permuted the same way, its norm
+    unchanged) but changes every summation order in the dense computation, so each
+    ordering draws a fresh rounding error of the same computation on the same problem.
+    One ordering is one draw: on a case with a single covariance row (S = 2) that draw
+    ranged from 1.2e-7 to 4.2e-6 over 40 orderings (docs/kernels-parallax.md, "The
+    same-precision target"), so a target of 4x one draw is a lottery. The median is the
+    computation's typical error there; the first ordering is the identity.
+    """
+    if orderings < 1:
+        raise ValueError(f"orderings: expected an int >= 1, got {orderings!r}")
+    o64 = parallax_forward(q, k, v, r, qk_scale=qk_scale) if o64 is None else o64
+    D, Dv = q.shape[-1], v.shape[-1]
+    gen = torch.Generator().manual_seed(seed)
+    errs = []
+    for n in range(orderings):
+        pk = torch.arange(D) if n == 0 else torch.randperm(D, generator=gen)
+        pv = torch.arange(Dv) if n == 0 else torch.randperm(Dv, generator=gen)
+        pk, pv = pk.to(q.device), pv.to(q.device)
+        o = parallax_dense(q[..., pk], k[..., pk], v[..., pv], r[..., pk], qk_scale=qk_scale,
+                           compute_dtype=compute_dtype)
+        errs.append((o.to(torch.float64) - o64[..., pv]).norm(dim=-1))
+    return torch.stack(errs).median(0).values
+
+
+def kernel_target(q, k, v, r, *, qk_scale=None, compute_dtype=torch.float32, out_dtype=None,
+                  o64: torch.Tensor | None = None, orderings: int = TARGET_ORDERINGS):
+    """Issue 22's accuracy target for a Parallax kernel, per query (..., S):
+    max(KERNEL_TARGET_FACTOR x the dense computation's worst error over the queries,
+    TARGET_ULPS ulp of |o_i| in the output dtype), the dense error taken as
+    dense_error_over_orderings. Returns (allowed, dense_err)."""
+    o64 = parallax_forward(q, k, v, r, qk_scale=qk_scale) if o64 is None else o64
+    dense_err = dense_error_over_orderings(q, k, v, r, qk_scale=qk_scale, compute_dtype=compute_dtype,
+                                           orderings=orderings, o64=o64)
+    out_dt = out_dtype or q.dtype
+    u_out = unit_roundoff(out_dt) if out_dt != torch.float64 else U64
+    # one ulp of a value in [2^e, 2^(e+1)) is 2 u 2^e <= 2 u |x|
+    ulps = TARGET_ULPS * 2.0 * u_out * o64.norm(dim=-1)
+    return torch.maximum(KERNEL_TARGET_FACTOR * dense_err.max(), ulps), dense_err
+
+
 # ----------------------------------------------------------------------------- reduction with a solved rho
 @dataclass
 class RhoProbeBudget:
