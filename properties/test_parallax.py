@@ -346,6 +346,69 @@ def test_lla_probe_reduces_to_lla(parallax_impl, device):
     prop()
 
 
+def test_lla_probe_from_lla_triton_rho(parallax_impl, device):
+    """The reduction with lla_triton's own rho (lla_attention(..., return_rho=True)): the
+    probe r^_i = rho^_i / (1 - <mubar_i, rho^_i>), formed in float64 from the kernel's rho
+    and the float64 oracle's mubar_i, makes Parallax equal LLA up to rho's own error.
+
+    That error is derived, not tuned (budget.parallax.rho_probe_budget, error-model.md
+    §8): the true residual the forward model allows the kernel's solve (tol and u_c
+    attainable_i, x MODEL_SAFETY) carried through Sigma_i^-1 and the map rho -> r -> o.
+    The float64 Parallax oracle at r^ is held to it plus the two float64 oracles' own
+    budgets against the LLA oracle; the Parallax implementation at r^ rounded to the
+    dtype also to its Parallax budget there, the probe's rounding carried exactly (o is
+    affine in r). Rows where the allowed residual could flip 1 - <mubar_i, rho_i> and
+    rows LLA leaves undefined are not judged."""
+    triton = get_impl("triton")
+    why = is_available(triton, device)
+    if why:
+        pytest.skip(f"lla_triton unavailable: {why}")
+    import lla_triton
+
+    oracle = get_impl("oracle-f64")
+
+    @settings(max_examples=suite.examples(0.5))
+    @given(case=suite.case_strategy(triton, device, families=("gaussian", "spectrum", "offset", "clusters",
+                                                              "lambda_decades")))
+    def prop(case):
+        p = case.build(device)
+        suite.assume_supported(triton, p)
+        _, rho = lla_triton.lla_attention(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale,
+                                          return_rho=True)
+        assert rho.shape == p.q.shape and rho.dtype == torch.float32, (rho.shape, rho.dtype)
+        rb = rho_probe_budget(p.q, p.k, p.v, rho, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale, impl=triton)
+        judged = rb.judged
+        note(f"{int(judged.sum())} of {judged.numel()} rows judged")
+        event(f"judged all rows: {bool(judged.all())}")
+        px64 = parallax_forward(p.q, p.k, p.v, rb.probe, qk_scale=p.qk_scale)
+        oracle_allowed = (forward_budget(p, oracle, dense=False, out_dtype=torch.float64).allowed
+                          + parallax_budget(p.q, p.k, p.v, rb.probe, qk_scale=p.qk_scale, compute_dtype=torch.float64,
+                                            out_dtype=torch.float64, dense=False).allowed)
+        allowed64 = torch.where(judged, rb.allowed + oracle_allowed, math.inf)
+        err64 = torch.where(judged, (px64 - rb.lla).norm(dim=-1), 0.0)
+        target(float((err64 / allowed64).max()), label="lla_triton rho reduction ratio")
+        assert bool((err64 <= allowed64).all()), _worst(err64, allowed64, case, "Parallax oracle at lla_triton's rho vs LLA")
+
+        # the Parallax implementation at the probe as it receives it
+        r_in = rb.probe.to(p.q.dtype)
+        if not bool(torch.isfinite(r_in).all()):
+            event("Parallax implementation leg skipped: the probe is beyond the dtype's range")
+            return
+        pp = ParallaxProblem(ParallaxCase(case, "lla"), p.q, p.k, p.v, r_in, p.qk_scale)
+        why = px.unsupported(parallax_impl, pp)
+        if why:
+            event(f"Parallax implementation leg skipped: {why}")
+            return
+        o = px.run(parallax_impl, pp).double()
+        pb = parallax_budget(p.q, p.k, p.v, r_in, qk_scale=p.qk_scale, compute_dtype=parallax_impl.compute_dtype,
+                             dense=True)
+        allowed = torch.where(judged, pb.allowed + (pb.o - px64).norm(dim=-1) + rb.allowed + oracle_allowed, math.inf)
+        err = torch.where(judged, (o - rb.lla).norm(dim=-1), 0.0)
+        assert bool((err <= allowed).all()), _worst(err, allowed, case, "Parallax implementation at lla_triton's rho vs LLA")
+
+    prop()
+
+
 # ---------------------------------------------------------------- scale limits
 def test_zero_scale_is_uniform_average_minus_covariance(parallax_impl, device):
     """s = 0: p_ij = 1/(i+1), o_i = mean_j v_j - Cov_i r_i with the uniform covariance
@@ -421,64 +484,5 @@ def test_large_scale_is_the_argmax_value(parallax_impl, device):
             bounds.append(float(bound.max()))
         # the bound's own rate: doubling s squares e (at least), a factor >= exp(4) here
         assert bounds[1] <= bounds[0] * math.exp(-4.0) * 1.0001 and bounds[2] <= bounds[1] * math.exp(-8.0) * 1.0001
-
-    prop()
-
-
-def test_lla_probe_from_lla_triton_rho(parallax_impl, device):
-    """The reduction with lla_triton's own rho (lla_attention(..., return_rho=True)): the
-    probe r^_i = rho^_i / (1 - <mubar_i, rho^_i>), formed in float64 from the kernel's rho
-    and the float64 oracle's mubar_i, makes Parallax equal LLA up to rho's own error.
-
-    That error is derived, not tuned (budget.parallax.rho_probe_budget, error-model.md
-    §8): the true residual the forward model allows the kernel's solve (tol and u_c
-    attainable_i, x MODEL_SAFETY) carried through Sigma_i^-1 and the map rho -> r -> o.
-    The float64 Parallax oracle at r^ is held to it plus the two float64 oracles' own
-    budgets against the LLA oracle; the Parallax implementation at r^ rounded to the
-    dtype also to its Parallax budget there, the probe's rounding carried exactly (o is
-    affine in r). Rows where the allowed residual could flip 1 - <mubar_i, rho_i> and
-    rows LLA leaves undefined are not judged."""
-    triton = get_impl("triton")
-    why = is_available(triton, device)
-    if why:
-        pytest.skip(f"lla_triton unavailable: {why}")
-    import lla_triton
-
-    oracle = get_impl("oracle-f64")
-
-    @settings(max_examples=suite.examples(0.5))
-    @given(case=suite.case_strategy(triton, device, families=("gaussian", "spectrum", "offset", "clusters",
-                                                              "lambda_decades")))
-    def prop(case):
-        p = case.build(device)
-        suite.assume_supported(triton, p)
-        _, rho = lla_triton.lla_attention(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale,
-                                          return_rho=True)
-        assert rho.shape == p.q.shape and rho.dtype == torch.float32, (rho.shape, rho.dtype)
-        rb = rho_probe_budget(p.q, p.k, p.v, rho, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale, impl=triton)
-        judged = rb.judged
-        note(f"{int(judged.sum())} of {judged.numel()} rows judged")
-        event(f"judged all rows: {bool(judged.all())}")
-        px64 = parallax_forward(p.q, p.k, p.v, rb.probe, qk_scale=p.qk_scale)
-        oracle_allowed = (forward_budget(p, oracle, dense=False, out_dtype=torch.float64).allowed
-                          + parallax_budget(p.q, p.k, p.v, rb.probe, qk_scale=p.qk_scale, compute_dtype=torch.float64,
-                                            out_dtype=torch.float64, dense=False).allowed)
-        allowed64 = torch.where(judged, rb.allowed + oracle_allowed, math.inf)
-        err64 = torch.where(judged, (px64 - rb.lla).norm(dim=-1), 0.0)
-        target(float((err64 / allowed64).max()), label="lla_triton rho reduction ratio")
-        assert bool((err64 <= allowed64).all()), _worst(err64, allowed64, case, "Parallax oracle at lla_triton's rho vs LLA")
-
-        # the Parallax implementation at the probe as it receives it
-        r_in = rb.probe.to(p.q.dtype)
-        if parallax_impl.supports(dtype=p.q.dtype, head_dim=p.q.shape[-1]) or not bool(torch.isfinite(r_in).all()):
-            event("Parallax implementation leg skipped: dtype, head dim or probe range")
-            return
-        pp = ParallaxProblem(ParallaxCase(case, "lla"), p.q, p.k, p.v, r_in, p.qk_scale)
-        o = px.run(parallax_impl, pp).double()
-        pb = parallax_budget(p.q, p.k, p.v, r_in, qk_scale=p.qk_scale, compute_dtype=parallax_impl.compute_dtype,
-                             dense=True)
-        allowed = torch.where(judged, pb.allowed + (pb.o - px64).norm(dim=-1) + rb.allowed + oracle_allowed, math.inf)
-        err = torch.where(judged, (o - rb.lla).norm(dim=-1), 0.0)
-        assert bool((err <= allowed).all()), _worst(err, allowed, case, "Parallax implementation at lla_triton's rho vs LLA")
 
     prop()

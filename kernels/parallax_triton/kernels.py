@@ -128,13 +128,19 @@ def _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, sca
         # d_ij = <k_j - k_0, r_i> is O(|k_j - k_0| |r_i|) and rounds at u times that, while the
         # covariance needs e_ij = d_ij - dbar_i, O(spread |r_i|) at the keys that carry the
         # weight (docs/kernels-parallax.md §3, "d against the row's heaviest key"). Split
-        # r = r_hi + r_lo and kp = kp_hi + kp_lo with 8-bit hi parts on power-of-two grids:
-        # r_hi kp_hi^T is exact in fp32 (products of 16 bits, D <= 128 of them), so it can
+        # r = r_hi + r_lo and kp = kp_hi + kp_lo with 8-bit hi parts on power-of-two grids
+        # (per row of r, per key): each (i, j) entry of r_hi kp_hi^T sums D <= 128 products of
+        # 16 bits on one grid, exact in fp32, so it can
         # be referred to the row's heaviest key exactly, and only the remainder, 2^-7 the
         # size, rounds at its own scale.
-        g_k = _pow2_below(tl.max(tl.max(tl.abs(kp), 1), 0)) * 0.015625
+        # a grid per key: a row's d_ij must not depend on keys after i (causality, bitwise)
+        g_k = _pow2_below(tl.max(tl.abs(kp), 1))[:, None] * 0.015625
         kp_hi, kp_lo = _grid_split(kp, g_k)
-        s_hi = tl.dot(r_hi, tl.trans(kp_hi), input_precision=EXACT)
+        if EXACT == "bf16":
+            # 8-bit significands are exact bf16 values: the cheapest exact product
+            s_hi = tl.dot(r_hi.to(tl.bfloat16), tl.trans(kp_hi.to(tl.bfloat16)))
+        else:
+            s_hi = tl.dot(r_hi, tl.trans(kp_hi), input_precision=EXACT)
         rem = tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
         # the reference moves to the tile's heaviest key where the running maximum moves
         jmax = tl.argmax(a, 1)
@@ -374,8 +380,12 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def parallax_forward_kernel(q, k, v, r, scale, *, config=None) -> ForwardOut:
-    """Launch the forward on flattened heads: q, k, r (N, S, D), v (N, S, Dv), contiguous, one dtype."""
+def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> ForwardOut:
+    """Launch the forward on flattened heads: q, k, r (N, S, D), v (N, S, Dv), contiguous, one dtype.
+
+    split_d: refer d_ij to each row's heaviest key through the exact split product
+    (docs/kernels-parallax.md §3); None (the default) does for every dtype but float64.
+    False is the single product, for measuring what the split costs."""
     N, S, D = q.shape
     DV = v.shape[-1]
     acc = _acc_dtype(q.dtype)
@@ -387,8 +397,9 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None) -> ForwardOut:
     _launch(_px_fwd_kernel, lambda bm, bn: (triton.cdiv(S, bm), N),
             (q, k, v, r, o, lse, nup, dbar, cr, S, float(scale)), D, DV, q.dtype, config,
             # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
-            # operands of a tf32 product
-            SPLIT_D=q.dtype != torch.float64, EXACT="ieee" if interpreting() else "tf32")
+            # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
+            SPLIT_D=q.dtype != torch.float64 if split_d is None else bool(split_d),
+            EXACT="ieee" if interpreting() else "bf16")
     return ForwardOut(o, lse, nup, dbar, cr)
 
 

@@ -176,11 +176,11 @@ def kernel_target(q, k, v, r, *, qk_scale=None, compute_dtype=torch.float32, out
 class RhoProbeBudget:
     """The reduction to LLA at a solver's rho (docs/error-model.md §8, "A solver's rho")."""
 
-    probe: torch.Tensor  # (..., S, D) float64: r^_i = rho^_i / (1 - <mubar_i, rho^_i>)
+    probe: torch.Tensor  # (..., S, D) float64: r^_i = rho^_i / (1 - <mubar_i, rho^_i>); 0 on rows not judged
     lla: torch.Tensor  # (..., S, Dv) float64 LLA oracle output
-    allowed: torch.Tensor  # (..., S): allowed |Parallax_f64(r^_i) - LLA_i|; inf where not judged
+    allowed: torch.Tensor  # (..., S): ||K_i|| R_i / (1 - |rho_i| R_i / |t_i|), the bound on
+    #                        |Parallax_f64(r^_i) - LLA_i| from rho^'s error; inf where not judged
     judged: torch.Tensor  # (..., S) bool: LLA defined and the allowed residual cannot flip t_i
-    rho_term: torch.Tensor  # (..., S): the solve's share, ||K_i|| R_i / (1 - ||rho_i|| R_i / |t_i|)
     residual: torch.Tensor  # (..., S): R_i, the allowed ||mubar_i - Sigbar_i rho^_i||
 
 
@@ -239,12 +239,12 @@ def rho_probe_budget(q, k, v, rho, *, ridge_lambda, qk_scale=None, impl,
 
     from lla_contract import check_lambda, check_scale
 
+    if tuple(rho.shape) != tuple(q.shape):
+        raise ValueError(f"rho: expected the shape of q {tuple(q.shape)}, got {tuple(rho.shape)}")
     scale = check_scale(qk_scale, q.shape[-1])
     lead = tuple(q.shape[:-1])
     lam = check_lambda(ridge_lambda, lead, q.device)
     d = lla_forward_details(q, k, v, ridge_lambda=ridge_lambda, qk_scale=scale)
-    if tuple(rho.shape) != tuple(q.shape):
-        raise ValueError(f"rho: expected the shape of q {tuple(q.shape)}, got {tuple(rho.shape)}")
     rho_hat = rho.detach().to(torch.float64)
     mubar = d.mu / d.omega[..., None]
     probe = rho_hat / (1.0 - (mubar * rho_hat).sum(-1))[..., None]
@@ -253,17 +253,23 @@ def rho_probe_budget(q, k, v, rho, *, ridge_lambda, qk_scale=None, impl,
     R = MODEL_SAFETY * solve_residual(d, impl) / d.mu.norm(dim=-1) * mubar.norm(dim=-1)
     sigbar, cov = _normalised_moments(q, k, v, lam, scale, chunk_bytes)
     t = 1.0 - (mubar * d.rho).sum(-1)
-    r = d.rho / t[..., None]
-    defined = ~d.undefined & torch.isfinite(t) & (t != 0)
+    defined = ~d.undefined & torch.isfinite(t) & (t != 0) & torch.isfinite(R)
+    # rows left out are given finite stand-ins (identity Sigbar, rho = 0, t = 1) so the
+    # batched inverse and norm run; they are not judged
+    t = torch.where(defined, t, 1.0)
+    rho64 = torch.where(defined[..., None], d.rho, 0.0)
+    r = rho64 / t[..., None]
     eye = torch.eye(q.shape[-1], dtype=torch.float64, device=q.device)
-    safe = torch.where(defined[..., None, None], sigbar, eye)
-    inv = torch.linalg.inv(safe)
-    K = cov @ (inv + r[..., :, None] * d.rho[..., None, :]) / torch.where(defined, t, 1.0)[..., None, None]
+    inv = torch.linalg.inv(torch.where(defined[..., None, None], sigbar, eye))
+    cov = torch.where(defined[..., None, None], cov, 0.0)
+    K = cov @ (inv + r[..., :, None] * rho64[..., None, :]) / t[..., None, None]
     knorm = torch.linalg.matrix_norm(K, ord=2)
-    margin = 1.0 - d.rho.norm(dim=-1) * R / t.abs()
+    margin = 1.0 - rho64.norm(dim=-1) * R / t.abs()
     judged = defined & (margin > 0)
-    rho_term = torch.where(judged, knorm * R / torch.where(judged, margin, 1.0), torch.full_like(R, math.inf))
-    return RhoProbeBudget(probe, d.o, rho_term, judged, rho_term, R)
+    allowed = torch.where(judged, knorm * R / torch.where(judged, margin, 1.0), torch.full_like(R, math.inf))
+    # a row not judged may have t^_i = 0: its probe is set to 0, so that every row evaluates
+    probe = torch.where(judged[..., None], probe, 0.0)
+    return RhoProbeBudget(probe, d.o, allowed, judged, R)
 
 
 # ----------------------------------------------------------------------------- backward
