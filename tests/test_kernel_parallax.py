@@ -157,8 +157,8 @@ def test_pinned_forward_within_budget(spec):
 
 
 # Large-norm keys: the softmax sits on keys whose d_ij = <k_j - k_0, r_i> is ~5e3 while
-# their spread e_ij is ~0.2; d rounded at u |d| put the kernel at 3.3x and 2.1x the target
-# until d was referred to each row's heaviest key through an exact split product
+# their spread e_ij is ~0.2; a d rounded at u |d| misses the target there by 3.3x and 2.1x,
+# d referred to each row's heaviest key through an exact split product meets it
 # (docs/kernels-parallax.md §3).
 PINNED_TARGET = PINNED_FORWARD + (
     "large_norm:factor=20,lam=1:B=1,H=2,S=37,D=16,dtype=float32,seed=2;probe=lla",

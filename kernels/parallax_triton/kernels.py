@@ -102,9 +102,10 @@ def _grid_split(x, g):
 
 @triton.jit
 def _pow2_below(x):
-    """The largest power of two <= x for x > 0 (1 where x == 0): the exponent bits alone."""
-    bits = x.to(tl.int32, bitcast=True) & 0x7F800000
-    return tl.where(x > 0.0, bits.to(tl.float32, bitcast=True), 1.0)
+    """The largest power of two <= x >= 0 (its exponent bits alone); 1 where x is 0 or
+    subnormal, whose grid would be 0 (a grid of 1 puts all of x in the exact low part)."""
+    p = (x.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.where(p > 0.0, p, 1.0)
 
 
 @triton.jit
@@ -130,10 +131,9 @@ def _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, sca
         # weight (docs/kernels-parallax.md §3, "d against the row's heaviest key"). Split
         # r = r_hi + r_lo and kp = kp_hi + kp_lo with 8-bit hi parts on power-of-two grids
         # (per row of r, per key): each (i, j) entry of r_hi kp_hi^T sums D <= 128 products of
-        # 16 bits on one grid, exact in fp32, so it can
-        # be referred to the row's heaviest key exactly, and only the remainder, 2^-7 the
-        # size, rounds at its own scale.
-        # a grid per key: a row's d_ij must not depend on keys after i (causality, bitwise)
+        # 16 bits on one grid, exact in fp32, so it can be referred to the row's heaviest key
+        # exactly, and only the remainder, 2^-7 the size, rounds at its own scale. A grid per
+        # key, not per tile: a row's d_ij must not depend on keys after i (bitwise causality).
         g_k = _pow2_below(tl.max(tl.abs(kp), 1))[:, None] * 0.015625
         kp_hi, kp_lo = _grid_split(kp, g_k)
         if EXACT == "bf16":
@@ -384,8 +384,9 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> 
     """Launch the forward on flattened heads: q, k, r (N, S, D), v (N, S, Dv), contiguous, one dtype.
 
     split_d: refer d_ij to each row's heaviest key through the exact split product
-    (docs/kernels-parallax.md §3); None (the default) does for every dtype but float64.
-    False is the single product, for measuring what the split costs."""
+    (docs/kernels-parallax.md §3), for every dtype but float64 (whose single product rounds
+    at u64). None (the default) or True: split; False: the single product, for measuring
+    what the split costs and buys."""
     N, S, D = q.shape
     DV = v.shape[-1]
     acc = _acc_dtype(q.dtype)
@@ -398,7 +399,7 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> 
             (q, k, v, r, o, lse, nup, dbar, cr, S, float(scale)), D, DV, q.dtype, config,
             # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
             # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
-            SPLIT_D=q.dtype != torch.float64 if split_d is None else bool(split_d),
+            SPLIT_D=q.dtype != torch.float64 and (split_d is None or bool(split_d)),
             EXACT="ieee" if interpreting() else "bf16")
     return ForwardOut(o, lse, nup, dbar, cr)
 
