@@ -193,6 +193,33 @@ def test_stats_fields_and_convergence():
     assert_within_budget(check_forward(p, impl, o, stats=st))
 
 
+def test_return_rho_is_the_solve():
+    """return_rho hands out the solve's rho: fp32, q's shape, no gradient, the same with
+    and without statistics and autograd, and within the forward model's allowed residual
+    of the float64 oracle's rho: |rho^ - rho| <= |Sigma_i^-1| MODEL_SAFETY solve_residual_i."""
+    p = _problem("gaussian", 37, 16, seed=7, lam=0.1)
+    o0 = _run(p)
+    o1, rho1 = _run(p, return_rho=True)
+    o, st, rho = _run(p, return_stats=True, return_rho=True)
+    assert isinstance(st, dict) and "cg_residual" in st
+    assert rho.shape == p.q.shape and rho.dtype == torch.float32 and not rho.requires_grad
+    assert torch.equal(o, o0) and torch.equal(o1, o0) and torch.equal(rho1, rho)
+    d = lla_forward_details(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale)
+    allowed = MODEL_SAFETY * solve_residual(d, triton_impl()) * d.kappa / d.sigma_norm
+    err = (rho.double() - d.rho).norm(dim=-1)
+    assert bool((err <= allowed).all()), f"rho off by {float((err / allowed).max()):.3g} x the allowed solve error"
+    # autograd: a second launch reports the rho the differentiable forward used
+    q = p.q.clone().requires_grad_(True)
+    o2, rho2 = lla_triton.lla_attention(q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale,
+                                        return_rho=True)
+    assert o2.requires_grad and not rho2.requires_grad
+    assert torch.equal(rho2, rho) and torch.equal(o2.detach(), o0)
+    # (B, S, D) inputs give a (B, S, D) rho
+    _, rho3 = lla_triton.lla_attention(p.q[:, 0], p.k[:, 0], p.v[:, 0], ridge_lambda=p.ridge_lambda,
+                                       qk_scale=p.qk_scale, return_rho=True)
+    assert torch.equal(rho3, rho[:, 0])
+
+
 def test_cg_max_iters_caps_iterations():
     p = _problem("gaussian", 30, 16, H=1, seed=8, lam=1e-3)
     _, st = _run(p, cg_max_iters=3, return_stats=True)

@@ -43,7 +43,7 @@ def _check_options(cg_tol, cg_max_iters, preconditioner, precision):
 
 def lla_attention(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=DEFAULT_DELTA_EPS, cg_tol=DEFAULT_CG_TOL,
                   cg_max_iters=None, preconditioner=None, precision=DEFAULT_PRECISION,
-                  return_stats=False, check_finite=True):
+                  return_stats=False, return_rho=False, check_finite=True):
     """Causal Local Linear Attention (SPEC 1).
 
     q, k, v: (B, H, S, D) or (B, S, D), one of fp32 / bf16 / fp16, D in {16, 32, 64, 128};
@@ -55,6 +55,13 @@ def lla_attention(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=DEFAULT_DEL
     average sum_j w_ij v_j / omega_i instead; docs/kernels.md), and anchor_rounds (int32:
     how many anchors the row's tile tried before the row was served; above 1 only for
     queries far from their tile's first one, docs/kernels.md "Rows far from the anchor").
+
+    ``return_rho=True`` appends rho, the solve's rho_i of Sigma_i rho_i = mu_i (SPEC 1),
+    fp32, of q's shape (B, H, S, D) or (B, S, D), without gradient: the CG iterate the
+    output pass used, the one whose true residual is stats' cg_residual. On rows where
+    stats' fallback is True the output was formed with rho_i = 0 instead (the softmax
+    average); rho there is still the solve's. Returns o, (o, stats), (o, rho) or
+    (o, stats, rho): o first, then what was asked in that order.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -93,21 +100,32 @@ def lla_attention(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=DEFAULT_DEL
         except ImportError:
             raise NotImplementedError("lla_triton: backward not available yet") from None
         o3 = LLAFunction.apply(q3, k3, v3, lam, scale, eps, tol, cg_max_iters, preconditioner, precision, pending)
-        if not return_stats:
+        if not (return_stats or return_rho):
             return o3.reshape(q.shape)
+        # the forward is deterministic (no atomics): this launch solves for the rho the
+        # autograd forward saved, and reports its statistics
         with torch.no_grad():
             fo = lla_forward_kernel(q3.detach(), k3.detach(), v3.detach(), lam.detach(), scale, delta_eps=eps,
                                     cg_tol=tol, cg_max_iters=cg_max_iters, preconditioner=preconditioner,
-                                    want_stats=True, precision=precision)
+                                    want_stats=return_stats, precision=precision)
     else:
         fo = lla_forward_kernel(q3, k3, v3, lam, scale, delta_eps=eps, cg_tol=tol, cg_max_iters=cg_max_iters,
                                 preconditioner=preconditioner, want_stats=return_stats, precision=precision,
                                 input_check=pending)
         o3 = fo.o
     o = o3.reshape(q.shape)
-    if not return_stats:
+    if not (return_stats or return_rho):
         return o
-    stats = {
+    out = (o,)
+    if return_stats:
+        out += (_stats(fo, lead),)
+    if return_rho:
+        out += (fo.rho.reshape(q.shape),)
+    return out
+
+
+def _stats(fo, lead):
+    return {
         "cg_iters": fo.cg_iters.reshape(lead),
         "cg_residual": fo.cg_residual.reshape(lead),
         "omega": fo.omega.reshape(lead),
@@ -116,4 +134,3 @@ def lla_attention(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=DEFAULT_DEL
         "m": fo.m.reshape(lead),
         "anchor_rounds": fo.anchor_rounds.reshape(lead),
     }
-    return o, stats

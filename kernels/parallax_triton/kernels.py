@@ -94,21 +94,65 @@ def _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK: tl.constexpr, SPREC: t
 
 
 @triton.jit
-def _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nu, dbar, cm,
+def _grid_split(x, g):
+    """x = hi + lo with hi on the grid g (a power of two): both parts exact."""
+    hi = tl.floor(x / g + 0.5) * g
+    return hi, x - hi
+
+
+@triton.jit
+def _pow2_below(x):
+    """The largest power of two <= x >= 0 (its exponent bits alone); 1 where x is 0 or
+    subnormal, whose grid would be 0 (a grid of 1 puts all of x in the exact low part)."""
+    p = (x.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.where(p > 0.0, p, 1.0)
+
+
+@triton.jit
+def _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nu,
+              dbar, cm, t_ref,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-              MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+              MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
+              SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
     """Merge one key tile into the running (m, W, nu, dbar, M) of each query (Chan et al.'s
     update of a co-moment); M = sum_j w_j (vp_j - nu)(d_j - dbar) in the weights
-    of the running maximum."""
+    of the running maximum, d_j and dbar relative to the row's reference t_ref."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
     a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC).to(ACC)
-    m_new = tl.maximum(m_i, tl.max(a, 1))
+    m_tile = tl.max(a, 1)
+    m_new = tl.maximum(m_i, m_tile)
     # every row sees key 0 in the first tile, so m_new is finite from then on
     alpha = tl.exp(m_i - m_new)
     w = tl.exp(a - m_new[:, None])
-    # d_ij against the anchored keys: O(spread |r_i|), never O(|k_j| |r_i|)
-    d = tl.dot(rf, tl.trans(kp), input_precision=PREC)
+    if SPLIT_D:
+        # d_ij = <k_j - k_0, r_i> is O(|k_j - k_0| |r_i|) and rounds at u times that, while the
+        # covariance needs e_ij = d_ij - dbar_i, O(spread |r_i|) at the keys that carry the
+        # weight (docs/kernels-parallax.md §3, "d against the row's heaviest key"). Split
+        # r = r_hi + r_lo and kp = kp_hi + kp_lo with 8-bit hi parts on power-of-two grids
+        # (per row of r, per key): each (i, j) entry of r_hi kp_hi^T sums D <= 128 products of
+        # 16 bits on one grid, exact in fp32, so it can be referred to the row's heaviest key
+        # exactly, and only the remainder, 2^-7 the size, rounds at its own scale. A grid per
+        # key, not per tile: a row's d_ij must not depend on keys after i (bitwise causality).
+        g_k = _pow2_below(tl.max(tl.abs(kp), 1))[:, None] * 0.015625
+        kp_hi, kp_lo = _grid_split(kp, g_k)
+        if EXACT == "bf16":
+            # 8-bit significands are exact bf16 values: the cheapest exact product
+            s_hi = tl.dot(r_hi.to(tl.bfloat16), tl.trans(kp_hi.to(tl.bfloat16)))
+        else:
+            s_hi = tl.dot(r_hi, tl.trans(kp_hi), input_precision=EXACT)
+        rem = tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
+        # the reference moves to the tile's heaviest key where the running maximum moves
+        jmax = tl.argmax(a, 1)
+        col = tl.arange(0, BLOCK_N)
+        s_top = tl.sum(tl.where(col[None, :] == jmax[:, None], s_hi, 0.0), 1)
+        t_new = tl.where(m_tile > m_i, s_top, t_ref)
+        dbar = dbar + (t_ref - t_new)
+        t_ref = t_new
+        d = (s_hi - t_ref[:, None]) + rem
+    else:
+        # d_ij against the anchored keys: O(spread |r_i|), never O(|k_j| |r_i|)
+        d = tl.dot(rf, tl.trans(kp), input_precision=PREC)
     w_a = l_i * alpha
     w_ab = w_a + tl.sum(w, 1)
     # w_ab >= 1 (the row's maximum weighs 1), while a tile's own weight may underflow to
@@ -124,14 +168,15 @@ def _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, 
     # Chan et al.: moving the old moment from its means to the merged ones adds
     # w_a (nu - nu_new)(dbar - dbar_new)
     cm = cm * alpha[:, None] + cm_b + (w_a * (dbar - dbar_new))[:, None] * (nu - nu_new)
-    return m_new, w_ab, nu_new, dbar_new, cm
+    return m_new, w_ab, nu_new, dbar_new, cm, t_ref
 
 
 # S is not specialised on (== 1, % 16): every pointer is offset by multiples of D or Dv
 @triton.jit(do_not_specialize=("S",))
 def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, S, scale,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+                   UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
+                   SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_M)
     # late query tiles do the most work: launch them first for a balanced tail
     pid_m = n_tiles - 1 - tl.program_id(0)
@@ -160,14 +205,22 @@ def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, S, scale,
     hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
     # key tiles entirely below the diagonal (and inside S) need no mask
     lo_full = ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    # r = r_hi + r_lo, r_hi on a per-row grid of 2^-6 its largest power of two (_fwd_tile)
+    if SPLIT_D:
+        r_hi, r_lo = _grid_split(rf, _pow2_below(tl.max(tl.abs(rf), 1))[:, None] * 0.015625)
+    else:
+        r_hi, r_lo = rf, rf
+    # t_ref: the row's reference, r_hi kp_hi^T at its heaviest key so far; d and dbar are
+    # kept relative to it (0 without the split: d relative to k_0 itself)
+    t_ref = tl.zeros([BLOCK_M], dtype=ACC)
     for start_n in range(0, lo_full, BLOCK_N):
-        m_i, l_i, nup, dbar, cm = _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m,
-                                            m_i, l_i, nup, dbar, cm, D, DV, BLOCK_N, UPCAST, False, ACC,
-                                            PREC, SPREC)
+        m_i, l_i, nup, dbar, cm, t_ref = _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S,
+                                                   scale, offs_m, m_i, l_i, nup, dbar, cm, t_ref, D, DV, BLOCK_N,
+                                                   UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT)
     for start_n in range(lo_full, hi, BLOCK_N):
-        m_i, l_i, nup, dbar, cm = _fwd_tile(q_dot, rf, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m,
-                                            m_i, l_i, nup, dbar, cm, D, DV, BLOCK_N, UPCAST, True, ACC,
-                                            PREC, SPREC)
+        m_i, l_i, nup, dbar, cm, t_ref = _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S,
+                                                   scale, offs_m, m_i, l_i, nup, dbar, cm, t_ref, D, DV, BLOCK_N,
+                                                   UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT)
     cr = cm / l_i[:, None]
     o = cv[None, :] + nup - cr
 
@@ -177,7 +230,8 @@ def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, S, scale,
     tl.store(NUP + vptrs, nup, mask=row_ok[:, None])
     tl.store(CR + vptrs, cr, mask=row_ok[:, None])
     tl.store(LSE + head * S + offs_m, m_i + tl.log(l_i), mask=row_ok)
-    tl.store(DBAR + head * S + offs_m, dbar, mask=row_ok)
+    # the backward forms d_ij against k_0 itself
+    tl.store(DBAR + head * S + offs_m, dbar + t_ref, mask=row_ok)
 
 
 @triton.jit
@@ -295,7 +349,7 @@ def _is_out_of_resources(exc: Exception) -> bool:
     return type(exc).__name__ == "OutOfResources"
 
 
-def _launch(kernel, grid_of, args, D, DV, dtype, config):
+def _launch(kernel, grid_of, args, D, DV, dtype, config, **extra):
     interp = interpreting()
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     # triton issue 11584: interpreted bf16 dots are wrong, so every tile goes to fp32 there
@@ -313,7 +367,7 @@ def _launch(kernel, grid_of, args, D, DV, dtype, config):
     for bm, bn, nw, ns in order:
         try:
             kernel[grid_of(bm, bn)](*args, D=D, DV=DV, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, ACC=acc,
-                                    PREC=prec, SPREC=sprec, num_warps=nw, num_stages=ns)
+                                    PREC=prec, SPREC=sprec, num_warps=nw, num_stages=ns, **extra)
             return
         except Exception as exc:  # noqa: BLE001 - only out-of-resources is retried
             if config is not None or not _is_out_of_resources(exc):
@@ -326,8 +380,13 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def parallax_forward_kernel(q, k, v, r, scale, *, config=None) -> ForwardOut:
-    """Launch the forward on flattened heads: q, k, r (N, S, D), v (N, S, Dv), contiguous, one dtype."""
+def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> ForwardOut:
+    """Launch the forward on flattened heads: q, k, r (N, S, D), v (N, S, Dv), contiguous, one dtype.
+
+    split_d: refer d_ij to each row's heaviest key through the exact split product
+    (docs/kernels-parallax.md §3), for every dtype but float64 (whose single product rounds
+    at u64). None (the default) or True: split; False: the single product, for measuring
+    what the split costs and buys."""
     N, S, D = q.shape
     DV = v.shape[-1]
     acc = _acc_dtype(q.dtype)
@@ -337,7 +396,11 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None) -> ForwardOut:
     nup = torch.empty(N, S, DV, device=q.device, dtype=acc)
     cr = torch.empty_like(nup)
     _launch(_px_fwd_kernel, lambda bm, bn: (triton.cdiv(S, bm), N),
-            (q, k, v, r, o, lse, nup, dbar, cr, S, float(scale)), D, DV, q.dtype, config)
+            (q, k, v, r, o, lse, nup, dbar, cr, S, float(scale)), D, DV, q.dtype, config,
+            # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
+            # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
+            SPLIT_D=q.dtype != torch.float64 and (split_d is None or bool(split_d)),
+            EXACT="ieee" if interpreting() else "bf16")
     return ForwardOut(o, lse, nup, dbar, cr)
 
 

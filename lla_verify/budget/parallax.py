@@ -118,6 +118,160 @@ def check_parallax_forward(q, k, v, r, o, *, impl: str, case: str, qk_scale=None
                    per_query, summary)
 
 
+# ----------------------------------------------------------------------------- issue 22's kernel target
+KERNEL_TARGET_FACTOR = 4.0  # a kernel's error may be this multiple of the dense fp32 computation's
+TARGET_ULPS = 2.0  # or this many ulp of the output
+TARGET_ORDERINGS = 9  # evaluations of the dense computation whose median is its error (odd: a true median)
+
+
+def dense_error_over_orderings(q, k, v, r, *, qk_scale=None, compute_dtype=torch.float32,
+                               orderings: int = TARGET_ORDERINGS, seed: int = 0,
+                               o64: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense centred computation's error per query, (..., S): the median over
+    ``orderings`` evaluations on the same problem with its coordinates reordered.
+
+    Permuting the D coordinates of q, k and r together, and the Dv coordinates of v, is
+    an exact symmetry of the operator (o comes out permuted the same way, its norm
+    unchanged) but changes every summation order in the dense computation, so each
+    ordering draws a fresh rounding error of the same computation on the same problem.
+    One ordering is one draw: on a case with a single covariance row (S = 2) that draw
+    ranged from 1.2e-7 to 4.2e-6 over 40 orderings (docs/kernels-parallax.md, "The
+    same-precision target"), so a target of 4x one draw is a lottery. The median is the
+    computation's typical error there; the first ordering is the identity.
+    """
+    if orderings < 1:
+        raise ValueError(f"orderings: expected an int >= 1, got {orderings!r}")
+    o64 = parallax_forward(q, k, v, r, qk_scale=qk_scale) if o64 is None else o64
+    D, Dv = q.shape[-1], v.shape[-1]
+    gen = torch.Generator().manual_seed(seed)
+    errs = []
+    for n in range(orderings):
+        pk = torch.arange(D) if n == 0 else torch.randperm(D, generator=gen)
+        pv = torch.arange(Dv) if n == 0 else torch.randperm(Dv, generator=gen)
+        pk, pv = pk.to(q.device), pv.to(q.device)
+        o = parallax_dense(q[..., pk], k[..., pk], v[..., pv], r[..., pk], qk_scale=qk_scale,
+                           compute_dtype=compute_dtype)
+        errs.append((o.to(torch.float64) - o64[..., pv]).norm(dim=-1))
+    return torch.stack(errs).median(0).values
+
+
+def kernel_target(q, k, v, r, *, qk_scale=None, compute_dtype=torch.float32, out_dtype=None,
+                  o64: torch.Tensor | None = None, orderings: int = TARGET_ORDERINGS):
+    """Issue 22's accuracy target for a Parallax kernel, per query (..., S):
+    max(KERNEL_TARGET_FACTOR x the dense computation's worst error over the queries,
+    TARGET_ULPS ulp of |o_i| in the output dtype), the dense error taken as
+    dense_error_over_orderings. Returns (allowed, dense_err)."""
+    o64 = parallax_forward(q, k, v, r, qk_scale=qk_scale) if o64 is None else o64
+    dense_err = dense_error_over_orderings(q, k, v, r, qk_scale=qk_scale, compute_dtype=compute_dtype,
+                                           orderings=orderings, o64=o64)
+    out_dt = out_dtype or q.dtype
+    u_out = unit_roundoff(out_dt) if out_dt != torch.float64 else U64
+    # one ulp of a value in [2^e, 2^(e+1)) is 2 u 2^e <= 2 u |x|
+    ulps = TARGET_ULPS * 2.0 * u_out * o64.norm(dim=-1)
+    return torch.maximum(KERNEL_TARGET_FACTOR * dense_err.max(), ulps), dense_err
+
+
+# ----------------------------------------------------------------------------- reduction with a solved rho
+@dataclass
+class RhoProbeBudget:
+    """The reduction to LLA at a solver's rho (docs/error-model.md §8, "A solver's rho")."""
+
+    probe: torch.Tensor  # (..., S, D) float64: r^_i = rho^_i / (1 - <mubar_i, rho^_i>); 0 on rows not judged
+    lla: torch.Tensor  # (..., S, Dv) float64 LLA oracle output
+    allowed: torch.Tensor  # (..., S): ||K_i|| R_i / (1 - |rho_i| R_i / |t_i|), the bound on
+    #                        |Parallax_f64(r^_i) - LLA_i| from rho^'s error; inf where not judged
+    judged: torch.Tensor  # (..., S) bool: LLA defined and the allowed residual cannot flip t_i
+    residual: torch.Tensor  # (..., S): R_i, the allowed ||mubar_i - Sigbar_i rho^_i||
+
+
+def _normalised_moments(q, k, v, lam, scale, chunk_bytes):
+    """Per query, float64 and centred: Sigbar_i = Sigma_i / omega_i (D x D) and the
+    Parallax covariance C_i (Dv x D), from the softmax weights p_ij."""
+    from lla_verify.oracles.float64 import DEFAULT_CHUNK_BYTES, causal_scores, chunk_size, flatten_leading
+
+    lead = tuple(q.shape[:-2])
+    S, D, Dv = q.shape[-2], q.shape[-1], v.shape[-1]
+    qf, kf, vf = (flatten_leading(t.to(torch.float64), 2) for t in (q, k, v))
+    lf = lam.to(torch.float64).reshape(-1, S)
+    step = max(1, chunk_size(S, D, Dv + D, chunk_bytes or DEFAULT_CHUNK_BYTES) // 2)
+    sig, cov = [], []
+    eye = torch.eye(D, dtype=torch.float64, device=q.device)
+    for i0 in range(0, S, step):
+        i1 = min(S, i0 + step)
+        qc = qf[:, i0:i1]
+        a, mask = causal_scores(qc, kf, scale, i0, i1)
+        p = torch.softmax(a.masked_fill(~mask, float("-inf")), dim=-1)
+        z = kf[:, None, :i1, :] - qc[:, :, None, :]  # k_j - q_i: a common offset cancels here
+        zbar = (p[..., None] * z).sum(-2)  # mubar_i = kbar_i - q_i
+        zc = z - zbar[:, :, None, :]  # k_j - kbar_i
+        vj = vf[:, None, :i1, :]
+        vc = vj - (p[..., None] * vj).sum(-2)[:, :, None, :]  # v_j - nu_i
+        pz = p[..., None] * zc
+        sig.append(pz.transpose(-1, -2) @ zc + zbar[..., :, None] * zbar[..., None, :]
+                   + lf[:, i0:i1, None, None] * eye)
+        cov.append(vc.transpose(-1, -2) @ pz)
+    return (torch.cat(sig, 1).reshape(*lead, S, D, D), torch.cat(cov, 1).reshape(*lead, S, Dv, D))
+
+
+def rho_probe_budget(q, k, v, rho, *, ridge_lambda, qk_scale=None, impl,
+                     chunk_bytes: int | None = None) -> RhoProbeBudget:
+    """How far Parallax at the probe built from a solver's rho^ may be from LLA.
+
+    rho^ (..., S, D) solves Sigma_i rho_i = mu_i with a true residual the forward model
+    allows the LLA implementation ``impl`` (its Impl record: solver_tol, compute precision;
+    budget.backward.solve_residual: (tol + u_c attainable_i) ||mu_i||, times MODEL_SAFETY); the probe r^_i = rho^_i / t^_i, t^_i = 1 - <mubar_i, rho^_i>, is formed
+    in float64 with the oracle's mubar_i = mu_i / omega_i. For any rho, LLA's output
+    formula equals nu_i - C_i rho / (1 - <mubar_i, rho>), so with Delta = rho^ - rho =
+    -Sigbar^-1 res (Sigbar = Sigma / omega, res the normalised residual), exactly
+
+        Parallax(r^_i) - LLA_i = -C_i (r^_i - r_i) = (t_i / t^_i) K_i res_i,
+        K_i = C_i (Sigbar_i^-1 + r_i rho_i^T) / t_i,
+        |t^_i - t_i| = |<mubar_i, Delta>| = |<rho_i, res_i>| <= |rho_i| |res_i|
+
+    so |error_i| <= ||K_i||_2 R_i / (1 - |rho_i| R_i / |t_i|) with R_i the allowed
+    normalised residual. Rows where that denominator is not positive (the allowed
+    residual could flip the sign of t_i: no digit of the probe is promised) and rows
+    the LLA oracle leaves undefined are not judged. The float64 oracles' own errors
+    are added by the caller.
+    """
+    from lla_verify.budget.backward import solve_residual
+    from lla_verify.oracles.float64 import lla_forward_details
+
+    from lla_contract import check_lambda, check_scale
+
+    if tuple(rho.shape) != tuple(q.shape):
+        raise ValueError(f"rho: expected the shape of q {tuple(q.shape)}, got {tuple(rho.shape)}")
+    scale = check_scale(qk_scale, q.shape[-1])
+    lead = tuple(q.shape[:-1])
+    lam = check_lambda(ridge_lambda, lead, q.device)
+    d = lla_forward_details(q, k, v, ridge_lambda=ridge_lambda, qk_scale=scale)
+    rho_hat = rho.detach().to(torch.float64)
+    mubar = d.mu / d.omega[..., None]
+    probe = rho_hat / (1.0 - (mubar * rho_hat).sum(-1))[..., None]
+
+    # the residual allowed in units of ||mu_i||, carried to the normalised system
+    R = MODEL_SAFETY * solve_residual(d, impl) / d.mu.norm(dim=-1) * mubar.norm(dim=-1)
+    sigbar, cov = _normalised_moments(q, k, v, lam, scale, chunk_bytes)
+    t = 1.0 - (mubar * d.rho).sum(-1)
+    defined = ~d.undefined & torch.isfinite(t) & (t != 0) & torch.isfinite(R)
+    # rows left out are given finite stand-ins (identity Sigbar, rho = 0, t = 1) so the
+    # batched inverse and norm run; they are not judged
+    t = torch.where(defined, t, 1.0)
+    rho64 = torch.where(defined[..., None], d.rho, 0.0)
+    r = rho64 / t[..., None]
+    eye = torch.eye(q.shape[-1], dtype=torch.float64, device=q.device)
+    inv = torch.linalg.inv(torch.where(defined[..., None, None], sigbar, eye))
+    cov = torch.where(defined[..., None, None], cov, 0.0)
+    K = cov @ (inv + r[..., :, None] * rho64[..., None, :]) / t[..., None, None]
+    knorm = torch.linalg.matrix_norm(K, ord=2)
+    margin = 1.0 - rho64.norm(dim=-1) * R / t.abs()
+    judged = defined & (margin > 0)
+    allowed = torch.where(judged, knorm * R / torch.where(judged, margin, 1.0), torch.full_like(R, math.inf))
+    # a row not judged may have t^_i = 0: its probe is set to 0, so that every row evaluates
+    probe = torch.where(judged[..., None], probe, 0.0)
+    return RhoProbeBudget(probe, d.o, allowed, judged, R)
+
+
 # ----------------------------------------------------------------------------- backward
 GRAD_NAMES = ("dq", "dk", "dv", "dr")
 BWD_FACTOR = 4.0  # an implementation's gradient error may be this multiple of the dense reference's
