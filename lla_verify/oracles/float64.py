@@ -31,6 +31,8 @@ import torch
 
 from lla_contract import LLAInputError, check_delta_eps, check_lambda, check_qkv, check_scale
 
+from .extremes import extreme_eigenvalues, symmetric_norm
+
 _F64 = torch.float64
 # A Sigma_i with lambda == 0 counts as singular when its condition number exceeds
 # 1 / (D * u64): there the float64 solve has no correct digit left.
@@ -96,14 +98,16 @@ def _singular_augmented(omega, mu, sig):
     Jacobi-scaled G_i: an exactly singular one comes out of eigvalsh with a smallest
     eigenvalue of a few u64 (either sign), so the cut is a condition number of
     1/(100 (D+1) u64) (about 1e13): past it a float64 solve keeps under two digits
-    and the 0/0 cannot be told from a genuine, tiny delta_i.
+    and the 0/0 cannot be told from a genuine, tiny delta_i. Off the CPU the extremes
+    come from ``certified_extremes``, which hands every row near that cut (kappa past
+    rtol / (10 (D+1) (D+2) u64), 2e9 at D = 64) to eigvalsh: the same decision either way.
     """
     D = sig.shape[-1]
     G = torch.cat([torch.cat([omega[..., None, None], mu[..., None, :]], -1),
                    torch.cat([mu[..., :, None], sig], -1)], -2)
     d = torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(torch.finfo(_F64).tiny).rsqrt()
-    ev = torch.linalg.eigvalsh(d[..., :, None] * G * d[..., None, :])
-    return ev[..., 0] <= ev[..., -1] * (100 * (D + 1) * _U64)
+    ext = extreme_eigenvalues(d[..., :, None] * G * d[..., None, :])
+    return ext.lo <= ext.hi * (100 * (D + 1) * _U64)
 
 
 def _sym_probe(shape, seed: int, i0: int, device) -> torch.Tensor:
@@ -114,8 +118,8 @@ def _sym_probe(shape, seed: int, i0: int, device) -> torch.Tensor:
     """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + i0)
     g = torch.randn(shape, generator=gen, dtype=_F64)
-    e = g + g.transpose(-1, -2)
-    return (e / torch.linalg.eigvalsh(e).abs().amax(-1)[..., None, None]).to(device)
+    e = (g + g.transpose(-1, -2)).to(device)
+    return e / symmetric_norm(e)[..., None, None]
 
 
 def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sigma_probe=None, mu_shift=None):
@@ -149,19 +153,20 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
         if sigma_probe is not None:
             h, seed = sigma_probe
             # Sigma_i is symmetric positive semi-definite: its 2-norm is its top eigenvalue
-            size = torch.linalg.eigvalsh(sig.detach())[..., -1].clamp_min(0.0)[..., None, None]
+            size = extreme_eigenvalues(sig.detach(), smallest=False).hi.clamp_min(0.0)[..., None, None]
             sig = sig + h * size * _sym_probe(sig.shape, seed, i0, sig.device)
 
         zero_lam = lc.detach() == 0
-        need_kappa = want_details or bool(zero_lam.any())
-        if need_kappa:
-            ev = torch.linalg.eigvalsh(sig.detach())
-            lo, hi = ev[..., 0], ev[..., -1]
+        undefined = torch.zeros_like(zero_lam)
+        if bool(zero_lam.any()):
+            # only rows with lambda == 0 can be singular: test those alone
+            undefined[zero_lam] = _singular_augmented(omega.detach()[zero_lam], mu.detach()[zero_lam],
+                                                      sig.detach()[zero_lam])
+        if want_details:
+            # kappa and ||Sigma_i|| only: extreme eigenvalues, not the spectrum (extremes.py)
+            ext = extreme_eigenvalues(sig.detach())
+            lo, hi = ext.lo, ext.hi
             kappa = torch.where(lo > 0, hi / lo.clamp_min(torch.finfo(_F64).tiny), torch.full_like(hi, float("inf")))
-            undefined = zero_lam & _singular_augmented(omega.detach(), mu.detach(), sig.detach())
-        else:
-            kappa = None
-            undefined = torch.zeros_like(zero_lam)
         if bool(undefined.any()):
             # Keep the graph finite: solve an identity system there, NaN the output below.
             sig = torch.where(undefined[..., None, None], eye.expand_as(sig), sig)
@@ -204,7 +209,7 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
                 solv = X.flatten(-2).norm(dim=-1) * mu.norm(dim=-1)
                 solv = torch.where(undefined, torch.full_like(solv, float("nan")), solv)
             dets["solv"].append(solv)
-            dets["sigma_norm"].append(ev[..., -1])
+            dets["sigma_norm"].append(hi)
             dets["m"].append(m[..., 0])
             dets["omega"].append(omega)
             dets["mu"].append(mu)
