@@ -61,13 +61,18 @@ class Extremes(NamedTuple):
     certified: torch.Tensor
 
 
+def _use_eigvalsh(A: torch.Tensor) -> bool:
+    """LAPACK's eigvalsh where it is the cheaper method: on CPU (module docstring)."""
+    return A.device.type == "cpu"
+
+
 def extreme_eigenvalues(A: torch.Tensor, *, smallest: bool = True) -> Extremes:
     """lambda_min and lambda_max of symmetric PSD float64 matrices A (..., D, D).
 
     ``eigvalsh`` on CPU, ``certified_extremes`` elsewhere (module docstring).
     smallest=False: only lambda_max is needed; lo is then NaN where the iteration answered.
     """
-    if A.device.type == "cpu":
+    if _use_eigvalsh(A):
         ev = torch.linalg.eigvalsh(A)
         return Extremes(ev[..., 0], ev[..., -1], torch.zeros(ev.shape[:-1], dtype=torch.bool))
     return certified_extremes(A, smallest=smallest)
@@ -78,7 +83,7 @@ def symmetric_norm(E: torch.Tensor) -> torch.Tensor:
 
     ``eigvalsh`` on CPU; elsewhere sqrt(lambda_max(E^2)) from ``certified_extremes``
     (relative width rtol / 2)."""
-    if E.device.type == "cpu":
+    if _use_eigvalsh(E):
         return torch.linalg.eigvalsh(E).abs().amax(-1)
     E2 = E @ E
     return certified_extremes(0.5 * (E2 + E2.transpose(-1, -2)), smallest=False).hi.sqrt()

@@ -122,6 +122,38 @@ def _sym_probe(shape, seed: int, i0: int, device) -> torch.Tensor:
     return e / symmetric_norm(e)[..., None, None]
 
 
+def _chunk_moments(qc, k, lc, scale, i0, i1, eye):
+    """Queries i0..i1-1 of a chunk: row max m, weights w_ij = exp(a_ij - m_i) (0 where
+    masked), omega_i, z_ij = k_j - q_i, mu_i and Sigma_i (symmetrised), all float64."""
+    a, mask = causal_scores(qc, k, scale, i0, i1)
+    a = a.masked_fill(~mask, float("-inf"))
+    m = a.detach().amax(-1, keepdim=True)  # o does not depend on m (shift invariance)
+    w = torch.exp(a - m)  # (N, C, J), exactly 0 where masked
+    omega = w.sum(-1)
+    z = k[:, None, :i1, :] - qc[:, :, None, :]  # (N, C, J, D), exact for shared offsets
+    wz = w[..., None] * z
+    mu = wz.sum(-2)
+    sig = wz.transpose(-1, -2) @ z + (lc * omega)[..., None, None] * eye
+    return m, w, omega, z, mu, 0.5 * (sig + sig.transpose(-1, -2))
+
+
+def sigma_matrices(q, k, *, ridge_lambda, qk_scale=None, chunk_bytes=DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """The oracle's Sigma_i, float64 (..., S, D, D), computed exactly as ``lla_forward`` does.
+
+    For tests of what is computed from Sigma_i (kappa, ||Sigma_i||); memory S D^2.
+    """
+    check_qkv(q, k, k)
+    scale = check_scale(qk_scale, q.shape[-1])
+    lead, (S, D) = tuple(q.shape[:-2]), q.shape[-2:]
+    lam = check_lambda(ridge_lambda, lead + (S,), q.device).reshape(-1, S)
+    qf, kf = flatten_leading(q.to(_F64), 2), flatten_leading(k.to(_F64), 2)
+    eye = torch.eye(D, dtype=_F64, device=q.device)
+    C = chunk_size(S, D, D, chunk_bytes)
+    out = [_chunk_moments(qf[:, i0:min(S, i0 + C)], kf, lam[:, i0:min(S, i0 + C)], scale, i0, min(S, i0 + C), eye)[-1]
+           for i0 in range(0, S, C)]
+    return torch.cat(out, 1).reshape(*lead, S, D, D)
+
+
 def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sigma_probe=None, mu_shift=None):
     """The rho/Schur oracle on flattened (N, S, D) float64 inputs.
 
@@ -140,16 +172,7 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
     for i0 in range(0, S, C):
         i1 = min(S, i0 + C)
         qc, lc = q[:, i0:i1], lam[:, i0:i1]
-        a, mask = causal_scores(qc, k, scale, i0, i1)
-        a = a.masked_fill(~mask, float("-inf"))
-        m = a.detach().amax(-1, keepdim=True)  # o does not depend on m (shift invariance)
-        w = torch.exp(a - m)  # (N, C, J), exactly 0 where masked
-        omega = w.sum(-1)
-        z = k[:, None, :i1, :] - qc[:, :, None, :]  # (N, C, J, D), exact for shared offsets
-        wz = w[..., None] * z
-        mu = wz.sum(-2)
-        sig = wz.transpose(-1, -2) @ z + (lc * omega)[..., None, None] * eye
-        sig = 0.5 * (sig + sig.transpose(-1, -2))
+        m, w, omega, z, mu, sig = _chunk_moments(qc, k, lc, scale, i0, i1, eye)
         if sigma_probe is not None:
             h, seed = sigma_probe
             # Sigma_i is symmetric positive semi-definite: its 2-norm is its top eigenvalue
