@@ -28,8 +28,10 @@ singularity test of the augmented normal matrix), never the rest of the spectrum
    rtol / 10: the near-singular rows) is answered by ``eigvalsh`` instead, so those
    rows get exactly the values the CPU computes.
 
-Guarantee, for the certified rows, to float64 rounding of the stored matrix (relative
-D u64 on lambda_max and on the solves): lambda_max / (1 + rtol) <= theta <= lambda_max and
+Guarantee, for the certified rows, up to float64 rounding of the stored matrix (relative
+D u64 on lambda_max; D u64 kappa on lambda_min through the solves, under rtol / (10 (D + 1))
+on these rows; 1e-8 for the orthogonality of the Krylov basis that the breakdown cut
+keeps): lambda_max / (1 + rtol) <= theta <= lambda_max and
 lambda_min <= g <= lambda_min (1 + rtol) (1 + rtol / 10), the last factor the
 certificate's backward error; hence kappa / ((1 + rtol)^2 (1 + rtol / 10)) <= theta / g
 <= kappa, within 2.2% below at rtol = 1e-2. The returned values are theta and g
