@@ -22,7 +22,7 @@ import torch
 from lla_verify.budget.backward import oracle_grads, row_kappa, cotangent_for
 from lla_verify.budget.forward import accumulation_length, sensitivity
 from lla_verify.oracles import extremes
-from lla_verify.oracles.extremes import RTOL, certified_extremes, symmetric_norm
+from lla_verify.oracles.extremes import RTOL, certified_extremes, extreme_eigenvalues, symmetric_norm
 from lla_verify.oracles.float64 import lla_forward_details, sigma_matrices
 from lla_verify.registry.cases import FAMILIES, Case, Problem
 
@@ -170,6 +170,23 @@ def test_details_kappa_with_the_device_method(case, forced_certified):
         # rows eigvalsh finds beyond resolution: the same values (eigvalsh answered them)
         rest = ~finite
         assert torch.equal(got.kappa[rest], ref.kappa[rest])
+
+
+@pytest.mark.parametrize("certified", [False, True], ids=["eigvalsh", "certified"])
+def test_details_kappa_in_order_whatever_the_chunking(certified, monkeypatch):
+    """kappa and ||Sigma_i|| are computed in batches of several chunks: each row still gets
+    its own Sigma_i's values, whether one batch holds the whole sequence or several do
+    (chunk_bytes of one query's pairwise tensors: chunks of one query, a batch every
+    twelve of them)."""
+    monkeypatch.setattr(extremes, "_use_eigvalsh", lambda A: not certified)
+    p = Case("lambda_decades", {"decades": 4.0}, B=2, H=1, S=40, D=8, dtype="float32", seed=1).build()
+    A = sigma_matrices(p.q, p.k, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale)
+    want = extreme_eigenvalues(A)
+    for chunk_bytes in (1 << 30, 8 * 40 * (3 * 8 + 8 + 4)):
+        d = lla_forward_details(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale,
+                                chunk_bytes=chunk_bytes)
+        torch.testing.assert_close(d.sigma_norm, want.hi, rtol=1e-13, atol=0)
+        torch.testing.assert_close(d.kappa, want.hi / want.lo, rtol=1e-12, atol=0)
 
 
 # ------------------------------------------------------------------ CPU against CUDA

@@ -42,6 +42,7 @@ D u64 kappa, under rtol / (10 (D + 1)) on every certified row.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -91,11 +92,18 @@ def symmetric_norm(E: torch.Tensor) -> torch.Tensor:
     return certified_extremes(0.5 * (E2 + E2.transpose(-1, -2)), smallest=False).hi.sqrt()
 
 
-def _start(D: int, device) -> torch.Tensor:
-    # fixed and pseudo-random: a structured start (all ones) can be orthogonal to an
-    # extreme eigenvector of a structured matrix; the certificate catches that anyway
+@functools.lru_cache(maxsize=32)
+def _start_on(D: int, device: str) -> torch.Tensor:
     x = torch.randn(D, generator=torch.Generator().manual_seed(_START_SEED), dtype=_F64)
     return (x / x.norm()).to(device)
+
+
+def _start(D: int, device) -> torch.Tensor:
+    """The fixed unit start vector, the same on every device (read-only: callers copy).
+
+    Pseudo-random: a structured start (all ones) can be orthogonal to an extreme
+    eigenvector of a structured matrix; the certificate catches that anyway."""
+    return _start_on(int(D), str(torch.device(device)))
 
 
 def _top_ritz(apply, n: int, D: int, steps: int, device) -> torch.Tensor:

@@ -169,6 +169,19 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
     C = chunk_size(S, D, Dv, chunk_bytes)
     outs, dets = [], {key: [] for key in ("m", "omega", "mu", "rho", "delta", "kappa", "undefined", "solv", "sigma_norm")}
     eye = torch.eye(D, dtype=_F64, device=q.device)
+    # kappa and ||Sigma_i|| need only the extreme eigenvalues (extremes.py), and nothing
+    # in a chunk uses them: Sigma_i of consecutive chunks wait here, up to chunk_bytes, and
+    # go through in one batch (on the GPU the iteration's cost is per call, not per row)
+    pending, pending_bytes = [], 0
+
+    def flush():
+        ext = extreme_eigenvalues(torch.cat(pending, 1))
+        lo, hi = ext.lo, ext.hi
+        dets["kappa"].append(torch.where(lo > 0, hi / lo.clamp_min(torch.finfo(_F64).tiny),
+                                         torch.full_like(hi, float("inf"))))
+        dets["sigma_norm"].append(hi)
+        pending.clear()
+
     for i0 in range(0, S, C):
         i1 = min(S, i0 + C)
         qc, lc = q[:, i0:i1], lam[:, i0:i1]
@@ -186,10 +199,11 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
             undefined[zero_lam] = _singular_augmented(omega.detach()[zero_lam], mu.detach()[zero_lam],
                                                       sig.detach()[zero_lam])
         if want_details:
-            # kappa and ||Sigma_i|| only: extreme eigenvalues, not the spectrum (extremes.py)
-            ext = extreme_eigenvalues(sig.detach())
-            lo, hi = ext.lo, ext.hi
-            kappa = torch.where(lo > 0, hi / lo.clamp_min(torch.finfo(_F64).tiny), torch.full_like(hi, float("inf")))
+            pending.append(sig.detach())
+            pending_bytes += sig.numel() * sig.element_size()
+            if pending_bytes >= chunk_bytes or i1 == S:
+                flush()
+                pending_bytes = 0
         if bool(undefined.any()):
             # Keep the graph finite: solve an identity system there, NaN the output below.
             sig = torch.where(undefined[..., None, None], eye.expand_as(sig), sig)
@@ -232,13 +246,11 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
                 solv = X.flatten(-2).norm(dim=-1) * mu.norm(dim=-1)
                 solv = torch.where(undefined, torch.full_like(solv, float("nan")), solv)
             dets["solv"].append(solv)
-            dets["sigma_norm"].append(hi)
             dets["m"].append(m[..., 0])
             dets["omega"].append(omega)
             dets["mu"].append(mu)
             dets["rho"].append(rho)
             dets["delta"].append(delta)
-            dets["kappa"].append(kappa)
             dets["undefined"].append(undefined)
     o = torch.cat(outs, 1)
     if not want_details:
