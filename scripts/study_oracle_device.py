@@ -15,7 +15,9 @@ on CUDA. "old" routes every extreme-eigenvalue query through eigvalsh (the previ
 behaviour, on every device); "new" is the library's dispatch (eigvalsh on CPU, the
 certified iteration elsewhere), so the two differ only off the CPU; "certified" forces the
 iteration on every device (the CPU included, to see why the dispatch keeps eigvalsh
-there). The last column counts the rows the iteration hands to eigvalsh. The verdicts' ratios
+there). The last column counts the rows the iteration hands to eigvalsh. ("old" is the
+previous method, not the previous code to the line: that normalised the Sigma probe's
+random E_i with eigvalsh on the CPU whatever the device; "old" does it on the device.) The verdicts' ratios
 of both are printed: they should agree to the kappa guarantee (a 2.2% change of kappa at
 most). Prints markdown tables.
 """
