@@ -3,7 +3,8 @@
 * ``sigma_mu``: Sigma_i, mu_i and omega_i in float64 from the inputs the kernel saw,
   with the oracle's definition z_ij = k_j - q_i (formed explicitly, chunked over
   queries, weights exp(a_ij - m_i)); ``kappas``: kappa(Sigma_i) and the condition
-  number after Jacobi scaling, both from float64 ``eigvalsh``.
+  number after Jacobi scaling, both from float64 extreme eigenvalues
+  (``oracles.extremes``: eigvalsh on CPU, the certified iteration on the GPU).
 * ``reference_cg``: plain or Jacobi-preconditioned CG, vectorised over all queries
   at once, each query frozen once it meets the kernel's stopping rule
 
@@ -26,6 +27,7 @@ import torch
 from lla_verify.registry.cases import Problem
 from lla_contract import LLAInputError, check_lambda, check_qkv, check_scale
 from lla_verify.cg.bound import U32
+from lla_verify.oracles.extremes import extreme_eigenvalues
 
 _F64 = torch.float64
 
@@ -92,13 +94,12 @@ def _jacobi_scaled(sig):
 
 
 def _cond(sig):
-    ev = torch.linalg.eigvalsh(sig)
-    lo, hi = ev[..., 0], ev[..., -1]
+    lo, hi, _ = extreme_eigenvalues(sig)
     return torch.where(lo > 0, hi / lo.clamp_min(torch.finfo(_F64).tiny), torch.full_like(hi, math.inf))
 
 
 def kappas(sig, *, batch: int = 4096):
-    """(kappa(Sigma_i), kappa(D^-1/2 Sigma_i D^-1/2)) from float64 eigvalsh; inf when singular.
+    """(kappa(Sigma_i), kappa(D^-1/2 Sigma_i D^-1/2)) in float64; inf when singular.
 
     The second is what Jacobi-preconditioned CG sees. Batched so a long sequence
     does not hold every eigen-decomposition workspace at once.

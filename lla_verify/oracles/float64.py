@@ -31,6 +31,8 @@ import torch
 
 from lla_contract import LLAInputError, check_delta_eps, check_lambda, check_qkv, check_scale
 
+from .extremes import extreme_eigenvalues, symmetric_norm
+
 _F64 = torch.float64
 # A Sigma_i with lambda == 0 counts as singular when its condition number exceeds
 # 1 / (D * u64): there the float64 solve has no correct digit left.
@@ -96,14 +98,16 @@ def _singular_augmented(omega, mu, sig):
     Jacobi-scaled G_i: an exactly singular one comes out of eigvalsh with a smallest
     eigenvalue of a few u64 (either sign), so the cut is a condition number of
     1/(100 (D+1) u64) (about 1e13): past it a float64 solve keeps under two digits
-    and the 0/0 cannot be told from a genuine, tiny delta_i.
+    and the 0/0 cannot be told from a genuine, tiny delta_i. Off the CPU the extremes
+    come from ``certified_extremes``, which hands every row near that cut (kappa past
+    rtol / (10 (D+1) (D+2) u64), 2e9 at D = 64) to eigvalsh: the same decision either way.
     """
     D = sig.shape[-1]
     G = torch.cat([torch.cat([omega[..., None, None], mu[..., None, :]], -1),
                    torch.cat([mu[..., :, None], sig], -1)], -2)
     d = torch.diagonal(G, dim1=-2, dim2=-1).clamp_min(torch.finfo(_F64).tiny).rsqrt()
-    ev = torch.linalg.eigvalsh(d[..., :, None] * G * d[..., None, :])
-    return ev[..., 0] <= ev[..., -1] * (100 * (D + 1) * _U64)
+    ext = extreme_eigenvalues(d[..., :, None] * G * d[..., None, :])
+    return ext.lo <= ext.hi * (100 * (D + 1) * _U64)
 
 
 def _sym_probe(shape, seed: int, i0: int, device) -> torch.Tensor:
@@ -114,8 +118,40 @@ def _sym_probe(shape, seed: int, i0: int, device) -> torch.Tensor:
     """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + i0)
     g = torch.randn(shape, generator=gen, dtype=_F64)
-    e = g + g.transpose(-1, -2)
-    return (e / torch.linalg.eigvalsh(e).abs().amax(-1)[..., None, None]).to(device)
+    e = (g + g.transpose(-1, -2)).to(device)
+    return e / symmetric_norm(e)[..., None, None]
+
+
+def _chunk_moments(qc, k, lc, scale, i0, i1, eye):
+    """Queries i0..i1-1 of a chunk: row max m, weights w_ij = exp(a_ij - m_i) (0 where
+    masked), omega_i, z_ij = k_j - q_i, mu_i and Sigma_i (symmetrised), all float64."""
+    a, mask = causal_scores(qc, k, scale, i0, i1)
+    a = a.masked_fill(~mask, float("-inf"))
+    m = a.detach().amax(-1, keepdim=True)  # o does not depend on m (shift invariance)
+    w = torch.exp(a - m)  # (N, C, J), exactly 0 where masked
+    omega = w.sum(-1)
+    z = k[:, None, :i1, :] - qc[:, :, None, :]  # (N, C, J, D), exact for shared offsets
+    wz = w[..., None] * z
+    mu = wz.sum(-2)
+    sig = wz.transpose(-1, -2) @ z + (lc * omega)[..., None, None] * eye
+    return m, w, omega, z, mu, 0.5 * (sig + sig.transpose(-1, -2))
+
+
+def sigma_matrices(q, k, *, ridge_lambda, qk_scale=None, chunk_bytes=DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """The oracle's Sigma_i, float64 (..., S, D, D), computed exactly as ``lla_forward`` does.
+
+    For tests of what is computed from Sigma_i (kappa, ||Sigma_i||); memory S D^2.
+    """
+    check_qkv(q, k, k)
+    scale = check_scale(qk_scale, q.shape[-1])
+    lead, (S, D) = tuple(q.shape[:-2]), q.shape[-2:]
+    lam = check_lambda(ridge_lambda, lead + (S,), q.device).reshape(-1, S)
+    qf, kf = flatten_leading(q.to(_F64), 2), flatten_leading(k.to(_F64), 2)
+    eye = torch.eye(D, dtype=_F64, device=q.device)
+    C = chunk_size(S, D, D, chunk_bytes)
+    out = [_chunk_moments(qf[:, i0:min(S, i0 + C)], kf, lam[:, i0:min(S, i0 + C)], scale, i0, min(S, i0 + C), eye)[-1]
+           for i0 in range(0, S, C)]
+    return torch.cat(out, 1).reshape(*lead, S, D, D)
 
 
 def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sigma_probe=None, mu_shift=None):
@@ -133,35 +169,41 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
     C = chunk_size(S, D, Dv, chunk_bytes)
     outs, dets = [], {key: [] for key in ("m", "omega", "mu", "rho", "delta", "kappa", "undefined", "solv", "sigma_norm")}
     eye = torch.eye(D, dtype=_F64, device=q.device)
+    # kappa and ||Sigma_i|| need only the extreme eigenvalues (extremes.py), and nothing
+    # in a chunk uses them: Sigma_i of consecutive chunks wait here, up to chunk_bytes, and
+    # go through in one batch (on the GPU the iteration's cost is per call, not per row)
+    pending, pending_bytes = [], 0
+
+    def flush():
+        ext = extreme_eigenvalues(torch.cat(pending, 1))
+        lo, hi = ext.lo, ext.hi
+        dets["kappa"].append(torch.where(lo > 0, hi / lo.clamp_min(torch.finfo(_F64).tiny),
+                                         torch.full_like(hi, float("inf"))))
+        dets["sigma_norm"].append(hi)
+        pending.clear()
+
     for i0 in range(0, S, C):
         i1 = min(S, i0 + C)
         qc, lc = q[:, i0:i1], lam[:, i0:i1]
-        a, mask = causal_scores(qc, k, scale, i0, i1)
-        a = a.masked_fill(~mask, float("-inf"))
-        m = a.detach().amax(-1, keepdim=True)  # o does not depend on m (shift invariance)
-        w = torch.exp(a - m)  # (N, C, J), exactly 0 where masked
-        omega = w.sum(-1)
-        z = k[:, None, :i1, :] - qc[:, :, None, :]  # (N, C, J, D), exact for shared offsets
-        wz = w[..., None] * z
-        mu = wz.sum(-2)
-        sig = wz.transpose(-1, -2) @ z + (lc * omega)[..., None, None] * eye
-        sig = 0.5 * (sig + sig.transpose(-1, -2))
+        m, w, omega, z, mu, sig = _chunk_moments(qc, k, lc, scale, i0, i1, eye)
         if sigma_probe is not None:
             h, seed = sigma_probe
             # Sigma_i is symmetric positive semi-definite: its 2-norm is its top eigenvalue
-            size = torch.linalg.eigvalsh(sig.detach())[..., -1].clamp_min(0.0)[..., None, None]
+            size = extreme_eigenvalues(sig.detach(), smallest=False).hi.clamp_min(0.0)[..., None, None]
             sig = sig + h * size * _sym_probe(sig.shape, seed, i0, sig.device)
 
         zero_lam = lc.detach() == 0
-        need_kappa = want_details or bool(zero_lam.any())
-        if need_kappa:
-            ev = torch.linalg.eigvalsh(sig.detach())
-            lo, hi = ev[..., 0], ev[..., -1]
-            kappa = torch.where(lo > 0, hi / lo.clamp_min(torch.finfo(_F64).tiny), torch.full_like(hi, float("inf")))
-            undefined = zero_lam & _singular_augmented(omega.detach(), mu.detach(), sig.detach())
-        else:
-            kappa = None
-            undefined = torch.zeros_like(zero_lam)
+        undefined = torch.zeros_like(zero_lam)
+        if bool(zero_lam.any()):
+            # only rows with lambda == 0 can be singular: test those alone
+            undefined[zero_lam] = _singular_augmented(omega.detach()[zero_lam], mu.detach()[zero_lam],
+                                                      sig.detach()[zero_lam])
+        if want_details:
+            pending.append(sig.detach())
+            pending_bytes += sig.numel() * sig.element_size()
+            if pending_bytes >= chunk_bytes or i1 == S:
+                flush()
+                pending_bytes = 0
         if bool(undefined.any()):
             # Keep the graph finite: solve an identity system there, NaN the output below.
             sig = torch.where(undefined[..., None, None], eye.expand_as(sig), sig)
@@ -204,13 +246,11 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
                 solv = X.flatten(-2).norm(dim=-1) * mu.norm(dim=-1)
                 solv = torch.where(undefined, torch.full_like(solv, float("nan")), solv)
             dets["solv"].append(solv)
-            dets["sigma_norm"].append(ev[..., -1])
             dets["m"].append(m[..., 0])
             dets["omega"].append(omega)
             dets["mu"].append(mu)
             dets["rho"].append(rho)
             dets["delta"].append(delta)
-            dets["kappa"].append(kappa)
             dets["undefined"].append(undefined)
     o = torch.cat(outs, 1)
     if not want_details:
