@@ -15,6 +15,9 @@ class Cell:
     # why this cell's gradients are not checked even when the implementation has them
     # (None: checked); the quick audit checks float32 gradients only, to stay in minutes
     no_grad: str | None = None
+    # the operator of registry/operators.py the cell checks; its case is that operator's
+    # (a ParallaxCase for parallax and parallax-decode)
+    op: str = "lla"
 
 
 # Adversarial but not absurd settings for the families that get one cell each:

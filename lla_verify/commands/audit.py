@@ -50,6 +50,29 @@ def resolve_impl(impl_spec: str, device: str):
     return impl
 
 
+def resolve_op_impl(op_name: str, impl_spec, device: str, opt: str = "--impl"):
+    """The Impl record of ``op_name``'s implementation ``impl_spec`` (registry/operators.py),
+    after the environment it needs; UsageError naming ``opt`` when it is unknown or cannot run."""
+    from lla_contract import LLAInputError
+    from lla_verify.registry.operators import get_operator
+
+    if op_name == "lla" and opt == "--impl":
+        return resolve_impl(impl_spec, device)
+    check_device(device)
+    op = get_operator(op_name)
+    why = op.prepare(impl_spec, device)
+    if why:
+        raise UsageError(f"{opt} {impl_spec}: not available on {device}: {why}")
+    try:
+        impl = op.resolve(impl_spec, opt)
+    except LLAInputError as exc:
+        raise UsageError(str(exc)) from None
+    why = op.available(impl, device)
+    if why:
+        raise UsageError(f"{opt} {impl_spec}: not available on {device}: {why}")
+    return impl
+
+
 def _command_line(args, full: bool, device: str) -> str:
     """The audit's own invocation, rebuilt from the parsed arguments (argv may be a test's list)."""
     parts = ["lla-verify", "audit", "--impl", args.impl, "--device", device, "--full" if full else "--quick",
