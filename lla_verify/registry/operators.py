@@ -122,7 +122,7 @@ class Operator:
 
 
 # ------------------------------------------------------------------ shared pieces
-def _failed(check: str, impl, spec: str, what: str, exc: BaseException) -> "Verdict":
+def _failed(check: str, impl, spec: str, what: str, exc: BaseException):
     """A failing Verdict for an implementation that broke the contract or raised."""
     from lla_verify.budget.verdict import Verdict
     from lla_verify.trust import Misbehaved
