@@ -343,8 +343,8 @@ OTHER_OPS = ("parallax", "lla-decode", "parallax-decode")
 
 
 def test_operator_cells_pass_with_correct_implementations(tmp_path, capsys):
-    # S=17 and S=1: a batch of sequences and the first token, for each of the three operators
-    rc, out, err = _run_cli(["audit", "--ops", ",".join(OTHER_OPS), *ORACLES, "--only", "S=17,", "--only", "S=1,",
+    # S=19 and S=1: two problems in a batch and the first token, for each of the three operators
+    rc, out, err = _run_cli(["audit", "--ops", ",".join(OTHER_OPS), *ORACLES, "--only", "S=19,", "--only", "S=1,",
                              "--no-progress", "--out", str(tmp_path)], capsys)
     assert rc == 0, out + err
     rep = json.loads((tmp_path / "report.json").read_text())
@@ -371,7 +371,7 @@ def test_operator_cells_pass_with_correct_implementations(tmp_path, capsys):
     (["--ops", "parallax-decode", "--parallax-decode-impl", MUT + "pxdec_off_by_one_length"], "parallax-decode"),
 ], ids=["px-dropped-nu", "dec-stale-length", "pxdec-off-by-one"])
 def test_operator_planted_bug_fails_the_audit(argv, op, tmp_path, capsys):
-    rc, out, err = _run_cli(["audit", *argv, "--only", "S=17,", "--no-progress", "--out", str(tmp_path)], capsys)
+    rc, out, err = _run_cli(["audit", *argv, "--only", "S=19,", "--no-progress", "--out", str(tmp_path)], capsys)
     assert rc == 1, out + err
     rep = json.loads((tmp_path / "report.json").read_text())
     failed = [c for c in rep["cells"] if not c["passed"]]
@@ -381,9 +381,9 @@ def test_operator_planted_bug_fails_the_audit(argv, op, tmp_path, capsys):
 
 
 def test_same_spec_under_two_operators_slices_merges_and_baselines(tmp_path, capsys):
-    # the LLA shape cell S=1 and the lla-decode S=1 cell have one case spec: cells are keyed by operator too
+    # the LLA shape cell S=7 and the lla-decode S=7 cell have one case spec: cells are keyed by operator too
     base = ["audit", "--ops", "lla,lla-decode", "--impl", "torch-fp32", "--decode-impl", "lla-decode-oracle",
-            "--no-backward", "--no-progress", "--only", "gaussian:lam=1:B=1,H=1,S=1,D=16,dtype=float32"]
+            "--no-backward", "--no-progress", "--only", "gaussian:lam=1:B=1,H=1,S=7,D=16,dtype=float32"]
     outs = [tmp_path / n for n in ("a", "b", "merged", "again")]
     assert _run_cli(base + ["--cells", "0:1", "--out", str(outs[0])], capsys)[0] == 0
     assert _run_cli(base + ["--cells", "1:", "--out", str(outs[1])], capsys)[0] == 0
@@ -396,8 +396,8 @@ def test_same_spec_under_two_operators_slices_merges_and_baselines(tmp_path, cap
     rc, out, _ = _run_cli(base + ["--out", str(outs[3]), "--baseline", str(outs[2] / "report.json")], capsys)
     rep = json.loads((outs[3] / "report.json").read_text())
     assert rc == 0 and rep["baseline"] == {"matched": 2, "new": 0, "missing": 0}, out
-    # the baseline's LLA cell doctored (the decode oracle's ratio is 0 at S = 1, nothing to grow
-    # from): a regression of that cell alone, compared with its own operator's cell
+    # the baseline's LLA cell doctored: a regression of that cell alone, compared with its own
+    # operator's cell
     doctored = json.loads((outs[2] / "report.json").read_text())
     for c in doctored["cells"]:
         if c["op"] == "lla":

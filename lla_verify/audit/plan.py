@@ -187,7 +187,7 @@ def plan_parallax(impl, *, full: bool = False, seed: int = 0) -> tuple[list[Cell
     rnd, big, eig = PARALLAX_PROBES[1], PARALLAX_PROBES[2], PARALLAX_PROBES[4]
     add("family", "offset", {"offset": 1e3, "lam": 1.0}, S=S, D=D, dtype="float32", probe=big)
     add("family", "large_norm", {"factor": 1e2, "lam": 1.0}, S=S, D=D, dtype="float32", probe=eig)
-    add("family", "spectrum", {"kappa": 1e6, "rotate": 1}, S=S, D=D, dtype="float32", probe=eig)
+    add("family", "spectrum", {"kappa": 1e6, "rotate": 1}, S=S if full else 40, D=D, dtype="float32", probe=eig)
     add("family", "bandwidth", {"scale": 1e2, "lam": 1.0}, S=S, D=D, dtype="float32", probe=rnd)
     if full:
         add("family", "offset", {"offset": 1e3, "lam": 1.0}, S=S, D=D, dtype="float32", probe=rnd)
@@ -196,7 +196,7 @@ def plan_parallax(impl, *, full: bool = False, seed: int = 0) -> tuple[list[Cell
         if full:
             add("dtype", "gaussian", {"lam": 1.0}, S=S, D=D, dtype=dt, probe=rnd)
         add("dtype", "offset", {"offset": 1e3, "lam": 1.0}, S=S, D=D, dtype=dt, probe=big)
-    shapes = ((1, 16, 1, 1), (17, 16, 2, 3), (31, 32, 1, 1)) if not full else \
+    shapes = ((1, 16, 2, 1), (19, 16, 2, 3), (29, 32, 1, 1)) if not full else \
         ((1, 64, 1, 1), (63, 64, 2, 3), (1000, 128, 1, 1), (2048, 64, 1, 1))
     for S2, D2, B, H in shapes:
         add("shape", "gaussian", {"lam": 1.0}, S=S2, D=D2, dtype="float32", B=B, H=H, probe=rnd)
@@ -217,8 +217,8 @@ def plan_decode(op: str, impl, *, full: bool = False, seed: int = 0) -> tuple[li
     add = _op_adder(op, impl, full, seed, cells, skipped)
     px = op == "parallax-decode"
     rnd = PARALLAX_PROBES[1] if px else None
-    # quick: S = 33 and 24 decode three and two tiles of 16 (the last partial), S = 17 two
-    # sequences of one batch; full: 256 positions of D = 64
+    # quick: S = 33 and 24 decode three and two tiles of 16 (the last partial), S = 19 two
+    # problems of one batch; full: 256 positions of D = 64
     S, S2, D = (33, 24, 16) if not full else (256, 255, 64)
     add("family", "gaussian", {"lam": 1.0}, S=S, D=D, dtype="float32", probe=rnd)
     if px:
@@ -228,8 +228,9 @@ def plan_decode(op: str, impl, *, full: bool = False, seed: int = 0) -> tuple[li
         add("family", "offset", {"offset": 1e3, "lam": 1.0}, S=S2, D=D, dtype="float32")
         add("family", "spectrum", {"kappa": 1e6, "rotate": 1}, S=S2 if full else 20, D=D, dtype="float32")
         add("family", "lambda_decades", DECADES[0], S=S2, D=D, dtype="float16")
-    add("shape", "gaussian", {"lam": 1.0}, S=17, D=D, dtype="bfloat16", B=2, H=1, probe=rnd)
-    add("shape", "gaussian", {"lam": 1.0}, S=1, D=D, dtype="float32", probe=rnd)
+    add("shape", "gaussian", {"lam": 1.0}, S=19, D=D, dtype="bfloat16", B=2, H=1, probe=rnd)
+    add("shape", "gaussian", {"lam": 1.0}, S=1, D=D, dtype="float32", B=2, probe=rnd)  # t = 0, two sequences
+    add("shape", "gaussian", {"lam": 1.0}, S=7, D=D, dtype="float32", probe=rnd)  # a cache shorter than a tile
     if full:
         for dt in ("float32", "bfloat16"):
             for fam, p in FAMILY_CELLS.items():
