@@ -9,8 +9,7 @@ from lla_verify.cliutil import UsageError
 from lla_verify.audit.cell import run_cell_isolated
 from lla_verify.audit.plan import Cell
 from lla_verify.audit.run import EXIT_FAIL, EXIT_OK
-from lla_verify.commands.audit import (add_cell_timeout_arg, cell_timeout, resolve_impl, resolve_op_impl,
-                                       usage_errors_to_exit)
+from lla_verify.commands.audit import add_cell_timeout_arg, cell_timeout, resolve_op_impl, usage_errors_to_exit
 
 
 def _case_error(exc) -> UsageError:
@@ -18,7 +17,6 @@ def _case_error(exc) -> UsageError:
 
 
 def _check_main(args) -> int:
-    from lla_verify.registry.cases import DTYPES, parse_case
     from lla_verify.registry.operators import get_operator
     from lla_contract import LLAInputError
 
@@ -31,13 +29,11 @@ def _check_main(args) -> int:
     impl_spec = args.impl if args.impl is not None else op.default_impl
     args.impl = impl_spec
     try:
-        case = parse_case(args.case) if op.name == "lla" else op.parse_case(args.case)
+        case = op.parse_case(args.case)
     except LLAInputError as exc:
         raise _case_error(exc) from None
-    impl = resolve_impl(impl_spec, args.device) if op.name == "lla" else resolve_op_impl(op.name, impl_spec,
-                                                                                          args.device)
-    reason = op.supports(impl, case) if op.name != "lla" else impl.supports(dtype=DTYPES[case.dtype],
-                                                                              head_dim=case.D)
+    impl = resolve_op_impl(op.name, impl_spec, args.device)  # LLA's through resolve_impl, as always
+    reason = op.supports(impl, case)
     if reason:
         raise UsageError(f"--case: {reason}")
     from lla_verify.trust import Worker, picklable
