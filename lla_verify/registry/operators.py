@@ -28,6 +28,7 @@ The API (everything a command needs; nothing else here is meant to be called):
   MODULE:CALLABLE via impls.load_callable), LLAInputError naming ``opt`` if bad;
 - ``op.available(impl, device)`` -> None, or why it cannot run here;
 - ``op.supports(impl, case)`` -> None, or why the record refuses this dtype / head dim;
+- ``op.check_fits(case, device)`` -> LLAInputError when the case would not fit in memory;
 - ``op.build(case, device)`` -> the problem the implementation is given (LLAInputError when
   the case cannot be built: the user's error, raised before any implementation runs);
 - ``op.check(case, impl, device, backward=False)`` -> list of Verdicts (forward first, then
@@ -39,7 +40,12 @@ The API (everything a command needs; nothing else here is meant to be called):
   cause "implementation", never an exception (a hang is ended by the trust.Worker the
   caller runs ``check`` in);
 - ``op.spec(case)`` prints a case back; ``op.base_case(case)`` is its LLA ``Case`` (family,
-  sizes, dtype).
+  sizes, dtype);
+- fields: ``name``, ``description``, ``case_help``, ``default_impl``, ``builtins``,
+  ``has_backward``.
+
+The audit runs LLA cells through audit/cell.run_cell (its record format predates this
+table) and every other operator's through ``op.check`` (audit/cell.run_op_cell).
 """
 
 from __future__ import annotations
