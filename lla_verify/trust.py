@@ -383,44 +383,111 @@ def _check_inputs(snapshot: dict, originals: dict, handed: dict) -> None:
                              f"({_n_changed(before, originals[name])})")
 
 
-def call_forward(impl, q, k, v, *, ridge_lambda, qk_scale, stats: bool = False, poison_memory: bool = True):
-    """Run ``impl``'s forward across the boundary; returns (o, stats or None).
+def call_impl(fn, args: dict, kwargs: dict, *, out_shape: tuple, like: torch.Tensor, with_stats: bool = False,
+              stats_lead: tuple | None = None, poison_memory: bool = True):
+    """``fn(*args.values(), **kwargs)`` across the boundary; returns (o, stats or None).
 
-    ``o`` is the harness's own synchronised copy of what came back; ``stats`` (only with
-    ``stats=True`` and an implementation that has forward_with_stats) a dict of copies.
-    Raises Misbehaved for any breach of the contract; an ordinary exception of the
-    implementation propagates unchanged (callers report it as a crash of the forward).
+    The one calling discipline of every operator (LLA's forward, Parallax, the decodes):
+    each tensor of ``args`` and ``kwargs`` is handed over as a fresh copy and compared with
+    a snapshot after the call; the output must be a plain tensor of ``out_shape``, of
+    ``like``'s dtype (or float64), on its device, and is returned as the harness's own
+    synchronised copy. With ``with_stats`` ``fn`` returns (o, stats dict); the stats kept
+    are the plain tensors of shape ``stats_lead`` on that device. Raises Misbehaved for
+    any breach of the contract; an ordinary exception of the implementation propagates
+    unchanged (callers report it as a crash).
     """
-    originals = _inputs(q, k, v, ridge_lambda)
+    originals = dict(args, **kwargs)
     snapshot = {n: t.detach().clone() for n, t in originals.items() if isinstance(t, torch.Tensor)}
     handed = _hand_over(originals)
-    device = q.device
+    device = like.device
     if poison_memory:
-        poison(device, v.numel())
-    use_stats = stats and impl.forward_with_stats is not None
-    fn = impl.forward_with_stats if use_stats else impl.forward
+        poison(device, math.prod(out_shape))
     with torch.no_grad(), _Watch(), FreshHeap(device, enabled=poison_memory):
         _sync(device)
-        out = _guarded(fn, handed["q"], handed["k"], handed["v"], ridge_lambda=handed["ridge_lambda"],
-                       qk_scale=qk_scale)
+        out = _guarded(fn, *(handed[n] for n in args), **{n: handed[n] for n in kwargs})
         _sync(device)
     st = None
-    if use_stats:
+    if with_stats:
         if type(out) is not tuple or len(out) != 2:
             raise Misbehaved(f"forward_with_stats returned {type(out).__name__}, expected a tuple (o, stats)")
         out, st = out
         if st is not None and not isinstance(st, dict):
             raise Misbehaved(f"forward_with_stats returned stats of type {type(st).__name__}, expected a dict")
     _check_inputs(snapshot, originals, handed)
-    o = check_tensor(out, "the output o", shape=tuple(v.shape), dtypes=_output_dtypes(q), device=device)
+    o = check_tensor(out, "the output o", shape=tuple(out_shape), dtypes=_output_dtypes(like), device=device)
     o = materialise(o)
     if st is not None:
         # statistics only attribute a failure (solver or implementation); what is not a
         # plain per-query tensor is left out rather than trusted
-        lead = tuple(q.shape[:-1])
+        lead = tuple(stats_lead)
         st = {key: materialise(val) for key, val in st.items()
               if type(val) is torch.Tensor and tuple(val.shape) == lead and val.device == device}
     return o, st
+
+
+def call_forward(impl, q, k, v, *, ridge_lambda, qk_scale, stats: bool = False, poison_memory: bool = True):
+    """Run ``impl``'s LLA forward across the boundary (``call_impl``); returns (o, stats or None).
+
+    ``stats`` (only with ``stats=True`` and an implementation that has forward_with_stats)
+    is a dict of copies of its (B, H, S) statistics.
+    """
+    use_stats = stats and impl.forward_with_stats is not None
+    fn = impl.forward_with_stats if use_stats else impl.forward
+    return call_impl(fn, {"q": q, "k": k, "v": v}, {"ridge_lambda": ridge_lambda, "qk_scale": qk_scale},
+                     out_shape=tuple(v.shape), like=q, with_stats=use_stats, stats_lead=tuple(q.shape[:-1]),
+                     poison_memory=poison_memory)
+
+
+def call_parallax(impl, q, k, v, r, *, qk_scale):
+    """``impl``'s Parallax forward, fn(q, k, v, r, *, qk_scale) -> o, across the boundary."""
+    o, _ = call_impl(impl.forward, {"q": q, "k": k, "v": v, "r": r}, {"qk_scale": qk_scale},
+                     out_shape=tuple(v.shape), like=q)
+    return o
+
+
+def call_decode(impl, args: dict, kwargs: dict, *, stats: bool = False):
+    """A decode implementation across the boundary: ``args`` in protocol order (q[, r],
+    k_cache, v_cache, lengths), ``kwargs`` its keywords; o of shape (B, H, Dv), stats of
+    shape (B, H) when asked and the record has forward_with_stats. Returns (o, stats or None)."""
+    q, vc = args["q"], args["v_cache"]
+    use_stats = stats and impl.forward_with_stats is not None
+    fn = impl.forward_with_stats if use_stats else impl.forward
+    return call_impl(fn, args, kwargs, out_shape=(*q.shape[:2], vc.shape[-1]), like=q, with_stats=use_stats,
+                     stats_lead=tuple(q.shape[:2]))
+
+
+def call_impl_grads(fn, args: dict, kwargs: dict, diff: tuple, cot, *, like: torch.Tensor, out_shape: tuple) -> tuple:
+    """Gradients of sum <cot, fn(*args.values(), **kwargs)> with respect to the inputs named
+    in ``diff``, across the boundary: one entry per name, None (not returned) or the harness's
+    copy of a plain tensor of its input's shape, a floating dtype, on the inputs' device."""
+    originals = dict(args, **kwargs)
+    snapshot = {n: t.detach().clone() for n, t in originals.items() if isinstance(t, torch.Tensor)}
+    handed = _hand_over(originals)
+    for n in diff:
+        handed[n].requires_grad_(True)
+    device = like.device
+    poison(device, math.prod(out_shape))
+    with _Watch(), FreshHeap(device):
+        _sync(device)
+        with torch.enable_grad():
+            o = _guarded(fn, *(handed[n] for n in args), **{n: handed[n] for n in kwargs})
+        o = check_tensor(o, "the output o", shape=tuple(out_shape), dtypes=_output_dtypes(like), device=device)
+        if not o.requires_grad:
+            raise Misbehaved("returned an output that does not require grad (no autograd graph to the inputs)")
+        inputs = tuple(handed[n] for n in diff)
+        grads = _guarded(torch.autograd.grad, o, inputs, cot.to(o.dtype), allow_unused=True)
+        _sync(device)
+    _check_inputs(snapshot, originals, {n: t.detach() if isinstance(t, torch.Tensor) else t
+                                        for n, t in handed.items()})
+    out = []
+    floats = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+    for name, g, x in zip(diff, grads, inputs):
+        if g is None:
+            out.append(None)
+            continue
+        out.append(materialise(check_tensor(g, f"the gradient d{'lambda' if name == 'ridge_lambda' else name}",
+                                            shape=tuple(x.shape), dtypes=floats, device=device)))
+    return tuple(out)
 
 
 def call_grads(forward, q, k, v, lam, cot, *, qk_scale) -> tuple:
@@ -429,34 +496,14 @@ def call_grads(forward, q, k, v, lam, cot, *, qk_scale) -> tuple:
     ``lam`` is a (B, H, S) tensor; each gradient is None (not returned) or the harness's
     copy of a plain tensor of its input's shape, a floating dtype, on the inputs' device.
     """
-    originals = _inputs(q, k, v, lam)
-    snapshot = {n: t.detach().clone() for n, t in originals.items()}
-    handed = _hand_over(originals)
-    for t in handed.values():
-        t.requires_grad_(True)
-    device = q.device
-    poison(device, v.numel())
-    with _Watch(), FreshHeap(device):
-        _sync(device)
-        with torch.enable_grad():
-            o = _guarded(forward, handed["q"], handed["k"], handed["v"], ridge_lambda=handed["ridge_lambda"],
-                         qk_scale=qk_scale)
-        o = check_tensor(o, "the output o", shape=tuple(v.shape), dtypes=_output_dtypes(q), device=device)
-        if not o.requires_grad:
-            raise Misbehaved("returned an output that does not require grad (no autograd graph to the inputs)")
-        inputs = (handed["q"], handed["k"], handed["v"], handed["ridge_lambda"])
-        grads = _guarded(torch.autograd.grad, o, inputs, cot.to(o.dtype), allow_unused=True)
-        _sync(device)
-    _check_inputs(snapshot, originals, {n: t.detach() for n, t in handed.items()})
-    out = []
-    for name, g, x in zip(("dq", "dk", "dv", "dlambda"), grads, inputs):
-        if g is None:
-            out.append(None)
-            continue
-        floats = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-        out.append(materialise(check_tensor(g, f"the gradient {name}", shape=tuple(x.shape), dtypes=floats,
-                                            device=device)))
-    return tuple(out)
+    return call_impl_grads(forward, {"q": q, "k": k, "v": v}, {"ridge_lambda": lam, "qk_scale": qk_scale},
+                           ("q", "k", "v", "ridge_lambda"), cot, like=q, out_shape=tuple(v.shape))
+
+
+def call_parallax_grads(forward, q, k, v, r, cot, *, qk_scale) -> tuple:
+    """Gradients of sum <cot, forward(q, k, v, r)> across the boundary: (dq, dk, dv, dr)."""
+    return call_impl_grads(forward, {"q": q, "k": k, "v": v, "r": r}, {"qk_scale": qk_scale},
+                           ("q", "k", "v", "r"), cot, like=q, out_shape=tuple(v.shape))
 
 
 # ------------------------------------------------------------------ child processes
@@ -688,6 +735,7 @@ def timing_disagrees(event_s: float, synced_s: float, *, overhead_s: float = 1e-
     return None
 
 
-__all__ = ["Misbehaved", "ChildFailed", "Worker", "call_forward", "call_grads", "check_tensor", "clock",
+__all__ = ["Misbehaved", "ChildFailed", "Worker", "call_impl", "call_forward", "call_grads",
+           "call_parallax", "call_parallax_grads", "call_decode", "call_impl_grads", "check_tensor", "clock",
            "materialise", "poison", "user_interrupt", "run_isolated", "picklable", "timed_calls", "device_peaks",
            "lla_forward_floor_s", "roofline_floor_s", "implausible_speed", "timing_disagrees", "DEFAULT_CALL_TIMEOUT"]

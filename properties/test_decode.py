@@ -7,8 +7,9 @@ cache tails NaN-poisoned) and judged row by row by the forward's budget
 appends are drawn too. Draws shrink towards the easy problem: the gaussian family, its
 easy parameters, small S, fp32, one split of 16, the probe r = 0 and no key offset.
 
-Decode is not in the implementation registry yet (docs/decode.md), so these properties
-call the two kernels directly rather than through the ``impl`` fixture.
+These properties call the two kernels directly (split sizes, ragged batches and appends
+are theirs to draw); ``lla-verify check --op lla-decode|parallax-decode`` and the audit
+reach them, and any other decode implementation, through registry/operators.py.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ set -u
 OUT=${OUT:-gpu-out}
 LIMIT=${LIMIT:-480}
 JOBS=${JOBS:-10}
-SLICES=${SLICES:-10}
+SLICES=${SLICES:-13}
 PY=${PY:-python}
 ONLY=${ONLY:-pytest,cg,audit}
 IMPL=${IMPL:-}
@@ -48,9 +48,11 @@ want pytest && ( t0=$(date +%s); timeout -s INT -k 30 "$LIMIT" $PY -m pytest -p 
 want cg && ( t0=$(date +%s); timeout -k 30 "$LIMIT" $PY -m lla_verify cg --full --no-progress --out "$W/cg-full" > "$W/cg.log" 2>&1
   echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/cg.log" ) &
 # the audit as SLICES slices of its plan side by side (one process takes ~18 min on an
-# H200, past a 10-minute scheduler limit; ten took 377 s), merged into one report after
+# H200, past a 10-minute scheduler limit; ten slices of the 145 LLA cells took 377 s; the
+# other operators' 38 cells are what the three more slices are for), merged into one report after
 want audit && ( t0=$(date +%s)
-  n=$($PY -c "from lla_verify.audit.plan import plan; from lla_verify.registry.impls import get_impl; print(len(plan(get_impl('triton'), full=True)[0]))")
+  # every operator's cells (lla_verify/registry/operators.py), each on its default implementation
+  n=$($PY -c "from lla_verify.audit.plan import plan_op; from lla_verify.registry.operators import OPERATORS as O; print(sum(len(plan_op(k, O[k].resolve(O[k].default_impl), full=True)[0]) for k in O))")
   step=$(( (n + SLICES - 1) / SLICES ))
   for a in $(seq 0 "$step" $(( n - 1 ))); do
     ( OMP_NUM_THREADS=1 timeout -k 30 "$LIMIT" $PY -m lla_verify audit --full --device cuda --no-progress \
@@ -69,7 +71,7 @@ elif want impl; then ( t0=$(date +%s); mkdir -p "$W/impl-audit-slices"
   n=$($PY -c "import sys; from lla_verify.audit.plan import plan; from lla_verify.registry.impls import get_impl; print(len(plan(get_impl(sys.argv[1]), full=True)[0]))" "$IMPL")
   step=$(( (n + SLICES - 1) / SLICES ))
   for a in $(seq 0 "$step" $(( n - 1 ))); do
-    ( OMP_NUM_THREADS=1 timeout -k 30 "$LIMIT" $PY -m lla_verify audit --full --impl "$IMPL" --device cuda --no-progress \
+    ( OMP_NUM_THREADS=1 timeout -k 30 "$LIMIT" $PY -m lla_verify audit --full --ops lla --impl "$IMPL" --device cuda --no-progress \
         --cells "$a:$(( a + step ))" --out "$W/impl-audit-slices/s$a" > "$W/impl-audit-slices/s$a.log" 2>&1 ) &
   done; wait
   $PY -m lla_verify audit --merge "$W"/impl-audit-slices/s*/report.json --out "$W/impl-audit-full" > "$W/impl-audit.log" 2>&1

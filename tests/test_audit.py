@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 import math
 import os
+import shlex
 import subprocess
 import sys
 
@@ -332,3 +333,128 @@ def test_a_slice_says_its_verdict_is_partial(tmp_path):
     merged = dict(res.report, meta=dict(res.report["meta"], merged_from=["a", "b"]))
     assert not any(line.startswith("slice ") for line in audit_run.summary_lines(merged))
 
+
+
+# ------------------------------------------------------------------ the other operators
+MUT = "lla_verify.testing.mutants:"
+ORACLES = ["--parallax-impl", "parallax-oracle", "--decode-impl", "lla-decode-oracle",
+           "--parallax-decode-impl", "parallax-decode-oracle"]
+OTHER_OPS = ("parallax", "lla-decode", "parallax-decode")
+
+
+def test_operator_cells_pass_with_correct_implementations(tmp_path, capsys):
+    # S=19 and S=1: two problems in a batch and the first token, for each of the three operators
+    rc, out, err = _run_cli(["audit", "--ops", ",".join(OTHER_OPS), *ORACLES, "--only", "S=19,", "--only", "S=1,",
+                             "--no-progress", "--out", str(tmp_path)], capsys)
+    assert rc == 0, out + err
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert {c["op"] for c in rep["cells"]} == set(OTHER_OPS)
+    assert set(rep["verdict"]["operators"]) == set(OTHER_OPS) and rep["meta"]["ops"] == list(OTHER_OPS)
+    assert rep["meta"]["impls"] == {"parallax": "parallax-oracle", "lla-decode": "lla-decode-oracle",
+                                    "parallax-decode": "parallax-decode-oracle"}
+    for c in rep["cells"]:
+        assert c["passed"] and c["command"].startswith(f"lla-verify check --case ") and f"--op {c['op']}" in c["command"]
+        assert (c["grad"]["status"] == "checked") == (c["op"] == "parallax" and c["dtype"] == "float32"), c
+        if c["op"] == "lla-decode":
+            assert c["kappa_max"] is not None and "cg_iters_max" not in c  # the oracle reports no CG
+    html = (tmp_path / "report.html").read_text()
+    for op in OTHER_OPS:  # one section per operator
+        assert f"id='op-{op}'" in html
+    # the replay command of a cell is a working check of it
+    c = next(c for c in rep["cells"] if c["op"] == "parallax-decode")
+    assert _run_cli(shlex.split(c["command"])[1:], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("argv, op", [
+    (["--ops", "parallax", "--parallax-impl", MUT + "px_dropped_nu"], "parallax"),
+    (["--ops", "lla-decode", "--decode-impl", MUT + "dec_stale_length"], "lla-decode"),
+    (["--ops", "parallax-decode", "--parallax-decode-impl", MUT + "pxdec_off_by_one_length"], "parallax-decode"),
+], ids=["px-dropped-nu", "dec-stale-length", "pxdec-off-by-one"])
+def test_operator_planted_bug_fails_the_audit(argv, op, tmp_path, capsys):
+    rc, out, err = _run_cli(["audit", *argv, "--only", "S=19,", "--no-progress", "--out", str(tmp_path)], capsys)
+    assert rc == 1, out + err
+    rep = json.loads((tmp_path / "report.json").read_text())
+    failed = [c for c in rep["cells"] if not c["passed"]]
+    assert failed and all(c["op"] == op and c["cause"] == "implementation" for c in failed)
+    assert f"FAIL {op} " in out and rep["verdict"]["operators"][op]["n_failed"] == len(failed)
+    assert _run_cli(shlex.split(failed[0]["command"])[1:], capsys)[0] == 1  # the replay fails too
+
+
+def test_same_spec_under_two_operators_slices_merges_and_baselines(tmp_path, capsys):
+    # the LLA shape cell S=7 and the lla-decode S=7 cell have one case spec: cells are keyed by operator too
+    base = ["audit", "--ops", "lla,lla-decode", "--impl", "torch-fp32", "--decode-impl", "lla-decode-oracle",
+            "--no-backward", "--no-progress", "--only", "gaussian:lam=1:B=1,H=1,S=7,D=16,dtype=float32"]
+    outs = [tmp_path / n for n in ("a", "b", "merged", "again")]
+    assert _run_cli(base + ["--cells", "0:1", "--out", str(outs[0])], capsys)[0] == 0
+    assert _run_cli(base + ["--cells", "1:", "--out", str(outs[1])], capsys)[0] == 0
+    rc, out, _ = _run_cli(["audit", "--merge", str(outs[0] / "report.json"), str(outs[1] / "report.json"),
+                           "--out", str(outs[2])], capsys)
+    merged = json.loads((outs[2] / "report.json").read_text())
+    assert rc == 0 and out.startswith("PASS: 0 out of 2 cells"), out
+    assert [c["op"] for c in merged["cells"]] == ["lla", "lla-decode"]
+    assert merged["cells"][0]["spec"] == merged["cells"][1]["spec"]
+    rc, out, _ = _run_cli(base + ["--out", str(outs[3]), "--baseline", str(outs[2] / "report.json")], capsys)
+    rep = json.loads((outs[3] / "report.json").read_text())
+    assert rc == 0 and rep["baseline"] == {"matched": 2, "new": 0, "missing": 0}, out
+    # the baseline's LLA cell doctored: a regression of that cell alone, compared with its own
+    # operator's cell
+    doctored = json.loads((outs[2] / "report.json").read_text())
+    for c in doctored["cells"]:
+        if c["op"] == "lla":
+            assert c["ratio"] > 0
+            c["ratio"] = c["forward_ratio"] = lowered = c["ratio"] / 100
+    (tmp_path / "doctored.json").write_text(json.dumps(doctored))
+    rc, out, _ = _run_cli(base + ["--out", str(outs[3]), "--baseline", str(tmp_path / "doctored.json"),
+                                  "--regression-floor", "0"], capsys)
+    rep = json.loads((outs[3] / "report.json").read_text())
+    assert rc == 1 and [r.get("op", "lla") for r in rep["regressions"]] == ["lla"], out
+    assert rep["regressions"][0]["baseline_ratio"] == lowered  # compared with the LLA cell, not the decode one
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--ops", "nosuch"], "--ops"),
+    (["--ops", ""], "--ops"),
+    (["--ops", "lla", "--parallax-impl", "parallax-dense"], "--parallax-impl"),
+    (["--ops", "parallax", "--parallax-impl", "nosuch"], "--parallax-impl"),
+    (["--ops", "lla-decode", "--decode-impl", MUT + "nosuch"], "--decode-impl"),
+    (["--ops", "parallax-decode", "--parallax-decode-impl", "triton"], "--parallax-decode-impl"),
+])
+def test_operator_usage_errors_exit_2(argv, needle, capsys, monkeypatch):
+    monkeypatch.setattr(cmd_audit, "run_audit", lambda *a, **k: pytest.fail("must not start the sweep"))
+    rc, _, err = _run_cli(["audit", "--impl", "torch-fp32", *argv], capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and needle in lines[0], err
+
+
+def test_an_operator_that_cannot_run_is_left_out_unless_asked_for(tmp_path, capsys, monkeypatch):
+    from lla_verify.registry import operators
+
+    monkeypatch.setattr(operators, "_triton_env", lambda *a: "no Triton here")
+    rc, out, err = _run_cli(["audit", "--impl", "torch-fp32", "--no-backward", "--no-progress", *ONLY[:2],
+                             "--out", str(tmp_path)], capsys)
+    assert rc == 0, out + err
+    assert "operator parallax left out: --parallax-impl parallax-triton: not available on cpu: no Triton here" in err
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert {s["op"] for s in rep["skipped"] if s.get("op")} == set(OTHER_OPS)
+    assert {c.get("op") for c in rep["cells"]} == {"lla"}
+    rc, _, err = _run_cli(["audit", "--impl", "torch-fp32", "--ops", "lla,parallax", *ONLY[:2]], capsys)
+    assert rc == 2 and "--parallax-impl parallax-triton: not available" in err
+
+
+def test_operator_plans():
+    from lla_verify.registry.operators import get_operator
+    from lla_verify.registry.parallax import PROBES
+
+    for op in OTHER_OPS:
+        impl = get_operator(op).resolve(get_operator(op).builtins[0])
+        quick, skipped = audit_plan.plan_op(op, impl)
+        full, _ = audit_plan.plan_op(op, impl, full=True)
+        assert not skipped and all(c.op == op for c in quick + full)
+        # a handful of cells: make audit runs them through the Triton interpreter
+        assert 4 <= len(quick) <= 15 and len(full) > len(quick)
+        base = [get_operator(op).base_case(c.case) for c in quick]
+        assert any(b.S == 1 for b in base) and any(b.B > 1 for b in base) and any(b.S % 16 for b in base)
+        assert {"float32", "bfloat16"} <= {b.dtype for b in base}
+        if op == "parallax":
+            assert {c.case.probe for c in quick} == set(PROBES)
+    assert {c.op for c in audit_plan.plan(get_impl("torch-fp32"))[0]} == {"lla"}

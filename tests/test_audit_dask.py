@@ -125,6 +125,26 @@ def test_dask_report_equals_the_one_process_report(scheduler, tmp_path, capsys, 
 
 
 @needs_dask
+def test_operator_cells_on_dask_equal_the_one_process_report(scheduler, tmp_path, capsys, monkeypatch):
+    # each worker resolves each operator's implementation by (operator, name) and runs its cells
+    address, _, worker_env = scheduler
+    for name, value in worker_env.items():
+        monkeypatch.setenv(name, value)
+    argv = ["audit", "--ops", "parallax,lla-decode,parallax-decode", "--parallax-impl", "parallax-oracle",
+            "--decode-impl", "lla-decode-oracle", "--parallax-decode-impl", "lla_verify.testing.mutants:pxdec_dropped_nu",
+            "--no-progress", "--only", "S=1,", "--only", "S=7,"]
+    rc1, out1, err1 = _run([*argv, "--out", str(tmp_path / "one")], capsys)
+    with _deadline(240):
+        rc2, out2, err2 = _run([*argv, "--out", str(tmp_path / "dask"), "--dask", address], capsys)
+    assert rc1 == rc2 == 1, out1 + err1 + out2 + err2  # the planted Parallax decode bug fails its cells
+    a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "dask"))
+    assert [c["op"] for c in a["cells"]] == [c["op"] for c in b["cells"]]
+    assert {c["op"] for c in a["cells"]} == {"parallax", "lla-decode", "parallax-decode"}
+    assert {c["op"] for c in b["cells"] if not c["passed"]} == {"parallax-decode"}
+    assert _strip(a) == _strip(b)
+
+
+@needs_dask
 def test_a_dying_worker_is_retried_once_then_the_cell_fails_with_its_reason(scheduler, tmp_path, capsys):
     address, markers, _ = scheduler
     planted = ["audit", "--impl", "tests.trust_planted:dask_mixed", "--no-progress", "--no-backward",

@@ -171,6 +171,42 @@ def test_check(data, capsys):
     judge(argv, wrong != "none", capsys)
 
 
+# ------------------------------------------------------------------ check --op
+# the float64 references of each operator take any head dim; a Parallax case carries a probe
+OP_IMPL_OK = {"lla": ("torch-fp32",), "parallax": ("parallax-oracle", "parallax-dense"),
+              "lla-decode": ("lla-decode-oracle",), "parallax-decode": ("parallax-decode-oracle",)}
+PROBE_OK = (";probe=zero", ";probe=random:amp=1")  # within every dtype's range on any family
+PROBE_BAD = ("", ";probe=", ";probe=nosuch", ";probe=random:amp=0", ";probe=random:zz=1", ";probe=zero:amp=1",
+             ";probe=random:amp=\uff11")
+OP_BAD = ("nosuch", "", "LLA", "decode")
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_check_op(data, capsys):
+    """--op with a tiny valid case, or one usage error (operator, spec, probe, implementation,
+    a decode asked for gradients)."""
+    op = data.draw(st.sampled_from(sorted(OP_IMPL_OK)))
+    px = op.startswith("parallax")
+    wrong = data.draw(st.sampled_from(["none", "op", "spec", "probe", "impl", "backward", "none"]))
+    if wrong == "probe" and not px:
+        wrong = "none"
+    if wrong == "backward" and op in ("lla", "parallax"):
+        wrong = "none"
+    case = data.draw(valid_case())
+    if px and case.dtype == "float16":  # a random probe may leave float16's range: keep to the others
+        case = Case(case.family, case.params, B=case.B, H=case.H, S=case.S, D=case.D, seed=case.seed)
+    spec = data.draw(broken_spec()) if wrong == "spec" else case.spec()
+    if px:
+        spec += data.draw(st.sampled_from(PROBE_BAD if wrong == "probe" else PROBE_OK))
+    impl = data.draw(st.sampled_from(IMPL_BAD if wrong == "impl" else OP_IMPL_OK[op]))
+    argv = ["check", "--op", data.draw(st.sampled_from(OP_BAD)) if wrong == "op" else op, "--case", spec,
+            "--impl", impl]
+    if wrong == "backward" or (op in ("lla", "parallax") and data.draw(st.booleans())):
+        argv.append("--backward")
+    judge(argv, wrong != "none", capsys)
+
+
 @fuzz(30)
 @given(spec=TEXT)
 def test_check_arbitrary_spec_text(spec, capsys):
@@ -219,6 +255,10 @@ AUDIT = {
     "--merge": ((), (("{root}/latin1.json",), ("{root}/nocells.json", "{root}/truncated.json"),
                      ("{root}/missing.json",))),
     "--quick": (((None,),), ()),
+    "--ops": (("lla", "all", "lla,parallax"), ("nosuch", "", "lla,,parallax", "LLA")),
+    "--parallax-impl": (("parallax-oracle",), IMPL_BAD + ("triton",)),
+    "--decode-impl": (("lla-decode-oracle",), IMPL_BAD + ("parallax-decode-oracle",)),
+    "--parallax-decode-impl": (("parallax-decode-oracle",), IMPL_BAD + ("lla-decode-oracle",)),
 }
 
 

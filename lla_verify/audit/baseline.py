@@ -16,6 +16,16 @@ REGRESSION_FACTOR = 2.0
 REGRESSION_FLOOR = 0.5
 
 
+def cell_key(spec: str, op: str | None = "lla") -> str:
+    """A cell's identity across reports: its case spec, prefixed by its operator unless LLA's
+    (an LLA case spec is also an lla-decode cell's)."""
+    return spec if op in (None, "lla") else f"{op} {spec}"
+
+
+def record_key(c: dict) -> str:
+    return cell_key(c["spec"], c.get("op"))
+
+
 def ratio_number(x) -> float:
     """A ratio from report.json: a number, or the string 'inf' / 'nan' (strict JSON has
     neither); a missing one (None) is nan."""
@@ -65,7 +75,7 @@ def check_cell(c, where: str) -> None:
     passed, and its ratio is its worst check's. (A cell may fail with a ratio within
     the threshold: failing is never the forgery that matters.)"""
     from lla_verify.budget.verdict import THRESHOLD
-    from lla_verify.registry.cases import parse_case
+    from lla_verify.registry.operators import OPERATORS
     from lla_contract import LLAInputError
 
     def _over(r: float) -> bool:
@@ -76,10 +86,13 @@ def check_cell(c, where: str) -> None:
     spec = c.get("spec")
     if not isinstance(spec, str):
         raise UsageError(f"{where}: no case spec")
+    op = c.get("op", "lla")
+    if op not in OPERATORS:
+        raise UsageError(f"{where}: 'op' must be one of {list(OPERATORS)}, got {op!r}")
     try:
-        parse_case(spec)
+        OPERATORS[op].parse_case(spec)
     except LLAInputError as exc:
-        raise UsageError(f"{where}: spec {spec!r} is not a case: {exc}") from None
+        raise UsageError(f"{where}: spec {spec!r} is not a{'' if op == 'lla' else ' ' + op} case: {exc}") from None
     where = f"{where} ({spec})"
     for key in ("command", "cause"):  # the summary prints both beside a failing or the worst cell
         if not isinstance(c.get(key), str):
@@ -119,15 +132,16 @@ def load_baseline(path: str) -> list[dict]:
     cells = read_report(path, "--baseline")["cells"]
     seen = set()
     for c in cells:
-        if c["spec"] in seen:
-            raise UsageError(f"--baseline: {path!r} holds {c['spec']} twice")
-        seen.add(c["spec"])
+        if record_key(c) in seen:
+            raise UsageError(f"--baseline: {path!r} holds {record_key(c)} twice")
+        seen.add(record_key(c))
     return cells
 
 
 def check_baseline_matches(specs, baseline: list[dict], path: str) -> None:
-    """A baseline that matches none of the cells compares nothing: a usage error, not a pass."""
-    have = {c["spec"] for c in baseline}
+    """A baseline that matches none of the cells compares nothing: a usage error, not a pass.
+    ``specs`` are the cells' keys (``cell_key``)."""
+    have = {record_key(c) for c in baseline}
     specs = list(specs)
     if specs and not any(s in have for s in specs):
         raise UsageError(f"--baseline: {path!r} matches none of the {len(specs)} cells (another mode, seed or "
@@ -150,11 +164,11 @@ def compare(cells: list[dict], baseline: list[dict], *, factor: float = REGRESSI
     (forward or gradient) that grew by more than ``factor`` to above ``floor``.
     Returns the regressions and counts of matched, new and vanished cells.
     """
-    base = {c["spec"]: c for c in baseline if "spec" in c}
+    base = {record_key(c): c for c in baseline if "spec" in c}
     regs = []
     matched = 0
     for c in cells:
-        b = base.get(c["spec"])
+        b = base.get(record_key(c))
         if b is None:
             continue
         matched += 1
@@ -171,9 +185,10 @@ def compare(cells: list[dict], baseline: list[dict], *, factor: float = REGRESSI
             if grew or (math.isnan(new) and not math.isnan(old)):
                 why.append(f"{what} ratio {old:.3g} -> {new:.3g}")
         if why:
-            regs.append({"spec": c["spec"], "ratio": c.get("ratio"), "baseline_ratio": b.get("ratio"),
+            regs.append({"spec": c["spec"], **({"op": c["op"]} if c.get("op", "lla") != "lla" else {}),
+                         "ratio": c.get("ratio"), "baseline_ratio": b.get("ratio"),
                          "passed": c.get("passed"), "baseline_passed": b.get("passed"),
                          "why": "; ".join(why), "command": c.get("command")})
-    specs = {c["spec"] for c in cells}
+    specs = {record_key(c) for c in cells}
     info = {"matched": matched, "new": len(cells) - matched, "missing": sum(1 for s in base if s not in specs)}
     return regs, info

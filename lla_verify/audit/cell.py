@@ -20,8 +20,9 @@ COTANGENT_SEED = 1234  # the fixed cotangent of the backward check
 BACKWARD_MAX_WORK = 1024 * 1024 * 64
 
 
-def repro_command(spec: str, impl_name: str, device: str, backward: bool = False) -> str:
-    cmd = f"lla-verify check --case {shlex.quote(spec)} --impl {shlex.quote(impl_name)} --device {device}"
+def repro_command(spec: str, impl_name: str, device: str, backward: bool = False, op: str = "lla") -> str:
+    op_arg = "" if op == "lla" else f" --op {op}"
+    cmd = f"lla-verify check --case {shlex.quote(spec)}{op_arg} --impl {shlex.quote(impl_name)} --device {device}"
     return cmd + (" --backward" if backward else "")
 
 
@@ -135,11 +136,22 @@ def failed_record(rec: dict, message: str, *, time_s: float = math.nan) -> dict:
 
 
 def _cell_record(cell: Cell, impl, device: str, *, backward: bool, impl_name: str | None) -> dict:
+    spec = cell.case.spec()
+    op = getattr(cell, "op", "lla")
     case = cell.case
-    spec = case.spec()
-    return {"spec": spec, "sweep": cell.sweep, "family": case.family, "params": dict(case.params),
+    extra = {}
+    if op != "lla":
+        from lla_verify.registry.operators import get_operator
+
+        opr = get_operator(op)
+        case = opr.base_case(cell.case)
+        backward = backward and opr.has_backward
+        if case is not cell.case:  # a Parallax case: its probe
+            extra = {"probe": cell.case.probe, "probe_params": dict(cell.case.probe_params)}
+    return {"spec": spec, "op": op, "sweep": cell.sweep, "family": case.family, "params": dict(case.params), **extra,
             "dtype": case.dtype, "B": case.B, "H": case.H, "S": case.S, "D": case.D, "seed": case.seed,
-            "command": repro_command(spec, impl_name or impl.name, device, backward=backward and impl.supports_grad)}
+            "command": repro_command(spec, impl_name or impl.name, device, backward=backward and impl.supports_grad,
+                                     op=op)}
 
 
 def run_cell_isolated(worker, cell: Cell, impl, device: str, *, backward: bool = True,
@@ -148,8 +160,9 @@ def run_cell_isolated(worker, cell: Cell, impl, device: str, *, backward: bool =
     implementation that ends its process, crashes it or hangs fails this cell only."""
     from lla_verify.trust import ChildFailed, run_isolated
 
+    fn = run_cell if getattr(cell, "op", "lla") == "lla" else run_op_cell
     try:
-        return run_isolated(worker, run_cell, cell, impl, device, backward=backward, impl_name=impl_name)
+        return run_isolated(worker, fn, cell, impl, device, backward=backward, impl_name=impl_name)
     except ChildFailed as exc:
         rec = _cell_record(cell, impl, device, backward=backward, impl_name=impl_name)
         return failed_record(rec, f"[{impl_name or impl.name}] {exc} on {rec['spec']}")
@@ -217,13 +230,81 @@ def run_cell(cell: Cell, impl, device: str, *, backward: bool = True, impl_name:
         rec["grad"] = backward_check(problem, impl)
     else:
         rec["grad"] = {"status": "not checked: --no-backward"}
+    return _combine(rec, bool(v.passed))
+
+
+def _combine(rec: dict, forward_passed: bool, first: str = "forward") -> dict:
+    """The cell's verdict from its forward (named ``first``) and gradient checks."""
     g = rec["grad"]
     grad_ok = g.get("passed", True)
-    rec["passed"] = bool(v.passed) and bool(grad_ok)
+    rec["passed"] = forward_passed and bool(grad_ok)
     if "ratio" in g:
         # the cell's ratio is its worst check, so sorting and the verdict see gradient failures too
         rec["ratio"] = max(rec["forward_ratio"], g["ratio"], key=lambda x: math.inf if math.isnan(x) else x)
-    if v.passed and not grad_ok:
+    if forward_passed and not grad_ok:
         rec["cause"] = g.get("cause", "implementation")
-    rec["failed_checks"] = [n for n, ok in (("forward", v.passed), ("backward", grad_ok)) if not ok]
+    rec["failed_checks"] = [n for n, ok in ((first, forward_passed), ("backward", grad_ok)) if not ok]
     return rec
+
+
+def run_op_cell(cell: Cell, impl, device: str, *, backward: bool = True, impl_name: str | None = None) -> dict:
+    """run_cell for a cell of another operator (registry/operators.py): its ``check`` runs
+    and judges the implementation; the record has the LLA cells' fields (kappa, CG
+    statistics where the operator has them) and ``op``."""
+    import torch
+
+    from lla_verify.registry.operators import get_operator
+
+    op = get_operator(cell.op)
+    name = impl_name or impl.name
+    rec = _cell_record(cell, impl, device, backward=backward, impl_name=impl_name)
+    first = "decode" if cell.op.endswith("decode") else "forward"
+    base = op.base_case(cell.case)
+    work = base.B * base.H * base.S * base.S * base.D
+    grad = None
+    if not backward:
+        grad = {"status": "not checked: --no-backward"}
+    elif not op.has_backward:
+        grad = {"status": f"not checked: the {op.name} operator has no gradients"}
+    elif not impl.supports_grad:
+        grad = {"status": f"not checked: {impl.name} has no gradients"}
+    elif cell.no_grad:
+        grad = {"status": cell.no_grad}
+    elif work > BACKWARD_MAX_WORK:
+        grad = {"status": f"not checked: too large for the backward check (B H S^2 D = {work:.2e} > "
+                          f"{BACKWARD_MAX_WORK:.2e}, its memory limit)"}
+    verdicts = op.check(cell.case, impl, device, backward=grad is None)
+    v = verdicts[0]
+    if not v.per_query:  # the implementation broke the contract or raised: no output to judge
+        rec = failed_record(rec, v.message.replace(f"[{impl.name}]", f"[{name}]", 1),
+                            time_s=float(v.summary.get("time_s", math.nan)))
+        rec["failed_checks"] = [first]
+        return rec
+    s = v.summary
+    rec.update(
+        ratio=float(v.ratio), forward_ratio=float(v.ratio), forward_passed=bool(v.passed), cause=v.cause,
+        message=v.message, worst_query=list(v.worst) if v.worst is not None else None,
+        err_max=_float_or_none(s.get("err_max")), kappa_max=_float_or_none(s.get("kappa_max")),
+        kappa_worst=_float_or_none(s.get("kappa_worst")), n_nan=int(s.get("n_nan", 0)), n_inf=int(s.get("n_inf", 0)),
+        n_defined=int(s.get("n_defined", v.n_defined)), n_undefined=int(s.get("n_undefined", v.n_undefined)),
+        time_s=float(s.get("time_s", math.nan)))
+    pq = v.per_query
+    rec["queries"] = {"ratio": _sample(torch.nan_to_num(pq["ratio"], nan=math.inf).clamp(max=1e300))}
+    if "kappa" in pq:
+        rec["queries"]["kappa"] = _sample(pq["kappa"].clamp(max=1e300))
+    for key in ("cg_iters_mean", "cg_iters_max", "cg_residual_max"):
+        if key in s:
+            rec[key] = s[key]
+    if grad is None:
+        g = verdicts[1] if len(verdicts) > 1 else None
+        if g is None:
+            grad = {"status": "not checked: the operator's check returned no gradient verdict"}
+        else:
+            grad = {"status": "checked", "ratio": float(g.ratio), "passed": bool(g.passed), "cause": str(g.cause),
+                    "message": str(g.message), "check": g.check,
+                    "grads_checked": [n for n in ("dq", "dk", "dv", "dr", "dlambda") if f"ratio_{n}" in g.summary]
+                    or list(g.summary.get("grads_checked", [])),
+                    "grads_not_checked": list(g.summary.get("grads_not_checked", [])),
+                    "n_beyond_precision": int(g.summary.get("n_beyond_precision", 0))}
+    rec["grad"] = grad
+    return _combine(rec, bool(v.passed), first)

@@ -7,7 +7,7 @@ import re
 
 from lla_verify.cliutil import UsageError, jsonable
 from lla_verify.audit.baseline import (REGRESSION_FACTOR, REGRESSION_FLOOR, SCHEMA, check_baseline_matches,
-                                       compare, plan_digest, read_report)
+                                       compare, plan_digest, read_report, record_key)
 from lla_verify.audit.run import audit_verdict
 
 
@@ -22,7 +22,7 @@ def cell_slice(text: str, n: int) -> slice:
     return sl
 
 
-MERGE_KEYS = ("impl", "device", "mode", "seed", "only", "plan_size", "plan_digest")
+MERGE_KEYS = ("impl", "impls", "ops", "device", "mode", "seed", "only", "plan_size", "plan_digest")
 
 
 def _slice_indices(rep: dict, path: str) -> list[int]:
@@ -80,22 +80,22 @@ def merge_reports(paths: list[str], command: str = "", *, baseline: list[dict] |
             if i in by_index:
                 raise UsageError(f"--merge: plan position {i} is in two slices ({specs[i]} and {path!r}): "
                                  f"slices overlap (drop one of the two)")
-            if c["spec"] in seen:
-                raise UsageError(f"--merge: {c['spec']} appears at two plan positions")
+            if record_key(c) in seen:
+                raise UsageError(f"--merge: {record_key(c)} appears at two plan positions")
             by_index[i], specs[i] = c, path
-            seen.add(c["spec"])
+            seen.add(record_key(c))
         regressions += [r for r in rep.get("regressions") or [] if r not in regressions]
     cells = [by_index[i] for i in sorted(by_index)]
     plan_size = first["plan_size"]
     interrupted = None
     if len(cells) < plan_size:
         interrupted = f"merged {len(cells)} of {plan_size} planned cells"
-    elif plan_digest(c["spec"] for c in cells) != first["plan_digest"]:
+    elif plan_digest(record_key(c) for c in cells) != first["plan_digest"]:
         raise UsageError(f"--merge: the {len(cells)} merged cells are not the plan the slices name "
                          f"(meta.plan_digest differs): a slice was edited or comes from another plan")
     binfo = None
     if baseline is not None:
-        check_baseline_matches([c["spec"] for c in cells], baseline, baseline_path)
+        check_baseline_matches([record_key(c) for c in cells], baseline, baseline_path)
         regressions, binfo = compare(cells, baseline, factor=factor, floor=floor)
     meta = dict(first, merged_from=list(paths), cells_slice=None, cells_start=None,
                 cell_indices=sorted(by_index),

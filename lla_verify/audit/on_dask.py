@@ -150,14 +150,16 @@ def _trust_worker(cell_timeout: float):
 
 
 def _impl(ref, device: str):
-    """The implementation: ``ref`` itself, or resolved by name here, as the CLI resolves it."""
-    if not isinstance(ref, str):
+    """The implementation: ``ref`` itself, or resolved by name here, as the CLI resolves it
+    (a name is LLA's; an (operator, name) pair another operator's, registry/operators.py)."""
+    if not isinstance(ref, (str, tuple)):
         return ref
     cache = _STATE.__dict__.setdefault("impls", {})
     if (ref, device) not in cache:
-        from lla_verify.commands.audit import resolve_impl
+        from lla_verify.commands.audit import resolve_impl, resolve_op_impl
 
-        cache[(ref, device)] = resolve_impl(ref, device)
+        cache[(ref, device)] = resolve_impl(ref, device) if isinstance(ref, str) else \
+            resolve_op_impl(ref[0], ref[1], device)
     return cache[(ref, device)]
 
 
@@ -253,7 +255,16 @@ def sweep(client, cells, impl, device: str, *, backward: bool, impl_name: str | 
     from distributed import as_completed
 
     token = uuid.uuid4().hex[:8]
-    ref = impl if impl_ref is None else impl_ref
+    # one implementation per operator: dicts keyed by operator, or LLA's plain values
+    impls = impl if isinstance(impl, dict) else {"lla": impl}
+    names = impl_name if isinstance(impl_name, dict) else {op: impl_name for op in impls}
+
+    def ref_of(op):
+        if impl_ref is None:
+            return impls[op]
+        r = impl_ref[op] if isinstance(impl_ref, dict) else impl_ref
+        return r if op == "lla" else (op, r)
+
     futures = {}
     todo = iter(enumerate(cells))
     running = as_completed()
@@ -264,7 +275,8 @@ def sweep(client, cells, impl, device: str, *, backward: bool, impl_name: str | 
             if nxt is None:
                 return
             pos, cell = nxt
-            f = client.submit(run_cell_task, cell, ref, device, backward, impl_name, cell_timeout,
+            op = getattr(cell, "op", "lla")
+            f = client.submit(run_cell_task, cell, ref_of(op), device, backward, names.get(op), cell_timeout,
                               key=f"lla-audit-{token}-cell-{pos}", retries=TASK_RETRIES)
             futures[f] = pos
             running.add(f)
@@ -273,7 +285,8 @@ def sweep(client, cells, impl, device: str, *, backward: bool, impl_name: str | 
     try:
         for f in running:
             pos = futures[f]
-            rec = _outcome(f, cells[pos], impl, device, backward=backward, impl_name=impl_name)
+            op = getattr(cells[pos], "op", "lla")
+            rec = _outcome(f, cells[pos], impls[op], device, backward=backward, impl_name=names.get(op))
             done[pos] = rec
             on_record(rec)
             submit(_threads(client) - running.count())

@@ -15,6 +15,9 @@ class Cell:
     # why this cell's gradients are not checked even when the implementation has them
     # (None: checked); the quick audit checks float32 gradients only, to stay in minutes
     no_grad: str | None = None
+    # the operator of registry/operators.py the cell checks; its case is that operator's
+    # (a ParallaxCase for parallax and parallax-decode)
+    op: str = "lla"
 
 
 # Adversarial but not absurd settings for the families that get one cell each:
@@ -137,3 +140,103 @@ def plan(impl, *, full: bool = False, seed: int = 0) -> tuple[list[Cell], list[d
         for S, D in ((4096, 64), (4095, 128)):
             add("shape", "gaussian", {"lam": 1.0}, S=S, D=D, dtype=dts[1])
     return cells, skipped
+
+
+# ------------------------------------------------------------------ the other operators
+# Their cells sit where each operator's own trouble is (registry/operators.py): for
+# Parallax every probe family, the key offset the centring must survive, a large probe in
+# the low precisions; for the decodes the forward's hard families, cache lengths that are
+# not multiples of the tile or split (every position of S is decoded: lengths 1..S), ragged
+# batches (B > 1: each problem's positions are sequences of one batch) and t = 0 (S = 1).
+# Through the Triton interpreter an LLA decode cell costs seconds, so the quick plan keeps
+# S <= 33 and a handful of cells per operator (make audit stays within about 2.5 minutes);
+# the full plan adds 38 cells to LLA's 145 (scripts/gpu-release.sh slices them).
+PARALLAX_PROBES = (("zero", {}), ("random", {"amp": 1.0}), ("large", {"amp": 100.0}), ("lla", {}),
+                   ("small_eig", {"amp": 1.0}))
+
+
+def _op_adder(op: str, impl, full: bool, seed: int, cells: list, skipped: list):
+    from lla_verify.registry.cases import DTYPES, Case
+    from lla_verify.registry.parallax import ParallaxCase
+
+    def add(sweep, family, params, *, S, D, dtype, B=1, H=1, probe=None):
+        case = Case(family=family, params=dict(params), B=B, H=H, S=S, D=D, dtype=dtype, seed=seed)
+        if probe is not None:
+            case = ParallaxCase(case, probe[0], dict(probe[1]))
+        reason = impl.supports(dtype=DTYPES[dtype], head_dim=D)
+        if reason is None and family == "lambda_decades" and not impl.per_query_lambda:
+            reason = f"{impl.name} takes no per-query lambda"
+        no_grad = None
+        if not full and dtype != "float32":
+            no_grad = "not checked: --quick checks gradients on float32 cells only (--full checks every dtype)"
+        if reason is None:
+            cells.append(Cell(sweep, case, no_grad, op=op))
+        else:
+            skipped.append({"spec": case.spec(), "op": op, "sweep": sweep, "reason": reason})
+
+    return add
+
+
+def plan_parallax(impl, *, full: bool = False, seed: int = 0) -> tuple[list[Cell], list[dict]]:
+    """Parallax cells (op "parallax"): every probe family on the baseline, the families that
+    stress its centring and conditioning, the low precisions, awkward shapes."""
+    cells, skipped = [], []
+    add = _op_adder("parallax", impl, full, seed, cells, skipped)
+    S, D = (48, 16) if not full else (1000, 64)
+    for probe in PARALLAX_PROBES:
+        add("probe", "gaussian", {"lam": 1.0}, S=S, D=D, dtype="float32", probe=probe)
+    rnd, big, eig = PARALLAX_PROBES[1], PARALLAX_PROBES[2], PARALLAX_PROBES[4]
+    add("family", "offset", {"offset": 1e3, "lam": 1.0}, S=S, D=D, dtype="float32", probe=big)
+    add("family", "large_norm", {"factor": 1e2, "lam": 1.0}, S=S, D=D, dtype="float32", probe=eig)
+    add("family", "spectrum", {"kappa": 1e6, "rotate": 1}, S=S if full else 40, D=D, dtype="float32", probe=eig)
+    add("family", "bandwidth", {"scale": 1e2, "lam": 1.0}, S=S, D=D, dtype="float32", probe=rnd)
+    for dt in ("bfloat16",) + (("float16",) if full else ()):
+        add("dtype", "offset", {"offset": 1e3, "lam": 1.0}, S=S, D=D, dtype=dt, probe=big)
+    shapes = ((1, 16, 2, 1), (19, 16, 2, 3), (29, 32, 1, 1)) if not full else \
+        ((63, 64, 2, 3), (1000, 128, 1, 1), (2048, 64, 1, 1))
+    for S2, D2, B, H in shapes:
+        add("shape", "gaussian", {"lam": 1.0}, S=S2, D=D2, dtype="float32", B=B, H=H, probe=rnd)
+    if full:
+        add("dtype", "gaussian", {"lam": 1.0}, S=S, D=128, dtype="bfloat16", probe=rnd)
+    return cells, skipped
+
+
+def plan_decode(op: str, impl, *, full: bool = False, seed: int = 0) -> tuple[list[Cell], list[dict]]:
+    """Decode cells (op "lla-decode" or "parallax-decode"): every position of each case is
+    decoded in one call and judged against the forward's row (registry/operators.py)."""
+    if op not in ("lla-decode", "parallax-decode"):
+        raise ValueError(f"plan_decode: op must be lla-decode or parallax-decode, got {op!r}")
+    cells, skipped = [], []
+    add = _op_adder(op, impl, full, seed, cells, skipped)
+    px = op == "parallax-decode"
+    rnd = PARALLAX_PROBES[1] if px else None
+    # quick: S = 33 and 24 decode three and two tiles of 16 (the last partial), S = 19 two
+    # problems of one batch; full: 256 positions of D = 64
+    S, S2, D = (33, 24, 16) if not full else (256, 255, 64)
+    add("family", "gaussian", {"lam": 1.0}, S=S, D=D, dtype="float32", probe=rnd)
+    if px:
+        add("family", "offset", {"offset": 1e3, "lam": 1.0}, S=S, D=D, dtype="float32", probe=PARALLAX_PROBES[2])
+        add("family", "gaussian", {"lam": 1.0}, S=S2, D=D, dtype="float32", probe=PARALLAX_PROBES[3])
+    else:
+        add("family", "offset", {"offset": 1e3, "lam": 1.0}, S=S2, D=D, dtype="float32")
+        add("family", "spectrum", {"kappa": 1e6, "rotate": 1}, S=S2 if full else 20, D=D, dtype="float32")
+        add("family", "lambda_decades", DECADES[0], S=S2, D=D, dtype="float16")
+    add("shape", "gaussian", {"lam": 1.0}, S=19, D=D, dtype="bfloat16", B=2, H=1, probe=rnd)
+    add("shape", "gaussian", {"lam": 1.0}, S=1, D=D, dtype="float32", B=2, probe=rnd)  # t = 0, two sequences
+    add("shape", "gaussian", {"lam": 1.0}, S=7, D=D, dtype="float32", probe=rnd)  # a cache shorter than a tile
+    if full:
+        # the forward's hardest families for the solve and the centring
+        for fam in ("subspace", "clusters", "early"):
+            add("family", fam, FAMILY_CELLS[fam], S=S, D=D, dtype="float32", probe=rnd)
+        for S3, D3, B, H in ((255, 128, 1, 1), (1000, 64, 1, 1)):
+            add("shape", "gaussian", {"lam": 1.0}, S=S3, D=D3, dtype="bfloat16", B=B, H=H, probe=rnd)
+    return cells, skipped
+
+
+def plan_op(op: str, impl, *, full: bool = False, seed: int = 0) -> tuple[list[Cell], list[dict]]:
+    """The cells of operator ``op`` (registry/operators.py) for ``impl``, and the skipped ones."""
+    if op == "lla":
+        return plan(impl, full=full, seed=seed)
+    if op == "parallax":
+        return plan_parallax(impl, full=full, seed=seed)
+    return plan_decode(op, impl, full=full, seed=seed)

@@ -301,15 +301,78 @@ def render_html(report: dict) -> str:
     parts = _html_head(report)
     if report.get("baseline") is not None:
         parts += _html_regressions(report)
-    # Short tables up front; the Verdicts' full messages come after the plots.
-    parts += _html_cell_tables(cells, failed)
-    parts += _html_by_sweep(cells)
-    parts += _html_plots(report)
+    ops = list(dict.fromkeys(_op(c) for c in cells))
+    if ops in ([], ["lla"]):
+        # Short tables up front; the Verdicts' full messages come after the plots.
+        parts += _html_cell_tables(cells, failed)
+        parts += _html_by_sweep(cells)
+        parts += _html_plots(report)
+    else:
+        parts += _html_operator_index(report, ops)
+        for op in ops:  # one section per operator, each with its own tables and plots
+            parts += _html_operator(report, op)
     if failed:
         parts += _html_failure_details(failed)
     parts += _html_all_cells(report)
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _op(c: dict) -> str:
+    return c.get("op", "lla")
+
+
+OPERATOR_TITLES = {"lla": "LLA", "parallax": "Parallax", "lla-decode": "LLA decode",
+                   "parallax-decode": "Parallax decode"}
+OPERATOR_NOTES = {
+    "parallax": "o = nu - C r judged by budget.parallax (forward: conditioning from the oracle's sensitivity and "
+                "the same-precision dense rule; backward: dq, dk, dv, dr against float64 autograd).",
+    "lla-decode": "Every position of each case decoded in one call (a batch of B S sequences, cache tails NaN) "
+                  "and judged row by row against the forward's output by the forward's budget "
+                  "(budget.forward.check_forward); kappa and CG statistics as for the forward.",
+    "parallax-decode": "Every position decoded in one call and judged against the forward's row by the "
+                       "Parallax forward budget (budget.parallax.check_parallax_forward).",
+}
+
+
+def _html_operator_index(report: dict, ops: list[str]) -> list[str]:
+    """One line per operator: its implementation, cells, failures and worst ratio."""
+    impls = (report.get("meta") or {}).get("impls") or {}
+    rows = []
+    for op in ops:
+        cs = [c for c in report["cells"] if _op(c) == op]
+        nf = sum(1 for c in cs if not c.get("passed"))
+        w = max(cs, key=_ratio_key)
+        rows.append([f"<a href='#op-{_escape(op)}'>{_escape(OPERATOR_TITLES.get(op, op))}</a>",
+                     _escape(impls.get(op, (report.get("meta") or {}).get("impl") if op == "lla" else "")),
+                     str(len(cs)), f"<span class={'bad' if nf else 'ok'}>{nf}</span>", fmt_ratio(w["ratio"])])
+    return ["<h2>Operators</h2>", _table(["operator", "implementation", "cells", "failed", "worst ratio"], rows,
+                                         numeric={2, 3, 4})]
+
+
+def _html_operator(report: dict, op: str) -> list[str]:
+    """The section of one operator: its verdict line, tables and plots."""
+    cells = [c for c in report["cells"] if _op(c) == op]
+    failed = sorted((c for c in cells if not c.get("passed")), key=_ratio_key, reverse=True)
+    impls = (report.get("meta") or {}).get("impls") or {}
+    title = OPERATOR_TITLES.get(op, op)
+    parts = [f"<h2 id='op-{_escape(op)}' style='font-size:20px;border-bottom:2px solid #495057'>{_escape(title)}: "
+             f"{_escape(impls.get(op, ''))} &mdash; <span class={'bad' if failed else 'ok'}>{len(failed)} of "
+             f"{len(cells)} cells over threshold</span></h2>"]
+    if op in OPERATOR_NOTES:
+        parts.append(f"<p class=meta>{_escape(OPERATOR_NOTES[op])}</p>")
+    parts += _html_cell_tables(cells, failed)
+    parts += _html_by_sweep(cells)
+    if op == "lla":
+        parts += _html_plots(dict(report, cells=cells))
+        return parts
+    img = plot_overview(cells)
+    if img:
+        parts.append(f"<img alt='{_escape(title)} cells' src='{img}'>")
+    kimg = plot_kappa(cells)
+    if kimg:
+        parts.append(f"<img alt='{_escape(title)} error against kappa' src='{kimg}'>")
+    return parts
 
 
 def _html_head(report: dict) -> list[str]:
@@ -436,10 +499,13 @@ def _html_all_cells(report: dict) -> list[str]:
     cells = report["cells"]
     parts = ["<h2>All cells</h2><details><summary>show the table of all "
              f"{len(cells)} cells</summary>"]
+    # with several operators the sweep column names the cell's operator too
+    many = len({_op(c) for c in cells}) > 1
     parts.append(_table(
         ["sweep", "case", "ratio", "cause", "err max", "kappa max", "NaN/Inf", "CG mean/max", "CG res max",
          "grad", "time (ms)"],
-        [[_escape(c["sweep"]), f"<code>{_escape(c['spec'])}</code>", fmt_ratio(c["ratio"]), _cause(c["cause"]), _fmt_sci(c.get("err_max")),
+        [[_escape(f"{_op(c)} {c['sweep']}" if many else c["sweep"]), f"<code>{_escape(c['spec'])}</code>",
+          fmt_ratio(c["ratio"]), _cause(c["cause"]), _fmt_sci(c.get("err_max")),
           _fmt_sci(c.get("kappa_max")), f"{c.get('n_nan', 0)}/{c.get('n_inf', 0)}",
           (f"{c['cg_iters_mean']:.1f}/{c['cg_iters_max']}" if "cg_iters_mean" in c else ""),
           _fmt_sci(c.get("cg_residual_max")),

@@ -46,7 +46,14 @@ def audit_verdict(cells: list[dict], regressions: list[dict], interrupted: str |
     n_rows = sum(c["grad"]["n_beyond_precision"] for c in beyond)
     beyond_note = (f"; {len(beyond)} checked cells have rows beyond the compute precision (kappa u_c >= 1), "
                    f"{n_rows} query rows held to no budget (a NaN still fails)" if beyond else "")
+    ops = {}
+    for op in dict.fromkeys(c.get("op", "lla") for c in cells):
+        cs = [c for c in cells if c.get("op", "lla") == op]
+        w = max(cs, key=lambda c: ratio_number(c["ratio"]) if not math.isnan(ratio_number(c["ratio"])) else math.inf)
+        ops[op] = {"n_cells": len(cs), "n_failed": sum(1 for c in cs if not c.get("passed")),
+                   "worst_ratio": w["ratio"], "worst_spec": w["spec"], "worst_command": w["command"]}
     return {
+        "operators": ops,
         "passed": not failed and not regressions and not interrupted,
         "interrupted": interrupted,
         "n_cells": len(cells), "n_failed": len(failed), "n_regressions": len(regressions),
@@ -103,6 +110,13 @@ def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = 
 
     from lla_verify.trust import DEFAULT_CALL_TIMEOUT, Worker, picklable
 
+    # one implementation per operator: ``impl``, ``impl_name`` and ``impl_ref`` may be dicts
+    # keyed by operator (registry/operators.py); a plain value is LLA's
+    impls = impl if isinstance(impl, dict) else {"lla": impl}
+    names = impl_name if isinstance(impl_name, dict) else {op: impl_name for op in impls}
+    refs = impl_ref if isinstance(impl_ref, dict) else ({op: impl_ref for op in impls} if impl_ref else None)
+    impl = impls.get("lla") or next(iter(impls.values()))
+    impl_name = names.get("lla") if "lla" in impls else names.get(next(iter(impls)))
     t0 = time.perf_counter()
     done: dict[int, dict] = {}  # plan position in ``cells`` -> record
     # in a log (no terminal) a redraw every 0.1 s would bury the FAIL lines
@@ -110,30 +124,34 @@ def run_audit(impl, cells: list[Cell], *, device: str = "cpu", backward: bool = 
                file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     interrupted = None
     worker = None
-    if dask_client is None and isolate and picklable(impl, cells):
+    if dask_client is None and isolate and picklable(impls, cells):
         worker = Worker(cell_timeout if cell_timeout is not None else DEFAULT_CALL_TIMEOUT)
     # on Dask with impl_ref, each worker resolves the implementation by name and checks it there
-    elif (isolate if dask_client is None else impl_ref is None) and log is not None and not picklable(impl, cells):
-        print(f"lla-verify audit: {impl_name or impl.name} cannot be pickled into a worker process; its cells run "
+    elif (isolate if dask_client is None else refs is None) and log is not None and not picklable(impls, cells):
+        bad = [names.get(op) or i.name for op, i in impls.items() if not picklable(i)] or [impl_name or impl.name]
+        print(f"lla-verify audit: {', '.join(bad)} cannot be pickled into a worker process; its cells run "
               "in this one (no protection against exit or hang)", file=log)
 
     def note(rec: dict) -> None:
         bar.set_postfix_str(rec["family"], refresh=False)
         bar.update(1)
         if not rec["passed"] and log is not None:
-            tqdm.write(f"FAIL {'+'.join(rec.get('failed_checks', []))} ratio {fmt_ratio(rec['ratio'])} "
-                       f"({rec['cause']}) {rec['spec']}", file=log)
+            op = rec.get("op", "lla")
+            tqdm.write(f"FAIL {'' if op == 'lla' else op + ' '}{'+'.join(rec.get('failed_checks', []))} ratio "
+                       f"{fmt_ratio(rec['ratio'])} ({rec['cause']}) {rec['spec']}", file=log)
 
     try:
         if dask_client is not None:
             from lla_verify.audit.on_dask import sweep
 
-            sweep(dask_client, cells, impl, device, backward=backward, impl_name=impl_name,
+            sweep(dask_client, cells, impls, device, backward=backward, impl_name=names,
                   cell_timeout=cell_timeout if cell_timeout is not None else DEFAULT_CALL_TIMEOUT,
-                  done=done, on_record=note, impl_ref=impl_ref)
+                  done=done, on_record=note, impl_ref=refs)
         else:
             for pos, cell in enumerate(cells):
-                done[pos] = run_cell_isolated(worker, cell, impl, device, backward=backward, impl_name=impl_name)
+                op = getattr(cell, "op", "lla")
+                done[pos] = run_cell_isolated(worker, cell, impls[op], device, backward=backward,
+                                              impl_name=names.get(op))
                 note(done[pos])
     except KeyboardInterrupt:
         # Ctrl-C or a scheduler's SIGTERM: the cells done so far are evidence worth keeping;
@@ -193,10 +211,17 @@ def summary_lines(report: dict, *, top: int = 5) -> list[str]:
                      f"its cells only; the audit's is the merge of every slice (lla-verify audit --merge)")
     if v.get("worst_spec"):
         lines.append(f"worst ratio {fmt_ratio(v['worst_ratio'])} at {v['worst_spec']}")
+    ops = v.get("operators") or {}
+    if set(ops) - {"lla"}:
+        impls = meta.get("impls") or {}
+        for op, o in ops.items():
+            lines.append(f"  {op} [{impls.get(op, '?')}]: {o['n_failed']} of {o['n_cells']} cells failed, "
+                         f"worst ratio {fmt_ratio(o['worst_ratio'])}")
     failed = [c for c in report["cells"] if not c.get("passed")]
     for c in sorted(failed, key=lambda c: -ratio_number(c["ratio"]) if not math.isnan(ratio_number(c["ratio"])) else -math.inf):
-        lines.append(f"  FAIL {'+'.join(c.get('failed_checks', []))} ratio {fmt_ratio(c['ratio'])} "
-                     f"cause {c['cause']}: {c['spec']}")
+        op = c.get("op", "lla")
+        lines.append(f"  FAIL {'' if op == 'lla' else op + ' '}{'+'.join(c.get('failed_checks', []))} ratio "
+                     f"{fmt_ratio(c['ratio'])} cause {c['cause']}: {c['spec']}")
         lines.append(f"    {c['command']}")
     if v.get("gradients_note"):
         lines.append(v["gradients_note"])

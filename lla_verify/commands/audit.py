@@ -14,12 +14,13 @@ import math
 import os
 import shlex
 import sys
+from functools import partial
 
 from lla_verify.cliutil import UsageError, check_device, check_out_dir, one_line, seed_type
-from lla_verify.audit.baseline import (REGRESSION_FACTOR, REGRESSION_FLOOR, check_baseline_matches,
+from lla_verify.audit.baseline import (REGRESSION_FACTOR, REGRESSION_FLOOR, cell_key, check_baseline_matches,
                                        load_baseline, plan_digest)
 from lla_verify.audit.merge import cell_slice, merge_reports
-from lla_verify.audit.plan import plan
+from lla_verify.audit.plan import plan, plan_op
 from lla_verify.audit.run import EXIT_FAIL, EXIT_OK, EXIT_USAGE, metadata, run_audit, summary_lines
 
 
@@ -50,12 +51,41 @@ def resolve_impl(impl_spec: str, device: str):
     return impl
 
 
+def resolve_op_impl(op_name: str, impl_spec, device: str, opt: str = "--impl"):
+    """The Impl record of ``op_name``'s implementation ``impl_spec`` (registry/operators.py),
+    after the environment it needs; UsageError naming ``opt`` when it is unknown or cannot run."""
+    from lla_contract import LLAInputError
+    from lla_verify.registry.operators import get_operator
+
+    if op_name == "lla" and opt == "--impl":
+        return resolve_impl(impl_spec, device)
+    check_device(device)
+    op = get_operator(op_name)
+    why = op.prepare(impl_spec, device)
+    if why:
+        raise UsageError(f"{opt} {impl_spec}: not available on {device}: {why}")
+    try:
+        impl = op.resolve(impl_spec, opt)
+    except LLAInputError as exc:
+        raise UsageError(str(exc)) from None
+    why = op.available(impl, device)
+    if why:
+        raise UsageError(f"{opt} {impl_spec}: not available on {device}: {why}")
+    return impl
+
+
 def _command_line(args, full: bool, device: str) -> str:
     """The audit's own invocation, rebuilt from the parsed arguments (argv may be a test's list)."""
     parts = ["lla-verify", "audit", "--impl", args.impl, "--device", device, "--full" if full else "--quick",
              "--seed", str(args.seed), "--out", args.out]
     for s in args.only or ():
         parts += ["--only", s]
+    if args.ops is not None:
+        parts += ["--ops", args.ops]
+    for opt, val in (("--parallax-impl", args.parallax_impl), ("--decode-impl", args.decode_impl),
+                     ("--parallax-decode-impl", args.parallax_decode_impl)):
+        if val is not None:
+            parts += [opt, val]
     if args.baseline:
         parts += ["--baseline", args.baseline]
         if args.regression_factor != REGRESSION_FACTOR or args.regression_floor != REGRESSION_FLOOR:
@@ -136,17 +166,23 @@ def _audit_main(args) -> int:
     device = args.device if args.device is not None else ("cuda" if full else "cpu")
     if args.max_cells is not None and args.max_cells < 1:
         raise UsageError(f"--max-cells: must be >= 1, got {args.max_cells}")
+    ops = parse_ops(args.ops)
     baseline = load_baseline(args.baseline) if args.baseline else None
-    impl = resolve_impl(args.impl, device)
+    impls, names, skipped_ops = resolve_audit_impls(args, ops, device)
+    impl = impls.get("lla") or next(iter(impls.values()))
     if args.out is not None:
         check_out_dir(args.out)  # before the sweep: a bad --out found after it loses the run
-    cells, skipped = plan(impl, full=full, seed=args.seed)
+    cells, skipped = [], list(skipped_ops)
+    for op in impls:
+        c_op, s_op = (plan if op == "lla" else partial(plan_op, op))(impls[op], full=full, seed=args.seed)
+        cells += c_op
+        skipped += s_op
     if args.only:
         cells = [c for c in cells if any(s in c.case.spec() for s in args.only)]
         if not cells:
             raise UsageError(f"--only: no cell matches {args.only}")
     plan_size = len(cells)
-    digest = plan_digest(c.case.spec() for c in cells)
+    digest = plan_digest(cell_key(c.case.spec(), c.op) for c in cells)
     indices = list(range(plan_size))
     if args.cells:
         indices = indices[cell_slice(args.cells, plan_size)]
@@ -157,18 +193,22 @@ def _audit_main(args) -> int:
     cells = [cells[i] for i in indices]
     cells_start = indices[0]
     if baseline is not None:
-        check_baseline_matches([c.case.spec() for c in cells], baseline, args.baseline)
+        check_baseline_matches([cell_key(c.case.spec(), c.op) for c in cells], baseline, args.baseline)
     from lla_contract import LLAInputError
+    from lla_verify.registry.operators import OPERATORS
 
     for c in cells:
         try:
-            c.case.check_fits(device)
+            OPERATORS[c.op].check_fits(c.case, device)
         except LLAInputError as exc:
             raise UsageError(f"cell {c.case.spec()}: {str(exc).removeprefix('case: ')} (--only or --cells "
                              f"leave it out)") from None
     command = _command_line(args, full, device)
     meta = metadata(impl, device, "full" if full else "quick", command, args.seed)
-    meta["impl"] = args.impl
+    meta["impl"] = names.get("lla") or next(iter(names.values()))
+    if set(impls) != {"lla"}:
+        meta["impls"] = dict(names)  # the implementation of each operator audited
+        meta["ops"] = list(impls)
     meta["plan_size"] = plan_size  # cells planned before --cells: what --merge checks completeness against
     meta["plan_digest"] = digest  # and what a complete merge's cells must hash to
     meta["cell_indices"] = indices  # the plan position of each cell run, in order
@@ -177,13 +217,19 @@ def _audit_main(args) -> int:
     meta["cells_start"] = cells_start  # the slice's first plan position: --merge orders by it
     meta["regression_rule"] = (f"forward or gradient ratio grew more than x{args.regression_factor:g} to above "
                                f"{args.regression_floor:g}, or a cell newly failing")
-    print(f"lla-verify audit: {len(cells)} cells on {args.impl} ({device}, {'full' if full else 'quick'})"
+    on = f"on {meta['impl']}" if set(impls) == {"lla"} else "(" + ", ".join(
+        f"{op} {sum(1 for c in cells if c.op == op)} on {names[op]}" for op in impls) + ")"
+    print(f"lla-verify audit: {len(cells)} cells {on} ({device}, {'full' if full else 'quick'})"
           f"{', ' + str(len(skipped)) + ' skipped' if skipped else ''}", file=sys.stderr)
+    for s in skipped_ops:
+        print(f"lla-verify audit: operator {s['op']} left out: {s['reason']}", file=sys.stderr)
+    if set(impls) == {"lla"}:
+        impls, names = impls["lla"], names["lla"]  # the LLA audit as it always ran
     run = dict(device=device, backward=not args.no_backward, baseline=baseline, out=args.out, meta=meta,
-               skipped=skipped, progress=not args.no_progress, impl_name=args.impl, log=sys.stderr,
+               skipped=skipped, progress=not args.no_progress, impl_name=names, log=sys.stderr,
                factor=args.regression_factor, floor=args.regression_floor, cell_timeout=cell_timeout(args))
     if args.dask is None:
-        return _print_summary(run_audit(impl, cells, **run).report, args.out)
+        return _print_summary(run_audit(impls, cells, **run).report, args.out)
     from lla_verify.audit.on_dask import check_workers, session
 
     with session(args.dask or None, device, args.dask_workers) as (client, info):
@@ -192,9 +238,62 @@ def _audit_main(args) -> int:
         where = (f"a local cluster of {info['workers_at_start']} workers" if info["embedded"]
                  else f"the scheduler at {info['scheduler']} ({info['workers_at_start']} workers now)")
         print(f"lla-verify audit: on Dask, {where}", file=sys.stderr)
-        res = run_audit(impl, cells, dask_client=client, impl_ref=args.impl, **run)
+        res = run_audit(impls, cells, dask_client=client, impl_ref=names, **run)
         # the summary before the cluster's few seconds of shutdown, which an interrupt may cut short
         return _print_summary(res.report, args.out)
+
+
+# the audit option naming each operator's implementation (LLA's is --impl)
+IMPL_OPTIONS = {"parallax": ("parallax_impl", "--parallax-impl"), "lla-decode": ("decode_impl", "--decode-impl"),
+                "parallax-decode": ("parallax_decode_impl", "--parallax-decode-impl")}
+
+
+def parse_ops(text) -> list[str] | None:
+    """--ops: a comma-separated list of operators, or 'all'; None (not given) is every operator."""
+    from lla_verify.registry.operators import OPERATOR_NAMES
+
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",")]
+    if names == ["all"]:
+        return list(OPERATOR_NAMES)
+    bad = [n for n in names if n not in OPERATOR_NAMES]
+    if bad or not names:
+        raise UsageError(f"--ops: expected a comma-separated list of {list(OPERATOR_NAMES)} or 'all', got {text!r}")
+    return [n for n in OPERATOR_NAMES if n in names]
+
+
+def resolve_audit_impls(args, ops: list[str] | None, device: str) -> tuple[dict, dict, list]:
+    """The implementation of each audited operator: (impls, names, operators left out).
+
+    ``ops`` None (no --ops): every operator, but one whose default implementation cannot run
+    here is left out with its reason (a machine without Triton still audits LLA with
+    --impl torch-fp32); an operator named in --ops, or given an implementation, must run."""
+    from lla_verify.registry.operators import OPERATOR_NAMES, get_operator
+
+    chosen = ops if ops is not None else list(OPERATOR_NAMES)
+    impls, names, left_out = {}, {}, []
+    for op, (attr, opt) in IMPL_OPTIONS.items():
+        if getattr(args, attr) is not None and op not in chosen:
+            raise UsageError(f"{opt}: the {op} operator is not in --ops {args.ops!r} (add it, or leave {opt} out)")
+    for op in chosen:
+        if op == "lla":
+            impls[op], names[op] = resolve_impl(args.impl, device), args.impl
+            continue
+        attr, opt = IMPL_OPTIONS[op]
+        given = getattr(args, attr)
+        spec = given if given is not None else get_operator(op).default_impl
+        try:
+            impls[op] = resolve_op_impl(op, spec, device, opt)
+        except UsageError as exc:
+            if ops is not None or given is not None:
+                raise
+            left_out.append({"spec": "*", "op": op, "reason": f"{exc} (no --ops: left out)"})
+            continue
+        names[op] = spec
+    if not impls:
+        raise UsageError("--ops: no operator left to audit")
+    return impls, names, left_out
 
 
 def cell_timeout(args) -> float:
@@ -261,5 +360,18 @@ def register(sub) -> None:
                         "file *.json) a running scheduler. Needs the extra: pip install 'lla-verify[dask]'")
     p.add_argument("--dask-workers", type=int, default=None, metavar="N",
                    help="with a bare --dask: the embedded cluster's worker count (GPUs shared round-robin)")
+    p.add_argument("--ops", default=None, metavar="OP[,OP...]",
+                   help="the operators to audit, comma-separated: lla, parallax, lla-decode, parallax-decode, or all "
+                        "(default: all; one whose default implementation cannot run here is left out, with a note)")
+    p.add_argument("--parallax-impl", default=None, metavar="IMPL",
+                   help="the Parallax implementation: parallax-triton, parallax-dense, parallax-oracle or "
+                        "MODULE:CALLABLE fn(q, k, v, r, *, qk_scale) (default: parallax-triton)")
+    p.add_argument("--decode-impl", default=None, metavar="IMPL",
+                   help="the LLA decode implementation: lla-decode-triton, lla-decode-oracle or MODULE:CALLABLE "
+                        "fn(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale) (default: lla-decode-triton)")
+    p.add_argument("--parallax-decode-impl", default=None, metavar="IMPL",
+                   help="the Parallax decode implementation: parallax-decode-triton, parallax-decode-oracle or "
+                        "MODULE:CALLABLE fn(q, r, k_cache, v_cache, lengths, *, qk_scale) "
+                        "(default: parallax-decode-triton)")
     add_cell_timeout_arg(p)
     p.set_defaults(func=usage_errors_to_exit(_audit_main))

@@ -9,29 +9,41 @@ from lla_verify.cliutil import UsageError
 from lla_verify.audit.cell import run_cell_isolated
 from lla_verify.audit.plan import Cell
 from lla_verify.audit.run import EXIT_FAIL, EXIT_OK
-from lla_verify.commands.audit import add_cell_timeout_arg, cell_timeout, usage_errors_to_exit, resolve_impl
+from lla_verify.commands.audit import add_cell_timeout_arg, cell_timeout, resolve_op_impl, usage_errors_to_exit
+
+
+def _case_error(exc) -> UsageError:
+    return UsageError(f"--case: {str(exc).removeprefix('case: ').removeprefix('parallax case: ')}")
 
 
 def _check_main(args) -> int:
-    from lla_verify.registry.cases import DTYPES, parse_case
+    from lla_verify.registry.operators import get_operator
     from lla_contract import LLAInputError
 
     try:
-        case = parse_case(args.case)
+        op = get_operator(args.op)
     except LLAInputError as exc:
-        raise UsageError(f"--case: {str(exc).removeprefix('case: ')}") from None
-    impl = resolve_impl(args.impl, args.device)
-    reason = impl.supports(dtype=DTYPES[case.dtype], head_dim=case.D)
+        raise UsageError(str(exc)) from None
+    if args.backward and not op.has_backward:
+        raise UsageError(f"--backward: the {op.name} operator has no gradients to check (leave --backward out)")
+    impl_spec = args.impl if args.impl is not None else op.default_impl
+    args.impl = impl_spec
+    try:
+        case = op.parse_case(args.case)
+    except LLAInputError as exc:
+        raise _case_error(exc) from None
+    impl = resolve_op_impl(op.name, impl_spec, args.device)  # LLA's through resolve_impl, as always
+    reason = op.supports(impl, case)
     if reason:
         raise UsageError(f"--case: {reason}")
     from lla_verify.trust import Worker, picklable
 
     try:
-        case.check_fits(args.device)
-        case.build(args.device)  # a case that cannot be built is the user's error, said here
+        op.check_fits(case, args.device)
+        op.build(case, args.device)  # a case that cannot be built is the user's error, said here
     except LLAInputError as exc:
-        raise UsageError(f"--case: {str(exc).removeprefix('case: ')}") from None
-    cell = Cell("check", case)
+        raise _case_error(exc) from None
+    cell = Cell("check", case, op=op.name)
     worker = Worker(cell_timeout(args)) if picklable(impl, cell) else None
     try:
         # in a child process: an implementation that exits or hangs fails the check, it does not end it
@@ -61,9 +73,15 @@ def register(sub) -> None:
                        description="Rebuild one case from its spec (as printed by the audit), run the "
                                    "implementation, print the verdict. Exit 0 within budget, 1 not, 2 usage error.")
     c.add_argument("--case", required=True, metavar="SPEC",
-                   help="e.g. 'spectrum:kappa=1e+06,rotate=1:B=1,H=1,S=48,D=16,dtype=float32,seed=0'")
-    c.add_argument("--impl", default="triton", help="implementation (default: triton)")
+                   help="e.g. 'spectrum:kappa=1e+06,rotate=1:B=1,H=1,S=48,D=16,dtype=float32,seed=0'; with --op "
+                        "parallax or parallax-decode followed by ';probe=NAME[:p=v,...]'")
+    c.add_argument("--op", default="lla", metavar="OPERATOR",
+                   help="the operator the case and implementation are of: lla, parallax, lla-decode or "
+                        "parallax-decode (default: lla; registry/operators.py)")
+    c.add_argument("--impl", default=None, help="implementation, a built-in of the operator or MODULE:CALLABLE "
+                   "(default: triton; parallax-triton, lla-decode-triton, parallax-decode-triton for the others)")
     c.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    c.add_argument("--backward", action="store_true", help="also check gradients (budget.check_backward)")
+    c.add_argument("--backward", action="store_true", help="also check gradients (budget.check_backward; "
+                   "budget.parallax.check_parallax_backward with --op parallax)")
     add_cell_timeout_arg(c)
     c.set_defaults(func=usage_errors_to_exit(_check_main))

@@ -202,3 +202,62 @@ PARALLAX_MUTANTS = {
     "px_dropped_nu": px_dropped_nu,
     "px_unmasked_correction": px_unmasked_correction,
 }
+
+
+# ---------------------------------------------------------------- decode
+# Planted bugs of a decode kernel, each a variation of the float64 decode references
+# (oracles/decode.py), following the decode protocols of registry/operators.py:
+#
+#     lla-verify check --op lla-decode --case SPEC --impl lla_verify.testing.mutants:dec_stale_length
+
+
+def _shorter(lengths):
+    return torch.clamp(lengths - 1, min=1)
+
+
+def _stale(lengths):
+    """The last sequence of the batch keeps the length it had before its last append."""
+    lengths = lengths.clone()
+    lengths[-1:] = _shorter(lengths[-1:])
+    return lengths
+
+
+def dec_off_by_one_length(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
+    """LLA decode over positions 0..lengths-2: the query's own key and value dropped."""
+    from lla_verify.oracles.decode import lla_decode_reference
+
+    return lla_decode_reference(q, k_cache, v_cache, _shorter(lengths), ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+
+
+def dec_stale_length(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
+    """LLA decode with a stale length for the batch's last sequence."""
+    from lla_verify.oracles.decode import lla_decode_reference
+
+    return lla_decode_reference(q, k_cache, v_cache, _stale(lengths), ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+
+
+def pxdec_off_by_one_length(q, r, k_cache, v_cache, lengths, *, qk_scale=None):
+    """Parallax decode over positions 0..lengths-2."""
+    from lla_verify.oracles.decode import parallax_decode_reference
+
+    return parallax_decode_reference(q, r, k_cache, v_cache, _shorter(lengths), qk_scale=qk_scale)
+
+
+def pxdec_stale_length(q, r, k_cache, v_cache, lengths, *, qk_scale=None):
+    """Parallax decode with a stale length for the batch's last sequence."""
+    from lla_verify.oracles.decode import parallax_decode_reference
+
+    return parallax_decode_reference(q, r, k_cache, v_cache, _stale(lengths), qk_scale=qk_scale)
+
+
+def pxdec_dropped_nu(q, r, k_cache, v_cache, lengths, *, qk_scale=None):
+    """Parallax decode returning -C r: the softmax term nu dropped."""
+    from lla_verify.oracles.decode import parallax_decode_reference
+
+    o = parallax_decode_reference(q, r, k_cache, v_cache, lengths, qk_scale=qk_scale)
+    return o - parallax_decode_reference(q, torch.zeros_like(r), k_cache, v_cache, lengths, qk_scale=qk_scale)
+
+
+DECODE_MUTANTS = {"dec_off_by_one_length": dec_off_by_one_length, "dec_stale_length": dec_stale_length}
+PARALLAX_DECODE_MUTANTS = {"pxdec_off_by_one_length": pxdec_off_by_one_length,
+                           "pxdec_stale_length": pxdec_stale_length, "pxdec_dropped_nu": pxdec_dropped_nu}
