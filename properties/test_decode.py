@@ -5,7 +5,8 @@ For LLA (kernels/lla_decode) and Parallax (kernels/parallax_decode), on every ca
 cache tails NaN-poisoned) and judged row by row by the forward's budget
 (lla_verify.testing.decode says which). Split sizes, ragged batches and token-by-token
 appends are drawn too. Draws shrink towards the easy problem: the gaussian family, its
-easy parameters, small S, fp32, one split of 16, the probe r = 0 and no key offset.
+easy parameters, small S, fp32, a split of one tile, the probe r = 0 and no key offset.
+Splits are multiples of the packages' active tile (16 interpreted, 64 compiled).
 
 These properties call the two kernels directly (split sizes, ragged batches and appends
 are theirs to draw); ``lla-verify check --op lla-decode|parallax-decode`` and the audit
@@ -14,6 +15,7 @@ reach them, and any other decode implementation, through registry/operators.py.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 
@@ -44,17 +46,23 @@ pytestmark = [
 ]
 
 if DEVICE is not None:
+    import lla_decode as _lla_pkg
+    import parallax_decode as _px_pkg
     from lla_decode import DEFAULT_CG_TOL, lla_decode
     from parallax_decode import parallax_decode
 
     # the budget record: fp32 compute, its solver term at the CG tolerance lla_decode stops at
     IMPL = replace(triton_impl(), name="lla_decode", solver_tol=DEFAULT_CG_TOL)
+    # a split both packages accept: a multiple of each one's tile
+    TILE = math.lcm(_lla_pkg.tile_size(), _px_pkg.tile_size())
+else:
+    TILE = 16
 ON_GPU = DEVICE == "cuda"
 SEQ = (1, 40) if not ON_GPU else (1, 300)
 DIMS = (16,) if not ON_GPU else (16, 32, 64, 128)
 DTYPES = ("float32", "bfloat16", "float16")
-# the interpreter's tile is 16: splits of one, two and three tiles
-SPLITS = st.sampled_from([16, 32, 48]) if not ON_GPU else st.sampled_from([64, 128, 256])
+# splits of one, two and three tiles (four on the GPU, whose SEQ reaches further)
+SPLITS = st.sampled_from([m * TILE for m in ((1, 2, 3) if not ON_GPU else (1, 2, 4))])
 
 
 def _cases(**kw):
@@ -82,7 +90,7 @@ def _with_key_offset(p: Problem, offset: float, seed: int) -> Problem:
 
 @settings(max_examples=suite.examples(0.4))
 @given(case=_cases(), split=SPLITS)
-@example(case=Case("gaussian", {}, S=1, D=16), split=16)
+@example(case=Case("gaussian", {}, S=1, D=16), split=TILE)
 def test_lla_decode_is_the_forward_row(case, split):
     p = case.build(DEVICE)
     o, st_ = decode_lla_every_position(p, lla_decode, split=split)
@@ -127,12 +135,13 @@ def test_ragged_batch_decode(case, split, data):
 
 
 @settings(max_examples=suite.examples(0.2))
-@given(case=_cases(seq=(1, 16)), data=st.data())
+@given(case=_cases(seq=(1, TILE)), data=st.data())
 def test_token_by_token_reproduces_the_forward(case, data):
-    """Appending k_t, v_t to a cache (NaN beyond what was written) and decoding each step."""
+    """Appending k_t, v_t to a cache (NaN beyond what was written) and decoding each step:
+    up to one tile of tokens, in a cache of up to 2.25 tiles split by the tile."""
     p = case.build(DEVICE)
     B, H, S, D = p.q.shape
-    T_max = S + data.draw(st.integers(0, 20), label="spare cache positions")
+    T_max = S + data.draw(st.integers(0, 20 * TILE // 16), label="spare cache positions")
     r = data.draw(probes(p)).to(DEVICE)
     lam = p.lam_tensor.to(DEVICE).to(torch.float32)
     kc = torch.full((B, H, T_max, D), float("nan"), dtype=p.k.dtype, device=DEVICE)
@@ -141,8 +150,9 @@ def test_token_by_token_reproduces_the_forward(case, data):
     for t in range(S):
         kc[:, :, t], vc[:, :, t] = p.k[:, :, t], p.v[:, :, t]
         lens = torch.full((B,), t + 1, dtype=torch.int64, device=DEVICE)
-        o_l.append(lla_decode(p.q[:, :, t], kc, vc, lens, ridge_lambda=lam[:, :, t], qk_scale=p.qk_scale, split=16))
-        o_p.append(parallax_decode(p.q[:, :, t], r[:, :, t], kc, vc, lens, qk_scale=p.qk_scale, split=16))
+        o_l.append(lla_decode(p.q[:, :, t], kc, vc, lens, ridge_lambda=lam[:, :, t], qk_scale=p.qk_scale,
+                              split=TILE))
+        o_p.append(parallax_decode(p.q[:, :, t], r[:, :, t], kc, vc, lens, qk_scale=p.qk_scale, split=TILE))
     assert_within_budget(check_forward(p, IMPL, torch.stack(o_l, 2)))
     ratio, msg = check_parallax(p.q, p.k, p.v, r, torch.stack(o_p, 2), qk_scale=p.qk_scale)
     assert ratio <= THRESHOLD, msg

@@ -6,7 +6,10 @@ inputs, within that row's budget: LLA by the forward kernels' own rule
 same-precision dense rule), Parallax by the same rule on its oracle
 (``lla_verify.testing.decode.check_parallax``). Cache positions a sequence does not use are
 NaN-poisoned throughout. Runs on CPU through the Triton interpreter at small sizes
-(S <= 48, D = 16), compiled on a CUDA device.
+(S <= 48, D = 16), compiled on a CUDA device. Split sizes, and the sequence and cache
+lengths that place positions in splits, are written for the interpreter's tile of 16 and
+scaled by ``_n`` to the packages' active tile (64 compiled), so each case keeps its split
+pattern (e.g. three splits, the last one partial) on both.
 
 The planted bugs at the end (an off-by-one length, a combine that forgets to rescale, a
 stale length for one sequence of a batch) must each fail the same checks.
@@ -14,6 +17,7 @@ stale length for one sequence of a batch) must each fail the same checks.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 
@@ -45,12 +49,23 @@ pytestmark = [
 ]
 
 if DEVICE is not None:
+    import lla_decode as _lla_pkg
+    import parallax_decode as _px_pkg
     from lla_decode import DEFAULT_CG_TOL, lla_decode, lla_decode_stages
     from parallax_decode import parallax_decode, parallax_decode_partials
 
     # the budget record: fp32 compute, its solver term at the CG tolerance lla_decode stops at
     IMPL = replace(triton_impl(), name="lla_decode", solver_tol=DEFAULT_CG_TOL)
+    # a split both packages accept: a multiple of each one's tile
+    TILE = math.lcm(_lla_pkg.tile_size(), _px_pkg.tile_size())
+else:
+    TILE = 16
 U_C = unit_roundoff(torch.float32)
+
+
+def _n(size: int) -> int:
+    """A split, sequence or cache length written for a tile of 16, at the active tile."""
+    return size * TILE // 16
 
 
 def _problem(family, params, S, dtype="float32", *, B=1, H=2, D=16, seed=0) -> Problem:
@@ -76,20 +91,22 @@ def _judge_parallax(p: Problem, r, fn=None, **kw):
 
 # ------------------------------------------------------------------------- every position
 # S = 45 with split 16: three splits, the last one partial; split 48: one split; D = 16 but for one case at D = 32
+# (S and split through _n: the same pattern at the active tile)
 LLA_CASES = [
-    pytest.param("gaussian", {"lam": 0.1}, 45, "float32", 16, 16, id="fp32-lam0.1-S45-split16"),
-    pytest.param("gaussian", {"lam": 0.1}, 45, "float32", 48, 16, id="fp32-lam0.1-S45-split48"),
-    pytest.param("gaussian", {"lam": 1e-3}, 40, "float32", 32, 16, id="fp32-lam1e-3-S40-split32"),
-    pytest.param("gaussian", {"lam": 0.1}, 33, "bfloat16", 16, 16, id="bf16-lam0.1-S33"),
-    pytest.param("gaussian", {"lam": 1.0}, 30, "float16", 16, 16, id="fp16-lam1-S30"),
-    pytest.param("offset", {"offset": 100.0, "lam": 0.1}, 40, "float32", 16, 16, id="fp32-offset100"),
-    pytest.param("spectrum", {"kappa": 1e3}, 40, "float32", 16, 16, id="fp32-spectrum1e3"),
-    pytest.param("lambda_decades", {"decades": 3.0}, 40, "float16", 16, 16, id="fp16-per-query-lambda"),
-    pytest.param("early", {"lam": 1e-6}, 30, "float32", 16, 16, id="fp32-early-lam1e-6"),
-    pytest.param("bandwidth", {"scale": 0.0}, 20, "float32", 16, 16, id="fp32-scale0"),
-    pytest.param("gaussian", {"lam": 0.1}, 17, "bfloat16", 16, 32, id="bf16-S17-D32"),
-    # found by properties/test_decode.py: kappa 2.6e8, where CG on an fp32 Sigma stalled (ratio 4.6)
-    pytest.param("subspace", {"lam": 1e-8, "noise": 1e-4, "rank": 2}, 9, "float32", 16, 16,
+    pytest.param("gaussian", {"lam": 0.1}, _n(45), "float32", _n(16), 16, id="fp32-lam0.1-S45-split16"),
+    pytest.param("gaussian", {"lam": 0.1}, _n(45), "float32", _n(48), 16, id="fp32-lam0.1-S45-split48"),
+    pytest.param("gaussian", {"lam": 1e-3}, _n(40), "float32", _n(32), 16, id="fp32-lam1e-3-S40-split32"),
+    pytest.param("gaussian", {"lam": 0.1}, _n(33), "bfloat16", _n(16), 16, id="bf16-lam0.1-S33"),
+    pytest.param("gaussian", {"lam": 1.0}, _n(30), "float16", _n(16), 16, id="fp16-lam1-S30"),
+    pytest.param("offset", {"offset": 100.0, "lam": 0.1}, _n(40), "float32", _n(16), 16, id="fp32-offset100"),
+    pytest.param("spectrum", {"kappa": 1e3}, _n(40), "float32", _n(16), 16, id="fp32-spectrum1e3"),
+    pytest.param("lambda_decades", {"decades": 3.0}, _n(40), "float16", _n(16), 16, id="fp16-per-query-lambda"),
+    pytest.param("early", {"lam": 1e-6}, _n(30), "float32", _n(16), 16, id="fp32-early-lam1e-6"),
+    pytest.param("bandwidth", {"scale": 0.0}, _n(20), "float32", _n(16), 16, id="fp32-scale0"),
+    pytest.param("gaussian", {"lam": 0.1}, _n(17), "bfloat16", _n(16), 32, id="bf16-S17-D32"),
+    # found by properties/test_decode.py: kappa 2.6e8, where CG on an fp32 Sigma stalled (ratio 4.6);
+    # S stays the problem found (one split, one partial tile at either tile)
+    pytest.param("subspace", {"lam": 1e-8, "noise": 1e-4, "rank": 2}, 9, "float32", _n(16), 16,
                  id="fp32-subspace-lam1e-8-kappa3e8"),
 ]
 
@@ -108,20 +125,20 @@ def _wide_values(p: Problem, Dv: int) -> Problem:
 
 def test_value_width_other_than_the_key_width():
     """Dv = 32 over D = 16 keys: both kernels, every position."""
-    p = _wide_values(_problem("gaussian", {"lam": 0.1}, 20), 32)
-    assert_within_budget(_judge_lla(p, split=16))
-    ratio, msg = _judge_parallax(p, _probe(p), split=16)
+    p = _wide_values(_problem("gaussian", {"lam": 0.1}, _n(20)), 32)
+    assert_within_budget(_judge_lla(p, split=_n(16)))
+    ratio, msg = _judge_parallax(p, _probe(p), split=_n(16))
     assert ratio <= THRESHOLD, msg
 
 
 PARALLAX_CASES = [
-    pytest.param("gaussian", {}, 45, "float32", 16, 1.0, id="fp32-S45-split16"),
-    pytest.param("gaussian", {}, 45, "float32", 48, 1.0, id="fp32-S45-split48"),
-    pytest.param("gaussian", {}, 33, "bfloat16", 16, 1.0, id="bf16-S33"),
-    pytest.param("gaussian", {}, 30, "float16", 32, 1.0, id="fp16-S30-split32"),
-    pytest.param("gaussian", {}, 30, "float32", 16, 0.0, id="fp32-r0-softmax"),
-    pytest.param("offset", {"offset": 100.0}, 40, "float32", 16, 1.0, id="fp32-offset100"),
-    pytest.param("large_norm", {"factor": 30.0}, 30, "float32", 16, 1.0, id="fp32-large-norm30"),
+    pytest.param("gaussian", {}, _n(45), "float32", _n(16), 1.0, id="fp32-S45-split16"),
+    pytest.param("gaussian", {}, _n(45), "float32", _n(48), 1.0, id="fp32-S45-split48"),
+    pytest.param("gaussian", {}, _n(33), "bfloat16", _n(16), 1.0, id="bf16-S33"),
+    pytest.param("gaussian", {}, _n(30), "float16", _n(32), 1.0, id="fp16-S30-split32"),
+    pytest.param("gaussian", {}, _n(30), "float32", _n(16), 0.0, id="fp32-r0-softmax"),
+    pytest.param("offset", {"offset": 100.0}, _n(40), "float32", _n(16), 1.0, id="fp32-offset100"),
+    pytest.param("large_norm", {"factor": 30.0}, _n(30), "float32", _n(16), 1.0, id="fp32-large-norm30"),
 ]
 
 
@@ -135,21 +152,21 @@ def test_parallax_decode_every_position_is_the_forward_row(family, params, S, dt
 @pytest.mark.parametrize("offset", [1e3, 1e4])
 def test_parallax_decode_under_a_large_common_key_offset(offset):
     """k + offset c: the moments cancel the offset before any product (docs/decode.md)."""
-    p = _problem("gaussian", {}, 40, "float32", seed=2)
+    p = _problem("gaussian", {}, _n(40), "float32", seed=2)
     gen = torch.Generator().manual_seed(4)
     c = torch.randn(p.q.shape[-1], generator=gen, dtype=torch.float64)
     k = (p.k.double() + offset * c / c.norm()).to(p.k.dtype)
     p2 = Problem(p.case, p.q, k, p.v, p.ridge_lambda, p.qk_scale)
-    ratio, msg = _judge_parallax(p2, _probe(p2, size=2.0), split=16)
+    ratio, msg = _judge_parallax(p2, _probe(p2, size=2.0), split=_n(16))
     assert ratio <= THRESHOLD, msg
 
 
 # ------------------------------------------------------------------------- ragged batches
-LENGTHS = [45, 1, 20]  # none a multiple of the split (16), one a first token
+LENGTHS = [_n(45), 1, _n(20)]  # none a multiple of the split (_n(16)), one a first token
 
 
 def _ragged(dtype="float32"):
-    p = _problem("gaussian", {"lam": 0.1}, 48, dtype, B=len(LENGTHS))
+    p = _problem("gaussian", {"lam": 0.1}, _n(48), dtype, B=len(LENGTHS))
     lens = torch.tensor(LENGTHS, device=DEVICE)
     t = lens - 1
     b = torch.arange(len(LENGTHS), device=DEVICE)
@@ -162,7 +179,7 @@ def test_lla_decode_ragged_batch(dtype):
     q = p.q[b, :, t]
     lam = p.lam_tensor[b, :, t].to(torch.float32)
     o = lla_decode(q, poison_past(p.k, lens), poison_past(p.v, lens), lens, ridge_lambda=lam, qk_scale=p.qk_scale,
-                   split=16)
+                   split=_n(16))
     fb = forward_budget(p, IMPL)
     err = (o.double() - fb.details.o[b, :, t]).norm(dim=-1)
     ratio = err / fb.allowed[b, :, t]
@@ -174,7 +191,7 @@ def test_parallax_decode_ragged_batch(dtype):
     p, lens, b, t = _ragged(dtype)
     r = _probe(p)
     o = parallax_decode(p.q[b, :, t], r[b, :, t], poison_past(p.k, lens), poison_past(p.v, lens), lens,
-                        qk_scale=p.qk_scale, split=16)
+                        qk_scale=p.qk_scale, split=_n(16))
     ref, allowed, _ = parallax_allowed(p.q, p.k, p.v, r, qk_scale=p.qk_scale, out_dtype=o.dtype)
     ratio = (o.double() - ref[b, :, t]).norm(dim=-1) / allowed[b, :, t]
     assert bool((ratio <= THRESHOLD).all()), f"ragged Parallax decode: ratios {ratio.tolist()} (lengths {LENGTHS})"
@@ -204,7 +221,7 @@ def test_decode_oracles_are_the_forward_rows():
 def test_first_token_is_v0(dtype):
     """lengths = 1: LLA returns v_0 to rounding (one key: the regression interpolates it);
     Parallax returns v_0 exactly (every centred moment is 0)."""
-    p = _problem("gaussian", {"lam": 0.1}, 16, dtype, B=2)
+    p = _problem("gaussian", {"lam": 0.1}, _n(16), dtype, B=2)
     lens = torch.ones(2, dtype=torch.int64, device=DEVICE)
     kc, vc = poison_past(p.k, lens), poison_past(p.v, lens)
     v0 = p.v[:, :, 0].double()
@@ -230,18 +247,18 @@ def _step(p: Problem, T_max: int, call):
 
 
 def test_lla_token_by_token_reproduces_the_forward():
-    p = _problem("gaussian", {"lam": 0.1}, 20, B=2, seed=5)
+    p = _problem("gaussian", {"lam": 0.1}, _n(20), B=2, seed=5)
     lam = p.lam_tensor.to(torch.float32)
-    o = _step(p, 24, lambda t, kc, vc, lens: lla_decode(p.q[:, :, t], kc, vc, lens, ridge_lambda=lam[:, :, t],
-                                                        qk_scale=p.qk_scale, split=16))
+    o = _step(p, _n(24), lambda t, kc, vc, lens: lla_decode(p.q[:, :, t], kc, vc, lens, ridge_lambda=lam[:, :, t],
+                                                            qk_scale=p.qk_scale, split=_n(16)))
     assert_within_budget(check_forward(p, IMPL, o))
 
 
 def test_parallax_token_by_token_reproduces_the_forward():
-    p = _problem("gaussian", {}, 20, "bfloat16", B=2, seed=5)
+    p = _problem("gaussian", {}, _n(20), "bfloat16", B=2, seed=5)
     r = _probe(p)
-    o = _step(p, 24, lambda t, kc, vc, lens: parallax_decode(p.q[:, :, t], r[:, :, t], kc, vc, lens,
-                                                             qk_scale=p.qk_scale, split=16))
+    o = _step(p, _n(24), lambda t, kc, vc, lens: parallax_decode(p.q[:, :, t], r[:, :, t], kc, vc, lens,
+                                                                 qk_scale=p.qk_scale, split=_n(16)))
     ratio, msg = check_parallax(p.q, p.k, p.v, r, o, qk_scale=p.qk_scale)
     assert ratio <= THRESHOLD, msg
 
@@ -249,8 +266,8 @@ def test_parallax_token_by_token_reproduces_the_forward():
 # ------------------------------------------------------------------------- grouped heads
 def _grouped(dtype="float32"):
     """H = 4 query heads over H_kv = 2 key-value heads; the forward sees the kv heads repeated."""
-    kv = _problem("gaussian", {"lam": 0.1}, 40, dtype, H=2, seed=6)
-    qs = _problem("gaussian", {"lam": 0.1}, 40, dtype, H=4, seed=7)
+    kv = _problem("gaussian", {"lam": 0.1}, _n(40), dtype, H=2, seed=6)
+    qs = _problem("gaussian", {"lam": 0.1}, _n(40), dtype, H=4, seed=7)
     full = Problem(qs.case, qs.q, kv.k.repeat_interleave(2, 1), kv.v.repeat_interleave(2, 1), 0.1, qs.qk_scale)
     return full, kv.k, kv.v
 
@@ -262,7 +279,7 @@ def _every_position_grouped(p, k, v):
 def test_lla_decode_grouped_query_heads():
     p, k, v = _grouped()
     qd, kc, vc, lens, _ = _every_position_grouped(p, k, v)
-    o = lla_decode(qd, kc, vc, lens, ridge_lambda=0.1, qk_scale=p.qk_scale, split=16)
+    o = lla_decode(qd, kc, vc, lens, ridge_lambda=0.1, qk_scale=p.qk_scale, split=_n(16))
     B, H, S, _ = p.q.shape
     assert_within_budget(check_forward(p, IMPL, o.reshape(B, S, H, -1).transpose(1, 2)))
 
@@ -272,7 +289,7 @@ def test_parallax_decode_grouped_query_heads():
     r = _probe(p)
     qd, kc, vc, lens, _ = _every_position_grouped(p, k, v)
     rd = r.transpose(1, 2).reshape(qd.shape)
-    o = parallax_decode(qd, rd, kc, vc, lens, qk_scale=p.qk_scale, split=16)
+    o = parallax_decode(qd, rd, kc, vc, lens, qk_scale=p.qk_scale, split=_n(16))
     B, H, S, _ = p.q.shape
     ratio, msg = check_parallax(p.q, p.k, p.v, r, o.reshape(B, S, H, -1).transpose(1, 2), qk_scale=p.qk_scale)
     assert ratio <= THRESHOLD, msg
@@ -280,8 +297,8 @@ def test_parallax_decode_grouped_query_heads():
 
 # ------------------------------------------------------------------------- statistics
 def test_lla_decode_statistics():
-    p = _problem("spectrum", {"kappa": 1e3}, 40)
-    o, st = decode_lla_every_position(p, lla_decode, split=16)
+    p = _problem("spectrum", {"kappa": 1e3}, _n(40))
+    o, st = decode_lla_every_position(p, lla_decode, split=_n(16))
     D = p.q.shape[-1]
     assert set(st) == {"cg_iters", "cg_residual", "omega", "delta", "fallback"}
     assert st["cg_iters"].dtype == torch.int32 and st["cg_iters"].shape == p.q.shape[:-1]
@@ -293,7 +310,7 @@ def test_lla_decode_statistics():
     assert torch.allclose(st["omega"].double(), d.omega, rtol=1e-5, atol=0)
     assert torch.allclose(st["delta"].double() / st["omega"].double(), d.delta / d.omega, rtol=1e-3, atol=1e-6)
     # no iteration: rho = 0, the true residual is ||mu|| / ||mu|| = 1
-    _, st0 = decode_lla_every_position(p, lla_decode, split=16, cg_max_iters=0)
+    _, st0 = decode_lla_every_position(p, lla_decode, split=_n(16), cg_max_iters=0)
     assert bool((st0["cg_iters"] == 0).all()) and bool((st0["cg_residual"] == 1.0).all())
 
 
@@ -370,6 +387,21 @@ def test_bad_option_is_named(kw, match):
         lla_decode(q, k, v, lens, **kw)
 
 
+@pytest.mark.parametrize("pkg", ["lla_decode", "parallax_decode"])
+def test_tile_size_is_the_split_granule(pkg):
+    """tile_size() names the splits the package accepts: one tile runs, half a tile and a
+    tile and a half are refused."""
+    q, k, v, lens = _args(T=_n(40))
+    mod = _lla_pkg if pkg == "lla_decode" else _px_pkg
+    tile = mod.tile_size()
+    call = ((lambda split: lla_decode(q, k, v, lens, ridge_lambda=0.1, split=split)) if pkg == "lla_decode"
+            else (lambda split: parallax_decode(q, q, k, v, lens, split=split)))
+    assert torch.isfinite(call(tile)).all()
+    for bad in (tile // 2, tile + tile // 2):
+        with pytest.raises(LLAInputError, match=f"split: expected None or a positive multiple of the tile {tile}"):
+            call(bad)
+
+
 def test_bad_probe_is_named():
     q, k, v, lens = _args()
     with pytest.raises(LLAInputError, match="r: expected the shape of q"):
@@ -442,13 +474,13 @@ PARALLAX_MUTANTS = {"off-by-one-length": parallax_off_by_one, "stale-length": pa
 
 @pytest.mark.parametrize("name", list(LLA_MUTANTS))
 def test_lla_planted_bug_is_caught(name):
-    p = _problem("gaussian", {"lam": 0.1}, 40)
-    v = _judge_lla(p, LLA_MUTANTS[name], planted=f"lla_decode {name}", split=16)
+    p = _problem("gaussian", {"lam": 0.1}, _n(40))
+    v = _judge_lla(p, LLA_MUTANTS[name], planted=f"lla_decode {name}", split=_n(16))
     assert not v.passed, f"planted bug {name} passed the decode check: {v.message}"
 
 
 @pytest.mark.parametrize("name", list(PARALLAX_MUTANTS))
 def test_parallax_planted_bug_is_caught(name):
-    p = _problem("gaussian", {}, 40)
-    ratio, msg = _judge_parallax(p, _probe(p), PARALLAX_MUTANTS[name], split=16)
+    p = _problem("gaussian", {}, _n(40))
+    ratio, msg = _judge_parallax(p, _probe(p), PARALLAX_MUTANTS[name], split=_n(16))
     assert ratio > THRESHOLD, f"planted bug {name} passed the decode check: {msg}"

@@ -38,7 +38,7 @@ from lla_contract import (LLAInputError, check_cache, check_delta_eps, check_lam
 
 __all__ = ["lla_decode", "lla_decode_stages", "LLAInputError", "DEFAULT_CG_TOL", "DEFAULT_DELTA_EPS",
            "CG_ITERS_PER_DIM", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "BLOCK_N",
-           "INTERPRETED_BLOCK_N"]
+           "INTERPRETED_BLOCK_N", "tile_size"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # D and Dv: powers of two (tl.arange needs them)
@@ -67,6 +67,12 @@ def _accepts_cpu() -> bool:
 
 def _block_n() -> int:
     return INTERPRETED_BLOCK_N if _interpreting() else BLOCK_N
+
+
+def tile_size() -> int:
+    """Cache positions per tile in this process (BLOCK_N, or INTERPRETED_BLOCK_N under the
+    interpreter): a ``split`` must be a positive multiple of it."""
+    return _block_n()
 
 
 def choose_split(t_max: int, n_heads: int, block_n: int) -> int:
@@ -135,6 +141,12 @@ def _lla_split_kernel(Q, K, V, LENS, M_S, OM_S, MU_S, SIG_S, H, G, T, n_splits, 
         m_new = tl.maximum(m_i, tl.max(a, 0))
         alpha = tl.exp(m_i - m_new)
         w = tl.exp(a - m_new)
+        # an identity (a sum over a unit axis) that Triton 3.6 needs: it sizes an fp64 dot
+        # operand's register layout by the narrowest load its operand traces back to through
+        # elementwise ops, and for a 16-bit cache picks one its fp64 MMA lowering rejects
+        # (MMAv2.cpp "fp64 don't support largeK MMA"). A reduction ends that trace, so z
+        # counts as fp32 as with an fp32 cache; the values are unchanged.
+        z = tl.sum(z[:, :, None], 2)
         wz = w[:, None] * z
         omega = omega * alpha + tl.sum(w, 0)
         mu = mu * alpha + tl.sum(wz, 0)

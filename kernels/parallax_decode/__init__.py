@@ -34,7 +34,7 @@ import triton.language as tl
 from lla_contract import LLAInputError, check_cache, check_probe, check_scale
 
 __all__ = ["parallax_decode", "parallax_decode_partials", "parallax_decode_combine", "LLAInputError",
-           "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "BLOCK_N", "INTERPRETED_BLOCK_N"]
+           "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "BLOCK_N", "INTERPRETED_BLOCK_N", "tile_size"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # D and Dv: powers of two (tl.arange needs them)
@@ -61,6 +61,12 @@ def _accepts_cpu() -> bool:
 
 def _block_n() -> int:
     return INTERPRETED_BLOCK_N if _interpreting() else BLOCK_N
+
+
+def tile_size() -> int:
+    """Cache positions per tile in this process (BLOCK_N, or INTERPRETED_BLOCK_N under the
+    interpreter): a ``split`` must be a positive multiple of it."""
+    return _block_n()
 
 
 def choose_split(t_max: int, n_heads: int, block_n: int) -> int:
