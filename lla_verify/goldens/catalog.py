@@ -188,6 +188,9 @@ CATALOG: tuple[Golden, ...] = (
         why="random probe, S not a multiple of any tile"),
     _px("px-small-eig-offset1e4-f32-S48-D16", "parallax", "small_eig", {"amp": 10.0}, "offset", {"offset": 1e4},
         48, 16, seed=46, why="large probe in the keys' thin directions at offset 1e4: centring decides the digits"),
+    _px("px-small-eig-large-norm1e2-f32-S48-D16", "parallax", "small_eig", {}, "large_norm", {"factor": 100.0},
+        48, 16, seed=50, why="large keys, probe along their flattest direction: the uncentred expansion's "
+                             "cancellation exceeds the budget"),
     _px("px-lla-spectrum-kappa1e6-f32-S40-D16", "parallax", "lla", {}, "spectrum", {"kappa": 1e6}, 40, 16, seed=47,
         why="the LLA probe on an ill-conditioned key spectrum: LLA's amplification carried by r"),
     _px("px-zero-spectrum-kappa1e6-bf16-S64-D32", "parallax", "zero", {}, "spectrum", {"kappa": 1e6}, 64, 32,
