@@ -102,11 +102,10 @@ def _compare_impls(args) -> dict:
 
 
 def _run_compare(args) -> int:
-    folder = Path(args.dir)
     from lla_verify.cliutil import UsageError, check_device
-
     from lla_verify.registry.operators import OPERATORS
 
+    folder = Path(args.dir)
     if args.op != "all" and args.op not in OPERATORS:
         return _usage(f"--op: unknown operator {args.op!r}; expected 'all' or one of {list(OPERATORS)}")
     try:
