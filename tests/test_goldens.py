@@ -733,3 +733,32 @@ def test_operator_in_manifest_and_file_must_match(tmp_path, capsys):
     _rewrite_embedded(folder / g.file, operator="lla-decode")
     assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", PXDEC]) == 1
     assert f"operator stored in {g.file} 'lla-decode' != operator of manifest entry" in capsys.readouterr().out
+
+
+# The Triton kernels of the other operators on goldens they take (D >= 16), through the
+# interpreter here: one Parallax and one decode golden each, bf16 and fp32.
+OP_KERNEL_GOLDENS = {
+    "parallax-triton": ("parallax", ["px-random-gaussian-bf16-S33-D16", PX_MEDIUM]),
+    "lla-decode-triton": ("lla-decode", [DEC, "dec-offset1e3-bf16-S33-D16"]),
+    "parallax-decode-triton": ("parallax-decode", [PXDEC, "pxdec-small-eig-offset1e3-bf16-S33-D16"]),
+}
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("kernel", list(OP_KERNEL_GOLDENS))
+def test_operator_kernels_match_their_goldens_within_budgets(kernel, capsys):
+    from lla_verify.cliutil import UsageError
+
+    op, names = OP_KERNEL_GOLDENS[kernel]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        from lla_verify.commands.audit import resolve_op_impl
+
+        impl = resolve_op_impl(op, kernel, device)
+    except UsageError as exc:
+        pytest.skip(str(exc))
+    code, results = gcompare.compare(gstore.DEFAULT_DIR, impl, device=device, only=names, op=op)
+    out = capsys.readouterr().out
+    assert [r.name for r in results] == names and not any(r.skipped for r in results), out
+    assert code == 0, out
+    assert out.strip().splitlines()[-1].startswith(f"0 of {3 * len(names)} checks over threshold"), out
