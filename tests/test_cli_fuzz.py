@@ -56,7 +56,7 @@ def no_long_work():
     with pytest.MonkeyPatch.context() as mp:
         for mod, name in ((audit, "run_audit"), (cg_study, "run_study"),
                           (hunt, "hill_climb"), (hunt, "random_search"), (bench, "_run"),
-                          (goldens, "regen"), (goldens, "check"), (goldens, "compare")):
+                          (goldens, "regen"), (goldens, "check"), (goldens, "compare_ops")):
             mp.setattr(mod, name, refuse)
         yield
 
@@ -299,6 +299,9 @@ HUNT = {
     "--device": (("cpu",), DEVICE_BAD),
     "--dtype": (("float32",), ("float8", "fp32")),
     "--out": (("{root}/hunt",), OUT_BAD),
+    "--op": (("lla",), ("nope", "", "LLA", "parallax-decoder")),
+    # the LLA operator has no probe: any --probe is refused with --op lla
+    "--probe": ((), ("zero", "all", "nope")),
 }
 
 
@@ -352,6 +355,10 @@ def test_goldens(data, files, capsys):
     else:
         table["--impl"] = (("torch-fp32",), IMPL_BAD)
         table["--device"] = (("cpu",), DEVICE_BAD)
+        table["--op"] = (("lla",), ("nope", "", "LLA"))
+        # the other operators' implementations: only with --op all, refused beside --op lla
+        table["--parallax-impl"] = ((), ("parallax-oracle", "nope"))
+        table["--decode-impl"] = ((), ("lla-decode-oracle",))
     argv, bad = options(table, files, data)
     if action == "regen" and "--force" in argv and "--check" not in argv:
         argv.append("--check")  # --force alone is valid: the pair is the usage error

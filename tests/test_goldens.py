@@ -25,7 +25,13 @@ SMALL = "gaussian-f32-S16-D4-H2"
 PERQ = "lambda-decades-perquery-f32-S16-D4"
 MEDIUM = "subspace-noise1e-4-bf16-S33-D16"
 LAM0 = "linear-values-lam0-f32-S16-D4"
-SUBSET = [SMALL, PERQ, MEDIUM, LAM0, "const-values-f16-S16-D4"]
+PX_SMALL = "px-small-eig-offset1e3-f32-S16-D4"
+PX_MEDIUM = "px-small-eig-large-norm1e2-f32-S48-D16"
+DEC = "dec-gaussian-f32-S7-D16-B2"
+DEC_FIRST = "dec-first-token-f32-S1-D16-B3"
+PXDEC = "pxdec-random-gaussian-f32-S7-D16-B2"
+SUBSET = [SMALL, PERQ, MEDIUM, LAM0, "const-values-f16-S16-D4", PX_SMALL, DEC, PXDEC]
+M = "lla_verify.testing.mutants:"
 
 
 def _copy_goldens(dst):
@@ -41,14 +47,16 @@ def _files(folder):
 def test_catalog_covers_every_family_dtype_and_limit():
     names = [g.name for g in gcat.CATALOG]
     assert len(names) == len(set(names))
-    assert {g.case.family for g in gcat.CATALOG} == set(FAMILIES)
-    assert {g.case.dtype for g in gcat.CATALOG} >= {"float32", "bfloat16", "float16"}
-    assert {g.variant for g in gcat.CATALOG} == set(gcat.VARIANTS)
-    assert any(g.case.S == 1 for g in gcat.CATALOG), "first token"
-    assert max(g.case.S for g in gcat.CATALOG) == 512 and max(g.case.D for g in gcat.CATALOG) == 64
+    lla = gcat.select(None, "lla")
+    assert {g.case.family for g in lla} == set(FAMILIES)
+    assert {g.case.dtype for g in lla} >= {"float32", "bfloat16", "float16"}
+    assert {g.variant for g in lla} == set(gcat.VARIANTS)
+    assert any(g.case.S == 1 for g in lla), "first token"
+    assert max(g.case.S for g in lla) == 512 and max(g.case.D for g in lla) == 64
     for g in gcat.CATALOG:
-        assert g.mp == (g.case.S <= gcat.MP_MAX_S and g.case.D <= gcat.MP_MAX_D), g.name
-        assert gcat.parse_golden_spec(g.spec) == (g.case, g.variant), g.name
+        small = g.base.S <= gcat.MP_MAX_S and g.base.D <= gcat.MP_MAX_D
+        assert g.mp == (small and g.op in ("lla", "parallax")), g.name
+        assert gcat.parse_golden_spec(g.spec, g.op) == (g.case, g.variant), g.name
     assert isinstance(gcat.build_problem(gcat.get_golden(PERQ)).ridge_lambda, torch.Tensor)
 
 
@@ -68,7 +76,8 @@ def test_files_on_disk_match_manifest_hashes():
     total = 0
     for e in man["cases"]:
         g = gcat.get_golden(e["name"])
-        assert e["spec"] == g.spec and e["seed"] == g.case.seed
+        assert e["spec"] == g.spec and e["seed"] == g.base.seed
+        assert gstore.entry_operator(e) == g.op and ("operator" in e) == (g.op != "lla")
         assert e["oracle"]["mp_dps"] == (gcat.MP_DPS if g.mp else None)
         path = gstore.DEFAULT_DIR / e["file"]
         total += path.stat().st_size
@@ -79,7 +88,7 @@ def test_files_on_disk_match_manifest_hashes():
             assert (gstore._dtype_name(t), list(t.shape)) == (meta["dtype"], meta["shape"]), (e["name"], key)
             assert gstore.array_hash(t) == meta["sha256"], (e["name"], key)
         assert ("o_mp" in arrays) == g.mp
-        assert str(arrays["q"].dtype) == f"torch.{g.case.dtype}"
+        assert str(arrays["q"].dtype) == f"torch.{g.base.dtype}"
     assert total < 4 * 2**20, f"goldens take {total / 2**20:.1f} MiB; keep them to a few MiB"
 
 
@@ -95,7 +104,7 @@ def test_oracle_reproduces_the_mp_values_to_float64_noise():
         if not g.mp:
             continue
         a = load_file(str(gstore.DEFAULT_DIR / g.file))
-        ok = ~a["undefined"]
+        ok = ~a["undefined"] if "undefined" in a else torch.ones(a["o"].shape[:-1], dtype=torch.bool)
         err = (a["o"] - a["o_mp"]).norm(dim=-1)[ok]
         assert float(err.max()) <= gcat.noise_tol(a) * float(a["o_mp"][ok].norm(dim=-1).max()), g.name
 
@@ -302,8 +311,9 @@ def test_usage_errors_exit_2(tmp_path, capsys):
 def test_compare_torch_fp32_passes(capsys):
     assert main(["goldens", "compare", "--impl", "torch-fp32"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == len(gcat.CATALOG) + 1
-    assert out[-1].startswith(f"0 of {3 * len(gcat.CATALOG)} checks over threshold, worst ratio ")
+    n = len(gcat.select(None, "lla"))  # --op lla, the default: the LLA goldens only
+    assert len(out) == n + 1
+    assert out[-1].startswith(f"0 of {3 * n} checks over threshold, worst ratio ")
 
 
 def _lla_no_omega(q, k, v, *, ridge_lambda, qk_scale=None):
@@ -540,3 +550,215 @@ def test_leftover_temporary_file_is_named_and_cleaned(tmp_path, capsys, monkeypa
     assert main(["goldens", "clean", "--dir", str(folder)]) == 0
     assert "0 temporary file(s) removed" in capsys.readouterr().out
     assert main(["goldens", "clean", "--dir", str(tmp_path / "absent")]) == 2
+
+
+# ------------------------------------------------------------------ Parallax and decode goldens (registry/operators.py)
+def test_catalog_has_goldens_of_every_operator():
+    from lla_verify.registry.operators import OPERATORS
+    from lla_verify.registry.parallax import ParallaxCase
+
+    assert {g.op for g in gcat.CATALOG} == set(OPERATORS)
+    px = gcat.select(None, "parallax")
+    assert {g.case.probe for g in px} >= {"zero", "random", "lla", "small_eig"}
+    assert {g.base.family for g in px} >= {"gaussian", "offset", "spectrum"}
+    assert {g.base.dtype for g in px} >= {"float32", "bfloat16"}
+    for op in ("lla-decode", "parallax-decode"):
+        dec = gcat.select(None, op)
+        assert len({g.base.family for g in dec}) >= 3, op
+        assert any(g.base.B > 1 for g in dec), f"{op}: a batch of problems"
+    assert any(g.base.S == 1 for g in gcat.select(None, "lla-decode")), "the first token alone"
+    for g in gcat.CATALOG:
+        assert isinstance(g.case, ParallaxCase) == g.op.startswith("parallax"), g.name
+        assert not g.variant or g.op == "lla", g.name
+    with pytest.raises(ValueError, match="for operator parallax"):
+        gcat.parse_golden_spec(gcat.get_golden(PX_SMALL).spec + "|v=const", "parallax")
+    with pytest.raises(ValueError, match="--only: golden 'gaussian-f32-S16-D4-H2' is of operator lla, not parallax"):
+        gcat.select([SMALL], "parallax")
+
+
+def test_decode_goldens_store_every_position_ragged_with_the_first_token():
+    for name in (DEC, PXDEC, DEC_FIRST):
+        g = gcat.get_golden(name)
+        a = _stored(name)
+        B, H, S, D = g.base.B, g.base.H, g.base.S, g.base.D
+        assert torch.equal(a["lengths"], torch.arange(1, S + 1).repeat(B)), name
+        assert tuple(a["k_cache"].shape) == (B * S, H, S, D) and tuple(a["o"].shape) == (B * S, H, D)
+        past = torch.arange(S)[None, :] >= a["lengths"][:, None]  # the cache past each length is NaN
+        assert bool(a["k_cache"].isnan().all(-1)[:, 0][past].all()) and not a["k_cache"][:, 0][~past].isnan().any()
+    # one key: o_0 = v_0 for every sequence, exactly
+    a = _stored(DEC_FIRST)
+    assert torch.equal(a["o"], a["v_cache"][:, :, 0].double())
+
+
+def test_operator_goldens_pin_what_their_oracles_say():
+    from lla_verify.oracles.float64 import lla_forward
+    from lla_verify.oracles.parallax import parallax_forward
+
+    # r = 0: softmax attention (mpmath reference)
+    a = _stored("px-zero-gaussian-f32-S16-D4")
+    sm = softmax_attention(a["q"], a["k"], a["v"], qk_scale=gcat.get_golden("px-zero-gaussian-f32-S16-D4").case.build().qk_scale)
+    assert _rel(a["o_mp"], sm) < 1e-13
+    # the exact LLA probe: Parallax equals LLA's output on the same inputs, but for the probe's
+    # rounding to float32 (the stored r is the case dtype's; a random probe is O(1) away)
+    g = gcat.get_golden("px-lla-gaussian-f32-S16-D4")
+    a, p = _stored(g.name), g.case.case.build()
+    assert _rel(a["o_mp"], lla_forward(a["q"], a["k"], a["v"], ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale)) < 1e-6
+    # a decode golden's rows are the forward's rows (float64 noise apart)
+    for name in (DEC, PXDEC):
+        g = gcat.get_golden(name)
+        p = g.case.build()
+        if g.op == "lla-decode":
+            fwd = lla_forward(p.q, p.k, p.v, ridge_lambda=gcat.decode_lambda(p), qk_scale=p.qk_scale)
+        else:
+            fwd = parallax_forward(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale)
+        assert _rel(_stored(name)["o"], gcat.flat_rows(fwd)) < 1e-13, name
+
+
+# the built-in correct implementations, and the planted bugs of lla_verify/testing/mutants.py
+# with a golden each fails on (docs/goldens.md)
+CORRECT = [("parallax", "parallax-dense"), ("parallax", "parallax-oracle"), ("lla-decode", "lla-decode-oracle"),
+           ("parallax-decode", "parallax-decode-oracle")]
+PLANTED = [
+    ("parallax", "px_uncentred", PX_MEDIUM),
+    ("parallax", "px_unnormalised_probe", PX_SMALL),
+    ("parallax", "px_dropped_nu", "px-zero-gaussian-f32-S16-D4"),
+    ("parallax", "px_unmasked_correction", PX_SMALL),
+    ("lla-decode", "dec_off_by_one_length", DEC),
+    ("lla-decode", "dec_stale_length", DEC),
+    ("parallax-decode", "pxdec_off_by_one_length", PXDEC),
+    ("parallax-decode", "pxdec_stale_length", PXDEC),
+    ("parallax-decode", "pxdec_dropped_nu", PXDEC),
+]
+
+
+def _op_impl(op, spec):
+    from lla_verify.commands.audit import resolve_op_impl
+
+    return resolve_op_impl(op, spec, "cpu")
+
+
+@pytest.mark.parametrize("op, impl", CORRECT, ids=[i for _, i in CORRECT])
+def test_correct_operator_implementations_pass_their_goldens(op, impl, capsys):
+    code, results = gcompare.compare(gstore.DEFAULT_DIR, _op_impl(op, impl), op=op, isolate=False)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert [r.name for r in results] == [g.name for g in gcat.select(None, op)]
+    assert not any(r.skipped for r in results)
+    for r in results:
+        assert set(r.checks) == {"oracle", "forward", "stored"} and max(r.checks.values()) <= 1.0, (r.name, r.checks)
+
+
+@pytest.mark.parametrize("op, mutant, golden", PLANTED, ids=[m for _, m, _ in PLANTED])
+def test_planted_bugs_fail_the_operator_goldens(op, mutant, golden, capsys):
+    code, results = gcompare.compare(gstore.DEFAULT_DIR, _op_impl(op, M + mutant), op=op, only=[golden],
+                                     isolate=False)
+    out = capsys.readouterr().out
+    r, = results
+    assert code == 1 and r.checks["forward"] > 1 and r.checks["stored"] > 1, out
+    assert r.checks["oracle"] <= 1.0  # the golden is fine; the implementation is not
+    assert f"{golden}  FAIL" in out
+
+
+def test_compare_op_cli_and_usage_errors(capsys):
+    only = ["first-token-f32-S1-D4", PX_SMALL, DEC_FIRST, PXDEC]
+    base = ["goldens", "compare", "--op", "all", "--impl", "torch-fp32", "--parallax-impl", "parallax-dense",
+            "--decode-impl", "lla-decode-oracle", "--parallax-decode-impl", "parallax-decode-oracle", "--only", *only]
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    for op in ("parallax", "lla-decode", "parallax-decode"):
+        assert f"== {op}: " in out
+    assert out.strip().splitlines()[-1].startswith("0 of 12 checks over threshold")
+    # one operator's planted bug fails the whole compare, in its section
+    bad = [a if a != "parallax-decode-oracle" else M + "pxdec_stale_length" for a in base]
+    assert main(bad) == 1
+    assert f"{PXDEC}  FAIL" in capsys.readouterr().out
+    assert main(["goldens", "compare", "--op", "parallax", "--impl", M + "px_dropped_nu", "--only", PX_SMALL]) == 1
+    capsys.readouterr()
+    for args, msg in [
+        (["--op", "nope", "--impl", "torch-fp32"], "--op: unknown operator 'nope'; expected 'all' or one of"),
+        (["--op", "parallax", "--impl", "torch-fp32"], "torch-fp32"),
+        (["--impl", "torch-fp32", "--parallax-impl", "parallax-dense"], "--parallax-impl: only with --op all"),
+        (["--op", "parallax", "--impl", "parallax-dense", "--only", SMALL], "is of operator lla, not parallax"),
+        (["--op", "all", "--impl", "torch-fp32", "--decode-impl", "nope"], "--decode-impl"),
+    ]:
+        assert main(["goldens", "compare", *args]) == 2, args
+        assert msg in capsys.readouterr().err, args
+
+
+def test_altered_operator_golden_is_caught(tmp_path, capsys):
+    folder = _copy_goldens(tmp_path / "g")
+    g = gcat.get_golden(PX_SMALL)
+    path = folder / g.file
+    arrays = load_file(str(path))
+    arrays["r"][0, 0, 3, 1] *= 2  # an input of the Parallax operator
+    save_file(arrays, str(path), metadata={"golden": json.dumps({"format": gstore.FORMAT, "name": g.name,
+                                                                 "spec": g.spec, "operator": "parallax"})})
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", PX_SMALL]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL {PX_SMALL}: hash mismatch in array r " in out and "inputs changed" in out
+    code, results = gcompare.compare(folder, _op_impl("parallax", "parallax-dense"), op="parallax", only=[PX_SMALL],
+                                     isolate=False)
+    assert code == 1 and "hash mismatch in ['r']" in results[0].notes
+    # a decode golden's stale length: the stored input no longer what the spec rebuilds
+    d = gcat.get_golden(DEC)
+    arrays = load_file(str(folder / d.file))
+    arrays["lengths"][-1] -= 1
+    save_file(arrays, str(folder / d.file))
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", DEC]) == 1
+    assert f"FAIL {DEC}: hash mismatch in array lengths " in capsys.readouterr().out
+
+
+def test_operator_in_manifest_and_file_must_match(tmp_path, capsys):
+    folder = _copy_goldens(tmp_path / "g")
+    g = gcat.get_golden(PXDEC)
+    # an entry without an operator is an LLA golden: here that contradicts the catalog and the file
+    man = json.loads((folder / gstore.MANIFEST).read_text())
+    for e in man["cases"]:
+        if e["name"] == PXDEC:
+            del e["operator"]
+    (folder / gstore.MANIFEST).write_text(json.dumps(man))
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", PXDEC]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL {PXDEC}: operator in manifest 'lla' != catalog 'parallax-decode'" in out
+    assert f"operator stored in {g.file} 'parallax-decode' != operator of manifest entry {PXDEC!r} 'lla'" in out
+    entry = next(e for e in gstore.load_manifest(folder)["cases"] if e["name"] == PXDEC)
+    res = gcompare.compare_one(g, folder, entry, _op_impl("parallax-decode", "parallax-decode-oracle"), "cpu")
+    assert res.checks == {"golden": float("inf")} and "operator in manifest 'lla' != catalog" in res.notes
+    # an operator nobody knows: the manifest is refused
+    _edit_manifest(folder, PXDEC, operator="softmax")
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", PXDEC]) == 1
+    assert "has operator 'softmax'; expected one of" in capsys.readouterr().out
+    # the file's own operator edited: named beside the manifest's
+    _edit_manifest(folder, PXDEC, operator="parallax-decode")
+    _rewrite_embedded(folder / g.file, operator="lla-decode")
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", PXDEC]) == 1
+    assert f"operator stored in {g.file} 'lla-decode' != operator of manifest entry" in capsys.readouterr().out
+
+
+# The Triton kernels of the other operators on goldens they take (D >= 16), through the
+# interpreter here: one Parallax and one decode golden each, bf16 and fp32.
+OP_KERNEL_GOLDENS = {
+    "parallax-triton": ("parallax", ["px-random-gaussian-bf16-S33-D16", PX_MEDIUM]),
+    "lla-decode-triton": ("lla-decode", [DEC, "dec-offset1e3-bf16-S33-D16"]),
+    "parallax-decode-triton": ("parallax-decode", [PXDEC, "pxdec-small-eig-offset1e3-bf16-S33-D16"]),
+}
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("kernel", list(OP_KERNEL_GOLDENS))
+def test_operator_kernels_match_their_goldens_within_budgets(kernel, capsys):
+    from lla_verify.cliutil import UsageError
+
+    op, names = OP_KERNEL_GOLDENS[kernel]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        from lla_verify.commands.audit import resolve_op_impl
+
+        impl = resolve_op_impl(op, kernel, device)
+    except UsageError as exc:
+        pytest.skip(str(exc))
+    code, results = gcompare.compare(gstore.DEFAULT_DIR, impl, device=device, only=names, op=op)
+    out = capsys.readouterr().out
+    assert [r.name for r in results] == names and not any(r.skipped for r in results), out
+    assert code == 0, out
+    assert out.strip().splitlines()[-1].startswith(f"0 of {3 * len(names)} checks over threshold"), out

@@ -110,3 +110,123 @@ def test_random_search_samples_the_same_space(family):
     res = hunt.random_search(obj, family, 3, np.random.default_rng(5))
     assert len(res.history) == 3
     assert all(e >= 0 for e in res.history)
+
+
+# ------------------------------------------------------------------ the other operators (registry/operators.py)
+M = "lla_verify.testing.mutants:"
+
+
+def _op_objective(op: str, spec: str, S: int = 9) -> hunt.Objective:
+    from lla_verify.commands.audit import resolve_op_impl
+
+    # in this process: the operator's check is the objective either way, and a worker's start
+    # would dominate these few evaluations (the CLI test below runs them isolated)
+    return hunt.Objective(resolve_op_impl(op, spec, "cpu"), "cpu", S=S, D=16, dtype="float32", op=op, isolate=False)
+
+
+def test_parallax_cases_span_the_family_and_the_probe_family():
+    from lla_verify.registry.operators import get_operator
+    from lla_verify.registry.parallax import PROBES, ParallaxCase
+
+    obj = _op_objective("parallax", "parallax-dense")
+    for probe, pf in PROBES.items():
+        space = hunt._space("offset", probe)
+        assert len(space) == len(get_family("offset").params) + len(pf.params)
+        for u in (np.zeros(len(space)), np.ones(len(space))):
+            case = obj.case("offset", u, 5, probe)
+            assert isinstance(case, ParallaxCase) and case.probe == probe
+            for p, x in zip(pf.params, u[len(get_family("offset").params):]):
+                assert case.probe_params[p.name] == hunt._from_unit(p, float(x))
+            assert get_operator("parallax").parse_case(case.spec()).spec() == case.spec()
+    assert hunt.label("offset", "lla") == "offset;probe=lla" and hunt.label("offset", None) == "offset"
+
+
+@pytest.mark.parametrize("op, mutant, family, probe", [
+    ("parallax", "px_dropped_nu", "gaussian", "random"),
+    ("parallax", "px_unmasked_correction", "offset", "small_eig"),
+    ("lla-decode", "dec_stale_length", "gaussian", None),
+    ("lla-decode", "dec_off_by_one_length", "spectrum", None),
+    ("parallax-decode", "pxdec_off_by_one_length", "gaussian", "random"),
+    ("parallax-decode", "pxdec_stale_length", "offset", "lla"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_a_short_hunt_finds_the_planted_operator_bug(op, mutant, family, probe):
+    obj = _op_objective(op, M + mutant)
+    res = hunt.hill_climb(obj, family, 4, np.random.default_rng(0), probe=probe)
+    assert res.best.ratio > THRESHOLD, res.best.message
+    assert res.best.cause == "implementation" and res.first_over() is not None
+    assert res.family == hunt.label(family, probe)
+
+
+@pytest.mark.parametrize("op, impl, family, probe", [
+    ("parallax", "parallax-dense", "offset", "small_eig"),
+    ("parallax", "parallax-dense", "spectrum", "lla"),
+    ("lla-decode", "lla-decode-oracle", "spectrum", None),
+    ("parallax-decode", "parallax-decode-oracle", "gaussian", "large"),
+])
+def test_correct_operator_implementations_stay_under_threshold(op, impl, family, probe):
+    obj = _op_objective(op, impl)
+    res = hunt.hill_climb(obj, family, 4, np.random.default_rng(2), probe=probe)
+    assert res.best.ratio <= THRESHOLD, res.best.message
+    assert res.first_over() is None and len(res.history) == 4
+
+
+def test_an_unbuildable_point_scores_zero_and_says_why(monkeypatch):
+    from dataclasses import replace
+
+    from lla_contract import LLAInputError
+    from lla_verify.registry import operators
+
+    obj = _op_objective("parallax", "parallax-dense")
+    case = obj.case("gaussian", np.zeros(len(hunt._space("gaussian", "zero"))), 0, "zero")
+
+    def refuse(case, device):
+        raise LLAInputError("parallax case: probe lla reaches |r| = 1e+06, beyond float16's range")
+
+    monkeypatch.setitem(operators.OPERATORS, "parallax", replace(operators.OPERATORS["parallax"], _build=refuse))
+    ratio, cause, message = hunt.evaluate(obj.impl, "cpu", case, "parallax")
+    assert (ratio, cause) == (0.0, hunt.UNBUILDABLE) and "beyond float16's range" in message
+
+
+def test_add_regression_records_the_operator(tmp_path):
+    from lla_verify.testing.regressions import pinned
+
+    path = tmp_path / "regressions.json"
+    obj = _op_objective("parallax", "parallax-dense")
+    px = obj.case("offset", np.zeros(len(hunt._space("offset", "random"))), 3, "random")
+    hunt.add_regression(px.case, "lla", path)
+    hunt.add_regression(px, "parallax", path, op="parallax")
+    hunt.add_regression(px.case, "decode: the same spec, another operator", path, op="lla-decode")
+    hunt.add_regression(px, "again", path, op="parallax")
+    data = json.loads(path.read_text())
+    assert [(d["spec"], d.get("op")) for d in data] == [(px.case.spec(), None), (px.spec(), "parallax"),
+                                                         (px.case.spec(), "lla-decode")]
+    assert [c.spec() for c in pinned("parallax", path=path)] == [px.spec()]
+    assert [c.spec() for c in pinned("lla", path=path)] == [px.case.spec()]
+    assert [c.spec() for c in pinned("lla-decode", path=path)] == [px.case.spec()]
+
+
+def test_cli_op_replay_and_usage_errors(tmp_path):
+    found = _cli("--op", "parallax", "--impl", M + "px_dropped_nu", "--family", "gaussian", "--probe", "random",
+                 "--evals", "3", "--seq", "9", "--head-dim", "16", "--device", "cpu", "--out", str(tmp_path / "p"),
+                 cwd=tmp_path)
+    assert found.returncode == 1, found.stdout + found.stderr
+    summary = json.loads((tmp_path / "p" / "hunt.json").read_text())
+    assert summary["op"] == "parallax" and summary["worst_ratio"] > THRESHOLD
+    assert summary["families"][0]["probe"] == "random" and ";probe=random" in summary["worst_case"]
+    assert summary["replay"].startswith(f"lla-verify check --op parallax --impl {M}px_dropped_nu --device cpu --case ")
+    assert "1 of 1 (family, probe) pairs over threshold" in found.stdout
+    replay = [sys.executable, "-m", "lla_verify.cli", "check", "--op", "parallax", "--impl", M + "px_dropped_nu",
+              "--device", "cpu", "--case", summary["worst_case"]]
+    again = subprocess.run(replay, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1, again.stdout + again.stderr
+    clean = _cli("--op", "lla-decode", "--impl", "lla-decode-oracle", "--family", "gaussian", "--evals", "2",
+                 "--seq", "5", "--head-dim", "16", "--device", "cpu", "--out", str(tmp_path / "d"), cwd=tmp_path)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "0 of 1 families over threshold" in clean.stdout
+    for args, msg in [(["--op", "nope"], "--op: unknown operator 'nope'"),
+                      (["--probe", "zero", "--impl", "torch-fp32"], "--probe: only with --op parallax"),
+                      (["--op", "parallax", "--probe", "nope", "--impl", "parallax-dense"], "--probe: unknown 'nope'"),
+                      (["--op", "parallax", "--impl", "torch-fp32"], "torch-fp32"),
+                      (["--op", "lla-decode", "--impl", "parallax-decode-oracle"], "parallax-decode-oracle")]:
+        bad = _cli(*args, "--device", "cpu", "--out", str(tmp_path / "x"), cwd=tmp_path)
+        assert bad.returncode == 2 and msg in bad.stderr, (args, bad.stderr)

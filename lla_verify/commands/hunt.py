@@ -1,13 +1,18 @@
 """``lla-verify hunt``: search each family's parameters for the input that
-maximises error / budget for one implementation.
+maximises error / budget for one implementation of one operator.
 
-The search space of a family is its parameters (cases.py: each with a range and
-a log or linear scale), mapped to the unit cube, plus the seed. The search is
+The operator (``--op``: lla, parallax, lla-decode, parallax-decode; registry/operators.py)
+fixes the case space, the implementation protocol and the check. The search space of a
+family is its parameters (cases.py: each with a range and a log or linear scale), mapped
+to the unit cube, plus the seed; for the Parallax operators the probe family's
+parameters (registry/parallax.py) are further coordinates of the same cube, and every
+(family, probe family) pair is searched. The search is
 random-restart hill climbing: from the easy point and from random points, move
 one step of a Gaussian in the unit cube (with a fresh seed now and then), keep the
 move if the ratio grew, halve the step after a run of failures, restart when the
-step is spent. Every evaluation is one full check (oracle, budget, attribution),
-so the objective is exactly what the property suite asserts.
+step is spent. Every evaluation is one full check (oracle, budget, attribution):
+for LLA ``budget.check_forward``, for the others the operator's ``check``, so the
+objective is exactly what the property suite, ``check`` and the audit assert.
 
 The same number of evaluations of plain random sampling from the same space is the
 baseline it is measured against (``--compare-random``, docs/hunt.md).
@@ -94,9 +99,11 @@ def _from_unit(p, u: float) -> float:
     return p.clip(x)
 
 
-def evaluate(impl, device: str, case: Case) -> tuple[float, str, str]:
+def evaluate(impl, device: str, case, op: str = "lla") -> tuple[float, str, str]:
     """(ratio, cause, message) of one case: the implementation across the trust boundary,
-    judged by check_forward. Runs in the Objective's worker process."""
+    judged by check_forward (LLA) or the operator's check. Runs in the Objective's worker process."""
+    if op != "lla":
+        return _evaluate_op(impl, device, case, op)
     from lla_verify.trust import Misbehaved, call_forward
 
     problem = case.build(device)
@@ -111,6 +118,23 @@ def evaluate(impl, device: str, case: Case) -> tuple[float, str, str]:
     return v.ratio, v.cause, v.message
 
 
+UNBUILDABLE = "unbuildable"
+
+
+def _evaluate_op(impl, device: str, case, op: str) -> tuple[float, str, str]:
+    from lla_verify.registry.operators import get_operator
+
+    operator = get_operator(op)
+    try:
+        operator.build(case, device)
+    except LLAInputError as exc:
+        # a point of the cube the case space cannot build (the exact LLA probe beyond the
+        # dtype's range): no input, so no finding; ratio 0 keeps the search moving
+        return 0.0, UNBUILDABLE, f"{case.spec()}: {exc}"
+    v = operator.check(case, impl, device)[0]  # the implementation's failures come back as verdicts
+    return v.ratio, v.cause, v.message
+
+
 class Objective:
     """ratio(case) for one implementation; counts evaluations; never raises on a bad point.
 
@@ -119,10 +143,11 @@ class Objective:
     scores the worst ratio at that point and the search goes on.
     """
 
-    def __init__(self, impl, device, *, S, D, dtype, B=1, H=1, isolate: bool = True, timeout: float | None = None):
+    def __init__(self, impl, device, *, S, D, dtype, B=1, H=1, isolate: bool = True, timeout: float | None = None,
+                 op: str = "lla"):
         from lla_verify.trust import DEFAULT_CALL_TIMEOUT, Worker, picklable
 
-        self.impl, self.device = impl, device
+        self.impl, self.device, self.op = impl, device, op
         self.S, self.D, self.dtype, self.B, self.H = S, D, dtype, B, H
         self.evals = 0
         self.worker = (Worker(timeout if timeout is not None else DEFAULT_CALL_TIMEOUT)
@@ -132,44 +157,68 @@ class Objective:
         if self.worker is not None:
             self.worker.close()
 
-    def case(self, family: str, u: np.ndarray, seed: int) -> Case:
+    def case(self, family: str, u: np.ndarray, seed: int, probe: str | None = None):
+        """The case at ``u``: the family's parameters first, then the probe family's."""
         fam = get_family(family)
         params = {p.name: _from_unit(p, float(x)) for p, x in zip(fam.params, u)}
-        return Case(family, params, B=self.B, H=self.H, S=self.S, D=self.D, dtype=self.dtype, seed=int(seed))
+        case = Case(family, params, B=self.B, H=self.H, S=self.S, D=self.D, dtype=self.dtype, seed=int(seed))
+        if probe is None:
+            return case
+        from lla_verify.registry.parallax import ParallaxCase, get_probe
 
-    def __call__(self, case: Case) -> Eval:
+        pf = get_probe(probe)
+        rest = u[len(fam.params):]
+        return ParallaxCase(case, probe, {p.name: _from_unit(p, float(x)) for p, x in zip(pf.params, rest)})
+
+    def __call__(self, case) -> Eval:
         from lla_verify.trust import ChildFailed, run_isolated
 
         self.evals += 1
         try:
-            ratio, cause, message = run_isolated(self.worker, evaluate, self.impl, self.device, case)
+            ratio, cause, message = run_isolated(self.worker, evaluate, self.impl, self.device, case, self.op)
         except ChildFailed as exc:
             ratio, cause, message = math.inf, "implementation", f"[{self.impl.name}] {exc} on {case.spec()}"
         r = ratio if math.isfinite(ratio) else 1e30
         return Eval(r, case, cause, message)
 
 
-def random_search(obj: Objective, family: str, evals: int, rng: np.random.Generator, progress=None) -> HuntResult:
-    fam = get_family(family)
-    res = HuntResult(family, None)
+def _space(family: str, probe: str | None) -> tuple:
+    """The parameters of the cube's coordinates: the family's, then the probe family's."""
+    params = tuple(get_family(family).params)
+    if probe is not None:
+        from lla_verify.registry.parallax import get_probe
+
+        params += tuple(get_probe(probe).params)
+    return params
+
+
+def label(family: str, probe: str | None) -> str:
+    return family if probe is None else f"{family};probe={probe}"
+
+
+def random_search(obj: Objective, family: str, evals: int, rng: np.random.Generator, progress=None,
+                  probe: str | None = None) -> HuntResult:
+    dim = len(_space(family, probe))
+    res = HuntResult(label(family, probe), None)
     for _ in range(evals):
-        u = rng.random(len(fam.params))
-        res.add(obj(obj.case(family, u, int(rng.integers(0, 2**16)))), progress)
+        u = rng.random(dim)
+        res.add(obj(obj.case(family, u, int(rng.integers(0, 2**16)), probe)), progress)
     return res
 
 
-def hill_climb(obj: Objective, family: str, evals: int, rng: np.random.Generator, progress=None) -> HuntResult:
-    fam = get_family(family)
-    dim = len(fam.params)
-    res = HuntResult(family, None)
+def hill_climb(obj: Objective, family: str, evals: int, rng: np.random.Generator, progress=None,
+               probe: str | None = None) -> HuntResult:
+    space = _space(family, probe)
+    dim = len(space)
+    res = HuntResult(label(family, probe), None)
 
     def evaluate(u, seed):
-        return res.add(obj(obj.case(family, u, seed)), progress)
+        return res.add(obj(obj.case(family, u, seed, probe)), progress)
 
     start_easy = True
     while len(res.history) < evals:
         if start_easy:
-            u = np.array([_to_unit(p, p.easy) for p in fam.params])
+            u = np.array([_to_unit(p, p.easy) for p in space])
             start_easy = False
         else:
             u = rng.random(dim)
@@ -190,12 +239,18 @@ def hill_climb(obj: Objective, family: str, evals: int, rng: np.random.Generator
     return res
 
 
-def add_regression(case: Case, note: str, path: Path = REGRESSIONS) -> None:
-    """Append ``case`` to the stored regressions that the property suite always runs."""
+def add_regression(case, note: str, path: Path = REGRESSIONS, op: str = "lla") -> None:
+    """Append ``case`` (of operator ``op``) to the stored regressions that the property suite
+    always runs; an entry of another operator than LLA carries its "op" (testing/regressions.py)."""
+    from lla_verify.testing.regressions import entry_op
+
     data = json.loads(path.read_text()) if path.exists() else []
-    if any(d["spec"] == case.spec() for d in data):
+    if any(d["spec"] == case.spec() and entry_op(d) == op for d in data):
         return
-    data.append({"spec": case.spec(), "note": note, "date": time.strftime("%Y-%m-%d")})
+    entry = {"spec": case.spec(), "note": note, "date": time.strftime("%Y-%m-%d")}
+    if op != "lla":
+        entry["op"] = op
+    data.append(entry)
     atomic_write(path, json.dumps(data, indent=1) + "\n")
 
 
@@ -220,55 +275,102 @@ def _plot(results: dict, out: Path) -> Path:
     return path
 
 
-def _run(args) -> int:
+def _resolve(args, op, device):
+    """The implementation record of ``--impl`` in ``op``'s registry; UsageError if bad."""
+    spec = args.impl if args.impl is not None else op.default_impl
+    if op.name != "lla":
+        from lla_verify.commands.audit import resolve_op_impl
+
+        return resolve_op_impl(op.name, spec, device, "--impl")
     try:
-        impl = get_impl(args.impl)
+        impl = get_impl(spec)
     except LLAInputError as exc:
         raise UsageError(str(exc).replace("--lla-impl", "--impl")) from None
-    device = check_device(args.device) if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if impl.name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UsageError("--impl triton: the Triton kernel on CPU needs TRITON_INTERPRET=1")
     reason = is_available(impl, device)
     if reason:
-        raise UsageError(f"--impl {args.impl}: {reason}")
+        raise UsageError(f"--impl {spec}: {reason}")
+    return impl
+
+
+def _probes(args, op) -> list:
+    """The probe families searched: [None] for the LLA operators."""
+    from lla_verify.registry.parallax import PROBES
+
+    if not op.name.startswith("parallax"):
+        if args.probe is not None:
+            raise UsageError(f"--probe: only with --op parallax or parallax-decode (the {op.name} operator has no probe)")
+        return [None]
+    if args.probe in (None, "all"):
+        return list(PROBES)
+    if args.probe not in PROBES:
+        raise UsageError(f"--probe: unknown {args.probe!r}; expected 'all' or one of {list(PROBES)}")
+    return [args.probe]
+
+
+def _run(args) -> int:
+    from lla_verify.registry.operators import get_operator
+
+    try:
+        op = get_operator(args.op)
+    except LLAInputError as exc:
+        raise UsageError(str(exc)) from None
+    device = check_device(args.device) if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    impl = _resolve(args, op, device)
+    args.impl = args.impl if args.impl is not None else op.default_impl
     families = list(FAMILIES) if args.family == "all" else [args.family]
     for f in families:
         if f not in FAMILIES:
             raise UsageError(f"--family: unknown {f!r}; expected 'all' or one of {list(FAMILIES)}")
+    probes = _probes(args, op)
     D = args.head_dim or (min(impl.head_dims) if impl.head_dims else 8)
     reason = impl.supports(dtype=DTYPES[args.dtype], head_dim=D)
     if reason:
         raise UsageError(f"--head-dim/--dtype: {reason}")
-    try:  # the largest problem the search builds: refused now, not by the allocator mid-search
-        Case(families[0], {}, S=args.seq, D=D, dtype=args.dtype).check_fits(device)
-    except LLAInputError as exc:
-        raise UsageError(f"--seq/--head-dim: {str(exc).removeprefix('case: ')}") from None
     if args.cell_timeout is not None and not (args.cell_timeout > 0 and math.isfinite(args.cell_timeout)):
         raise UsageError(f"--cell-timeout: expected a positive number of seconds, got {args.cell_timeout:g}")
+    sizes = {"S": args.seq, "D": D, "dtype": args.dtype}
+    try:  # the largest problem the search builds: refused now, not by the allocator mid-search
+        easy = np.array([_to_unit(p, p.easy) for p in _space(families[0], probes[0])])
+        op.check_fits(Objective(impl, device, isolate=False, **sizes).case(families[0], easy, 0, probes[0]), device)
+    except LLAInputError as exc:
+        raise UsageError(f"--seq/--head-dim: {str(exc).removeprefix('case: ')}") from None
     out = check_out_dir(args.out)
-    obj = Objective(impl, device, S=args.seq, D=D, dtype=args.dtype, timeout=args.cell_timeout)
+    obj = Objective(impl, device, timeout=args.cell_timeout, op=op.name, **sizes)
     try:
-        return _search(args, impl, device, families, obj, out)
+        return _search(args, impl, device, families, probes, obj, out, op.name)
     finally:
         obj.close()
 
 
-def _search(args, impl, device, families, obj, out) -> int:
+def replay_command(op: str, impl: str, device: str, spec: str) -> str:
+    """The one line that replays a hunt's worst case (``lla-verify check``)."""
+    opt = "" if op == "lla" else f" --op {op}"
+    return f"lla-verify check{opt} --impl {impl} --device {device} --case '{spec}'"
+
+
+def _search(args, impl, device, families, probes, obj, out, op="lla") -> int:
     from tqdm import tqdm
 
     rng = np.random.default_rng(args.seed)
     worst: Eval | None = None
     curves, table = {}, []
-    total = args.evals * len(families) * (2 if args.compare_random else 1)
-    with tqdm(total=total, desc=f"hunt {impl.name}", unit="eval", file=sys.stderr) as bar:
-        for fam in families:
-            res = hill_climb(obj, fam, args.evals, rng, progress=bar)
-            curves[f"{fam} hunt"] = res
+    spaces = [(f, pr) for f in families for pr in probes]
+    total = args.evals * len(spaces) * (2 if args.compare_random else 1)
+    with tqdm(total=total, desc=f"hunt {op} {impl.name}", unit="eval", file=sys.stderr) as bar:
+        for fam, probe in spaces:
+            name = label(fam, probe)
+            res = hill_climb(obj, fam, args.evals, rng, progress=bar, probe=probe)
+            curves[f"{name} hunt"] = res
             row = {"family": fam, "hunt_worst": res.best.ratio, "hunt_first_over": res.first_over(),
                    "hunt_case": res.best.case.spec()}
+            if probe is not None:
+                row["probe"] = probe
             if args.compare_random:
-                rres = random_search(obj, fam, args.evals, np.random.default_rng(args.seed + 1), progress=bar)
-                curves[f"{fam} random"] = rres
+                rres = random_search(obj, fam, args.evals, np.random.default_rng(args.seed + 1), progress=bar,
+                                     probe=probe)
+                curves[f"{name} random"] = rres
                 row.update(random_worst=rres.best.ratio, random_first_over=rres.first_over(),
                            random_case=rres.best.case.spec())
             table.append(row)
@@ -277,8 +379,8 @@ def _search(args, impl, device, families, obj, out) -> int:
             for e in found:
                 if worst is None or e.ratio > worst.ratio:
                     worst = e
-    replay = f"lla-verify check --impl {args.impl} --device {device} --case '{worst.case.spec()}'"
-    summary = {"impl": args.impl, "device": device, "evals_per_family": args.evals, "seed": args.seed,
+    replay = replay_command(op, args.impl, device, worst.case.spec())
+    summary = {"op": op, "impl": args.impl, "device": device, "evals_per_family": args.evals, "seed": args.seed,
                "worst_ratio": worst.ratio, "worst_case": worst.case.spec(), "cause": worst.cause,
                "replay": replay, "families": table, "date": time.strftime("%Y-%m-%d")}
     atomic_write(out / "hunt.json", json.dumps(summary, indent=1) + "\n")
@@ -286,27 +388,39 @@ def _search(args, impl, device, families, obj, out) -> int:
     def first(n):
         return "-" if n is None else str(n)
 
+    width = max(15, *(len(label(r["family"], r.get("probe"))) for r in table))
     for row in table:
         extra = (f"  random {row['random_worst']:9.3g} (over at eval {first(row['random_first_over'])})"
                  if "random_worst" in row else "")
-        print(f"{row['family']:15s} hunt {row['hunt_worst']:9.3g} (over at eval {first(row['hunt_first_over'])}){extra}")
+        print(f"{label(row['family'], row.get('probe')):{width}s} hunt {row['hunt_worst']:9.3g} "
+              f"(over at eval {first(row['hunt_first_over'])}){extra}")
     print(worst.message)
     print(f"replay: {replay}")
     print(f"wrote {out / 'hunt.json'} and {png}")
     over = worst.ratio > THRESHOLD
     if over and args.add_regression:
-        add_regression(worst.case, f"found by lla-verify hunt on {args.impl}: ratio {worst.ratio:.3g}")
-        print(f"added {worst.case.spec()} to {REGRESSIONS}")
+        add_regression(worst.case, f"found by lla-verify hunt --op {op} on {args.impl}: ratio {worst.ratio:.3g}",
+                       op=op)
+        print(f"added {worst.case.spec()} ({op}) to {REGRESSIONS}")
     n_over = sum(1 for r in table if max(r["hunt_worst"], r.get("random_worst", 0.0)) > THRESHOLD)
-    print(f"{n_over} of {len(table)} families over threshold, worst ratio {worst.ratio:.3g} at {worst.case.spec()}")
+    what = "families" if probes == [None] else "(family, probe) pairs"
+    print(f"{n_over} of {len(table)} {what} over threshold, worst ratio {worst.ratio:.3g} at {worst.case.spec()}")
     return 1 if over else 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("hunt", help="search for the input that maximises error / budget")
-    p.add_argument("--impl", default="triton", help="implementation: built-in name or MODULE:CALLABLE")
+    p.add_argument("--op", default="lla", metavar="OPERATOR",
+                   help="the operator searched: lla, parallax, lla-decode or parallax-decode (default: lla; "
+                        "registry/operators.py)")
+    p.add_argument("--impl", default=None,
+                   help="implementation of --op: a built-in name or MODULE:CALLABLE (default: triton; "
+                        "parallax-triton, lla-decode-triton, parallax-decode-triton for the others)")
     p.add_argument("--family", default="all", help="a family of cases.py, or 'all'")
-    p.add_argument("--evals", type=int_in(1), default=40, help="evaluations per family (>= 1)")
+    p.add_argument("--probe", default=None,
+                   help="with --op parallax or parallax-decode: a probe family of registry/parallax.py, or 'all' "
+                        "(the default)")
+    p.add_argument("--evals", type=int_in(1), default=40, help="evaluations per family (and probe family) (>= 1)")
     p.add_argument("--seed", type=seed_type, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--seq", type=int_in(1), default=33, help="sequence length S of the problems searched")
@@ -319,5 +433,6 @@ def register(sub) -> None:
     p.add_argument("--out", default="hunt-out", help="folder for hunt.json and hunt.png")
     p.add_argument("--compare-random", action="store_true", help="also run random sampling at the same budget")
     p.add_argument("--add-regression", action="store_true",
-                   help="store the worst case in the suite's regressions.json when it exceeds the threshold")
+                   help="store the worst case (with its operator) in the suite's regressions.json when it exceeds "
+                        "the threshold")
     p.set_defaults(func=_run)

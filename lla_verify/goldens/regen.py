@@ -16,7 +16,8 @@ from lla_verify.cliutil import atomic_write as _atomic_write  # temp file ".NAME
 from lla_verify.goldens.catalog import (CATALOG, COTANGENT_SEED_OFFSET, NOISE_FACTOR, BY_NAME, compute,
                                         noise_tol, select)
 from lla_verify.goldens.store import (DEFAULT_DIR, FORMAT, INPUTS, MANIFEST, manifest_hashes, array_hash,
-                                      dump_manifest, embedded_mismatch, encode, entry_path, is_temp_file,
+                                      dump_manifest, embedded_mismatch, encode, entry_operator, entry_path,
+                                      is_temp_file,
                                       load_manifest, manifest_entry, read_arrays, versions)
 
 
@@ -158,6 +159,8 @@ def check(folder: Path, only=None) -> int:
                 lines.append(f"spec in manifest {e.get('spec')!r} != catalog {g.spec!r} (catalog changed without regen)")
             if e.get("file") != g.file:
                 lines.append(f"file in manifest {e.get('file')!r} != catalog {g.file!r}")
+            if entry_operator(e) != g.op:
+                lines.append(f"operator in manifest {entry_operator(e)!r} != catalog {g.op!r}")
             hashes = manifest_hashes(e)
             try:
                 path = entry_path(folder, e)
@@ -274,7 +277,7 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
                 # the manifest entry is refreshed below, and written only if it moved
                 if path.read_bytes() != encode(g, fresh):
                     to_write.append(g)
-                    moved = embedded_mismatch(path, {"name": g.name, "spec": g.spec})
+                    moved = embedded_mismatch(path, {"name": g.name, "spec": g.spec, "operator": g.op})
                     if moved:
                         reports.append(f"{g.name}: arrays bitwise identical, metadata rewritten ({'; '.join(moved)})")
                 continue
@@ -300,9 +303,11 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
     new = {
         "format": FORMAT,
         "hash": "sha256 of '<dtype>|<shape as a JSON list>|' followed by the raw little-endian bytes",
-        "noise_tol": f"{NOISE_FACTOR:g} * 2^-53 * conditioning (max over defined queries of max(kappa, omega / delta))",
+        "noise_tol": f"{NOISE_FACTOR:g} * 2^-53 * conditioning (max over defined queries of max(kappa, omega / delta); "
+                     "Parallax: cond, max over queries of sensitivity / max(|o_i|, rms |o|))",
+        "operator": "lla when an entry names none; parallax, lla-decode, parallax-decode (registry/operators.py)",
         "cotangent": "do = randn(o.shape, float64, torch.Generator().manual_seed(seed + "
-                     f"{COTANGENT_SEED_OFFSET})), zero on undefined rows",
+                     f"{COTANGENT_SEED_OFFSET})), zero on undefined rows (LLA and Parallax goldens)",
         "cases": [entries[n] for n in order],
     }
     # date and versions move only with the content: an idle regen leaves the bytes alone

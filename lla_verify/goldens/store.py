@@ -1,15 +1,20 @@
-"""Golden outputs on disk: a named catalog of LLA cases with their oracle outputs.
+"""Golden outputs on disk: a named catalog of cases of every operator with their oracle outputs.
 
-The stored file pins what the oracle said about a golden's inputs:
+The stored file pins what the oracle said about a golden's inputs. An LLA golden:
 
     inputs   q, k, v (in the case's dtype, exactly as rounded), lam (float32)
     forward  o, omega, delta, rho, kappa, undefined      (float64 oracle, details)
     reverse  do (the fixed cotangent), dq, dk, dv, dlambda (float64 autograd)
     mp       o_mp: o from the mpmath oracle at MP_DPS digits (small goldens only)
 
-``goldens/MANIFEST.json`` holds, per golden, its spec, parameters, file and the
-sha256 of every array; docs/goldens.md describes the format and when to regenerate.
-This module hashes, reads and writes them.
+A Parallax golden: q, k, v, r; o, cond; do, dq, dk, dv, dr; o_mp for small ones. A
+decode golden: its inputs in the decode layout (q, k_cache, v_cache, lengths, and lam
+for LLA or r for Parallax), o per sequence, and the conditioning (omega, delta, kappa,
+undefined per row for LLA, cond for Parallax). docs/goldens.md lists them.
+
+``goldens/MANIFEST.json`` holds, per golden, its operator (absent: lla), spec,
+parameters, file and the sha256 of every array; docs/goldens.md describes the format
+and when to regenerate. This module hashes, reads and writes them.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ MANIFEST = "MANIFEST.json"
 _REPO_GOLDENS = Path(__file__).resolve().parents[2] / "goldens"
 DEFAULT_DIR = _REPO_GOLDENS if _REPO_GOLDENS.is_dir() else Path("goldens")
 
-INPUTS = ("q", "k", "v", "lam")
+# the inputs of every operator's goldens: they must rebuild bit for bit
+INPUTS = ("q", "k", "v", "lam", "r", "k_cache", "v_cache", "lengths")
 FORWARD = ("o", "omega", "delta", "rho", "kappa", "undefined")
 REVERSE = ("do", "dq", "dk", "dv", "dlambda")
 def array_hash(t: torch.Tensor) -> str:
@@ -60,7 +66,10 @@ def encode(golden: Golden, arrays: dict) -> bytes:
 
     # one metadata key: safetensors keeps metadata in a hash map, so several keys
     # come out in a different order on every call and the bytes would not repeat
-    info = json.dumps({"format": FORMAT, "name": golden.name, "spec": golden.spec}, sort_keys=True)
+    info = {"format": FORMAT, "name": golden.name, "spec": golden.spec}
+    if golden.op != "lla":  # an LLA golden's file states no operator: its bytes stay those of before
+        info["operator"] = golden.op
+    info = json.dumps(info, sort_keys=True)
     return save(arrays, metadata={"golden": info})
 
 
@@ -113,7 +122,16 @@ def embedded_mismatch(path: Path, entry: dict) -> list[str]:
         if info.get(key) != entry.get(key):
             out.append(f"{key} stored in {path.name} {info.get(key)!r} != {key} of manifest entry {label!r} "
                        f"{entry.get(key)!r} (one of them was edited after regen)")
+    if info.get("operator", "lla") != entry_operator(entry):
+        out.append(f"operator stored in {path.name} {info.get('operator', 'lla')!r} != operator of manifest entry "
+                   f"{label!r} {entry_operator(entry)!r} (one of them was edited after regen)")
     return out
+
+
+def entry_operator(entry: dict) -> str:
+    """The operator of a manifest entry: its 'operator', lla when absent (entries written
+    before the goldens had operators)."""
+    return entry.get("operator", "lla")
 
 
 def is_temp_file(name: str) -> bool:
@@ -160,11 +178,11 @@ def versions() -> dict:
 
 
 def manifest_entry(golden: Golden, arrays: dict) -> dict:
-    fam = get_family(golden.case.family)
+    c = golden.base
+    fam = get_family(c.family)
     resolved = fam.easy()
-    for key, val in golden.case.params.items():
+    for key, val in c.params.items():
         resolved[key] = fam.param(key).clip(val)
-    c = golden.case
     entry = {
         "name": golden.name,
         "spec": golden.spec,
@@ -179,12 +197,23 @@ def manifest_entry(golden: Golden, arrays: dict) -> dict:
         "why": golden.why,
         "file": golden.file,
         "oracle": golden.oracle,
-        "kappa_max": _finite_max(arrays["kappa"], arrays["undefined"]),
         "conditioning": conditioning(arrays),
-        "n_undefined": int(arrays["undefined"].sum()),
         "arrays": {key: {"dtype": _dtype_name(t), "shape": list(t.shape), "sha256": array_hash(t)}
                    for key, t in sorted(arrays.items())},
     }
+    if "kappa" in arrays:
+        entry["kappa_max"] = _finite_max(arrays["kappa"], arrays["undefined"])
+        entry["n_undefined"] = int(arrays["undefined"].sum())
+    if golden.op != "lla":
+        entry["operator"] = golden.op
+    if hasattr(golden.case, "probe"):
+        from lla_verify.registry.parallax import get_probe
+
+        pf = get_probe(golden.case.probe)
+        entry["probe"] = golden.case.probe
+        entry["probe_params"] = dict(sorted(golden.case.probe_params.items()))
+        entry["resolved_probe_params"] = dict(sorted({**pf.easy(), **{key: pf.param(key).clip(val) for key, val
+                                                                       in golden.case.probe_params.items()}}.items()))
     if "o_mp" in arrays:
         entry["f64_vs_mp_max_abs"] = _finite_max((arrays["o"] - arrays["o_mp"]).abs(), None)
     return entry
@@ -208,9 +237,14 @@ def load_manifest(folder: Path) -> dict | None:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT or not isinstance(man.get("cases"), list):
         raise ValueError(f"{path}: not a {FORMAT} manifest")
+    from lla_verify.registry.operators import OPERATORS
+
     for n, e in enumerate(man["cases"]):
         if not isinstance(e, dict) or not isinstance(e.get("name"), str):
             raise ValueError(f"{path}: cases[{n}] is not an object with a string 'name'")
+        if entry_operator(e) not in OPERATORS:
+            raise ValueError(f"{path}: cases[{n}] ({e['name']!r}) has operator {entry_operator(e)!r}; expected one "
+                             f"of {list(OPERATORS)} (or none: lla)")
     return man
 
 
