@@ -51,8 +51,10 @@ class ForwardOut(NamedTuple):
     o: torch.Tensor  # (N, S, Dv) input dtype
     lse: torch.Tensor  # (N, S) accumulation dtype: m_i + log(sum_j exp(a_ij - m_i))
     nup: torch.Tensor  # (N, S, Dv): nu_i - v_0
-    dbar: torch.Tensor  # (N, S): sum_j p_ij <k_j - k_0, r_i>
+    dbar: torch.Tensor  # (N, S): sum_j p_ij d_ij - tref_i (d_ij = <k_j - k_0, r_i>)
     cr: torch.Tensor  # (N, S, Dv): C_i r_i
+    tref: torch.Tensor  # (N, S): the row's reference, exact r_hi kp_hi^T at key ref_i (0 without the split)
+    ref: torch.Tensor  # (N, S) int32: the row's heaviest key (the first argmax_j a_ij in tile order)
 
 
 class BackwardOut(NamedTuple):
@@ -109,14 +111,32 @@ def _pow2_below(x):
 
 
 @triton.jit
+def _split_rows(x):
+    """x = hi + lo with hi on a grid of 2^-6 the largest power of two in each row: an
+    integer of at most 8 bits times the row's grid, both parts exact."""
+    return _grid_split(x, _pow2_below(tl.max(tl.abs(x), 1))[:, None] * 0.015625)
+
+
+@triton.jit
+def _exact_dot(r_hi, kp_hi, EXACT: tl.constexpr):
+    """r_hi kp_hi^T, exact in fp32 for 8-bit hi parts (docs/kernels-parallax.md §3)."""
+    if EXACT == "bf16":
+        # 8-bit significands are exact bf16 values: the cheapest exact product
+        return tl.dot(r_hi.to(tl.bfloat16), tl.trans(kp_hi.to(tl.bfloat16)))
+    else:
+        return tl.dot(r_hi, tl.trans(kp_hi), input_precision=EXACT)
+
+
+@triton.jit
 def _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nu,
-              dbar, cm, t_ref,
+              dbar, cm, t_ref, j_ref,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
               MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
               SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
     """Merge one key tile into the running (m, W, nu, dbar, M) of each query (Chan et al.'s
     update of a co-moment); M = sum_j w_j (vp_j - nu)(d_j - dbar) in the weights
-    of the running maximum, d_j and dbar relative to the row's reference t_ref."""
+    of the running maximum, d_j and dbar relative to the row's reference t_ref, taken at
+    its heaviest key so far, j_ref."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
     a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC).to(ACC)
@@ -125,6 +145,10 @@ def _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, sca
     # every row sees key 0 in the first tile, so m_new is finite from then on
     alpha = tl.exp(m_i - m_new)
     w = tl.exp(a - m_new[:, None])
+    # the reference key moves to the tile's heaviest where the running maximum moves
+    jmax = tl.argmax(a, 1)
+    moved = m_tile > m_i
+    j_ref = tl.where(moved, start_n + jmax, j_ref)
     if SPLIT_D:
         # d_ij = <k_j - k_0, r_i> is O(|k_j - k_0| |r_i|) and rounds at u times that, while the
         # covariance needs e_ij = d_ij - dbar_i, O(spread |r_i|) at the keys that carry the
@@ -134,19 +158,12 @@ def _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, sca
         # 16 bits on one grid, exact in fp32, so it can be referred to the row's heaviest key
         # exactly, and only the remainder, 2^-7 the size, rounds at its own scale. A grid per
         # key, not per tile: a row's d_ij must not depend on keys after i (bitwise causality).
-        g_k = _pow2_below(tl.max(tl.abs(kp), 1))[:, None] * 0.015625
-        kp_hi, kp_lo = _grid_split(kp, g_k)
-        if EXACT == "bf16":
-            # 8-bit significands are exact bf16 values: the cheapest exact product
-            s_hi = tl.dot(r_hi.to(tl.bfloat16), tl.trans(kp_hi.to(tl.bfloat16)))
-        else:
-            s_hi = tl.dot(r_hi, tl.trans(kp_hi), input_precision=EXACT)
+        kp_hi, kp_lo = _split_rows(kp)
+        s_hi = _exact_dot(r_hi, kp_hi, EXACT)
         rem = tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
-        # the reference moves to the tile's heaviest key where the running maximum moves
-        jmax = tl.argmax(a, 1)
         col = tl.arange(0, BLOCK_N)
         s_top = tl.sum(tl.where(col[None, :] == jmax[:, None], s_hi, 0.0), 1)
-        t_new = tl.where(m_tile > m_i, s_top, t_ref)
+        t_new = tl.where(moved, s_top, t_ref)
         dbar = dbar + (t_ref - t_new)
         t_ref = t_new
         d = (s_hi - t_ref[:, None]) + rem
@@ -168,12 +185,12 @@ def _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, sca
     # Chan et al.: moving the old moment from its means to the merged ones adds
     # w_a (nu - nu_new)(dbar - dbar_new)
     cm = cm * alpha[:, None] + cm_b + (w_a * (dbar - dbar_new))[:, None] * (nu - nu_new)
-    return m_new, w_ab, nu_new, dbar_new, cm, t_ref
+    return m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref
 
 
 # S is not specialised on (== 1, % 16): every pointer is offset by multiples of D or Dv
 @triton.jit(do_not_specialize=("S",))
-def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, S, scale,
+def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, TREF, REF, S, scale,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                    SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
@@ -207,20 +224,21 @@ def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, S, scale,
     lo_full = ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
     # r = r_hi + r_lo, r_hi on a per-row grid of 2^-6 its largest power of two (_fwd_tile)
     if SPLIT_D:
-        r_hi, r_lo = _grid_split(rf, _pow2_below(tl.max(tl.abs(rf), 1))[:, None] * 0.015625)
+        r_hi, r_lo = _split_rows(rf)
     else:
         r_hi, r_lo = rf, rf
     # t_ref: the row's reference, r_hi kp_hi^T at its heaviest key so far; d and dbar are
     # kept relative to it (0 without the split: d relative to k_0 itself)
     t_ref = tl.zeros([BLOCK_M], dtype=ACC)
+    j_ref = tl.zeros([BLOCK_M], dtype=tl.int32)
     for start_n in range(0, lo_full, BLOCK_N):
-        m_i, l_i, nup, dbar, cm, t_ref = _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S,
-                                                   scale, offs_m, m_i, l_i, nup, dbar, cm, t_ref, D, DV, BLOCK_N,
-                                                   UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT)
+        m_i, l_i, nup, dbar, cm, t_ref, j_ref = _fwd_tile(
+            q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup, dbar, cm,
+            t_ref, j_ref, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT)
     for start_n in range(lo_full, hi, BLOCK_N):
-        m_i, l_i, nup, dbar, cm, t_ref = _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S,
-                                                   scale, offs_m, m_i, l_i, nup, dbar, cm, t_ref, D, DV, BLOCK_N,
-                                                   UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT)
+        m_i, l_i, nup, dbar, cm, t_ref, j_ref = _fwd_tile(
+            q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup, dbar, cm,
+            t_ref, j_ref, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT)
     cr = cm / l_i[:, None]
     o = cv[None, :] + nup - cr
 
@@ -230,35 +248,68 @@ def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, S, scale,
     tl.store(NUP + vptrs, nup, mask=row_ok[:, None])
     tl.store(CR + vptrs, cr, mask=row_ok[:, None])
     tl.store(LSE + head * S + offs_m, m_i + tl.log(l_i), mask=row_ok)
-    # the backward forms d_ij against k_0 itself
-    tl.store(DBAR + head * S + offs_m, dbar + t_ref, mask=row_ok)
+    # the backward forms d_ij against the same reference (exactly, from the same split)
+    # and centres on the same key
+    tl.store(DBAR + head * S + offs_m, dbar, mask=row_ok)
+    tl.store(TREF + head * S + offs_m, t_ref, mask=row_ok)
+    tl.store(REF + head * S + offs_m, j_ref, mask=row_ok)
 
 
 @triton.jit
-def _bwd_tile(q_dot, rf, gf, lse, dbar, gnu, delta, k_dot, kp, vp, offs_m, offs_n, S, scale,
-              PREC: tl.constexpr, SPREC: tl.constexpr, ACC: tl.constexpr):
+def _row_stats(LSE, DBAR, TREF, REF, GREF, GC, DELTA, rbase, offs_m, S):
+    """The backward's per-row quantities of a query tile (padding rows: 0)."""
+    ok = offs_m < S
+    ptr = rbase + offs_m
+    return (tl.load(LSE + ptr, mask=ok, other=0.0), tl.load(DBAR + ptr, mask=ok, other=0.0),
+            tl.load(TREF + ptr, mask=ok, other=0.0), tl.load(REF + ptr, mask=ok, other=0),
+            tl.load(GREF + ptr, mask=ok, other=0.0), tl.load(GC + ptr, mask=ok, other=0.0),
+            tl.load(DELTA + ptr, mask=ok, other=0.0))
+
+
+@triton.jit
+def _bwd_tile(q_dot, rf, r_hi, r_lo, gf, lse, dbar, tref, ref, gref, gc, delta, k_dot, kp, kp_hi, kp_lo, vp,
+              offs_m, offs_n, S, scale, PREC: tl.constexpr, SPREC: tl.constexpr, ACC: tl.constexpr,
+              SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
     """p, 1 - e, p gv and da for a (query tile, key tile) pair, causal mask included."""
     a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC) * scale
     keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S) & (offs_m[:, None] < S)
     # the exponent is masked first: padding rows carry lse = 0 and could overflow
     p = tl.exp(tl.where(keep, a - lse[:, None], float("-inf")))
-    f = 1.0 - (tl.dot(rf, tl.trans(kp), input_precision=PREC) - dbar[:, None])
-    gv = tl.dot(gf, tl.trans(vp), input_precision=PREC) - gnu[:, None]
+    if SPLIT_D:
+        # d_ij against the row's reference exactly as the forward formed it: a single
+        # product rounds d at u |k_j - k_0| |r_i|, far above e_ij where the keys have a
+        # large norm (docs/kernels-parallax.md §5)
+        s_hi = _exact_dot(r_hi, kp_hi, EXACT)
+        rem = tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
+        e = ((s_hi - tref[:, None]) + rem) - dbar[:, None]
+    else:
+        e = tl.dot(rf, tl.trans(kp), input_precision=PREC) - dbar[:, None]
+    # gv_ij = <g_i, v_j - nu_i> = (<g_i, vp_j> - <g_i, vp_ref>) - gc_i, gc_i = <g_i, nu_i - v_ref>,
+    # with <g_i, vp_ref> taken from this very product where the row's heaviest key is in the
+    # tile: there gv = -gc_i exactly, 0 in a one-hot row (nu_i = v_ref), as is the true
+    # value; a per-row <g_i, nu_i> rounded in another order leaves u |g_i| |vp| there
+    gvp = tl.dot(gf, tl.trans(vp), input_precision=PREC)
+    at_ref = offs_n[None, :] == ref[:, None]
+    hit = tl.max(at_ref.to(tl.int32), 1) > 0
+    g_ref = tl.where(hit, tl.sum(tl.where(at_ref, gvp, 0.0), 1), gref)
+    gv = (gvp - g_ref[:, None]) - gc[:, None]
     pg = p * gv
-    da = pg * f + p * delta[:, None]
-    return p * f, pg, da
+    da = pg * (1.0 - e) + p * delta[:, None]
+    return p * (1.0 - e), pg, da
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dq_kernel(Q, K, V, R, G, LSE, DBAR, GNU, DELTA, DQ, DR, S, scale,
+def _px_bwd_dq_kernel(Q, K, V, R, G, LSE, DBAR, TREF, REF, GREF, GC, DELTA, DQ, DR, S, scale,
                       D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+                      UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
+                      SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_M)
     pid_m = n_tiles - 1 - tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     kbase = head * S * D
     vbase = head * S * DV
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
     row_ok = offs_m < S
     q = _load_rows(Q, kbase, offs_m, S, D)
     if UPCAST:
@@ -266,36 +317,49 @@ def _px_bwd_dq_kernel(Q, K, V, R, G, LSE, DBAR, GNU, DELTA, DQ, DR, S, scale,
     else:
         q_dot = q
     rf = _load_rows(R, kbase, offs_m, S, D).to(ACC)
+    if SPLIT_D:
+        r_hi, r_lo = _split_rows(rf)
+    else:
+        r_hi, r_lo = rf, rf
     gf = _load_rows(G, vbase, offs_m, S, DV).to(ACC)
-    lse = tl.load(LSE + head * S + offs_m, mask=row_ok, other=0.0)
-    dbar = tl.load(DBAR + head * S + offs_m, mask=row_ok, other=0.0)
-    gnu = tl.load(GNU + head * S + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + head * S + offs_m, mask=row_ok, other=0.0)
-    ck = tl.load(K + kbase + tl.arange(0, D)).to(ACC)
+    lse, dbar, tref, ref, gref, gc, delta = _row_stats(LSE, DBAR, TREF, REF, GREF, GC, DELTA, head * S, offs_m, S)
+    ck = tl.load(K + kbase + offs_d).to(ACC)
     cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
+    kp_ref = tl.load(K + kbase + ref[:, None] * D + offs_d[None, :]).to(ACC) - ck[None, :]
 
     dq = tl.zeros([BLOCK_M, D], dtype=ACC)
     dr = tl.zeros([BLOCK_M, D], dtype=ACC)
+    da_sum = tl.zeros([BLOCK_M], dtype=ACC)
+    pg_sum = tl.zeros([BLOCK_M], dtype=ACC)
     hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
-        _pf, pg, da = _bwd_tile(q_dot, rf, gf, lse, dbar, gnu, delta, k_dot, kp, vp, offs_m, offs_n, S, scale,
-                                PREC, SPREC, ACC)
-        # sum_j da_ij = 0 and sum_j pg_ij = 0, so the anchored keys give the same sums
-        # without a common offset of the keys in them
+        if SPLIT_D:
+            kp_hi, kp_lo = _split_rows(kp)
+        else:
+            kp_hi, kp_lo = kp, kp
+        _pf, pg, da = _bwd_tile(q_dot, rf, r_hi, r_lo, gf, lse, dbar, tref, ref, gref, gc, delta, k_dot, kp,
+                                kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC, ACC, SPLIT_D, EXACT)
         dq += tl.dot(da, kp, input_precision=PREC)
-        dr -= tl.dot(pg, kp, input_precision=PREC)
-    dq = dq * scale
-    ptrs = kbase + offs_m[:, None] * D + tl.arange(0, D)[None, :]
+        dr += tl.dot(pg, kp, input_precision=PREC)
+        da_sum += tl.sum(da, 1)
+        pg_sum += tl.sum(pg, 1)
+    # sum_j da_ij = 0 and sum_j pg_ij = 0, so any key may be subtracted from the k_j: the
+    # row's heaviest key, which removes the sums' rounding, |sum| |k_ref - k_0|, and is
+    # exact where the row is one-hot (both products then hold one term and cancel)
+    dq = (dq - da_sum[:, None] * kp_ref) * scale
+    dr = pg_sum[:, None] * kp_ref - dr
+    ptrs = kbase + offs_m[:, None] * D + offs_d[None, :]
     tl.store(DQ + ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
     tl.store(DR + ptrs, dr.to(DR.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dkdv_kernel(Q, K, V, R, G, LSE, DBAR, GNU, DELTA, DK, DV_OUT, S, scale,
+def _px_bwd_dkdv_kernel(Q, K, V, R, G, LSE, DBAR, TREF, REF, GREF, GC, DELTA, DK, DV_OUT, S, scale,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+                        UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
+                        SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
     pid_n = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     kbase = head * S * D
@@ -306,6 +370,10 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, G, LSE, DBAR, GNU, DELTA, DK, DV_OUT, S, sca
     ck = tl.load(K + kbase + tl.arange(0, D)).to(ACC)
     cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
     k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
+    if SPLIT_D:
+        kp_hi, kp_lo = _split_rows(kp)
+    else:
+        kp_hi, kp_lo = kp, kp
 
     dk = tl.zeros([BLOCK_N, D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, DV], dtype=ACC)
@@ -313,7 +381,6 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, G, LSE, DBAR, GNU, DELTA, DK, DV_OUT, S, sca
     lo = (start_n // BLOCK_M) * BLOCK_M
     for start_m in range(lo, S, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < S
         q = _load_rows(Q, kbase, offs_m, S, D)
         if UPCAST:
             q_dot = q.to(ACC)
@@ -321,13 +388,15 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, G, LSE, DBAR, GNU, DELTA, DK, DV_OUT, S, sca
             q_dot = q
         qf = q.to(ACC)
         rf = _load_rows(R, kbase, offs_m, S, D).to(ACC)
+        if SPLIT_D:
+            r_hi, r_lo = _split_rows(rf)
+        else:
+            r_hi, r_lo = rf, rf
         gf = _load_rows(G, vbase, offs_m, S, DV).to(ACC)
-        lse = tl.load(LSE + head * S + offs_m, mask=row_ok, other=0.0)
-        dbar = tl.load(DBAR + head * S + offs_m, mask=row_ok, other=0.0)
-        gnu = tl.load(GNU + head * S + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + head * S + offs_m, mask=row_ok, other=0.0)
-        pf, pg, da = _bwd_tile(q_dot, rf, gf, lse, dbar, gnu, delta, k_dot, kp, vp, offs_m, offs_n, S, scale,
-                               PREC, SPREC, ACC)
+        lse, dbar, tref, ref, gref, gc, delta = _row_stats(LSE, DBAR, TREF, REF, GREF, GC, DELTA, head * S, offs_m,
+                                                           S)
+        pf, pg, da = _bwd_tile(q_dot, rf, r_hi, r_lo, gf, lse, dbar, tref, ref, gref, gc, delta, k_dot, kp, kp_hi,
+                               kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC, ACC, SPLIT_D, EXACT)
         dv += tl.dot(tl.trans(pf), gf, input_precision=PREC)
         dk += scale * tl.dot(tl.trans(da), qf, input_precision=PREC) - tl.dot(tl.trans(pg), rf,
                                                                               input_precision=PREC)
@@ -393,30 +462,41 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> 
     o = torch.empty_like(v)
     lse = torch.empty(N, S, device=q.device, dtype=acc)
     dbar = torch.empty_like(lse)
+    tref = torch.empty_like(lse)
+    ref = torch.empty(N, S, device=q.device, dtype=torch.int32)
     nup = torch.empty(N, S, DV, device=q.device, dtype=acc)
     cr = torch.empty_like(nup)
     _launch(_px_fwd_kernel, lambda bm, bn: (triton.cdiv(S, bm), N),
-            (q, k, v, r, o, lse, nup, dbar, cr, S, float(scale)), D, DV, q.dtype, config,
+            (q, k, v, r, o, lse, nup, dbar, cr, tref, ref, S, float(scale)), D, DV, q.dtype, config,
             # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
             # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
             SPLIT_D=q.dtype != torch.float64 and (split_d is None or bool(split_d)),
             EXACT="ieee" if interpreting() else "bf16")
-    return ForwardOut(o, lse, nup, dbar, cr)
+    return ForwardOut(o, lse, nup, dbar, cr, tref, ref)
 
 
 def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=None) -> BackwardOut:
     """dq, dk, dv, dr for dL/do = g (N, S, Dv), from the forward's saved row quantities."""
     N, S, D = q.shape
     DV = v.shape[-1]
-    gf = g.to(fo.nup.dtype)
-    # per-row scalars of the gradient: <g_i, nu_i - v_0> and delta_i = <g_i, C_i r_i>
-    gnu = (gf * fo.nup).sum(-1).contiguous()
+    acc = fo.nup.dtype
+    gf = g.to(acc)
+    # per-row scalars of the gradient, against the row's heaviest key v_ref (formed as the
+    # kernels form vp_j = v_j - v_0, so bitwise the same): <g_i, v_ref - v_0> where the
+    # tile does not hold it, gc_i = <g_i, nu_i - v_ref> and delta_i = <g_i, C_i r_i>
+    idx = fo.ref.long()[..., None].expand(N, S, DV)
+    vp_ref = torch.gather(v, 1, idx).to(acc) - v[:, :1].to(acc)
+    gref = (gf * vp_ref).sum(-1).contiguous()
+    gc = (gf * (fo.nup - vp_ref)).sum(-1).contiguous()
     delta = (gf * fo.cr).sum(-1).contiguous()
     dq, dk, dr = torch.empty_like(q), torch.empty_like(k), torch.empty_like(r)
     dv = torch.empty_like(v)
-    common = (q, k, v, r, g, fo.lse, fo.dbar, gnu, delta)
+    common = (q, k, v, r, g, fo.lse, fo.dbar, fo.tref, fo.ref, gref, gc, delta)
+    # the split follows the forward's (float64: one product at u64); a forward run with
+    # split_d=False saved tref = 0, which the split backward reads the same way
+    extra = dict(SPLIT_D=q.dtype != torch.float64, EXACT="ieee" if interpreting() else "bf16")
     _launch(_px_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, S, float(scale)),
-            D, DV, q.dtype, config)
+            D, DV, q.dtype, config, **extra)
     _launch(_px_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(S, bn), N), common + (dk, dv, S, float(scale)),
-            D, DV, q.dtype, config)
+            D, DV, q.dtype, config, **extra)
     return BackwardOut(dq, dk, dv, dr)
