@@ -49,7 +49,8 @@ def interpreting() -> bool:
 
 class ForwardOut(NamedTuple):
     o: torch.Tensor  # (N, S, Dv) input dtype
-    lse: torch.Tensor  # (N, S) accumulation dtype: m_i + log(sum_j exp(a_ij - m_i))
+    m: torch.Tensor  # (N, S) accumulation dtype: m_i = max_j a_ij, the score at key ref_i
+    lw: torch.Tensor  # (N, S): log sum_j exp(a_ij - m_i), kept apart from m_i (m_i + lw_i rounds lw_i at u |m_i|)
     nup: torch.Tensor  # (N, S, Dv): nu_i - v_0
     dbar: torch.Tensor  # (N, S): sum_j p_ij d_ij - tref_i (d_ij = <k_j - k_0, r_i>)
     cr: torch.Tensor  # (N, S, Dv): C_i r_i
@@ -190,7 +191,7 @@ def _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, sca
 
 # S is not specialised on (== 1, % 16): every pointer is offset by multiples of D or Dv
 @triton.jit(do_not_specialize=("S",))
-def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, TREF, REF, S, scale,
+def _px_fwd_kernel(Q, K, V, R, O, M, LW, NUP, DBAR, CR, TREF, REF, S, scale,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                    SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
@@ -247,7 +248,8 @@ def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, TREF, REF, S, scale,
     tl.store(O + vptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(NUP + vptrs, nup, mask=row_ok[:, None])
     tl.store(CR + vptrs, cr, mask=row_ok[:, None])
-    tl.store(LSE + head * S + offs_m, m_i + tl.log(l_i), mask=row_ok)
+    tl.store(M + head * S + offs_m, m_i, mask=row_ok)
+    tl.store(LW + head * S + offs_m, tl.log(l_i), mask=row_ok)
     # the backward forms d_ij against the same reference (exactly, from the same split)
     # and centres on the same key
     tl.store(DBAR + head * S + offs_m, dbar, mask=row_ok)
@@ -255,54 +257,117 @@ def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, TREF, REF, S, scale,
     tl.store(REF + head * S + offs_m, j_ref, mask=row_ok)
 
 
+# Per-row quantities of the backward, one (N, S, N_STATS) tensor in the accumulation dtype
+ST_M, ST_LW, ST_DBAR, ST_TREF, ST_GREF, ST_GC, ST_DELTA = range(7)
+N_STATS = 7
+
+
 @triton.jit
-def _row_stats(LSE, DBAR, TREF, REF, GREF, GC, DELTA, rbase, offs_m, S):
-    """The backward's per-row quantities of a query tile (padding rows: 0)."""
+def _stat(STATS, rows, ok, col: tl.constexpr):
+    return tl.load(STATS + rows * N_STATS + col, mask=ok, other=0.0)
+
+
+@triton.jit
+def _bwd_rows(Q, K, R, G, STATS, REF, kbase, vbase, head, offs_m, S, ck,
+              D: tl.constexpr, DV: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr):
+    """A query tile's operands for the backward: q (for the product and in ACC), r, g,
+    the splits of q and r, the row's heaviest key ref_i and its score parts."""
     ok = offs_m < S
-    ptr = rbase + offs_m
-    return (tl.load(LSE + ptr, mask=ok, other=0.0), tl.load(DBAR + ptr, mask=ok, other=0.0),
-            tl.load(TREF + ptr, mask=ok, other=0.0), tl.load(REF + ptr, mask=ok, other=0),
-            tl.load(GREF + ptr, mask=ok, other=0.0), tl.load(GC + ptr, mask=ok, other=0.0),
-            tl.load(DELTA + ptr, mask=ok, other=0.0))
+    q = _load_rows(Q, kbase, offs_m, S, D)
+    qf = q.to(ACC)
+    if UPCAST:
+        q_dot = qf
+    else:
+        q_dot = q
+    rf = _load_rows(R, kbase, offs_m, S, D).to(ACC)
+    gf = _load_rows(G, vbase, offs_m, S, DV).to(ACC)
+    ref = tl.load(REF + head * S + offs_m, mask=ok, other=0)
+    # padding rows read key 0 (ref = 0); their p is masked to 0
+    k_ref = tl.load(K + kbase + ref[:, None] * D + tl.arange(0, D)[None, :]).to(ACC)
+    if SPLIT:
+        q_hi, q_lo = _split_rows(qf)
+        r_hi, r_lo = _split_rows(rf)
+        kr_hi, kr_lo = _split_rows(k_ref)
+        # <q_hi, k_hi> at the reference key: exact in any order (see _bwd_tile); the
+        # remainder is the tile product's where the tile holds the key
+        s_ref = tl.sum(q_hi * kr_hi, 1)
+        rem_ref = tl.sum(q_lo * k_ref, 1) + tl.sum(q_hi * kr_lo, 1)
+    else:
+        q_hi, q_lo, r_hi, r_lo = qf, qf, rf, rf
+        s_ref = tl.zeros([q.shape[0]], dtype=ACC)
+        rem_ref = s_ref
+    return q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, k_ref - ck[None, :], s_ref, rem_ref
 
 
 @triton.jit
-def _bwd_tile(q_dot, rf, r_hi, r_lo, gf, lse, dbar, tref, ref, gref, gc, delta, k_dot, kp, kp_hi, kp_lo, vp,
-              offs_m, offs_n, S, scale, PREC: tl.constexpr, SPREC: tl.constexpr, ACC: tl.constexpr,
-              SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
+def _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D: tl.constexpr, DV: tl.constexpr, UPCAST: tl.constexpr,
+              ACC: tl.constexpr, SPLIT: tl.constexpr):
+    """A key tile's operands for the backward: k (for the product), its split, kp and its
+    split, vp."""
+    k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
+    kf = k_dot.to(ACC)
+    if SPLIT:
+        k_hi, k_lo = _split_rows(kf)
+        kp_hi, kp_lo = _split_rows(kp)
+    else:
+        k_hi, k_lo, kp_hi, kp_lo = kf, kf, kp, kp
+    return k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp
+
+
+@triton.jit
+def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, s_ref, rem_ref, STATS, rows, k_dot, kf, k_hi, k_lo, kp,
+              kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC: tl.constexpr, SPREC: tl.constexpr,
+              ACC: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr):
     """p, 1 - e, p gv and da for a (query tile, key tile) pair, causal mask included."""
-    a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC) * scale
-    keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S) & (offs_m[:, None] < S)
-    # the exponent is masked first: padding rows carry lse = 0 and could overflow
-    p = tl.exp(tl.where(keep, a - lse[:, None], float("-inf")))
-    if SPLIT_D:
+    ok = offs_m < S
+    keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S) & ok[:, None]
+    # where the row's heaviest key lies in this tile, its per-row terms below are taken
+    # from this tile's own products, so that they cancel exactly at that key
+    at_ref = offs_n[None, :] == ref[:, None]
+    hit = tl.max(at_ref.to(tl.int32), 1) > 0
+    lw = _stat(STATS, rows, ok, ST_LW)
+    if SPLIT:
+        # a_ij - m_i = s <q_i, k_j - k_ref>. A score rounded on its own carries u |a_ij|,
+        # up to a unit in the last place of m_i, which moves p_ij by that much relatively
+        # where the softmax is steep (|a| ~ 700 at scale 100). So the difference is formed
+        # as the forward forms d: q = q_hi + q_lo per row, k = k_hi + k_lo per key (8-bit
+        # hi parts on power-of-two grids), each entry of q_hi k_hi^T exact in fp32 and
+        # referred to the key exactly; the remainder, 2^-7 the size, rounds on its own.
+        a_hi = _exact_dot(q_hi, k_hi, EXACT)
+        a_rem = tl.dot(q_lo, tl.trans(kf), input_precision=PREC) + tl.dot(q_hi, tl.trans(k_lo), input_precision=PREC)
+        rem_at = tl.where(hit, tl.sum(tl.where(at_ref, a_rem, 0.0), 1), rem_ref)
+        x = ((a_hi - s_ref[:, None]) + (a_rem - rem_at[:, None])) * scale
+    else:
+        x = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC) * scale - _stat(STATS, rows, ok, ST_M)[:, None]
+    # the exponent is masked first: padding rows could overflow
+    p = tl.exp(tl.where(keep, x - lw[:, None], float("-inf")))
+    dbar = _stat(STATS, rows, ok, ST_DBAR)
+    if SPLIT:
         # d_ij against the row's reference exactly as the forward formed it: a single
         # product rounds d at u |k_j - k_0| |r_i|, far above e_ij where the keys have a
         # large norm (docs/kernels-parallax.md §5)
         s_hi = _exact_dot(r_hi, kp_hi, EXACT)
         rem = tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
-        e = ((s_hi - tref[:, None]) + rem) - dbar[:, None]
+        e = ((s_hi - _stat(STATS, rows, ok, ST_TREF)[:, None]) + rem) - dbar[:, None]
     else:
         e = tl.dot(rf, tl.trans(kp), input_precision=PREC) - dbar[:, None]
-    # gv_ij = <g_i, v_j - nu_i> = (<g_i, vp_j> - <g_i, vp_ref>) - gc_i, gc_i = <g_i, nu_i - v_ref>,
-    # with <g_i, vp_ref> taken from this very product where the row's heaviest key is in the
-    # tile: there gv = -gc_i exactly, 0 in a one-hot row (nu_i = v_ref), as is the true
-    # value; a per-row <g_i, nu_i> rounded in another order leaves u |g_i| |vp| there
+    # gv_ij = <g_i, v_j - nu_i> = (<g_i, vp_j> - <g_i, vp_ref>) - gc_i, gc_i = <g_i, nu_i - v_ref>:
+    # 0 at the heaviest key of a one-hot row (nu_i = v_ref), as is the true value, where
+    # <g_i, nu_i> rounded in another order than the product would leave u |g_i| |vp|
     gvp = tl.dot(gf, tl.trans(vp), input_precision=PREC)
-    at_ref = offs_n[None, :] == ref[:, None]
-    hit = tl.max(at_ref.to(tl.int32), 1) > 0
-    g_ref = tl.where(hit, tl.sum(tl.where(at_ref, gvp, 0.0), 1), gref)
-    gv = (gvp - g_ref[:, None]) - gc[:, None]
+    g_ref = tl.where(hit, tl.sum(tl.where(at_ref, gvp, 0.0), 1), _stat(STATS, rows, ok, ST_GREF))
+    gv = (gvp - g_ref[:, None]) - _stat(STATS, rows, ok, ST_GC)[:, None]
     pg = p * gv
-    da = pg * (1.0 - e) + p * delta[:, None]
-    return p * (1.0 - e), pg, da
+    pf = p * (1.0 - e)
+    da = pg * (1.0 - e) + p * _stat(STATS, rows, ok, ST_DELTA)[:, None]
+    return pf, pg, da
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dq_kernel(Q, K, V, R, G, LSE, DBAR, TREF, REF, GREF, GC, DELTA, DQ, DR, S, scale,
+def _px_bwd_dq_kernel(Q, K, V, R, G, STATS, REF, DQ, DR, S, scale,
                       D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                      SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
+                      SPLIT: tl.constexpr, EXACT: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_M)
     pid_m = n_tiles - 1 - tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -310,22 +375,11 @@ def _px_bwd_dq_kernel(Q, K, V, R, G, LSE, DBAR, TREF, REF, GREF, GC, DELTA, DQ, 
     vbase = head * S * DV
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < S
-    q = _load_rows(Q, kbase, offs_m, S, D)
-    if UPCAST:
-        q_dot = q.to(ACC)
-    else:
-        q_dot = q
-    rf = _load_rows(R, kbase, offs_m, S, D).to(ACC)
-    if SPLIT_D:
-        r_hi, r_lo = _split_rows(rf)
-    else:
-        r_hi, r_lo = rf, rf
-    gf = _load_rows(G, vbase, offs_m, S, DV).to(ACC)
-    lse, dbar, tref, ref, gref, gc, delta = _row_stats(LSE, DBAR, TREF, REF, GREF, GC, DELTA, head * S, offs_m, S)
+    rows = head * S + offs_m
     ck = tl.load(K + kbase + offs_d).to(ACC)
     cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
-    kp_ref = tl.load(K + kbase + ref[:, None] * D + offs_d[None, :]).to(ACC) - ck[None, :]
+    q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, kp_ref, s_ref, rem_ref = _bwd_rows(
+        Q, K, R, G, STATS, REF, kbase, vbase, head, offs_m, S, ck, D, DV, UPCAST, ACC, SPLIT)
 
     dq = tl.zeros([BLOCK_M, D], dtype=ACC)
     dr = tl.zeros([BLOCK_M, D], dtype=ACC)
@@ -334,13 +388,11 @@ def _px_bwd_dq_kernel(Q, K, V, R, G, LSE, DBAR, TREF, REF, GREF, GC, DELTA, DQ, 
     hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
-        if SPLIT_D:
-            kp_hi, kp_lo = _split_rows(kp)
-        else:
-            kp_hi, kp_lo = kp, kp
-        _pf, pg, da = _bwd_tile(q_dot, rf, r_hi, r_lo, gf, lse, dbar, tref, ref, gref, gc, delta, k_dot, kp,
-                                kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC, ACC, SPLIT_D, EXACT)
+        k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp = _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST,
+                                                               ACC, SPLIT)
+        _pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, s_ref, rem_ref, STATS, rows, k_dot, kf,
+                                k_hi, k_lo, kp, kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC, ACC, SPLIT,
+                                EXACT)
         dq += tl.dot(da, kp, input_precision=PREC)
         dr += tl.dot(pg, kp, input_precision=PREC)
         da_sum += tl.sum(da, 1)
@@ -350,16 +402,17 @@ def _px_bwd_dq_kernel(Q, K, V, R, G, LSE, DBAR, TREF, REF, GREF, GC, DELTA, DQ, 
     # exact where the row is one-hot (both products then hold one term and cancel)
     dq = (dq - da_sum[:, None] * kp_ref) * scale
     dr = pg_sum[:, None] * kp_ref - dr
+    row_ok = offs_m < S
     ptrs = kbase + offs_m[:, None] * D + offs_d[None, :]
     tl.store(DQ + ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
     tl.store(DR + ptrs, dr.to(DR.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dkdv_kernel(Q, K, V, R, G, LSE, DBAR, TREF, REF, GREF, GC, DELTA, DK, DV_OUT, S, scale,
+def _px_bwd_dkdv_kernel(Q, K, V, R, G, STATS, REF, DK, DV_OUT, S, scale,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                        SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
+                        SPLIT: tl.constexpr, EXACT: tl.constexpr):
     pid_n = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     kbase = head * S * D
@@ -369,11 +422,8 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, G, LSE, DBAR, TREF, REF, GREF, GC, DELTA, DK
     col_ok = offs_n < S
     ck = tl.load(K + kbase + tl.arange(0, D)).to(ACC)
     cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
-    k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
-    if SPLIT_D:
-        kp_hi, kp_lo = _split_rows(kp)
-    else:
-        kp_hi, kp_lo = kp, kp
+    k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp = _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST,
+                                                           ACC, SPLIT)
 
     dk = tl.zeros([BLOCK_N, D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, DV], dtype=ACC)
@@ -381,22 +431,11 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, G, LSE, DBAR, TREF, REF, GREF, GC, DELTA, DK
     lo = (start_n // BLOCK_M) * BLOCK_M
     for start_m in range(lo, S, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, kbase, offs_m, S, D)
-        if UPCAST:
-            q_dot = q.to(ACC)
-        else:
-            q_dot = q
-        qf = q.to(ACC)
-        rf = _load_rows(R, kbase, offs_m, S, D).to(ACC)
-        if SPLIT_D:
-            r_hi, r_lo = _split_rows(rf)
-        else:
-            r_hi, r_lo = rf, rf
-        gf = _load_rows(G, vbase, offs_m, S, DV).to(ACC)
-        lse, dbar, tref, ref, gref, gc, delta = _row_stats(LSE, DBAR, TREF, REF, GREF, GC, DELTA, head * S, offs_m,
-                                                           S)
-        pf, pg, da = _bwd_tile(q_dot, rf, r_hi, r_lo, gf, lse, dbar, tref, ref, gref, gc, delta, k_dot, kp, kp_hi,
-                               kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC, ACC, SPLIT_D, EXACT)
+        q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, _kp_ref, s_ref, rem_ref = _bwd_rows(
+            Q, K, R, G, STATS, REF, kbase, vbase, head, offs_m, S, ck, D, DV, UPCAST, ACC, SPLIT)
+        pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, s_ref, rem_ref, STATS, head * S + offs_m,
+                               k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC,
+                               ACC, SPLIT, EXACT)
         dv += tl.dot(tl.trans(pf), gf, input_precision=PREC)
         dk += scale * tl.dot(tl.trans(da), qf, input_precision=PREC) - tl.dot(tl.trans(pg), rf,
                                                                               input_precision=PREC)
@@ -460,19 +499,18 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> 
     DV = v.shape[-1]
     acc = _acc_dtype(q.dtype)
     o = torch.empty_like(v)
-    lse = torch.empty(N, S, device=q.device, dtype=acc)
-    dbar = torch.empty_like(lse)
-    tref = torch.empty_like(lse)
+    m = torch.empty(N, S, device=q.device, dtype=acc)
+    lw, dbar, tref = torch.empty_like(m), torch.empty_like(m), torch.empty_like(m)
     ref = torch.empty(N, S, device=q.device, dtype=torch.int32)
     nup = torch.empty(N, S, DV, device=q.device, dtype=acc)
     cr = torch.empty_like(nup)
     _launch(_px_fwd_kernel, lambda bm, bn: (triton.cdiv(S, bm), N),
-            (q, k, v, r, o, lse, nup, dbar, cr, tref, ref, S, float(scale)), D, DV, q.dtype, config,
+            (q, k, v, r, o, m, lw, nup, dbar, cr, tref, ref, S, float(scale)), D, DV, q.dtype, config,
             # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
             # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
             SPLIT_D=q.dtype != torch.float64 and (split_d is None or bool(split_d)),
             EXACT="ieee" if interpreting() else "bf16")
-    return ForwardOut(o, lse, nup, dbar, cr, tref, ref)
+    return ForwardOut(o, m, lw, nup, dbar, cr, tref, ref)
 
 
 def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=None) -> BackwardOut:
@@ -486,15 +524,17 @@ def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=Non
     # tile does not hold it, gc_i = <g_i, nu_i - v_ref> and delta_i = <g_i, C_i r_i>
     idx = fo.ref.long()[..., None].expand(N, S, DV)
     vp_ref = torch.gather(v, 1, idx).to(acc) - v[:, :1].to(acc)
-    gref = (gf * vp_ref).sum(-1).contiguous()
-    gc = (gf * (fo.nup - vp_ref)).sum(-1).contiguous()
-    delta = (gf * fo.cr).sum(-1).contiguous()
+    gref = (gf * vp_ref).sum(-1)
+    gc = (gf * (fo.nup - vp_ref)).sum(-1)
+    delta = (gf * fo.cr).sum(-1)
+    stats = torch.stack((fo.m, fo.lw, fo.dbar, fo.tref, gref, gc, delta), -1).contiguous()
+    assert stats.shape[-1] == N_STATS
     dq, dk, dr = torch.empty_like(q), torch.empty_like(k), torch.empty_like(r)
     dv = torch.empty_like(v)
-    common = (q, k, v, r, g, fo.lse, fo.dbar, fo.tref, fo.ref, gref, gc, delta)
-    # the split follows the forward's (float64: one product at u64); a forward run with
-    # split_d=False saved tref = 0, which the split backward reads the same way
-    extra = dict(SPLIT_D=q.dtype != torch.float64, EXACT="ieee" if interpreting() else "bf16")
+    common = (q, k, v, r, g, stats, fo.ref)
+    # float64 keeps single products (u64); a forward run with split_d=False saved tref = 0
+    # and d against k_0, which the split backward reads the same way
+    extra = dict(SPLIT=q.dtype != torch.float64, EXACT="ieee" if interpreting() else "bf16")
     _launch(_px_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, S, float(scale)),
             D, DV, q.dtype, config, **extra)
     _launch(_px_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(S, bn), N), common + (dk, dv, S, float(scale)),
