@@ -49,13 +49,16 @@ def interpreting() -> bool:
 
 class ForwardOut(NamedTuple):
     o: torch.Tensor  # (N, S, Dv) input dtype
-    m: torch.Tensor  # (N, S) accumulation dtype: m_i = max_j a_ij, the score at key ref_i
+    m: torch.Tensor  # (N, S) accumulation dtype: m_i = max_j a_ij, the score at key ref_i (0 with the split)
     lw: torch.Tensor  # (N, S): log sum_j exp(a_ij - m_i), kept apart from m_i (m_i + lw_i rounds lw_i at u |m_i|)
     nup: torch.Tensor  # (N, S, Dv): nu_i - v_0
     dbar: torch.Tensor  # (N, S): sum_j p_ij d_ij - tref_i (d_ij = <k_j - k_0, r_i>)
     cr: torch.Tensor  # (N, S, Dv): C_i r_i
     tref: torch.Tensor  # (N, S): the row's reference, exact r_hi kp_hi^T at key ref_i (0 without the split)
     ref: torch.Tensor  # (N, S) int32: the row's heaviest key (the first argmax_j a_ij in tile order)
+    sa: torch.Tensor  # (N, S): with the split, q_hi k_hi^T at key ref_i (exact), the scores' reference
+    sr: torch.Tensor  # (N, S): and the remainder q_lo k^T + q_hi k_lo^T there (0 without the split)
+    split: bool  # d and the scores formed through the split products
 
 
 class BackwardOut(NamedTuple):
@@ -97,6 +100,14 @@ def _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK: tl.constexpr, SPREC: t
 
 
 @triton.jit
+def _masked(x, offs_m, offs_n, S, MASK: tl.constexpr):
+    if MASK:
+        keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S)
+        x = tl.where(keep, x, float("-inf"))
+    return x
+
+
+@triton.jit
 def _grid_split(x, g):
     """x = hi + lo with hi on the grid g (a power of two): both parts exact."""
     hi = tl.floor(x / g + 0.5) * g
@@ -129,26 +140,50 @@ def _exact_dot(r_hi, kp_hi, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nu,
-              dbar, cm, t_ref, j_ref,
+def _fwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i,
+              nu, dbar, cm, t_ref, j_ref, s_a, s_r,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
               MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
               SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
     """Merge one key tile into the running (m, W, nu, dbar, M) of each query (Chan et al.'s
     update of a co-moment); M = sum_j w_j (vp_j - nu)(d_j - dbar) in the weights
     of the running maximum, d_j and dbar relative to the row's reference t_ref, taken at
-    its heaviest key so far, j_ref."""
+    its heaviest key so far, j_ref. With the split, the scores too are kept relative to that
+    key's, whose exact and remainder parts are s_a and s_r: the running maximum is then 0."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
-    a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC).to(ACC)
-    m_tile = tl.max(a, 1)
-    m_new = tl.maximum(m_i, m_tile)
-    # every row sees key 0 in the first tile, so m_new is finite from then on
-    alpha = tl.exp(m_i - m_new)
-    w = tl.exp(a - m_new[:, None])
+    col = tl.arange(0, BLOCK_N)
+    if SPLIT_D:
+        # a_ij - a_i,ref = s <q_i, k_j - k_ref>. A score rounded on its own carries up to half
+        # an ulp of |a_ij|, which moves p_ij by that much relatively where the softmax is steep
+        # (docs/kernels-parallax.md §5): the difference is formed as d is below, from the exact
+        # q_hi k_hi^T and the remainder, each referred to the key's own entries
+        kf = k_dot.to(ACC)
+        k_hi, k_lo = _split_rows(kf)
+        a_hi = _exact_dot(q_hi, k_hi, EXACT)
+        a_rem = tl.dot(q_lo, tl.trans(kf), input_precision=PREC) + tl.dot(q_hi, tl.trans(k_lo), input_precision=PREC)
+        x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
+        m_tile = tl.max(x, 1)
+        moved = m_tile > m_i
+        jmax = tl.argmax(x, 1)
+        top = col[None, :] == jmax[:, None]
+        s_a = tl.where(moved, tl.sum(tl.where(top, a_hi, 0.0), 1), s_a)
+        s_r = tl.where(moved, tl.sum(tl.where(top, a_rem, 0.0), 1), s_r)
+        # m_i is -inf until a row sees its first key, 0 (its reference's score) from then on
+        alpha = tl.exp(tl.where(moved, m_i - m_tile, 0.0))
+        m_new = tl.where(moved, 0.0, m_i)
+        x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
+        w = tl.exp(x)
+    else:
+        a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC).to(ACC)
+        m_tile = tl.max(a, 1)
+        m_new = tl.maximum(m_i, m_tile)
+        # every row sees key 0 in the first tile, so m_new is finite from then on
+        alpha = tl.exp(m_i - m_new)
+        w = tl.exp(a - m_new[:, None])
+        jmax = tl.argmax(a, 1)
+        moved = m_tile > m_i
     # the reference key moves to the tile's heaviest where the running maximum moves
-    jmax = tl.argmax(a, 1)
-    moved = m_tile > m_i
     j_ref = tl.where(moved, start_n + jmax, j_ref)
     if SPLIT_D:
         # d_ij = <k_j - k_0, r_i> is O(|k_j - k_0| |r_i|) and rounds at u times that, while the
@@ -162,7 +197,6 @@ def _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, sca
         kp_hi, kp_lo = _split_rows(kp)
         s_hi = _exact_dot(r_hi, kp_hi, EXACT)
         rem = tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
-        col = tl.arange(0, BLOCK_N)
         s_top = tl.sum(tl.where(col[None, :] == jmax[:, None], s_hi, 0.0), 1)
         t_new = tl.where(moved, s_top, t_ref)
         dbar = dbar + (t_ref - t_new)
@@ -186,12 +220,12 @@ def _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, sca
     # Chan et al.: moving the old moment from its means to the merged ones adds
     # w_a (nu - nu_new)(dbar - dbar_new)
     cm = cm * alpha[:, None] + cm_b + (w_a * (dbar - dbar_new))[:, None] * (nu - nu_new)
-    return m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref
+    return m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r
 
 
 # S is not specialised on (== 1, % 16): every pointer is offset by multiples of D or Dv
 @triton.jit(do_not_specialize=("S",))
-def _px_fwd_kernel(Q, K, V, R, O, M, LW, NUP, DBAR, CR, TREF, REF, S, scale,
+def _px_fwd_kernel(Q, K, V, R, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, scale,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                    SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
@@ -226,20 +260,23 @@ def _px_fwd_kernel(Q, K, V, R, O, M, LW, NUP, DBAR, CR, TREF, REF, S, scale,
     # r = r_hi + r_lo, r_hi on a per-row grid of 2^-6 its largest power of two (_fwd_tile)
     if SPLIT_D:
         r_hi, r_lo = _split_rows(rf)
+        q_hi, q_lo = _split_rows(q.to(ACC))
     else:
-        r_hi, r_lo = rf, rf
+        r_hi, r_lo, q_hi, q_lo = rf, rf, rf, rf
     # t_ref: the row's reference, r_hi kp_hi^T at its heaviest key so far; d and dbar are
     # kept relative to it (0 without the split: d relative to k_0 itself)
     t_ref = tl.zeros([BLOCK_M], dtype=ACC)
     j_ref = tl.zeros([BLOCK_M], dtype=tl.int32)
+    s_a = tl.zeros([BLOCK_M], dtype=ACC)
+    s_r = tl.zeros([BLOCK_M], dtype=ACC)
     for start_n in range(0, lo_full, BLOCK_N):
-        m_i, l_i, nup, dbar, cm, t_ref, j_ref = _fwd_tile(
-            q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup, dbar, cm,
-            t_ref, j_ref, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT)
+        m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
+            q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
+            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT)
     for start_n in range(lo_full, hi, BLOCK_N):
-        m_i, l_i, nup, dbar, cm, t_ref, j_ref = _fwd_tile(
-            q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup, dbar, cm,
-            t_ref, j_ref, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT)
+        m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
+            q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
+            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT)
     cr = cm / l_i[:, None]
     o = cv[None, :] + nup - cr
 
@@ -250,6 +287,8 @@ def _px_fwd_kernel(Q, K, V, R, O, M, LW, NUP, DBAR, CR, TREF, REF, S, scale,
     tl.store(CR + vptrs, cr, mask=row_ok[:, None])
     tl.store(M + head * S + offs_m, m_i, mask=row_ok)
     tl.store(LW + head * S + offs_m, tl.log(l_i), mask=row_ok)
+    tl.store(SA + head * S + offs_m, s_a, mask=row_ok)
+    tl.store(SR + head * S + offs_m, s_r, mask=row_ok)
     # the backward forms d_ij against the same reference (exactly, from the same split)
     # and centres on the same key
     tl.store(DBAR + head * S + offs_m, dbar, mask=row_ok)
@@ -258,8 +297,9 @@ def _px_fwd_kernel(Q, K, V, R, O, M, LW, NUP, DBAR, CR, TREF, REF, S, scale,
 
 
 # Per-row quantities of the backward, one (N, S, N_STATS) tensor in the accumulation dtype
-ST_M, ST_LW, ST_DBAR, ST_TREF, ST_GREF, ST_GC, ST_DELTA = range(7)
-N_STATS = 7
+STAT_NAMES = ("m", "lw", "sa", "sr", "dbar", "tref", "delta")
+ST_M, ST_LW, ST_SA, ST_SR, ST_DBAR, ST_TREF, ST_DELTA = (tl.constexpr(i) for i in range(len(STAT_NAMES)))
+N_STATS = tl.constexpr(len(STAT_NAMES))
 
 
 @triton.jit
@@ -268,10 +308,11 @@ def _stat(STATS, rows, ok, col: tl.constexpr):
 
 
 @triton.jit
-def _bwd_rows(Q, K, R, G, STATS, REF, kbase, vbase, head, offs_m, S, ck,
+def _bwd_rows(Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv,
               D: tl.constexpr, DV: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr):
     """A query tile's operands for the backward: q (for the product and in ACC), r, g,
-    the splits of q and r, the row's heaviest key ref_i and its score parts."""
+    the splits of q and r, the row's heaviest key ref_i, its anchored key, and
+    <g_i, vp_ref> and gc_i = <g_i, nu_i - v_ref> (vp_ref formed as the tiles form vp_j)."""
     ok = offs_m < S
     q = _load_rows(Q, kbase, offs_m, S, D)
     qf = q.to(ACC)
@@ -284,19 +325,16 @@ def _bwd_rows(Q, K, R, G, STATS, REF, kbase, vbase, head, offs_m, S, ck,
     ref = tl.load(REF + head * S + offs_m, mask=ok, other=0)
     # padding rows read key 0 (ref = 0); their p is masked to 0
     k_ref = tl.load(K + kbase + ref[:, None] * D + tl.arange(0, D)[None, :]).to(ACC)
+    vp_ref = tl.load(V + vbase + ref[:, None] * DV + tl.arange(0, DV)[None, :]).to(ACC) - cv[None, :]
+    nup = _load_rows(NUP, vbase, offs_m, S, DV)
+    g_ref = tl.sum(gf * vp_ref, 1)
+    gc = tl.sum(gf * (nup - vp_ref), 1)
     if SPLIT:
         q_hi, q_lo = _split_rows(qf)
         r_hi, r_lo = _split_rows(rf)
-        kr_hi, kr_lo = _split_rows(k_ref)
-        # <q_hi, k_hi> at the reference key: exact in any order (see _bwd_tile); the
-        # remainder is the tile product's where the tile holds the key
-        s_ref = tl.sum(q_hi * kr_hi, 1)
-        rem_ref = tl.sum(q_lo * k_ref, 1) + tl.sum(q_hi * kr_lo, 1)
     else:
         q_hi, q_lo, r_hi, r_lo = qf, qf, rf, rf
-        s_ref = tl.zeros([q.shape[0]], dtype=ACC)
-        rem_ref = s_ref
-    return q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, k_ref - ck[None, :], s_ref, rem_ref
+    return q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, k_ref - ck[None, :], g_ref, gc
 
 
 @triton.jit
@@ -315,7 +353,7 @@ def _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D: tl.constexpr, DV: tl.con
 
 
 @triton.jit
-def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, s_ref, rem_ref, STATS, rows, k_dot, kf, k_hi, k_lo, kp,
+def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, rows, k_dot, kf, k_hi, k_lo, kp,
               kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC: tl.constexpr, SPREC: tl.constexpr,
               ACC: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr):
     """p, 1 - e, p gv and da for a (query tile, key tile) pair, causal mask included."""
@@ -327,16 +365,13 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, s_ref, rem_ref, STATS,
     hit = tl.max(at_ref.to(tl.int32), 1) > 0
     lw = _stat(STATS, rows, ok, ST_LW)
     if SPLIT:
-        # a_ij - m_i = s <q_i, k_j - k_ref>. A score rounded on its own carries u |a_ij|,
-        # up to a unit in the last place of m_i, which moves p_ij by that much relatively
-        # where the softmax is steep (|a| ~ 700 at scale 100). So the difference is formed
-        # as the forward forms d: q = q_hi + q_lo per row, k = k_hi + k_lo per key (8-bit
-        # hi parts on power-of-two grids), each entry of q_hi k_hi^T exact in fp32 and
-        # referred to the key exactly; the remainder, 2^-7 the size, rounds on its own.
+        # a_ij - a_i,ref = s <q_i, k_j - k_ref> as the forward formed it (_fwd_tile): the
+        # exact q_hi k_hi^T less its saved value at the key, the remainder less the tile's
+        # own entry there (the saved one where the tile does not hold the key)
         a_hi = _exact_dot(q_hi, k_hi, EXACT)
         a_rem = tl.dot(q_lo, tl.trans(kf), input_precision=PREC) + tl.dot(q_hi, tl.trans(k_lo), input_precision=PREC)
-        rem_at = tl.where(hit, tl.sum(tl.where(at_ref, a_rem, 0.0), 1), rem_ref)
-        x = ((a_hi - s_ref[:, None]) + (a_rem - rem_at[:, None])) * scale
+        rem_at = tl.where(hit, tl.sum(tl.where(at_ref, a_rem, 0.0), 1), _stat(STATS, rows, ok, ST_SR))
+        x = ((a_hi - _stat(STATS, rows, ok, ST_SA)[:, None]) + (a_rem - rem_at[:, None])) * scale
     else:
         x = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC) * scale - _stat(STATS, rows, ok, ST_M)[:, None]
     # the exponent is masked first: padding rows could overflow
@@ -355,8 +390,8 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, s_ref, rem_ref, STATS,
     # 0 at the heaviest key of a one-hot row (nu_i = v_ref), as is the true value, where
     # <g_i, nu_i> rounded in another order than the product would leave u |g_i| |vp|
     gvp = tl.dot(gf, tl.trans(vp), input_precision=PREC)
-    g_ref = tl.where(hit, tl.sum(tl.where(at_ref, gvp, 0.0), 1), _stat(STATS, rows, ok, ST_GREF))
-    gv = (gvp - g_ref[:, None]) - _stat(STATS, rows, ok, ST_GC)[:, None]
+    g_at = tl.where(hit, tl.sum(tl.where(at_ref, gvp, 0.0), 1), g_ref)
+    gv = (gvp - g_at[:, None]) - gc[:, None]
     pg = p * gv
     pf = p * (1.0 - e)
     da = pg * (1.0 - e) + p * _stat(STATS, rows, ok, ST_DELTA)[:, None]
@@ -364,7 +399,7 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, s_ref, rem_ref, STATS,
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dq_kernel(Q, K, V, R, G, STATS, REF, DQ, DR, S, scale,
+def _px_bwd_dq_kernel(Q, K, V, R, G, NUP, STATS, REF, DQ, DR, S, scale,
                       D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                       SPLIT: tl.constexpr, EXACT: tl.constexpr):
@@ -378,8 +413,8 @@ def _px_bwd_dq_kernel(Q, K, V, R, G, STATS, REF, DQ, DR, S, scale,
     rows = head * S + offs_m
     ck = tl.load(K + kbase + offs_d).to(ACC)
     cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
-    q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, kp_ref, s_ref, rem_ref = _bwd_rows(
-        Q, K, R, G, STATS, REF, kbase, vbase, head, offs_m, S, ck, D, DV, UPCAST, ACC, SPLIT)
+    q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, kp_ref, g_ref, gc = _bwd_rows(
+        Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT)
 
     dq = tl.zeros([BLOCK_M, D], dtype=ACC)
     dr = tl.zeros([BLOCK_M, D], dtype=ACC)
@@ -390,7 +425,7 @@ def _px_bwd_dq_kernel(Q, K, V, R, G, STATS, REF, DQ, DR, S, scale,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp = _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST,
                                                                ACC, SPLIT)
-        _pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, s_ref, rem_ref, STATS, rows, k_dot, kf,
+        _pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, rows, k_dot, kf,
                                 k_hi, k_lo, kp, kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC, ACC, SPLIT,
                                 EXACT)
         dq += tl.dot(da, kp, input_precision=PREC)
@@ -409,7 +444,7 @@ def _px_bwd_dq_kernel(Q, K, V, R, G, STATS, REF, DQ, DR, S, scale,
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dkdv_kernel(Q, K, V, R, G, STATS, REF, DK, DV_OUT, S, scale,
+def _px_bwd_dkdv_kernel(Q, K, V, R, G, NUP, STATS, REF, DK, DV_OUT, S, scale,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                         SPLIT: tl.constexpr, EXACT: tl.constexpr):
@@ -431,9 +466,9 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, G, STATS, REF, DK, DV_OUT, S, scale,
     lo = (start_n // BLOCK_M) * BLOCK_M
     for start_m in range(lo, S, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, _kp_ref, s_ref, rem_ref = _bwd_rows(
-            Q, K, R, G, STATS, REF, kbase, vbase, head, offs_m, S, ck, D, DV, UPCAST, ACC, SPLIT)
-        pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, s_ref, rem_ref, STATS, head * S + offs_m,
+        q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, _kp_ref, g_ref, gc = _bwd_rows(
+            Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT)
+        pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, head * S + offs_m,
                                k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC,
                                ACC, SPLIT, EXACT)
         dv += tl.dot(tl.trans(pf), gf, input_precision=PREC)
@@ -491,26 +526,26 @@ def _acc_dtype(dtype):
 def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> ForwardOut:
     """Launch the forward on flattened heads: q, k, r (N, S, D), v (N, S, Dv), contiguous, one dtype.
 
-    split_d: refer d_ij to each row's heaviest key through the exact split product
-    (docs/kernels-parallax.md §3), for every dtype but float64 (whose single product rounds
-    at u64). None (the default) or True: split; False: the single product, for measuring
-    what the split costs and buys."""
+    split_d: refer d_ij and the scores to each row's heaviest key through exact split
+    products (docs/kernels-parallax.md §3, §5), for every dtype but float64 (whose single
+    products round at u64). None (the default) or True: split; False: single products, for
+    measuring what the split costs and buys."""
     N, S, D = q.shape
     DV = v.shape[-1]
     acc = _acc_dtype(q.dtype)
+    split = q.dtype != torch.float64 and (split_d is None or bool(split_d))
     o = torch.empty_like(v)
     m = torch.empty(N, S, device=q.device, dtype=acc)
-    lw, dbar, tref = torch.empty_like(m), torch.empty_like(m), torch.empty_like(m)
+    lw, dbar, tref, sa, sr = (torch.empty_like(m) for _ in range(5))
     ref = torch.empty(N, S, device=q.device, dtype=torch.int32)
     nup = torch.empty(N, S, DV, device=q.device, dtype=acc)
     cr = torch.empty_like(nup)
     _launch(_px_fwd_kernel, lambda bm, bn: (triton.cdiv(S, bm), N),
-            (q, k, v, r, o, m, lw, nup, dbar, cr, tref, ref, S, float(scale)), D, DV, q.dtype, config,
+            (q, k, v, r, o, m, lw, sa, sr, nup, dbar, cr, tref, ref, S, float(scale)), D, DV, q.dtype, config,
             # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
             # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
-            SPLIT_D=q.dtype != torch.float64 and (split_d is None or bool(split_d)),
-            EXACT="ieee" if interpreting() else "bf16")
-    return ForwardOut(o, m, lw, nup, dbar, cr, tref, ref)
+            SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16")
+    return ForwardOut(o, m, lw, nup, dbar, cr, tref, ref, sa, sr, split)
 
 
 def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=None) -> BackwardOut:
@@ -519,22 +554,16 @@ def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=Non
     DV = v.shape[-1]
     acc = fo.nup.dtype
     gf = g.to(acc)
-    # per-row scalars of the gradient, against the row's heaviest key v_ref (formed as the
-    # kernels form vp_j = v_j - v_0, so bitwise the same): <g_i, v_ref - v_0> where the
-    # tile does not hold it, gc_i = <g_i, nu_i - v_ref> and delta_i = <g_i, C_i r_i>
-    idx = fo.ref.long()[..., None].expand(N, S, DV)
-    vp_ref = torch.gather(v, 1, idx).to(acc) - v[:, :1].to(acc)
-    gref = (gf * vp_ref).sum(-1)
-    gc = (gf * (fo.nup - vp_ref)).sum(-1)
+    # delta_i = <g_i, C_i r_i>; the terms against the row's heaviest key are formed in the
+    # kernels, which gather its key and value
     delta = (gf * fo.cr).sum(-1)
-    stats = torch.stack((fo.m, fo.lw, fo.dbar, fo.tref, gref, gc, delta), -1).contiguous()
-    assert stats.shape[-1] == N_STATS
+    cols = dict(fo._asdict(), delta=delta)
+    stats = torch.stack([cols[name] for name in STAT_NAMES], -1).contiguous()
     dq, dk, dr = torch.empty_like(q), torch.empty_like(k), torch.empty_like(r)
     dv = torch.empty_like(v)
-    common = (q, k, v, r, g, stats, fo.ref)
-    # float64 keeps single products (u64); a forward run with split_d=False saved tref = 0
-    # and d against k_0, which the split backward reads the same way
-    extra = dict(SPLIT=q.dtype != torch.float64, EXACT="ieee" if interpreting() else "bf16")
+    common = (q, k, v, r, g, fo.nup, stats, fo.ref)
+    # the backward forms p and d as the forward did (float64: single products at u64)
+    extra = dict(SPLIT=fo.split, EXACT="ieee" if interpreting() else "bf16")
     _launch(_px_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, S, float(scale)),
             D, DV, q.dtype, config, **extra)
     _launch(_px_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(S, bn), N), common + (dk, dv, S, float(scale)),
