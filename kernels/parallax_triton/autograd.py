@@ -2,8 +2,8 @@
 
 ``ParallaxFunction.apply(q, k, v, r, scale)`` on flattened heads: q, k, r (N, S, D), v
 (N, S, Dv), contiguous, one dtype. Saved for backward: the inputs and the forward's row
-quantities m_i and log W_i (the softmax's maximum and log-normaliser), nu_i - v_0, dbar_i, C_i r_i, the reference tref_i and the heaviest key ref_i,
-Theta(S (D + Dv)). The backward
+quantities (kernels.ForwardOut: the row's heaviest key and its score parts, log W_i,
+nu_i - v_0, C_i r_i, the reference t_i and dbar_i), Theta(S (D + Dv)). The backward
 recomputes p_ij from them (docs/kernels-parallax.md).
 """
 
@@ -57,7 +57,8 @@ def _backward(ctx, grad_output):
         raise LLAInputError(f"grad_output: expected dtype {q.dtype} (the output's), got {grad_output.dtype}")
     # sum().backward() hands in a stride-0 expanded tensor; the kernels index densely
     g = grad_output.contiguous()
-    bo = parallax_backward_kernel(q, k, v, r, g, ForwardOut(None, m, lw, nup, dbar, cr, tref, ref, sa, sr, ctx.split), ctx.scale)
+    fo = ForwardOut(None, m, lw, nup, dbar, cr, tref, ref, sa, sr, ctx.split)
+    bo = parallax_backward_kernel(q, k, v, r, g, fo, ctx.scale)
     need = ctx.needs_input_grad
     return (bo.dq if need[0] else None, bo.dk if need[1] else None, bo.dv if need[2] else None,
             bo.dr if need[3] else None, None)

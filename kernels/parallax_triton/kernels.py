@@ -4,7 +4,7 @@ docs/kernels-parallax.md derives the gradient and explains the centring; this fi
 to why-comments. Notation per query i, keys j <= i (c_k = k_0 and c_v = v_0 are the
 head's first key and value, the anchors):
 
-    a_ij = s <q_i, k_j>      p_ij = exp(a_ij - lse_i)      kp_j = k_j - c_k, vp_j = v_j - c_v
+    a_ij = s <q_i, k_j>      p_ij = exp(a_ij - m_i) / W_i   kp_j = k_j - c_k, vp_j = v_j - c_v
     d_ij = <kp_j, r_i>       dbar_i = sum_j p_ij d_ij       e_ij = d_ij - dbar_i = <k_j - kbar_i, r_i>
     nup_i = sum_j p_ij vp_j  cr_i = C_i r_i = sum_j p_ij vp_j d_ij - nup_i dbar_i
     o_i = c_v + nup_i - cr_i
@@ -20,6 +20,10 @@ delta_i = <g_i, cr_i>:
     dq_i = s sum_j da_ij kp_j         dr_i = -sum_j p_ij gv_ij kp_j
     dk_j = s sum_i da_ij q_i - sum_i p_ij gv_ij r_i
     dv_j = sum_i p_ij (1 - e_ij) g_i
+
+Both passes form a_ij - m_i, e_ij and gv_ij against each row's heaviest key ref_i (m_i is
+its score), and the dq, dr sums with k_ref subtracted, so that each cancels exactly at that
+key (docs/kernels-parallax.md §3, §5).
 
 One program per (head, query tile) for the forward and for dq, dr; one per (head, key
 tile) for dk, dv. No atomics: every output element is written by one program.
@@ -373,7 +377,8 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, rows
         rem_at = tl.where(hit, tl.sum(tl.where(at_ref, a_rem, 0.0), 1), _stat(STATS, rows, ok, ST_SR))
         x = ((a_hi - _stat(STATS, rows, ok, ST_SA)[:, None]) + (a_rem - rem_at[:, None])) * scale
     else:
-        x = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC) * scale - _stat(STATS, rows, ok, ST_M)[:, None]
+        a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC) * scale
+        x = a - _stat(STATS, rows, ok, ST_M)[:, None]
     # the exponent is masked first: padding rows could overflow
     p = tl.exp(tl.where(keep, x - lw[:, None], float("-inf")))
     dbar = _stat(STATS, rows, ok, ST_DBAR)
