@@ -285,6 +285,32 @@ def test_backward_value_width_differs_and_single_token():
     _judge_backward(*_inputs("large_probe", S=1), "large_probe S=1")
 
 
+# Audit cells (the audit's cotangent), where the backward once missed its budget
+# (docs/kernels-parallax.md §5): at scale 100 most rows are one-hot, where dr = -C_i^T g_i
+# is ~1e-79 and an uncentred sum of p_ij gv_ij (k_j - k_0) left u |g| |v| |k| (ratio 3.6e4),
+# and a score rounded on its own at |a| ~ 700 moves the second key's p by 1e-4 (dr 4.5);
+# large-norm keys put d_ij at ~5e3 against e_ij ~ 1e-9 at the heavy key, and lse = m + log W
+# rounds log W at u |m| (dv 34).
+PINNED_BACKWARD = (
+    "bandwidth:lam=1,scale=100:B=1,H=1,S=48,D=16,dtype=float32,seed=0;probe=random:amp=1",
+    "large_norm:factor=100,lam=1:B=1,H=1,S=48,D=16,dtype=float32,seed=0;probe=small_eig:amp=1",
+)
+
+
+@pytest.mark.parametrize("spec", PINNED_BACKWARD)
+def test_pinned_backward_within_budget(spec):
+    from lla_verify.registry.operators import COTANGENT_SEED
+
+    p, _ = _pinned(spec)
+    gen = torch.Generator().manual_seed(COTANGENT_SEED)
+    do = torch.randn(tuple(p.v.shape), generator=gen, dtype=torch.float64).to(p.q.dtype).to(DEVICE)
+    leaves = tuple(t.detach().clone().requires_grad_(True) for t in (p.q, p.k, p.v, p.r))
+    grads = torch.autograd.grad(parallax_attention(*leaves, qk_scale=p.qk_scale), leaves, do)
+    verdict = check_parallax_backward(p.q, p.k, p.v, p.r, do, grads, impl="parallax_triton", case=spec,
+                                      qk_scale=p.qk_scale)
+    assert verdict.passed, verdict.message
+
+
 def test_backward_float64():
     # the float64 path computes in float64; the dense float64 reference is the oracle itself,
     # so only the floor applies (the key-offset family is judged in fp32 and 16 bits only:

@@ -2,8 +2,9 @@
 
 ``ParallaxFunction.apply(q, k, v, r, scale)`` on flattened heads: q, k, r (N, S, D), v
 (N, S, Dv), contiguous, one dtype. Saved for backward: the inputs and the forward's row
-quantities lse_i, nu_i - v_0, dbar_i and C_i r_i, Theta(S (D + Dv)). The backward
-recomputes p_ij from lse_i (docs/kernels-parallax.md).
+quantities (kernels.ForwardOut: the row's heaviest key and its score parts, log W_i,
+nu_i - v_0, C_i r_i, the reference t_i and dbar_i), Theta(S (D + Dv)). The backward
+recomputes p_ij from them (docs/kernels-parallax.md).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ class ParallaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, r, scale):
         fo = parallax_forward_kernel(q, k, v, r, scale)
-        ctx.save_for_backward(q, k, v, r, fo.lse, fo.nup, fo.dbar, fo.cr)
+        ctx.save_for_backward(q, k, v, r, fo.m, fo.lw, fo.nup, fo.dbar, fo.cr, fo.tref, fo.ref, fo.sa, fo.sr)
+        ctx.split = fo.split
         ctx.scale = scale
         return fo.o
 
@@ -47,7 +49,7 @@ class ParallaxFunction(torch.autograd.Function):
 
 
 def _backward(ctx, grad_output):
-    q, k, v, r, lse, nup, dbar, cr = ctx.saved_tensors
+    q, k, v, r, m, lw, nup, dbar, cr, tref, ref, sa, sr = ctx.saved_tensors
     if grad_output.shape != v.shape:
         raise LLAInputError(
             f"grad_output: expected shape {tuple(v.shape)} (the output's), got {tuple(grad_output.shape)}")
@@ -55,7 +57,8 @@ def _backward(ctx, grad_output):
         raise LLAInputError(f"grad_output: expected dtype {q.dtype} (the output's), got {grad_output.dtype}")
     # sum().backward() hands in a stride-0 expanded tensor; the kernels index densely
     g = grad_output.contiguous()
-    bo = parallax_backward_kernel(q, k, v, r, g, ForwardOut(None, lse, nup, dbar, cr), ctx.scale)
+    fo = ForwardOut(None, m, lw, nup, dbar, cr, tref, ref, sa, sr, ctx.split)
+    bo = parallax_backward_kernel(q, k, v, r, g, fo, ctx.scale)
     need = ctx.needs_input_grad
     return (bo.dq if need[0] else None, bo.dk if need[1] else None, bo.dv if need[2] else None,
             bo.dr if need[3] else None, None)

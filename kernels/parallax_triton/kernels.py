@@ -4,7 +4,7 @@ docs/kernels-parallax.md derives the gradient and explains the centring; this fi
 to why-comments. Notation per query i, keys j <= i (c_k = k_0 and c_v = v_0 are the
 head's first key and value, the anchors):
 
-    a_ij = s <q_i, k_j>      p_ij = exp(a_ij - lse_i)      kp_j = k_j - c_k, vp_j = v_j - c_v
+    a_ij = s <q_i, k_j>      p_ij = exp(a_ij - m_i) / W_i   kp_j = k_j - c_k, vp_j = v_j - c_v
     d_ij = <kp_j, r_i>       dbar_i = sum_j p_ij d_ij       e_ij = d_ij - dbar_i = <k_j - kbar_i, r_i>
     nup_i = sum_j p_ij vp_j  cr_i = C_i r_i = sum_j p_ij vp_j d_ij - nup_i dbar_i
     o_i = c_v + nup_i - cr_i
@@ -20,6 +20,10 @@ delta_i = <g_i, cr_i>:
     dq_i = s sum_j da_ij kp_j         dr_i = -sum_j p_ij gv_ij kp_j
     dk_j = s sum_i da_ij q_i - sum_i p_ij gv_ij r_i
     dv_j = sum_i p_ij (1 - e_ij) g_i
+
+Both passes form a_ij - m_i, e_ij and gv_ij against each row's heaviest key ref_i (m_i is
+its score), and the dq, dr sums with k_ref subtracted, so that each cancels exactly at that
+key (docs/kernels-parallax.md §3, §5).
 
 One program per (head, query tile) for the forward and for dq, dr; one per (head, key
 tile) for dk, dv. No atomics: every output element is written by one program.
@@ -49,10 +53,16 @@ def interpreting() -> bool:
 
 class ForwardOut(NamedTuple):
     o: torch.Tensor  # (N, S, Dv) input dtype
-    lse: torch.Tensor  # (N, S) accumulation dtype: m_i + log(sum_j exp(a_ij - m_i))
+    m: torch.Tensor  # (N, S) accumulation dtype: m_i = max_j a_ij, the score at key ref_i (0 with the split)
+    lw: torch.Tensor  # (N, S): log sum_j exp(a_ij - m_i), kept apart from m_i (m_i + lw_i rounds lw_i at u |m_i|)
     nup: torch.Tensor  # (N, S, Dv): nu_i - v_0
-    dbar: torch.Tensor  # (N, S): sum_j p_ij <k_j - k_0, r_i>
+    dbar: torch.Tensor  # (N, S): sum_j p_ij d_ij - tref_i (d_ij = <k_j - k_0, r_i>)
     cr: torch.Tensor  # (N, S, Dv): C_i r_i
+    tref: torch.Tensor  # (N, S): the row's reference, exact r_hi kp_hi^T at key ref_i (0 without the split)
+    ref: torch.Tensor  # (N, S) int32: the row's heaviest key (the first argmax_j a_ij in tile order)
+    sa: torch.Tensor  # (N, S): with the split, q_hi k_hi^T at key ref_i (exact), the scores' reference
+    sr: torch.Tensor  # (N, S): and the remainder q_lo k^T + q_hi k_lo^T there (0 without the split)
+    split: bool  # d and the scores formed through the split products
 
 
 class BackwardOut(NamedTuple):
@@ -94,6 +104,14 @@ def _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK: tl.constexpr, SPREC: t
 
 
 @triton.jit
+def _masked(x, offs_m, offs_n, S, MASK: tl.constexpr):
+    if MASK:
+        keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S)
+        x = tl.where(keep, x, float("-inf"))
+    return x
+
+
+@triton.jit
 def _grid_split(x, g):
     """x = hi + lo with hi on the grid g (a power of two): both parts exact."""
     hi = tl.floor(x / g + 0.5) * g
@@ -109,22 +127,68 @@ def _pow2_below(x):
 
 
 @triton.jit
-def _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nu,
-              dbar, cm, t_ref,
+def _split_rows(x):
+    """x = hi + lo with hi on a grid of 2^-6 the largest power of two in each row: an
+    integer of at most 8 bits times the row's grid, both parts exact."""
+    return _grid_split(x, _pow2_below(tl.max(tl.abs(x), 1))[:, None] * 0.015625)
+
+
+@triton.jit
+def _exact_dot(r_hi, kp_hi, EXACT: tl.constexpr):
+    """r_hi kp_hi^T, exact in fp32 for 8-bit hi parts (docs/kernels-parallax.md §3)."""
+    if EXACT == "bf16":
+        # 8-bit significands are exact bf16 values: the cheapest exact product
+        return tl.dot(r_hi.to(tl.bfloat16), tl.trans(kp_hi.to(tl.bfloat16)))
+    else:
+        return tl.dot(r_hi, tl.trans(kp_hi), input_precision=EXACT)
+
+
+@triton.jit
+def _fwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i,
+              nu, dbar, cm, t_ref, j_ref, s_a, s_r,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
               MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
               SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
     """Merge one key tile into the running (m, W, nu, dbar, M) of each query (Chan et al.'s
     update of a co-moment); M = sum_j w_j (vp_j - nu)(d_j - dbar) in the weights
-    of the running maximum, d_j and dbar relative to the row's reference t_ref."""
+    of the running maximum, d_j and dbar relative to the row's reference t_ref, taken at
+    its heaviest key so far, j_ref. With the split, the scores too are kept relative to that
+    key's, whose exact and remainder parts are s_a and s_r: the running maximum is then 0."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
-    a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC).to(ACC)
-    m_tile = tl.max(a, 1)
-    m_new = tl.maximum(m_i, m_tile)
-    # every row sees key 0 in the first tile, so m_new is finite from then on
-    alpha = tl.exp(m_i - m_new)
-    w = tl.exp(a - m_new[:, None])
+    col = tl.arange(0, BLOCK_N)
+    if SPLIT_D:
+        # a_ij - a_i,ref = s <q_i, k_j - k_ref>. A score rounded on its own carries up to half
+        # an ulp of |a_ij|, which moves p_ij by that much relatively where the softmax is steep
+        # (docs/kernels-parallax.md §5): the difference is formed as d is below, from the exact
+        # q_hi k_hi^T and the remainder, each referred to the key's own entries
+        kf = k_dot.to(ACC)
+        k_hi, k_lo = _split_rows(kf)
+        a_hi = _exact_dot(q_hi, k_hi, EXACT)
+        a_rem = tl.dot(q_lo, tl.trans(kf), input_precision=PREC) + tl.dot(q_hi, tl.trans(k_lo), input_precision=PREC)
+        x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
+        m_tile = tl.max(x, 1)
+        moved = m_tile > m_i
+        jmax = tl.argmax(x, 1)
+        top = col[None, :] == jmax[:, None]
+        s_a = tl.where(moved, tl.sum(tl.where(top, a_hi, 0.0), 1), s_a)
+        s_r = tl.where(moved, tl.sum(tl.where(top, a_rem, 0.0), 1), s_r)
+        # m_i is -inf until a row sees its first key, 0 (its reference's score) from then on
+        alpha = tl.exp(tl.where(moved, m_i - m_tile, 0.0))
+        m_new = tl.where(moved, 0.0, m_i)
+        x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
+        w = tl.exp(x)
+    else:
+        a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC).to(ACC)
+        m_tile = tl.max(a, 1)
+        m_new = tl.maximum(m_i, m_tile)
+        # every row sees key 0 in the first tile, so m_new is finite from then on
+        alpha = tl.exp(m_i - m_new)
+        w = tl.exp(a - m_new[:, None])
+        jmax = tl.argmax(a, 1)
+        moved = m_tile > m_i
+    # the reference key moves to the tile's heaviest where the running maximum moves
+    j_ref = tl.where(moved, start_n + jmax, j_ref)
     if SPLIT_D:
         # d_ij = <k_j - k_0, r_i> is O(|k_j - k_0| |r_i|) and rounds at u times that, while the
         # covariance needs e_ij = d_ij - dbar_i, O(spread |r_i|) at the keys that carry the
@@ -134,19 +198,11 @@ def _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, sca
         # 16 bits on one grid, exact in fp32, so it can be referred to the row's heaviest key
         # exactly, and only the remainder, 2^-7 the size, rounds at its own scale. A grid per
         # key, not per tile: a row's d_ij must not depend on keys after i (bitwise causality).
-        g_k = _pow2_below(tl.max(tl.abs(kp), 1))[:, None] * 0.015625
-        kp_hi, kp_lo = _grid_split(kp, g_k)
-        if EXACT == "bf16":
-            # 8-bit significands are exact bf16 values: the cheapest exact product
-            s_hi = tl.dot(r_hi.to(tl.bfloat16), tl.trans(kp_hi.to(tl.bfloat16)))
-        else:
-            s_hi = tl.dot(r_hi, tl.trans(kp_hi), input_precision=EXACT)
+        kp_hi, kp_lo = _split_rows(kp)
+        s_hi = _exact_dot(r_hi, kp_hi, EXACT)
         rem = tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
-        # the reference moves to the tile's heaviest key where the running maximum moves
-        jmax = tl.argmax(a, 1)
-        col = tl.arange(0, BLOCK_N)
         s_top = tl.sum(tl.where(col[None, :] == jmax[:, None], s_hi, 0.0), 1)
-        t_new = tl.where(m_tile > m_i, s_top, t_ref)
+        t_new = tl.where(moved, s_top, t_ref)
         dbar = dbar + (t_ref - t_new)
         t_ref = t_new
         d = (s_hi - t_ref[:, None]) + rem
@@ -168,12 +224,12 @@ def _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, sca
     # Chan et al.: moving the old moment from its means to the merged ones adds
     # w_a (nu - nu_new)(dbar - dbar_new)
     cm = cm * alpha[:, None] + cm_b + (w_a * (dbar - dbar_new))[:, None] * (nu - nu_new)
-    return m_new, w_ab, nu_new, dbar_new, cm, t_ref
+    return m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r
 
 
 # S is not specialised on (== 1, % 16): every pointer is offset by multiples of D or Dv
 @triton.jit(do_not_specialize=("S",))
-def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, S, scale,
+def _px_fwd_kernel(Q, K, V, R, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, scale,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                    SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
@@ -207,20 +263,24 @@ def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, S, scale,
     lo_full = ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
     # r = r_hi + r_lo, r_hi on a per-row grid of 2^-6 its largest power of two (_fwd_tile)
     if SPLIT_D:
-        r_hi, r_lo = _grid_split(rf, _pow2_below(tl.max(tl.abs(rf), 1))[:, None] * 0.015625)
+        r_hi, r_lo = _split_rows(rf)
+        q_hi, q_lo = _split_rows(q.to(ACC))
     else:
-        r_hi, r_lo = rf, rf
+        r_hi, r_lo, q_hi, q_lo = rf, rf, rf, rf
     # t_ref: the row's reference, r_hi kp_hi^T at its heaviest key so far; d and dbar are
     # kept relative to it (0 without the split: d relative to k_0 itself)
     t_ref = tl.zeros([BLOCK_M], dtype=ACC)
+    j_ref = tl.zeros([BLOCK_M], dtype=tl.int32)
+    s_a = tl.zeros([BLOCK_M], dtype=ACC)
+    s_r = tl.zeros([BLOCK_M], dtype=ACC)
     for start_n in range(0, lo_full, BLOCK_N):
-        m_i, l_i, nup, dbar, cm, t_ref = _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S,
-                                                   scale, offs_m, m_i, l_i, nup, dbar, cm, t_ref, D, DV, BLOCK_N,
-                                                   UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT)
+        m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
+            q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
+            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT)
     for start_n in range(lo_full, hi, BLOCK_N):
-        m_i, l_i, nup, dbar, cm, t_ref = _fwd_tile(q_dot, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S,
-                                                   scale, offs_m, m_i, l_i, nup, dbar, cm, t_ref, D, DV, BLOCK_N,
-                                                   UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT)
+        m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
+            q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
+            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT)
     cr = cm / l_i[:, None]
     o = cv[None, :] + nup - cr
 
@@ -229,73 +289,170 @@ def _px_fwd_kernel(Q, K, V, R, O, LSE, NUP, DBAR, CR, S, scale,
     tl.store(O + vptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(NUP + vptrs, nup, mask=row_ok[:, None])
     tl.store(CR + vptrs, cr, mask=row_ok[:, None])
-    tl.store(LSE + head * S + offs_m, m_i + tl.log(l_i), mask=row_ok)
-    # the backward forms d_ij against k_0 itself
-    tl.store(DBAR + head * S + offs_m, dbar + t_ref, mask=row_ok)
+    tl.store(M + head * S + offs_m, m_i, mask=row_ok)
+    tl.store(LW + head * S + offs_m, tl.log(l_i), mask=row_ok)
+    tl.store(SA + head * S + offs_m, s_a, mask=row_ok)
+    tl.store(SR + head * S + offs_m, s_r, mask=row_ok)
+    # the backward forms d_ij against the same reference (exactly, from the same split)
+    # and centres on the same key
+    tl.store(DBAR + head * S + offs_m, dbar, mask=row_ok)
+    tl.store(TREF + head * S + offs_m, t_ref, mask=row_ok)
+    tl.store(REF + head * S + offs_m, j_ref, mask=row_ok)
+
+
+# Per-row quantities of the backward, one (N, S, N_STATS) tensor in the accumulation dtype
+STAT_NAMES = ("m", "lw", "sa", "sr", "dbar", "tref", "delta")
+ST_M, ST_LW, ST_SA, ST_SR, ST_DBAR, ST_TREF, ST_DELTA = (tl.constexpr(i) for i in range(len(STAT_NAMES)))
+N_STATS = tl.constexpr(len(STAT_NAMES))
 
 
 @triton.jit
-def _bwd_tile(q_dot, rf, gf, lse, dbar, gnu, delta, k_dot, kp, vp, offs_m, offs_n, S, scale,
-              PREC: tl.constexpr, SPREC: tl.constexpr, ACC: tl.constexpr):
+def _stat(STATS, rows, ok, col: tl.constexpr):
+    return tl.load(STATS + rows * N_STATS + col, mask=ok, other=0.0)
+
+
+@triton.jit
+def _bwd_rows(Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv,
+              D: tl.constexpr, DV: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr):
+    """A query tile's operands for the backward: q (for the product and in ACC), r, g,
+    the splits of q and r, the row's heaviest key ref_i, its anchored key, and
+    <g_i, vp_ref> and gc_i = <g_i, nu_i - v_ref> (vp_ref formed as the tiles form vp_j)."""
+    ok = offs_m < S
+    q = _load_rows(Q, kbase, offs_m, S, D)
+    qf = q.to(ACC)
+    if UPCAST:
+        q_dot = qf
+    else:
+        q_dot = q
+    rf = _load_rows(R, kbase, offs_m, S, D).to(ACC)
+    gf = _load_rows(G, vbase, offs_m, S, DV).to(ACC)
+    ref = tl.load(REF + head * S + offs_m, mask=ok, other=0)
+    # padding rows read key 0 (ref = 0); their p is masked to 0
+    k_ref = tl.load(K + kbase + ref[:, None] * D + tl.arange(0, D)[None, :]).to(ACC)
+    vp_ref = tl.load(V + vbase + ref[:, None] * DV + tl.arange(0, DV)[None, :]).to(ACC) - cv[None, :]
+    nup = _load_rows(NUP, vbase, offs_m, S, DV)
+    g_ref = tl.sum(gf * vp_ref, 1)
+    gc = tl.sum(gf * (nup - vp_ref), 1)
+    if SPLIT:
+        q_hi, q_lo = _split_rows(qf)
+        r_hi, r_lo = _split_rows(rf)
+    else:
+        q_hi, q_lo, r_hi, r_lo = qf, qf, rf, rf
+    return q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, k_ref - ck[None, :], g_ref, gc
+
+
+@triton.jit
+def _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D: tl.constexpr, DV: tl.constexpr, UPCAST: tl.constexpr,
+              ACC: tl.constexpr, SPLIT: tl.constexpr):
+    """A key tile's operands for the backward: k (for the product), its split, kp and its
+    split, vp."""
+    k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
+    kf = k_dot.to(ACC)
+    if SPLIT:
+        k_hi, k_lo = _split_rows(kf)
+        kp_hi, kp_lo = _split_rows(kp)
+    else:
+        k_hi, k_lo, kp_hi, kp_lo = kf, kf, kp, kp
+    return k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp
+
+
+@triton.jit
+def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, rows, k_dot, kf, k_hi, k_lo, kp,
+              kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC: tl.constexpr, SPREC: tl.constexpr,
+              ACC: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr):
     """p, 1 - e, p gv and da for a (query tile, key tile) pair, causal mask included."""
-    a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC) * scale
-    keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S) & (offs_m[:, None] < S)
-    # the exponent is masked first: padding rows carry lse = 0 and could overflow
-    p = tl.exp(tl.where(keep, a - lse[:, None], float("-inf")))
-    f = 1.0 - (tl.dot(rf, tl.trans(kp), input_precision=PREC) - dbar[:, None])
-    gv = tl.dot(gf, tl.trans(vp), input_precision=PREC) - gnu[:, None]
+    ok = offs_m < S
+    keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S) & ok[:, None]
+    # where the row's heaviest key lies in this tile, its per-row terms below are taken
+    # from this tile's own products, so that they cancel exactly at that key
+    at_ref = offs_n[None, :] == ref[:, None]
+    hit = tl.max(at_ref.to(tl.int32), 1) > 0
+    lw = _stat(STATS, rows, ok, ST_LW)
+    if SPLIT:
+        # a_ij - a_i,ref = s <q_i, k_j - k_ref> as the forward formed it (_fwd_tile): the
+        # exact q_hi k_hi^T less its saved value at the key, the remainder less the tile's
+        # own entry there (the saved one where the tile does not hold the key)
+        a_hi = _exact_dot(q_hi, k_hi, EXACT)
+        a_rem = tl.dot(q_lo, tl.trans(kf), input_precision=PREC) + tl.dot(q_hi, tl.trans(k_lo), input_precision=PREC)
+        rem_at = tl.where(hit, tl.sum(tl.where(at_ref, a_rem, 0.0), 1), _stat(STATS, rows, ok, ST_SR))
+        x = ((a_hi - _stat(STATS, rows, ok, ST_SA)[:, None]) + (a_rem - rem_at[:, None])) * scale
+    else:
+        a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC) * scale
+        x = a - _stat(STATS, rows, ok, ST_M)[:, None]
+    # the exponent is masked first: padding rows could overflow
+    p = tl.exp(tl.where(keep, x - lw[:, None], float("-inf")))
+    dbar = _stat(STATS, rows, ok, ST_DBAR)
+    if SPLIT:
+        # d_ij against the row's reference exactly as the forward formed it: a single
+        # product rounds d at u |k_j - k_0| |r_i|, far above e_ij where the keys have a
+        # large norm (docs/kernels-parallax.md §5)
+        s_hi = _exact_dot(r_hi, kp_hi, EXACT)
+        rem = tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
+        e = ((s_hi - _stat(STATS, rows, ok, ST_TREF)[:, None]) + rem) - dbar[:, None]
+    else:
+        e = tl.dot(rf, tl.trans(kp), input_precision=PREC) - dbar[:, None]
+    # gv_ij = <g_i, v_j - nu_i> = (<g_i, vp_j> - <g_i, vp_ref>) - gc_i, gc_i = <g_i, nu_i - v_ref>:
+    # 0 at the heaviest key of a one-hot row (nu_i = v_ref), as is the true value, where
+    # <g_i, nu_i> rounded in another order than the product would leave u |g_i| |vp|
+    gvp = tl.dot(gf, tl.trans(vp), input_precision=PREC)
+    g_at = tl.where(hit, tl.sum(tl.where(at_ref, gvp, 0.0), 1), g_ref)
+    gv = (gvp - g_at[:, None]) - gc[:, None]
     pg = p * gv
-    da = pg * f + p * delta[:, None]
-    return p * f, pg, da
+    pf = p * (1.0 - e)
+    da = pg * (1.0 - e) + p * _stat(STATS, rows, ok, ST_DELTA)[:, None]
+    return pf, pg, da
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dq_kernel(Q, K, V, R, G, LSE, DBAR, GNU, DELTA, DQ, DR, S, scale,
+def _px_bwd_dq_kernel(Q, K, V, R, G, NUP, STATS, REF, DQ, DR, S, scale,
                       D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+                      UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
+                      SPLIT: tl.constexpr, EXACT: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_M)
     pid_m = n_tiles - 1 - tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     kbase = head * S * D
     vbase = head * S * DV
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < S
-    q = _load_rows(Q, kbase, offs_m, S, D)
-    if UPCAST:
-        q_dot = q.to(ACC)
-    else:
-        q_dot = q
-    rf = _load_rows(R, kbase, offs_m, S, D).to(ACC)
-    gf = _load_rows(G, vbase, offs_m, S, DV).to(ACC)
-    lse = tl.load(LSE + head * S + offs_m, mask=row_ok, other=0.0)
-    dbar = tl.load(DBAR + head * S + offs_m, mask=row_ok, other=0.0)
-    gnu = tl.load(GNU + head * S + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + head * S + offs_m, mask=row_ok, other=0.0)
-    ck = tl.load(K + kbase + tl.arange(0, D)).to(ACC)
+    offs_d = tl.arange(0, D)
+    rows = head * S + offs_m
+    ck = tl.load(K + kbase + offs_d).to(ACC)
     cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
+    q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, kp_ref, g_ref, gc = _bwd_rows(
+        Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT)
 
     dq = tl.zeros([BLOCK_M, D], dtype=ACC)
     dr = tl.zeros([BLOCK_M, D], dtype=ACC)
+    da_sum = tl.zeros([BLOCK_M], dtype=ACC)
+    pg_sum = tl.zeros([BLOCK_M], dtype=ACC)
     hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
-        _pf, pg, da = _bwd_tile(q_dot, rf, gf, lse, dbar, gnu, delta, k_dot, kp, vp, offs_m, offs_n, S, scale,
-                                PREC, SPREC, ACC)
-        # sum_j da_ij = 0 and sum_j pg_ij = 0, so the anchored keys give the same sums
-        # without a common offset of the keys in them
+        k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp = _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST,
+                                                               ACC, SPLIT)
+        _pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, rows, k_dot, kf,
+                                k_hi, k_lo, kp, kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC, ACC, SPLIT,
+                                EXACT)
         dq += tl.dot(da, kp, input_precision=PREC)
-        dr -= tl.dot(pg, kp, input_precision=PREC)
-    dq = dq * scale
-    ptrs = kbase + offs_m[:, None] * D + tl.arange(0, D)[None, :]
+        dr += tl.dot(pg, kp, input_precision=PREC)
+        da_sum += tl.sum(da, 1)
+        pg_sum += tl.sum(pg, 1)
+    # sum_j da_ij = 0 and sum_j pg_ij = 0, so any key may be subtracted from the k_j: the
+    # row's heaviest key, which removes the sums' rounding, |sum| |k_ref - k_0|, and is
+    # exact where the row is one-hot (both products then hold one term and cancel)
+    dq = (dq - da_sum[:, None] * kp_ref) * scale
+    dr = pg_sum[:, None] * kp_ref - dr
+    row_ok = offs_m < S
+    ptrs = kbase + offs_m[:, None] * D + offs_d[None, :]
     tl.store(DQ + ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
     tl.store(DR + ptrs, dr.to(DR.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dkdv_kernel(Q, K, V, R, G, LSE, DBAR, GNU, DELTA, DK, DV_OUT, S, scale,
+def _px_bwd_dkdv_kernel(Q, K, V, R, G, NUP, STATS, REF, DK, DV_OUT, S, scale,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr):
+                        UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
+                        SPLIT: tl.constexpr, EXACT: tl.constexpr):
     pid_n = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     kbase = head * S * D
@@ -305,7 +462,8 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, G, LSE, DBAR, GNU, DELTA, DK, DV_OUT, S, sca
     col_ok = offs_n < S
     ck = tl.load(K + kbase + tl.arange(0, D)).to(ACC)
     cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
-    k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
+    k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp = _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST,
+                                                           ACC, SPLIT)
 
     dk = tl.zeros([BLOCK_N, D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, DV], dtype=ACC)
@@ -313,21 +471,11 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, G, LSE, DBAR, GNU, DELTA, DK, DV_OUT, S, sca
     lo = (start_n // BLOCK_M) * BLOCK_M
     for start_m in range(lo, S, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < S
-        q = _load_rows(Q, kbase, offs_m, S, D)
-        if UPCAST:
-            q_dot = q.to(ACC)
-        else:
-            q_dot = q
-        qf = q.to(ACC)
-        rf = _load_rows(R, kbase, offs_m, S, D).to(ACC)
-        gf = _load_rows(G, vbase, offs_m, S, DV).to(ACC)
-        lse = tl.load(LSE + head * S + offs_m, mask=row_ok, other=0.0)
-        dbar = tl.load(DBAR + head * S + offs_m, mask=row_ok, other=0.0)
-        gnu = tl.load(GNU + head * S + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + head * S + offs_m, mask=row_ok, other=0.0)
-        pf, pg, da = _bwd_tile(q_dot, rf, gf, lse, dbar, gnu, delta, k_dot, kp, vp, offs_m, offs_n, S, scale,
-                               PREC, SPREC, ACC)
+        q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, _kp_ref, g_ref, gc = _bwd_rows(
+            Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT)
+        pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, head * S + offs_m,
+                               k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC,
+                               ACC, SPLIT, EXACT)
         dv += tl.dot(tl.trans(pf), gf, input_precision=PREC)
         dk += scale * tl.dot(tl.trans(da), qf, input_precision=PREC) - tl.dot(tl.trans(pg), rf,
                                                                               input_precision=PREC)
@@ -383,40 +531,46 @@ def _acc_dtype(dtype):
 def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> ForwardOut:
     """Launch the forward on flattened heads: q, k, r (N, S, D), v (N, S, Dv), contiguous, one dtype.
 
-    split_d: refer d_ij to each row's heaviest key through the exact split product
-    (docs/kernels-parallax.md §3), for every dtype but float64 (whose single product rounds
-    at u64). None (the default) or True: split; False: the single product, for measuring
-    what the split costs and buys."""
+    split_d: refer d_ij and the scores to each row's heaviest key through exact split
+    products (docs/kernels-parallax.md §3, §5), for every dtype but float64 (whose single
+    products round at u64). None (the default) or True: split; False: single products, for
+    measuring what the split costs and buys."""
     N, S, D = q.shape
     DV = v.shape[-1]
     acc = _acc_dtype(q.dtype)
+    split = q.dtype != torch.float64 and (split_d is None or bool(split_d))
     o = torch.empty_like(v)
-    lse = torch.empty(N, S, device=q.device, dtype=acc)
-    dbar = torch.empty_like(lse)
+    m = torch.empty(N, S, device=q.device, dtype=acc)
+    lw, dbar, tref, sa, sr = (torch.empty_like(m) for _ in range(5))
+    ref = torch.empty(N, S, device=q.device, dtype=torch.int32)
     nup = torch.empty(N, S, DV, device=q.device, dtype=acc)
     cr = torch.empty_like(nup)
     _launch(_px_fwd_kernel, lambda bm, bn: (triton.cdiv(S, bm), N),
-            (q, k, v, r, o, lse, nup, dbar, cr, S, float(scale)), D, DV, q.dtype, config,
+            (q, k, v, r, o, m, lw, sa, sr, nup, dbar, cr, tref, ref, S, float(scale)), D, DV, q.dtype, config,
             # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
             # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
-            SPLIT_D=q.dtype != torch.float64 and (split_d is None or bool(split_d)),
-            EXACT="ieee" if interpreting() else "bf16")
-    return ForwardOut(o, lse, nup, dbar, cr)
+            SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16")
+    return ForwardOut(o, m, lw, nup, dbar, cr, tref, ref, sa, sr, split)
 
 
 def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=None) -> BackwardOut:
     """dq, dk, dv, dr for dL/do = g (N, S, Dv), from the forward's saved row quantities."""
     N, S, D = q.shape
     DV = v.shape[-1]
-    gf = g.to(fo.nup.dtype)
-    # per-row scalars of the gradient: <g_i, nu_i - v_0> and delta_i = <g_i, C_i r_i>
-    gnu = (gf * fo.nup).sum(-1).contiguous()
-    delta = (gf * fo.cr).sum(-1).contiguous()
+    acc = fo.nup.dtype
+    gf = g.to(acc)
+    # delta_i = <g_i, C_i r_i>; the terms against the row's heaviest key are formed in the
+    # kernels, which gather its key and value
+    delta = (gf * fo.cr).sum(-1)
+    cols = dict(fo._asdict(), delta=delta)
+    stats = torch.stack([cols[name] for name in STAT_NAMES], -1).contiguous()
     dq, dk, dr = torch.empty_like(q), torch.empty_like(k), torch.empty_like(r)
     dv = torch.empty_like(v)
-    common = (q, k, v, r, g, fo.lse, fo.dbar, gnu, delta)
+    common = (q, k, v, r, g, fo.nup, stats, fo.ref)
+    # the backward forms p and d as the forward did (float64: single products at u64)
+    extra = dict(SPLIT=fo.split, EXACT="ieee" if interpreting() else "bf16")
     _launch(_px_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, S, float(scale)),
-            D, DV, q.dtype, config)
+            D, DV, q.dtype, config, **extra)
     _launch(_px_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(S, bn), N), common + (dk, dv, S, float(scale)),
-            D, DV, q.dtype, config)
+            D, DV, q.dtype, config, **extra)
     return BackwardOut(dq, dk, dv, dr)
