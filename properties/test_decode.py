@@ -16,7 +16,6 @@ reach them, and any other decode implementation, through registry/operators.py.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import replace
 
 import pytest
@@ -32,17 +31,13 @@ from lla_verify.testing import suite
 from lla_verify.testing.decode import (check_parallax, decode_lla_every_position, decode_parallax_every_position,
                                        parallax_allowed, poison_past)
 from lla_verify.testing.strategies import FAMILY_ORDER, cases
+from lla_verify.testing.kernel_device import kernel_device, needs_kernel_device
 
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    DEVICE = None
+DEVICE = kernel_device()
 
 pytestmark = [
     pytest.mark.interp,
-    pytest.mark.skipif(DEVICE is None, reason="needs a CUDA device or TRITON_INTERPRET=1 (CPU interpreter)"),
+    needs_kernel_device,
 ]
 
 if DEVICE is not None:

@@ -18,7 +18,6 @@ stale length for one sequence of a batch) must each fail the same checks.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import replace
 
 import pytest
@@ -35,17 +34,13 @@ from lla_verify.registry.impls import triton_impl
 from lla_verify.registry.precision import unit_roundoff
 from lla_verify.testing.decode import (check_parallax, decode_lla_every_position, decode_parallax_every_position,
                                        every_position, parallax_allowed, poison_past)
+from lla_verify.testing.kernel_device import kernel_device, needs_kernel_device
 
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    DEVICE = None
+DEVICE = kernel_device()
 
 pytestmark = [
     pytest.mark.interp,
-    pytest.mark.skipif(DEVICE is None, reason="needs a CUDA device or TRITON_INTERPRET=1 (CPU interpreter)"),
+    needs_kernel_device,
 ]
 
 if DEVICE is not None:

@@ -15,7 +15,6 @@ argument errors, and the real sizes only a GPU reaches.
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import pytest
@@ -29,17 +28,13 @@ from lla_verify.oracles.float64 import lla_forward_details, softmax_attention
 from lla_verify.registry.cases import Case, Problem
 from lla_verify.registry.impls import triton_impl
 from lla_verify.registry.precision import unit_roundoff
+from lla_verify.testing.kernel_device import kernel_device, needs_kernel_device
 
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    DEVICE = None
+DEVICE = kernel_device()
 
 pytestmark = [
     pytest.mark.interp,
-    pytest.mark.skipif(DEVICE is None, reason="needs a CUDA device or TRITON_INTERPRET=1 (CPU interpreter)"),
+    needs_kernel_device,
 ]
 
 if DEVICE is not None:

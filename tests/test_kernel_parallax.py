@@ -11,7 +11,6 @@ large common offset (q unchanged), large probes (|r_i| from 10 to 100), the zero
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -20,17 +19,13 @@ from lla_contract import LLAInputError
 from lla_verify.budget.parallax import check_parallax_backward, check_parallax_forward, kernel_target
 from lla_verify.budget.verdict import assert_within_budget
 from lla_verify.oracles.parallax import parallax_forward
+from lla_verify.testing.kernel_device import kernel_device, needs_kernel_device
 
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    DEVICE = None
+DEVICE = kernel_device()
 
 pytestmark = [
     pytest.mark.interp,
-    pytest.mark.skipif(DEVICE is None, reason="needs a CUDA device or TRITON_INTERPRET=1 (CPU interpreter)"),
+    needs_kernel_device,
 ]
 
 if DEVICE is not None:
