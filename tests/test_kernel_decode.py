@@ -149,7 +149,7 @@ def test_parallax_decode_under_a_large_common_key_offset(offset):
     """k + offset c: the moments cancel the offset before any product (docs/decode.md)."""
     p = _problem("gaussian", {}, _n(40), "float32", seed=2)
     gen = torch.Generator().manual_seed(4)
-    c = torch.randn(p.q.shape[-1], generator=gen, dtype=torch.float64)
+    c = torch.randn(p.q.shape[-1], generator=gen, dtype=torch.float64).to(p.k.device)
     k = (p.k.double() + offset * c / c.norm()).to(p.k.dtype)
     p2 = Problem(p.case, p.q, k, p.v, p.ridge_lambda, p.qk_scale)
     ratio, msg = _judge_parallax(p2, _probe(p2, size=2.0), split=_n(16))

@@ -346,7 +346,7 @@ def _bad(**change):
     (lambda a: dict(r=None), r"^r: expected a torch.Tensor"),
     (lambda a: dict(r=a["r"].to(torch.int32)), r"^r: expected a floating dtype"),
     (lambda a: dict(q=a["q"][..., :8], k=a["k"][..., :8], r=a["r"][..., :8]), r"^q: head dimension D=8 unsupported"),
-    (lambda a: dict(v=torch.randn(1, 2, 16, 24)), r"^v: value dimension Dv=24 unsupported"),
+    (lambda a: dict(v=torch.randn(1, 2, 16, 24, device=a["v"].device)), r"^v: value dimension Dv=24 unsupported"),
     (lambda a: dict(v=a["v"].half()), r"^q, k, v, r: expected one dtype"),
     (lambda a: dict(r=a["r"].index_put((torch.tensor(0),) * 4, torch.tensor(float("nan")))),
      r"^r: expected finite values"),
