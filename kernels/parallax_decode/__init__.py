@@ -91,9 +91,11 @@ def _head(bh, H, G):
 
 @triton.jit
 def _merge(om_a, nu_a, db_a, x_a, om_b, nu_b, db_b, x_b):
-    """Centred moments of two groups merged (both already against one max); om_a + om_b > 0."""
+    """Centred moments of two groups merged (both already against one max). A group whose
+    weights all underflowed against the other's max (exp below fp32's range, scores more
+    than ~103 apart) has omega = 0 and adds nothing; two such groups merge to an empty one."""
     om = om_a + om_b
-    fb = om_b / om
+    fb = tl.where(om > 0.0, om_b / tl.where(om > 0.0, om, 1.0), 0.0)
     dnu = nu_b - nu_a
     ddb = db_b - db_a
     return om, nu_a + fb * dnu, db_a + fb * ddb, x_a + x_b + (om_a * fb) * ddb * dnu
@@ -138,8 +140,10 @@ def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
         vd = v - v0[None, :]
         # the tile's own centred moments (two passes over the tile in registers)
         om_t = tl.sum(w, 0)
-        nu_t = tl.sum(w[:, None] * vd, 0) / om_t
-        db_t = tl.sum(w * d, 0) / om_t
+        # om_t = 0 when every weight of the tile underflowed against an earlier tile's max
+        inv_t = tl.where(om_t > 0.0, 1.0 / tl.where(om_t > 0.0, om_t, 1.0), 0.0)
+        nu_t = tl.sum(w[:, None] * vd, 0) * inv_t
+        db_t = tl.sum(w * d, 0) * inv_t
         x_t = tl.sum((w * (d - db_t))[:, None] * (vd - nu_t[None, :]), 0)
         omega, nu, dbar, x = _merge(omega * alpha, nu, dbar, x * alpha, om_t, nu_t, db_t, x_t)
         m_i = m_new
@@ -167,7 +171,7 @@ def _parallax_combine_kernel(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O,
     dbar = _scalar(0.0)
     nu = tl.zeros([DV], dtype=tl.float32)
     x = tl.zeros([DV], dtype=tl.float32)
-    # split 0 is never empty, so omega > 0 from the first merge on
+    # a split whose weights underflow against the largest max (f = 0) adds nothing (_merge)
     for s in range(0, used):
         f = tl.exp(tl.load(M_S + base + s) - big)
         omega, nu, dbar, x = _merge(omega, nu, dbar, x, f * tl.load(OM_S + base + s),
