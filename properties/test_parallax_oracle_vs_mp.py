@@ -11,7 +11,7 @@ floor at the largest gradient row), against central differences in mpmath, on ti
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 
 from lla_verify.budget.forward import MODEL_SAFETY, U64
 from lla_verify.budget.parallax import parallax_budget
@@ -19,6 +19,7 @@ from lla_verify.oracles.mp_parallax import parallax_forward_mp, parallax_grad_mp
 from lla_verify.oracles.parallax import parallax_forward
 from lla_verify.testing import suite
 from lla_verify.testing import parallax as px
+from lla_verify.registry.parallax import parse_parallax_case
 from lla_verify.testing.parallax import parallax_cases
 from lla_verify.testing.strategies import cases
 
@@ -37,10 +38,16 @@ def _worst(err, allowed, spec, what):
 @settings(max_examples=suite.examples(0.8))
 @given(pc=parallax_cases(cases(HARD, dtypes=("float32",), seq=(1, 12), head_dims=(3, 4), batch=(1, 1),
                                heads=(1, 2))))
+@example(pc=parse_parallax_case("offset:lam=1,offset=100,scale_mult=1:B=1,H=2,S=8,D=3,dtype=float32,seed=15622;"
+                                "probe=lla"))
 def test_float64_parallax_oracle_agrees_with_mpmath_within_its_budget(pc):
     p = px.build(pc, "cpu")
+    # no dense same-precision rule here (the oracle is the float64 computation), so the
+    # model alone decides: its sensitivity estimate gets 32 sign patterns instead of 2 (the
+    # problems are tiny), enough for rows whose conditioning sits in a few key components
+    # (offset keys at a two-key row: 2 patterns gave 1.5 against ||J diag(x)||_F = 28)
     pb = parallax_budget(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale, compute_dtype=torch.float64,
-                         out_dtype=torch.float64, dense=False)
+                         out_dtype=torch.float64, dense=False, directions=32)
     mp = parallax_forward_mp(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale, dps=50)
     err = (pb.o - mp).norm(dim=-1)
     assert bool((err <= pb.allowed).all()), _worst(err, pb.allowed, pc.spec(), "float64 Parallax vs mpmath")

@@ -59,15 +59,22 @@ def parallax_sensitivity(q, k, v, r, *, qk_scale=None, directions: int = N_DIREC
 
 
 def parallax_budget(q, k, v, r, *, qk_scale=None, compute_dtype=torch.float32,
-                    out_dtype: torch.dtype | None = None, dense: bool = True) -> ParallaxBudget:
-    """The allowed per-query error of an implementation computing in ``compute_dtype``."""
+                    out_dtype: torch.dtype | None = None, dense: bool = True,
+                    directions: int = N_DIRECTIONS) -> ParallaxBudget:
+    """The allowed per-query error of an implementation computing in ``compute_dtype``.
+
+    ``directions``: random sign patterns of the sensitivity estimate (a max over them, so
+    more can only raise it). Two can miss a row whose sensitivity sits in few components:
+    under a large common key offset a key's relative perturbation cancels in k_j - kbar_i
+    whenever the signs of the keys agree (both of a two-key row's patterns did, estimating
+    1.5 against ||J diag(x)||_F = 28)."""
     o64 = parallax_forward(q, k, v, r, qk_scale=qk_scale)
     u_c = unit_roundoff(compute_dtype) if compute_dtype != torch.float64 else U64
     out_dt = out_dtype or q.dtype
     u_out = unit_roundoff(out_dt) if out_dt != torch.float64 else U64
     S, D = q.shape[-2], q.shape[-1]
     root_n = (torch.arange(1, S + 1, dtype=torch.float64, device=q.device) * D).sqrt()
-    sens = parallax_sensitivity(q, k, v, r, qk_scale=qk_scale)
+    sens = parallax_sensitivity(q, k, v, r, qk_scale=qk_scale, directions=directions)
     vscale = v.to(torch.float64).norm(dim=-1).amax(-1, keepdim=True)
     terms = {"rounding": u_c * root_n * sens, "output": u_out * o64.norm(dim=-1), "floor": u_c * root_n * vscale}
     model = MODEL_SAFETY * sum(terms.values())
