@@ -36,6 +36,24 @@ def score_precision(dtype: torch.dtype, precision: str, upcast: bool) -> str:
     return "tf32"
 
 
+def backward_product_precision(dtype: torch.dtype, precision: str) -> str:
+    """tl.dot input precision for the backward's fp32 tile products.
+
+    The backward's per-pair terms are differences that cancel (e_ij = c_ij - (<u_i, k'_j>
+    - <u_i, q'_i>), f_ij e_ij + beta_i, then sum_j dA_ij k'_j with sum_j dA_ij = 0), so a
+    product's relative error is amplified by that cancellation. tf32x3's error (about
+    8-12 u_fp32 per product) then exceeds what a dense fp32 autograd commits: dq at
+    ratio 1.02 of the same-precision allowance on an H200 (bandwidth scale 100, fp32),
+    1.79 with tf32x3 emulated in the interpreter, 0.495 with exact fp32 products, and
+    0.655 with tf32x3 in the forward and IEEE in the backward (docs/kernels-backward.md).
+    So fp32 inputs get IEEE products here unless the caller asked for plain tf32 (a
+    speed experiment); 16-bit inputs keep ``precision`` (their split products are exact).
+    """
+    if dtype == torch.float32 and precision != "tf32":
+        return "ieee"
+    return precision
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import (PRECISIONS, SUPPORTED_HEAD_DIMS, fitted_rounds, interpreting, launch_fitting,
-                      reanchor_rounds, score_precision)
+                      reanchor_rounds, score_precision, backward_product_precision)
 from .forward import NO_SPECIALIZE, _cg, _dot3, anchor_too_far, split_too_lossy
 
 DEFAULT_PRECISION = "tf32x3"
@@ -571,6 +571,7 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg
     iters = torch.empty(N, S, device=dev, dtype=torch.int32)
     res = torch.empty_like(dlam)
     sprec = score_precision(q.dtype, precision, upcast)
+    bprec = backward_product_precision(q.dtype, precision)
     # the forward's rule: bf16 keys are exact in bf16, so the adjoint CG's products split
     # their fp32 operand three ways against them (forward._dot3)
     split = q.dtype == torch.bfloat16 and precision == "tf32x3"
@@ -587,7 +588,7 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg
             tile_ids, anchors, todo, far,
             S, float(scale), float(cg_tol), int(cg_max_iters),
             D=D, BLOCK_M=am, BLOCK_N=an, UPCAST=upcast, JACOBI=(preconditioner == "jacobi"),
-            PREC=precision, SPREC=sprec, SPLIT=split and first, FIRST=first, num_warps=aw, num_stages=ast,
+            PREC=bprec, SPREC=sprec, SPLIT=split and first, FIRST=first, num_warps=aw, num_stages=ast,
         )
         return cfg
 
@@ -596,7 +597,7 @@ def lla_backward_kernel(q, k, v, rho, lam, grad_out, scale, *, fallback=None, cg
         grid = (triton.cdiv(S, bn), N) if first else (tile_ids.numel(), 1)
         _lla_bwd_key_kernel[grid](
             q, k, v, grad_out, rho, u, m, den, go, va, beta, dk, dv, tile_ids, anchors, todo, far, S, float(scale),
-            D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, PREC=precision, SPREC=sprec, SPLIT=split, FIRST=first,
+            D=D, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, PREC=bprec, SPREC=sprec, SPLIT=split, FIRST=first,
             num_warps=bw, num_stages=bst,
         )
         return cfg
