@@ -101,7 +101,10 @@ def _merge(om_a, nu_a, db_a, x_a, om_b, nu_b, db_b, x_b):
     return om, nu_a + fb * dnu, db_a + fb * ddb, x_a + x_b + (om_a * fb) * ddb * dnu
 
 
-@triton.jit
+# Integer arguments left unspecialised: Triton would compile one variant per class
+# (== 1, divisible by 16, other) of each, and the test suites draw many shapes; row
+# offsets need no divisibility facts from them, since D and DV are constexpr.
+@triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
 def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
                            H, G, T, n_splits, split, scale,
                            D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -156,7 +159,7 @@ def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
     tl.store(X_S + row * DV + offs_v, x)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
 def _parallax_combine_kernel(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O,
                              H, G, T, n_splits, split, DV: tl.constexpr):
     bh = tl.program_id(0)
