@@ -74,3 +74,39 @@ def test_tf32x3_backward_products_fail_that_budget(monkeypatch):
     monkeypatch.setattr(bwd, "backward_product_precision", lambda dtype, precision: precision)
     verdict = _check("planted:tf32x3-backward")
     assert not verdict.passed and verdict.summary.get("worst_tensor") == "dq", verdict.message
+
+
+def test_install_is_idempotent_and_undone():
+    """Nested blocks: the inner one leaves the outer one's patch; the outer one restores the
+    interpreter's own dot."""
+    from triton.runtime import interpreter
+
+    from lla_verify.testing import tensor_cores
+
+    exact = interpreter.InterpreterBuilder.create_dot
+    with tensor_cores.tensor_core_rounding():
+        patched = interpreter.InterpreterBuilder.create_dot
+        assert patched is not exact
+        with tensor_cores.tensor_core_rounding():
+            pass
+        assert interpreter.InterpreterBuilder.create_dot is patched
+    assert interpreter.InterpreterBuilder.create_dot is exact
+    assert tensor_cores._ORIGINAL is None
+
+
+def test_the_suite_option_installs_it(tmp_path):
+    """`pytest --lla-tensor-cores` under the interpreter runs the tests with the rounding on."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_probe.py").write_text(
+        "from lla_verify.testing import tensor_cores\n\n"
+        "def test_on():\n    assert tensor_cores._ORIGINAL is not None\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--lla-tensor-cores",
+                          str(tmp_path / "test_probe.py")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    off = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--lla-device", "cpu",
+                          str(tmp_path / "test_probe.py")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert off.returncode == 1, off.stdout + off.stderr

@@ -84,6 +84,11 @@ def pytest_addoption(parser):
                      "parallax-triton) or MODULE:CALLABLE following fn(q, k, v, r, *, qk_scale) -> o")
     g.addoption("--lla-device", default=os.environ.get("LLA_DEVICE", "auto"), choices=("auto", "cpu", "cuda"),
                 help="device the implementation runs on (auto: cuda if available)")
+    g.addoption("--lla-tensor-cores", action="store_true",
+                default=os.environ.get("LLA_TENSOR_CORES", "") not in ("", "0"),
+                help="under the Triton interpreter, round fp32 tl.dot operands as the GPU's tensor cores do "
+                     "(tf32 / tf32x3; lla_verify/testing/tensor_cores.py) instead of multiplying exact fp32: "
+                     "CPU runs then see the products' GPU error. No effect on compiled kernels")
     g.addoption("--lla-call-timeout", type=float, default=float(os.environ.get("LLA_CALL_TIMEOUT", "300")),
                 metavar="SECONDS",
                 help="one call of the implementation may run this long before it fails as timed out "
@@ -131,6 +136,10 @@ def pytest_configure(config):
     from lla_verify import trust
 
     trust.CALL_LIMIT = limit or None
+    if config.getoption("--lla-tensor-cores") and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        from lla_verify.testing import tensor_cores
+
+        tensor_cores.install()
     # A run of the suite defaults to the dev profile; --hypothesis-profile, applied by
     # Hypothesis's own plugin, takes precedence.
     if getattr(config.option, "hypothesis_profile", None) is None:
@@ -177,7 +186,8 @@ def pytest_report_header(config):
     pin = f"worker pinned to GPU {PINNED}" if PINNED is not None else "no GPU pinning"
     px_spec = config.getoption("--lla-parallax-impl")
     return [f"lla-verify: impl={spec} ({desc}); parallax impl={px_spec}; device={_device(config)}; {pin}; "
-            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+            + ("; tensor-core rounding emulated" if config.getoption("--lla-tensor-cores") else "")]
 
 
 @pytest.fixture(scope="session")

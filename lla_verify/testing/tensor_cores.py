@@ -8,8 +8,8 @@ multiplies exact fp32, so on CPU a kernel whose accuracy depends on that choice 
 better than it is on the GPU: lla_triton's backward passed its budget through the
 interpreter (dq at 0.495) and failed it on an H200 (1.02) with tf32x3 products.
 
-``tensor_core_rounding()`` patches the interpreter's dot so that CPU runs see the same
-operand rounding: round to nearest, ties away from zero (PTX ``cvt.rna.tf32.f32``). It
+``tensor_core_rounding()`` (or ``install()``; the test suite's ``--lla-tensor-cores``)
+patches the interpreter's dot so that CPU runs see the same operand rounding: round to nearest, ties away from zero (PTX ``cvt.rna.tf32.f32``). It
 models the operand rounding, not the hardware's accumulation order, so it reproduces the
 size of the error, not its bits.
 """
@@ -52,13 +52,18 @@ def _precision_name(p) -> str:
     return name if name in ("tf32", "tf32x3", "ieee") else "ieee"
 
 
-@contextlib.contextmanager
-def tensor_core_rounding():
-    """Within the block, interpreted ``tl.dot`` rounds fp32 operands as the GPU does."""
+_ORIGINAL = None
+
+
+def install() -> None:
+    """From now on, interpreted ``tl.dot`` rounds fp32 operands as the GPU does (idempotent)."""
+    global _ORIGINAL
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
-    original = builder.create_dot
+    if _ORIGINAL is not None:
+        return
+    original = _ORIGINAL = builder.create_dot
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         out = emulated_dot(a.data, b.data, _precision_name(input_precision))
@@ -67,7 +72,26 @@ def tensor_core_rounding():
         return interpreter.TensorHandle((out + d.data).astype(d.data.dtype), d.dtype.scalar)
 
     builder.create_dot = create_dot
+
+
+def uninstall() -> None:
+    """The interpreter's own exact fp32 ``tl.dot`` again."""
+    global _ORIGINAL
+    if _ORIGINAL is None:
+        return
+    from triton.runtime import interpreter
+
+    interpreter.InterpreterBuilder.create_dot = _ORIGINAL
+    _ORIGINAL = None
+
+
+@contextlib.contextmanager
+def tensor_core_rounding():
+    """Within the block, interpreted ``tl.dot`` rounds fp32 operands as the GPU does."""
+    already = _ORIGINAL is not None
+    install()
     try:
         yield
     finally:
-        builder.create_dot = original
+        if not already:
+            uninstall()
