@@ -156,18 +156,21 @@ def test_parallax_decode_under_a_large_common_key_offset(offset):
     assert ratio <= THRESHOLD, msg
 
 
+@pytest.mark.parametrize("slope", [15.0, 8.0], ids=["zero-weights", "subnormal-weights"])
 @pytest.mark.parametrize("split", [_n(16), _n(48)], ids=["three-splits", "one-split-three-tiles"])
-def test_parallax_decode_scores_far_apart(split):
-    """Scores 15 |j - S/2| below the middle key's: the outer tiles' and splits' weights all
-    underflow in fp32 against the middle's maximum (e^-120 < 2^-149). Such a group has
-    omega = 0 and must add nothing; its mean nu = 0/0 once made the whole output NaN."""
+def test_parallax_decode_scores_far_apart(split, slope):
+    """Scores slope |j - 20| below key 20's (in units of the interpreter's tile of 16), so
+    the last tile (and split) starts 12 slope below the maximum of an earlier one. At 15
+    its weights all underflow to 0 in fp32 (e^-180 < 2^-149); at 8 they are subnormal
+    (e^-96 < 2^-126), and the reciprocal of their sum overflows. Either group must add
+    (almost) nothing; its means (0/0, or a sum times inf) once made the whole output NaN."""
     S, D = _n(48), 16
     gen = torch.Generator().manual_seed(5)
     j = torch.arange(S, dtype=torch.float64)
     k = 0.1 * torch.randn(1, 1, S, D, generator=gen, dtype=torch.float64)
     q = torch.zeros(1, 1, S, D, dtype=torch.float64)
     q[..., 0] = 4.0  # qk_scale 1/4 at D = 16: a_j = k_j[0] (up to the small coordinates)
-    k[..., 0] = -15.0 * (j - S // 2).abs() * 16 / TILE
+    k[..., 0] = -slope * (j * 16 / TILE - 20).abs()
     v = torch.randn(1, 1, S, D, generator=gen, dtype=torch.float64)
     p = Problem(Case("gaussian", {}, B=1, H=1, S=S, D=D), *(t.float().to(DEVICE) for t in (q, k, v)),
                 0.1, 0.25)

@@ -135,20 +135,21 @@ def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
         v = tl.load(vbase + offs_n[:, None] * DV + offs_v[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
         kd = k - k0[None, :]
         a = tl.where(keep, scale * tl.sum(kd * q[None, :], 1), float("-inf"))
-        # each tile holds at least one kept position, so m_new is finite and om_t > 0
-        m_new = tl.maximum(m_i, tl.max(a, 0))
-        alpha = tl.exp(m_i - m_new)
-        w = tl.exp(a - m_new)
+        # the tile's own centred moments against its own max (two passes over the tile in
+        # registers): each tile holds a kept position, so m_t is finite and om_t >= 1, and
+        # its means never divide by a weight sum that underflowed against another tile's max
+        m_t = tl.max(a, 0)
+        w = tl.exp(a - m_t)
         d = tl.sum(kd * r[None, :], 1)
         vd = v - v0[None, :]
-        # the tile's own centred moments (two passes over the tile in registers)
         om_t = tl.sum(w, 0)
-        # om_t = 0 when every weight of the tile underflowed against an earlier tile's max
-        inv_t = tl.where(om_t > 0.0, 1.0 / tl.where(om_t > 0.0, om_t, 1.0), 0.0)
-        nu_t = tl.sum(w[:, None] * vd, 0) * inv_t
-        db_t = tl.sum(w * d, 0) * inv_t
+        nu_t = tl.sum(w[:, None] * vd, 0) / om_t
+        db_t = tl.sum(w * d, 0) / om_t
         x_t = tl.sum((w * (d - db_t))[:, None] * (vd - nu_t[None, :]), 0)
-        omega, nu, dbar, x = _merge(omega * alpha, nu, dbar, x * alpha, om_t, nu_t, db_t, x_t)
+        m_new = tl.maximum(m_i, m_t)
+        alpha = tl.exp(m_i - m_new)
+        beta = tl.exp(m_t - m_new)
+        omega, nu, dbar, x = _merge(omega * alpha, nu, dbar, x * alpha, om_t * beta, nu_t, db_t, x_t * beta)
         m_i = m_new
     # an empty split (start >= L) stores m = -inf and omega = 0: no weight in the combine
     row = bh.to(tl.int64) * n_splits + pid_s
