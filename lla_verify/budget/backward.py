@@ -113,7 +113,8 @@ def oracle_pass(problem: Problem) -> OraclePass:
     lam = lam_on_device(problem).detach().clone().requires_grad_(True)
     shift = torch.zeros(q.shape, dtype=torch.float64, device=q.device, requires_grad=True)
     with torch.enable_grad():
-        d = lla_forward_details(q, k, v, ridge_lambda=lam, qk_scale=problem.qk_scale, mu_shift=shift)
+        d = lla_forward_details(q, k, v, ridge_lambda=lam, qk_scale=problem.qk_scale, mu_shift=shift,
+                                solver_sensitivity=False)
     o = d.o
     fields = {f: (getattr(d, f).detach() if isinstance(getattr(d, f), torch.Tensor) else getattr(d, f))
               for f in LLADetails.__dataclass_fields__}

@@ -54,7 +54,7 @@ class LLADetails:
     lam: torch.Tensor  # (..., S) ridge_lambda as broadcast
     undefined: torch.Tensor  # (..., S) bool: lambda == 0 and Sigma_i singular (or float64 unresolved)
     sigma_norm: torch.Tensor = None  # (..., S) ||Sigma_i||_2 (largest eigenvalue)
-    solv: torch.Tensor = None  # (..., S) ||(do_i/drho_i) Sigma_i^{-1}||_F ||mu_i||: output change per unit relative residual
+    solv: torch.Tensor = None  # (..., S) ||(do_i/drho_i) Sigma_i^{-1}||_F ||mu_i||: output change per unit relative residual (None: not asked)
     scale: float = 0.0
     extras: dict = field(default_factory=dict)
 
@@ -161,7 +161,8 @@ def sigma_matrices(q, k, *, ridge_lambda, qk_scale=None, chunk_bytes=DEFAULT_CHU
     return torch.cat(out, 1).reshape(*lead, S, D, D)
 
 
-def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sigma_probe=None, mu_shift=None):
+def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sigma_probe=None, mu_shift=None,
+          want_solv: bool = True):
     """The rho/Schur oracle on flattened (N, S, D) float64 inputs.
 
     sigma_probe = (h, seed) adds h ||Sigma_i||_2 E_i to every Sigma_i, E_i random symmetric
@@ -171,6 +172,7 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
     mu_shift (N, S, D): rho_i solves Sigma_i rho_i = mu_i + shift_i, i.e. carries the solve
     residual -shift_i, and every later step uses that rho_i, as a kernel uses its inexact
     one; differentiable in the shift (budget.rho_residual_dlambda).
+    want_solv=False leaves the details' solv out (None): only the forward budget reads it.
     """
     N, S, D = q.shape
     Dv = v.shape[-1]
@@ -245,15 +247,16 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
             # by (d o_i / d rho_i) Sigma_i^{-1} r_i, with d o_i/d rho_i = -B_i and
             # B_i = (1/den_i) sum_j w_ij (v_j - o_i) z_ij^T; so ||B_i Sigma_i^{-1}||_F ||mu_i||
             # is the output change per unit of relative residual ||r_i|| / ||mu_i||.
-            with torch.no_grad():
-                coef = (w / den[..., None])[..., None] * (v[:, None, :i1, :] - o[:, :, None, :])
-                Bm = coef.transpose(-1, -2) @ z  # (N, C, Dv, D)
-                X = torch.cholesky_solve(Bm.transpose(-1, -2), L)
-                if bool(bad.any()):
-                    X = torch.where(bad[..., None, None], torch.linalg.solve_ex(sig, Bm.transpose(-1, -2))[0], X)
-                solv = X.flatten(-2).norm(dim=-1) * mu.norm(dim=-1)
-                solv = torch.where(undefined, torch.full_like(solv, float("nan")), solv)
-            dets["solv"].append(solv)
+            if want_solv:
+                with torch.no_grad():
+                    coef = (w / den[..., None])[..., None] * (v[:, None, :i1, :] - o[:, :, None, :])
+                    Bm = coef.transpose(-1, -2) @ z  # (N, C, Dv, D)
+                    X = torch.cholesky_solve(Bm.transpose(-1, -2), L)
+                    if bool(bad.any()):
+                        X = torch.where(bad[..., None, None], torch.linalg.solve_ex(sig, Bm.transpose(-1, -2))[0], X)
+                    solv = X.flatten(-2).norm(dim=-1) * mu.norm(dim=-1)
+                    solv = torch.where(undefined, torch.full_like(solv, float("nan")), solv)
+                dets["solv"].append(solv)
             dets["m"].append(m[..., 0])
             dets["omega"].append(omega)
             dets["mu"].append(mu)
@@ -263,7 +266,7 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
     o = torch.cat(outs, 1)
     if not want_details:
         return o, None
-    return o, {key: torch.cat(val, 1) for key, val in dets.items()}
+    return o, {key: torch.cat(val, 1) if val else None for key, val in dets.items()}
 
 
 def lla_forward(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, chunk_bytes=DEFAULT_CHUNK_BYTES):
@@ -316,10 +319,12 @@ def lla_forward_mu_shift(q, k, v, *, ridge_lambda, shift, qk_scale=None, chunk_b
 
 
 def lla_forward_details(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, chunk_bytes=DEFAULT_CHUNK_BYTES,
-                        mu_shift=None):
+                        mu_shift=None, solver_sensitivity: bool = True):
     """``lla_forward`` plus omega, mu, rho, delta, kappa(Sigma_i) and the undefined mask.
 
-    mu_shift: as ``lla_forward_mu_shift`` (None: none). With inputs that require grad, the
+    mu_shift: as ``lla_forward_mu_shift`` (None: none). solver_sensitivity=False leaves
+    ``solv`` out (None; a solve per query with Dv right-hand sides that only the forward
+    budget reads). With inputs that require grad, the
     returned ``o`` carries the graph of ``lla_forward`` (or ``lla_forward_mu_shift``), so
     one pass gives both the details and the float64 gradients (budget.check_backward).
     """
@@ -329,7 +334,7 @@ def lla_forward_details(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, 
     o, d = _core(
         flatten_leading(q64, 2), flatten_leading(k64, 2), flatten_leading(v64, 2), lam.reshape(-1, S), scale, eps,
         want_details=True, chunk_bytes=chunk_bytes,
-        mu_shift=None if mu_shift is None else flatten_leading(mu_shift, 2),
+        mu_shift=None if mu_shift is None else flatten_leading(mu_shift, 2), want_solv=solver_sensitivity,
     )
 
     def r(t, *tail):
@@ -338,7 +343,7 @@ def lla_forward_details(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, 
     return LLADetails(
         o=r(o, Dv), m=r(d["m"]), omega=r(d["omega"]), mu=r(d["mu"], D), rho=r(d["rho"], D),
         delta=r(d["delta"]), kappa=r(d["kappa"]), lam=lam, undefined=r(d["undefined"]), scale=scale,
-        solv=r(d["solv"]), sigma_norm=r(d["sigma_norm"]),
+        solv=None if d["solv"] is None else r(d["solv"]), sigma_norm=r(d["sigma_norm"]),
     )
 
 
