@@ -54,7 +54,8 @@ class LLADetails:
     lam: torch.Tensor  # (..., S) ridge_lambda as broadcast
     undefined: torch.Tensor  # (..., S) bool: lambda == 0 and Sigma_i singular (or float64 unresolved)
     sigma_norm: torch.Tensor = None  # (..., S) ||Sigma_i||_2 (largest eigenvalue)
-    solv: torch.Tensor = None  # (..., S) ||(do_i/drho_i) Sigma_i^{-1}||_F ||mu_i||: output change per unit relative residual (None: not asked)
+    # (..., S) ||(do_i/drho_i) Sigma_i^{-1}||_F ||mu_i||: output change per unit relative residual (None: not asked)
+    solv: torch.Tensor = None
     scale: float = 0.0
     extras: dict = field(default_factory=dict)
 
