@@ -83,6 +83,60 @@ def oracle_grads(problem: Problem, cot: torch.Tensor, *, q=None, k=None, v=None,
     return {"dq": gq, "dk": gk, "dv": gv, "dlambda": gl}
 
 
+def _stacked_oracle_grads(problem: Problem, cot: torch.Tensor, inputs: list, sigma_probe=None) -> list:
+    """``oracle_grads`` at several points in one batched pass: ``inputs`` a list of (q, k,
+    v, lam) float64 tuples, stacked along a new first dimension (the oracle treats every
+    leading index apart); sigma_probe=(h, seeds), one seed per point. Returns one grads
+    dict per point."""
+    n = len(inputs)
+    q, k, v, lam = (torch.stack(ts) for ts in zip(*inputs))
+    probe = None if sigma_probe is None else (sigma_probe[0], tuple(sigma_probe[1]))
+    g = oracle_grads(problem, cot.expand((n,) + tuple(cot.shape)), q=q, k=k, v=v, lam=lam, sigma_probe=probe)
+    return [{name: t[i] for name, t in g.items()} for i in range(n)]
+
+
+@dataclass
+class OraclePass:
+    """One float64 pass over the oracle for check_backward: the details (detached), and the
+    graph of o kept (through a zero mu_shift) for the reference gradients and the solve
+    residual's double backward (reference_grads)."""
+    details: LLADetails
+    o: torch.Tensor
+    leaves: tuple  # q, k, v, lambda, shift: float64 leaves that require grad
+
+
+def oracle_pass(problem: Problem) -> OraclePass:
+    """``lla_forward_details`` on ``problem`` with its output's graph kept: the one forward
+    that lla_forward_details, oracle_grads and rho_residual_dlambda each ran on their own
+    (the same function, hence the same numbers)."""
+    q, k, v = (t.to(torch.float64).detach().requires_grad_(True) for t in (problem.q, problem.k, problem.v))
+    lam = lam_on_device(problem).detach().clone().requires_grad_(True)
+    shift = torch.zeros(q.shape, dtype=torch.float64, device=q.device, requires_grad=True)
+    with torch.enable_grad():
+        d = lla_forward_details(q, k, v, ridge_lambda=lam, qk_scale=problem.qk_scale, mu_shift=shift,
+                                solver_sensitivity=False)
+    o = d.o
+    fields = {f: (getattr(d, f).detach() if isinstance(getattr(d, f), torch.Tensor) else getattr(d, f))
+              for f in LLADetails.__dataclass_fields__}
+    return OraclePass(LLADetails(**fields), o, (q, k, v, lam, shift))
+
+
+def reference_grads(op: OraclePass, cot: torch.Tensor, *, dlambda_residual: bool) -> tuple:
+    """(``oracle_grads(problem, cot)``, ``rho_residual_dlambda(problem, cot)`` or None when
+    not asked) from the graph of ``op``, which is released."""
+    q, k, v, lam, shift = op.leaves
+    o = op.o
+    cot = torch.where(torch.isnan(o), torch.zeros_like(cot), cot)
+    gq, gk, gv, gl = torch.autograd.grad(torch.nan_to_num(o, nan=0.0), (q, k, v, lam), cot,
+                                         create_graph=dlambda_residual)
+    jac = None
+    if dlambda_residual:
+        (j,) = torch.autograd.grad(gl.sum(), shift, allow_unused=True)
+        jac = torch.zeros(q.shape[:-1], dtype=torch.float64, device=q.device) if j is None else j.norm(dim=-1)
+    op.o, op.leaves = None, ()
+    return {"dq": gq.detach(), "dk": gk.detach(), "dv": gv.detach(), "dlambda": gl.detach()}, jac
+
+
 def impl_grads(impl: Impl, problem: Problem, cot: torch.Tensor, forward=None) -> dict:
     """The implementation's gradients of sum <cot, o> (lambda as a (B, H, S) tensor)."""
     from lla_verify.trust import call_grads
@@ -245,22 +299,24 @@ class BackwardBudget:
 
 
 def backward_budget(problem: Problem, impl: Impl, cot: torch.Tensor, names, *, details: LLADetails,
-                    dense: bool = True, h: float = 1e-6) -> BackwardBudget:
+                    dense: bool = True, h: float = 1e-6, ref: dict | None = None,
+                    rho_jac: torch.Tensor | None = None) -> BackwardBudget:
     """The allowed per-row error of ``impl``'s gradients ``names`` on ``problem`` (the
     kernel's view of it: kernel_view), for the cotangent ``cot`` (float64, zero on
-    undefined rows); the model is check_backward's."""
+    undefined rows); the model is check_backward's. ``ref`` and ``rho_jac``: the float64
+    gradients and ``rho_residual_dlambda`` when already computed (reference_grads)."""
     d = details
     defined = ~d.undefined
-    ref = oracle_grads(problem, cot)
+    ref = oracle_grads(problem, cot) if ref is None else ref
     # sensitivity of the gradient: central difference along x -> x (1 + t xi)
     gen = torch.Generator().manual_seed(7)
     base = [t.to(torch.float64) for t in (problem.q, problem.k, problem.v)] + [lam_on_device(problem)]
     xi = [(torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t) for t in base]
     def shifted(sign):
-        q_, k_, v_, l_ = (t * (1 + sign * h * x) for t, x in zip(base, xi))
-        return oracle_grads(problem, cot, q=q_, k=k_, v=v_, lam=l_)
+        return tuple(t * (1 + sign * h * x) for t, x in zip(base, xi))
 
-    plus, minus = shifted(1.0), shifted(-1.0)
+    # both points in one batched oracle pass (each leading index is computed apart)
+    plus, minus = _stacked_oracle_grads(problem, cot, [shifted(1.0), shifted(-1.0)])
     # Rounding inside the solves (rho and the adjoint u) and the CG stopping residual act
     # like a perturbation of Sigma_i of size (u + tol) ||Sigma_i||, whatever lambda is, in
     # no particular direction. An isotropic ridge shift is one direction only, and the
@@ -269,7 +325,8 @@ def backward_budget(problem: Problem, impl: Impl, cot: torch.Tensor, names, *, d
     # The probe's step must stay in the linear regime, h_solve kappa_i << 1: at h = 1e-6 a
     # kappa 9e5 row's one-sided difference came out 13x its h -> 0 value (error-model.md §6)
     h_solve = solve_probe_step(d.kappa, defined, impl.u, h)
-    solve_probes = [oracle_grads(problem, cot, sigma_probe=(h_solve, seed)) for seed in SOLVE_PROBE_SEEDS]
+    solve_probes = _stacked_oracle_grads(problem, cot, [tuple(base)] * len(SOLVE_PROBE_SEEDS),
+                                         sigma_probe=(h_solve, SOLVE_PROBE_SEEDS))
     dense_g = None
     if dense:
         dense_g = impl_grads(impl, problem, cot, forward=lambda *a, **kw: dense_torch_lla(
@@ -296,7 +353,8 @@ def backward_budget(problem: Problem, impl: Impl, cot: torch.Tensor, names, *, d
     # <J_i, r_i> over directions of r_i is ||J_i|| ||r_i|| / sqrt(D) (error-model.md §6)
     rho_resid = None
     if "dlambda" in names:
-        rho_resid = (torch.nan_to_num(rho_residual_dlambda(problem, cot), nan=0.0, posinf=0.0)
+        jac = rho_residual_dlambda(problem, cot) if rho_jac is None else rho_jac
+        rho_resid = (torch.nan_to_num(jac, nan=0.0, posinf=0.0)
                      * torch.nan_to_num(solve_residual(d, impl), nan=0.0, posinf=0.0) / math.sqrt(D))
     grads = {}
     for name in names:
@@ -356,19 +414,22 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     # same-precision reference on what it computes from (kernel_view)
     given = problem
     problem = kernel_view(problem, impl)
-    d = lla_forward_details(problem.q, problem.k, problem.v, ridge_lambda=problem.ridge_lambda,
-                            qk_scale=problem.qk_scale)
+    op = oracle_pass(problem)
+    d = op.details
     defined = ~d.undefined
     cot = cotangent_for(problem) if cot is None else cot
     # the implementation receives the cotangent in its dtype: that rounding is input, not error
     cot = torch.where(defined[..., None], cot, torch.zeros_like(cot)).to(problem.q.dtype).to(torch.float64)
+    not_checked = [n for n in GRAD_NAMES if n not in impl.grads]
+    # the float64 gradients from the details' own forward, its graph released before the
+    # implementation runs
+    ref, rho_jac = reference_grads(op, cot, dlambda_residual="dlambda" not in not_checked)
     try:
         got = grads or impl_grads(impl, given, cot)
     except NotImplementedError as exc:
         return Verdict("backward", impl.name, case, 0.0, True, "skipped", f"[{impl.name}] backward skipped: {exc}")
-    not_checked = [n for n in GRAD_NAMES if n not in impl.grads]
     returned = [n for n in GRAD_NAMES if n not in not_checked and got.get(n) is not None]
-    bb = backward_budget(problem, impl, cot, returned, details=d, dense=dense, h=h)
+    bb = backward_budget(problem, impl, cot, returned, details=d, dense=dense, h=h, ref=ref, rho_jac=rho_jac)
     lines, worst, worst_plain = [], (0.0, None, None), (0.0, None, None)
     per_query, nonfinite, n_overflow = {}, 0, 0
     for name in GRAD_NAMES:

@@ -54,7 +54,8 @@ class LLADetails:
     lam: torch.Tensor  # (..., S) ridge_lambda as broadcast
     undefined: torch.Tensor  # (..., S) bool: lambda == 0 and Sigma_i singular (or float64 unresolved)
     sigma_norm: torch.Tensor = None  # (..., S) ||Sigma_i||_2 (largest eigenvalue)
-    solv: torch.Tensor = None  # (..., S) ||(do_i/drho_i) Sigma_i^{-1}||_F ||mu_i||: output change per unit relative residual
+    # (..., S) ||(do_i/drho_i) Sigma_i^{-1}||_F ||mu_i||: output change per unit relative residual (None: not asked)
+    solv: torch.Tensor = None
     scale: float = 0.0
     extras: dict = field(default_factory=dict)
 
@@ -110,14 +111,21 @@ def _singular_augmented(omega, mu, sig):
     return ext.lo <= ext.hi * (100 * (D + 1) * _U64)
 
 
-def _sym_probe(shape, seed: int, i0: int, device) -> torch.Tensor:
+def _sym_probe(shape, seed, i0: int, device) -> torch.Tensor:
     """Random symmetric (..., D, D) matrices of unit spectral norm, reproducible per chunk.
 
     Unit spectral (not Frobenius) norm: the probe stands for a normwise perturbation of
     relative size h in the 2-norm, whatever the spectrum of Sigma_i (docs/error-model.md §6).
+    ``seed`` may be a tuple: the leading dimension is then one equal block per seed, each
+    block the matrices that seed alone gives (several probes evaluated in one batch).
     """
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + i0)
-    g = torch.randn(shape, generator=gen, dtype=_F64)
+    seeds = (seed,) if isinstance(seed, int) else tuple(seed)
+    n = shape[0] // len(seeds)
+    blocks = []
+    for s in seeds:
+        gen = torch.Generator().manual_seed(s * 1_000_003 + i0)
+        blocks.append(torch.randn((n,) + tuple(shape[1:]), generator=gen, dtype=_F64))
+    g = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 0)
     e = (g + g.transpose(-1, -2)).to(device)
     return e / symmetric_norm(e)[..., None, None]
 
@@ -154,15 +162,18 @@ def sigma_matrices(q, k, *, ridge_lambda, qk_scale=None, chunk_bytes=DEFAULT_CHU
     return torch.cat(out, 1).reshape(*lead, S, D, D)
 
 
-def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sigma_probe=None, mu_shift=None):
+def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sigma_probe=None, mu_shift=None,
+          want_solv: bool = True):
     """The rho/Schur oracle on flattened (N, S, D) float64 inputs.
 
     sigma_probe = (h, seed) adds h ||Sigma_i||_2 E_i to every Sigma_i, E_i random symmetric
     of unit spectral norm (constant: no gradient flows through the perturbation). Budgets
-    use it to measure how far rounding inside the solves can move the gradients.
+    use it to measure how far rounding inside the solves can move the gradients. A tuple
+    of seeds splits N into one equal block per seed (_sym_probe).
     mu_shift (N, S, D): rho_i solves Sigma_i rho_i = mu_i + shift_i, i.e. carries the solve
     residual -shift_i, and every later step uses that rho_i, as a kernel uses its inexact
     one; differentiable in the shift (budget.rho_residual_dlambda).
+    want_solv=False leaves the details' solv out (None): only the forward budget reads it.
     """
     N, S, D = q.shape
     Dv = v.shape[-1]
@@ -237,15 +248,16 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
             # by (d o_i / d rho_i) Sigma_i^{-1} r_i, with d o_i/d rho_i = -B_i and
             # B_i = (1/den_i) sum_j w_ij (v_j - o_i) z_ij^T; so ||B_i Sigma_i^{-1}||_F ||mu_i||
             # is the output change per unit of relative residual ||r_i|| / ||mu_i||.
-            with torch.no_grad():
-                coef = (w / den[..., None])[..., None] * (v[:, None, :i1, :] - o[:, :, None, :])
-                Bm = coef.transpose(-1, -2) @ z  # (N, C, Dv, D)
-                X = torch.cholesky_solve(Bm.transpose(-1, -2), L)
-                if bool(bad.any()):
-                    X = torch.where(bad[..., None, None], torch.linalg.solve_ex(sig, Bm.transpose(-1, -2))[0], X)
-                solv = X.flatten(-2).norm(dim=-1) * mu.norm(dim=-1)
-                solv = torch.where(undefined, torch.full_like(solv, float("nan")), solv)
-            dets["solv"].append(solv)
+            if want_solv:
+                with torch.no_grad():
+                    coef = (w / den[..., None])[..., None] * (v[:, None, :i1, :] - o[:, :, None, :])
+                    Bm = coef.transpose(-1, -2) @ z  # (N, C, Dv, D)
+                    X = torch.cholesky_solve(Bm.transpose(-1, -2), L)
+                    if bool(bad.any()):
+                        X = torch.where(bad[..., None, None], torch.linalg.solve_ex(sig, Bm.transpose(-1, -2))[0], X)
+                    solv = X.flatten(-2).norm(dim=-1) * mu.norm(dim=-1)
+                    solv = torch.where(undefined, torch.full_like(solv, float("nan")), solv)
+                dets["solv"].append(solv)
             dets["m"].append(m[..., 0])
             dets["omega"].append(omega)
             dets["mu"].append(mu)
@@ -255,7 +267,7 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
     o = torch.cat(outs, 1)
     if not want_details:
         return o, None
-    return o, {key: torch.cat(val, 1) for key, val in dets.items()}
+    return o, {key: torch.cat(val, 1) if val else None for key, val in dets.items()}
 
 
 def lla_forward(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, chunk_bytes=DEFAULT_CHUNK_BYTES):
@@ -278,14 +290,22 @@ def _output_only(q, k, v, ridge_lambda, qk_scale, delta_eps, chunk_bytes, sigma_
     return o.reshape(*lead, q.shape[-2], v.shape[-1])
 
 
-def lla_forward_sigma_probe(q, k, v, *, ridge_lambda, h: float, seed: int, qk_scale=None,
+def lla_forward_sigma_probe(q, k, v, *, ridge_lambda, h: float, seed, qk_scale=None,
                             chunk_bytes=DEFAULT_CHUNK_BYTES):
     """``lla_forward`` with every Sigma_i perturbed by h ||Sigma_i||_2 E_i (see ``_core``).
 
     Not an LLA variant: a probe for error budgets (budget.check_backward). Differentiable
-    like ``lla_forward``.
+    like ``lla_forward``. ``seed``: an int, or a tuple of n seeds for inputs stacked n
+    times along a new first dimension, slice t probed as seed[t] alone probes it.
     """
-    return _output_only(q, k, v, ridge_lambda, qk_scale, 0.0, chunk_bytes, (float(h), int(seed)))
+    if isinstance(seed, int):
+        seeds = int(seed)
+    else:
+        seeds = tuple(int(s) for s in seed)
+        if not seeds or q.dim() < 3 or q.shape[0] != len(seeds):
+            raise ValueError(f"seed: expected an int, or one seed per slice of q's first dimension "
+                             f"({q.shape[0] if q.dim() else 0}), got {len(seeds)} seeds")
+    return _output_only(q, k, v, ridge_lambda, qk_scale, 0.0, chunk_bytes, (float(h), seeds))
 
 
 def lla_forward_mu_shift(q, k, v, *, ridge_lambda, shift, qk_scale=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
@@ -299,14 +319,23 @@ def lla_forward_mu_shift(q, k, v, *, ridge_lambda, shift, qk_scale=None, chunk_b
     return _output_only(q, k, v, ridge_lambda, qk_scale, 0.0, chunk_bytes, None, shift)
 
 
-def lla_forward_details(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, chunk_bytes=DEFAULT_CHUNK_BYTES):
-    """``lla_forward`` plus omega, mu, rho, delta, kappa(Sigma_i) and the undefined mask."""
+def lla_forward_details(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, chunk_bytes=DEFAULT_CHUNK_BYTES,
+                        mu_shift=None, solver_sensitivity: bool = True):
+    """``lla_forward`` plus omega, mu, rho, delta, kappa(Sigma_i) and the undefined mask.
+
+    mu_shift: as ``lla_forward_mu_shift`` (None: none). solver_sensitivity=False leaves
+    ``solv`` out (None; a solve per query with Dv right-hand sides that only the forward
+    budget reads). With inputs that require grad, the
+    returned ``o`` carries the graph of ``lla_forward`` (or ``lla_forward_mu_shift``), so
+    one pass gives both the details and the float64 gradients (budget.check_backward).
+    """
     q64, k64, v64, lam, scale, eps = _prepare(q, k, v, ridge_lambda, qk_scale, delta_eps)
     lead = tuple(q.shape[:-2])
     S, D, Dv = q.shape[-2], q.shape[-1], v.shape[-1]
     o, d = _core(
         flatten_leading(q64, 2), flatten_leading(k64, 2), flatten_leading(v64, 2), lam.reshape(-1, S), scale, eps,
         want_details=True, chunk_bytes=chunk_bytes,
+        mu_shift=None if mu_shift is None else flatten_leading(mu_shift, 2), want_solv=solver_sensitivity,
     )
 
     def r(t, *tail):
@@ -315,7 +344,7 @@ def lla_forward_details(q, k, v, *, ridge_lambda, qk_scale=None, delta_eps=0.0, 
     return LLADetails(
         o=r(o, Dv), m=r(d["m"]), omega=r(d["omega"]), mu=r(d["mu"], D), rho=r(d["rho"], D),
         delta=r(d["delta"]), kappa=r(d["kappa"]), lam=lam, undefined=r(d["undefined"]), scale=scale,
-        solv=r(d["solv"]), sigma_norm=r(d["sigma_norm"]),
+        solv=None if d["solv"] is None else r(d["solv"]), sigma_norm=r(d["sigma_norm"]),
     )
 
 
