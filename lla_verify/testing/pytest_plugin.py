@@ -89,6 +89,10 @@ def pytest_addoption(parser):
                 help="under the Triton interpreter, round fp32 tl.dot operands as the GPU's tensor cores do "
                      "(tf32 / tf32x3; lla_verify/testing/tensor_cores.py) instead of multiplying exact fp32: "
                      "CPU runs then see the products' GPU error. No effect on compiled kernels")
+    g.addoption("--lla-no-warmup", action="store_true",
+                default=os.environ.get("LLA_NO_WARMUP", "") not in ("", "0"),
+                help="on CUDA, do not compile the Triton kernels for every (dtype, D) side by side before "
+                     "the tests start (lla_verify/testing/warmup.py); each is then compiled when first met")
     g.addoption("--lla-call-timeout", type=float, default=float(os.environ.get("LLA_CALL_TIMEOUT", "300")),
                 metavar="SECONDS",
                 help="one call of the implementation may run this long before it fails as timed out "
@@ -136,6 +140,7 @@ def pytest_configure(config):
     from lla_verify import trust
 
     trust.CALL_LIMIT = limit or None
+    _warm_up(config)
     if config.getoption("--lla-tensor-cores") and os.environ.get("TRITON_INTERPRET", "0") == "1":
         from lla_verify.testing import tensor_cores
 
@@ -151,6 +156,33 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(gpu_pinning.threads_per_worker(os.cpu_count() or 1, int(n)))
+
+
+def _warm_up(config) -> None:
+    """Compile the kernels for every (dtype, D) side by side, once, before any worker starts
+    (lla_verify/testing/warmup.py says why): on the xdist controller or the lone process, on
+    CUDA, compiled (not interpreted) kernels, and not for --help or --collect-only."""
+    if (config.getoption("--lla-no-warmup") or os.environ.get("PYTEST_XDIST_WORKER")
+            or os.environ.get("TRITON_INTERPRET", "0") == "1" or config.option.help
+            or config.option.collectonly or _device(config) != "cuda"):
+        return
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from lla_verify.testing import warmup
+
+    packages = ["lla_triton", "lla_decode", "parallax_decode"]
+    if config.getoption("--lla-parallax-impl") == "parallax-triton":
+        packages.append("parallax_triton")
+    t0 = time.perf_counter()
+    res = warmup.warm(packages, device="cuda")
+    bad = [f"{p} {dt} D={d}: {err}" for p, dt, d, _, err in res if err is not None]
+    config._lla_warmup = (f"lla-verify: compiled {len(res) - len(bad)} of {len(res)} kernel configurations "
+                          f"in {time.perf_counter() - t0:.0f} s before the tests"
+                          + (f"; failed: {'; '.join(bad)}" if bad else ""))
 
 
 # optional: without xdist (-p no:xdist, or not installed) the hook does not exist, and a
@@ -258,6 +290,8 @@ def pytest_terminal_summary(terminalreporter, config):
     # One line per implementation checked, planted bugs apart: tests/ feeds mutants
     # through the same budgets and they must fail, so a single count over everything
     # would read "31 over threshold" on a green run and hide a real failure among them.
+    if getattr(config, "_lla_warmup", None):
+        terminalreporter.write_line(config._lla_warmup)
     led = _own_ledger() + getattr(config, "_lla_worker_ledgers", [])
     if not led:
         return
