@@ -86,12 +86,15 @@ def _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D: tl.constexpr, DV: tl.co
     less their anchors in the accumulation dtype for everything else."""
     k = _load_rows(K, kbase, offs_n, S, D)
     kp = k.to(ACC) - ck[None, :]
-    vp = _load_rows(V, vbase, offs_n, S, DV).to(ACC) - cv[None, :]
+    v = _load_rows(V, vbase, offs_n, S, DV)
+    vp = v.to(ACC) - cv[None, :]
     if UPCAST:
         k_dot = k.to(ACC)
+        v_dot = v.to(ACC)
     else:
         k_dot = k
-    return k_dot, kp, vp
+        v_dot = v
+    return k_dot, kp, vp, v_dot
 
 
 @triton.jit
@@ -135,27 +138,87 @@ def _split_rows(x):
 
 @triton.jit
 def _exact_dot(r_hi, kp_hi, EXACT: tl.constexpr):
-    """r_hi kp_hi^T, exact in fp32 for 8-bit hi parts (docs/kernels-parallax.md §3)."""
-    if EXACT == "bf16":
-        # 8-bit significands are exact bf16 values: the cheapest exact product
-        return tl.dot(r_hi.to(tl.bfloat16), tl.trans(kp_hi.to(tl.bfloat16)))
-    else:
-        return tl.dot(r_hi, tl.trans(kp_hi), input_precision=EXACT)
+    """r_hi kp_hi^T, exact in fp32 for 8-bit hi parts (docs/kernels-parallax.md §3):
+    8-bit significands are exact bf16 values, so one bf16 product."""
+    return _dot16(r_hi, tl.trans(kp_hi), EXACT)
 
 
 @triton.jit
-def _fwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i,
+def _dot16(a, b, EXACT: tl.constexpr):
+    """a @ b for operands whose entries are exact bf16 values (held in any float dtype):
+    one bf16 product, whose products are exact, accumulated in fp32. The interpreter (its
+    bf16 dot is broken) takes the same values in fp32."""
+    if EXACT == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=EXACT)
+
+
+@triton.jit
+def _bf16_parts(x):
+    """fp32 x = p1 + p2 + p3 exactly, each part a bf16 value: each conversion keeps 8
+    significant bits of what is left, and 24 bits of fp32 need three (parts below bf16's
+    smallest subnormal, 2^-133, are lost; nothing of that size survives the fp32 sums)."""
+    p1 = x.to(tl.bfloat16)
+    x1 = x - p1.to(tl.float32)
+    p2 = x1.to(tl.bfloat16)
+    p3 = (x1 - p2.to(tl.float32)).to(tl.bfloat16)
+    return p1, p2, p3
+
+
+@triton.jit
+def _dot3(a, b16, EXACT: tl.constexpr):
+    """a @ b16 for fp32 a and an exact-bf16 b16: three bf16 products of a's exact parts,
+    every product exact and accumulated in fp32 (tf32x3 drops a_lo b_lo and rounds b to
+    tf32 parts: this is at least as accurate at half its tensor-core cost)."""
+    a1, a2, a3 = _bf16_parts(a)
+    return _dot16(a1, b16, EXACT) + _dot16(a2, b16, EXACT) + _dot16(a3, b16, EXACT)
+
+
+@triton.jit
+def _dot3t(a16, b, EXACT: tl.constexpr):
+    """a16 @ b^T for an exact-bf16 a16 and fp32 b, as _dot3 with b's parts."""
+    b1, b2, b3 = _bf16_parts(b)
+    return (_dot16(a16, tl.trans(b1), EXACT) + _dot16(a16, tl.trans(b2), EXACT)
+            + _dot16(a16, tl.trans(b3), EXACT))
+
+
+@triton.jit
+def _score_rem(q_lo, q_hi, k16, kf, k_lo, PREC: tl.constexpr, B16: tl.constexpr, EXACT: tl.constexpr):
+    """The remainder q_lo k^T + q_hi k_lo^T of the split scores. With bf16 inputs all four
+    operands are exact bf16 values (q_hi: 8 bits on its grid; q_lo, k_lo: the bits of q, k
+    below their row's grid, at most 8 of them), so two bf16 products with exact products."""
+    if B16:
+        return _dot16(q_lo, tl.trans(k16), EXACT) + _dot16(q_hi, tl.trans(k_lo), EXACT)
+    else:
+        return tl.dot(q_lo, tl.trans(kf), input_precision=PREC) + tl.dot(q_hi, tl.trans(k_lo), input_precision=PREC)
+
+
+@triton.jit
+def _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, PREC: tl.constexpr, B16: tl.constexpr, EXACT: tl.constexpr):
+    """The remainder of d = r kp^T beyond the exact r_hi kp_hi^T. With bf16 inputs it is
+    written r_lo kp_hi^T + r kp_lo^T (the same sum): r, r_lo and kp_hi are exact bf16
+    values, kp_lo = kp - kp_hi is fp32 and goes in as its three exact bf16 parts, so four
+    bf16 products with exact products; else r_lo kp^T + r_hi kp_lo^T at PREC."""
+    if B16:
+        return _dot16(r_lo, tl.trans(kp_hi), EXACT) + _dot3t(r16, kp_lo, EXACT)
+    else:
+        return tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
+
+
+@triton.jit
+def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i,
               nu, dbar, cm, t_ref, j_ref, s_a, s_r,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
               MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-              SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
+              SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
     """Merge one key tile into the running (m, W, nu, dbar, M) of each query (Chan et al.'s
     update of a co-moment); M = sum_j w_j (vp_j - nu)(d_j - dbar) in the weights
     of the running maximum, d_j and dbar relative to the row's reference t_ref, taken at
     its heaviest key so far, j_ref. With the split, the scores too are kept relative to that
     key's, whose exact and remainder parts are s_a and s_r: the running maximum is then 0."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
+    k_dot, kp, vp, v_dot = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
     col = tl.arange(0, BLOCK_N)
     if SPLIT_D:
         # a_ij - a_i,ref = s <q_i, k_j - k_ref>. A score rounded on its own carries up to half
@@ -165,7 +228,7 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, sta
         kf = k_dot.to(ACC)
         k_hi, k_lo = _split_rows(kf)
         a_hi = _exact_dot(q_hi, k_hi, EXACT)
-        a_rem = tl.dot(q_lo, tl.trans(kf), input_precision=PREC) + tl.dot(q_hi, tl.trans(k_lo), input_precision=PREC)
+        a_rem = _score_rem(q_lo, q_hi, k_dot, kf, k_lo, PREC, B16, EXACT)
         x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
         m_tile = tl.max(x, 1)
         moved = m_tile > m_i
@@ -200,7 +263,7 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, sta
         # key, not per tile: a row's d_ij must not depend on keys after i (bitwise causality).
         kp_hi, kp_lo = _split_rows(kp)
         s_hi = _exact_dot(r_hi, kp_hi, EXACT)
-        rem = tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
+        rem = _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, PREC, B16, EXACT)
         s_top = tl.sum(tl.where(col[None, :] == jmax[:, None], s_hi, 0.0), 1)
         t_new = tl.where(moved, s_top, t_ref)
         dbar = dbar + (t_ref - t_new)
@@ -215,12 +278,24 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, sta
     # zero or a subnormal: so the tile is centred on the merged means, never divided by
     # its own weight, and a row that sees no key of the tile is left as it was
     inv = 1.0 / w_ab
-    nu_new = (w_a[:, None] * nu + tl.dot(w, vp, input_precision=PREC)) * inv[:, None]
+    if B16:
+        # w vp = w v - (sum_j w_ij) v_0: v is exact bf16, so w goes in as its three exact
+        # bf16 parts (_dot3), every product exact. The sum rounds at u |v| rather than
+        # u |v - v_0|, which differ only where the values share an offset, and a relative
+        # perturbation u of each v_j, which the budget's sensitivity allows for, moves o by
+        # as much (docs/kernels-parallax.md §3, "bf16 products")
+        wvp = _dot3(w, v_dot, EXACT) - tl.sum(w, 1)[:, None] * cv[None, :]
+    else:
+        wvp = tl.dot(w, vp, input_precision=PREC)
+    nu_new = (w_a[:, None] * nu + wvp) * inv[:, None]
     dbar_new = (w_a * dbar + tl.sum(w * d, 1)) * inv
     # sum_j w_ij (vp_j - nu_new)(d_ij - dbar_new), the value side centred through the
     # second term because nu_new differs per query and cannot enter the product
     we = w * (d - dbar_new[:, None])
-    cm_b = tl.dot(we, vp, input_precision=PREC) - nu_new * tl.sum(we, 1)[:, None]
+    if B16:
+        cm_b = _dot3(we, v_dot, EXACT) - (cv[None, :] + nu_new) * tl.sum(we, 1)[:, None]
+    else:
+        cm_b = tl.dot(we, vp, input_precision=PREC) - nu_new * tl.sum(we, 1)[:, None]
     # Chan et al.: moving the old moment from its means to the merged ones adds
     # w_a (nu - nu_new)(dbar - dbar_new)
     cm = cm * alpha[:, None] + cm_b + (w_a * (dbar - dbar_new))[:, None] * (nu - nu_new)
@@ -232,7 +307,7 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, sta
 def _px_fwd_kernel(Q, K, V, R, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, scale,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                   SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
+                   SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_M)
     # late query tiles do the most work: launch them first for a balanced tail
     pid_m = n_tiles - 1 - tl.program_id(0)
@@ -267,6 +342,14 @@ def _px_fwd_kernel(Q, K, V, R, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, sc
         q_hi, q_lo = _split_rows(q.to(ACC))
     else:
         r_hi, r_lo, q_hi, q_lo = rf, rf, rf, rf
+    if B16:
+        # every part of a bf16 q or r is an exact bf16 value (_score_rem, _d_rem): held in
+        # bf16 they are the products' operands as they are, at half the registers
+        r16 = rf.to(tl.bfloat16)
+        r_hi, r_lo, q_hi, q_lo = (r_hi.to(tl.bfloat16), r_lo.to(tl.bfloat16), q_hi.to(tl.bfloat16),
+                                  q_lo.to(tl.bfloat16))
+    else:
+        r16 = rf
     # t_ref: the row's reference, r_hi kp_hi^T at its heaviest key so far; d and dbar are
     # kept relative to it (0 without the split: d relative to k_0 itself)
     t_ref = tl.zeros([BLOCK_M], dtype=ACC)
@@ -275,12 +358,12 @@ def _px_fwd_kernel(Q, K, V, R, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, sc
     s_r = tl.zeros([BLOCK_M], dtype=ACC)
     for start_n in range(0, lo_full, BLOCK_N):
         m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
-            q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
-            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT)
+            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
+            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
     for start_n in range(lo_full, hi, BLOCK_N):
         m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
-            q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
-            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT)
+            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
+            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
     cr = cm / l_i[:, None]
     o = cv[None, :] + nup - cr
 
@@ -313,10 +396,13 @@ def _stat(STATS, rows, ok, col: tl.constexpr):
 
 @triton.jit
 def _bwd_rows(Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv,
-              D: tl.constexpr, DV: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr):
+              D: tl.constexpr, DV: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr,
+              B16: tl.constexpr):
     """A query tile's operands for the backward: q (for the product and in ACC), r, g,
     the splits of q and r, the row's heaviest key ref_i, its anchored key, and
-    <g_i, vp_ref> and gc_i = <g_i, nu_i - v_ref> (vp_ref formed as the tiles form vp_j)."""
+    <g_i, vp_ref> and gc_i = <g_i, nu_i - v_ref> (vp_ref formed as the tiles form vp_j).
+    With bf16 inputs r, g and the splits are returned in bf16 too (their values are exact
+    bf16: the products' operands as they are)."""
     ok = offs_m < S
     q = _load_rows(Q, kbase, offs_m, S, D)
     qf = q.to(ACC)
@@ -338,7 +424,13 @@ def _bwd_rows(Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv,
         r_hi, r_lo = _split_rows(rf)
     else:
         q_hi, q_lo, r_hi, r_lo = qf, qf, rf, rf
-    return q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, k_ref - ck[None, :], g_ref, gc
+    if B16:
+        r16, g16 = rf.to(tl.bfloat16), gf.to(tl.bfloat16)
+        q_hi, q_lo, r_hi, r_lo = (q_hi.to(tl.bfloat16), q_lo.to(tl.bfloat16), r_hi.to(tl.bfloat16),
+                                  r_lo.to(tl.bfloat16))
+    else:
+        r16, g16 = rf, gf
+    return q_dot, qf, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, k_ref - ck[None, :], g_ref, gc
 
 
 @triton.jit
@@ -346,7 +438,7 @@ def _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D: tl.constexpr, DV: tl.con
               ACC: tl.constexpr, SPLIT: tl.constexpr):
     """A key tile's operands for the backward: k (for the product), its split, kp and its
     split, vp."""
-    k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
+    k_dot, kp, vp, _v_dot = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
     kf = k_dot.to(ACC)
     if SPLIT:
         k_hi, k_lo = _split_rows(kf)
@@ -357,9 +449,9 @@ def _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D: tl.constexpr, DV: tl.con
 
 
 @triton.jit
-def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, rows, k_dot, kf, k_hi, k_lo, kp,
-              kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC: tl.constexpr, SPREC: tl.constexpr,
-              ACC: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr):
+def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS, rows, k_dot, kf, k_hi, k_lo,
+              kp, kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC: tl.constexpr, SPREC: tl.constexpr,
+              ACC: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
     """p, 1 - e, p gv and da for a (query tile, key tile) pair, causal mask included."""
     ok = offs_m < S
     keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S) & ok[:, None]
@@ -373,7 +465,7 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, rows
         # exact q_hi k_hi^T less its saved value at the key, the remainder less the tile's
         # own entry there (the saved one where the tile does not hold the key)
         a_hi = _exact_dot(q_hi, k_hi, EXACT)
-        a_rem = tl.dot(q_lo, tl.trans(kf), input_precision=PREC) + tl.dot(q_hi, tl.trans(k_lo), input_precision=PREC)
+        a_rem = _score_rem(q_lo, q_hi, k_dot, kf, k_lo, PREC, B16, EXACT)
         rem_at = tl.where(hit, tl.sum(tl.where(at_ref, a_rem, 0.0), 1), _stat(STATS, rows, ok, ST_SR))
         x = ((a_hi - _stat(STATS, rows, ok, ST_SA)[:, None]) + (a_rem - rem_at[:, None])) * scale
     else:
@@ -387,14 +479,17 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, rows
         # product rounds d at u |k_j - k_0| |r_i|, far above e_ij where the keys have a
         # large norm (docs/kernels-parallax.md §5)
         s_hi = _exact_dot(r_hi, kp_hi, EXACT)
-        rem = tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
+        rem = _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, PREC, B16, EXACT)
         e = ((s_hi - _stat(STATS, rows, ok, ST_TREF)[:, None]) + rem) - dbar[:, None]
     else:
         e = tl.dot(rf, tl.trans(kp), input_precision=PREC) - dbar[:, None]
     # gv_ij = <g_i, v_j - nu_i> = (<g_i, vp_j> - <g_i, vp_ref>) - gc_i, gc_i = <g_i, nu_i - v_ref>:
     # 0 at the heaviest key of a one-hot row (nu_i = v_ref), as is the true value, where
     # <g_i, nu_i> rounded in another order than the product would leave u |g_i| |vp|
-    gvp = tl.dot(gf, tl.trans(vp), input_precision=PREC)
+    if B16:
+        gvp = _dot3t(g16, vp, EXACT)
+    else:
+        gvp = tl.dot(gf, tl.trans(vp), input_precision=PREC)
     g_at = tl.where(hit, tl.sum(tl.where(at_ref, gvp, 0.0), 1), g_ref)
     gv = (gvp - g_at[:, None]) - gc[:, None]
     pg = p * gv
@@ -407,7 +502,7 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, rows
 def _px_bwd_dq_kernel(Q, K, V, R, G, NUP, STATS, REF, DQ, DR, S, scale,
                       D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                      SPLIT: tl.constexpr, EXACT: tl.constexpr):
+                      SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_M)
     pid_m = n_tiles - 1 - tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -418,8 +513,8 @@ def _px_bwd_dq_kernel(Q, K, V, R, G, NUP, STATS, REF, DQ, DR, S, scale,
     rows = head * S + offs_m
     ck = tl.load(K + kbase + offs_d).to(ACC)
     cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
-    q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, kp_ref, g_ref, gc = _bwd_rows(
-        Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT)
+    q_dot, qf, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, kp_ref, g_ref, gc = _bwd_rows(
+        Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
 
     dq = tl.zeros([BLOCK_M, D], dtype=ACC)
     dr = tl.zeros([BLOCK_M, D], dtype=ACC)
@@ -430,9 +525,9 @@ def _px_bwd_dq_kernel(Q, K, V, R, G, NUP, STATS, REF, DQ, DR, S, scale,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp = _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST,
                                                                ACC, SPLIT)
-        _pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, rows, k_dot, kf,
-                                k_hi, k_lo, kp, kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC, ACC, SPLIT,
-                                EXACT)
+        _pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS, rows,
+                                k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC,
+                                ACC, SPLIT, EXACT, B16)
         dq += tl.dot(da, kp, input_precision=PREC)
         dr += tl.dot(pg, kp, input_precision=PREC)
         da_sum += tl.sum(da, 1)
@@ -452,7 +547,7 @@ def _px_bwd_dq_kernel(Q, K, V, R, G, NUP, STATS, REF, DQ, DR, S, scale,
 def _px_bwd_dkdv_kernel(Q, K, V, R, G, NUP, STATS, REF, DK, DV_OUT, S, scale,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                        SPLIT: tl.constexpr, EXACT: tl.constexpr):
+                        SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
     pid_n = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     kbase = head * S * D
@@ -471,14 +566,19 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, G, NUP, STATS, REF, DK, DV_OUT, S, scale,
     lo = (start_n // BLOCK_M) * BLOCK_M
     for start_m in range(lo, S, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, _kp_ref, g_ref, gc = _bwd_rows(
-            Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT)
-        pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, head * S + offs_m,
-                               k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC,
-                               ACC, SPLIT, EXACT)
-        dv += tl.dot(tl.trans(pf), gf, input_precision=PREC)
-        dk += scale * tl.dot(tl.trans(da), qf, input_precision=PREC) - tl.dot(tl.trans(pg), rf,
-                                                                              input_precision=PREC)
+        q_dot, qf, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, _kp_ref, g_ref, gc = _bwd_rows(
+            Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
+        pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS,
+                               head * S + offs_m, k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp, offs_m, offs_n, S,
+                               scale, PREC, SPREC, ACC, SPLIT, EXACT, B16)
+        if B16:
+            # g, q and r are exact bf16 values: the fp32 side goes in as its exact parts
+            dv += _dot3(tl.trans(pf), g16, EXACT)
+            dk += scale * _dot3(tl.trans(da), q_dot, EXACT) - _dot3(tl.trans(pg), r16, EXACT)
+        else:
+            dv += tl.dot(tl.trans(pf), gf, input_precision=PREC)
+            dk += scale * tl.dot(tl.trans(da), qf, input_precision=PREC) - tl.dot(tl.trans(pg), rf,
+                                                                                  input_precision=PREC)
     tl.store(DK + kbase + offs_n[:, None] * D + tl.arange(0, D)[None, :], dk.to(DK.dtype.element_ty),
              mask=col_ok[:, None])
     tl.store(DV_OUT + vbase + offs_n[:, None] * DV + tl.arange(0, DV)[None, :], dv.to(DV_OUT.dtype.element_ty),
@@ -549,7 +649,7 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> 
             (q, k, v, r, o, m, lw, sa, sr, nup, dbar, cr, tref, ref, S, float(scale)), D, DV, q.dtype, config,
             # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
             # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
-            SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16")
+            SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16", B16=split and q.dtype == torch.bfloat16)
     return ForwardOut(o, m, lw, nup, dbar, cr, tref, ref, sa, sr, split)
 
 
@@ -568,7 +668,7 @@ def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=Non
     dv = torch.empty_like(v)
     common = (q, k, v, r, g, fo.nup, stats, fo.ref)
     # the backward forms p and d as the forward did (float64: single products at u64)
-    extra = dict(SPLIT=fo.split, EXACT="ieee" if interpreting() else "bf16")
+    extra = dict(SPLIT=fo.split, EXACT="ieee" if interpreting() else "bf16", B16=q.dtype == torch.bfloat16)
     _launch(_px_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, S, float(scale)),
             D, DV, q.dtype, config, **extra)
     _launch(_px_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(S, bn), N), common + (dk, dv, S, float(scale)),
