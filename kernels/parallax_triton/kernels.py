@@ -176,14 +176,6 @@ def _dot3(a, b16, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _dot3t(a16, b, EXACT: tl.constexpr):
-    """a16 @ b^T for an exact-bf16 a16 and fp32 b, as _dot3 with b's parts."""
-    b1, b2, b3 = _bf16_parts(b)
-    return (_dot16(a16, tl.trans(b1), EXACT) + _dot16(a16, tl.trans(b2), EXACT)
-            + _dot16(a16, tl.trans(b3), EXACT))
-
-
-@triton.jit
 def _score_rem(q_lo, q_hi, k16, kf, k_lo, PREC: tl.constexpr, B16: tl.constexpr, EXACT: tl.constexpr):
     """The remainder q_lo k^T + q_hi k_lo^T of the split scores. With bf16 inputs all four
     operands are exact bf16 values (q_hi: 8 bits on its grid; q_lo, k_lo: the bits of q, k
@@ -195,19 +187,71 @@ def _score_rem(q_lo, q_hi, k16, kf, k_lo, PREC: tl.constexpr, B16: tl.constexpr,
 
 
 @triton.jit
-def _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, PREC: tl.constexpr, B16: tl.constexpr, EXACT: tl.constexpr):
+def _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, l1, l2, l3, PREC: tl.constexpr, B16: tl.constexpr,
+           EXACT: tl.constexpr):
     """The remainder of d = r kp^T beyond the exact r_hi kp_hi^T. With bf16 inputs it is
     written r_lo kp_hi^T + r kp_lo^T (the same sum): r, r_lo and kp_hi are exact bf16
-    values, kp_lo = kp - kp_hi is fp32 and goes in as its three exact bf16 parts, so four
-    bf16 products with exact products; else r_lo kp^T + r_hi kp_lo^T at PREC."""
+    values, kp_lo = kp - kp_hi is fp32 and goes in as its three exact bf16 parts l1, l2,
+    l3, so four bf16 products with exact products; else r_lo kp^T + r_hi kp_lo^T at PREC."""
     if B16:
-        return _dot16(r_lo, tl.trans(kp_hi), EXACT) + _dot3t(r16, kp_lo, EXACT)
+        return (_dot16(r_lo, tl.trans(kp_hi), EXACT) + _dot16(r16, tl.trans(l1), EXACT)
+                + _dot16(r16, tl.trans(l2), EXACT) + _dot16(r16, tl.trans(l3), EXACT))
     else:
         return tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
 
 
+# The key-side operands of the bf16 products, one plane each of a (N_KPARTS, N, S, D) bf16
+# tensor: the split of k (scores) and of kp = k - k_0 (d), kp_lo in its three exact parts;
+# and a (3, N, S, Dv) one of vp = v - v_0 in its exact parts. Each is a function of its own
+# key (grids per key: bitwise causal), the same in every program that reads the key, so
+# they are formed once per key by _px_key_prep_kernel instead of once per (query tile, key
+# tile) pair, which takes that work and its registers out of the tile loops.
+KP_HI_K, KP_LO_K, KP_HI_P, KP_L1, KP_L2, KP_L3 = (tl.constexpr(i) for i in range(6))
+N_KPARTS = 6
+
+
+@triton.jit(do_not_specialize=("S",))
+def _px_key_prep_kernel(K, V, KPARTS, VPARTS, S, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr):
+    head = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = (offs < S)[:, None]
+    kbase = head * S * D
+    vbase = head * S * DV
+    kf = _load_rows(K, kbase, offs, S, D).to(tl.float32)
+    ck = tl.load(K + kbase + tl.arange(0, D)).to(tl.float32)
+    cv = tl.load(V + vbase + tl.arange(0, DV)).to(tl.float32)
+    k_hi, k_lo = _split_rows(kf)
+    kp_hi, kp_lo = _split_rows(kf - ck[None, :])
+    l1, l2, l3 = _bf16_parts(kp_lo)
+    vp1, vp2, vp3 = _bf16_parts(_load_rows(V, vbase, offs, S, DV).to(tl.float32) - cv[None, :])
+    plane = tl.num_programs(1).to(tl.int64) * S * D
+    ptr = KPARTS + kbase + offs[:, None] * D + tl.arange(0, D)[None, :]
+    tl.store(ptr + KP_HI_K * plane, k_hi.to(tl.bfloat16), mask=ok)
+    tl.store(ptr + KP_LO_K * plane, k_lo.to(tl.bfloat16), mask=ok)
+    tl.store(ptr + KP_HI_P * plane, kp_hi.to(tl.bfloat16), mask=ok)
+    tl.store(ptr + KP_L1 * plane, l1, mask=ok)
+    tl.store(ptr + KP_L2 * plane, l2, mask=ok)
+    tl.store(ptr + KP_L3 * plane, l3, mask=ok)
+    vplane = tl.num_programs(1).to(tl.int64) * S * DV
+    vptr = VPARTS + vbase + offs[:, None] * DV + tl.arange(0, DV)[None, :]
+    tl.store(vptr, vp1, mask=ok)
+    tl.store(vptr + vplane, vp2, mask=ok)
+    tl.store(vptr + 2 * vplane, vp3, mask=ok)
+
+
 @triton.jit
-def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i,
+def _key_parts(KPARTS, kbase, offs_n, S, N_HEADS, D: tl.constexpr):
+    """A key tile's planes of KPARTS (bf16; padding keys read 0)."""
+    plane = N_HEADS.to(tl.int64) * S * D
+    ptr = KPARTS + kbase + offs_n[:, None] * D + tl.arange(0, D)[None, :]
+    ok = (offs_n < S)[:, None]
+    return (tl.load(ptr + KP_HI_K * plane, mask=ok, other=0.0), tl.load(ptr + KP_LO_K * plane, mask=ok, other=0.0),
+            tl.load(ptr + KP_HI_P * plane, mask=ok, other=0.0), tl.load(ptr + KP_L1 * plane, mask=ok, other=0.0),
+            tl.load(ptr + KP_L2 * plane, mask=ok, other=0.0), tl.load(ptr + KP_L3 * plane, mask=ok, other=0.0))
+
+
+@triton.jit
+def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, N_HEADS, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i,
               nu, dbar, cm, t_ref, j_ref, s_a, s_r,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
               MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
@@ -225,8 +269,14 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, kbase, vbase
         # an ulp of |a_ij|, which moves p_ij by that much relatively where the softmax is steep
         # (docs/kernels-parallax.md §5): the difference is formed as d is below, from the exact
         # q_hi k_hi^T and the remainder, each referred to the key's own entries
-        kf = k_dot.to(ACC)
-        k_hi, k_lo = _split_rows(kf)
+        if B16:
+            k_hi, k_lo, kp_hi, l1, l2, l3 = _key_parts(KPARTS, kbase, offs_n, S, N_HEADS, D)
+            kf, kp_lo = k_dot, kp
+        else:
+            kf = k_dot.to(ACC)
+            k_hi, k_lo = _split_rows(kf)
+            kp_hi, kp_lo = _split_rows(kp)
+            l1, l2, l3 = kp_lo, kp_lo, kp_lo
         a_hi = _exact_dot(q_hi, k_hi, EXACT)
         a_rem = _score_rem(q_lo, q_hi, k_dot, kf, k_lo, PREC, B16, EXACT)
         x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
@@ -261,9 +311,8 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, kbase, vbase
         # 16 bits on one grid, exact in fp32, so it can be referred to the row's heaviest key
         # exactly, and only the remainder, 2^-7 the size, rounds at its own scale. A grid per
         # key, not per tile: a row's d_ij must not depend on keys after i (bitwise causality).
-        kp_hi, kp_lo = _split_rows(kp)
         s_hi = _exact_dot(r_hi, kp_hi, EXACT)
-        rem = _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, PREC, B16, EXACT)
+        rem = _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, l1, l2, l3, PREC, B16, EXACT)
         s_top = tl.sum(tl.where(col[None, :] == jmax[:, None], s_hi, 0.0), 1)
         t_new = tl.where(moved, s_top, t_ref)
         dbar = dbar + (t_ref - t_new)
@@ -304,7 +353,7 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, kbase, vbase
 
 # S is not specialised on (== 1, % 16): every pointer is offset by multiples of D or Dv
 @triton.jit(do_not_specialize=("S",))
-def _px_fwd_kernel(Q, K, V, R, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, scale,
+def _px_fwd_kernel(Q, K, V, R, KPARTS, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, scale,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                    SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
@@ -358,11 +407,11 @@ def _px_fwd_kernel(Q, K, V, R, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, sc
     s_r = tl.zeros([BLOCK_M], dtype=ACC)
     for start_n in range(0, lo_full, BLOCK_N):
         m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
-            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
+            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, tl.num_programs(1), kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
             dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
     for start_n in range(lo_full, hi, BLOCK_N):
         m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
-            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
+            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, tl.num_programs(1), kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
             dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
     cr = cm / l_i[:, None]
     o = cv[None, :] + nup - cr
@@ -434,23 +483,34 @@ def _bwd_rows(Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv,
 
 
 @triton.jit
-def _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D: tl.constexpr, DV: tl.constexpr, UPCAST: tl.constexpr,
-              ACC: tl.constexpr, SPLIT: tl.constexpr):
+def _bwd_keys(K, V, KPARTS, VPARTS, N_HEADS, kbase, vbase, offs_n, S, ck, cv, D: tl.constexpr, DV: tl.constexpr,
+              UPCAST: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr, B16: tl.constexpr):
     """A key tile's operands for the backward: k (for the product), its split, kp and its
-    split, vp."""
+    split, vp; with bf16 inputs the splits and vp's exact parts from _px_key_prep_kernel."""
     k_dot, kp, vp, _v_dot = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
     kf = k_dot.to(ACC)
-    if SPLIT:
-        k_hi, k_lo = _split_rows(kf)
-        kp_hi, kp_lo = _split_rows(kp)
+    if B16:
+        k_hi, k_lo, kp_hi, l1, l2, l3 = _key_parts(KPARTS, kbase, offs_n, S, N_HEADS, D)
+        kp_lo = kp
+        vplane = N_HEADS.to(tl.int64) * S * DV
+        vptr = VPARTS + vbase + offs_n[:, None] * DV + tl.arange(0, DV)[None, :]
+        ok = (offs_n < S)[:, None]
+        vp1 = tl.load(vptr, mask=ok, other=0.0)
+        vp2 = tl.load(vptr + vplane, mask=ok, other=0.0)
+        vp3 = tl.load(vptr + 2 * vplane, mask=ok, other=0.0)
     else:
-        k_hi, k_lo, kp_hi, kp_lo = kf, kf, kp, kp
-    return k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp
+        if SPLIT:
+            k_hi, k_lo = _split_rows(kf)
+            kp_hi, kp_lo = _split_rows(kp)
+        else:
+            k_hi, k_lo, kp_hi, kp_lo = kf, kf, kp, kp
+        l1, l2, l3, vp1, vp2, vp3 = kp_lo, kp_lo, kp_lo, vp, vp, vp
+    return k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3
 
 
 @triton.jit
 def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS, rows, k_dot, kf, k_hi, k_lo,
-              kp, kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC: tl.constexpr, SPREC: tl.constexpr,
+              kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3, offs_m, offs_n, S, scale, PREC: tl.constexpr, SPREC: tl.constexpr,
               ACC: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
     """p, 1 - e, p gv and da for a (query tile, key tile) pair, causal mask included."""
     ok = offs_m < S
@@ -479,7 +539,7 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, S
         # product rounds d at u |k_j - k_0| |r_i|, far above e_ij where the keys have a
         # large norm (docs/kernels-parallax.md §5)
         s_hi = _exact_dot(r_hi, kp_hi, EXACT)
-        rem = _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, PREC, B16, EXACT)
+        rem = _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, l1, l2, l3, PREC, B16, EXACT)
         e = ((s_hi - _stat(STATS, rows, ok, ST_TREF)[:, None]) + rem) - dbar[:, None]
     else:
         e = tl.dot(rf, tl.trans(kp), input_precision=PREC) - dbar[:, None]
@@ -487,7 +547,8 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, S
     # 0 at the heaviest key of a one-hot row (nu_i = v_ref), as is the true value, where
     # <g_i, nu_i> rounded in another order than the product would leave u |g_i| |vp|
     if B16:
-        gvp = _dot3t(g16, vp, EXACT)
+        gvp = (_dot16(g16, tl.trans(vp1), EXACT) + _dot16(g16, tl.trans(vp2), EXACT)
+               + _dot16(g16, tl.trans(vp3), EXACT))
     else:
         gvp = tl.dot(gf, tl.trans(vp), input_precision=PREC)
     g_at = tl.where(hit, tl.sum(tl.where(at_ref, gvp, 0.0), 1), g_ref)
@@ -499,7 +560,7 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, S
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dq_kernel(Q, K, V, R, G, NUP, STATS, REF, DQ, DR, S, scale,
+def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DQ, DR, S, scale,
                       D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                       SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
@@ -523,11 +584,11 @@ def _px_bwd_dq_kernel(Q, K, V, R, G, NUP, STATS, REF, DQ, DR, S, scale,
     hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp = _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST,
-                                                               ACC, SPLIT)
+        k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3 = _bwd_keys(
+            K, V, KPARTS, VPARTS, tl.num_programs(1), kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
         _pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS, rows,
-                                k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC,
-                                ACC, SPLIT, EXACT, B16)
+                                k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3, offs_m,
+                                offs_n, S, scale, PREC, SPREC, ACC, SPLIT, EXACT, B16)
         dq += tl.dot(da, kp, input_precision=PREC)
         dr += tl.dot(pg, kp, input_precision=PREC)
         da_sum += tl.sum(da, 1)
@@ -544,7 +605,7 @@ def _px_bwd_dq_kernel(Q, K, V, R, G, NUP, STATS, REF, DQ, DR, S, scale,
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dkdv_kernel(Q, K, V, R, G, NUP, STATS, REF, DK, DV_OUT, S, scale,
+def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DK, DV_OUT, S, scale,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                         SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
@@ -557,8 +618,8 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, G, NUP, STATS, REF, DK, DV_OUT, S, scale,
     col_ok = offs_n < S
     ck = tl.load(K + kbase + tl.arange(0, D)).to(ACC)
     cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
-    k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp = _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST,
-                                                           ACC, SPLIT)
+    k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3 = _bwd_keys(
+        K, V, KPARTS, VPARTS, tl.num_programs(1), kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
 
     dk = tl.zeros([BLOCK_N, D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, DV], dtype=ACC)
@@ -569,8 +630,8 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, G, NUP, STATS, REF, DK, DV_OUT, S, scale,
         q_dot, qf, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, _kp_ref, g_ref, gc = _bwd_rows(
             Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
         pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS,
-                               head * S + offs_m, k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp, offs_m, offs_n, S,
-                               scale, PREC, SPREC, ACC, SPLIT, EXACT, B16)
+                               head * S + offs_m, k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2,
+                               vp3, offs_m, offs_n, S, scale, PREC, SPREC, ACC, SPLIT, EXACT, B16)
         if B16:
             # g, q and r are exact bf16 values: the fp32 side goes in as its exact parts
             dv += _dot3(tl.trans(pf), g16, EXACT)
@@ -624,6 +685,20 @@ def _launch(kernel, grid_of, args, D, DV, dtype, config, **extra):
     raise last
 
 
+PREP_BLOCK = 64
+
+
+def key_parts(k, v):
+    """(KPARTS, VPARTS) of bf16 k (N, S, D), v (N, S, Dv): see _px_key_prep_kernel."""
+    N, S, D = k.shape
+    DV = v.shape[-1]
+    kparts = torch.empty(N_KPARTS, N, S, D, device=k.device, dtype=torch.bfloat16)
+    vparts = torch.empty(3, N, S, DV, device=k.device, dtype=torch.bfloat16)
+    block = 16 if interpreting() else PREP_BLOCK
+    _px_key_prep_kernel[(triton.cdiv(S, block), N)](k, v, kparts, vparts, S, D=D, DV=DV, BLOCK=block)
+    return kparts, vparts
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -639,6 +714,8 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> 
     DV = v.shape[-1]
     acc = _acc_dtype(q.dtype)
     split = q.dtype != torch.float64 and (split_d is None or bool(split_d))
+    b16 = split and q.dtype == torch.bfloat16
+    kparts, _vparts = key_parts(k, v) if b16 else (k, v)
     o = torch.empty_like(v)
     m = torch.empty(N, S, device=q.device, dtype=acc)
     lw, dbar, tref, sa, sr = (torch.empty_like(m) for _ in range(5))
@@ -646,10 +723,10 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> 
     nup = torch.empty(N, S, DV, device=q.device, dtype=acc)
     cr = torch.empty_like(nup)
     _launch(_px_fwd_kernel, lambda bm, bn: (triton.cdiv(S, bm), N),
-            (q, k, v, r, o, m, lw, sa, sr, nup, dbar, cr, tref, ref, S, float(scale)), D, DV, q.dtype, config,
+            (q, k, v, r, kparts, o, m, lw, sa, sr, nup, dbar, cr, tref, ref, S, float(scale)), D, DV, q.dtype, config,
             # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
             # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
-            SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16", B16=split and q.dtype == torch.bfloat16)
+            SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16", B16=b16)
     return ForwardOut(o, m, lw, nup, dbar, cr, tref, ref, sa, sr, split)
 
 
@@ -666,9 +743,11 @@ def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=Non
     stats = torch.stack([cols[name] for name in STAT_NAMES], -1).contiguous()
     dq, dk, dr = torch.empty_like(q), torch.empty_like(k), torch.empty_like(r)
     dv = torch.empty_like(v)
-    common = (q, k, v, r, g, fo.nup, stats, fo.ref)
+    b16 = q.dtype == torch.bfloat16
+    kparts, vparts = key_parts(k, v) if b16 else (k, v)
+    common = (q, k, v, r, kparts, vparts, g, fo.nup, stats, fo.ref)
     # the backward forms p and d as the forward did (float64: single products at u64)
-    extra = dict(SPLIT=fo.split, EXACT="ieee" if interpreting() else "bf16", B16=q.dtype == torch.bfloat16)
+    extra = dict(SPLIT=fo.split, EXACT="ieee" if interpreting() else "bf16", B16=b16)
     _launch(_px_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, S, float(scale)),
             D, DV, q.dtype, config, **extra)
     _launch(_px_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(S, bn), N), common + (dk, dv, S, float(scale)),
