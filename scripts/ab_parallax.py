@@ -17,6 +17,10 @@ head, S = min(S, --judge-s)) against the float64 oracle, as the audit judges the
 (budget.parallax: error / budget, above 1 a FAIL, with the worst row's error), and the
 largest difference between the two copies' outputs and gradients on the timed inputs.
 
+``--new-configs SPEC ...`` times the new copy once more under each tile configuration SPEC
+(scripts/parallax_kernel_stats.py's --config syntax: 'BM,BN,WARPS,STAGES' for every kernel,
+or 'fwd=..;dq=..;dkdv=..'), as extra columns 'new[i]'; the accuracy rows use the defaults.
+
 ``--smoke`` runs one tiny shape on the CPU through the Triton interpreter (set
 TRITON_INTERPRET=1): it exercises the script; its times are meaningless.
 """
@@ -29,6 +33,7 @@ import statistics
 from pathlib import Path
 
 from ab_kernels import load_copy
+from parallax_kernel_stats import set_configs
 
 from lla_verify.commands.bench_parallax import _judged_case, _probe
 from lla_verify.commands.benchkit import BENCH_SHAPES, Table, causal_sdpa, median_ms, randn_inputs, versions_line
@@ -80,6 +85,7 @@ def main(argv=None):
     ap.add_argument("--judge-s", type=int, default=1024, help="S of the accuracy case (float64 autograd is S^2 D)")
     ap.add_argument("--shapes", default=None, help="B,H,S,D;... (default issue 22's four)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--new-configs", nargs="*", default=[], help="extra tile configurations of the new copy")
     ap.add_argument("--smoke", action="store_true", help="one tiny shape on the CPU (TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
     global DEVICE
@@ -95,14 +101,40 @@ def main(argv=None):
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";") if s.strip()]
     copies = {"old": load_copy(args.old, "parallax_triton_old"), "new": load_copy(args.new, "parallax_triton_new")}
     fns = {c: functools.partial(m.parallax_attention, check_finite=False) for c, m in copies.items()}
+    import copy
+    import sys
+
+    new_kernels = sys.modules["parallax_triton_new.kernels"]
+    defaults = copy.deepcopy(new_kernels.GPU_CONFIGS)
+    variants = {f"new[{i}]": spec for i, spec in enumerate(args.new_configs)}
+
+    def configured(spec, fn):
+        def call(*a, **kw):
+            new_kernels.GPU_CONFIGS.clear()
+            new_kernels.GPU_CONFIGS.update(copy.deepcopy(defaults))
+            if spec is not None:
+                set_configs(new_kernels, spec)
+            try:
+                return fn(*a, **kw)
+            finally:
+                new_kernels.GPU_CONFIGS.clear()
+                new_kernels.GPU_CONFIGS.update(copy.deepcopy(defaults))
+        return call
+
+    timed = dict(fns, **{name: configured(spec, fns["new"]) for name, spec in variants.items()})
     table = Table()
     emit = table.emit
     emit(versions_line(date=True) if DEVICE == "cuda" else "SMOKE RUN on the CPU: every time below is meaningless")
     emit(f"old: {args.old}; new: {args.new}; bf16, causal; SDPA flash; median of {args.rounds} interleaved rounds")
+    for name, spec in variants.items():
+        emit(f"{name}: the new copy with --config {spec!r}")
     emit()
+    extra = "".join(f" {n} fwd ms (x SDPA) |" for n in variants) + "".join(f" {n} fwd+bwd ms (x SDPA) |"
+                                                                        for n in variants)
     emit("| B,H,S,D | SDPA fwd ms | old fwd ms (x SDPA) | new fwd ms (x SDPA) | new/old | SDPA fwd+bwd ms "
-         "| old fwd+bwd ms (x SDPA) | new fwd+bwd ms (x SDPA) | new/old | max abs diff o / dq / dk / dv / dr |")
-    emit("|---|---|---|---|---|---|---|---|---|---|")
+         "| old fwd+bwd ms (x SDPA) | new fwd+bwd ms (x SDPA) | new/old | max abs diff o / dq / dk / dv / dr |"
+         + extra)
+    emit("|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * len(variants)))
     judged = {}
     for B, H, S, D in shapes:
         gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -117,7 +149,7 @@ def main(argv=None):
             outs[c] = (o.detach(),) + tuple(t.grad for t in leaves)
         diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(outs["old"], outs["new"])]
         del outs
-        runs = {"sdpa": lambda *a: causal_sdpa(*a[:3]), **fns}
+        runs = {"sdpa": lambda *a: causal_sdpa(*a[:3]), **timed}
         times = {(c, p): [] for c in runs for p in ("fwd", "step")}
         for _ in range(args.rounds):
             for c, fn in runs.items():
@@ -140,7 +172,8 @@ def main(argv=None):
         emit(f"| {B},{H},{S},{D} | {med[('sdpa', 'fwd')]:.3f} | {cell('old', 'fwd')} | {cell('new', 'fwd')} "
              f"| {med[('new', 'fwd')] / med[('old', 'fwd')]:.3f} | {med[('sdpa', 'step')]:.3f} "
              f"| {cell('old', 'step')} | {cell('new', 'step')} | {med[('new', 'step')] / med[('old', 'step')]:.3f} "
-             f"| " + " / ".join(f"{x:.2e}" for x in diffs) + " |")
+             f"| " + " / ".join(f"{x:.2e}" for x in diffs) + " |"
+             + "".join(f" {cell(n, 'fwd')} |" for n in variants) + "".join(f" {cell(n, 'step')} |" for n in variants))
         table.write(args.out)
         if D not in judged:
             judged[D] = {c: _judge(fn, D, min(S, args.judge_s)) for c, fn in fns.items()}

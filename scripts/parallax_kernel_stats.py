@@ -85,6 +85,41 @@ def ttgir_dots(ttgir: str) -> collections.Counter:
     return out
 
 
+KINDS = ("fwd", "dq", "dkdv")
+
+
+def parse_configs(spec: str) -> dict:
+    """'BM,BN,W,S' (every kernel) or 'fwd=BM,BN,W,S;dq=...;dkdv=...' -> {kind: tuple}."""
+    out = {}
+    for part in spec.replace(" ", "").split(";"):
+        if not part:
+            continue
+        kind, _, cfg = part.rpartition("=")
+        vals = tuple(int(x) for x in cfg.split(","))
+        if len(vals) != 4:
+            raise ValueError(f"expected BLOCK_M,BLOCK_N,num_warps,num_stages, got {cfg!r} in {spec!r}")
+        if kind and kind not in KINDS:
+            raise ValueError(f"expected a kernel among {KINDS}, got {kind!r} in {spec!r}")
+        for k in ([kind] if kind else KINDS):
+            out[k] = vals
+    return out
+
+
+def set_configs(kmod, spec: str, dims=None) -> None:
+    """Replace the GPU tile configurations of the parallax_triton kernels module ``kmod`` for
+    the head dims ``dims`` (default all). A copy whose GPU_CONFIGS is keyed by head dim
+    alone (one configuration for every kernel) takes the forward's."""
+    cfgs = parse_configs(spec)
+    table = kmod.GPU_CONFIGS
+    if all(isinstance(k, int) for k in table):
+        for d in dims or list(table):
+            table[d] = cfgs.get("fwd", next(iter(cfgs.values())))
+        return
+    for kind, cfg in cfgs.items():
+        for d in dims or list(table[kind]):
+            table[kind][d] = cfg
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
@@ -93,7 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--S", type=int, default=2048, help="sequence length of the compiled call (default 2048)")
     ap.add_argument("--package", default=None, help="directory of a parallax_triton copy to measure instead")
     ap.add_argument("--config", default=None,
-                    help="BLOCK_M,BLOCK_N,num_warps,num_stages for every head dim, in place of GPU_CONFIGS")
+                    help="tile configurations in place of GPU_CONFIGS' for every head dim: "
+                         "'BM,BN,WARPS,STAGES' for every kernel, or 'fwd=..;dq=..;dkdv=..'")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("parallax_kernel_stats: unset TRITON_INTERPRET (the interpreter never compiles)", file=sys.stderr)
@@ -136,12 +172,10 @@ def main(argv=None) -> int:
         return 2
     parallax_triton.interpreting = lambda: True  # lifts the CPU refusal only (compile_check's note)
     if args.config:
-        cfg = tuple(int(x) for x in args.config.split(","))
-        if len(cfg) != 4:
-            ap.error(f"--config: expected BLOCK_M,BLOCK_N,num_warps,num_stages, got {args.config!r}")
-        kmod = sys.modules[parallax_triton.__name__ + ".kernels"]
-        for d in list(kmod.GPU_CONFIGS):
-            kmod.GPU_CONFIGS[d] = cfg
+        try:
+            set_configs(sys.modules[parallax_triton.__name__ + ".kernels"], args.config)
+        except ValueError as exc:
+            ap.error(f"--config: {exc}")
 
     print(f"parallax_triton from {Path(parallax_triton.__file__).parent}; sm_{args.arch}; S = {args.S}")
     for dname in args.dtypes:

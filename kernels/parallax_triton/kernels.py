@@ -262,7 +262,7 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, N_HE
     its heaviest key so far, j_ref. With the split, the scores too are kept relative to that
     key's, whose exact and remainder parts are s_a and s_r: the running maximum is then 0."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_dot, kp, vp, v_dot = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
+    k_dot, kp, vp, _v_dot = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
     col = tl.arange(0, BLOCK_N)
     if SPLIT_D:
         # a_ij - a_i,ref = s <q_i, k_j - k_ref>. A score rounded on its own carries up to half
@@ -327,24 +327,15 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, N_HE
     # zero or a subnormal: so the tile is centred on the merged means, never divided by
     # its own weight, and a row that sees no key of the tile is left as it was
     inv = 1.0 / w_ab
-    if B16:
-        # w vp = w v - (sum_j w_ij) v_0: v is exact bf16, so w goes in as its three exact
-        # bf16 parts (_dot3), every product exact. The sum rounds at u |v| rather than
-        # u |v - v_0|, which differ only where the values share an offset, and a relative
-        # perturbation u of each v_j, which the budget's sensitivity allows for, moves o by
-        # as much (docs/kernels-parallax.md §3, "bf16 products")
-        wvp = _dot3(w, v_dot, EXACT) - tl.sum(w, 1)[:, None] * cv[None, :]
-    else:
-        wvp = tl.dot(w, vp, input_precision=PREC)
-    nu_new = (w_a[:, None] * nu + wvp) * inv[:, None]
+    # w vp stays a product of the anchored values for bf16 inputs too: w v - W v_0 through
+    # exact bf16 products would round at u |v|, and on a one-hot row nu_i - v_ref would no
+    # longer be exact, which the backward's gv needs at the heavy key (docs/kernels-parallax.md §5)
+    nu_new = (w_a[:, None] * nu + tl.dot(w, vp, input_precision=PREC)) * inv[:, None]
     dbar_new = (w_a * dbar + tl.sum(w * d, 1)) * inv
     # sum_j w_ij (vp_j - nu_new)(d_ij - dbar_new), the value side centred through the
     # second term because nu_new differs per query and cannot enter the product
     we = w * (d - dbar_new[:, None])
-    if B16:
-        cm_b = _dot3(we, v_dot, EXACT) - (cv[None, :] + nu_new) * tl.sum(we, 1)[:, None]
-    else:
-        cm_b = tl.dot(we, vp, input_precision=PREC) - nu_new * tl.sum(we, 1)[:, None]
+    cm_b = tl.dot(we, vp, input_precision=PREC) - nu_new * tl.sum(we, 1)[:, None]
     # Chan et al.: moving the old moment from its means to the merged ones adds
     # w_a (nu - nu_new)(dbar - dbar_new)
     cm = cm * alpha[:, None] + cm_b + (w_a * (dbar - dbar_new))[:, None] * (nu - nu_new)
@@ -647,10 +638,17 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DK, DV_O
 
 
 # ----------------------------------------------------------------------------- launchers
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per larger head dim (of D, Dv) on the GPU,
-# then smaller ones tried in order where shared memory runs out.
-GPU_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 4, 2)}
-SMALLER_CONFIGS = ((32, 32, 4, 1), (16, 16, 4, 1))
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and larger head dim (of D, Dv) on
+# the GPU, then SMALLER_CONFIGS in order where shared memory runs out. Chosen from the
+# sm_90 compile (scripts/parallax_kernel_stats.py) for bf16: 64-row query tiles keep
+# Hopper's warpgroup MMA (mma.sync below that), and of those the fewest register spills
+# that fit the 227 KB of shared memory; fp32 and fp16 fall back where they do not fit.
+GPU_CONFIGS = {
+    "fwd": {16: (64, 64, 8, 2), 32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 1)},
+    "dq": {16: (64, 64, 8, 1), 32: (64, 64, 8, 1), 64: (64, 64, 8, 1), 128: (64, 32, 8, 1)},
+    "dkdv": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 1)},
+}
+SMALLER_CONFIGS = ((64, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1))
 INTERP_CONFIG = (16, 16, 1, 1)
 
 
@@ -658,7 +656,7 @@ def _is_out_of_resources(exc: Exception) -> bool:
     return type(exc).__name__ == "OutOfResources"
 
 
-def _launch(kernel, grid_of, args, D, DV, dtype, config, **extra):
+def _launch(kernel, kind, grid_of, args, D, DV, dtype, config, **extra):
     interp = interpreting()
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     # triton issue 11584: interpreted bf16 dots are wrong, so every tile goes to fp32 there
@@ -671,7 +669,7 @@ def _launch(kernel, grid_of, args, D, DV, dtype, config, **extra):
     elif interp:
         order = [INTERP_CONFIG]
     else:
-        order = [GPU_CONFIGS[max(D, DV)], *SMALLER_CONFIGS]
+        order = [GPU_CONFIGS[kind][max(D, DV)], *SMALLER_CONFIGS]
     last = None
     for bm, bn, nw, ns in order:
         try:
@@ -694,7 +692,8 @@ def key_parts(k, v):
     DV = v.shape[-1]
     kparts = torch.empty(N_KPARTS, N, S, D, device=k.device, dtype=torch.bfloat16)
     vparts = torch.empty(3, N, S, DV, device=k.device, dtype=torch.bfloat16)
-    block = 16 if interpreting() else PREP_BLOCK
+    # 32 keys of D = 128 per program keep its split in registers (64 spill)
+    block = 16 if interpreting() else (PREP_BLOCK if max(D, DV) <= 64 else 32)
     _px_key_prep_kernel[(triton.cdiv(S, block), N)](k, v, kparts, vparts, S, D=D, DV=DV, BLOCK=block)
     return kparts, vparts
 
@@ -722,7 +721,7 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> 
     ref = torch.empty(N, S, device=q.device, dtype=torch.int32)
     nup = torch.empty(N, S, DV, device=q.device, dtype=acc)
     cr = torch.empty_like(nup)
-    _launch(_px_fwd_kernel, lambda bm, bn: (triton.cdiv(S, bm), N),
+    _launch(_px_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(S, bm), N),
             (q, k, v, r, kparts, o, m, lw, sa, sr, nup, dbar, cr, tref, ref, S, float(scale)), D, DV, q.dtype, config,
             # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
             # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
@@ -748,8 +747,8 @@ def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=Non
     common = (q, k, v, r, kparts, vparts, g, fo.nup, stats, fo.ref)
     # the backward forms p and d as the forward did (float64: single products at u64)
     extra = dict(SPLIT=fo.split, EXACT="ieee" if interpreting() else "bf16", B16=b16)
-    _launch(_px_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, S, float(scale)),
+    _launch(_px_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, S, float(scale)),
             D, DV, q.dtype, config, **extra)
-    _launch(_px_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(S, bn), N), common + (dk, dv, S, float(scale)),
+    _launch(_px_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(S, bn), N), common + (dk, dv, S, float(scale)),
             D, DV, q.dtype, config, **extra)
     return BackwardOut(dq, dk, dv, dr)
