@@ -289,7 +289,8 @@ def test_bf16_parts_are_exact():
     n = 4096
     # fp32 values with every significand bit in use, over a wide range of exponents (parts
     # below bf16's smallest subnormal, 2^-133, are outside the claim)
-    x = (torch.randn(n, generator=gen, dtype=torch.float64) * 2.0 ** torch.randint(-60, 60, (n,), generator=gen)).float()
+    x = torch.randn(n, generator=gen, dtype=torch.float64) * 2.0 ** torch.randint(-60, 60, (n,), generator=gen)
+    x = x.float()
     parts = torch.empty(3, n, device=DEVICE)
     _split3[(1,)](x.to(DEVICE), parts, N=n)
     parts = parts.cpu()

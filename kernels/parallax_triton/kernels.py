@@ -26,7 +26,9 @@ its score), and the dq, dr sums with k_ref subtracted, so that each cancels exac
 key (docs/kernels-parallax.md §3, §5).
 
 One program per (head, query tile) for the forward and for dq, dr; one per (head, key
-tile) for dk, dv. No atomics: every output element is written by one program.
+tile) for dk, dv. No atomics: every output element is written by one program. For bf16
+inputs a first kernel forms each key's splits once (_px_key_prep_kernel), and the tile
+products run as bf16 products of exact parts (docs/kernels-parallax.md §3, "bf16 products").
 """
 
 from __future__ import annotations
@@ -251,7 +253,8 @@ def _key_parts(KPARTS, kbase, offs_n, S, N_HEADS, D: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, N_HEADS, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i,
+def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, N_HEADS, kbase, vbase, start_n, S, scale,
+              offs_m, m_i, l_i,
               nu, dbar, cm, t_ref, j_ref, s_a, s_r,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
               MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
@@ -398,11 +401,13 @@ def _px_fwd_kernel(Q, K, V, R, KPARTS, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, RE
     s_r = tl.zeros([BLOCK_M], dtype=ACC)
     for start_n in range(0, lo_full, BLOCK_N):
         m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
-            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, tl.num_programs(1), kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
+            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, tl.num_programs(1), kbase, vbase, start_n, S,
+            scale, offs_m, m_i, l_i, nup,
             dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
     for start_n in range(lo_full, hi, BLOCK_N):
         m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
-            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, tl.num_programs(1), kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
+            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, tl.num_programs(1), kbase, vbase, start_n, S,
+            scale, offs_m, m_i, l_i, nup,
             dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
     cr = cm / l_i[:, None]
     o = cv[None, :] + nup - cr
@@ -501,7 +506,8 @@ def _bwd_keys(K, V, KPARTS, VPARTS, N_HEADS, kbase, vbase, offs_n, S, ck, cv, D:
 
 @triton.jit
 def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS, rows, k_dot, kf, k_hi, k_lo,
-              kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3, offs_m, offs_n, S, scale, PREC: tl.constexpr, SPREC: tl.constexpr,
+              kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3, offs_m, offs_n, S, scale, PREC: tl.constexpr,
+              SPREC: tl.constexpr,
               ACC: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
     """p, 1 - e, p gv and da for a (query tile, key tile) pair, causal mask included."""
     ok = offs_m < S
