@@ -330,6 +330,26 @@ def test_backward_wider_heads(D):
     _judge_backward(*_inputs("key_offset_large_probe", S=48, D=D, H=1), f"key_offset_large_probe S=48 D={D}")
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_backward_key_tiles_wider_than_the_query_tile(dtype):
+    # BLOCK_M < BLOCK_N (the GPU's dk, dv configuration at D = 128): a key tile's first
+    # query tile starts inside it, and its upper keys see only part of that query tile
+    from parallax_triton import parallax_backward_kernel, parallax_forward_kernel
+
+    q, k, v, r = _inputs("key_offset_large_probe", S=45, dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(v.shape, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+    flat = [t.reshape(2, 45, t.shape[-1]).contiguous() for t in (q, k, v, r, do)]
+    scale = q.shape[-1] ** -0.5
+    fo = parallax_forward_kernel(*flat[:4], scale)
+    bo = parallax_backward_kernel(*flat, fo, scale, config=(16, 32, 1, 1))
+    grads = tuple(t.reshape(x.shape) for t, x in zip((bo.dq, bo.dk, bo.dv, bo.dr), (q, k, v, r)))
+    verdict = check_parallax_backward(q, k, v, r, do, grads, impl="parallax_triton",
+                                      case=f"key_offset_large_probe S=45 {dtype} BLOCK 16x32",
+                                      compute_dtype=_compute_dtype(dtype))
+    assert verdict.passed, verdict.message
+
+
 def test_backward_value_width_differs_and_single_token():
     _judge_backward(*_inputs("gaussian", S=29, D=32, Dv=16, H=1), "gaussian D=32 Dv=16")
     _judge_backward(*_inputs("large_probe", S=1), "large_probe S=1")

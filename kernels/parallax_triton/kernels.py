@@ -648,11 +648,13 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DK, DV_O
 # the GPU, then SMALLER_CONFIGS in order where shared memory runs out. Chosen from the
 # sm_90 compile (scripts/parallax_kernel_stats.py) for bf16: 64-row query tiles keep
 # Hopper's warpgroup MMA (mma.sync below that), and of those the fewest register spills
-# that fit the 227 KB of shared memory; fp32 and fp16 fall back where they do not fit.
+# that fit the 227 KB of shared memory (dk, dv at D = 128: 64 keys over 32-row query tiles,
+# whose dk, dv products keep wgmma and spill 440 B against 64 x 32's 1588 B); fp32 and fp16
+# fall back where they do not fit.
 GPU_CONFIGS = {
     "fwd": {16: (64, 64, 8, 2), 32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 1)},
     "dq": {16: (64, 64, 8, 1), 32: (64, 64, 8, 1), 64: (64, 64, 8, 1), 128: (64, 32, 8, 1)},
-    "dkdv": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 1)},
+    "dkdv": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 8, 1)},
 }
 SMALLER_CONFIGS = ((64, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1))
 INTERP_CONFIG = (16, 16, 1, 1)
