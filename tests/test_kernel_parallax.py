@@ -263,6 +263,61 @@ def test_uncentred_expansion_fails_the_key_shift_test():
     assert shifted.ratio > 10.0, shifted.message
 
 
+# ----------------------------------------------------------------------------- bf16 products
+# For bf16 inputs the kernels take every tile product whose operands are exact bf16 values,
+# or an fp32 side split into exact bf16 parts, as bf16 products (docs/kernels-parallax.md
+# §3, "bf16 products"): the same sums as the fp32 path's, only the products' dtype differs.
+
+
+if DEVICE is not None:
+    import triton
+    import triton.language as tl
+
+    from parallax_triton.kernels import _bf16_parts
+
+    @triton.jit
+    def _split3(X, P, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        p1, p2, p3 = _bf16_parts(tl.load(X + offs))
+        tl.store(P + offs, p1.to(tl.float32))
+        tl.store(P + N + offs, p2.to(tl.float32))
+        tl.store(P + 2 * N + offs, p3.to(tl.float32))
+
+
+def test_bf16_parts_are_exact():
+    gen = torch.Generator().manual_seed(0)
+    n = 4096
+    # fp32 values with every significand bit in use, over a wide range of exponents (parts
+    # below bf16's smallest subnormal, 2^-133, are outside the claim)
+    x = torch.randn(n, generator=gen, dtype=torch.float64) * 2.0 ** torch.randint(-60, 60, (n,), generator=gen)
+    x = x.float()
+    parts = torch.empty(3, n, device=DEVICE)
+    _split3[(1,)](x.to(DEVICE), parts, N=n)
+    parts = parts.cpu()
+    assert torch.equal(parts, parts.to(torch.bfloat16).float())  # each part a bf16 value
+    assert torch.equal(parts.double().sum(0), x.double())  # and together exactly x
+
+
+def test_bf16_products_match_the_fp32_path():
+    # the same bf16 values through the bf16 products and through the fp32 path: the row
+    # references are exact in both (bitwise equal), dbar_i agrees to a few fp32 roundings
+    # of |r_i| max_j |k_j - k_0|. kp_lo in one bf16 part instead of three is 46 of them off.
+    from lla_verify.registry.parallax import parse_parallax_case
+    from parallax_triton import parallax_forward_kernel
+
+    spec = "large_norm:factor=100,lam=1:B=1,H=2,S=37,D=16,dtype=bfloat16,seed=1;probe=small_eig"
+    p = parse_parallax_case(spec).build(DEVICE)
+    flat = [t.reshape(2, 37, t.shape[-1]).contiguous() for t in (p.q, p.k, p.v, p.r)]
+    b16 = parallax_forward_kernel(*flat, p.qk_scale)
+    f32 = parallax_forward_kernel(*(t.float() for t in flat), p.qk_scale)
+    for name in ("ref", "tref", "sa"):
+        assert torch.equal(getattr(b16, name), getattr(f32, name)), name
+    kp = flat[1].double() - flat[1][:, :1].double()
+    unit = 2.0 ** -24 * flat[3].double().norm(dim=-1) * kp.norm(dim=-1).amax(-1, keepdim=True)
+    off = float(((b16.dbar.double() - f32.dbar.double()).abs() / unit).max())
+    assert off <= 8.0, f"dbar of the bf16 products {off:.3g} fp32 roundings from the fp32 path's"
+
+
 # ----------------------------------------------------------------------------- backward
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("family", FAMILIES)
@@ -273,6 +328,26 @@ def test_backward_families(family, dtype):
 @pytest.mark.parametrize("D", (32, 64))
 def test_backward_wider_heads(D):
     _judge_backward(*_inputs("key_offset_large_probe", S=48, D=D, H=1), f"key_offset_large_probe S=48 D={D}")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_backward_key_tiles_wider_than_the_query_tile(dtype):
+    # BLOCK_M < BLOCK_N (the GPU's dk, dv configuration at D = 128): a key tile's first
+    # query tile starts inside it, and its upper keys see only part of that query tile
+    from parallax_triton import parallax_backward_kernel, parallax_forward_kernel
+
+    q, k, v, r = _inputs("key_offset_large_probe", S=45, dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(v.shape, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+    flat = [t.reshape(2, 45, t.shape[-1]).contiguous() for t in (q, k, v, r, do)]
+    scale = q.shape[-1] ** -0.5
+    fo = parallax_forward_kernel(*flat[:4], scale)
+    bo = parallax_backward_kernel(*flat, fo, scale, config=(16, 32, 1, 1))
+    grads = tuple(t.reshape(x.shape) for t, x in zip((bo.dq, bo.dk, bo.dv, bo.dr), (q, k, v, r)))
+    verdict = check_parallax_backward(q, k, v, r, do, grads, impl="parallax_triton",
+                                      case=f"key_offset_large_probe S=45 {dtype} BLOCK 16x32",
+                                      compute_dtype=_compute_dtype(dtype))
+    assert verdict.passed, verdict.message
 
 
 def test_backward_value_width_differs_and_single_token():

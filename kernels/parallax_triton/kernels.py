@@ -26,7 +26,9 @@ its score), and the dq, dr sums with k_ref subtracted, so that each cancels exac
 key (docs/kernels-parallax.md §3, §5).
 
 One program per (head, query tile) for the forward and for dq, dr; one per (head, key
-tile) for dk, dv. No atomics: every output element is written by one program.
+tile) for dk, dv. No atomics: every output element is written by one program. For bf16
+inputs a first kernel forms each key's splits once (_px_key_prep_kernel), and the tile
+products run as bf16 products of exact parts (docs/kernels-parallax.md §3, "bf16 products").
 """
 
 from __future__ import annotations
@@ -86,12 +88,15 @@ def _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D: tl.constexpr, DV: tl.co
     less their anchors in the accumulation dtype for everything else."""
     k = _load_rows(K, kbase, offs_n, S, D)
     kp = k.to(ACC) - ck[None, :]
-    vp = _load_rows(V, vbase, offs_n, S, DV).to(ACC) - cv[None, :]
+    v = _load_rows(V, vbase, offs_n, S, DV)
+    vp = v.to(ACC) - cv[None, :]
     if UPCAST:
         k_dot = k.to(ACC)
+        v_dot = v.to(ACC)
     else:
         k_dot = k
-    return k_dot, kp, vp
+        v_dot = v
+    return k_dot, kp, vp, v_dot
 
 
 @triton.jit
@@ -135,37 +140,148 @@ def _split_rows(x):
 
 @triton.jit
 def _exact_dot(r_hi, kp_hi, EXACT: tl.constexpr):
-    """r_hi kp_hi^T, exact in fp32 for 8-bit hi parts (docs/kernels-parallax.md §3)."""
-    if EXACT == "bf16":
-        # 8-bit significands are exact bf16 values: the cheapest exact product
-        return tl.dot(r_hi.to(tl.bfloat16), tl.trans(kp_hi.to(tl.bfloat16)))
-    else:
-        return tl.dot(r_hi, tl.trans(kp_hi), input_precision=EXACT)
+    """r_hi kp_hi^T, exact in fp32 for 8-bit hi parts (docs/kernels-parallax.md §3):
+    8-bit significands are exact bf16 values, so one bf16 product."""
+    return _dot16(r_hi, tl.trans(kp_hi), EXACT)
 
 
 @triton.jit
-def _fwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i,
+def _dot16(a, b, EXACT: tl.constexpr):
+    """a @ b for operands whose entries are exact bf16 values (held in any float dtype):
+    one bf16 product, whose products are exact, accumulated in fp32. The interpreter (its
+    bf16 dot is broken) takes the same values in fp32."""
+    if EXACT == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=EXACT)
+
+
+@triton.jit
+def _bf16_parts(x):
+    """fp32 x = p1 + p2 + p3 exactly, each part a bf16 value: each conversion keeps 8
+    significant bits of what is left, and 24 bits of fp32 need three (parts below bf16's
+    smallest subnormal, 2^-133, are lost; nothing of that size survives the fp32 sums)."""
+    p1 = x.to(tl.bfloat16)
+    x1 = x - p1.to(tl.float32)
+    p2 = x1.to(tl.bfloat16)
+    p3 = (x1 - p2.to(tl.float32)).to(tl.bfloat16)
+    return p1, p2, p3
+
+
+@triton.jit
+def _dot3(a, b16, EXACT: tl.constexpr):
+    """a @ b16 for fp32 a and an exact-bf16 b16: three bf16 products of a's exact parts,
+    every product exact and accumulated in fp32 (tf32x3 drops a_lo b_lo and rounds b to
+    tf32 parts: this is at least as accurate at half its tensor-core cost)."""
+    a1, a2, a3 = _bf16_parts(a)
+    return _dot16(a1, b16, EXACT) + _dot16(a2, b16, EXACT) + _dot16(a3, b16, EXACT)
+
+
+@triton.jit
+def _score_rem(q_lo, q_hi, k16, kf, k_lo, PREC: tl.constexpr, B16: tl.constexpr, EXACT: tl.constexpr):
+    """The remainder q_lo k^T + q_hi k_lo^T of the split scores. With bf16 inputs all four
+    operands are exact bf16 values (q_hi: 8 bits on its grid; q_lo, k_lo: the bits of q, k
+    below their row's grid, at most 8 of them), so two bf16 products with exact products."""
+    if B16:
+        return _dot16(q_lo, tl.trans(k16), EXACT) + _dot16(q_hi, tl.trans(k_lo), EXACT)
+    else:
+        return tl.dot(q_lo, tl.trans(kf), input_precision=PREC) + tl.dot(q_hi, tl.trans(k_lo), input_precision=PREC)
+
+
+@triton.jit
+def _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, l1, l2, l3, PREC: tl.constexpr, B16: tl.constexpr,
+           EXACT: tl.constexpr):
+    """The remainder of d = r kp^T beyond the exact r_hi kp_hi^T. With bf16 inputs it is
+    written r_lo kp_hi^T + r kp_lo^T (the same sum): r, r_lo and kp_hi are exact bf16
+    values, kp_lo = kp - kp_hi is fp32 and goes in as its three exact bf16 parts l1, l2,
+    l3, so four bf16 products with exact products; else r_lo kp^T + r_hi kp_lo^T at PREC."""
+    if B16:
+        return (_dot16(r_lo, tl.trans(kp_hi), EXACT) + _dot16(r16, tl.trans(l1), EXACT)
+                + _dot16(r16, tl.trans(l2), EXACT) + _dot16(r16, tl.trans(l3), EXACT))
+    else:
+        return tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
+
+
+# The key-side operands of the bf16 products, one plane each of a (N_KPARTS, N, S, D) bf16
+# tensor: the split of k (scores) and of kp = k - k_0 (d), kp_lo in its three exact parts;
+# and a (3, N, S, Dv) one of vp = v - v_0 in its exact parts. Each is a function of its own
+# key (grids per key: bitwise causal), the same in every program that reads the key, so
+# they are formed once per key by _px_key_prep_kernel instead of once per (query tile, key
+# tile) pair, which takes that work and its registers out of the tile loops.
+KP_HI_K, KP_LO_K, KP_HI_P, KP_L1, KP_L2, KP_L3 = (tl.constexpr(i) for i in range(6))
+N_KPARTS = 6
+
+
+@triton.jit(do_not_specialize=("S",))
+def _px_key_prep_kernel(K, V, KPARTS, VPARTS, S, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr):
+    head = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = (offs < S)[:, None]
+    kbase = head * S * D
+    vbase = head * S * DV
+    kf = _load_rows(K, kbase, offs, S, D).to(tl.float32)
+    ck = tl.load(K + kbase + tl.arange(0, D)).to(tl.float32)
+    cv = tl.load(V + vbase + tl.arange(0, DV)).to(tl.float32)
+    k_hi, k_lo = _split_rows(kf)
+    kp_hi, kp_lo = _split_rows(kf - ck[None, :])
+    l1, l2, l3 = _bf16_parts(kp_lo)
+    vp1, vp2, vp3 = _bf16_parts(_load_rows(V, vbase, offs, S, DV).to(tl.float32) - cv[None, :])
+    plane = tl.num_programs(1).to(tl.int64) * S * D
+    ptr = KPARTS + kbase + offs[:, None] * D + tl.arange(0, D)[None, :]
+    tl.store(ptr + KP_HI_K * plane, k_hi.to(tl.bfloat16), mask=ok)
+    tl.store(ptr + KP_LO_K * plane, k_lo.to(tl.bfloat16), mask=ok)
+    tl.store(ptr + KP_HI_P * plane, kp_hi.to(tl.bfloat16), mask=ok)
+    tl.store(ptr + KP_L1 * plane, l1, mask=ok)
+    tl.store(ptr + KP_L2 * plane, l2, mask=ok)
+    tl.store(ptr + KP_L3 * plane, l3, mask=ok)
+    vplane = tl.num_programs(1).to(tl.int64) * S * DV
+    vptr = VPARTS + vbase + offs[:, None] * DV + tl.arange(0, DV)[None, :]
+    tl.store(vptr, vp1, mask=ok)
+    tl.store(vptr + vplane, vp2, mask=ok)
+    tl.store(vptr + 2 * vplane, vp3, mask=ok)
+
+
+@triton.jit
+def _key_parts(KPARTS, kbase, offs_n, S, N_HEADS, D: tl.constexpr):
+    """A key tile's planes of KPARTS (bf16; padding keys read 0)."""
+    plane = N_HEADS.to(tl.int64) * S * D
+    ptr = KPARTS + kbase + offs_n[:, None] * D + tl.arange(0, D)[None, :]
+    ok = (offs_n < S)[:, None]
+    return (tl.load(ptr + KP_HI_K * plane, mask=ok, other=0.0), tl.load(ptr + KP_LO_K * plane, mask=ok, other=0.0),
+            tl.load(ptr + KP_HI_P * plane, mask=ok, other=0.0), tl.load(ptr + KP_L1 * plane, mask=ok, other=0.0),
+            tl.load(ptr + KP_L2 * plane, mask=ok, other=0.0), tl.load(ptr + KP_L3 * plane, mask=ok, other=0.0))
+
+
+@triton.jit
+def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, N_HEADS, kbase, vbase, start_n, S, scale,
+              offs_m, m_i, l_i,
               nu, dbar, cm, t_ref, j_ref, s_a, s_r,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
               MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-              SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
+              SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
     """Merge one key tile into the running (m, W, nu, dbar, M) of each query (Chan et al.'s
     update of a co-moment); M = sum_j w_j (vp_j - nu)(d_j - dbar) in the weights
     of the running maximum, d_j and dbar relative to the row's reference t_ref, taken at
     its heaviest key so far, j_ref. With the split, the scores too are kept relative to that
     key's, whose exact and remainder parts are s_a and s_r: the running maximum is then 0."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
+    k_dot, kp, vp, _v_dot = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
     col = tl.arange(0, BLOCK_N)
     if SPLIT_D:
         # a_ij - a_i,ref = s <q_i, k_j - k_ref>. A score rounded on its own carries up to half
         # an ulp of |a_ij|, which moves p_ij by that much relatively where the softmax is steep
         # (docs/kernels-parallax.md §5): the difference is formed as d is below, from the exact
         # q_hi k_hi^T and the remainder, each referred to the key's own entries
-        kf = k_dot.to(ACC)
-        k_hi, k_lo = _split_rows(kf)
+        if B16:
+            k_hi, k_lo, kp_hi, l1, l2, l3 = _key_parts(KPARTS, kbase, offs_n, S, N_HEADS, D)
+            kf, kp_lo = k_dot, kp
+        else:
+            kf = k_dot.to(ACC)
+            k_hi, k_lo = _split_rows(kf)
+            kp_hi, kp_lo = _split_rows(kp)
+            l1, l2, l3 = kp_lo, kp_lo, kp_lo
         a_hi = _exact_dot(q_hi, k_hi, EXACT)
-        a_rem = tl.dot(q_lo, tl.trans(kf), input_precision=PREC) + tl.dot(q_hi, tl.trans(k_lo), input_precision=PREC)
+        a_rem = _score_rem(q_lo, q_hi, k_dot, kf, k_lo, PREC, B16, EXACT)
         x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
         m_tile = tl.max(x, 1)
         moved = m_tile > m_i
@@ -198,9 +314,8 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, sta
         # 16 bits on one grid, exact in fp32, so it can be referred to the row's heaviest key
         # exactly, and only the remainder, 2^-7 the size, rounds at its own scale. A grid per
         # key, not per tile: a row's d_ij must not depend on keys after i (bitwise causality).
-        kp_hi, kp_lo = _split_rows(kp)
         s_hi = _exact_dot(r_hi, kp_hi, EXACT)
-        rem = tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
+        rem = _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, l1, l2, l3, PREC, B16, EXACT)
         s_top = tl.sum(tl.where(col[None, :] == jmax[:, None], s_hi, 0.0), 1)
         t_new = tl.where(moved, s_top, t_ref)
         dbar = dbar + (t_ref - t_new)
@@ -215,6 +330,9 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, sta
     # zero or a subnormal: so the tile is centred on the merged means, never divided by
     # its own weight, and a row that sees no key of the tile is left as it was
     inv = 1.0 / w_ab
+    # w vp stays a product of the anchored values for bf16 inputs too: w v - W v_0 through
+    # exact bf16 products would round at u |v|, and on a one-hot row nu_i - v_ref would no
+    # longer be exact, which the backward's gv needs at the heavy key (docs/kernels-parallax.md §5)
     nu_new = (w_a[:, None] * nu + tl.dot(w, vp, input_precision=PREC)) * inv[:, None]
     dbar_new = (w_a * dbar + tl.sum(w * d, 1)) * inv
     # sum_j w_ij (vp_j - nu_new)(d_ij - dbar_new), the value side centred through the
@@ -229,10 +347,10 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, sta
 
 # S is not specialised on (== 1, % 16): every pointer is offset by multiples of D or Dv
 @triton.jit(do_not_specialize=("S",))
-def _px_fwd_kernel(Q, K, V, R, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, scale,
+def _px_fwd_kernel(Q, K, V, R, KPARTS, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, scale,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                   SPLIT_D: tl.constexpr, EXACT: tl.constexpr):
+                   SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_M)
     # late query tiles do the most work: launch them first for a balanced tail
     pid_m = n_tiles - 1 - tl.program_id(0)
@@ -267,6 +385,14 @@ def _px_fwd_kernel(Q, K, V, R, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, sc
         q_hi, q_lo = _split_rows(q.to(ACC))
     else:
         r_hi, r_lo, q_hi, q_lo = rf, rf, rf, rf
+    if B16:
+        # every part of a bf16 q or r is an exact bf16 value (_score_rem, _d_rem): held in
+        # bf16 they are the products' operands as they are, at half the registers
+        r16 = rf.to(tl.bfloat16)
+        r_hi, r_lo, q_hi, q_lo = (r_hi.to(tl.bfloat16), r_lo.to(tl.bfloat16), q_hi.to(tl.bfloat16),
+                                  q_lo.to(tl.bfloat16))
+    else:
+        r16 = rf
     # t_ref: the row's reference, r_hi kp_hi^T at its heaviest key so far; d and dbar are
     # kept relative to it (0 without the split: d relative to k_0 itself)
     t_ref = tl.zeros([BLOCK_M], dtype=ACC)
@@ -275,12 +401,14 @@ def _px_fwd_kernel(Q, K, V, R, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, sc
     s_r = tl.zeros([BLOCK_M], dtype=ACC)
     for start_n in range(0, lo_full, BLOCK_N):
         m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
-            q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
-            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT)
+            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, tl.num_programs(1), kbase, vbase, start_n, S,
+            scale, offs_m, m_i, l_i, nup,
+            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
     for start_n in range(lo_full, hi, BLOCK_N):
         m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
-            q_dot, q_hi, q_lo, rf, r_hi, r_lo, ck, cv, K, V, kbase, vbase, start_n, S, scale, offs_m, m_i, l_i, nup,
-            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT)
+            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, tl.num_programs(1), kbase, vbase, start_n, S,
+            scale, offs_m, m_i, l_i, nup,
+            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
     cr = cm / l_i[:, None]
     o = cv[None, :] + nup - cr
 
@@ -313,10 +441,13 @@ def _stat(STATS, rows, ok, col: tl.constexpr):
 
 @triton.jit
 def _bwd_rows(Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv,
-              D: tl.constexpr, DV: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr):
+              D: tl.constexpr, DV: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr,
+              B16: tl.constexpr):
     """A query tile's operands for the backward: q (for the product and in ACC), r, g,
     the splits of q and r, the row's heaviest key ref_i, its anchored key, and
-    <g_i, vp_ref> and gc_i = <g_i, nu_i - v_ref> (vp_ref formed as the tiles form vp_j)."""
+    <g_i, vp_ref> and gc_i = <g_i, nu_i - v_ref> (vp_ref formed as the tiles form vp_j).
+    With bf16 inputs r, g and the splits are returned in bf16 too (their values are exact
+    bf16: the products' operands as they are)."""
     ok = offs_m < S
     q = _load_rows(Q, kbase, offs_m, S, D)
     qf = q.to(ACC)
@@ -338,28 +469,46 @@ def _bwd_rows(Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv,
         r_hi, r_lo = _split_rows(rf)
     else:
         q_hi, q_lo, r_hi, r_lo = qf, qf, rf, rf
-    return q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, k_ref - ck[None, :], g_ref, gc
-
-
-@triton.jit
-def _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D: tl.constexpr, DV: tl.constexpr, UPCAST: tl.constexpr,
-              ACC: tl.constexpr, SPLIT: tl.constexpr):
-    """A key tile's operands for the backward: k (for the product), its split, kp and its
-    split, vp."""
-    k_dot, kp, vp = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
-    kf = k_dot.to(ACC)
-    if SPLIT:
-        k_hi, k_lo = _split_rows(kf)
-        kp_hi, kp_lo = _split_rows(kp)
+    if B16:
+        r16, g16 = rf.to(tl.bfloat16), gf.to(tl.bfloat16)
+        q_hi, q_lo, r_hi, r_lo = (q_hi.to(tl.bfloat16), q_lo.to(tl.bfloat16), r_hi.to(tl.bfloat16),
+                                  r_lo.to(tl.bfloat16))
     else:
-        k_hi, k_lo, kp_hi, kp_lo = kf, kf, kp, kp
-    return k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp
+        r16, g16 = rf, gf
+    return q_dot, qf, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, k_ref - ck[None, :], g_ref, gc
 
 
 @triton.jit
-def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, rows, k_dot, kf, k_hi, k_lo, kp,
-              kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC: tl.constexpr, SPREC: tl.constexpr,
-              ACC: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr):
+def _bwd_keys(K, V, KPARTS, VPARTS, N_HEADS, kbase, vbase, offs_n, S, ck, cv, D: tl.constexpr, DV: tl.constexpr,
+              UPCAST: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr, B16: tl.constexpr):
+    """A key tile's operands for the backward: k (for the product), its split, kp and its
+    split, vp; with bf16 inputs the splits and vp's exact parts from _px_key_prep_kernel."""
+    k_dot, kp, vp, _v_dot = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
+    kf = k_dot.to(ACC)
+    if B16:
+        k_hi, k_lo, kp_hi, l1, l2, l3 = _key_parts(KPARTS, kbase, offs_n, S, N_HEADS, D)
+        kp_lo = kp
+        vplane = N_HEADS.to(tl.int64) * S * DV
+        vptr = VPARTS + vbase + offs_n[:, None] * DV + tl.arange(0, DV)[None, :]
+        ok = (offs_n < S)[:, None]
+        vp1 = tl.load(vptr, mask=ok, other=0.0)
+        vp2 = tl.load(vptr + vplane, mask=ok, other=0.0)
+        vp3 = tl.load(vptr + 2 * vplane, mask=ok, other=0.0)
+    else:
+        if SPLIT:
+            k_hi, k_lo = _split_rows(kf)
+            kp_hi, kp_lo = _split_rows(kp)
+        else:
+            k_hi, k_lo, kp_hi, kp_lo = kf, kf, kp, kp
+        l1, l2, l3, vp1, vp2, vp3 = kp_lo, kp_lo, kp_lo, vp, vp, vp
+    return k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3
+
+
+@triton.jit
+def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS, rows, k_dot, kf, k_hi, k_lo,
+              kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3, offs_m, offs_n, S, scale, PREC: tl.constexpr,
+              SPREC: tl.constexpr,
+              ACC: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
     """p, 1 - e, p gv and da for a (query tile, key tile) pair, causal mask included."""
     ok = offs_m < S
     keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S) & ok[:, None]
@@ -373,7 +522,7 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, rows
         # exact q_hi k_hi^T less its saved value at the key, the remainder less the tile's
         # own entry there (the saved one where the tile does not hold the key)
         a_hi = _exact_dot(q_hi, k_hi, EXACT)
-        a_rem = tl.dot(q_lo, tl.trans(kf), input_precision=PREC) + tl.dot(q_hi, tl.trans(k_lo), input_precision=PREC)
+        a_rem = _score_rem(q_lo, q_hi, k_dot, kf, k_lo, PREC, B16, EXACT)
         rem_at = tl.where(hit, tl.sum(tl.where(at_ref, a_rem, 0.0), 1), _stat(STATS, rows, ok, ST_SR))
         x = ((a_hi - _stat(STATS, rows, ok, ST_SA)[:, None]) + (a_rem - rem_at[:, None])) * scale
     else:
@@ -387,14 +536,18 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, rows
         # product rounds d at u |k_j - k_0| |r_i|, far above e_ij where the keys have a
         # large norm (docs/kernels-parallax.md §5)
         s_hi = _exact_dot(r_hi, kp_hi, EXACT)
-        rem = tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
+        rem = _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, l1, l2, l3, PREC, B16, EXACT)
         e = ((s_hi - _stat(STATS, rows, ok, ST_TREF)[:, None]) + rem) - dbar[:, None]
     else:
         e = tl.dot(rf, tl.trans(kp), input_precision=PREC) - dbar[:, None]
     # gv_ij = <g_i, v_j - nu_i> = (<g_i, vp_j> - <g_i, vp_ref>) - gc_i, gc_i = <g_i, nu_i - v_ref>:
     # 0 at the heaviest key of a one-hot row (nu_i = v_ref), as is the true value, where
     # <g_i, nu_i> rounded in another order than the product would leave u |g_i| |vp|
-    gvp = tl.dot(gf, tl.trans(vp), input_precision=PREC)
+    if B16:
+        gvp = (_dot16(g16, tl.trans(vp1), EXACT) + _dot16(g16, tl.trans(vp2), EXACT)
+               + _dot16(g16, tl.trans(vp3), EXACT))
+    else:
+        gvp = tl.dot(gf, tl.trans(vp), input_precision=PREC)
     g_at = tl.where(hit, tl.sum(tl.where(at_ref, gvp, 0.0), 1), g_ref)
     gv = (gvp - g_at[:, None]) - gc[:, None]
     pg = p * gv
@@ -404,10 +557,10 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, rows
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dq_kernel(Q, K, V, R, G, NUP, STATS, REF, DQ, DR, S, scale,
+def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DQ, DR, S, scale,
                       D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                      SPLIT: tl.constexpr, EXACT: tl.constexpr):
+                      SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_M)
     pid_m = n_tiles - 1 - tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -418,8 +571,8 @@ def _px_bwd_dq_kernel(Q, K, V, R, G, NUP, STATS, REF, DQ, DR, S, scale,
     rows = head * S + offs_m
     ck = tl.load(K + kbase + offs_d).to(ACC)
     cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
-    q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, kp_ref, g_ref, gc = _bwd_rows(
-        Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT)
+    q_dot, qf, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, kp_ref, g_ref, gc = _bwd_rows(
+        Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
 
     dq = tl.zeros([BLOCK_M, D], dtype=ACC)
     dr = tl.zeros([BLOCK_M, D], dtype=ACC)
@@ -428,11 +581,11 @@ def _px_bwd_dq_kernel(Q, K, V, R, G, NUP, STATS, REF, DQ, DR, S, scale,
     hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp = _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST,
-                                                               ACC, SPLIT)
-        _pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, rows, k_dot, kf,
-                                k_hi, k_lo, kp, kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC, ACC, SPLIT,
-                                EXACT)
+        k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3 = _bwd_keys(
+            K, V, KPARTS, VPARTS, tl.num_programs(1), kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
+        _pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS, rows,
+                                k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3, offs_m,
+                                offs_n, S, scale, PREC, SPREC, ACC, SPLIT, EXACT, B16)
         dq += tl.dot(da, kp, input_precision=PREC)
         dr += tl.dot(pg, kp, input_precision=PREC)
         da_sum += tl.sum(da, 1)
@@ -449,10 +602,10 @@ def _px_bwd_dq_kernel(Q, K, V, R, G, NUP, STATS, REF, DQ, DR, S, scale,
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dkdv_kernel(Q, K, V, R, G, NUP, STATS, REF, DK, DV_OUT, S, scale,
+def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DK, DV_OUT, S, scale,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                        SPLIT: tl.constexpr, EXACT: tl.constexpr):
+                        SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
     pid_n = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     kbase = head * S * D
@@ -462,8 +615,8 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, G, NUP, STATS, REF, DK, DV_OUT, S, scale,
     col_ok = offs_n < S
     ck = tl.load(K + kbase + tl.arange(0, D)).to(ACC)
     cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
-    k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp = _bwd_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST,
-                                                           ACC, SPLIT)
+    k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3 = _bwd_keys(
+        K, V, KPARTS, VPARTS, tl.num_programs(1), kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
 
     dk = tl.zeros([BLOCK_N, D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, DV], dtype=ACC)
@@ -471,14 +624,19 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, G, NUP, STATS, REF, DK, DV_OUT, S, scale,
     lo = (start_n // BLOCK_M) * BLOCK_M
     for start_m in range(lo, S, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_dot, qf, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, _kp_ref, g_ref, gc = _bwd_rows(
-            Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT)
-        pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r_hi, r_lo, gf, ref, g_ref, gc, STATS, head * S + offs_m,
-                               k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, vp, offs_m, offs_n, S, scale, PREC, SPREC,
-                               ACC, SPLIT, EXACT)
-        dv += tl.dot(tl.trans(pf), gf, input_precision=PREC)
-        dk += scale * tl.dot(tl.trans(da), qf, input_precision=PREC) - tl.dot(tl.trans(pg), rf,
-                                                                              input_precision=PREC)
+        q_dot, qf, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, _kp_ref, g_ref, gc = _bwd_rows(
+            Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
+        pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS,
+                               head * S + offs_m, k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2,
+                               vp3, offs_m, offs_n, S, scale, PREC, SPREC, ACC, SPLIT, EXACT, B16)
+        if B16:
+            # g, q and r are exact bf16 values: the fp32 side goes in as its exact parts
+            dv += _dot3(tl.trans(pf), g16, EXACT)
+            dk += scale * _dot3(tl.trans(da), q_dot, EXACT) - _dot3(tl.trans(pg), r16, EXACT)
+        else:
+            dv += tl.dot(tl.trans(pf), gf, input_precision=PREC)
+            dk += scale * tl.dot(tl.trans(da), qf, input_precision=PREC) - tl.dot(tl.trans(pg), rf,
+                                                                                  input_precision=PREC)
     tl.store(DK + kbase + offs_n[:, None] * D + tl.arange(0, D)[None, :], dk.to(DK.dtype.element_ty),
              mask=col_ok[:, None])
     tl.store(DV_OUT + vbase + offs_n[:, None] * DV + tl.arange(0, DV)[None, :], dv.to(DV_OUT.dtype.element_ty),
@@ -486,10 +644,19 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, G, NUP, STATS, REF, DK, DV_OUT, S, scale,
 
 
 # ----------------------------------------------------------------------------- launchers
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per larger head dim (of D, Dv) on the GPU,
-# then smaller ones tried in order where shared memory runs out.
-GPU_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 4, 2)}
-SMALLER_CONFIGS = ((32, 32, 4, 1), (16, 16, 4, 1))
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and larger head dim (of D, Dv) on
+# the GPU, then SMALLER_CONFIGS in order where shared memory runs out. Chosen from the
+# sm_90 compile (scripts/parallax_kernel_stats.py) for bf16: 64-row query tiles keep
+# Hopper's warpgroup MMA (mma.sync below that), and of those the fewest register spills
+# that fit the 227 KB of shared memory (dk, dv at D = 128: 64 keys over 32-row query tiles,
+# whose dk, dv products keep wgmma and spill 440 B against 64 x 32's 1588 B); fp32 and fp16
+# fall back where they do not fit.
+GPU_CONFIGS = {
+    "fwd": {16: (64, 64, 8, 2), 32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (64, 32, 8, 1)},
+    "dq": {16: (64, 64, 8, 1), 32: (64, 64, 8, 1), 64: (64, 64, 8, 1), 128: (64, 32, 8, 1)},
+    "dkdv": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 8, 1)},
+}
+SMALLER_CONFIGS = ((64, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1))
 INTERP_CONFIG = (16, 16, 1, 1)
 
 
@@ -497,7 +664,7 @@ def _is_out_of_resources(exc: Exception) -> bool:
     return type(exc).__name__ == "OutOfResources"
 
 
-def _launch(kernel, grid_of, args, D, DV, dtype, config, **extra):
+def _launch(kernel, kind, grid_of, args, D, DV, dtype, config, **extra):
     interp = interpreting()
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     # triton issue 11584: interpreted bf16 dots are wrong, so every tile goes to fp32 there
@@ -510,7 +677,7 @@ def _launch(kernel, grid_of, args, D, DV, dtype, config, **extra):
     elif interp:
         order = [INTERP_CONFIG]
     else:
-        order = [GPU_CONFIGS[max(D, DV)], *SMALLER_CONFIGS]
+        order = [GPU_CONFIGS[kind][max(D, DV)], *SMALLER_CONFIGS]
     last = None
     for bm, bn, nw, ns in order:
         try:
@@ -522,6 +689,21 @@ def _launch(kernel, grid_of, args, D, DV, dtype, config, **extra):
                 raise
             last = exc
     raise last
+
+
+PREP_BLOCK = 64
+
+
+def key_parts(k, v):
+    """(KPARTS, VPARTS) of bf16 k (N, S, D), v (N, S, Dv): see _px_key_prep_kernel."""
+    N, S, D = k.shape
+    DV = v.shape[-1]
+    kparts = torch.empty(N_KPARTS, N, S, D, device=k.device, dtype=torch.bfloat16)
+    vparts = torch.empty(3, N, S, DV, device=k.device, dtype=torch.bfloat16)
+    # 32 keys of D = 128 per program keep its split in registers (64 spill)
+    block = 16 if interpreting() else (PREP_BLOCK if max(D, DV) <= 64 else 32)
+    _px_key_prep_kernel[(triton.cdiv(S, block), N)](k, v, kparts, vparts, S, D=D, DV=DV, BLOCK=block)
+    return kparts, vparts
 
 
 def _acc_dtype(dtype):
@@ -539,17 +721,19 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> 
     DV = v.shape[-1]
     acc = _acc_dtype(q.dtype)
     split = q.dtype != torch.float64 and (split_d is None or bool(split_d))
+    b16 = split and q.dtype == torch.bfloat16
+    kparts, _vparts = key_parts(k, v) if b16 else (k, v)
     o = torch.empty_like(v)
     m = torch.empty(N, S, device=q.device, dtype=acc)
     lw, dbar, tref, sa, sr = (torch.empty_like(m) for _ in range(5))
     ref = torch.empty(N, S, device=q.device, dtype=torch.int32)
     nup = torch.empty(N, S, DV, device=q.device, dtype=acc)
     cr = torch.empty_like(nup)
-    _launch(_px_fwd_kernel, lambda bm, bn: (triton.cdiv(S, bm), N),
-            (q, k, v, r, o, m, lw, sa, sr, nup, dbar, cr, tref, ref, S, float(scale)), D, DV, q.dtype, config,
+    _launch(_px_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(S, bm), N),
+            (q, k, v, r, kparts, o, m, lw, sa, sr, nup, dbar, cr, tref, ref, S, float(scale)), D, DV, q.dtype, config,
             # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
             # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
-            SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16")
+            SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16", B16=b16)
     return ForwardOut(o, m, lw, nup, dbar, cr, tref, ref, sa, sr, split)
 
 
@@ -566,11 +750,13 @@ def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=Non
     stats = torch.stack([cols[name] for name in STAT_NAMES], -1).contiguous()
     dq, dk, dr = torch.empty_like(q), torch.empty_like(k), torch.empty_like(r)
     dv = torch.empty_like(v)
-    common = (q, k, v, r, g, fo.nup, stats, fo.ref)
+    b16 = q.dtype == torch.bfloat16
+    kparts, vparts = key_parts(k, v) if b16 else (k, v)
+    common = (q, k, v, r, kparts, vparts, g, fo.nup, stats, fo.ref)
     # the backward forms p and d as the forward did (float64: single products at u64)
-    extra = dict(SPLIT=fo.split, EXACT="ieee" if interpreting() else "bf16")
-    _launch(_px_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, S, float(scale)),
+    extra = dict(SPLIT=fo.split, EXACT="ieee" if interpreting() else "bf16", B16=b16)
+    _launch(_px_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, S, float(scale)),
             D, DV, q.dtype, config, **extra)
-    _launch(_px_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(S, bn), N), common + (dk, dv, S, float(scale)),
+    _launch(_px_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(S, bn), N), common + (dk, dv, S, float(scale)),
             D, DV, q.dtype, config, **extra)
     return BackwardOut(dq, dk, dv, dr)
