@@ -34,8 +34,8 @@ def _problem(spec):
 
 
 def _oracle_grads(p, do):
-    return bp._grads(lambda *a: parallax_forward(*a, qk_scale=p.qk_scale), tuple(t.double() for t in (p.q, p.k, p.v, p.r)),
-                     do.double())
+    xs = tuple(t.double() for t in (p.q, p.k, p.v, p.r))
+    return bp._grads(lambda *a: parallax_forward(*a, qk_scale=p.qk_scale), xs, do.double())
 
 
 def test_the_backward_orderings_extend_the_forward_targets():

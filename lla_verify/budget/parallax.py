@@ -89,9 +89,55 @@ def check_parallax_forward(q, k, v, r, o, *, impl: str, case: str, qk_scale=None
                        f"[{impl}] parallax forward on {case}: output shape {tuple(o.shape)} != expected {expected}")
     pb = pb or parallax_budget(q, k, v, r, qk_scale=qk_scale, compute_dtype=compute_dtype, out_dtype=o.dtype,
                                dense=dense)
+    judged = torch.ones(pb.allowed.shape, dtype=torch.bool, device=pb.allowed.device)
+    return _parallax_verdict("parallax-forward", "parallax forward", impl, case, r, o.detach().to(torch.float64),
+                             judged, pb)
+
+
+def check_parallax_decode(q, k, v, r, o, *, impl: str, case: str, qk_scale=None, compute_dtype=torch.float32,
+                          lengths: torch.Tensor | None = None, pb: ParallaxBudget | None = None) -> Verdict:
+    """A Parallax decode judged by the forward's rule: decoding position t of a problem
+    (B, H, S, D) is row t of its causal forward, so each decoded output is compared with
+    the float64 forward's row t within that row's forward budget (parallax_budget).
+
+    ``o`` holds either every position, (B, H, S, Dv) (lla_verify.testing.decode.every_position
+    lays a problem out that way), or, with ``lengths`` (B,), one output per sequence,
+    (B, H, Dv), sequence b decoded at position lengths[b] - 1 of the problem. Rows not
+    decoded are not judged.
+    """
+    B, H, S = tuple(q.shape[:-1])
+    Dv = v.shape[-1]
+    if lengths is None:
+        expected = (B, H, S, Dv)
+    else:
+        lengths = torch.as_tensor(lengths)
+        if tuple(lengths.shape) != (B,) or bool(((lengths < 1) | (lengths > S)).any()):
+            raise ValueError(f"lengths: expected {B} integers in [1, {S}], got {lengths.tolist()}")
+        expected = (B, H, Dv)
+    if tuple(o.shape) != expected:
+        return Verdict("parallax-decode", impl, case, math.inf, False, "implementation",
+                       f"[{impl}] parallax decode on {case}: output shape {tuple(o.shape)} != expected {expected}")
+    pb = pb or parallax_budget(q, k, v, r, qk_scale=qk_scale, compute_dtype=compute_dtype, out_dtype=o.dtype)
     o64 = o.detach().to(torch.float64)
-    err = (o64 - pb.o).norm(dim=-1)
-    finite = torch.isfinite(o64).all(-1)
+    if lengths is None:
+        judged = torch.ones((B, H, S), dtype=torch.bool, device=pb.o.device)
+        what = "parallax decode, every position against the forward's row:"
+    else:
+        b, t = torch.arange(B, device=pb.o.device), lengths.to(pb.o.device).long() - 1
+        full = pb.o.clone()  # rows not decoded: the oracle's own, error 0, not judged
+        full[b, :, t] = o64.to(full.device)
+        judged = torch.zeros((B, H, S), dtype=torch.bool, device=pb.o.device)
+        judged[b, :, t] = True
+        o64 = full
+        what = "parallax decode, sequence b at position lengths[b] - 1 against the forward's row:"
+    return _parallax_verdict("parallax-decode", what, impl, case, r, o64, judged, pb)
+
+
+def _parallax_verdict(check: str, what: str, impl: str, case: str, r, o64, judged, pb: ParallaxBudget) -> Verdict:
+    """The verdict of output rows ``o64`` (float64, the oracle's shape) against ``pb`` on the
+    rows ``judged``; the worst judged row's terms in the message."""
+    err = torch.where(judged, (o64 - pb.o).norm(dim=-1), torch.zeros_like(pb.allowed))
+    finite = torch.isfinite(o64).all(-1) | ~judged
     ratio_q = torch.where(finite, err / pb.allowed, torch.full_like(err, math.inf))
     flat = torch.nan_to_num(ratio_q.flatten(), nan=math.inf)
     worst = int(torch.argmax(flat))
@@ -104,18 +150,17 @@ def check_parallax_forward(q, k, v, r, o, *, impl: str, case: str, qk_scale=None
     if pb.model_scale > 1.0:
         dense_txt += f"; model x{pb.model_scale:.3g} (FA factor x the reference's worst error / model)"
     where = ", ".join(f"{n}={i}" for n, i in zip("bhi" if len(idx) == 3 else "x" * len(idx), idx))
-    msg = (f"[{impl}] parallax forward {'PASS' if passed else 'FAIL'} ratio {ratio:.3g} on {case}\n"
+    msg = (f"[{impl}] {what} {'PASS' if passed else 'FAIL'} ratio {ratio:.3g} on {case}\n"
            f"  worst query ({where}): error {float(err[idx]):.3e} vs allowed {float(pb.allowed[idx]):.3e} "
            f"(model: rounding {t['rounding']:.2e} + output {t['output']:.2e} + floor {t['floor']:.2e}, "
            f"x{MODEL_SAFETY:g}{dense_txt})\n"
            f"  sensitivity {float(pb.sens[idx]):.3e}, |r| {float(r[idx].double().norm()):.3g}, "
            f"|o| {float(pb.o[idx].norm()):.3g}\n  cause: {cause}")
-    record("parallax-forward", impl, ratio, case)
-    per_query = {"err": err, "allowed": pb.allowed, "ratio": ratio_q, "model": pb.model}
+    record(check, impl, ratio, case)
+    per_query = {"err": err, "allowed": pb.allowed, "ratio": ratio_q, "model": pb.model, "judged": judged}
     summary = {"ratio": ratio, "cause": cause, "err_max": float(torch.nan_to_num(err, nan=math.inf).max()),
                "nonfinite": int((~finite).sum())}
-    return Verdict("parallax-forward", impl, case, ratio, passed, cause, msg, idx, int(err.numel()), 0,
-                   per_query, summary)
+    return Verdict(check, impl, case, ratio, passed, cause, msg, idx, int(judged.sum()), 0, per_query, summary)
 
 
 # ----------------------------------------------------------------------------- issue 22's kernel target
