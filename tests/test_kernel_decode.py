@@ -82,10 +82,16 @@ def _judge_lla(p: Problem, fn=None, *, planted: str | None = None, **kw):
     return check_forward(p, impl, o, stats=st or None)
 
 
-def _judge_parallax(p: Problem, r, fn=None, *, planted: str | None = None, **kw):
+def _parallax_verdict(p: Problem, r, fn=None, *, planted: str | None = None, **kw):
     o = decode_parallax_every_position(p, r, fn or parallax_decode, **kw)
     impl = "parallax_decode" if planted is None else f"planted:{planted}"
     return check_parallax_decode(p.q, p.k, p.v, r, o, impl=impl, case=p.describe(), qk_scale=p.qk_scale)
+
+
+def _judge_parallax(p: Problem, r, fn=None, **kw):
+    """(ratio, message) of the same verdict, for tests that assert on that pair."""
+    v = _parallax_verdict(p, r, fn, **kw)
+    return v.ratio, v.message
 
 
 # ------------------------------------------------------------------------- every position
@@ -126,7 +132,7 @@ def test_value_width_other_than_the_key_width():
     """Dv = 32 over D = 16 keys: both kernels, every position."""
     p = _wide_values(_problem("gaussian", {"lam": 0.1}, _n(20)), 32)
     assert_within_budget(_judge_lla(p, split=_n(16)))
-    assert_within_budget(_judge_parallax(p, _probe(p), split=_n(16)))
+    assert_within_budget(_parallax_verdict(p, _probe(p), split=_n(16)))
 
 
 PARALLAX_CASES = [
@@ -143,7 +149,7 @@ PARALLAX_CASES = [
 @pytest.mark.parametrize("family, params, S, dtype, split, rsize", PARALLAX_CASES)
 def test_parallax_decode_every_position_is_the_forward_row(family, params, S, dtype, split, rsize):
     p = _problem(family, params, S, dtype)
-    assert_within_budget(_judge_parallax(p, _probe(p, size=rsize), split=split))
+    assert_within_budget(_parallax_verdict(p, _probe(p, size=rsize), split=split))
 
 
 @pytest.mark.parametrize("offset", [1e3, 1e4])
@@ -154,7 +160,7 @@ def test_parallax_decode_under_a_large_common_key_offset(offset):
     c = torch.randn(p.q.shape[-1], generator=gen, dtype=torch.float64).to(p.k.device)
     k = (p.k.double() + offset * c / c.norm()).to(p.k.dtype)
     p2 = Problem(p.case, p.q, k, p.v, p.ridge_lambda, p.qk_scale)
-    assert_within_budget(_judge_parallax(p2, _probe(p2, size=2.0), split=_n(16)))
+    assert_within_budget(_parallax_verdict(p2, _probe(p2, size=2.0), split=_n(16)))
 
 
 # The forward's budget grows with a common key offset (the sensitivity to relative
@@ -541,5 +547,5 @@ def test_lla_planted_bug_is_caught(name):
 @pytest.mark.parametrize("name", list(PARALLAX_MUTANTS))
 def test_parallax_planted_bug_is_caught(name):
     p = _problem("gaussian", {}, _n(40))
-    v = _judge_parallax(p, _probe(p), PARALLAX_MUTANTS[name], planted=f"parallax_decode {name}", split=_n(16))
+    v = _parallax_verdict(p, _probe(p), PARALLAX_MUTANTS[name], planted=f"parallax_decode {name}", split=_n(16))
     assert not v.passed, f"planted bug {name} passed the decode check: {v.message}"
