@@ -3,7 +3,7 @@
 For LLA (kernels/lla_decode) and Parallax (kernels/parallax_decode), on every case family
 (SPEC 7): every position of a drawn problem is decoded (one batch of B * S sequences, the
 cache tails NaN-poisoned) and judged row by row by the forward's budget
-(lla_verify.testing.decode says which). Split sizes, ragged batches and token-by-token
+(budget.forward.check_forward; budget.parallax.check_parallax_decode). Split sizes, ragged batches and token-by-token
 appends are drawn too. Draws shrink towards the easy problem: the gaussian family, its
 easy parameters, small S, fp32, a split of one tile, the probe r = 0 and no key offset.
 Splits are multiples of the packages' active tile (16 interpreted, 64 compiled).
@@ -24,12 +24,12 @@ from hypothesis import example, given, note, settings, target
 from hypothesis import strategies as st
 
 from lla_verify.budget.forward import check_forward, forward_budget
+from lla_verify.budget.parallax import check_parallax_decode
 from lla_verify.budget.verdict import THRESHOLD, assert_within_budget
 from lla_verify.registry.cases import Case, Problem
 from lla_verify.registry.impls import triton_impl
 from lla_verify.testing import suite
-from lla_verify.testing.decode import (check_parallax, decode_lla_every_position, decode_parallax_every_position,
-                                       parallax_allowed, poison_past)
+from lla_verify.testing.decode import decode_lla_every_position, decode_parallax_every_position, poison_past
 from lla_verify.testing.strategies import FAMILY_ORDER, cases
 from lla_verify.testing.kernel_device import kernel_device, needs_kernel_device
 
@@ -100,10 +100,11 @@ def test_parallax_decode_is_the_forward_row(case, split, data, offset):
     p = _with_key_offset(case.build(DEVICE), offset, case.seed)
     r = data.draw(probes(p)).to(DEVICE)
     o = decode_parallax_every_position(p, r, parallax_decode, split=split)
-    ratio, msg = check_parallax(p.q, p.k, p.v, r, o, qk_scale=p.qk_scale, label=f"{case.spec()} offset {offset:g}")
-    note(msg)
-    target(min(ratio, 1e6), label="parallax decode ratio")
-    assert ratio <= THRESHOLD, msg
+    verdict = check_parallax_decode(p.q, p.k, p.v, r, o, impl="parallax_decode",
+                                    case=f"{case.spec()} offset {offset:g}", qk_scale=p.qk_scale)
+    note(verdict.message)
+    target(min(verdict.ratio, 1e6), label="parallax decode ratio")
+    assert_within_budget(verdict)
 
 
 @settings(max_examples=suite.examples(0.3))
@@ -124,9 +125,9 @@ def test_ragged_batch_decode(case, split, data):
     assert bool((ratio <= THRESHOLD).all()), f"LLA ragged decode on {case.spec()}, lengths {lens.tolist()}: {ratio}"
     r = data.draw(probes(p)).to(DEVICE)
     o = parallax_decode(p.q[b, :, t], r[b, :, t], kc, vc, lens, qk_scale=p.qk_scale, split=split)
-    ref, allowed, _ = parallax_allowed(p.q, p.k, p.v, r, qk_scale=p.qk_scale, out_dtype=o.dtype)
-    ratio = (o.double() - ref[b, :, t]).norm(dim=-1) / allowed[b, :, t]
-    assert bool((ratio <= THRESHOLD).all()), f"Parallax ragged decode on {case.spec()}, lengths {lens.tolist()}: {ratio}"
+    assert_within_budget(check_parallax_decode(p.q, p.k, p.v, r, o, impl="parallax_decode",
+                                               case=f"{case.spec()} lengths {lens.tolist()}", qk_scale=p.qk_scale,
+                                               lengths=lens))
 
 
 @settings(max_examples=suite.examples(0.2))
@@ -149,5 +150,5 @@ def test_token_by_token_reproduces_the_forward(case, data):
                               split=TILE))
         o_p.append(parallax_decode(p.q[:, :, t], r[:, :, t], kc, vc, lens, qk_scale=p.qk_scale, split=TILE))
     assert_within_budget(check_forward(p, IMPL, torch.stack(o_l, 2)))
-    ratio, msg = check_parallax(p.q, p.k, p.v, r, torch.stack(o_p, 2), qk_scale=p.qk_scale)
-    assert ratio <= THRESHOLD, msg
+    assert_within_budget(check_parallax_decode(p.q, p.k, p.v, r, torch.stack(o_p, 2), impl="parallax_decode",
+                                               case=f"{case.spec()} token by token", qk_scale=p.qk_scale))

@@ -364,6 +364,11 @@ def test_backward_value_width_differs_and_single_token():
 PINNED_BACKWARD = (
     "bandwidth:lam=1,scale=100:B=1,H=1,S=48,D=16,dtype=float32,seed=0;probe=random:amp=1",
     "large_norm:factor=100,lam=1:B=1,H=1,S=48,D=16,dtype=float32,seed=0;probe=small_eig:amp=1",
+    # one covariance row: the kernel's dr_1 error (2.8e-7) is 1.8x the dense error's median over
+    # 200 orderings, but the median of the first nine fell below that distribution's lower
+    # quartile and put it 1.0007x over; the budget's 21 orderings make that a 0.6% event
+    # (docs/error-model.md §8)
+    "gaussian:lam=1,scale_mult=3.1622776601683795:B=1,H=1,S=2,D=16,dtype=float32,seed=1;probe=lla",
 )
 
 
@@ -382,11 +387,13 @@ def test_pinned_backward_within_budget(spec):
 
 
 def test_backward_float64():
-    # the float64 path computes in float64; the dense float64 reference is the oracle itself,
-    # so only the floor applies (the key-offset family is judged in fp32 and 16 bits only:
-    # its score rounding in float64 is above a floor that has no reference to scale it)
+    # the float64 path computes in float64; the dense float64 reference in its own coordinate
+    # order is the oracle itself (error 0), in the others it draws float64 rounding, whose
+    # median scales the allowance: on the key-offset family the scores' float64 rounding
+    # (kernel dq 8.3e-13) is 26x the floor alone and 0.16 of the budget
     _judge_backward(*_inputs("gaussian", dtype=torch.float64), "gaussian float64")
     _judge_backward(*_inputs("large_probe", dtype=torch.float64), "large_probe float64")
+    _judge_backward(*_inputs("key_offset", dtype=torch.float64), "key_offset float64")
 
 
 def test_gradcheck_float64():

@@ -96,9 +96,55 @@ def check_parallax_forward(q, k, v, r, o, *, impl: str, case: str, qk_scale=None
                        f"[{impl}] parallax forward on {case}: output shape {tuple(o.shape)} != expected {expected}")
     pb = pb or parallax_budget(q, k, v, r, qk_scale=qk_scale, compute_dtype=compute_dtype, out_dtype=o.dtype,
                                dense=dense)
+    judged = torch.ones(pb.allowed.shape, dtype=torch.bool, device=pb.allowed.device)
+    return _parallax_verdict("parallax-forward", "parallax forward", impl, case, r, o.detach().to(torch.float64),
+                             judged, pb)
+
+
+def check_parallax_decode(q, k, v, r, o, *, impl: str, case: str, qk_scale=None, compute_dtype=torch.float32,
+                          lengths: torch.Tensor | None = None, pb: ParallaxBudget | None = None) -> Verdict:
+    """A Parallax decode judged by the forward's rule: decoding position t of a problem
+    (B, H, S, D) is row t of its causal forward, so each decoded output is compared with
+    the float64 forward's row t within that row's forward budget (parallax_budget).
+
+    ``o`` holds either every position, (B, H, S, Dv) (lla_verify.testing.decode.every_position
+    lays a problem out that way), or, with ``lengths`` (B,), one output per sequence,
+    (B, H, Dv), sequence b decoded at position lengths[b] - 1 of the problem. Rows not
+    decoded are not judged.
+    """
+    B, H, S = tuple(q.shape[:-1])
+    Dv = v.shape[-1]
+    if lengths is None:
+        expected = (B, H, S, Dv)
+    else:
+        lengths = torch.as_tensor(lengths)
+        if tuple(lengths.shape) != (B,) or bool(((lengths < 1) | (lengths > S)).any()):
+            raise ValueError(f"lengths: expected {B} integers in [1, {S}], got {lengths.tolist()}")
+        expected = (B, H, Dv)
+    if tuple(o.shape) != expected:
+        return Verdict("parallax-decode", impl, case, math.inf, False, "implementation",
+                       f"[{impl}] parallax decode on {case}: output shape {tuple(o.shape)} != expected {expected}")
+    pb = pb or parallax_budget(q, k, v, r, qk_scale=qk_scale, compute_dtype=compute_dtype, out_dtype=o.dtype)
     o64 = o.detach().to(torch.float64)
-    err = (o64 - pb.o).norm(dim=-1)
-    finite = torch.isfinite(o64).all(-1)
+    if lengths is None:
+        judged = torch.ones((B, H, S), dtype=torch.bool, device=pb.o.device)
+        what = "parallax decode, every position against the forward's row:"
+    else:
+        b, t = torch.arange(B, device=pb.o.device), lengths.to(pb.o.device).long() - 1
+        full = pb.o.clone()  # rows not decoded: the oracle's own, error 0, not judged
+        full[b, :, t] = o64.to(full.device)
+        judged = torch.zeros((B, H, S), dtype=torch.bool, device=pb.o.device)
+        judged[b, :, t] = True
+        o64 = full
+        what = "parallax decode, sequence b at position lengths[b] - 1 against the forward's row:"
+    return _parallax_verdict("parallax-decode", what, impl, case, r, o64, judged, pb)
+
+
+def _parallax_verdict(check: str, what: str, impl: str, case: str, r, o64, judged, pb: ParallaxBudget) -> Verdict:
+    """The verdict of output rows ``o64`` (float64, the oracle's shape) against ``pb`` on the
+    rows ``judged``; the worst judged row's terms in the message."""
+    err = torch.where(judged, (o64 - pb.o).norm(dim=-1), torch.zeros_like(pb.allowed))
+    finite = torch.isfinite(o64).all(-1) | ~judged
     ratio_q = torch.where(finite, err / pb.allowed, torch.full_like(err, math.inf))
     flat = torch.nan_to_num(ratio_q.flatten(), nan=math.inf)
     worst = int(torch.argmax(flat))
@@ -111,24 +157,41 @@ def check_parallax_forward(q, k, v, r, o, *, impl: str, case: str, qk_scale=None
     if pb.model_scale > 1.0:
         dense_txt += f"; model x{pb.model_scale:.3g} (FA factor x the reference's worst error / model)"
     where = ", ".join(f"{n}={i}" for n, i in zip("bhi" if len(idx) == 3 else "x" * len(idx), idx))
-    msg = (f"[{impl}] parallax forward {'PASS' if passed else 'FAIL'} ratio {ratio:.3g} on {case}\n"
+    msg = (f"[{impl}] {what} {'PASS' if passed else 'FAIL'} ratio {ratio:.3g} on {case}\n"
            f"  worst query ({where}): error {float(err[idx]):.3e} vs allowed {float(pb.allowed[idx]):.3e} "
            f"(model: rounding {t['rounding']:.2e} + output {t['output']:.2e} + floor {t['floor']:.2e}, "
            f"x{MODEL_SAFETY:g}{dense_txt})\n"
            f"  sensitivity {float(pb.sens[idx]):.3e}, |r| {float(r[idx].double().norm()):.3g}, "
            f"|o| {float(pb.o[idx].norm()):.3g}\n  cause: {cause}")
-    record("parallax-forward", impl, ratio, case)
-    per_query = {"err": err, "allowed": pb.allowed, "ratio": ratio_q, "model": pb.model}
+    record(check, impl, ratio, case)
+    per_query = {"err": err, "allowed": pb.allowed, "ratio": ratio_q, "model": pb.model, "judged": judged}
     summary = {"ratio": ratio, "cause": cause, "err_max": float(torch.nan_to_num(err, nan=math.inf).max()),
                "nonfinite": int((~finite).sum())}
-    return Verdict("parallax-forward", impl, case, ratio, passed, cause, msg, idx, int(err.numel()), 0,
-                   per_query, summary)
+    return Verdict(check, impl, case, ratio, passed, cause, msg, idx, int(judged.sum()), 0, per_query, summary)
 
 
 # ----------------------------------------------------------------------------- issue 22's kernel target
 KERNEL_TARGET_FACTOR = 4.0  # a kernel's error may be this multiple of the dense fp32 computation's
 TARGET_ULPS = 2.0  # or this many ulp of the output
 TARGET_ORDERINGS = 9  # evaluations of the dense computation whose median is its error (odd: a true median)
+
+
+def coordinate_orderings(D: int, Dv: int, orderings: int = TARGET_ORDERINGS, *, seed: int = 0,
+                         device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``orderings`` pairs (pk, pv): a permutation of the D coordinates of q, k and r
+    (together) and one of the Dv coordinates of v. The first pair is the identity, the
+    others are drawn from ``seed``; the forward's target and the backward budget use the
+    same ones."""
+    if isinstance(orderings, bool) or not isinstance(orderings, int) or orderings < 1:
+        raise ValueError(f"orderings: expected an int >= 1, got {orderings!r}")
+    gen = torch.Generator().manual_seed(seed)
+    perms = []
+    for n in range(orderings):
+        pk = torch.arange(D) if n == 0 else torch.randperm(D, generator=gen)
+        pv = torch.arange(Dv) if n == 0 else torch.randperm(Dv, generator=gen)
+        perms.append((pk.to(device), pv.to(device)))
+    return perms
+
 
 
 def dense_error_over_orderings(q, k, v, r, *, qk_scale=None, compute_dtype=torch.float32,
@@ -146,16 +209,10 @@ def dense_error_over_orderings(q, k, v, r, *, qk_scale=None, compute_dtype=torch
     same-precision target"), so a target of 4x one draw is a lottery. The median is the
     computation's typical error there; the first ordering is the identity.
     """
-    if orderings < 1:
-        raise ValueError(f"orderings: expected an int >= 1, got {orderings!r}")
+    perms = coordinate_orderings(q.shape[-1], v.shape[-1], orderings, seed=seed, device=q.device)
     o64 = parallax_forward(q, k, v, r, qk_scale=qk_scale) if o64 is None else o64
-    D, Dv = q.shape[-1], v.shape[-1]
-    gen = torch.Generator().manual_seed(seed)
     errs = []
-    for n in range(orderings):
-        pk = torch.arange(D) if n == 0 else torch.randperm(D, generator=gen)
-        pv = torch.arange(Dv) if n == 0 else torch.randperm(Dv, generator=gen)
-        pk, pv = pk.to(q.device), pv.to(q.device)
+    for pk, pv in perms:
         o = parallax_dense(q[..., pk], k[..., pk], v[..., pv], r[..., pk], qk_scale=qk_scale,
                            compute_dtype=compute_dtype)
         errs.append((o.to(torch.float64) - o64[..., pv]).norm(dim=-1))
@@ -283,13 +340,24 @@ def rho_probe_budget(q, k, v, rho, *, ridge_lambda, qk_scale=None, impl,
 GRAD_NAMES = ("dq", "dk", "dv", "dr")
 BWD_FACTOR = 4.0  # an implementation's gradient error may be this multiple of the dense reference's
 BWD_ULPS = 2.0  # floor: this many units of roundoff (see parallax_backward_budget)
+# the dense reference's error per row: the median over this many coordinate orderings, the
+# forward target's nine first (docs/error-model.md §8 says why nine are too few here)
+BWD_ORDERINGS = 21
+# orderings differentiated in one call while autograd's saved tensors stay under this (an
+# estimate): stacking saves kernel launches on small problems; on large ones a call per
+# ordering keeps the peak memory of one evaluation and, on the CPU, runs faster
+DENSE_GRAD_CALL_BYTES = 32 * 2**20
+_PERMUTED_BY = ("k", "k", "v", "k")  # dq, dk, dr follow the key coordinates, dv the value coordinates
 
 
 @dataclass
 class ParallaxBackwardBudget:
     grads64: tuple  # float64 oracle gradients (dq, dk, dv, dr)
-    dense_err: tuple  # per-row error of autograd through parallax_dense in the compute precision
+    dense_err: tuple  # per-row error of autograd through parallax_dense in the compute precision,
+    #                   the median over ``orderings`` coordinate orderings
     allowed: tuple  # per-row allowed error, one tensor per gradient
+    orderings: int = BWD_ORDERINGS
+    dense_max: tuple = ()  # per-row largest error over the orderings
 
 
 def _grads(fn, xs, do):
@@ -297,45 +365,100 @@ def _grads(fn, xs, do):
     return torch.autograd.grad(fn(*leaves), leaves, do)
 
 
+def _orderings_per_call(q, v, compute_dtype, orderings: int) -> int:
+    """How many orderings one autograd call through parallax_dense takes: all of them
+    unless the pairwise (S, S, D + Dv) tensors it saves, a few per head and ordering,
+    would pass DENSE_GRAD_CALL_BYTES."""
+    heads = max(1, q[..., 0, 0].numel())
+    S, D, Dv = q.shape[-2], q.shape[-1], v.shape[-1]
+    per_ordering = 4 * heads * S * S * (D + Dv) * torch.empty((), dtype=compute_dtype).element_size()
+    return max(1, min(orderings, DENSE_GRAD_CALL_BYTES // max(per_ordering, 1)))
+
+
+def dense_grad_errors_over_orderings(q, k, v, r, do, grads64, *, qk_scale=None, compute_dtype=torch.float32,
+                                     orderings: int = BWD_ORDERINGS, seed: int = 0) -> tuple:
+    """The dense reference's gradient error per row of dq, dk, dv and dr, each
+    (orderings, ..., S): one evaluation of autograd through parallax_dense per coordinate
+    ordering (coordinate_orderings; the first is the identity).
+
+    The reordering is the forward's exact symmetry (dense_error_over_orderings) carried to
+    the gradients: with q, k, r permuted by pk, v and the cotangent by pv, the float64
+    gradients come out permuted the same way (dq, dk, dr by pk, dv by pv), their row
+    norms unchanged, while every sum of the dense computation and of its backward runs in
+    another order. The orderings are stacked along a new leading dimension and
+    differentiated in one call (several, when their saved tensors would pass
+    DENSE_GRAD_CALL_BYTES): each ordering is a batch entry of its own, computed as if
+    alone. ``grads64`` are the float64 oracle's (dq, dk, dv, dr).
+    """
+    perms = coordinate_orderings(q.shape[-1], v.shape[-1], orderings, seed=seed, device=q.device)
+    step = _orderings_per_call(q, v, compute_dtype, len(perms))
+
+    def dense(*a):
+        return parallax_dense(*a, qk_scale=qk_scale, compute_dtype=compute_dtype)
+
+    errs = ([], [], [], [])
+    for n0 in range(0, len(perms), step):
+        group = perms[n0:n0 + step]
+
+        def stacked(t, by):
+            return torch.stack([t[..., pk if by == "k" else pv] for pk, pv in group])
+
+        xs = tuple(stacked(t, by) for t, by in zip((q, k, v, r), _PERMUTED_BY))
+        gd = _grads(dense, xs, stacked(do.to(q.dtype), "v"))
+        for e, g, g64, by in zip(errs, gd, grads64, _PERMUTED_BY):
+            e.append((g.to(torch.float64) - stacked(g64, by)).norm(dim=-1))
+    return tuple(torch.cat(e) for e in errs)
+
+
 def parallax_backward_budget(q, k, v, r, do, *, qk_scale=None, compute_dtype=torch.float32,
-                             grad_dtype: torch.dtype | None = None) -> ParallaxBackwardBudget:
+                             grad_dtype: torch.dtype | None = None,
+                             orderings: int = BWD_ORDERINGS) -> ParallaxBackwardBudget:
     """The allowed per-row error of dq, dk, dv, dr for the cotangent ``do``.
 
     Per row x of each gradient (one row of dq, dk, dv or dr, a vector over D or Dv):
 
         floor_x   = BWD_ULPS (u_c sqrt(S D) max_x' ||g64_x'|| + u_g ||g64_x||)
-        allowed_x = max(BWD_FACTOR * dense_err_x, floor_x max(1, BWD_FACTOR c)),
-        c         = max_x dense_err_x / floor_x
+        allowed_x = max(BWD_FACTOR * med_x, floor_x max(1, BWD_FACTOR c), top_x),
+        c         = max_x med_x / floor_x
 
-    dense_err_x is the error of autograd through parallax_dense in ``compute_dtype`` on the
-    same inputs and cotangent (gradients in the inputs' dtype, as an implementation returns
-    them): FlashAttention's rule. It is one sample of a rounding error that the
-    implementation, summing in another order, draws afresh; a row where that sample
-    happens to be near zero (the last key's dv, a single product) would demand more than
-    the precision holds. Hence the floor: a few units of the compute precision u_c over
-    sums of S terms of D-long products at the scale of the head's largest gradient row
-    (max over x' in the same (batch, head)), plus the output rounding u_g of the row
-    itself in the gradient dtype. Where the reference's error is far above that floor
-    (keys with a large common offset: the scores' rounding, u_c s |q_i| |k_j|, is the
-    conditioning), c scales the floor as the forward budget's same_precision_allowed
-    does: every row may reach BWD_FACTOR times the reference's worst error in floor units.
+    med_x and top_x are the median and the largest, over ``orderings`` coordinate orderings
+    (dense_grad_errors_over_orderings), of the error of autograd through parallax_dense in
+    ``compute_dtype`` on the same inputs and cotangent (gradients in the inputs' dtype, as an
+    implementation returns them). FlashAttention's rule, BWD_FACTOR times the reference's
+    error, is applied to the median, the forward target's principle: one evaluation is one
+    draw of a rounding error that the implementation, summing in another order, draws
+    afresh, and a single draw may sit far above or below the computation's typical error
+    at that row. top_x admits every evaluation of the reference itself: where the scores'
+    rounding quantises a row's error into a few levels far apart (one-hot rows, keys of
+    large norm), the reference's own draws spread past BWD_FACTOR times their median
+    (docs/error-model.md §8). A row where even those are near zero (the last key's dv, a
+    single product) would demand more than the precision holds. Hence the floor: a few
+    units of the compute precision u_c over sums of S terms of D-long products at the scale
+    of the head's largest gradient row (max over x' in the same (batch, head)), plus the
+    output rounding u_g of the row itself in the gradient dtype. Where the reference's
+    error is far above that floor (keys with a large common offset: the scores' rounding,
+    u_c s |q_i| |k_j|, is the conditioning), c scales the floor as the forward budget's
+    same_precision_allowed does: every row may reach BWD_FACTOR times the reference's
+    worst median error in floor units.
     """
     xs = (q, k, v, r)
     g64 = _grads(lambda *a: parallax_forward(*a, qk_scale=qk_scale), tuple(t.to(torch.float64) for t in xs),
                  do.to(torch.float64))
-    gd = _grads(lambda *a: parallax_dense(*a, qk_scale=qk_scale, compute_dtype=compute_dtype), xs, do.to(q.dtype))
+    draws = dense_grad_errors_over_orderings(q, k, v, r, do, g64, qk_scale=qk_scale, compute_dtype=compute_dtype,
+                                             orderings=orderings)
+    dense_err = tuple(d.median(0).values for d in draws)
+    dense_max = tuple(d.amax(0) for d in draws)
     gdt = grad_dtype or q.dtype
     u_g = unit_roundoff(gdt) if gdt != torch.float64 else U64
     u_c = unit_roundoff(compute_dtype) if compute_dtype != torch.float64 else U64
     root_n = math.sqrt(q.shape[-2] * q.shape[-1])
-    dense_err = tuple((a.to(torch.float64) - b).norm(dim=-1) for a, b in zip(gd, g64))
     allowed = []
-    for e, b in zip(dense_err, g64):
+    for e, top, b in zip(dense_err, dense_max, g64):
         n = b.norm(dim=-1)
         floor = BWD_ULPS * (u_c * root_n * n.amax(-1, keepdim=True) + u_g * n)
-        allowed.append(same_precision_allowed(floor, e, BWD_FACTOR, torch.ones_like(e, dtype=torch.bool))[0])
-    allowed = tuple(allowed)
-    return ParallaxBackwardBudget(g64, dense_err, allowed)
+        fa = same_precision_allowed(floor, e, BWD_FACTOR, torch.ones_like(e, dtype=torch.bool))[0]
+        allowed.append(torch.maximum(fa, top))
+    return ParallaxBackwardBudget(g64, dense_err, tuple(allowed), orderings, dense_max)
 
 
 def check_parallax_backward(q, k, v, r, do, grads, *, impl: str, case: str, qk_scale=None,
@@ -352,7 +475,8 @@ def check_parallax_backward(q, k, v, r, do, grads, *, impl: str, case: str, qk_s
                                         grad_dtype=grads[0].dtype)
     worst = (-1.0, None, None)
     per_query, summary = {}, {"nonfinite": 0}
-    for name, g, g64, allowed, de in zip(GRAD_NAMES, grads, pb.grads64, pb.allowed, pb.dense_err):
+    for name, g, g64, allowed, de, top in zip(GRAD_NAMES, grads, pb.grads64, pb.allowed, pb.dense_err,
+                                              pb.dense_max):
         g = g.detach().to(torch.float64)
         err = (g - g64).norm(dim=-1)
         finite = torch.isfinite(g).all(-1)
@@ -361,7 +485,7 @@ def check_parallax_backward(q, k, v, r, do, grads, *, impl: str, case: str, qk_s
         ratio_x = torch.where(finite, ratio_x, torch.full_like(err, math.inf))
         flat = torch.nan_to_num(ratio_x.flatten(), nan=math.inf)
         at = int(torch.argmax(flat))
-        per_query[name] = {"err": err, "allowed": allowed, "ratio": ratio_x, "dense_err": de}
+        per_query[name] = {"err": err, "allowed": allowed, "ratio": ratio_x, "dense_err": de, "dense_max": top}
         summary[f"ratio_{name}"] = float(flat[at])
         summary["nonfinite"] += int((~finite).sum())
         if float(flat[at]) > worst[0]:
@@ -376,7 +500,8 @@ def check_parallax_backward(q, k, v, r, do, grads, *, impl: str, case: str, qk_s
     g64 = pb.grads64[GRAD_NAMES.index(name)]
     msg = (f"[{impl}] parallax backward {'PASS' if passed else 'FAIL'} ratio {ratio:.3g} on {case} ({parts})\n"
            f"  worst row {name} ({where}): error {float(pq['err'][idx]):.3e} vs allowed {float(pq['allowed'][idx]):.3e} "
-           f"(x{BWD_FACTOR:g} dense error {float(pq['dense_err'][idx]):.3e}, or {BWD_ULPS:g} ulp of "
+           f"(x{BWD_FACTOR:g} dense error {float(pq['dense_err'][idx]):.3e}, the median of {pb.orderings} "
+           f"orderings, largest {float(pq['dense_max'][idx]):.3e}, or {BWD_ULPS:g} ulp of "
            f"|{name}| {float(g64[idx].norm()):.3e})\n  cause: {cause}")
     record("parallax-backward", impl, ratio, case)
     summary.update(ratio=ratio, cause=cause)

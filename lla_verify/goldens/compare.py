@@ -204,7 +204,7 @@ def _run_op(golden: Golden, problem, stored: dict, impl, device: str):
     rows are judged against the forward's on the rebuilt problem, as the operator's check does."""
     from dataclasses import replace
 
-    from lla_verify.budget.parallax import check_parallax_forward, parallax_budget
+    from lla_verify.budget.parallax import check_parallax_decode, check_parallax_forward, parallax_budget
     from lla_verify.goldens.catalog import decode_lambda, flat_rows
     from lla_verify.oracles.parallax import parallax_forward
     from lla_verify.testing.decode import unflatten
@@ -240,10 +240,8 @@ def _run_op(golden: Golden, problem, stored: dict, impl, device: str):
     o = o.cpu()
     pb = parallax_budget(problem.q, problem.k, problem.v, problem.r, qk_scale=problem.qk_scale,
                          compute_dtype=impl.compute_dtype, out_dtype=o.dtype)
-    v = check_parallax_forward(problem.q, problem.k, problem.v, problem.r, unflatten(o, B, S), impl=impl.name,
-                               case=spec, qk_scale=problem.qk_scale, compute_dtype=impl.compute_dtype, pb=pb)
-    v = replace(v, check="parallax-decode", message=v.message.replace(
-        "] parallax forward ", "] parallax decode, every position against the forward's row: ", 1))
+    v = check_parallax_decode(problem.q, problem.k, problem.v, problem.r, unflatten(o, B, S), impl=impl.name,
+                              case=spec, qk_scale=problem.qk_scale, compute_dtype=impl.compute_dtype, pb=pb)
     fresh = flat_rows(parallax_forward(problem.q, problem.k, problem.v, problem.r, qk_scale=problem.qk_scale))
     return o, fresh, v, flat_rows(pb.allowed), torch.zeros(o.shape[:-1], dtype=torch.bool)
 

@@ -16,7 +16,7 @@ parallax-decode    CASE;probe=NAME[:p=v]                       fn(q, r, k_cache,
 A decode case is a forward case decoded at every position in one call (testing/decode.py:
 a batch of B * S sequences, sequence b * S + t holding problem b's keys and values with
 length t + 1, the positions past it NaN), judged row by row against the forward's output
-by the forward's own budget (budget.forward.check_forward, budget.parallax.check_parallax_forward).
+by the forward's own budget (budget.forward.check_forward, budget.parallax.check_parallax_decode).
 
 The API (everything a command needs; nothing else here is meant to be called):
 
@@ -421,7 +421,7 @@ def _lla_decode_check(case, impl, device, backward):
 
 
 def _parallax_decode_check(case, impl, device, backward):
-    from lla_verify.budget.parallax import check_parallax_forward
+    from lla_verify.budget.parallax import check_parallax_decode
     from lla_verify.testing.decode import every_position, unflatten
     from lla_verify.trust import call_decode
 
@@ -435,10 +435,8 @@ def _parallax_decode_check(case, impl, device, backward):
     except Exception as exc:
         return [_failed("parallax-decode", impl, spec, "decode", exc)]
     o = unflatten(o, B, S)
-    v = check_parallax_forward(p.q, p.k, p.v, p.r, o, impl=impl.name, case=spec, qk_scale=p.qk_scale,
-                               compute_dtype=impl.compute_dtype)
-    v = replace(v, check="parallax-decode", message=v.message.replace(
-        "] parallax forward ", "] parallax decode, every position against the forward's row: ", 1))
+    v = check_parallax_decode(p.q, p.k, p.v, p.r, o, impl=impl.name, case=spec, qk_scale=p.qk_scale,
+                              compute_dtype=impl.compute_dtype)
     return [_output_summary(v, o, elapsed)]
 
 
