@@ -32,7 +32,7 @@ from lla_verify.registry.impls import Impl
 from lla_verify.oracles.dense import dense_torch_lla
 from lla_verify.registry.precision import unit_roundoff
 from lla_verify.oracles.float64 import LLADetails, lla_forward, lla_forward_details
-from lla_verify.budget.verdict import THRESHOLD, Verdict, record
+from lla_verify.budget.verdict import THRESHOLD, Verdict, beyond_range, record, row_ratios
 
 
 MODEL_SAFETY = 4.0  # safety factor on the first-order model (its terms are estimates, not bounds)
@@ -227,10 +227,9 @@ def check_forward(problem: Problem, impl: Impl, o: torch.Tensor, *, stats: dict 
     d = fb.details
     defined = ~d.undefined
     o64 = o.detach().to(torch.float64)
-    err = (o64 - d.o).norm(dim=-1)
-    finite = torch.isfinite(o64).all(-1)
-    ratio_q = torch.where(defined, err / fb.allowed, torch.zeros_like(err))
-    ratio_q = torch.where(defined & ~finite, torch.full_like(err, math.inf), ratio_q)
+    beyond = beyond_range(d.o, o.dtype) & defined
+    err = torch.where(beyond, torch.zeros_like(fb.allowed), (o64 - d.o).norm(dim=-1))
+    ratio_q, finite, beyond = row_ratios(err, fb.allowed, o64, d.o, defined, o.dtype)
     n_def, n_undef = int(defined.sum()), int((~defined).sum())
     flat = ratio_q.flatten()
     worst_flat = int(torch.argmax(torch.nan_to_num(flat, nan=math.inf, posinf=math.inf)))
@@ -281,11 +280,14 @@ def check_forward(problem: Problem, impl: Impl, o: torch.Tensor, *, stats: dict 
         f"{n_def} defined queries, {n_undef} undefined (lambda=0, delta=0) skipped\n"
         f"  cause: {cause}{extra}"
         f"{rounding_note(given, impl)}"
+        + (f"\n  {int(beyond.sum())} rows beyond {o.dtype}'s range (exact output rounds to Inf there): "
+           "judged for NaN and for overflowing with the right sign" if bool(beyond.any()) else "")
     )
     summary = {"ratio": ratio, "cause": cause, "kappa_worst": float(d.kappa[idx]),
                "kappa_max": float(torch.nan_to_num(d.kappa, posinf=1e300).max()),
                "err_max": float(torch.where(defined, err, torch.zeros_like(err)).max()),
-               "nonfinite": int((defined & ~finite).sum()), "n_defined": n_def, "n_undefined": n_undef}
+               "nonfinite": int((defined & ~finite).sum()), "n_defined": n_def, "n_undefined": n_undef,
+               "n_beyond_range": int(beyond.sum())}
     record("forward", impl.name, ratio, case)
     return Verdict("forward", impl.name, case, ratio, passed, "ok" if passed else cause, msg, idx, n_def, n_undef,
                    per_query, summary)

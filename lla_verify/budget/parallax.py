@@ -24,7 +24,7 @@ import torch
 from torch.func import jvp
 
 from lla_verify.budget.forward import FA_FACTOR, MODEL_SAFETY, N_DIRECTIONS, U64, same_precision_allowed
-from lla_verify.budget.verdict import THRESHOLD, Verdict, record
+from lla_verify.budget.verdict import THRESHOLD, Verdict, beyond_range, record, row_ratios
 from lla_verify.oracles.parallax import parallax_dense, parallax_forward
 from lla_verify.registry.precision import unit_roundoff
 
@@ -98,7 +98,7 @@ def check_parallax_forward(q, k, v, r, o, *, impl: str, case: str, qk_scale=None
                                dense=dense)
     judged = torch.ones(pb.allowed.shape, dtype=torch.bool, device=pb.allowed.device)
     return _parallax_verdict("parallax-forward", "parallax forward", impl, case, r, o.detach().to(torch.float64),
-                             judged, pb)
+                             judged, pb, o.dtype)
 
 
 def check_parallax_decode(q, k, v, r, o, *, impl: str, case: str, qk_scale=None, compute_dtype=torch.float32,
@@ -137,15 +137,17 @@ def check_parallax_decode(q, k, v, r, o, *, impl: str, case: str, qk_scale=None,
         judged[b, :, t] = True
         o64 = full
         what = "parallax decode, sequence b at position lengths[b] - 1 against the forward's row:"
-    return _parallax_verdict("parallax-decode", what, impl, case, r, o64, judged, pb)
+    return _parallax_verdict("parallax-decode", what, impl, case, r, o64, judged, pb, o.dtype)
 
 
-def _parallax_verdict(check: str, what: str, impl: str, case: str, r, o64, judged, pb: ParallaxBudget) -> Verdict:
+def _parallax_verdict(check: str, what: str, impl: str, case: str, r, o64, judged, pb: ParallaxBudget,
+                      out_dtype) -> Verdict:
     """The verdict of output rows ``o64`` (float64, the oracle's shape) against ``pb`` on the
     rows ``judged``; the worst judged row's terms in the message."""
-    err = torch.where(judged, (o64 - pb.o).norm(dim=-1), torch.zeros_like(pb.allowed))
-    finite = torch.isfinite(o64).all(-1) | ~judged
-    ratio_q = torch.where(finite, err / pb.allowed, torch.full_like(err, math.inf))
+    beyond = beyond_range(pb.o, out_dtype) & judged
+    err = torch.where(judged & ~beyond, (o64 - pb.o).norm(dim=-1), torch.zeros_like(pb.allowed))
+    ratio_q, finite, beyond = row_ratios(err, pb.allowed, o64, pb.o, judged, out_dtype)
+    finite = finite | ~judged
     flat = torch.nan_to_num(ratio_q.flatten(), nan=math.inf)
     worst = int(torch.argmax(flat))
     idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(worst), ratio_q.shape))
@@ -162,11 +164,13 @@ def _parallax_verdict(check: str, what: str, impl: str, case: str, r, o64, judge
            f"(model: rounding {t['rounding']:.2e} + output {t['output']:.2e} + floor {t['floor']:.2e}, "
            f"x{MODEL_SAFETY:g}{dense_txt})\n"
            f"  sensitivity {float(pb.sens[idx]):.3e}, |r| {float(r[idx].double().norm()):.3g}, "
-           f"|o| {float(pb.o[idx].norm()):.3g}\n  cause: {cause}")
+           f"|o| {float(pb.o[idx].norm()):.3g}\n  cause: {cause}"
+           + (f"\n  {int(beyond.sum())} rows beyond {out_dtype}'s range (exact output rounds to Inf there): "
+              "judged for NaN and for overflowing with the right sign" if bool(beyond.any()) else ""))
     record(check, impl, ratio, case)
     per_query = {"err": err, "allowed": pb.allowed, "ratio": ratio_q, "model": pb.model, "judged": judged}
     summary = {"ratio": ratio, "cause": cause, "err_max": float(torch.nan_to_num(err, nan=math.inf).max()),
-               "nonfinite": int((~finite).sum())}
+               "nonfinite": int((~finite).sum()), "n_beyond_range": int(beyond.sum())}
     return Verdict(check, impl, case, ratio, passed, cause, msg, idx, int(judged.sum()), 0, per_query, summary)
 
 
