@@ -127,7 +127,9 @@ def test_suite_passes_from_another_folder_under_xdist(installed):
     py, _, work, env, _ = installed
     r = _run([py, "-m", "pytest", "-p", "no:cacheprovider", "--pyargs", "lla_verify_properties",
               "--lla-impl", "usermod:fn", "--lla-device", "cpu", "--hypothesis-profile", "ci",
-              "-n", "2", "-k", "pinned_regressions and not gradients"], cwd=work, env=env)
+              # the LLA forward's pinned cases only: the other operators' regressions run on
+              # their own default kernels, not on --lla-impl, so they would not count below
+              "-n", "2", "-k", "pinned_regressions and not gradients and not operator"], cwd=work, env=env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     got = _outcomes(out)
