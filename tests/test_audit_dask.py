@@ -18,6 +18,7 @@ import sys
 
 import pytest
 
+from lla_verify.audit.on_dask import comparable
 from lla_verify.cli import main
 
 HAVE_DASK = all(importlib.util.find_spec(m) is not None for m in ("dask", "distributed"))
@@ -33,8 +34,6 @@ AUDIT = ["audit", "--impl", "torch-fp32", "--no-progress", *ONLY]
 # What two runs of one plan may differ in, and nothing else: per cell the implementation's
 # time and which Dask worker ran it; in meta the date, the wall time, the command line
 # (it names --dask) and the cluster.
-CELL_EXCLUDED = {"time_s", "dask"}
-META_EXCLUDED = {"date", "wall_s", "command", "dask"}
 
 
 def _run(argv, capsys):
@@ -80,12 +79,6 @@ def scheduler(tmp_path_factory):
         os.environ.update(saved)
 
 
-def _strip(rep: dict) -> dict:
-    rep = dict(rep, meta={k: v for k, v in rep["meta"].items() if k not in META_EXCLUDED})
-    rep["cells"] = [{k: v for k, v in c.items() if k not in CELL_EXCLUDED} for c in rep["cells"]]
-    return rep
-
-
 @needs_dask
 def test_dask_report_equals_the_one_process_report(scheduler, tmp_path, capsys, monkeypatch):
     address, _, worker_env = scheduler
@@ -106,7 +99,7 @@ def test_dask_report_equals_the_one_process_report(scheduler, tmp_path, capsys, 
     assert all("dask" not in c for c in a["cells"]) and "dask" not in a["meta"]
     assert {c["dask"]["worker"] for c in b["cells"]} <= {"0", "1"} and b["meta"]["dask"]["scheduler"] == address
     assert f"--dask {address}" in b["meta"]["command"]
-    sa, sb = _strip(a), _strip(b)
+    sa, sb = comparable(a), comparable(b)
     assert set(sa) == set(sb) and set(sa["meta"]) == set(sb["meta"])
     for ca, cb in zip(sa["cells"], sb["cells"]):
         assert ca == cb, ca["spec"]  # every number bit for bit: JSON floats read back exactly
@@ -141,7 +134,7 @@ def test_operator_cells_on_dask_equal_the_one_process_report(scheduler, tmp_path
     assert [c["op"] for c in a["cells"]] == [c["op"] for c in b["cells"]]
     assert {c["op"] for c in a["cells"]} == {"parallax", "lla-decode", "parallax-decode"}
     assert {c["op"] for c in b["cells"] if not c["passed"]} == {"parallax-decode"}
-    assert _strip(a) == _strip(b)
+    assert comparable(a) == comparable(b)
 
 
 @needs_dask

@@ -33,6 +33,20 @@ WORKER_START_TIMEOUT = 300.0  # seconds for the embedded cluster's workers to st
 CONNECT_TIMEOUT = 30.0  # seconds to reach a running scheduler
 
 
+# Fields of a report that describe the run, not the verdicts: they differ between a Dask run
+# and the one-process run of the same plan, and comparable() leaves them out.
+RUN_CELL_FIELDS = frozenset({"time_s", "dask"})
+RUN_META_FIELDS = frozenset({"date", "wall_s", "command", "dask"})
+
+
+def comparable(report: dict) -> dict:
+    """``report`` (a report.json's content) without the run's own fields: what a Dask run and
+    the one-process run of the same plan must agree on, cell for cell."""
+    out = dict(report, meta={k: v for k, v in report["meta"].items() if k not in RUN_META_FIELDS})
+    out["cells"] = [{k: v for k, v in c.items() if k not in RUN_CELL_FIELDS} for c in report["cells"]]
+    return out
+
+
 def require() -> None:
     """UsageError naming the missing package unless dask and distributed import."""
     for name in ("dask", "distributed"):
