@@ -204,7 +204,7 @@ def test_parallax_decode_scores_far_apart(split, slope):
     the last tile (and split) starts 12 slope below the maximum of an earlier one. At 15
     its weights all underflow to 0 in fp32 (e^-180 < 2^-149); at 8 they are subnormal
     (e^-96 < 2^-126), and the reciprocal of their sum overflows. Either group must add
-    (almost) nothing; its means (0/0, or a sum times inf) once made the whole output NaN."""
+    (almost) nothing: a mean divided by such a sum is 0/0 or a sum times inf, a NaN output."""
     S, D = _n(48), 16
     gen = torch.Generator().manual_seed(5)
     j = torch.arange(S, dtype=torch.float64)

@@ -67,7 +67,7 @@ def test_fp32_backward_within_budget_with_the_gpus_product_rounding():
 @pytest.mark.interp
 @CPU_ONLY
 def test_tf32x3_backward_products_fail_that_budget(monkeypatch):
-    """The emulation bites: the backward with tf32x3 products (its setting before
+    """The emulation bites: the backward with tf32x3 products (what fp32 inputs get without
     _common.backward_product_precision) fails the same check, on dq."""
     import lla_triton.backward as bwd
 
