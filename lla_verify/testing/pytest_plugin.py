@@ -174,7 +174,10 @@ def _warm_up(config) -> None:
         return
     from lla_verify.testing import warmup
 
-    packages = ["lla_triton", "lla_decode", "parallax_decode"]
+    # the decode properties always run the decode kernels; the others only when picked
+    packages = ["lla_decode", "parallax_decode"]
+    if config.getoption("--lla-impl") == "triton":
+        packages.insert(0, "lla_triton")
     if config.getoption("--lla-parallax-impl") == "parallax-triton":
         packages.append("parallax_triton")
     t0 = time.perf_counter()
