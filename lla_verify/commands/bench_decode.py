@@ -37,8 +37,8 @@ import time
 
 from lla_verify.cliutil import UsageError, check_out_file, float_in, int_in
 from lla_verify.commands.bench_parallax import load_impl
-from lla_verify.commands.benchkit import (SMOKE_NOTE, Table, Timer, bench_device, header_lines, int_list, median_ms,
-                                          progress)
+from lla_verify.commands.benchkit import (SMOKE_NOTE, Table, Timer, add_run_args, bench_device, header_lines,
+                                          int_list, median_ms, progress)
 
 HEAD_DIMS = (16, 32, 64, 128)
 KERNELS = ("parallax", "lla")
@@ -72,15 +72,8 @@ def register(sub) -> None:
     p.add_argument("--oracle-max-cache", type=int_in(0), default=131072,
                    help="largest T whose output is checked against the float64 reference (its cost grows as T^2 D)")
     p.add_argument("--copy-mib", type=int_in(1), default=2048, help="size of the copy that measures the bandwidth")
-    p.add_argument("--sync-reps", type=int_in(1), default=2,
-                   help="calls timed between device-wide synchronisations (the last one's output is judged)")
-    p.add_argument("--warmup", type=int_in(1), default=25, help="do_bench warm-up (ms)")
-    p.add_argument("--rep", type=int_in(1), default=100, help="do_bench repetitions (ms)")
-    p.add_argument("--smoke", action="store_true",
-                   help="one tiny combination on the CPU through the Triton interpreter (exercises the code; "
-                        "timings meaningless)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--out", default=None, help="also write the table (markdown) to this file")
+    add_run_args(p, sync_reps=2, sync_help="the last one's output is judged",
+                 smoke_what="one tiny combination")
     p.set_defaults(func=run)
 
 

@@ -30,8 +30,9 @@ from __future__ import annotations
 import argparse
 
 from lla_verify.cliutil import UsageError, check_out_file, int_in
-from lla_verify.commands.benchkit import (BENCH_SHAPES, SMOKE_NOTE, Table, Timer, bench_device, causal_sdpa,
-                                          header_lines, int_list, parse_shapes, progress, randn_inputs, shapes_text)
+from lla_verify.commands.benchkit import (BENCH_SHAPES, SMOKE_NOTE, Table, Timer, add_run_args, bench_device,
+                                          causal_sdpa, header_lines, int_list, parse_shapes, progress, randn_inputs,
+                                          shapes_text)
 
 DEFAULT_SHAPES = shapes_text(BENCH_SHAPES + ((1, 1, 16384, 64),))
 SMOKE_SHAPES = "1,2,32,16"
@@ -56,15 +57,8 @@ def register(sub) -> None:
     p.add_argument("--oracle-heads", type=int_in(1), default=1, help="heads judged against the float64 oracle")
     p.add_argument("--grad-check-max-s", type=int_in(1), default=4096,
                    help="largest S whose gradients are judged (float64 autograd memory grows as S^2 D)")
-    p.add_argument("--sync-reps", type=int_in(1), default=10,
-                   help="calls timed between device-wide synchronisations (the check on do_bench's events)")
-    p.add_argument("--warmup", type=int_in(1), default=25, help="do_bench warm-up (ms)")
-    p.add_argument("--rep", type=int_in(1), default=100, help="do_bench repetitions (ms)")
-    p.add_argument("--smoke", action="store_true",
-                   help="one tiny shape on the CPU through the Triton interpreter (exercises the code; timings "
-                        "meaningless)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--out", default=None, help="also write the table (markdown) to this file")
+    add_run_args(p, sync_reps=10, sync_help="the check on do_bench's events",
+                 smoke_what="one tiny shape")
     p.set_defaults(func=run)
 
 

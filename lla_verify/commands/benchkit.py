@@ -227,3 +227,17 @@ def int_list(text: str, flag: str, *, allowed=None) -> list[int]:
             raise UsageError(f"{flag}: expected values among {list(allowed)}, got {x} in {text!r}")
         out.append(x)
     return out
+
+
+def add_run_args(p: argparse.ArgumentParser, *, sync_reps: int, sync_help: str, smoke_what: str) -> None:
+    """The timing and output options the Parallax and decode benchmarks share: --sync-reps,
+    --warmup, --rep, --smoke (``smoke_what``: what it runs), --no-progress, --out."""
+    p.add_argument("--sync-reps", type=int_in(1), default=sync_reps,
+                   help=f"calls timed between device-wide synchronisations ({sync_help})")
+    p.add_argument("--warmup", type=int_in(1), default=25, help="do_bench warm-up (ms)")
+    p.add_argument("--rep", type=int_in(1), default=100, help="do_bench repetitions (ms)")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"{smoke_what} on the CPU through the Triton interpreter (exercises the code; "
+                        "timings meaningless)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--out", default=None, help="also write the table (markdown) to this file")
