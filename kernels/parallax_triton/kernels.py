@@ -656,7 +656,20 @@ GPU_CONFIGS = {
     "dq": {16: (64, 64, 8, 1), 32: (64, 64, 8, 1), 64: (64, 64, 8, 1), 128: (64, 32, 8, 1)},
     "dkdv": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 8, 1)},
 }
+# Every launch but bf16 at D >= 64 keeps these 4-warp tiles: on the H200 (Triton 3.6) the
+# 8-warp launches above give wrong fp32 and fp16 outputs at D = 16, and then an illegal
+# address (docs/runs/2026-12-03-session5-gpu.md), where these run clean; bf16 at D = 64
+# matches these to its rounding.
+NARROW_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 4, 2)}
 SMALLER_CONFIGS = ((64, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1))
+
+
+def gpu_config(kind: str, D: int, dtype) -> tuple:
+    """The first configuration tried on the GPU for a kernel ("fwd", "dq", "dkdv") at head
+    dim D (the larger of D, Dv) and input dtype."""
+    if dtype == torch.bfloat16 and D >= 64:
+        return GPU_CONFIGS[kind][D]
+    return NARROW_CONFIGS[D]
 INTERP_CONFIG = (16, 16, 1, 1)
 
 
@@ -677,7 +690,7 @@ def _launch(kernel, kind, grid_of, args, D, DV, dtype, config, **extra):
     elif interp:
         order = [INTERP_CONFIG]
     else:
-        order = [GPU_CONFIGS[kind][max(D, DV)], *SMALLER_CONFIGS]
+        order = [gpu_config(kind, max(D, DV), dtype), *SMALLER_CONFIGS]
     last = None
     for bm, bn, nw, ns in order:
         try:
