@@ -285,6 +285,33 @@ def test_lla_decode_ragged_batch(dtype):
     assert bool((ratio <= THRESHOLD).all()), f"ragged LLA decode: ratios {ratio.tolist()} (lengths {LENGTHS})"
 
 
+@pytest.mark.parametrize("D, S", [(32, _n(40)), (64, _n(20))], ids=["D32-3-splits", "D64-2-splits"])
+def test_lla_decode_sigma_in_blocks(D, S):
+    """Head dims of two and four block rows of the split kernel's Sigma blocks (16 under the
+    interpreter, 64 compiled: D = 128 there): the blocks above the diagonal and their
+    transposes make the whole Sigma_s, and the diagonal blocks all of mu_s."""
+    p = _problem("gaussian", {"lam": 1e-2}, S, D=D, seed=4)
+    assert_within_budget(_judge_lla(p, split=_n(16)))
+
+
+# 13, 4, 1 and 8 splits of one tile: the solve and finish kernels' chunks of 2 splits (under
+# the interpreter) whole and partial
+LLA_CHUNK_LENGTHS = [_n(16) * 12 + 5, _n(16) * 4, 1, _n(16) * 7 + 3]
+
+
+def test_lla_decode_combines_many_splits():
+    S = max(LLA_CHUNK_LENGTHS)
+    p = _problem("gaussian", {"lam": 0.1}, S, B=len(LLA_CHUNK_LENGTHS), seed=6)
+    lens = torch.tensor(LLA_CHUNK_LENGTHS, device=DEVICE)
+    b, t = torch.arange(len(LLA_CHUNK_LENGTHS), device=DEVICE), lens - 1
+    o = lla_decode(p.q[b, :, t], poison_past(p.k, lens), poison_past(p.v, lens), lens,
+                   ridge_lambda=p.lam_tensor[b, :, t].to(torch.float32), qk_scale=p.qk_scale, split=_n(16))
+    fb = forward_budget(p, IMPL)
+    ratio = (o.double() - fb.details.o[b, :, t]).norm(dim=-1) / fb.allowed[b, :, t]
+    assert bool((ratio <= THRESHOLD).all()), f"many-split LLA decode: ratios {ratio.tolist()} " \
+                                              f"(lengths {LLA_CHUNK_LENGTHS})"
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_parallax_decode_ragged_batch(dtype):
     p, lens, b, t = _ragged(dtype)
