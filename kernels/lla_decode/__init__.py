@@ -140,12 +140,10 @@ def _tile(Kb, Vb, offs_n, end, q, k0, scale, D: tl.constexpr, DV: tl.constexpr):
 
 
 @triton.jit
-def _split_program(Q, K, V, LENS, H, G, T, split, D: tl.constexpr, DV: tl.constexpr):
+def _split_program(Q, K, V, LENS, H, G, T, split, pid_s, bh, D: tl.constexpr, DV: tl.constexpr):
     """What a program of the split and output kernels serves: its split pid_s of head bh
     (cache positions start..end-1), the query, its kv head's keys and values, and the
     anchor key k_0."""
-    pid_s = tl.program_id(0)
-    bh = tl.program_id(1)
     b, kvh = _head(bh, H, G)
     L = tl.load(LENS + b)
     start = pid_s * split
@@ -171,8 +169,11 @@ def _lla_split_kernel(Q, K, V, LENS, M_S, OM_S, MU_S, SIG_S, H, G, T, n_splits, 
     BS x BS fp64 accumulator that stays in registers (a D x D one at D = 128 spilled to local
     memory). Every block's program forms the tile's scores and weights itself; block 0's
     stores m_s and omega_s, the diagonal blocks' the rows I of mu_s."""
-    pid_s, bh, start, end, q, Kb, Vb, k0 = _split_program(Q, K, V, LENS, H, G, T, split, D, DV)
-    blk = tl.program_id(2)
+    # the block is the fastest grid axis: a split's block programs run together and share
+    # the key tiles through L2
+    blk = tl.program_id(0)
+    pid_s, bh, start, end, q, Kb, Vb, k0 = _split_program(Q, K, V, LENS, H, G, T, split, tl.program_id(1),
+                                                          tl.program_id(2), D, DV)
     NB: tl.constexpr = D // BS
     # bi: the block rows whose first block (t NB - t (t - 1) / 2) is at or before blk
     bi = blk * 0
@@ -327,7 +328,8 @@ def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG, M_OUT, OM_OUT, RHO, ITERS
 def _lla_out_kernel(Q, K, V, LENS, M_G, RHO, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S,
                     H, G, T, n_splits, split, scale,
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
-    pid_s, bh, start, end, q, Kb, Vb, k0 = _split_program(Q, K, V, LENS, H, G, T, split, D, DV)
+    pid_s, bh, start, end, q, Kb, Vb, k0 = _split_program(Q, K, V, LENS, H, G, T, split, tl.program_id(0),
+                                                          tl.program_id(1), D, DV)
     offs_d = tl.arange(0, D)
     offs_v = tl.arange(0, DV)
     rho = tl.load(RHO + bh.to(tl.int64) * D + offs_d)
@@ -451,7 +453,7 @@ def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=No
     # Sigma in blocks of BS x BS: those on and above the diagonal, one program each
     bs = min(D, INTERPRETED_SIGMA_BLOCK if _interpreting() else SIGMA_BLOCK)
     n_blocks = (D // bs) * (D // bs + 1) // 2
-    _lla_split_kernel[(n_splits, N, n_blocks)](qc, kc, vc, lens_d, m_s, om_s, mu_s, sig_s, H, G, T, n_splits,
+    _lla_split_kernel[(n_blocks, n_splits, N)](qc, kc, vc, lens_d, m_s, om_s, mu_s, sig_s, H, G, T, n_splits,
                                                split, float(scale), D=D, DV=Dv, BLOCK_N=bn, BS=bs,
                                                num_warps=SPLIT_WARPS)
     parts = {"m": m_s, "omega": om_s, "mu": mu_s, "sigma": sig_s, "split": split, "lengths": lens_d}
