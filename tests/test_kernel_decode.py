@@ -50,7 +50,7 @@ if DEVICE is not None:
     import lla_decode as _lla_pkg
     import parallax_decode as _px_pkg
     from lla_decode import DEFAULT_CG_TOL, lla_decode, lla_decode_stages
-    from parallax_decode import parallax_decode, parallax_decode_partials
+    from parallax_decode import parallax_decode, parallax_decode_combine, parallax_decode_partials
 
     # the budget record: fp32 compute, its solver term at the CG tolerance lla_decode stops at
     IMPL = replace(triton_impl(), name="lla_decode", solver_tol=DEFAULT_CG_TOL)
@@ -197,14 +197,26 @@ def test_parallax_decode_key_shift_meets_the_unshifted_budget():
     assert_within_budget(_judge_shifted(parallax_decode))
 
 
+def _chunked(chunk):
+    """parallax_decode with its combine merging ``chunk`` splits at a time."""
+    def fn(q, r, k, v, lengths, **kw):
+        return parallax_decode_combine(parallax_decode_partials(q, r, k, v, lengths, **kw), q, v, chunk=chunk)
+    return fn
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2, 4], ids=["default-chunk", "chunk1", "chunk2", "chunk4"])
 @pytest.mark.parametrize("slope", [15.0, 8.0], ids=["zero-weights", "subnormal-weights"])
 @pytest.mark.parametrize("split", [_n(16), _n(48)], ids=["three-splits", "one-split-three-tiles"])
-def test_parallax_decode_scores_far_apart(split, slope):
+def test_parallax_decode_scores_far_apart(split, slope, chunk):
     """Scores slope |j - 20| below key 20's (in units of the interpreter's tile of 16), so
     the last tile (and split) starts 12 slope below the maximum of an earlier one. At 15
     its weights all underflow to 0 in fp32 (e^-180 < 2^-149); at 8 they are subnormal
     (e^-96 < 2^-126), and the reciprocal of their sum overflows. Either group must add
-    (almost) nothing: a mean divided by such a sum is 0/0 or a sum times inf, a NaN output."""
+    (almost) nothing: a mean divided by such a sum is 0/0 or a sum times inf, a NaN output.
+    The combine's chunks of 1, 2 and 4 splits put the far split in a chunk of its own, in a
+    partial chunk after a full one, and in one chunk with the maximum's split."""
+    if chunk is not None and split == _n(48):
+        pytest.skip("one split: the combine has one chunk whatever its size")
     S, D = _n(48), 16
     gen = torch.Generator().manual_seed(5)
     j = torch.arange(S, dtype=torch.float64)
@@ -215,8 +227,37 @@ def test_parallax_decode_scores_far_apart(split, slope):
     v = torch.randn(1, 1, S, D, generator=gen, dtype=torch.float64)
     p = Problem(Case("gaussian", {}, B=1, H=1, S=S, D=D), *(t.float().to(DEVICE) for t in (q, k, v)),
                 0.1, 0.25)
-    ratio, msg = _judge_parallax(p, _probe(p, size=1.0), split=split)
+    ratio, msg = _judge_parallax(p, _probe(p, size=1.0), _chunked(chunk), split=split)
     assert ratio <= THRESHOLD, msg
+
+
+# many splits of one tile: 14, 4 (a whole number of chunks of 2 and 4), 1 and 8 of them
+CHUNK_LENGTHS = [_n(16) * 13 + 5, _n(16) * 4, 1, _n(16) * 7 + 3]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 16], ids=["chunk1", "chunk2", "chunk4", "one-chunk"])
+def test_parallax_decode_combines_many_splits_in_chunks(chunk):
+    """A ragged batch over splits of one tile (up to 14 splits a sequence), combined 1, 2, 4
+    and 16 splits at a time: whole and partial chunks, one chunk holding every split, and a
+    first token (one split) are each the forward's row."""
+    S = max(CHUNK_LENGTHS)
+    p = _problem("gaussian", {}, S, B=len(CHUNK_LENGTHS), seed=2)
+    lens = torch.tensor(CHUNK_LENGTHS, device=DEVICE)
+    b, t = torch.arange(len(CHUNK_LENGTHS), device=DEVICE), lens - 1
+    r = _probe(p, size=2.0)
+    o = _chunked(chunk)(p.q[b, :, t], r[b, :, t], poison_past(p.k, lens), poison_past(p.v, lens), lens,
+                        qk_scale=p.qk_scale, split=_n(16))
+    assert_within_budget(check_parallax_decode(p.q, p.k, p.v, r, o, impl=f"parallax_decode chunk {chunk}",
+                                               case=f"{p.describe()} lengths {CHUNK_LENGTHS}", qk_scale=p.qk_scale,
+                                               lengths=lens))
+
+
+@pytest.mark.parametrize("chunk", [0, 3, 2.0, True])
+def test_bad_combine_chunk_is_named(chunk):
+    p = _problem("gaussian", {}, _n(16))
+    parts = parallax_decode_partials(p.q[:, :, -1], p.q[:, :, -1], p.k, p.v, torch.tensor([_n(16)]))
+    with pytest.raises(LLAInputError, match="chunk: expected None or a power of two"):
+        parallax_decode_combine(parts, p.q[:, :, -1], p.v, chunk=chunk)
 
 
 # ------------------------------------------------------------------------- ragged batches
@@ -242,6 +283,33 @@ def test_lla_decode_ragged_batch(dtype):
     err = (o.double() - fb.details.o[b, :, t]).norm(dim=-1)
     ratio = err / fb.allowed[b, :, t]
     assert bool((ratio <= THRESHOLD).all()), f"ragged LLA decode: ratios {ratio.tolist()} (lengths {LENGTHS})"
+
+
+@pytest.mark.parametrize("D, S", [(32, _n(40)), (64, _n(20))], ids=["D32-3-splits", "D64-2-splits"])
+def test_lla_decode_sigma_in_blocks(D, S):
+    """Head dims of two and four block rows of the split kernel's Sigma blocks (16 under the
+    interpreter, 64 compiled: D = 128 there): the blocks above the diagonal and their
+    transposes make the whole Sigma_s, and the diagonal blocks all of mu_s."""
+    p = _problem("gaussian", {"lam": 1e-2}, S, D=D, seed=4)
+    assert_within_budget(_judge_lla(p, split=_n(16)))
+
+
+# 13, 4, 1 and 8 splits of one tile: the solve and finish kernels' chunks of 2 splits (under
+# the interpreter) whole and partial
+LLA_CHUNK_LENGTHS = [_n(16) * 12 + 5, _n(16) * 4, 1, _n(16) * 7 + 3]
+
+
+def test_lla_decode_combines_many_splits():
+    S = max(LLA_CHUNK_LENGTHS)
+    p = _problem("gaussian", {"lam": 0.1}, S, B=len(LLA_CHUNK_LENGTHS), seed=6)
+    lens = torch.tensor(LLA_CHUNK_LENGTHS, device=DEVICE)
+    b, t = torch.arange(len(LLA_CHUNK_LENGTHS), device=DEVICE), lens - 1
+    o = lla_decode(p.q[b, :, t], poison_past(p.k, lens), poison_past(p.v, lens), lens,
+                   ridge_lambda=p.lam_tensor[b, :, t].to(torch.float32), qk_scale=p.qk_scale, split=_n(16))
+    fb = forward_budget(p, IMPL)
+    ratio = (o.double() - fb.details.o[b, :, t]).norm(dim=-1) / fb.allowed[b, :, t]
+    assert bool((ratio <= THRESHOLD).all()), f"many-split LLA decode: ratios {ratio.tolist()} " \
+                                              f"(lengths {LLA_CHUNK_LENGTHS})"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -46,7 +46,27 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # D and Dv: powers of two (tl.arange ne
 DEFAULT_CG_TOL = 1e-7
 CG_ITERS_PER_DIM = 16
 DEFAULT_DELTA_EPS = 2.0**-22
-TARGET_PROGRAMS = 264  # programs a GPU launch aims for when the caller gives no split size
+# Output-pass programs resident on one SM (sm_90, Triton 3.6, 4 warps, tile 64, 3 stages;
+# from ptxas's registers a thread: 65536 / (128 x regs)). With no split size given, the output
+# pass, a memory-bound read of the cache like Parallax's, aims at one wave of the SMs.
+RESIDENT_PER_SM = {16: 4, 32: 4, 64: 4, 128: 2}
+DEFAULT_SMS = 132  # an H100/H200's SMs, when there is no CUDA device to ask
+# A split's Sigma_s (8 D^2 bytes, written once and read once) costs at most half the cache
+# bytes it summarises (4 D a position at 16 bits): a split holds at least 8 D positions.
+MIN_SPLIT_PER_DIM = 8
+OUT_STAGES = 3
+# the split kernel's warps: its fp64 BS x BS accumulator and tile operands spill from 4 warps'
+# registers (ptxas: 255 registers and a stack)
+SPLIT_WARPS = 8
+# splits a solve or finish program loads at once (a chunk of mu_s or of the outputs' acc_s:
+# at most 4096 floats); 2 under the interpreter, so that small tests see several chunks
+COMBINE_CHUNK = 64
+INTERPRETED_COMBINE_CHUNK = 2
+# the split kernel's Sigma blocks (BS x BS); 16 under the interpreter (tl.dot's least), so
+# that tests at D = 32 and 64 see two and four block rows, as D = 128 does compiled
+SIGMA_BLOCK = 64
+INTERPRETED_SIGMA_BLOCK = 16
+SIGMA_SUM_BLOCK = 1024  # fp64 entries of Sigma a summing program owns (D^2 / this programs a head)
 # cache positions per tile: a split is a multiple of it. The interpreter runs each program
 # as numpy, where small tiles keep the CPU tests fast.
 BLOCK_N = 64
@@ -75,11 +95,23 @@ def tile_size() -> int:
     return _block_n()
 
 
-def choose_split(t_max: int, n_heads: int, block_n: int) -> int:
-    """Split length (a multiple of block_n) giving about TARGET_PROGRAMS programs."""
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
+def choose_split(t_max: int, n_heads: int, block_n: int, slots: int, min_split: int) -> int:
+    """Split length (a multiple of block_n, at least min_split rounded up to one): splits x
+    n_heads programs within ``slots`` (one wave of the output pass), one split a head when the
+    heads alone fill it."""
     n_tiles = triton.cdiv(t_max, block_n)
-    n_splits = max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, n_heads)))
+    n_splits = max(1, min(n_tiles // max(1, triton.cdiv(min_split, block_n)), slots // n_heads))
     return triton.cdiv(n_tiles, n_splits) * block_n
+
+
+def _chunk(width: int) -> int:
+    return INTERPRETED_COMBINE_CHUNK if _interpreting() else max(1, min(COMBINE_CHUNK, 4096 // width))
 
 
 @triton.jit
@@ -108,12 +140,10 @@ def _tile(Kb, Vb, offs_n, end, q, k0, scale, D: tl.constexpr, DV: tl.constexpr):
 
 
 @triton.jit
-def _split_program(Q, K, V, LENS, H, G, T, split, D: tl.constexpr, DV: tl.constexpr):
+def _split_program(Q, K, V, LENS, H, G, T, split, pid_s, bh, D: tl.constexpr, DV: tl.constexpr):
     """What a program of the split and output kernels serves: its split pid_s of head bh
     (cache positions start..end-1), the query, its kv head's keys and values, and the
     anchor key k_0."""
-    pid_s = tl.program_id(0)
-    bh = tl.program_id(1)
     b, kvh = _head(bh, H, G)
     L = tl.load(LENS + b)
     start = pid_s * split
@@ -131,37 +161,72 @@ def _split_program(Q, K, V, LENS, H, G, T, split, D: tl.constexpr, DV: tl.conste
 # offsets need no divisibility facts from them, since D and DV are constexpr.
 @triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
 def _lla_split_kernel(Q, K, V, LENS, M_S, OM_S, MU_S, SIG_S, H, G, T, n_splits, split, scale,
-                      D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_s, bh, start, end, q, Kb, Vb, k0 = _split_program(Q, K, V, LENS, H, G, T, split, D, DV)
+                      D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr):
+    """Program (split, head, blk) accumulates the block (I, J) of Sigma_s, rows I = bi BS..,
+    columns J = bj BS.., for the blk-th block on or above the diagonal in row order (NB = D / BS
+    block rows, row t holding NB - t of them: at NB = 2 (0, 0), (0, 1), (1, 1)), and stores it
+    and its transpose: the full symmetric Sigma_s in (NB + 1) / (2 NB) of the products, with a
+    BS x BS fp64 accumulator that stays in registers (a D x D one at D = 128 spilled to local
+    memory). Every block's program forms the tile's scores and weights itself; block 0's
+    stores m_s and omega_s, the diagonal blocks' the rows I of mu_s."""
+    # the block is the fastest grid axis: a split's block programs run together and share
+    # the key tiles through L2
+    blk = tl.program_id(0)
+    pid_s, bh, start, end, q, Kb, Vb, k0 = _split_program(Q, K, V, LENS, H, G, T, split, tl.program_id(1),
+                                                          tl.program_id(2), D, DV)
+    NB: tl.constexpr = D // BS
+    # bi: the block rows whose first block (t NB - t (t - 1) / 2) is at or before blk
+    bi = blk * 0
+    for t in tl.static_range(1, NB):
+        bi += (blk >= t * NB - t * (t - 1) // 2).to(bi.dtype)
+    bj = bi + blk - (bi * NB - bi * (bi - 1) // 2)
     offs_d = tl.arange(0, D)
+    offs_i = bi * BS + tl.arange(0, BS)
+    offs_j = bj * BS + tl.arange(0, BS)
+    q_i = tl.load(Q + bh.to(tl.int64) * D + offs_i).to(tl.float32)
+    q_j = tl.load(Q + bh.to(tl.int64) * D + offs_j).to(tl.float32)
     m_i = _scalar(float("-inf"))
     omega = _scalar(0.0)
-    mu = tl.zeros([D], dtype=tl.float32)
-    sig = tl.zeros([D, D], dtype=tl.float64)
+    mu = tl.zeros([BS], dtype=tl.float32)
+    sig = tl.zeros([BS, BS], dtype=tl.float64)
     for start_n in range(start, end, BLOCK_N):
-        a, z, v = _tile(Kb, Vb, start_n + tl.arange(0, BLOCK_N), end, q, k0, scale, D, DV)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = offs_n < end
+        k = tl.load(Kb + offs_n[:, None] * D + offs_d[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
+        a = tl.where(keep, scale * tl.sum((k - k0[None, :]) * q[None, :], 1), float("-inf"))
+        # the block's columns of the same tile (a second load of cached lines, not of memory)
+        k_i = tl.load(Kb + offs_n[:, None] * D + offs_i[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
+        k_j = tl.load(Kb + offs_n[:, None] * D + offs_j[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
         # each tile holds at least one kept position, so m_new is finite
         m_new = tl.maximum(m_i, tl.max(a, 0))
         alpha = tl.exp(m_i - m_new)
         w = tl.exp(a - m_new)
+        # z_i, z_j: the same fp32 differences k - q as z, column for column
+        z_i = tl.where(keep[:, None], k_i - q_i[None, :], 0.0)
+        z_j = tl.where(keep[:, None], k_j - q_j[None, :], 0.0)
         # an identity (a sum over a unit axis) that Triton 3.6 needs: it sizes an fp64 dot
         # operand's register layout by the narrowest load its operand traces back to through
         # elementwise ops, and for a 16-bit cache picks one its fp64 MMA lowering rejects
         # (MMAv2.cpp "fp64 don't support largeK MMA"). A reduction ends that trace, so z
         # counts as fp32 as with an fp32 cache; the values are unchanged.
-        z = tl.sum(z[:, :, None], 2)
-        wz = w[:, None] * z
+        z_i = tl.sum(z_i[:, :, None], 2)
+        z_j = tl.sum(z_j[:, :, None], 2)
         omega = omega * alpha + tl.sum(w, 0)
-        mu = mu * alpha + tl.sum(wz, 0)
-        # fp64: see the module docstring (the solve needs Sigma's small eigenvalues)
-        sig = sig * alpha.to(tl.float64) + tl.dot(tl.trans(wz).to(tl.float64), z.to(tl.float64))
+        mu = mu * alpha + tl.sum(w[:, None] * z_i, 0)
+        # fp64 products of fp32 factors, exact, summed in fp64: docs/decode.md "Why fp64"
+        sig = sig * alpha.to(tl.float64) + tl.dot(tl.trans(w[:, None] * z_i).to(tl.float64), z_j.to(tl.float64))
         m_i = m_new
     # an empty split (start >= L) stores m = -inf and zero sums: weight 0 in the combine
     row = bh.to(tl.int64) * n_splits + pid_s
-    tl.store(M_S + row, m_i)
-    tl.store(OM_S + row, omega)
-    tl.store(MU_S + row * D + offs_d, mu)
-    tl.store(SIG_S + row * D * D + offs_d[:, None] * D + offs_d[None, :], sig)
+    if blk == 0:
+        tl.store(M_S + row, m_i)
+        tl.store(OM_S + row, omega)
+    sbase = SIG_S + row * D * D
+    tl.store(sbase + offs_i[:, None] * D + offs_j[None, :], sig)
+    if bi == bj:
+        tl.store(MU_S + row * D + offs_i, mu)
+    else:
+        tl.store(sbase + offs_j[:, None] * D + offs_i[None, :], tl.trans(sig))
 
 
 @triton.jit
@@ -173,22 +238,51 @@ def _head_splits(LENS, H, n_splits, split):
     return bh, used, bh.to(tl.int64) * n_splits
 
 
+@triton.jit
+def _head_max(M_S, base, used, CHUNK: tl.constexpr):
+    """The largest of a head's used splits' maxima, CHUNK splits a load."""
+    offs_c = tl.arange(0, CHUNK)
+    big = _scalar(float("-inf"))
+    for c0 in range(0, used, CHUNK):
+        big = tl.maximum(big, tl.max(tl.load(M_S + base + c0 + offs_c, mask=c0 + offs_c < used,
+                                             other=float("-inf")), 0))
+    return big
+
+
+@triton.jit(do_not_specialize=('H', 'n_splits'))
+def _lla_sigma_sum_kernel(LENS, M_S, SIG_S, SIG, H, n_splits, split, D: tl.constexpr, BE: tl.constexpr,
+                          CHUNK: tl.constexpr):
+    """Program (element block, head): BE entries of sum_s exp(m_s - M) Sigma_s in fp64, the
+    splits' loads pipelined; the solve kernel reads the sum. Many programs a head share the
+    D x D x n_splits fp64 partials' read, which a single program per head serialised."""
+    bh, used, base = _head_splits(LENS, H, n_splits, split)
+    big = _head_max(M_S, base, used, CHUNK)
+    offs_e = tl.program_id(1) * BE + tl.arange(0, BE)
+    acc = tl.zeros([BE], dtype=tl.float64)
+    for s in tl.range(0, used, num_stages=3):
+        f = tl.exp(tl.load(M_S + base + s) - big).to(tl.float64)
+        acc += f * tl.load(SIG_S + (base + s) * D * D + offs_e)
+    tl.store(SIG + bh.to(tl.int64) * D * D + offs_e, acc)
+
+
 @triton.jit(do_not_specialize=('H', 'n_splits', 'cg_max_iters'))
-def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG_S, M_OUT, OM_OUT, RHO, ITERS, RES, SERR,
-                      H, n_splits, split, cg_tol, cg_max_iters, D: tl.constexpr):
+def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG, M_OUT, OM_OUT, RHO, ITERS, RES, SERR,
+                      H, n_splits, split, cg_tol, cg_max_iters, D: tl.constexpr, CHUNK: tl.constexpr):
     bh, used, base = _head_splits(LENS, H, n_splits, split)
     offs_d = tl.arange(0, D)
-    big = _scalar(float("-inf"))
-    for s in range(0, used):
-        big = tl.maximum(big, tl.load(M_S + base + s))
+    offs_c = tl.arange(0, CHUNK)
+    big = _head_max(M_S, base, used, CHUNK)
     omega = _scalar(0.0)
     mu = tl.zeros([D], dtype=tl.float64)
-    sig = tl.zeros([D, D], dtype=tl.float64)
-    for s in range(0, used):
-        f = tl.exp(tl.load(M_S + base + s) - big)
-        omega += f * tl.load(OM_S + base + s)
-        mu += (f * tl.load(MU_S + (base + s) * D + offs_d)).to(tl.float64)
-        sig += f.to(tl.float64) * tl.load(SIG_S + (base + s) * D * D + offs_d[:, None] * D + offs_d[None, :])
+    for c0 in range(0, used, CHUNK):
+        live = c0 + offs_c < used
+        row = base + c0 + offs_c
+        # a split whose max underflows against M (f = 0) adds nothing; masked ones neither
+        f = tl.where(live, tl.exp(tl.load(M_S + row, mask=live, other=float("-inf")) - big), 0.0)
+        omega += tl.sum(f * tl.load(OM_S + row, mask=live, other=0.0), 0)
+        mu_s = tl.load(MU_S + row[:, None] * D + offs_d[None, :], mask=live[:, None], other=0.0)
+        mu += tl.sum((f[:, None] * mu_s).to(tl.float64), 0)
+    sig = tl.load(SIG + bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :])
     lam = tl.load(LAM + bh)
     sig += tl.where(offs_d[:, None] == offs_d[None, :], (lam * omega).to(tl.float64), 0.0)
 
@@ -233,8 +327,9 @@ def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG_S, M_OUT, OM_OUT, RHO, ITE
 @triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
 def _lla_out_kernel(Q, K, V, LENS, M_G, RHO, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S,
                     H, G, T, n_splits, split, scale,
-                    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_s, bh, start, end, q, Kb, Vb, k0 = _split_program(Q, K, V, LENS, H, G, T, split, D, DV)
+                    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    pid_s, bh, start, end, q, Kb, Vb, k0 = _split_program(Q, K, V, LENS, H, G, T, split, tl.program_id(0),
+                                                          tl.program_id(1), D, DV)
     offs_d = tl.arange(0, D)
     offs_v = tl.arange(0, DV)
     rho = tl.load(RHO + bh.to(tl.int64) * D + offs_d)
@@ -244,7 +339,9 @@ def _lla_out_kernel(Q, K, V, LENS, M_G, RHO, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S,
     den = _scalar(0.0)
     mag = _scalar(0.0)
     omw = _scalar(0.0)
-    for start_n in range(start, end, BLOCK_N):
+    # cache tiles loaded STAGES - 1 ahead (cp.async): Triton pipelines only dot operands
+    # unless asked, and this pass is memory-bound
+    for start_n in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         a, z, v = _tile(Kb, Vb, start_n + tl.arange(0, BLOCK_N), end, q, k0, scale, D, DV)
         # against the global max: the splits' sums add without rescaling
         w = tl.exp(a - big)
@@ -266,20 +363,25 @@ def _lla_out_kernel(Q, K, V, LENS, M_G, RHO, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S,
 
 @triton.jit(do_not_specialize=('H', 'n_splits'))
 def _lla_finish_kernel(LENS, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S, SERR, O, DEN_OUT, FB_OUT,
-                       H, n_splits, split, delta_eps, DV: tl.constexpr):
+                       H, n_splits, split, delta_eps, DV: tl.constexpr, CHUNK: tl.constexpr):
     bh, used, base = _head_splits(LENS, H, n_splits, split)
     offs_v = tl.arange(0, DV)
+    offs_c = tl.arange(0, CHUNK)
     acc = tl.zeros([DV], dtype=tl.float32)
     acc0 = tl.zeros([DV], dtype=tl.float32)
     den = _scalar(0.0)
     mag = _scalar(0.0)
     omw = _scalar(0.0)
-    for s in range(0, used):
-        acc += tl.load(ACC_S + (base + s) * DV + offs_v)
-        acc0 += tl.load(ACC0_S + (base + s) * DV + offs_v)
-        den += tl.load(DEN_S + base + s)
-        mag += tl.load(MAG_S + base + s)
-        omw += tl.load(OMW_S + base + s)
+    # the splits' sums are all against the global max: plain sums, CHUNK splits a load
+    for c0 in range(0, used, CHUNK):
+        live = c0 + offs_c < used
+        row = base + c0 + offs_c
+        rows_v = row[:, None] * DV + offs_v[None, :]
+        acc += tl.sum(tl.load(ACC_S + rows_v, mask=live[:, None], other=0.0), 0)
+        acc0 += tl.sum(tl.load(ACC0_S + rows_v, mask=live[:, None], other=0.0), 0)
+        den += tl.sum(tl.load(DEN_S + row, mask=live, other=0.0), 0)
+        mag += tl.sum(tl.load(MAG_S + row, mask=live, other=0.0), 0)
+        omw += tl.sum(tl.load(OMW_S + row, mask=live, other=0.0), 0)
     # delta guard (docs/kernels.md): a den inside its rounding and solve error has no
     # correct digit; such a query returns the softmax average (rho = 0) instead
     fallback = tl.abs(den) <= delta_eps * mag + tl.load(SERR + bh)
@@ -329,14 +431,18 @@ def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=No
     tol, max_iters = _check_options(cg_tol, cg_max_iters, D)
     bn = _block_n()
     if split is None:
-        split = choose_split(T, B * H, bn)
+        split = choose_split(T, B * H, bn, _sm_count(q.device) * RESIDENT_PER_SM[max(D, Dv)],
+                             MIN_SPLIT_PER_DIM * D)
     elif isinstance(split, bool) or not isinstance(split, int) or split < bn or split % bn:
         raise LLAInputError(f"split: expected None or a positive multiple of the tile {bn}, got {split!r}")
     n_splits = triton.cdiv(T, split)
     N = B * H
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
-    lens_d = lens.to(device=dev, dtype=torch.int32)
+    # lens is on the host (check_cache); a blocking copy would wait for the stream to drain
+    # before every launch. A pageable source is staged before the call returns, so the
+    # asynchronous copy is safe to drop.
+    lens_d = lens.to(dtype=torch.int32).to(device=dev, non_blocking=True)
     qc, kc, vc = (t.contiguous() for t in (q, k_cache, v_cache))
     G = H // Hk
 
@@ -344,8 +450,12 @@ def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=No
     om_s = torch.empty_like(m_s)
     mu_s = torch.empty(N, n_splits, D, **f32)
     sig_s = torch.empty(N, n_splits, D, D, device=dev, dtype=torch.float64)
-    _lla_split_kernel[(n_splits, N)](qc, kc, vc, lens_d, m_s, om_s, mu_s, sig_s, H, G, T, n_splits, split,
-                                     float(scale), D=D, DV=Dv, BLOCK_N=bn, num_warps=4)
+    # Sigma in blocks of BS x BS: those on and above the diagonal, one program each
+    bs = min(D, INTERPRETED_SIGMA_BLOCK if _interpreting() else SIGMA_BLOCK)
+    n_blocks = (D // bs) * (D // bs + 1) // 2
+    _lla_split_kernel[(n_blocks, n_splits, N)](qc, kc, vc, lens_d, m_s, om_s, mu_s, sig_s, H, G, T, n_splits,
+                                               split, float(scale), D=D, DV=Dv, BLOCK_N=bn, BS=bs,
+                                               num_warps=SPLIT_WARPS)
     parts = {"m": m_s, "omega": om_s, "mu": mu_s, "sigma": sig_s, "split": split, "lengths": lens_d}
     if combine is not None:
         # a planted combine hands the solve one "split" holding its sums
@@ -363,20 +473,25 @@ def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=No
     iters = torch.empty(N, device=dev, dtype=torch.int32)
     res = torch.empty_like(m_g)
     serr = torch.empty_like(m_g)
-    _lla_solve_kernel[(N,)](lens_d, lam, m_s, om_s, mu_s, sig_s, m_g, om_g, rho, iters, res, serr,
-                            H, n_solve, split_solve, float(tol), int(max_iters), D=D, num_warps=4)
+    sig = torch.empty(N, D, D, device=dev, dtype=torch.float64)
+    be = min(D * D, SIGMA_SUM_BLOCK)
+    _lla_sigma_sum_kernel[(N, D * D // be)](lens_d, m_s, sig_s, sig, H, n_solve, split_solve, D=D, BE=be,
+                                            CHUNK=_chunk(1), num_warps=4)
+    _lla_solve_kernel[(N,)](lens_d, lam, m_s, om_s, mu_s, sig, m_g, om_g, rho, iters, res, serr,
+                            H, n_solve, split_solve, float(tol), int(max_iters), D=D, CHUNK=_chunk(D), num_warps=4)
 
     acc_s = torch.empty(N, n_splits, Dv, **f32)
     acc0_s = torch.empty_like(acc_s)
     den_s = torch.empty(N, n_splits, **f32)
     mag_s, omw_s = torch.empty_like(den_s), torch.empty_like(den_s)
     _lla_out_kernel[(n_splits, N)](qc, kc, vc, lens_d, m_g, rho, acc_s, acc0_s, den_s, mag_s, omw_s,
-                                   H, G, T, n_splits, split, float(scale), D=D, DV=Dv, BLOCK_N=bn, num_warps=4)
+                                   H, G, T, n_splits, split, float(scale), D=D, DV=Dv, BLOCK_N=bn, STAGES=OUT_STAGES,
+                                   num_warps=4)
     o = torch.empty(B, H, Dv, device=dev, dtype=q.dtype)
     den = torch.empty(N, **f32)
     fb = torch.empty(N, device=dev, dtype=torch.int8)
     _lla_finish_kernel[(N,)](lens_d, acc_s, acc0_s, den_s, mag_s, omw_s, serr, o, den, fb,
-                             H, n_splits, split, float(eps), DV=Dv, num_warps=4)
+                             H, n_splits, split, float(eps), DV=Dv, CHUNK=_chunk(Dv), num_warps=4)
     stats = DecodeStats(iters.reshape(B, H), res.reshape(B, H), om_g.reshape(B, H), den.reshape(B, H),
                         fb.bool().reshape(B, H))
     return o, stats, parts

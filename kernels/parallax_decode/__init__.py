@@ -2,7 +2,7 @@
 
 o = nu - C r over the cache positions 0..lengths[b]-1 (docs/decode.md; the operator is
 docs/math.md "Parallax"). The cache is cut into splits of ``split`` positions, one program
-per (split, head); a second kernel combines the splits. With d_j = <k_j - k_0, r> and
+per (split, head); a second kernel combines the splits, a chunk of splits at a time. With d_j = <k_j - k_0, r> and
 v'_j = v_j - v_0 (k_0, v_0: the sequence's first key and value, a common anchor) and the
 scores a_j = s <q, k_j - k_0> (a softmax-invariant shift), every group of positions (a
 tile, a split, the whole cache) is summarised by its centred moments
@@ -34,13 +34,27 @@ import triton.language as tl
 from lla_contract import LLAInputError, check_cache, check_probe, check_scale
 
 __all__ = ["parallax_decode", "parallax_decode_partials", "parallax_decode_combine", "LLAInputError",
-           "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "BLOCK_N", "INTERPRETED_BLOCK_N", "tile_size"]
+           "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "BLOCK_N", "INTERPRETED_BLOCK_N", "tile_size",
+           "combine_chunk"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # D and Dv: powers of two (tl.arange needs them)
-# Programs a launch aims for on a GPU (a few per SM of an H100/H200), when the caller
-# gives no split size: fewer heads get more splits each.
-TARGET_PROGRAMS = 264
+# Split programs resident on one SM at once, by head dim (sm_90, Triton 3.6, 4 warps, tile
+# 64, 3 stages): 65536 registers over 128 threads at ptxas's 128 (D <= 64) and 214 (D = 128)
+# registers a thread. With no split size given, a launch of (splits x heads) programs aims at
+# one wave of the SMs (SM count x this): a second, partial wave would leave most SMs idle
+# while it runs, and more splits than that only add partials to combine.
+RESIDENT_PER_SM = {16: 4, 32: 4, 64: 4, 128: 2}
+DEFAULT_SMS = 132  # an H100/H200's SMs, when there is no CUDA device to ask
+# cache tiles a split program keeps in flight (cp.async into shared memory) while it works on
+# the one before: the split kernel is memory-bound, and without them each program waits for
+# every tile's load before computing (Triton pipelines only the loads of dot products unless
+# asked)
+SPLIT_STAGES = 3
+# splits a combine program merges at once: at most 64, and at most 4096 floats of nu' (and as
+# many of X) a chunk, 32 registers a thread at 4 warps
+COMBINE_CHUNK = 64
+INTERPRETED_COMBINE_CHUNK = 2
 # cache positions per tile: a split is a multiple of it. The interpreter runs each program
 # as numpy, where small tiles keep the CPU tests fast.
 BLOCK_N = 64
@@ -69,11 +83,25 @@ def tile_size() -> int:
     return _block_n()
 
 
-def choose_split(t_max: int, n_heads: int, block_n: int) -> int:
-    """Split length (a multiple of block_n) giving about TARGET_PROGRAMS programs."""
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
+def choose_split(t_max: int, n_heads: int, block_n: int, slots: int) -> int:
+    """Split length (a multiple of block_n): splits x n_heads programs within ``slots`` (the
+    programs one wave of the device holds), one split a head when the heads alone fill it."""
     n_tiles = triton.cdiv(t_max, block_n)
-    n_splits = max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, n_heads)))
+    n_splits = max(1, min(n_tiles, slots // n_heads))
     return triton.cdiv(n_tiles, n_splits) * block_n
+
+
+def combine_chunk(dv: int) -> int:
+    """Splits the combine merges at once for value width dv (a power of two)."""
+    if _interpreting():
+        return INTERPRETED_COMBINE_CHUNK
+    return max(1, min(COMBINE_CHUNK, 4096 // dv))
 
 
 @triton.jit
@@ -107,7 +135,7 @@ def _merge(om_a, nu_a, db_a, x_a, om_b, nu_b, db_b, x_b):
 @triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
 def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
                            H, G, T, n_splits, split, scale,
-                           D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr):
+                           D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     b, kvh = _head(bh, H, G)
@@ -128,7 +156,7 @@ def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
     dbar = _scalar(0.0)
     nu = tl.zeros([DV], dtype=tl.float32)
     x = tl.zeros([DV], dtype=tl.float32)
-    for start_n in range(start, end, BLOCK_N):
+    for start_n in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         keep = offs_n < end
         k = tl.load(kbase + offs_n[:, None] * D + offs_d[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
@@ -162,25 +190,47 @@ def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
 
 @triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
 def _parallax_combine_kernel(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O,
-                             H, G, T, n_splits, split, DV: tl.constexpr):
+                             H, G, T, n_splits, split, DV: tl.constexpr, CHUNK: tl.constexpr):
+    """One program per head: its used splits, CHUNK at a time. A chunk is summarised as a
+    tile is in the split kernel, against its own max m_c: weights w_i = f_i omega_i with
+    f_i = exp(m_i - m_c), omega_c = sum_i w_i, the means nu'_c, dbar_c as w-weighted means, and
+    X_c = sum_i f_i X_i + sum_i w_i (nu'_i - nu'_c)(dbar_i - dbar_c), the k-group form of the
+    parallel-covariance rule (two groups: _merge). Chunks then merge in order by _merge."""
     bh = tl.program_id(0)
     b, kvh = _head(bh, H, G)
     used = tl.cdiv(tl.load(LENS + b), split)
     offs_v = tl.arange(0, DV)
+    offs_c = tl.arange(0, CHUNK)
     base = bh.to(tl.int64) * n_splits
-    big = _scalar(float("-inf"))
-    for s in range(0, used):
-        big = tl.maximum(big, tl.load(M_S + base + s))
+    m_i = _scalar(float("-inf"))
     omega = _scalar(0.0)
     dbar = _scalar(0.0)
     nu = tl.zeros([DV], dtype=tl.float32)
     x = tl.zeros([DV], dtype=tl.float32)
-    # a split whose weights underflow against the largest max (f = 0) adds nothing (_merge)
-    for s in range(0, used):
-        f = tl.exp(tl.load(M_S + base + s) - big)
-        omega, nu, dbar, x = _merge(omega, nu, dbar, x, f * tl.load(OM_S + base + s),
-                                    tl.load(NU_S + (base + s) * DV + offs_v), tl.load(DB_S + base + s),
-                                    f * tl.load(X_S + (base + s) * DV + offs_v))
+    for c0 in range(0, used, CHUNK):
+        row = base + c0 + offs_c
+        live = (c0 + offs_c) < used
+        m_s = tl.load(M_S + row, mask=live, other=float("-inf"))
+        # a used split holds a cache position, so m_c is finite; the split attaining it has
+        # f = 1 and omega >= 1 (its own tiles' maxima weigh exp(0) = 1), so omega_c >= 1 and
+        # the means divide by no sum that underflowed. A split whose weights underflow
+        # against m_c (f = 0) adds nothing, as in _merge; a masked one neither.
+        m_c = tl.max(m_s, 0)
+        f = tl.where(live, tl.exp(m_s - m_c), 0.0)
+        w = f * tl.load(OM_S + row, mask=live, other=0.0)
+        om_c = tl.sum(w, 0)
+        p = w / om_c
+        nu_s = tl.load(NU_S + row[:, None] * DV + offs_v[None, :], mask=live[:, None], other=0.0)
+        db_s = tl.load(DB_S + row, mask=live, other=0.0)
+        nu_c = tl.sum(p[:, None] * nu_s, 0)
+        db_c = tl.sum(p * db_s, 0)
+        x_s = tl.load(X_S + row[:, None] * DV + offs_v[None, :], mask=live[:, None], other=0.0)
+        x_c = tl.sum(f[:, None] * x_s + (w * (db_s - db_c))[:, None] * (nu_s - nu_c[None, :]), 0)
+        m_new = tl.maximum(m_i, m_c)
+        alpha = tl.exp(m_i - m_new)
+        beta = tl.exp(m_c - m_new)
+        omega, nu, dbar, x = _merge(omega * alpha, nu, dbar, x * alpha, om_c * beta, nu_c, db_c, x_c * beta)
+        m_i = m_new
     v0 = tl.load(V + kvh * T * DV + offs_v).to(tl.float32)
     o = (v0 + nu) - x / omega
     tl.store(O + bh.to(tl.int64) * DV + offs_v, o.to(O.dtype.element_ty))
@@ -199,7 +249,8 @@ def _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite):
     scale = check_scale(qk_scale, q.shape[-1])
     bn = _block_n()
     if split is None:
-        split = choose_split(k_cache.shape[2], q.shape[0] * q.shape[1], bn)
+        slots = _sm_count(q.device) * RESIDENT_PER_SM[q.shape[-1]]
+        split = choose_split(k_cache.shape[2], q.shape[0] * q.shape[1], bn, slots)
     elif isinstance(split, bool) or not isinstance(split, int) or split < bn or split % bn:
         raise LLAInputError(f"split: expected None or a positive multiple of the tile {bn}, got {split!r}")
     return lens, scale, split, bn
@@ -219,23 +270,31 @@ def parallax_decode_partials(q, r, k_cache, v_cache, lengths, *, qk_scale=None, 
     om_s, db_s = torch.empty_like(m_s), torch.empty_like(m_s)
     nu_s = torch.empty(B * H, n_splits, Dv, **f32)
     x_s = torch.empty_like(nu_s)
-    lens_d = lens.to(device=dev, dtype=torch.int32)
+    # lens is on the host (check_cache); a blocking copy would wait for the stream to drain
+    # before every launch. A pageable source is staged before the call returns, so the
+    # asynchronous copy is safe to drop.
+    lens_d = lens.to(dtype=torch.int32).to(device=dev, non_blocking=True)
     qc, rc, kc, vc = (t.contiguous() for t in (q, r, k_cache, v_cache))
     _parallax_split_kernel[(n_splits, B * H)](
         qc, rc, kc, vc, lens_d, m_s, om_s, db_s, nu_s, x_s, H, H // Hk, T, n_splits, split, float(scale),
-        D=D, DV=Dv, BLOCK_N=bn, num_warps=4)
+        D=D, DV=Dv, BLOCK_N=bn, STAGES=SPLIT_STAGES, num_warps=4)
     return {"m": m_s, "omega": om_s, "dbar": db_s, "nu": nu_s, "x": x_s, "split": split, "lengths": lens_d}
 
 
-def parallax_decode_combine(parts, q, v_cache):
-    """Combine the partial moments of ``parallax_decode_partials`` into o (B, H, Dv)."""
+def parallax_decode_combine(parts, q, v_cache, *, chunk=None):
+    """Combine the partial moments of ``parallax_decode_partials`` into o (B, H, Dv),
+    ``chunk`` splits at a time (a power of two; None: ``combine_chunk(Dv)``)."""
     B, H, _ = q.shape
     Hk, T, Dv = v_cache.shape[1], v_cache.shape[2], v_cache.shape[-1]
+    if chunk is None:
+        chunk = combine_chunk(Dv)
+    elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or chunk & (chunk - 1):
+        raise LLAInputError(f"chunk: expected None or a power of two >= 1, got {chunk!r}")
     o = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
     n_splits = parts["m"].shape[1]
     _parallax_combine_kernel[(B * H,)](
         v_cache.contiguous(), parts["lengths"], parts["m"], parts["omega"], parts["dbar"], parts["nu"], parts["x"], o,
-        H, H // Hk, T, n_splits, parts["split"], DV=Dv, num_warps=4)
+        H, H // Hk, T, n_splits, parts["split"], DV=Dv, CHUNK=chunk, num_warps=4)
     return o
 
 
