@@ -192,3 +192,18 @@ def test_score_sensitivity_on_a_two_key_row_is_the_worst_case():
         worst = j1.norm(dim=-1) * (b[..., 1, 0] + b[..., 1, 1])[..., None]
         # query 0 has one key: its scores move no weight; its rows change through query 1 only
         torch.testing.assert_close(sens[n], worst, rtol=1e-5, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_score_sensitivity_is_the_same_head_by_head(monkeypatch):
+    """Heads are taken a few at a time under SCORE_CALL_BYTES; the sign patterns are drawn
+    for all heads at once, so one head per call gives the same values."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, r, do = (torch.randn(2, 3, 9, 16, generator=gen) for _ in range(5))
+    k = k * 30.0  # one-hot rows: the pattern against the heaviest key matters
+    together = bp.score_rounding_sensitivity(q, k, v, r, do)
+    monkeypatch.setattr(bp, "SCORE_CALL_BYTES", 1)
+    alone = bp.score_rounding_sensitivity(q, k, v, r, do)
+    for name, a, b in zip(bp.GRAD_NAMES, together, alone):
+        assert a.shape == (2, 3, 9)
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=0, msg=lambda m: f"{name}: {m}")
+        assert float(a.min()) >= 0 and float(a.max()) > 0

@@ -444,36 +444,56 @@ def score_rounding_sensitivity(q, k, v, r, do, *, qk_scale=None, directions: int
 
     The derivative along t is a second derivative, J_g(a)[t] = d/dx <dL/da, t>: one
     backward pass to dL/da (the oracle's scores shifted by a zero ``score_shift``,
-    differentiable) whose graph each pattern differentiates again.
+    differentiable) whose graph each pattern differentiates again. Heads are taken a few
+    at a time (SCORE_CALL_BYTES): that graph holds several pairwise (S, S, D) tensors per
+    head, more than the float64 gradients' own.
     """
     from lla_contract import check_scale
 
     scale = check_scale(qk_scale, q.shape[-1])
-    S = q.shape[-2]
-    xs64 = tuple(t.detach().to(torch.float64).requires_grad_(True) for t in (q, k, v, r))
+    lead, S, D, Dv = tuple(q.shape[:-2]), q.shape[-2], q.shape[-1], v.shape[-1]
+    xs64 = tuple(t.detach().to(torch.float64).reshape(-1, S, t.shape[-1]) for t in (q, k, v, r))
+    do64 = do.detach().to(torch.float64).reshape(-1, S, Dv)
     causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
-    with torch.no_grad():
-        b = abs(scale) * xs64[0].norm(dim=-1)[..., :, None] * xs64[1].norm(dim=-1)[..., None, :]
-        b = torch.where(causal, b, 0.0)
-        heaviest = (xs64[0] @ xs64[1].transpose(-1, -2)).mul(scale).masked_fill(~causal, -math.inf).argmax(-1)
-        against = torch.full_like(b, -1.0).scatter_(-1, heaviest[..., None], 1.0)
-    shift = torch.zeros_like(b, requires_grad=True)
-    with torch.enable_grad():
-        loss = (parallax_forward(*xs64, qk_scale=scale, score_shift=shift) * do.detach().to(torch.float64)).sum()
-        dl_da, = torch.autograd.grad(loss, shift, create_graph=True)
+    b = abs(scale) * xs64[0].norm(dim=-1)[..., :, None] * xs64[1].norm(dim=-1)[..., None, :]
+    b = torch.where(causal, b, 0.0)
+    heaviest = (xs64[0] @ xs64[1].transpose(-1, -2)).mul(scale).masked_fill(~causal, -math.inf).argmax(-1)
+    # the patterns are drawn for every head at once, so that grouping the heads changes nothing
     gen = torch.Generator().manual_seed(seed)
+    patterns = [torch.full_like(b, -1.0).scatter_(-1, heaviest[..., None], 1.0) * b]
+    patterns += [_random_signs(b, gen) * b for _ in range(directions)]
 
-    def tangents():
-        yield against * b
-        for _ in range(directions):
-            yield _random_signs(b, gen) * b
+    heads = xs64[0].shape[0]
+    per_head = 3 * 8 * S * S * (3 * D + Dv + 4)
+    step = max(1, min(heads, SCORE_CALL_BYTES // per_head))
+    out = None
+    for n0 in range(0, heads, step):
+        part = _score_rounding_rows(tuple(x[n0:n0 + step] for x in xs64), do64[n0:n0 + step], scale,
+                                    [t[n0:n0 + step] for t in patterns])
+        out = part if out is None else tuple(torch.cat([o, p]) for o, p in zip(out, part))
+    return tuple(o.reshape(*lead, S) for o in out)
+
+
+# heads whose score sensitivity is taken in one double-backward call, while their graph (an
+# estimate: three times the oracle's pairwise tensors) stays under this
+SCORE_CALL_BYTES = 256 * 2**20
+
+
+def _score_rounding_rows(xs64, do64, scale, patterns) -> tuple:
+    """score_rounding_sensitivity on a group of heads (N, S, *): the largest row norm of
+    d/dx <dL/da, t> over the patterns t."""
+    leaves = tuple(x.clone().requires_grad_(True) for x in xs64)
+    shift = torch.zeros_like(patterns[0], requires_grad=True)
+    with torch.enable_grad():
+        loss = (parallax_forward(*leaves, qk_scale=scale, score_shift=shift) * do64).sum()
+        dl_da, = torch.autograd.grad(loss, shift, create_graph=True)
 
     def along(t):
         with torch.enable_grad():
-            return torch.autograd.grad((dl_da * t).sum(), xs64, retain_graph=True, allow_unused=True)
+            g = torch.autograd.grad((dl_da * t).sum(), leaves, retain_graph=True, allow_unused=True)
+        return tuple(torch.zeros_like(x) if d is None else d for d, x in zip(g, leaves))
 
-    return _largest_rows(lambda t: tuple(torch.zeros_like(x) if g is None else g for g, x in zip(along(t), xs64)),
-                         tangents())
+    return _largest_rows(along, patterns)
 
 
 def parallax_backward_budget(q, k, v, r, do, *, qk_scale=None, compute_dtype=torch.float32,
