@@ -69,3 +69,33 @@ def test_budget_passes_the_dense_reference_and_fails_a_dropped_term(dtype):
     nudged = honest.clone()
     nudged[0, 0, 5] = nudged[0, 0, 5] * (1 + torch.finfo(dtype).eps)
     assert check_parallax_forward(q, k, v, r, nudged, impl="nudged", case="gaussian").passed
+
+
+def test_a_score_shift_acts_on_its_query_through_the_softmax_only():
+    """``score_shift`` is added to the scores before the softmax: a shift constant over a
+    query's keys changes nothing (the softmax sees differences only), one entry changes
+    that query's row alone, entries above the diagonal are ignored; chunked or not."""
+    q, k, v, r = _qkvr(S=12)
+    base = parallax_forward(q, k, v, r)
+    g = torch.Generator().manual_seed(3)
+    per_query = torch.randn(2, 2, 12, 1, generator=g, dtype=torch.float64).expand(2, 2, 12, 12)
+    for chunk in (None, 2_000):
+        kw = {} if chunk is None else {"chunk_bytes": chunk}
+        torch.testing.assert_close(parallax_forward(q, k, v, r, score_shift=per_query, **kw), base,
+                                   rtol=0, atol=64 * U64)
+        future = torch.zeros(2, 2, 12, 12, dtype=torch.float64).triu(1) + torch.ones(12, 12).triu(1).double()
+        # (to rounding: the shifted scores are a new tensor, which the softmax may sum in another order)
+        torch.testing.assert_close(parallax_forward(q, k, v, r, score_shift=future, **kw), base,
+                                   rtol=0, atol=64 * U64)
+        one = torch.zeros(2, 2, 12, 12, dtype=torch.float64)
+        one[1, 0, 7, 3] = 0.5
+        moved = (parallax_forward(q, k, v, r, score_shift=one, **kw) - base).norm(dim=-1)
+        assert float(moved[1, 0, 7]) > 1e-3
+        moved[1, 0, 7] = 0
+        assert float(moved.max()) <= 64 * U64
+
+
+def test_a_score_shift_of_another_shape_is_refused():
+    q, k, v, r = _qkvr(S=12)
+    with pytest.raises(ValueError, match=r"^score_shift: expected shape \(2, 2, 12, 12\)"):
+        parallax_forward(q, k, v, r, score_shift=torch.zeros(2, 2, 12, 11, dtype=torch.float64))

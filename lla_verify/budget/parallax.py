@@ -40,6 +40,22 @@ class ParallaxBudget:
     model_scale: float
 
 
+def _random_signs(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return (torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t)
+
+
+def _largest_rows(directional, tangents) -> tuple:
+    """For each output of ``directional`` (a map from a tangent to a tuple of tensors: a
+    derivative along it), the largest row norm over the tangents in ``tangents``, per row
+    (the last dimension is the row's). The sensitivity estimates of this module are all of
+    this form: a derivative along sign patterns, the largest one kept."""
+    best = None
+    for t in tangents:
+        norms = tuple(o.norm(dim=-1) for o in directional(t))
+        best = norms if best is None else tuple(torch.maximum(b, n) for b, n in zip(best, norms))
+    return best
+
+
 def parallax_sensitivity(q, k, v, r, *, qk_scale=None, directions: int = N_DIRECTIONS,
                          seed: int = 0) -> torch.Tensor:
     """max over random sign directions xi of ||J_o(x)[x * xi]||_2 per query, (..., S)."""
@@ -49,13 +65,11 @@ def parallax_sensitivity(q, k, v, r, *, qk_scale=None, directions: int = N_DIREC
     def f(*a):
         return parallax_forward(*a, qk_scale=qk_scale)
 
-    best = None
-    for _ in range(directions):
-        signs = [(torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t) for t in xs64]
-        _, do = jvp(f, xs64, tuple(s * t for s, t in zip(signs, xs64)))
-        n = do.norm(dim=-1)
-        best = n if best is None else torch.maximum(best, n)
-    return best
+    def tangents():
+        for _ in range(directions):
+            yield tuple(_random_signs(t, gen) * t for t in xs64)
+
+    return _largest_rows(lambda t: (jvp(f, xs64, t)[1],), tangents())[0]
 
 
 def parallax_budget(q, k, v, r, *, qk_scale=None, compute_dtype=torch.float32,
@@ -361,7 +375,8 @@ class ParallaxBackwardBudget:
     #                   the median over ``orderings`` coordinate orderings
     allowed: tuple  # per-row allowed error, one tensor per gradient
     orderings: int = BWD_ORDERINGS
-    dense_max: tuple = ()  # per-row largest error over the orderings
+    dense_max: tuple = ()  # per-row largest error over the orderings (reported, not allowed)
+    score: tuple = ()  # per-row allowance for the scores' rounding, sqrt(D) u_c T_x
 
 
 def _grads(fn, xs, do):
@@ -414,36 +429,111 @@ def dense_grad_errors_over_orderings(q, k, v, r, do, grads64, *, qk_scale=None, 
     return tuple(torch.cat(e) for e in errs)
 
 
+def score_rounding_sensitivity(q, k, v, r, do, *, qk_scale=None, directions: int = N_DIRECTIONS,
+                               seed: int = 0) -> tuple:
+    """Per row of dq, dk, dv and dr, (..., S) each: the largest over sign patterns xi of
+    ||J_g(a)[xi * b]||, the first-order change of the float64 gradients g = dL/dx of
+    L = <do, o> when each score a_ij (j <= i) moves by xi_ij b_ij, b_ij = |s| |q_i| |k_j|.
+
+    The first pattern moves the heaviest key of each query (its largest score) by +b and
+    every other key by -b; the others are ``directions`` random sign patterns. The softmax
+    sees only differences of a query's scores, so on a row with two significant keys a
+    random pattern that gives both the same sign moves nothing there; the first pattern
+    gives them opposite signs. Every pattern lies in the box |delta_ij| <= b_ij, so the
+    estimate never exceeds the worst case over the box.
+
+    The derivative along t is a second derivative, J_g(a)[t] = d/dx <dL/da, t>: one
+    backward pass to dL/da (the oracle's scores shifted by a zero ``score_shift``,
+    differentiable) whose graph each pattern differentiates again. Heads are taken a few
+    at a time (SCORE_CALL_BYTES): that graph holds several pairwise (S, S, D) tensors per
+    head, more than the float64 gradients' own.
+    """
+    from lla_contract import check_scale
+
+    scale = check_scale(qk_scale, q.shape[-1])
+    lead, S, D, Dv = tuple(q.shape[:-2]), q.shape[-2], q.shape[-1], v.shape[-1]
+    xs64 = tuple(t.detach().to(torch.float64).reshape(-1, S, t.shape[-1]) for t in (q, k, v, r))
+    do64 = do.detach().to(torch.float64).reshape(-1, S, Dv)
+    causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    b = abs(scale) * xs64[0].norm(dim=-1)[..., :, None] * xs64[1].norm(dim=-1)[..., None, :]
+    b = torch.where(causal, b, 0.0)
+    heaviest = (xs64[0] @ xs64[1].transpose(-1, -2)).mul(scale).masked_fill(~causal, -math.inf).argmax(-1)
+    # the patterns are drawn for every head at once, so that grouping the heads changes nothing
+    gen = torch.Generator().manual_seed(seed)
+    patterns = [torch.full_like(b, -1.0).scatter_(-1, heaviest[..., None], 1.0) * b]
+    patterns += [_random_signs(b, gen) * b for _ in range(directions)]
+
+    heads = xs64[0].shape[0]
+    per_head = 3 * 8 * S * S * (3 * D + Dv + 4)
+    step = max(1, min(heads, SCORE_CALL_BYTES // per_head))
+    out = None
+    for n0 in range(0, heads, step):
+        part = _score_rounding_rows(tuple(x[n0:n0 + step] for x in xs64), do64[n0:n0 + step], scale,
+                                    [t[n0:n0 + step] for t in patterns])
+        out = part if out is None else tuple(torch.cat([o, p]) for o, p in zip(out, part))
+    return tuple(o.reshape(*lead, S) for o in out)
+
+
+# heads whose score sensitivity is taken in one double-backward call, while their graph (an
+# estimate: three times the oracle's pairwise tensors) stays under this
+SCORE_CALL_BYTES = 256 * 2**20
+
+
+def _score_rounding_rows(xs64, do64, scale, patterns) -> tuple:
+    """score_rounding_sensitivity on a group of heads (N, S, *): the largest row norm of
+    d/dx <dL/da, t> over the patterns t."""
+    leaves = tuple(x.clone().requires_grad_(True) for x in xs64)
+    shift = torch.zeros_like(patterns[0], requires_grad=True)
+    with torch.enable_grad():
+        loss = (parallax_forward(*leaves, qk_scale=scale, score_shift=shift) * do64).sum()
+        dl_da, = torch.autograd.grad(loss, shift, create_graph=True)
+
+    def along(t):
+        with torch.enable_grad():
+            g = torch.autograd.grad((dl_da * t).sum(), leaves, retain_graph=True, allow_unused=True)
+        return tuple(torch.zeros_like(x) if d is None else d for d, x in zip(g, leaves))
+
+    return _largest_rows(along, patterns)
+
+
 def parallax_backward_budget(q, k, v, r, do, *, qk_scale=None, compute_dtype=torch.float32,
-                             grad_dtype: torch.dtype | None = None,
-                             orderings: int = BWD_ORDERINGS) -> ParallaxBackwardBudget:
+                             grad_dtype: torch.dtype | None = None, orderings: int = BWD_ORDERINGS,
+                             directions: int = N_DIRECTIONS) -> ParallaxBackwardBudget:
     """The allowed per-row error of dq, dk, dv, dr for the cotangent ``do``.
 
     Per row x of each gradient (one row of dq, dk, dv or dr, a vector over D or Dv):
 
         floor_x   = BWD_ULPS (u_c sqrt(S D) max_x' ||g64_x'|| + u_g ||g64_x||)
-        allowed_x = max(BWD_FACTOR * med_x, floor_x max(1, BWD_FACTOR c), top_x),
+        score_x   = sqrt(D) u_c T_x
+        allowed_x = max(BWD_FACTOR med_x, floor_x max(1, BWD_FACTOR c)) + score_x,
         c         = max_x med_x / floor_x
 
-    med_x and top_x are the median and the largest, over ``orderings`` coordinate orderings
-    (dense_grad_errors_over_orderings), of the error of autograd through parallax_dense in
-    ``compute_dtype`` on the same inputs and cotangent (gradients in the inputs' dtype, as an
-    implementation returns them). FlashAttention's rule, BWD_FACTOR times the reference's
-    error, is applied to the median, the forward target's principle: one evaluation is one
-    draw of a rounding error that the implementation, summing in another order, draws
-    afresh, and a single draw may sit far above or below the computation's typical error
-    at that row. top_x admits every evaluation of the reference itself: where the scores'
-    rounding quantises a row's error into a few levels far apart (one-hot rows, keys of
-    large norm), the reference's own draws spread past BWD_FACTOR times their median
-    (docs/error-model.md §8). A row where even those are near zero (the last key's dv, a
-    single product) would demand more than the precision holds. Hence the floor: a few
-    units of the compute precision u_c over sums of S terms of D-long products at the scale
-    of the head's largest gradient row (max over x' in the same (batch, head)), plus the
-    output rounding u_g of the row itself in the gradient dtype. Where the reference's
-    error is far above that floor (keys with a large common offset: the scores' rounding,
-    u_c s |q_i| |k_j|, is the conditioning), c scales the floor as the forward budget's
-    same_precision_allowed does: every row may reach BWD_FACTOR times the reference's
-    worst median error in floor units.
+    med_x is the median over ``orderings`` coordinate orderings
+    (dense_grad_errors_over_orderings) of the error of autograd through parallax_dense in
+    ``compute_dtype`` on the same inputs and cotangent (gradients in the inputs' dtype, as
+    an implementation returns them). FlashAttention's rule, BWD_FACTOR times the
+    reference's error, is applied to the median, the forward target's principle: one
+    evaluation is one draw of a rounding error that the implementation, summing in another
+    order, draws afresh, and a single draw may sit far above or below the computation's
+    typical error at that row. A row where even the reference's error is near zero (the
+    last key's dv, a single product) would demand more than the precision holds. Hence the
+    floor: a few units of the compute precision u_c over sums of S terms of D-long products
+    at the scale of the head's largest gradient row (max over x' in the same (batch,
+    head)), plus the output rounding u_g of the row itself in the gradient dtype. Where the
+    reference's error is far above that floor, c scales the floor as the forward budget's
+    same_precision_allowed does: every row may reach BWD_FACTOR times the reference's worst
+    median error in floor units.
+
+    score_x is the scores' rounding carried into the row. Where the scores are large
+    (one-hot rows at a large bandwidth scale, keys of large norm) a row's error is the
+    rounding of a few scores a_ij, and it comes in levels (which ulp each score rounds to)
+    that no multiple of a typical error bounds: the median follows whichever level holds
+    the majority of the orderings. T_x (score_rounding_sensitivity) is the first-order
+    change of the float64 gradient row when each score moves by up to |s| |q_i| |k_j|; a
+    score is a D-term dot product, whose rounding is below sqrt(D) u_c |s| sum_d
+    |q_id k_jd| <= sqrt(D) u_c |s| |q_i| |k_j| (the probabilistic bound, lambda = 1). The
+    term is added: the implementation's error is its scores' rounding plus the rest, and
+    the reference's median bounds the rest (docs/error-model.md §8).
     """
     xs = (q, k, v, r)
     g64 = _grads(lambda *a: parallax_forward(*a, qk_scale=qk_scale), tuple(t.to(torch.float64) for t in xs),
@@ -456,13 +546,14 @@ def parallax_backward_budget(q, k, v, r, do, *, qk_scale=None, compute_dtype=tor
     u_g = unit_roundoff(gdt) if gdt != torch.float64 else U64
     u_c = unit_roundoff(compute_dtype) if compute_dtype != torch.float64 else U64
     root_n = math.sqrt(q.shape[-2] * q.shape[-1])
+    sens = score_rounding_sensitivity(q, k, v, r, do, qk_scale=qk_scale, directions=directions)
+    score = tuple(math.sqrt(q.shape[-1]) * u_c * t for t in sens)
     allowed = []
-    for e, top, b in zip(dense_err, dense_max, g64):
+    for e, b, sc in zip(dense_err, g64, score):
         n = b.norm(dim=-1)
         floor = BWD_ULPS * (u_c * root_n * n.amax(-1, keepdim=True) + u_g * n)
-        fa = same_precision_allowed(floor, e, BWD_FACTOR, torch.ones_like(e, dtype=torch.bool))[0]
-        allowed.append(torch.maximum(fa, top))
-    return ParallaxBackwardBudget(g64, dense_err, tuple(allowed), orderings, dense_max)
+        allowed.append(same_precision_allowed(floor, e, BWD_FACTOR, torch.ones_like(e, dtype=torch.bool))[0] + sc)
+    return ParallaxBackwardBudget(g64, dense_err, tuple(allowed), orderings, dense_max, score)
 
 
 def check_parallax_backward(q, k, v, r, do, grads, *, impl: str, case: str, qk_scale=None,
@@ -479,8 +570,8 @@ def check_parallax_backward(q, k, v, r, do, grads, *, impl: str, case: str, qk_s
                                         grad_dtype=grads[0].dtype)
     worst = (-1.0, None, None)
     per_query, summary = {}, {"nonfinite": 0}
-    for name, g, g64, allowed, de, top in zip(GRAD_NAMES, grads, pb.grads64, pb.allowed, pb.dense_err,
-                                              pb.dense_max):
+    for name, g, g64, allowed, de, top, sc in zip(GRAD_NAMES, grads, pb.grads64, pb.allowed, pb.dense_err,
+                                                  pb.dense_max, pb.score):
         g = g.detach().to(torch.float64)
         err = (g - g64).norm(dim=-1)
         finite = torch.isfinite(g).all(-1)
@@ -489,7 +580,8 @@ def check_parallax_backward(q, k, v, r, do, grads, *, impl: str, case: str, qk_s
         ratio_x = torch.where(finite, ratio_x, torch.full_like(err, math.inf))
         flat = torch.nan_to_num(ratio_x.flatten(), nan=math.inf)
         at = int(torch.argmax(flat))
-        per_query[name] = {"err": err, "allowed": allowed, "ratio": ratio_x, "dense_err": de, "dense_max": top}
+        per_query[name] = {"err": err, "allowed": allowed, "ratio": ratio_x, "dense_err": de, "dense_max": top,
+                           "score": sc}
         summary[f"ratio_{name}"] = float(flat[at])
         summary["nonfinite"] += int((~finite).sum())
         if float(flat[at]) > worst[0]:
@@ -506,7 +598,8 @@ def check_parallax_backward(q, k, v, r, do, grads, *, impl: str, case: str, qk_s
            f"  worst row {name} ({where}): error {float(pq['err'][idx]):.3e} vs allowed {float(pq['allowed'][idx]):.3e} "
            f"(x{BWD_FACTOR:g} dense error {float(pq['dense_err'][idx]):.3e}, the median of {pb.orderings} "
            f"orderings, largest {float(pq['dense_max'][idx]):.3e}, or {BWD_ULPS:g} ulp of "
-           f"|{name}| {float(g64[idx].norm()):.3e})\n  cause: {cause}")
+           f"|{name}| {float(g64[idx].norm()):.3e}; plus the scores' rounding {float(pq['score'][idx]):.3e})"
+           f"\n  cause: {cause}")
     record("parallax-backward", impl, ratio, case)
     summary.update(ratio=ratio, cause=cause)
     return Verdict("parallax-backward", impl, case, ratio, passed, cause, msg, (name, idx),

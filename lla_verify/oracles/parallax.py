@@ -23,9 +23,14 @@ from .float64 import DEFAULT_CHUNK_BYTES, causal_scores, chunk_size, flatten_lea
 _F64 = torch.float64
 
 
-def parallax_forward(q, k, v, r, *, qk_scale=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
-    """Causal Parallax o = nu - C r in float64; shape (..., S, Dv)."""
-    return _parallax(q, k, v, r, qk_scale, _F64, chunk_bytes)
+def parallax_forward(q, k, v, r, *, qk_scale=None, chunk_bytes=DEFAULT_CHUNK_BYTES, score_shift=None):
+    """Causal Parallax o = nu - C r in float64; shape (..., S, Dv).
+
+    ``score_shift`` (..., S, S), optional, float64: added to the scores a_ij before the
+    softmax (entries above the diagonal are ignored). The backward budget differentiates
+    through it to carry the scores' rounding into the gradients
+    (budget.parallax.score_rounding_allowance)."""
+    return _parallax(q, k, v, r, qk_scale, _F64, chunk_bytes, score_shift)
 
 
 def parallax_dense(q, k, v, r, *, qk_scale=None, compute_dtype=torch.float32, chunk_bytes=DEFAULT_CHUNK_BYTES):
@@ -37,19 +42,25 @@ def parallax_dense(q, k, v, r, *, qk_scale=None, compute_dtype=torch.float32, ch
     return _parallax(q, k, v, r, qk_scale, compute_dtype, chunk_bytes).to(q.dtype)
 
 
-def _parallax(q, k, v, r, qk_scale, cd, chunk_bytes):
+def _parallax(q, k, v, r, qk_scale, cd, chunk_bytes, score_shift=None):
     check_qkv(q, k, v)
     check_probe(r, q)
     scale = check_scale(qk_scale, q.shape[-1])
     lead = tuple(q.shape[:-2])
     S, D, Dv = q.shape[-2], q.shape[-1], v.shape[-1]
     qf, kf, vf, rf = (flatten_leading(t.to(cd), 2) for t in (q, k, v, r))
+    if score_shift is not None:
+        if tuple(score_shift.shape) != lead + (S, S):
+            raise ValueError(f"score_shift: expected shape {lead + (S, S)}, got {tuple(score_shift.shape)}")
+        shift = flatten_leading(score_shift.to(cd), 2)
     C = chunk_size(S, D, Dv, chunk_bytes)
     outs = []
     for i0 in range(0, S, C):
         i1 = min(S, i0 + C)
         qc, rc = qf[:, i0:i1], rf[:, i0:i1]
         a, mask = causal_scores(qc, kf, scale, i0, i1)
+        if score_shift is not None:
+            a = a + shift[:, i0:i1, :i1]
         p = torch.softmax(a.masked_fill(~mask, float("-inf")), dim=-1)  # (N, C, J)
         z = kf[:, None, :i1, :] - qc[:, :, None, :]  # (N, C, J, D)
         zbar = (p[..., None] * z).sum(-2)  # kbar_i - q_i
