@@ -446,3 +446,42 @@ def test_gradient_budget_the_same_with_the_device_linear_algebra(cuda_cholesky, 
         assert torch.equal(gd.judged, gc.judged), name
         r = gd.allowed[gc.judged] / gc.allowed[gc.judged]
         assert bool(((r > 1 / 1.05) & (r < 1.05)).all()), f"{name}: device / CPU allowed {r.tolist()}"
+
+
+def test_a_row_no_solver_answers_is_undefined_and_stays_out_of_the_keys(monkeypatch):
+    # A Sigma_i that neither Cholesky nor LU solves in float64 (singular as stored, at
+    # lambda_i > 0) has no value: the row is undefined, and the identity system stands in
+    # before the solve, or its backward (0 x Inf) would reach the keys it would feed
+    from lla_verify.oracles import float64
+
+    p = Case("gaussian", {"lam": 0.1}, B=1, H=1, S=9, D=4, dtype="float32", seed=0).build()
+    row = 5
+    real_chol, real_lu = torch.linalg.cholesky_ex, torch.linalg.solve_ex
+
+    def is_row(A):  # the chunk's Sigma (1, S, D, D) that is not the identity at ``row``
+        return A.dim() == 4 and A.shape[1] == 9 and not torch.equal(A[0, row], torch.eye(4, dtype=A.dtype))
+
+    def chol(A, *args, **kw):
+        L, info = real_chol(A, *args, **kw)
+        if is_row(A):
+            info = info.clone()
+            info[0, row] = 1
+            L = L.clone()
+            L[0, row] = math.nan
+        return L, info
+
+    def lu(A, B, *args, **kw):
+        X, info = real_lu(A, B, *args, **kw)
+        if is_row(A):
+            X = X.clone()
+            X[0, row] = math.inf
+        return X, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", chol)
+    monkeypatch.setattr(torch.linalg, "solve_ex", lu)
+    d = float64.lla_forward_details(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale)
+    assert d.undefined[0, 0].tolist() == [i == row for i in range(9)]
+    g = oracle_grads(p, cotangent_for(p))
+    for name, t in g.items():
+        bad = ~torch.isfinite(t) if name == "dlambda" else ~torch.isfinite(t).all(-1)
+        assert not bool(bad.any()), f"{name}: non-finite rows {bad.nonzero()[:, -1].tolist()}"
