@@ -335,3 +335,153 @@ def test_study_script_runs_at_a_tiny_size(capsys):
         assert ratios["certified"] == pytest.approx(ratios["old"], rel=(1 + RTOL) ** 3 - 1), ratios
     out = capsys.readouterr().out
     assert "| 12 | 8 | cpu | backward budget |" in out and "old / certified" in out
+
+
+# ---- the float64 gradients and probes where a Cholesky factorisation fails
+
+# The H200's false alarm (issue 21): early rows at kappa 1e9 make the Sigma probe's
+# perturbed Sigma_i indefinite; on CUDA their failed factors poisoned every key's probe,
+# and key 16 (fed only by query 16, kappa 2.2e4) was judged without its sensitivity.
+REPLAY = "subspace:lam=1e-09,noise=0.1,rank=2:B=1,H=2,S=17,D=16,dtype=bfloat16,seed=108"
+
+
+@pytest.fixture
+def cuda_cholesky(monkeypatch):
+    """torch.linalg.cholesky_ex as on CUDA: a factorisation that fails comes back NaN
+    (cuSOLVER; pytorch/pytorch#121009), where LAPACK leaves a partial, finite factor.
+    Yields the list of failure counts, one per call that failed."""
+    real = torch.linalg.cholesky_ex
+    failures = []
+
+    def nan_on_failure(A, *args, **kw):
+        L, info = real(A, *args, **kw)
+        bad = info != 0
+        if bool(bad.any()):
+            failures.append(int(bad.sum()))
+        return torch.where(bad[..., None, None], torch.full_like(L, math.nan), L), info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", nan_on_failure)
+    return failures
+
+
+def test_failed_cholesky_stays_out_of_the_gradients(cuda_cholesky, forced_certified):
+    # h = 1e-6 moves Sigma_i by about 100x the smallest eigenvalue of the kappa ~1e9 rows:
+    # their Cholesky fails and LU answers; no gradient may come out NaN for that
+    from lla_verify.registry.cases import parse_case
+
+    p = parse_case(REPLAY).build("cpu")
+    cot = cotangent_for(p).to(p.q.dtype).to(torch.float64)
+    g = oracle_grads(p, cot, sigma_probe=(1e-6, 0))
+    assert cuda_cholesky, "no Cholesky failed: the test no longer exercises the failed-factor path"
+    for name, t in g.items():
+        bad = ~torch.isfinite(t) if name == "dlambda" else ~torch.isfinite(t).all(-1)
+        assert not bool(bad.any()), f"{name}: non-finite rows {bad.nonzero().tolist()[:6]}"
+
+
+class _NanAdjoint(torch.autograd.Function):
+    """Identity forward; the backward turns the adjoint of one query row into NaN."""
+
+    @staticmethod
+    def forward(ctx, rho, row):
+        ctx.row = row
+        return rho.view_as(rho)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g[:, ctx.row] = math.nan
+        return g, None
+
+
+def test_a_nan_adjoint_reaches_no_key_after_its_query(monkeypatch):
+    # Key j feeds queries i >= j only: whatever query i's backward carries (NaN from a
+    # solve that failed there), keys j > i take none of it, exactly
+    from lla_verify.oracles import float64
+
+    p = Case("gaussian", {"lam": 0.1}, B=1, H=1, S=9, D=4, dtype="float32", seed=0).build()
+    cot = cotangent_for(p)
+    clean = oracle_grads(p, cot)
+    real, row = float64._solve_rho, 4
+
+    def poisoned(sig, rhs, eye):
+        rho, L, bad = real(sig, rhs, eye)
+        return _NanAdjoint.apply(rho, row), L, bad
+
+    monkeypatch.setattr(float64, "_solve_rho", poisoned)
+    g = oracle_grads(p, cot)
+    assert bool(torch.isnan(g["dk"][..., :row + 1, :]).any()), "the planted NaN did not arrive"
+    for name in ("dk", "dv"):
+        assert torch.equal(g[name][..., row + 1:, :], clean[name][..., row + 1:, :]), (
+            f"{name}: keys after query {row} changed: non-finite rows "
+            f"{(~torch.isfinite(g[name]).all(-1)).nonzero()[:, -1].tolist()}")
+    others = [i for i in range(p.q.shape[-2]) if i != row]
+    assert torch.equal(g["dq"][..., others, :], clean["dq"][..., others, :])
+
+
+def test_gradient_budget_the_same_with_the_device_linear_algebra(cuda_cholesky, forced_certified, monkeypatch):
+    # Every judged row gets its sensitivity terms with CUDA's failed factors and the
+    # certified extremes, and the same budget as on CPU to the method's tolerances:
+    # kappa within 2.2% (the probe's step 1e-2 / kappa_max with it, second-order terms
+    # ~1%), ||E_i|| within 0.5%: 5% in all. The bug took dk row 16 of head 1 84x down.
+    from lla_verify.budget.backward import GRAD_NAMES, backward_budget, oracle_pass, reference_grads
+    from lla_verify.registry.cases import parse_case
+    from lla_verify.registry.impls import get_impl
+
+    impl = get_impl("torch-fp32")
+    p = parse_case(REPLAY).build("cpu")
+    cot = cotangent_for(p).to(p.q.dtype).to(torch.float64)
+
+    def budget():
+        op = oracle_pass(p)
+        ref, jac = reference_grads(op, cot, dlambda_residual=True)
+        return backward_budget(p, impl, cot, GRAD_NAMES, details=op.details, ref=ref, rho_jac=jac)
+
+    device = budget()
+    assert cuda_cholesky, "no Cholesky failed: the test no longer exercises the failed-factor path"
+    monkeypatch.undo()  # LAPACK's factors and eigvalsh: the CPU's budget
+    cpu = budget()
+    for name in GRAD_NAMES:
+        gd, gc = device.grads[name], cpu.grads[name]
+        assert gd.n_unmeasured == 0, f"{name}: {gd.n_unmeasured} rows without their sensitivity"
+        assert torch.equal(gd.judged, gc.judged), name
+        r = gd.allowed[gc.judged] / gc.allowed[gc.judged]
+        assert bool(((r > 1 / 1.05) & (r < 1.05)).all()), f"{name}: device / CPU allowed {r.tolist()}"
+
+
+def test_a_row_no_solver_answers_is_undefined_and_stays_out_of_the_keys(monkeypatch):
+    # A Sigma_i that neither Cholesky nor LU solves in float64 (singular as stored, at
+    # lambda_i > 0) has no value: the row is undefined, and the identity system stands in
+    # before the solve, or its backward (0 x Inf) would reach the keys it would feed
+    from lla_verify.oracles import float64
+
+    p = Case("gaussian", {"lam": 0.1}, B=1, H=1, S=9, D=4, dtype="float32", seed=0).build()
+    row = 5
+    real_chol, real_lu = torch.linalg.cholesky_ex, torch.linalg.solve_ex
+
+    def is_row(A):  # the chunk's Sigma (1, S, D, D) that is not the identity at ``row``
+        return A.dim() == 4 and A.shape[1] == 9 and not torch.equal(A[0, row], torch.eye(4, dtype=A.dtype))
+
+    def chol(A, *args, **kw):
+        L, info = real_chol(A, *args, **kw)
+        if is_row(A):
+            info = info.clone()
+            info[0, row] = 1
+            L = L.clone()
+            L[0, row] = math.nan
+        return L, info
+
+    def lu(A, B, *args, **kw):
+        X, info = real_lu(A, B, *args, **kw)
+        if is_row(A):
+            X = X.clone()
+            X[0, row] = math.inf
+        return X, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", chol)
+    monkeypatch.setattr(torch.linalg, "solve_ex", lu)
+    d = float64.lla_forward_details(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale)
+    assert d.undefined[0, 0].tolist() == [i == row for i in range(9)]
+    g = oracle_grads(p, cotangent_for(p))
+    for name, t in g.items():
+        bad = ~torch.isfinite(t) if name == "dlambda" else ~torch.isfinite(t).all(-1)
+        assert not bool(bad.any()), f"{name}: non-finite rows {bad.nonzero()[:, -1].tolist()}"

@@ -282,9 +282,13 @@ class GradBudget:
     allowed: torch.Tensor
     model: torch.Tensor
     rows: torch.Tensor  # rows the gradient has: defined queries (dq, dlambda), every key (dk, dv)
-    judged: torch.Tensor  # rows held to the budget: ``rows`` less those beyond the compute precision
-    n_unmeasured: int  # rows whose float64 sensitivity could not be measured (budget without it)
+    judged: torch.Tensor  # rows held to the budget: ``rows`` less those beyond the compute precision and ``unmeasured``
+    unmeasured: torch.Tensor  # rows within the precision whose float64 sensitivity is not finite: no budget
     scale: float = 1.0  # the same-precision scale on the model (same_precision_allowed)
+
+    @property
+    def n_unmeasured(self) -> int:
+        return int(self.unmeasured.sum())
 
 
 @dataclass
@@ -366,14 +370,19 @@ def backward_budget(problem: Problem, impl: Impl, cot: torch.Tensor, names, *, d
         # set no scale for it
         rows = defined if name in ("dq", "dlambda") else torch.ones_like(defined)
         judged = rows & ~(beyond_q if name in ("dq", "dlambda") else beyond_k)
-        # A float64 probe can itself fail (kappa 5e11 at S = 1 made the GPU's probe NaN):
-        # such a row keeps the budget's other terms, the smaller budget, and is counted
-        unmeasured = ~(torch.isfinite(sens) & torch.isfinite(sens_solve) & torch.isfinite(norm_terms[name]))
+        # A row whose own float64 probe is not finite has no budget: the terms left are a
+        # smaller allowance than the model derives, not a bound (error-model.md §6, "Rows
+        # without a measurable sensitivity"). It is held to finiteness only, and named.
+        # (A judged row depends on judged queries alone, all solvable in float64 by kappa
+        # u_c < 1; the oracle keeps other rows' failures out of its probes.)
+        unmeasured = judged & ~(torch.isfinite(sens) & torch.isfinite(sens_solve) & torch.isfinite(norm_terms[name]))
+        # every row within the precision sets the gradient's scale, measured or not
+        scale_max = torch.nan_to_num(ref_n, nan=0.0, posinf=0.0).masked_fill(~judged, 0.0).amax(-1, keepdim=True)
+        judged = judged & ~unmeasured
         sens, sens_solve = torch.nan_to_num(sens, nan=0.0, posinf=0.0), torch.nan_to_num(sens_solve, nan=0.0, posinf=0.0)
         nterm = torch.nan_to_num(norm_terms[name], nan=0.0, posinf=0.0)
         conditioned = GRAD_SAFETY * ((u_c * root_n + impl.solver_tol) * sens
                                      + (u_c * math.sqrt(D) + impl.solver_tol) * sens_solve)
-        scale_max = ref_n.masked_fill(~judged, 0.0).amax(-1, keepdim=True)
         model = conditioned + GRAD_SAFETY * (u_out * ref_n + u_c * root_n * (scale_max + floor[name]) + nterm)
         if name == "dlambda" and rho_resid is not None:
             model = model + GRAD_SAFETY * rho_resid
@@ -381,7 +390,7 @@ def backward_budget(problem: Problem, impl: Impl, cot: torch.Tensor, names, *, d
         if dense_g is not None and dense_g.get(name) is not None:
             dense_err = _row_norm(dense_g[name].to(torch.float64) - g_ref, name)
             allowed, scale = same_precision_allowed(model, dense_err, FA_FACTOR_GRAD, judged)
-        grads[name] = GradBudget(allowed, model, rows, judged, int(unmeasured.sum()), scale)
+        grads[name] = GradBudget(allowed, model, rows, judged, unmeasured, scale)
     return BackwardBudget(d, ref, grads, beyond_q, beyond_k, u_c, u_out)
 
 
@@ -475,6 +484,7 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     return Verdict("backward", impl.name, case, ratio, passed, cause, msg, widx, int(defined.sum()),
                    int(d.undefined.sum()), per_query, {"ratio": ratio, "cause": cause, "worst_tensor": wname,
                                                         "n_beyond_precision": int(bb.beyond_q.sum()),
+                                                        "n_unmeasured": sum(gb.n_unmeasured for gb in bb.grads.values()),
                                                         "grads_checked": [n for n in GRAD_NAMES if n not in not_checked],
                                                         "grads_not_checked": not_checked})
 
@@ -488,8 +498,8 @@ def _row_ratios(g: torch.Tensor, err: torch.Tensor, gb: GradBudget, name: str) -
     fin, not_nan = (fin, not_nan) if name == "dlambda" else (fin.all(-1), not_nan.all(-1))
     # A row beyond the compute precision may overflow (its true scale can exceed a
     # 16-bit gradient's range, and the implementation cannot resolve it): an Inf there
-    # is counted, not failed. NaN fails everywhere.
-    beyond_rows = gb.rows & ~gb.judged
+    # is counted, not failed. NaN fails everywhere, Inf on an unmeasured row too.
+    beyond_rows = gb.rows & ~gb.judged & ~gb.unmeasured
     n_overflow = int((beyond_rows & ~fin & not_nan).sum())
     fin = torch.where(beyond_rows, not_nan, fin)
     r = torch.where(gb.judged, err / gb.allowed, torch.zeros_like(err))
@@ -511,8 +521,9 @@ def _backward_message(impl: Impl, case: str, bb: BackwardBudget, lines: list, no
             + "\n".join(lines)
             + f"\n  worst: {wname} at {widx}; kappa max {float(torch.nan_to_num(d.kappa, posinf=1e300).max()):.3e}; "
             f"{int(d.undefined.sum())} undefined rows skipped"
-            + (f"; {n_unmeasured} rows without a measurable float64 sensitivity (budget without that term)"
-               if n_unmeasured else "")
+            + (f"\n  {n_unmeasured} rows within the compute precision without a measurable float64 sensitivity "
+               f"({', '.join(f'{n} {gb.n_unmeasured}' for n, gb in bb.grads.items() if gb.n_unmeasured)}): "
+               "no budget derives without it, not judged; a NaN or Inf still fails" if n_unmeasured else "")
             + (f"\n  {int(beyond_q.sum())} query rows and {int(beyond_k.sum())} key rows beyond the compute "
                f"precision (kappa u_c >= {BEYOND_PRECISION:g}, kappa up to {float(kappa_q[beyond_q].max()):.2e}): "
                "no budget applies, a NaN still fails" if bool(beyond_q.any()) else "")

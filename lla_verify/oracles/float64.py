@@ -132,17 +132,21 @@ def _sym_probe(shape, seed, i0: int, device) -> torch.Tensor:
 
 def _chunk_moments(qc, k, lc, scale, i0, i1, eye):
     """Queries i0..i1-1 of a chunk: row max m, weights w_ij = exp(a_ij - m_i) (0 where
-    masked), omega_i, z_ij = k_j - q_i, mu_i and Sigma_i (symmetrised), all float64."""
+    masked), omega_i, z_ij = k_j - q_i (0 where masked), mu_i and Sigma_i (symmetrised),
+    all float64, and the causal mask (C, J)."""
     a, mask = causal_scores(qc, k, scale, i0, i1)
     a = a.masked_fill(~mask, float("-inf"))
     m = a.detach().amax(-1, keepdim=True)  # o does not depend on m (shift invariance)
     w = torch.exp(a - m)  # (N, C, J), exactly 0 where masked
     omega = w.sum(-1)
-    z = k[:, None, :i1, :] - qc[:, :, None, :]  # (N, C, J, D), exact for shared offsets
+    # exact for shared offsets. Masked pairs are selected out rather than left to w_ij = 0:
+    # in the backward 0 times a non-finite adjoint of query i is NaN, and through z_ij it
+    # would reach key j > i, a key that never feeds query i (error-model.md §6)
+    z = torch.where(mask[..., None], k[:, None, :i1, :] - qc[:, :, None, :], 0.0)  # (N, C, J, D)
     wz = w[..., None] * z
     mu = wz.sum(-2)
     sig = wz.transpose(-1, -2) @ z + (lc * omega)[..., None, None] * eye
-    return m, w, omega, z, mu, 0.5 * (sig + sig.transpose(-1, -2))
+    return m, w, omega, z, mu, 0.5 * (sig + sig.transpose(-1, -2)), mask
 
 
 def sigma_matrices(q, k, *, ridge_lambda, qk_scale=None, chunk_bytes=DEFAULT_CHUNK_BYTES) -> torch.Tensor:
@@ -157,9 +161,29 @@ def sigma_matrices(q, k, *, ridge_lambda, qk_scale=None, chunk_bytes=DEFAULT_CHU
     qf, kf = flatten_leading(q.to(_F64), 2), flatten_leading(k.to(_F64), 2)
     eye = torch.eye(D, dtype=_F64, device=q.device)
     C = chunk_size(S, D, D, chunk_bytes)
-    out = [_chunk_moments(qf[:, i0:min(S, i0 + C)], kf, lam[:, i0:min(S, i0 + C)], scale, i0, min(S, i0 + C), eye)[-1]
+    out = [_chunk_moments(qf[:, i0:min(S, i0 + C)], kf, lam[:, i0:min(S, i0 + C)], scale, i0, min(S, i0 + C), eye)[5]
            for i0 in range(0, S, C)]
     return torch.cat(out, 1).reshape(*lead, S, D, D)
+
+
+def _solve_rho(sig, rhs, eye):
+    """(rho, L, bad): rho_i = Sigma_i^-1 rhs_i by Cholesky, by LU on the rows (``bad``) whose
+    Cholesky fails; L the factor, the identity on those rows."""
+    L, info = torch.linalg.cholesky_ex(sig)
+    bad = info != 0
+    # A failed factor comes back partial and finite on CPU (LAPACK) but NaN on CUDA
+    # (pytorch/pytorch#121009). The where below keeps it out of the forward only: the
+    # backward of the discarded solve still runs, and 0 times NaN is NaN, into Sigma_i,
+    # mu_i and every key. The identity stands in (error-model.md §6, "on every device").
+    L = torch.where(bad[..., None, None], eye, L)
+    rho = torch.cholesky_solve(rhs[..., None], L)[..., 0]
+    if bool(bad.any()):
+        # Sigma_i is SPD in exact arithmetic when lambda_i > 0, but kappa beyond
+        # 1/u64 (or a Sigma probe past lambda_min) can fail Cholesky; LU still returns
+        # the float64 answer there.
+        rho_lu = torch.linalg.solve_ex(sig, rhs[..., None])[0][..., 0]
+        rho = torch.where(bad[..., None], rho_lu, rho)
+    return rho, L, bad
 
 
 def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sigma_probe=None, mu_shift=None,
@@ -196,7 +220,7 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
     for i0 in range(0, S, C):
         i1 = min(S, i0 + C)
         qc, lc = q[:, i0:i1], lam[:, i0:i1]
-        m, w, omega, z, mu, sig = _chunk_moments(qc, k, lc, scale, i0, i1, eye)
+        m, w, omega, z, mu, sig, mask = _chunk_moments(qc, k, lc, scale, i0, i1, eye)
         if sigma_probe is not None:
             h, seed = sigma_probe
             # Sigma_i is symmetric positive semi-definite: its 2-norm is its top eigenvalue
@@ -220,17 +244,19 @@ def _core(q, k, v, lam, scale, eps, *, want_details: bool, chunk_bytes: int, sig
             sig = torch.where(undefined[..., None, None], eye.expand_as(sig), sig)
 
         rhs = mu if mu_shift is None else mu + mu_shift[:, i0:i1]
-        L, info = torch.linalg.cholesky_ex(sig)
-        rho = torch.cholesky_solve(rhs[..., None], L)[..., 0]
-        bad = info != 0
-        if bool(bad.any()):
-            # Sigma_i is SPD in exact arithmetic when lambda_i > 0, but kappa beyond
-            # 1/u64 can fail Cholesky; LU still returns the float64 answer there.
-            rho_lu = torch.linalg.solve_ex(sig, rhs[..., None])[0][..., 0]
-            rho = torch.where(bad[..., None], rho_lu, rho)
+        rho, L, bad = _solve_rho(sig, rhs, eye)
+        lost = ~torch.isfinite(rho.detach()).all(-1) & ~undefined
+        if bool(lost.any()):
+            # Neither Cholesky nor LU solved these rows (Sigma_i singular in float64 at
+            # lambda_i > 0): no value, and the solve's backward would carry 0 x Inf = NaN
+            # into the keys; the identity system stands in, as for the undefined rows above
+            undefined = undefined | lost
+            sig = torch.where(lost[..., None, None], eye.expand_as(sig), sig)
+            rho, L, bad = _solve_rho(sig, rhs, eye)
 
         f = 1.0 - (z @ rho[..., None])[..., 0]  # (N, C, J): 1 - <z_ij, rho_i>
-        wf = w * f
+        # selected, not multiplied, to 0 where masked (as z: 0 x NaN is NaN)
+        wf = torch.where(mask, w * f, 0.0)
         den = wf.sum(-1)
         if eps > 0:
             den = den + eps * torch.sign(den)
