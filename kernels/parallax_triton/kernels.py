@@ -658,7 +658,7 @@ GPU_CONFIGS = {
 }
 # Every launch but bf16 at D >= 64 keeps these 4-warp tiles: on the H200 (Triton 3.6) the
 # 8-warp launches above give wrong fp32 and fp16 outputs at D = 16, and then an illegal
-# address (docs/runs/2026-12-03-session5-gpu.md), where these run clean; bf16 at D = 64
+# address (the Parallax tile fault in docs/runs), where these run clean; bf16 at D = 64
 # matches these to its rounding.
 NARROW_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 4, 2)}
 SMALLER_CONFIGS = ((64, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1))
