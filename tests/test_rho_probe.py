@@ -177,3 +177,23 @@ def test_probe_budget_still_catches_planted_rho_errors(case):
     probe = r / (1 - (prev * r).sum(-1))[..., None]
     err = (parallax_forward(p.q, p.k, p.v, probe, qk_scale=p.qk_scale) - rb.lla).norm(dim=-1)
     assert float((err / allowed).max()) > 100.0
+
+
+def test_the_suite_option_installs_it(tmp_path):
+    """`pytest --lla-gpu-fp32` under the interpreter runs the tests with the emulation on."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_probe.py").write_text(
+        "from lla_verify.testing import gpu_fp32\n\n"
+        "def test_on():\n    assert gpu_fp32._SAVED is not None\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("LLA_GPU_FP32", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--lla-device", "cpu"]
+    on = subprocess.run(cmd + ["--lla-gpu-fp32", str(tmp_path / "test_probe.py")], cwd=tmp_path, env=env,
+                        capture_output=True, text=True)
+    assert on.returncode == 0, on.stdout + on.stderr
+    off = subprocess.run(cmd + [str(tmp_path / "test_probe.py")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True)
+    assert off.returncode == 1, off.stdout + off.stderr
