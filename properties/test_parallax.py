@@ -361,7 +361,8 @@ def test_lla_probe_from_lla_triton_rho(parallax_impl, device):
 
     That error is derived, not tuned (budget.parallax.rho_probe_budget, error-model.md
     §8): the true residual the forward model allows the kernel's solve (tol and u_c
-    attainable_i, x MODEL_SAFETY) carried through Sigma_i^-1 and the map rho -> r -> o.
+    attainable_i) and its weights' rounding (budget.backward.weight_residual), x
+    MODEL_SAFETY, carried through Sigma_i^-1 and the map rho -> r -> o.
     The float64 Parallax oracle at r^ is held to it plus the two float64 oracles' own
     budgets against the LLA oracle; the Parallax implementation at r^ rounded to the
     dtype also to its Parallax budget there, the probe's rounding carried exactly (o is
@@ -378,6 +379,10 @@ def test_lla_probe_from_lla_triton_rho(parallax_impl, device):
     @settings(max_examples=suite.examples(0.5))
     @given(case=suite.case_strategy(triton, device, families=("gaussian", "spectrum", "offset", "clusters",
                                                               "lambda_decades")))
+    # the H200's gpu-profile failure (1.21 of the budget without the weights' term): scores
+    # ~31 of 32 same-signed products, which the GPU's FMA chain rounds at a few u |a_ij|
+    @example(case=Case("clusters", {"clusters": 1, "lam": 1.0, "spread": 0.01}, B=1, H=1, S=2, D=32,
+                       dtype="float32", seed=1))
     def prop(case):
         p = case.build(device)
         suite.assume_supported(triton, p)

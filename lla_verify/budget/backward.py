@@ -158,6 +158,47 @@ def solve_residual(d: LLADetails, impl: Impl) -> torch.Tensor:
     return (impl.solver_tol + impl.u * attainable) * mu_n
 
 
+# the weight's relative error beyond the score's: the subtraction a_ij - m_i, the product
+# by log2 e and the online rescalings (their arguments telescope to at most |a_ij - m_i|)
+# round at u |a_ij - m_i| each, and the exponential itself is a few ulp off (error-model.md §8)
+WEIGHT_ARG_ULPS = 4.0
+WEIGHT_EXP_ULPS = 4.0
+
+
+def weight_residual(q, k, d: LLADetails, impl: Impl) -> torch.Tensor:
+    """The residual a solver's rho^_i has against the exact system because its weights
+    were rounded, (B, H, S), in the units of solve_residual (error-model.md §8, "A
+    solver's rho").
+
+    An implementation forms w^_ij = w_ij (1 + eta_ij) up to a factor common to the row
+    (which cancels in rho), so its Sigma^_i, mu^_i differ from the exact ones and
+
+        mu_i - Sigma_i rho^_i = r^_i - sum_j w_ij eta_ij (f_ij z_ij - lambda_i rho_i),
+
+    f_ij = 1 - <z_ij, rho_i>, r^_i its residual against its own system. |eta_ij| is the
+    score's rounding, sqrt(D) u_c |s| |q_i| |k_j| (the D-long product), plus
+    u_c (WEIGHT_ARG_ULPS |a_ij - m_i| + WEIGHT_EXP_ULPS) for the exponential; the
+    etas of different keys are independent, so their typical sum is the root sum of
+    squares of the terms (§3.1's model). rho_i is the float64 oracle's: first order.
+    """
+    q64, k64 = q.detach().to(torch.float64), k.detach().to(torch.float64)
+    S, D = q64.shape[-2], q64.shape[-1]
+    a = d.scale * (q64 @ k64.transpose(-1, -2))
+    mask = torch.ones(S, S, dtype=torch.bool, device=q64.device).tril()
+    w = torch.exp(a.masked_fill(~mask, -math.inf) - d.m[..., None])
+    eta = impl.u * (math.sqrt(D) * abs(d.scale) * q64.norm(dim=-1)[..., :, None] * k64.norm(dim=-1)[..., None, :]
+                    + WEIGHT_ARG_ULPS * (a - d.m[..., None]).abs() + WEIGHT_EXP_ULPS)
+    rho = torch.nan_to_num(d.rho, nan=0.0, posinf=0.0, neginf=0.0)
+    # |f z - lambda rho|^2 = f^2 |z|^2 - 2 lambda f <z, rho> + lambda^2 |rho|^2, all (S, S)
+    zr = rho @ k64.transpose(-1, -2) - (q64 * rho).sum(-1)[..., None]  # <z_ij, rho_i>
+    f = 1.0 - zr
+    zz = torch.cdist(q64, k64, compute_mode="donot_use_mm_for_euclid_dist").square()
+    lam = d.lam.to(torch.float64)[..., None]
+    sq = f * f * zz - 2.0 * lam * f * zr + (lam * rho.square().sum(-1)[..., None]).mul(lam)
+    term = (w * eta * sq.clamp_min(0.0).sqrt()).masked_fill(~mask, 0.0)
+    return torch.nan_to_num(term.square().sum(-1).sqrt(), nan=0.0, posinf=0.0)
+
+
 def rho_residual_dlambda(problem: Problem, cot: torch.Tensor) -> torch.Tensor:
     """||d dlambda_i / d r_i||_2 per query (B, H, S): how dlambda_i = omega_i <u_i, rho_i>
     moves per unit of residual r_i left in the forward solve for rho_i, when the backward

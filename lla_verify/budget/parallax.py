@@ -300,8 +300,11 @@ def rho_probe_budget(q, k, v, rho, *, ridge_lambda, qk_scale=None, impl,
     """How far Parallax at the probe built from a solver's rho^ may be from LLA.
 
     rho^ (..., S, D) solves Sigma_i rho_i = mu_i with a true residual the forward model
-    allows the LLA implementation ``impl`` (its Impl record: solver_tol, compute precision;
-    budget.backward.solve_residual: (tol + u_c attainable_i) ||mu_i||, times MODEL_SAFETY); the probe r^_i = rho^_i / t^_i, t^_i = 1 - <mubar_i, rho^_i>, is formed
+    allows the LLA implementation ``impl`` (its Impl record: solver_tol, compute precision):
+    budget.backward.solve_residual, (tol + u_c attainable_i) ||mu_i||, against the system
+    it formed, plus budget.backward.weight_residual, that system's distance from the exact
+    one through the rounding of its weights, times MODEL_SAFETY. The probe
+    r^_i = rho^_i / t^_i, t^_i = 1 - <mubar_i, rho^_i>, is formed
     in float64 with the oracle's mubar_i = mu_i / omega_i. For any rho, LLA's output
     formula equals nu_i - C_i rho / (1 - <mubar_i, rho>), so with Delta = rho^ - rho =
     -Sigbar^-1 res (Sigbar = Sigma / omega, res the normalised residual), exactly
@@ -316,7 +319,7 @@ def rho_probe_budget(q, k, v, rho, *, ridge_lambda, qk_scale=None, impl,
     the LLA oracle leaves undefined are not judged. The float64 oracles' own errors
     are added by the caller.
     """
-    from lla_verify.budget.backward import solve_residual
+    from lla_verify.budget.backward import solve_residual, weight_residual
     from lla_verify.oracles.float64 import lla_forward_details
 
     from lla_contract import check_lambda, check_scale
@@ -331,8 +334,11 @@ def rho_probe_budget(q, k, v, rho, *, ridge_lambda, qk_scale=None, impl,
     mubar = d.mu / d.omega[..., None]
     probe = rho_hat / (1.0 - (mubar * rho_hat).sum(-1))[..., None]
 
-    # the residual allowed in units of ||mu_i||, carried to the normalised system
-    R = MODEL_SAFETY * solve_residual(d, impl) / d.mu.norm(dim=-1) * mubar.norm(dim=-1)
+    # the residual allowed in units of ||mu_i||, carried to the normalised system: the
+    # solve's against its own system, and its system's distance from the exact one (the
+    # weights' rounding)
+    allowed_res = solve_residual(d, impl) + weight_residual(q, k, d, impl)
+    R = MODEL_SAFETY * allowed_res / d.mu.norm(dim=-1) * mubar.norm(dim=-1)
     sigbar, cov = _normalised_moments(q, k, v, lam, scale, chunk_bytes)
     t = 1.0 - (mubar * d.rho).sum(-1)
     defined = ~d.undefined & torch.isfinite(t) & (t != 0) & torch.isfinite(R)

@@ -89,6 +89,11 @@ def pytest_addoption(parser):
                 help="under the Triton interpreter, round fp32 tl.dot operands as the GPU's tensor cores do "
                      "(tf32 / tf32x3; lla_verify/testing/tensor_cores.py) instead of multiplying exact fp32: "
                      "CPU runs then see the products' GPU error. No effect on compiled kernels")
+    g.addoption("--lla-gpu-fp32", action="store_true",
+                default=os.environ.get("LLA_GPU_FP32", "") not in ("", "0"),
+                help="under the Triton interpreter, sum fp32 'ieee' tl.dot products in the GPU's FMA chain and "
+                     "round tl.exp's argument x log2(e) as the GPU does (lla_verify/testing/gpu_fp32.py): CPU runs "
+                     "then see the scores' and weights' GPU error. No effect on compiled kernels")
     g.addoption("--lla-no-warmup", action="store_true",
                 default=os.environ.get("LLA_NO_WARMUP", "") not in ("", "0"),
                 help="on CUDA, do not compile the Triton kernels for every (dtype, D) side by side before "
@@ -145,6 +150,10 @@ def pytest_configure(config):
         from lla_verify.testing import tensor_cores
 
         tensor_cores.install()
+    if config.getoption("--lla-gpu-fp32") and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        from lla_verify.testing import gpu_fp32
+
+        gpu_fp32.install()
     # A run of the suite defaults to the dev profile; --hypothesis-profile, applied by
     # Hypothesis's own plugin, takes precedence.
     if getattr(config.option, "hypothesis_profile", None) is None:
@@ -222,7 +231,8 @@ def pytest_report_header(config):
     px_spec = config.getoption("--lla-parallax-impl")
     return [f"lla-verify: impl={spec} ({desc}); parallax impl={px_spec}; device={_device(config)}; {pin}; "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
-            + ("; tensor-core rounding emulated" if config.getoption("--lla-tensor-cores") else "")]
+            + ("; tensor-core rounding emulated" if config.getoption("--lla-tensor-cores") else "")
+            + ("; GPU fp32 dot and exp emulated" if config.getoption("--lla-gpu-fp32") else "")]
 
 
 @pytest.fixture(scope="session")
