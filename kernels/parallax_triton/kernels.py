@@ -690,7 +690,10 @@ def _launch(kernel, kind, grid_of, args, D, DV, dtype, config, **extra):
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     # triton issue 11584: interpreted bf16 dots are wrong, so every tile goes to fp32 there
     upcast = interp or dtype in (torch.float32, torch.float64)
-    prec = "ieee" if (interp or dtype == torch.float64) else GPU_PRECISION
+    # the interpreter multiplies exact fp32 whatever the precision; the GPU's is passed there
+    # too, so that an emulation of its operand rounding (lla_verify.testing.tensor_cores)
+    # sees it
+    prec = "ieee" if dtype == torch.float64 else GPU_PRECISION
     # 16-bit score products are exact in fp32 accumulation: precision matters for fp32 only
     sprec = prec if upcast else "tf32"
     if config is not None:
