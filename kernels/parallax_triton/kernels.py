@@ -557,7 +557,7 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, S
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DQ, DR, S, scale,
+def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DQ, DR, GC, S, scale,
                       D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                       SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
@@ -596,13 +596,19 @@ def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DQ, DR, S,
     dq = (dq - da_sum[:, None] * kp_ref) * scale
     dr = pg_sum[:, None] * kp_ref - dr
     row_ok = offs_m < S
+    # gc_i from the saved nu_i rounds at u |g_i| |nu_i - v_0|, while on a one-hot row
+    # gc_i = <g_i, nu_i - v_ref> is a small difference, and its error enters dk at the
+    # heavy key at full weight (p_ij gc_i r_i): sum_j p_ij gv_ij = 0, so the row sum of pg
+    # is that error, to the rounding of terms of size p_ij |gv_ij|. The dk, dv kernel takes
+    # the corrected value (docs/kernels-parallax.md §5)
+    tl.store(GC + head * S + offs_m, gc + pg_sum, mask=row_ok)
     ptrs = kbase + offs_m[:, None] * D + offs_d[None, :]
     tl.store(DQ + ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
     tl.store(DR + ptrs, dr.to(DR.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DK, DV_OUT, S, scale,
+def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, GC, DK, DV_OUT, S, scale,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                         SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
@@ -624,8 +630,10 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DK, DV_O
     lo = (start_n // BLOCK_M) * BLOCK_M
     for start_m in range(lo, S, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_dot, qf, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, _kp_ref, g_ref, gc = _bwd_rows(
+        q_dot, qf, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, _kp_ref, g_ref, _gc = _bwd_rows(
             Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
+        # gc_i as the dq kernel corrected it (_px_bwd_dq_kernel)
+        gc = tl.load(GC + head * S + offs_m, mask=offs_m < S, other=0.0)
         pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS,
                                head * S + offs_m, k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2,
                                vp3, offs_m, offs_n, S, scale, PREC, SPREC, ACC, SPLIT, EXACT, B16)
@@ -682,7 +690,10 @@ def _launch(kernel, kind, grid_of, args, D, DV, dtype, config, **extra):
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     # triton issue 11584: interpreted bf16 dots are wrong, so every tile goes to fp32 there
     upcast = interp or dtype in (torch.float32, torch.float64)
-    prec = "ieee" if (interp or dtype == torch.float64) else GPU_PRECISION
+    # the interpreter multiplies exact fp32 whatever the precision; the GPU's is passed there
+    # too, so that an emulation of its operand rounding (lla_verify.testing.tensor_cores)
+    # sees it
+    prec = "ieee" if dtype == torch.float64 else GPU_PRECISION
     # 16-bit score products are exact in fp32 accumulation: precision matters for fp32 only
     sprec = prec if upcast else "tf32"
     if config is not None:
@@ -766,10 +777,12 @@ def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=Non
     b16 = q.dtype == torch.bfloat16
     kparts, vparts = key_parts(k, v) if b16 else (k, v)
     common = (q, k, v, r, kparts, vparts, g, fo.nup, stats, fo.ref)
+    # gc_i = <g_i, nu_i - v_ref>, written by the dq kernel for the dk, dv kernel
+    gc = torch.empty_like(delta)
     # the backward forms p and d as the forward did (float64: single products at u64)
     extra = dict(SPLIT=fo.split, EXACT="ieee" if interpreting() else "bf16", B16=b16)
-    _launch(_px_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, S, float(scale)),
+    _launch(_px_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, gc, S, float(scale)),
             D, DV, q.dtype, config, **extra)
-    _launch(_px_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(S, bn), N), common + (dk, dv, S, float(scale)),
-            D, DV, q.dtype, config, **extra)
+    _launch(_px_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(S, bn), N),
+            common + (gc, dk, dv, S, float(scale)), D, DV, q.dtype, config, **extra)
     return BackwardOut(dq, dk, dv, dr)
