@@ -6,8 +6,7 @@ memory access, from a chosen point on."""
 
 from __future__ import annotations
 
-import textwrap
-
+import numpy as np
 import pytest
 
 from lla_verify.testing import cuda_context
@@ -153,3 +152,151 @@ def test_plugin_under_xdist_affects_the_faulting_worker_only(pytester):
     out = res.stdout.str()
     assert "must not run" not in out
     assert "the CUDA context was lost in 1 test(s): test_faulting.py::test_b_faults; 2 later test(s)" in out
+
+
+# ------------------------------------------------------------------ the audit, check and hunt
+from lla_verify.audit import plan as audit_plan  # noqa: E402
+from lla_verify.audit import run as audit_run  # noqa: E402
+from lla_verify.oracles.dense import dense_torch_lla  # noqa: E402
+from lla_verify.registry.cases import Case  # noqa: E402
+from lla_verify.registry.impls import Impl  # noqa: E402
+
+# Four well-conditioned cells (tests/test_audit.py's): an honest fp32 implementation passes
+# each, so a failure is the planted fault's. The second (S = 24) is the one that faults.
+CELLS = [audit_plan.Cell("test", c) for c in (
+    Case("gaussian", {"lam": 1.0}, S=33, D=8),
+    Case("gaussian", {"lam": 10.0}, S=24, D=8),
+    Case("spectrum", {"kappa": 100.0, "rotate": 1}, S=20, D=8),
+    Case("bandwidth", {"scale": 1e-2, "lam": 1.0}, S=17, D=8),
+)]
+FAULTS_AT = 24
+
+
+def _plant_in_this_process():
+    """The fault, planted in the process that runs the cell: from now on its context
+    check raises as after an illegal memory access."""
+    def sync():
+        raise AcceleratorError(FAULT)
+
+    cuda_context._cuda_in_use = lambda: True
+    cuda_context._synchronize = sync
+
+
+def faults_on_s24(q, k, v, *, ridge_lambda, qk_scale=None):
+    """Correct, except that on S = 24 its kernel faults (asynchronously: the call returns)."""
+    if q.shape[-2] == FAULTS_AT:
+        _plant_in_this_process()
+    return dense_torch_lla(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+
+
+def _sticky_closure(calls):
+    """faults_on_s24 as a closure (cannot be pickled: the cells run in this process) that
+    raises at every call after the fault, as any CUDA call does on a lost context."""
+    def fn(q, k, v, *, ridge_lambda, qk_scale=None):
+        calls.append(q.shape[-2])
+        if cuda_context.lost_in() is not None or calls.count(FAULTS_AT) > 1:
+            raise AcceleratorError(FAULT)
+        return faults_on_s24(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+    return fn
+
+
+@pytest.fixture
+def clean_context(monkeypatch):
+    """This process's context check restored after a test planted a fault in it."""
+    monkeypatch.setattr(cuda_context, "_synchronize", cuda_context._synchronize)
+    monkeypatch.setattr(cuda_context, "_cuda_in_use", cuda_context._cuda_in_use)
+    cuda_context._reset_for_tests()
+    yield
+    cuda_context._reset_for_tests()
+
+
+def test_audit_in_this_process_blames_the_cell_and_runs_no_later_one(clean_context, tmp_path):
+    calls = []
+    impl = Impl(name="faulty", forward=_sticky_closure(calls), description="faults on S = 24")
+    res = audit_run.run_audit(impl, CELLS, out=str(tmp_path), backward=False)
+    cells, v = res.report["cells"], res.report["verdict"]
+    assert calls == [33, 24]  # nothing ran after the fault
+    assert cells[0]["passed"] and not cells[0].get("cuda_context_lost")
+    lost = cells[1]
+    assert not lost["passed"] and lost["cause"] == "implementation" and lost["cuda_context_lost"]
+    assert lost["message"].startswith("[faulty] CUDA context lost during this cell: AcceleratorError: CUDA error: "
+                                      "an illegal memory access was encountered; the implementation faulted on "
+                                      + CELLS[1].case.spec())
+    for c in cells[2:]:
+        assert not c["passed"] and c["cause"] == "not run" and c["not_run_after"] == CELLS[1].case.spec()
+        assert c["message"] == f"[faulty] not run: the CUDA context of this process was lost in {CELLS[1].case.spec()}"
+    assert res.exit_code == 1 and not v["passed"]
+    assert v["n_failed"] == 3 and v["n_not_run"] == 2 and v["causes"] == {"implementation": 1, "not run": 2}
+    assert v["worst_spec"] == CELLS[1].case.spec()  # the fault, not a cell without a verdict
+    assert v["cuda_context_lost"] == [CELLS[1].case.spec()]
+    lines = audit_run.summary_lines(res.report)
+    assert f"INCOMPLETE: 2 cells not run: the CUDA context of their process was lost in {CELLS[1].case.spec()}" \
+        in "\n".join(lines)
+    assert any(line.startswith("CUDA context lost (the kernel faulted on the device) in 1 cells") for line in lines)
+    html = (tmp_path / "report.html").read_text()
+    assert "INCOMPLETE: 2 cells not run" in html and "CUDA context lost in 1 cells" in html
+    # the written report reads back as a well-formed one (--baseline, --merge)
+    from lla_verify.audit.baseline import read_report
+
+    assert len(read_report(str(tmp_path / "report.json"), "--baseline")["cells"]) == 4
+
+
+def test_audit_in_a_child_replaces_it_and_runs_the_later_cells(clean_context, tmp_path):
+    impl = Impl(name="faulty", forward=faults_on_s24, description="faults on S = 24")
+    res = audit_run.run_audit(impl, CELLS, backward=False, cell_timeout=120)
+    cells, v = res.report["cells"], res.report["verdict"]
+    assert cuda_context.lost_in() is None  # the fault was the child's
+    assert [c["passed"] for c in cells] == [True, False, True, True]
+    assert "CUDA context lost during this cell" in cells[1]["message"] and cells[1]["cause"] == "implementation"
+    assert v["n_not_run"] == 0 and v["not_run"] is None and res.exit_code == 1
+    assert not any(line.startswith("INCOMPLETE") for line in audit_run.summary_lines(res.report))
+
+
+def test_a_fault_in_the_checks_own_cuda_work_is_the_cells(clean_context, monkeypatch):
+    # the forward returned, then the verdict's own first CUDA call raised the sticky error
+    from lla_verify.audit import cell as audit_cell
+
+    def check_raises(*a, **k):
+        _plant_in_this_process()
+        raise AcceleratorError(FAULT)
+
+    monkeypatch.setattr("lla_verify.budget.forward.check_forward", check_raises)
+    impl = Impl(name="faulty", forward=dense_torch_lla, description="reference")
+    rec = audit_cell.run_cell_isolated(None, CELLS[0], impl, "cpu", backward=False)
+    assert rec["cuda_context_lost"] and "CUDA context lost during this cell" in rec["message"]
+    monkeypatch.setattr("lla_verify.budget.forward.check_forward", lambda *a, **k: 1 / 0)
+    cuda_context._reset_for_tests()  # any other error is not turned into a fault
+    with pytest.raises(ZeroDivisionError):
+        audit_cell.run_cell_isolated(None, CELLS[0], impl, "cpu", backward=False)
+
+
+def test_hunt_in_this_process_stops_at_the_fault(clean_context):
+    from lla_verify.commands import hunt
+
+    calls = []
+    impl = Impl(name="faulty", forward=_sticky_closure(calls), description="faults on S = 24")
+    obj = hunt.Objective(impl, "cpu", S=FAULTS_AT, D=8, dtype="float32", isolate=False)
+    u = np.array([0.5] * len(hunt._space("gaussian", None)))
+    e = obj(obj.case("gaussian", u, 0))
+    assert e.ratio == 1e30 and e.cause == "implementation" and "CUDA context lost during this evaluation" in e.message
+    assert obj.fault is e
+    with pytest.raises(hunt.CudaContextLost, match="lost in gaussian:"):
+        obj(obj.case("gaussian", u, 1))
+    assert calls == [FAULTS_AT]
+
+
+def test_hunt_in_a_child_replaces_it(clean_context):
+    from lla_verify.commands import hunt
+
+    impl = Impl(name="faulty", forward=faults_on_s24, description="faults on S = 24")
+    u = np.array([0.5] * len(hunt._space("gaussian", None)))
+    for S, lost in ((FAULTS_AT, True), (33, False)):
+        obj = hunt.Objective(impl, "cpu", S=S, D=8, dtype="float32", timeout=120)
+        try:
+            first = obj(obj.case("gaussian", u, 0))
+            second = obj(obj.case("gaussian", u, 1))  # a fresh child each time it faulted
+        finally:
+            obj.close()
+        for e in (first, second):
+            assert ("CUDA context lost during this evaluation" in e.message) == lost
+            assert (e.ratio > 1) == lost
