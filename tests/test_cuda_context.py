@@ -300,3 +300,112 @@ def test_hunt_in_a_child_replaces_it(clean_context):
         for e in (first, second):
             assert ("CUDA context lost during this evaluation" in e.message) == lost
             assert (e.ratio > 1) == lost
+
+
+# ------------------------------------------------------------------ a real fault (a GPU only)
+import torch  # noqa: E402
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA fault needs a CUDA device")
+
+# Two ways a kernel loses its context: a device-side assert (an index out of range) and an
+# illegal memory access (a Triton store 4 TiB past its buffer).
+_REAL_FAULTS = '''
+import torch
+
+
+def device_assert():
+    x = torch.zeros(3, device="cuda")
+    x[torch.tensor([5], device="cuda")] = 1.0  # asynchronous: the call returns
+
+
+def illegal_address():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def far_store(p):
+        tl.store(p + (1 << 40), 1.0)
+
+    far_store[(1,)](torch.zeros(1, device="cuda"))
+'''
+
+
+def real_fault_on_s24(q, k, v, *, ridge_lambda, qk_scale=None):
+    """The reference, whose 'kernel' trips a device-side assert on S = 24."""
+    if q.shape[-2] == FAULTS_AT:
+        x = torch.zeros(3, device=q.device)
+        x[torch.tensor([5], device=q.device)] = 1.0
+    return dense_torch_lla(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fault, needle", [("device_assert", "device-side assert"),
+                                           ("illegal_address", "illegal memory access")])
+def test_plugin_on_a_real_fault(pytester, fault, needle):
+    pytester.makepyfile(faults=_REAL_FAULTS)
+    pytester.makepyfile(test_real=f'''
+import torch
+import faults
+
+
+def test_a():
+    torch.ones(1, device="cuda").sum().item()
+
+
+def test_b_faults():
+    faults.{fault}()
+
+
+def test_c():
+    torch.ones(1, device="cuda").sum().item()
+''')
+    res = pytester.runpytest_subprocess("--lla-device", "cuda", "--lla-no-warmup", "-p", "no:cacheprovider",
+                                        "-p", "no:xdist", "-rA")
+    out = res.stdout.str()
+    res.assert_outcomes(passed=2, errors=2)
+    assert "ERROR at teardown of test_b_faults" in out and "CUDA context lost during this test" in out
+    assert needle in out
+    assert "not run: the CUDA context of this process was lost in test_real.py::test_b_faults" in out
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_audit_on_a_real_fault_in_a_child(clean_context):
+    impl = Impl(name="faulty", forward=real_fault_on_s24, description="device-side assert on S = 24")
+    res = audit_run.run_audit(impl, CELLS, device="cuda", backward=False, cell_timeout=300)
+    cells = res.report["cells"]
+    assert "CUDA context lost during this cell" in cells[1]["message"] and "device-side assert" in cells[1]["message"]
+    assert [c["passed"] for c in cells] == [True, False, True, True] and res.exit_code == 1
+    assert torch.cuda.synchronize() is None  # this process's context is intact
+
+
+_IN_PROCESS_AUDIT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import test_cuda_context as t
+from lla_verify.audit import run as audit_run
+from lla_verify.registry.impls import Impl
+
+impl = Impl(name="faulty", forward=lambda *a, **k: t.real_fault_on_s24(*a, **k), description="here")
+res = audit_run.run_audit(impl, t.CELLS, device="cuda", backward=False)
+print(json.dumps([[c["cause"], c["message"]] for c in res.report["cells"]] + [res.exit_code]))
+"""
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_audit_on_a_real_fault_in_its_own_process():
+    # in a child interpreter: the fault kills the context of the process it happens in
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = subprocess.run([sys.executable, "-c", _IN_PROCESS_AUDIT, str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    *cells, code = json.loads(run.stdout.strip().splitlines()[-1])
+    assert code == 1 and cells[0][0] != "not run"
+    assert "CUDA context lost during this cell" in cells[1][1] and "device-side assert" in cells[1][1]
+    assert [c[0] for c in cells[2:]] == ["not run", "not run"]
