@@ -6,6 +6,8 @@ memory access, from a chosen point on."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -300,6 +302,36 @@ def test_hunt_in_a_child_replaces_it(clean_context):
         for e in (first, second):
             assert ("CUDA context lost during this evaluation" in e.message) == lost
             assert (e.ratio > 1) == lost
+
+
+def faults_on_h2(q, k, v, *, ridge_lambda, qk_scale=None):
+    """torch-fp32, except that on H = 2 its kernel faults (asynchronously: the call returns)."""
+    from lla_verify.registry.impls import get_impl
+
+    if q.shape[1] == 2:
+        _plant_in_this_process()
+    return get_impl("torch-fp32").forward(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+
+
+@pytest.mark.parametrize("in_child", [True, False])
+def test_goldens_compare_blames_the_golden(in_child, clean_context, capsys):
+    from lla_verify.goldens import compare as gcompare
+    from lla_verify.goldens import store as gstore
+
+    small, perq = "gaussian-f32-S16-D4-H2", "lambda-decades-perquery-f32-S16-D4"  # H = 2, H = 1
+    fn = faults_on_h2 if in_child else (lambda *a, **k: faults_on_h2(*a, **k))
+    impl = Impl(name="faulty", forward=fn, description="faults on H = 2")
+    code, results = gcompare.compare(gstore.DEFAULT_DIR, impl, only=[small, perq], timeout=120)
+    by = {r.name: r for r in results}
+    assert code == 1 and by[small].lost_context and by[small].checks["forward"] == math.inf
+    assert "CUDA context lost during this golden: AcceleratorError: CUDA error: an illegal memory access" \
+        in by[small].notes
+    assert [r.name for r in results] == [small, perq]  # the catalog's order: the fault comes first
+    if in_child:
+        assert by[perq].checks["forward"] <= 1 and not by[perq].lost_context
+    else:
+        assert math.isnan(by[perq].checks["forward"])
+        assert by[perq].notes == f"[faulty] not run: the CUDA context of this process was lost in {small}"
 
 
 # ------------------------------------------------------------------ a real fault (a GPU only)
