@@ -623,6 +623,11 @@ class Worker:
             raise ChildFailed(f"the cell raised in its worker process: {value}")
         return value
 
+    def restart(self):
+        """End the child now; the next call starts a fresh one (a child whose CUDA context
+        was lost cannot run another call)."""
+        self._kill()
+
     def close(self):
         if self.conn is not None and self.proc is not None and self.proc.is_alive():
             try:

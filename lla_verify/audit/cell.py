@@ -135,6 +135,52 @@ def failed_record(rec: dict, message: str, *, time_s: float = math.nan) -> dict:
     return rec
 
 
+NOT_RUN = "not run"  # the cause of a cell the process could not run (its CUDA context was lost before it)
+
+
+def lost_context_record(rec: dict, name: str, err: str) -> dict:
+    """``rec`` completed as the cell that lost the process's CUDA context: whatever its
+    checks said, the kernel faulted on the device while it ran."""
+    rec = failed_record(rec, f"[{name}] CUDA context lost during this cell: {err}; the implementation faulted "
+                             f"on {rec['spec']}", time_s=rec.get("time_s", math.nan))
+    rec["cuda_context_lost"] = err
+    return rec
+
+
+def not_run_record(rec: dict, name: str, lost_in: str) -> dict:
+    """``rec`` (the cell's identity) completed as not run: the process's CUDA context was
+    lost in the cell ``lost_in``, so no verdict on this one exists. It fails (an audit
+    with cells not run never passes) with a NaN ratio, which no worst-cell ranking takes."""
+    rec.update(ratio=math.nan, forward_ratio=math.nan, passed=False, cause=NOT_RUN, forward_passed=False,
+               failed_checks=[], time_s=math.nan, grad={"status": "not checked: the cell was not run"},
+               message=f"[{name}] not run: the CUDA context of this process was lost in {lost_in}",
+               not_run_after=lost_in)
+    return rec
+
+
+def run_checked(fn, cell: Cell, impl, device: str, *, backward: bool = True, impl_name: str | None = None) -> dict:
+    """``fn`` (run_cell or run_op_cell) on ``cell``, then the CUDA context check
+    (lla_verify/testing/cuda_context.py), in the process that runs the cell: a fault that
+    lost the context is this cell's, and a process whose context was lost earlier runs
+    no cell (it says where the context was lost)."""
+    from lla_verify.testing import cuda_context
+
+    name = impl_name or impl.name
+    where = cuda_context.lost_in()
+    if where is not None:
+        return not_run_record(_cell_record(cell, impl, device, backward=backward, impl_name=impl_name), name, where)
+    spec = cell.case.spec()
+    try:
+        rec = fn(cell, impl, device, backward=backward, impl_name=impl_name)
+    except Exception as exc:  # outside the implementation's call (the check's own CUDA work): a fault only
+        if cuda_context.describe(exc) is None:
+            raise
+        rec = failed_record(_cell_record(cell, impl, device, backward=backward, impl_name=impl_name),
+                            f"[{name}] raised {type(exc).__name__}: {exc} on {spec}")
+    err = cuda_context.check(spec)
+    return lost_context_record(rec, name, err) if err is not None else rec
+
+
 def _cell_record(cell: Cell, impl, device: str, *, backward: bool, impl_name: str | None) -> dict:
     spec = cell.case.spec()
     op = getattr(cell, "op", "lla")
@@ -157,15 +203,22 @@ def _cell_record(cell: Cell, impl, device: str, *, backward: bool, impl_name: st
 def run_cell_isolated(worker, cell: Cell, impl, device: str, *, backward: bool = True,
                       impl_name: str | None = None) -> dict:
     """run_cell in ``worker``'s child process (in this one when ``worker`` is None): an
-    implementation that ends its process, crashes it or hangs fails this cell only."""
+    implementation that ends its process, crashes it or hangs fails this cell only.
+
+    A cell that lost the child's CUDA context fails, and the child is replaced, so the
+    next cell runs on a fresh context. In this process a lost context cannot be replaced:
+    the cells after it are records of cells not run (``run_checked``)."""
     from lla_verify.trust import ChildFailed, run_isolated
 
     fn = run_cell if getattr(cell, "op", "lla") == "lla" else run_op_cell
     try:
-        return run_isolated(worker, fn, cell, impl, device, backward=backward, impl_name=impl_name)
+        rec = run_isolated(worker, run_checked, fn, cell, impl, device, backward=backward, impl_name=impl_name)
     except ChildFailed as exc:
         rec = _cell_record(cell, impl, device, backward=backward, impl_name=impl_name)
         return failed_record(rec, f"[{impl_name or impl.name}] {exc} on {rec['spec']}")
+    if rec.get("cuda_context_lost") and worker is not None:
+        worker.restart()
+    return rec
 
 
 def run_cell(cell: Cell, impl, device: str, *, backward: bool = True, impl_name: str | None = None) -> dict:

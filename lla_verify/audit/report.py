@@ -387,6 +387,10 @@ def _html_head(report: dict) -> list[str]:
     line = f"{v['n_failed']} of {v['n_cells']} cells over threshold"
     if v.get("interrupted"):
         line += f"; INCOMPLETE: {_escape(v['interrupted'])}"
+    if v.get("not_run"):
+        line += f"; INCOMPLETE: {_escape(v['not_run'])}"
+    if v.get("cuda_context_lost"):
+        line += f"; CUDA context lost in {len(v['cuda_context_lost'])} cells (the kernel faulted on the device)"
     if report.get("baseline") is not None:
         line += f"; {len(regs)} regression{'s' if len(regs) != 1 else ''} against the baseline"
     worst = (f"worst ratio {fmt_ratio(v['worst_ratio'])} at <code style='color:#fff'>{_escape(v['worst_spec'])}</code>"

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from lla_verify.audit.baseline import REGRESSION_FACTOR, REGRESSION_FLOOR, SCHEMA, compare, fmt_ratio, ratio_number
-from lla_verify.audit.cell import run_cell_isolated
+from lla_verify.audit.cell import NOT_RUN, run_cell_isolated
 from lla_verify.audit.plan import Cell
 from lla_verify.cliutil import jsonable
 
@@ -31,7 +31,9 @@ class AuditResult:
 
 def audit_verdict(cells: list[dict], regressions: list[dict], interrupted: str | None = None) -> dict:
     failed = [c for c in cells if not c.get("passed")]
-    finite = [c for c in cells if c.get("ratio") is not None]
+    # a cell not run has no verdict: it fails the audit, but no ranking of ratios takes it
+    ran = [c for c in cells if c.get("cause") != NOT_RUN]
+    finite = [c for c in ran if c.get("ratio") is not None]
     worst = max(finite, key=lambda c: ratio_number(c["ratio"]) if not math.isnan(ratio_number(c["ratio"])) else math.inf,
                 default=None)
     grads = [c["grad"] for c in cells if (c.get("grad") or {}).get("status") == "checked"]
@@ -49,13 +51,20 @@ def audit_verdict(cells: list[dict], regressions: list[dict], interrupted: str |
     ops = {}
     for op in dict.fromkeys(c.get("op", "lla") for c in cells):
         cs = [c for c in cells if c.get("op", "lla") == op]
-        w = max(cs, key=lambda c: ratio_number(c["ratio"]) if not math.isnan(ratio_number(c["ratio"])) else math.inf)
+        w = max([c for c in cs if c.get("cause") != NOT_RUN] or cs, key=lambda c: ratio_number(c["ratio"]) if not math.isnan(ratio_number(c["ratio"])) else math.inf)
         ops[op] = {"n_cells": len(cs), "n_failed": sum(1 for c in cs if not c.get("passed")),
                    "worst_ratio": w["ratio"], "worst_spec": w["spec"], "worst_command": w["command"]}
+    not_run = [c for c in cells if c.get("cause") == NOT_RUN]
+    lost = [c["spec"] for c in cells if c.get("cuda_context_lost")]
     return {
         "operators": ops,
         "passed": not failed and not regressions and not interrupted,
         "interrupted": interrupted,
+        "n_not_run": len(not_run),
+        # an audit with cells not run is incomplete, like an interrupted one
+        "not_run": (f"{len(not_run)} cells not run: the CUDA context of their process was lost in "
+                    f"{', '.join(dict.fromkeys(c.get('not_run_after', '?') for c in not_run))}" if not_run else None),
+        "cuda_context_lost": lost,
         "n_cells": len(cells), "n_failed": len(failed), "n_regressions": len(regressions),
         "worst_ratio": worst["ratio"] if worst else None, "worst_spec": worst["spec"] if worst else None,
         "worst_command": worst["command"] if worst else None,
@@ -206,6 +215,11 @@ def summary_lines(report: dict, *, top: int = 5) -> list[str]:
                  f"{wall_text(meta)}]")
     if v.get("interrupted"):
         lines.append(f"INCOMPLETE: {v['interrupted']} (a partial audit never passes)")
+    if v.get("not_run"):
+        lines.append(f"INCOMPLETE: {v['not_run']} (a partial audit never passes; rerun them in a fresh process)")
+    if v.get("cuda_context_lost"):
+        lines.append(f"CUDA context lost (the kernel faulted on the device) in {len(v['cuda_context_lost'])} "
+                     f"cells: {', '.join(v['cuda_context_lost'])}")
     if meta.get("cells_slice") and not meta.get("merged_from"):
         lines.append(f"slice {meta['cells_slice']} of a {meta.get('plan_size')}-cell plan: this verdict covers "
                      f"its cells only; the audit's is the merge of every slice (lla-verify audit --merge)")

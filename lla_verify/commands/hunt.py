@@ -121,6 +121,34 @@ def evaluate(impl, device: str, case, op: str = "lla") -> tuple[float, str, str]
 UNBUILDABLE = "unbuildable"
 
 
+class CudaContextLost(RuntimeError):
+    """The search's own process lost its CUDA context: no evaluation can run in it."""
+
+
+def evaluate_checked(impl, device: str, case, op: str = "lla") -> tuple[float, str, str, str | None]:
+    """``evaluate`` and then the CUDA context check (lla_verify/testing/cuda_context.py), in
+    the process that evaluates: (ratio, cause, message, the fault when this evaluation lost
+    the context). A point whose kernel faulted is the worst ratio, charged to the
+    implementation; a process that lost its context earlier evaluates nothing."""
+    from lla_verify.testing import cuda_context
+
+    where = cuda_context.lost_in()
+    if where is not None:
+        raise CudaContextLost(f"the CUDA context of this process was lost in {where}: no later point can be "
+                              f"evaluated in it")
+    try:
+        ratio, cause, message = evaluate(impl, device, case, op)
+    except Exception as exc:  # outside the implementation's call: only a fault is answered here
+        if cuda_context.describe(exc) is None:
+            raise
+        ratio, cause, message = math.inf, "implementation", f"[{impl.name}] raised {type(exc).__name__}: {exc}"
+    err = cuda_context.check(case.spec())
+    if err is not None:
+        return (math.inf, "implementation", f"[{impl.name}] CUDA context lost during this evaluation: {err}; the "
+                f"implementation faulted on {case.spec()}", err)
+    return ratio, cause, message, None
+
+
 def _evaluate_op(impl, device: str, case, op: str) -> tuple[float, str, str]:
     from lla_verify.registry.operators import get_operator
 
@@ -140,7 +168,9 @@ class Objective:
 
     With ``isolate`` (the default) each evaluation runs in a child process (trust.Worker):
     an implementation that exits, crashes or runs past ``timeout`` seconds on a call
-    scores the worst ratio at that point and the search goes on.
+    scores the worst ratio at that point and the search goes on; so does one whose kernel
+    faults on the device (the CUDA context of the child is lost, and the child replaced).
+    In this process a lost context ends the search (CudaContextLost).
     """
 
     def __init__(self, impl, device, *, S, D, dtype, B=1, H=1, isolate: bool = True, timeout: float | None = None,
@@ -150,6 +180,7 @@ class Objective:
         self.impl, self.device, self.op = impl, device, op
         self.S, self.D, self.dtype, self.B, self.H = S, D, dtype, B, H
         self.evals = 0
+        self.fault: Eval | None = None  # the evaluation that lost this process's CUDA context
         self.worker = (Worker(timeout if timeout is not None else DEFAULT_CALL_TIMEOUT)
                        if isolate and picklable(impl) else None)
 
@@ -175,11 +206,18 @@ class Objective:
 
         self.evals += 1
         try:
-            ratio, cause, message = run_isolated(self.worker, evaluate, self.impl, self.device, case, self.op)
+            ratio, cause, message, lost = run_isolated(self.worker, evaluate_checked, self.impl, self.device, case,
+                                                       self.op)
         except ChildFailed as exc:
-            ratio, cause, message = math.inf, "implementation", f"[{self.impl.name}] {exc} on {case.spec()}"
+            ratio, cause, message, lost = math.inf, "implementation", f"[{self.impl.name}] {exc} on {case.spec()}", None
         r = ratio if math.isfinite(ratio) else 1e30
-        return Eval(r, case, cause, message)
+        e = Eval(r, case, cause, message)
+        if lost is not None:
+            if self.worker is not None:
+                self.worker.restart()
+            elif self.fault is None:
+                self.fault = e
+        return e
 
 
 def _space(family: str, probe: str | None) -> tuple:
@@ -340,6 +378,13 @@ def _run(args) -> int:
     obj = Objective(impl, device, timeout=args.cell_timeout, op=op.name, **sizes)
     try:
         return _search(args, impl, device, families, probes, obj, out, op.name)
+    except CudaContextLost as exc:
+        # only in this process (an implementation that cannot be pickled into a child)
+        print(f"lla-verify hunt: stopped, incomplete: {exc}", file=sys.stderr)
+        if obj.fault is not None:
+            print(obj.fault.message)
+            print(f"replay: {replay_command(op.name, args.impl, device, obj.fault.case.spec())}")
+        return 1
     finally:
         obj.close()
 

@@ -25,6 +25,7 @@ class CaseResult:
     skipped: str | None = None
     notes: str = ""
     detail: str = ""  # the failing verdict's message, printed under the case line
+    lost_context: str | None = None  # the CUDA error when this golden's kernel lost the context
 
     @property
     def worst(self) -> tuple[str, float]:
@@ -246,13 +247,41 @@ def _run_op(golden: Golden, problem, stored: dict, impl, device: str):
     return o, fresh, v, flat_rows(pb.allowed), torch.zeros(o.shape[:-1], dtype=torch.bool)
 
 
+def compare_checked(golden: Golden, folder: Path, entry: dict | None, impl, device: str) -> CaseResult:
+    """``compare_one`` and then the CUDA context check (lla_verify/testing/cuda_context.py),
+    in the process that compares: a golden whose kernel faulted on the device fails with
+    the fault (``lost_context`` set), and in a process whose context was lost earlier no
+    golden runs (each fails as not run, NaN, naming where the context was lost)."""
+    from lla_verify.testing import cuda_context
+
+    where = cuda_context.lost_in()
+    if where is not None:
+        return CaseResult(golden.name, {"forward": math.nan},
+                          notes=f"[{impl.name}] not run: the CUDA context of this process was lost in {where}")
+    try:
+        r = compare_one(golden, folder, entry, impl, device)
+    except Exception as exc:  # outside the implementation's call: only a fault is answered here
+        if cuda_context.describe(exc) is None:
+            raise
+        r = CaseResult(golden.name, {"forward": math.inf}, notes=f"{type(exc).__name__}: {exc}")
+    err = cuda_context.check(golden.name)
+    if err is not None:
+        r = CaseResult(golden.name, dict(r.checks, forward=math.inf),
+                       notes=f"[{impl.name}] CUDA context lost during this golden: {err}; the implementation "
+                             f"faulted", detail=r.detail, lost_context=err)
+    return r
+
+
 def _compare_one_isolated(worker, golden: Golden, folder: Path, entry: dict | None, impl, device: str) -> CaseResult:
     from lla_verify.trust import ChildFailed, run_isolated
 
     try:
-        return run_isolated(worker, compare_one, golden, folder, entry, impl, device)
+        r = run_isolated(worker, compare_checked, golden, folder, entry, impl, device)
     except ChildFailed as exc:  # the implementation ended or hung its process: this golden fails
         return CaseResult(golden.name, {"forward": math.inf}, notes=f"[{impl.name}] {exc}")
+    if r.lost_context and worker is not None:
+        worker.restart()  # a fresh child, a fresh context, for the next golden
+    return r
 
 
 def compare(folder: Path, impl, *, device: str = "cpu", only=None, isolate: bool = True,

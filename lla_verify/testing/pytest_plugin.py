@@ -25,6 +25,12 @@ release: many examples, guided by target() towards the worst error/budget ratio.
 triage:  the ci profile without shrinking: reports the first failing example fast
          (used to measure the suite against planted bugs, docs/kill-list.md).
 
+After each test on a process that uses CUDA the plugin synchronises the device: a test
+whose kernel faulted (an illegal memory access, a device-side assert: errors that kill
+the process's CUDA context) gets an error at teardown that says so, and every later test
+of that process (that xdist worker) an error at setup, "not run", without calling into
+CUDA (lla_verify/testing/cuda_context.py).
+
 Under pytest-xdist each worker takes one GPU, round-robin (lla_verify.testing.gpu_pinning),
 before anything touches CUDA; LLA_NO_GPU_PINNING=1 leaves CUDA_VISIBLE_DEVICES alone.
 
@@ -107,6 +113,13 @@ def pytest_addoption(parser):
 
 def _in_play(config) -> bool:
     """Whether this run is lla-verify's (see the module docstring)."""
+    known = getattr(config, "_lla_in_play", None)
+    if known is None:
+        known = config._lla_in_play = _decide_in_play(config)
+    return known
+
+
+def _decide_in_play(config) -> bool:
     if os.environ.get("LLA_IMPL") or os.environ.get("LLA_DEVICE") or os.environ.get("LLA_PARALLAX_IMPL"):
         return True
     if any(str(a).startswith("--lla-") for a in config.invocation_params.args):
@@ -279,6 +292,48 @@ def parallax_impl(pytestconfig, device):
     return record
 
 
+# ---- a lost CUDA context is charged to the test that lost it, not to the tests after it
+LOST_PREFIX = "CUDA context lost during this test: "
+NOT_RUN_PREFIX = "not run: the CUDA context of this process was lost in "
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # first of the setup hooks, so no fixture (and no CUDA call) runs for a test that cannot
+    from lla_verify.testing import cuda_context
+
+    where = cuda_context.lost_in()
+    if where is not None and _in_play(item.config):
+        pytest.fail(f"{NOT_RUN_PREFIX}{where} (every later test of this process is an error, not a verdict: "
+                    f"rerun them in a fresh process)", pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    # after the test's fixtures are torn down: a fault in a fixture's teardown is the test's too
+    from lla_verify.testing import cuda_context
+
+    try:
+        return (yield)
+    finally:
+        if cuda_context.lost_in() is None and _in_play(item.config):
+            err = cuda_context.check(item.nodeid)
+            if err is not None:
+                pytest.fail(f"{LOST_PREFIX}{err}; the implementation faulted (the later tests of this process "
+                            f"are not run)", pytrace=False)
+
+
+def pytest_runtest_logreport(report):
+    # on the xdist controller too: the closing summary names each lost context once
+    if report.failed and report.when in ("setup", "teardown"):
+        text = report.longreprtext or ""
+        if LOST_PREFIX in text or NOT_RUN_PREFIX in text:
+            _LOST_REPORTS.append((report.nodeid, LOST_PREFIX in text))
+
+
+_LOST_REPORTS: list = []
+
+
 # ---- one closing line for the whole run: "k of N checks over threshold, worst ratio r at <case>"
 # The ledger lives in lla_verify.budget.verdict; a run that never imported it has nothing to say.
 def _own_ledger() -> list:
@@ -305,6 +360,12 @@ def pytest_terminal_summary(terminalreporter, config):
     # would read "31 over threshold" on a green run and hide a real failure among them.
     if getattr(config, "_lla_warmup", None):
         terminalreporter.write_line(config._lla_warmup)
+    blamed = [n for n, lost in _LOST_REPORTS if lost]
+    if blamed:
+        n_not_run = sum(1 for _, lost in _LOST_REPORTS if not lost)
+        terminalreporter.write_line(
+            f"lla-verify: the CUDA context was lost in {len(blamed)} test(s): {', '.join(blamed)}; "
+            f"{n_not_run} later test(s) of the same process(es) not run (errors, not verdicts)", red=True)
     led = _own_ledger() + getattr(config, "_lla_worker_ledgers", [])
     if not led:
         return
