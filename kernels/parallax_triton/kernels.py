@@ -33,6 +33,7 @@ products run as bf16 products of exact parts (docs/kernels-parallax.md §3, "bf1
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
@@ -65,6 +66,9 @@ class ForwardOut(NamedTuple):
     sa: torch.Tensor  # (N, S): with the split, q_hi k_hi^T at key ref_i (exact), the scores' reference
     sr: torch.Tensor  # (N, S): and the remainder q_lo k^T + q_hi k_lo^T there (0 without the split)
     split: bool  # d and the scores formed through the split products
+    norms: torch.Tensor  # (N, S, N_NORMS) fp32: the bounds of the fast-tile test (NORM_NAMES)
+    ta: float  # the thresholds of the fast-tile test (fast_thresholds), scores
+    td: float  # and d
 
 
 class BackwardOut(NamedTuple):
@@ -202,6 +206,72 @@ def _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, l1, l2, l3, PREC: tl.constexpr, B1
         return tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
 
 
+@triton.jit
+def _score_pair(q_dot, q_hi, q_lo, k_dot, KPARTS, kbase, offs_n, S, N_HEADS, qn, kn, ta,
+                D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, EXACT: tl.constexpr,
+                B16: tl.constexpr):
+    """The unscaled scores <q_i, k_j> of a tile pair as (hi, rem), hi + rem the score.
+
+    Per entry (docs/kernels-parallax.md §3, "Fast tiles"): where s |q_i| |k_j| <= ta (qn_i =
+    s |q_i|, kn_j = |k_j|), the plain product in hi and 0 in rem; elsewhere the split, hi the
+    exact q_hi k_hi^T and rem the remainder. The decision is a function of (q_i, k_j) alone,
+    the same in every kernel and tiling (bitwise causal, the backward's p the forward's); a
+    tile whose every entry passes skips the split products."""
+    a_pl = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC)
+    if tl.max(qn, 0) * tl.max(kn, 0) > ta:
+        if B16:
+            plane = N_HEADS.to(tl.int64) * S * D
+            ptr = KPARTS + kbase + offs_n[:, None] * D + tl.arange(0, D)[None, :]
+            ok = (offs_n < S)[:, None]
+            k_hi = tl.load(ptr + KP_HI_K * plane, mask=ok, other=0.0)
+            k_lo = tl.load(ptr + KP_LO_K * plane, mask=ok, other=0.0)
+            kf = k_dot
+        else:
+            kf = k_dot.to(ACC)
+            k_hi, k_lo = _split_rows(kf)
+        fast = qn[:, None] * kn[None, :] <= ta
+        hi = tl.where(fast, a_pl, _exact_dot(q_hi, k_hi, EXACT))
+        rem = tl.where(fast, 0.0, _score_rem(q_lo, q_hi, k_dot, kf, k_lo, PREC, B16, EXACT))
+    else:
+        hi = a_pl
+        rem = tl.zeros_like(a_pl)
+    return hi, rem
+
+
+@triton.jit
+def _d_pair(rf, r16, r_hi, r_lo, k_dot, kp, KPARTS, kbase, offs_n, S, N_HEADS, rn, kdn, c0, td,
+            D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+    """d_ij = <k_j - k_0, r_i> of a tile pair as (hi, rem), as _score_pair does the scores:
+    where |r_i| kd_j <= td, the plain product in hi; elsewhere the exact r_hi kp_hi^T and the
+    remainder. For bf16 inputs the plain product is <k_j, r_i> - c0_i (c0_i = <k_0, r_i>), one
+    bf16 product with exact products, and kd_j = |k_j| + |k_0| bounds its rounding; for the
+    others it is r kp^T at PREC, and kd_j = |k_j - k_0|."""
+    if B16:
+        d_pl = _dot16(r16, tl.trans(k_dot), EXACT) - c0[:, None]
+    else:
+        d_pl = tl.dot(rf, tl.trans(kp), input_precision=PREC)
+    if tl.max(rn, 0) * tl.max(kdn, 0) > td:
+        if B16:
+            plane = N_HEADS.to(tl.int64) * S * D
+            ptr = KPARTS + kbase + offs_n[:, None] * D + tl.arange(0, D)[None, :]
+            ok = (offs_n < S)[:, None]
+            kp_hi = tl.load(ptr + KP_HI_P * plane, mask=ok, other=0.0)
+            l1 = tl.load(ptr + KP_L1 * plane, mask=ok, other=0.0)
+            l2 = tl.load(ptr + KP_L2 * plane, mask=ok, other=0.0)
+            l3 = tl.load(ptr + KP_L3 * plane, mask=ok, other=0.0)
+            kp_lo = kp
+        else:
+            kp_hi, kp_lo = _split_rows(kp)
+            l1, l2, l3 = kp_lo, kp_lo, kp_lo
+        fast = rn[:, None] * kdn[None, :] <= td
+        hi = tl.where(fast, d_pl, _exact_dot(r_hi, kp_hi, EXACT))
+        rem = tl.where(fast, 0.0, _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, l1, l2, l3, PREC, B16, EXACT))
+    else:
+        hi = d_pl
+        rem = tl.zeros_like(d_pl)
+    return hi, rem
+
+
 # The key-side operands of the bf16 products, one plane each of a (N_KPARTS, N, S, D) bf16
 # tensor: the split of k (scores) and of kp = k - k_0 (d), kp_lo in its three exact parts;
 # and a (3, N, S, Dv) one of vp = v - v_0 in its exact parts. Each is a function of its own
@@ -241,21 +311,54 @@ def _px_key_prep_kernel(K, V, KPARTS, VPARTS, S, D: tl.constexpr, DV: tl.constex
     tl.store(vptr + 2 * vplane, vp3, mask=ok)
 
 
-@triton.jit
-def _key_parts(KPARTS, kbase, offs_n, S, N_HEADS, D: tl.constexpr):
-    """A key tile's planes of KPARTS (bf16; padding keys read 0)."""
-    plane = N_HEADS.to(tl.int64) * S * D
-    ptr = KPARTS + kbase + offs_n[:, None] * D + tl.arange(0, D)[None, :]
-    ok = (offs_n < S)[:, None]
-    return (tl.load(ptr + KP_HI_K * plane, mask=ok, other=0.0), tl.load(ptr + KP_LO_K * plane, mask=ok, other=0.0),
-            tl.load(ptr + KP_HI_P * plane, mask=ok, other=0.0), tl.load(ptr + KP_L1 * plane, mask=ok, other=0.0),
-            tl.load(ptr + KP_L2 * plane, mask=ok, other=0.0), tl.load(ptr + KP_L3 * plane, mask=ok, other=0.0))
+# Per-row and per-key bounds of the fast-tile test, one (N, S, N_NORMS) fp32 tensor formed on
+# the host (fast_tile_norms) and shared by the forward and the backward, so that every kernel
+# takes the same decision for the same (query, key) pair: s |q_i|, |r_i|, |k_j|, the bound
+# kd_j of d's plain product (|k_j| + |k_0| for bf16 inputs, |k_j - k_0| otherwise), and
+# c0_i = <k_0, r_i> (bf16 inputs' plain d).
+NORM_NAMES = ("qn", "rn", "kn", "kdn", "c0")
+NM_QN, NM_RN, NM_KN, NM_KDN, NM_C0 = (tl.constexpr(i) for i in range(len(NORM_NAMES)))
+N_NORMS = tl.constexpr(len(NORM_NAMES))
 
 
 @triton.jit
-def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, N_HEADS, kbase, vbase, start_n, S, scale,
-              offs_m, m_i, l_i,
-              nu, dbar, cm, t_ref, j_ref, s_a, s_r,
+def _norm(NORMS, rows, ok, col: tl.constexpr):
+    return tl.load(NORMS + rows * N_NORMS + col, mask=ok, other=0.0)
+
+
+# Upper bounds: a norm formed in fp32 is within (D/2 + 2) u of the true one for D <= 128,
+# below 2^-17 relative; the factor makes every stored bound at least the true value.
+NORM_UP = 1.0 + 2.0**-16
+
+
+@triton.jit(do_not_specialize=("S",))
+def _px_norms_kernel(Q, K, R, NORMS, S, scale, D: tl.constexpr, BLOCK: tl.constexpr, B16: tl.constexpr):
+    head = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < S
+    kbase = head * S * D
+    q = _load_rows(Q, kbase, offs, S, D).to(tl.float32)
+    k = _load_rows(K, kbase, offs, S, D).to(tl.float32)
+    r = _load_rows(R, kbase, offs, S, D).to(tl.float32)
+    ck = tl.load(K + kbase + tl.arange(0, D)).to(tl.float32)
+    kn = tl.sqrt(tl.sum(k * k, 1)) * NORM_UP
+    if B16:
+        kdn = kn + tl.sqrt(tl.sum(ck * ck, 0)) * NORM_UP
+    else:
+        kp = k - ck[None, :]
+        kdn = tl.sqrt(tl.sum(kp * kp, 1)) * NORM_UP
+    ptr = NORMS + (head * S + offs) * N_NORMS
+    tl.store(ptr + NM_QN, scale * tl.sqrt(tl.sum(q * q, 1)) * NORM_UP, mask=ok)
+    tl.store(ptr + NM_RN, tl.sqrt(tl.sum(r * r, 1)) * NORM_UP, mask=ok)
+    tl.store(ptr + NM_KN, kn, mask=ok)
+    tl.store(ptr + NM_KDN, kdn, mask=ok)
+    tl.store(ptr + NM_C0, tl.sum(r * ck[None, :], 1), mask=ok)
+
+
+@triton.jit
+def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORMS, N_HEADS, kbase, vbase, nbase,
+              start_n, S, scale, offs_m, m_i, l_i,
+              nu, dbar, cm, t_ref, j_ref, s_a, s_r, qn, rn, c0, ta, td,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
               MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
               SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
@@ -271,17 +374,13 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, N_HE
         # a_ij - a_i,ref = s <q_i, k_j - k_ref>. A score rounded on its own carries up to half
         # an ulp of |a_ij|, which moves p_ij by that much relatively where the softmax is steep
         # (docs/kernels-parallax.md §5): the difference is formed as d is below, from the exact
-        # q_hi k_hi^T and the remainder, each referred to the key's own entries
-        if B16:
-            k_hi, k_lo, kp_hi, l1, l2, l3 = _key_parts(KPARTS, kbase, offs_n, S, N_HEADS, D)
-            kf, kp_lo = k_dot, kp
-        else:
-            kf = k_dot.to(ACC)
-            k_hi, k_lo = _split_rows(kf)
-            kp_hi, kp_lo = _split_rows(kp)
-            l1, l2, l3 = kp_lo, kp_lo, kp_lo
-        a_hi = _exact_dot(q_hi, k_hi, EXACT)
-        a_rem = _score_rem(q_lo, q_hi, k_dot, kf, k_lo, PREC, B16, EXACT)
+        # q_hi k_hi^T and the remainder, each referred to the key's own entries. Entries whose
+        # plain product meets the accuracy the split is there for (§3, "Fast tiles") take it
+        # in a_hi with a_rem = 0: the reference mechanics below are the same for both
+        head_rows = nbase + offs_n
+        kn = _norm(NORMS, head_rows, offs_n < S, NM_KN)
+        a_hi, a_rem = _score_pair(q_dot, q_hi, q_lo, k_dot, KPARTS, kbase, offs_n, S, N_HEADS, qn, kn, ta, D, ACC,
+                                  PREC, SPREC, EXACT, B16)
         x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
         m_tile = tl.max(x, 1)
         moved = m_tile > m_i
@@ -314,8 +413,10 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, N_HE
         # 16 bits on one grid, exact in fp32, so it can be referred to the row's heaviest key
         # exactly, and only the remainder, 2^-7 the size, rounds at its own scale. A grid per
         # key, not per tile: a row's d_ij must not depend on keys after i (bitwise causality).
-        s_hi = _exact_dot(r_hi, kp_hi, EXACT)
-        rem = _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, l1, l2, l3, PREC, B16, EXACT)
+        # Fast entries: the plain product in s_hi, rem = 0 (_d_pair).
+        kdn = _norm(NORMS, head_rows, offs_n < S, NM_KDN)
+        s_hi, rem = _d_pair(rf, r16, r_hi, r_lo, k_dot, kp, KPARTS, kbase, offs_n, S, N_HEADS, rn, kdn, c0, td, D,
+                            ACC, PREC, EXACT, B16)
         s_top = tl.sum(tl.where(col[None, :] == jmax[:, None], s_hi, 0.0), 1)
         t_new = tl.where(moved, s_top, t_ref)
         dbar = dbar + (t_ref - t_new)
@@ -347,7 +448,7 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, N_HE
 
 # S is not specialised on (== 1, % 16): every pointer is offset by multiples of D or Dv
 @triton.jit(do_not_specialize=("S",))
-def _px_fwd_kernel(Q, K, V, R, KPARTS, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, scale,
+def _px_fwd_kernel(Q, K, V, R, KPARTS, NORMS, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, scale, ta, td,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                    SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
@@ -393,6 +494,11 @@ def _px_fwd_kernel(Q, K, V, R, KPARTS, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, RE
                                   q_lo.to(tl.bfloat16))
     else:
         r16 = rf
+    # per-row bounds of the fast-tile test (§3, "Fast tiles"), formed once on the host
+    nbase = head * S
+    qn = _norm(NORMS, nbase + offs_m, row_ok, NM_QN)
+    rn = _norm(NORMS, nbase + offs_m, row_ok, NM_RN)
+    c0 = _norm(NORMS, nbase + offs_m, row_ok, NM_C0)
     # t_ref: the row's reference, r_hi kp_hi^T at its heaviest key so far; d and dbar are
     # kept relative to it (0 without the split: d relative to k_0 itself)
     t_ref = tl.zeros([BLOCK_M], dtype=ACC)
@@ -401,14 +507,14 @@ def _px_fwd_kernel(Q, K, V, R, KPARTS, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, RE
     s_r = tl.zeros([BLOCK_M], dtype=ACC)
     for start_n in range(0, lo_full, BLOCK_N):
         m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
-            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, tl.num_programs(1), kbase, vbase, start_n, S,
-            scale, offs_m, m_i, l_i, nup,
-            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
+            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORMS, tl.num_programs(1), kbase, vbase, nbase,
+            start_n, S, scale, offs_m, m_i, l_i, nup,
+            dbar, cm, t_ref, j_ref, s_a, s_r, qn, rn, c0, ta, td, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
     for start_n in range(lo_full, hi, BLOCK_N):
         m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
-            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, tl.num_programs(1), kbase, vbase, start_n, S,
-            scale, offs_m, m_i, l_i, nup,
-            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
+            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORMS, tl.num_programs(1), kbase, vbase, nbase,
+            start_n, S, scale, offs_m, m_i, l_i, nup,
+            dbar, cm, t_ref, j_ref, s_a, s_r, qn, rn, c0, ta, td, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
     cr = cm / l_i[:, None]
     o = cv[None, :] + nup - cr
 
@@ -479,36 +585,32 @@ def _bwd_rows(Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv,
 
 
 @triton.jit
-def _bwd_keys(K, V, KPARTS, VPARTS, N_HEADS, kbase, vbase, offs_n, S, ck, cv, D: tl.constexpr, DV: tl.constexpr,
-              UPCAST: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr, B16: tl.constexpr):
-    """A key tile's operands for the backward: k (for the product), its split, kp and its
-    split, vp; with bf16 inputs the splits and vp's exact parts from _px_key_prep_kernel."""
+def _bwd_keys(K, V, VPARTS, NORMS, N_HEADS, kbase, vbase, nbase, offs_n, S, ck, cv, D: tl.constexpr,
+              DV: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, B16: tl.constexpr):
+    """A key tile's operands for the backward: k (for the product), kp, vp, with bf16 inputs
+    vp's exact parts from _px_key_prep_kernel, and the key's bounds of the fast-tile test.
+    The splits of k and kp are formed (or loaded) by _score_pair and _d_pair, on the tiles
+    that need them."""
     k_dot, kp, vp, _v_dot = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
-    kf = k_dot.to(ACC)
+    ok = offs_n < S
     if B16:
-        k_hi, k_lo, kp_hi, l1, l2, l3 = _key_parts(KPARTS, kbase, offs_n, S, N_HEADS, D)
-        kp_lo = kp
         vplane = N_HEADS.to(tl.int64) * S * DV
         vptr = VPARTS + vbase + offs_n[:, None] * DV + tl.arange(0, DV)[None, :]
-        ok = (offs_n < S)[:, None]
-        vp1 = tl.load(vptr, mask=ok, other=0.0)
-        vp2 = tl.load(vptr + vplane, mask=ok, other=0.0)
-        vp3 = tl.load(vptr + 2 * vplane, mask=ok, other=0.0)
+        vp1 = tl.load(vptr, mask=ok[:, None], other=0.0)
+        vp2 = tl.load(vptr + vplane, mask=ok[:, None], other=0.0)
+        vp3 = tl.load(vptr + 2 * vplane, mask=ok[:, None], other=0.0)
     else:
-        if SPLIT:
-            k_hi, k_lo = _split_rows(kf)
-            kp_hi, kp_lo = _split_rows(kp)
-        else:
-            k_hi, k_lo, kp_hi, kp_lo = kf, kf, kp, kp
-        l1, l2, l3, vp1, vp2, vp3 = kp_lo, kp_lo, kp_lo, vp, vp, vp
-    return k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3
+        vp1, vp2, vp3 = vp, vp, vp
+    kn = _norm(NORMS, nbase + offs_n, ok, NM_KN)
+    kdn = _norm(NORMS, nbase + offs_n, ok, NM_KDN)
+    return k_dot, kp, vp, vp1, vp2, vp3, kn, kdn
 
 
 @triton.jit
-def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS, rows, k_dot, kf, k_hi, k_lo,
-              kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3, offs_m, offs_n, S, scale, PREC: tl.constexpr,
-              SPREC: tl.constexpr,
-              ACC: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, qn, rn, c0, STATS, NORMS, KPARTS,
+              N_HEADS, kbase, rows, k_dot, kp, kn, kdn, vp, vp1, vp2, vp3, offs_m, offs_n, S, scale, ta, td,
+              D: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr,
+              EXACT: tl.constexpr, B16: tl.constexpr):
     """p, 1 - e, p gv and da for a (query tile, key tile) pair, causal mask included."""
     ok = offs_m < S
     keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S) & ok[:, None]
@@ -518,11 +620,12 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, S
     hit = tl.max(at_ref.to(tl.int32), 1) > 0
     lw = _stat(STATS, rows, ok, ST_LW)
     if SPLIT:
-        # a_ij - a_i,ref = s <q_i, k_j - k_ref> as the forward formed it (_fwd_tile): the
-        # exact q_hi k_hi^T less its saved value at the key, the remainder less the tile's
-        # own entry there (the saved one where the tile does not hold the key)
-        a_hi = _exact_dot(q_hi, k_hi, EXACT)
-        a_rem = _score_rem(q_lo, q_hi, k_dot, kf, k_lo, PREC, B16, EXACT)
+        # a_ij - a_i,ref = s <q_i, k_j - k_ref> as the forward formed it (_fwd_tile), entry by
+        # entry through the same product (_score_pair's decision is the forward's): hi less
+        # its saved value at the key, the remainder less the tile's own entry there (the
+        # saved one where the tile does not hold the key)
+        a_hi, a_rem = _score_pair(q_dot, q_hi, q_lo, k_dot, KPARTS, kbase, offs_n, S, N_HEADS, qn, kn, ta, D, ACC,
+                                  PREC, SPREC, EXACT, B16)
         rem_at = tl.where(hit, tl.sum(tl.where(at_ref, a_rem, 0.0), 1), _stat(STATS, rows, ok, ST_SR))
         x = ((a_hi - _stat(STATS, rows, ok, ST_SA)[:, None]) + (a_rem - rem_at[:, None])) * scale
     else:
@@ -534,9 +637,9 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, S
     if SPLIT:
         # d_ij against the row's reference exactly as the forward formed it: a single
         # product rounds d at u |k_j - k_0| |r_i|, far above e_ij where the keys have a
-        # large norm (docs/kernels-parallax.md §5)
-        s_hi = _exact_dot(r_hi, kp_hi, EXACT)
-        rem = _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, l1, l2, l3, PREC, B16, EXACT)
+        # large norm (docs/kernels-parallax.md §5); the fast entries are the forward's
+        s_hi, rem = _d_pair(rf, r16, r_hi, r_lo, k_dot, kp, KPARTS, kbase, offs_n, S, N_HEADS, rn, kdn, c0, td, D,
+                            ACC, PREC, EXACT, B16)
         e = ((s_hi - _stat(STATS, rows, ok, ST_TREF)[:, None]) + rem) - dbar[:, None]
     else:
         e = tl.dot(rf, tl.trans(kp), input_precision=PREC) - dbar[:, None]
@@ -557,7 +660,7 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, S
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DQ, DR, S, scale,
+def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, NORMS, G, NUP, STATS, REF, DQ, DR, S, scale, ta, td,
                       D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                       SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
@@ -566,13 +669,18 @@ def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DQ, DR, S,
     head = tl.program_id(1).to(tl.int64)
     kbase = head * S * D
     vbase = head * S * DV
+    nbase = head * S
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    rows = head * S + offs_m
+    rows = nbase + offs_m
+    row_ok = offs_m < S
     ck = tl.load(K + kbase + offs_d).to(ACC)
     cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
     q_dot, qf, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, kp_ref, g_ref, gc = _bwd_rows(
         Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
+    qn = _norm(NORMS, rows, row_ok, NM_QN)
+    rn = _norm(NORMS, rows, row_ok, NM_RN)
+    c0 = _norm(NORMS, rows, row_ok, NM_C0)
 
     dq = tl.zeros([BLOCK_M, D], dtype=ACC)
     dr = tl.zeros([BLOCK_M, D], dtype=ACC)
@@ -581,11 +689,11 @@ def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DQ, DR, S,
     hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3 = _bwd_keys(
-            K, V, KPARTS, VPARTS, tl.num_programs(1), kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
-        _pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS, rows,
-                                k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3, offs_m,
-                                offs_n, S, scale, PREC, SPREC, ACC, SPLIT, EXACT, B16)
+        k_dot, kp, vp, vp1, vp2, vp3, kn, kdn = _bwd_keys(
+            K, V, VPARTS, NORMS, tl.num_programs(1), kbase, vbase, nbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC, B16)
+        _pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, qn, rn, c0, STATS,
+                                NORMS, KPARTS, tl.num_programs(1), kbase, rows, k_dot, kp, kn, kdn, vp, vp1, vp2, vp3,
+                                offs_m, offs_n, S, scale, ta, td, D, PREC, SPREC, ACC, SPLIT, EXACT, B16)
         dq += tl.dot(da, kp, input_precision=PREC)
         dr += tl.dot(pg, kp, input_precision=PREC)
         da_sum += tl.sum(da, 1)
@@ -595,14 +703,13 @@ def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DQ, DR, S,
     # exact where the row is one-hot (both products then hold one term and cancel)
     dq = (dq - da_sum[:, None] * kp_ref) * scale
     dr = pg_sum[:, None] * kp_ref - dr
-    row_ok = offs_m < S
     ptrs = kbase + offs_m[:, None] * D + offs_d[None, :]
     tl.store(DQ + ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
     tl.store(DR + ptrs, dr.to(DR.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DK, DV_OUT, S, scale,
+def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, NORMS, G, NUP, STATS, REF, DK, DV_OUT, S, scale, ta, td,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                         SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
@@ -610,13 +717,14 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DK, DV_O
     head = tl.program_id(1).to(tl.int64)
     kbase = head * S * D
     vbase = head * S * DV
+    nbase = head * S
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = offs_n < S
     ck = tl.load(K + kbase + tl.arange(0, D)).to(ACC)
     cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
-    k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3 = _bwd_keys(
-        K, V, KPARTS, VPARTS, tl.num_programs(1), kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
+    k_dot, kp, vp, vp1, vp2, vp3, kn, kdn = _bwd_keys(
+        K, V, VPARTS, NORMS, tl.num_programs(1), kbase, vbase, nbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC, B16)
 
     dk = tl.zeros([BLOCK_N, D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, DV], dtype=ACC)
@@ -624,11 +732,16 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DK, DV_O
     lo = (start_n // BLOCK_M) * BLOCK_M
     for start_m in range(lo, S, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows = nbase + offs_m
+        row_ok = offs_m < S
         q_dot, qf, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, _kp_ref, g_ref, gc = _bwd_rows(
             Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
-        pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS,
-                               head * S + offs_m, k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2,
-                               vp3, offs_m, offs_n, S, scale, PREC, SPREC, ACC, SPLIT, EXACT, B16)
+        qn = _norm(NORMS, rows, row_ok, NM_QN)
+        rn = _norm(NORMS, rows, row_ok, NM_RN)
+        c0 = _norm(NORMS, rows, row_ok, NM_C0)
+        pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, qn, rn, c0, STATS,
+                               NORMS, KPARTS, tl.num_programs(1), kbase, rows, k_dot, kp, kn, kdn, vp, vp1, vp2, vp3,
+                               offs_m, offs_n, S, scale, ta, td, D, PREC, SPREC, ACC, SPLIT, EXACT, B16)
         if B16:
             # g, q and r are exact bf16 values: the fp32 side goes in as its exact parts
             dv += _dot3(tl.trans(pf), g16, EXACT)
@@ -706,17 +819,69 @@ def key_parts(k, v):
     return kparts, vparts
 
 
+# Fast tiles (docs/kernels-parallax.md §3, "Fast tiles"): an entry takes the plain product
+# where its rounding, at most GAMMA s |q_i| |k_j| in the score and GAMMA |r_i| kd_j in d, is at
+# most u_out / FAST_MARGIN, u_out the unit roundoff of the inputs' (and the output's) dtype.
+FAST_MARGIN = 4.0
+U_OUT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+U_ACC = 2.0**-24
+# tf32x3 (fp32 operands on the GPU) adds at most 3 * 2^-22 relative per product (the tail
+# x tail product dropped, the tails rounded to tf32); 16-bit operands multiply exactly
+TF32X3_PRODUCT = 3 * 2.0**-22
+
+
+def fast_thresholds(dtype, D, fast=None):
+    """(ta, td): an entry's plain score is taken where s |q_i| |k_j| <= ta, its plain d where
+    |r_i| kd_j <= td. fast: None, the derived thresholds; True, every entry plain; False,
+    every entry split (for measuring and testing either path alone)."""
+    if fast is not None:
+        return (math.inf, math.inf) if fast else (-1.0, -1.0)
+    if dtype not in U_OUT:
+        return (-1.0, -1.0)
+    # D accumulating fp32 roundings of the products' sum, one for the subtraction of c0 (bf16
+    # d) or the reference, one for the bound's own rounding; for fp32 and fp16 d's product,
+    # and fp32's scores, the tf32x3 products' error besides
+    gamma = (D + 2) * U_ACC + (0.0 if dtype == torch.bfloat16 else TF32X3_PRODUCT)
+    t = U_OUT[dtype] / (FAST_MARGIN * gamma)
+    return (t, t)
+
+
+def fast_tile_norms(q, k, r, scale):
+    """The (N, S, N_NORMS) fp32 bounds of the fast-tile test (NORM_NAMES), one launch."""
+    N, S, D = q.shape
+    norms = torch.empty(N, S, int(N_NORMS), device=q.device, dtype=torch.float32)
+    block = 16 if interpreting() else 64
+    _px_norms_kernel[(triton.cdiv(S, block), N)](q, k, r, norms, S, float(scale), D=D, BLOCK=block,
+                                                 B16=q.dtype == torch.bfloat16)
+    return norms
+
+
+def fast_fraction(q, k, r, scale, fast=None):
+    """(scores, d): the fraction of causal (query, key) entries of flattened heads that take
+    the plain product, by the kernels' own bounds and rule (for tests and reports)."""
+    norms = fast_tile_norms(q, k, r, scale)
+    ta, td = fast_thresholds(q.dtype, q.shape[-1], fast)
+    qn, rn, kn, kdn = (norms[..., i] for i in (NORM_NAMES.index(n) for n in ("qn", "rn", "kn", "kdn")))
+    S = q.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    fa = (qn[:, :, None] * kn[:, None, :] <= ta) & causal
+    fd = (rn[:, :, None] * kdn[:, None, :] <= td) & causal
+    n = float(causal.sum()) * q.shape[0]
+    return float(fa.sum()) / n, float(fd.sum()) / n
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> ForwardOut:
+def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None, fast=None) -> ForwardOut:
     """Launch the forward on flattened heads: q, k, r (N, S, D), v (N, S, Dv), contiguous, one dtype.
 
     split_d: refer d_ij and the scores to each row's heaviest key through exact split
     products (docs/kernels-parallax.md §3, §5), for every dtype but float64 (whose single
     products round at u64). None (the default) or True: split; False: single products, for
-    measuring what the split costs and buys."""
+    measuring what the split costs and buys. fast: which entries of the split take the plain
+    product instead (fast_thresholds: None, the derived test; True, all; False, none)."""
     N, S, D = q.shape
     DV = v.shape[-1]
     acc = _acc_dtype(q.dtype)
@@ -729,12 +894,15 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> 
     ref = torch.empty(N, S, device=q.device, dtype=torch.int32)
     nup = torch.empty(N, S, DV, device=q.device, dtype=acc)
     cr = torch.empty_like(nup)
+    norms = fast_tile_norms(q, k, r, scale)
+    ta, td = fast_thresholds(q.dtype, D, fast)
     _launch(_px_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(S, bm), N),
-            (q, k, v, r, kparts, o, m, lw, sa, sr, nup, dbar, cr, tref, ref, S, float(scale)), D, DV, q.dtype, config,
+            (q, k, v, r, kparts, norms, o, m, lw, sa, sr, nup, dbar, cr, tref, ref, S, float(scale), ta, td), D, DV,
+            q.dtype, config,
             # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
             # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
             SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16", B16=b16)
-    return ForwardOut(o, m, lw, nup, dbar, cr, tref, ref, sa, sr, split)
+    return ForwardOut(o, m, lw, nup, dbar, cr, tref, ref, sa, sr, split, norms, ta, td)
 
 
 def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=None) -> BackwardOut:
@@ -752,11 +920,12 @@ def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=Non
     dv = torch.empty_like(v)
     b16 = q.dtype == torch.bfloat16
     kparts, vparts = key_parts(k, v) if b16 else (k, v)
-    common = (q, k, v, r, kparts, vparts, g, fo.nup, stats, fo.ref)
+    # the forward's bounds and thresholds: every entry takes the forward's path
+    common = (q, k, v, r, kparts, vparts, fo.norms, g, fo.nup, stats, fo.ref)
     # the backward forms p and d as the forward did (float64: single products at u64)
     extra = dict(SPLIT=fo.split, EXACT="ieee" if interpreting() else "bf16", B16=b16)
-    _launch(_px_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, S, float(scale)),
+    _launch(_px_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, S, float(scale), fo.ta, fo.td),
             D, DV, q.dtype, config, **extra)
-    _launch(_px_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(S, bn), N), common + (dk, dv, S, float(scale)),
+    _launch(_px_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(S, bn), N), common + (dk, dv, S, float(scale), fo.ta, fo.td),
             D, DV, q.dtype, config, **extra)
     return BackwardOut(dq, dk, dv, dr)
