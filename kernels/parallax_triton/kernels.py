@@ -328,7 +328,7 @@ def _norm(NORMS, rows, ok, col: tl.constexpr):
 
 # Upper bounds: a norm formed in fp32 is within (D/2 + 2) u of the true one for D <= 128,
 # below 2^-17 relative; the factor makes every stored bound at least the true value.
-NORM_UP = 1.0 + 2.0**-16
+NORM_UP = tl.constexpr(1.0 + 2.0**-16)
 
 
 @triton.jit(do_not_specialize=("S",))
