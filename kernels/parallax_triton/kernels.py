@@ -23,7 +23,10 @@ delta_i = <g_i, cr_i>:
 
 Both passes form a_ij - m_i, e_ij and gv_ij against each row's heaviest key ref_i (m_i is
 its score), and the dq, dr sums with k_ref subtracted, so that each cancels exactly at that
-key (docs/kernels-parallax.md §3, §5).
+key (docs/kernels-parallax.md §3, §5). The scores and d go through exact split products only
+on the entries whose plain product's rounding bound exceeds u_in / 4 (u_in: the inputs'
+unit roundoff); a tile pair with no such entry forms the plain products alone
+(docs/kernels-parallax.md §3, "Fast tiles"; _score_pair, _d_pair).
 
 One program per (head, query tile) for the forward and for dq, dr; one per (head, key
 tile) for dk, dv. No atomics: every output element is written by one program. For bf16
@@ -239,6 +242,16 @@ def _score_pair(q_dot, q_hi, q_lo, k_dot, KPARTS, kbase, offs_n, S, N_HEADS, qn,
 
 
 @triton.jit
+def _d_plain(rf, r16, k_dot, kp, c0, PREC: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+    """d's plain product: <k_j, r_i> - c0_i for bf16 inputs (one bf16 product, exact
+    products), r kp^T at PREC for the others."""
+    if B16:
+        return _dot16(r16, tl.trans(k_dot), EXACT) - c0[:, None]
+    else:
+        return tl.dot(rf, tl.trans(kp), input_precision=PREC)
+
+
+@triton.jit
 def _d_pair(rf, r16, r_hi, r_lo, k_dot, kp, KPARTS, kbase, offs_n, S, N_HEADS, rn, kdn, c0, td,
             D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
     """d_ij = <k_j - k_0, r_i> of a tile pair as (hi, rem), as _score_pair does the scores:
@@ -246,10 +259,7 @@ def _d_pair(rf, r16, r_hi, r_lo, k_dot, kp, KPARTS, kbase, offs_n, S, N_HEADS, r
     remainder. For bf16 inputs the plain product is <k_j, r_i> - c0_i (c0_i = <k_0, r_i>), one
     bf16 product with exact products, and kd_j = |k_j| + |k_0| bounds its rounding; for the
     others it is r kp^T at PREC, and kd_j = |k_j - k_0|."""
-    if B16:
-        d_pl = _dot16(r16, tl.trans(k_dot), EXACT) - c0[:, None]
-    else:
-        d_pl = tl.dot(rf, tl.trans(kp), input_precision=PREC)
+    d_pl = _d_plain(rf, r16, k_dot, kp, c0, PREC, EXACT, B16)
     if tl.max(rn, 0) * tl.max(kdn, 0) > td:
         if B16:
             plane = N_HEADS.to(tl.int64) * S * D
@@ -315,9 +325,10 @@ def _px_key_prep_kernel(K, V, KPARTS, VPARTS, S, D: tl.constexpr, DV: tl.constex
 # the host (fast_tile_norms) and shared by the forward and the backward, so that every kernel
 # takes the same decision for the same (query, key) pair: s |q_i|, |r_i|, |k_j|, the bound
 # kd_j of d's plain product (|k_j| + |k_0| for bf16 inputs, |k_j - k_0| otherwise), and
-# c0_i = <k_0, r_i> (bf16 inputs' plain d).
-NORM_NAMES = ("qn", "rn", "kn", "kdn", "c0")
-NM_QN, NM_RN, NM_KN, NM_KDN, NM_C0 = (tl.constexpr(i) for i in range(len(NORM_NAMES)))
+# c0_i = <k_0, r_i> (bf16 inputs' plain d); and for the test per program, the largest kn, kdn
+# over keys 0..j and the largest qn, rn over queries i..S-1.
+NORM_NAMES = ("qn", "rn", "kn", "kdn", "c0", "pkn", "pkdn", "sqn", "srn")
+NM_QN, NM_RN, NM_KN, NM_KDN, NM_C0, NM_PKN, NM_PKDN, NM_SQN, NM_SRN = (tl.constexpr(i) for i in range(len(NORM_NAMES)))
 N_NORMS = tl.constexpr(len(NORM_NAMES))
 
 
@@ -356,75 +367,20 @@ def _px_norms_kernel(Q, K, R, NORMS, S, scale, D: tl.constexpr, BLOCK: tl.conste
 
 
 @triton.jit
-def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORMS, N_HEADS, kbase, vbase, nbase,
-              start_n, S, scale, offs_m, m_i, l_i,
-              nu, dbar, cm, t_ref, j_ref, s_a, s_r, qn, rn, c0, ta, td,
-              D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-              MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-              SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
-    """Merge one key tile into the running (m, W, nu, dbar, M) of each query (Chan et al.'s
-    update of a co-moment); M = sum_j w_j (vp_j - nu)(d_j - dbar) in the weights
-    of the running maximum, d_j and dbar relative to the row's reference t_ref, taken at
-    its heaviest key so far, j_ref. With the split, the scores too are kept relative to that
-    key's, whose exact and remainder parts are s_a and s_r: the running maximum is then 0."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_dot, kp, vp, _v_dot = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
-    col = tl.arange(0, BLOCK_N)
-    if SPLIT_D:
-        # a_ij - a_i,ref = s <q_i, k_j - k_ref>. A score rounded on its own carries up to half
-        # an ulp of |a_ij|, which moves p_ij by that much relatively where the softmax is steep
-        # (docs/kernels-parallax.md §5): the difference is formed as d is below, from the exact
-        # q_hi k_hi^T and the remainder, each referred to the key's own entries. Entries whose
-        # plain product meets the accuracy the split is there for (§3, "Fast tiles") take it
-        # in a_hi with a_rem = 0: the reference mechanics below are the same for both
-        head_rows = nbase + offs_n
-        kn = _norm(NORMS, head_rows, offs_n < S, NM_KN)
-        a_hi, a_rem = _score_pair(q_dot, q_hi, q_lo, k_dot, KPARTS, kbase, offs_n, S, N_HEADS, qn, kn, ta, D, ACC,
-                                  PREC, SPREC, EXACT, B16)
-        x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
-        m_tile = tl.max(x, 1)
-        moved = m_tile > m_i
-        jmax = tl.argmax(x, 1)
-        top = col[None, :] == jmax[:, None]
-        s_a = tl.where(moved, tl.sum(tl.where(top, a_hi, 0.0), 1), s_a)
-        s_r = tl.where(moved, tl.sum(tl.where(top, a_rem, 0.0), 1), s_r)
-        # m_i is -inf until a row sees its first key, 0 (its reference's score) from then on
-        alpha = tl.exp(tl.where(moved, m_i - m_tile, 0.0))
-        m_new = tl.where(moved, 0.0, m_i)
-        x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
-        w = tl.exp(x)
+def _program_runs(ba, ta, bd, td, MODE: tl.constexpr):
+    """Whether a program runs in launch MODE (1: programs whose every entry is fast, 2: the
+    others), from the largest score and d bounds over its entries."""
+    if MODE == 1:
+        return (ba <= ta) & (bd <= td)
     else:
-        a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC).to(ACC)
-        m_tile = tl.max(a, 1)
-        m_new = tl.maximum(m_i, m_tile)
-        # every row sees key 0 in the first tile, so m_new is finite from then on
-        alpha = tl.exp(m_i - m_new)
-        w = tl.exp(a - m_new[:, None])
-        jmax = tl.argmax(a, 1)
-        moved = m_tile > m_i
-    # the reference key moves to the tile's heaviest where the running maximum moves
-    j_ref = tl.where(moved, start_n + jmax, j_ref)
-    if SPLIT_D:
-        # d_ij = <k_j - k_0, r_i> is O(|k_j - k_0| |r_i|) and rounds at u times that, while the
-        # covariance needs e_ij = d_ij - dbar_i, O(spread |r_i|) at the keys that carry the
-        # weight (docs/kernels-parallax.md §3, "d against the row's heaviest key"). Split
-        # r = r_hi + r_lo and kp = kp_hi + kp_lo with 8-bit hi parts on power-of-two grids
-        # (per row of r, per key): each (i, j) entry of r_hi kp_hi^T sums D <= 128 products of
-        # 16 bits on one grid, exact in fp32, so it can be referred to the row's heaviest key
-        # exactly, and only the remainder, 2^-7 the size, rounds at its own scale. A grid per
-        # key, not per tile: a row's d_ij must not depend on keys after i (bitwise causality).
-        # Fast entries: the plain product in s_hi, rem = 0 (_d_pair).
-        kdn = _norm(NORMS, head_rows, offs_n < S, NM_KDN)
-        s_hi, rem = _d_pair(rf, r16, r_hi, r_lo, k_dot, kp, KPARTS, kbase, offs_n, S, N_HEADS, rn, kdn, c0, td, D,
-                            ACC, PREC, EXACT, B16)
-        s_top = tl.sum(tl.where(col[None, :] == jmax[:, None], s_hi, 0.0), 1)
-        t_new = tl.where(moved, s_top, t_ref)
-        dbar = dbar + (t_ref - t_new)
-        t_ref = t_new
-        d = (s_hi - t_ref[:, None]) + rem
-    else:
-        # d_ij against the anchored keys: O(spread |r_i|), never O(|k_j| |r_i|)
-        d = tl.dot(rf, tl.trans(kp), input_precision=PREC)
+        return (ba > ta) | (bd > td)
+
+
+@triton.jit
+def _fwd_merge(w, d, vp, alpha, l_i, nu, dbar, cm, PREC: tl.constexpr):
+    """Merge a tile's weights w and d (against the row's reference) into the running (W,
+    nu, dbar, M) of each query: Chan et al.'s update of a co-moment, M = sum_j w_j (vp_j -
+    nu)(d_j - dbar) in the weights of the running maximum."""
     w_a = l_i * alpha
     w_ab = w_a + tl.sum(w, 1)
     # w_ab >= 1 (the row's maximum weighs 1), while a tile's own weight may underflow to
@@ -443,6 +399,125 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORM
     # Chan et al.: moving the old moment from its means to the merged ones adds
     # w_a (nu - nu_new)(dbar - dbar_new)
     cm = cm * alpha[:, None] + cm_b + (w_a * (dbar - dbar_new))[:, None] * (nu - nu_new)
+    return w_ab, nu_new, dbar_new, cm
+
+
+@triton.jit
+def _fwd_split_tile(a_hi, a_rem, s_hi, rem, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref,
+                    j_ref, s_a, s_r, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+                    HAS_REM: tl.constexpr):
+    """One key tile of the split forward from its scores (a_hi + a_rem, unscaled) and d
+    (s_hi + rem), every entry either exact hi part and remainder or plain product and 0.
+    The scores and d are kept relative to the row's heaviest key so far, j_ref, whose
+    entries are s_a, s_r (scores) and t_ref (d): the running maximum is 0 once a row has
+    seen a key. HAS_REM = False: a fast tile, every remainder 0 and not formed; each value
+    below is then bitwise the one a tile with remainders gives a plain entry."""
+    col = tl.arange(0, BLOCK_N)
+    if HAS_REM:
+        x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
+    else:
+        x = _masked(((a_hi - s_a[:, None]) - s_r[:, None]) * scale, offs_m, offs_n, S, MASK)
+    m_tile = tl.max(x, 1)
+    moved = m_tile > m_i
+    jmax = tl.argmax(x, 1)
+    top = col[None, :] == jmax[:, None]
+    s_a = tl.where(moved, tl.sum(tl.where(top, a_hi, 0.0), 1), s_a)
+    if HAS_REM:
+        s_r = tl.where(moved, tl.sum(tl.where(top, a_rem, 0.0), 1), s_r)
+        x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
+    else:
+        s_r = tl.where(moved, 0.0, s_r)
+        x = _masked(((a_hi - s_a[:, None]) - s_r[:, None]) * scale, offs_m, offs_n, S, MASK)
+    # m_i is -inf until a row sees its first key, 0 (its reference's score) from then on
+    alpha = tl.exp(tl.where(moved, m_i - m_tile, 0.0))
+    m_new = tl.where(moved, 0.0, m_i)
+    w = tl.exp(x)
+    # the reference key moves to the tile's heaviest where the running maximum moves, and
+    # t_ref with it; dbar follows (the co-moment is centred and does not move)
+    j_ref = tl.where(moved, start_n + jmax, j_ref)
+    t_new = tl.where(moved, tl.sum(tl.where(top, s_hi, 0.0), 1), t_ref)
+    dbar = dbar + (t_ref - t_new)
+    t_ref = t_new
+    if HAS_REM:
+        d = (s_hi - t_ref[:, None]) + rem
+    else:
+        d = s_hi - t_ref[:, None]
+    w_ab, nu_new, dbar_new, cm = _fwd_merge(w, d, vp, alpha, l_i, nu, dbar, cm, PREC)
+    return m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r
+
+
+@triton.jit
+def _fwd_general_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, k_dot, kp, vp, KPARTS, N_HEADS, kbase, offs_m, offs_n,
+                      start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref, j_ref, s_a, s_r, qn, kn, rn, kdn, c0, ta, td,
+                      D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, ACC: tl.constexpr,
+                      PREC: tl.constexpr, SPREC: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+    """A tile with entries that need the split: each entry through its own product."""
+    a_hi, a_rem = _score_pair(q_dot, q_hi, q_lo, k_dot, KPARTS, kbase, offs_n, S, N_HEADS, qn, kn, ta, D, ACC,
+                              PREC, SPREC, EXACT, B16)
+    s_hi, rem = _d_pair(rf, r16, r_hi, r_lo, k_dot, kp, KPARTS, kbase, offs_n, S, N_HEADS, rn, kdn, c0, td, D,
+                        ACC, PREC, EXACT, B16)
+    return _fwd_split_tile(a_hi, a_rem, s_hi, rem, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm,
+                           t_ref, j_ref, s_a, s_r, BLOCK_N, MASK, PREC, True)
+
+
+@triton.jit
+def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORMS, N_HEADS, kbase, vbase, nbase,
+              start_n, S, scale, offs_m, m_i, l_i,
+              nu, dbar, cm, t_ref, j_ref, s_a, s_r, qn, rn, c0, ta, td,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+              MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
+              SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr, FAST_ONLY: tl.constexpr):
+    """Merge one key tile into the running (m, W, nu, dbar, M) of each query; with the
+    split, the scores and d relative to the row's heaviest key so far (_fwd_split_tile)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_dot, kp, vp, _v_dot = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
+    if SPLIT_D:
+        # a_ij - a_i,ref = s <q_i, k_j - k_ref>: a score rounded on its own carries up to half
+        # an ulp of |a_ij|, which moves p_ij by that much relatively where the softmax is steep,
+        # and d_ij = <k_j - k_0, r_i> rounds at u |k_j - k_0| |r_i| while the covariance needs
+        # e_ij = d_ij - dbar_i, O(spread |r_i|) at the keys that carry the weight
+        # (docs/kernels-parallax.md §3). Both are formed from exact split products referred to
+        # the row's heaviest key, r_hi kp_hi^T and q_hi k_hi^T (8-bit hi parts on power-of-two
+        # grids per row and per key: sums of D <= 128 16-bit products on one grid, exact in
+        # fp32; grids per key, not per tile, keep a row's values free of keys after i, bitwise
+        # causal), plus remainders 2^-7 the size: except on the entries whose plain product's
+        # rounding is below u_in / 4 (§3, "Fast tiles"). A tile with no other entry forms the
+        # plain products alone.
+        if FAST_ONLY:
+            # a program whose every entry is fast (_px_fwd_kernel): no split code compiled
+            a_pl = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC)
+            d_pl = _d_plain(rf, r16, k_dot, kp, c0, PREC, EXACT, B16)
+            m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r = _fwd_split_tile(
+                a_pl, a_pl, d_pl, d_pl, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref, j_ref,
+                s_a, s_r, BLOCK_N, MASK, PREC, False)
+        else:
+            ok_n = offs_n < S
+            kn = _norm(NORMS, nbase + offs_n, ok_n, NM_KN)
+            kdn = _norm(NORMS, nbase + offs_n, ok_n, NM_KDN)
+            if (tl.max(qn, 0) * tl.max(kn, 0) <= ta) & (tl.max(rn, 0) * tl.max(kdn, 0) <= td):
+                a_pl = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC)
+                d_pl = _d_plain(rf, r16, k_dot, kp, c0, PREC, EXACT, B16)
+                m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r = _fwd_split_tile(
+                    a_pl, a_pl, d_pl, d_pl, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref,
+                    j_ref, s_a, s_r, BLOCK_N, MASK, PREC, False)
+            else:
+                m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r = _fwd_general_tile(
+                    q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, k_dot, kp, vp, KPARTS, N_HEADS, kbase, offs_m, offs_n,
+                    start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref, j_ref, s_a, s_r, qn, kn, rn, kdn, c0, ta, td, D,
+                    BLOCK_N, MASK, ACC, PREC, SPREC, EXACT, B16)
+    else:
+        # float64: single products, rounding at u64
+        a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC).to(ACC)
+        m_tile = tl.max(a, 1)
+        m_new = tl.maximum(m_i, m_tile)
+        # every row sees key 0 in the first tile, so m_new is finite from then on
+        alpha = tl.exp(m_i - m_new)
+        w = tl.exp(a - m_new[:, None])
+        moved = m_tile > m_i
+        j_ref = tl.where(moved, start_n + tl.argmax(a, 1), j_ref)
+        # d_ij against the anchored keys: O(spread |r_i|), never O(|k_j| |r_i|)
+        d = tl.dot(rf, tl.trans(kp), input_precision=PREC)
+        w_ab, nu_new, dbar_new, cm = _fwd_merge(w, d, vp, alpha, l_i, nu, dbar, cm, PREC)
     return m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r
 
 
@@ -451,7 +526,7 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORM
 def _px_fwd_kernel(Q, K, V, R, KPARTS, NORMS, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, scale, ta, td,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                   SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+                   SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr, MODE: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_M)
     # late query tiles do the most work: launch them first for a balanced tail
     pid_m = n_tiles - 1 - tl.program_id(0)
@@ -480,8 +555,22 @@ def _px_fwd_kernel(Q, K, V, R, KPARTS, NORMS, O, M, LW, SA, SR, NUP, DBAR, CR, T
     hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
     # key tiles entirely below the diagonal (and inside S) need no mask
     lo_full = ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    # per-row bounds of the fast-tile test (§3, "Fast tiles"), formed once per forward
+    nbase = head * S
+    qn = _norm(NORMS, nbase + offs_m, row_ok, NM_QN)
+    rn = _norm(NORMS, nbase + offs_m, row_ok, NM_RN)
+    c0 = _norm(NORMS, nbase + offs_m, row_ok, NM_C0)
+    # MODE 1 runs the programs whose every entry is fast, compiled without the split; MODE 2
+    # the others (their fast tiles still skip it); MODE 0 every program
+    if MODE != 0:
+        last = nbase + hi - 1
+        run = _program_runs(tl.max(qn, 0) * tl.load(NORMS + last * N_NORMS + NM_PKN), ta,
+                            tl.max(rn, 0) * tl.load(NORMS + last * N_NORMS + NM_PKDN), td, MODE)
+        hi = tl.where(run, hi, 0)
+        lo_full = tl.where(run, lo_full, 0)
+        row_ok = offs_m < tl.where(run, S, 0)
     # r = r_hi + r_lo, r_hi on a per-row grid of 2^-6 its largest power of two (_fwd_tile)
-    if SPLIT_D:
+    if SPLIT_D and MODE != 1:
         r_hi, r_lo = _split_rows(rf)
         q_hi, q_lo = _split_rows(q.to(ACC))
     else:
@@ -494,11 +583,6 @@ def _px_fwd_kernel(Q, K, V, R, KPARTS, NORMS, O, M, LW, SA, SR, NUP, DBAR, CR, T
                                   q_lo.to(tl.bfloat16))
     else:
         r16 = rf
-    # per-row bounds of the fast-tile test (§3, "Fast tiles"), formed once on the host
-    nbase = head * S
-    qn = _norm(NORMS, nbase + offs_m, row_ok, NM_QN)
-    rn = _norm(NORMS, nbase + offs_m, row_ok, NM_RN)
-    c0 = _norm(NORMS, nbase + offs_m, row_ok, NM_C0)
     # t_ref: the row's reference, r_hi kp_hi^T at its heaviest key so far; d and dbar are
     # kept relative to it (0 without the split: d relative to k_0 itself)
     t_ref = tl.zeros([BLOCK_M], dtype=ACC)
@@ -509,12 +593,17 @@ def _px_fwd_kernel(Q, K, V, R, KPARTS, NORMS, O, M, LW, SA, SR, NUP, DBAR, CR, T
         m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
             q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORMS, tl.num_programs(1), kbase, vbase, nbase,
             start_n, S, scale, offs_m, m_i, l_i, nup,
-            dbar, cm, t_ref, j_ref, s_a, s_r, qn, rn, c0, ta, td, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
+            dbar, cm, t_ref, j_ref, s_a, s_r, qn, rn, c0, ta, td, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT, B16,
+            MODE == 1)
     for start_n in range(lo_full, hi, BLOCK_N):
         m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
             q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORMS, tl.num_programs(1), kbase, vbase, nbase,
             start_n, S, scale, offs_m, m_i, l_i, nup,
-            dbar, cm, t_ref, j_ref, s_a, s_r, qn, rn, c0, ta, td, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
+            dbar, cm, t_ref, j_ref, s_a, s_r, qn, rn, c0, ta, td, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT, B16,
+            MODE == 1)
+    # l_i >= 1 on every row a program runs (its heaviest key weighs 1); 0 only where the
+    # launch's MODE skips the program, whose stores are masked
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)
     cr = cm / l_i[:, None]
     o = cv[None, :] + nup - cr
 
@@ -607,10 +696,21 @@ def _bwd_keys(K, V, VPARTS, NORMS, N_HEADS, kbase, vbase, nbase, offs_n, S, ck, 
 
 
 @triton.jit
+def _bwd_fast_xe(q_dot, k_dot, rf, r16, kp, c0, sa, sr, tref, dbar, hit, scale, ACC: tl.constexpr,
+                 PREC: tl.constexpr, SPREC: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+    """x and e of a fast tile: every remainder 0 and not formed, each value bitwise the one a
+    tile with remainders gives a plain entry."""
+    a_pl = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC)
+    x = ((a_pl - sa[:, None]) - tl.where(hit, 0.0, sr)[:, None]) * scale
+    e = (_d_plain(rf, r16, k_dot, kp, c0, PREC, EXACT, B16) - tref[:, None]) - dbar[:, None]
+    return x, e
+
+
+@triton.jit
 def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, qn, rn, c0, STATS, NORMS, KPARTS,
               N_HEADS, kbase, rows, k_dot, kp, kn, kdn, vp, vp1, vp2, vp3, offs_m, offs_n, S, scale, ta, td,
               D: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr,
-              EXACT: tl.constexpr, B16: tl.constexpr):
+              EXACT: tl.constexpr, B16: tl.constexpr, FAST_ONLY: tl.constexpr):
     """p, 1 - e, p gv and da for a (query tile, key tile) pair, causal mask included."""
     ok = offs_m < S
     keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S) & ok[:, None]
@@ -619,30 +719,37 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, q
     at_ref = offs_n[None, :] == ref[:, None]
     hit = tl.max(at_ref.to(tl.int32), 1) > 0
     lw = _stat(STATS, rows, ok, ST_LW)
+    dbar = _stat(STATS, rows, ok, ST_DBAR)
     if SPLIT:
-        # a_ij - a_i,ref = s <q_i, k_j - k_ref> as the forward formed it (_fwd_tile), entry by
-        # entry through the same product (_score_pair's decision is the forward's): hi less
-        # its saved value at the key, the remainder less the tile's own entry there (the
-        # saved one where the tile does not hold the key)
-        a_hi, a_rem = _score_pair(q_dot, q_hi, q_lo, k_dot, KPARTS, kbase, offs_n, S, N_HEADS, qn, kn, ta, D, ACC,
-                                  PREC, SPREC, EXACT, B16)
-        rem_at = tl.where(hit, tl.sum(tl.where(at_ref, a_rem, 0.0), 1), _stat(STATS, rows, ok, ST_SR))
-        x = ((a_hi - _stat(STATS, rows, ok, ST_SA)[:, None]) + (a_rem - rem_at[:, None])) * scale
+        # a_ij - a_i,ref = s <q_i, k_j - k_ref> and d_ij against the row's reference t_i as the
+        # forward formed them (_fwd_tile), entry by entry through the same products (the
+        # decisions are the forward's): the hi part less its saved value at the key, the
+        # remainder less the tile's own entry there (the saved one where the tile does not
+        # hold the key). A single product would round d at u |k_j - k_0| |r_i|, far above
+        # e_ij where the keys have a large norm (docs/kernels-parallax.md §5).
+        sa = _stat(STATS, rows, ok, ST_SA)
+        sr = _stat(STATS, rows, ok, ST_SR)
+        tref = _stat(STATS, rows, ok, ST_TREF)
+        if FAST_ONLY:
+            x, e = _bwd_fast_xe(q_dot, k_dot, rf, r16, kp, c0, sa, sr, tref, dbar, hit, scale, ACC, PREC, SPREC,
+                                EXACT, B16)
+        elif (tl.max(qn, 0) * tl.max(kn, 0) <= ta) & (tl.max(rn, 0) * tl.max(kdn, 0) <= td):
+            x, e = _bwd_fast_xe(q_dot, k_dot, rf, r16, kp, c0, sa, sr, tref, dbar, hit, scale, ACC, PREC, SPREC,
+                                EXACT, B16)
+        else:
+            a_hi, a_rem = _score_pair(q_dot, q_hi, q_lo, k_dot, KPARTS, kbase, offs_n, S, N_HEADS, qn, kn, ta, D, ACC,
+                                      PREC, SPREC, EXACT, B16)
+            rem_at = tl.where(hit, tl.sum(tl.where(at_ref, a_rem, 0.0), 1), sr)
+            x = ((a_hi - sa[:, None]) + (a_rem - rem_at[:, None])) * scale
+            s_hi, rem = _d_pair(rf, r16, r_hi, r_lo, k_dot, kp, KPARTS, kbase, offs_n, S, N_HEADS, rn, kdn, c0, td, D,
+                                ACC, PREC, EXACT, B16)
+            e = ((s_hi - tref[:, None]) + rem) - dbar[:, None]
     else:
         a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC) * scale
         x = a - _stat(STATS, rows, ok, ST_M)[:, None]
+        e = tl.dot(rf, tl.trans(kp), input_precision=PREC) - dbar[:, None]
     # the exponent is masked first: padding rows could overflow
     p = tl.exp(tl.where(keep, x - lw[:, None], float("-inf")))
-    dbar = _stat(STATS, rows, ok, ST_DBAR)
-    if SPLIT:
-        # d_ij against the row's reference exactly as the forward formed it: a single
-        # product rounds d at u |k_j - k_0| |r_i|, far above e_ij where the keys have a
-        # large norm (docs/kernels-parallax.md §5); the fast entries are the forward's
-        s_hi, rem = _d_pair(rf, r16, r_hi, r_lo, k_dot, kp, KPARTS, kbase, offs_n, S, N_HEADS, rn, kdn, c0, td, D,
-                            ACC, PREC, EXACT, B16)
-        e = ((s_hi - _stat(STATS, rows, ok, ST_TREF)[:, None]) + rem) - dbar[:, None]
-    else:
-        e = tl.dot(rf, tl.trans(kp), input_precision=PREC) - dbar[:, None]
     # gv_ij = <g_i, v_j - nu_i> = (<g_i, vp_j> - <g_i, vp_ref>) - gc_i, gc_i = <g_i, nu_i - v_ref>:
     # 0 at the heaviest key of a one-hot row (nu_i = v_ref), as is the true value, where
     # <g_i, nu_i> rounded in another order than the product would leave u |g_i| |vp|
@@ -663,7 +770,7 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, q
 def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, NORMS, G, NUP, STATS, REF, DQ, DR, S, scale, ta, td,
                       D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                      SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+                      SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr, MODE: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_M)
     pid_m = n_tiles - 1 - tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -687,13 +794,21 @@ def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, NORMS, G, NUP, STATS, REF, DQ,
     da_sum = tl.zeros([BLOCK_M], dtype=ACC)
     pg_sum = tl.zeros([BLOCK_M], dtype=ACC)
     hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
+    # the forward's launches: MODE 1 the programs whose every entry is fast, 2 the others
+    if MODE != 0:
+        last = nbase + hi - 1
+        run = _program_runs(tl.max(qn, 0) * tl.load(NORMS + last * N_NORMS + NM_PKN), ta,
+                            tl.max(rn, 0) * tl.load(NORMS + last * N_NORMS + NM_PKDN), td, MODE)
+        hi = tl.where(run, hi, 0)
+        row_ok = offs_m < tl.where(run, S, 0)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_dot, kp, vp, vp1, vp2, vp3, kn, kdn = _bwd_keys(
             K, V, VPARTS, NORMS, tl.num_programs(1), kbase, vbase, nbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC, B16)
         _pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, qn, rn, c0, STATS,
                                 NORMS, KPARTS, tl.num_programs(1), kbase, rows, k_dot, kp, kn, kdn, vp, vp1, vp2, vp3,
-                                offs_m, offs_n, S, scale, ta, td, D, PREC, SPREC, ACC, SPLIT, EXACT, B16)
+                                offs_m, offs_n, S, scale, ta, td, D, PREC, SPREC, ACC, SPLIT, EXACT, B16,
+                                MODE == 1)
         dq += tl.dot(da, kp, input_precision=PREC)
         dr += tl.dot(pg, kp, input_precision=PREC)
         da_sum += tl.sum(da, 1)
@@ -712,7 +827,7 @@ def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, NORMS, G, NUP, STATS, REF, DQ,
 def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, NORMS, G, NUP, STATS, REF, DK, DV_OUT, S, scale, ta, td,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                        SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+                        SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr, MODE: tl.constexpr):
     pid_n = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     kbase = head * S * D
@@ -730,7 +845,16 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, NORMS, G, NUP, STATS, REF, D
     dv = tl.zeros([BLOCK_N, DV], dtype=ACC)
     # queries i >= j only: the first query tile that reaches this key tile
     lo = (start_n // BLOCK_M) * BLOCK_M
-    for start_m in range(lo, S, BLOCK_M):
+    hi = S
+    # MODE 1 the programs whose every entry is fast (queries lo..S-1 against this tile's
+    # keys), 2 the others
+    if MODE != 0:
+        first = nbase + lo
+        run = _program_runs(tl.load(NORMS + first * N_NORMS + NM_SQN) * tl.max(kn, 0), ta,
+                            tl.load(NORMS + first * N_NORMS + NM_SRN) * tl.max(kdn, 0), td, MODE)
+        hi = tl.where(run, hi, lo)
+        col_ok = offs_n < tl.where(run, S, 0)
+    for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows = nbase + offs_m
         row_ok = offs_m < S
@@ -741,7 +865,8 @@ def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, NORMS, G, NUP, STATS, REF, D
         c0 = _norm(NORMS, rows, row_ok, NM_C0)
         pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, qn, rn, c0, STATS,
                                NORMS, KPARTS, tl.num_programs(1), kbase, rows, k_dot, kp, kn, kdn, vp, vp1, vp2, vp3,
-                               offs_m, offs_n, S, scale, ta, td, D, PREC, SPREC, ACC, SPLIT, EXACT, B16)
+                               offs_m, offs_n, S, scale, ta, td, D, PREC, SPREC, ACC, SPLIT, EXACT, B16,
+                                MODE == 1)
         if B16:
             # g, q and r are exact bf16 values: the fp32 side goes in as its exact parts
             dv += _dot3(tl.trans(pf), g16, EXACT)
@@ -796,7 +921,7 @@ def _launch(kernel, kind, grid_of, args, D, DV, dtype, config, **extra):
         try:
             kernel[grid_of(bm, bn)](*args, D=D, DV=DV, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, ACC=acc,
                                     PREC=prec, SPREC=sprec, num_warps=nw, num_stages=ns, **extra)
-            return
+            return (bm, bn, nw, ns)
         except Exception as exc:  # noqa: BLE001 - only out-of-resources is retried
             if config is not None or not _is_out_of_resources(exc):
                 raise
@@ -853,6 +978,11 @@ def fast_tile_norms(q, k, r, scale):
     block = 16 if interpreting() else 64
     _px_norms_kernel[(triton.cdiv(S, block), N)](q, k, r, norms, S, float(scale), D=D, BLOCK=block,
                                                  B16=q.dtype == torch.bfloat16)
+    col = NORM_NAMES.index
+    norms[..., col("pkn")] = norms[..., col("kn")].cummax(1).values
+    norms[..., col("pkdn")] = norms[..., col("kdn")].cummax(1).values
+    norms[..., col("sqn")] = norms[..., col("qn")].flip(1).cummax(1).values.flip(1)
+    norms[..., col("srn")] = norms[..., col("rn")].flip(1).cummax(1).values.flip(1)
     return norms
 
 
@@ -896,12 +1026,17 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None, fas
     cr = torch.empty_like(nup)
     norms = fast_tile_norms(q, k, r, scale)
     ta, td = fast_thresholds(q.dtype, D, fast)
-    _launch(_px_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(S, bm), N),
-            (q, k, v, r, kparts, norms, o, m, lw, sa, sr, nup, dbar, cr, tref, ref, S, float(scale), ta, td), D, DV,
-            q.dtype, config,
-            # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
-            # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
-            SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16", B16=b16)
+    # the split: two launches, the programs whose every entry is fast compiled without it
+    # (MODE 1), then the others (MODE 2); each program runs in one of them
+    used = config
+    for mode in ((1, 2) if split else (0,)):
+        # both launches on the same tiles, or the two would not share out the programs
+        used = _launch(_px_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(S, bm), N),
+                (q, k, v, r, kparts, norms, o, m, lw, sa, sr, nup, dbar, cr, tref, ref, S, float(scale), ta, td), D,
+                DV, q.dtype, used,
+                # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
+                # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
+                SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16", B16=b16, MODE=mode)
     return ForwardOut(o, m, lw, nup, dbar, cr, tref, ref, sa, sr, split, norms, ta, td)
 
 
@@ -924,8 +1059,14 @@ def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=Non
     common = (q, k, v, r, kparts, vparts, fo.norms, g, fo.nup, stats, fo.ref)
     # the backward forms p and d as the forward did (float64: single products at u64)
     extra = dict(SPLIT=fo.split, EXACT="ieee" if interpreting() else "bf16", B16=b16)
-    _launch(_px_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, S, float(scale), fo.ta, fo.td),
-            D, DV, q.dtype, config, **extra)
-    _launch(_px_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(S, bn), N), common + (dk, dv, S, float(scale), fo.ta, fo.td),
-            D, DV, q.dtype, config, **extra)
+    # as the forward: the programs whose every entry is fast, compiled without the split, then the others
+    # (each pair of launches on the same tiles, or the two would not share out the programs)
+    used = config
+    for mode in ((1, 2) if fo.split else (0,)):
+        used = _launch(_px_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(S, bm), N),
+                       common + (dq, dr, S, float(scale), fo.ta, fo.td), D, DV, q.dtype, used, MODE=mode, **extra)
+    used = config
+    for mode in ((1, 2) if fo.split else (0,)):
+        used = _launch(_px_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(S, bn), N),
+                       common + (dk, dv, S, float(scale), fo.ta, fo.td), D, DV, q.dtype, used, MODE=mode, **extra)
     return BackwardOut(dq, dk, dv, dr)
