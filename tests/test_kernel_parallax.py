@@ -302,20 +302,139 @@ def test_bf16_products_match_the_fp32_path():
     # the same bf16 values through the bf16 products and through the fp32 path: the row
     # references are exact in both (bitwise equal), dbar_i agrees to a few fp32 roundings
     # of |r_i| max_j |k_j - k_0|. kp_lo in one bf16 part instead of three is 46 of them off.
+    # Every entry through the split in both (fast=False): the fast-tile test's thresholds
+    # depend on the dtype, and a plain entry is not the split's value.
     from lla_verify.registry.parallax import parse_parallax_case
     from parallax_triton import parallax_forward_kernel
 
     spec = "large_norm:factor=100,lam=1:B=1,H=2,S=37,D=16,dtype=bfloat16,seed=1;probe=small_eig"
     p = parse_parallax_case(spec).build(DEVICE)
     flat = [t.reshape(2, 37, t.shape[-1]).contiguous() for t in (p.q, p.k, p.v, p.r)]
-    b16 = parallax_forward_kernel(*flat, p.qk_scale)
-    f32 = parallax_forward_kernel(*(t.float() for t in flat), p.qk_scale)
+    b16 = parallax_forward_kernel(*flat, p.qk_scale, fast=False)
+    f32 = parallax_forward_kernel(*(t.float() for t in flat), p.qk_scale, fast=False)
     for name in ("ref", "tref", "sa"):
         assert torch.equal(getattr(b16, name), getattr(f32, name)), name
     kp = flat[1].double() - flat[1][:, :1].double()
     unit = 2.0 ** -24 * flat[3].double().norm(dim=-1) * kp.norm(dim=-1).amax(-1, keepdim=True)
     off = float(((b16.dbar.double() - f32.dbar.double()).abs() / unit).max())
     assert off <= 8.0, f"dbar of the bf16 products {off:.3g} fp32 roundings from the fp32 path's"
+
+
+# ----------------------------------------------------------------------------- fast tiles
+# An entry takes the plain product where its rounding bound is below u_in / 4 of the
+# exponent and of e (docs/kernels-parallax.md §3, "Fast tiles"). fast=True forces the plain
+# product on every entry, fast=False the split on every entry.
+
+
+def _flat(*ts):
+    return [t.reshape(-1, t.shape[-2], t.shape[-1]).contiguous() for t in ts]
+
+
+def _small_norm(dtype=torch.float32):
+    """Gaussian q, k, r at 1e-2 (s |q| |k| ~ 4e-4, |r| |k - k_0| ~ 2e-3): below fp32's thresholds
+    (8.3e-3 at D = 16) on every entry."""
+    q, k, v, r = _inputs("gaussian", dtype=torch.float64)
+    return tuple(t.to(dtype) for t in (q * 1e-2, k * 1e-2, v, r * 1e-2))
+
+
+@pytest.mark.parametrize("case", ("small_norm float32", "gaussian bfloat16", "zero_probe bfloat16",
+                                  "gaussian float16"))
+def test_fast_tiles_take_the_plain_product_everywhere(case):
+    from parallax_triton.kernels import fast_fraction, parallax_forward_kernel
+
+    family, dtype = case.split()
+    dtype = getattr(torch, dtype)
+    q, k, v, r = _small_norm() if family == "small_norm" else _inputs(family, dtype=dtype)
+    scale = q.shape[-1] ** -0.5
+    flat = _flat(q, k, v, r)
+    assert fast_fraction(flat[0], flat[1], flat[3], scale) == (1.0, 1.0)
+    fo = parallax_forward_kernel(*flat, scale)
+    # every tile took the plain products: bitwise the forced-plain result, and not the split's
+    # (16-bit outputs round both to the same values: the fp32 row quantities tell them apart)
+    plain, split = (parallax_forward_kernel(*flat, scale, fast=f) for f in (True, False))
+    for name in ("o", "nup", "cr", "dbar", "tref", "sa"):
+        assert torch.equal(getattr(fo, name), getattr(plain, name)), name
+    # the references: the split keeps the exact hi parts there, the plain path whole products
+    assert not torch.equal(fo.sa, split.sa)
+    assert family == "zero_probe" or not torch.equal(fo.tref, split.tref)
+    _judge_forward(q, k, v, r, f"{case}, plain products")
+    _judge_backward(q, k, v, r, f"{case}, plain products")
+
+
+@pytest.mark.parametrize("spec", (
+    PINNED_TARGET[3],  # large_norm x20, fp32
+    "large_norm:factor=20,lam=1:B=1,H=2,S=37,D=16,dtype=bfloat16,seed=2;probe=lla",
+))
+def test_large_norm_takes_the_split(spec):
+    from parallax_triton.kernels import fast_fraction, parallax_forward_kernel
+
+    p, o = _pinned(spec)
+    flat = _flat(p.q, p.k, p.v, p.r)
+    fa, fd = fast_fraction(flat[0], flat[1], flat[3], p.qk_scale)
+    if p.q.dtype == torch.float32:
+        # key 0's d is 0 in both paths (k_0 - k_0 = 0): the one plain entry of each row
+        assert fa == 0.0 and fd <= 1.0 / 19 + 1e-12, (fa, fd)
+        assert torch.equal(o.reshape(flat[2].shape), parallax_forward_kernel(*flat, p.qk_scale, fast=False).o)
+    else:
+        # bf16: d (|r_i| (|k_j| + |k_0|) in the thousands) takes the split on every entry; the
+        # scores, s |q_i| |k_j| below 910, the plain product
+        assert fd == 0.0 and fa == 1.0, (fa, fd)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_key_offset_takes_the_split(dtype):
+    from parallax_triton.kernels import fast_fraction
+
+    q, k, v, r = _flat(*_inputs("key_offset", dtype=dtype))
+    fa, fd = fast_fraction(q, k, r, q.shape[-1] ** -0.5)
+    # s |q_i| |k_j| ~ 4e3 against 910 (bf16) and 68 (fp16); bf16's plain d bounds |k_j| + |k_0|
+    assert fa == 0.0, fa
+    assert fd == (0.0 if dtype == torch.bfloat16 else 1.0), fd
+
+
+def test_plain_products_miss_the_target_on_large_norm():
+    # the tests above can fail: with every entry plain, the large-norm draws whose softmax sits
+    # on keys far from k_0 miss issue 22's target (the split meets it)
+    from parallax_triton.kernels import parallax_forward_kernel
+
+    worst = []
+    for spec in PINNED_TARGET[3:]:
+        p, _ = _pinned(spec)
+        flat = _flat(p.q, p.k, p.v, p.r)
+        o = parallax_forward_kernel(*flat, p.qk_scale, fast=True).o.reshape(p.v.shape)
+        o64 = parallax_forward(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale)
+        allowed, _ = kernel_target(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale, o64=o64)
+        worst.append(float(((o.double() - o64).norm(dim=-1) / allowed).max()))
+    assert max(worst) > 1.5, worst
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_mixed_tiles_stay_bitwise_causal(dtype):
+    # keys after position t made large: the tiles that hold t need the split for them, while
+    # t's own entries stay plain. Per-entry decisions leave rows <= t bitwise unchanged, down
+    # to the fp32 row quantities (16-bit outputs would round a change away; with every entry
+    # of a mixed tile through the split, nup and cr of rows 16..20 change); dq, dr too.
+    from parallax_triton.kernels import fast_fraction, parallax_forward_kernel
+
+    t = 20
+    q, k, v, r = _inputs("gaussian", dtype=dtype)
+    k2 = k.clone()
+    k2[..., t + 1:, :] = k2[..., t + 1:, :] * 1e3
+    scale = q.shape[-1] ** -0.5
+    assert fast_fraction(*_flat(q, k2, r), scale)[0] < 1.0
+    fos = [parallax_forward_kernel(*_flat(q, keys, v, r), scale) for keys in (k, k2)]
+    for name in ("o", "m", "lw", "nup", "dbar", "cr", "tref", "ref", "sa", "sr"):
+        a, b = (getattr(fo, name)[:, :t + 1] for fo in fos)
+        assert torch.equal(a, b), name
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(v.shape, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+    grads = []
+    for keys in (k, k2):
+        leaves = tuple(x.detach().clone().requires_grad_(True) for x in (q, keys, v, r))
+        dq, _dk, _dv, dr = torch.autograd.grad(parallax_attention(*leaves), leaves, do)
+        grads.append((dq, dr))
+    for name, a, b in zip(("dq", "dr"), *grads):
+        assert torch.equal(a[..., :t + 1, :], b[..., :t + 1, :]), name
 
 
 # ----------------------------------------------------------------------------- backward

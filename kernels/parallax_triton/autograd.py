@@ -3,7 +3,8 @@
 ``ParallaxFunction.apply(q, k, v, r, scale)`` on flattened heads: q, k, r (N, S, D), v
 (N, S, Dv), contiguous, one dtype. Saved for backward: the inputs and the forward's row
 quantities (kernels.ForwardOut: the row's heaviest key and its score parts, log W_i,
-nu_i - v_0, C_i r_i, the reference t_i and dbar_i), Theta(S (D + Dv)). The backward
+nu_i - v_0, C_i r_i, the reference t_i and dbar_i, the bounds of the fast-tile test),
+Theta(S (D + Dv)). The backward
 recomputes p_ij from them (docs/kernels-parallax.md).
 """
 
@@ -20,8 +21,10 @@ class ParallaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, r, scale):
         fo = parallax_forward_kernel(q, k, v, r, scale)
-        ctx.save_for_backward(q, k, v, r, fo.m, fo.lw, fo.nup, fo.dbar, fo.cr, fo.tref, fo.ref, fo.sa, fo.sr)
+        ctx.save_for_backward(q, k, v, r, fo.m, fo.lw, fo.nup, fo.dbar, fo.cr, fo.tref, fo.ref, fo.sa, fo.sr,
+                              fo.norms)
         ctx.split = fo.split
+        ctx.thresholds = (fo.ta, fo.td)
         ctx.scale = scale
         return fo.o
 
@@ -49,7 +52,7 @@ class ParallaxFunction(torch.autograd.Function):
 
 
 def _backward(ctx, grad_output):
-    q, k, v, r, m, lw, nup, dbar, cr, tref, ref, sa, sr = ctx.saved_tensors
+    q, k, v, r, m, lw, nup, dbar, cr, tref, ref, sa, sr, norms = ctx.saved_tensors
     if grad_output.shape != v.shape:
         raise LLAInputError(
             f"grad_output: expected shape {tuple(v.shape)} (the output's), got {tuple(grad_output.shape)}")
@@ -57,7 +60,7 @@ def _backward(ctx, grad_output):
         raise LLAInputError(f"grad_output: expected dtype {q.dtype} (the output's), got {grad_output.dtype}")
     # sum().backward() hands in a stride-0 expanded tensor; the kernels index densely
     g = grad_output.contiguous()
-    fo = ForwardOut(None, m, lw, nup, dbar, cr, tref, ref, sa, sr, ctx.split)
+    fo = ForwardOut(None, m, lw, nup, dbar, cr, tref, ref, sa, sr, ctx.split, norms, *ctx.thresholds)
     bo = parallax_backward_kernel(q, k, v, r, g, fo, ctx.scale)
     need = ctx.needs_input_grad
     return (bo.dq if need[0] else None, bo.dk if need[1] else None, bo.dv if need[2] else None,

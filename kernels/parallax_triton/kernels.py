@@ -23,7 +23,10 @@ delta_i = <g_i, cr_i>:
 
 Both passes form a_ij - m_i, e_ij and gv_ij against each row's heaviest key ref_i (m_i is
 its score), and the dq, dr sums with k_ref subtracted, so that each cancels exactly at that
-key (docs/kernels-parallax.md §3, §5).
+key (docs/kernels-parallax.md §3, §5). The scores and d go through exact split products only
+on the entries whose plain product's rounding bound exceeds u_in / 4 (u_in: the inputs'
+unit roundoff); a tile pair with no such entry forms the plain products alone
+(docs/kernels-parallax.md §3, "Fast tiles"; _score_pair, _d_pair).
 
 One program per (head, query tile) for the forward and for dq, dr; one per (head, key
 tile) for dk, dv. No atomics: every output element is written by one program. For bf16
@@ -33,6 +36,7 @@ products run as bf16 products of exact parts (docs/kernels-parallax.md §3, "bf1
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
@@ -65,6 +69,9 @@ class ForwardOut(NamedTuple):
     sa: torch.Tensor  # (N, S): with the split, q_hi k_hi^T at key ref_i (exact), the scores' reference
     sr: torch.Tensor  # (N, S): and the remainder q_lo k^T + q_hi k_lo^T there (0 without the split)
     split: bool  # d and the scores formed through the split products
+    norms: torch.Tensor  # (N, S, N_NORMS) fp32: the bounds of the fast-tile test (NORM_NAMES)
+    ta: float  # the thresholds of the fast-tile test (fast_thresholds), scores
+    td: float  # and d
 
 
 class BackwardOut(NamedTuple):
@@ -202,6 +209,79 @@ def _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, l1, l2, l3, PREC: tl.constexpr, B1
         return tl.dot(r_lo, tl.trans(kp), input_precision=PREC) + tl.dot(r_hi, tl.trans(kp_lo), input_precision=PREC)
 
 
+@triton.jit
+def _score_pair(q_dot, q_hi, q_lo, k_dot, KPARTS, kbase, offs_n, S, N_HEADS, qn, kn, ta,
+                D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, EXACT: tl.constexpr,
+                B16: tl.constexpr):
+    """The unscaled scores <q_i, k_j> of a tile pair as (hi, rem), hi + rem the score.
+
+    Per entry (docs/kernels-parallax.md §3, "Fast tiles"): where s |q_i| |k_j| <= ta (qn_i =
+    s |q_i|, kn_j = |k_j|), the plain product in hi and 0 in rem; elsewhere the split, hi the
+    exact q_hi k_hi^T and rem the remainder. The decision is a function of (q_i, k_j) alone,
+    the same in every kernel and tiling (bitwise causal, the backward's p the forward's); a
+    tile whose every entry passes skips the split products."""
+    a_pl = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC)
+    if tl.max(qn, 0) * tl.max(kn, 0) > ta:
+        if B16:
+            plane = N_HEADS.to(tl.int64) * S * D
+            ptr = KPARTS + kbase + offs_n[:, None] * D + tl.arange(0, D)[None, :]
+            ok = (offs_n < S)[:, None]
+            k_hi = tl.load(ptr + KP_HI_K * plane, mask=ok, other=0.0)
+            k_lo = tl.load(ptr + KP_LO_K * plane, mask=ok, other=0.0)
+            kf = k_dot
+        else:
+            kf = k_dot.to(ACC)
+            k_hi, k_lo = _split_rows(kf)
+        fast = qn[:, None] * kn[None, :] <= ta
+        hi = tl.where(fast, a_pl, _exact_dot(q_hi, k_hi, EXACT))
+        rem = tl.where(fast, 0.0, _score_rem(q_lo, q_hi, k_dot, kf, k_lo, PREC, B16, EXACT))
+    else:
+        hi = a_pl
+        rem = tl.zeros_like(a_pl)
+    return hi, rem
+
+
+@triton.jit
+def _d_plain(rf, r16, k_dot, kp, c0, PREC: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+    """d's plain product: <k_j, r_i> - c0_i for bf16 inputs (one bf16 product, exact
+    products), r kp^T at PREC for the others."""
+    if B16:
+        return _dot16(r16, tl.trans(k_dot), EXACT) - c0[:, None]
+    else:
+        return tl.dot(rf, tl.trans(kp), input_precision=PREC)
+
+
+@triton.jit
+def _d_pair(rf, r16, r_hi, r_lo, k_dot, kp, KPARTS, kbase, offs_n, S, N_HEADS, rn, kdn, c0, td,
+            D: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+    """d_ij = <k_j - k_0, r_i> of a tile pair as (hi, rem), as _score_pair does the scores:
+    where |r_i| kd_j <= td, the plain product in hi; elsewhere the exact r_hi kp_hi^T and the
+    remainder. For bf16 inputs the plain product is <k_j, r_i> - c0_i (c0_i = <k_0, r_i>), one
+    bf16 product with exact products, and kd_j = |k_j| + |k_0| bounds its rounding; for the
+    others it is r kp^T at PREC, and kd_j = |k_j - k_0|."""
+    d_pl = _d_plain(rf, r16, k_dot, kp, c0, PREC, EXACT, B16)
+    if tl.max(rn, 0) * tl.max(kdn, 0) > td:
+        if B16:
+            plane = N_HEADS.to(tl.int64) * S * D
+            ptr = KPARTS + kbase + offs_n[:, None] * D + tl.arange(0, D)[None, :]
+            ok = (offs_n < S)[:, None]
+            kp_hi = tl.load(ptr + KP_HI_P * plane, mask=ok, other=0.0)
+            l1 = tl.load(ptr + KP_L1 * plane, mask=ok, other=0.0)
+            l2 = tl.load(ptr + KP_L2 * plane, mask=ok, other=0.0)
+            l3 = tl.load(ptr + KP_L3 * plane, mask=ok, other=0.0)
+            kp_lo = kp
+        else:
+            kp_hi, kp_lo = _split_rows(kp)
+            l1, l2, l3 = kp_lo, kp_lo, kp_lo
+        fast = rn[:, None] * kdn[None, :] <= td
+        hi = tl.where(fast, d_pl, _exact_dot(r_hi, kp_hi, EXACT))
+        rem = tl.where(fast, 0.0, _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, l1, l2, l3, PREC, B16, EXACT))
+    else:
+        hi = d_pl
+        rem = tl.zeros_like(d_pl)
+    return hi, rem
+
+
 # The key-side operands of the bf16 products, one plane each of a (N_KPARTS, N, S, D) bf16
 # tensor: the split of k (scores) and of kp = k - k_0 (d), kp_lo in its three exact parts;
 # and a (3, N, S, Dv) one of vp = v - v_0 in its exact parts. Each is a function of its own
@@ -241,89 +321,66 @@ def _px_key_prep_kernel(K, V, KPARTS, VPARTS, S, D: tl.constexpr, DV: tl.constex
     tl.store(vptr + 2 * vplane, vp3, mask=ok)
 
 
-@triton.jit
-def _key_parts(KPARTS, kbase, offs_n, S, N_HEADS, D: tl.constexpr):
-    """A key tile's planes of KPARTS (bf16; padding keys read 0)."""
-    plane = N_HEADS.to(tl.int64) * S * D
-    ptr = KPARTS + kbase + offs_n[:, None] * D + tl.arange(0, D)[None, :]
-    ok = (offs_n < S)[:, None]
-    return (tl.load(ptr + KP_HI_K * plane, mask=ok, other=0.0), tl.load(ptr + KP_LO_K * plane, mask=ok, other=0.0),
-            tl.load(ptr + KP_HI_P * plane, mask=ok, other=0.0), tl.load(ptr + KP_L1 * plane, mask=ok, other=0.0),
-            tl.load(ptr + KP_L2 * plane, mask=ok, other=0.0), tl.load(ptr + KP_L3 * plane, mask=ok, other=0.0))
+# Per-row and per-key bounds of the fast-tile test, one (N, S, N_NORMS) fp32 tensor formed on
+# the host (fast_tile_norms) and shared by the forward and the backward, so that every kernel
+# takes the same decision for the same (query, key) pair: s |q_i|, |r_i|, |k_j|, the bound
+# kd_j of d's plain product (|k_j| + |k_0| for bf16 inputs, |k_j - k_0| otherwise), and
+# c0_i = <k_0, r_i> (bf16 inputs' plain d); and for the test per program, the largest kn, kdn
+# over keys 0..j and the largest qn, rn over queries i..S-1.
+NORM_NAMES = ("qn", "rn", "kn", "kdn", "c0", "pkn", "pkdn", "sqn", "srn")
+NM_QN, NM_RN, NM_KN, NM_KDN, NM_C0, NM_PKN, NM_PKDN, NM_SQN, NM_SRN = (tl.constexpr(i) for i in range(len(NORM_NAMES)))
+N_NORMS = tl.constexpr(len(NORM_NAMES))
 
 
 @triton.jit
-def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, N_HEADS, kbase, vbase, start_n, S, scale,
-              offs_m, m_i, l_i,
-              nu, dbar, cm, t_ref, j_ref, s_a, s_r,
-              D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-              MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-              SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
-    """Merge one key tile into the running (m, W, nu, dbar, M) of each query (Chan et al.'s
-    update of a co-moment); M = sum_j w_j (vp_j - nu)(d_j - dbar) in the weights
-    of the running maximum, d_j and dbar relative to the row's reference t_ref, taken at
-    its heaviest key so far, j_ref. With the split, the scores too are kept relative to that
-    key's, whose exact and remainder parts are s_a and s_r: the running maximum is then 0."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_dot, kp, vp, _v_dot = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
-    col = tl.arange(0, BLOCK_N)
-    if SPLIT_D:
-        # a_ij - a_i,ref = s <q_i, k_j - k_ref>. A score rounded on its own carries up to half
-        # an ulp of |a_ij|, which moves p_ij by that much relatively where the softmax is steep
-        # (docs/kernels-parallax.md §5): the difference is formed as d is below, from the exact
-        # q_hi k_hi^T and the remainder, each referred to the key's own entries
-        if B16:
-            k_hi, k_lo, kp_hi, l1, l2, l3 = _key_parts(KPARTS, kbase, offs_n, S, N_HEADS, D)
-            kf, kp_lo = k_dot, kp
-        else:
-            kf = k_dot.to(ACC)
-            k_hi, k_lo = _split_rows(kf)
-            kp_hi, kp_lo = _split_rows(kp)
-            l1, l2, l3 = kp_lo, kp_lo, kp_lo
-        a_hi = _exact_dot(q_hi, k_hi, EXACT)
-        a_rem = _score_rem(q_lo, q_hi, k_dot, kf, k_lo, PREC, B16, EXACT)
-        x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
-        m_tile = tl.max(x, 1)
-        moved = m_tile > m_i
-        jmax = tl.argmax(x, 1)
-        top = col[None, :] == jmax[:, None]
-        s_a = tl.where(moved, tl.sum(tl.where(top, a_hi, 0.0), 1), s_a)
-        s_r = tl.where(moved, tl.sum(tl.where(top, a_rem, 0.0), 1), s_r)
-        # m_i is -inf until a row sees its first key, 0 (its reference's score) from then on
-        alpha = tl.exp(tl.where(moved, m_i - m_tile, 0.0))
-        m_new = tl.where(moved, 0.0, m_i)
-        x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
-        w = tl.exp(x)
+def _norm(NORMS, rows, ok, col: tl.constexpr):
+    return tl.load(NORMS + rows * N_NORMS + col, mask=ok, other=0.0)
+
+
+# Upper bounds: a norm formed in fp32 is within (D/2 + 2) u of the true one for D <= 128,
+# below 2^-17 relative; the factor makes every stored bound at least the true value.
+NORM_UP = tl.constexpr(1.0 + 2.0**-16)
+
+
+@triton.jit(do_not_specialize=("S",))
+def _px_norms_kernel(Q, K, R, NORMS, S, scale, D: tl.constexpr, BLOCK: tl.constexpr, B16: tl.constexpr):
+    head = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < S
+    kbase = head * S * D
+    q = _load_rows(Q, kbase, offs, S, D).to(tl.float32)
+    k = _load_rows(K, kbase, offs, S, D).to(tl.float32)
+    r = _load_rows(R, kbase, offs, S, D).to(tl.float32)
+    ck = tl.load(K + kbase + tl.arange(0, D)).to(tl.float32)
+    kn = tl.sqrt(tl.sum(k * k, 1)) * NORM_UP
+    if B16:
+        kdn = kn + tl.sqrt(tl.sum(ck * ck, 0)) * NORM_UP
     else:
-        a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC).to(ACC)
-        m_tile = tl.max(a, 1)
-        m_new = tl.maximum(m_i, m_tile)
-        # every row sees key 0 in the first tile, so m_new is finite from then on
-        alpha = tl.exp(m_i - m_new)
-        w = tl.exp(a - m_new[:, None])
-        jmax = tl.argmax(a, 1)
-        moved = m_tile > m_i
-    # the reference key moves to the tile's heaviest where the running maximum moves
-    j_ref = tl.where(moved, start_n + jmax, j_ref)
-    if SPLIT_D:
-        # d_ij = <k_j - k_0, r_i> is O(|k_j - k_0| |r_i|) and rounds at u times that, while the
-        # covariance needs e_ij = d_ij - dbar_i, O(spread |r_i|) at the keys that carry the
-        # weight (docs/kernels-parallax.md §3, "d against the row's heaviest key"). Split
-        # r = r_hi + r_lo and kp = kp_hi + kp_lo with 8-bit hi parts on power-of-two grids
-        # (per row of r, per key): each (i, j) entry of r_hi kp_hi^T sums D <= 128 products of
-        # 16 bits on one grid, exact in fp32, so it can be referred to the row's heaviest key
-        # exactly, and only the remainder, 2^-7 the size, rounds at its own scale. A grid per
-        # key, not per tile: a row's d_ij must not depend on keys after i (bitwise causality).
-        s_hi = _exact_dot(r_hi, kp_hi, EXACT)
-        rem = _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, l1, l2, l3, PREC, B16, EXACT)
-        s_top = tl.sum(tl.where(col[None, :] == jmax[:, None], s_hi, 0.0), 1)
-        t_new = tl.where(moved, s_top, t_ref)
-        dbar = dbar + (t_ref - t_new)
-        t_ref = t_new
-        d = (s_hi - t_ref[:, None]) + rem
+        kp = k - ck[None, :]
+        kdn = tl.sqrt(tl.sum(kp * kp, 1)) * NORM_UP
+    ptr = NORMS + (head * S + offs) * N_NORMS
+    tl.store(ptr + NM_QN, scale * tl.sqrt(tl.sum(q * q, 1)) * NORM_UP, mask=ok)
+    tl.store(ptr + NM_RN, tl.sqrt(tl.sum(r * r, 1)) * NORM_UP, mask=ok)
+    tl.store(ptr + NM_KN, kn, mask=ok)
+    tl.store(ptr + NM_KDN, kdn, mask=ok)
+    tl.store(ptr + NM_C0, tl.sum(r * ck[None, :], 1), mask=ok)
+
+
+@triton.jit
+def _program_runs(ba, ta, bd, td, MODE: tl.constexpr):
+    """Whether a program runs in launch MODE (1: programs whose every entry is fast, 2: the
+    others), from the largest score and d bounds over its entries."""
+    if MODE == 1:
+        return (ba <= ta) & (bd <= td)
     else:
-        # d_ij against the anchored keys: O(spread |r_i|), never O(|k_j| |r_i|)
-        d = tl.dot(rf, tl.trans(kp), input_precision=PREC)
+        return (ba > ta) | (bd > td)
+
+
+@triton.jit
+def _fwd_merge(w, d, vp, alpha, l_i, nu, dbar, cm, PREC: tl.constexpr):
+    """Merge a tile's weights w and d (against the row's reference) into the running (W,
+    nu, dbar, M) of each query: Chan et al.'s update of a co-moment, M = sum_j w_j (vp_j -
+    nu)(d_j - dbar) in the weights of the running maximum."""
     w_a = l_i * alpha
     w_ab = w_a + tl.sum(w, 1)
     # w_ab >= 1 (the row's maximum weighs 1), while a tile's own weight may underflow to
@@ -342,15 +399,134 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, N_HE
     # Chan et al.: moving the old moment from its means to the merged ones adds
     # w_a (nu - nu_new)(dbar - dbar_new)
     cm = cm * alpha[:, None] + cm_b + (w_a * (dbar - dbar_new))[:, None] * (nu - nu_new)
+    return w_ab, nu_new, dbar_new, cm
+
+
+@triton.jit
+def _fwd_split_tile(a_hi, a_rem, s_hi, rem, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref,
+                    j_ref, s_a, s_r, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+                    HAS_REM: tl.constexpr):
+    """One key tile of the split forward from its scores (a_hi + a_rem, unscaled) and d
+    (s_hi + rem), every entry either exact hi part and remainder or plain product and 0.
+    The scores and d are kept relative to the row's heaviest key so far, j_ref, whose
+    entries are s_a, s_r (scores) and t_ref (d): the running maximum is 0 once a row has
+    seen a key. HAS_REM = False: a fast tile, every remainder 0 and not formed; each value
+    below is then bitwise the one a tile with remainders gives a plain entry."""
+    col = tl.arange(0, BLOCK_N)
+    if HAS_REM:
+        x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
+    else:
+        x = _masked(((a_hi - s_a[:, None]) - s_r[:, None]) * scale, offs_m, offs_n, S, MASK)
+    m_tile = tl.max(x, 1)
+    moved = m_tile > m_i
+    jmax = tl.argmax(x, 1)
+    top = col[None, :] == jmax[:, None]
+    s_a = tl.where(moved, tl.sum(tl.where(top, a_hi, 0.0), 1), s_a)
+    if HAS_REM:
+        s_r = tl.where(moved, tl.sum(tl.where(top, a_rem, 0.0), 1), s_r)
+        x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
+    else:
+        s_r = tl.where(moved, 0.0, s_r)
+        x = _masked(((a_hi - s_a[:, None]) - s_r[:, None]) * scale, offs_m, offs_n, S, MASK)
+    # m_i is -inf until a row sees its first key, 0 (its reference's score) from then on
+    alpha = tl.exp(tl.where(moved, m_i - m_tile, 0.0))
+    m_new = tl.where(moved, 0.0, m_i)
+    w = tl.exp(x)
+    # the reference key moves to the tile's heaviest where the running maximum moves, and
+    # t_ref with it; dbar follows (the co-moment is centred and does not move)
+    j_ref = tl.where(moved, start_n + jmax, j_ref)
+    t_new = tl.where(moved, tl.sum(tl.where(top, s_hi, 0.0), 1), t_ref)
+    dbar = dbar + (t_ref - t_new)
+    t_ref = t_new
+    if HAS_REM:
+        d = (s_hi - t_ref[:, None]) + rem
+    else:
+        d = s_hi - t_ref[:, None]
+    w_ab, nu_new, dbar_new, cm = _fwd_merge(w, d, vp, alpha, l_i, nu, dbar, cm, PREC)
+    return m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r
+
+
+@triton.jit
+def _fwd_general_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, k_dot, kp, vp, KPARTS, N_HEADS, kbase, offs_m, offs_n,
+                      start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref, j_ref, s_a, s_r, qn, kn, rn, kdn, c0, ta, td,
+                      D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, ACC: tl.constexpr,
+                      PREC: tl.constexpr, SPREC: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+    """A tile with entries that need the split: each entry through its own product."""
+    a_hi, a_rem = _score_pair(q_dot, q_hi, q_lo, k_dot, KPARTS, kbase, offs_n, S, N_HEADS, qn, kn, ta, D, ACC,
+                              PREC, SPREC, EXACT, B16)
+    s_hi, rem = _d_pair(rf, r16, r_hi, r_lo, k_dot, kp, KPARTS, kbase, offs_n, S, N_HEADS, rn, kdn, c0, td, D,
+                        ACC, PREC, EXACT, B16)
+    return _fwd_split_tile(a_hi, a_rem, s_hi, rem, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm,
+                           t_ref, j_ref, s_a, s_r, BLOCK_N, MASK, PREC, True)
+
+
+@triton.jit
+def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORMS, N_HEADS, kbase, vbase, nbase,
+              start_n, S, scale, offs_m, m_i, l_i,
+              nu, dbar, cm, t_ref, j_ref, s_a, s_r, qn, rn, c0, ta, td,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+              MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
+              SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr, FAST_ONLY: tl.constexpr):
+    """Merge one key tile into the running (m, W, nu, dbar, M) of each query; with the
+    split, the scores and d relative to the row's heaviest key so far (_fwd_split_tile)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_dot, kp, vp, _v_dot = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
+    if SPLIT_D:
+        # a_ij - a_i,ref = s <q_i, k_j - k_ref>: a score rounded on its own carries up to half
+        # an ulp of |a_ij|, which moves p_ij by that much relatively where the softmax is steep,
+        # and d_ij = <k_j - k_0, r_i> rounds at u |k_j - k_0| |r_i| while the covariance needs
+        # e_ij = d_ij - dbar_i, O(spread |r_i|) at the keys that carry the weight
+        # (docs/kernels-parallax.md §3). Both are formed from exact split products referred to
+        # the row's heaviest key, r_hi kp_hi^T and q_hi k_hi^T (8-bit hi parts on power-of-two
+        # grids per row and per key: sums of D <= 128 16-bit products on one grid, exact in
+        # fp32; grids per key, not per tile, keep a row's values free of keys after i, bitwise
+        # causal), plus remainders 2^-7 the size: except on the entries whose plain product's
+        # rounding is below u_in / 4 (§3, "Fast tiles"). A tile with no other entry forms the
+        # plain products alone.
+        if FAST_ONLY:
+            # a program whose every entry is fast (_px_fwd_kernel): no split code compiled
+            a_pl = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC)
+            d_pl = _d_plain(rf, r16, k_dot, kp, c0, PREC, EXACT, B16)
+            m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r = _fwd_split_tile(
+                a_pl, a_pl, d_pl, d_pl, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref, j_ref,
+                s_a, s_r, BLOCK_N, MASK, PREC, False)
+        else:
+            ok_n = offs_n < S
+            kn = _norm(NORMS, nbase + offs_n, ok_n, NM_KN)
+            kdn = _norm(NORMS, nbase + offs_n, ok_n, NM_KDN)
+            if (tl.max(qn, 0) * tl.max(kn, 0) <= ta) & (tl.max(rn, 0) * tl.max(kdn, 0) <= td):
+                a_pl = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC)
+                d_pl = _d_plain(rf, r16, k_dot, kp, c0, PREC, EXACT, B16)
+                m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r = _fwd_split_tile(
+                    a_pl, a_pl, d_pl, d_pl, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref,
+                    j_ref, s_a, s_r, BLOCK_N, MASK, PREC, False)
+            else:
+                m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r = _fwd_general_tile(
+                    q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, k_dot, kp, vp, KPARTS, N_HEADS, kbase, offs_m, offs_n,
+                    start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref, j_ref, s_a, s_r, qn, kn, rn, kdn, c0, ta, td, D,
+                    BLOCK_N, MASK, ACC, PREC, SPREC, EXACT, B16)
+    else:
+        # float64: single products, rounding at u64
+        a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC).to(ACC)
+        m_tile = tl.max(a, 1)
+        m_new = tl.maximum(m_i, m_tile)
+        # every row sees key 0 in the first tile, so m_new is finite from then on
+        alpha = tl.exp(m_i - m_new)
+        w = tl.exp(a - m_new[:, None])
+        moved = m_tile > m_i
+        j_ref = tl.where(moved, start_n + tl.argmax(a, 1), j_ref)
+        # d_ij against the anchored keys: O(spread |r_i|), never O(|k_j| |r_i|)
+        d = tl.dot(rf, tl.trans(kp), input_precision=PREC)
+        w_ab, nu_new, dbar_new, cm = _fwd_merge(w, d, vp, alpha, l_i, nu, dbar, cm, PREC)
     return m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r
 
 
 # S is not specialised on (== 1, % 16): every pointer is offset by multiples of D or Dv
 @triton.jit(do_not_specialize=("S",))
-def _px_fwd_kernel(Q, K, V, R, KPARTS, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, scale,
+def _px_fwd_kernel(Q, K, V, R, KPARTS, NORMS, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, scale, ta, td,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                   SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+                   SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr, MODE: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_M)
     # late query tiles do the most work: launch them first for a balanced tail
     pid_m = n_tiles - 1 - tl.program_id(0)
@@ -379,8 +555,22 @@ def _px_fwd_kernel(Q, K, V, R, KPARTS, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, RE
     hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
     # key tiles entirely below the diagonal (and inside S) need no mask
     lo_full = ((pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    # per-row bounds of the fast-tile test (§3, "Fast tiles"), formed once per forward
+    nbase = head * S
+    qn = _norm(NORMS, nbase + offs_m, row_ok, NM_QN)
+    rn = _norm(NORMS, nbase + offs_m, row_ok, NM_RN)
+    c0 = _norm(NORMS, nbase + offs_m, row_ok, NM_C0)
+    # MODE 1 runs the programs whose every entry is fast, compiled without the split; MODE 2
+    # the others (their fast tiles still skip it); MODE 0 every program
+    if MODE != 0:
+        last = nbase + hi - 1
+        run = _program_runs(tl.max(qn, 0) * tl.load(NORMS + last * N_NORMS + NM_PKN), ta,
+                            tl.max(rn, 0) * tl.load(NORMS + last * N_NORMS + NM_PKDN), td, MODE)
+        hi = tl.where(run, hi, 0)
+        lo_full = tl.where(run, lo_full, 0)
+        row_ok = offs_m < tl.where(run, S, 0)
     # r = r_hi + r_lo, r_hi on a per-row grid of 2^-6 its largest power of two (_fwd_tile)
-    if SPLIT_D:
+    if SPLIT_D and MODE != 1:
         r_hi, r_lo = _split_rows(rf)
         q_hi, q_lo = _split_rows(q.to(ACC))
     else:
@@ -401,14 +591,19 @@ def _px_fwd_kernel(Q, K, V, R, KPARTS, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, RE
     s_r = tl.zeros([BLOCK_M], dtype=ACC)
     for start_n in range(0, lo_full, BLOCK_N):
         m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
-            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, tl.num_programs(1), kbase, vbase, start_n, S,
-            scale, offs_m, m_i, l_i, nup,
-            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
+            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORMS, tl.num_programs(1), kbase, vbase, nbase,
+            start_n, S, scale, offs_m, m_i, l_i, nup,
+            dbar, cm, t_ref, j_ref, s_a, s_r, qn, rn, c0, ta, td, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT, B16,
+            MODE == 1)
     for start_n in range(lo_full, hi, BLOCK_N):
         m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
-            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, tl.num_programs(1), kbase, vbase, start_n, S,
-            scale, offs_m, m_i, l_i, nup,
-            dbar, cm, t_ref, j_ref, s_a, s_r, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT, B16)
+            q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORMS, tl.num_programs(1), kbase, vbase, nbase,
+            start_n, S, scale, offs_m, m_i, l_i, nup,
+            dbar, cm, t_ref, j_ref, s_a, s_r, qn, rn, c0, ta, td, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT, B16,
+            MODE == 1)
+    # l_i >= 1 on every row a program runs (its heaviest key weighs 1); 0 only where the
+    # launch's MODE skips the program, whose stores are masked
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)
     cr = cm / l_i[:, None]
     o = cv[None, :] + nup - cr
 
@@ -479,36 +674,43 @@ def _bwd_rows(Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv,
 
 
 @triton.jit
-def _bwd_keys(K, V, KPARTS, VPARTS, N_HEADS, kbase, vbase, offs_n, S, ck, cv, D: tl.constexpr, DV: tl.constexpr,
-              UPCAST: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr, B16: tl.constexpr):
-    """A key tile's operands for the backward: k (for the product), its split, kp and its
-    split, vp; with bf16 inputs the splits and vp's exact parts from _px_key_prep_kernel."""
+def _bwd_keys(K, V, VPARTS, NORMS, N_HEADS, kbase, vbase, nbase, offs_n, S, ck, cv, D: tl.constexpr,
+              DV: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, B16: tl.constexpr):
+    """A key tile's operands for the backward: k (for the product), kp, vp, with bf16 inputs
+    vp's exact parts from _px_key_prep_kernel, and the key's bounds of the fast-tile test.
+    The splits of k and kp are formed (or loaded) by _score_pair and _d_pair, on the tiles
+    that need them."""
     k_dot, kp, vp, _v_dot = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
-    kf = k_dot.to(ACC)
+    ok = offs_n < S
     if B16:
-        k_hi, k_lo, kp_hi, l1, l2, l3 = _key_parts(KPARTS, kbase, offs_n, S, N_HEADS, D)
-        kp_lo = kp
         vplane = N_HEADS.to(tl.int64) * S * DV
         vptr = VPARTS + vbase + offs_n[:, None] * DV + tl.arange(0, DV)[None, :]
-        ok = (offs_n < S)[:, None]
-        vp1 = tl.load(vptr, mask=ok, other=0.0)
-        vp2 = tl.load(vptr + vplane, mask=ok, other=0.0)
-        vp3 = tl.load(vptr + 2 * vplane, mask=ok, other=0.0)
+        vp1 = tl.load(vptr, mask=ok[:, None], other=0.0)
+        vp2 = tl.load(vptr + vplane, mask=ok[:, None], other=0.0)
+        vp3 = tl.load(vptr + 2 * vplane, mask=ok[:, None], other=0.0)
     else:
-        if SPLIT:
-            k_hi, k_lo = _split_rows(kf)
-            kp_hi, kp_lo = _split_rows(kp)
-        else:
-            k_hi, k_lo, kp_hi, kp_lo = kf, kf, kp, kp
-        l1, l2, l3, vp1, vp2, vp3 = kp_lo, kp_lo, kp_lo, vp, vp, vp
-    return k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3
+        vp1, vp2, vp3 = vp, vp, vp
+    kn = _norm(NORMS, nbase + offs_n, ok, NM_KN)
+    kdn = _norm(NORMS, nbase + offs_n, ok, NM_KDN)
+    return k_dot, kp, vp, vp1, vp2, vp3, kn, kdn
 
 
 @triton.jit
-def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS, rows, k_dot, kf, k_hi, k_lo,
-              kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3, offs_m, offs_n, S, scale, PREC: tl.constexpr,
-              SPREC: tl.constexpr,
-              ACC: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+def _bwd_fast_xe(q_dot, k_dot, rf, r16, kp, c0, sa, sr, tref, dbar, hit, scale, ACC: tl.constexpr,
+                 PREC: tl.constexpr, SPREC: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+    """x and e of a fast tile: every remainder 0 and not formed, each value bitwise the one a
+    tile with remainders gives a plain entry."""
+    a_pl = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC)
+    x = ((a_pl - sa[:, None]) - tl.where(hit, 0.0, sr)[:, None]) * scale
+    e = (_d_plain(rf, r16, k_dot, kp, c0, PREC, EXACT, B16) - tref[:, None]) - dbar[:, None]
+    return x, e
+
+
+@triton.jit
+def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, qn, rn, c0, STATS, NORMS, KPARTS,
+              N_HEADS, kbase, rows, k_dot, kp, kn, kdn, vp, vp1, vp2, vp3, offs_m, offs_n, S, scale, ta, td,
+              D: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr,
+              EXACT: tl.constexpr, B16: tl.constexpr, FAST_ONLY: tl.constexpr):
     """p, 1 - e, p gv and da for a (query tile, key tile) pair, causal mask included."""
     ok = offs_m < S
     keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < S) & ok[:, None]
@@ -517,29 +719,37 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, S
     at_ref = offs_n[None, :] == ref[:, None]
     hit = tl.max(at_ref.to(tl.int32), 1) > 0
     lw = _stat(STATS, rows, ok, ST_LW)
+    dbar = _stat(STATS, rows, ok, ST_DBAR)
     if SPLIT:
-        # a_ij - a_i,ref = s <q_i, k_j - k_ref> as the forward formed it (_fwd_tile): the
-        # exact q_hi k_hi^T less its saved value at the key, the remainder less the tile's
-        # own entry there (the saved one where the tile does not hold the key)
-        a_hi = _exact_dot(q_hi, k_hi, EXACT)
-        a_rem = _score_rem(q_lo, q_hi, k_dot, kf, k_lo, PREC, B16, EXACT)
-        rem_at = tl.where(hit, tl.sum(tl.where(at_ref, a_rem, 0.0), 1), _stat(STATS, rows, ok, ST_SR))
-        x = ((a_hi - _stat(STATS, rows, ok, ST_SA)[:, None]) + (a_rem - rem_at[:, None])) * scale
+        # a_ij - a_i,ref = s <q_i, k_j - k_ref> and d_ij against the row's reference t_i as the
+        # forward formed them (_fwd_tile), entry by entry through the same products (the
+        # decisions are the forward's): the hi part less its saved value at the key, the
+        # remainder less the tile's own entry there (the saved one where the tile does not
+        # hold the key). A single product would round d at u |k_j - k_0| |r_i|, far above
+        # e_ij where the keys have a large norm (docs/kernels-parallax.md §5).
+        sa = _stat(STATS, rows, ok, ST_SA)
+        sr = _stat(STATS, rows, ok, ST_SR)
+        tref = _stat(STATS, rows, ok, ST_TREF)
+        if FAST_ONLY:
+            x, e = _bwd_fast_xe(q_dot, k_dot, rf, r16, kp, c0, sa, sr, tref, dbar, hit, scale, ACC, PREC, SPREC,
+                                EXACT, B16)
+        elif (tl.max(qn, 0) * tl.max(kn, 0) <= ta) & (tl.max(rn, 0) * tl.max(kdn, 0) <= td):
+            x, e = _bwd_fast_xe(q_dot, k_dot, rf, r16, kp, c0, sa, sr, tref, dbar, hit, scale, ACC, PREC, SPREC,
+                                EXACT, B16)
+        else:
+            a_hi, a_rem = _score_pair(q_dot, q_hi, q_lo, k_dot, KPARTS, kbase, offs_n, S, N_HEADS, qn, kn, ta, D, ACC,
+                                      PREC, SPREC, EXACT, B16)
+            rem_at = tl.where(hit, tl.sum(tl.where(at_ref, a_rem, 0.0), 1), sr)
+            x = ((a_hi - sa[:, None]) + (a_rem - rem_at[:, None])) * scale
+            s_hi, rem = _d_pair(rf, r16, r_hi, r_lo, k_dot, kp, KPARTS, kbase, offs_n, S, N_HEADS, rn, kdn, c0, td, D,
+                                ACC, PREC, EXACT, B16)
+            e = ((s_hi - tref[:, None]) + rem) - dbar[:, None]
     else:
         a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC) * scale
         x = a - _stat(STATS, rows, ok, ST_M)[:, None]
+        e = tl.dot(rf, tl.trans(kp), input_precision=PREC) - dbar[:, None]
     # the exponent is masked first: padding rows could overflow
     p = tl.exp(tl.where(keep, x - lw[:, None], float("-inf")))
-    dbar = _stat(STATS, rows, ok, ST_DBAR)
-    if SPLIT:
-        # d_ij against the row's reference exactly as the forward formed it: a single
-        # product rounds d at u |k_j - k_0| |r_i|, far above e_ij where the keys have a
-        # large norm (docs/kernels-parallax.md §5)
-        s_hi = _exact_dot(r_hi, kp_hi, EXACT)
-        rem = _d_rem(r16, r_lo, r_hi, kp, kp_hi, kp_lo, l1, l2, l3, PREC, B16, EXACT)
-        e = ((s_hi - _stat(STATS, rows, ok, ST_TREF)[:, None]) + rem) - dbar[:, None]
-    else:
-        e = tl.dot(rf, tl.trans(kp), input_precision=PREC) - dbar[:, None]
     # gv_ij = <g_i, v_j - nu_i> = (<g_i, vp_j> - <g_i, vp_ref>) - gc_i, gc_i = <g_i, nu_i - v_ref>:
     # 0 at the heaviest key of a one-hot row (nu_i = v_ref), as is the true value, where
     # <g_i, nu_i> rounded in another order than the product would leave u |g_i| |vp|
@@ -557,35 +767,48 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, S
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DQ, DR, GC, S, scale,
+def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, NORMS, G, NUP, STATS, REF, DQ, DR, GC, S, scale, ta, td,
                       D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                      SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+                      SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr, MODE: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_M)
     pid_m = n_tiles - 1 - tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     kbase = head * S * D
     vbase = head * S * DV
+    nbase = head * S
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    rows = head * S + offs_m
+    rows = nbase + offs_m
+    row_ok = offs_m < S
     ck = tl.load(K + kbase + offs_d).to(ACC)
     cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
     q_dot, qf, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, kp_ref, g_ref, gc = _bwd_rows(
         Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
+    qn = _norm(NORMS, rows, row_ok, NM_QN)
+    rn = _norm(NORMS, rows, row_ok, NM_RN)
+    c0 = _norm(NORMS, rows, row_ok, NM_C0)
 
     dq = tl.zeros([BLOCK_M, D], dtype=ACC)
     dr = tl.zeros([BLOCK_M, D], dtype=ACC)
     da_sum = tl.zeros([BLOCK_M], dtype=ACC)
     pg_sum = tl.zeros([BLOCK_M], dtype=ACC)
     hi = tl.minimum((pid_m + 1) * BLOCK_M, S)
+    # the forward's launches: MODE 1 the programs whose every entry is fast, 2 the others
+    if MODE != 0:
+        last = nbase + hi - 1
+        run = _program_runs(tl.max(qn, 0) * tl.load(NORMS + last * N_NORMS + NM_PKN), ta,
+                            tl.max(rn, 0) * tl.load(NORMS + last * N_NORMS + NM_PKDN), td, MODE)
+        hi = tl.where(run, hi, 0)
+        row_ok = offs_m < tl.where(run, S, 0)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3 = _bwd_keys(
-            K, V, KPARTS, VPARTS, tl.num_programs(1), kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
-        _pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS, rows,
-                                k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3, offs_m,
-                                offs_n, S, scale, PREC, SPREC, ACC, SPLIT, EXACT, B16)
+        k_dot, kp, vp, vp1, vp2, vp3, kn, kdn = _bwd_keys(
+            K, V, VPARTS, NORMS, tl.num_programs(1), kbase, vbase, nbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC, B16)
+        _pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, qn, rn, c0, STATS,
+                                NORMS, KPARTS, tl.num_programs(1), kbase, rows, k_dot, kp, kn, kdn, vp, vp1, vp2, vp3,
+                                offs_m, offs_n, S, scale, ta, td, D, PREC, SPREC, ACC, SPLIT, EXACT, B16,
+                                MODE == 1)
         dq += tl.dot(da, kp, input_precision=PREC)
         dr += tl.dot(pg, kp, input_precision=PREC)
         da_sum += tl.sum(da, 1)
@@ -595,7 +818,6 @@ def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DQ, DR, GC
     # exact where the row is one-hot (both products then hold one term and cancel)
     dq = (dq - da_sum[:, None] * kp_ref) * scale
     dr = pg_sum[:, None] * kp_ref - dr
-    row_ok = offs_m < S
     # gc_i from the saved nu_i rounds at u |g_i| |nu_i - v_0|, while on a one-hot row
     # gc_i = <g_i, nu_i - v_ref> is a small difference, and its error enters dk at the
     # heavy key at full weight (p_ij gc_i r_i): sum_j p_ij gv_ij = 0, so the row sum of pg
@@ -608,35 +830,52 @@ def _px_bwd_dq_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, DQ, DR, GC
 
 
 @triton.jit(do_not_specialize=("S",))
-def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, G, NUP, STATS, REF, GC, DK, DV_OUT, S, scale,
+def _px_bwd_dkdv_kernel(Q, K, V, R, KPARTS, VPARTS, NORMS, G, NUP, STATS, REF, GC, DK, DV_OUT, S, scale, ta,
+                        td,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                        SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
+                        SPLIT: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr, MODE: tl.constexpr):
     pid_n = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     kbase = head * S * D
     vbase = head * S * DV
+    nbase = head * S
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     col_ok = offs_n < S
     ck = tl.load(K + kbase + tl.arange(0, D)).to(ACC)
     cv = tl.load(V + vbase + tl.arange(0, DV)).to(ACC)
-    k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2, vp3 = _bwd_keys(
-        K, V, KPARTS, VPARTS, tl.num_programs(1), kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
+    k_dot, kp, vp, vp1, vp2, vp3, kn, kdn = _bwd_keys(
+        K, V, VPARTS, NORMS, tl.num_programs(1), kbase, vbase, nbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC, B16)
 
     dk = tl.zeros([BLOCK_N, D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, DV], dtype=ACC)
     # queries i >= j only: the first query tile that reaches this key tile
     lo = (start_n // BLOCK_M) * BLOCK_M
-    for start_m in range(lo, S, BLOCK_M):
+    hi = S
+    # MODE 1 the programs whose every entry is fast (queries lo..S-1 against this tile's
+    # keys), 2 the others
+    if MODE != 0:
+        first = nbase + lo
+        run = _program_runs(tl.load(NORMS + first * N_NORMS + NM_SQN) * tl.max(kn, 0), ta,
+                            tl.load(NORMS + first * N_NORMS + NM_SRN) * tl.max(kdn, 0), td, MODE)
+        hi = tl.where(run, hi, lo)
+        col_ok = offs_n < tl.where(run, S, 0)
+    for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows = nbase + offs_m
+        row_ok = offs_m < S
         q_dot, qf, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, _kp_ref, g_ref, _gc = _bwd_rows(
             Q, K, V, R, G, NUP, REF, kbase, vbase, head, offs_m, S, ck, cv, D, DV, UPCAST, ACC, SPLIT, B16)
         # gc_i as the dq kernel corrected it (_px_bwd_dq_kernel)
-        gc = tl.load(GC + head * S + offs_m, mask=offs_m < S, other=0.0)
-        pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, STATS,
-                               head * S + offs_m, k_dot, kf, k_hi, k_lo, kp, kp_hi, kp_lo, l1, l2, l3, vp, vp1, vp2,
-                               vp3, offs_m, offs_n, S, scale, PREC, SPREC, ACC, SPLIT, EXACT, B16)
+        gc = tl.load(GC + head * S + offs_m, mask=row_ok, other=0.0)
+        qn = _norm(NORMS, rows, row_ok, NM_QN)
+        rn = _norm(NORMS, rows, row_ok, NM_RN)
+        c0 = _norm(NORMS, rows, row_ok, NM_C0)
+        pf, pg, da = _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, qn, rn, c0, STATS,
+                               NORMS, KPARTS, tl.num_programs(1), kbase, rows, k_dot, kp, kn, kdn, vp, vp1, vp2, vp3,
+                               offs_m, offs_n, S, scale, ta, td, D, PREC, SPREC, ACC, SPLIT, EXACT, B16,
+                                MODE == 1)
         if B16:
             # g, q and r are exact bf16 values: the fp32 side goes in as its exact parts
             dv += _dot3(tl.trans(pf), g16, EXACT)
@@ -707,7 +946,7 @@ def _launch(kernel, kind, grid_of, args, D, DV, dtype, config, **extra):
         try:
             kernel[grid_of(bm, bn)](*args, D=D, DV=DV, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, ACC=acc,
                                     PREC=prec, SPREC=sprec, num_warps=nw, num_stages=ns, **extra)
-            return
+            return (bm, bn, nw, ns)
         except Exception as exc:  # noqa: BLE001 - only out-of-resources is retried
             if config is not None or not _is_out_of_resources(exc):
                 raise
@@ -730,17 +969,74 @@ def key_parts(k, v):
     return kparts, vparts
 
 
+# Fast tiles (docs/kernels-parallax.md §3, "Fast tiles"): an entry takes the plain product
+# where its rounding, at most GAMMA s |q_i| |k_j| in the score and GAMMA |r_i| kd_j in d, is at
+# most u_out / FAST_MARGIN, u_out the unit roundoff of the inputs' (and the output's) dtype.
+FAST_MARGIN = 4.0
+U_OUT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+U_ACC = 2.0**-24
+# tf32x3 (fp32 operands on the GPU) adds at most 3 * 2^-22 relative per product (the tail
+# x tail product dropped, the tails rounded to tf32); 16-bit operands multiply exactly
+TF32X3_PRODUCT = 3 * 2.0**-22
+
+
+def fast_thresholds(dtype, D, fast=None):
+    """(ta, td): an entry's plain score is taken where s |q_i| |k_j| <= ta, its plain d where
+    |r_i| kd_j <= td. fast: None, the derived thresholds; True, every entry plain; False,
+    every entry split (for measuring and testing either path alone)."""
+    if fast is not None:
+        return (math.inf, math.inf) if fast else (-1.0, -1.0)
+    if dtype not in U_OUT:
+        return (-1.0, -1.0)
+    # D accumulating fp32 roundings of the products' sum, one for the subtraction of c0 (bf16
+    # d) or the reference, one for the bound's own rounding; for fp32 and fp16 d's product,
+    # and fp32's scores, the tf32x3 products' error besides
+    gamma = (D + 2) * U_ACC + (0.0 if dtype == torch.bfloat16 else TF32X3_PRODUCT)
+    t = U_OUT[dtype] / (FAST_MARGIN * gamma)
+    return (t, t)
+
+
+def fast_tile_norms(q, k, r, scale):
+    """The (N, S, N_NORMS) fp32 bounds of the fast-tile test (NORM_NAMES), one launch."""
+    N, S, D = q.shape
+    norms = torch.empty(N, S, int(N_NORMS), device=q.device, dtype=torch.float32)
+    block = 16 if interpreting() else 64
+    _px_norms_kernel[(triton.cdiv(S, block), N)](q, k, r, norms, S, float(scale), D=D, BLOCK=block,
+                                                 B16=q.dtype == torch.bfloat16)
+    col = NORM_NAMES.index
+    norms[..., col("pkn")] = norms[..., col("kn")].cummax(1).values
+    norms[..., col("pkdn")] = norms[..., col("kdn")].cummax(1).values
+    norms[..., col("sqn")] = norms[..., col("qn")].flip(1).cummax(1).values.flip(1)
+    norms[..., col("srn")] = norms[..., col("rn")].flip(1).cummax(1).values.flip(1)
+    return norms
+
+
+def fast_fraction(q, k, r, scale, fast=None):
+    """(scores, d): the fraction of causal (query, key) entries of flattened heads that take
+    the plain product, by the kernels' own bounds and rule (for tests and reports)."""
+    norms = fast_tile_norms(q, k, r, scale)
+    ta, td = fast_thresholds(q.dtype, q.shape[-1], fast)
+    qn, rn, kn, kdn = (norms[..., i] for i in (NORM_NAMES.index(n) for n in ("qn", "rn", "kn", "kdn")))
+    S = q.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    fa = (qn[:, :, None] * kn[:, None, :] <= ta) & causal
+    fd = (rn[:, :, None] * kdn[:, None, :] <= td) & causal
+    n = float(causal.sum()) * q.shape[0]
+    return float(fa.sum()) / n, float(fd.sum()) / n
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> ForwardOut:
+def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None, fast=None) -> ForwardOut:
     """Launch the forward on flattened heads: q, k, r (N, S, D), v (N, S, Dv), contiguous, one dtype.
 
     split_d: refer d_ij and the scores to each row's heaviest key through exact split
     products (docs/kernels-parallax.md §3, §5), for every dtype but float64 (whose single
     products round at u64). None (the default) or True: split; False: single products, for
-    measuring what the split costs and buys."""
+    measuring what the split costs and buys. fast: which entries of the split take the plain
+    product instead (fast_thresholds: None, the derived test; True, all; False, none)."""
     N, S, D = q.shape
     DV = v.shape[-1]
     acc = _acc_dtype(q.dtype)
@@ -753,12 +1049,20 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None) -> 
     ref = torch.empty(N, S, device=q.device, dtype=torch.int32)
     nup = torch.empty(N, S, DV, device=q.device, dtype=acc)
     cr = torch.empty_like(nup)
-    _launch(_px_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(S, bm), N),
-            (q, k, v, r, kparts, o, m, lw, sa, sr, nup, dbar, cr, tref, ref, S, float(scale)), D, DV, q.dtype, config,
-            # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
-            # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
-            SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16", B16=b16)
-    return ForwardOut(o, m, lw, nup, dbar, cr, tref, ref, sa, sr, split)
+    norms = fast_tile_norms(q, k, r, scale)
+    ta, td = fast_thresholds(q.dtype, D, fast)
+    # the split: two launches, the programs whose every entry is fast compiled without it
+    # (MODE 1), then the others (MODE 2); each program runs in one of them
+    used = config
+    for mode in ((1, 2) if split else (0,)):
+        # both launches on the same tiles, or the two would not share out the programs
+        used = _launch(_px_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(S, bm), N),
+                (q, k, v, r, kparts, norms, o, m, lw, sa, sr, nup, dbar, cr, tref, ref, S, float(scale), ta, td), D,
+                DV, q.dtype, used,
+                # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
+                # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
+                SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16", B16=b16, MODE=mode)
+    return ForwardOut(o, m, lw, nup, dbar, cr, tref, ref, sa, sr, split, norms, ta, td)
 
 
 def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=None) -> BackwardOut:
@@ -776,13 +1080,20 @@ def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=Non
     dv = torch.empty_like(v)
     b16 = q.dtype == torch.bfloat16
     kparts, vparts = key_parts(k, v) if b16 else (k, v)
-    common = (q, k, v, r, kparts, vparts, g, fo.nup, stats, fo.ref)
+    # the forward's bounds and thresholds: every entry takes the forward's path
+    common = (q, k, v, r, kparts, vparts, fo.norms, g, fo.nup, stats, fo.ref)
     # gc_i = <g_i, nu_i - v_ref>, written by the dq kernel for the dk, dv kernel
     gc = torch.empty_like(delta)
     # the backward forms p and d as the forward did (float64: single products at u64)
     extra = dict(SPLIT=fo.split, EXACT="ieee" if interpreting() else "bf16", B16=b16)
-    _launch(_px_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(S, bm), N), common + (dq, dr, gc, S, float(scale)),
-            D, DV, q.dtype, config, **extra)
-    _launch(_px_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(S, bn), N),
-            common + (gc, dk, dv, S, float(scale)), D, DV, q.dtype, config, **extra)
+    # as the forward: the programs whose every entry is fast, compiled without the split, then the others
+    # (each pair of launches on the same tiles, or the two would not share out the programs)
+    used = config
+    for mode in ((1, 2) if fo.split else (0,)):
+        used = _launch(_px_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(S, bm), N),
+                       common + (dq, dr, gc, S, float(scale), fo.ta, fo.td), D, DV, q.dtype, used, MODE=mode, **extra)
+    used = config
+    for mode in ((1, 2) if fo.split else (0,)):
+        used = _launch(_px_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(S, bn), N),
+                       common + (gc, dk, dv, S, float(scale), fo.ta, fo.td), D, DV, q.dtype, used, MODE=mode, **extra)
     return BackwardOut(dq, dk, dv, dr)
