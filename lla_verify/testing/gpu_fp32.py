@@ -25,7 +25,6 @@ whatever dot was installed before.
 
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 
@@ -91,13 +90,8 @@ def uninstall() -> None:
     _SAVED = None
 
 
-@contextlib.contextmanager
 def gpu_fp32():
     """Within the block, the interpreter's fp32 "ieee" dots and tl.exp round as the GPU's do."""
-    already = _SAVED is not None
-    install()
-    try:
-        yield
-    finally:
-        if not already:
-            uninstall()
+    from lla_verify.testing.tensor_cores import scoped
+
+    return scoped(install, uninstall, lambda: _SAVED is not None)

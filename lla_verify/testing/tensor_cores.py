@@ -86,12 +86,18 @@ def uninstall() -> None:
 
 
 @contextlib.contextmanager
-def tensor_core_rounding():
-    """Within the block, interpreted ``tl.dot`` rounds fp32 operands as the GPU does."""
-    already = _ORIGINAL is not None
-    install()
+def scoped(install_fn, uninstall_fn, installed):
+    """``install_fn()`` for the block, undone after it unless ``installed()`` already held
+    before it (a block inside a wider install leaves that install in place)."""
+    already = installed()
+    install_fn()
     try:
         yield
     finally:
         if not already:
-            uninstall()
+            uninstall_fn()
+
+
+def tensor_core_rounding():
+    """Within the block, interpreted ``tl.dot`` rounds fp32 operands as the GPU does."""
+    return scoped(install, uninstall, lambda: _ORIGINAL is not None)
