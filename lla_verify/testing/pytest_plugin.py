@@ -199,7 +199,7 @@ def _warm_up(config) -> None:
     # the decode properties always run the decode kernels; the others only when picked
     packages = ["lla_decode", "parallax_decode"]
     if config.getoption("--lla-impl") == "triton":
-        packages.insert(0, "lla_triton")
+        packages[:0] = warmup.LLA_VARIANTS
     if config.getoption("--lla-parallax-impl") == "parallax-triton":
         packages.append("parallax_triton")
     t0 = time.perf_counter()

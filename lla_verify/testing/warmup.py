@@ -10,7 +10,7 @@ test: a cold suite pays the compile once, in parallel, and a warm cache makes ea
 cache hit. The pytest plugin calls it on the xdist controller (or the lone process) when the
 kernels run compiled (``--lla-warmup``, on by default on CUDA).
 
-    python -m lla_verify.testing.warmup [--packages lla_triton,lla_decode] [--jobs N]
+    python -m lla_verify.testing.warmup [--packages lla_triton,lla_triton-cg,lla_decode] [--jobs N]
 """
 
 from __future__ import annotations
@@ -24,7 +24,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 DTYPES = ("float32", "bfloat16", "float16")
 HEAD_DIMS = (16, 32, 64, 128)
-PACKAGES = ("lla_triton", "lla_decode", "parallax_decode", "parallax_triton")
+PACKAGES = ("lla_triton", "lla_decode", "parallax_decode", "parallax_triton", "lla_triton-cg", "lla_triton-rho")
+# lla_triton's forward is a different compile per constexpr flag, and the properties call
+# three kinds: autograd (fwd + bwd), CG statistics with and without the Jacobi
+# preconditioner (the convergence properties), and rho (the Parallax reduction); each kind
+# is a job of its own so that they compile side by side
+LLA_VARIANTS = ("lla_triton", "lla_triton-cg", "lla_triton-rho")
+DEFAULT_PACKAGES = LLA_VARIANTS + ("lla_decode", "parallax_decode")
 
 
 def _inputs(dtype: str, D: int, S: int, device: str, extra: int = 0):
@@ -43,7 +49,16 @@ def run_one(package: str, dtype: str, D: int, device: str = "cuda") -> None:
     import torch
 
     S = 80  # more than one tile, not a multiple of one
-    if package in ("lla_triton", "parallax_triton"):
+    if package in ("lla_triton-cg", "lla_triton-rho"):
+        import lla_triton
+
+        q, k, v = _inputs(dtype, D, S, device)
+        if package == "lla_triton-cg":
+            for prec in ("none", "jacobi"):
+                lla_triton.lla_attention(q, k, v, ridge_lambda=0.1, return_stats=True, preconditioner=prec)
+        else:
+            lla_triton.lla_attention(q, k, v, ridge_lambda=0.1, return_rho=True)
+    elif package in ("lla_triton", "parallax_triton"):
         xs = [t.requires_grad_(True) for t in _inputs(dtype, D, S, device, extra=package == "parallax_triton")]
         if package == "lla_triton":
             import lla_triton
@@ -69,7 +84,7 @@ def run_one(package: str, dtype: str, D: int, device: str = "cuda") -> None:
         torch.cuda.synchronize()
 
 
-def warm(packages=PACKAGES[:3], dtypes=DTYPES, dims=HEAD_DIMS, *, device: str = "cuda", jobs: int | None = None,
+def warm(packages=DEFAULT_PACKAGES, dtypes=DTYPES, dims=HEAD_DIMS, *, device: str = "cuda", jobs: int | None = None,
          progress: bool = True) -> list:
     """Run ``run_one`` for every (package, dtype, D), each in a process of its own, ``jobs`` at a
     time (default: the CPUs). Returns (package, dtype, D, seconds, error or None) per job; a
@@ -103,7 +118,7 @@ def warm(packages=PACKAGES[:3], dtypes=DTYPES, dims=HEAD_DIMS, *, device: str = 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--packages", default=",".join(PACKAGES[:3]))
+    ap.add_argument("--packages", default=",".join(DEFAULT_PACKAGES))
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--dims", default=",".join(map(str, HEAD_DIMS)))
     ap.add_argument("--device", default="cuda")
