@@ -166,19 +166,17 @@ def run_checked(fn, cell: Cell, impl, device: str, *, backward: bool = True, imp
     from lla_verify.testing import cuda_context
 
     name = impl_name or impl.name
-    where = cuda_context.lost_in()
-    if where is not None:
-        return not_run_record(_cell_record(cell, impl, device, backward=backward, impl_name=impl_name), name, where)
     spec = cell.case.spec()
-    try:
-        rec = fn(cell, impl, device, backward=backward, impl_name=impl_name)
-    except Exception as exc:  # outside the implementation's call (the check's own CUDA work): a fault only
-        if cuda_context.describe(exc) is None:
-            raise
-        rec = failed_record(_cell_record(cell, impl, device, backward=backward, impl_name=impl_name),
-                            f"[{name}] raised {type(exc).__name__}: {exc} on {spec}")
-    err = cuda_context.check(spec)
-    return lost_context_record(rec, name, err) if err is not None else rec
+
+    def blank():
+        return _cell_record(cell, impl, device, backward=backward, impl_name=impl_name)
+
+    return cuda_context.guarded(
+        spec, lambda: fn(cell, impl, device, backward=backward, impl_name=impl_name),
+        not_run=lambda where: not_run_record(blank(), name, where),
+        # a fault outside the implementation's call (the check's own CUDA work)
+        raised=lambda exc: failed_record(blank(), f"[{name}] raised {type(exc).__name__}: {exc} on {spec}"),
+        lost=lambda rec, err: lost_context_record(rec, name, err))
 
 
 def _cell_record(cell: Cell, impl, device: str, *, backward: bool, impl_name: str | None) -> dict:

@@ -132,21 +132,16 @@ def evaluate_checked(impl, device: str, case, op: str = "lla") -> tuple[float, s
     implementation; a process that lost its context earlier evaluates nothing."""
     from lla_verify.testing import cuda_context
 
-    where = cuda_context.lost_in()
-    if where is not None:
+    def not_run(where):
         raise CudaContextLost(f"the CUDA context of this process was lost in {where}: no later point can be "
                               f"evaluated in it")
-    try:
-        ratio, cause, message = evaluate(impl, device, case, op)
-    except Exception as exc:  # outside the implementation's call: only a fault is answered here
-        if cuda_context.describe(exc) is None:
-            raise
-        ratio, cause, message = math.inf, "implementation", f"[{impl.name}] raised {type(exc).__name__}: {exc}"
-    err = cuda_context.check(case.spec())
-    if err is not None:
-        return (math.inf, "implementation", f"[{impl.name}] CUDA context lost during this evaluation: {err}; the "
-                f"implementation faulted on {case.spec()}", err)
-    return ratio, cause, message, None
+
+    return cuda_context.guarded(
+        case.spec(), lambda: (*evaluate(impl, device, case, op), None), not_run=not_run,
+        # outside the implementation's call: only a fault is answered here
+        raised=lambda exc: (math.inf, "implementation", f"[{impl.name}] raised {type(exc).__name__}: {exc}", None),
+        lost=lambda _r, err: (math.inf, "implementation", f"[{impl.name}] CUDA context lost during this "
+                              f"evaluation: {err}; the implementation faulted on {case.spec()}", err))
 
 
 def _evaluate_op(impl, device: str, case, op: str) -> tuple[float, str, str]:

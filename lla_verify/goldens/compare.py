@@ -254,22 +254,17 @@ def compare_checked(golden: Golden, folder: Path, entry: dict | None, impl, devi
     golden runs (each fails as not run, NaN, naming where the context was lost)."""
     from lla_verify.testing import cuda_context
 
-    where = cuda_context.lost_in()
-    if where is not None:
-        return CaseResult(golden.name, {"forward": math.nan},
-                          notes=f"[{impl.name}] not run: the CUDA context of this process was lost in {where}")
-    try:
-        r = compare_one(golden, folder, entry, impl, device)
-    except Exception as exc:  # outside the implementation's call: only a fault is answered here
-        if cuda_context.describe(exc) is None:
-            raise
-        r = CaseResult(golden.name, {"forward": math.inf}, notes=f"{type(exc).__name__}: {exc}")
-    err = cuda_context.check(golden.name)
-    if err is not None:
-        r = CaseResult(golden.name, dict(r.checks, forward=math.inf),
-                       notes=f"[{impl.name}] CUDA context lost during this golden: {err}; the implementation "
-                             f"faulted", detail=r.detail, lost_context=err)
-    return r
+    return cuda_context.guarded(
+        golden.name, lambda: compare_one(golden, folder, entry, impl, device),
+        not_run=lambda where: CaseResult(
+            golden.name, {"forward": math.nan},
+            notes=f"[{impl.name}] not run: the CUDA context of this process was lost in {where}"),
+        # outside the implementation's call: only a fault is answered here
+        raised=lambda exc: CaseResult(golden.name, {"forward": math.inf}, notes=f"{type(exc).__name__}: {exc}"),
+        lost=lambda r, err: CaseResult(
+            golden.name, dict(r.checks, forward=math.inf),
+            notes=f"[{impl.name}] CUDA context lost during this golden: {err}; the implementation faulted",
+            detail=r.detail, lost_context=err))
 
 
 def _compare_one_isolated(worker, golden: Golden, folder: Path, entry: dict | None, impl, device: str) -> CaseResult:

@@ -102,3 +102,24 @@ def lost_in() -> str | None:
 def _reset_for_tests() -> None:
     global LOST
     LOST = None
+
+
+def guarded(where: str, work, *, not_run, raised, lost):
+    """``work()`` with the context check around it, for a caller that runs one piece of
+    work (a cell, a golden, a hunt point) per call in a process that may hold a CUDA
+    context: ``not_run(place)`` answers when the context was lost earlier (at ``place``,
+    and ``work`` is not called); ``raised(exc)`` answers a fault raised outside the
+    implementation's own call (any other exception propagates); and when the check after
+    the work finds the context lost, ``lost(result, error)`` answers with the work's
+    result and the error."""
+    place = lost_in()
+    if place is not None:
+        return not_run(place)
+    try:
+        result = work()
+    except Exception as exc:
+        if describe(exc) is None:
+            raise
+        result = raised(exc)
+    err = check(where)
+    return lost(result, err) if err is not None else result
