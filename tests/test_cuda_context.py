@@ -125,9 +125,10 @@ def test_d():
 
 
 def _run(pytester, *args):
+    # the plugin named with -p: a source checkout on PYTHONPATH (the GPU image) has no pytest11 entry point
     pytester.makeconftest(_CONFTEST)
     pytester.makepyfile(test_faulting=_TESTS)
-    return pytester.runpytest_subprocess("--lla-device", "cpu", "-p", "no:cacheprovider", "-p", "no:randomly",
+    return pytester.runpytest_subprocess("-p", "lla_verify.testing.pytest_plugin", "--lla-device", "cpu", "-p", "no:cacheprovider", "-p", "no:randomly",
                                          "-rA", *args)
 
 
@@ -392,7 +393,7 @@ def test_b_faults():
 def test_c():
     torch.ones(1, device="cuda").sum().item()
 ''')
-    res = pytester.runpytest_subprocess("--lla-device", "cuda", "--lla-no-warmup", "-p", "no:cacheprovider",
+    res = pytester.runpytest_subprocess("-p", "lla_verify.testing.pytest_plugin", "--lla-device", "cuda", "--lla-no-warmup", "-p", "no:cacheprovider",
                                         "-p", "no:xdist", "-rA")
     out = res.stdout.str()
     res.assert_outcomes(passed=2, errors=2)

@@ -392,9 +392,13 @@ def test_key_offset_takes_the_split(dtype):
     assert fd == (0.0 if dtype == torch.bfloat16 else 1.0), fd
 
 
+@pytest.mark.skipif(kernel_device() != "cpu",
+                    reason="a demonstration on the interpreter's arithmetic: on the H200 the plain products of "
+                           "these two draws meet the target (0.86, 0.22), docs/kernels-parallax.md 'Fast tiles'")
 def test_plain_products_miss_the_target_on_large_norm():
     # the tests above can fail: with every entry plain, the large-norm draws whose softmax sits
-    # on keys far from k_0 miss issue 22's target (the split meets it)
+    # on keys far from k_0 miss issue 22's target in the interpreter, with and without
+    # --lla-tensor-cores (the split meets it)
     from parallax_triton.kernels import parallax_forward_kernel
 
     worst = []

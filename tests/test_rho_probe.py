@@ -190,7 +190,7 @@ def test_the_suite_option_installs_it(tmp_path):
         "def test_on():\n    assert gpu_fp32._SAVED is not None\n")
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("LLA_GPU_FP32", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--lla-device", "cpu"]
+    cmd = [sys.executable, "-m", "pytest", "-p", "lla_verify.testing.pytest_plugin", "-q", "-p", "no:cacheprovider", "--lla-device", "cpu"]
     on = subprocess.run(cmd + ["--lla-gpu-fp32", str(tmp_path / "test_probe.py")], cwd=tmp_path, env=env,
                         capture_output=True, text=True)
     assert on.returncode == 0, on.stdout + on.stderr

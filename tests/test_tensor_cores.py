@@ -104,9 +104,9 @@ def test_the_suite_option_installs_it(tmp_path):
         "from lla_verify.testing import tensor_cores\n\n"
         "def test_on():\n    assert tensor_cores._ORIGINAL is not None\n")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--lla-tensor-cores",
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "lla_verify.testing.pytest_plugin", "-q", "-p", "no:cacheprovider", "--lla-tensor-cores",
                           str(tmp_path / "test_probe.py")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
-    off = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--lla-device", "cpu",
+    off = subprocess.run([sys.executable, "-m", "pytest", "-p", "lla_verify.testing.pytest_plugin", "-q", "-p", "no:cacheprovider", "--lla-device", "cpu",
                           str(tmp_path / "test_probe.py")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert off.returncode == 1, off.stdout + off.stderr

@@ -904,9 +904,10 @@ GPU_CONFIGS = {
     "dkdv": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 8, 1)},
 }
 # Every launch but bf16 at D >= 64 keeps these 4-warp tiles: on the H200 (Triton 3.6) the
-# 8-warp launches above give wrong fp32 and fp16 outputs at D = 16, and then an illegal
-# address (the Parallax tile fault in docs/runs), where these run clean; bf16 at D = 64
-# matches these to its rounding.
+# 8-warp launches above give wrong fp32 and fp16 outputs at D = 16 in a full suite, and an
+# fp16 D = 16 launch at (64, 64, 8, 1) alone faults with an illegal address
+# (scripts/diag_parallax_configs.py), where these run clean for every dtype and D; bf16 at
+# D >= 64 runs the 8-warp tiles clean and matches these to its rounding.
 NARROW_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 4, 2)}
 SMALLER_CONFIGS = ((64, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1))
 
