@@ -639,3 +639,26 @@ def test_parallax_planted_bug_is_caught(name):
     p = _problem("gaussian", {}, _n(40))
     v = _parallax_verdict(p, _probe(p), PARALLAX_MUTANTS[name], planted=f"parallax_decode {name}", split=_n(16))
     assert not v.passed, f"planted bug {name} passed the decode check: {v.message}"
+
+
+def test_the_interface_names_of_issue_23():
+    # lla_triton.lla_decode and parallax_triton.parallax_decode are the issue's names; each is the
+    # decode package's own function, with the issue's arguments
+    import inspect
+
+    import lla_decode
+    import lla_triton
+    import parallax_decode
+    import parallax_triton
+
+    assert lla_triton.lla_decode is lla_decode.lla_decode
+    assert parallax_triton.parallax_decode is parallax_decode.parallax_decode
+    lla_params = inspect.signature(lla_triton.lla_decode).parameters
+    assert list(lla_params)[:4] == ["q", "k_cache", "v_cache", "lengths"]
+    assert lla_params["ridge_lambda"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert lla_params["qk_scale"].default is None
+    px_params = inspect.signature(parallax_triton.parallax_decode).parameters
+    assert list(px_params)[:5] == ["q", "r", "k_cache", "v_cache", "lengths"]
+    assert px_params["qk_scale"].default is None
+    with pytest.raises(AttributeError, match="no attribute 'decode'"):
+        lla_triton.decode

@@ -134,3 +134,14 @@ def _stats(fo, lead):
         "m": fo.m.reshape(lead),
         "anchor_rounds": fo.anchor_rounds.reshape(lead),
     }
+
+
+def __getattr__(name):
+    # issue 23's interface is lla_triton.lla_decode; the kernel is a package of its own
+    # (kernels/lla_decode, docs/decode.md), imported on first use so that this package
+    # still loads without it
+    if name == "lla_decode":
+        from lla_decode import lla_decode
+
+        return lla_decode
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -53,3 +53,14 @@ def parallax_attention(q, k, v, r, *, qk_scale=None, check_finite=True):
     else:
         o3 = parallax_forward_kernel(q3, k3, v3, r3, scale).o
     return o3.reshape(v.shape)
+
+
+def __getattr__(name):
+    # issue 23's interface is parallax_triton.parallax_decode; the kernel is a package of its
+    # own (kernels/parallax_decode, docs/decode.md), imported on first use so that this
+    # package still loads without it
+    if name == "parallax_decode":
+        from parallax_decode import parallax_decode
+
+        return parallax_decode
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
