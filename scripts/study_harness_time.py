@@ -63,15 +63,24 @@ def draw_cases(prop: str, family: str | None, seed: int, n: int):
 
 
 class Stages:
-    def __init__(self):
+    """Wall seconds per stage, the device synchronised around each."""
+
+    def __init__(self, cuda: bool = False):
         self.t = collections.defaultdict(float)
+        self.cuda = cuda
 
     @contextlib.contextmanager
     def __call__(self, name):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            if self.cuda:
+                torch.cuda.synchronize()
             self.t[name] += time.perf_counter() - t0
 
 
@@ -178,8 +187,15 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gpu-fallback", action="store_true")
     ap.add_argument("--list", action="store_true", help="only list the drawn cases")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler over all examples: the ops with the most self time (on CUDA, device "
+                         "time), which names a linalg routine that loops over its batch one matrix at a time")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: what each of 16 xdist workers gets on 16 cores)")
     args = ap.parse_args(argv)
     import torch
+
+    torch.set_num_threads(args.threads)
 
     cases = draw_cases(args.prop, args.family, args.seed, args.examples)
     counts = install_fallback_counter() if args.gpu_fallback else None
@@ -187,12 +203,19 @@ def main(argv=None) -> int:
     tot = Stages()
     print("| case | work | kappa>2e9 rows | rows | eigvalsh on CUDA | " + "stage seconds | ratio |")
     print("|---|---|---|---|---|---|---|")
+    prof = None
+    if args.profile:
+        import torch.profiler as tp
+
+        acts = [tp.ProfilerActivity.CPU] + ([tp.ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+        prof = tp.profile(activities=acts)
+        prof.__enter__()
     for c in cases:
         work = c.B * c.H * c.S ** 2 * c.D ** 2
         if args.list or work > args.max_work:
             print(f"| {c.spec()} | {work:.2g} | skipped | | | | |")
             continue
-        st = Stages()
+        st = Stages(args.device.startswith("cuda"))
         before = sum(counts.values()) if counts is not None else 0
         ratio, d = fn(c, args.device, st)
         n_eig = (sum(counts.values()) - before) if counts is not None else "-"
@@ -202,6 +225,10 @@ def main(argv=None) -> int:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in st.t.items())
         print(f"| {c.spec()} | {work:.2g} | {int((kap > 2e9).sum())} | {kap.numel()} | {n_eig} | {stages} | {ratio:.3g} |")
     print("totals: " + ", ".join(f"{k} {v:.1f} s" for k, v in tot.t.items()))
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        key = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=15))
     if counts is not None:
         print(f"matrices handed to eigvalsh on the CUDA path, by D: {dict(counts)}")
     return 0
