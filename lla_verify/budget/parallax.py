@@ -25,6 +25,7 @@ from torch.func import jvp
 
 from lla_verify.budget.forward import FA_FACTOR, MODEL_SAFETY, N_DIRECTIONS, U64, same_precision_allowed
 from lla_verify.budget.verdict import THRESHOLD, Verdict, beyond_range, record, row_ratios
+from lla_verify.oracles.extremes import spectral_norm
 from lla_verify.oracles.parallax import parallax_dense, parallax_forward
 from lla_verify.registry.precision import unit_roundoff
 
@@ -354,7 +355,7 @@ def rho_probe_budget(q, k, v, rho, *, ridge_lambda, qk_scale=None, impl,
     inv = torch.linalg.inv(torch.where(defined[..., None, None], sigbar, eye))
     cov = torch.where(defined[..., None, None], cov, 0.0)
     K = cov @ (inv + r[..., :, None] * rho64[..., None, :]) / t[..., None, None]
-    knorm = _spectral_norm(K)
+    knorm = spectral_norm(K)
     margin = 1.0 - rho64.norm(dim=-1) * R / t.abs()
     judged = defined & (margin > 0)
     allowed = torch.where(judged, knorm * R / torch.where(judged, margin, 1.0), torch.full_like(R, math.inf))
@@ -362,25 +363,6 @@ def rho_probe_budget(q, k, v, rho, *, ridge_lambda, qk_scale=None, impl,
     probe = torch.where(judged[..., None], probe, 0.0)
     return RhoProbeBudget(probe, d.o, allowed, judged, R, d)
 
-
-def _spectral_norm(K: torch.Tensor) -> torch.Tensor:
-    """||K_i||_2 of float64 (..., m, n) matrices, as sqrt(lambda_max(K^T K)) through
-    oracles.extremes: LAPACK's eigvalsh on CPU (the same value as the singular values' to
-    float64 rounding); on CUDA the certified iteration, within rtol / 2 below ||K_i||_2 (an
-    underestimate makes the budget smaller, never larger), where torch's batched svdvals
-    of matrices past 32 x 32 is one cuSOLVER call per matrix (3-4 ms each at 64 x 64: a
-    second or more per thousand rows)."""
-    from lla_verify.oracles.extremes import extreme_eigenvalues
-
-    G = K.transpose(-1, -2) @ K if K.shape[-1] <= K.shape[-2] else K @ K.transpose(-1, -2)
-    G = 0.5 * (G + G.transpose(-1, -2))
-    # rows left out of the budget carry K = 0, which the iteration cannot certify (it would
-    # hand each to eigvalsh): their norm is 0 as it stands
-    nz = G.flatten(-2).abs().amax(-1) > 0
-    out = torch.zeros(G.shape[:-2], dtype=G.dtype, device=G.device)
-    if bool(nz.any()):
-        out[nz] = extreme_eigenvalues(G[nz], smallest=False).hi.clamp_min(0.0).sqrt()
-    return out
 
 
 # ----------------------------------------------------------------------------- backward
