@@ -394,7 +394,9 @@ def test_lla_probe_from_lla_triton_rho(parallax_impl, device):
         note(f"{int(judged.sum())} of {judged.numel()} rows judged")
         event(f"judged all rows: {bool(judged.all())}")
         px64 = parallax_forward(p.q, p.k, p.v, rb.probe, qk_scale=p.qk_scale)
-        oracle_allowed = (forward_budget(p, oracle, dense=False, out_dtype=torch.float64).allowed
+        # the oracle-f64 record rounds nothing (kernel_view is p itself): rb's details are
+        # the ones forward_budget would compute afresh
+        oracle_allowed = (forward_budget(p, oracle, dense=False, out_dtype=torch.float64, details=rb.details).allowed
                           + parallax_budget(p.q, p.k, p.v, rb.probe, qk_scale=p.qk_scale, compute_dtype=torch.float64,
                                             out_dtype=torch.float64, dense=False).allowed)
         allowed64 = torch.where(judged, rb.allowed + oracle_allowed, math.inf)

@@ -197,3 +197,25 @@ def test_the_suite_option_installs_it(tmp_path):
     off = subprocess.run(cmd + [str(tmp_path / "test_probe.py")], cwd=tmp_path, env=env, capture_output=True,
                          text=True)
     assert off.returncode == 1, off.stdout + off.stderr
+
+
+@pytest.mark.parametrize("device_path", ["cpu", "cuda"])
+def test_spectral_norm_of_the_probe_map(monkeypatch, device_path):
+    """rho_probe_budget's ||K_i||_2 through oracles.extremes: LAPACK's eigvalsh on CPU equals
+    the largest singular value to rounding; the certified iteration that CUDA runs (forced
+    here on the CPU) stays within rtol / 2 below it, never above; zero rows are 0."""
+    from lla_verify.oracles import extremes
+    from lla_verify.oracles.extremes import spectral_norm
+
+    if device_path == "cuda":
+        monkeypatch.setattr(extremes, "_use_eigvalsh", lambda A: False)
+    gen = torch.Generator().manual_seed(0)
+    K = torch.randn(3, 40, 64, 64, generator=gen, dtype=torch.float64)
+    K = K * torch.logspace(-3, 3, 64, dtype=torch.float64)  # a spread of column scales
+    K[0, 0] = 0.0
+    got, exact = spectral_norm(K), torch.linalg.matrix_norm(K, ord=2)
+    assert float(got[0, 0]) == 0.0
+    rel = got / exact.clamp_min(1e-300)
+    low = 1.0 / math.sqrt(1.0 + extremes.RTOL) if device_path == "cuda" else 1.0 - 1e-12
+    rel = rel.flatten()[1:]
+    assert bool((rel <= 1.0 + 1e-12).all()) and bool((rel >= low).all()), (float(rel.min()), float(rel.max()))

@@ -26,3 +26,43 @@ def test_lla_variants_compile_the_flags_the_properties_use(monkeypatch):
     warmup.run_one("lla_triton-rho", "float32", 16, device="cpu")
     assert [kw.get("return_rho") for kw in calls] == [True]
     assert set(warmup.LLA_VARIANTS) <= set(warmup.DEFAULT_PACKAGES)
+
+
+def _launches(monkeypatch):
+    """Record (kernel name, FIRST, WANT_STATS) of every interpreted Triton launch."""
+    from triton.runtime import interpreter
+
+    seen = []
+    real = interpreter.InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        seen.append((self.fn.__name__, kwargs.get("FIRST"), kwargs.get("WANT_STATS")))
+        return real(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    return seen
+
+
+def test_lla_variants_reach_the_anchor_rounds(monkeypatch):
+    # The anchor rounds (docs/kernels.md, "Rows far from the anchor") run other kernel
+    # variants (FIRST=False) than the first round; the clusters and bandwidth families reach
+    # them, Gaussian inputs never do. The warm-up's calls must, at the GPU's tile heights
+    # (forward 32-64 rows, backward 32-64 queries and keys), or each is compiled in the tests.
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        import pytest
+
+        pytest.skip("records the interpreter's launches (TRITON_INTERPRET=1)")
+    from lla_triton import backward, forward
+
+    monkeypatch.setattr(forward, "INTERP_CONFIG", (32, 32, 1, 1))
+    monkeypatch.setattr(backward, "INTERP_CONFIG", (32, 32, 1, 1))
+    seen = _launches(monkeypatch)
+    warmup.run_one("lla_triton", "float32", 16, device="cpu")
+    assert {n for n, first, _ in seen if first is False} == {"_lla_fwd_kernel", "_lla_bwd_query_kernel",
+                                                              "_lla_bwd_key_kernel"}, seen
+    seen.clear()
+    warmup.run_one("lla_triton-cg", "float32", 16, device="cpu")
+    warmup.run_one("lla_triton-rho", "float32", 16, device="cpu")
+    assert {stats for n, first, stats in seen if n == "_lla_fwd_kernel" and first is False} == {True, False}, seen

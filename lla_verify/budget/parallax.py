@@ -25,6 +25,7 @@ from torch.func import jvp
 
 from lla_verify.budget.forward import FA_FACTOR, MODEL_SAFETY, N_DIRECTIONS, U64, same_precision_allowed
 from lla_verify.budget.verdict import THRESHOLD, Verdict, beyond_range, record, row_ratios
+from lla_verify.oracles.extremes import spectral_norm
 from lla_verify.oracles.parallax import parallax_dense, parallax_forward
 from lla_verify.registry.precision import unit_roundoff
 
@@ -264,6 +265,9 @@ class RhoProbeBudget:
     #                        |Parallax_f64(r^_i) - LLA_i| from rho^'s error; inf where not judged
     judged: torch.Tensor  # (..., S) bool: LLA defined and the allowed residual cannot flip t_i
     residual: torch.Tensor  # (..., S): R_i, the allowed ||mubar_i - Sigbar_i rho^_i||
+    # the float64 LLA oracle's details on (q, k, v, lambda) as given, solver sensitivity
+    # included: forward_budget(details=...) of the same problem takes them as they are
+    details: object = None
 
 
 def _normalised_moments(q, k, v, lam, scale, chunk_bytes):
@@ -351,13 +355,14 @@ def rho_probe_budget(q, k, v, rho, *, ridge_lambda, qk_scale=None, impl,
     inv = torch.linalg.inv(torch.where(defined[..., None, None], sigbar, eye))
     cov = torch.where(defined[..., None, None], cov, 0.0)
     K = cov @ (inv + r[..., :, None] * rho64[..., None, :]) / t[..., None, None]
-    knorm = torch.linalg.matrix_norm(K, ord=2)
+    knorm = spectral_norm(K)
     margin = 1.0 - rho64.norm(dim=-1) * R / t.abs()
     judged = defined & (margin > 0)
     allowed = torch.where(judged, knorm * R / torch.where(judged, margin, 1.0), torch.full_like(R, math.inf))
     # a row not judged may have t^_i = 0: its probe is set to 0, so that every row evaluates
     probe = torch.where(judged[..., None], probe, 0.0)
-    return RhoProbeBudget(probe, d.o, allowed, judged, R)
+    return RhoProbeBudget(probe, d.o, allowed, judged, R, d)
+
 
 
 # ----------------------------------------------------------------------------- backward

@@ -92,6 +92,22 @@ def symmetric_norm(E: torch.Tensor) -> torch.Tensor:
     return certified_extremes(0.5 * (E2 + E2.transpose(-1, -2)), smallest=False).hi.sqrt()
 
 
+def spectral_norm(K: torch.Tensor) -> torch.Tensor:
+    """||K||_2 of float64 (..., m, n) matrices: sqrt(lambda_max) of the smaller Gram matrix,
+    through ``extreme_eigenvalues``. On CPU LAPACK's eigvalsh (the largest singular value
+    to float64 rounding); elsewhere the certified iteration, within rtol / 2 below ||K||_2,
+    never above. torch's batched svdvals (and matrix_norm(ord=2), cond) of matrices past
+    32 x 32 on CUDA is one cuSOLVER call per matrix, 3-4 ms each at 64 x 64. Zero matrices
+    give 0 without the iteration (which cannot certify them and would hand each to eigvalsh)."""
+    G = K.transpose(-1, -2) @ K if K.shape[-1] <= K.shape[-2] else K @ K.transpose(-1, -2)
+    G = 0.5 * (G + G.transpose(-1, -2))
+    nz = G.flatten(-2).abs().amax(-1) > 0
+    out = torch.zeros(G.shape[:-2], dtype=G.dtype, device=G.device)
+    if bool(nz.any()):
+        out[nz] = extreme_eigenvalues(G[nz], smallest=False).hi.clamp_min(0.0).sqrt()
+    return out
+
+
 @functools.lru_cache(maxsize=32)
 def _start_on(D: int, device: str) -> torch.Tensor:
     x = torch.randn(D, generator=torch.Generator().manual_seed(_START_SEED), dtype=_F64)
