@@ -514,11 +514,11 @@ def test_pinned_backward_within_budget(spec):
 # -p_ij gv_ij r_i + s da_ij q_i at full weight, with gv_ij = <g_i, v_j - nu_i> small
 # (0.0385 on query 20 of the first case, which gives 98% of dk_1). A gc_i = <g_i, nu_i - v_ref>
 # taken from the saved nu_i rounds at u |g_i| |nu_i - v_0| (5e-5 there): dk_1 was 40x its
-# dense median, the second case's worst dk row 12x, and the budget let both pass because c
-# (a heavier row's) lifts every dk floor (docs/kernels-parallax.md §5, "gc_i from the
-# dq kernel"). So the rows are judged on their own here: FlashAttention's rule against each
-# row's own dense median. Rows under 1e-3 of the head's largest dk are left to the budget's
-# floor: their sums cancel far below the head's scale (dk_12 of the first case is 7e-16
+# dense median, the second case's worst dk row 12x; the budget fails the first (1.61) but
+# passes the second (0.75), whose floor and score term are 16x its median
+# (docs/kernels-parallax.md §5, "gc_i from the dq kernel", and §7). So the rows are judged
+# on their own here: FlashAttention's rule against each row's own dense median. Rows under
+# 1e-3 of the head's largest dk are left to the budget's floor: their sums cancel far below the head's scale (dk_12 of the first case is 7e-16
 # against 197), where the dense median is a draw of terms the budget's floor already allows.
 ONE_HOT_DK = (
     PINNED_BACKWARD[1],
