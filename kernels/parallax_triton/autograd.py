@@ -21,7 +21,7 @@ class ParallaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, r, scale):
         fo = parallax_forward_kernel(q, k, v, r, scale)
-        ctx.save_for_backward(q, k, v, r, fo.m, fo.lw, fo.nup, fo.dbar, fo.cr, fo.tref, fo.ref, fo.sa, fo.sr,
+        ctx.save_for_backward(q, k, v, r, fo.m, fo.lw, fo.nup, fo.dbar, fo.cr, fo.tref, fo.trem, fo.ref, fo.sa, fo.sr,
                               fo.norms)
         ctx.split = fo.split
         ctx.thresholds = (fo.ta, fo.td)
@@ -52,7 +52,7 @@ class ParallaxFunction(torch.autograd.Function):
 
 
 def _backward(ctx, grad_output):
-    q, k, v, r, m, lw, nup, dbar, cr, tref, ref, sa, sr, norms = ctx.saved_tensors
+    q, k, v, r, m, lw, nup, dbar, cr, tref, trem, ref, sa, sr, norms = ctx.saved_tensors
     if grad_output.shape != v.shape:
         raise LLAInputError(
             f"grad_output: expected shape {tuple(v.shape)} (the output's), got {tuple(grad_output.shape)}")
@@ -60,7 +60,7 @@ def _backward(ctx, grad_output):
         raise LLAInputError(f"grad_output: expected dtype {q.dtype} (the output's), got {grad_output.dtype}")
     # sum().backward() hands in a stride-0 expanded tensor; the kernels index densely
     g = grad_output.contiguous()
-    fo = ForwardOut(None, m, lw, nup, dbar, cr, tref, ref, sa, sr, ctx.split, norms, *ctx.thresholds)
+    fo = ForwardOut(None, m, lw, nup, dbar, cr, tref, trem, ref, sa, sr, ctx.split, norms, *ctx.thresholds)
     bo = parallax_backward_kernel(q, k, v, r, g, fo, ctx.scale)
     need = ctx.needs_input_grad
     return (bo.dq if need[0] else None, bo.dk if need[1] else None, bo.dv if need[2] else None,

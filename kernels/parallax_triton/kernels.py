@@ -62,9 +62,11 @@ class ForwardOut(NamedTuple):
     m: torch.Tensor  # (N, S) accumulation dtype: m_i = max_j a_ij, the score at key ref_i (0 with the split)
     lw: torch.Tensor  # (N, S): log sum_j exp(a_ij - m_i), kept apart from m_i (m_i + lw_i rounds lw_i at u |m_i|)
     nup: torch.Tensor  # (N, S, Dv): nu_i - v_0
-    dbar: torch.Tensor  # (N, S): sum_j p_ij d_ij - tref_i (d_ij = <k_j - k_0, r_i>)
+    dbar: torch.Tensor  # (N, S): sum_j p_ij d_ij - tref_i - trem_i (d_ij = <k_j - k_0, r_i>)
     cr: torch.Tensor  # (N, S, Dv): C_i r_i
     tref: torch.Tensor  # (N, S): the row's reference, exact r_hi kp_hi^T at key ref_i (0 without the split)
+    trem: torch.Tensor  # (N, S): and d's remainder there (0 without the split): d_ij is kept as
+    #                     (hi_ij - tref_i) + (rem_ij - trem_i), exactly 0 at key ref_i
     ref: torch.Tensor  # (N, S) int32: the row's heaviest key (the first argmax_j a_ij in tile order)
     sa: torch.Tensor  # (N, S): with the split, q_hi k_hi^T at key ref_i (exact), the scores' reference
     sr: torch.Tensor  # (N, S): and the remainder q_lo k^T + q_hi k_lo^T there (0 without the split)
@@ -404,14 +406,15 @@ def _fwd_merge(w, d, vp, alpha, l_i, nu, dbar, cm, PREC: tl.constexpr):
 
 @triton.jit
 def _fwd_split_tile(a_hi, a_rem, s_hi, rem, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref,
-                    j_ref, s_a, s_r, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+                    t_rem, j_ref, s_a, s_r, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
                     HAS_REM: tl.constexpr):
     """One key tile of the split forward from its scores (a_hi + a_rem, unscaled) and d
     (s_hi + rem), every entry either exact hi part and remainder or plain product and 0.
     The scores and d are kept relative to the row's heaviest key so far, j_ref, whose
-    entries are s_a, s_r (scores) and t_ref (d): the running maximum is 0 once a row has
-    seen a key. HAS_REM = False: a fast tile, every remainder 0 and not formed; each value
-    below is then bitwise the one a tile with remainders gives a plain entry."""
+    entries are s_a, s_r (scores) and t_ref, t_rem (d): the running maximum is 0 once a row
+    has seen a key, and d is exactly 0 at that key. HAS_REM = False: a fast tile, every
+    remainder 0 and not formed; each value below is then bitwise the one a tile with
+    remainders gives a plain entry."""
     col = tl.arange(0, BLOCK_N)
     if HAS_REM:
         x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
@@ -433,23 +436,32 @@ def _fwd_split_tile(a_hi, a_rem, s_hi, rem, vp, offs_m, offs_n, start_n, S, scal
     m_new = tl.where(moved, 0.0, m_i)
     w = tl.exp(x)
     # the reference key moves to the tile's heaviest where the running maximum moves, and
-    # t_ref with it; dbar follows (the co-moment is centred and does not move)
+    # t_ref, t_rem with it; dbar follows (the co-moment is centred and does not move)
     j_ref = tl.where(moved, start_n + jmax, j_ref)
     t_new = tl.where(moved, tl.sum(tl.where(top, s_hi, 0.0), 1), t_ref)
-    dbar = dbar + (t_ref - t_new)
-    t_ref = t_new
     if HAS_REM:
-        d = (s_hi - t_ref[:, None]) + rem
+        r_new = tl.where(moved, tl.sum(tl.where(top, rem, 0.0), 1), t_rem)
     else:
-        d = s_hi - t_ref[:, None]
+        r_new = tl.where(moved, 0.0, t_rem)
+    dbar = dbar + ((t_ref - t_new) + (t_rem - r_new))
+    t_ref = t_new
+    t_rem = r_new
+    # the remainder, like the hi part, less its value at the reference key: the row's mean
+    # dbar_i sits near that key's d on a one-hot row, and rem_ij added alone would leave
+    # e_ij = d_ij - dbar_i there at u |rem_ref| (up to 2^-6 |r_i| |kp_ref|) where it is far
+    # smaller (docs/kernels-parallax.md §5)
+    if HAS_REM:
+        d = (s_hi - t_ref[:, None]) + (rem - t_rem[:, None])
+    else:
+        d = (s_hi - t_ref[:, None]) - t_rem[:, None]
     w_ab, nu_new, dbar_new, cm = _fwd_merge(w, d, vp, alpha, l_i, nu, dbar, cm, PREC)
-    return m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r
+    return m_new, w_ab, nu_new, dbar_new, cm, t_ref, t_rem, j_ref, s_a, s_r
 
 
 @triton.jit
 def _fwd_general_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, k_dot, kp, vp, KPARTS, N_HEADS, kbase, offs_m, offs_n,
-                      start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref, j_ref, s_a, s_r, qn, kn, rn, kdn, c0, ta, td,
-                      D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, ACC: tl.constexpr,
+                      start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref, t_rem, j_ref, s_a, s_r, qn, kn, rn, kdn, c0,
+                      ta, td, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, ACC: tl.constexpr,
                       PREC: tl.constexpr, SPREC: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
     """A tile with entries that need the split: each entry through its own product."""
     a_hi, a_rem = _score_pair(q_dot, q_hi, q_lo, k_dot, KPARTS, kbase, offs_n, S, N_HEADS, qn, kn, ta, D, ACC,
@@ -457,13 +469,13 @@ def _fwd_general_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, k_dot, kp, vp, KPA
     s_hi, rem = _d_pair(rf, r16, r_hi, r_lo, k_dot, kp, KPARTS, kbase, offs_n, S, N_HEADS, rn, kdn, c0, td, D,
                         ACC, PREC, EXACT, B16)
     return _fwd_split_tile(a_hi, a_rem, s_hi, rem, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm,
-                           t_ref, j_ref, s_a, s_r, BLOCK_N, MASK, PREC, True)
+                           t_ref, t_rem, j_ref, s_a, s_r, BLOCK_N, MASK, PREC, True)
 
 
 @triton.jit
 def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORMS, N_HEADS, kbase, vbase, nbase,
               start_n, S, scale, offs_m, m_i, l_i,
-              nu, dbar, cm, t_ref, j_ref, s_a, s_r, qn, rn, c0, ta, td,
+              nu, dbar, cm, t_ref, t_rem, j_ref, s_a, s_r, qn, rn, c0, ta, td,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
               MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
               SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr, FAST_ONLY: tl.constexpr):
@@ -487,9 +499,9 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORM
             # a program whose every entry is fast (_px_fwd_kernel): no split code compiled
             a_pl = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC)
             d_pl = _d_plain(rf, r16, k_dot, kp, c0, PREC, EXACT, B16)
-            m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r = _fwd_split_tile(
-                a_pl, a_pl, d_pl, d_pl, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref, j_ref,
-                s_a, s_r, BLOCK_N, MASK, PREC, False)
+            m_new, w_ab, nu_new, dbar_new, cm, t_ref, t_rem, j_ref, s_a, s_r = _fwd_split_tile(
+                a_pl, a_pl, d_pl, d_pl, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref, t_rem,
+                j_ref, s_a, s_r, BLOCK_N, MASK, PREC, False)
         else:
             ok_n = offs_n < S
             kn = _norm(NORMS, nbase + offs_n, ok_n, NM_KN)
@@ -497,14 +509,14 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORM
             if (tl.max(qn, 0) * tl.max(kn, 0) <= ta) & (tl.max(rn, 0) * tl.max(kdn, 0) <= td):
                 a_pl = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC)
                 d_pl = _d_plain(rf, r16, k_dot, kp, c0, PREC, EXACT, B16)
-                m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r = _fwd_split_tile(
+                m_new, w_ab, nu_new, dbar_new, cm, t_ref, t_rem, j_ref, s_a, s_r = _fwd_split_tile(
                     a_pl, a_pl, d_pl, d_pl, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref,
-                    j_ref, s_a, s_r, BLOCK_N, MASK, PREC, False)
+                    t_rem, j_ref, s_a, s_r, BLOCK_N, MASK, PREC, False)
             else:
-                m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r = _fwd_general_tile(
+                m_new, w_ab, nu_new, dbar_new, cm, t_ref, t_rem, j_ref, s_a, s_r = _fwd_general_tile(
                     q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, k_dot, kp, vp, KPARTS, N_HEADS, kbase, offs_m, offs_n,
-                    start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref, j_ref, s_a, s_r, qn, kn, rn, kdn, c0, ta, td, D,
-                    BLOCK_N, MASK, ACC, PREC, SPREC, EXACT, B16)
+                    start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref, t_rem, j_ref, s_a, s_r, qn, kn, rn, kdn, c0,
+                    ta, td, D, BLOCK_N, MASK, ACC, PREC, SPREC, EXACT, B16)
     else:
         # float64: single products, rounding at u64
         a = _scores(q_dot, k_dot, offs_m, offs_n, S, scale, MASK, SPREC).to(ACC)
@@ -518,12 +530,12 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORM
         # d_ij against the anchored keys: O(spread |r_i|), never O(|k_j| |r_i|)
         d = tl.dot(rf, tl.trans(kp), input_precision=PREC)
         w_ab, nu_new, dbar_new, cm = _fwd_merge(w, d, vp, alpha, l_i, nu, dbar, cm, PREC)
-    return m_new, w_ab, nu_new, dbar_new, cm, t_ref, j_ref, s_a, s_r
+    return m_new, w_ab, nu_new, dbar_new, cm, t_ref, t_rem, j_ref, s_a, s_r
 
 
 # S is not specialised on (== 1, % 16): every pointer is offset by multiples of D or Dv
 @triton.jit(do_not_specialize=("S",))
-def _px_fwd_kernel(Q, K, V, R, KPARTS, NORMS, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, REF, S, scale, ta, td,
+def _px_fwd_kernel(Q, K, V, R, KPARTS, NORMS, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, TREM, REF, S, scale, ta, td,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
                    SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr, MODE: tl.constexpr):
@@ -583,23 +595,26 @@ def _px_fwd_kernel(Q, K, V, R, KPARTS, NORMS, O, M, LW, SA, SR, NUP, DBAR, CR, T
                                   q_lo.to(tl.bfloat16))
     else:
         r16 = rf
-    # t_ref: the row's reference, r_hi kp_hi^T at its heaviest key so far; d and dbar are
-    # kept relative to it (0 without the split: d relative to k_0 itself)
+    # t_ref, t_rem: the row's reference, r_hi kp_hi^T and d's remainder at its heaviest key
+    # so far; d and dbar are kept relative to it (0 without the split: d relative to k_0 itself)
     t_ref = tl.zeros([BLOCK_M], dtype=ACC)
+    t_rem = tl.zeros([BLOCK_M], dtype=ACC)
     j_ref = tl.zeros([BLOCK_M], dtype=tl.int32)
     s_a = tl.zeros([BLOCK_M], dtype=ACC)
     s_r = tl.zeros([BLOCK_M], dtype=ACC)
     for start_n in range(0, lo_full, BLOCK_N):
-        m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
+        m_i, l_i, nup, dbar, cm, t_ref, t_rem, j_ref, s_a, s_r = _fwd_tile(
             q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORMS, tl.num_programs(1), kbase, vbase, nbase,
             start_n, S, scale, offs_m, m_i, l_i, nup,
-            dbar, cm, t_ref, j_ref, s_a, s_r, qn, rn, c0, ta, td, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC, SPLIT_D, EXACT, B16,
+            dbar, cm, t_ref, t_rem, j_ref, s_a, s_r, qn, rn, c0, ta, td, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC,
+            SPLIT_D, EXACT, B16,
             MODE == 1)
     for start_n in range(lo_full, hi, BLOCK_N):
-        m_i, l_i, nup, dbar, cm, t_ref, j_ref, s_a, s_r = _fwd_tile(
+        m_i, l_i, nup, dbar, cm, t_ref, t_rem, j_ref, s_a, s_r = _fwd_tile(
             q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORMS, tl.num_programs(1), kbase, vbase, nbase,
             start_n, S, scale, offs_m, m_i, l_i, nup,
-            dbar, cm, t_ref, j_ref, s_a, s_r, qn, rn, c0, ta, td, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC, SPLIT_D, EXACT, B16,
+            dbar, cm, t_ref, t_rem, j_ref, s_a, s_r, qn, rn, c0, ta, td, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC,
+            SPLIT_D, EXACT, B16,
             MODE == 1)
     # l_i >= 1 on every row a program runs (its heaviest key weighs 1); 0 only where the
     # launch's MODE skips the program, whose stores are masked
@@ -620,12 +635,13 @@ def _px_fwd_kernel(Q, K, V, R, KPARTS, NORMS, O, M, LW, SA, SR, NUP, DBAR, CR, T
     # and centres on the same key
     tl.store(DBAR + head * S + offs_m, dbar, mask=row_ok)
     tl.store(TREF + head * S + offs_m, t_ref, mask=row_ok)
+    tl.store(TREM + head * S + offs_m, t_rem, mask=row_ok)
     tl.store(REF + head * S + offs_m, j_ref, mask=row_ok)
 
 
 # Per-row quantities of the backward, one (N, S, N_STATS) tensor in the accumulation dtype
-STAT_NAMES = ("m", "lw", "sa", "sr", "dbar", "tref", "delta")
-ST_M, ST_LW, ST_SA, ST_SR, ST_DBAR, ST_TREF, ST_DELTA = (tl.constexpr(i) for i in range(len(STAT_NAMES)))
+STAT_NAMES = ("m", "lw", "sa", "sr", "dbar", "tref", "trem", "delta")
+ST_M, ST_LW, ST_SA, ST_SR, ST_DBAR, ST_TREF, ST_TREM, ST_DELTA = (tl.constexpr(i) for i in range(len(STAT_NAMES)))
 N_STATS = tl.constexpr(len(STAT_NAMES))
 
 
@@ -696,13 +712,14 @@ def _bwd_keys(K, V, VPARTS, NORMS, N_HEADS, kbase, vbase, nbase, offs_n, S, ck, 
 
 
 @triton.jit
-def _bwd_fast_xe(q_dot, k_dot, rf, r16, kp, c0, sa, sr, tref, dbar, hit, scale, ACC: tl.constexpr,
+def _bwd_fast_xe(q_dot, k_dot, rf, r16, kp, c0, sa, sr, tref, trem, dbar, hit, scale, ACC: tl.constexpr,
                  PREC: tl.constexpr, SPREC: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr):
     """x and e of a fast tile: every remainder 0 and not formed, each value bitwise the one a
     tile with remainders gives a plain entry."""
     a_pl = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC)
     x = ((a_pl - sa[:, None]) - tl.where(hit, 0.0, sr)[:, None]) * scale
-    e = (_d_plain(rf, r16, k_dot, kp, c0, PREC, EXACT, B16) - tref[:, None]) - dbar[:, None]
+    e = ((_d_plain(rf, r16, k_dot, kp, c0, PREC, EXACT, B16) - tref[:, None]) - tl.where(hit, 0.0, trem)[:, None]
+         - dbar[:, None])
     return x, e
 
 
@@ -730,11 +747,12 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, q
         sa = _stat(STATS, rows, ok, ST_SA)
         sr = _stat(STATS, rows, ok, ST_SR)
         tref = _stat(STATS, rows, ok, ST_TREF)
+        trem = _stat(STATS, rows, ok, ST_TREM)
         if FAST_ONLY:
-            x, e = _bwd_fast_xe(q_dot, k_dot, rf, r16, kp, c0, sa, sr, tref, dbar, hit, scale, ACC, PREC, SPREC,
+            x, e = _bwd_fast_xe(q_dot, k_dot, rf, r16, kp, c0, sa, sr, tref, trem, dbar, hit, scale, ACC, PREC, SPREC,
                                 EXACT, B16)
         elif (tl.max(qn, 0) * tl.max(kn, 0) <= ta) & (tl.max(rn, 0) * tl.max(kdn, 0) <= td):
-            x, e = _bwd_fast_xe(q_dot, k_dot, rf, r16, kp, c0, sa, sr, tref, dbar, hit, scale, ACC, PREC, SPREC,
+            x, e = _bwd_fast_xe(q_dot, k_dot, rf, r16, kp, c0, sa, sr, tref, trem, dbar, hit, scale, ACC, PREC, SPREC,
                                 EXACT, B16)
         else:
             a_hi, a_rem = _score_pair(q_dot, q_hi, q_lo, k_dot, KPARTS, kbase, offs_n, S, N_HEADS, qn, kn, ta, D, ACC,
@@ -743,7 +761,8 @@ def _bwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, gf, g16, ref, g_ref, gc, q
             x = ((a_hi - sa[:, None]) + (a_rem - rem_at[:, None])) * scale
             s_hi, rem = _d_pair(rf, r16, r_hi, r_lo, k_dot, kp, KPARTS, kbase, offs_n, S, N_HEADS, rn, kdn, c0, td, D,
                                 ACC, PREC, EXACT, B16)
-            e = ((s_hi - tref[:, None]) + rem) - dbar[:, None]
+            trem_at = tl.where(hit, tl.sum(tl.where(at_ref, rem, 0.0), 1), trem)
+            e = ((s_hi - tref[:, None]) + (rem - trem_at[:, None])) - dbar[:, None]
     else:
         a = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC) * scale
         x = a - _stat(STATS, rows, ok, ST_M)[:, None]
@@ -1046,7 +1065,7 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None, fas
     kparts, _vparts = key_parts(k, v) if b16 else (k, v)
     o = torch.empty_like(v)
     m = torch.empty(N, S, device=q.device, dtype=acc)
-    lw, dbar, tref, sa, sr = (torch.empty_like(m) for _ in range(5))
+    lw, dbar, tref, trem, sa, sr = (torch.empty_like(m) for _ in range(6))
     ref = torch.empty(N, S, device=q.device, dtype=torch.int32)
     nup = torch.empty(N, S, DV, device=q.device, dtype=acc)
     cr = torch.empty_like(nup)
@@ -1058,12 +1077,13 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None, fas
     for mode in ((1, 2) if split else (0,)):
         # both launches on the same tiles, or the two would not share out the programs
         used = _launch(_px_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(S, bm), N),
-                (q, k, v, r, kparts, norms, o, m, lw, sa, sr, nup, dbar, cr, tref, ref, S, float(scale), ta, td), D,
+                (q, k, v, r, kparts, norms, o, m, lw, sa, sr, nup, dbar, cr, tref, trem, ref, S, float(scale), ta, td),
+                D,
                 DV, q.dtype, used,
                 # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
                 # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
                 SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16", B16=b16, MODE=mode)
-    return ForwardOut(o, m, lw, nup, dbar, cr, tref, ref, sa, sr, split, norms, ta, td)
+    return ForwardOut(o, m, lw, nup, dbar, cr, tref, trem, ref, sa, sr, split, norms, ta, td)
 
 
 def parallax_backward_kernel(q, k, v, r, g, fo: ForwardOut, scale, *, config=None) -> BackwardOut:

@@ -388,6 +388,7 @@ class ParallaxBackwardBudget:
     orderings: int = BWD_ORDERINGS
     dense_max: tuple = ()  # per-row largest error over the orderings (reported, not allowed)
     score: tuple = ()  # per-row allowance for the scores' rounding, sqrt(D) u_c T_x
+    floor: tuple = ()  # per-row floor, BWD_ULPS ulp (before the scale c puts on it)
 
 
 def _grads(fn, xs, do):
@@ -517,7 +518,7 @@ def parallax_backward_budget(q, k, v, r, do, *, qk_scale=None, compute_dtype=tor
         floor_x   = BWD_ULPS (u_c sqrt(S D) max_x' ||g64_x'|| + u_g ||g64_x||)
         score_x   = sqrt(D) u_c T_x
         allowed_x = max(BWD_FACTOR med_x, floor_x max(1, BWD_FACTOR c)) + score_x,
-        c         = max_x med_x / floor_x
+        c         = max_x med_x / (floor_x + score_x)
 
     med_x is the median over ``orderings`` coordinate orderings
     (dense_grad_errors_over_orderings) of the error of autograd through parallax_dense in
@@ -531,9 +532,12 @@ def parallax_backward_budget(q, k, v, r, do, *, qk_scale=None, compute_dtype=tor
     floor: a few units of the compute precision u_c over sums of S terms of D-long products
     at the scale of the head's largest gradient row (max over x' in the same (batch,
     head)), plus the output rounding u_g of the row itself in the gradient dtype. Where the
-    reference's error is far above that floor, c scales the floor as the forward budget's
-    same_precision_allowed does: every row may reach BWD_FACTOR times the reference's worst
-    median error in floor units.
+    reference's error is far above what floor and score allow, c scales the floor as the
+    forward budget's same_precision_allowed does with floor_x + score_x as its model: every
+    row may reach BWD_FACTOR times the reference's worst median error in those units. A row
+    whose error is a level of its scores' rounding sits within its own score_x and scales
+    no other row's floor; measured against the floor alone, c would follow that level, and
+    under a relabelling of the coordinates the allowance of every row of the head with it.
 
     score_x is the scores' rounding carried into the row. Where the scores are large
     (one-hot rows at a large bandwidth scale, keys of large norm) a row's error is the
@@ -559,12 +563,16 @@ def parallax_backward_budget(q, k, v, r, do, *, qk_scale=None, compute_dtype=tor
     root_n = math.sqrt(q.shape[-2] * q.shape[-1])
     sens = score_rounding_sensitivity(q, k, v, r, do, qk_scale=qk_scale, directions=directions)
     score = tuple(math.sqrt(q.shape[-1]) * u_c * t for t in sens)
-    allowed = []
+    allowed, floors = [], []
     for e, b, sc in zip(dense_err, g64, score):
         n = b.norm(dim=-1)
         floor = BWD_ULPS * (u_c * root_n * n.amax(-1, keepdim=True) + u_g * n)
-        allowed.append(same_precision_allowed(floor, e, BWD_FACTOR, torch.ones_like(e, dtype=torch.bool))[0] + sc)
-    return ParallaxBackwardBudget(g64, dense_err, tuple(allowed), orderings, dense_max, score)
+        # the score term stays outside the scaled floor: it bounds the scores' rounding,
+        # which no multiple of the reference's error describes
+        _, scale = same_precision_allowed(floor + sc, e, BWD_FACTOR, torch.ones_like(e, dtype=torch.bool))
+        allowed.append(torch.maximum(floor * scale, BWD_FACTOR * torch.nan_to_num(e, nan=0.0, posinf=0.0)) + sc)
+        floors.append(floor.expand_as(e))
+    return ParallaxBackwardBudget(g64, dense_err, tuple(allowed), orderings, dense_max, score, tuple(floors))
 
 
 def check_parallax_backward(q, k, v, r, do, grads, *, impl: str, case: str, qk_scale=None,
