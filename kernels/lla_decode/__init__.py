@@ -7,18 +7,19 @@ For the query q of a (batch, head), over the cache positions j < lengths[b]
     mu = sum_j w_j z_j,   Sigma = sum_j w_j z_j z_j^T + lambda Omega I,   Sigma rho = mu
     o  = sum_j w_j (1 - <z_j, rho>) v_j / sum_j w_j (1 - <z_j, rho>)
 
-Four launches:
-1. split:  one program per (split of the cache, head): m_s, omega_s, mu_s and Sigma_s (D x D,
-           fp64), each against the split's own running max;
-2. solve:  one program per head: rescales the splits by exp(m_s - M), sums them, adds
+Five launches:
+1. split:  one program per (split of the cache, head, block of Sigma): m_s, omega_s, mu_s and
+           Sigma_s (D x D, fp64), each against the split's own running max;
+2. sum:    per (head, block of entries): sum_s exp(m_s - M) Sigma_s in fp64;
+3. solve:  one program per head: rescales the splits by exp(m_s - M), sums them, adds
            lambda Omega I, and runs CG in fp64 on the materialised Sigma (D <= 128: 128 KiB).
            In fp32 the materialised Sigma's rounding, u_32 ||Sigma||, exceeds its smallest
            eigenvalues once kappa passes 1/u_32: p^T Sigma p went negative and CG stopped at
            relative residual 0.19 (subspace family, lambda 1e-8, kappa 2.6e8, a 4.6x budget
            failure), where the forward's matvec, a sum of w_j <z_j, p>^2 >= 0, stays positive;
-3. output: one program per (split, head): g_j = w_j (1 - <z_j, rho>) against the global M, so
+4. output: one program per (split, head): g_j = w_j (1 - <z_j, rho>) against the global M, so
            its partial sums add without rescaling;
-4. finish: sums them and divides, with the forward kernel's delta guard.
+5. finish: sums them and divides, with the forward kernel's delta guard.
 
 z_j is formed explicitly (k_j - q, in fp32, before any product): a common offset of q and
 the keys cancels there, as in the float64 oracle. Imports torch, triton and lla_contract only.
