@@ -1,13 +1,17 @@
-"""Host-side cost of one decode wrapper call, on a machine without a GPU.
+"""Host-side cost of one decode wrapper call (bench-decode's calls: bf16, one head,
+lengths on the host, check_finite=False).
 
 A decode call at a small cache takes microseconds of GPU work, so the wrapper's Python and
 torch work around its launches (and any call that waits for the device) is what a timer
-sees. This runs lla_decode and parallax_decode on CPU tensors of the GPU's shapes with
-every Triton launch replaced, and reports per call: the median host time, the launches,
-and the torch operators dispatched (counted by a TorchDispatchMode, so each allocation,
-copy and reduction counts once).
+sees. This runs lla_decode and parallax_decode at the GPU's tiles and splits and reports
+per call: the host time (10th percentile), the Python function calls (cProfile: a count
+that a shared CPU does not blur), the Triton launches and the torch operators dispatched
+(a TorchDispatchMode: each allocation, copy and reduction counts once).
 
-    python scripts/decode_host_time.py [--mode stub|triton|cuda] [--reps 200]
+    python scripts/decode_host_time.py [--mode stub|triton|cuda] [--reps 200] [--root CHECKOUT]
+
+--root: time another checkout's kernels (e.g. a `git worktree` of the commit before) for
+an A/B in one environment.
 
 --mode stub: a launch is a no-op (the wrapper's own work alone). --mode triton (a Triton
 3.x venv, e.g. /work/venv36): a launch runs Triton's JITFunction.run up to the launch
@@ -118,7 +122,6 @@ def main(argv=None) -> int:
             if dev == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda._sleep(100_000_000)  # ~50 ms at 2 GHz
-            if dev == "cuda":
                 for _ in range(args.reps):
                     t0 = time.perf_counter()
                     fn()
@@ -132,8 +135,12 @@ def main(argv=None) -> int:
                         fn()
                     times.append((time.thread_time() - t0) / 10)
             if dev == "cuda":
-                waits = f"first call behind a GPU sleep {times[0] * 1e6:.0f} us, "
                 torch.cuda.synchronize()
+                from triton.testing import do_bench
+
+                # bench-decode's timer (CUDA events, L2 flushed between calls)
+                waits = (f"first call behind a GPU sleep {times[0] * 1e6:.0f} us, "
+                         f"do_bench {do_bench(fn) * 1e3:.1f} us, ")
             launches.clear()
             with Ops() as mode:
                 fn()
