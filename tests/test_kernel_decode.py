@@ -537,6 +537,17 @@ def test_bad_probe_is_named():
         parallax_decode(q, q.half(), k, v, lens)
 
 
+def test_nonfinite_probe_is_named():
+    """r's finiteness is checked in the cache's reduction (one device read): a NaN in r is
+    still named, and a finite call past it is not refused."""
+    q, k, v, lens = _args()
+    r = q.clone()
+    r[1, 0, 3] = float("nan")
+    with pytest.raises(LLAInputError, match=r"^r: expected finite values, found 1 non-finite \(first at index \(1, 0, 3\)"):
+        parallax_decode(q, r, k, v, lens)
+    assert torch.isfinite(parallax_decode(q, q, k, v, lens)).all()
+
+
 # ------------------------------------------------------------------------- planted bugs
 def _shorter(lengths):
     return torch.clamp(lengths - 1, min=1)

@@ -22,6 +22,7 @@ class LLAInputError(ValueError):
 
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_CPU = torch.device("cpu")
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -140,6 +141,26 @@ def check_scale(qk_scale: float | None, head_dim: int) -> float:
     return s + 0.0  # -0.0 reads as 0.0
 
 
+def check_lambda_value(ridge_lambda, lead_shape: tuple[int, ...], *, dtype=torch.float64) -> float:
+    """A ridge_lambda that is not a tensor, checked on the host (no device round trip) as
+    ``check_lambda`` checks it, and returned as a float (finite in ``dtype``, >= 0)."""
+    try:
+        val = float(ridge_lambda)
+    except (TypeError, ValueError):
+        raise LLAInputError(
+            f"ridge_lambda: expected a float >= 0 or a tensor broadcastable to {lead_shape}, got {ridge_lambda!r}"
+        ) from None
+    if not math.isfinite(val):
+        raise LLAInputError("ridge_lambda: expected finite values, found NaN or Inf")
+    if val < 0:
+        raise LLAInputError(f"ridge_lambda: expected values >= 0, got minimum {val:g}")
+    if val > torch.finfo(dtype).max:
+        # it would round to Inf in the kernels' dtype (torch.full refuses it outright)
+        raise LLAInputError(f"ridge_lambda: expected a value finite in {dtype} (at most "
+                            f"{torch.finfo(dtype).max:g}), got {val:g}")
+    return val
+
+
 def check_lambda(ridge_lambda, lead_shape: tuple[int, ...], device, *, dtype=torch.float64) -> torch.Tensor:
     """Return ridge_lambda broadcast to ``lead_shape`` (= (..., S)) as a tensor.
 
@@ -152,22 +173,8 @@ def check_lambda(ridge_lambda, lead_shape: tuple[int, ...], device, *, dtype=tor
             raise LLAInputError(f"ridge_lambda: expected a floating tensor, got dtype {lam.dtype}")
         lam = lam.to(device=device, dtype=dtype)
     else:
-        try:
-            val = float(ridge_lambda)
-        except (TypeError, ValueError):
-            raise LLAInputError(
-                f"ridge_lambda: expected a float >= 0 or a tensor broadcastable to {lead_shape}, got {ridge_lambda!r}"
-            ) from None
-        # a float is checked on the host: no device round trip
-        if not math.isfinite(val):
-            raise LLAInputError("ridge_lambda: expected finite values, found NaN or Inf")
-        if val < 0:
-            raise LLAInputError(f"ridge_lambda: expected values >= 0, got minimum {val:g}")
-        if val > torch.finfo(dtype).max:
-            # it would round to Inf in the kernels' dtype (torch.full refuses it outright)
-            raise LLAInputError(f"ridge_lambda: expected a value finite in {dtype} (at most "
-                                f"{torch.finfo(dtype).max:g}), got {val:g}")
-        return torch.full(lead_shape, val, device=device, dtype=dtype)
+        return torch.full(lead_shape, check_lambda_value(ridge_lambda, lead_shape, dtype=dtype), device=device,
+                          dtype=dtype)
     try:
         lam_b = torch.broadcast_to(lam, lead_shape)
     except RuntimeError:
@@ -227,16 +234,29 @@ def check_cache(q, k_cache, v_cache, lengths, *, dtypes: Iterable[torch.dtype] =
             or lengths.dtype == torch.bool or tuple(lengths.shape) != (B,):
         raise LLAInputError(f"lengths: expected an integer tensor of shape ({B},), got "
                             f"{_describe(lengths) if isinstance(lengths, torch.Tensor) else type(lengths).__name__}")
-    lens = lengths.detach().to("cpu", torch.int64)
-    if bool(((lens < 1) | (lens > T)).any()):
+    # an integer tensor carries no autograd graph, so nothing to detach from
+    lens = lengths.to(_CPU, torch.int64)
+    # the extremes in one reduction (a decode call's host work is most of its time at a small
+    # cache); which entry is out of range is searched only on failure
+    lo, hi = lens.aminmax() if B else (1, T)
+    if int(lo) < 1 or int(hi) > T:
         b = int(((lens < 1) | (lens > T)).nonzero()[0])
         raise LLAInputError(f"lengths: expected 1 <= lengths[b] <= T_max = {T}, got lengths[{b}] = {int(lens[b])}")
     if check_finite:
-        unused = (torch.arange(T, device=k_cache.device)[None, :] >= lens.to(k_cache.device)[:, None])[:, None, :]
-        # per position, not masked copies: a (B, H_kv, T_max) mask beside the cache, not a second cache
-        ok = torch.stack([torch.isfinite(q).all()] + [(torch.isfinite(c).all(-1) | unused).all()
-                                                      for c in (k_cache, v_cache)]).all()
-        if not bool(ok):
-            raise_nonfinite((("q", q), ("k_cache", k_cache.masked_fill(unused[..., None], 0)),
-                             ("v_cache", v_cache.masked_fill(unused[..., None], 0))))
+        check_cache_finite(q, k_cache, v_cache, lens)
     return lens
+
+
+def check_cache_finite(q, k_cache, v_cache, lens, extra=()) -> None:
+    """The finiteness half of ``check_cache`` (lens: its result), with the whole tensors of
+    ``extra`` ((name, tensor) pairs on q's device, e.g. Parallax's probe) in the same
+    reduction: one device-to-host read a call, the only synchronisation of a decode call."""
+    T = k_cache.shape[2]
+    unused = (torch.arange(T, device=k_cache.device)[None, :] >= lens.to(k_cache.device)[:, None])[:, None, :]
+    # per position, not masked copies: a (B, H_kv, T_max) mask beside the cache, not a second cache
+    ok = torch.stack([torch.isfinite(q).all()] + [(torch.isfinite(c).all(-1) | unused).all()
+                                                  for c in (k_cache, v_cache)]
+                     + [torch.isfinite(t).all() for _, t in extra]).all()
+    if not bool(ok):
+        raise_nonfinite((("q", q), ("k_cache", k_cache.masked_fill(unused[..., None], 0)),
+                         ("v_cache", v_cache.masked_fill(unused[..., None], 0))) + tuple(extra))

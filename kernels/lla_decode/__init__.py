@@ -7,18 +7,19 @@ For the query q of a (batch, head), over the cache positions j < lengths[b]
     mu = sum_j w_j z_j,   Sigma = sum_j w_j z_j z_j^T + lambda Omega I,   Sigma rho = mu
     o  = sum_j w_j (1 - <z_j, rho>) v_j / sum_j w_j (1 - <z_j, rho>)
 
-Four launches:
-1. split:  one program per (split of the cache, head): m_s, omega_s, mu_s and Sigma_s (D x D,
-           fp64), each against the split's own running max;
-2. solve:  one program per head: rescales the splits by exp(m_s - M), sums them, adds
+Five launches:
+1. split:  one program per (split of the cache, head, block of Sigma): m_s, omega_s, mu_s and
+           Sigma_s (D x D, fp64), each against the split's own running max;
+2. sum:    per (head, block of entries): sum_s exp(m_s - M) Sigma_s in fp64;
+3. solve:  one program per head: rescales the splits by exp(m_s - M), sums them, adds
            lambda Omega I, and runs CG in fp64 on the materialised Sigma (D <= 128: 128 KiB).
            In fp32 the materialised Sigma's rounding, u_32 ||Sigma||, exceeds its smallest
            eigenvalues once kappa passes 1/u_32: p^T Sigma p went negative and CG stopped at
            relative residual 0.19 (subspace family, lambda 1e-8, kappa 2.6e8, a 4.6x budget
            failure), where the forward's matvec, a sum of w_j <z_j, p>^2 >= 0, stays positive;
-3. output: one program per (split, head): g_j = w_j (1 - <z_j, rho>) against the global M, so
+4. output: one program per (split, head): g_j = w_j (1 - <z_j, rho>) against the global M, so
            its partial sums add without rescaling;
-4. finish: sums them and divides, with the forward kernel's delta guard.
+5. finish: sums them and divides, with the forward kernel's delta guard.
 
 z_j is formed explicitly (k_j - q, in fp32, before any product): a common offset of q and
 the keys cancels there, as in the float64 oracle. Imports torch, triton and lla_contract only.
@@ -33,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lla_contract import (LLAInputError, check_cache, check_delta_eps, check_lambda, check_nonnegative,
-                          check_scale)
+from lla_contract import (LLAInputError, check_cache, check_delta_eps, check_lambda, check_lambda_value,
+                          check_nonnegative, check_scale)
 
 __all__ = ["lla_decode", "lla_decode_stages", "LLAInputError", "DEFAULT_CG_TOL", "DEFAULT_DELTA_EPS",
            "CG_ITERS_PER_DIM", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "BLOCK_N",
@@ -85,8 +86,8 @@ def _accepts_cpu() -> bool:
     return _interpreting()
 
 
-def _block_n() -> int:
-    return INTERPRETED_BLOCK_N if _interpreting() else BLOCK_N
+def _block_n(interp: bool | None = None) -> int:
+    return INTERPRETED_BLOCK_N if (_interpreting() if interp is None else interp) else BLOCK_N
 
 
 def tile_size() -> int:
@@ -95,23 +96,49 @@ def tile_size() -> int:
     return _block_n()
 
 
+# SM counts by CUDA device index: a decode call at a small cache is microseconds of GPU
+# work, and the properties query costs a noticeable part of that on every call
+_SM_COUNTS: dict[int, int] = {}
+
+
 def _sm_count(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return DEFAULT_SMS
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNTS.get(idx)
+    if n is None:
+        n = _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
+
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host integers (triton.cdiv is a jit function: from the host, each call
+    goes through Triton's argument unwrapping, microseconds a call)."""
+    return -(-a // b)
+
+
+# Triton specialises a kernel on whether each pointer is 16-byte aligned: arrays carved
+# from one allocation start at multiples of this many fp32 entries, as separate
+# allocations do, so the same compiled variants run
+_ALIGN_F32 = 4
+
+
+def _f32_arrays(k: int, n: int, dev):
+    """k flat fp32 arrays of at least n entries from one allocation, each 16-byte aligned."""
+    return torch.empty(k, _cdiv(n, _ALIGN_F32) * _ALIGN_F32, device=dev, dtype=torch.float32).unbind(0)
 
 
 def choose_split(t_max: int, n_heads: int, block_n: int, slots: int, min_split: int) -> int:
     """Split length (a multiple of block_n, at least min_split rounded up to one): splits x
     n_heads programs within ``slots`` (one wave of the output pass), one split a head when the
     heads alone fill it."""
-    n_tiles = triton.cdiv(t_max, block_n)
-    n_splits = max(1, min(n_tiles // max(1, triton.cdiv(min_split, block_n)), slots // n_heads))
-    return triton.cdiv(n_tiles, n_splits) * block_n
+    n_tiles = _cdiv(t_max, block_n)
+    n_splits = max(1, min(n_tiles // max(1, _cdiv(min_split, block_n)), slots // n_heads))
+    return _cdiv(n_tiles, n_splits) * block_n
 
 
-def _chunk(width: int) -> int:
-    return INTERPRETED_COMBINE_CHUNK if _interpreting() else max(1, min(COMBINE_CHUNK, 4096 // width))
+def _chunk(width: int, interp: bool) -> int:
+    return INTERPRETED_COMBINE_CHUNK if interp else max(1, min(COMBINE_CHUNK, 4096 // width))
 
 
 @triton.jit
@@ -267,7 +294,10 @@ def _lla_sigma_sum_kernel(LENS, M_S, SIG_S, SIG, H, n_splits, split, D: tl.const
 
 @triton.jit(do_not_specialize=('H', 'n_splits', 'cg_max_iters'))
 def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG, M_OUT, OM_OUT, RHO, ITERS, RES, SERR,
-                      H, n_splits, split, cg_tol, cg_max_iters, D: tl.constexpr, CHUNK: tl.constexpr):
+                      H, n_splits, split, cg_tol, cg_max_iters, D: tl.constexpr, CHUNK: tl.constexpr,
+                      LAM_PER_HEAD: tl.constexpr):
+    """LAM: lambda per head (B*H fp32) with LAM_PER_HEAD, else one lambda for every head (a
+    float argument: no device array to fill per call)."""
     bh, used, base = _head_splits(LENS, H, n_splits, split)
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, CHUNK)
@@ -283,7 +313,11 @@ def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG, M_OUT, OM_OUT, RHO, ITERS
         mu_s = tl.load(MU_S + row[:, None] * D + offs_d[None, :], mask=live[:, None], other=0.0)
         mu += tl.sum((f[:, None] * mu_s).to(tl.float64), 0)
     sig = tl.load(SIG + bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :])
-    lam = tl.load(LAM + bh)
+    if LAM_PER_HEAD:
+        lam = tl.load(LAM + bh)
+    else:
+        # fp32, as the per-head array holds it (the interpreter passes a host float as is)
+        lam = tl.cast(LAM, tl.float32)
     sig += tl.where(offs_d[:, None] == offs_d[None, :], (lam * omega).to(tl.float64), 0.0)
 
     # CG on Sigma rho = mu; mu = 0 (the first token) is solved by rho = 0 at once
@@ -408,13 +442,12 @@ def _check_options(cg_tol, cg_max_iters, D):
     return tol, cg_max_iters
 
 
-def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_tol=DEFAULT_CG_TOL,
-                      cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, check_finite=True,
-                      combine=None):
-    """``lla_decode`` with every stage's result: returns (o, stats, parts), parts holding the
-    split kernel's partials. ``combine``, when given, replaces the solve stage's rescaled
-    sum of the splits by a function of those partials returning (M, Omega, mu, Sigma) per
-    head (Sigma without the ridge), which tests use to plant a wrong combine."""
+def _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps, split,
+            check_finite, combine):
+    """The launches: (o, (iters, res, om_g, den, fb) per head (flat, at least B*H entries),
+    parts: the arguments of ``_parts``, or its dict when ``combine`` needed it). Only what a
+    caller asks for is shaped: at a small cache each torch call costs about what a kernel
+    does."""
     if isinstance(q, torch.Tensor) and q.dim() != 3:
         raise LLAInputError(f"q: expected shape (B, H, D), got {tuple(q.shape)}")
     lens = check_cache(q, k_cache, v_cache, lengths, dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS,
@@ -425,39 +458,43 @@ def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=No
     Hk, T, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
     if isinstance(ridge_lambda, torch.Tensor) and ridge_lambda.dim() > 0 and ridge_lambda.device != q.device:
         raise LLAInputError(f"ridge_lambda: expected a tensor on {q.device}, got one on {ridge_lambda.device}")
-    lam = check_lambda(ridge_lambda, (B, H), q.device, dtype=torch.float32).contiguous()
+    if isinstance(ridge_lambda, torch.Tensor):
+        lam, lam_per_head = check_lambda(ridge_lambda, (B, H), q.device, dtype=torch.float32).contiguous(), True
+    else:
+        # one lambda for every head goes to the solve as an argument: no (B, H) array to fill
+        lam, lam_per_head = check_lambda_value(ridge_lambda, (B, H), dtype=torch.float32), False
     scale = check_scale(qk_scale, D)
     eps = check_delta_eps(delta_eps)
     tol, max_iters = _check_options(cg_tol, cg_max_iters, D)
-    bn = _block_n()
+    interp = _interpreting()
+    bn = _block_n(interp)
     if split is None:
         split = choose_split(T, B * H, bn, _sm_count(q.device) * RESIDENT_PER_SM[max(D, Dv)],
                              MIN_SPLIT_PER_DIM * D)
     elif isinstance(split, bool) or not isinstance(split, int) or split < bn or split % bn:
         raise LLAInputError(f"split: expected None or a positive multiple of the tile {bn}, got {split!r}")
-    n_splits = triton.cdiv(T, split)
+    n_splits = _cdiv(T, split)
     N = B * H
     dev = q.device
-    f32 = dict(device=dev, dtype=torch.float32)
     # lens is on the host (check_cache); a blocking copy would wait for the stream to drain
     # before every launch. A pageable source is staged before the call returns, so the
     # asynchronous copy is safe to drop.
     lens_d = lens.to(dtype=torch.int32).to(device=dev, non_blocking=True)
-    qc, kc, vc = (t.contiguous() for t in (q, k_cache, v_cache))
+    qc, kc, vc = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     G = H // Hk
 
-    m_s = torch.empty(N, n_splits, **f32)
-    om_s = torch.empty_like(m_s)
-    mu_s = torch.empty(N, n_splits, D, **f32)
+    m_s, om_s = _f32_arrays(2, N * n_splits, dev)
+    mu_s = torch.empty(N, n_splits, D, device=dev, dtype=torch.float32)
     sig_s = torch.empty(N, n_splits, D, D, device=dev, dtype=torch.float64)
     # Sigma in blocks of BS x BS: those on and above the diagonal, one program each
-    bs = min(D, INTERPRETED_SIGMA_BLOCK if _interpreting() else SIGMA_BLOCK)
+    bs = min(D, INTERPRETED_SIGMA_BLOCK if interp else SIGMA_BLOCK)
     n_blocks = (D // bs) * (D // bs + 1) // 2
     _lla_split_kernel[(n_blocks, n_splits, N)](qc, kc, vc, lens_d, m_s, om_s, mu_s, sig_s, H, G, T, n_splits,
                                                split, float(scale), D=D, DV=Dv, BLOCK_N=bn, BS=bs,
                                                num_warps=SPLIT_WARPS)
-    parts = {"m": m_s, "omega": om_s, "mu": mu_s, "sigma": sig_s, "split": split, "lengths": lens_d}
+    parts = (m_s, om_s, mu_s, sig_s, split, lens_d, N, n_splits)
     if combine is not None:
+        parts = _parts(*parts)
         # a planted combine hands the solve one "split" holding its sums
         big, om, mu, sig = combine(parts)
         m_s, om_s, mu_s, sig_s = (t.to(torch.float32).reshape(N, 1, *t.shape[1:]).contiguous()
@@ -467,34 +504,54 @@ def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=No
     else:
         n_solve, split_solve = n_splits, split
 
-    m_g = torch.empty(N, **f32)
-    om_g = torch.empty_like(m_g)
-    rho = torch.empty(N, D, **f32)
+    m_g, om_g, res, serr, den = _f32_arrays(5, N, dev)
+    rho = torch.empty(N, D, device=dev, dtype=torch.float32)
     iters = torch.empty(N, device=dev, dtype=torch.int32)
-    res = torch.empty_like(m_g)
-    serr = torch.empty_like(m_g)
     sig = torch.empty(N, D, D, device=dev, dtype=torch.float64)
     be = min(D * D, SIGMA_SUM_BLOCK)
     _lla_sigma_sum_kernel[(N, D * D // be)](lens_d, m_s, sig_s, sig, H, n_solve, split_solve, D=D, BE=be,
-                                            CHUNK=_chunk(1), num_warps=4)
+                                            CHUNK=_chunk(1, interp), num_warps=4)
     _lla_solve_kernel[(N,)](lens_d, lam, m_s, om_s, mu_s, sig, m_g, om_g, rho, iters, res, serr,
-                            H, n_solve, split_solve, float(tol), int(max_iters), D=D, CHUNK=_chunk(D), num_warps=4)
+                            H, n_solve, split_solve, float(tol), int(max_iters), D=D, CHUNK=_chunk(D, interp),
+                            LAM_PER_HEAD=lam_per_head, num_warps=4)
 
-    acc_s = torch.empty(N, n_splits, Dv, **f32)
-    acc0_s = torch.empty_like(acc_s)
-    den_s = torch.empty(N, n_splits, **f32)
-    mag_s, omw_s = torch.empty_like(den_s), torch.empty_like(den_s)
+    acc_s, acc0_s = torch.empty(2, N, n_splits, Dv, device=dev, dtype=torch.float32).unbind(0)
+    den_s, mag_s, omw_s = _f32_arrays(3, N * n_splits, dev)
     _lla_out_kernel[(n_splits, N)](qc, kc, vc, lens_d, m_g, rho, acc_s, acc0_s, den_s, mag_s, omw_s,
                                    H, G, T, n_splits, split, float(scale), D=D, DV=Dv, BLOCK_N=bn, STAGES=OUT_STAGES,
                                    num_warps=4)
     o = torch.empty(B, H, Dv, device=dev, dtype=q.dtype)
-    den = torch.empty(N, **f32)
     fb = torch.empty(N, device=dev, dtype=torch.int8)
     _lla_finish_kernel[(N,)](lens_d, acc_s, acc0_s, den_s, mag_s, omw_s, serr, o, den, fb,
-                             H, n_splits, split, float(eps), DV=Dv, CHUNK=_chunk(Dv), num_warps=4)
-    stats = DecodeStats(iters.reshape(B, H), res.reshape(B, H), om_g.reshape(B, H), den.reshape(B, H),
-                        fb.bool().reshape(B, H))
-    return o, stats, parts
+                             H, n_splits, split, float(eps), DV=Dv, CHUNK=_chunk(Dv, interp), num_warps=4)
+    return o, (iters, res, om_g, den, fb), parts
+
+
+def _parts(m_s, om_s, mu_s, sig_s, split, lens_d, N, n_splits):
+    """The split kernel's partials as (B*H, n_splits, ...) arrays."""
+    return {"m": m_s[:N * n_splits].view(N, n_splits), "omega": om_s[:N * n_splits].view(N, n_splits), "mu": mu_s,
+            "sigma": sig_s, "split": split, "lengths": lens_d}
+
+
+def _stats(raw, B, H) -> DecodeStats:
+    iters, res, om_g, den, fb = raw
+    N = B * H
+    return DecodeStats(iters.reshape(B, H), res[:N].reshape(B, H), om_g[:N].reshape(B, H), den[:N].reshape(B, H),
+                       fb.bool().reshape(B, H))
+
+
+def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_tol=DEFAULT_CG_TOL,
+                      cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, check_finite=True,
+                      combine=None):
+    """``lla_decode`` with every stage's result: returns (o, stats, parts), parts holding the
+    split kernel's partials. ``combine``, when given, replaces the solve stage's rescaled
+    sum of the splits by a function of those partials returning (M, Omega, mu, Sigma) per
+    head (Sigma without the ridge), which tests use to plant a wrong combine."""
+    o, raw, parts = _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps,
+                            split, check_finite, combine)
+    if isinstance(parts, tuple):
+        parts = _parts(*parts)
+    return o, _stats(raw, *q.shape[:2]), parts
 
 
 def lla_decode(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_tol=DEFAULT_CG_TOL,
@@ -512,9 +569,8 @@ def lla_decode(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_
     the softmax average). ``split``: cache positions per program (a multiple of the tile;
     None picks one from the shape).
     """
-    o, st, _ = lla_decode_stages(q, k_cache, v_cache, lengths, ridge_lambda=ridge_lambda, qk_scale=qk_scale,
-                                 cg_tol=cg_tol, cg_max_iters=cg_max_iters, delta_eps=delta_eps, split=split,
-                                 check_finite=check_finite)
+    o, raw, _ = _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps,
+                        split, check_finite, None)
     if not return_stats:
         return o
-    return o, st._asdict()
+    return o, _stats(raw, *q.shape[:2])._asdict()

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lla_contract import LLAInputError, check_cache, check_probe, check_scale
+from lla_contract import LLAInputError, check_cache, check_cache_finite, check_probe, check_scale
 
 __all__ = ["parallax_decode", "parallax_decode_partials", "parallax_decode_combine", "LLAInputError",
            "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "BLOCK_N", "INTERPRETED_BLOCK_N", "tile_size",
@@ -73,8 +73,8 @@ def _accepts_cpu() -> bool:
     return _interpreting()
 
 
-def _block_n() -> int:
-    return INTERPRETED_BLOCK_N if _interpreting() else BLOCK_N
+def _block_n(interp: bool | None = None) -> int:
+    return INTERPRETED_BLOCK_N if (_interpreting() if interp is None else interp) else BLOCK_N
 
 
 def tile_size() -> int:
@@ -83,23 +83,49 @@ def tile_size() -> int:
     return _block_n()
 
 
+# SM counts by CUDA device index: a decode call is microseconds of GPU work, and the
+# properties query costs a noticeable part of that on every call
+_SM_COUNTS: dict[int, int] = {}
+
+
 def _sm_count(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return DEFAULT_SMS
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNTS.get(idx)
+    if n is None:
+        n = _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
+
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host integers (triton.cdiv is a jit function: from the host, each call
+    goes through Triton's argument unwrapping, microseconds a call)."""
+    return -(-a // b)
+
+
+# Triton specialises a kernel on whether each pointer is 16-byte aligned: arrays carved
+# from one allocation start at multiples of this many fp32 entries, as separate
+# allocations do, so the same compiled variants run
+_ALIGN_F32 = 4
+
+
+def _f32_arrays(k: int, n: int, dev):
+    """k flat fp32 arrays of at least n entries from one allocation, each 16-byte aligned."""
+    return torch.empty(k, _cdiv(n, _ALIGN_F32) * _ALIGN_F32, device=dev, dtype=torch.float32).unbind(0)
 
 
 def choose_split(t_max: int, n_heads: int, block_n: int, slots: int) -> int:
     """Split length (a multiple of block_n): splits x n_heads programs within ``slots`` (the
     programs one wave of the device holds), one split a head when the heads alone fill it."""
-    n_tiles = triton.cdiv(t_max, block_n)
+    n_tiles = _cdiv(t_max, block_n)
     n_splits = max(1, min(n_tiles, slots // n_heads))
-    return triton.cdiv(n_tiles, n_splits) * block_n
+    return _cdiv(n_tiles, n_splits) * block_n
 
 
-def combine_chunk(dv: int) -> int:
+def combine_chunk(dv: int, interp: bool | None = None) -> int:
     """Splits the combine merges at once for value width dv (a power of two)."""
-    if _interpreting():
+    if _interpreting() if interp is None else interp:
         return INTERPRETED_COMBINE_CHUNK
     return max(1, min(COMBINE_CHUNK, 4096 // dv))
 
@@ -236,18 +262,21 @@ def _parallax_combine_kernel(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O,
     tl.store(O + bh.to(tl.int64) * DV + offs_v, o.to(O.dtype.element_ty))
 
 
-def _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite):
+def _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp):
     if isinstance(q, torch.Tensor) and q.dim() != 3:
         raise LLAInputError(f"q: expected shape (B, H, D), got {tuple(q.shape)}")
     lens = check_cache(q, k_cache, v_cache, lengths, dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS,
-                       check_finite=check_finite)
-    check_probe(r, q, dtypes=SUPPORTED_DTYPES, check_finite=check_finite)
+                       check_finite=False)
+    check_probe(r, q, dtypes=SUPPORTED_DTYPES, check_finite=False)
     if r.dtype != q.dtype:
         raise LLAInputError(f"r: expected q's dtype {q.dtype}, got {r.dtype}")
+    if check_finite:
+        # q, the used cache and r in one reduction: one device-to-host read, not two
+        check_cache_finite(q, k_cache, v_cache, lens, (("r", r),))
     if q.device.type == "cpu" and not _accepts_cpu():
         raise LLAInputError("q: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1) or a CUDA device")
     scale = check_scale(qk_scale, q.shape[-1])
-    bn = _block_n()
+    bn = _block_n(interp)
     if split is None:
         slots = _sm_count(q.device) * RESIDENT_PER_SM[q.shape[-1]]
         split = choose_split(k_cache.shape[2], q.shape[0] * q.shape[1], bn, slots)
@@ -256,46 +285,58 @@ def _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite):
     return lens, scale, split, bn
 
 
-def parallax_decode_partials(q, r, k_cache, v_cache, lengths, *, qk_scale=None, split=None, check_finite=True):
-    """The split kernel alone: per (B*H, n_splits) centred moments (m, omega, dbar, nu', X)
-    and the split length; ``parallax_decode_combine`` finishes them. Exposed so that tests
-    can plant a wrong combine."""
-    lens, scale, split, bn = _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite)
+def _partials(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp):
+    """The split kernel's launch: (m, omega, dbar, nu', X, split, device lengths); m, omega
+    and dbar flat, at least B*H*n_splits entries."""
+    lens, scale, split, bn = _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp)
     B, H, D = q.shape
     Hk, T, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
-    n_splits = triton.cdiv(T, split)
+    n_splits = _cdiv(T, split)
     dev = q.device
-    f32 = dict(device=dev, dtype=torch.float32)
-    m_s = torch.empty(B * H, n_splits, **f32)
-    om_s, db_s = torch.empty_like(m_s), torch.empty_like(m_s)
-    nu_s = torch.empty(B * H, n_splits, Dv, **f32)
-    x_s = torch.empty_like(nu_s)
+    # two allocations, not five: at a small cache each one costs about what the kernels do.
+    # The moments stay contiguous (B*H, n_splits[, Dv]) arrays, as the kernels index them.
+    m_s, om_s, db_s = _f32_arrays(3, B * H * n_splits, dev)
+    nu_s, x_s = torch.empty(2, B * H, n_splits, Dv, device=dev, dtype=torch.float32).unbind(0)
     # lens is on the host (check_cache); a blocking copy would wait for the stream to drain
     # before every launch. A pageable source is staged before the call returns, so the
     # asynchronous copy is safe to drop.
     lens_d = lens.to(dtype=torch.int32).to(device=dev, non_blocking=True)
-    qc, rc, kc, vc = (t.contiguous() for t in (q, r, k_cache, v_cache))
     _parallax_split_kernel[(n_splits, B * H)](
-        qc, rc, kc, vc, lens_d, m_s, om_s, db_s, nu_s, x_s, H, H // Hk, T, n_splits, split, float(scale),
-        D=D, DV=Dv, BLOCK_N=bn, STAGES=SPLIT_STAGES, num_warps=4)
+        q.contiguous(), r.contiguous(), k_cache.contiguous(), v_cache.contiguous(), lens_d, m_s, om_s, db_s, nu_s,
+        x_s, H, H // Hk, T, n_splits, split, float(scale), D=D, DV=Dv, BLOCK_N=bn, STAGES=SPLIT_STAGES, num_warps=4)
+    return m_s, om_s, db_s, nu_s, x_s, split, lens_d
+
+
+def _combine(m_s, om_s, db_s, nu_s, x_s, split, lens_d, q, v_cache, chunk):
+    B, H, _ = q.shape
+    Hk, T, Dv = v_cache.shape[1], v_cache.shape[2], v_cache.shape[-1]
+    o = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
+    _parallax_combine_kernel[(B * H,)](
+        v_cache.contiguous(), lens_d, m_s, om_s, db_s, nu_s, x_s, o,
+        H, H // Hk, T, nu_s.shape[1], split, DV=Dv, CHUNK=chunk, num_warps=4)
+    return o
+
+
+def parallax_decode_partials(q, r, k_cache, v_cache, lengths, *, qk_scale=None, split=None, check_finite=True):
+    """The split kernel alone: per (B*H, n_splits) centred moments (m, omega, dbar, nu', X)
+    and the split length; ``parallax_decode_combine`` finishes them. Exposed so that tests
+    can plant a wrong combine."""
+    m_s, om_s, db_s, nu_s, x_s, split, lens_d = _partials(q, r, k_cache, v_cache, lengths, qk_scale, split,
+                                                          check_finite, _interpreting())
+    N, n_splits = nu_s.shape[:2]
+    m_s, om_s, db_s = (t[:N * n_splits].view(N, n_splits) for t in (m_s, om_s, db_s))
     return {"m": m_s, "omega": om_s, "dbar": db_s, "nu": nu_s, "x": x_s, "split": split, "lengths": lens_d}
 
 
 def parallax_decode_combine(parts, q, v_cache, *, chunk=None):
     """Combine the partial moments of ``parallax_decode_partials`` into o (B, H, Dv),
     ``chunk`` splits at a time (a power of two; None: ``combine_chunk(Dv)``)."""
-    B, H, _ = q.shape
-    Hk, T, Dv = v_cache.shape[1], v_cache.shape[2], v_cache.shape[-1]
     if chunk is None:
-        chunk = combine_chunk(Dv)
+        chunk = combine_chunk(v_cache.shape[-1])
     elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or chunk & (chunk - 1):
         raise LLAInputError(f"chunk: expected None or a power of two >= 1, got {chunk!r}")
-    o = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
-    n_splits = parts["m"].shape[1]
-    _parallax_combine_kernel[(B * H,)](
-        v_cache.contiguous(), parts["lengths"], parts["m"], parts["omega"], parts["dbar"], parts["nu"], parts["x"], o,
-        H, H // Hk, T, n_splits, parts["split"], DV=Dv, CHUNK=chunk, num_warps=4)
-    return o
+    return _combine(parts["m"], parts["omega"], parts["dbar"], parts["nu"], parts["x"], parts["split"],
+                    parts["lengths"], q, v_cache, chunk)
 
 
 def parallax_decode(q, r, k_cache, v_cache, lengths, *, qk_scale=None, split=None, check_finite=True):
@@ -308,6 +349,7 @@ def parallax_decode(q, r, k_cache, v_cache, lengths, *, qk_scale=None, split=Non
     {16, 32, 64, 128}. Returns (B, H, Dv) in q's dtype. ``split``: cache positions per
     program (a multiple of the tile; None picks one from the shape).
     """
-    parts = parallax_decode_partials(q, r, k_cache, v_cache, lengths, qk_scale=qk_scale, split=split,
-                                     check_finite=check_finite)
-    return parallax_decode_combine(parts, q, v_cache)
+    # the environment read once a call: the tile, split and chunk all follow from it
+    interp = _interpreting()
+    parts = _partials(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp)
+    return _combine(*parts, q, v_cache, combine_chunk(v_cache.shape[-1], interp))

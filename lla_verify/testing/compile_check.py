@@ -116,6 +116,8 @@ def _calls(full: bool, dims=None):
 
                 q, _, kc, vc, lens = _decode_inputs(dt, D)
                 lla_decode.lla_decode(q, kc, vc, lens, ridge_lambda=0.1, check_finite=False)
+                # a lambda per head: the solve kernel's other variant (a float is an argument)
+                lla_decode.lla_decode(q, kc, vc, lens, ridge_lambda=torch.full(q.shape[:2], 0.1), check_finite=False)
 
             def parallax_dec(dt=dt, D=D):
                 import parallax_decode
