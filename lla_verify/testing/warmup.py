@@ -97,7 +97,9 @@ def run_one(package: str, dtype: str, D: int, device: str = "cuda") -> None:
         if package == "lla_decode":
             import lla_decode
 
+            # a float lambda and a per-head tensor compile different solve kernels (LAM_PER_HEAD)
             lla_decode.lla_decode(q[:, :, -1], k, v, lengths, ridge_lambda=0.1)
+            lla_decode.lla_decode(q[:, :, -1], k, v, lengths, ridge_lambda=torch.full(q.shape[:2], 0.1, device=q.device))
         else:
             import parallax_decode
 
