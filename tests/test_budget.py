@@ -363,3 +363,34 @@ def test_conditioning_is_blamed_only_for_rows_it_explains():
     v.cause = "conditioning"
     with pytest.raises(AssertionError, match="dv: 1 rows over budget where kappa u_c < 0.1"):
         assert_backward_within_budget(v, DENSE)
+
+
+def test_residual_term_only_where_a_row_needs_it(monkeypatch):
+    # check_backward computes dq, dk, dv's residual term only for a cell over budget without
+    # it: the verdict is the full budget's, and a passing cell's ratio is at least the full one
+    import lla_verify.budget.backward as bw
+    from lla_verify.registry.cases import parse_case
+
+    calls = []
+    real = bw.rho_residual_rms
+
+    def counting(*a, **kw):
+        calls.append(a[5])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bw, "rho_residual_rms", counting)
+    p = parse_case("gaussian:lam=0.1:B=1,H=2,S=24,D=16,dtype=float32,seed=0").build()
+    cot = bw.cotangent_for(p)
+    grads = bw.impl_grads(DENSE, p, cot)
+    lazy = bw.check_backward(p, DENSE, cot=cot, grads=grads, dense=False)
+    assert lazy.passed and all(not names for names in calls), calls
+    d = bw.oracle_pass(bw.kernel_view(p, DENSE)).details
+    full = bw.backward_budget(p, DENSE, cot, ["dq", "dk", "dv"], details=d, dense=False)
+    full_ratio = max(float((bw._row_norm(grads[n].double() - full.ref[n], n) / full.grads[n].allowed)
+                           .masked_fill(~full.grads[n].judged, 0).max()) for n in ("dq", "dk", "dv"))
+    assert lazy.ratio >= full_ratio * (1 - 1e-12), (lazy.ratio, full_ratio)
+    # a cell over budget without the term gets it: every dq row 30% off its float64 value
+    calls.clear()
+    off = dict(grads, dq=grads["dq"] * 1.3)
+    v = bw.check_backward(p, DENSE, cot=cot, grads=off, dense=False)
+    assert not v.passed and any(names for names in calls), calls
