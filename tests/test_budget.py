@@ -256,6 +256,51 @@ def test_gradient_budget_covers_the_forward_solves_residual():
     assert max(ratios) > 0.05, ratios
 
 
+# The same residual through dq (error-model.md §6): on one-hot rows (bandwidth scale 100,
+# lambda 1e-3, kappa ~ 1e5) dq_i responds to r_i through one scalar, the channel dlambda_i
+# has, so two random Sigma_i probes can miss it as they miss dlambda's. An H200 failed
+# lla_triton's dq at 1.35 on `bandwidth:lam=0.001,scale=100:B=1,H=1,S=1000,D=64,dtype=float32`
+# (row 812: error 67.6, allowed 50.2; the row's RMS response to its allowed residual is 49.7).
+ONE_HOT_CASE = "bandwidth:lam=0.001,scale=100:B=1,H=1,S=48,D=64,dtype=float32,seed=0"
+
+
+def test_gradient_budget_covers_the_forward_solves_residual_through_dq():
+    # A residual of the allowed size whose component along the response direction is a
+    # 3.5-sigma draw (cos = 3.5 / sqrt(D); among the ~1e3 rows of an audit cell a few draw
+    # that much): dq within budget. Planted (budget.rho_residual_rms's term removed): dq fails
+    # at 1.2; with it the worst is dlambda, whose own term covers it, at 0.34.
+    from lla_verify.budget.backward import cotangent_for, solve_residual
+    from lla_verify.registry.cases import parse_case
+    from lla_verify.registry.impls import with_overrides
+    from lla_verify.oracles.float64 import lla_forward_details, lla_forward_mu_shift
+
+    p = parse_case(ONE_HOT_CASE).build()
+    impl = with_overrides(DENSE, name="cg-1e-7", solver_tol=1e-7)
+    d = lla_forward_details(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale)
+    cot = cotangent_for(p).to(p.q.dtype).to(torch.float64)
+    size = solve_residual(d, impl)[..., None]
+    D = p.q.shape[-1]
+    # dlambda_i's gradient in the shift of mu_i: the direction dq_i responds along here
+    xs = [t.to(torch.float64) for t in (p.q, p.k, p.v)]
+    lam = p.lam_tensor.to(torch.float64).detach().clone().requires_grad_()
+    shift = torch.zeros(p.q.shape, dtype=torch.float64, requires_grad=True)
+    o = lla_forward_mu_shift(*xs, ridge_lambda=lam, shift=shift, qk_scale=p.qk_scale)
+    (gl,) = torch.autograd.grad(o, lam, cot, create_graph=True)
+    (j,) = torch.autograd.grad(gl.sum(), shift)
+    jn = j.norm(dim=-1, keepdim=True)
+    live = jn > 1e-150
+    jhat = torch.where(live, j / jn.clamp_min(1e-150), 0.0)
+    c = torch.where(live, 3.5 / math.sqrt(D), 0.0)
+    for seed in range(2):
+        x = torch.randn(p.q.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        x = x - (x * jhat).sum(-1, keepdim=True) * jhat
+        x = x / x.norm(dim=-1, keepdim=True)
+        grads = _grads_with_rho_residual(p, cot, (c * jhat + (1 - c * c).sqrt() * x) * size)
+        v = check_backward(p, impl, cot=cot, grads=grads, dense=False)
+        assert v.passed, v.message
+        assert v.ratio > 0.1, v.message  # not vacuous
+
+
 def test_row_kappa_follows_causality():
     # dq, dlambda: the row's own kappa; dk, dv at key j: the largest kappa of the defined
     # queries i >= j (an unmeasured one counts as infinite, an undefined one as nothing)
@@ -318,3 +363,34 @@ def test_conditioning_is_blamed_only_for_rows_it_explains():
     v.cause = "conditioning"
     with pytest.raises(AssertionError, match="dv: 1 rows over budget where kappa u_c < 0.1"):
         assert_backward_within_budget(v, DENSE)
+
+
+def test_residual_term_only_where_a_row_needs_it(monkeypatch):
+    # check_backward computes dq, dk, dv's residual term only for a cell over budget without
+    # it: the verdict is the full budget's, and a passing cell's ratio is at least the full one
+    import lla_verify.budget.backward as bw
+    from lla_verify.registry.cases import parse_case
+
+    calls = []
+    real = bw.rho_residual_rms
+
+    def counting(*a, **kw):
+        calls.append(a[5])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bw, "rho_residual_rms", counting)
+    p = parse_case("gaussian:lam=0.1:B=1,H=2,S=24,D=16,dtype=float32,seed=0").build()
+    cot = bw.cotangent_for(p)
+    grads = bw.impl_grads(DENSE, p, cot)
+    lazy = bw.check_backward(p, DENSE, cot=cot, grads=grads, dense=False)
+    assert lazy.passed and all(not names for names in calls), calls
+    d = bw.oracle_pass(bw.kernel_view(p, DENSE)).details
+    full = bw.backward_budget(p, DENSE, cot, ["dq", "dk", "dv"], details=d, dense=False)
+    full_ratio = max(float((bw._row_norm(grads[n].double() - full.ref[n], n) / full.grads[n].allowed)
+                           .masked_fill(~full.grads[n].judged, 0).max()) for n in ("dq", "dk", "dv"))
+    assert lazy.ratio >= full_ratio * (1 - 1e-12), (lazy.ratio, full_ratio)
+    # a cell over budget without the term gets it: every dq row 30% off its float64 value
+    calls.clear()
+    off = dict(grads, dq=grads["dq"] * 1.3)
+    v = bw.check_backward(p, DENSE, cot=cot, grads=off, dense=False)
+    assert not v.passed and any(names for names in calls), calls
