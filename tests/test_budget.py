@@ -394,3 +394,31 @@ def test_residual_term_only_where_a_row_needs_it(monkeypatch):
     off = dict(grads, dq=grads["dq"] * 1.3)
     v = bw.check_backward(p, DENSE, cot=cot, grads=off, dense=False)
     assert not v.passed and any(names for names in calls), calls
+
+
+# A float16 gradient whose exact value is beyond float16's range (|dk| up to 8.1e4 > 65504
+# at a well-posed key: two duplicate keys under lambda 1e-4; the lla_triton dk of a
+# seed-5 GPU run): its correctly rounded value is +-Inf, judged for sign and NaN only.
+RANGE_CASE = "duplicates:lam=0.0001,pool=8:B=2,H=2,S=2,D=16,dtype=float16,seed=0"
+
+
+def test_a_gradient_beyond_its_dtypes_range_is_judged_by_sign():
+    from lla_verify.registry.cases import parse_case
+
+    p = parse_case(RANGE_CASE).build()
+    exact = _oracle_grads_as_impl(p)
+    rounded = {n: g.to(torch.float16) for n, g in exact.items()}
+    assert bool(torch.isinf(rounded["dk"]).any()) and not bool(torch.isinf(exact["dk"]).any())
+    v = check_backward(p, DENSE, grads={n: g.clone() for n, g in rounded.items()}, dense=False)
+    assert v.passed and "exceeds the gradient dtype's range (dk 2)" in v.message, v.message
+    where = torch.isinf(rounded["dk"]).nonzero()[0].tolist()
+    for planted, cause in ((lambda g: g.neg_(), "the wrong sign"), (lambda g: g.fill_(math.nan), "a NaN")):
+        g = {n: t.clone() for n, t in rounded.items()}
+        g["dk"][tuple(where)] = planted(g["dk"][tuple(where)].clone())
+        v = check_backward(p, DENSE, grads=g, dense=False)
+        assert not v.passed and v.cause == "non-finite", (cause, v.message)
+    # an Inf where the exact gradient is within range still fails
+    g = {n: t.clone() for n, t in rounded.items()}
+    g["dv"][0, 0, 0, 0] = math.inf
+    v = check_backward(p, DENSE, grads=g, dense=False)
+    assert not v.passed and v.cause == "non-finite", v.message

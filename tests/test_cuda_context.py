@@ -77,7 +77,9 @@ def test_check_remembers_the_first_loss(planted):
 
 
 def test_no_cuda_no_sync(monkeypatch):
-    # a process that never initialised CUDA is not made to (here: no torch CUDA at all)
+    # a process that never initialised CUDA is not made to; on a GPU machine this worker
+    # has already initialised it, so the process is made to look as if it had not
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setattr(cuda_context, "_synchronize", lambda: pytest.fail("synchronised without CUDA"))
     cuda_context._reset_for_tests()
     assert cuda_context.probe() is None

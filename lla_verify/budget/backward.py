@@ -17,7 +17,7 @@ from lla_verify.registry.precision import unit_roundoff
 from lla_verify.oracles.float64 import (LLADetails, lla_forward, lla_forward_details, lla_forward_mu_shift,
                                         lla_forward_sigma_probe)
 from lla_verify.budget.forward import U64, lam_on_device, kernel_view, rounding_note, same_precision_allowed
-from lla_verify.budget.verdict import THRESHOLD, Verdict, record
+from lla_verify.budget.verdict import THRESHOLD, Verdict, beyond_range, overflow_ok, record
 
 
 GRAD_SAFETY = 8.0  # gradients chain two solves (rho and the adjoint u): a wider factor, as JAX keeps
@@ -543,11 +543,11 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     # budget without the term, at least the full budget's ratios (error-model.md §6).
     bb = backward_budget(problem, impl, cot, returned, details=d, dense=dense, h=h, ref=ref, rho_jac=rho_jac,
                          residual_rms=False)
-    if any(float(_row_ratios(got[n], _row_norm(got[n].to(torch.float64) - bb.ref[n], n), bb.grads[n], n)[0]
+    if any(float(_row_ratios(got[n], _row_norm(got[n].to(torch.float64) - bb.ref[n], n), bb.grads[n], n, bb.ref[n])[0]
                  .nan_to_num(nan=math.inf).max()) > THRESHOLD for n in returned if n != "dlambda"):
         bb = backward_budget(problem, impl, cot, returned, details=d, dense=dense, h=h, ref=ref, rho_jac=rho_jac)
     lines, worst, worst_plain = [], (0.0, None, None), (0.0, None, None)
-    per_query, nonfinite, n_overflow = {}, 0, 0
+    per_query, nonfinite, n_overflow, n_range = {}, 0, 0, {}
     for name in GRAD_NAMES:
         if name in not_checked:
             lines.append(f"  {name:8s} not checked: {impl.skip_reason(name) or 'not among the gradients the record names'}")
@@ -562,9 +562,11 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
         g_ref = bb.ref[name]
         diff = (got[name].to(torch.float64) - g_ref)
         err = _row_norm(diff, name)
-        r, n_bad, n_over = _row_ratios(got[name], err, gb, name)
+        r, n_bad, n_over, n_rng = _row_ratios(got[name], err, gb, name, g_ref)
         nonfinite += n_bad
         n_overflow += n_over
+        if n_rng:
+            n_range[name] = n_rng
         flat = torch.nan_to_num(r.flatten(), nan=math.inf, posinf=math.inf)
         k = int(torch.argmax(flat))
         idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(k), r.shape))
@@ -586,7 +588,7 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     if cause == "implementation" and widx is not None:
         cause, extra = _conditioning_cause(worst_plain, d.kappa, defined, wname, widx, bb.u_c)
     msg = _backward_message(impl, case, bb, lines, not_checked, ratio, passed, wname, widx, n_overflow,
-                            cause + extra, rounding_note(given, impl))
+                            cause + extra, rounding_note(given, impl), n_range)
     record("backward", impl.name, ratio, case)
     return Verdict("backward", impl.name, case, ratio, passed, cause, msg, widx, int(defined.sum()),
                    int(d.undefined.sum()), per_query, {"ratio": ratio, "cause": cause, "worst_tensor": wname,
@@ -596,10 +598,11 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
                                                         "grads_not_checked": not_checked})
 
 
-def _row_ratios(g: torch.Tensor, err: torch.Tensor, gb: GradBudget, name: str) -> tuple:
+def _row_ratios(g: torch.Tensor, err: torch.Tensor, gb: GradBudget, name: str, ref: torch.Tensor) -> tuple:
     """(error / allowed per row, rows with a non-finite gradient that fail, rows beyond the
-    compute precision that overflowed to Inf): a judged row's ratio, 0 elsewhere, and inf
-    for a failing non-finite row."""
+    compute precision that overflowed to Inf, rows whose exact gradient is beyond the
+    gradient dtype's range): a judged row's ratio, 0 elsewhere, and inf for a failing
+    non-finite row."""
     g64 = g.to(torch.float64)
     fin, not_nan = torch.isfinite(g64), ~torch.isnan(g64)
     fin, not_nan = (fin, not_nan) if name == "dlambda" else (fin.all(-1), not_nan.all(-1))
@@ -609,13 +612,23 @@ def _row_ratios(g: torch.Tensor, err: torch.Tensor, gb: GradBudget, name: str) -
     beyond_rows = gb.rows & ~gb.judged & ~gb.unmeasured
     n_overflow = int((beyond_rows & ~fin & not_nan).sum())
     fin = torch.where(beyond_rows, not_nan, fin)
-    r = torch.where(gb.judged, err / gb.allowed, torch.zeros_like(err))
+    # A row whose float64 gradient has an element that rounds to +-Inf in the gradient's
+    # dtype (fp16's 65504 is reached by well-posed problems with small lambda): its
+    # correctly rounded value is infinite, so no finite error is measured there. It is
+    # judged as the forward judges such rows (verdict.overflow_ok): no NaN, and each such
+    # element at least the dtype's largest finite value with the exact value's sign.
+    ex, got = (ref[..., None], g64[..., None]) if name == "dlambda" else (ref, g64)
+    in_range = ~beyond_range(ex, g.dtype) if g.dtype.is_floating_point else torch.ones_like(fin)
+    out_of_range = gb.rows & ~in_range
+    fin = torch.where(out_of_range, overflow_ok(got, ex, g.dtype), fin)
+    r = torch.where(gb.judged & in_range, err / gb.allowed, torch.zeros_like(err))
     r = torch.where(gb.rows & ~fin, torch.full_like(r, math.inf), r)
-    return r, int((gb.rows & ~fin).sum()), n_overflow
+    return r, int((gb.rows & ~fin).sum()), n_overflow, int(out_of_range.sum())
 
 
 def _backward_message(impl: Impl, case: str, bb: BackwardBudget, lines: list, not_checked: list, ratio: float,
-                      passed: bool, wname, widx, n_overflow: int, cause_txt: str, note: str) -> str:
+                      passed: bool, wname, widx, n_overflow: int, cause_txt: str, note: str,
+                      n_range: dict | None = None) -> str:
     d, beyond_q, beyond_k = bb.details, bb.beyond_q, bb.beyond_k
     defined = ~d.undefined
     kappa_q = torch.nan_to_num(d.kappa, nan=math.inf, posinf=math.inf)
@@ -635,6 +648,9 @@ def _backward_message(impl: Impl, case: str, bb: BackwardBudget, lines: list, no
                f"precision (kappa u_c >= {BEYOND_PRECISION:g}, kappa up to {float(kappa_q[beyond_q].max()):.2e}): "
                "no budget applies, a NaN still fails" if bool(beyond_q.any()) else "")
             + (f"; {n_overflow} of those rows overflowed to Inf (counted, not failed)" if n_overflow else "")
+            + (f"\n  rows whose exact gradient exceeds the gradient dtype's range "
+               f"({', '.join(f'{n} {c}' for n, c in n_range.items())}): judged for NaN and for overflowing "
+               "with the right sign" if n_range else "")
             + (f"\n  model scaled by the same-precision reference ({', '.join(scaled)}: FA factor x its "
                "worst error / model on this problem)" if scaled else "")
             + f"\n  cause: {cause_txt}"
