@@ -9,6 +9,8 @@ gradients are judged in tests/test_kernel_parallax.py.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -255,3 +257,39 @@ def test_a_one_hot_dk_row_is_judged_at_its_own_scale():
     v = bp.check_parallax_backward(p.q, p.k, p.v, p.r, do, tuple(gd), impl="dk_1 40x its median", case=LARGE_NORM,
                                    qk_scale=p.qk_scale, pb=pb)
     assert not v.passed and v.worst[0] == "dk" and v.worst[1][-1] == 1, v.message
+
+
+# A float16 problem whose exact gradients pass float16's 65504: the gradients are linear in
+# the cotangent, and one of 2e4 x N(0, 1) takes dv to 8.1e4 at two rows and dr to 1.2e5 at
+# four; the correctly rounded value there is +-Inf, judged for sign and NaN only
+# (docs/error-model.md §2.4)
+FP16_RANGE = "gaussian:lam=1:B=1,H=2,S=8,D=16,dtype=float16,seed=0;probe=random:amp=1"
+
+
+def test_a_gradient_beyond_its_dtypes_range_is_judged_by_sign():
+    p = parse_parallax_case(FP16_RANGE).build("cpu")
+    gen = torch.Generator().manual_seed(0)
+    do = (2e4 * torch.randn(tuple(p.v.shape), generator=gen, dtype=torch.float64)).to(torch.float16)
+    g64 = _oracle_grads(p, do)
+    rounded = tuple(g.to(torch.float16) for g in g64)
+    assert not any(bool(torch.isinf(g).any()) for g in g64)
+    assert [int(torch.isinf(g).any(-1).sum()) for g in rounded] == [0, 0, 2, 4], "no longer overflows: pick another"
+    pb = bp.parallax_backward_budget(p.q, p.k, p.v, p.r, do, qk_scale=p.qk_scale, grad_dtype=torch.float16)
+
+    def judge(grads, impl):
+        return bp.check_parallax_backward(p.q, p.k, p.v, p.r, do, grads, impl=impl, case=FP16_RANGE,
+                                          qk_scale=p.qk_scale, pb=pb)
+
+    v = judge(rounded, "oracle rounded to fp16")
+    assert v.passed and v.summary["n_beyond_range"] == 6, v.message
+    assert "exact gradient exceeds the gradient dtype's range (dv 2, dr 4): judged for NaN" in v.message, v.message
+    at = tuple(torch.isinf(rounded[3]).nonzero()[0].tolist())
+    in_range = tuple((~torch.isinf(rounded[0]).any(-1)).nonzero()[0].tolist()) + (0,)
+    plants = {"the wrong sign": (3, at, lambda x: -x), "a NaN": (3, at, lambda x: x * math.nan),
+              "a row saturated below the range": (3, at[:-1], lambda x: x.clamp(-6e4, 6e4)),
+              "an Inf where the exact gradient is in range": (0, in_range, lambda x: x.sign() * math.inf)}
+    for what, (n, where, plant) in plants.items():
+        g = [t.clone() for t in rounded]
+        g[n][where] = plant(g[n][where])
+        v = judge(tuple(g), f"planted: {what}")
+        assert not v.passed and v.cause == "non-finite", (what, v.message)
