@@ -163,7 +163,7 @@ def _parallax_verdict(check: str, what: str, impl: str, case: str, r, o64, judge
     err = torch.where(judged & ~beyond, (o64 - pb.o).norm(dim=-1), torch.zeros_like(pb.allowed))
     ratio_q, finite, beyond = row_ratios(err, pb.allowed, o64, pb.o, judged, out_dtype)
     finite = finite | ~judged
-    flat = torch.nan_to_num(ratio_q.flatten(), nan=math.inf)
+    flat = torch.nan_to_num(ratio_q.flatten(), nan=math.inf, posinf=math.inf)
     worst = int(torch.argmax(flat))
     idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(worst), ratio_q.shape))
     ratio = float(flat[worst])
@@ -605,7 +605,7 @@ def check_parallax_backward(q, k, v, r, do, grads, *, impl: str, case: str, qk_s
                                                  torch.ones_like(err, dtype=torch.bool), gdt)
         if bool(beyond.any()):
             n_range[name] = int(beyond.sum())
-        flat = torch.nan_to_num(ratio_x.flatten(), nan=math.inf)
+        flat = torch.nan_to_num(ratio_x.flatten(), nan=math.inf, posinf=math.inf)
         at = int(torch.argmax(flat))
         per_query[name] = {"err": err, "allowed": allowed, "ratio": ratio_x, "dense_err": de, "dense_max": top,
                            "score": sc}
