@@ -229,29 +229,41 @@ def _grads_with_rho_residual(p, cot, residual):
     return dict(zip(("dq", "dk", "dv", "dlambda"), torch.autograd.grad(o, xs + [lam], cot)))
 
 
+def _residual_setup(case: str):
+    """(problem, DENSE judged as a CG solve to 1e-7, the float64 cotangent, the residual
+    size the forward model allows each row, shape (B, H, S, 1)) for ``case``."""
+    from lla_verify.budget.backward import cotangent_for, solve_residual
+    from lla_verify.oracles.float64 import lla_forward_details
+    from lla_verify.registry.cases import parse_case
+    from lla_verify.registry.impls import with_overrides
+
+    p = parse_case(case).build()
+    impl = with_overrides(DENSE, name="cg-1e-7", solver_tol=1e-7)
+    d = lla_forward_details(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale)
+    cot = cotangent_for(p).to(p.q.dtype).to(torch.float64)
+    return p, impl, cot, solve_residual(d, impl)[..., None]
+
+
+def _check_with_rho_residual(p, impl, cot, residual):
+    """check_backward's verdict on the gradients from rho_i with the solve residual
+    ``residual``; asserts it passed."""
+    grads = _grads_with_rho_residual(p, cot, residual)
+    v = check_backward(p, impl, cot=cot, grads=grads, dense=False)
+    assert v.passed, v.message
+    return v
+
+
 def test_gradient_budget_covers_the_forward_solves_residual():
     # A forward solve that stops with the residual the forward model allows,
     # ||r_i|| = (tol + sqrt(D) u_c a_i) ||mu_i|| (budget.solve_residual), in a random
     # direction per row: the gradient a backward computes from that rho is within budget.
     # Planted (the term removed from check_backward): 5 of these 8 directions fail, worst 2.9;
     # with it the worst is 0.25.
-    from lla_verify.budget.backward import cotangent_for, solve_residual
-    from lla_verify.registry.cases import parse_case
-    from lla_verify.registry.impls import with_overrides
-    from lla_verify.oracles.float64 import lla_forward_details
-
-    p = parse_case(RESIDUAL_CASE).build()
-    impl = with_overrides(DENSE, name="cg-1e-7", solver_tol=1e-7)
-    d = lla_forward_details(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale)
-    cot = cotangent_for(p).to(p.q.dtype).to(torch.float64)
-    size = solve_residual(d, impl)[..., None]
+    p, impl, cot, size = _residual_setup(RESIDUAL_CASE)
     ratios = []
     for seed in range(8):
         x = torch.randn(p.q.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        grads = _grads_with_rho_residual(p, cot, x / x.norm(dim=-1, keepdim=True) * size)
-        v = check_backward(p, impl, cot=cot, grads=grads, dense=False)
-        ratios.append(v.ratio)
-        assert v.passed, v.message
+        ratios.append(_check_with_rho_residual(p, impl, cot, x / x.norm(dim=-1, keepdim=True) * size).ratio)
     # not vacuous: the residual costs dlambda a visible share of its budget
     assert max(ratios) > 0.05, ratios
 
@@ -269,16 +281,9 @@ def test_gradient_budget_covers_the_forward_solves_residual_through_dq():
     # 3.5-sigma draw (cos = 3.5 / sqrt(D); among the ~1e3 rows of an audit cell a few draw
     # that much): dq within budget. Planted (budget.rho_residual_rms's term removed): dq fails
     # at 1.2; with it the worst is dlambda, whose own term covers it, at 0.34.
-    from lla_verify.budget.backward import cotangent_for, solve_residual
-    from lla_verify.registry.cases import parse_case
-    from lla_verify.registry.impls import with_overrides
-    from lla_verify.oracles.float64 import lla_forward_details, lla_forward_mu_shift
+    from lla_verify.oracles.float64 import lla_forward_mu_shift
 
-    p = parse_case(ONE_HOT_CASE).build()
-    impl = with_overrides(DENSE, name="cg-1e-7", solver_tol=1e-7)
-    d = lla_forward_details(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale)
-    cot = cotangent_for(p).to(p.q.dtype).to(torch.float64)
-    size = solve_residual(d, impl)[..., None]
+    p, impl, cot, size = _residual_setup(ONE_HOT_CASE)
     D = p.q.shape[-1]
     # dlambda_i's gradient in the shift of mu_i: the direction dq_i responds along here
     xs = [t.to(torch.float64) for t in (p.q, p.k, p.v)]
@@ -295,9 +300,7 @@ def test_gradient_budget_covers_the_forward_solves_residual_through_dq():
         x = torch.randn(p.q.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         x = x - (x * jhat).sum(-1, keepdim=True) * jhat
         x = x / x.norm(dim=-1, keepdim=True)
-        grads = _grads_with_rho_residual(p, cot, (c * jhat + (1 - c * c).sqrt() * x) * size)
-        v = check_backward(p, impl, cot=cot, grads=grads, dense=False)
-        assert v.passed, v.message
+        v = _check_with_rho_residual(p, impl, cot, (c * jhat + (1 - c * c).sqrt() * x) * size)
         assert v.ratio > 0.1, v.message  # not vacuous
 
 

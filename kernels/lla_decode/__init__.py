@@ -27,7 +27,6 @@ the keys cancels there, as in the float64 oracle. Imports torch, triton and lla_
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -36,6 +35,8 @@ import triton.language as tl
 
 from lla_contract import (LLAInputError, check_cache, check_delta_eps, check_lambda, check_lambda_value,
                           check_nonnegative, check_scale)
+from lla_contract.host import (cdiv as _cdiv, f32_arrays as _f32_arrays, interpreting as _interpreting,
+                               sm_count as _sm_count)
 
 __all__ = ["lla_decode", "lla_decode_stages", "LLAInputError", "DEFAULT_CG_TOL", "DEFAULT_DELTA_EPS",
            "CG_ITERS_PER_DIM", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "BLOCK_N",
@@ -51,7 +52,6 @@ DEFAULT_DELTA_EPS = 2.0**-22
 # from ptxas's registers a thread: 65536 / (128 x regs)). With no split size given, the output
 # pass, a memory-bound read of the cache like Parallax's, aims at one wave of the SMs.
 RESIDENT_PER_SM = {16: 4, 32: 4, 64: 4, 128: 2}
-DEFAULT_SMS = 132  # an H100/H200's SMs, when there is no CUDA device to ask
 # A split's Sigma_s (8 D^2 bytes, written once and read once) costs at most half the cache
 # bytes it summarises (4 D a position at 16 bits): a split holds at least 8 D positions.
 MIN_SPLIT_PER_DIM = 8
@@ -74,11 +74,6 @@ BLOCK_N = 64
 INTERPRETED_BLOCK_N = 16
 
 
-def _interpreting() -> bool:
-    """Triton runs kernels through its interpreter: picks the tile (and so the split size)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _accepts_cpu() -> bool:
     """CPU tensors run only under the interpreter. A name apart from ``_interpreting`` so that
     lla_verify.testing.compile_check can let CPU tensors through to compile the kernels
@@ -94,38 +89,6 @@ def tile_size() -> int:
     """Cache positions per tile in this process (BLOCK_N, or INTERPRETED_BLOCK_N under the
     interpreter): a ``split`` must be a positive multiple of it."""
     return _block_n()
-
-
-# SM counts by CUDA device index: a decode call at a small cache is microseconds of GPU
-# work, and the properties query costs a noticeable part of that on every call
-_SM_COUNTS: dict[int, int] = {}
-
-
-def _sm_count(device) -> int:
-    if device.type != "cuda":
-        return DEFAULT_SMS
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    n = _SM_COUNTS.get(idx)
-    if n is None:
-        n = _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return n
-
-
-def _cdiv(a: int, b: int) -> int:
-    """ceil(a / b) of host integers (triton.cdiv is a jit function: from the host, each call
-    goes through Triton's argument unwrapping, microseconds a call)."""
-    return -(-a // b)
-
-
-# Triton specialises a kernel on whether each pointer is 16-byte aligned: arrays carved
-# from one allocation start at multiples of this many fp32 entries, as separate
-# allocations do, so the same compiled variants run
-_ALIGN_F32 = 4
-
-
-def _f32_arrays(k: int, n: int, dev):
-    """k flat fp32 arrays of at least n entries from one allocation, each 16-byte aligned."""
-    return torch.empty(k, _cdiv(n, _ALIGN_F32) * _ALIGN_F32, device=dev, dtype=torch.float32).unbind(0)
 
 
 def choose_split(t_max: int, n_heads: int, block_n: int, slots: int, min_split: int) -> int:

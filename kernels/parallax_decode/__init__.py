@@ -25,13 +25,13 @@ Imports torch, triton and lla_contract only.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from lla_contract import LLAInputError, check_cache, check_cache_finite, check_probe, check_scale
+from lla_contract.host import (cdiv as _cdiv, f32_arrays as _f32_arrays, interpreting as _interpreting,
+                               sm_count as _sm_count)
 
 __all__ = ["parallax_decode", "parallax_decode_partials", "parallax_decode_combine", "LLAInputError",
            "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "BLOCK_N", "INTERPRETED_BLOCK_N", "tile_size",
@@ -45,7 +45,6 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # D and Dv: powers of two (tl.arange ne
 # one wave of the SMs (SM count x this): a second, partial wave would leave most SMs idle
 # while it runs, and more splits than that only add partials to combine.
 RESIDENT_PER_SM = {16: 4, 32: 4, 64: 4, 128: 2}
-DEFAULT_SMS = 132  # an H100/H200's SMs, when there is no CUDA device to ask
 # cache tiles a split program keeps in flight (cp.async into shared memory) while it works on
 # the one before: the split kernel is memory-bound, and without them each program waits for
 # every tile's load before computing (Triton pipelines only the loads of dot products unless
@@ -59,11 +58,6 @@ INTERPRETED_COMBINE_CHUNK = 2
 # as numpy, where small tiles keep the CPU tests fast.
 BLOCK_N = 64
 INTERPRETED_BLOCK_N = 16
-
-
-def _interpreting() -> bool:
-    """Triton runs kernels through its interpreter: picks the tile (and so the split size)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _accepts_cpu() -> bool:
@@ -81,38 +75,6 @@ def tile_size() -> int:
     """Cache positions per tile in this process (BLOCK_N, or INTERPRETED_BLOCK_N under the
     interpreter): a ``split`` must be a positive multiple of it."""
     return _block_n()
-
-
-# SM counts by CUDA device index: a decode call is microseconds of GPU work, and the
-# properties query costs a noticeable part of that on every call
-_SM_COUNTS: dict[int, int] = {}
-
-
-def _sm_count(device) -> int:
-    if device.type != "cuda":
-        return DEFAULT_SMS
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    n = _SM_COUNTS.get(idx)
-    if n is None:
-        n = _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return n
-
-
-def _cdiv(a: int, b: int) -> int:
-    """ceil(a / b) of host integers (triton.cdiv is a jit function: from the host, each call
-    goes through Triton's argument unwrapping, microseconds a call)."""
-    return -(-a // b)
-
-
-# Triton specialises a kernel on whether each pointer is 16-byte aligned: arrays carved
-# from one allocation start at multiples of this many fp32 entries, as separate
-# allocations do, so the same compiled variants run
-_ALIGN_F32 = 4
-
-
-def _f32_arrays(k: int, n: int, dev):
-    """k flat fp32 arrays of at least n entries from one allocation, each 16-byte aligned."""
-    return torch.empty(k, _cdiv(n, _ALIGN_F32) * _ALIGN_F32, device=dev, dtype=torch.float32).unbind(0)
 
 
 def choose_split(t_max: int, n_heads: int, block_n: int, slots: int) -> int:
