@@ -61,6 +61,33 @@ def no_long_work():
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_worker_process():
+    """check runs its cell in a child process (trust.Worker). One child serves the module's
+    commands, as one serves all of an audit's cells, instead of a fresh spawn (an interpreter
+    importing torch) per valid command: every cell still crosses the process boundary."""
+    from lla_verify import trust
+
+    real = trust.Worker
+    kept: dict = {}
+
+    class Kept(real):
+        def close(self):  # ended at the module's teardown
+            pass
+
+    def worker(call_limit=trust.DEFAULT_CALL_TIMEOUT, hard_limit=None):
+        key = (call_limit, hard_limit)
+        if key not in kept:
+            kept[key] = Kept(call_limit, hard_limit)
+        return kept[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trust, "Worker", worker)
+        yield
+    for w in kept.values():
+        real.close(w)
+
+
 def run(argv, capsys):
     try:
         rc = main(argv)
