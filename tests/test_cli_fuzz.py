@@ -24,6 +24,7 @@ from lla_verify.commands import cg as cg_study
 from lla_verify.commands import goldens
 from lla_verify.registry.cases import FAMILIES, SEED_MAX, Case
 from lla_verify.cli import COMMANDS, main
+from lla_verify.testing.kept_worker import kept_workers
 
 def fuzz(n: int):
     return settings(max_examples=n, deadline=None, suppress_health_check=list(HealthCheck))
@@ -63,29 +64,10 @@ def no_long_work():
 
 @pytest.fixture(scope="module", autouse=True)
 def one_worker_process():
-    """check runs its cell in a child process (trust.Worker). One child serves the module's
-    commands, as one serves all of an audit's cells, instead of a fresh spawn (an interpreter
-    importing torch) per valid command: every cell still crosses the process boundary."""
-    from lla_verify import trust
-
-    real = trust.Worker
-    kept: dict = {}
-
-    class Kept(real):
-        def close(self):  # ended at the module's teardown
-            pass
-
-    def worker(call_limit=trust.DEFAULT_CALL_TIMEOUT, hard_limit=None):
-        key = (call_limit, hard_limit)
-        if key not in kept:
-            kept[key] = Kept(call_limit, hard_limit)
-        return kept[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trust, "Worker", worker)
+    """check runs its cell in a child process (trust.Worker): one kept child serves the
+    module's commands instead of a fresh spawn per valid command (kept_worker.py)."""
+    with kept_workers():
         yield
-    for w in kept.values():
-        real.close(w)
 
 
 def run(argv, capsys):
