@@ -18,6 +18,7 @@ from lla_verify.goldens import compare as gcompare
 from lla_verify.registry.cases import FAMILIES
 from lla_verify.cli import main
 from lla_verify.registry.impls import Impl, get_impl
+from lla_verify.testing.kept_worker import kept_workers
 from lla_verify.oracles.float64 import mesanet_attention, softmax_attention
 from lla_contract import check_lambda, check_qkv, check_scale
 
@@ -660,6 +661,13 @@ def test_planted_bugs_fail_the_operator_goldens(op, mutant, golden, capsys):
 
 
 def test_compare_op_cli_and_usage_errors(capsys):
+    # nine operator sections over three commands, each isolated: one kept child serves them
+    # all instead of a spawn per section (lla_verify/testing/kept_worker.py)
+    with kept_workers():
+        _compare_op_cli_and_usage_errors(capsys)
+
+
+def _compare_op_cli_and_usage_errors(capsys):
     only = ["first-token-f32-S1-D4", PX_SMALL, DEC_FIRST, PXDEC]
     base = ["goldens", "compare", "--op", "all", "--impl", "torch-fp32", "--parallax-impl", "parallax-dense",
             "--decode-impl", "lla-decode-oracle", "--parallax-decode-impl", "parallax-decode-oracle", "--only", *only]
