@@ -108,6 +108,7 @@ def test_planted_omega_bug_fails_with_implementation_attribution(tmp_path):
     assert "FAIL" in html and "implementation" in html and "lla-verify check --case" in html
 
 
+@pytest.mark.usefixtures("sigint_as_a_shell_gives_it")
 def test_interrupted_audit_writes_a_partial_report_that_fails(tmp_path):
     # a scheduler's timeout or Ctrl-C mid-sweep: the finished cells are kept, marked partial.
     # The interrupt is a real SIGINT (one the implementation raises itself is its failure,
