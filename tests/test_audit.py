@@ -23,6 +23,7 @@ from lla_verify.audit import run as audit_run
 from lla_verify.commands import audit as cmd_audit
 from lla_verify.registry.cases import Case
 from lla_verify.cli import main
+from lla_verify.testing.kept_worker import kept_workers
 from lla_verify.cliutil import UsageError
 from lla_verify.registry.impls import Impl, get_impl
 from lla_verify.oracles.dense import dense_torch_lla
@@ -56,6 +57,14 @@ def omega_dropped_lla(q, k, v, *, ridge_lambda, qk_scale=None):
 
 def _cells(cases):
     return [audit_plan.Cell("test", c) for c in cases]
+
+
+@pytest.fixture
+def one_child():
+    """Tests that run several isolated audits or checks: one kept Worker child serves them
+    all instead of a spawn per command (lla_verify/testing/kept_worker.py)."""
+    with kept_workers():
+        yield
 
 
 def _run_cli(argv, capsys):
@@ -99,6 +108,7 @@ def test_planted_omega_bug_fails_with_implementation_attribution(tmp_path):
     assert "FAIL" in html and "implementation" in html and "lla-verify check --case" in html
 
 
+@pytest.mark.usefixtures("sigint_as_a_shell_gives_it")
 def test_interrupted_audit_writes_a_partial_report_that_fails(tmp_path):
     # a scheduler's timeout or Ctrl-C mid-sweep: the finished cells are kept, marked partial.
     # The interrupt is a real SIGINT (one the implementation raises itself is its failure,
@@ -130,6 +140,7 @@ def test_planted_bug_through_module_callable(tmp_path, capsys):
     assert "cause implementation" in out and "lla-verify check --case" in out
 
 
+@pytest.mark.usefixtures("one_child")
 def test_baseline_against_itself_then_doctored(tmp_path, capsys):
     base = tmp_path / "base"
     args = ["audit", "--impl", "torch-fp32", "--no-progress", "--no-backward", *ONLY]
@@ -181,6 +192,7 @@ def test_cells_slice_runs_that_part_of_the_plan(tmp_path, capsys):
     assert "--cells 60:62" in rep["meta"]["command"]
 
 
+@pytest.mark.usefixtures("one_child")
 def test_slices_merge_into_one_complete_report(tmp_path, capsys):
     base = ["audit", "--impl", "torch-fp32", "--no-backward", "--no-progress", "--only", "kappa=100,"]
     outs = [str(tmp_path / n) for n in ("a", "b", "merged", "partial")]
@@ -204,6 +216,7 @@ def test_slices_merge_into_one_complete_report(tmp_path, capsys):
     assert rc == 1 and f"INCOMPLETE: merged 1 of {plan} planned cells" in out, out
 
 
+@pytest.mark.usefixtures("one_child")
 def test_merge_compares_the_whole_audit_with_a_baseline(tmp_path, capsys):
     base = ["audit", "--impl", "torch-fp32", "--no-backward", "--no-progress", "--only", "kappa=100,"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -227,6 +240,7 @@ def test_merge_compares_the_whole_audit_with_a_baseline(tmp_path, capsys):
     assert "Regressions against the baseline" in html and "&amp;" not in html, "markup escaped twice"
 
 
+@pytest.mark.usefixtures("one_child")
 def test_merge_refuses_reports_of_different_audits(tmp_path, capsys):
     for name, seed in (("s0", "0"), ("s1", "1")):
         _run_cli(["audit", "--impl", "torch-fp32", "--no-backward", "--no-progress", "--only", "kappa=100,",
@@ -238,6 +252,7 @@ def test_merge_refuses_reports_of_different_audits(tmp_path, capsys):
     assert rc == 2 and "--merge: cannot read" in err, err
 
 
+@pytest.mark.usefixtures("one_child")
 def test_check_replays_a_case(capsys):
     spec = Case("gaussian", {"lam": 1.0}, S=17, D=8).spec()
     rc, out, _ = _run_cli(["check", "--case", spec, "--impl", "torch-fp32"], capsys)
@@ -342,6 +357,7 @@ ORACLES = ["--parallax-impl", "parallax-oracle", "--decode-impl", "lla-decode-or
 OTHER_OPS = ("parallax", "lla-decode", "parallax-decode")
 
 
+@pytest.mark.usefixtures("one_child")
 def test_operator_cells_pass_with_correct_implementations(tmp_path, capsys):
     # S=19 and S=1: two problems in a batch and the first token, for each of the three operators
     rc, out, err = _run_cli(["audit", "--ops", ",".join(OTHER_OPS), *ORACLES, "--only", "S=19,", "--only", "S=1,",
@@ -380,6 +396,7 @@ def test_operator_planted_bug_fails_the_audit(argv, op, tmp_path, capsys):
     assert _run_cli(shlex.split(failed[0]["command"])[1:], capsys)[0] == 1  # the replay fails too
 
 
+@pytest.mark.usefixtures("one_child")
 def test_same_spec_under_two_operators_slices_merges_and_baselines(tmp_path, capsys):
     # the LLA shape cell S=7 and the lla-decode S=7 cell have one case spec: cells are keyed by operator too
     base = ["audit", "--ops", "lla,lla-decode", "--impl", "torch-fp32", "--decode-impl", "lla-decode-oracle",
@@ -426,6 +443,7 @@ def test_operator_usage_errors_exit_2(argv, needle, capsys, monkeypatch):
     assert rc == 2 and len(lines) == 1 and needle in lines[0], err
 
 
+@pytest.mark.usefixtures("one_child")
 def test_an_operator_that_cannot_run_is_left_out_unless_asked_for(tmp_path, capsys, monkeypatch):
     from lla_verify.registry import operators
 

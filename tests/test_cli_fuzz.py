@@ -24,6 +24,7 @@ from lla_verify.commands import cg as cg_study
 from lla_verify.commands import goldens
 from lla_verify.registry.cases import FAMILIES, SEED_MAX, Case
 from lla_verify.cli import COMMANDS, main
+from lla_verify.testing.kept_worker import kept_workers
 
 def fuzz(n: int):
     return settings(max_examples=n, deadline=None, suppress_health_check=list(HealthCheck))
@@ -58,6 +59,14 @@ def no_long_work():
                           (hunt, "hill_climb"), (hunt, "random_search"), (bench, "_run"),
                           (goldens, "regen"), (goldens, "check"), (goldens, "compare_ops")):
             mp.setattr(mod, name, refuse)
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_worker_process():
+    """check runs its cell in a child process (trust.Worker): one kept child serves the
+    module's commands instead of a fresh spawn per valid command (kept_worker.py)."""
+    with kept_workers():
         yield
 
 

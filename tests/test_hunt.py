@@ -78,11 +78,27 @@ def _cli(*args, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_cli_exit_codes_and_replay(tmp_path):
-    bad = _cli("--impl", "no-such-impl", "--out", str(tmp_path / "a"), cwd=tmp_path)
-    assert bad.returncode == 2 and "no-such-impl" in bad.stderr
-    bad = _cli("--family", "nope", "--impl", "torch-fp32", "--out", str(tmp_path / "a"), cwd=tmp_path)
-    assert bad.returncode == 2 and "--family" in bad.stderr
+def _usage_error(*args, capsys, monkeypatch, cwd):
+    """`lla-verify hunt ARGS` in this process: (exit code, stderr). For the usage errors,
+    refused before any search; the subprocess runs above show the process's own exit codes."""
+    from lla_verify.cli import main
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    try:
+        rc = main(["hunt", *args])
+    except SystemExit as exc:  # argparse's own usage errors
+        rc = exc.code
+    return rc, capsys.readouterr().err
+
+
+def test_cli_exit_codes_and_replay(tmp_path, capsys, monkeypatch):
+    rc, err = _usage_error("--impl", "no-such-impl", "--out", str(tmp_path / "a"),
+                           capsys=capsys, monkeypatch=monkeypatch, cwd=tmp_path)
+    assert rc == 2 and "no-such-impl" in err
+    rc, err = _usage_error("--family", "nope", "--impl", "torch-fp32", "--out", str(tmp_path / "a"),
+                           capsys=capsys, monkeypatch=monkeypatch, cwd=tmp_path)
+    assert rc == 2 and "--family" in err
 
     found = _cli("--impl", "lla_verify.testing.mutants:bias_01pct", "--family", "offset", "--evals", "6",
                  "--seq", "12", "--head-dim", "4", "--compare-random", "--out", str(tmp_path / "b"), cwd=tmp_path)
@@ -205,7 +221,7 @@ def test_add_regression_records_the_operator(tmp_path):
     assert [c.spec() for c in pinned("lla-decode", path=path)] == [px.case.spec()]
 
 
-def test_cli_op_replay_and_usage_errors(tmp_path):
+def test_cli_op_replay_and_usage_errors(tmp_path, capsys, monkeypatch):
     found = _cli("--op", "parallax", "--impl", M + "px_dropped_nu", "--family", "gaussian", "--probe", "random",
                  "--evals", "3", "--seq", "9", "--head-dim", "16", "--device", "cpu", "--out", str(tmp_path / "p"),
                  cwd=tmp_path)
@@ -228,5 +244,6 @@ def test_cli_op_replay_and_usage_errors(tmp_path):
                       (["--op", "parallax", "--probe", "nope", "--impl", "parallax-dense"], "--probe: unknown 'nope'"),
                       (["--op", "parallax", "--impl", "torch-fp32"], "torch-fp32"),
                       (["--op", "lla-decode", "--impl", "parallax-decode-oracle"], "parallax-decode-oracle")]:
-        bad = _cli(*args, "--device", "cpu", "--out", str(tmp_path / "x"), cwd=tmp_path)
-        assert bad.returncode == 2 and msg in bad.stderr, (args, bad.stderr)
+        rc, err = _usage_error(*args, "--device", "cpu", "--out", str(tmp_path / "x"),
+                               capsys=capsys, monkeypatch=monkeypatch, cwd=tmp_path)
+        assert rc == 2 and msg in err, (args, err)

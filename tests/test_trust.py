@@ -180,6 +180,7 @@ def test_hang_times_out_and_the_audit_goes_on(tmp_path):
     assert time.monotonic() - t0 < 120
 
 
+@pytest.mark.usefixtures("sigint_as_a_shell_gives_it")
 def test_users_interrupt_still_stops_an_isolated_audit_with_a_partial_report(tmp_path):
     # SIGINT delivered to the sweep's process while a cell runs in the worker
     cells = [audit_plan.Cell("test", CASE), audit_plan.Cell("test", Case("gaussian", {"lam": 10.0}, S=17, D=8))]
