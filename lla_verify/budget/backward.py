@@ -622,7 +622,7 @@ def _row_ratios(g: torch.Tensor, err: torch.Tensor, gb: GradBudget, name: str, r
     # judged as the forward judges such rows (verdict.overflow_ok): no NaN, and each such
     # element at least the dtype's largest finite value with the exact value's sign.
     ex, got = (ref[..., None], g64[..., None]) if name == "dlambda" else (ref, g64)
-    in_range = ~beyond_range(ex, g.dtype) if g.dtype.is_floating_point else torch.ones_like(fin)
+    in_range = ~beyond_range(ex, g.dtype)  # all True for a dtype without Inf or float64
     out_of_range = gb.rows & ~in_range
     fin = torch.where(out_of_range, overflow_ok(got, ex, g.dtype), fin)
     r = torch.where(gb.judged & in_range, err / gb.allowed, torch.zeros_like(err))
