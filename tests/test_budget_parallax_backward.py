@@ -282,7 +282,7 @@ def test_a_gradient_beyond_its_dtypes_range_is_judged_by_sign():
 
     v = judge(rounded, "oracle rounded to fp16")
     assert v.passed and v.summary["n_beyond_range"] == 6, v.message
-    assert "exact gradient exceeds the gradient dtype's range (dv 2, dr 4): judged for NaN" in v.message, v.message
+    assert "exact gradient exceeds the gradient dtype's range (dv 2, dr 4): an Inf (or saturated value) counts" in v.message, v.message
     at = tuple(torch.isinf(rounded[3]).nonzero()[0].tolist())
     in_range = tuple((~torch.isinf(rounded[0]).any(-1)).nonzero()[0].tolist()) + (0,)
     plants = {"the wrong sign": (3, at, lambda x: -x), "a NaN": (3, at, lambda x: x * math.nan),
@@ -292,4 +292,6 @@ def test_a_gradient_beyond_its_dtypes_range_is_judged_by_sign():
         g = [t.clone() for t in rounded]
         g[n][where] = plant(g[n][where])
         v = judge(tuple(g), f"planted: {what}")
-        assert not v.passed and v.cause == "non-finite", (what, v.message)
+        # a finite row short of the range has a finite error, which its budget fails
+        want = "implementation" if what == "a row saturated below the range" else "non-finite"
+        assert not v.passed and v.cause == want, (what, v.message)

@@ -17,7 +17,7 @@ from lla_verify.registry.precision import unit_roundoff
 from lla_verify.oracles.float64 import (LLADetails, lla_forward, lla_forward_details, lla_forward_mu_shift,
                                         lla_forward_sigma_probe)
 from lla_verify.budget.forward import U64, lam_on_device, kernel_view, rounding_note, same_precision_allowed
-from lla_verify.budget.verdict import THRESHOLD, Verdict, beyond_range, overflow_ok, record
+from lla_verify.budget.verdict import RANGE_RULE, THRESHOLD, Verdict, beyond_range, range_error, record
 
 
 GRAD_SAFETY = 8.0  # gradients chain two solves (rho and the adjoint u): a wider factor, as JAX keeps
@@ -543,7 +543,8 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     # budget without the term, at least the full budget's ratios (error-model.md §6).
     bb = backward_budget(problem, impl, cot, returned, details=d, dense=dense, h=h, ref=ref, rho_jac=rho_jac,
                          residual_rms=False)
-    if any(float(_row_ratios(got[n], _row_norm(got[n].to(torch.float64) - bb.ref[n], n), bb.grads[n], n, bb.ref[n])[0]
+    if any(float(_row_ratios(got[n], _row_norm(range_error(got[n].to(torch.float64), bb.ref[n], got[n].dtype), n),
+                             bb.grads[n], n, bb.ref[n])[0]
                  .nan_to_num(nan=math.inf).max()) > THRESHOLD for n in returned if n != "dlambda"):
         bb = backward_budget(problem, impl, cot, returned, details=d, dense=dense, h=h, ref=ref, rho_jac=rho_jac)
     lines, worst, worst_plain = [], (0.0, None, None), (0.0, None, None)
@@ -561,7 +562,7 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
         gb = bb.grads[name]
         g_ref = bb.ref[name]
         diff = (got[name].to(torch.float64) - g_ref)
-        err = _row_norm(diff, name)
+        err = _row_norm(range_error(got[name].to(torch.float64), g_ref, got[name].dtype), name)
         r, n_bad, n_over, n_rng = _row_ratios(got[name], err, gb, name, g_ref)
         nonfinite += n_bad
         n_overflow += n_over
@@ -616,16 +617,15 @@ def _row_ratios(g: torch.Tensor, err: torch.Tensor, gb: GradBudget, name: str, r
     beyond_rows = gb.rows & ~gb.judged & ~gb.unmeasured
     n_overflow = int((beyond_rows & ~fin & not_nan).sum())
     fin = torch.where(beyond_rows, not_nan, fin)
-    # A row whose float64 gradient has an element that rounds to +-Inf in the gradient's
-    # dtype (fp16's 65504 is reached by well-posed problems with small lambda): its
-    # correctly rounded value is infinite, so no finite error is measured there. It is
-    # judged as the forward judges such rows (verdict.overflow_ok): no NaN, and each such
-    # element at least the dtype's largest finite value with the exact value's sign.
-    ex, got = (ref[..., None], g64[..., None]) if name == "dlambda" else (ref, g64)
-    in_range = ~beyond_range(ex, g.dtype)  # all True for a dtype without Inf or float64
-    out_of_range = gb.rows & ~in_range
-    fin = torch.where(out_of_range, overflow_ok(got, ex, g.dtype), fin)
-    r = torch.where(gb.judged & in_range, err / gb.allowed, torch.zeros_like(err))
+    # An overflow is the right answer where the exact gradient is beyond the gradient
+    # dtype's range (fp16's 65504 is reached by well-posed problems with small lambda), and
+    # an admissible one where the budget reaches past the range (an ill-conditioned row):
+    # ``err`` measures it as verdict.range_error does, and a judged row with an Inf passes
+    # when that error is within its budget, as the forward's rows do (verdict.row_ratios).
+    r = torch.where(gb.judged, err / gb.allowed, torch.zeros_like(err))
+    fin = fin | (gb.judged & not_nan & (r <= THRESHOLD))
+    ex = ref[..., None] if name == "dlambda" else ref
+    out_of_range = gb.rows & beyond_range(ex, g.dtype)  # none for a dtype without Inf or float64
     r = torch.where(gb.rows & ~fin, torch.full_like(r, math.inf), r)
     return r, int((gb.rows & ~fin).sum()), n_overflow, int(out_of_range.sum())
 
@@ -653,8 +653,8 @@ def _backward_message(impl: Impl, case: str, bb: BackwardBudget, lines: list, no
                "no budget applies, a NaN still fails" if bool(beyond_q.any()) else "")
             + (f"; {n_overflow} of those rows overflowed to Inf (counted, not failed)" if n_overflow else "")
             + (f"\n  rows whose exact gradient exceeds the gradient dtype's range "
-               f"({', '.join(f'{n} {c}' for n, c in n_range.items())}): judged for NaN and for overflowing "
-               "with the right sign" if n_range else "")
+               f"({', '.join(f'{n} {c}' for n, c in n_range.items())}): "
+               f"{RANGE_RULE}" if n_range else "")
             + (f"\n  model scaled by the same-precision reference ({', '.join(scaled)}: FA factor x its "
                "worst error / model on this problem)" if scaled else "")
             + f"\n  cause: {cause_txt}"

@@ -32,7 +32,7 @@ from lla_verify.registry.impls import Impl
 from lla_verify.oracles.dense import dense_torch_lla
 from lla_verify.registry.precision import unit_roundoff
 from lla_verify.oracles.float64 import LLADetails, lla_forward, lla_forward_details
-from lla_verify.budget.verdict import THRESHOLD, Verdict, beyond_range, record, row_ratios
+from lla_verify.budget.verdict import RANGE_RULE, THRESHOLD, Verdict, range_error, record, row_ratios
 
 
 MODEL_SAFETY = 4.0  # safety factor on the first-order model (its terms are estimates, not bounds)
@@ -227,8 +227,7 @@ def check_forward(problem: Problem, impl: Impl, o: torch.Tensor, *, stats: dict 
     d = fb.details
     defined = ~d.undefined
     o64 = o.detach().to(torch.float64)
-    beyond = beyond_range(d.o, o.dtype) & defined
-    err = torch.where(beyond, torch.zeros_like(fb.allowed), (o64 - d.o).norm(dim=-1))
+    err = range_error(o64, d.o, o.dtype).norm(dim=-1)
     ratio_q, finite, beyond = row_ratios(err, fb.allowed, o64, d.o, defined, o.dtype)
     n_def, n_undef = int(defined.sum()), int((~defined).sum())
     flat = ratio_q.flatten()
@@ -281,7 +280,7 @@ def check_forward(problem: Problem, impl: Impl, o: torch.Tensor, *, stats: dict 
         f"  cause: {cause}{extra}"
         f"{rounding_note(given, impl)}"
         + (f"\n  {int(beyond.sum())} rows beyond {o.dtype}'s range (exact output rounds to Inf there): "
-           "judged for NaN and for overflowing with the right sign" if bool(beyond.any()) else "")
+           f"{RANGE_RULE}" if bool(beyond.any()) else "")
     )
     summary = {"ratio": ratio, "cause": cause, "kappa_worst": float(d.kappa[idx]),
                "kappa_max": float(torch.nan_to_num(d.kappa, posinf=1e300).max()),

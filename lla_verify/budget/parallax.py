@@ -24,7 +24,7 @@ import torch
 from torch.func import jvp
 
 from lla_verify.budget.forward import FA_FACTOR, MODEL_SAFETY, N_DIRECTIONS, U64, same_precision_allowed
-from lla_verify.budget.verdict import THRESHOLD, Verdict, beyond_range, record, row_ratios
+from lla_verify.budget.verdict import RANGE_RULE, THRESHOLD, Verdict, beyond_range, range_error, record, row_ratios
 from lla_verify.oracles.extremes import spectral_norm
 from lla_verify.oracles.parallax import parallax_dense, parallax_forward
 from lla_verify.registry.precision import unit_roundoff
@@ -159,8 +159,7 @@ def _parallax_verdict(check: str, what: str, impl: str, case: str, r, o64, judge
                       out_dtype) -> Verdict:
     """The verdict of output rows ``o64`` (float64, the oracle's shape) against ``pb`` on the
     rows ``judged``; the worst judged row's terms in the message."""
-    beyond = beyond_range(pb.o, out_dtype) & judged
-    err = torch.where(judged & ~beyond, (o64 - pb.o).norm(dim=-1), torch.zeros_like(pb.allowed))
+    err = torch.where(judged, range_error(o64, pb.o, out_dtype).norm(dim=-1), torch.zeros_like(pb.allowed))
     ratio_q, finite, beyond = row_ratios(err, pb.allowed, o64, pb.o, judged, out_dtype)
     finite = finite | ~judged
     flat = torch.nan_to_num(ratio_q.flatten(), nan=math.inf, posinf=math.inf)
@@ -181,7 +180,7 @@ def _parallax_verdict(check: str, what: str, impl: str, case: str, r, o64, judge
            f"  sensitivity {float(pb.sens[idx]):.3e}, |r| {float(r[idx].double().norm()):.3g}, "
            f"|o| {float(pb.o[idx].norm()):.3g}\n  cause: {cause}"
            + (f"\n  {int(beyond.sum())} rows beyond {out_dtype}'s range (exact output rounds to Inf there): "
-              "judged for NaN and for overflowing with the right sign" if bool(beyond.any()) else ""))
+              f"{RANGE_RULE}" if bool(beyond.any()) else ""))
     record(check, impl, ratio, case)
     per_query = {"err": err, "allowed": pb.allowed, "ratio": ratio_q, "model": pb.model, "judged": judged}
     summary = {"ratio": ratio, "cause": cause, "err_max": float(torch.nan_to_num(err, nan=math.inf).max()),
@@ -593,14 +592,14 @@ def check_parallax_backward(q, k, v, r, do, grads, *, impl: str, case: str, qk_s
                                                   pb.dense_max, pb.score):
         gdt = g.dtype
         g = g.detach().to(torch.float64)
-        err = (g - g64).norm(dim=-1)
+        # an overflowed element's error is its distance from the exact value to the values
+        # it stands for (verdict.range_error, docs/error-model.md §2.4)
+        err = range_error(g, g64, gdt).norm(dim=-1)
         # a row whose gradient vanishes exactly (dq_0, dr_0: one key) allows 0 and passes at 0
         ratio_x = torch.where(allowed > 0, err / allowed.clamp_min(1e-300), torch.where(err > 0, math.inf, 0.0))
-        # A row whose float64 gradient has an element that rounds to +-Inf in the gradient's
-        # dtype has an infinite correctly rounded value and no finite error: it is judged as
-        # the forward judges such rows (verdict.overflow_ok, docs/error-model.md §2.4), any
-        # other row with a non-finite element fails. The ratio above is already in allowed
-        # units, hence the allowance of 1.
+        # NaN, and an Inf the budget does not admit, fail as the forward's rows do
+        # (verdict.row_ratios); the ratio above is already in allowed units, hence the
+        # allowance of 1.
         ratio_x, fine[name], beyond = row_ratios(ratio_x, torch.ones_like(ratio_x), g, g64,
                                                  torch.ones_like(err, dtype=torch.bool), gdt)
         if bool(beyond.any()):
@@ -627,8 +626,8 @@ def check_parallax_backward(q, k, v, r, do, grads, *, impl: str, case: str, qk_s
            f"orderings, largest {float(pq['dense_max'][idx]):.3e}, or {BWD_ULPS:g} ulp of "
            f"|{name}| {float(g64[idx].norm()):.3e}; plus the scores' rounding {float(pq['score'][idx]):.3e})"
            + (f"\n  rows whose exact gradient exceeds the gradient dtype's range "
-              f"({', '.join(f'{n} {c}' for n, c in n_range.items())}): judged for NaN and for overflowing "
-              "with the right sign" if n_range else "")
+              f"({', '.join(f'{n} {c}' for n, c in n_range.items())}): "
+              f"{RANGE_RULE}" if n_range else "")
            + f"\n  cause: {cause}")
     record("parallax-backward", impl, ratio, case)
     summary.update(ratio=ratio, cause=cause, n_beyond_range=sum(n_range.values()))
