@@ -543,10 +543,15 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     # budget without the term, at least the full budget's ratios (error-model.md §6).
     bb = backward_budget(problem, impl, cot, returned, details=d, dense=dense, h=h, ref=ref, rho_jac=rho_jac,
                          residual_rms=False)
-    if any(float(_row_ratios(got[n], _row_norm(range_error(got[n].to(torch.float64), bb.ref[n], got[n].dtype), n),
-                             bb.grads[n], n, bb.ref[n])[0]
-                 .nan_to_num(nan=math.inf).max()) > THRESHOLD for n in returned if n != "dlambda"):
+    errs = {n: _row_norm(range_error(got[n].to(torch.float64), bb.ref[n], got[n].dtype), n) for n in returned}
+
+    def judged(bb):
+        return {n: _row_ratios(got[n], errs[n], bb.grads[n], n, bb.ref[n]) for n in returned}
+
+    ratios = judged(bb)
+    if any(float(ratios[n][0].nan_to_num(nan=math.inf).max()) > THRESHOLD for n in returned if n != "dlambda"):
         bb = backward_budget(problem, impl, cot, returned, details=d, dense=dense, h=h, ref=ref, rho_jac=rho_jac)
+        ratios = judged(bb)
     lines, worst, worst_plain = [], (0.0, None, None), (0.0, None, None)
     per_query, nonfinite, n_overflow, n_range = {}, 0, 0, {}
     for name in GRAD_NAMES:
@@ -562,8 +567,8 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
         gb = bb.grads[name]
         g_ref = bb.ref[name]
         diff = (got[name].to(torch.float64) - g_ref)
-        err = _row_norm(range_error(got[name].to(torch.float64), g_ref, got[name].dtype), name)
-        r, n_bad, n_over, n_rng = _row_ratios(got[name], err, gb, name, g_ref)
+        err = errs[name]
+        r, n_bad, n_over, n_rng = ratios[name]
         nonfinite += n_bad
         n_overflow += n_over
         if n_rng:
