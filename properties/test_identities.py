@@ -9,19 +9,47 @@ determinism).
 import math
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lla_verify.testing import suite
-from lla_verify.budget.forward import MODEL_SAFETY, check_forward, forward_budget, io_roundoff
-from lla_verify.registry.cases import Case
+from lla_verify.budget.forward import MODEL_SAFETY, check_forward, forward_budget, io_roundoff, kernel_view
+from lla_verify.oracles.float64 import lla_forward_details
+from lla_verify.registry.cases import Case, parse_case
 
 
-def _allow(impl, problem, magnitude):
-    """MODEL_SAFETY (u_out + u_c sqrt((i+1) D)) * magnitude, per query (B, H, S)."""
+def _allow(impl, problem, magnitude, sum_magnitude=None):
+    """MODEL_SAFETY (u_out magnitude + u_c sqrt((i+1) D) sum_magnitude), per query (B, H, S).
+
+    magnitude is the size of the output (its rounding), sum_magnitude that of the terms the
+    compute precision sums into it (its accumulation); the same where the sum does not cancel.
+    """
     S, D = problem.q.shape[-2], problem.q.shape[-1]
     n = torch.arange(1, S + 1, dtype=torch.float64, device=problem.q.device) * D
-    return MODEL_SAFETY * (io_roundoff(problem, impl) + impl.u * n.sqrt()) * magnitude
+    summed = magnitude if sum_magnitude is None else sum_magnitude
+    return MODEL_SAFETY * (io_roundoff(problem, impl) * magnitude + impl.u * n.sqrt() * summed)
+
+
+def weight_l1(problem, impl):
+    """||s_i||_1 = sum_j |s_ij| per query (B, H, S), from the float64 oracle's rho_i and delta_i
+    on the inputs ``impl`` computes from; 1 where the oracle leaves the row undefined.
+
+    s_ij = w_ij f_ij / delta_i, f_ij = 1 - <z_ij, rho_i> (math.md §2.5): the weights sum
+    to 1, but f_ij < 0 once |rho_i| |z_ij| > 1, and then sum_j |s_ij| = sum_j |g_ij| / |den_i|
+    exceeds 1 by as much as den_i cancels (delta_i << omega_i).
+    """
+    p = kernel_view(problem, impl)
+    det = lla_forward_details(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale,
+                              solver_sensitivity=False)
+    q, k, rho = p.q.double(), p.k.double(), det.rho
+    S = q.shape[-2]
+    a = det.scale * (q @ k.transpose(-1, -2))
+    causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    w = torch.exp(a - det.m[..., None]).masked_fill(~causal, 0.0)
+    # <z_ij, rho_i> = <k_j, rho_i> - <q_i, rho_i>, without forming z
+    f = 1.0 + (q * rho).sum(-1, keepdim=True) - rho @ k.transpose(-1, -2)
+    l1 = (w * f).abs().sum(-1) / det.delta
+    return torch.where(det.undefined | ~torch.isfinite(l1), torch.ones_like(l1), l1)
 
 
 def _describe_worst(err, allowed, case, what):
@@ -33,11 +61,23 @@ def _describe_worst(err, allowed, case, what):
 
 
 def test_partition_of_unity(impl, device):
-    """Constant values v_j = c are reproduced: sum_j s_ij = 1 for any lambda and any rho."""
+    """Constant values v_j = c are reproduced: sum_j s_ij = 1 for any lambda and any rho.
+
+    Allowance: o_i = sum_j g_ij v_j / sum_j g_ij (g_ij = w_ij f_ij, den_i = sum_j g_ij); for
+    v_j = c both sums add the same g_ij, so the rounding of g_ij cancels in the ratio and
+    what remains is the two sums' accumulation, u_c sqrt(n_i) sum_j |g_ij| |c| each, over
+    den_i: u_c sqrt(n_i) ||s_i||_1 |c| (``weight_l1``). ||s_i||_1 = 1 where every f_ij >= 0
+    (|rho_i| small: the identity is held to the compute precision there); where den_i
+    cancels it is large (early:lam=1e-06 seed 2867, query 16: delta_i / omega_i = 1.1e-5,
+    ||s_i||_1 = 138), and so is the accumulation's error (error-model.md §3.6).
+    """
     suite.require(impl, "partition_of_unity")
 
     @settings(max_examples=suite.examples(0.5))
     @given(case=suite.case_strategy(impl, device), c=st.floats(-10, 10).filter(lambda x: abs(x) > 1e-3))
+    # the H200's gpu-profile failure (lla_triton, hypothesis seed 8): 2.86x the allowance
+    # without ||s_i||_1 at query 16, where den_i cancels to delta_i / omega_i = 1.1e-5
+    @example(case=parse_case("early:lam=1e-06:B=1,H=1,S=331,D=16,dtype=float32,seed=2867"), c=1.0)
     def prop(case, c):
         p = case.build(device)
         suite.assume_supported(impl, p)
@@ -45,7 +85,8 @@ def test_partition_of_unity(impl, device):
         v = torch.full_like(p.v, c)
         o = suite.run(impl, p, v=v).to(torch.float64)
         err = (o - float(v.flatten()[0])).norm(dim=-1)
-        allowed = _allow(impl, p, abs(c) * math.sqrt(p.v.shape[-1]))
+        scale = abs(c) * math.sqrt(p.v.shape[-1])
+        allowed = _allow(impl, p, scale, scale * weight_l1(p, impl))
         defined = (lam > 0) | (torch.arange(p.q.shape[-2], device=p.q.device) >= p.q.shape[-1])
         err = torch.where(defined, err, torch.zeros_like(err))
         assert bool((err <= allowed).all()), _describe_worst(err, allowed, case, "partition of unity")
