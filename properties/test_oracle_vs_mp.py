@@ -34,7 +34,7 @@ def test_float64_oracle_agrees_with_mpmath_within_its_budget(case):
     # problems are tiny), as the Parallax oracle's test does. On offset keys the scores'
     # conditioning shows in a row only under patterns that move its significant keys apart:
     # 2 patterns gave 0.17 of the 64-pattern estimate at row 1 of offset 1e4, scale_mult
-    # 3.16, S = 4, D = 4, seed 1 (ratio 0.69 there, 0.12 with 32), and 0.04 at offset 100, D = 3
+    # 3.16, S = 4, D = 4, seed 1 (ratio 0.69 there, 0.11 with 32), and 0.04 at offset 100, D = 3
     fb = forward_budget(p, oracle, dense=False, out_dtype=torch.float64, directions=32)
     kappa = torch.nan_to_num(fb.details.kappa, posinf=1e300)
     mp = lla_forward_mp(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale, dps=50)
