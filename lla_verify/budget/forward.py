@@ -159,12 +159,14 @@ class ForwardBudget:
 
 
 def forward_budget(problem: Problem, impl: Impl, *, details: LLADetails | None = None, dense: bool = True,
-                   out_dtype: torch.dtype | None = None, rounded: bool = False) -> ForwardBudget:
+                   out_dtype: torch.dtype | None = None, rounded: bool = False,
+                   directions: int = N_DIRECTIONS) -> ForwardBudget:
     """The allowed per-query error of ``impl`` on ``problem`` (module docstring).
 
     ``problem`` is the one the implementation was given; the budget is built on
     ``kernel_view(problem, impl)`` (pass ``rounded=True`` when it already is that view),
     and the output rounding is ``impl.output_dtype`` when the record names one.
+    ``directions``: the random sign patterns of the sensitivity estimate (``sensitivity``).
     """
     if not rounded:
         problem = kernel_view(problem, impl)
@@ -174,7 +176,7 @@ def forward_budget(problem: Problem, impl: Impl, *, details: LLADetails | None =
     u_c = impl.u
     out_dt = impl.output_dtype or out_dtype or q.dtype
     u_out = unit_roundoff(out_dt) if out_dt != torch.float64 else U64
-    sens = sensitivity(problem)
+    sens = sensitivity(problem, directions=directions)
     root_n = accumulation_length(problem).sqrt()
     vscale = problem.v.to(torch.float64).norm(dim=-1).amax(-1, keepdim=True)  # (B, H, 1)
     onorm = d.o.norm(dim=-1)
