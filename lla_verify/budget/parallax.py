@@ -24,7 +24,7 @@ import torch
 from torch.func import jvp
 
 from lla_verify.budget.forward import FA_FACTOR, MODEL_SAFETY, N_DIRECTIONS, U64, same_precision_allowed
-from lla_verify.budget.verdict import RANGE_RULE, THRESHOLD, Verdict, beyond_range, range_error, record, row_ratios
+from lla_verify.budget.verdict import RANGE_RULE, THRESHOLD, Verdict, range_error, record, row_ratios
 from lla_verify.oracles.extremes import spectral_norm
 from lla_verify.oracles.parallax import parallax_dense, parallax_forward
 from lla_verify.registry.precision import unit_roundoff
