@@ -1,65 +1,63 @@
 """Planted bugs: implementations that are wrong on purpose, to measure the suite.
 
-Each is a small variation of the dense fp32 reference and follows the
+Each is the dense fp32 reference itself (lla_verify/oracles/dense.py, ``torch-fp32``),
+assembled from the reference's own pieces with one step changed, and follows the
 ``--lla-impl MODULE:CALLABLE`` protocol, e.g.
 
     pytest properties --lla-impl lla_verify.testing.mutants:lambda_not_scaled_by_omega
 
 A suite that passes one of these has a hole; docs/kill-list.md records which
-property catches which mutant, with the command that re-measures it.
+property catches which mutant, with the command that re-measures it. ``control`` is the
+same assembly without a bug (bitwise the reference): whatever fails it is not a kill.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lla_contract import check_lambda, check_qkv, check_scale
+from lla_verify.oracles.dense import (causal_mask, guarded_combine, guarded_solve, masked_scores, moments, prepare,
+                                      weights)
+from lla_contract import check_qkv, check_scale
 
 TILE = 16  # the tile a blockwise kernel would use, for the dropped-tile mutant
 
 
 def _dense(q, k, v, *, ridge_lambda, qk_scale=None, bug: str = "", cg_iters: int | None = None):
-    check_qkv(q, k, v)
-    scale = check_scale(qk_scale, q.shape[-1])
-    cd = torch.float32
-    lam = check_lambda(ridge_lambda, tuple(q.shape[:-1]), q.device, dtype=cd)
+    # dense_torch_lla's steps in its order, so that bug="" is the reference bit for bit
+    # and each bug below is the only difference from it
+    qc, kc, vc, lam, scale = prepare(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale,
+                                     compute_dtype=torch.float32)
     if bug == "per_query_lambda_ignored":
         lam = lam[..., :1].expand_as(lam)  # one lambda per head: the first query's
-    qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
-    S, D = q.shape[-2], q.shape[-1]
+    S = q.shape[-2]
     if bug == "head_dim_block_8":
         # a head-dim loop that covers one block of 8 channels: q and k beyond it unseen
         qc, kc = qc.clone(), kc.clone()
         qc[..., 8:], kc[..., 8:] = 0.0, 0.0
-    a = scale * (qc @ kc.transpose(-1, -2))
-    diag = 1 if bug == "off_by_one_mask" else 0
-    mask = torch.ones(S, S, dtype=torch.bool, device=q.device).tril(diag)
+    mask = causal_mask(S, q.device)
+    if bug == "off_by_one_mask":
+        mask = torch.ones_like(mask).tril(1)  # key i+1 admitted at query i
     if bug == "dropped_partial_tile" and S % TILE:
         # the last, partial key tile is skipped by its own queries (their diagonal kept,
         # so the bug shows as wrong values rather than an easy 0/0)
         last = (S // TILE) * TILE
         mask[last:, last:] = torch.eye(S - last, dtype=torch.bool, device=q.device)
-    a = a.masked_fill(~mask, float("-inf"))
-    if bug == "no_max_subtraction":
-        w = torch.exp(a)
-    else:
-        w = torch.exp(a - a.amax(-1, keepdim=True))
+    a = masked_scores(qc, kc, scale, mask)
+    w = torch.exp(a) if bug == "no_max_subtraction" else weights(a)
     omega = w.sum(-1)
-    z = kc[..., None, :, :] - qc[..., :, None, :]
-    wz = w[..., None] * z
-    mu = wz.sum(-2)
     ridge = lam if bug == "lambda_not_scaled_by_omega" else lam * omega
-    eye = torch.eye(D, dtype=cd, device=q.device)
-    sig = wz.transpose(-1, -2) @ z + ridge[..., None, None] * eye
+    z, mu, sig = moments(w, qc, kc, ridge)
     if cg_iters is not None:
+        # CG in place of the Cholesky solve: there is no factorisation to fail, so every
+        # row counts as solved and the reference's delta guard (guarded_combine) judges
+        # the CG rho_i, as the kernel's guard judges its own CG iterate
         rho = _cg(sig, mu, cg_iters)
+        solved_ok = torch.ones(rho.shape[:-1], dtype=torch.bool, device=rho.device)
     else:
-        rho = torch.linalg.solve_ex(sig, mu[..., None])[0][..., 0]
+        rho, solved_ok = guarded_solve(sig, mu)
     if bug == "rho_rounded_to_bf16":
-        rho = rho.to(torch.bfloat16).to(cd)
-    g = w * (1.0 - (z @ rho[..., None])[..., 0])
-    den = g.sum(-1, keepdim=True)
-    o = (g @ vc) / den
+        rho = rho.to(torch.bfloat16).to(rho.dtype)
+    o = guarded_combine(w, omega, z, vc, rho, solved_ok)
     if bug == "bias_0.1pct":
         o = o * 1.001
     return o.to(q.dtype)
@@ -118,6 +116,9 @@ per_query_lambda_ignored = _make("per_query_lambda_ignored", "the first query's 
 no_max_subtraction = _make("no_max_subtraction", "w = exp(a) without subtracting the row max")
 rho_rounded_to_bf16 = _make("rho_rounded_to_bf16", "rho rounded to bf16 before the output pass")
 head_dim_block_8 = _make("head_dim_block_8", "q and k channels beyond the first 8 ignored (correct at D <= 8)")
+# not in MUTANTS: it must pass every property, and the suite's ledger reports MUTANTS as "must fail"
+control = _make("", "the dense fp32 reference assembled as the mutants are, without a planted bug (the control)")
+control.__name__ = "control"
 
 
 def cg_two_short(q, k, v, *, ridge_lambda, qk_scale=None):
