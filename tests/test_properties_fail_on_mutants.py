@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -37,12 +38,42 @@ def _assert_passes(out: subprocess.CompletedProcess, what: str):
 PINNED_D16 = ("properties/test_forward_accuracy.py::test_forward_pinned_regressions"
               "[gaussian:lam=0.001:B=1,H=1,S=17,D=16,dtype=bfloat16,seed=1]")
 
+# Each LLA planted bug (lla_verify/testing/mutants.py, MUTANTS) against one property that
+# kills it for the planted reason (docs/kill-list.md lists them all). The mutants are the
+# dense reference with one step changed, and ``mutants.control`` is the same assembly
+# without a bug: it must pass the same properties, or a kill would be the shared code's.
+# head_dim_block_8's pin is D = 16: a pinned case used to run at D = 8 on CPU for an
+# implementation without head-dim limits, where channels beyond 8 unseen is exact.
+LLA_KILLS = {
+    "off_by_one_mask": "properties/test_identities.py::test_causality_bitwise",
+    "lambda_not_scaled_by_omega": "properties/test_limits.py::test_large_lambda_is_softmax_with_rate",
+    "dropped_partial_tile": "properties/test_identities.py::test_linear_values_reproduced_at_lambda_zero",
+    "bias_01pct": "properties/test_identities.py::test_partition_of_unity",
+    "per_query_lambda_ignored": "properties/test_forward_accuracy.py::test_forward_within_budget[lambda_decades]",
+    "no_max_subtraction": "properties/test_forward_accuracy.py::test_no_nonfinite_output_when_lambda_positive",
+    "rho_rounded_to_bf16": "properties/test_forward_accuracy.py::test_forward_within_budget[gaussian]",
+    "cg_two_short": "properties/test_forward_accuracy.py::test_forward_within_budget[spectrum]",
+    "head_dim_block_8": PINNED_D16,
+    "dk_last_key_scaled": "properties/test_gradients.py::test_gradients_within_budget[gaussian]",
+}
 
-def test_pinned_regression_runs_at_its_own_head_dim():
-    """A pinned D = 16 case used to run at D = 8 on CPU for an implementation without
-    head-dim limits, where head_dim_block_8 (channels beyond 8 unseen) is exact."""
-    _assert_fails(_run_property(PINNED_D16, "lla_verify.testing.mutants:head_dim_block_8"), "head_dim_block_8")
-    _assert_passes(_run_property(PINNED_D16, "torch-fp32"), "torch-fp32 control")
+
+def test_lla_mutants_are_killed_and_the_control_passes():
+    from lla_verify.testing import mutants
+
+    assert {getattr(mutants, n) for n in LLA_KILLS} == set(mutants.MUTANTS.values()), "a mutant without a kill here"
+    # triage: ci's derandomized examples without the shrinking, which only makes the
+    # failure's example smaller and took 21 of the 25 s of a kill; a failure here is one
+    # ci would report too (the same generate phase). Two at a time: the pytest start-up
+    # of each is most of its time.
+    nodes = sorted(set(LLA_KILLS.values()))
+    with ThreadPoolExecutor(2) as pool:
+        control = pool.submit(_run_property, nodes[0], "lla_verify.testing.mutants:control", *nodes[1:])
+        runs = {name: pool.submit(_run_property, node, f"lla_verify.testing.mutants:{name}",
+                                  "--hypothesis-profile", "triage") for name, node in LLA_KILLS.items()}
+    for name, run in runs.items():
+        _assert_fails(run.result(), name)
+    _assert_passes(control.result(), "LLA control")
 
 
 # Each Parallax planted bug (lla_verify/testing/mutants.py, PARALLAX_MUTANTS) against one
