@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lla_verify.budget.backward import cotangent_for, impl_grads
-from lla_verify.oracles.dense import guarded_solve, moments, prepare, weights, masked_scores, causal_mask
+from lla_verify.oracles.dense import causal_mask, masked_scores, moments, prepare, weights
 from lla_verify.registry.cases import parse_case
 from lla_verify.registry.impls import Impl, get_impl
 from lla_verify.testing import mutants

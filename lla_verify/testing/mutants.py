@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from lla_contract import check_qkv, check_scale
 from lla_verify.oracles.dense import (causal_mask, guarded_combine, guarded_solve, masked_scores, moments, prepare,
                                       weights)
-from lla_contract import check_qkv, check_scale
 
 TILE = 16  # the tile a blockwise kernel would use, for the dropped-tile mutant
 
