@@ -7,11 +7,13 @@ The suite is expected to FAIL on the public kernel, and for its own defects only
   - every failure an assertion (AssertionError, or Hypothesis' groups and flaky reports
     of them): any other exception raised (an LLAInputError from the adapter above all), or a
     pytest error (setup, teardown, collection) is the harness's fault;
-  - no skip but those the implementation record names (Impl.skips);
+  - no skip but those the implementation record names (Impl.skips, and Impl.refusals for
+    the configurations it does not accept);
   - no failure in a property that does not call the implementation (the CG study of
     lla_triton, the oracle against mpmath).
 
     python scripts/flashlla_suite_check.py JUNIT.xml [--impl flashlla] [--pytest-rc N] [--json OUT]
+    python scripts/flashlla_suite_check.py A.xml B.xml --pytest-rc 1 1    # a run split in two calls
 
 Exit 0 when the run looks as expected, 1 when it does not, 2 when it is incomplete
 (pytest interrupted, rc 2) or unreadable.
@@ -38,12 +40,19 @@ def exception_names(text: str) -> set[str]:
     return set(EXC_RE.findall(text))
 
 
-def judge(xml_text: str, impl_skips: dict, *, pytest_rc: int | None = None, impl: str = "flashlla") -> dict:
-    root = ET.fromstring(xml_text)
+def judge(xml_text, impl_skips: dict, *, pytest_rc=None, impl: str = "flashlla", part: bool = False) -> dict:
+    """``xml_text``: one JUnit XML text, or a list of them (the parts of one suite run
+    split across calls), with ``pytest_rc`` one exit status or a list of one a part.
+    ``part``: the XMLs are some of the parts only, so what only the whole run can show
+    (a forward and a gradient failure, pytest failing) is not asked of them."""
+    texts = [xml_text] if isinstance(xml_text, str) else list(xml_text)
+    rcs = pytest_rc if isinstance(pytest_rc, (list, tuple)) else [pytest_rc] * len(texts)
+    if len(rcs) != len(texts):
+        raise ValueError(f"pytest_rc: one exit status a JUnit file expected ({len(texts)}), got {len(rcs)}")
     res = {"tests": 0, "unnamed": 0, "passed": 0, "forward_failures": [], "gradient_failures": [], "other_failures": [],
            "harness_errors": [], "bad_skips": [], "record_skips": 0, "problems": [], "incomplete": False}
     allowed_skips = [r for r in impl_skips.values() if r]
-    for tc in root.iter("testcase"):
+    for tc in (tc for t in texts for tc in ET.fromstring(t).iter("testcase")):
         if not tc.get("name"):
             # pytest-xdist writes a name-less, result-less entry for reports it never
             # matched to a test (a run cut short): not a pass, and not a test
@@ -88,15 +97,16 @@ def judge(xml_text: str, impl_skips: dict, *, pytest_rc: int | None = None, impl
     if res["unnamed"]:
         res["problems"].append(f"{res['unnamed']} testcase entries without a name (not counted: a run cut short "
                                "leaves them)")
-    if pytest_rc == 2:
+    if 2 in rcs:
         res["incomplete"] = True
         res["problems"].append("pytest was interrupted (rc 2): the run is incomplete")
-    if pytest_rc == 0:
-        res["problems"].append("pytest passed (rc 0): the suite no longer detects the public kernel's defects")
-    if not res["forward_failures"]:
-        res["problems"].append("no forward-accuracy failure: the documented forward defect went undetected")
-    if not res["gradient_failures"]:
-        res["problems"].append("no gradient failure: the documented backward defect went undetected")
+    if not part:
+        if rcs and all(rc == 0 for rc in rcs):
+            res["problems"].append("pytest passed (rc 0): the suite no longer detects the public kernel's defects")
+        if not res["forward_failures"]:
+            res["problems"].append("no forward-accuracy failure: the documented forward defect went undetected")
+        if not res["gradient_failures"]:
+            res["problems"].append("no gradient failure: the documented backward defect went undetected")
     if res["harness_errors"]:
         res["problems"].append(f"{len(res['harness_errors'])} harness errors (failures that are not assertions, or in properties "
                                "that do not call the implementation)")
@@ -107,19 +117,31 @@ def judge(xml_text: str, impl_skips: dict, *, pytest_rc: int | None = None, impl
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("junit")
+    ap.add_argument("junit", nargs="+", help="the run's JUnit XML; several: the parts of a run split across calls")
     ap.add_argument("--impl", default="flashlla")
-    ap.add_argument("--pytest-rc", type=int, default=None)
+    ap.add_argument("--pytest-rc", type=int, nargs="+", default=None,
+                    help="pytest's exit status, one a JUnit file in their order")
+    ap.add_argument("--part", action="store_true",
+                    help="the files are only some parts of a split run: judge the whole with every part's file")
     ap.add_argument("--json", default=None, help="write the judgement here")
     args = ap.parse_args(argv)
     from lla_verify.registry.impls import get_impl
 
+    rcs = args.pytest_rc if args.pytest_rc is not None else [None] * len(args.junit)
+    if len(rcs) != len(args.junit):
+        ap.error(f"--pytest-rc: one exit status a JUnit file expected ({len(args.junit)}), got {len(rcs)}")
+    texts = []
+    for path in args.junit:
+        try:
+            with open(path) as fh:
+                texts.append(fh.read())
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"suite check: cannot read {path}: {exc}")
+            return 2
     try:
-        with open(args.junit) as fh:
-            xml_text = fh.read()
-        res = judge(xml_text, get_impl(args.impl).skips, pytest_rc=args.pytest_rc, impl=args.impl)
-    except (OSError, ET.ParseError) as exc:
-        print(f"suite check: cannot read {args.junit}: {exc}")
+        res = judge(texts, get_impl(args.impl).declared_skips(), pytest_rc=rcs, impl=args.impl, part=args.part)
+    except ET.ParseError as exc:
+        print(f"suite check: cannot parse {' '.join(args.junit)}: {exc}")
         return 2
     if args.json:
         with open(args.json, "w") as fh:

@@ -432,3 +432,49 @@ def test_the_checker_does_not_count_unnamed_entries_as_passes():
     res = _checker().judge(xml, get_impl("flashlla").skips, pytest_rc=1)
     assert (res["tests"], res["passed"], res["unnamed"]) == (2, 1, 2), res
     assert any("2 testcase entries without a name" in p for p in res["problems"]), res
+
+
+def _xml(*cases: str) -> str:
+    return "<testsuites><testsuite>" + "".join(cases) + "</testsuite></testsuites>"
+
+
+_FWD_FAIL = ('<testcase classname="properties.test_forward_accuracy" name="f"><failure message="AssertionError: '
+             '[flashlla] forward FAIL ratio 9">E   AssertionError: [flashlla] forward FAIL</failure></testcase>')
+_GRAD_FAIL = ('<testcase classname="properties.test_gradients" name="g"><failure message="AssertionError: '
+              '[flashlla] backward FAIL ratio 9 (dq, dk, dv only)">E   AssertionError: x</failure></testcase>')
+
+
+def _skip(name: str, msg: str) -> str:
+    from xml.sax.saxutils import quoteattr
+
+    return f'<testcase classname="properties.test_forward_accuracy" name="{name}"><skipped message={quoteattr(msg)}/></testcase>'
+
+
+def test_a_refused_dtype_is_skipped_with_the_records_reason_and_counted_as_declared():
+    """The float16 pins are skipped for flashlla: the skip names the record's reason, and the
+    checker counts it as declared; the same refusal without a reason is not."""
+    impl = get_impl("flashlla")
+    msg = impl.supports(dtype=torch.float16)
+    assert msg and impl.refusals["dtype:torch.float16"] in msg, msg
+    assert impl.supports(dtype=torch.bfloat16) is None
+    bare = f"flashlla does not accept dtype torch.float16 (accepts {[str(d) for d in impl.dtypes]})"
+    res = _checker().judge(_xml(_FWD_FAIL, _GRAD_FAIL, _skip("a", msg), _skip("b", bare)),
+                           impl.declared_skips(), pytest_rc=1)
+    assert res["record_skips"] == 1 and len(res["bad_skips"]) == 1 and "b:" in res["bad_skips"][0], res
+    assert any("1 skips the record does not name" in p for p in res["problems"]), res
+
+
+def test_the_parts_of_a_split_run_are_judged_together():
+    chk, skips = _checker(), get_impl("flashlla").declared_skips()
+    a, b = _xml(_FWD_FAIL), _xml(_GRAD_FAIL)
+    whole = chk.judge([a, b], skips, pytest_rc=[1, 1])
+    assert whole["problems"] == [] and whole["tests"] == 2, whole
+    # a part alone lacks the other's failure: judged as the whole run it is a problem, as a part it is not
+    alone = chk.judge(a, skips, pytest_rc=1)
+    assert any("no gradient failure" in p for p in alone["problems"]), alone
+    assert chk.judge(a, skips, pytest_rc=1, part=True)["problems"] == []
+    # one interrupted part leaves the whole incomplete; every part passing is a detection lost
+    assert chk.judge([a, b], skips, pytest_rc=[1, 2])["incomplete"]
+    assert any("pytest passed" in p for p in chk.judge([a, b], skips, pytest_rc=[0, 0])["problems"])
+    with pytest.raises(ValueError, match="pytest_rc"):
+        chk.judge([a, b], skips, pytest_rc=[1])

@@ -34,7 +34,10 @@ pytestmark = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("time
 
 @pytest.fixture(scope="module")
 def calls(tmp_path_factory) -> list[list[str]]:
-    tmp = tmp_path_factory.mktemp("gpu-flashlla")
+    return _run_script(tmp_path_factory.mktemp("gpu-flashlla"))
+
+
+def _run_script(tmp, **extra) -> list[list[str]]:
     (tmp / "fl" / "flashlla").mkdir(parents=True)
     (tmp / "fl" / "flashlla" / "__init__.py").write_text("__version__ = 'stand-in'\n")
     log = tmp / "calls.log"
@@ -46,6 +49,8 @@ def calls(tmp_path_factory) -> list[list[str]]:
     env = dict(os.environ, PY=str(py), OUT=str(tmp / "out"), FLASHLLA_PATH=str(tmp / "fl"), SLICES=str(SLICES),
                PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels")]))
     env.pop("ONLY", None)  # every job
+    env.pop("SUITE_TESTS", None)
+    env.update(extra)
     res = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     status = (tmp / "out" / "status.txt").read_text()
@@ -92,6 +97,23 @@ def test_suite_leaves_out_the_other_operators_property_files(calls):
     assert {Path(p).name for p in ignored} == NON_LLA_PROPERTY_FILES
     for p in ignored:
         assert (REPO / p).is_file(), f"--ignore={p}: no such file (renamed? it would run again)"
+
+
+def test_the_whole_suite_is_judged_as_a_whole(calls):
+    (suite,) = _cmds(calls, "-m", "pytest")
+    assert "properties" in suite
+    (check,) = _cmds(calls, "scripts/flashlla_suite_check.py")
+    assert "--part" not in check
+
+
+def test_a_part_of_a_split_suite_runs_its_files_and_is_judged_as_a_part(tmp_path):
+    files = "properties/test_gradients.py properties/test_limits.py"
+    calls = _run_script(tmp_path, ONLY="suite", SUITE_TESTS=files)
+    (suite,) = _cmds(calls, "-m", "pytest")
+    assert set(files.split()) <= set(suite) and "properties" not in suite, suite
+    (check,) = _cmds(calls, "scripts/flashlla_suite_check.py")
+    assert "--part" in check, check
+    assert not _cmds(calls, "lla_verify", "audit") and not _cmds(calls, "lla_verify", "hunt")
 
 
 def test_hunt_and_goldens_are_of_lla(calls):

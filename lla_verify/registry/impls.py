@@ -54,6 +54,10 @@ class Impl:
     output_dtype: torch.dtype | None = None
     forward_with_stats: Callable | None = None  # same args -> (o, stats dict of (B, H, S))
     skips: dict = field(default_factory=dict)  # property name -> reason
+    # why a configuration left out of dtypes is left out: "dtype:torch.float16" -> reason.
+    # supports() gives it with the refusal, so a skip names its reason and a run's
+    # checker (scripts/flashlla_suite_check.py) can tell a declared refusal from any other
+    refusals: dict = field(default_factory=dict)
     # the operator it computes: "lla" (the protocol above) or "parallax"
     # (registry/parallax.py: fn(q, k, v, r, *, qk_scale) -> o)
     operator: str = "lla"
@@ -65,7 +69,9 @@ class Impl:
     def supports(self, *, dtype=None, head_dim=None, device=None) -> str | None:
         """None if the implementation accepts this configuration, else the reason it does not."""
         if dtype is not None and dtype not in self.dtypes:
-            return f"{self.name} does not accept dtype {dtype} (accepts {[str(d) for d in self.dtypes]})"
+            why = self.refusals.get(f"dtype:{dtype}")
+            return (f"{self.name} does not accept dtype {dtype} (accepts {[str(d) for d in self.dtypes]})"
+                    + (f": {why}" if why else ""))
         if head_dim is not None and self.head_dims is not None and head_dim not in self.head_dims:
             return f"{self.name} does not accept head_dim {head_dim} (accepts {self.head_dims})"
         if device is not None and torch.device(device).type not in self.devices:
@@ -74,6 +80,11 @@ class Impl:
 
     def skip_reason(self, prop: str) -> str | None:
         return self.skips.get(prop)
+
+    def declared_skips(self) -> dict:
+        """Every reason the record gives for not checking something: the properties it
+        cannot be asked (skips) and the configurations it refuses (refusals)."""
+        return {**self.skips, **self.refusals}
 
 
 def _oracle_impl(q, k, v, *, ridge_lambda, qk_scale=None):
@@ -179,10 +190,10 @@ def _flashlla_record() -> Impl:
         description="public FlashLLA (flashlla.lla_attention) at its defaults: bf16 inputs and output, "
                     "fp32 accumulation, unpreconditioned CG (atol = rtol = 1e-12, 32 iterations)",
         # float32 and bfloat16 inputs are both rounded to bf16 by the kernel (input_dtype).
-        # float16 is left out: a float lambda becomes an fp16 tensor (lla_attention), so
-        # lambda < 6e-8 turns into 0 and lambda > 65504 into Inf, a different problem
-        # rather than a rounding of this one.
         dtypes=(torch.float32, torch.bfloat16),
+        refusals={"dtype:torch.float16": "lla_attention makes a float lambda a tensor of q's dtype, so in "
+                                         "float16 a lambda below 6e-8 becomes 0 and one above 65504 Inf: "
+                                         "a different problem, not a rounding of this one"},
         # HEAD_DIM is a tl.constexpr block-shape dimension (tl.make_block_ptr, tl.zeros):
         # Triton needs a power of two, and tl.dot at least 16; its autotuner tries 256-row
         # tiles, so widths beyond 128 are not claimed.
