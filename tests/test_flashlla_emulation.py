@@ -1,0 +1,51 @@
+"""scripts/flashlla_emulate.py re-derives the public kernel's forward arithmetic. Its
+findings (docs/findings/flashlla.md #8) stand only if, without the bf16 steps and with
+CG run to convergence, it is LLA itself, and if its bf16 steps are applied."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from lla_verify.oracles.float64 import lla_forward
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    spec = importlib.util.spec_from_file_location("flashlla_emulate", REPO / "scripts" / "flashlla_emulate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _inputs(S=40, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(S, D, generator=g).to(torch.bfloat16) for _ in range(3)]
+
+
+def test_without_its_roundings_it_is_lla(emu):
+    q, k, v = _inputs()
+    ref = lla_forward(q.double(), k.double(), v.double(), ridge_lambda=0.5)
+    o = emu.emulate_forward(q, k, v, 0.5, cg_iters=64, roundings=False).double()
+    # fp32 arithmetic on a well-conditioned problem (lambda 0.5): a wrong formula is off by O(1)
+    torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_its_bf16_steps_are_applied(emu):
+    q, k, v = _inputs()
+    ref = lla_forward(q.double(), k.double(), v.double(), ridge_lambda=0.5)
+    exact = emu.emulate_forward(q, k, v, 0.5, cg_iters=64, roundings=False).double()
+    rounded = emu.emulate_forward(q, k, v, 0.5, cg_iters=64, roundings=True).double()
+    # bf16 weights and rho move the output by far more than fp32 does: at least 2^-9 relative
+    assert float((rounded - ref).norm() / ref.norm()) > 2.0 ** -9 > 10 * float((exact - ref).norm() / ref.norm())
+
+
+def test_bad_shapes_are_refused_by_name(emu):
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match="q, k, v"):
+        emu.emulate_forward(q[None], k, v, 0.1)
