@@ -75,9 +75,16 @@ def test_partition_of_unity(impl, device):
 
     @settings(max_examples=suite.examples(0.5))
     @given(case=suite.case_strategy(impl, device), c=st.floats(-10, 10).filter(lambda x: abs(x) > 1e-3))
+    # den_i cancels at query 16 (delta_i / omega_i = 1.0e-6, ||s_i||_1 = 675): lla_triton's
+    # error there is 2.0x the allowance without ||s_i||_1 through the interpreter (1.1x with
+    # the GPU's products and exp emulated), 0.015x with it (error-model.md §3.6)
+    @example(case=parse_case("early:lam=1e-06:B=1,H=1,S=24,D=16,dtype=float32,seed=203"), c=1.0)
     # the H200's gpu-profile failure (lla_triton, hypothesis seed 8): 2.86x the allowance
-    # without ||s_i||_1 at query 16, where den_i cancels to delta_i / omega_i = 1.1e-5
-    @example(case=parse_case("early:lam=1e-06:B=1,H=1,S=331,D=16,dtype=float32,seed=2867"), c=1.0)
+    # without ||s_i||_1 at query 16, where den_i cancels to delta_i / omega_i = 1.1e-5. On the
+    # device where it was found only: the interpreter's arithmetic leaves it at 0.46x without
+    # ||s_i||_1, so on CPU it pins nothing the S = 24 input above does not, at 14x the time
+    @(example(case=parse_case("early:lam=1e-06:B=1,H=1,S=331,D=16,dtype=float32,seed=2867"), c=1.0)
+      if device == "cuda" else (lambda f: f))
     def prop(case, c):
         p = case.build(device)
         suite.assume_supported(impl, p)

@@ -104,7 +104,8 @@ LLA_CASES = [
     pytest.param("gaussian", {"lam": 0.1}, _n(33), "bfloat16", _n(16), 16, id="bf16-lam0.1-S33"),
     pytest.param("gaussian", {"lam": 1.0}, _n(30), "float16", _n(16), 16, id="fp16-lam1-S30"),
     pytest.param("offset", {"offset": 100.0, "lam": 0.1}, _n(40), "float32", _n(16), 16, id="fp32-offset100"),
-    pytest.param("spectrum", {"kappa": 1e3}, _n(40), "float32", _n(16), 16, id="fp32-spectrum1e3"),
+    # spectrum kappa 1e3 (fp32, S = 40, split 16) is judged by test_lla_decode_statistics, on
+    # the decode it reads the statistics of
     pytest.param("lambda_decades", {"decades": 3.0}, _n(40), "float16", _n(16), 16, id="fp16-per-query-lambda"),
     pytest.param("early", {"lam": 1e-6}, _n(30), "float32", _n(16), 16, id="fp32-early-lam1e-6"),
     pytest.param("bandwidth", {"scale": 0.0}, _n(20), "float32", _n(16), 16, id="fp32-scale0"),
@@ -426,6 +427,8 @@ def test_parallax_decode_grouped_query_heads():
 def test_lla_decode_statistics():
     p = _problem("spectrum", {"kappa": 1e3}, _n(40))
     o, st = decode_lla_every_position(p, lla_decode, split=_n(16))
+    # every position within its forward row's budget, as test_lla_decode_every_position_is_the_forward_row
+    assert_within_budget(check_forward(p, IMPL, o, stats=st or None))
     D = p.q.shape[-1]
     assert set(st) == {"cg_iters", "cg_residual", "omega", "delta", "fallback"}
     assert st["cg_iters"].dtype == torch.int32 and st["cg_iters"].shape == p.q.shape[:-1]
