@@ -100,6 +100,17 @@ def main(argv=None) -> int:
         ap.error(f"--shape: expected B,S,D, got {args.shape!r}")
     if min(B, S, D) < 1:
         ap.error(f"--shape: B, S, D must be positive, got {args.shape!r}")
+    if args.device not in ("cpu", "cuda"):
+        ap.error(f"--device: expected cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    if args.compare_public:
+        if args.device != "cuda":
+            ap.error("--compare-public: the public kernel runs on CUDA only (add --device cuda)")
+        try:
+            import flashlla  # noqa: F401
+        except ImportError as exc:
+            ap.error(f"--compare-public: flashlla does not import ({exc}); put its repository on PYTHONPATH")
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     q, k, v = (torch.randn(B, S, D, device=args.device, generator=gen).to(torch.bfloat16) for _ in range(3))
     lam = args.ridge_lambda

@@ -49,3 +49,15 @@ def test_bad_shapes_are_refused_by_name(emu):
     q, k, v = _inputs()
     with pytest.raises(ValueError, match="q, k, v"):
         emu.emulate_forward(q[None], k, v, 0.1)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--shape", "2,3"], "--shape"),
+    (["--shape", "0,4,4"], "--shape"),
+    (["--device", "tpu"], "--device"),
+    (["--compare-public"], "--compare-public"),
+])
+def test_bad_arguments_exit_2_naming_the_argument(emu, capsys, argv, match):
+    with pytest.raises(SystemExit) as exc:
+        emu.main(argv)
+    assert exc.value.code == 2 and match in capsys.readouterr().err
