@@ -10,7 +10,9 @@ The suite is expected to FAIL on the public kernel, and for its own defects only
   - no skip but those the implementation record names (Impl.skips, and Impl.refusals for
     the configurations it does not accept);
   - no failure in a property that does not call the implementation (the CG study of
-    lla_triton, the oracle against mpmath).
+    lla_triton, the oracle against mpmath);
+  - a result from every LLA property file (all of properties/ but the other operators'),
+    and no test twice (the parts of a split run are disjoint).
 
     python scripts/flashlla_suite_check.py JUNIT.xml [--impl flashlla] [--pytest-rc N] [--json OUT]
     python scripts/flashlla_suite_check.py A.xml B.xml --pytest-rc 1 1    # a run split in two calls
@@ -26,7 +28,14 @@ import json
 import re
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
+# the property files of the other operators: they run lla-verify's own Parallax and decode
+# kernels whatever --lla-impl names, so a run against the public kernel leaves them out
+# (scripts/gpu-flashlla.sh's --ignore list; tests/test_gpu_flashlla_script.py holds the two
+# together), and every other property file must have run
+NON_LLA_PROPERTY_FILES = ("test_parallax.py", "test_parallax_oracle_vs_mp.py", "test_decode.py",
+                          "test_operator_regressions.py")
 # properties that do not call the implementation under test (they check lla_triton's CG and
 # the float64 oracle): a failure there is not the implementation's
 NOT_THE_IMPL = ("test_cg_convergence", "test_oracle_vs_mp")
@@ -40,11 +49,20 @@ def exception_names(text: str) -> set[str]:
     return set(EXC_RE.findall(text))
 
 
-def judge(xml_text, impl_skips: dict, *, pytest_rc=None, impl: str = "flashlla", part: bool = False) -> dict:
+def expected_modules(properties_dir) -> set[str]:
+    """The property modules a run against the public kernel must cover: every
+    ``test_*.py`` of ``properties_dir`` but the other operators' files."""
+    return {p.stem for p in Path(properties_dir).glob("test_*.py") if p.name not in NON_LLA_PROPERTY_FILES}
+
+
+def judge(xml_text, impl_skips: dict, *, pytest_rc=None, impl: str = "flashlla", part: bool = False,
+          expect_modules=None) -> dict:
     """``xml_text``: one JUnit XML text, or a list of them (the parts of one suite run
     split across calls), with ``pytest_rc`` one exit status or a list of one a part.
     ``part``: the XMLs are some of the parts only, so what only the whole run can show
-    (a forward and a gradient failure, pytest failing) is not asked of them."""
+    (a forward and a gradient failure, pytest failing, every module in ``expect_modules``
+    having run) is not asked of them. A test in more than one part is a problem: the parts
+    of one run hold disjoint tests."""
     texts = [xml_text] if isinstance(xml_text, str) else list(xml_text)
     rcs = pytest_rc if isinstance(pytest_rc, (list, tuple)) else [pytest_rc] * len(texts)
     if len(rcs) != len(texts):
@@ -52,6 +70,7 @@ def judge(xml_text, impl_skips: dict, *, pytest_rc=None, impl: str = "flashlla",
     res = {"tests": 0, "unnamed": 0, "passed": 0, "forward_failures": [], "gradient_failures": [], "other_failures": [],
            "harness_errors": [], "bad_skips": [], "record_skips": 0, "problems": [], "incomplete": False}
     allowed_skips = [r for r in impl_skips.values() if r]
+    seen: dict[str, int] = {}
     for tc in (tc for t in texts for tc in ET.fromstring(t).iter("testcase")):
         if not tc.get("name"):
             # pytest-xdist writes a name-less, result-less entry for reports it never
@@ -60,6 +79,7 @@ def judge(xml_text, impl_skips: dict, *, pytest_rc=None, impl: str = "flashlla",
             continue
         res["tests"] += 1
         tid = f"{tc.get('classname', '')}::{tc.get('name', '')}"
+        seen[tid] = seen.get(tid, 0) + 1
         fail, err, skip = tc.find("failure"), tc.find("error"), tc.find("skipped")
         if err is not None:
             res["harness_errors"].append(f"{tid}: pytest error: {(err.get('message') or '')[:300]}")
@@ -94,6 +114,15 @@ def judge(xml_text, impl_skips: dict, *, pytest_rc=None, impl: str = "flashlla",
                 res["problems"].append(f"{tid}: a gradient verdict that does not say it judged dq, dk, dv only")
         else:
             res["other_failures"].append(line)
+    twice = sorted(t for t, n in seen.items() if n > 1)
+    if twice:
+        res["problems"].append(f"{len(twice)} tests ran more than once (parts that overlap?): {', '.join(twice[:3])}")
+    if expect_modules is not None and not part:
+        ran = {t.split("::", 1)[0].rsplit(".", 1)[-1] for t in seen}
+        missing = sorted(set(expect_modules) - ran)
+        if missing:
+            res["problems"].append(f"no result from {len(missing)} property files ({', '.join(missing)}): "
+                                   "the run does not cover the suite")
     if res["unnamed"]:
         res["problems"].append(f"{res['unnamed']} testcase entries without a name (not counted: a run cut short "
                                "leaves them)")
@@ -139,7 +168,8 @@ def main(argv=None) -> int:
             print(f"suite check: cannot read {path}: {exc}")
             return 2
     try:
-        res = judge(texts, get_impl(args.impl).declared_skips(), pytest_rc=rcs, impl=args.impl, part=args.part)
+        res = judge(texts, get_impl(args.impl).declared_skips(), pytest_rc=rcs, impl=args.impl, part=args.part,
+                    expect_modules=expected_modules(Path(__file__).resolve().parents[1] / "properties"))
     except ET.ParseError as exc:
         print(f"suite check: cannot parse {' '.join(args.junit)}: {exc}")
         return 2

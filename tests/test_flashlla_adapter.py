@@ -478,3 +478,21 @@ def test_the_parts_of_a_split_run_are_judged_together():
     assert any("pytest passed" in p for p in chk.judge([a, b], skips, pytest_rc=[0, 0])["problems"])
     with pytest.raises(ValueError, match="pytest_rc"):
         chk.judge([a, b], skips, pytest_rc=[1])
+
+
+def test_a_whole_run_must_cover_every_lla_property_file_and_hold_each_test_once():
+    chk, skips = _checker(), get_impl("flashlla").declared_skips()
+    expected = chk.expected_modules(REPO / "properties")
+    assert {"test_forward_accuracy", "test_gradients", "test_identities"} <= expected
+    assert not expected & {"test_parallax", "test_decode"}, expected
+    cover = "".join(f'<testcase classname="properties.{m}" name="t"/>' for m in sorted(expected))
+    whole = chk.judge([_xml(_FWD_FAIL, cover), _xml(_GRAD_FAIL)], skips, pytest_rc=[1, 1], expect_modules=expected)
+    assert whole["problems"] == [], whole
+    # a part left out (here: the identities) is named, for the whole run; a part alone is not asked
+    short = "".join(f'<testcase classname="properties.{m}" name="t"/>' for m in sorted(expected - {"test_identities"}))
+    res = chk.judge([_xml(_FWD_FAIL, short), _xml(_GRAD_FAIL)], skips, pytest_rc=[1, 1], expect_modules=expected)
+    assert any("test_identities" in p and "does not cover" in p for p in res["problems"]), res
+    assert chk.judge(_xml(_FWD_FAIL, short), skips, pytest_rc=1, part=True, expect_modules=expected)["problems"] == []
+    # the same part given twice
+    twice = chk.judge([_xml(_FWD_FAIL, _GRAD_FAIL), _xml(_GRAD_FAIL)], skips, pytest_rc=[1, 1])
+    assert any("ran more than once" in p for p in twice["problems"]), twice
