@@ -11,6 +11,7 @@ do, and on a GPU (``--compare-public``) how close the real kernel is to them.
 
     python scripts/flashlla_emulate.py --shape 8,2048,128 --device cuda --compare-public
     python scripts/flashlla_emulate.py --shape 2,256,64           # CPU: emulation vs oracle
+    python scripts/flashlla_emulate.py --pins                     # CPU: the verdict on each pinned case
 
 It prints the relative error against lla-verify's float64 oracle over all tokens and
 over the tokens from t on (t = 8, 16, 64), and with ``--compare-public`` the same for the
@@ -34,25 +35,29 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).to(t.dtype)
 
 
-def emulate_forward(q, k, v, ridge_lambda: float, *, cg_iters: int = 32, roundings: bool = True,
-                    delta_eps: float = 1e-12) -> torch.Tensor:
-    """One head: q, k, v of shape (S, D) holding bf16 values; returns o in fp32 (the kernel
-    stores it in bf16). ``roundings=False`` keeps every operand in fp32: the same algorithm
-    without the kernel's bf16 steps."""
+def emulate_forward(q, k, v, ridge_lambda, *, qk_scale: float | None = None, cg_iters: int = 32,
+                    roundings: bool = True, delta_eps: float = 1e-12) -> torch.Tensor:
+    """One head: q, k, v of shape (S, D) holding bf16 values, ridge_lambda a float or one
+    value a query (S,); returns o in fp32 (the kernel stores it in bf16). ``qk_scale``:
+    None is 1 / sqrt(D). ``roundings=False`` keeps every operand in fp32: the same
+    algorithm without the kernel's bf16 steps."""
     if q.dim() != 2 or k.shape != q.shape or v.shape[0] != q.shape[0]:
         raise ValueError(f"q, k, v: expected (S, D), (S, D), (S, Dv), got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     q, k, v = (t.float() for t in (q, k, v))
     r = _bf16 if roundings else (lambda t: t)
     S, D = q.shape
-    s = (q @ k.T) * D ** -0.5
+    s = (q @ k.T) * (D ** -0.5 if qk_scale is None else float(qk_scale))
     causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
     s = s.masked_fill(~causal, float("-inf"))
     W = torch.exp(s - s.max(dim=1, keepdim=True).values)
     omega = W.sum(1, keepdim=True)
     M = r(W) @ k
     mu = M - omega * q
-    lam_omega = ridge_lambda * omega
+    lam = torch.as_tensor(ridge_lambda, dtype=torch.float32, device=q.device)
+    if lam.dim() not in (0, 1) or (lam.dim() == 1 and lam.shape[0] != S):
+        raise ValueError(f"ridge_lambda: expected a float or a tensor of shape ({S},), got shape {tuple(lam.shape)}")
+    lam_omega = (lam if lam.dim() == 0 else lam[:, None]) * omega
     # CG from rho = 0, as _cg_kernel runs it: a row stops when |res|^2 <= max(atol, |res_0|^2) rtol
     # (atol = rtol = 1e-12) or turns non-finite; denominators get + 1e-10
     rho = torch.zeros_like(q)
@@ -77,6 +82,48 @@ def emulate_forward(q, k, v, ridge_lambda: float, *, cg_iters: int = 32, roundin
     return r(weight) @ v
 
 
+def emulated_lla(q, k, v, *, ridge_lambda, qk_scale=None) -> torch.Tensor:
+    """The emulation behind lla-verify's protocol, fn(q, k, v, *, ridge_lambda, qk_scale) -> o
+    on (B, H, S, D), with the public adapter's roundings: q, k, v to bf16, lambda in q's
+    dtype as passed (lla_attention's coercion), o to bf16 and back to q's dtype."""
+    B, H, S, _ = q.shape
+    lam = ridge_lambda if isinstance(ridge_lambda, torch.Tensor) else torch.tensor(float(ridge_lambda))
+    lam = lam.to(q.dtype).float().expand(B, H, S)
+    heads = [emulate_forward(q[b, h].to(torch.bfloat16), k[b, h].to(torch.bfloat16), v[b, h].to(torch.bfloat16),
+                             lam[b, h], qk_scale=qk_scale) for b in range(B) for h in range(H)]
+    return torch.stack(heads).reshape(B, H, S, -1).to(torch.bfloat16).to(q.dtype)
+
+
+def emulated_record():
+    """The public kernel's registry record with the emulation as its forward, on any device."""
+    from dataclasses import replace
+
+    from lla_verify.registry.impls import get_impl
+
+    return replace(get_impl("flashlla"), name="flashlla-emulated", forward=emulated_lla, devices=("cpu", "cuda"))
+
+
+def pins_report() -> int:
+    """The emulation through lla-verify's forward verdict on every pinned LLA case of
+    properties/regressions.json that the public kernel accepts (its record: bf16 inputs,
+    fp32 / bf16 dtypes, D in 16..128), each ratio to compare with the public kernel's on
+    the GPU (docs/findings/flashlla.md #8)."""
+    from lla_verify.budget.forward import check_forward
+    from lla_verify.testing.regressions import pinned
+    from lla_verify.testing.suite import unsupported
+
+    impl = emulated_record()
+    for case in pinned("lla"):
+        p = case.build("cpu")
+        why = unsupported(impl, p)
+        if why:
+            print(f"{'skipped':>10s}  {case.spec()}: {why.split(':')[0]}", flush=True)
+            continue
+        verdict = check_forward(p, impl, impl.forward(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale))
+        print(f"{verdict.ratio:10.3g}  {case.spec()}", flush=True)
+    return 0
+
+
 def _report(name: str, o: torch.Tensor, ref: torch.Tensor, starts=(0, 8, 16, 64)) -> dict:
     out = {}
     for t in starts:
@@ -93,7 +140,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compare-public", action="store_true", help="also run flashlla.lla_attention (CUDA)")
+    ap.add_argument("--pins", action="store_true",
+                    help="instead: the emulation's forward verdict (error / budget) on each pinned LLA case (CPU)")
     args = ap.parse_args(argv)
+    if args.pins:
+        return pins_report()
     try:
         B, S, D = (int(x) for x in args.shape.split(","))
     except ValueError:

@@ -61,3 +61,23 @@ def test_bad_arguments_exit_2_naming_the_argument(emu, capsys, argv, match):
     with pytest.raises(SystemExit) as exc:
         emu.main(argv)
     assert exc.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_the_harness_fails_the_public_arithmetic_on_every_pinned_case(emu):
+    """Detection power on an algorithm nobody here wrote, without a GPU: the public
+    forward's arithmetic (emulated) fails the forward verdict on every pinned LLA case its
+    record accepts, as the public kernel does on the GPU (docs/findings/flashlla.md #8)."""
+    from lla_verify.budget.forward import check_forward
+    from lla_verify.testing.regressions import pinned
+    from lla_verify.testing.suite import unsupported
+
+    impl = emu.emulated_record()
+    judged = 0
+    for case in pinned("lla"):
+        p = case.build("cpu")
+        if unsupported(impl, p):
+            continue
+        verdict = check_forward(p, impl, impl.forward(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale))
+        assert not verdict.passed and verdict.ratio > 1.0, f"{case.spec()}: ratio {verdict.ratio:.3g}"
+        judged += 1
+    assert judged >= 10, judged
