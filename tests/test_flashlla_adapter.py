@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from lla_verify import budget
+from tests import repo_scripts
 from lla_verify.audit.cell import backward_check
 from lla_verify.budget.backward import check_backward
 from lla_verify.budget.forward import check_forward, kernel_view
@@ -345,12 +346,7 @@ SYNTHETIC_SUITE = textwrap.dedent('''
 
 
 def _checker():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("flashlla_suite_check", REPO / "scripts" / "flashlla_suite_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return repo_scripts.load("flashlla_suite_check")
 
 
 @pytest.mark.parametrize("mode, problem", [

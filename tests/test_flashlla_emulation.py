@@ -4,23 +4,16 @@ CG run to convergence, it is LLA itself, and if its bf16 steps are applied."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from lla_verify.oracles.float64 import lla_forward
-
-REPO = Path(__file__).resolve().parents[1]
+from tests import repo_scripts
 
 
 @pytest.fixture(scope="module")
 def emu():
-    spec = importlib.util.spec_from_file_location("flashlla_emulate", REPO / "scripts" / "flashlla_emulate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return repo_scripts.load("flashlla_emulate")
 
 
 def _inputs(S=40, D=16, seed=0):

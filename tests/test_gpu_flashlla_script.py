@@ -20,18 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from tests import repo_scripts
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu-flashlla.sh"
 SLICES = 10
-
-
-def _check_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("flashlla_suite_check", REPO / "scripts" / "flashlla_suite_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 pytestmark = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("timeout")),
                                 reason="needs bash and coreutils' timeout")
@@ -100,7 +93,7 @@ def test_suite_leaves_out_the_other_operators_property_files(calls):
     assert _opt(suite, "--lla-impl") == "flashlla"
     ignored = {a.removeprefix("--ignore=") for a in suite if a.startswith("--ignore=")}
     # the files the suite check does not expect a result from are the ones the run leaves out
-    assert {Path(p).name for p in ignored} == set(_check_script().NON_LLA_PROPERTY_FILES)
+    assert {Path(p).name for p in ignored} == set(repo_scripts.load("flashlla_suite_check").NON_LLA_PROPERTY_FILES)
     for p in ignored:
         assert (REPO / p).is_file(), f"--ignore={p}: no such file (renamed? it would run again)"
 

@@ -316,14 +316,9 @@ def test_device_tolerances_fail_a_float32_result(case):
 def test_study_script_runs_at_a_tiny_size(capsys):
     """scripts/study_oracle_device.py --smoke: every method times every item, and the
     verdicts do not depend on how the extremes were found."""
-    import importlib.util
-    from pathlib import Path
+    from tests import repo_scripts
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "study_oracle_device.py"
-    spec = importlib.util.spec_from_file_location("study_oracle_device", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    rows = mod.main(["--smoke"])
+    rows = repo_scripts.load("study_oracle_device").main(["--smoke"])
     assert [r[3] for r in rows] == ["lla_forward_details", "forward budget", "backward budget"]
     for *_, res, _fallback in rows:
         assert set(res) == {"old", "new", "certified"}
