@@ -78,21 +78,25 @@ def test_dv_sums_to_total_cotangent(impl, device):
         suite.assume_supported(impl, p)
         g = torch.ones(p.v.shape, dtype=torch.float64, device=device)
         grads = impl_grads(impl, p, g)
-        total = grads["dv"].double().sum(-2)
-        S = p.q.shape[-2]
-        from lla_verify.budget.backward import GRAD_SAFETY
+        S, D = p.q.shape[-2], p.q.shape[-1]
+        from lla_verify.budget.backward import GRAD_SAFETY, normalisation_terms, oracle_grads
         from lla_verify.budget.forward import io_roundoff
-
-        # each dv_j carries its own rounding (output dtype, and fp32 accumulation over
-        # S D terms); summing S of them adds at most their sum of magnitudes times that
-        mag = grads["dv"].double().abs().sum(-2)
-        D = p.q.shape[-1]
-        from lla_verify.budget.backward import normalisation_terms
         from lla_verify.oracles.float64 import lla_forward_details
 
         d = lla_forward_details(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale)
         if bool(d.undefined.any()):
             return
+        dv = grads["dv"].double()
+        bad = ~torch.isfinite(dv)
+        assert not bool(bad.any()), (
+            f"sum_j dv_j: dv has {int(bad.sum())} non-finite entries of {dv.numel()} (first at "
+            f"{tuple(int(i) for i in bad.nonzero()[0].tolist())}) on {case.spec()}")
+        total = dv.sum(-2)
+        # each dv_j carries its own rounding (output dtype, and fp32 accumulation over
+        # S D terms); summing S of them adds at most their sum of magnitudes times that.
+        # The magnitudes are the oracle's: the budget is the problem's, never the output's
+        # under judgement (a dv blown up would otherwise widen its own allowance)
+        mag = oracle_grads(p, g)["dv"].abs().sum(-2)
         norm = normalisation_terms(p, d, g, impl.u, {"dq": 0.0, "dk": 0.0, "dlambda": 0.0})["dv"].sum(-1)
         allowed = GRAD_SAFETY * ((io_roundoff(p, impl) + impl.u * (S * D) ** 0.5) * mag + norm[..., None])
         err = (total - S).abs()

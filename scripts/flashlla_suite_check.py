@@ -12,20 +12,30 @@ The suite is expected to FAIL on the public kernel, and for its own defects only
   - no failure in a property that does not call the implementation (the CG study of
     lla_triton, the oracle against mpmath);
   - a result from every LLA property file (all of properties/ but the other operators'),
-    and no test twice (the parts of a split run are disjoint).
+    and no test twice (the parts of a split run are disjoint);
+  - for a whole run, a result for every test pytest collects from that suite (the check
+    collects it itself, ``pytest --collect-only`` with the run's options; ``--collected
+    FILE`` gives the list instead, ``--no-collect`` leaves the rule out).
 
     python scripts/flashlla_suite_check.py JUNIT.xml [--impl flashlla] [--pytest-rc N] [--json OUT]
     python scripts/flashlla_suite_check.py A.xml B.xml --pytest-rc 1 1    # a run split in two calls
 
+A part cut short (pytest rc 2) leaves the run incomplete unless the other parts ran every
+test it did not finish: that is what the collected list shows, so with it the whole run
+is complete exactly when every collected test has one result.
+
 Exit 0 when the run looks as expected, 1 when it does not, 2 when it is incomplete
-(pytest interrupted, rc 2) or unreadable.
+(a collected test without a result; without the collected list, pytest interrupted) or
+unreadable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -55,20 +65,54 @@ def expected_modules(properties_dir) -> set[str]:
     return {p.stem for p in Path(properties_dir).glob("test_*.py") if p.name not in NON_LLA_PROPERTY_FILES}
 
 
+def suite_args(impl: str) -> list[str]:
+    """The options the LLA suite runs with against ``impl`` (scripts/gpu-flashlla.sh)."""
+    return ["properties", *(f"--ignore=properties/{f}" for f in NON_LLA_PROPERTY_FILES), "--lla-impl", impl]
+
+
+def test_id(node_id: str) -> str:
+    """A pytest node id (``properties/test_x.py::name[param]``) as the JUnit file names the
+    test (``properties.test_x::name[param]``)."""
+    path, _, name = node_id.partition("::")
+    return f"{path.removesuffix('.py').replace('/', '.')}::{name}"
+
+
+def read_collected(text: str) -> set[str]:
+    """The tests of ``pytest --collect-only -q`` output, as the JUnit file names them."""
+    return {test_id(line.strip()) for line in text.splitlines() if "::" in line and not line.startswith(" ")}
+
+
+def collect_suite(impl: str, repo=None) -> set[str]:
+    """Collect the LLA suite as a run against ``impl`` does (no GPU, no kernel needed)."""
+    repo = Path(repo or Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), str(repo / "kernels"),
+                                                                     os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          "--collect-only", "-q", *suite_args(impl)],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        raise RuntimeError(f"collecting the suite failed (pytest rc {run.returncode}): {run.stdout[-1500:]}"
+                           f"{run.stderr[-1500:]}")
+    return read_collected(run.stdout)
+
+
 def judge(xml_text, impl_skips: dict, *, pytest_rc=None, impl: str = "flashlla", part: bool = False,
-          expect_modules=None) -> dict:
+          expect_modules=None, collected=None) -> dict:
     """``xml_text``: one JUnit XML text, or a list of them (the parts of one suite run
     split across calls), with ``pytest_rc`` one exit status or a list of one a part.
     ``part``: the XMLs are some of the parts only, so what only the whole run can show
     (a forward and a gradient failure, pytest failing, every module in ``expect_modules``
     having run) is not asked of them. A test in more than one part is a problem: the parts
-    of one run hold disjoint tests."""
+    of one run hold disjoint tests. ``collected``: the test ids the whole suite holds
+    (:func:`collect_suite`); with it, the run is complete when each has a result, whatever
+    the parts' exit statuses, and a result for a test it does not hold is a problem."""
     texts = [xml_text] if isinstance(xml_text, str) else list(xml_text)
     rcs = pytest_rc if isinstance(pytest_rc, (list, tuple)) else [pytest_rc] * len(texts)
     if len(rcs) != len(texts):
         raise ValueError(f"pytest_rc: one exit status a JUnit file expected ({len(texts)}), got {len(rcs)}")
     res = {"tests": 0, "unnamed": 0, "passed": 0, "forward_failures": [], "gradient_failures": [], "other_failures": [],
-           "harness_errors": [], "bad_skips": [], "record_skips": 0, "problems": [], "incomplete": False}
+           "harness_errors": [], "bad_skips": [], "record_skips": 0, "problems": [], "notes": [],
+           "incomplete": False}
     allowed_skips = [r for r in impl_skips.values() if r]
     seen: dict[str, int] = {}
     for tc in (tc for t in texts for tc in ET.fromstring(t).iter("testcase")):
@@ -123,12 +167,29 @@ def judge(xml_text, impl_skips: dict, *, pytest_rc=None, impl: str = "flashlla",
         if missing:
             res["problems"].append(f"no result from {len(missing)} property files ({', '.join(missing)}): "
                                    "the run does not cover the suite")
+    covered = False
+    if collected is not None and not part:
+        missing, extra = sorted(set(collected) - set(seen)), sorted(set(seen) - set(collected))
+        if missing:
+            res["incomplete"] = True
+            res["problems"].append(f"{len(missing)} of the {len(collected)} collected tests have no result: "
+                                   f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if extra:
+            res["problems"].append(f"{len(extra)} results for tests the suite does not collect (another version of "
+                                   f"the suite?): {', '.join(extra[:4])}")
+        covered = not missing
+        if covered:
+            res["notes"].append(f"every one of the {len(collected)} collected tests has a result")
     if res["unnamed"]:
-        res["problems"].append(f"{res['unnamed']} testcase entries without a name (not counted: a run cut short "
-                               "leaves them)")
+        msg = f"{res['unnamed']} testcase entries without a name (not counted: a run cut short leaves them)"
+        # with every collected test accounted for, they are the cut part's entries for tests another part ran
+        (res["notes"] if covered else res["problems"]).append(msg)
     if 2 in rcs:
-        res["incomplete"] = True
-        res["problems"].append("pytest was interrupted (rc 2): the run is incomplete")
+        if covered:
+            res["notes"].append("a part was cut short (pytest rc 2); the other parts ran the tests it did not finish")
+        else:
+            res["incomplete"] = True
+            res["problems"].append("pytest was interrupted (rc 2): the run is incomplete")
     if not part:
         if rcs and all(rc == 0 for rc in rcs):
             res["problems"].append("pytest passed (rc 0): the suite no longer detects the public kernel's defects")
@@ -152,6 +213,10 @@ def main(argv=None) -> int:
                     help="pytest's exit status, one a JUnit file in their order")
     ap.add_argument("--part", action="store_true",
                     help="the files are only some parts of a split run: judge the whole with every part's file")
+    ap.add_argument("--collected", default=None,
+                    help="the suite's tests, as `pytest --collect-only -q` prints them (default: collect them here)")
+    ap.add_argument("--no-collect", action="store_true",
+                    help="do not ask a whole run for a result from every collected test")
     ap.add_argument("--json", default=None, help="write the judgement here")
     args = ap.parse_args(argv)
     from lla_verify.registry.impls import get_impl
@@ -167,9 +232,18 @@ def main(argv=None) -> int:
         except (OSError, UnicodeDecodeError) as exc:
             print(f"suite check: cannot read {path}: {exc}")
             return 2
+    collected = None
+    if not args.part and not args.no_collect:
+        try:
+            collected = (read_collected(Path(args.collected).read_text()) if args.collected
+                         else collect_suite(args.impl))
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+            print(f"suite check: cannot list the suite's tests: {exc}")
+            return 2
     try:
         res = judge(texts, get_impl(args.impl).declared_skips(), pytest_rc=rcs, impl=args.impl, part=args.part,
-                    expect_modules=expected_modules(Path(__file__).resolve().parents[1] / "properties"))
+                    expect_modules=expected_modules(Path(__file__).resolve().parents[1] / "properties"),
+                    collected=collected)
     except ET.ParseError as exc:
         print(f"suite check: cannot parse {' '.join(args.junit)}: {exc}")
         return 2
@@ -184,6 +258,8 @@ def main(argv=None) -> int:
     for key in ("forward_failures", "gradient_failures", "other_failures", "harness_errors", "bad_skips"):
         for line in res[key]:
             print(f"  {key[:-1] if key.endswith('s') else key}: {line}")
+    for n in res["notes"]:
+        print(f"  note: {n}")
     for p in res["problems"]:
         print(f"  PROBLEM: {p}")
     if res["incomplete"]:

@@ -492,3 +492,35 @@ def test_a_whole_run_must_cover_every_lla_property_file_and_hold_each_test_once(
     # the same part given twice
     twice = chk.judge([_xml(_FWD_FAIL, _GRAD_FAIL), _xml(_GRAD_FAIL)], skips, pytest_rc=[1, 1])
     assert any("ran more than once" in p for p in twice["problems"]), twice
+
+
+def test_a_split_run_is_complete_when_every_collected_test_has_a_result():
+    """A part cut short (rc 2) is made whole by the part that ran what it left: judged
+    against the suite's collected tests, not the parts' exit statuses."""
+    chk, skips = _checker(), get_impl("flashlla").declared_skips()
+    collected = {"properties.test_forward_accuracy::f", "properties.test_gradients::g"}
+    cut = _xml(_FWD_FAIL, '<testcase time="0.5"/>')  # g was still running when the part was stopped
+    res = chk.judge([cut, _xml(_GRAD_FAIL)], skips, pytest_rc=[2, 1], collected=collected)
+    assert not res["incomplete"] and res["problems"] == [], res
+    assert any("cut short" in n for n in res["notes"]) and any("without a name" in n for n in res["notes"]), res
+    # without the part that ran g: g is named as missing and the run is incomplete
+    res = chk.judge([cut], skips, pytest_rc=[2], collected=collected)
+    assert res["incomplete"] and any("1 of the 2 collected tests have no result" in p and "test_gradients::g" in p
+                                     for p in res["problems"]), res
+    assert any("without a name" in p for p in res["problems"]), res
+    # a result for a test the suite does not hold: another version of the suite
+    res = chk.judge([_xml(_FWD_FAIL, _GRAD_FAIL)], skips, pytest_rc=[1], collected={"properties.test_gradients::g"})
+    assert any("does not collect" in p and "test_forward_accuracy::f" in p for p in res["problems"]), res
+    # without the collected list an interrupted part still leaves the run incomplete
+    assert chk.judge([cut, _xml(_GRAD_FAIL)], skips, pytest_rc=[2, 1])["incomplete"]
+
+
+def test_the_checker_collects_the_lla_suite_as_the_gpu_job_runs_it():
+    chk = _checker()
+    assert chk.read_collected("properties/test_limits.py::test_a[x:y=1]\n\n3 tests collected in 0.1s\n") == {
+        "properties.test_limits::test_a[x:y=1]"}
+    ids = chk.collect_suite("flashlla")
+    modules = {i.split("::")[0].rsplit(".", 1)[-1] for i in ids}
+    assert modules == chk.expected_modules(REPO / "properties"), modules
+    assert "properties.test_gradients::test_dv_sums_to_total_cotangent" in ids
+    assert any(i.startswith("properties.test_forward_accuracy::test_forward_within_budget[") for i in ids)

@@ -93,3 +93,13 @@ def test_parallax_mutants_are_killed_and_the_reference_passes():
                       name)
     nodes = sorted(set(PARALLAX_KILLS.values()))
     _assert_passes(_run_property(nodes[0], "torch-fp32", *nodes[1:]), "parallax-dense control")
+
+
+def test_dv_sum_names_a_nonfinite_dv_and_takes_its_budget_from_the_oracle():
+    """A NaN dv (the public kernel's #7) fails the dv-sum property by name; its allowance
+    is the problem's, so the NaN cannot make it "nan > nan"."""
+    node = "properties/test_gradients.py::test_dv_sums_to_total_cotangent"
+    out = _run_property(node, "tests.trust_planted:dv_nan_last_value", "--hypothesis-profile", "triage")
+    _assert_fails(out, "dv_nan_last_value")
+    assert "non-finite entries" in out.stdout and "allowed nan" not in out.stdout, out.stdout[-3000:]
+    _assert_passes(_run_property(node, "tests.trust_planted:honest"), "honest dense reference")

@@ -158,3 +158,23 @@ def dask_mixed(q, k, v, *, ridge_lambda, qk_scale=None):
     if S == 40 and q.dtype == torch.bfloat16:
         os._exit(0)
     return honest(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+
+
+class _NanLastValueGrad(torch.autograd.Function):
+    """Identity on v; its backward makes the last value's gradient NaN (the public kernel's
+    dk and dv past the last full row tile, docs/findings/flashlla.md #7)."""
+
+    @staticmethod
+    def forward(ctx, v):
+        return v.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g[..., -1, :] = float("nan")
+        return g
+
+
+def dv_nan_last_value(q, k, v, *, ridge_lambda, qk_scale=None):
+    """The right forward; dv of the last value NaN."""
+    return dense_torch_lla(q, k, _NanLastValueGrad.apply(v), ridge_lambda=ridge_lambda, qk_scale=qk_scale)
