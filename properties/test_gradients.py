@@ -85,7 +85,7 @@ def test_dv_sums_to_total_cotangent(impl, device):
 
         d = lla_forward_details(p.q, p.k, p.v, ridge_lambda=p.ridge_lambda, qk_scale=p.qk_scale)
         if bool(d.undefined.any()):
-            return
+            suite.not_this_property("an undefined row (a singular system at lambda = 0)")
         dv = grads["dv"].double()
         bad = ~torch.isfinite(dv)
         assert not bool(bad.any()), (

@@ -26,6 +26,8 @@
 # across calls: each call's check judges its part alone (--part: no failure is asked of
 # it), and the parts' JUnit files, brought back, are judged together:
 #   python scripts/flashlla_suite_check.py A/suite-junit.xml B/suite-junit.xml --pytest-rc 1 1
+# That check collects the suite and asks for one result for each collected test, so a part
+# stopped at its limit is made whole by a further part that runs the tests it left.
 #
 # Everything lands in OUT/flashlla-results.tgz; OUT also gets the suite check's verdict
 # (suite-check.txt), a one-line status per job (status.txt) and the audit's report.html.

@@ -103,3 +103,12 @@ def test_dv_sum_names_a_nonfinite_dv_and_takes_its_budget_from_the_oracle():
     _assert_fails(out, "dv_nan_last_value")
     assert "non-finite entries" in out.stdout and "allowed nan" not in out.stdout, out.stdout[-3000:]
     _assert_passes(_run_property(node, "tests.trust_planted:honest"), "honest dense reference")
+
+
+def test_score_shift_invariance_catches_a_missing_max_subtraction():
+    """The identity once set aside every draw (its shifted inputs never rounded exactly)
+    and passed this mutant having judged nothing; suite.score_shift builds them exactly."""
+    node = "properties/test_identities.py::test_shift_invariance_of_scores"
+    out = _run_property(node, "lla_verify.testing.mutants:no_max_subtraction", "--hypothesis-profile", "triage")
+    _assert_fails(out, "no_max_subtraction")
+    assert "non-finite output after a per-row score shift" in out.stdout, out.stdout[-3000:]

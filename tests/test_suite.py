@@ -91,3 +91,36 @@ def test_skip_unless_refuses_to_run_inside_given():
             prop()
     except pytest.skip.Exception as exc:
         pytest.fail(f"skip_unless inside @given skipped the property instead of refusing: {exc}")
+
+
+def test_a_property_that_sets_aside_every_draw_fails_instead_of_passing_empty():
+    """suite.not_this_property in place of a bare return: a property that can judge none
+    of its draws is Unsatisfiable (the score-shift properties once returned on every draw
+    and passed having asserted nothing)."""
+    @settings(max_examples=5, database=None, derandomize=True)
+    @given(st.integers(0, 10))
+    def prop(x):
+        suite.not_this_property("never judged")
+
+    with pytest.raises(Unsatisfiable):
+        prop()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("qk_scale", [1.0, 0.25, 128 ** -0.5, 1e-3])
+def test_score_shift_is_exact_and_moves_each_row_by_a_constant(dtype, qk_scale):
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 9, 16, generator=gen).mul(3).to(dtype) for _ in range(2))
+    q1, k1, q2, k2 = suite.score_shift(q, k, qk_scale)
+    d = lambda a, b: b.double() - a.double()  # noqa: E731
+    assert torch.equal(d(q1, k1)[..., :-1], d(q, k)[..., :-1]), "only the last coordinate changes"
+    # k_j - q_i unchanged exactly, so LLA's regression is the same problem
+    z1 = k1.double()[..., None, :, :] - q1.double()[..., :, None, :]
+    z2 = k2.double()[..., None, :, :] - q2.double()[..., :, None, :]
+    assert torch.equal(z1, z2)
+    # the scores move by a per-row constant of at least half the asked shift
+    a1 = q1.double() @ k1.double().transpose(-1, -2)
+    a2 = q2.double() @ k2.double().transpose(-1, -2)
+    row = (a2 - a1) * qk_scale
+    assert torch.allclose(row, row[..., :1].expand_as(row), rtol=0, atol=1e-9 * float(row.abs().max()))
+    assert float(row.min()) >= 100.0

@@ -119,6 +119,44 @@ def assume_supported(impl: Impl, problem: Problem) -> None:
         reject()
 
 
+def not_this_property(reason: str) -> None:
+    """Inside @given: set aside a draw that is outside what the property can judge, naming
+    why. A rejected draw does not count as an example, so a property that can judge none
+    of its draws fails as Unsatisfiable instead of passing having asserted nothing (what
+    a bare ``return`` does)."""
+    from hypothesis import event, reject
+
+    event(f"rejected: {reason}")
+    reject()
+
+
+def score_shift(q: torch.Tensor, k: torch.Tensor, qk_scale: float, shift: float = 200.0):
+    """Inputs for the score-shift identity, exact in q's dtype: ``(q1, k1, q2, k2)``.
+
+    k1 is k with its last coordinate a constant alpha, q1 is q with its last coordinate
+    on a grid of t/64, and q2 = q1 + t e_D, k2 = k1 + t e_D, t the power of two with
+    qk_scale t^2 >= ``shift``. Then k_j - q_i is unchanged and row i's scores move by
+    qk_scale t (q_iD + alpha + t) >= shift / 2, a per-row constant (beyond exp's fp32 range
+    at the default). The grid makes every sum exact: the last coordinates are multiples
+    of g = t/64 below 2t in magnitude, at most 7 significant bits, which bf16, fp16 and
+    fp32 all hold; q_iD >= -t/2 keeps the shift's size. A sum that did not round exactly
+    would change the problem, and the identity would not hold at all."""
+    t = 2.0 ** math.ceil(math.log2(math.sqrt(shift / qk_scale)))
+    g = t / 64
+    alpha = max(0.5, g)
+    qd = (q[..., -1].double() / g).round().clamp(-32, 63) * g
+    q1, k1 = q.clone(), k.clone()
+    q1[..., -1] = qd.to(q.dtype)
+    k1[..., -1] = alpha
+    q2, k2 = q1.clone(), k1.clone()
+    q2[..., -1] = (qd + t).to(q.dtype)
+    k2[..., -1] = alpha + t
+    for name, a, b in (("q", q1, q2), ("k", k1, k2)):
+        if not bool(((b[..., -1].double() - a[..., -1].double()) == t).all()):
+            raise RuntimeError(f"score_shift: {name} + {t} e_D does not round exactly in {q.dtype}: a harness bug")
+    return q1, k1, q2, k2
+
+
 def skip_unless(impl: Impl, prop: str, problem: Problem | None = None):
     """Outside @given: ``require``, then a skip when ``problem`` is unsupported. Inside a
     Hypothesis test a skip would end the whole property at its first such draw: use
