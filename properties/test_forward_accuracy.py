@@ -38,6 +38,7 @@ def test_forward_within_budget(impl, device, family):
         suite.assume_supported(impl, problem)
         o, stats = suite.run(impl, problem, stats=True)
         verdict = check_forward(problem, impl, o, stats=stats)
+        suite.set_aside_unless_judged(verdict)
         target(min(verdict.ratio, 1e6), label=f"forward ratio {family}")
         assert_within_budget(verdict)
 
@@ -51,7 +52,9 @@ def test_forward_pinned_regressions(impl, device, case):
     problem = case.build(device)
     suite.skip_unless(impl, "forward", problem)
     o, stats = suite.run(impl, problem, stats=True)
-    assert_within_budget(check_forward(problem, impl, o, stats=stats))
+    verdict = check_forward(problem, impl, o, stats=stats)
+    assert_within_budget(verdict)
+    assert suite.judged_rows(verdict) > 0, f"the pinned case holds no row to a budget: it tests nothing\n{verdict}"
 
 
 def test_no_nonfinite_output_when_lambda_positive(impl, device):

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lla_verify.testing import suite
-from lla_verify.budget.forward import MODEL_SAFETY, forward_budget
+from lla_verify.budget.forward import MODEL_SAFETY, float64_trust, forward_budget
 from lla_verify.registry.cases import Case, Problem
 from lla_verify.oracles.float64 import mesanet_attention, softmax_attention
 
@@ -21,6 +21,20 @@ from lla_verify.oracles.float64 import mesanet_attention, softmax_attention
 def _gauss(case: Case, device, lam, scale=None):
     p = Case("gaussian", {"lam": 1.0}, case.B, case.H, case.S, case.D, case.dtype, case.seed).build(device)
     return Problem(case, p.q, p.k, p.v, lam, p.qk_scale if scale is None else scale)
+
+
+def _assert_rate(what: str, knob: str, dists: list, case) -> None:
+    """``dists``: (knob, float64 gap to the limit, float64 error of the oracle there) at
+    successive decades. Each pair whose smaller gap stands 10x clear of the oracle's error
+    must shrink 5-20x; a draw with no such pair is set aside, so the rate is judged on
+    every draw the property counts."""
+    pairs = [(k1, g1, k2, g2) for (k1, g1, _), (k2, g2, t2) in zip(dists, dists[1:]) if g2 > 10 * t2]
+    if not pairs:
+        suite.not_this_property(f"{what}: no gap clear of the oracle's own error")
+    for k1, g1, k2, g2 in pairs:
+        assert 5.0 <= g1 / g2 <= 20.0, (
+            f"{what}: gap ratio {g1 / g2:.3g} between {knob} {k1:g} and {k2:g} (gaps {g1:.3e}, {g2:.3e}) "
+            f"on {case.spec()}")
 
 
 def test_large_lambda_is_softmax_with_rate(impl, device):
@@ -43,11 +57,11 @@ def test_large_lambda_is_softmax_with_rate(impl, device):
             assert bool((gap <= oracle_gap + fb.allowed).all()), (
                 f"softmax limit at lambda={lam:g}: |o - softmax| {float(gap.max()):.3e} exceeds the oracle's "
                 f"gap {float(oracle_gap.max()):.3e} + budget {float(fb.allowed.max()):.3e} on {case.spec()}")
-            dists.append((lam, float(oracle_gap.max()), float(fb.allowed.max())))
-        # the rate, where the gap stands clear of the budget: ~10x smaller per decade
-        for (l1, g1, _), (l2, g2, b2) in zip(dists, dists[1:]):
-            if g2 > 10 * b2:
-                assert 5.0 <= g1 / g2 <= 20.0, f"softmax limit rate: gap ratio {g1 / g2:.3g} between lambda {l1:g} and {l2:g}"
+            dists.append((lam, float(oracle_gap.max()), float(float64_trust(fb).max())))
+        # the rate, ~10x smaller per decade. It is the oracle's (both ends are float64), so
+        # it is judged where the gap stands clear of the oracle's own error, not of the
+        # implementation's budget, which at bf16 hid every pair
+        _assert_rate("softmax limit rate", "lambda", dists, case)
 
     prop()
 
@@ -72,11 +86,9 @@ def test_small_scale_is_mesanet(impl, device):
             assert bool((err <= gap + fb.allowed).all()), (
                 f"MesaNet limit at scale {scale:g}: |o - mesa| {float(err.max()):.3e} > oracle gap "
                 f"{float(gap.max()):.3e} + budget {float(fb.allowed.max()):.3e} on {case.spec()}")
-            dists.append((scale, float(gap.max()), float(fb.allowed.max())))
-        # the rate, where the gap stands clear of the budget: ~10x smaller per decade of s
-        for (s1, g1, _), (s2, g2, b2) in zip(dists, dists[1:]):
-            if g2 > 10 * b2:
-                assert 5.0 <= g1 / g2 <= 20.0, f"MesaNet limit rate: gap ratio {g1 / g2:.3g} between scale {s1:g} and {s2:g}"
+            dists.append((scale, float(gap.max()), float(float64_trust(fb).max())))
+        # the rate, ~10x smaller per decade of s (the oracle's: see the softmax limit)
+        _assert_rate("MesaNet limit rate", "scale", dists, case)
 
     prop()
 

@@ -448,7 +448,11 @@ def test_zero_scale_is_uniform_average_minus_covariance(parallax_impl, device):
             err = (o - uniform).norm(dim=-1)
             allowed = oracle_gap + pb.allowed + MODEL_SAFETY * U64 * _root_n(p) ** 2 * v.norm(dim=-1).amax(-1, keepdim=True) * (1 + _reach(p))
             assert bool((err <= allowed).all()), _worst(err, allowed, pc, f"scale {s:g}: uniform-weight limit")
-            gaps.append((s, float(oracle_gap.max()), float(pb.allowed.max())))
+            # the gap is the oracle's (float64 at both ends): its noise is the float64 budget,
+            # not the implementation's, which at bf16 hid the rate on most draws
+            t64 = parallax_budget(p.q, p.k, p.v, p.r, qk_scale=s, compute_dtype=torch.float64,
+                                  out_dtype=torch.float64, dense=False).allowed
+            gaps.append((s, float(oracle_gap.max()), float(t64.max())))
         # The rate is O(s) only in the linear regime: p_ij moves from 1/(i+1) by about
         # s |a_ij - mean_j a_ij| (unit-scale scores), and the covariance term multiplies that
         # move by up to 1 + |<k_j - kbar_i, r_i>| (_reach) a second time, so the s^2 term
@@ -457,11 +461,16 @@ def test_zero_scale_is_uniform_average_minus_covariance(parallax_impl, device):
         a1 = q @ k.transpose(-1, -2)
         mean = (a1 * mask).sum(-1, keepdim=True) / n
         spread = float(((a1 - mean).abs() * mask).amax())
-        for (s1, g1, _), (s2, g2, b2) in zip(gaps[1:], gaps[2:]):
+        judged = 0
+        for (s1, g1, _), (s2, g2, t2) in zip(gaps[1:], gaps[2:]):
             curvature = s1 * spread * (1 + float(_reach(_problem(p0, qk_scale=s1)).max()))
-            if g2 > 10 * b2 and curvature <= 0.1:
+            if g2 > 10 * t2 and curvature <= 0.1:
+                judged += 1
                 assert 5.0 <= g1 / g2 <= 20.0, (f"uniform limit rate: gap ratio {g1 / g2:.3g} between scale {s1:g} "
-                                                f"and {s2:g} (curvature {curvature:.2g})")
+                                                f"and {s2:g} (curvature {curvature:.2g}) on {pc.spec()}")
+        if not judged:
+            # the limit itself was judged above; a draw counts only with its rate judged too
+            suite.not_this_property("uniform limit rate: no pair in the linear regime clear of float64's error")
 
     prop()
 

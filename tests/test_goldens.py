@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -341,7 +342,9 @@ def test_compare_catches_a_planted_bug(capsys):
     out = capsys.readouterr().out
     for r in results:
         assert r.checks["forward"] > 1 and r.checks["stored"] > 1, r.name
-        assert r.checks["oracle"] == 0.0
+        # today's oracle reproduces the stored reference: bitwise on the machine that wrote
+        # it, to float64 noise (a ratio to NOISE_FACTOR u64 cond) on another CPU
+        assert r.checks["oracle"] <= 1.0, r
         assert f"{r.name}  " in out and "FAIL" in out
     assert out.strip().splitlines()[-1].startswith("6 of 9 checks over threshold, worst ratio ")
 
@@ -450,7 +453,9 @@ def test_golden_symlinked_out_of_the_folder_is_refused(tmp_path, capsys):
     assert main(["goldens", "regen", "--dir", str(folder), "--only", SMALL]) == 1
     assert f"REFUSED {SMALL}: manifest entry {SMALL!r}: 'file' {link.name!r} is a symlink" in capsys.readouterr().out
     assert main(["goldens", "regen", "--dir", str(folder), "--only", SMALL, "--force"]) == 0
-    assert not link.is_symlink() and link.read_bytes() == before and out.read_bytes() == before
+    assert not link.is_symlink() and out.read_bytes() == before
+    # what --force wrote is this machine's recomputation: the stored values to float64 noise
+    assert gregen.drift(gstore.read_arrays(out), gstore.read_arrays(link)).ok
     # a link that loops is refused, not followed forever
     link.unlink()
     link.symlink_to(link.name)
@@ -775,3 +780,92 @@ def test_operator_kernels_match_their_goldens_within_budgets(kernel, capsys):
     assert [r.name for r in results] == names and not any(r.skipped for r in results), out
     assert code == 0, out
     assert out.strip().splitlines()[-1].startswith(f"0 of {3 * len(names)} checks over threshold"), out
+
+
+# ------------------------------------------------------------------ float64 noise across CPUs
+# The goldens were written on one CPU and are checked on others, whose float64 kernels round
+# differently in the last bits: the checks below hold what is noise apart from what is not.
+
+def _noisy(t: torch.Tensor, rel: float, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return t + rel * t.abs().clamp_min(1e-300) * torch.randn(t.shape, generator=gen, dtype=t.dtype)
+
+
+def test_drift_takes_a_zero_gradient_at_the_losss_scale_and_still_sees_a_real_change():
+    """const-values: dq, dk and d lambda are 0 in exact arithmetic and float64 noise in
+    the stored file; noise of that size elsewhere is drift within noise, a change of 1e-9
+    of the loss's gradient scale is not."""
+    name = "const-values-f16-S16-D4"
+    stored = gstore.read_arrays(gstore.DEFAULT_DIR / gcat.get_golden(name).file)
+    fresh = dict(stored)
+    fresh["dq"] = stored["dq"] + 3e-16 * torch.randn(stored["dq"].shape, generator=torch.Generator().manual_seed(1),
+                                                     dtype=torch.float64)
+    assert gregen.drift(stored, fresh).ok, gregen.drift(stored, fresh)
+    gscale = float(stored["dv"].square().mean().sqrt())
+    fresh["dq"] = stored["dq"] + 1e-9 * gscale
+    dr = gregen.drift(stored, fresh)
+    assert not dr.ok and dr.where.startswith("dq"), dr
+
+
+def test_drift_leaves_out_undefined_rows_and_holds_d_lambda_to_kappa_squared():
+    name = "linear-values-lam0-f32-S100-D16"
+    stored = gstore.read_arrays(gstore.DEFAULT_DIR / gcat.get_golden(name).file)
+    und = stored["undefined"]
+    assert bool(und.any())
+    fresh = dict(stored)
+    # kappa of an undefined row (a singular Sigma) is noise: any value there is no drift
+    fresh["kappa"] = torch.where(und, stored["kappa"] * 3.0, stored["kappa"])
+    assert gregen.drift(stored, fresh).ok
+    fresh["kappa"] = torch.where(und, stored["kappa"], stored["kappa"] * (1 + 1e-6))
+    assert not gregen.drift(stored, fresh).ok
+    tols = gregen.key_tols(stored)
+    c = gcat.conditioning(stored)
+    assert tols["dlambda"] == pytest.approx(tols["o"] * c) and tols["dq"] == tols["o"]
+
+
+def test_a_derived_probe_a_rounding_step_apart_is_judged_on_the_stored_one(monkeypatch, capsys):
+    """The LLA probe is float64 rounded to float32: a step apart (another CPU) the check
+    recomputes the outputs on the stored r and passes; several steps apart it fails."""
+    from lla_verify.registry import parallax as rpx
+
+    name = "px-lla-gaussian-f32-S16-D4"
+    real = rpx.ParallaxCase.build
+    stored_r = gstore.read_arrays(gstore.DEFAULT_DIR / gcat.get_golden(name).file)["r"]
+
+    def shifted(steps):
+        def build(self, device="cpu"):
+            p = real(self, device)
+            r = stored_r.clone()
+            for _ in range(steps):  # steps ulps away from the stored probe
+                r = torch.nextafter(r, torch.full_like(r, math.inf))
+            p.r = r
+            return p
+        return build
+
+    monkeypatch.setattr(rpx.ParallaxCase, "build", shifted(1))
+    assert main(["goldens", "regen", "--check", "--only", name]) == 0
+    out = capsys.readouterr().out
+    assert "r rebuilds within one rounding" in out, out
+    code, (res,) = gcompare.compare(gstore.DEFAULT_DIR, _op_impl("parallax", "parallax-dense"), op="parallax",
+                                    only=[name], isolate=False)
+    assert code == 0 and "judged on the stored r" in res.notes, res
+    monkeypatch.setattr(rpx.ParallaxCase, "build", shifted(8))
+    assert main(["goldens", "regen", "--check", "--only", name]) == 1
+    assert "the case no longer rebuilds the stored inputs ['r']" in capsys.readouterr().out
+
+
+def test_regen_keeps_values_within_float64_noise(tmp_path, monkeypatch, capsys):
+    folder = _copy_goldens(tmp_path / "g")
+    path = folder / gcat.get_golden(SMALL).file
+    before = path.read_bytes()
+    real = gregen.compute
+
+    def noisy(g, r=None):
+        out = real(g) if r is None else real(g, r=r)
+        return {k: (_noisy(t, 1e-15) if k == "o" else t) for k, t in out.items()}
+
+    monkeypatch.setattr(gregen, "compute", noisy)
+    assert main(["goldens", "regen", "--dir", str(folder), "--only", SMALL]) == 0
+    assert "kept, drift within float64 noise" in capsys.readouterr().out
+    assert path.read_bytes() == before
+    assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 0

@@ -152,3 +152,29 @@ def test_a_probe_beyond_the_dtype_range_is_refused_by_name():
     with pytest.raises(ProbeOutOfRange, match="probe lla reaches .* beyond float16's range"):
         pc.build()
     ParallaxCase(pc.case.__class__(**{**pc.case.__dict__, "dtype": "float32"}), "lla").build()  # fits float32
+
+
+def test_the_small_eig_direction_is_the_keys_and_not_the_eigensolvers():
+    """Early rows have a repeated eigenvalue 0 (rank below D), where eigh may return any
+    basis of the eigenspace, with any signs (it did differ between two CPUs): the probe's
+    direction, a fixed vector projected onto the eigenspace, is the same for every basis."""
+    from lla_verify.registry.parallax import eigenspace_direction
+
+    gen = torch.Generator().manual_seed(0)
+    D = 6
+    x = torch.randn(2, D, generator=gen, dtype=torch.float64)
+    cov = x.T @ x  # rank 2: eigenvalue 0 four times
+    ev, vec = torch.linalg.eigh(cov)
+    g = torch.randn(D, generator=gen, dtype=torch.float64)
+    u = eigenspace_direction(ev, vec, 0, g)
+    assert float((cov @ u).norm()) < 1e-12 * float(cov.norm())  # in the null space
+    # another basis of the null space (a rotation of its four vectors) and flipped signs
+    rot, _ = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=torch.float64))
+    other = vec.clone()
+    other[:, :4] = vec[:, :4] @ rot
+    other[:, 4] = -other[:, 4]
+    assert torch.allclose(eigenspace_direction(ev, other, 0, g), u, rtol=0, atol=1e-12)
+    # a simple eigenvalue: its eigenvector, whatever its sign in the basis
+    u5 = eigenspace_direction(ev, vec, 5, g)
+    assert torch.allclose(u5.abs(), vec[:, 5].abs(), atol=1e-12) and float(u5 @ g) > 0
+    assert torch.allclose(eigenspace_direction(ev, -vec, 5, g), u5, atol=1e-12)

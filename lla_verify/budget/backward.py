@@ -603,6 +603,7 @@ def check_backward(problem: Problem, impl: Impl, *, cot: torch.Tensor | None = N
     return Verdict("backward", impl.name, case, ratio, passed, cause, msg, widx, int(defined.sum()),
                    int(d.undefined.sum()), per_query, {"ratio": ratio, "cause": cause, "worst_tensor": wname,
                                                         "n_beyond_precision": int(bb.beyond_q.sum()),
+                                                        "n_judged": int((defined & ~bb.beyond_q).sum()),
                                                         "n_unmeasured": sum(gb.n_unmeasured for gb in bb.grads.values()),
                                                         "grads_checked": [n for n in GRAD_NAMES if n not in not_checked],
                                                         "grads_not_checked": not_checked})

@@ -271,12 +271,20 @@ def problem_from_arrays(golden: Golden, arrays: dict, qk_scale: float) -> Proble
     return Problem(golden.case, arrays["q"].clone(), arrays["k"].clone(), arrays["v"].clone(), ridge, qk_scale)
 
 
-def compute(golden: Golden) -> dict[str, torch.Tensor]:
-    """Every stored array of ``golden``, recomputed from its spec (CPU, deterministic)."""
+def compute(golden: Golden, r: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Every stored array of ``golden``, recomputed from its spec (CPU, deterministic).
+
+    ``r`` (a Parallax golden only, (B, H, S, D)): the probe to use in place of the one the
+    case derives. A probe derived in float64 (the LLA probe, an eigenvector) is rounded
+    to the input dtype, and float64's platform-dependent last bits can move that rounding
+    by one step: ``regen --check`` then recomputes the outputs on the stored probe, so that
+    their drift measures the oracle alone (regen.derived_input_drift)."""
     fn = {"lla": _compute_lla, "parallax": _compute_parallax, "lla-decode": _compute_lla_decode,
           "parallax-decode": _compute_parallax_decode}[golden.op]
+    if r is not None and golden.op not in ("parallax", "parallax-decode"):
+        raise ValueError(f"golden {golden.name}: only a Parallax golden takes a probe r")
     with deterministic():
-        out = fn(golden)
+        out = fn(golden) if r is None else fn(golden, r=r)
     return {key: t.detach().contiguous() for key, t in out.items()}
 
 
@@ -301,10 +309,12 @@ def parallax_conditioning(q, k, v, r, o64, qk_scale) -> torch.Tensor:
     return torch.tensor(float(c.max()) if c.numel() else 0.0, dtype=torch.float64)
 
 
-def _compute_parallax(golden: Golden) -> dict:
+def _compute_parallax(golden: Golden, r: torch.Tensor | None = None) -> dict:
     from lla_verify.oracles.parallax import parallax_forward
 
     p = golden.case.build()
+    if r is not None:
+        p.r = r.to(p.r.dtype)
     xs = tuple(t.to(torch.float64).requires_grad_(True) for t in (p.q, p.k, p.v, p.r))
     o = parallax_forward(*xs, qk_scale=p.qk_scale)
     do = _cotangent(golden, o.shape)
@@ -346,12 +356,14 @@ def _compute_lla_decode(golden: Golden) -> dict:
             "undefined": flat_rows(d.undefined)}
 
 
-def _compute_parallax_decode(golden: Golden) -> dict:
+def _compute_parallax_decode(golden: Golden, r: torch.Tensor | None = None) -> dict:
     from lla_verify.oracles.decode import parallax_decode_reference
     from lla_verify.oracles.parallax import parallax_forward
     from lla_verify.testing.decode import every_position
 
     p = golden.case.build()
+    if r is not None:
+        p.r = r.to(p.r.dtype)
     qd, kc, vc, lens, (rd,) = every_position(p.q, p.k, p.v, p.r)
     o = parallax_decode_reference(qd, rd, kc, vc, lens, qk_scale=p.qk_scale)
     o_fwd = parallax_forward(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale)

@@ -13,7 +13,7 @@ import torch
 from lla_verify.registry.cases import DTYPES, Problem
 from lla_verify.goldens.catalog import (Golden, MP_DPS, build_problem, deterministic, noise_tol,
                                         problem_from_arrays, select)
-from lla_verify.goldens.regen import rel_diff, say
+from lla_verify.goldens.regen import DERIVED_INPUTS, derived_input_drift, rel_diff, say
 from lla_verify.goldens.store import (MANIFEST, manifest_hashes, array_hash, embedded_mismatch, entry_operator,
                                       entry_path, load_manifest, read_arrays)
 
@@ -82,7 +82,15 @@ def _verified(golden: Golden, folder: Path, entry: dict | None, rebuilt: dict):
         mismatch.append(f"operator in manifest {entry_operator(entry)!r} != catalog {golden.op!r}")
     if mismatch:
         return fail("; ".join(mismatch))
-    changed = [k for k, t in rebuilt.items() if k not in stored or array_hash(t) != array_hash(stored[k])]
+    def same(k, t):
+        if k not in stored:
+            return False
+        if array_hash(t) == array_hash(stored[k]):
+            return True
+        # a probe derived in float64 may round a step apart on another platform (regen.py)
+        return k in DERIVED_INPUTS and derived_input_drift(stored[k], t, noise_tol(stored)) <= 1.0
+
+    changed = [k for k, t in rebuilt.items() if not same(k, t)]
     if changed:
         return fail(f"the spec no longer rebuilds the stored inputs {changed}")
     return stored
@@ -176,6 +184,15 @@ def _compare_op(golden: Golden, folder: Path, entry: dict | None, impl, device: 
     stored = _verified(golden, folder, entry, rebuilt)
     if isinstance(stored, CaseResult):
         return stored
+    derived = ""
+    if "r" in stored and not torch.equal(rebuilt["r"], stored["r"]):
+        # within a rounding step (_verified): judge on the stored probe, the one the
+        # implementation is given
+        from lla_verify.testing.decode import unflatten
+
+        r = stored["r"] if golden.op == "parallax" else unflatten(stored["r"], problem.q.shape[0], problem.q.shape[2])
+        problem.r = r.clone()
+        derived = "; r rebuilds a rounding step apart (float64's last bits): judged on the stored r"
     with deterministic():
         try:
             o, fresh_o, verdict, allowed, undefined = _run_op(golden, problem, stored, impl, device)
@@ -190,7 +207,7 @@ def _compare_op(golden: Golden, folder: Path, entry: dict | None, impl, device: 
     ref_key = "o_mp" if "o_mp" in stored else "o"
     checks["stored"] = (_stored_ratio(o, stored[ref_key], allowed, undefined) if o.shape == stored[ref_key].shape
                         else math.inf)
-    notes = f"stored ref {'mp' + str(MP_DPS) if ref_key == 'o_mp' else 'f64'}"
+    notes = f"stored ref {'mp' + str(MP_DPS) if ref_key == 'o_mp' else 'f64'}{derived}"
     if rel > 0:
         notes += f"; oracle drift {rel:.2g} at o[{','.join(map(str, idx))}]"
     detail = "" if verdict.passed else "\n".join("    " + ln for ln in verdict.message.splitlines())

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from lla_verify.cliutil import atomic_write as _atomic_write  # temp file ".NAME.*.tmp" beside NAME, then a rename
-from lla_verify.goldens.catalog import (CATALOG, COTANGENT_SEED_OFFSET, NOISE_FACTOR, BY_NAME, compute,
-                                        noise_tol, select)
+from lla_verify.goldens.catalog import (CATALOG, COTANGENT_SEED_OFFSET, NOISE_FACTOR, BY_NAME, U64, compute,
+                                        conditioning, noise_tol, select)
 from lla_verify.goldens.store import (DEFAULT_DIR, FORMAT, INPUTS, MANIFEST, manifest_hashes, array_hash,
                                       dump_manifest, embedded_mismatch, encode, entry_operator, entry_path,
                                       is_temp_file,
@@ -28,7 +28,7 @@ class Drift:
 
     max_rel: float  # worst elementwise relative difference (inf: NaN pattern or input change)
     where: str  # 'array[index]' of the worst difference, '' when bitwise
-    tol: float  # float64 noise allowed for this golden
+    tol: float  # float64 noise allowed for the array at ``where`` (key_tols)
     bitwise: bool
     inputs_changed: list
 
@@ -53,10 +53,19 @@ class Drift:
         return txt
 
 
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, tuple]:
-    """Worst |a - b| / max(|b|, rms(b)) with its index; a NaN/inf pattern change is inf."""
-    if a.shape != b.shape:
-        return math.inf, ()
+# The gradients of one scalar loss share its scale: a gradient that is zero in exact
+# arithmetic (dq, dk and d lambda with constant values, at a single token) is float64
+# noise at that scale, not at its own, and a small one (tight clusters) carries the
+# rounding of the terms that cancel in it.
+GRADIENTS = ("dq", "dk", "dv", "dr", "dlambda")
+# inputs a case derives in float64 and then rounds to its dtype (the LLA probe, an
+# eigenvector probe): float64's platform-dependent last bits can move that rounding by a step
+DERIVED_INPUTS = ("r",)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> tuple[float, tuple]:
+    """The worst elementwise |a - b| / max(|b|, rms(b), floor) and where it is (NaN against
+    NaN and equal values count 0; a finite value against a non-finite one counts inf)."""
     if a.dtype == torch.bool or b.dtype == torch.bool:
         diff = (a != b).to(torch.float64) * math.inf
     else:
@@ -65,7 +74,7 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, tuple]:
         fin = torch.isfinite(a) & torch.isfinite(b)
         bf = torch.where(fin, b, torch.zeros_like(b))
         rms = float(bf.square().mean().sqrt()) if bf.numel() else 0.0
-        scale = bf.abs().clamp_min(max(rms, torch.finfo(torch.float64).tiny))
+        scale = bf.abs().clamp_min(max(rms, floor, torch.finfo(torch.float64).tiny))
         diff = torch.where(fin, (a - b).abs() / scale, torch.full_like(a, math.inf))
         diff = torch.where(same, torch.zeros_like(diff), diff)
     if diff.numel() == 0:
@@ -75,10 +84,54 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, tuple]:
     return float(diff.reshape(-1)[flat]), idx
 
 
+def key_tols(arrays: dict) -> dict:
+    """The float64 noise each array may drift by: NOISE_FACTOR u64 cond (catalog.noise_tol),
+    and for d lambda cond squared: d rho / d lambda = -omega Sigma^-1 rho solves with Sigma
+    twice (measured: at kappa 2.5e8 d lambda drifted 0.23 relative between two CPUs, rho
+    3e-8)."""
+    base = noise_tol(arrays)
+    c = conditioning(arrays)
+    return {key: (NOISE_FACTOR * U64 * c * c if key == "dlambda" else base) for key in arrays}
+
+
+def _undefined_masked(key: str, t: torch.Tensor, undefined: torch.Tensor | None) -> torch.Tensor:
+    """A per-query array with its undefined rows (lambda = 0 below rank: a 0/0) set to NaN:
+    what is stored there (kappa of a singular Sigma, say) is float64 noise, not a value."""
+    if undefined is None or key in INPUTS or key == "undefined" or t.dtype == torch.bool:
+        return t
+    n = undefined.dim()
+    if tuple(t.shape[:n]) != tuple(undefined.shape):
+        return t
+    mask = undefined.reshape(tuple(undefined.shape) + (1,) * (t.dim() - n))
+    return torch.where(mask, torch.full_like(t, math.nan), t)
+
+
+def derived_input_drift(stored: torch.Tensor, fresh: torch.Tensor, tol: float) -> float:
+    """|stored - fresh| of a derived input in units of one rounding step of its dtype (plus
+    the float64 noise of its derivation, tol times its RMS): at most 1 when the two differ
+    by the rounding of float64's last bits only."""
+    from lla_verify.registry.precision import unit_roundoff
+
+    a, b = stored.to(torch.float64), fresh.to(torch.float64)
+    if a.shape != b.shape or not bool((torch.isfinite(a) == torch.isfinite(b)).all()):
+        return math.inf
+    fin = torch.isfinite(a)
+    a, b = torch.where(fin, a, 0.0), torch.where(fin, b, 0.0)
+    rms = float(a.square().mean().sqrt()) if a.numel() else 0.0
+    step = 2 * unit_roundoff(stored.dtype) * torch.maximum(a.abs(), b.abs()) + tol * rms
+    ratio = torch.where(a == b, torch.zeros_like(a), (a - b).abs() / step.clamp_min(torch.finfo(torch.float64).tiny))
+    return float(ratio.max()) if ratio.numel() else 0.0
+
+
 def drift(stored: dict, fresh: dict) -> Drift:
     """Compare stored arrays with recomputed ones (both dicts of tensors)."""
+    tols = key_tols(fresh)
     tol = noise_tol(fresh)
+    undefined = fresh.get("undefined")
+    grads = [fresh[k] for k in GRADIENTS if k in fresh and fresh[k].is_floating_point()]
+    gscale = max((float(torch.nan_to_num(g.double()).square().mean().sqrt()) for g in grads), default=0.0)
     worst, where = 0.0, ""
+    worst_tol = tol
     bitwise = True
     inputs_changed = []
     for key in sorted(set(stored) | set(fresh)):
@@ -92,15 +145,38 @@ def drift(stored: dict, fresh: dict) -> Drift:
         bitwise = False
         if key in INPUTS:
             inputs_changed.append(key)
-        rel, idx = rel_diff(a, b)
+        a, b = _undefined_masked(key, a, undefined), _undefined_masked(key, b, undefined)
+        rel, idx = rel_diff(a, b, gscale if key in GRADIENTS else 0.0)
         if key in INPUTS and rel == 0.0:
             rel = math.inf  # an input must rebuild bit for bit (e.g. -0.0 vs 0.0, dtype)
-        if rel > worst or not where:
-            worst, where = rel, f"{key}[{','.join(map(str, idx))}]"
-    return Drift(worst, where if not bitwise else "", tol, bitwise, inputs_changed)
+        # judged against the array's own tolerance: report the worst in units of it
+        k_tol = tols.get(key, tol)
+        if not where or rel / k_tol > worst / worst_tol:
+            worst, where, worst_tol = rel, f"{key}[{','.join(map(str, idx))}]", k_tol
+    return Drift(worst, where if not bitwise else "", worst_tol, bitwise, inputs_changed)
 
 
 # ------------------------------------------------------------------ regen / check
+def _on_stored_derived_inputs(g, stored: dict, fresh: dict) -> tuple[dict, str]:
+    """When a derived input (the probe r) rebuilds within one rounding step of its dtype
+    but not bit for bit, the outputs recomputed on the stored one, so that their drift is
+    the oracle's alone; else ``fresh`` as it is (and drift names the input)."""
+    keys = [k for k in DERIVED_INPUTS if k in stored and k in fresh and not torch.equal(stored[k], fresh[k])]
+    if not keys or g.op not in ("parallax", "parallax-decode"):
+        return fresh, ""
+    steps = derived_input_drift(stored["r"], fresh["r"], noise_tol(fresh))
+    if steps > 1.0:
+        return fresh, ""
+    r = stored["r"]
+    if g.op == "parallax-decode":
+        from lla_verify.testing.decode import unflatten
+
+        c = g.case.case
+        r = unflatten(r, c.B, c.S)
+    return compute(g, r=r), (f"r rebuilds within one rounding of {stored['r'].dtype} ({steps:.2g} of a step: "
+                             "float64's last bits); the outputs are compared on the stored r")
+
+
 def say(msg: str = "") -> None:
     print(msg, flush=True)
 
@@ -187,6 +263,9 @@ def check(folder: Path, only=None) -> int:
                             lines.append(f"hash mismatch in array {key} of {path.name}: the file was altered or "
                                          f"corrupted after regen (sha256 {array_hash(stored[key])[:12]} != manifest "
                                          f"{str(hashes[key])[:12]})")
+                    fresh, note = _on_stored_derived_inputs(g, stored, fresh)
+                    if note:
+                        say(f"note {g.name}: {note}")
                     dr = drift(stored, fresh)
                     if not dr.ok:
                         lines.append(str(dr))
@@ -227,7 +306,8 @@ def check(folder: Path, only=None) -> int:
 
 
 def regen(folder: Path, *, force: bool = False, only=None) -> int:
-    """Recompute and write; refuse to change stored values without ``force``."""
+    """Recompute and write; refuse to change stored values without ``force``. Stored values
+    within float64 noise of the recomputation (``drift``) are kept as they are."""
     goldens = select(only)
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -270,8 +350,16 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
         except ValueError as exc:
             stored, dr_txt = None, f"unreadable ({exc})"
         if stored is not None:
+            if not force:
+                fresh, _ = _on_stored_derived_inputs(g, stored, fresh)
             dr = drift(stored, fresh)
             dr_txt = str(dr)
+            if dr.ok and not dr.bitwise and not force:
+                # float64 noise (another CPU's kernels, another library version): the stored
+                # values still hold, and are kept; --force writes this machine's
+                fresh_all[g.name] = stored
+                reports.append(f"{g.name}: kept, {dr_txt}")
+                dr = Drift(0.0, "", dr.tol, True, [])
             if dr.bitwise:
                 # values identical: rewrite only if the file's bytes (metadata) differ;
                 # the manifest entry is refreshed below, and written only if it moved

@@ -96,6 +96,17 @@ def _weighted_key_cov(q, k, scale):
     return (p[..., None] * dev).transpose(-1, -2) @ dev
 
 
+def eigenspace_direction(ev: torch.Tensor, vec: torch.Tensor, idx: int, g: torch.Tensor) -> torch.Tensor:
+    """The unit vector along the projection of ``g`` (D,) onto the eigenspace of eigenvalue
+    ``ev[..., idx]`` (``ev``, ``vec`` as torch.linalg.eigh returns them; eigenvalues within
+    1e-8 of the largest count as equal): the same whichever basis of that eigenspace, and
+    whichever signs, the eigensolver returns."""
+    tol = 1e-8 * ev[..., -1:].abs().clamp_min(torch.finfo(torch.float64).tiny)
+    member = ((ev - ev[..., idx:idx + 1]).abs() <= tol).to(vec.dtype)  # (..., D)
+    u = (vec @ (member * (vec.transpose(-1, -2) @ g))[..., None])[..., 0]
+    return u / u.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+
+
 def _small_eig(p, q, k, v, lam, scale, gen):
     # r_i along the eigenvector of the smallest eigenvalue of the weighted key covariance,
     # scaled so that its projections <k_j - kbar_i, r_i> have RMS amp: a large probe in
@@ -103,7 +114,14 @@ def _small_eig(p, q, k, v, lam, scale, gen):
     cov = _weighted_key_cov(q, k, scale)
     ev, vec = torch.linalg.eigh(cov)
     idx = min(int(p["index"]), q.shape[-1] - 1)
-    lam_i, u = ev[..., idx], vec[..., :, idx]
+    lam_i = ev[..., idx]
+    # The eigenvector itself is not a function of the keys: its sign is free, and where the
+    # eigenvalue is repeated (every early row, whose covariance has rank below D, has a
+    # repeated 0) any unit vector of the eigenspace is one, so eigh's choice follows the
+    # platform's LAPACK. The projection onto the eigenspace is a function of the keys: u is
+    # a fixed vector projected onto it (eigenvalues within 1e-8 of the largest count as
+    # equal), sign included.
+    u = eigenspace_direction(ev, vec, idx, torch.randn(q.shape[-1], generator=gen, dtype=torch.float64))
     # an eigenvalue below 1e-6 of the keys' squared spread (early rows, duplicate keys)
     # counts as that: |r_i| stays within 1e3 amp / spread, finite in every dtype
     floor = (1e-6 * _key_spread(k).pow(2))[..., 0].expand_as(lam_i)

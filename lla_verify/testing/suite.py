@@ -130,6 +130,22 @@ def not_this_property(reason: str) -> None:
     reject()
 
 
+def judged_rows(verdict) -> int:
+    """The rows a verdict held to a budget: the defined queries of a forward verdict, and
+    of a backward one those within the compute precision (``summary["n_judged"]``)."""
+    return int(verdict.summary.get("n_judged", verdict.n_defined))
+
+
+def set_aside_unless_judged(verdict) -> None:
+    """Inside @given, after a check: a verdict that passed while holding no row to a
+    budget (every row undefined at lambda = 0, or beyond the compute precision) compared
+    nothing, and the draw is set aside (``not_this_property``) instead of counting as a
+    pass. A failing verdict is left for the property to report."""
+    if verdict.passed and judged_rows(verdict) == 0:
+        not_this_property(f"{verdict.check}: no row judged ({verdict.n_defined} defined, "
+                          f"{verdict.n_undefined} undefined)")
+
+
 def score_shift(q: torch.Tensor, k: torch.Tensor, qk_scale: float, shift: float = 200.0):
     """Inputs for the score-shift identity, exact in q's dtype: ``(q1, k1, q2, k2)``.
 
