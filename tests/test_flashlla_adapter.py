@@ -524,3 +524,37 @@ def test_the_checker_collects_the_lla_suite_as_the_gpu_job_runs_it():
     assert modules == chk.expected_modules(REPO / "properties"), modules
     assert "properties.test_gradients::test_dv_sums_to_total_cotangent" in ids
     assert any(i.startswith("properties.test_forward_accuracy::test_forward_within_budget[") for i in ids)
+
+
+STAND_IN_RECORD = textwrap.dedent('''
+    from dataclasses import replace
+
+    from lla_verify.registry.impls import get_impl
+
+    _rec = replace(get_impl("flashlla"), name="flashlla-stand-in", devices=("cpu", "cuda"))
+
+
+    def fwd(q, k, v, *, ridge_lambda, qk_scale=None):
+        return _rec.forward(q, k, v, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+
+
+    fwd.lla_impl_record = _rec
+''')
+
+
+def test_an_exact_kernel_that_rounds_its_inputs_passes_the_limits(tmp_path):
+    """The stand-in (the float64 oracle on bf16-rounded inputs, bf16 output) is right, so
+    every limit property passes it: the limits are taken on the inputs it computes from.
+    Taken on the unrounded inputs, the softmax limit's gap stopped shrinking at the
+    rounding's effect (a rate of 1.3 per decade instead of 10) and the property failed."""
+    import subprocess
+
+    (tmp_path / "flashlla").mkdir()
+    (tmp_path / "flashlla" / "__init__.py").write_text(STAND_IN)
+    (tmp_path / "standin_record.py").write_text(STAND_IN_RECORD)
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--hypothesis-profile", "ci",
+                          "--lla-impl", "standin_record:fwd", "--lla-device", "cpu", "properties/test_limits.py"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert run.returncode == 0 and "4 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
