@@ -103,6 +103,11 @@ def emulated_record():
     return replace(get_impl("flashlla"), name="flashlla-emulated", forward=emulated_lla, devices=("cpu", "cuda"))
 
 
+# lla-verify's --lla-impl takes the emulation with its record: --lla-impl flashlla_emulate:emulated_lla
+# (scripts/ on PYTHONPATH) runs the property suite against the public arithmetic on the CPU
+emulated_lla.lla_impl_record = emulated_record()
+
+
 def pins_report() -> int:
     """The emulation through lla-verify's forward verdict on every pinned LLA case of
     properties/regressions.json that the public kernel accepts (its record: bf16 inputs,

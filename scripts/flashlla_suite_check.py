@@ -240,8 +240,9 @@ def main(argv=None) -> int:
         except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
             print(f"suite check: cannot list the suite's tests: {exc}")
             return 2
+    record = get_impl(args.impl)  # a built-in name, or MODULE:CALLABLE (the CPU emulation, say)
     try:
-        res = judge(texts, get_impl(args.impl).declared_skips(), pytest_rc=rcs, impl=args.impl, part=args.part,
+        res = judge(texts, record.declared_skips(), pytest_rc=rcs, impl=record.name, part=args.part,
                     expect_modules=expected_modules(Path(__file__).resolve().parents[1] / "properties"),
                     collected=collected)
     except ET.ParseError as exc:
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=1)
-    print(f"suite check ({args.impl}): {res['tests']} tests ({res['unnamed']} unnamed entries not counted), "
+    print(f"suite check ({record.name}): {res['tests']} tests ({res['unnamed']} unnamed entries not counted), "
           f"{res['passed']} passed, "
           f"{len(res['forward_failures'])} forward failures, {len(res['gradient_failures'])} gradient failures, "
           f"{len(res['other_failures'])} other assertion failures, {len(res['harness_errors'])} harness errors, "

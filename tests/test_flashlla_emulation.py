@@ -74,3 +74,34 @@ def test_the_harness_fails_the_public_arithmetic_on_every_pinned_case(emu):
         assert not verdict.passed and verdict.ratio > 1.0, f"{case.spec()}: ratio {verdict.ratio:.3g}"
         judged += 1
     assert judged >= 10, judged
+
+
+def test_the_suite_fails_the_public_arithmetic_for_its_defects_only(tmp_path):
+    """A CPU dry run of the GPU job: the forward property files against the emulation
+    (--lla-impl flashlla_emulate:emulated_lla), judged by the job's own check as a part.
+    The check must find forward failures and nothing that is the harness's (an error, an
+    Unsatisfiable property, a skip the record does not name); the score-shift identity,
+    which once judged nothing, must be among the failures."""
+    import os
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    xml = tmp_path / "junit.xml"
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "kernels"), str(repo / "scripts"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    files = ["properties/test_forward_accuracy.py", "properties/test_identities.py", "properties/test_limits.py"]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--hypothesis-profile",
+                          "triage", "--lla-impl", "flashlla_emulate:emulated_lla", "--lla-device", "cpu",
+                          f"--junitxml={xml}", *files], capture_output=True, text=True, env=env, cwd=repo, timeout=900)
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-2000:]
+    check = subprocess.run([sys.executable, "scripts/flashlla_suite_check.py", str(xml), "--part", "--pytest-rc", "1",
+                            "--impl", "flashlla_emulate:emulated_lla"], capture_output=True, text=True, env=env,
+                           cwd=repo, timeout=300)
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-2000:]
+    first = check.stdout.splitlines()[0]
+    assert "0 harness errors" in first and "0 other skips" in first and " 0 forward failures" not in first, first
+    assert "test_shift_invariance_of_scores" in check.stdout, check.stdout[-3000:]
