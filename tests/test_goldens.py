@@ -865,7 +865,10 @@ def test_regen_keeps_values_within_float64_noise(tmp_path, monkeypatch, capsys):
         return {k: (_noisy(t, 1e-15) if k == "o" else t) for k, t in out.items()}
 
     monkeypatch.setattr(gregen, "compute", noisy)
+    manifest = (folder / gstore.MANIFEST).read_bytes()
     assert main(["goldens", "regen", "--dir", str(folder), "--only", SMALL]) == 0
-    assert "kept, drift within float64 noise" in capsys.readouterr().out
-    assert path.read_bytes() == before
+    out = capsys.readouterr().out
+    assert "kept, drift within float64 noise" in out and "0 written" in out, out
+    # nothing moved: neither the file nor the manifest (its date included) is rewritten
+    assert path.read_bytes() == before and (folder / gstore.MANIFEST).read_bytes() == manifest
     assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 0

@@ -357,7 +357,7 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
             if dr.ok and not dr.bitwise and not force:
                 # float64 noise (another CPU's kernels, another library version): the stored
                 # values still hold, and are kept; --force writes this machine's
-                fresh_all[g.name] = stored
+                fresh = fresh_all[g.name] = stored
                 reports.append(f"{g.name}: kept, {dr_txt}")
                 dr = Drift(0.0, "", dr.tol, True, [])
             if dr.bitwise:
@@ -392,7 +392,9 @@ def regen(folder: Path, *, force: bool = False, only=None) -> int:
         "format": FORMAT,
         "hash": "sha256 of '<dtype>|<shape as a JSON list>|' followed by the raw little-endian bytes",
         "noise_tol": f"{NOISE_FACTOR:g} * 2^-53 * conditioning (max over defined queries of max(kappa, omega / delta); "
-                     "Parallax: cond, max over queries of sensitivity / max(|o_i|, rms |o|))",
+                     "Parallax: cond, max over queries of sensitivity / max(|o_i|, rms |o|)); conditioning squared "
+                     "for dlambda; gradients relative to at least the largest gradient's rms; undefined rows "
+                     "left out (docs/goldens.md)",
         "operator": "lla when an entry names none; parallax, lla-decode, parallax-decode (registry/operators.py)",
         "cotangent": "do = randn(o.shape, float64, torch.Generator().manual_seed(seed + "
                      f"{COTANGENT_SEED_OFFSET})), zero on undefined rows (LLA and Parallax goldens)",
