@@ -872,3 +872,12 @@ def test_regen_keeps_values_within_float64_noise(tmp_path, monkeypatch, capsys):
     # nothing moved: neither the file nor the manifest (its date included) is rewritten
     assert path.read_bytes() == before and (folder / gstore.MANIFEST).read_bytes() == manifest
     assert main(["goldens", "regen", "--check", "--dir", str(folder), "--only", SMALL]) == 0
+
+
+def test_an_array_of_another_shape_is_infinite_drift():
+    a = torch.zeros(2, 3, dtype=torch.float64)
+    assert gregen.rel_diff(a, torch.zeros(3, 2, dtype=torch.float64))[0] == math.inf
+    stored = gstore.read_arrays(gstore.DEFAULT_DIR / gcat.get_golden(SMALL).file)
+    fresh = dict(stored, o=stored["o"][..., :-1])
+    dr = gregen.drift(stored, fresh)
+    assert not dr.ok and dr.where.startswith("o") and dr.max_rel == math.inf, dr

@@ -66,6 +66,8 @@ DERIVED_INPUTS = ("r",)
 def rel_diff(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> tuple[float, tuple]:
     """The worst elementwise |a - b| / max(|b|, rms(b), floor) and where it is (NaN against
     NaN and equal values count 0; a finite value against a non-finite one counts inf)."""
+    if a.shape != b.shape:
+        return math.inf, ()
     if a.dtype == torch.bool or b.dtype == torch.bool:
         diff = (a != b).to(torch.float64) * math.inf
     else:
@@ -87,8 +89,7 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> tuple[floa
 def key_tols(arrays: dict) -> dict:
     """The float64 noise each array may drift by: NOISE_FACTOR u64 cond (catalog.noise_tol),
     and for d lambda cond squared: d rho / d lambda = -omega Sigma^-1 rho solves with Sigma
-    twice (measured: at kappa 2.5e8 d lambda drifted 0.23 relative between two CPUs, rho
-    3e-8)."""
+    twice, so its float64 error grows as kappa^2 where rho's grows as kappa."""
     base = noise_tol(arrays)
     c = conditioning(arrays)
     return {key: (NOISE_FACTOR * U64 * c * c if key == "dlambda" else base) for key in arrays}
@@ -161,8 +162,8 @@ def _on_stored_derived_inputs(g, stored: dict, fresh: dict) -> tuple[dict, str]:
     """When a derived input (the probe r) rebuilds within one rounding step of its dtype
     but not bit for bit, the outputs recomputed on the stored one, so that their drift is
     the oracle's alone; else ``fresh`` as it is (and drift names the input)."""
-    keys = [k for k in DERIVED_INPUTS if k in stored and k in fresh and not torch.equal(stored[k], fresh[k])]
-    if not keys or g.op not in ("parallax", "parallax-decode"):
+    moved = any(k in stored and k in fresh and not torch.equal(stored[k], fresh[k]) for k in DERIVED_INPUTS)
+    if not moved or g.op not in ("parallax", "parallax-decode"):
         return fresh, ""
     steps = derived_input_drift(stored["r"], fresh["r"], noise_tol(fresh))
     if steps > 1.0:
