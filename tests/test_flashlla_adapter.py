@@ -545,8 +545,8 @@ STAND_IN_RECORD = textwrap.dedent('''
 def test_an_exact_kernel_that_rounds_its_inputs_passes_the_limits(tmp_path):
     """The stand-in (the float64 oracle on bf16-rounded inputs, bf16 output) is right, so
     every limit property passes it: the limits are taken on the inputs it computes from.
-    Taken on the unrounded inputs, the softmax limit's gap stopped shrinking at the
-    rounding's effect (a rate of 1.3 per decade instead of 10) and the property failed."""
+    Taken on the unrounded inputs, the softmax limit's gap stops shrinking at the
+    rounding's effect (a rate of 1.3 per decade instead of 10) and the property fails."""
     import subprocess
 
     (tmp_path / "flashlla").mkdir()

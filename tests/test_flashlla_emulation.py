@@ -81,7 +81,8 @@ def test_the_suite_fails_the_public_arithmetic_for_its_defects_only(tmp_path):
     (--lla-impl flashlla_emulate:emulated_lla), judged by the job's own check as a part.
     The check must find forward failures and nothing that is the harness's (an error, an
     Unsatisfiable property, a skip the record does not name); the score-shift identity,
-    which once judged nothing, must be among the failures."""
+    which judges nothing when its shifted inputs do not round exactly, must be among the
+    failures."""
     import os
     import subprocess
     import sys

@@ -156,7 +156,7 @@ def test_a_probe_beyond_the_dtype_range_is_refused_by_name():
 
 def test_the_small_eig_direction_is_the_keys_and_not_the_eigensolvers():
     """Early rows have a repeated eigenvalue 0 (rank below D), where eigh may return any
-    basis of the eigenspace, with any signs (it did differ between two CPUs): the probe's
+    basis of the eigenspace, with any signs (it differs between CPUs): the probe's
     direction, a fixed vector projected onto the eigenspace, is the same for every basis."""
     from lla_verify.registry.parallax import eigenspace_direction
 

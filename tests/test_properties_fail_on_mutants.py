@@ -106,8 +106,9 @@ def test_dv_sum_names_a_nonfinite_dv_and_takes_its_budget_from_the_oracle():
 
 
 def test_score_shift_invariance_catches_a_missing_max_subtraction():
-    """The identity once set aside every draw (its shifted inputs never rounded exactly)
-    and passed this mutant having judged nothing; suite.score_shift builds them exactly."""
+    """The identity judges a draw only on shifted inputs that round exactly, which
+    suite.score_shift builds; with inputs that round (t = sqrt(200 / s)) it judges none and
+    passes this mutant (docs/kill-list.md)."""
     node = "properties/test_identities.py::test_shift_invariance_of_scores"
     out = _run_property(node, "lla_verify.testing.mutants:no_max_subtraction", "--hypothesis-profile", "triage")
     _assert_fails(out, "no_max_subtraction")

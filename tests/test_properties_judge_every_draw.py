@@ -1,8 +1,8 @@
 """No property passes a draw it did not judge.
 
 Inside a Hypothesis test a bare ``return`` before any assertion makes the draw count as a
-pass that compared nothing; the score-shift identities did that on every draw and passed
-for years of draws (docs/kill-list.md). A draw outside what a property can judge is set
+pass that compared nothing; a property whose every draw takes it passes having asserted
+nothing (docs/kill-list.md names those the suite had). A draw outside what a property can judge is set
 aside with ``suite.not_this_property`` (Hypothesis rejects it, and a property that can
 judge none fails as Unsatisfiable). A ``return`` after the draw's first assertion (a second
 leg skipped, its reason recorded with ``event``) is allowed: the draw was judged.

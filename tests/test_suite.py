@@ -95,8 +95,8 @@ def test_skip_unless_refuses_to_run_inside_given():
 
 def test_a_property_that_sets_aside_every_draw_fails_instead_of_passing_empty():
     """suite.not_this_property in place of a bare return: a property that can judge none
-    of its draws is Unsatisfiable (the score-shift properties once returned on every draw
-    and passed having asserted nothing)."""
+    of its draws is Unsatisfiable, where a bare return would pass it having asserted
+    nothing."""
     @settings(max_examples=5, database=None, derandomize=True)
     @given(st.integers(0, 10))
     def prop(x):
