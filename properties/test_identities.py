@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from lla_verify.testing import suite
 from lla_verify.budget.forward import MODEL_SAFETY, check_forward, forward_budget, io_roundoff, kernel_view
 from lla_verify.oracles.float64 import lla_forward_details
-from lla_verify.registry.cases import Case, parse_case
+from lla_verify.registry.cases import parse_case
 
 
 def _allow(impl, problem, magnitude, sum_magnitude=None):

@@ -43,13 +43,10 @@ def build(pc: ParallaxCase, device: str) -> ParallaxProblem:
     """Inside @given: ``pc.build(device)``, rejecting (with the reason in Hypothesis'
     statistics) a draw whose probe does not fit the dtype, such as the exact LLA probe of
     a near-singular row in float16."""
-    from hypothesis import reject
-
     try:
         return pc.build(device)
     except ProbeOutOfRange as exc:
-        event(f"rejected: {str(exc).split(' on ')[0]}")
-        reject()
+        suite.not_this_property(str(exc).split(" on ")[0])
 
 
 def run(impl: Impl, problem: ParallaxProblem, *, q=None, k=None, v=None, r=None) -> torch.Tensor:
@@ -91,12 +88,9 @@ def unsupported(impl: Impl, problem: ParallaxProblem) -> str | None:
 
 def assume_supported(impl: Impl, problem: ParallaxProblem) -> None:
     """Inside @given: reject a draw ``impl`` refuses, naming why (suite.assume_supported)."""
-    from hypothesis import reject
-
     why = unsupported(impl, problem)
     if why:
-        event(f"rejected: {why}")
-        reject()
+        suite.not_this_property(why)
 
 
 __all__ = ["parallax_cases", "parallax_case_strategy", "build", "run", "assume_supported"]

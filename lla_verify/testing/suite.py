@@ -111,12 +111,9 @@ def assume_supported(impl: Impl, problem: Problem) -> None:
     case_strategy draws only supported configurations, so this is a guard; a property
     whose every draw is rejected fails as Unsatisfiable instead of passing empty.
     """
-    from hypothesis import event, reject
-
     r = unsupported(impl, problem)
     if r:
-        event(f"rejected: {r}")
-        reject()
+        not_this_property(r)
 
 
 def not_this_property(reason: str) -> None:
