@@ -22,9 +22,11 @@
 # suite took 251 s without gradients; with dq, dk, dv checked it needs more than one
 # call: each failing property shrinks its case (a Hypothesis shrink runs up to 5 minutes),
 # and each new shape it tries makes the public kernel autotune again. A run stopped at
-# SUITE_LIMIT is reported as incomplete (exit 2). SUITE_TESTS splits the suite by file
-# across calls: each call's check judges its part alone (--part: no failure is asked of
-# it), and the parts' JUnit files, brought back, are judged together:
+# SUITE_LIMIT is reported as incomplete (exit 2). SUITE_TESTS splits the suite across
+# calls (docs/findings/flashlla.md, "How to reproduce": the forward files with the gradient
+# pins, then the 13 gradient properties that draw, a worker each); each call's check judges
+# its part alone (--part: no failure is asked of it), and the parts' JUnit files, brought
+# back, are judged together:
 #   python scripts/flashlla_suite_check.py A/suite-junit.xml B/suite-junit.xml --pytest-rc 1 1
 # That check collects the suite and asks for one result for each collected test, so a part
 # stopped at its limit is made whole by a further part that runs the tests it left.
