@@ -39,12 +39,17 @@ __all__ = ["parallax_decode", "parallax_decode_partials", "parallax_decode_combi
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # D and Dv: powers of two (tl.arange needs them)
-# Split programs resident on one SM at once, by head dim (sm_90, Triton 3.6, 4 warps, tile
-# 64, 3 stages): 65536 registers over 128 threads at ptxas's 128 (D <= 64) and 214 (D = 128)
-# registers a thread. With no split size given, a launch of (splits x heads) programs aims at
-# one wave of the SMs (SM count x this): a second, partial wave would leave most SMs idle
-# while it runs, and more splits than that only add partials to combine.
-RESIDENT_PER_SM = {16: 4, 32: 4, 64: 4, 128: 2}
+# Split programs resident on one SM at once. With no split size given, a launch of (splits x
+# heads) programs aims at one wave of the SMs (SM count x this): a second, partial wave would
+# leave most SMs idle while it runs, and more splits than that only add partials to combine.
+# One warp a program over 16-position tiles: the tile's moments are row and column sums, and
+# with more warps each one is a cross-warp exchange through shared memory; a one-warp program
+# keeps them in shuffles, and eight of them on an SM keep enough loads in flight. Measured on
+# an H200 (scripts/study_decode_variants.py; docs/decode.md "Speed"): 1.16-1.26x SDPA's time
+# where the cache is large, against 1.9-2.3x for 4-warp programs over 64-position tiles.
+# An fp32 cache at D = 128 (32 KB of shared memory a program) fits 7 on an SM.
+RESIDENT_PER_SM = {16: 8, 32: 8, 64: 8, 128: 8}
+SPLIT_WARPS = 1
 # cache tiles a split program keeps in flight (cp.async into shared memory) while it works on
 # the one before: the split kernel is memory-bound, and without them each program waits for
 # every tile's load before computing (Triton pipelines only the loads of dot products unless
@@ -56,7 +61,7 @@ COMBINE_CHUNK = 64
 INTERPRETED_COMBINE_CHUNK = 2
 # cache positions per tile: a split is a multiple of it. The interpreter runs each program
 # as numpy, where small tiles keep the CPU tests fast.
-BLOCK_N = 64
+BLOCK_N = 16
 INTERPRETED_BLOCK_N = 16
 
 
@@ -265,7 +270,7 @@ def _partials(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, in
     lens_d = lens.to(dtype=torch.int32).to(device=dev, non_blocking=True)
     _parallax_split_kernel[(n_splits, B * H)](
         q.contiguous(), r.contiguous(), k_cache.contiguous(), v_cache.contiguous(), lens_d, m_s, om_s, db_s, nu_s,
-        x_s, H, H // Hk, T, n_splits, split, float(scale), D=D, DV=Dv, BLOCK_N=bn, STAGES=SPLIT_STAGES, num_warps=4)
+        x_s, H, H // Hk, T, n_splits, split, float(scale), D=D, DV=Dv, BLOCK_N=bn, STAGES=SPLIT_STAGES, num_warps=SPLIT_WARPS)
     return m_s, om_s, db_s, nu_s, x_s, split, lens_d
 
 
