@@ -11,7 +11,6 @@ by a function that fails the test if a usage error ever lets it start.
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest

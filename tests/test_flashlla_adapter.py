@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lla_verify import budget
 from tests import repo_scripts
 from lla_verify.audit.cell import backward_check
 from lla_verify.budget.backward import check_backward

@@ -17,7 +17,6 @@ import torch
 
 from lla_contract import LLAInputError
 from lla_verify.budget.parallax import check_parallax_backward, check_parallax_forward, kernel_target
-from lla_verify.budget.verdict import assert_within_budget
 from lla_verify.oracles.parallax import parallax_forward
 from lla_verify.testing.kernel_device import kernel_device, needs_kernel_device
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lla_verify.registry.cases import Case, Problem, parse_case
+from lla_verify.registry.cases import Case, Problem
 from lla_contract import LLAInputError
-from lla_verify.registry.operators import OPERATORS, get_operator
+from lla_verify.registry.operators import get_operator
 
 
 SUFFIX = ".safetensors"

@@ -18,7 +18,6 @@ operator "parallax"; what they accept is read exactly as LLA's are.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 from dataclasses import dataclass, field
