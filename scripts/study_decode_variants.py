@@ -18,6 +18,12 @@ Variants (constexpr flags of one kernel here, the package's kernel untouched):
   (three tf32 products: about fp32's accuracy).
 
     PYTHONPATH=.:kernels python scripts/study_decode_variants.py --out study.md
+
+--op lla: the same question for lla_decode's output pass (a second memory-bound read of the
+cache), its tile, warps and programs an SM set through the package's own constants
+(OUT_BLOCK_N, OUT_WARPS, RESIDENT_PER_SM: the last also sets the Sigma pass's split count),
+each variant timed as a whole lla_decode call at lambda 0.1 with its largest CG iteration
+count, and its fp32 output compared with the float64 decode reference.
 """
 
 from __future__ import annotations
@@ -210,16 +216,110 @@ SHAPES = [(16, 32768, 64), (64, 32768, 64), (64, 131072, 64), (64, 4096, 64),
           (16, 32768, 128), (64, 32768, 128), (64, 4096, 128)]
 
 
+LLA_VARIANTS = [
+    # name, out_block_n, out_warps, resident per SM (None: the package's)
+    ("as package", None, None, None),
+    ("out n16 w1 r8", 16, 1, 8),
+    ("out n32 w1 r8", 32, 1, 8),
+    ("out n16 w1 r4", 16, 1, 4),
+    ("out n64 w4 r8", 64, 4, 8),
+]
+
+
+class _LLASetting:
+    """lla_decode's output-pass constants set for the duration of a ``with`` block."""
+
+    def __init__(self, out_bn, out_warps, resident):
+        import lla_decode
+
+        self.mod, self.new = lla_decode, {}
+        if out_bn is not None:
+            self.new["OUT_BLOCK_N"] = out_bn
+        if out_warps is not None:
+            self.new["OUT_WARPS"] = out_warps
+        if resident is not None:
+            self.new["RESIDENT_PER_SM"] = {d: resident for d in lla_decode.RESIDENT_PER_SM}
+
+    def __enter__(self):
+        self.old = {k: getattr(self.mod, k) for k in self.new}
+        for k, v in self.new.items():
+            setattr(self.mod, k, v)
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            setattr(self.mod, k, v)
+
+
+def lla_main(args, shapes, wanted) -> list[str]:
+    import lla_decode
+    from triton.testing import do_bench
+
+    from lla_verify.oracles.decode import lla_decode_reference
+
+    dev, lam = "cuda", 0.1
+    lines = ["| B,H,T,D | variant | ms | x SDPA | CG iters (max) | rel err vs float64 (fp32 run) |",
+             "|---|---|---|---|---|---|"]
+    for B, T, D in shapes:
+        g = torch.Generator(device=dev).manual_seed(7 * B + T + D)
+        rnd = lambda *s: torch.randn(*s, device=dev, dtype=torch.float32, generator=g).to(torch.bfloat16)  # noqa: E731
+        k, v = rnd(B, 1, T, D), rnd(B, 1, T, D)
+        q = rnd(B, 1, D)
+        lengths = torch.full((B,), T, dtype=torch.int64)
+        q4 = q[:, :, None, :]
+        t_sdpa = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q4, k, v), warmup=25, rep=200,
+                          return_mode="median")
+        ref = None
+        if T <= args.ref_max_cache:
+            ref = lla_decode_reference(q.double(), k.double(), v.double(), lengths, ridge_lambda=lam).to(dev)
+        label = f"{B},1,{T},{D}"
+        lines.append(f"| {label} | SDPA | {t_sdpa:.4f} | 1.00x | - | - |")
+        print(lines[-1], flush=True)
+        for name, out_bn, out_warps, resident in LLA_VARIANTS:
+            if wanted is not None and name not in wanted:
+                continue
+            with _LLASetting(out_bn, out_warps, resident):
+                try:
+                    _, stats = lla_decode.lla_decode(q, k, v, lengths, ridge_lambda=lam, check_finite=False,
+                                                     return_stats=True)
+                    fn = lambda: lla_decode.lla_decode(q, k, v, lengths, ridge_lambda=lam, check_finite=False)  # noqa: E731
+                    fn()
+                    torch.cuda.synchronize()
+                    t = do_bench(fn, warmup=10, rep=100, return_mode="median")
+                    err = "-"
+                    if ref is not None:
+                        o32 = lla_decode.lla_decode(q.float(), k.float(), v.float(), lengths, ridge_lambda=lam,
+                                                    check_finite=False)
+                        err = f"{float((o32.double() - ref).norm() / ref.norm()):.2e}"
+                except Exception as exc:  # a variant that does not compile or fit is a row
+                    lines.append(f"| {label} | {name} | failed: {type(exc).__name__}: {str(exc)[:120]} | | | |")
+                    print(lines[-1], flush=True)
+                    continue
+            it = int(stats["cg_iters"].max())
+            lines.append(f"| {label} | {name} | {t:.4f} | {t / t_sdpa:.2f}x | {it} | {err} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--ref-max-cache", type=int, default=32768)
     ap.add_argument("--cpu-check", action="store_true", help="every variant under TRITON_INTERPRET=1, small")
+    ap.add_argument("--op", choices=("parallax", "lla"), default="parallax")
     ap.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--shapes", default=None, help="B:T:D,... (default: SHAPES)")
     args = ap.parse_args(argv)
     if args.cpu_check:
         return cpu_check()
+    if args.op == "lla":
+        shapes = ([tuple(int(x) for x in sh.split(":")) for sh in args.shapes.split(",")] if args.shapes
+                  else SHAPES)
+        lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}",
+                 ""] + lla_main(args, shapes, set(args.variants.split(",")) if args.variants else None)
+        if args.out:
+            with open(args.out, "w") as fh:
+                fh.write("\n".join(lines) + "\n")
+        return 0
     from triton.testing import do_bench
 
     from lla_verify.oracles.decode import parallax_decode_reference

@@ -56,6 +56,12 @@ RESIDENT_PER_SM = {16: 4, 32: 4, 64: 4, 128: 2}
 # bytes it summarises (4 D a position at 16 bits): a split holds at least 8 D positions.
 MIN_SPLIT_PER_DIM = 8
 OUT_STAGES = 3
+# the output pass's warps and cache positions per tile (its split is a multiple of BLOCK_N,
+# which this divides): the pass is memory-bound like Parallax's split kernel, whose best
+# setting on an H200 was one warp over 16 positions; this one's is yet to be measured
+# (scripts/study_decode_variants.py --op lla)
+OUT_WARPS = 4
+OUT_BLOCK_N = 64
 # the split kernel's warps: its fp64 BS x BS accumulator and tile operands spill from 4 warps'
 # registers (ptxas: 255 registers and a stack)
 SPLIT_WARPS = 8
@@ -480,9 +486,10 @@ def _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max
 
     acc_s, acc0_s = torch.empty(2, N, n_splits, Dv, device=dev, dtype=torch.float32).unbind(0)
     den_s, mag_s, omw_s = _f32_arrays(3, N * n_splits, dev)
+    out_bn = bn if interp else OUT_BLOCK_N
     _lla_out_kernel[(n_splits, N)](qc, kc, vc, lens_d, m_g, rho, acc_s, acc0_s, den_s, mag_s, omw_s,
-                                   H, G, T, n_splits, split, float(scale), D=D, DV=Dv, BLOCK_N=bn, STAGES=OUT_STAGES,
-                                   num_warps=4)
+                                   H, G, T, n_splits, split, float(scale), D=D, DV=Dv, BLOCK_N=out_bn,
+                                   STAGES=OUT_STAGES, num_warps=OUT_WARPS)
     o = torch.empty(B, H, Dv, device=dev, dtype=q.dtype)
     fb = torch.empty(N, device=dev, dtype=torch.int8)
     _lla_finish_kernel[(N,)](lens_d, acc_s, acc0_s, den_s, mag_s, omw_s, serr, o, den, fb,
