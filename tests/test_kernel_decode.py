@@ -313,6 +313,76 @@ def test_lla_decode_combines_many_splits():
                                               f"(lengths {LLA_CHUNK_LENGTHS})"
 
 
+
+# ------------------------------------------------------------------------- the plan
+def _plan_inputs():
+    """Two sequences of lengths that are not multiples of the split (one a first token) in a
+    cache with room to append; 4 query heads over 2 key-value heads; the unused cache
+    positions poisoned."""
+    kv = _problem("gaussian", {"lam": 0.1}, _n(40), B=2, H=2, seed=6)
+    gen = torch.Generator().manual_seed(11)
+    lens = torch.tensor([_n(37), 1])
+    q, r = (torch.randn(2, 4, 16, generator=gen).to(DEVICE) for _ in range(2))
+    return q, r, poison_past(kv.k, lens).contiguous(), poison_past(kv.v, lens).contiguous(), lens
+
+
+def test_parallax_plan_run_is_parallax_decode():
+    """A plan's run is the same launches as parallax_decode: equal bit for bit, for the plan's
+    lengths, after set_lengths, and into an ``out`` tensor."""
+    from parallax_decode import parallax_decode_plan
+
+    q, r, kc, vc, lens = _plan_inputs()
+    plan = parallax_decode_plan(kc, vc, lens, num_heads=4, split=_n(16))
+    assert torch.equal(plan.run(q, r), parallax_decode(q, r, kc, vc, lens, split=_n(16)))
+    new = torch.ones_like(lens)
+    plan.set_lengths(new)
+    want = parallax_decode(q, r, kc, vc, new, split=_n(16))
+    out = torch.full_like(want, float("nan"))
+    assert plan.run(q, r, out=out) is out
+    assert torch.equal(out, want)
+
+
+def test_parallax_plan_reads_the_cache_in_place():
+    """A decode step writes the next key and value into the cache and lengths + 1 into the
+    plan; the run sees both, as a CUDA graph replay would."""
+    from parallax_decode import parallax_decode_plan
+
+    q, r, kc, vc, lens = _plan_inputs()
+    plan = parallax_decode_plan(kc, vc, lens, num_heads=4, split=_n(16))
+    gen = torch.Generator().manual_seed(12)
+    b = torch.arange(kc.shape[0])
+    kc[b, :, lens] = torch.randn(kc[b, :, lens].shape, generator=gen).to(DEVICE)
+    vc[b, :, lens] = torch.randn(vc[b, :, lens].shape, generator=gen).to(DEVICE)
+    plan.set_lengths(lens + 1)
+    assert torch.equal(plan.run(q, r), parallax_decode(q, r, kc, vc, lens + 1, split=_n(16)))
+
+
+@pytest.mark.parametrize("what, match", [
+    ("q shape", r"^q: expected shape \(2, 4, 16\)"),
+    ("r dtype", r"^r: expected shape .*float32.*got .*float64"),
+    ("out shape", r"^out: expected a contiguous tensor of shape \(2, 4, 16\)"),
+    ("q nan", r"^q: expected finite values"),
+    ("lengths", r"^lengths: expected 1 <= lengths\[b\] <= T_max"),
+    ("strided cache", r"^k_cache: a plan reads the cache in place"),
+    ("num_heads", r"^num_heads: expected None"),
+])
+def test_parallax_plan_bad_input_is_named(what, match):
+    from parallax_decode import parallax_decode_plan
+
+    q, r, kc, vc, lens = _plan_inputs()
+    plan = parallax_decode_plan(kc, vc, lens, num_heads=4)
+    calls = {
+        "q shape": lambda: plan.run(q[:, :2], r),
+        "r dtype": lambda: plan.run(q, r.double()),
+        "out shape": lambda: plan.run(q, r, out=torch.empty(2, 4, 8, device=DEVICE)),
+        "q nan": lambda: plan.run(q.index_fill(2, torch.tensor([3], device=DEVICE), float("nan")), r),
+        "lengths": lambda: plan.set_lengths(lens * 0),
+        "strided cache": lambda: parallax_decode_plan(kc.transpose(2, 3), vc, lens),
+        "num_heads": lambda: parallax_decode_plan(kc, vc, lens, num_heads=0),
+    }
+    with pytest.raises(LLAInputError, match=match):
+        calls[what]()
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_parallax_decode_ragged_batch(dtype):
     p, lens, b, t = _ragged(dtype)

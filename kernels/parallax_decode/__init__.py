@@ -33,7 +33,8 @@ from lla_contract import LLAInputError, check_cache, check_cache_finite, check_p
 from lla_contract.host import (cdiv as _cdiv, f32_arrays as _f32_arrays, interpreting as _interpreting,
                                sm_count as _sm_count)
 
-__all__ = ["parallax_decode", "parallax_decode_partials", "parallax_decode_combine", "LLAInputError",
+__all__ = ["parallax_decode", "parallax_decode_partials", "parallax_decode_combine", "parallax_decode_plan",
+           "ParallaxDecodePlan", "LLAInputError",
            "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "BLOCK_N", "INTERPRETED_BLOCK_N", "tile_size",
            "combine_chunk"]
 
@@ -252,32 +253,48 @@ def _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, inter
     return lens, scale, split, bn
 
 
+def _moments(N, n_splits, Dv, dev):
+    """The split kernel's outputs (m, omega, dbar flat, at least N*n_splits entries; nu', X
+    (N, n_splits, Dv)): two allocations, not five, since at a small cache each one costs about
+    what the kernels do. The moments stay contiguous arrays, as the kernels index them."""
+    m_s, om_s, db_s = _f32_arrays(3, N * n_splits, dev)
+    nu_s, x_s = torch.empty(2, N, n_splits, Dv, device=dev, dtype=torch.float32).unbind(0)
+    return m_s, om_s, db_s, nu_s, x_s
+
+
+def _lengths_on(lens, dev):
+    # lens is on the host (check_cache); a blocking copy would wait for the stream to drain
+    # before every launch. A pageable source is staged before the call returns, so the
+    # asynchronous copy is safe to drop.
+    return lens.to(dtype=torch.int32).to(device=dev, non_blocking=True)
+
+
+def _launch_split(q, r, k_cache, v_cache, lens_d, moments, split, scale, bn):
+    B, H, D = q.shape
+    Hk, T, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
+    n_splits = moments[3].shape[1]
+    _parallax_split_kernel[(n_splits, B * H)](
+        q.contiguous(), r.contiguous(), k_cache.contiguous(), v_cache.contiguous(), lens_d, *moments,
+        H, H // Hk, T, n_splits, split, float(scale), D=D, DV=Dv, BLOCK_N=bn, STAGES=SPLIT_STAGES,
+        num_warps=SPLIT_WARPS)
+
+
 def _partials(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp):
     """The split kernel's launch: (m, omega, dbar, nu', X, split, device lengths); m, omega
     and dbar flat, at least B*H*n_splits entries."""
     lens, scale, split, bn = _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp)
-    B, H, D = q.shape
-    Hk, T, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
-    n_splits = _cdiv(T, split)
-    dev = q.device
-    # two allocations, not five: at a small cache each one costs about what the kernels do.
-    # The moments stay contiguous (B*H, n_splits[, Dv]) arrays, as the kernels index them.
-    m_s, om_s, db_s = _f32_arrays(3, B * H * n_splits, dev)
-    nu_s, x_s = torch.empty(2, B * H, n_splits, Dv, device=dev, dtype=torch.float32).unbind(0)
-    # lens is on the host (check_cache); a blocking copy would wait for the stream to drain
-    # before every launch. A pageable source is staged before the call returns, so the
-    # asynchronous copy is safe to drop.
-    lens_d = lens.to(dtype=torch.int32).to(device=dev, non_blocking=True)
-    _parallax_split_kernel[(n_splits, B * H)](
-        q.contiguous(), r.contiguous(), k_cache.contiguous(), v_cache.contiguous(), lens_d, m_s, om_s, db_s, nu_s,
-        x_s, H, H // Hk, T, n_splits, split, float(scale), D=D, DV=Dv, BLOCK_N=bn, STAGES=SPLIT_STAGES, num_warps=SPLIT_WARPS)
-    return m_s, om_s, db_s, nu_s, x_s, split, lens_d
+    B, H, _ = q.shape
+    moments = _moments(B * H, _cdiv(k_cache.shape[2], split), v_cache.shape[-1], q.device)
+    lens_d = _lengths_on(lens, q.device)
+    _launch_split(q, r, k_cache, v_cache, lens_d, moments, split, scale, bn)
+    return (*moments, split, lens_d)
 
 
-def _combine(m_s, om_s, db_s, nu_s, x_s, split, lens_d, q, v_cache, chunk):
+def _combine(m_s, om_s, db_s, nu_s, x_s, split, lens_d, q, v_cache, chunk, o=None):
     B, H, _ = q.shape
     Hk, T, Dv = v_cache.shape[1], v_cache.shape[2], v_cache.shape[-1]
-    o = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
+    if o is None:
+        o = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
     _parallax_combine_kernel[(B * H,)](
         v_cache.contiguous(), lens_d, m_s, om_s, db_s, nu_s, x_s, o,
         H, H // Hk, T, nu_s.shape[1], split, DV=Dv, CHUNK=chunk, num_warps=4)
@@ -320,3 +337,82 @@ def parallax_decode(q, r, k_cache, v_cache, lengths, *, qk_scale=None, split=Non
     interp = _interpreting()
     parts = _partials(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp)
     return _combine(*parts, q, v_cache, combine_chunk(v_cache.shape[-1], interp))
+
+
+class ParallaxDecodePlan:
+    """parallax_decode for one cache, prepared once: ``parallax_decode_plan`` checks the cache
+    and the lengths and holds the split size, the device lengths and the split kernel's
+    moments; ``run(q, r)`` then checks q and r against the plan (shape, dtype, device: no
+    device work) and launches the two kernels. With ``check_finite=False`` a run allocates
+    at most its output (none with ``out=``), copies nothing to the device and never waits
+    for it, so it can be captured in a CUDA graph, whose replays read the cache, q, r and
+    the lengths as they are at replay time. ``set_lengths`` checks new lengths and writes them
+    into the plan's device copy (outside a capture: it copies from the host). The split size
+    depends on T_max and the heads only, so it holds for every lengths.
+
+    The plan reads k_cache and v_cache in place, so they must be contiguous (a copy would not
+    see the writes of later decode steps)."""
+
+    def __init__(self, k_cache, v_cache, lengths, *, num_heads=None, qk_scale=None, split=None):
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if isinstance(t, torch.Tensor) and not t.is_contiguous():
+                raise LLAInputError(f"{name}: a plan reads the cache in place: expected a contiguous tensor, got "
+                                    f"strides {t.stride()}")
+        if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
+            raise LLAInputError("k_cache: expected a tensor of shape (B, H_kv, T_max, D), got "
+                                + (f"shape {tuple(k_cache.shape)}" if isinstance(k_cache, torch.Tensor)
+                                   else type(k_cache).__name__))
+        B, Hk, _, D = k_cache.shape
+        H = Hk if num_heads is None else num_heads
+        if isinstance(H, bool) or not isinstance(H, int) or H < 1:
+            raise LLAInputError(f"num_heads: expected None (H_kv) or an int >= 1, got {num_heads!r}")
+        self.interp = _interpreting()
+        # q and r as a run will pass them: every check of parallax_decode runs here once
+        like = torch.empty((B, H, D), device=k_cache.device, dtype=k_cache.dtype)
+        lens, self.scale, self.split, self.bn = _check(like, like, k_cache, v_cache, lengths, qk_scale, split,
+                                                       False, self.interp)
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.shape, self.dtype, self.device = (B, H, D), k_cache.dtype, k_cache.device
+        self.moments = _moments(B * H, _cdiv(k_cache.shape[2], self.split), v_cache.shape[-1], self.device)
+        self.lengths = lens
+        self.lens_d = _lengths_on(lens, self.device)
+        self.chunk = combine_chunk(v_cache.shape[-1], self.interp)
+
+    def set_lengths(self, lengths) -> None:
+        """Check ``lengths`` against the cache and write them into the plan's device copy."""
+        like = torch.empty(self.shape, device=self.device, dtype=self.dtype)
+        lens = check_cache(like, self.k_cache, self.v_cache, lengths, dtypes=SUPPORTED_DTYPES,
+                           head_dims=SUPPORTED_HEAD_DIMS, check_finite=False)
+        self.lens_d.copy_(lens.to(torch.int32))
+        self.lengths = lens
+
+    def _check_run(self, name, t):
+        if not isinstance(t, torch.Tensor):
+            raise LLAInputError(f"{name}: expected a torch.Tensor of shape {self.shape}, got {type(t).__name__}")
+        if tuple(t.shape) != self.shape or t.dtype != self.dtype or t.device != self.device:
+            raise LLAInputError(f"{name}: expected shape {self.shape}, {self.dtype} on {self.device} (the plan's), "
+                                f"got shape {tuple(t.shape)}, {t.dtype} on {t.device}")
+
+    def run(self, q, r, *, out=None, check_finite=True):
+        """o (B, H, Dv) of parallax_decode(q, r, k_cache, v_cache, lengths) for the plan's
+        cache and lengths; ``out``: a (B, H, Dv) tensor of q's dtype to write it into."""
+        self._check_run("q", q)
+        self._check_run("r", r)
+        if out is not None:
+            want = self.shape[:2] + (self.v_cache.shape[-1],)
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != want or out.dtype != self.dtype \
+                    or out.device != self.device or not out.is_contiguous():
+                raise LLAInputError(f"out: expected a contiguous tensor of shape {want}, {self.dtype} on "
+                                    f"{self.device}, got " + (f"shape {tuple(out.shape)}, {out.dtype} on {out.device}"
+                                                              if isinstance(out, torch.Tensor) else type(out).__name__))
+        if check_finite:
+            check_cache_finite(q, self.k_cache, self.v_cache, self.lengths, (("r", r),))
+        _launch_split(q, r, self.k_cache, self.v_cache, self.lens_d, self.moments, self.split, self.scale, self.bn)
+        return _combine(*self.moments, self.split, self.lens_d, q, self.v_cache, self.chunk, out)
+
+
+def parallax_decode_plan(k_cache, v_cache, lengths, *, num_heads=None, qk_scale=None, split=None):
+    """A ParallaxDecodePlan: parallax_decode's checks and buffers for this cache and lengths,
+    done once; ``plan.run(q, r)`` is then the decode step (q, r of shape (B, num_heads, D),
+    num_heads defaulting to the cache's H_kv)."""
+    return ParallaxDecodePlan(k_cache, v_cache, lengths, num_heads=num_heads, qk_scale=qk_scale, split=split)
