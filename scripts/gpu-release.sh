@@ -44,7 +44,8 @@ fi
 want pytest && ( t0=$(date +%s); timeout -s INT -k 30 "$LIMIT" $PY -m pytest -p no:cacheprovider -n "$JOBS" -q --durations=15 \
     --hypothesis-profile gpu ${PYTEST_ARGS:-} tests/test_kernel_forward.py tests/test_kernel_backward.py \
     tests/test_kernel_launch.py tests/test_scale_zero.py tests/test_kernel_parallax.py tests/test_kernel_decode.py \
-    tests/test_oracle_devices.py properties > "$W/pytest.log" 2>&1; echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/pytest.log" ) &
+    tests/test_oracle_devices.py tests/test_bench.py::test_graphed_replays_the_plan_and_names_a_call_it_cannot_capture \
+    properties > "$W/pytest.log" 2>&1; echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/pytest.log" ) &
 want cg && ( t0=$(date +%s); timeout -k 30 "$LIMIT" $PY -m lla_verify cg --full --no-progress --out "$W/cg-full" > "$W/cg.log" 2>&1
   echo "rc=$? wall=$(( $(date +%s) - t0 )) s" >> "$W/cg.log" ) &
 # the audit as SLICES slices of its plan side by side (one process takes ~18 min on an

@@ -147,6 +147,56 @@ def test_bench_decode_planted_off_by_one_fails_its_accuracy_column(tmp_path):
     assert rows[2]["CG iters mean/max"] == "n/a (external impl)" and rows[2]["target"] == "-"
 
 
+DECODE_GRAPH_COLUMNS = ["graph ms", "graph / SDPA graph", "graph met", "graph err / allowed"]
+
+
+@needs_interpreter
+def test_bench_decode_graph_columns(tmp_path):
+    """--graphs adds the graph columns (on the CPU each 'replay' is the plain call, the plan's
+    run for parallax_decode), judged like the plain call's output."""
+    status, text = _run(tmp_path, "bench-decode", "--graphs")
+    assert status == 0, text
+    assert "--graphs on the CPU: no graph is captured" in text
+    (cols, rows), = _tables(text)
+    assert cols == DECODE_COLUMNS + DECODE_GRAPH_COLUMNS
+    assert [r["kernel"] for r in rows] == ["SDPA", "parallax_decode", "lla_decode"]
+    assert rows[0]["graph / SDPA graph"] == "1.00x"
+    for r in rows[1:]:
+        assert float(r["graph ms"]) > 0 and r["graph met"] in ("met", "NOT MET"), r
+        assert 0.0 <= float(r["graph err / allowed"]) <= 1.0, r
+
+
+@needs_interpreter
+def test_bench_decode_graph_output_is_judged(tmp_path):
+    status, text = _run(tmp_path, "bench-decode", "--graphs", "--lla-impl", "tests.bench_planted:lla_off_by_one",
+                        "--parallax-impl", "tests.bench_planted:parallax_off_by_one")
+    (cols, rows), = _tables(text)
+    assert status == 1, text
+    for r in rows[1:]:
+        assert r["graph err / allowed"].endswith("FAIL"), r
+    assert text.count(" graph at 2,1,48,16: head (0, 0) error") == 2, text
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="captures CUDA graphs")
+def test_graphed_replays_the_plan_and_names_a_call_it_cannot_capture():
+    import parallax_decode
+
+    from lla_verify.commands.bench_decode import GraphUnavailable, graphed
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k, v = (torch.randn(2, 1, 300, 64, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
+    q, r = (torch.randn(2, 1, 64, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
+    lengths = torch.tensor([300, 17])
+    plan = parallax_decode.parallax_decode_plan(k, v, lengths)
+    replay, out = graphed(lambda: plan.run(q, r, check_finite=False))
+    q.copy_(torch.randn(q.shape, device="cuda", generator=g))  # a replay reads q as it is then
+    replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, parallax_decode.parallax_decode(q, r, k, v, lengths))
+    with pytest.raises(GraphUnavailable, match="not capturable"):
+        graphed(lambda: q * float(q.sum()))  # a device-to-host read inside the capture
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize("command", ["bench-parallax", "bench-decode"])
 def test_bench_without_cuda_exits_2_with_one_line(command, capsys):

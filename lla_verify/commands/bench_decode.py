@@ -28,6 +28,16 @@ at 128k). Above it: FAIL, exit 1. The reference costs about T^2 D memory traffic
 
 A combination whose cache (with a margin for the kernels' workspaces) does not fit in the
 card's free memory is skipped with a line saying so.
+
+``--graphs`` also times every call captured in a CUDA graph, SDPA's too, and replayed (the
+same do_bench, L2 flushed between replays): a replay launches the captured kernels with no
+Python, allocation or host copy, so the graph columns compare device time, what a server
+that captures its decode step sees, while the plain columns include each wrapper's host
+work, which bounds every call at a small cache. The built-in parallax_decode is captured
+through its plan (``parallax_decode_plan``: checks, buffers and device lengths prepared
+once); any other call is captured as it is made, and one that cannot be captured (a host
+copy or a synchronisation inside it) gets its reason in the graph columns. The graph's own
+output, after the timed replays, is judged against the reference like the plain call's.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ VERY_SLOW_MS = 1000.0  # a call slower than this is timed once
 ORACLE_CHUNK_BYTES = 8 * 2**30  # the float64 reference's chunk on a GPU: few, large chunks over a long cache
 COLUMNS = ("B,H,T,D", "kernel", "ms", "ms, synced", "SDPA ms", "/ SDPA", "target", "met", "CG iters mean/max",
            "cache GB/s", "/ measured peak", "/ nominal peak", "rel err vs f64", "err / allowed")
+GRAPH_COLUMNS = ("graph ms", "graph / SDPA graph", "graph met", "graph err / allowed")
 SMOKE = {"batches": "2", "caches": "48", "dims": "16"}
 
 
@@ -72,6 +83,9 @@ def register(sub) -> None:
     p.add_argument("--oracle-max-cache", type=int_in(0), default=131072,
                    help="largest T whose output is checked against the float64 reference (its cost grows as T^2 D)")
     p.add_argument("--copy-mib", type=int_in(1), default=2048, help="size of the copy that measures the bandwidth")
+    p.add_argument("--graphs", action="store_true",
+                   help="also time every call, SDPA's too, captured in a CUDA graph and replayed: device time, "
+                        "without the wrappers' host work (CUDA only)")
     add_run_args(p, sync_reps=2, sync_help="the last one's output is judged",
                  smoke_what="one tiny combination")
     p.set_defaults(func=run)
@@ -247,9 +261,13 @@ def run(args) -> int:
                f"({name})")
     if args.smoke:
         table.emit(SMOKE_NOTE)
+        if args.graphs:
+            table.emit("--graphs on the CPU: no graph is captured; each 'replay' is the plain call (the plan for "
+                       "parallax_decode), so that the graph columns' code runs")
     table.emit()
-    table.emit("| " + " | ".join(COLUMNS) + " |")
-    table.emit("|" + "---|" * len(COLUMNS))
+    cols = COLUMNS + (GRAPH_COLUMNS if args.graphs else ())
+    table.emit("| " + " | ".join(cols) + " |")
+    table.emit("|" + "---|" * len(cols))
     failures, flags = [], []
     combos = [(D, T, B) for D in dims for T in caches for B in batches]
     with progress(len(combos), disable=args.no_progress, desc="bench-decode") as bar:
@@ -258,7 +276,8 @@ def run(args) -> int:
                 check = T <= args.oracle_max_cache
                 why = _fits(dev, 2 * T * D * 8 * 8 + (ORACLE_CHUNK_BYTES * 3 if check else 0))
                 if why:
-                    table.emit(_skip_row(f"*,{args.heads},{T},{D}", f"{why} (the reference and one sequence's cache)"))
+                    table.emit(_skip_row(f"*,{args.heads},{T},{D}", f"{why} (the reference and one sequence's cache)",
+                                         args.graphs))
                     bar.update(len(batches))
                     continue
                 case = FixedHead(T, D, dev, kernels, args.ridge_lambda, check)
@@ -282,6 +301,11 @@ def run(args) -> int:
                "last of which is judged. The built-in kernels are timed with check_finite=False (SDPA checks "
                "nothing either). Targets are issue 23's: 'NOT MET' is a measurement, not a failure; lla_decode's "
                "uses the largest CG iteration count over the call's heads.")
+    if args.graphs:
+        table.emit("graph ms: the same do_bench over replays of the call captured in a CUDA graph (SDPA's too; "
+                   "parallax_decode through its plan), device time without host work; 'graph met' holds it against "
+                   "the same target over SDPA's graph time; 'graph err / allowed' judges the graph's output after "
+                   "the timed replays.")
     table.emit(f"cache GB/s: 2 B H T D bf16 elements (K and V once) over the time. err / allowed: head (0, 0) of the "
                f"judged call against the float64 decode reference; allowed {DECODE_ULPS:g} units of bf16 roundoff "
                f"times |o| (above 1: FAIL, exit 1); 'not checked' above --oracle-max-cache {args.oracle_max_cache}.")
@@ -294,8 +318,48 @@ def run(args) -> int:
     return 1 if (failures or flags) else 0
 
 
-def _skip_row(label: str, why: str) -> str:
-    return "| " + " | ".join([label, "skipped", why] + [""] * (len(COLUMNS) - 3)) + " |"
+def _skip_row(label: str, why: str, graphs: bool = False) -> str:
+    n = len(COLUMNS) + (len(GRAPH_COLUMNS) if graphs else 0)
+    return "| " + " | ".join([label, "skipped", why] + [""] * (n - 3)) + " |"
+
+
+class GraphUnavailable(Exception):
+    """A call that cannot be captured in a CUDA graph; the message says why."""
+
+
+def graphed(fn, *, cuda: bool = True):
+    """(replay, out): ``fn`` captured in a CUDA graph after warm-up calls on a side stream
+    (torch's recipe: the capture must not be the first call of anything that allocates or
+    compiles); ``replay()`` re-runs the captured launches and leaves their result in ``out``.
+    GraphUnavailable when the capture fails (a host copy or a synchronisation inside ``fn``).
+    ``cuda=False`` (--smoke on the CPU): no graph, ``replay`` is ``fn`` itself, so that the
+    rest of the graph columns' code runs."""
+    if not cuda:
+        out = fn()
+
+        def replay():
+            out.copy_(fn())
+        return replay, out
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+    except Exception as exc:  # noqa: BLE001 - any capture error is the finding, named in the row
+        torch.cuda.synchronize()
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise GraphUnavailable(f"not capturable: {type(exc).__name__}: {first}") from None
+    if not isinstance(out, torch.Tensor):
+        raise GraphUnavailable(f"not capturable: the call returned {type(out).__name__}, not a tensor")
+    return graph.replay, out
 
 
 def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer, dev, peak, nominal):
@@ -309,7 +373,7 @@ def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer
     cache_bytes = 2 * B * H * T * D * 2
     why = _fits(dev, int(cache_bytes * 1.25) + 2**28)
     if why:
-        return [_skip_row(f"{B},{H},{T},{D}", why)], [], []
+        return [_skip_row(f"{B},{H},{T},{D}", why, args.graphs)], [], []
     g = torch.Generator(device=dev).manual_seed(7 * B + T + D)
     rnd = lambda *s: torch.randn(*s, device=dev, dtype=torch.float32, generator=g).to(torch.bfloat16)  # noqa: E731
     k, v = rnd(B, H, T, D), rnd(B, H, T, D)
@@ -334,8 +398,16 @@ def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer
         nom = f"{rate / nominal:.2f}" if nominal else "n/a"
         return f"{rate / 1e9:.1f} | {rate / peak:.2f} | {nom}"
 
+    g_sdpa, g_sdpa_cells = None, ""
+    if args.graphs:
+        try:
+            replay, _ = graphed(sdpa, cuda=dev == "cuda")
+            g_sdpa = timer.ms(replay)
+            g_sdpa_cells = f" {g_sdpa:.4f} | 1.00x | - | - |"
+        except GraphUnavailable as exc:
+            g_sdpa_cells = f" {exc} | - | - | - |"
     rows.append(f"| {label} | SDPA | {t_sdpa:.4f} | {t_sdpa_sync:.4f} | {t_sdpa:.4f} | 1.00x | - | - | - "
-                f"| {bw(t_sdpa)} | - | - |")
+                f"| {bw(t_sdpa)} | - | - |" + g_sdpa_cells)
     del o_sdpa
     for kern in kernels:
         fn = impls[kern]
@@ -379,7 +451,54 @@ def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer
             acc = f"not checked (T > {args.oracle_max_cache}) | -"
         tgt = "-" if target is None else f"<= {target:g}x"
         met = "-" if target is None else ("met" if ratio <= target else "NOT MET")
+        graph_cells = ""
+        if args.graphs:
+            graph_cells = _graph_cells(kern, name, fn, builtin[kern], (q, r, k, v, lengths, scale), case, args, timer,
+                                       g_sdpa, target, floor_s, label, fails, flags, dev == "cuda")
         rows.append(f"| {label} | {name} | {t:.4f} | {t_sync:.4f} | {t_sdpa:.4f} | {ratio:.2f}x | {tgt} | {met} "
-                    f"| {iters} | {bw(t)} | {acc} |")
+                    f"| {iters} | {bw(t)} | {acc} |" + graph_cells)
         del out, o
     return rows, fails, flags
+
+
+def _graph_cells(kern, name, fn, is_builtin, inputs, case: FixedHead, args, timer: Timer, g_sdpa, target, floor_s,
+                 label, fails, flags, cuda: bool) -> str:
+    """The graph columns of one kernel row: its call captured and replayed (parallax_decode
+    through its plan), timed like the plain call, its output judged like the plain call's."""
+    from lla_verify.trust import implausible_speed
+
+    q, r, k, v, lengths, scale = inputs
+    if kern == "parallax" and is_builtin:
+        import parallax_decode
+
+        plan = parallax_decode.parallax_decode_plan(k, v, lengths, qk_scale=scale)
+        call = lambda: plan.run(q, r, check_finite=False)  # noqa: E731
+    elif kern == "parallax":
+        call = lambda: fn(q, r, k, v, lengths, qk_scale=scale)  # noqa: E731
+    else:
+        extra = {"check_finite": False} if is_builtin else {}
+        call = lambda: fn(q, k, v, lengths, ridge_lambda=args.ridge_lambda, qk_scale=scale, **extra)  # noqa: E731
+    try:
+        replay, out = graphed(call, cuda=cuda)
+    except GraphUnavailable as exc:
+        return f" {exc} | - | - | - |"
+    t = timer.ms(replay)
+    if floor_s is not None:
+        why = implausible_speed(t / 1e3, floor_s)
+        if why:
+            flags.append(f"{kern} graph at {label}: {why}")
+    if g_sdpa is None:
+        ratio_cell, met = "- (SDPA not captured)", "-"
+    else:
+        ratio = t / g_sdpa
+        ratio_cell = f"{ratio:.2f}x"
+        met = "-" if target is None else ("met" if ratio <= target else "NOT MET")
+    if kern in case.refs:
+        rel, over = accuracy(out[0, 0], case.refs[kern])
+        acc = f"{over:.3f}" + ("" if over <= 1.0 else " FAIL")
+        if not over <= 1.0:
+            fails.append(f"{name} graph at {label}: head (0, 0) error {rel:.3e} relative, {over:.3g}x the allowed "
+                         f"{DECODE_ULPS:g} units of bf16 roundoff")
+    else:
+        acc = f"not checked (T > {args.oracle_max_cache})"
+    return f" {t:.4f} | {ratio_cell} | {met} | {acc} |"
