@@ -193,6 +193,14 @@ def test_graphed_replays_the_plan_and_names_a_call_it_cannot_capture():
     replay()
     torch.cuda.synchronize()
     assert torch.equal(out, parallax_decode.parallax_decode(q, r, k, v, lengths))
+    import lla_decode
+
+    lplan = lla_decode.lla_decode_plan(k, v, lengths, ridge_lambda=0.1)
+    replay, out = graphed(lambda: lplan.run(q, check_finite=False))
+    q.copy_(torch.randn(q.shape, device="cuda", generator=g))
+    replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, lla_decode.lla_decode(q, k, v, lengths, ridge_lambda=0.1))
     with pytest.raises(GraphUnavailable, match="not capturable"):
         graphed(lambda: q * float(q.sum()))  # a device-to-host read inside the capture
 

@@ -326,62 +326,101 @@ def _plan_inputs():
     return q, r, poison_past(kv.k, lens).contiguous(), poison_past(kv.v, lens).contiguous(), lens
 
 
-def test_parallax_plan_run_is_parallax_decode():
-    """A plan's run is the same launches as parallax_decode: equal bit for bit, for the plan's
-    lengths, after set_lengths, and into an ``out`` tensor."""
+PLAN_LAMBDA = 0.1
+
+
+def _plan_for(kernel, kc, vc, lens, **kw):
+    from lla_decode import lla_decode_plan
     from parallax_decode import parallax_decode_plan
 
+    if kernel == "parallax":
+        return parallax_decode_plan(kc, vc, lens, **kw)
+    return lla_decode_plan(kc, vc, lens, ridge_lambda=PLAN_LAMBDA, **kw)
+
+
+def _planned(kernel, kc, vc, lens):
+    """(plan, run(q, r, lengths, **kw), plain(q, r, lengths)): the package's plan for
+    ``kernel`` (4 query heads) and the plain call its run must equal."""
+    plan = _plan_for(kernel, kc, vc, lens, num_heads=4, split=_n(16))
+    if kernel == "parallax":
+        return plan, (lambda q, r, n, **kw: plan.run(q, r, **kw)), \
+            (lambda q, r, n: parallax_decode(q, r, kc, vc, n, split=_n(16)))
+    return plan, (lambda q, r, n, **kw: plan.run(q, **kw)), \
+        (lambda q, r, n: lla_decode(q, kc, vc, n, ridge_lambda=PLAN_LAMBDA, split=_n(16)))
+
+
+@pytest.mark.parametrize("kernel", ["parallax", "lla"])
+def test_plan_run_is_the_decode_call(kernel):
+    """A plan's run is the same launches as the plain call: equal bit for bit, for the plan's
+    lengths, after set_lengths, and into an ``out`` tensor."""
     q, r, kc, vc, lens = _plan_inputs()
-    plan = parallax_decode_plan(kc, vc, lens, num_heads=4, split=_n(16))
-    assert torch.equal(plan.run(q, r), parallax_decode(q, r, kc, vc, lens, split=_n(16)))
+    plan, run, plain = _planned(kernel, kc, vc, lens)
+    assert torch.equal(run(q, r, lens), plain(q, r, lens))
     new = torch.ones_like(lens)
     plan.set_lengths(new)
-    want = parallax_decode(q, r, kc, vc, new, split=_n(16))
+    want = plain(q, r, new)
     out = torch.full_like(want, float("nan"))
-    assert plan.run(q, r, out=out) is out
+    assert run(q, r, new, out=out) is out
     assert torch.equal(out, want)
 
 
-def test_parallax_plan_reads_the_cache_in_place():
+@pytest.mark.parametrize("kernel", ["parallax", "lla"])
+def test_plan_reads_the_cache_in_place(kernel):
     """A decode step writes the next key and value into the cache and lengths + 1 into the
     plan; the run sees both, as a CUDA graph replay would."""
-    from parallax_decode import parallax_decode_plan
-
     q, r, kc, vc, lens = _plan_inputs()
-    plan = parallax_decode_plan(kc, vc, lens, num_heads=4, split=_n(16))
+    plan, run, plain = _planned(kernel, kc, vc, lens)
     gen = torch.Generator().manual_seed(12)
     b = torch.arange(kc.shape[0])
     kc[b, :, lens] = torch.randn(kc[b, :, lens].shape, generator=gen).to(DEVICE)
     vc[b, :, lens] = torch.randn(vc[b, :, lens].shape, generator=gen).to(DEVICE)
     plan.set_lengths(lens + 1)
-    assert torch.equal(plan.run(q, r), parallax_decode(q, r, kc, vc, lens + 1, split=_n(16)))
+    assert torch.equal(run(q, r, lens + 1), plain(q, r, lens + 1))
 
 
+def test_lla_plan_statistics_are_lla_decode_s():
+    from lla_decode import lla_decode_plan
+
+    q, _, kc, vc, lens = _plan_inputs()
+    plan = lla_decode_plan(kc, vc, lens, ridge_lambda=torch.full((2, 4), PLAN_LAMBDA, device=DEVICE), num_heads=4)
+    o, st = plan.run(q, return_stats=True)
+    o2, st2 = lla_decode(q, kc, vc, lens, ridge_lambda=PLAN_LAMBDA, return_stats=True)
+    assert torch.equal(o, o2) and st.keys() == st2.keys()
+    for key in st:
+        assert torch.equal(st[key], st2[key]), key
+
+
+@pytest.mark.parametrize("kernel", ["parallax", "lla"])
 @pytest.mark.parametrize("what, match", [
     ("q shape", r"^q: expected shape \(2, 4, 16\)"),
-    ("r dtype", r"^r: expected shape .*float32.*got .*float64"),
+    ("q dtype", r"^q: expected shape .*float32.*got .*float64"),
     ("out shape", r"^out: expected a contiguous tensor of shape \(2, 4, 16\)"),
     ("q nan", r"^q: expected finite values"),
     ("lengths", r"^lengths: expected 1 <= lengths\[b\] <= T_max"),
     ("strided cache", r"^k_cache: a plan reads the cache in place"),
     ("num_heads", r"^num_heads: expected None"),
 ])
-def test_parallax_plan_bad_input_is_named(what, match):
-    from parallax_decode import parallax_decode_plan
-
+def test_plan_bad_input_is_named(kernel, what, match):
     q, r, kc, vc, lens = _plan_inputs()
-    plan = parallax_decode_plan(kc, vc, lens, num_heads=4)
+    plan, run, _ = _planned(kernel, kc, vc, lens)
     calls = {
-        "q shape": lambda: plan.run(q[:, :2], r),
-        "r dtype": lambda: plan.run(q, r.double()),
-        "out shape": lambda: plan.run(q, r, out=torch.empty(2, 4, 8, device=DEVICE)),
-        "q nan": lambda: plan.run(q.index_fill(2, torch.tensor([3], device=DEVICE), float("nan")), r),
+        "q shape": lambda: run(q[:, :2], r[:, :2], lens),
+        "q dtype": lambda: run(q.double(), r, lens),
+        "out shape": lambda: run(q, r, lens, out=torch.empty(2, 4, 8, device=DEVICE)),
+        "q nan": lambda: run(q.index_fill(2, torch.tensor([3], device=DEVICE), float("nan")), r, lens),
         "lengths": lambda: plan.set_lengths(lens * 0),
-        "strided cache": lambda: parallax_decode_plan(kc.transpose(2, 3), vc, lens),
-        "num_heads": lambda: parallax_decode_plan(kc, vc, lens, num_heads=0),
+        "strided cache": lambda: _plan_for(kernel, kc.transpose(2, 3), vc, lens),
+        "num_heads": lambda: _plan_for(kernel, kc, vc, lens, num_heads=0),
     }
     with pytest.raises(LLAInputError, match=match):
         calls[what]()
+
+
+def test_parallax_plan_checks_its_probe():
+    q, r, kc, vc, lens = _plan_inputs()
+    _, run, _ = _planned("parallax", kc, vc, lens)
+    with pytest.raises(LLAInputError, match=r"^r: expected shape .*float32.*got .*float64"):
+        run(q, r.double(), lens)
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_parallax_decode_ragged_batch(dtype):

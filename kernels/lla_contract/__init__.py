@@ -260,3 +260,38 @@ def check_cache_finite(q, k_cache, v_cache, lens, extra=()) -> None:
     if not bool(ok):
         raise_nonfinite((("q", q), ("k_cache", k_cache.masked_fill(unused[..., None], 0)),
                          ("v_cache", v_cache.masked_fill(unused[..., None], 0))) + tuple(extra))
+
+
+def check_plan_cache(k_cache, v_cache) -> None:
+    """A decode plan reads the cache in place, so that a later step's writes reach it: the
+    cache must be a contiguous tensor (a copy taken at planning would not see them). Shapes,
+    dtypes and lengths are check_cache's."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise LLAInputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_contiguous():
+            raise LLAInputError(f"{name}: a plan reads the cache in place: expected a contiguous tensor, got "
+                                f"strides {t.stride()}")
+        if t.dim() != 4:
+            raise LLAInputError(f"{name}: expected shape (B, H_kv, T_max, D), got {_describe(t)}")
+
+
+def check_num_heads(num_heads, n_kv: int) -> int:
+    """A plan's query heads: None (one per key-value head) or an int >= 1."""
+    if num_heads is None:
+        return n_kv
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise LLAInputError(f"num_heads: expected None (H_kv) or an int >= 1, got {num_heads!r}")
+    return num_heads
+
+
+def check_planned(name: str, t, shape: tuple, dtype, device, *, contiguous: bool = False) -> None:
+    """A run's tensor against the plan: exactly ``shape``, ``dtype`` and ``device`` (attribute
+    comparisons only: no device work, so a run can be captured in a CUDA graph)."""
+    ok = isinstance(t, torch.Tensor) and tuple(t.shape) == tuple(shape) and t.dtype == dtype and t.device == device \
+        and (t.is_contiguous() or not contiguous)
+    if not ok:
+        got = (f"shape {tuple(t.shape)}, {t.dtype} on {t.device}" + ("" if t.is_contiguous() else ", not contiguous")
+               if isinstance(t, torch.Tensor) else type(t).__name__)
+        want = "a contiguous tensor of shape" if contiguous else "shape"
+        raise LLAInputError(f"{name}: expected {want} {tuple(shape)}, {dtype} on {device} (the plan's), got {got}")

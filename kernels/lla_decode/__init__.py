@@ -33,12 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
-from lla_contract import (LLAInputError, check_cache, check_delta_eps, check_lambda, check_lambda_value,
-                          check_nonnegative, check_scale)
+from lla_contract import (LLAInputError, check_cache, check_cache_finite, check_delta_eps, check_lambda,
+                          check_lambda_value, check_nonnegative, check_num_heads, check_plan_cache, check_planned,
+                          check_scale)
 from lla_contract.host import (cdiv as _cdiv, f32_arrays as _f32_arrays, interpreting as _interpreting,
                                sm_count as _sm_count)
 
-__all__ = ["lla_decode", "lla_decode_stages", "LLAInputError", "DEFAULT_CG_TOL", "DEFAULT_DELTA_EPS",
+__all__ = ["lla_decode", "lla_decode_stages", "lla_decode_plan", "LLADecodePlan", "LLAInputError", "DEFAULT_CG_TOL",
+           "DEFAULT_DELTA_EPS",
            "CG_ITERS_PER_DIM", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "BLOCK_N",
            "INTERPRETED_BLOCK_N", "tile_size"]
 
@@ -411,12 +413,25 @@ def _check_options(cg_tol, cg_max_iters, D):
     return tol, cg_max_iters
 
 
-def _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps, split,
-            check_finite, combine):
-    """The launches: (o, (iters, res, om_g, den, fb) per head (flat, at least B*H entries),
-    parts: the arguments of ``_parts``, or its dict when ``combine`` needed it). Only what a
-    caller asks for is shaped: at a small cache each torch call costs about what a kernel
-    does."""
+class _Prepared(NamedTuple):
+    """A call's checked arguments and launch sizes: everything but q's values."""
+    lens: torch.Tensor  # host int64 (B,)
+    lens_d: torch.Tensor  # device int32 (B,)
+    lam: object  # a float, or a (B, H) fp32 tensor on the device
+    lam_per_head: bool
+    scale: float
+    eps: float
+    tol: float
+    max_iters: int
+    split: int
+    n_splits: int
+    bn: int
+    interp: bool
+
+
+def _prepare(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps, split,
+             check_finite) -> _Prepared:
+    """Every check of a call and the sizes its launches take; copies the lengths to the device."""
     if isinstance(q, torch.Tensor) and q.dim() != 3:
         raise LLAInputError(f"q: expected shape (B, H, D), got {tuple(q.shape)}")
     lens = check_cache(q, k_cache, v_cache, lengths, dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS,
@@ -424,7 +439,7 @@ def _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max
     if q.device.type == "cpu" and not _accepts_cpu():
         raise LLAInputError("q: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1) or a CUDA device")
     B, H, D = q.shape
-    Hk, T, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
+    T, Dv = k_cache.shape[2], v_cache.shape[-1]
     if isinstance(ridge_lambda, torch.Tensor) and ridge_lambda.dim() > 0 and ridge_lambda.device != q.device:
         raise LLAInputError(f"ridge_lambda: expected a tensor on {q.device}, got one on {ridge_lambda.device}")
     if isinstance(ridge_lambda, torch.Tensor):
@@ -442,13 +457,32 @@ def _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max
                              MIN_SPLIT_PER_DIM * D)
     elif isinstance(split, bool) or not isinstance(split, int) or split < bn or split % bn:
         raise LLAInputError(f"split: expected None or a positive multiple of the tile {bn}, got {split!r}")
-    n_splits = _cdiv(T, split)
-    N = B * H
-    dev = q.device
     # lens is on the host (check_cache); a blocking copy would wait for the stream to drain
     # before every launch. A pageable source is staged before the call returns, so the
     # asynchronous copy is safe to drop.
-    lens_d = lens.to(dtype=torch.int32).to(device=dev, non_blocking=True)
+    lens_d = lens.to(dtype=torch.int32).to(device=q.device, non_blocking=True)
+    return _Prepared(lens, lens_d, lam, lam_per_head, scale, eps, tol, max_iters, split, _cdiv(T, split), bn, interp)
+
+
+def _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps, split,
+            check_finite, combine):
+    """The launches: (o, (iters, res, om_g, den, fb) per head (flat, at least B*H entries),
+    parts: the arguments of ``_parts``, or its dict when ``combine`` needed it). Only what a
+    caller asks for is shaped: at a small cache each torch call costs about what a kernel
+    does."""
+    prep = _prepare(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps, split,
+                    check_finite)
+    return _launch(prep, q, k_cache, v_cache, combine)
+
+
+def _launch(prep: _Prepared, q, k_cache, v_cache, combine, out=None):
+    """The five launches of a prepared call (``out``: o's storage, else a new tensor). No host
+    copy and no synchronisation: a CUDA graph can capture it."""
+    B, H, D = q.shape
+    Hk, T, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
+    split, n_splits, bn, interp, lens_d = prep.split, prep.n_splits, prep.bn, prep.interp, prep.lens_d
+    N = B * H
+    dev = q.device
     qc, kc, vc = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     G = H // Hk
 
@@ -459,7 +493,7 @@ def _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max
     bs = min(D, INTERPRETED_SIGMA_BLOCK if interp else SIGMA_BLOCK)
     n_blocks = (D // bs) * (D // bs + 1) // 2
     _lla_split_kernel[(n_blocks, n_splits, N)](qc, kc, vc, lens_d, m_s, om_s, mu_s, sig_s, H, G, T, n_splits,
-                                               split, float(scale), D=D, DV=Dv, BLOCK_N=bn, BS=bs,
+                                               split, float(prep.scale), D=D, DV=Dv, BLOCK_N=bn, BS=bs,
                                                num_warps=SPLIT_WARPS)
     parts = (m_s, om_s, mu_s, sig_s, split, lens_d, N, n_splits)
     if combine is not None:
@@ -480,20 +514,20 @@ def _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max
     be = min(D * D, SIGMA_SUM_BLOCK)
     _lla_sigma_sum_kernel[(N, D * D // be)](lens_d, m_s, sig_s, sig, H, n_solve, split_solve, D=D, BE=be,
                                             CHUNK=_chunk(1, interp), num_warps=4)
-    _lla_solve_kernel[(N,)](lens_d, lam, m_s, om_s, mu_s, sig, m_g, om_g, rho, iters, res, serr,
-                            H, n_solve, split_solve, float(tol), int(max_iters), D=D, CHUNK=_chunk(D, interp),
-                            LAM_PER_HEAD=lam_per_head, num_warps=4)
+    _lla_solve_kernel[(N,)](lens_d, prep.lam, m_s, om_s, mu_s, sig, m_g, om_g, rho, iters, res, serr,
+                            H, n_solve, split_solve, float(prep.tol), int(prep.max_iters), D=D,
+                            CHUNK=_chunk(D, interp), LAM_PER_HEAD=prep.lam_per_head, num_warps=4)
 
     acc_s, acc0_s = torch.empty(2, N, n_splits, Dv, device=dev, dtype=torch.float32).unbind(0)
     den_s, mag_s, omw_s = _f32_arrays(3, N * n_splits, dev)
     out_bn = bn if interp else OUT_BLOCK_N
     _lla_out_kernel[(n_splits, N)](qc, kc, vc, lens_d, m_g, rho, acc_s, acc0_s, den_s, mag_s, omw_s,
-                                   H, G, T, n_splits, split, float(scale), D=D, DV=Dv, BLOCK_N=out_bn,
+                                   H, G, T, n_splits, split, float(prep.scale), D=D, DV=Dv, BLOCK_N=out_bn,
                                    STAGES=OUT_STAGES, num_warps=OUT_WARPS)
-    o = torch.empty(B, H, Dv, device=dev, dtype=q.dtype)
+    o = torch.empty(B, H, Dv, device=dev, dtype=q.dtype) if out is None else out
     fb = torch.empty(N, device=dev, dtype=torch.int8)
     _lla_finish_kernel[(N,)](lens_d, acc_s, acc0_s, den_s, mag_s, omw_s, serr, o, den, fb,
-                             H, n_splits, split, float(eps), DV=Dv, CHUNK=_chunk(Dv, interp), num_warps=4)
+                             H, n_splits, split, float(prep.eps), DV=Dv, CHUNK=_chunk(Dv, interp), num_warps=4)
     return o, (iters, res, om_g, den, fb), parts
 
 
@@ -544,3 +578,59 @@ def lla_decode(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_
     if not return_stats:
         return o
     return o, _stats(raw, *q.shape[:2])._asdict()
+
+
+class LLADecodePlan:
+    """lla_decode for one cache, prepared once (``lla_decode_plan``): every check of the cache,
+    the lengths, lambda and the options, the split size, and the lengths' device copy. A
+    ``run(q)`` checks q against the plan (shape, dtype, device: no device work) and makes the
+    five launches; with ``check_finite=False`` it copies nothing to the device and never
+    waits for it (its workspaces are allocations, which a CUDA graph captures), so a graph can
+    capture it and its replays read the cache, q and the lengths as they are then. Lambda and
+    the options are fixed at planning. ``set_lengths`` checks new lengths and writes them into
+    the plan's device copy (from the host: outside a capture). The plan reads the cache in
+    place, so it must be contiguous."""
+
+    def __init__(self, k_cache, v_cache, lengths, *, ridge_lambda, num_heads=None, qk_scale=None,
+                 cg_tol=DEFAULT_CG_TOL, cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None):
+        check_plan_cache(k_cache, v_cache)
+        B, Hk, _, D = k_cache.shape
+        H = check_num_heads(num_heads, Hk)
+        # q as a run will pass it: every check of lla_decode runs here once
+        like = torch.empty((B, H, D), device=k_cache.device, dtype=k_cache.dtype)
+        self.prep = _prepare(like, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters,
+                             delta_eps, split, False)
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.shape, self.dtype, self.device = (B, H, D), k_cache.dtype, k_cache.device
+
+    def set_lengths(self, lengths) -> None:
+        """Check ``lengths`` against the cache and write them into the plan's device copy."""
+        like = torch.empty(self.shape, device=self.device, dtype=self.dtype)
+        lens = check_cache(like, self.k_cache, self.v_cache, lengths, dtypes=SUPPORTED_DTYPES,
+                           head_dims=SUPPORTED_HEAD_DIMS, check_finite=False)
+        self.prep.lens_d.copy_(lens.to(torch.int32))
+        self.prep = self.prep._replace(lens=lens)
+
+    def run(self, q, *, out=None, check_finite=True, return_stats=False):
+        """o (B, H, Dv) of lla_decode(q, k_cache, v_cache, lengths, ...) for the plan's cache,
+        lengths and options (with ``return_stats``, lla_decode's statistics too); ``out``: a
+        contiguous (B, H, Dv) tensor of q's dtype to write o into."""
+        check_planned("q", q, self.shape, self.dtype, self.device)
+        if out is not None:
+            check_planned("out", out, self.shape[:2] + (self.v_cache.shape[-1],), self.dtype, self.device,
+                          contiguous=True)
+        if check_finite:
+            check_cache_finite(q, self.k_cache, self.v_cache, self.prep.lens)
+        o, raw, _ = _launch(self.prep, q, self.k_cache, self.v_cache, None, out)
+        if not return_stats:
+            return o
+        return o, _stats(raw, *self.shape[:2])._asdict()
+
+
+def lla_decode_plan(k_cache, v_cache, lengths, *, ridge_lambda, num_heads=None, qk_scale=None, cg_tol=DEFAULT_CG_TOL,
+                    cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None):
+    """An LLADecodePlan: lla_decode's checks and launch sizes for this cache, lengths, lambda
+    and options, done once; ``plan.run(q)`` is then the decode step (q of shape
+    (B, num_heads, D), num_heads defaulting to the cache's H_kv)."""
+    return LLADecodePlan(k_cache, v_cache, lengths, ridge_lambda=ridge_lambda, num_heads=num_heads,
+                         qk_scale=qk_scale, cg_tol=cg_tol, cg_max_iters=cg_max_iters, delta_eps=delta_eps, split=split)

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lla_contract import LLAInputError, check_cache, check_cache_finite, check_probe, check_scale
+from lla_contract import (LLAInputError, check_cache, check_cache_finite, check_num_heads, check_plan_cache,
+                          check_planned, check_probe, check_scale)
 from lla_contract.host import (cdiv as _cdiv, f32_arrays as _f32_arrays, interpreting as _interpreting,
                                sm_count as _sm_count)
 
@@ -354,18 +355,9 @@ class ParallaxDecodePlan:
     see the writes of later decode steps)."""
 
     def __init__(self, k_cache, v_cache, lengths, *, num_heads=None, qk_scale=None, split=None):
-        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if isinstance(t, torch.Tensor) and not t.is_contiguous():
-                raise LLAInputError(f"{name}: a plan reads the cache in place: expected a contiguous tensor, got "
-                                    f"strides {t.stride()}")
-        if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
-            raise LLAInputError("k_cache: expected a tensor of shape (B, H_kv, T_max, D), got "
-                                + (f"shape {tuple(k_cache.shape)}" if isinstance(k_cache, torch.Tensor)
-                                   else type(k_cache).__name__))
+        check_plan_cache(k_cache, v_cache)
         B, Hk, _, D = k_cache.shape
-        H = Hk if num_heads is None else num_heads
-        if isinstance(H, bool) or not isinstance(H, int) or H < 1:
-            raise LLAInputError(f"num_heads: expected None (H_kv) or an int >= 1, got {num_heads!r}")
+        H = check_num_heads(num_heads, Hk)
         self.interp = _interpreting()
         # q and r as a run will pass them: every check of parallax_decode runs here once
         like = torch.empty((B, H, D), device=k_cache.device, dtype=k_cache.dtype)
@@ -386,25 +378,14 @@ class ParallaxDecodePlan:
         self.lens_d.copy_(lens.to(torch.int32))
         self.lengths = lens
 
-    def _check_run(self, name, t):
-        if not isinstance(t, torch.Tensor):
-            raise LLAInputError(f"{name}: expected a torch.Tensor of shape {self.shape}, got {type(t).__name__}")
-        if tuple(t.shape) != self.shape or t.dtype != self.dtype or t.device != self.device:
-            raise LLAInputError(f"{name}: expected shape {self.shape}, {self.dtype} on {self.device} (the plan's), "
-                                f"got shape {tuple(t.shape)}, {t.dtype} on {t.device}")
-
     def run(self, q, r, *, out=None, check_finite=True):
         """o (B, H, Dv) of parallax_decode(q, r, k_cache, v_cache, lengths) for the plan's
-        cache and lengths; ``out``: a (B, H, Dv) tensor of q's dtype to write it into."""
-        self._check_run("q", q)
-        self._check_run("r", r)
+        cache and lengths; ``out``: a contiguous (B, H, Dv) tensor of q's dtype to write it into."""
+        check_planned("q", q, self.shape, self.dtype, self.device)
+        check_planned("r", r, self.shape, self.dtype, self.device)
         if out is not None:
-            want = self.shape[:2] + (self.v_cache.shape[-1],)
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != want or out.dtype != self.dtype \
-                    or out.device != self.device or not out.is_contiguous():
-                raise LLAInputError(f"out: expected a contiguous tensor of shape {want}, {self.dtype} on "
-                                    f"{self.device}, got " + (f"shape {tuple(out.shape)}, {out.dtype} on {out.device}"
-                                                              if isinstance(out, torch.Tensor) else type(out).__name__))
+            check_planned("out", out, self.shape[:2] + (self.v_cache.shape[-1],), self.dtype, self.device,
+                          contiguous=True)
         if check_finite:
             check_cache_finite(q, self.k_cache, self.v_cache, self.lengths, (("r", r),))
         _launch_split(q, r, self.k_cache, self.v_cache, self.lens_d, self.moments, self.split, self.scale, self.bn)

@@ -34,8 +34,9 @@ same do_bench, L2 flushed between replays): a replay launches the captured kerne
 Python, allocation or host copy, so the graph columns compare device time, what a server
 that captures its decode step sees, while the plain columns include each wrapper's host
 work, which bounds every call at a small cache. The built-in parallax_decode is captured
-through its plan (``parallax_decode_plan``: checks, buffers and device lengths prepared
-once); any other call is captured as it is made, and one that cannot be captured (a host
+through its plan and lla_decode through its own (``parallax_decode_plan``,
+``lla_decode_plan``: checks and device lengths prepared once); any other call is captured as
+it is made, and one that cannot be captured (a host
 copy or a synchronisation inside it) gets its reason in the graph columns. The graph's own
 output, after the timed replays, is judged against the reference like the plain call's.
 """
@@ -262,8 +263,8 @@ def run(args) -> int:
     if args.smoke:
         table.emit(SMOKE_NOTE)
         if args.graphs:
-            table.emit("--graphs on the CPU: no graph is captured; each 'replay' is the plain call (the plan for "
-                       "parallax_decode), so that the graph columns' code runs")
+            table.emit("--graphs on the CPU: no graph is captured; each 'replay' is the plain call (the plan's run "
+                       "for the built-in kernels), so that the graph columns' code runs")
     table.emit()
     cols = COLUMNS + (GRAPH_COLUMNS if args.graphs else ())
     table.emit("| " + " | ".join(cols) + " |")
@@ -303,7 +304,7 @@ def run(args) -> int:
                "uses the largest CG iteration count over the call's heads.")
     if args.graphs:
         table.emit("graph ms: the same do_bench over replays of the call captured in a CUDA graph (SDPA's too; "
-                   "parallax_decode through its plan), device time without host work; 'graph met' holds it against "
+                   "the built-in kernels through their plans), device time without host work; 'graph met' holds it against "
                    "the same target over SDPA's graph time; 'graph err / allowed' judges the graph's output after "
                    "the timed replays.")
     table.emit(f"cache GB/s: 2 B H T D bf16 elements (K and V once) over the time. err / allowed: head (0, 0) of the "
@@ -475,9 +476,13 @@ def _graph_cells(kern, name, fn, is_builtin, inputs, case: FixedHead, args, time
         call = lambda: plan.run(q, r, check_finite=False)  # noqa: E731
     elif kern == "parallax":
         call = lambda: fn(q, r, k, v, lengths, qk_scale=scale)  # noqa: E731
+    elif is_builtin:
+        import lla_decode
+
+        plan = lla_decode.lla_decode_plan(k, v, lengths, ridge_lambda=args.ridge_lambda, qk_scale=scale)
+        call = lambda: plan.run(q, check_finite=False)  # noqa: E731
     else:
-        extra = {"check_finite": False} if is_builtin else {}
-        call = lambda: fn(q, k, v, lengths, ridge_lambda=args.ridge_lambda, qk_scale=scale, **extra)  # noqa: E731
+        call = lambda: fn(q, k, v, lengths, ridge_lambda=args.ridge_lambda, qk_scale=scale)  # noqa: E731
     try:
         replay, out = graphed(call, cuda=cuda)
     except GraphUnavailable as exc:
