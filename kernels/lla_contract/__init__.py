@@ -295,3 +295,14 @@ def check_planned(name: str, t, shape: tuple, dtype, device, *, contiguous: bool
                if isinstance(t, torch.Tensor) else type(t).__name__)
         want = "a contiguous tensor of shape" if contiguous else "shape"
         raise LLAInputError(f"{name}: expected {want} {tuple(shape)}, {dtype} on {device} (the plan's), got {got}")
+
+
+def write_plan_lengths(k_cache, v_cache, q_shape: tuple, lengths, lens_d: torch.Tensor, *,
+                       dtypes: Iterable[torch.dtype], head_dims: Iterable[int]) -> torch.Tensor:
+    """A plan's set_lengths: ``lengths`` checked against the cache as check_cache checks a
+    call's (for a query of ``q_shape``), then written into the plan's device copy ``lens_d``.
+    Returns them as a host int64 tensor."""
+    like = torch.empty(q_shape, device=k_cache.device, dtype=k_cache.dtype)
+    lens = check_cache(like, k_cache, v_cache, lengths, dtypes=dtypes, head_dims=head_dims, check_finite=False)
+    lens_d.copy_(lens.to(torch.int32))
+    return lens

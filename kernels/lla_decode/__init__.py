@@ -35,7 +35,7 @@ import triton.language as tl
 
 from lla_contract import (LLAInputError, check_cache, check_cache_finite, check_delta_eps, check_lambda,
                           check_lambda_value, check_nonnegative, check_num_heads, check_plan_cache, check_planned,
-                          check_scale)
+                          check_scale, write_plan_lengths)
 from lla_contract.host import (cdiv as _cdiv, f32_arrays as _f32_arrays, interpreting as _interpreting,
                                sm_count as _sm_count)
 
@@ -605,10 +605,8 @@ class LLADecodePlan:
 
     def set_lengths(self, lengths) -> None:
         """Check ``lengths`` against the cache and write them into the plan's device copy."""
-        like = torch.empty(self.shape, device=self.device, dtype=self.dtype)
-        lens = check_cache(like, self.k_cache, self.v_cache, lengths, dtypes=SUPPORTED_DTYPES,
-                           head_dims=SUPPORTED_HEAD_DIMS, check_finite=False)
-        self.prep.lens_d.copy_(lens.to(torch.int32))
+        lens = write_plan_lengths(self.k_cache, self.v_cache, self.shape, lengths, self.prep.lens_d,
+                                  dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS)
         self.prep = self.prep._replace(lens=lens)
 
     def run(self, q, *, out=None, check_finite=True, return_stats=False):

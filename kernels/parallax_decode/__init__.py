@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from lla_contract import (LLAInputError, check_cache, check_cache_finite, check_num_heads, check_plan_cache,
-                          check_planned, check_probe, check_scale)
+                          check_planned, check_probe, check_scale, write_plan_lengths)
 from lla_contract.host import (cdiv as _cdiv, f32_arrays as _f32_arrays, interpreting as _interpreting,
                                sm_count as _sm_count)
 
@@ -372,11 +372,8 @@ class ParallaxDecodePlan:
 
     def set_lengths(self, lengths) -> None:
         """Check ``lengths`` against the cache and write them into the plan's device copy."""
-        like = torch.empty(self.shape, device=self.device, dtype=self.dtype)
-        lens = check_cache(like, self.k_cache, self.v_cache, lengths, dtypes=SUPPORTED_DTYPES,
-                           head_dims=SUPPORTED_HEAD_DIMS, check_finite=False)
-        self.lens_d.copy_(lens.to(torch.int32))
-        self.lengths = lens
+        self.lengths = write_plan_lengths(self.k_cache, self.v_cache, self.shape, lengths, self.lens_d,
+                                          dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS)
 
     def run(self, q, r, *, out=None, check_finite=True):
         """o (B, H, Dv) of parallax_decode(q, r, k_cache, v_cache, lengths) for the plan's
