@@ -115,6 +115,12 @@ def main(argv=None) -> int:
                                                                            check_finite=False),
                  "lla_decode": lambda: lla_decode.lla_decode(q, k, v, lens, ridge_lambda=0.1, qk_scale=D ** -0.5,
                                                              check_finite=False)}
+        # the plans (docs/decode.md): the checks and the lengths' copy done once, a run's host
+        # work what is left (bench-decode --graphs captures these runs)
+        px_plan = parallax_decode.parallax_decode_plan(k, v, lens, qk_scale=D ** -0.5)
+        lla_plan = lla_decode.lla_decode_plan(k, v, lens, ridge_lambda=0.1, qk_scale=D ** -0.5)
+        calls["parallax_decode plan.run"] = lambda: px_plan.run(q, r, check_finite=False)
+        calls["lla_decode plan.run"] = lambda: lla_plan.run(q, check_finite=False)
         for name, fn in calls.items():
             fn()
             fn()
