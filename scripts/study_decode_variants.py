@@ -19,6 +19,9 @@ Variants (constexpr flags of one kernel here, the package's kernel untouched):
 
     PYTHONPATH=.:kernels python scripts/study_decode_variants.py --out study.md
 
+--graphs: every call (SDPA too) captured in a CUDA graph and its replays timed, device time
+without host work (bench-decode --graphs's capture; the packages through their plans).
+
 --op lla: the same question for lla_decode's output pass (a second memory-bound read of the
 cache), its tile, warps and programs an SM set through the package's own constants
 (OUT_BLOCK_N, OUT_WARPS, RESIDENT_PER_SM: the last also sets the Sigma pass's split count),
@@ -199,10 +202,29 @@ VARIANTS = [
     ("n32 w1 r16", 32, 1, 3, 16, False, False),
     ("n16 w1 r12", 16, 1, 3, 12, False, False),
     ("n16 w1 r8 s4", 16, 1, 4, 8, False, False),
+    # fewer, longer splits: at batch 1 eight programs an SM make up to 8 x SMs splits of one
+    # or two tiles, and the combine merges them in one program
+    ("n16 w1 r2", 16, 1, 3, 2, False, False),
+    ("n16 w1 r4", 16, 1, 3, 4, False, False),
 ]
 
 SHAPES = [(16, 32768, 64), (64, 32768, 64), (64, 131072, 64), (64, 4096, 64),
           (16, 32768, 128), (64, 32768, 128), (64, 4096, 128)]
+
+
+def _time(fn, graphs: bool) -> float:
+    """Median ms of ``fn`` by do_bench (L2 flushed between calls); with ``graphs``, of the
+    replays of ``fn`` captured in a CUDA graph (bench-decode --graphs: device time, no host
+    work)."""
+    from triton.testing import do_bench
+
+    if graphs:
+        from lla_verify.commands.bench_decode import graphed
+
+        fn, _ = graphed(fn)
+    fn()
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 LLA_VARIANTS = [
@@ -241,7 +263,6 @@ class _LLASetting:
 
 def lla_main(args, shapes, wanted) -> list[str]:
     import lla_decode
-    from triton.testing import do_bench
 
     from lla_verify.oracles.decode import lla_decode_reference
 
@@ -255,8 +276,7 @@ def lla_main(args, shapes, wanted) -> list[str]:
         q = rnd(B, 1, D)
         lengths = torch.full((B,), T, dtype=torch.int64)
         q4 = q[:, :, None, :]
-        t_sdpa = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q4, k, v), warmup=25, rep=200,
-                          return_mode="median")
+        t_sdpa = _time(lambda: torch.nn.functional.scaled_dot_product_attention(q4, k, v), args.graphs)
         ref = None
         if T <= args.ref_max_cache:
             ref = lla_decode_reference(q.double(), k.double(), v.double(), lengths, ridge_lambda=lam).to(dev)
@@ -270,10 +290,12 @@ def lla_main(args, shapes, wanted) -> list[str]:
                 try:
                     _, stats = lla_decode.lla_decode(q, k, v, lengths, ridge_lambda=lam, check_finite=False,
                                                      return_stats=True)
-                    fn = lambda: lla_decode.lla_decode(q, k, v, lengths, ridge_lambda=lam, check_finite=False)  # noqa: E731
-                    fn()
-                    torch.cuda.synchronize()
-                    t = do_bench(fn, warmup=10, rep=100, return_mode="median")
+                    if args.graphs:  # the plan, made under this variant's constants: a plain call is not capturable
+                        plan = lla_decode.lla_decode_plan(k, v, lengths, ridge_lambda=lam)
+                        fn = lambda: plan.run(q, check_finite=False)  # noqa: E731
+                    else:
+                        fn = lambda: lla_decode.lla_decode(q, k, v, lengths, ridge_lambda=lam, check_finite=False)  # noqa: E731
+                    t = _time(fn, args.graphs)
                     err = "-"
                     if ref is not None:
                         o32 = lla_decode.lla_decode(q.float(), k.float(), v.float(), lengths, ridge_lambda=lam,
@@ -295,6 +317,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ref-max-cache", type=int, default=32768)
     ap.add_argument("--cpu-check", action="store_true", help="every variant under TRITON_INTERPRET=1, small")
     ap.add_argument("--op", choices=("parallax", "lla"), default="parallax")
+    ap.add_argument("--graphs", action="store_true",
+                    help="time replays of each call captured in a CUDA graph (SDPA's too): device time, no host work")
     ap.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--shapes", default=None, help="B:T:D,... (default: SHAPES)")
     args = ap.parse_args(argv)
@@ -309,7 +333,6 @@ def main(argv=None) -> int:
             with open(args.out, "w") as fh:
                 fh.write("\n".join(lines) + "\n")
         return 0
-    from triton.testing import do_bench
 
     from lla_verify.oracles.decode import parallax_decode_reference
 
@@ -331,8 +354,7 @@ def main(argv=None) -> int:
         scale = D ** -0.5
         cache_bytes = 2 * B * T * D * 2
         q4 = q[:, :, None, :]
-        t_sdpa = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q4, k, v), warmup=25, rep=200,
-                          return_mode="median")
+        t_sdpa = _time(lambda: torch.nn.functional.scaled_dot_product_attention(q4, k, v), args.graphs)
         ref = None
         if T <= args.ref_max_cache:
             ref = parallax_decode_reference(q, r, k, v, lengths, qk_scale=scale).to(dev)
@@ -342,16 +364,17 @@ def main(argv=None) -> int:
         print(row, flush=True)
         for name, bn, warps, stages, resident, one_sided, dots in variants:
             res = resident or pd.RESIDENT_PER_SM[D]
-            if name == "as package":
+            if name == "as package" and args.graphs:  # a plain call copies its lengths: not capturable
+                plan = pd.parallax_decode_plan(k, v, lengths, qk_scale=scale)
+                fn = lambda: plan.run(q, r, check_finite=False)  # noqa: E731
+            elif name == "as package":
                 fn = lambda: pd.parallax_decode(q, r, k, v, lengths, qk_scale=scale, check_finite=False)  # noqa: E731
             else:
                 fn = (lambda bn=bn, warps=warps, stages=stages, res=res, one_sided=one_sided, dots=dots:  # noqa: E731
                       variant_call(q, r, k, v, lens_d, scale, block_n=bn, warps=warps, stages=stages, resident=res,
                                    one_sided=one_sided, dots=dots))
             try:
-                out = fn()
-                torch.cuda.synchronize()
-                t = do_bench(fn, warmup=25, rep=200, return_mode="median")
+                t = _time(fn, args.graphs)
             except Exception as exc:  # a variant that does not compile or fit is a row, not the end of the run
                 row = f"| {label} | {name} | failed: {type(exc).__name__}: {str(exc)[:120]} | | | |"
                 lines.append(row)
