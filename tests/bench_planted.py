@@ -18,3 +18,11 @@ def lla_off_by_one(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None)
 
 def parallax_off_by_one(q, r, k_cache, v_cache, lengths, *, qk_scale=None):
     return parallax_decode(q, r, k_cache, v_cache, _shorter(lengths), qk_scale=qk_scale)
+
+
+class _Lazy(__import__("torch").Tensor):
+    """A tensor subclass: the kind of output the trust boundary refuses to judge."""
+
+
+def parallax_subclass(q, r, k_cache, v_cache, lengths, *, qk_scale=None):
+    return parallax_decode(q, r, k_cache, v_cache, lengths, qk_scale=qk_scale).as_subclass(_Lazy)

@@ -177,6 +177,21 @@ def test_bench_decode_graph_output_is_judged(tmp_path):
     assert text.count(" graph at 2,1,48,16: head (0, 0) error") == 2, text
 
 
+@needs_interpreter
+def test_bench_decode_refuses_a_tensor_subclass_output(tmp_path):
+    """The trust boundary's rule (trust.check_tensor) in both the plain and the graph columns:
+    an output that is not a plain torch.Tensor is not judged, and the run fails."""
+    status, text = _run(tmp_path, "bench-decode", "--graphs", "--kernels", "parallax",
+                        "--parallax-impl", "tests.bench_planted:parallax_subclass")
+    (cols, rows), = _tables(text)
+    assert status == 1, text
+    row = rows[1]
+    assert row["rel err vs f64"].startswith("not judged: returned a _Lazy (a torch.Tensor subclass)"), row
+    assert row["err / allowed"] == "FAIL" and row["graph err / allowed"] == "FAIL", row
+    assert "FAIL: parallax_decode at 2,1,48,16: returned a _Lazy" in text
+    assert "FAIL: parallax_decode graph at 2,1,48,16: returned a _Lazy" in text
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="captures CUDA graphs")
 def test_graphed_replays_the_plan_and_names_a_call_it_cannot_capture():
     import parallax_decode

@@ -335,13 +335,14 @@ def graphed(fn, *, cuda: bool = True):
     GraphUnavailable when the capture fails (a host copy or a synchronisation inside ``fn``).
     ``cuda=False`` (--smoke on the CPU): no graph, ``replay`` is ``fn`` itself, so that the
     rest of the graph columns' code runs."""
+    import torch
+
     if not cuda:
         out = fn()
 
         def replay():
             out.copy_(fn())
         return replay, out
-    import torch
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -358,9 +359,19 @@ def graphed(fn, *, cuda: bool = True):
         torch.cuda.synchronize()
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise GraphUnavailable(f"not capturable: {type(exc).__name__}: {first}") from None
-    if not isinstance(out, torch.Tensor):
-        raise GraphUnavailable(f"not capturable: the call returned {type(out).__name__}, not a tensor")
     return graph.replay, out
+
+
+def _misbehaved(o, shape: tuple, q) -> str | None:
+    """Why a decode call's output cannot be judged (trust.check_tensor: a torch.Tensor subclass,
+    another type, or the wrong shape, dtype or device), else None."""
+    from lla_verify.trust import Misbehaved, check_tensor
+
+    try:
+        check_tensor(o, "o", shape=shape, dtypes=(q.dtype,), device=q.device)
+    except Misbehaved as exc:
+        return str(exc)
+    return None
 
 
 def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer, dev, peak, nominal):
@@ -430,6 +441,7 @@ def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer
             if why:
                 flags.append(f"{kern} at {label}: {why}")
         o, stats = out if isinstance(out, tuple) else (out, None)
+        misbehaved = _misbehaved(o, (B, H, v.shape[-1]), q)
         ratio = t / t_sdpa
         if kern == "parallax":
             name, target, iters = "parallax_decode", PARALLAX_TARGET, "-"
@@ -441,7 +453,10 @@ def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer
                 iters = f"{it.mean().item():.1f}/{int(it.max().item())}"
             else:
                 target, iters = None, "n/a (external impl)"
-        if kern in case.refs:
+        if misbehaved:
+            acc = f"not judged: {misbehaved} | FAIL"
+            fails.append(f"{name} at {label}: {misbehaved}")
+        elif kern in case.refs:
             rel, over = accuracy(o[0, 0], case.refs[kern])
             acc = f"{rel:.2e} | {over:.3f}" + ("" if over <= 1.0 else " FAIL")
             if not over <= 1.0:
@@ -487,6 +502,10 @@ def _graph_cells(kern, name, fn, is_builtin, inputs, case: FixedHead, args, time
         replay, out = graphed(call, cuda=cuda)
     except GraphUnavailable as exc:
         return f" {exc} | - | - | - |"
+    misbehaved = _misbehaved(out, (q.shape[0], q.shape[1], v.shape[-1]), q)
+    if misbehaved:
+        fails.append(f"{name} graph at {label}: {misbehaved}")
+        return f" not judged: {misbehaved} | - | - | FAIL |"
     t = timer.ms(replay)
     if floor_s is not None:
         why = implausible_speed(t / 1e3, floor_s)
