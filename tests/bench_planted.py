@@ -1,6 +1,8 @@
 """Planted wrong decode kernels for tests/test_bench.py, named on the command line as
-``tests.bench_planted:NAME`` (bench-decode's --lla-impl / --parallax-impl): each reads the
-cache one position short, the off-by-one a decode kernel's length handling invites."""
+``tests.bench_planted:NAME`` (bench-decode's --lla-impl / --parallax-impl). The *_off_by_one
+ones read the cache one position short, the off-by-one a decode kernel's length handling
+invites; parallax_subclass returns the right values as a torch.Tensor subclass, an output the
+trust boundary does not judge."""
 
 from __future__ import annotations
 
