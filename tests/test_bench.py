@@ -117,6 +117,17 @@ def test_bench_parallax_planted_kernel_fails_its_accuracy_column(tmp_path, mutan
 
 
 @needs_interpreter
+def test_bench_parallax_refuses_a_tensor_subclass_output(tmp_path):
+    status, text = _run(tmp_path, "bench-parallax", "--mem-seqs", "",
+                        "--impl", "tests.bench_planted:parallax_forward_subclass")
+    (cols, rows), = _tables(text)
+    assert status == 1, text
+    assert rows[0]["fwd err / budget"] == "inf FAIL (implementation)", rows[0]
+    assert ("[tests.bench_planted:parallax_forward_subclass] returned a _Lazy (a torch.Tensor subclass) as o; "
+            "a plain torch.Tensor is required") in text
+
+
+@needs_interpreter
 def test_bench_decode_smoke_table(tmp_path):
     status, text = _run(tmp_path, "bench-decode")
     assert status == 0, text

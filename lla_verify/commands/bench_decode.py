@@ -49,7 +49,7 @@ import time
 from lla_verify.cliutil import UsageError, check_out_file, float_in, int_in
 from lla_verify.commands.bench_parallax import load_impl
 from lla_verify.commands.benchkit import (SMOKE_NOTE, Table, Timer, add_run_args, bench_device, header_lines,
-                                          int_list, median_ms, progress)
+                                          int_list, median_ms, progress, refused_output)
 
 HEAD_DIMS = (16, 32, 64, 128)
 KERNELS = ("parallax", "lla")
@@ -363,15 +363,9 @@ def graphed(fn, *, cuda: bool = True):
 
 
 def _misbehaved(o, shape: tuple, q) -> str | None:
-    """Why a decode call's output cannot be judged (trust.check_tensor: a torch.Tensor subclass,
-    another type, or the wrong shape, dtype or device), else None."""
-    from lla_verify.trust import Misbehaved, check_tensor
-
-    try:
-        check_tensor(o, "o", shape=shape, dtypes=(q.dtype,), device=q.device)
-    except Misbehaved as exc:
-        return str(exc)
-    return None
+    """Why a decode call's output cannot be judged (benchkit.refused_output), else None."""
+    refused = refused_output(o, shape, q, who="decode")
+    return None if refused is None else refused.message.removeprefix("[decode] ")
 
 
 def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer, dev, peak, nominal):

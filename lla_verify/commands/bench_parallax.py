@@ -32,7 +32,7 @@ import argparse
 from lla_verify.cliutil import UsageError, check_out_file, int_in
 from lla_verify.commands.benchkit import (BENCH_SHAPES, SMOKE_NOTE, Table, Timer, add_run_args, bench_device,
                                           causal_sdpa, header_lines, int_list, parse_shapes, progress, randn_inputs,
-                                          shapes_text)
+                                          refused_output, shapes_text)
 
 DEFAULT_SHAPES = shapes_text(BENCH_SHAPES + ((1, 1, 16384, 64),))
 SMOKE_SHAPES = "1,2,32,16"
@@ -205,8 +205,9 @@ def _shape_row(shape, impl, args, timer: Timer, dev: str):
     t_sdpa = timer.ms(lambda: causal_sdpa(q, k, v))
     t_fwd = timer.ms(fwd)
     t_fwd_sync, o = timer.synced(fwd)
-    vf = check_parallax_forward(prob.q, prob.k, prob.v, prob.r, first(o), impl=args.impl, case=label,
-                                qk_scale=scale)
+    # an output the trust boundary refuses is a failed verdict, never judged
+    vf = refused_output(o, v.shape, q, who=args.impl) or check_parallax_forward(
+        prob.q, prob.k, prob.v, prob.r, first(o), impl=args.impl, case=label, qk_scale=scale)
     if not vf.passed:
         failures.append(vf)
     del o

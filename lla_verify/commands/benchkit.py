@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
+from typing import NamedTuple
 
 from lla_verify.cliutil import UsageError, atomic_write, int_in
 
@@ -241,3 +243,24 @@ def add_run_args(p: argparse.ArgumentParser, *, sync_reps: int, sync_help: str, 
                         "timings meaningless)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--out", default=None, help="also write the table (markdown) to this file")
+
+
+class Refused(NamedTuple):
+    """A failed verdict for an output the harness does not judge (trust.check_tensor: a
+    torch.Tensor subclass, another type, or the wrong shape, dtype or device)."""
+    message: str
+    ratio: float = math.inf
+    passed: bool = False
+    cause: str = "implementation"
+
+
+def refused_output(o, shape: tuple, like, *, who: str) -> Refused | None:
+    """A Refused naming why ``o`` is not a plain tensor of ``shape`` with ``like``'s dtype and
+    device, else None: the benchmarks judge only what the trust boundary accepts."""
+    from lla_verify.trust import Misbehaved, check_tensor
+
+    try:
+        check_tensor(o, "o", shape=tuple(shape), dtypes=(like.dtype,), device=like.device)
+    except Misbehaved as exc:
+        return Refused(f"[{who}] {exc}")
+    return None
