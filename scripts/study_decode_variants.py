@@ -25,6 +25,7 @@ without host work (bench-decode --graphs's capture; the packages through their p
 --op lla: the same question for lla_decode's output pass (a second memory-bound read of the
 cache), its tile, warps and programs an SM set through the package's own constants
 (OUT_BLOCK_N, OUT_WARPS, RESIDENT_PER_SM: the last also sets the Sigma pass's split count),
+and for the Sigma pass's fp64 block and warps (SIGMA_BLOCK, SPLIT_WARPS),
 each variant timed as a whole lla_decode call at lambda 0.1 with its largest CG iteration
 count, and its fp32 output compared with the float64 decode reference.
 """
@@ -228,26 +229,30 @@ def _time(fn, graphs: bool) -> float:
 
 
 LLA_VARIANTS = [
-    # name, out_block_n, out_warps, resident per SM (None: the package's)
-    ("as package", None, None, None),
-    ("out n16 w1 r8", 16, 1, 8),
-    ("out n32 w1 r8", 32, 1, 8),
-    ("out n16 w1 r4", 16, 1, 4),
-    ("out n64 w4 r8", 64, 4, 8),
+    # name, out_block_n, out_warps, resident per SM, Sigma block, split warps (None: the package's)
+    ("as package", None, None, None, None, None),
+    ("out n16 w1 r8", 16, 1, 8, None, None),
+    ("out n32 w1 r8", 32, 1, 8, None, None),
+    ("out n16 w1 r4", 16, 1, 4, None, None),
+    ("out n64 w4 r8", 64, 4, 8, None, None),
+    # the Sigma pass: smaller fp64 blocks (more programs a split, fewer registers each)
+    ("sigma bs32 w4", None, None, None, 32, 4),
+    ("sigma bs32 w8", None, None, None, 32, 8),
+    ("sigma bs32 w4 + out n16 w1 r8", 16, 1, 8, 32, 4),
 ]
 
 
 class _LLASetting:
     """lla_decode's output-pass constants set for the duration of a ``with`` block."""
 
-    def __init__(self, out_bn, out_warps, resident):
+    def __init__(self, out_bn, out_warps, resident, sigma_block=None, split_warps=None):
         import lla_decode
 
         self.mod, self.new = lla_decode, {}
-        if out_bn is not None:
-            self.new["OUT_BLOCK_N"] = out_bn
-        if out_warps is not None:
-            self.new["OUT_WARPS"] = out_warps
+        for key, val in (("OUT_BLOCK_N", out_bn), ("OUT_WARPS", out_warps), ("SIGMA_BLOCK", sigma_block),
+                         ("SPLIT_WARPS", split_warps)):
+            if val is not None:
+                self.new[key] = val
         if resident is not None:
             self.new["RESIDENT_PER_SM"] = {d: resident for d in lla_decode.RESIDENT_PER_SM}
 
@@ -283,10 +288,10 @@ def lla_main(args, shapes, wanted) -> list[str]:
         label = f"{B},1,{T},{D}"
         lines.append(f"| {label} | SDPA | {t_sdpa:.4f} | 1.00x | - | - |")
         print(lines[-1], flush=True)
-        for name, out_bn, out_warps, resident in LLA_VARIANTS:
+        for name, *setting in LLA_VARIANTS:
             if wanted is not None and name not in wanted:
                 continue
-            with _LLASetting(out_bn, out_warps, resident):
+            with _LLASetting(*setting):
                 try:
                     _, stats = lla_decode.lla_decode(q, k, v, lengths, ridge_lambda=lam, check_finite=False,
                                                      return_stats=True)
