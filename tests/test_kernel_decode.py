@@ -313,7 +313,6 @@ def test_lla_decode_combines_many_splits():
                                               f"(lengths {LLA_CHUNK_LENGTHS})"
 
 
-
 # ------------------------------------------------------------------------- the plan
 def _plan_inputs():
     """Two sequences of lengths that are not multiples of the split (one a first token) in a
@@ -379,6 +378,8 @@ def test_plan_reads_the_cache_in_place(kernel):
 
 
 def test_lla_plan_statistics_are_lla_decode_s():
+    """A plan planned with a per-head lambda tensor (held from planning) gives lla_decode's
+    output and every one of its statistics, bit for bit."""
     from lla_decode import lla_decode_plan
 
     q, _, kc, vc, lens = _plan_inputs()
@@ -421,6 +422,7 @@ def test_parallax_plan_checks_its_probe():
     _, run, _ = _planned("parallax", kc, vc, lens)
     with pytest.raises(LLAInputError, match=r"^r: expected shape .*float32.*got .*float64"):
         run(q, r.double(), lens)
+
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_parallax_decode_ragged_batch(dtype):
