@@ -352,7 +352,8 @@ class ParallaxDecodePlan:
     depends on T_max and the heads only, so it holds for every lengths.
 
     The plan reads k_cache and v_cache in place, so they must be contiguous (a copy would not
-    see the writes of later decode steps)."""
+    see the writes of later decode steps). Its runs share the moment buffers: run them on one
+    stream, one after another, as a decode loop does."""
 
     def __init__(self, k_cache, v_cache, lengths, *, num_heads=None, qk_scale=None, split=None):
         check_plan_cache(k_cache, v_cache)
