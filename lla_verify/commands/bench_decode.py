@@ -49,7 +49,7 @@ import time
 from lla_verify.cliutil import UsageError, check_out_file, float_in, int_in
 from lla_verify.commands.bench_parallax import load_impl
 from lla_verify.commands.benchkit import (SMOKE_NOTE, Table, Timer, add_run_args, bench_device, header_lines,
-                                          int_list, median_ms, progress, refused_output)
+                                          int_list, median_ms, progress, refusal)
 
 HEAD_DIMS = (16, 32, 64, 128)
 KERNELS = ("parallax", "lla")
@@ -304,9 +304,9 @@ def run(args) -> int:
                "uses the largest CG iteration count over the call's heads.")
     if args.graphs:
         table.emit("graph ms: the same do_bench over replays of the call captured in a CUDA graph (SDPA's too; "
-                   "the built-in kernels through their plans), device time without host work; 'graph met' holds it against "
-                   "the same target over SDPA's graph time; 'graph err / allowed' judges the graph's output after "
-                   "the timed replays.")
+                   "the built-in kernels through their plans), device time without host work; 'graph met' holds it "
+                   "against the same target over SDPA's graph time; 'graph err / allowed' judges the graph's output "
+                   "after the timed replays.")
     table.emit(f"cache GB/s: 2 B H T D bf16 elements (K and V once) over the time. err / allowed: head (0, 0) of the "
                f"judged call against the float64 decode reference; allowed {DECODE_ULPS:g} units of bf16 roundoff "
                f"times |o| (above 1: FAIL, exit 1); 'not checked' above --oracle-max-cache {args.oracle_max_cache}.")
@@ -360,12 +360,6 @@ def graphed(fn, *, cuda: bool = True):
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise GraphUnavailable(f"not capturable: {type(exc).__name__}: {first}") from None
     return graph.replay, out
-
-
-def _misbehaved(o, shape: tuple, q) -> str | None:
-    """Why a decode call's output cannot be judged (benchkit.refused_output), else None."""
-    refused = refused_output(o, shape, q, who="decode")
-    return None if refused is None else refused.message.removeprefix("[decode] ")
 
 
 def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer, dev, peak, nominal):
@@ -435,7 +429,7 @@ def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer
             if why:
                 flags.append(f"{kern} at {label}: {why}")
         o, stats = out if isinstance(out, tuple) else (out, None)
-        misbehaved = _misbehaved(o, (B, H, v.shape[-1]), q)
+        misbehaved = refusal(o, (B, H, v.shape[-1]), q)
         ratio = t / t_sdpa
         if kern == "parallax":
             name, target, iters = "parallax_decode", PARALLAX_TARGET, "-"
@@ -496,7 +490,7 @@ def _graph_cells(kern, name, fn, is_builtin, inputs, case: FixedHead, args, time
         replay, out = graphed(call, cuda=cuda)
     except GraphUnavailable as exc:
         return f" {exc} | - | - | - |"
-    misbehaved = _misbehaved(out, (q.shape[0], q.shape[1], v.shape[-1]), q)
+    misbehaved = refusal(out, (q.shape[0], q.shape[1], v.shape[-1]), q)
     if misbehaved:
         fails.append(f"{name} graph at {label}: {misbehaved}")
         return f" not judged: {misbehaved} | - | - | FAIL |"

@@ -254,13 +254,20 @@ class Refused(NamedTuple):
     cause: str = "implementation"
 
 
-def refused_output(o, shape: tuple, like, *, who: str) -> Refused | None:
-    """A Refused naming why ``o`` is not a plain tensor of ``shape`` with ``like``'s dtype and
-    device, else None: the benchmarks judge only what the trust boundary accepts."""
+def refusal(o, shape: tuple, like) -> str | None:
+    """Why ``o`` is not a plain tensor of ``shape`` with ``like``'s dtype and device
+    (trust.check_tensor's words), else None: the benchmarks judge only what the trust
+    boundary accepts."""
     from lla_verify.trust import Misbehaved, check_tensor
 
     try:
         check_tensor(o, "o", shape=tuple(shape), dtypes=(like.dtype,), device=like.device)
     except Misbehaved as exc:
-        return Refused(f"[{who}] {exc}")
+        return str(exc)
     return None
+
+
+def refused_output(o, shape: tuple, like, *, who: str) -> Refused | None:
+    """``refusal`` as a failed verdict of ``who``, else None."""
+    why = refusal(o, shape, like)
+    return None if why is None else Refused(f"[{who}] {why}")
