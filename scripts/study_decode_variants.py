@@ -160,6 +160,13 @@ def variant_error(name, bn, warps, stages, res, one_sided, dots, q, r, k, v, len
     return float((out.double() - ref.to(out.device)).norm() / ref.norm())
 
 
+def _resident(resident, D: int) -> int:
+    """A variant's programs an SM at head dim D."""
+    if resident is None:
+        resident = FOUR_WARP_RESIDENT
+    return resident[D] if isinstance(resident, dict) else resident
+
+
 def cpu_check() -> int:
     """Every variant under the interpreter at a small shape, against the float64 reference."""
     from lla_verify.oracles.decode import parallax_decode_reference
@@ -174,16 +181,23 @@ def cpu_check() -> int:
     ref = parallax_decode_reference(q, r, k, v, lengths, qk_scale=scale)
     worst = 0.0
     for name, bn, warps, stages, resident, one_sided, dots in VARIANTS:
-        err = variant_error(name, min(bn, 32), warps, stages, resident or 4, one_sided, dots, q, r, k, v, lengths,
-                            lens_d, scale, ref)
+        err = variant_error(name, min(bn, 32), warps, stages, _resident(resident, D), one_sided, dots, q, r, k, v,
+                            lengths, lens_d, scale, ref)
         print(f"{name}: rel err {err:.2e}")
         worst = max(worst, err)
     return 0 if worst < 1e-5 else 1
 
 
+# programs an SM of the 4-warp, 64-position kernel the variants below were first timed
+# against (ptxas's register counts at D <= 64 and D = 128)
+FOUR_WARP_RESIDENT = {16: 4, 32: 4, 64: 4, 128: 2}
+
 VARIANTS = [
-    # name, block_n, warps, stages, resident (per SM, D<=64 / D=128), one_sided, dots
-    ("as package", 64, 4, 3, None, False, False),
+    # name, block_n, warps, stages, resident (programs an SM: an int, or by D; None: the
+    # 4-warp kernel's FOUR_WARP_RESIDENT), one_sided, dots. "as package" times
+    # parallax_decode itself, at whatever the package sets.
+    ("as package", pd.BLOCK_N, pd.SPLIT_WARPS, pd.SPLIT_STAGES, pd.RESIDENT_PER_SM, False, False),
+    ("n64 w4", 64, 4, 3, None, False, False),
     ("w8", 64, 8, 3, None, False, False),
     ("n128 w4", 128, 4, 3, None, False, False),
     ("n128 w8", 128, 8, 3, None, False, False),
@@ -299,7 +313,8 @@ def lla_main(args, shapes, wanted) -> list[str]:
                         plan = lla_decode.lla_decode_plan(k, v, lengths, ridge_lambda=lam)
                         fn = lambda: plan.run(q, check_finite=False)  # noqa: E731
                     else:
-                        fn = lambda: lla_decode.lla_decode(q, k, v, lengths, ridge_lambda=lam, check_finite=False)  # noqa: E731
+                        fn = lambda: lla_decode.lla_decode(q, k, v, lengths, ridge_lambda=lam,  # noqa: E731
+                                                           check_finite=False)
                     t = _time(fn, args.graphs)
                     err = "-"
                     if ref is not None:
@@ -368,7 +383,7 @@ def main(argv=None) -> int:
         lines.append(row)
         print(row, flush=True)
         for name, bn, warps, stages, resident, one_sided, dots in variants:
-            res = resident or pd.RESIDENT_PER_SM[D]
+            res = _resident(resident, D)
             if name == "as package" and args.graphs:  # a plain call copies its lengths: not capturable
                 plan = pd.parallax_decode_plan(k, v, lengths, qk_scale=scale)
                 fn = lambda: plan.run(q, r, check_finite=False)  # noqa: E731
@@ -387,7 +402,9 @@ def main(argv=None) -> int:
                 continue
             err = "-"
             if ref is not None:
-                err = f"{variant_error(name, bn, warps, stages, res, one_sided, dots, q, r, k, v, lengths, lens_d, scale, ref):.2e}"
+                err = variant_error(name, bn, warps, stages, res, one_sided, dots, q, r, k, v, lengths, lens_d, scale,
+                                    ref)
+                err = f"{err:.2e}"
             row = f"| {label} | {name} | {t:.4f} | {t / t_sdpa:.2f}x | {cache_bytes / t / 1e6:.0f} | {err} |"
             lines.append(row)
             print(row, flush=True)
