@@ -288,6 +288,16 @@ def compute(golden: Golden, r: torch.Tensor | None = None) -> dict[str, torch.Te
     return {key: t.detach().contiguous() for key, t in out.items()}
 
 
+def stored_probe(golden: Golden, r: torch.Tensor) -> torch.Tensor:
+    """A stored probe as the problem holds it, (B, H, S, D): a Parallax decode golden stores
+    it by decoded row, (B*S, H, D)."""
+    if golden.op != "parallax-decode":
+        return r
+    from lla_verify.testing.decode import unflatten
+
+    return unflatten(r, golden.case.case.B, golden.case.case.S)
+
+
 def _cotangent(golden: Golden, shape) -> torch.Tensor:
     gen = torch.Generator().manual_seed(int(golden.base.seed) + COTANGENT_SEED_OFFSET)
     return torch.randn(shape, generator=gen, dtype=torch.float64)

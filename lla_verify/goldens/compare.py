@@ -12,7 +12,7 @@ import torch
 
 from lla_verify.registry.cases import DTYPES, Problem
 from lla_verify.goldens.catalog import (Golden, MP_DPS, build_problem, deterministic, noise_tol,
-                                        problem_from_arrays, select)
+                                        problem_from_arrays, select, stored_probe)
 from lla_verify.goldens.regen import DERIVED_INPUTS, derived_input_drift, rel_diff, say
 from lla_verify.goldens.store import (MANIFEST, manifest_hashes, array_hash, embedded_mismatch, entry_operator,
                                       entry_path, load_manifest, read_arrays)
@@ -188,10 +188,7 @@ def _compare_op(golden: Golden, folder: Path, entry: dict | None, impl, device: 
     if "r" in stored and not torch.equal(rebuilt["r"], stored["r"]):
         # within a rounding step (_verified): judge on the stored probe, the one the
         # implementation is given
-        from lla_verify.testing.decode import unflatten
-
-        r = stored["r"] if golden.op == "parallax" else unflatten(stored["r"], problem.q.shape[0], problem.q.shape[2])
-        problem.r = r.clone()
+        problem.r = stored_probe(golden, stored["r"]).clone()
         derived = "; r rebuilds a rounding step apart (float64's last bits): judged on the stored r"
     with deterministic():
         try:

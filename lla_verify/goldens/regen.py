@@ -14,7 +14,7 @@ import torch
 
 from lla_verify.cliutil import atomic_write as _atomic_write  # temp file ".NAME.*.tmp" beside NAME, then a rename
 from lla_verify.goldens.catalog import (CATALOG, COTANGENT_SEED_OFFSET, NOISE_FACTOR, BY_NAME, U64, compute,
-                                        conditioning, noise_tol, select)
+                                        conditioning, noise_tol, select, stored_probe)
 from lla_verify.goldens.store import (DEFAULT_DIR, FORMAT, INPUTS, MANIFEST, manifest_hashes, array_hash,
                                       dump_manifest, embedded_mismatch, encode, entry_operator, entry_path,
                                       is_temp_file,
@@ -168,13 +168,7 @@ def _on_stored_derived_inputs(g, stored: dict, fresh: dict) -> tuple[dict, str]:
     steps = derived_input_drift(stored["r"], fresh["r"], noise_tol(fresh))
     if steps > 1.0:
         return fresh, ""
-    r = stored["r"]
-    if g.op == "parallax-decode":
-        from lla_verify.testing.decode import unflatten
-
-        c = g.case.case
-        r = unflatten(r, c.B, c.S)
-    return compute(g, r=r), (f"r rebuilds within one rounding of {stored['r'].dtype} ({steps:.2g} of a step: "
+    return compute(g, r=stored_probe(g, stored["r"])), (f"r rebuilds within one rounding of {stored['r'].dtype} ({steps:.2g} of a step: "
                              "float64's last bits); the outputs are compared on the stored r")
 
 
