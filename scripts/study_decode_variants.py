@@ -167,8 +167,9 @@ def _resident(resident, D: int) -> int:
     return resident[D] if isinstance(resident, dict) else resident
 
 
-def cpu_check() -> int:
-    """Every variant under the interpreter at a small shape, against the float64 reference."""
+def check(device="cpu") -> int:
+    """Every variant at a small shape on ``device`` (a CPU under TRITON_INTERPRET=1, or a GPU),
+    against the float64 reference."""
     from lla_verify.oracles.decode import parallax_decode_reference
 
     g = torch.Generator().manual_seed(0)
@@ -176,9 +177,10 @@ def cpu_check() -> int:
     k, v = torch.randn(B, 1, T, D, generator=g) + 3.0, torch.randn(B, 1, T, D, generator=g)
     q, r = torch.randn(B, 1, D, generator=g), torch.randn(B, 1, D, generator=g) / 4
     lengths = torch.tensor([T, 77])
-    lens_d = lengths.to(torch.int32)
     scale = D ** -0.5
     ref = parallax_decode_reference(q, r, k, v, lengths, qk_scale=scale)
+    k, v, q, r = (t.to(device) for t in (k, v, q, r))
+    lens_d = lengths.to(device=device, dtype=torch.int32)
     worst = 0.0
     for name, bn, warps, stages, resident, one_sided, dots in VARIANTS:
         err = variant_error(name, min(bn, 32), warps, stages, _resident(resident, D), one_sided, dots, q, r, k, v,
@@ -335,15 +337,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--ref-max-cache", type=int, default=32768)
-    ap.add_argument("--cpu-check", action="store_true", help="every variant under TRITON_INTERPRET=1, small")
+    ap.add_argument("--check", action="store_true",
+                    help="every variant against the float64 reference at a small shape (on a CPU: TRITON_INTERPRET=1)")
+    ap.add_argument("--min-split-tiles", type=int, default=None,
+                    help="parallax_decode.MIN_SPLIT_TILES for this run (the package's split rule, every variant)")
     ap.add_argument("--op", choices=("parallax", "lla"), default="parallax")
     ap.add_argument("--graphs", action="store_true",
                     help="time replays of each call captured in a CUDA graph (SDPA's too): device time, no host work")
     ap.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--shapes", default=None, help="B:T:D,... (default: SHAPES)")
     args = ap.parse_args(argv)
-    if args.cpu_check:
-        return cpu_check()
+    if args.min_split_tiles is not None:
+        pd.MIN_SPLIT_TILES = args.min_split_tiles
+    if args.check:
+        return check("cuda" if torch.cuda.is_available() else "cpu")
     if args.op == "lla":
         shapes = ([tuple(int(x) for x in sh.split(":")) for sh in args.shapes.split(",")] if args.shapes
                   else SHAPES)

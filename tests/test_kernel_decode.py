@@ -792,10 +792,10 @@ def test_the_interface_names_of_issue_23():
 def test_the_speed_study_variants_compute_parallax_decode(capsys):
     """scripts/study_decode_variants.py times variants of the split kernel on the GPU; each
     must compute the same function, checked here against the float64 reference under the
-    interpreter (its --cpu-check: relative error below 1e-5 for every variant)."""
+    interpreter or on the GPU (its --check: relative error below 1e-5 for every variant)."""
     from tests import repo_scripts
 
     study = repo_scripts.load("study_decode_variants")
-    assert study.cpu_check() == 0, capsys.readouterr().out
+    assert study.check(DEVICE) == 0, capsys.readouterr().out
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(study.VARIANTS), lines

@@ -75,6 +75,10 @@ INTERPRETED_COMBINE_CHUNK = 2
 # that tests at D = 32 and 64 see two and four block rows, as D = 128 does compiled
 SIGMA_BLOCK = 64
 INTERPRETED_SIGMA_BLOCK = 16
+# rows of Sigma the solve reads at a time in each CG product, by D: D itself holds the matrix
+# in registers (32 KB of fp64 at D = 64 over 4 warps: 7-9 us a solve against 16-22 us
+# streamed, on an H200); at D = 128 it spills, and 16 rows a load (16 KB) stream it
+SOLVE_ROWS = {16: 16, 32: 32, 64: 64, 128: 16}
 SIGMA_SUM_BLOCK = 1024  # fp64 entries of Sigma a summing program owns (D^2 / this programs a head)
 # cache positions per tile: a split is a multiple of it. The interpreter runs each program
 # as numpy, where small tiles keep the CPU tests fast.
@@ -263,10 +267,30 @@ def _lla_sigma_sum_kernel(LENS, M_S, SIG_S, SIG, H, n_splits, split, D: tl.const
     tl.store(SIG + bh.to(tl.int64) * D * D + offs_e, acc)
 
 
+@triton.jit
+def _sigma_matvec(SIGh, sig, p, offs_d, D: tl.constexpr, ROWS: tl.constexpr):
+    """Sigma p for the head's D x D fp64 Sigma: ``sig`` itself where the solve holds it in
+    registers (ROWS == D), else read ROWS rows at a time from SIGh (L2 after the first product;
+    symmetric, so p's entries of rows J weigh Sigma's rows J): at D = 128 the held matrix
+    spilled to local memory and the solve took 0.6-0.8 ms a call on an H200, 0.05 ms streamed."""
+    if ROWS == D:
+        y = tl.sum(sig * p[None, :], 1)
+    else:
+        y = tl.zeros([D], dtype=tl.float64)
+        offs_r = tl.arange(0, ROWS)
+        for r0 in tl.static_range(0, D, ROWS):
+            rows = r0 + offs_r
+            # p's entries r0..r0+ROWS-1 taken out of the register vector
+            p_rows = tl.sum(tl.where(rows[:, None] == offs_d[None, :], p[None, :], 0.0), 1)
+            blk = tl.load(SIGh + rows[:, None] * D + offs_d[None, :])
+            y += tl.sum(blk * p_rows[:, None], 0)
+    return y
+
+
 @triton.jit(do_not_specialize=('H', 'n_splits', 'cg_max_iters'))
 def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG, M_OUT, OM_OUT, RHO, ITERS, RES, SERR,
                       H, n_splits, split, cg_tol, cg_max_iters, D: tl.constexpr, CHUNK: tl.constexpr,
-                      LAM_PER_HEAD: tl.constexpr):
+                      LAM_PER_HEAD: tl.constexpr, ROWS: tl.constexpr):
     """LAM: lambda per head (B*H fp32) with LAM_PER_HEAD, else one lambda for every head (a
     float argument: no device array to fill per call)."""
     bh, used, base = _head_splits(LENS, H, n_splits, split)
@@ -283,13 +307,18 @@ def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG, M_OUT, OM_OUT, RHO, ITERS
         omega += tl.sum(f * tl.load(OM_S + row, mask=live, other=0.0), 0)
         mu_s = tl.load(MU_S + row[:, None] * D + offs_d[None, :], mask=live[:, None], other=0.0)
         mu += tl.sum((f[:, None] * mu_s).to(tl.float64), 0)
-    sig = tl.load(SIG + bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :])
+    sig_h = SIG + bh.to(tl.int64) * D * D
+    if ROWS == D:
+        sig = tl.load(sig_h + offs_d[:, None] * D + offs_d[None, :])
+    else:
+        sig = tl.zeros([1], dtype=tl.float64)
     if LAM_PER_HEAD:
         lam = tl.load(LAM + bh)
     else:
         # fp32, as the per-head array holds it (the interpreter passes a host float as is)
         lam = tl.cast(LAM, tl.float32)
-    sig += tl.where(offs_d[:, None] == offs_d[None, :], (lam * omega).to(tl.float64), 0.0)
+    # the ridge lambda Omega I, added to Sigma's diagonal in every product
+    ridge = (lam * omega).to(tl.float64)
 
     # CG on Sigma rho = mu; mu = 0 (the first token) is solved by rho = 0 at once
     rho = tl.zeros([D], dtype=tl.float64)
@@ -301,7 +330,7 @@ def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG, M_OUT, OM_OUT, RHO, ITERS
     active = rr > thresh
     it = 0
     while active & (it < cg_max_iters):
-        ap = tl.sum(sig * p[None, :], 1)
+        ap = _sigma_matvec(sig_h, sig, p, offs_d, D, ROWS) + ridge * p
         pap = tl.sum(p * ap, 0)
         # pAp <= 0 only when Sigma is singular (lambda = 0) and p hit its null space:
         # stop there rather than divide by it
@@ -316,7 +345,7 @@ def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG, M_OUT, OM_OUT, RHO, ITERS
         it += 1
         active = ok & (rr > thresh)
     # the true residual of the rounded Sigma: CG's recursive one drifts from it
-    tres = mu - tl.sum(sig * rho[None, :], 1)
+    tres = mu - (_sigma_matvec(sig_h, sig, rho, offs_d, D, ROWS) + ridge * rho)
     tn = tl.sqrt(tl.sum(tres * tres, 0))
     mn = tl.sqrt(mu2)
     tl.store(M_OUT + bh, big)
@@ -516,7 +545,9 @@ def _launch(prep: _Prepared, q, k_cache, v_cache, combine, out=None):
                                             CHUNK=_chunk(1, interp), num_warps=4)
     _lla_solve_kernel[(N,)](lens_d, prep.lam, m_s, om_s, mu_s, sig, m_g, om_g, rho, iters, res, serr,
                             H, n_solve, split_solve, float(prep.tol), int(prep.max_iters), D=D,
-                            CHUNK=_chunk(D, interp), LAM_PER_HEAD=prep.lam_per_head, num_warps=4)
+                            CHUNK=_chunk(D, interp), LAM_PER_HEAD=prep.lam_per_head,
+                            ROWS=min(D, 16) if interp else SOLVE_ROWS[D],
+                            num_warps=4)
 
     acc_s, acc0_s = torch.empty(2, N, n_splits, Dv, device=dev, dtype=torch.float32).unbind(0)
     den_s, mag_s, omw_s = _f32_arrays(3, N * n_splits, dev)

@@ -2,7 +2,9 @@
 
 o = nu - C r over the cache positions 0..lengths[b]-1 (docs/decode.md; the operator is
 docs/math.md "Parallax"). The cache is cut into splits of ``split`` positions, one program
-per (split, head); a second kernel combines the splits, a chunk of splits at a time. With d_j = <k_j - k_0, r> and
+per (split, head); the combine merges them a chunk of splits at a time (in two launches where a
+head has more splits than a chunk: each chunk in a program of its own, then the chunks). With
+d_j = <k_j - k_0, r> and
 v'_j = v_j - v_0 (k_0, v_0: the sequence's first key and value, a common anchor) and the
 scores a_j = s <q, k_j - k_0> (a softmax-invariant shift), every group of positions (a
 tile, a split, the whole cache) is summarised by its centred moments
@@ -52,6 +54,9 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # D and Dv: powers of two (tl.arange ne
 # An fp32 cache at D = 128 (32 KB of shared memory a program) fits 7 on an SM.
 RESIDENT_PER_SM = {16: 8, 32: 8, 64: 8, 128: 8}
 SPLIT_WARPS = 1
+# the fewest tiles a split runs where the wave rule would cut shorter ones (a few heads over a
+# long cache): each split pays a prologue (q, r, k_0, v_0) and 2 Dv + 3 floats of partials
+MIN_SPLIT_TILES = 1
 # cache tiles a split program keeps in flight (cp.async into shared memory) while it works on
 # the one before: the split kernel is memory-bound, and without them each program waits for
 # every tile's load before computing (Triton pipelines only the loads of dot products unless
@@ -84,11 +89,13 @@ def tile_size() -> int:
     return _block_n()
 
 
-def choose_split(t_max: int, n_heads: int, block_n: int, slots: int) -> int:
+def choose_split(t_max: int, n_heads: int, block_n: int, slots: int, min_tiles: int | None = None) -> int:
     """Split length (a multiple of block_n): splits x n_heads programs within ``slots`` (the
-    programs one wave of the device holds), one split a head when the heads alone fill it."""
+    programs one wave of the device holds), one split a head when the heads alone fill it,
+    and at least ``min_tiles`` tiles a split (None: MIN_SPLIT_TILES)."""
     n_tiles = _cdiv(t_max, block_n)
-    n_splits = max(1, min(n_tiles, slots // n_heads))
+    min_tiles = MIN_SPLIT_TILES if min_tiles is None else min_tiles
+    n_splits = max(1, min(_cdiv(n_tiles, min_tiles), slots // n_heads))
     return _cdiv(n_tiles, n_splits) * block_n
 
 
@@ -183,14 +190,60 @@ def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
     tl.store(X_S + row * DV + offs_v, x)
 
 
-@triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
+@triton.jit
+def _chunk_moments(M_S, OM_S, DB_S, NU_S, X_S, row, live, offs_v, DV: tl.constexpr):
+    """Centred moments of the live splits at rows ``row``, against their own max m_c: weights
+    w_i = f_i omega_i with f_i = exp(m_i - m_c), omega_c = sum_i w_i, the means nu'_c, dbar_c as
+    w-weighted means, and X_c = sum_i f_i X_i + sum_i w_i (nu'_i - nu'_c)(dbar_i - dbar_c), the
+    k-group form of the parallel-covariance rule (two groups: _merge). At least one row is
+    live and every live split holds a cache position, so m_c is finite; the split attaining it
+    has f = 1 and omega >= 1 (its own tiles' maxima weigh exp(0) = 1), so omega_c >= 1 and the
+    means divide by no sum that underflowed. A split whose weights underflow against m_c
+    (f = 0) adds nothing, as in _merge; a masked one neither."""
+    m_s = tl.load(M_S + row, mask=live, other=float("-inf"))
+    m_c = tl.max(m_s, 0)
+    f = tl.where(live, tl.exp(m_s - m_c), 0.0)
+    w = f * tl.load(OM_S + row, mask=live, other=0.0)
+    om_c = tl.sum(w, 0)
+    p = w / om_c
+    nu_s = tl.load(NU_S + row[:, None] * DV + offs_v[None, :], mask=live[:, None], other=0.0)
+    db_s = tl.load(DB_S + row, mask=live, other=0.0)
+    nu_c = tl.sum(p[:, None] * nu_s, 0)
+    db_c = tl.sum(p * db_s, 0)
+    x_s = tl.load(X_S + row[:, None] * DV + offs_v[None, :], mask=live[:, None], other=0.0)
+    x_c = tl.sum(f[:, None] * x_s + (w * (db_s - db_c))[:, None] * (nu_s - nu_c[None, :]), 0)
+    return m_c, om_c, nu_c, db_c, x_c
+
+
+@triton.jit(do_not_specialize=('H', 'n_splits', 'n_groups', 'split'))
+def _parallax_group_kernel(LENS, M_S, OM_S, DB_S, NU_S, X_S, M_G, OM_G, DB_G, NU_G, X_G,
+                           H, n_splits, n_groups, split, DV: tl.constexpr, CHUNK: tl.constexpr):
+    """The combine's first level where a head has more used splits than one chunk: program
+    (g, head) summarises splits g CHUNK .. (g + 1) CHUNK - 1 (those used) as one group, in
+    the split kernel's layout, so that the final combine reads n_groups groups of
+    split CHUNK positions each. A group past the used splits stores nothing: the final
+    combine, at that group length, never reads it."""
+    g = tl.program_id(0)
+    bh = tl.program_id(1)
+    used = tl.cdiv(tl.load(LENS + bh // H), split)
+    if g * CHUNK < used:
+        offs_v = tl.arange(0, DV)
+        offs_c = g * CHUNK + tl.arange(0, CHUNK)
+        m_c, om_c, nu_c, db_c, x_c = _chunk_moments(M_S, OM_S, DB_S, NU_S, X_S, bh.to(tl.int64) * n_splits + offs_c,
+                                                    offs_c < used, offs_v, DV)
+        row = bh.to(tl.int64) * n_groups + g
+        tl.store(M_G + row, m_c)
+        tl.store(OM_G + row, om_c)
+        tl.store(DB_G + row, db_c)
+        tl.store(NU_G + row * DV + offs_v, nu_c)
+        tl.store(X_G + row * DV + offs_v, x_c)
+
+
+@triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits', 'split'))
 def _parallax_combine_kernel(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O,
                              H, G, T, n_splits, split, DV: tl.constexpr, CHUNK: tl.constexpr):
-    """One program per head: its used splits, CHUNK at a time. A chunk is summarised as a
-    tile is in the split kernel, against its own max m_c: weights w_i = f_i omega_i with
-    f_i = exp(m_i - m_c), omega_c = sum_i w_i, the means nu'_c, dbar_c as w-weighted means, and
-    X_c = sum_i f_i X_i + sum_i w_i (nu'_i - nu'_c)(dbar_i - dbar_c), the k-group form of the
-    parallel-covariance rule (two groups: _merge). Chunks then merge in order by _merge."""
+    """One program per head: its used splits, CHUNK at a time, each chunk summarised by
+    _chunk_moments and the chunks merged in order by _merge."""
     bh = tl.program_id(0)
     b, kvh = _head(bh, H, G)
     used = tl.cdiv(tl.load(LENS + b), split)
@@ -203,24 +256,8 @@ def _parallax_combine_kernel(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O,
     nu = tl.zeros([DV], dtype=tl.float32)
     x = tl.zeros([DV], dtype=tl.float32)
     for c0 in range(0, used, CHUNK):
-        row = base + c0 + offs_c
-        live = (c0 + offs_c) < used
-        m_s = tl.load(M_S + row, mask=live, other=float("-inf"))
-        # a used split holds a cache position, so m_c is finite; the split attaining it has
-        # f = 1 and omega >= 1 (its own tiles' maxima weigh exp(0) = 1), so omega_c >= 1 and
-        # the means divide by no sum that underflowed. A split whose weights underflow
-        # against m_c (f = 0) adds nothing, as in _merge; a masked one neither.
-        m_c = tl.max(m_s, 0)
-        f = tl.where(live, tl.exp(m_s - m_c), 0.0)
-        w = f * tl.load(OM_S + row, mask=live, other=0.0)
-        om_c = tl.sum(w, 0)
-        p = w / om_c
-        nu_s = tl.load(NU_S + row[:, None] * DV + offs_v[None, :], mask=live[:, None], other=0.0)
-        db_s = tl.load(DB_S + row, mask=live, other=0.0)
-        nu_c = tl.sum(p[:, None] * nu_s, 0)
-        db_c = tl.sum(p * db_s, 0)
-        x_s = tl.load(X_S + row[:, None] * DV + offs_v[None, :], mask=live[:, None], other=0.0)
-        x_c = tl.sum(f[:, None] * x_s + (w * (db_s - db_c))[:, None] * (nu_s - nu_c[None, :]), 0)
+        m_c, om_c, nu_c, db_c, x_c = _chunk_moments(M_S, OM_S, DB_S, NU_S, X_S, base + c0 + offs_c,
+                                                    (c0 + offs_c) < used, offs_v, DV)
         m_new = tl.maximum(m_i, m_c)
         alpha = tl.exp(m_i - m_new)
         beta = tl.exp(m_c - m_new)
@@ -291,14 +328,36 @@ def _partials(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, in
     return (*moments, split, lens_d)
 
 
-def _combine(m_s, om_s, db_s, nu_s, x_s, split, lens_d, q, v_cache, chunk, o=None):
+def _groups(N, n_splits, chunk, Dv, dev):
+    """The first combine level's outputs where a head's splits exceed one chunk (else None):
+    per (head, group of ``chunk`` splits) moments in the split kernel's layout."""
+    if n_splits <= chunk:
+        return None
+    return _moments(N, _cdiv(n_splits, chunk), Dv, dev)
+
+
+def _combine(m_s, om_s, db_s, nu_s, x_s, split, lens_d, q, v_cache, chunk, o=None, groups=None):
+    """o from the split moments. Where a head has more splits than one chunk, a first launch
+    summarises each chunk of splits in a program of its own (``groups``: its buffers, from
+    _groups; allocated here when None), and the final combine merges those groups: a long
+    cache at batch 1 has up to a wave of splits (over a thousand), whose chunks one program
+    alone would merge one after another."""
     B, H, _ = q.shape
     Hk, T, Dv = v_cache.shape[1], v_cache.shape[2], v_cache.shape[-1]
+    N, n_splits = nu_s.shape[:2]
     if o is None:
         o = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
-    _parallax_combine_kernel[(B * H,)](
+    if n_splits > chunk:
+        if groups is None:
+            groups = _groups(N, n_splits, chunk, Dv, q.device)
+        n_groups = groups[3].shape[1]
+        _parallax_group_kernel[(n_groups, N)](
+            lens_d, m_s, om_s, db_s, nu_s, x_s, *groups, H, n_splits, n_groups, split, DV=Dv, CHUNK=chunk,
+            num_warps=4)
+        (m_s, om_s, db_s, nu_s, x_s), n_splits, split = groups, n_groups, split * chunk
+    _parallax_combine_kernel[(N,)](
         v_cache.contiguous(), lens_d, m_s, om_s, db_s, nu_s, x_s, o,
-        H, H // Hk, T, nu_s.shape[1], split, DV=Dv, CHUNK=chunk, num_warps=4)
+        H, H // Hk, T, n_splits, split, DV=Dv, CHUNK=chunk, num_warps=4)
     return o
 
 
@@ -370,6 +429,7 @@ class ParallaxDecodePlan:
         self.lengths = lens
         self.lens_d = _lengths_on(lens, self.device)
         self.chunk = combine_chunk(v_cache.shape[-1], self.interp)
+        self.groups = _groups(B * H, self.moments[3].shape[1], self.chunk, v_cache.shape[-1], self.device)
 
     def set_lengths(self, lengths) -> None:
         """Check ``lengths`` against the cache and write them into the plan's device copy."""
@@ -387,7 +447,7 @@ class ParallaxDecodePlan:
         if check_finite:
             check_cache_finite(q, self.k_cache, self.v_cache, self.lengths, (("r", r),))
         _launch_split(q, r, self.k_cache, self.v_cache, self.lens_d, self.moments, self.split, self.scale, self.bn)
-        return _combine(*self.moments, self.split, self.lens_d, q, self.v_cache, self.chunk, out)
+        return _combine(*self.moments, self.split, self.lens_d, q, self.v_cache, self.chunk, out, self.groups)
 
 
 def parallax_decode_plan(k_cache, v_cache, lengths, *, num_heads=None, qk_scale=None, split=None):
