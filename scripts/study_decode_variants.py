@@ -134,7 +134,7 @@ def variant_call(q, r, k, v, lens_d, scale, *, block_n, warps, stages, resident,
     B, H, D = q.shape
     T, Dv = k.shape[2], v.shape[-1]
     slots = sm_count(q.device) * resident
-    split = pd.choose_split(T, B * H, block_n, slots)
+    split = pd.choose_split(T, B * H, block_n, slots, pd.combine_chunk(Dv))
     n_splits = cdiv(T, split)
     m_s, om_s, db_s = f32_arrays(3, B * H * n_splits, q.device)
     nu_s, x_s = torch.empty(2, B * H, n_splits, Dv, device=q.device, dtype=torch.float32).unbind(0)
@@ -339,16 +339,16 @@ def main(argv=None) -> int:
     ap.add_argument("--ref-max-cache", type=int, default=32768)
     ap.add_argument("--check", action="store_true",
                     help="every variant against the float64 reference at a small shape (on a CPU: TRITON_INTERPRET=1)")
-    ap.add_argument("--min-split-tiles", type=int, default=None,
-                    help="parallax_decode.MIN_SPLIT_TILES for this run (the package's split rule, every variant)")
+    ap.add_argument("--one-level-max-tiles", type=int, default=None,
+                    help="parallax_decode.ONE_LEVEL_MAX_TILES for this run (the package's split rule, every variant)")
     ap.add_argument("--op", choices=("parallax", "lla"), default="parallax")
     ap.add_argument("--graphs", action="store_true",
                     help="time replays of each call captured in a CUDA graph (SDPA's too): device time, no host work")
     ap.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--shapes", default=None, help="B:T:D,... (default: SHAPES)")
     args = ap.parse_args(argv)
-    if args.min_split_tiles is not None:
-        pd.MIN_SPLIT_TILES = args.min_split_tiles
+    if args.one_level_max_tiles is not None:
+        pd.ONE_LEVEL_MAX_TILES = args.one_level_max_tiles
     if args.check:
         return check("cuda" if torch.cuda.is_available() else "cpu")
     if args.op == "lla":

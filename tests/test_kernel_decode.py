@@ -253,6 +253,26 @@ def test_parallax_decode_combines_many_splits_in_chunks(chunk):
                                                lengths=lens))
 
 
+def test_split_rule_keeps_a_small_cache_in_one_combine_chunk():
+    """The wave rule's split count (slots over heads, at most a split a tile), except that a
+    head whose cache fits in one chunk of splits of at most ONE_LEVEL_MAX_TILES tiles takes
+    the chunk's count, so that its combine is one launch; a cache too long for that keeps the
+    wave's count and the combine's two levels. On the host alone: the rule, not the kernels."""
+    choose, most = _px_pkg.choose_split, _px_pkg.ONE_LEVEL_MAX_TILES
+    slots, bn, chunk = 1056, 16, 64
+    # batch 1, 4k: 256 one-tile splits by the wave rule; 64 of 4 tiles fit one chunk
+    assert 4096 // choose(4096, 1, bn, slots) == 256
+    assert choose(4096, 1, bn, slots, chunk) == 4 * bn
+    # the longest cache one chunk takes, and one tile more
+    assert choose(chunk * most * bn, 1, bn, slots, chunk) == most * bn
+    longer = choose(chunk * most * bn + bn, 1, bn, slots, chunk)
+    assert longer == choose(chunk * most * bn + bn, 1, bn, slots) and longer < most * bn
+    # heads that fill the wave: the chunk changes nothing
+    assert choose(131072, 64, bn, slots, chunk) == choose(131072, 64, bn, slots) == 131072 // (slots // 64)
+    # fewer tiles than a chunk: a split a tile, as before
+    assert choose(100, 1, bn, slots, chunk) == bn
+
+
 @pytest.mark.parametrize("chunk", [0, 3, 2.0, True])
 def test_bad_combine_chunk_is_named(chunk):
     p = _problem("gaussian", {}, _n(16))

@@ -54,9 +54,13 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # D and Dv: powers of two (tl.arange ne
 # An fp32 cache at D = 128 (32 KB of shared memory a program) fits 7 on an SM.
 RESIDENT_PER_SM = {16: 8, 32: 8, 64: 8, 128: 8}
 SPLIT_WARPS = 1
-# the fewest tiles a split runs where the wave rule would cut shorter ones (a few heads over a
-# long cache): each split pays a prologue (q, r, k_0, v_0) and 2 Dv + 3 floats of partials
-MIN_SPLIT_TILES = 1
+# the longest split (in tiles) taken to keep a head's splits within one combine chunk. A few
+# heads over a small cache would otherwise make more splits than a chunk, and the combine's
+# second launch, a few microseconds of latency, is then a large part of a step that SDPA
+# does in 10-20 us. Measured on an H200 (graph time, docs/decode.md "Speed"): at batch 1
+# with a 4k cache, 1.50x SDPA against 1.68x at D = 64 (4 tiles a split); 8 tiles a split
+# (32 programs at D = 128) took 1.94x against 1.42x
+ONE_LEVEL_MAX_TILES = 4
 # cache tiles a split program keeps in flight (cp.async into shared memory) while it works on
 # the one before: the split kernel is memory-bound, and without them each program waits for
 # every tile's load before computing (Triton pipelines only the loads of dot products unless
@@ -89,13 +93,15 @@ def tile_size() -> int:
     return _block_n()
 
 
-def choose_split(t_max: int, n_heads: int, block_n: int, slots: int, min_tiles: int | None = None) -> int:
+def choose_split(t_max: int, n_heads: int, block_n: int, slots: int, chunk: int | None = None) -> int:
     """Split length (a multiple of block_n): splits x n_heads programs within ``slots`` (the
-    programs one wave of the device holds), one split a head when the heads alone fill it,
-    and at least ``min_tiles`` tiles a split (None: MIN_SPLIT_TILES)."""
+    programs one wave of the device holds), one split a head when the heads alone fill it.
+    With ``chunk`` (the combine's), a head whose cache fits in ``chunk`` splits of at most
+    ONE_LEVEL_MAX_TILES tiles takes ``chunk`` splits, so that its combine is one launch."""
     n_tiles = _cdiv(t_max, block_n)
-    min_tiles = MIN_SPLIT_TILES if min_tiles is None else min_tiles
-    n_splits = max(1, min(_cdiv(n_tiles, min_tiles), slots // n_heads))
+    n_splits = max(1, min(n_tiles, slots // n_heads))
+    if chunk is not None and n_splits > chunk and _cdiv(n_tiles, chunk) <= ONE_LEVEL_MAX_TILES:
+        n_splits = chunk
     return _cdiv(n_tiles, n_splits) * block_n
 
 
@@ -285,7 +291,10 @@ def _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, inter
     bn = _block_n(interp)
     if split is None:
         slots = _sm_count(q.device) * RESIDENT_PER_SM[q.shape[-1]]
-        split = choose_split(k_cache.shape[2], q.shape[0] * q.shape[1], bn, slots)
+        # under the interpreter (one program at a time) the split count is no cost, and the
+        # tests' default splits keep several chunks to combine
+        split = choose_split(k_cache.shape[2], q.shape[0] * q.shape[1], bn, slots,
+                             None if interp else combine_chunk(v_cache.shape[-1], interp))
     elif isinstance(split, bool) or not isinstance(split, int) or split < bn or split % bn:
         raise LLAInputError(f"split: expected None or a positive multiple of the tile {bn}, got {split!r}")
     return lens, scale, split, bn
