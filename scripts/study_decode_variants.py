@@ -44,7 +44,7 @@ from lla_contract.host import cdiv, f32_arrays, sm_count
 
 
 # the package's helpers: the variants differ from its split kernel in the tile's moments only
-_scalar, _head, _merge = pd._scalar, pd._head, pd._merge
+_scalar, _head, _merge, _store_moments = pd._scalar, pd._head, pd._merge, pd._store_moments
 
 
 @triton.jit
@@ -122,12 +122,8 @@ def _split_variant(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
         beta = tl.exp(m_t - m_new)
         omega, nu, dbar, x = _merge(omega * alpha, nu, dbar, x * alpha, om_t * beta, nu_t, db_t, x_t * beta)
         m_i = m_new
-    row = bh.to(tl.int64) * n_splits + pid_s
-    tl.store(M_S + row, m_i)
-    tl.store(OM_S + row, omega)
-    tl.store(DB_S + row, dbar)
-    tl.store(NU_S + row * DV + offs_v, nu)
-    tl.store(X_S + row * DV + offs_v, x)
+    _store_moments(M_S, OM_S, DB_S, NU_S, X_S, bh.to(tl.int64) * n_splits + pid_s, m_i, omega, dbar, nu, x,
+                   offs_v, DV)
 
 
 def variant_call(q, r, k, v, lens_d, scale, *, block_n, warps, stages, resident, one_sided, dots):

@@ -126,6 +126,16 @@ def _head(bh, H, G):
 
 
 @triton.jit
+def _store_moments(M, OM, DB, NU, X, row, m, om, db, nu, x, offs_v, DV: tl.constexpr):
+    """A group's summary (max, weight, dbar, nu', X) at ``row`` of the moment arrays."""
+    tl.store(M + row, m)
+    tl.store(OM + row, om)
+    tl.store(DB + row, db)
+    tl.store(NU + row * DV + offs_v, nu)
+    tl.store(X + row * DV + offs_v, x)
+
+
+@triton.jit
 def _merge(om_a, nu_a, db_a, x_a, om_b, nu_b, db_b, x_b):
     """Centred moments of two groups merged (both already against one max). A group whose
     weights all underflowed against the other's max (exp below fp32's range, scores more
@@ -188,12 +198,8 @@ def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
         omega, nu, dbar, x = _merge(omega * alpha, nu, dbar, x * alpha, om_t * beta, nu_t, db_t, x_t * beta)
         m_i = m_new
     # an empty split (start >= L) stores m = -inf and omega = 0: no weight in the combine
-    row = bh.to(tl.int64) * n_splits + pid_s
-    tl.store(M_S + row, m_i)
-    tl.store(OM_S + row, omega)
-    tl.store(DB_S + row, dbar)
-    tl.store(NU_S + row * DV + offs_v, nu)
-    tl.store(X_S + row * DV + offs_v, x)
+    _store_moments(M_S, OM_S, DB_S, NU_S, X_S, bh.to(tl.int64) * n_splits + pid_s, m_i, omega, dbar, nu, x,
+                   offs_v, DV)
 
 
 @triton.jit
@@ -237,12 +243,8 @@ def _parallax_group_kernel(LENS, M_S, OM_S, DB_S, NU_S, X_S, M_G, OM_G, DB_G, NU
         offs_c = g * CHUNK + tl.arange(0, CHUNK)
         m_c, om_c, nu_c, db_c, x_c = _chunk_moments(M_S, OM_S, DB_S, NU_S, X_S, bh.to(tl.int64) * n_splits + offs_c,
                                                     offs_c < used, offs_v, DV)
-        row = bh.to(tl.int64) * n_groups + g
-        tl.store(M_G + row, m_c)
-        tl.store(OM_G + row, om_c)
-        tl.store(DB_G + row, db_c)
-        tl.store(NU_G + row * DV + offs_v, nu_c)
-        tl.store(X_G + row * DV + offs_v, x_c)
+        _store_moments(M_G, OM_G, DB_G, NU_G, X_G, bh.to(tl.int64) * n_groups + g, m_c, om_c, db_c, nu_c, x_c,
+                       offs_v, DV)
 
 
 @triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits', 'split'))
