@@ -123,6 +123,10 @@ def _calls(full: bool, dims=None):
                 import parallax_decode
 
                 parallax_decode.parallax_decode(*_decode_inputs(dt, D), check_finite=False)
+                # more splits a head than a combine chunk: the combine's first level too
+                q1, r1 = (torch.randn(1, 1, D, dtype=dt) for _ in range(2))
+                k1, v1 = (torch.randn(1, 1, 2048, D, dtype=dt) for _ in range(2))
+                parallax_decode.parallax_decode(q1, r1, k1, v1, torch.tensor([2048]), split=16, check_finite=False)
 
             name = str(dt).removeprefix("torch.")
             out += [(f"lla_triton {name} D={D}", lla), (f"parallax_triton {name} D={D}", parallax),
