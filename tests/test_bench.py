@@ -158,7 +158,7 @@ def test_bench_decode_planted_off_by_one_fails_its_accuracy_column(tmp_path):
     assert rows[2]["CG iters mean/max"] == "n/a (external impl)" and rows[2]["target"] == "-"
 
 
-DECODE_GRAPH_COLUMNS = ["graph ms", "graph / SDPA graph", "graph met", "graph err / allowed"]
+DECODE_GRAPH_COLUMNS = ["graph ms", "graph / SDPA graph", "graph / measured peak", "graph met", "graph err / allowed"]
 
 
 @needs_interpreter
@@ -175,6 +175,10 @@ def test_bench_decode_graph_columns(tmp_path):
     for r in rows[1:]:
         assert float(r["graph ms"]) > 0 and r["graph met"] in ("met", "NOT MET"), r
         assert 0.0 <= float(r["graph err / allowed"]) <= 1.0, r
+    # one cache for every row: fraction x graph time is the cache's bytes over the peak, the
+    # same for each row (to the column's 3 significant digits and the time's 4 decimals)
+    moved = [float(r["graph / measured peak"]) * float(r["graph ms"]) for r in rows]
+    assert all(m > 0 for m in moved) and max(moved) / min(moved) < 1.01, (moved, rows)
 
 
 @needs_interpreter

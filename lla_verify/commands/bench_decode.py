@@ -63,7 +63,7 @@ VERY_SLOW_MS = 1000.0  # a call slower than this is timed once
 ORACLE_CHUNK_BYTES = 8 * 2**30  # the float64 reference's chunk on a GPU: few, large chunks over a long cache
 COLUMNS = ("B,H,T,D", "kernel", "ms", "ms, synced", "SDPA ms", "/ SDPA", "target", "met", "CG iters mean/max",
            "cache GB/s", "/ measured peak", "/ nominal peak", "rel err vs f64", "err / allowed")
-GRAPH_COLUMNS = ("graph ms", "graph / SDPA graph", "graph met", "graph err / allowed")
+GRAPH_COLUMNS = ("graph ms", "graph / SDPA graph", "graph / measured peak", "graph met", "graph err / allowed")
 SMOKE = {"batches": "2", "caches": "48", "dims": "16"}
 
 
@@ -305,8 +305,9 @@ def run(args) -> int:
     if args.graphs:
         table.emit("graph ms: the same do_bench over replays of the call captured in a CUDA graph (SDPA's too; "
                    "the built-in kernels through their plans), device time without host work; 'graph met' holds it "
-                   "against the same target over SDPA's graph time; 'graph err / allowed' judges the graph's output "
-                   "after the timed replays.")
+                   "against the same target over SDPA's graph time; 'graph / measured peak' is the cache's bytes over the "
+                   "graph time as a fraction of the measured copy bandwidth; 'graph err / allowed' judges the graph's "
+                   "output after the timed replays.")
     table.emit(f"cache GB/s: 2 B H T D bf16 elements (K and V once) over the time. err / allowed: head (0, 0) of the "
                f"judged call against the float64 decode reference; allowed {DECODE_ULPS:g} units of bf16 roundoff "
                f"times |o| (above 1: FAIL, exit 1); 'not checked' above --oracle-max-cache {args.oracle_max_cache}.")
@@ -398,14 +399,17 @@ def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer
         nom = f"{rate / nominal:.2f}" if nominal else "n/a"
         return f"{rate / 1e9:.1f} | {rate / peak:.2f} | {nom}"
 
+    def peak_fraction(ms):
+        return f"{cache_bytes / (ms * 1e-3) / peak:.3g}"
+
     g_sdpa, g_sdpa_cells = None, ""
     if args.graphs:
         try:
             replay, _ = graphed(sdpa, cuda=dev == "cuda")
             g_sdpa = timer.ms(replay)
-            g_sdpa_cells = f" {g_sdpa:.4f} | 1.00x | - | - |"
+            g_sdpa_cells = f" {g_sdpa:.4f} | 1.00x | {peak_fraction(g_sdpa)} | - | - |"
         except GraphUnavailable as exc:
-            g_sdpa_cells = f" {exc} | - | - | - |"
+            g_sdpa_cells = f" {exc} | - | - | - | - |"
     rows.append(f"| {label} | SDPA | {t_sdpa:.4f} | {t_sdpa_sync:.4f} | {t_sdpa:.4f} | 1.00x | - | - | - "
                 f"| {bw(t_sdpa)} | - | - |" + g_sdpa_cells)
     del o_sdpa
@@ -458,7 +462,7 @@ def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer
         graph_cells = ""
         if args.graphs:
             graph_cells = _graph_cells(kern, name, fn, builtin[kern], (q, r, k, v, lengths, scale), case, args, timer,
-                                       g_sdpa, target, floor_s, label, fails, flags, dev == "cuda")
+                                       g_sdpa, target, floor_s, label, fails, flags, dev == "cuda", peak_fraction)
         rows.append(f"| {label} | {name} | {t:.4f} | {t_sync:.4f} | {t_sdpa:.4f} | {ratio:.2f}x | {tgt} | {met} "
                     f"| {iters} | {bw(t)} | {acc} |" + graph_cells)
         del out, o
@@ -466,9 +470,10 @@ def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer
 
 
 def _graph_cells(kern, name, fn, is_builtin, inputs, case: FixedHead, args, timer: Timer, g_sdpa, target, floor_s,
-                 label, fails, flags, cuda: bool) -> str:
+                 label, fails, flags, cuda: bool, peak_fraction) -> str:
     """The graph columns of one kernel row: its call captured and replayed (parallax_decode
-    through its plan), timed like the plain call, its output judged like the plain call's."""
+    through its plan), timed like the plain call, its output judged like the plain call's;
+    ``peak_fraction(ms)``: the cache's bytes over that time, as a fraction of the measured peak."""
     from lla_verify.trust import implausible_speed
 
     q, r, k, v, lengths, scale = inputs
@@ -489,11 +494,11 @@ def _graph_cells(kern, name, fn, is_builtin, inputs, case: FixedHead, args, time
     try:
         replay, out = graphed(call, cuda=cuda)
     except GraphUnavailable as exc:
-        return f" {exc} | - | - | - |"
+        return f" {exc} | - | - | - | - |"
     misbehaved = refusal(out, (q.shape[0], q.shape[1], v.shape[-1]), q)
     if misbehaved:
         fails.append(f"{name} graph at {label}: {misbehaved}")
-        return f" not judged: {misbehaved} | - | - | FAIL |"
+        return f" not judged: {misbehaved} | - | - | - | FAIL |"
     t = timer.ms(replay)
     if floor_s is not None:
         why = implausible_speed(t / 1e3, floor_s)
@@ -513,4 +518,4 @@ def _graph_cells(kern, name, fn, is_builtin, inputs, case: FixedHead, args, time
                          f"{DECODE_ULPS:g} units of bf16 roundoff")
     else:
         acc = f"not checked (T > {args.oracle_max_cache})"
-    return f" {t:.4f} | {ratio_cell} | {met} | {acc} |"
+    return f" {t:.4f} | {ratio_cell} | {peak_fraction(t)} | {met} | {acc} |"
