@@ -311,6 +311,7 @@ def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG, M_OUT, OM_OUT, RHO, ITERS
     if ROWS == D:
         sig = tl.load(sig_h + offs_d[:, None] * D + offs_d[None, :])
     else:
+        # not read: each product streams Sigma's rows from sig_h
         sig = tl.zeros([1], dtype=tl.float64)
     if LAM_PER_HEAD:
         lam = tl.load(LAM + bh)
