@@ -94,6 +94,23 @@ def test_lla_decode_is_the_forward_row(case, split):
     assert_within_budget(verdict)
 
 
+# the keyed solve's launch pair an iteration is slow under the interpreter: shorter sequences there
+KEYED_SEQ = SEQ if ON_GPU else (1, 16)
+
+
+@settings(max_examples=suite.examples(0.4))
+@given(case=_cases(seq=KEYED_SEQ), split=SPLITS)
+@example(case=Case("gaussian", {}, S=1, D=16), split=TILE)
+def test_lla_decode_keyed_solve_is_the_forward_row(case, split):
+    """lla_decode(solver="keyed"), CG's products as fp64 passes over the keys, against the
+    same rows and budget as the Sigma solve."""
+    p = case.build(DEVICE)
+    o, st_ = decode_lla_every_position(p, lla_decode, split=split, solver="keyed")
+    verdict = check_forward(p, IMPL, o, stats=st_)
+    target(min(verdict.ratio, 1e6), label="lla keyed decode ratio")
+    assert_within_budget(verdict)
+
+
 @settings(max_examples=suite.examples(0.4))
 @given(case=_cases(), split=SPLITS, data=st.data(), offset=st.sampled_from([0.0, 1e3]))
 def test_parallax_decode_is_the_forward_row(case, split, data, offset):

@@ -162,6 +162,20 @@ DECODE_GRAPH_COLUMNS = ["graph ms", "graph / SDPA graph", "graph / measured peak
 
 
 @needs_interpreter
+def test_bench_decode_times_the_keyed_solver(tmp_path):
+    """--lla-solver keyed: lla_decode's keyed solve timed and judged like the Sigma one, its
+    iterations reported; on the CPU its graph columns run the plain call."""
+    status, text = _run(tmp_path, "bench-decode", "--kernels", "lla", "--lla-solver", "keyed", "--graphs")
+    assert status == 0, text
+    assert "--lla-solver keyed" in text.splitlines()[0]
+    (cols, rows), = _tables(text)
+    assert [r["kernel"] for r in rows] == ["SDPA", "lla_decode"]
+    mean, mx = rows[1]["CG iters mean/max"].split("/")
+    assert 0 < float(mean) <= int(mx) and rows[1]["target"] == f"<= {int(mx) + 2}x"
+    assert 0.0 <= float(rows[1]["err / allowed"]) <= 1.0 and 0.0 <= float(rows[1]["graph err / allowed"]) <= 1.0
+
+
+@needs_interpreter
 def test_bench_decode_graph_columns(tmp_path):
     """--graphs adds the graph columns (on the CPU each 'replay' is the plain call, the plan's
     run for parallax_decode), judged like the plain call's output."""

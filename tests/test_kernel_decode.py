@@ -123,6 +123,23 @@ def test_lla_decode_every_position_is_the_forward_row(family, params, S, dtype, 
     assert_within_budget(_judge_lla(p, split=split))
 
 
+# the keyed solve runs a launch pair an iteration, each over every (split, head) program, which
+# under the interpreter costs 45-65 s a case of S = 40-45: there it takes the cases that are
+# small or hard (the kappa 2.6e8 subspace, the first tokens, s = 0, per-query lambda, D = 32),
+# on the GPU every case
+KEYED_INTERPRETED = {"fp32-subspace-lam1e-8-kappa3e8", "fp32-early-lam1e-6", "fp32-scale0",
+                     "fp16-per-query-lambda", "bf16-S17-D32"}
+KEYED_CASES = [c for c in LLA_CASES if DEVICE == "cuda" or c.id in KEYED_INTERPRETED]
+
+
+@pytest.mark.parametrize("family, params, S, dtype, split, D", KEYED_CASES)
+def test_lla_decode_keyed_solve_is_the_forward_row(family, params, S, dtype, split, D):
+    """lla_decode(solver="keyed"): CG's products as passes over the keys in fp64, no Sigma
+    formed; the same rows, judged by the same budget as the Sigma solve."""
+    p = _problem(family, params, S, dtype, D=D)
+    assert_within_budget(_judge_lla(p, split=split, solver="keyed"))
+
+
 def _wide_values(p: Problem, Dv: int) -> Problem:
     gen = torch.Generator().manual_seed(11)
     v = torch.randn(*p.v.shape[:-1], Dv, generator=gen, dtype=torch.float64).to(p.v.dtype).to(DEVICE)
@@ -634,6 +651,7 @@ def test_nan_past_the_length_is_not_an_error():
     q, k, v, lens = _args()
     k, v = poison_past(k, lens), poison_past(v, lens)
     assert torch.isfinite(lla_decode(q, k, v, lens, ridge_lambda=0.1)).all()
+    assert torch.isfinite(lla_decode(q, k, v, lens, ridge_lambda=0.1, solver="keyed")).all()
     assert torch.isfinite(parallax_decode(q, q, k, v, lens)).all()
 
 
@@ -641,6 +659,10 @@ def test_nan_past_the_length_is_not_an_error():
     ({"ridge_lambda": -1.0}, "ridge_lambda"), ({"ridge_lambda": 0.1, "cg_tol": -1}, "cg_tol"),
     ({"ridge_lambda": 0.1, "cg_max_iters": 1.5}, "cg_max_iters"), ({"ridge_lambda": 0.1, "split": 20}, "split"),
     ({"ridge_lambda": 0.1, "qk_scale": float("nan")}, "qk_scale"), ({"ridge_lambda": torch.ones(3)}, "ridge_lambda"),
+    ({"ridge_lambda": 0.1, "solver": "cholesky"}, "^solver: expected 'sigma' or 'keyed', got 'cholesky'"),
+    # the keyed solve takes the same checks
+    ({"ridge_lambda": -1.0, "solver": "keyed"}, "ridge_lambda"),
+    ({"ridge_lambda": 0.1, "split": 20, "solver": "keyed"}, "split"),
 ])
 def test_bad_option_is_named(kw, match):
     q, k, v, lens = _args()

@@ -592,7 +592,7 @@ def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=No
 
 def lla_decode(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_tol=DEFAULT_CG_TOL,
                cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, return_stats=False,
-               check_finite=True):
+               check_finite=True, solver="sigma"):
     """LLA for one query per (batch, head) against a cache (docs/decode.md).
 
     q: (B, H, D); k_cache (B, H_kv, T_max, D), v_cache (B, H_kv, T_max, Dv), H_kv dividing H
@@ -603,10 +603,22 @@ def lla_decode(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_
     dtype, and with ``return_stats`` a dict of (B, H) tensors: cg_iters, cg_residual (true
     relative residual), omega, delta (den as summed) and fallback (the delta guard served
     the softmax average). ``split``: cache positions per program (a multiple of the tile;
-    None picks one from the shape).
+    None picks one from the shape). ``solver``: "sigma" (the cache's Sigma formed in fp64 and
+    solved on the device) or "keyed" (each CG product a pass over the keys, as the forward
+    kernel's; the host reads whether any head still iterates after iterations 4, 8, 16, ...,
+    so a call waits for the device: not for a CUDA graph); docs/decode.md compares them.
     """
-    o, raw, _ = _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps,
-                        split, check_finite, None)
+    if solver == "keyed":
+        from .keyed import launch as keyed_launch
+
+        prep = _prepare(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps,
+                        split, check_finite)
+        o, raw = keyed_launch(prep, q, k_cache, v_cache)
+    elif solver == "sigma":
+        o, raw, _ = _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters,
+                            delta_eps, split, check_finite, None)
+    else:
+        raise LLAInputError(f"solver: expected 'sigma' or 'keyed', got {solver!r}")
     if not return_stats:
         return o
     return o, _stats(raw, *q.shape[:2])._asdict()

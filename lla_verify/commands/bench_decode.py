@@ -77,6 +77,9 @@ def register(sub) -> None:
     p.add_argument("--heads", type=int_in(1), default=1, help="heads per sequence (query and key-value alike)")
     p.add_argument("--kernels", default="parallax,lla", help="comma list among parallax,lla")
     p.add_argument("--ridge-lambda", type=float_in(1e-3, 1e2), default=0.1, help="LLA's lambda")
+    p.add_argument("--lla-solver", choices=("sigma", "keyed"), default="sigma",
+                   help="the built-in lla_decode's solver (docs/decode.md); the keyed solve reads a flag from the "
+                        "device every few iterations, so its graph columns say it cannot be captured")
     p.add_argument("--lla-impl", default=DEFAULT_IMPLS["lla"],
                    help="MODULE:CALLABLE with fn(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale) -> o")
     p.add_argument("--parallax-impl", default=DEFAULT_IMPLS["parallax"],
@@ -416,6 +419,8 @@ def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer
     for kern in kernels:
         fn = impls[kern]
         extra = {"check_finite": False} if builtin[kern] else {}
+        if builtin[kern] and kern == "lla":
+            extra["solver"] = args.lla_solver
         if kern == "parallax":
             call = lambda: fn(q, r, k, v, lengths, qk_scale=scale, **extra)  # noqa: E731
             judged = call
@@ -484,11 +489,14 @@ def _graph_cells(kern, name, fn, is_builtin, inputs, case: FixedHead, args, time
         call = lambda: plan.run(q, r, check_finite=False)  # noqa: E731
     elif kern == "parallax":
         call = lambda: fn(q, r, k, v, lengths, qk_scale=scale)  # noqa: E731
-    elif is_builtin:
+    elif is_builtin and args.lla_solver == "sigma":
         import lla_decode
 
         plan = lla_decode.lla_decode_plan(k, v, lengths, ridge_lambda=args.ridge_lambda, qk_scale=scale)
         call = lambda: plan.run(q, check_finite=False)  # noqa: E731
+    elif is_builtin:
+        call = lambda: fn(q, k, v, lengths, ridge_lambda=args.ridge_lambda, qk_scale=scale,  # noqa: E731
+                          check_finite=False, solver=args.lla_solver)
     else:
         call = lambda: fn(q, k, v, lengths, ridge_lambda=args.ridge_lambda, qk_scale=scale)  # noqa: E731
     try:

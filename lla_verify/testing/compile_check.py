@@ -118,6 +118,9 @@ def _calls(full: bool, dims=None):
                 lla_decode.lla_decode(q, kc, vc, lens, ridge_lambda=0.1, check_finite=False)
                 # a lambda per head: the solve kernel's other variant (a float is an argument)
                 lla_decode.lla_decode(q, kc, vc, lens, ridge_lambda=torch.full(q.shape[:2], 0.1), check_finite=False)
+                # the keyed solve's kernels (its loop reads a flag from the device: zeros here)
+                lla_decode.lla_decode(q, kc, vc, lens, ridge_lambda=0.1, check_finite=False, solver="keyed",
+                                      cg_max_iters=1)
 
             def parallax_dec(dt=dt, D=D):
                 import parallax_decode

@@ -1,0 +1,277 @@
+"""lla_decode's keyed solve: CG on Sigma rho = mu without forming Sigma.
+
+Each CG product is a pass over the cached keys, as the forward kernel's matvec is: with the
+weights w_j against the head's global max M and z_j = k_j - q formed in fp32,
+
+    Sigma p = sum_j w_j <z_j, p> z_j + lambda Omega p,    p^T Sigma p = sum_j w_j <z_j, p>^2 + ...
+
+with fp32 factors (w_j, z_j) and fp64 products and sums, split across the output pass's
+programs and summed per head in fp64. The computed product is then exactly that of
+sum_j w_j (1 + d_j) z_j z_j^T, |d_j| <= u_32: a positive definite matrix within u_32 of Sigma
+in every direction (p^T E p <= u_32 p^T Sigma p), a tighter class than the materialised fp64
+Sigma's (docs/decode.md, "Which precision Sigma needs" and "The keyed solve"). A product reads
+the keys once and no D x D matrix exists: an iteration costs a pass over half a decode's
+bytes (and 4 D fp64 operations a key), so a call costs about (iterations + 2) cache passes
+where the Sigma path's pass costs 2 D^2 fp64 tensor-core operations a key.
+
+Launches: the statistics pass (m, omega, mu a split), the start of the solve (per head: the
+rescaled sums, rho = 0, the residual mu), then per iteration a product pass and a CG update
+(per head; a head that has converged skips both), one more product with rho for the true
+residual, and the package's output pass and finish. The host checks whether any head is
+still iterating after iterations 4, 8, 16, ...: one device-to-host read each, and a launch
+with every head converged costs only its launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lla_contract.host import f32_arrays as _f32_arrays
+
+from . import (OUT_STAGES, _chunk, _head_max, _head_splits, _lla_finish_kernel, _lla_out_kernel, _scalar,
+               _split_program)
+
+# the first iteration after which the host reads whether a head still iterates; then every
+# doubling (a read is a synchronisation: rare, since a launch after convergence only costs
+# its launch)
+FIRST_CHECK = 4
+
+
+@triton.jit
+def _key_tile(Kb, offs_n, end, q, k0, scale, D: tl.constexpr):
+    """Scores a_j (-inf past the split) and z_j = k_j - q (0 there) of one tile of keys."""
+    offs_d = tl.arange(0, D)
+    keep = offs_n < end
+    k = tl.load(Kb + offs_n[:, None] * D + offs_d[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
+    a = tl.where(keep, scale * tl.sum((k - k0[None, :]) * q[None, :], 1), float("-inf"))
+    z = tl.where(keep[:, None], k - q[None, :], 0.0)
+    return a, z
+
+
+@triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
+def _keyed_stats_kernel(Q, K, LENS, M_S, OM_S, MU_S, H, G, T, n_splits, split, scale,
+                        D: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    """Per (split, head): m_s, omega_s and mu_s = sum_j w_j z_j against the split's own max,
+    rescaled as the max moves (flash-attention style). An empty split stores m = -inf, 0, 0."""
+    pid_s, bh, start, end, q, Kb, _, k0 = _split_program(Q, K, K, LENS, H, G, T, split, tl.program_id(0),
+                                                         tl.program_id(1), D, D)
+    m_i = _scalar(float("-inf"))
+    omega = _scalar(0.0)
+    mu = tl.zeros([D], dtype=tl.float32)
+    for start_n in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+        a, z = _key_tile(Kb, start_n + tl.arange(0, BLOCK_N), end, q, k0, scale, D)
+        # each tile holds a kept position, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(a, 0))
+        alpha = tl.exp(m_i - m_new)
+        w = tl.exp(a - m_new)
+        omega = omega * alpha + tl.sum(w, 0)
+        mu = mu * alpha + tl.sum(w[:, None] * z, 0)
+        m_i = m_new
+    row = bh.to(tl.int64) * n_splits + pid_s
+    tl.store(M_S + row, m_i)
+    tl.store(OM_S + row, omega)
+    tl.store(MU_S + row * D + tl.arange(0, D), mu)
+
+
+@triton.jit(do_not_specialize=('H', 'n_splits', 'cg_max_iters'))
+def _keyed_start_kernel(LENS, LAM, M_S, OM_S, MU_S, M_OUT, OM_OUT, RIDGE, MU, RHO, RES, P, RR, THRESH, ACT, IT,
+                        H, n_splits, split, cg_tol, cg_max_iters, D: tl.constexpr, CHUNK: tl.constexpr,
+                        LAM_PER_HEAD: tl.constexpr):
+    """Per head: M, Omega and mu (fp64) from the splits, the ridge lambda Omega, and CG's
+    start: rho = 0, residual and direction mu; a head with mu = 0 (the first token) starts
+    done at rho = 0."""
+    bh, used, base = _head_splits(LENS, H, n_splits, split)
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, CHUNK)
+    big = _head_max(M_S, base, used, CHUNK)
+    omega = _scalar(0.0)
+    mu = tl.zeros([D], dtype=tl.float64)
+    for c0 in range(0, used, CHUNK):
+        live = c0 + offs_c < used
+        row = base + c0 + offs_c
+        f = tl.where(live, tl.exp(tl.load(M_S + row, mask=live, other=float("-inf")) - big), 0.0)
+        omega += tl.sum(f * tl.load(OM_S + row, mask=live, other=0.0), 0)
+        mu_s = tl.load(MU_S + row[:, None] * D + offs_d[None, :], mask=live[:, None], other=0.0)
+        mu += tl.sum((f[:, None] * mu_s).to(tl.float64), 0)
+    if LAM_PER_HEAD:
+        lam = tl.load(LAM + bh)
+    else:
+        lam = tl.cast(LAM, tl.float32)
+    rr = tl.sum(mu * mu, 0)
+    thresh = (cg_tol * cg_tol) * rr
+    h = bh.to(tl.int64)
+    tl.store(M_OUT + bh, big)
+    tl.store(OM_OUT + bh, omega)
+    tl.store(RIDGE + bh, (lam * omega).to(tl.float64))
+    tl.store(MU + h * D + offs_d, mu)
+    tl.store(RHO + h * D + offs_d, tl.zeros([D], dtype=tl.float64))
+    tl.store(RES + h * D + offs_d, mu)
+    tl.store(P + h * D + offs_d, mu)
+    tl.store(RR + bh, rr)
+    tl.store(THRESH + bh, thresh)
+    tl.store(ACT + bh, ((rr > thresh) & (cg_max_iters > 0)).to(tl.int32))
+    tl.store(IT + bh, 0)
+
+
+@triton.jit
+def _product(Q, K, LENS, M_G, P, Y_S, PAP_S, H, G, T, n_splits, split, scale, pid_s, bh,
+             D: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+    pid_s, bh, start, end, q, Kb, _, k0 = _split_program(Q, K, K, LENS, H, G, T, split, pid_s, bh, D, D)
+    offs_d = tl.arange(0, D)
+    p = tl.load(P + bh.to(tl.int64) * D + offs_d)
+    big = tl.load(M_G + bh)
+    y = tl.zeros([D], dtype=tl.float64)
+    pap = tl.zeros([BLOCK_N], dtype=tl.float64)
+    for start_n in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+        a, z = _key_tile(Kb, start_n + tl.arange(0, BLOCK_N), end, q, k0, scale, D)
+        # fp32 factors (z_j and w_j, each rounded once), fp64 products and sums: the product
+        # is that of sum_j w_j (1 + d_j) z_j z_j^T with |d_j| <= u_32, a positive definite
+        # perturbation of Sigma within u_32 of it in every direction (docs/decode.md)
+        z64 = z.to(tl.float64)
+        w = tl.exp(a - big).to(tl.float64)
+        t = tl.sum(z64 * p[None, :], 1)
+        wt = w * t
+        y += tl.sum(wt[:, None] * z64, 0)
+        pap += wt * t
+    row = bh.to(tl.int64) * n_splits + pid_s
+    tl.store(Y_S + row * D + offs_d, y)
+    tl.store(PAP_S + row, tl.sum(pap, 0))
+
+
+@triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
+def _keyed_product_kernel(Q, K, LENS, M_G, P, ACT, Y_S, PAP_S, H, G, T, n_splits, split, scale,
+                          D: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, GATED: tl.constexpr):
+    """Per (split, head): y_s = sum_j w_j <z_j, p> z_j and sum_j w_j <z_j, p>^2 over the
+    split, w_j against the head's global max (so the splits add without rescaling). With
+    GATED, a head that has converged (ACT 0) does nothing."""
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1)
+    if GATED:
+        if tl.load(ACT + bh) != 0:
+            _product(Q, K, LENS, M_G, P, Y_S, PAP_S, H, G, T, n_splits, split, scale, pid_s, bh, D, BLOCK_N,
+                     STAGES)
+    else:
+        _product(Q, K, LENS, M_G, P, Y_S, PAP_S, H, G, T, n_splits, split, scale, pid_s, bh, D, BLOCK_N, STAGES)
+
+
+@triton.jit
+def _summed_product(LENS, Y_S, PAP_S, H, n_splits, split, D: tl.constexpr, CHUNK: tl.constexpr):
+    """A head's product summed over its used splits in fp64: (head, y, p^T y without the ridge)."""
+    bh, used, base = _head_splits(LENS, H, n_splits, split)
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, CHUNK)
+    y = tl.zeros([D], dtype=tl.float64)
+    pap = tl.zeros([CHUNK], dtype=tl.float64)
+    for c0 in range(0, used, CHUNK):
+        live = c0 + offs_c < used
+        row = base + c0 + offs_c
+        y_s = tl.load(Y_S + row[:, None] * D + offs_d[None, :], mask=live[:, None], other=0.0)
+        y += tl.sum(y_s, 0)
+        pap += tl.load(PAP_S + row, mask=live, other=0.0)
+    return bh, y, tl.sum(pap, 0)
+
+
+@triton.jit(do_not_specialize=('H', 'n_splits', 'cg_max_iters'))
+def _keyed_update_kernel(LENS, Y_S, PAP_S, RIDGE, RHO, RES, P, RR, THRESH, ACT, IT,
+                         H, n_splits, split, cg_max_iters, D: tl.constexpr, CHUNK: tl.constexpr):
+    """Per head still iterating: one CG step from the summed product (fp64)."""
+    if tl.load(ACT + tl.program_id(0)) != 0:
+        bh, y, pap = _summed_product(LENS, Y_S, PAP_S, H, n_splits, split, D, CHUNK)
+        h = bh.to(tl.int64)
+        offs_d = tl.arange(0, D)
+        ridge = tl.load(RIDGE + bh)
+        p = tl.load(P + h * D + offs_d)
+        y += ridge * p
+        pap += ridge * tl.sum(p * p, 0)
+        rr = tl.load(RR + bh)
+        # pAp <= 0 only when Sigma is singular (lambda = 0) and p hit its null space: stop
+        ok = pap > 0.0
+        alpha = tl.where(ok, rr / tl.where(ok, pap, 1.0), 0.0)
+        rho = tl.load(RHO + h * D + offs_d) + alpha * p
+        res = tl.load(RES + h * D + offs_d) - alpha * y
+        rr_new = tl.sum(res * res, 0)
+        beta = tl.where(rr > 0.0, rr_new / tl.where(rr > 0.0, rr, 1.0), 0.0)
+        it = tl.load(IT + bh) + 1
+        tl.store(RHO + h * D + offs_d, rho)
+        tl.store(RES + h * D + offs_d, res)
+        tl.store(P + h * D + offs_d, res + beta * p)
+        tl.store(RR + bh, rr_new)
+        tl.store(IT + bh, it)
+        tl.store(ACT + bh, (ok & (rr_new > tl.load(THRESH + bh)) & (it < cg_max_iters)).to(tl.int32))
+
+
+@triton.jit(do_not_specialize=('H', 'n_splits'))
+def _keyed_residual_kernel(LENS, Y_S, PAP_S, RIDGE, MU, RHO, RHO32, RES_OUT, SERR, H, n_splits, split,
+                           D: tl.constexpr, CHUNK: tl.constexpr):
+    """Per head, from the product with rho: the true relative residual |mu - Sigma rho| / |mu|
+    (CG's recursive one drifts from it), the solve's error bound 2 |rho| |r| on den (as in the
+    Sigma solve), and rho in fp32 for the output pass."""
+    bh, y, _ = _summed_product(LENS, Y_S, PAP_S, H, n_splits, split, D, CHUNK)
+    h = bh.to(tl.int64)
+    offs_d = tl.arange(0, D)
+    rho = tl.load(RHO + h * D + offs_d)
+    mu = tl.load(MU + h * D + offs_d)
+    tres = mu - (y + tl.load(RIDGE + bh) * rho)
+    tn = tl.sqrt(tl.sum(tres * tres, 0))
+    mn = tl.sqrt(tl.sum(mu * mu, 0))
+    tl.store(RHO32 + h * D + offs_d, rho.to(tl.float32))
+    tl.store(RES_OUT + bh, tl.where(mn > 0.0, tn / tl.where(mn > 0.0, mn, 1.0), 0.0).to(tl.float32))
+    tl.store(SERR + bh, (2.0 * tl.sqrt(tl.sum(rho * rho, 0)) * tn).to(tl.float32))
+
+
+def launch(prep, q, k_cache, v_cache, out=None):
+    """The keyed solve's launches for a prepared call (lla_decode's ``_Prepared``): returns
+    (o, (iters, res, om_g, den, fb)) as the Sigma path's ``_launch`` does."""
+    B, H, D = q.shape
+    Hk, T, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
+    split, n_splits, bn, interp, lens_d = prep.split, prep.n_splits, prep.bn, prep.interp, prep.lens_d
+    N, G, dev = B * H, H // Hk, q.device
+    qc, kc, vc = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    scale = float(prep.scale)
+    chunk = _chunk(D, interp)
+
+    m_s, om_s = _f32_arrays(2, N * n_splits, dev)
+    mu_s = torch.empty(N, n_splits, D, device=dev, dtype=torch.float32)
+    y_s = torch.empty(N, n_splits, D, device=dev, dtype=torch.float64)
+    pap_s = torch.empty(N * n_splits, device=dev, dtype=torch.float64)
+    _keyed_stats_kernel[(n_splits, N)](qc, kc, lens_d, m_s, om_s, mu_s, H, G, T, n_splits, split, scale,
+                                       D=D, BLOCK_N=bn, STAGES=OUT_STAGES, num_warps=4)
+    m_g, om_g, res, serr, den = _f32_arrays(5, N, dev)
+    ridge, rr, thresh = torch.empty(3, N, device=dev, dtype=torch.float64).unbind(0)
+    mu, rho, resid, p = torch.empty(4, N, D, device=dev, dtype=torch.float64).unbind(0)
+    act, iters = torch.empty(2, N, device=dev, dtype=torch.int32).unbind(0)
+    _keyed_start_kernel[(N,)](lens_d, prep.lam, m_s, om_s, mu_s, m_g, om_g, ridge, mu, rho, resid, p, rr, thresh,
+                              act, iters, H, n_splits, split, float(prep.tol), int(prep.max_iters), D=D,
+                              CHUNK=chunk, LAM_PER_HEAD=prep.lam_per_head, num_warps=4)
+    done, check_at = 0, FIRST_CHECK
+    while done < prep.max_iters:
+        _keyed_product_kernel[(n_splits, N)](qc, kc, lens_d, m_g, p, act, y_s, pap_s, H, G, T, n_splits, split,
+                                             scale, D=D, BLOCK_N=bn, STAGES=OUT_STAGES, GATED=True, num_warps=4)
+        _keyed_update_kernel[(N,)](lens_d, y_s, pap_s, ridge, rho, resid, p, rr, thresh, act, iters,
+                                   H, n_splits, split, int(prep.max_iters), D=D, CHUNK=chunk, num_warps=4)
+        done += 1
+        if done == check_at:
+            if not bool(act.any()):
+                break
+            check_at *= 2
+    # the true residual: one more product, with rho, for every head
+    _keyed_product_kernel[(n_splits, N)](qc, kc, lens_d, m_g, rho, act, y_s, pap_s, H, G, T, n_splits, split,
+                                         scale, D=D, BLOCK_N=bn, STAGES=OUT_STAGES, GATED=False, num_warps=4)
+    rho32 = torch.empty(N, D, device=dev, dtype=torch.float32)
+    _keyed_residual_kernel[(N,)](lens_d, y_s, pap_s, ridge, mu, rho, rho32, res, serr, H, n_splits, split, D=D,
+                                 CHUNK=chunk, num_warps=4)
+
+    from . import OUT_BLOCK_N, OUT_WARPS
+
+    acc_s, acc0_s = torch.empty(2, N, n_splits, Dv, device=dev, dtype=torch.float32).unbind(0)
+    den_s, mag_s, omw_s = _f32_arrays(3, N * n_splits, dev)
+    _lla_out_kernel[(n_splits, N)](qc, kc, vc, lens_d, m_g, rho32, acc_s, acc0_s, den_s, mag_s, omw_s,
+                                   H, G, T, n_splits, split, scale, D=D, DV=Dv,
+                                   BLOCK_N=bn if interp else OUT_BLOCK_N, STAGES=OUT_STAGES, num_warps=OUT_WARPS)
+    o = torch.empty(B, H, Dv, device=dev, dtype=q.dtype) if out is None else out
+    fb = torch.empty(N, device=dev, dtype=torch.int8)
+    _lla_finish_kernel[(N,)](lens_d, acc_s, acc0_s, den_s, mag_s, omw_s, serr, o, den, fb,
+                             H, n_splits, split, float(prep.eps), DV=Dv, CHUNK=_chunk(Dv, interp), num_warps=4)
+    return o, (iters, res, om_g, den, fb)
