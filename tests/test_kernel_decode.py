@@ -123,6 +123,27 @@ def test_lla_decode_every_position_is_the_forward_row(family, params, S, dtype, 
     assert_within_budget(_judge_lla(p, split=split))
 
 
+def test_keyed_solve_hands_a_call_past_its_cap_to_the_sigma_solve(monkeypatch):
+    """A call with a head still iterating at KEYED_MAX_ITERS is solved by the Sigma path: the
+    output and statistics are the Sigma solve's, bit for bit; under the cap they are the keyed
+    solve's own (fewer iterations on these heads, a different rounding)."""
+    from lla_decode import keyed
+
+    q, k, v, lens = _args()
+    sigma_o, sigma_st = lla_decode(q, k, v, lens, ridge_lambda=0.1, return_stats=True)
+    assert int(sigma_st["cg_iters"].min()) > 2
+    keyed_o, keyed_st = lla_decode(q, k, v, lens, ridge_lambda=0.1, return_stats=True, solver="keyed")
+    assert not torch.equal(keyed_o, sigma_o) and not torch.equal(keyed_st["cg_iters"], sigma_st["cg_iters"])
+    monkeypatch.setattr(keyed, "KEYED_MAX_ITERS", 2)
+    capped_o, capped_st = lla_decode(q, k, v, lens, ridge_lambda=0.1, return_stats=True, solver="keyed")
+    assert torch.equal(capped_o, sigma_o)
+    for name, val in sigma_st.items():
+        assert torch.equal(capped_st[name], val), name
+    # a cap at or above cg_max_iters is no cap: the keyed solve reports its own stop
+    few_o, few_st = lla_decode(q, k, v, lens, ridge_lambda=0.1, return_stats=True, solver="keyed", cg_max_iters=2)
+    assert int(few_st["cg_iters"].max()) == 2 and not torch.equal(few_o, sigma_o)
+
+
 # the keyed solve runs a launch pair an iteration, each over every (split, head) program, which
 # under the interpreter costs 45-65 s a case of S = 40-45: there it takes the cases that are
 # small or hard (the kappa 2.6e8 subspace, the first tokens, s = 0, per-query lambda, D = 32),

@@ -613,7 +613,9 @@ def lla_decode(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_
 
         prep = _prepare(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps,
                         split, check_finite)
-        o, raw = keyed_launch(prep, q, k_cache, v_cache)
+        keyed = keyed_launch(prep, q, k_cache, v_cache)
+        # None: a head still iterated at the keyed solve's cap, and the Sigma path solves the call
+        o, raw = keyed if keyed is not None else _launch(prep, q, k_cache, v_cache, None)[:2]
     elif solver == "sigma":
         o, raw, _ = _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters,
                             delta_eps, split, check_finite, None)

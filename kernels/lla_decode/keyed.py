@@ -37,6 +37,10 @@ from . import (OUT_STAGES, _chunk, _head_max, _head_splits, _lla_finish_kernel, 
 # doubling (a read is a synchronisation: rare, since a launch after convergence only costs
 # its launch)
 FIRST_CHECK = 4
+# keyed iterations (cache passes) before a call whose heads have not all converged is solved
+# by the Sigma path instead, whose iterations read no cache: a speed rule, not an accuracy one
+# (both solves are in one accuracy class), and not yet measured on a GPU
+KEYED_MAX_ITERS = 32
 
 
 @triton.jit
@@ -223,7 +227,9 @@ def _keyed_residual_kernel(LENS, Y_S, PAP_S, RIDGE, MU, RHO, RHO32, RES_OUT, SER
 
 def launch(prep, q, k_cache, v_cache, out=None):
     """The keyed solve's launches for a prepared call (lla_decode's ``_Prepared``): returns
-    (o, (iters, res, om_g, den, fb)) as the Sigma path's ``_launch`` does."""
+    (o, (iters, res, om_g, den, fb)) as the Sigma path's ``_launch`` does, or None when a head
+    still iterates after KEYED_MAX_ITERS iterations (below cg_max_iters): the caller then
+    solves the call by the Sigma path."""
     B, H, D = q.shape
     Hk, T, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
     split, n_splits, bn, interp, lens_d = prep.split, prep.n_splits, prep.bn, prep.interp, prep.lens_d
@@ -245,8 +251,9 @@ def launch(prep, q, k_cache, v_cache, out=None):
     _keyed_start_kernel[(N,)](lens_d, prep.lam, m_s, om_s, mu_s, m_g, om_g, ridge, mu, rho, resid, p, rr, thresh,
                               act, iters, H, n_splits, split, float(prep.tol), int(prep.max_iters), D=D,
                               CHUNK=chunk, LAM_PER_HEAD=prep.lam_per_head, num_warps=4)
+    cap = min(prep.max_iters, KEYED_MAX_ITERS)
     done, check_at = 0, FIRST_CHECK
-    while done < prep.max_iters:
+    while done < cap:
         _keyed_product_kernel[(n_splits, N)](qc, kc, lens_d, m_g, p, act, y_s, pap_s, H, G, T, n_splits, split,
                                              scale, D=D, BLOCK_N=bn, STAGES=OUT_STAGES, GATED=True, num_warps=4)
         _keyed_update_kernel[(N,)](lens_d, y_s, pap_s, ridge, rho, resid, p, rr, thresh, act, iters,
@@ -256,6 +263,8 @@ def launch(prep, q, k_cache, v_cache, out=None):
             if not bool(act.any()):
                 break
             check_at *= 2
+    if done == cap < prep.max_iters and bool(act.any()):
+        return None
     # the true residual: one more product, with rho, for every head
     _keyed_product_kernel[(n_splits, N)](qc, kc, lens_d, m_g, rho, act, y_s, pap_s, H, G, T, n_splits, split,
                                          scale, D=D, BLOCK_N=bn, STAGES=OUT_STAGES, GATED=False, num_warps=4)
