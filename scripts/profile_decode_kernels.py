@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=SHAPES, help="B:T:D,... (one head)")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--ridge-lambda", type=float, default=0.1)
+    ap.add_argument("--solver", choices=("sigma", "keyed"), default="sigma", help="lla_decode's solver")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_decode_kernels: needs a CUDA device")
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
     import lla_decode
     import parallax_decode
 
-    print(f"device: {torch.cuda.get_device_name()}, op {args.op}, ms of device time a call by kernel")
+    solver = f", solver {args.solver}" if args.op == "lla" else ""
+    print(f"device: {torch.cuda.get_device_name()}, op {args.op}{solver}, ms of device time a call by kernel")
     for sh in args.shapes.split(","):
         B, T, D = (int(x) for x in sh.split(":"))
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
         lengths = torch.full((B,), T)
         if args.op == "lla":
             fn = lambda: lla_decode.lla_decode(q, k, v, lengths, ridge_lambda=args.ridge_lambda,  # noqa: E731
-                                               check_finite=False)
+                                               check_finite=False, solver=args.solver)
         else:
             fn = lambda: parallax_decode.parallax_decode(q, r, k, v, lengths, check_finite=False)  # noqa: E731
         times = kernel_times(fn, args.calls)
