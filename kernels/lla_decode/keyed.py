@@ -272,6 +272,8 @@ def launch(prep, q, k_cache, v_cache, out=None):
     _keyed_residual_kernel[(N,)](lens_d, y_s, pap_s, ridge, mu, rho, rho32, res, serr, H, n_splits, split, D=D,
                                  CHUNK=chunk, num_warps=4)
 
+    # the output pass's tile and warps read at call time, as the Sigma path reads them
+    # (scripts/study_decode_variants.py sets them on the package for its variants)
     from . import OUT_BLOCK_N, OUT_WARPS
 
     acc_s, acc0_s = torch.empty(2, N, n_splits, Dv, device=dev, dtype=torch.float32).unbind(0)
