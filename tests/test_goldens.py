@@ -758,6 +758,7 @@ def test_operator_in_manifest_and_file_must_match(tmp_path, capsys):
 OP_KERNEL_GOLDENS = {
     "parallax-triton": ("parallax", ["px-random-gaussian-bf16-S33-D16", PX_MEDIUM]),
     "lla-decode-triton": ("lla-decode", [DEC, "dec-offset1e3-bf16-S33-D16"]),
+    "lla-decode-keyed": ("lla-decode", [DEC, "dec-offset1e3-bf16-S33-D16"]),
     "parallax-decode-triton": ("parallax-decode", [PXDEC, "pxdec-small-eig-offset1e3-bf16-S33-D16"]),
 }
 

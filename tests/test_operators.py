@@ -157,6 +157,7 @@ PASSING = [
                  marks=needs_triton),
     pytest.param("lla-decode", LLA_SPEC_B2, "lla-decode-oracle", False, id="lla-decode-oracle"),
     pytest.param("lla-decode", LLA_SPEC_B2, "lla-decode-triton", False, id="lla-decode-triton", marks=needs_triton),
+    pytest.param("lla-decode", LLA_SPEC_B2, "lla-decode-keyed", False, id="lla-decode-keyed", marks=needs_triton),
     pytest.param("parallax-decode", PX_SPEC_B2, "parallax-decode-oracle", False, id="parallax-decode-oracle"),
     pytest.param("parallax-decode", PX_SPEC_B2, "parallax-decode-triton", False, id="parallax-decode-triton",
                  marks=needs_triton),

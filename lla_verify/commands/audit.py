@@ -367,8 +367,9 @@ def register(sub) -> None:
                    help="the Parallax implementation: parallax-triton, parallax-dense, parallax-oracle or "
                         "MODULE:CALLABLE fn(q, k, v, r, *, qk_scale) (default: parallax-triton)")
     p.add_argument("--decode-impl", default=None, metavar="IMPL",
-                   help="the LLA decode implementation: lla-decode-triton, lla-decode-oracle or MODULE:CALLABLE "
-                        "fn(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale) (default: lla-decode-triton)")
+                   help="the LLA decode implementation: lla-decode-triton, lla-decode-keyed, lla-decode-oracle or "
+                        "MODULE:CALLABLE fn(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale) "
+                        "(default: lla-decode-triton)")
     p.add_argument("--parallax-decode-impl", default=None, metavar="IMPL",
                    help="the Parallax decode implementation: parallax-decode-triton, parallax-decode-oracle or "
                         "MODULE:CALLABLE fn(q, r, k_cache, v_cache, lengths, *, qk_scale) "

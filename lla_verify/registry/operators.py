@@ -64,7 +64,8 @@ from lla_verify.registry.cases import DTYPES, Case, parse_case
 
 # the Triton built-ins of every operator, and the module each imports
 TRITON_BUILTINS = {"triton": "lla_triton", "parallax-triton": "parallax_triton",
-                   "lla-decode-triton": "lla_decode", "parallax-decode-triton": "parallax_decode"}
+                   "lla-decode-triton": "lla_decode", "lla-decode-keyed": "lla_decode",
+                   "parallax-decode-triton": "parallax_decode"}
 COTANGENT_SEED = 1234  # the fixed cotangent of a gradient check (audit/cell.py's, for the same cells)
 DECODE_HEAD_DIMS = (16, 32, 64, 128)  # the decode kernels' D and Dv (powers of two: tl.arange)
 
@@ -296,17 +297,16 @@ def _parallax_check(case, impl, device, backward):
 
 
 # ------------------------------------------------------------------ decodes
-def _lla_decode_triton(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
-    import lla_decode
+def _lla_decode_call(solver: str, stats: bool):
+    """lla_decode with one of its solvers, in the decode protocol (with its statistics)."""
+    def call(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
+        import lla_decode
 
-    return lla_decode.lla_decode(q, k_cache, v_cache, lengths, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
+        return lla_decode.lla_decode(q, k_cache, v_cache, lengths, ridge_lambda=ridge_lambda, qk_scale=qk_scale,
+                                     return_stats=stats, solver=solver)
 
-
-def _lla_decode_triton_stats(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
-    import lla_decode
-
-    return lla_decode.lla_decode(q, k_cache, v_cache, lengths, ridge_lambda=ridge_lambda, qk_scale=qk_scale,
-                                 return_stats=True)
+    call.__name__ = f"lla_decode_{solver}{'_stats' if stats else ''}"
+    return call
 
 
 def _lla_decode_oracle(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
@@ -343,9 +343,17 @@ def _lla_decode_builtins() -> dict:
     Impl = _impls.Impl
     return {
         "lla-decode-triton": lambda: Impl(
-            name="lla-decode-triton", forward=_lla_decode_triton, forward_with_stats=_lla_decode_triton_stats,
+            name="lla-decode-triton", forward=_lla_decode_call("sigma", False),
+            forward_with_stats=_lla_decode_call("sigma", True),
             operator="lla-decode", description="lla_decode: flash-decoding LLA in Triton (split cache, fp64 CG on "
                                                "the combined Sigma), fp32 accumulation",
+            head_dims=DECODE_HEAD_DIMS, compute_dtype=torch.float32, solver_tol=_decode_cg_tol(),
+            supports_grad=False, grads=()),
+        "lla-decode-keyed": lambda: Impl(
+            name="lla-decode-keyed", forward=_lla_decode_call("keyed", False),
+            forward_with_stats=_lla_decode_call("keyed", True),
+            operator="lla-decode", description="lla_decode(solver='keyed'): CG's products as fp64 passes over the "
+                                               "cached keys, no Sigma formed (docs/decode.md)",
             head_dims=DECODE_HEAD_DIMS, compute_dtype=torch.float32, solver_tol=_decode_cg_tol(),
             supports_grad=False, grads=()),
         "lla-decode-oracle": lambda: Impl(
