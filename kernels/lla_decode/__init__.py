@@ -251,6 +251,38 @@ def _head_max(M_S, base, used, CHUNK: tl.constexpr):
     return big
 
 
+@triton.jit
+def _head_sums(M_S, OM_S, MU_S, base, used, D: tl.constexpr, CHUNK: tl.constexpr):
+    """A head's global max M, Omega and mu (fp64) from its used splits' partials, each split
+    rescaled by exp(m_s - M), CHUNK splits a load. A split whose max underflows against M
+    (f = 0) adds nothing; masked ones neither."""
+    offs_d = tl.arange(0, D)
+    offs_c = tl.arange(0, CHUNK)
+    big = _head_max(M_S, base, used, CHUNK)
+    omega = _scalar(0.0)
+    mu = tl.zeros([D], dtype=tl.float64)
+    for c0 in range(0, used, CHUNK):
+        live = c0 + offs_c < used
+        row = base + c0 + offs_c
+        f = tl.where(live, tl.exp(tl.load(M_S + row, mask=live, other=float("-inf")) - big), 0.0)
+        omega += tl.sum(f * tl.load(OM_S + row, mask=live, other=0.0), 0)
+        mu_s = tl.load(MU_S + row[:, None] * D + offs_d[None, :], mask=live[:, None], other=0.0)
+        mu += tl.sum((f[:, None] * mu_s).to(tl.float64), 0)
+    return big, omega, mu
+
+
+@triton.jit
+def _head_lambda(LAM, bh, LAM_PER_HEAD: tl.constexpr):
+    """Head bh's lambda: LAM a (B*H) fp32 array with LAM_PER_HEAD, else one float for every
+    head (an argument: no device array to fill per call)."""
+    if LAM_PER_HEAD:
+        lam = tl.load(LAM + bh)
+    else:
+        # fp32, as the per-head array holds it (the interpreter passes a host float as is)
+        lam = tl.cast(LAM, tl.float32)
+    return lam
+
+
 @triton.jit(do_not_specialize=('H', 'n_splits'))
 def _lla_sigma_sum_kernel(LENS, M_S, SIG_S, SIG, H, n_splits, split, D: tl.constexpr, BE: tl.constexpr,
                           CHUNK: tl.constexpr):
@@ -295,31 +327,15 @@ def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG, M_OUT, OM_OUT, RHO, ITERS
     float argument: no device array to fill per call)."""
     bh, used, base = _head_splits(LENS, H, n_splits, split)
     offs_d = tl.arange(0, D)
-    offs_c = tl.arange(0, CHUNK)
-    big = _head_max(M_S, base, used, CHUNK)
-    omega = _scalar(0.0)
-    mu = tl.zeros([D], dtype=tl.float64)
-    for c0 in range(0, used, CHUNK):
-        live = c0 + offs_c < used
-        row = base + c0 + offs_c
-        # a split whose max underflows against M (f = 0) adds nothing; masked ones neither
-        f = tl.where(live, tl.exp(tl.load(M_S + row, mask=live, other=float("-inf")) - big), 0.0)
-        omega += tl.sum(f * tl.load(OM_S + row, mask=live, other=0.0), 0)
-        mu_s = tl.load(MU_S + row[:, None] * D + offs_d[None, :], mask=live[:, None], other=0.0)
-        mu += tl.sum((f[:, None] * mu_s).to(tl.float64), 0)
+    big, omega, mu = _head_sums(M_S, OM_S, MU_S, base, used, D, CHUNK)
     sig_h = SIG + bh.to(tl.int64) * D * D
     if ROWS == D:
         sig = tl.load(sig_h + offs_d[:, None] * D + offs_d[None, :])
     else:
         # not read: each product streams Sigma's rows from sig_h
         sig = tl.zeros([1], dtype=tl.float64)
-    if LAM_PER_HEAD:
-        lam = tl.load(LAM + bh)
-    else:
-        # fp32, as the per-head array holds it (the interpreter passes a host float as is)
-        lam = tl.cast(LAM, tl.float32)
     # the ridge lambda Omega I, added to Sigma's diagonal in every product
-    ridge = (lam * omega).to(tl.float64)
+    ridge = (_head_lambda(LAM, bh, LAM_PER_HEAD) * omega).to(tl.float64)
 
     # CG on Sigma rho = mu; mu = 0 (the first token) is solved by rho = 0 at once
     rho = tl.zeros([D], dtype=tl.float64)

@@ -30,8 +30,8 @@ import triton.language as tl
 
 from lla_contract.host import f32_arrays as _f32_arrays
 
-from . import (OUT_STAGES, _chunk, _head_max, _head_splits, _lla_finish_kernel, _lla_out_kernel, _scalar,
-               _split_program)
+from . import (OUT_STAGES, _chunk, _head_lambda, _head_splits, _head_sums, _lla_finish_kernel, _lla_out_kernel,
+               _scalar, _split_program)
 
 # the first iteration after which the host reads whether a head still iterates; then every
 # doubling (a read is a synchronisation: rare, since a launch after convergence only costs
@@ -88,21 +88,8 @@ def _keyed_start_kernel(LENS, LAM, M_S, OM_S, MU_S, M_OUT, OM_OUT, RIDGE, MU, RH
     done at rho = 0."""
     bh, used, base = _head_splits(LENS, H, n_splits, split)
     offs_d = tl.arange(0, D)
-    offs_c = tl.arange(0, CHUNK)
-    big = _head_max(M_S, base, used, CHUNK)
-    omega = _scalar(0.0)
-    mu = tl.zeros([D], dtype=tl.float64)
-    for c0 in range(0, used, CHUNK):
-        live = c0 + offs_c < used
-        row = base + c0 + offs_c
-        f = tl.where(live, tl.exp(tl.load(M_S + row, mask=live, other=float("-inf")) - big), 0.0)
-        omega += tl.sum(f * tl.load(OM_S + row, mask=live, other=0.0), 0)
-        mu_s = tl.load(MU_S + row[:, None] * D + offs_d[None, :], mask=live[:, None], other=0.0)
-        mu += tl.sum((f[:, None] * mu_s).to(tl.float64), 0)
-    if LAM_PER_HEAD:
-        lam = tl.load(LAM + bh)
-    else:
-        lam = tl.cast(LAM, tl.float32)
+    big, omega, mu = _head_sums(M_S, OM_S, MU_S, base, used, D, CHUNK)
+    lam = _head_lambda(LAM, bh, LAM_PER_HEAD)
     rr = tl.sum(mu * mu, 0)
     thresh = (cg_tol * cg_tol) * rr
     h = bh.to(tl.int64)

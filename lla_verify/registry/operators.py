@@ -339,23 +339,22 @@ def _decode_cg_tol() -> float:
 _ORACLE_DTYPES = (torch.float64,) + _impls.ALL_DTYPES
 
 
+def _lla_decode_record(name: str, solver: str, description: str):
+    return _impls.Impl(name=name, forward=_lla_decode_call(solver, False),
+                       forward_with_stats=_lla_decode_call(solver, True), operator="lla-decode",
+                       description=description, head_dims=DECODE_HEAD_DIMS, compute_dtype=torch.float32,
+                       solver_tol=_decode_cg_tol(), supports_grad=False, grads=())
+
+
 def _lla_decode_builtins() -> dict:
     Impl = _impls.Impl
     return {
-        "lla-decode-triton": lambda: Impl(
-            name="lla-decode-triton", forward=_lla_decode_call("sigma", False),
-            forward_with_stats=_lla_decode_call("sigma", True),
-            operator="lla-decode", description="lla_decode: flash-decoding LLA in Triton (split cache, fp64 CG on "
-                                               "the combined Sigma), fp32 accumulation",
-            head_dims=DECODE_HEAD_DIMS, compute_dtype=torch.float32, solver_tol=_decode_cg_tol(),
-            supports_grad=False, grads=()),
-        "lla-decode-keyed": lambda: Impl(
-            name="lla-decode-keyed", forward=_lla_decode_call("keyed", False),
-            forward_with_stats=_lla_decode_call("keyed", True),
-            operator="lla-decode", description="lla_decode(solver='keyed'): CG's products as fp64 passes over the "
-                                               "cached keys, no Sigma formed (docs/decode.md)",
-            head_dims=DECODE_HEAD_DIMS, compute_dtype=torch.float32, solver_tol=_decode_cg_tol(),
-            supports_grad=False, grads=()),
+        "lla-decode-triton": lambda: _lla_decode_record(
+            "lla-decode-triton", "sigma", "lla_decode: flash-decoding LLA in Triton (split cache, fp64 CG on the "
+                                          "combined Sigma), fp32 accumulation"),
+        "lla-decode-keyed": lambda: _lla_decode_record(
+            "lla-decode-keyed", "keyed", "lla_decode(solver='keyed'): CG's products as fp64 passes over the "
+                                         "cached keys, no Sigma formed (docs/decode.md)"),
         "lla-decode-oracle": lambda: Impl(
             name="lla-decode-oracle", forward=_lla_decode_oracle, operator="lla-decode",
             description="the float64 decode reference (oracles.decode: the forward oracle's last row per sequence)",
