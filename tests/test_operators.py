@@ -117,6 +117,23 @@ def test_unknown_operator_is_named():
 
 
 @pytest.mark.parametrize("op", OPERATOR_NAMES)
+def test_builtin_calls_pickle_into_the_audits_workers(op):
+    """The audit sends an implementation's calls to worker processes by pickling them; one
+    that does not pickle has its cells run in the audit's own process, unprotected against
+    an exit or a hang (tests/test_trust.py). Every built-in's calls pickle by reference."""
+    import pickle
+
+    o = get_operator(op)
+    for name in o.builtins:
+        if name == "flashlla":  # resolves only where the public kernel is installed
+            continue
+        impl = o.resolve(name)
+        for fn in (impl.forward, getattr(impl, "forward_with_stats", None)):
+            if fn is not None:
+                assert pickle.loads(pickle.dumps(fn)) is fn, (name, fn)
+
+
+@pytest.mark.parametrize("op", OPERATOR_NAMES)
 def test_builtins_and_module_callables_resolve(op):
     o = get_operator(op)
     for name in o.builtins:

@@ -297,16 +297,29 @@ def _parallax_check(case, impl, device, backward):
 
 
 # ------------------------------------------------------------------ decodes
-def _lla_decode_call(solver: str, stats: bool):
-    """lla_decode with one of its solvers, in the decode protocol (with its statistics)."""
-    def call(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
-        import lla_decode
+def _lla_decode_solve(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, solver: str, stats: bool):
+    import lla_decode
 
-        return lla_decode.lla_decode(q, k_cache, v_cache, lengths, ridge_lambda=ridge_lambda, qk_scale=qk_scale,
-                                     return_stats=stats, solver=solver)
+    return lla_decode.lla_decode(q, k_cache, v_cache, lengths, ridge_lambda=ridge_lambda, qk_scale=qk_scale,
+                                 return_stats=stats, solver=solver)
 
-    call.__name__ = f"lla_decode_{solver}{'_stats' if stats else ''}"
-    return call
+
+# module-level functions, not closures: the audit pickles an implementation into its worker
+# processes (a closure cannot be, and its cells would run unprotected in the audit's own)
+def _lla_decode_triton(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
+    return _lla_decode_solve(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, "sigma", False)
+
+
+def _lla_decode_triton_stats(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
+    return _lla_decode_solve(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, "sigma", True)
+
+
+def _lla_decode_keyed(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
+    return _lla_decode_solve(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, "keyed", False)
+
+
+def _lla_decode_keyed_stats(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
+    return _lla_decode_solve(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, "keyed", True)
 
 
 def _lla_decode_oracle(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
@@ -339,9 +352,8 @@ def _decode_cg_tol() -> float:
 _ORACLE_DTYPES = (torch.float64,) + _impls.ALL_DTYPES
 
 
-def _lla_decode_record(name: str, solver: str, description: str):
-    return _impls.Impl(name=name, forward=_lla_decode_call(solver, False),
-                       forward_with_stats=_lla_decode_call(solver, True), operator="lla-decode",
+def _lla_decode_record(name: str, forward, forward_with_stats, description: str):
+    return _impls.Impl(name=name, forward=forward, forward_with_stats=forward_with_stats, operator="lla-decode",
                        description=description, head_dims=DECODE_HEAD_DIMS, compute_dtype=torch.float32,
                        solver_tol=_decode_cg_tol(), supports_grad=False, grads=())
 
@@ -350,11 +362,13 @@ def _lla_decode_builtins() -> dict:
     Impl = _impls.Impl
     return {
         "lla-decode-triton": lambda: _lla_decode_record(
-            "lla-decode-triton", "sigma", "lla_decode: flash-decoding LLA in Triton (split cache, fp64 CG on the "
-                                          "combined Sigma), fp32 accumulation"),
+            "lla-decode-triton", _lla_decode_triton, _lla_decode_triton_stats,
+            "lla_decode: flash-decoding LLA in Triton (split cache, fp64 CG on the combined Sigma), fp32 "
+            "accumulation"),
         "lla-decode-keyed": lambda: _lla_decode_record(
-            "lla-decode-keyed", "keyed", "lla_decode(solver='keyed'): CG's products as fp64 passes over the "
-                                         "cached keys, no Sigma formed (docs/decode.md)"),
+            "lla-decode-keyed", _lla_decode_keyed, _lla_decode_keyed_stats,
+            "lla_decode(solver='keyed'): CG's products as fp64 passes over the cached keys, no Sigma formed "
+            "(docs/decode.md)"),
         "lla-decode-oracle": lambda: Impl(
             name="lla-decode-oracle", forward=_lla_decode_oracle, operator="lla-decode",
             description="the float64 decode reference (oracles.decode: the forward oracle's last row per sequence)",
