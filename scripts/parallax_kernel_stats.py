@@ -39,12 +39,20 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
     """Registers and spill bytes that ptxas reports for the PTX (the same ptxas Triton uses)."""
     target = re.search(r"\.target\s+(\S+)", ptx)
     gpu = target.group(1) if target else f"sm_{arch}a"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        res = subprocess.run([_tool("ptxas"), "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp) / "k.o")],
-                             capture_output=True, text=True)
-    text = res.stdout + res.stderr
+    text = ""
+    # Triton's own ptxas first; a newer Triton (3.9) writes a PTX ISA that only its
+    # ptxas-blackwell (CUDA 13) accepts, and which it uses for every target
+    for tool in ("ptxas", "ptxas-blackwell"):
+        if not Path(_tool(tool)).exists():
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "k.ptx"
+            src.write_text(ptx)
+            res = subprocess.run([_tool(tool), "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp) / "k.o")],
+                                 capture_output=True, text=True)
+        text = res.stdout + res.stderr
+        if "Used" in text:
+            break
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     stack = re.search(r"(\d+) bytes stack frame", text)

@@ -2,14 +2,24 @@
 
 bench-decode times whole calls; this says which launch of a call the time goes to (the
 Sigma pass, the solve, the output pass, the combine's levels), averaged over a few calls
-after warm ones. bf16, unit Gaussian q, k, v (and the probe r ~ N(0, 1/D)), full caches.
+after warm ones, with SDPA's device time on the same cache (one query) in the same run. bf16, unit Gaussian q, k, v (and the probe r ~ N(0, 1/D)), full caches.
 
     PYTHONPATH=.:kernels python scripts/profile_decode_kernels.py --op lla --shapes 64:131072:128,1:4096:128
+
+--variant NAME:MODULE.ATTR=VALUE;MODULE.ATTR=VALUE (repeatable) profiles the same calls with
+package constants set for the variant (tiles, warps, stages, programs an SM; VALUE a Python
+literal) and restored after it, and gives each variant's largest difference from the
+package's own output, so that a fast variant that computes something else shows.
+
+    --solver keyed --variant "bn32w8:lla_decode.keyed.KEY_PASS_BLOCK_N=32;lla_decode.keyed.KEY_PASS_WARPS=8"
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
+import importlib
 from collections import defaultdict
 
 import torch
@@ -34,6 +44,36 @@ def kernel_times(fn, calls: int) -> dict[str, float]:
     return dict(out)
 
 
+def parse_variant(text: str) -> tuple[str, list[tuple[str, str, object]]]:
+    """'NAME:mod.ATTR=1;mod.ATTR=(2, 3)' -> (NAME, [(mod, ATTR, value), ...])."""
+    name, _, body = text.partition(":")
+    sets = []
+    for item in filter(None, body.split(";")):
+        target, _, value = item.partition("=")
+        mod, _, attr = target.strip().rpartition(".")
+        if not mod or not value:
+            raise SystemExit(f"--variant {text!r}: expected MODULE.ATTR=VALUE items")
+        sets.append((mod, attr, ast.literal_eval(value.strip())))
+    return name, sets
+
+
+@contextlib.contextmanager
+def applied(sets):
+    """The package constants of a variant set for the duration, then restored."""
+    old = []
+    try:
+        for mod, attr, value in sets:
+            m = importlib.import_module(mod)
+            if not hasattr(m, attr):
+                raise SystemExit(f"--variant: {mod} has no {attr}")
+            old.append((m, attr, getattr(m, attr)))
+            setattr(m, attr, value)
+        yield
+    finally:
+        for m, attr, value in reversed(old):
+            setattr(m, attr, value)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--op", choices=("lla", "parallax"), default="lla")
@@ -41,7 +81,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--ridge-lambda", type=float, default=0.1)
     ap.add_argument("--solver", choices=("sigma", "keyed"), default="sigma", help="lla_decode's solver")
+    ap.add_argument("--variant", action="append", default=[], help="NAME:MODULE.ATTR=VALUE;... (repeatable)")
     args = ap.parse_args(argv)
+    variants = [("package", [])] + [parse_variant(v) for v in args.variant]
     if not torch.cuda.is_available():
         print("profile_decode_kernels: needs a CUDA device")
         return 2
@@ -62,10 +104,19 @@ def main(argv=None) -> int:
                                                check_finite=False, solver=args.solver)
         else:
             fn = lambda: parallax_decode.parallax_decode(q, r, k, v, lengths, check_finite=False)  # noqa: E731
-        times = kernel_times(fn, args.calls)
-        total = sum(times.values())
-        parts = ", ".join(f"{name[:40]} {ms:.3f}" for name, ms in sorted(times.items(), key=lambda x: -x[1]))
-        print(f"{B},1,{T},{D}: total {total:.3f} ms: {parts}", flush=True)
+        sdpa = kernel_times(lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v), args.calls)
+        print(f"{B},1,{T},{D} [SDPA]: total {sum(sdpa.values()):.3f} ms", flush=True)
+        ref = None
+        for name, sets in variants:
+            with applied(sets):
+                out = fn()
+                times = kernel_times(fn, args.calls)
+            ref = out if ref is None else ref
+            diff = (out.float() - ref.float()).abs().max().item()
+            total = sum(times.values())
+            parts = ", ".join(f"{k[:40]} {ms:.3f}" for k, ms in sorted(times.items(), key=lambda x: -x[1]))
+            print(f"{B},1,{T},{D} [{name}]: total {total:.3f} ms, max |o - package o| {diff:.2e}: {parts}",
+                  flush=True)
     return 0
 
 

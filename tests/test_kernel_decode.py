@@ -153,12 +153,46 @@ KEYED_INTERPRETED = {"fp32-subspace-lam1e-8-kappa3e8", "fp32-early-lam1e-6", "fp
 KEYED_CASES = [c for c in LLA_CASES if DEVICE == "cuda" or c.id in KEYED_INTERPRETED]
 
 
+def _keyed_alone(monkeypatch):
+    """Make a hand-over from the keyed solve to the Sigma solve an error: these cases converge
+    within KEYED_MAX_ITERS, and a wrong product, which keeps CG from converging, would
+    otherwise be solved again by the Sigma path and pass."""
+    import lla_decode as package
+
+    def no_hand_over(*args, **kwargs):
+        raise AssertionError("the keyed solve handed the call to the Sigma solve")
+
+    monkeypatch.setattr(package, "_launch", no_hand_over)
+
+
 @pytest.mark.parametrize("family, params, S, dtype, split, D", KEYED_CASES)
-def test_lla_decode_keyed_solve_is_the_forward_row(family, params, S, dtype, split, D):
+def test_lla_decode_keyed_solve_is_the_forward_row(monkeypatch, family, params, S, dtype, split, D):
     """lla_decode(solver="keyed"): CG's products as passes over the keys in fp64, no Sigma
-    formed; the same rows, judged by the same budget as the Sigma solve."""
+    formed; the same rows, judged by the same budget as the Sigma solve, with no hand-over."""
+    _keyed_alone(monkeypatch)
     p = _problem(family, params, S, dtype, D=D)
     assert_within_budget(_judge_lla(p, split=split, solver="keyed"))
+
+
+# the key passes' layouts (tile, warps, the product's (positions, D) accumulator); the
+# interpreter takes its own tile and 4 warps, so there the accumulator alone varies
+KEY_PASS_LAYOUTS = [(64, 4, False), (64, 4, True), (16, 4, True), (32, 8, True), (16, 1, False)]
+
+
+@pytest.mark.parametrize("block_n, warps, acc2d", KEY_PASS_LAYOUTS if DEVICE == "cuda" else KEY_PASS_LAYOUTS[:2],
+                         ids=lambda x: str(x))
+def test_keyed_solve_in_every_key_pass_layout(monkeypatch, block_n, warps, acc2d):
+    """Every layout of the key passes (scripts/profile_decode_kernels.py --variant times them)
+    solves, within budget, the kappa 2.6e8 subspace case (the one fp32 products fail) and a
+    well-conditioned fp32 case (whose budget a product 1e-3 off in every layout exceeds)."""
+    from lla_decode import keyed
+
+    _keyed_alone(monkeypatch)
+    for name, val in (("KEY_PASS_BLOCK_N", block_n), ("KEY_PASS_WARPS", warps), ("KEY_PASS_ACC2D", acc2d)):
+        monkeypatch.setattr(keyed, name, val)
+    for case in [c for c in LLA_CASES if c.id in ("fp32-subspace-lam1e-8-kappa3e8", "fp32-lam0.1-S45-split16")]:
+        family, params, S, dtype, split, D = case.values
+        assert_within_budget(_judge_lla(_problem(family, params, S, dtype, D=D), split=split, solver="keyed"))
 
 
 def _wide_values(p: Problem, Dv: int) -> Problem:

@@ -130,14 +130,22 @@ def _head(bh, H, G):
 
 
 @triton.jit
-def _tile(Kb, Vb, offs_n, end, q, k0, scale, D: tl.constexpr, DV: tl.constexpr):
+def _key_tile(Kb, offs_n, end, q, k0, scale, D: tl.constexpr):
+    """Scores a_j (-inf past the split) and z_j = k_j - q (0 there) of one tile of keys."""
     offs_d = tl.arange(0, D)
-    offs_v = tl.arange(0, DV)
     keep = offs_n < end
     k = tl.load(Kb + offs_n[:, None] * D + offs_d[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
-    v = tl.load(Vb + offs_n[:, None] * DV + offs_v[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
     a = tl.where(keep, scale * tl.sum((k - k0[None, :]) * q[None, :], 1), float("-inf"))
     z = tl.where(keep[:, None], k - q[None, :], 0.0)
+    return a, z
+
+
+@triton.jit
+def _tile(Kb, Vb, offs_n, end, q, k0, scale, D: tl.constexpr, DV: tl.constexpr):
+    """_key_tile's scores and z_j, and the tile's values (0 past the split)."""
+    a, z = _key_tile(Kb, offs_n, end, q, k0, scale, D)
+    offs_v = tl.arange(0, DV)
+    v = tl.load(Vb + offs_n[:, None] * DV + offs_v[None, :], mask=(offs_n < end)[:, None], other=0.0).to(tl.float32)
     return a, z, v
 
 
@@ -566,17 +574,30 @@ def _launch(prep: _Prepared, q, k_cache, v_cache, combine, out=None):
                             ROWS=min(D, 16) if interp else SOLVE_ROWS[D],
                             num_warps=4)
 
+    o, fb = _output_and_finish(prep, qc, kc, vc, m_g, rho, serr, den, out)
+    return o, (iters, res, om_g, den, fb), parts
+
+
+def _output_and_finish(prep: _Prepared, qc, kc, vc, m_g, rho, serr, den, out):
+    """The output pass and the finish, for either solve: o (``out``, else a new tensor) and
+    the fallback flags; den is written. rho is fp32 (N, D), m_g and serr fp32 (N,)."""
+    B, H, D = qc.shape
+    Hk, T, Dv = kc.shape[1], kc.shape[2], vc.shape[-1]
+    split, n_splits, interp, lens_d = prep.split, prep.n_splits, prep.interp, prep.lens_d
+    N, dev = B * H, qc.device
     acc_s, acc0_s = torch.empty(2, N, n_splits, Dv, device=dev, dtype=torch.float32).unbind(0)
     den_s, mag_s, omw_s = _f32_arrays(3, N * n_splits, dev)
-    out_bn = bn if interp else OUT_BLOCK_N
+    # the output pass's tile and warps are read at call time: scripts/study_decode_variants.py
+    # sets them on the package for its variants
+    out_bn = prep.bn if interp else OUT_BLOCK_N
     _lla_out_kernel[(n_splits, N)](qc, kc, vc, lens_d, m_g, rho, acc_s, acc0_s, den_s, mag_s, omw_s,
-                                   H, G, T, n_splits, split, float(prep.scale), D=D, DV=Dv, BLOCK_N=out_bn,
+                                   H, H // Hk, T, n_splits, split, float(prep.scale), D=D, DV=Dv, BLOCK_N=out_bn,
                                    STAGES=OUT_STAGES, num_warps=OUT_WARPS)
-    o = torch.empty(B, H, Dv, device=dev, dtype=q.dtype) if out is None else out
+    o = torch.empty(B, H, Dv, device=dev, dtype=qc.dtype) if out is None else out
     fb = torch.empty(N, device=dev, dtype=torch.int8)
     _lla_finish_kernel[(N,)](lens_d, acc_s, acc0_s, den_s, mag_s, omw_s, serr, o, den, fb,
                              H, n_splits, split, float(prep.eps), DV=Dv, CHUNK=_chunk(Dv, interp), num_warps=4)
-    return o, (iters, res, om_g, den, fb), parts
+    return o, fb
 
 
 def _parts(m_s, om_s, mu_s, sig_s, split, lens_d, N, n_splits):

@@ -30,8 +30,8 @@ import triton.language as tl
 
 from lla_contract.host import f32_arrays as _f32_arrays
 
-from . import (OUT_STAGES, _chunk, _head_lambda, _head_splits, _head_sums, _lla_finish_kernel, _lla_out_kernel,
-               _scalar, _split_program)
+from . import (_chunk, _head_lambda, _head_splits, _head_sums, _key_tile, _output_and_finish, _scalar,
+               _split_program)
 
 # the first iteration after which the host reads whether a head still iterates; then every
 # doubling (a read is a synchronisation: rare, since a launch after convergence only costs
@@ -41,17 +41,16 @@ FIRST_CHECK = 4
 # by the Sigma path instead, whose iterations read no cache: a speed rule, not an accuracy one
 # (both solves are in one accuracy class), and not yet measured on a GPU
 KEYED_MAX_ITERS = 32
-
-
-@triton.jit
-def _key_tile(Kb, offs_n, end, q, k0, scale, D: tl.constexpr):
-    """Scores a_j (-inf past the split) and z_j = k_j - q (0 there) of one tile of keys."""
-    offs_d = tl.arange(0, D)
-    keep = offs_n < end
-    k = tl.load(Kb + offs_n[:, None] * D + offs_d[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
-    a = tl.where(keep, scale * tl.sum((k - k0[None, :]) * q[None, :], 1), float("-inf"))
-    z = tl.where(keep[:, None], k - q[None, :], 0.0)
-    return a, z
+# the key passes' tiles (the statistics pass and every product): positions a tile, warps,
+# tiles in flight, and whether a product pass keeps y = sum_j w_j <z_j, p> z_j as a
+# (positions, D) fp64 accumulator summed over the positions once at the end, instead of a
+# column sum of every tile (with several warps, a cross-warp exchange through shared memory
+# a tile). Read at call time (scripts/profile_decode_kernels.py --variant sets them); the
+# tile must divide the split (a multiple of lla_decode's BLOCK_N).
+KEY_PASS_BLOCK_N = 64
+KEY_PASS_WARPS = 4
+KEY_PASS_STAGES = 3
+KEY_PASS_ACC2D = False
 
 
 @triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
@@ -108,12 +107,15 @@ def _keyed_start_kernel(LENS, LAM, M_S, OM_S, MU_S, M_OUT, OM_OUT, RIDGE, MU, RH
 
 @triton.jit
 def _product(Q, K, LENS, M_G, P, Y_S, PAP_S, H, G, T, n_splits, split, scale, pid_s, bh,
-             D: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+             D: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, ACC2D: tl.constexpr):
     pid_s, bh, start, end, q, Kb, _, k0 = _split_program(Q, K, K, LENS, H, G, T, split, pid_s, bh, D, D)
     offs_d = tl.arange(0, D)
     p = tl.load(P + bh.to(tl.int64) * D + offs_d)
     big = tl.load(M_G + bh)
-    y = tl.zeros([D], dtype=tl.float64)
+    if ACC2D:
+        y_acc = tl.zeros([BLOCK_N, D], dtype=tl.float64)
+    else:
+        y_acc = tl.zeros([D], dtype=tl.float64)
     pap = tl.zeros([BLOCK_N], dtype=tl.float64)
     for start_n in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         a, z = _key_tile(Kb, start_n + tl.arange(0, BLOCK_N), end, q, k0, scale, D)
@@ -124,8 +126,15 @@ def _product(Q, K, LENS, M_G, P, Y_S, PAP_S, H, G, T, n_splits, split, scale, pi
         w = tl.exp(a - big).to(tl.float64)
         t = tl.sum(z64 * p[None, :], 1)
         wt = w * t
-        y += tl.sum(wt[:, None] * z64, 0)
+        if ACC2D:
+            y_acc += wt[:, None] * z64
+        else:
+            y_acc += tl.sum(wt[:, None] * z64, 0)
         pap += wt * t
+    if ACC2D:
+        y = tl.sum(y_acc, 0)
+    else:
+        y = y_acc
     row = bh.to(tl.int64) * n_splits + pid_s
     tl.store(Y_S + row * D + offs_d, y)
     tl.store(PAP_S + row, tl.sum(pap, 0))
@@ -133,7 +142,8 @@ def _product(Q, K, LENS, M_G, P, Y_S, PAP_S, H, G, T, n_splits, split, scale, pi
 
 @triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
 def _keyed_product_kernel(Q, K, LENS, M_G, P, ACT, Y_S, PAP_S, H, G, T, n_splits, split, scale,
-                          D: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, GATED: tl.constexpr):
+                          D: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, GATED: tl.constexpr,
+                          ACC2D: tl.constexpr):
     """Per (split, head): y_s = sum_j w_j <z_j, p> z_j and sum_j w_j <z_j, p>^2 over the
     split, w_j against the head's global max (so the splits add without rescaling). With
     GATED, a head that has converged (ACT 0) does nothing."""
@@ -142,9 +152,10 @@ def _keyed_product_kernel(Q, K, LENS, M_G, P, ACT, Y_S, PAP_S, H, G, T, n_splits
     if GATED:
         if tl.load(ACT + bh) != 0:
             _product(Q, K, LENS, M_G, P, Y_S, PAP_S, H, G, T, n_splits, split, scale, pid_s, bh, D, BLOCK_N,
-                     STAGES)
+                     STAGES, ACC2D)
     else:
-        _product(Q, K, LENS, M_G, P, Y_S, PAP_S, H, G, T, n_splits, split, scale, pid_s, bh, D, BLOCK_N, STAGES)
+        _product(Q, K, LENS, M_G, P, Y_S, PAP_S, H, G, T, n_splits, split, scale, pid_s, bh, D, BLOCK_N, STAGES,
+                 ACC2D)
 
 
 @triton.jit
@@ -218,19 +229,22 @@ def launch(prep, q, k_cache, v_cache, out=None):
     still iterates after KEYED_MAX_ITERS iterations (below cg_max_iters): the caller then
     solves the call by the Sigma path."""
     B, H, D = q.shape
-    Hk, T, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
+    Hk, T = k_cache.shape[1], k_cache.shape[2]
     split, n_splits, bn, interp, lens_d = prep.split, prep.n_splits, prep.bn, prep.interp, prep.lens_d
     N, G, dev = B * H, H // Hk, q.device
     qc, kc, vc = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     scale = float(prep.scale)
     chunk = _chunk(D, interp)
+    kbn, kwarps = (bn, 4) if interp else (KEY_PASS_BLOCK_N, KEY_PASS_WARPS)
+    if split % kbn:
+        raise ValueError(f"KEY_PASS_BLOCK_N {kbn} does not divide the split {split}")
+    kpass = dict(D=D, BLOCK_N=kbn, STAGES=KEY_PASS_STAGES, num_warps=kwarps)
 
     m_s, om_s = _f32_arrays(2, N * n_splits, dev)
     mu_s = torch.empty(N, n_splits, D, device=dev, dtype=torch.float32)
     y_s = torch.empty(N, n_splits, D, device=dev, dtype=torch.float64)
     pap_s = torch.empty(N * n_splits, device=dev, dtype=torch.float64)
-    _keyed_stats_kernel[(n_splits, N)](qc, kc, lens_d, m_s, om_s, mu_s, H, G, T, n_splits, split, scale,
-                                       D=D, BLOCK_N=bn, STAGES=OUT_STAGES, num_warps=4)
+    _keyed_stats_kernel[(n_splits, N)](qc, kc, lens_d, m_s, om_s, mu_s, H, G, T, n_splits, split, scale, **kpass)
     m_g, om_g, res, serr, den = _f32_arrays(5, N, dev)
     ridge, rr, thresh = torch.empty(3, N, device=dev, dtype=torch.float64).unbind(0)
     mu, rho, resid, p = torch.empty(4, N, D, device=dev, dtype=torch.float64).unbind(0)
@@ -242,7 +256,7 @@ def launch(prep, q, k_cache, v_cache, out=None):
     done, check_at = 0, FIRST_CHECK
     while done < cap:
         _keyed_product_kernel[(n_splits, N)](qc, kc, lens_d, m_g, p, act, y_s, pap_s, H, G, T, n_splits, split,
-                                             scale, D=D, BLOCK_N=bn, STAGES=OUT_STAGES, GATED=True, num_warps=4)
+                                             scale, GATED=True, ACC2D=KEY_PASS_ACC2D, **kpass)
         _keyed_update_kernel[(N,)](lens_d, y_s, pap_s, ridge, rho, resid, p, rr, thresh, act, iters,
                                    H, n_splits, split, int(prep.max_iters), D=D, CHUNK=chunk, num_warps=4)
         done += 1
@@ -254,22 +268,10 @@ def launch(prep, q, k_cache, v_cache, out=None):
         return None
     # the true residual: one more product, with rho, for every head
     _keyed_product_kernel[(n_splits, N)](qc, kc, lens_d, m_g, rho, act, y_s, pap_s, H, G, T, n_splits, split,
-                                         scale, D=D, BLOCK_N=bn, STAGES=OUT_STAGES, GATED=False, num_warps=4)
+                                         scale, GATED=False, ACC2D=KEY_PASS_ACC2D, **kpass)
     rho32 = torch.empty(N, D, device=dev, dtype=torch.float32)
     _keyed_residual_kernel[(N,)](lens_d, y_s, pap_s, ridge, mu, rho, rho32, res, serr, H, n_splits, split, D=D,
                                  CHUNK=chunk, num_warps=4)
 
-    # the output pass's tile and warps read at call time, as the Sigma path reads them
-    # (scripts/study_decode_variants.py sets them on the package for its variants)
-    from . import OUT_BLOCK_N, OUT_WARPS
-
-    acc_s, acc0_s = torch.empty(2, N, n_splits, Dv, device=dev, dtype=torch.float32).unbind(0)
-    den_s, mag_s, omw_s = _f32_arrays(3, N * n_splits, dev)
-    _lla_out_kernel[(n_splits, N)](qc, kc, vc, lens_d, m_g, rho32, acc_s, acc0_s, den_s, mag_s, omw_s,
-                                   H, G, T, n_splits, split, scale, D=D, DV=Dv,
-                                   BLOCK_N=bn if interp else OUT_BLOCK_N, STAGES=OUT_STAGES, num_warps=OUT_WARPS)
-    o = torch.empty(B, H, Dv, device=dev, dtype=q.dtype) if out is None else out
-    fb = torch.empty(N, device=dev, dtype=torch.int8)
-    _lla_finish_kernel[(N,)](lens_d, acc_s, acc0_s, den_s, mag_s, omw_s, serr, o, den, fb,
-                             H, n_splits, split, float(prep.eps), DV=Dv, CHUNK=_chunk(Dv, interp), num_warps=4)
+    o, fb = _output_and_finish(prep, qc, kc, vc, m_g, rho32, serr, den, out)
     return o, (iters, res, om_g, den, fb)
