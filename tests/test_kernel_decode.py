@@ -195,6 +195,26 @@ def test_keyed_solve_in_every_key_pass_layout(monkeypatch, block_n, warps, acc2d
         assert_within_budget(_judge_lla(_problem(family, params, S, dtype, D=D), split=split, solver="keyed"))
 
 
+@pytest.mark.parametrize("solver", ["sigma", "keyed"])
+def test_output_pass_on_a_split_of_its_own(monkeypatch, solver):
+    """With OUT_RESIDENT_PER_SM set, the output pass takes a finer split than the Sigma
+    pass's (whose D x D partials keep it long): the rows are the forward's all the same."""
+    import lla_decode as package
+
+    monkeypatch.setattr(package, "OUT_RESIDENT_PER_SM", {16: 8, 32: 8, 64: 8, 128: 8})
+    (case,) = [c for c in LLA_CASES if c.id == "fp32-lam0.1-S45-split16"]
+    family, params, S, dtype, _, D = case.values
+    p = _problem(family, params, S, dtype, D=D)
+    # the every-position call's own shapes: B * S sequences of the S-position cache
+    qd, kc, vc, lens, _ = every_position(p.q, p.k, p.v)
+    prep = package._prepare(qd, kc, vc, lens, 0.1, None, package.DEFAULT_CG_TOL, None, package.DEFAULT_DELTA_EPS,
+                            None, True)
+    assert prep.out_split < prep.split and prep.out_split % prep.bn == 0, prep
+    if solver == "keyed":
+        _keyed_alone(monkeypatch)
+    assert_within_budget(_judge_lla(p, split=None, solver=solver))
+
+
 def _wide_values(p: Problem, Dv: int) -> Problem:
     gen = torch.Generator().manual_seed(11)
     v = torch.randn(*p.v.shape[:-1], Dv, generator=gen, dtype=torch.float64).to(p.v.dtype).to(DEVICE)

@@ -64,6 +64,11 @@ OUT_STAGES = 3
 # (scripts/study_decode_variants.py --op lla)
 OUT_WARPS = 4
 OUT_BLOCK_N = 64
+# output-pass programs an SM for a split of the output pass's own, by max(D, Dv): None gives
+# the output pass the Sigma pass's split, which MIN_SPLIT_PER_DIM keeps long (at batch 1 with
+# a 4k cache, 4 splits of 1024 positions at D = 128), since each of its splits writes a
+# D x D partial; the output pass's partials are Dv + 3 floats a split and need no such floor
+OUT_RESIDENT_PER_SM = None
 # the split kernel's warps: its fp64 BS x BS accumulator and tile operands spill from 4 warps'
 # registers (ptxas: 255 registers and a stack)
 SPLIT_WARPS = 8
@@ -79,6 +84,9 @@ INTERPRETED_SIGMA_BLOCK = 16
 # in registers (32 KB of fp64 at D = 64 over 4 warps: 7-9 us a solve against 16-22 us
 # streamed, on an H200); at D = 128 it spills, and 16 rows a load (16 KB) stream it
 SOLVE_ROWS = {16: 16, 32: 32, 64: 64, 128: 16}
+# the solve's warps by D: a held D x D fp64 matrix takes 2 D^2 / (32 warps) registers a thread
+# (64 at D = 64 over 4 warps; at D = 128 it needs 16 warps for the same)
+SOLVE_WARPS = {16: 4, 32: 4, 64: 4, 128: 4}
 SIGMA_SUM_BLOCK = 1024  # fp64 entries of Sigma a summing program owns (D^2 / this programs a head)
 # cache positions per tile: a split is a multiple of it. The interpreter runs each program
 # as numpy, where small tiles keep the CPU tests fast.
@@ -481,6 +489,7 @@ class _Prepared(NamedTuple):
     n_splits: int
     bn: int
     interp: bool
+    out_split: int  # the output pass's split (a multiple of its tile); ``split`` unless chosen apart
 
 
 def _prepare(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps, split,
@@ -507,15 +516,22 @@ def _prepare(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_ma
     interp = _interpreting()
     bn = _block_n(interp)
     if split is None:
-        split = choose_split(T, B * H, bn, _sm_count(q.device) * RESIDENT_PER_SM[max(D, Dv)],
-                             MIN_SPLIT_PER_DIM * D)
+        sms = _sm_count(q.device)
+        split = choose_split(T, B * H, bn, sms * RESIDENT_PER_SM[max(D, Dv)], MIN_SPLIT_PER_DIM * D)
+        out_split = split
+        if OUT_RESIDENT_PER_SM is not None:
+            out_bn = bn if interp else OUT_BLOCK_N
+            out_split = choose_split(T, B * H, out_bn, sms * OUT_RESIDENT_PER_SM[max(D, Dv)], out_bn)
     elif isinstance(split, bool) or not isinstance(split, int) or split < bn or split % bn:
         raise LLAInputError(f"split: expected None or a positive multiple of the tile {bn}, got {split!r}")
+    else:
+        out_split = split
     # lens is on the host (check_cache); a blocking copy would wait for the stream to drain
     # before every launch. A pageable source is staged before the call returns, so the
     # asynchronous copy is safe to drop.
     lens_d = lens.to(dtype=torch.int32).to(device=q.device, non_blocking=True)
-    return _Prepared(lens, lens_d, lam, lam_per_head, scale, eps, tol, max_iters, split, _cdiv(T, split), bn, interp)
+    return _Prepared(lens, lens_d, lam, lam_per_head, scale, eps, tol, max_iters, split, _cdiv(T, split), bn, interp,
+                     out_split)
 
 
 def _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps, split,
@@ -572,7 +588,7 @@ def _launch(prep: _Prepared, q, k_cache, v_cache, combine, out=None):
                             H, n_solve, split_solve, float(prep.tol), int(prep.max_iters), D=D,
                             CHUNK=_chunk(D, interp), LAM_PER_HEAD=prep.lam_per_head,
                             ROWS=min(D, 16) if interp else SOLVE_ROWS[D],
-                            num_warps=4)
+                            num_warps=4 if interp else SOLVE_WARPS[D])
 
     o, fb = _output_and_finish(prep, qc, kc, vc, m_g, rho, serr, den, out)
     return o, (iters, res, om_g, den, fb), parts
@@ -583,7 +599,10 @@ def _output_and_finish(prep: _Prepared, qc, kc, vc, m_g, rho, serr, den, out):
     the fallback flags; den is written. rho is fp32 (N, D), m_g and serr fp32 (N,)."""
     B, H, D = qc.shape
     Hk, T, Dv = kc.shape[1], kc.shape[2], vc.shape[-1]
-    split, n_splits, interp, lens_d = prep.split, prep.n_splits, prep.interp, prep.lens_d
+    # the output pass's own split (prep.split unless chosen apart): its partials are summed
+    # by the finish alone, against the global max, so any split serves
+    split, interp, lens_d = prep.out_split, prep.interp, prep.lens_d
+    n_splits = _cdiv(T, split)
     N, dev = B * H, qc.device
     acc_s, acc0_s = torch.empty(2, N, n_splits, Dv, device=dev, dtype=torch.float32).unbind(0)
     den_s, mag_s, omw_s = _f32_arrays(3, N * n_splits, dev)
