@@ -61,7 +61,10 @@ def test_decode_compiles_for_sm90_at_the_gpu_tile(tmp_path, pkg):
     if pkg == "parallax_decode":
         split = [k for k in res["kernels"] if k["kernel"] == "_parallax_split_kernel"]
         assert {k["num_warps"] for k in split} == {module.SPLIT_WARPS}, res
-        chunks = {k["constexprs"]["CHUNK"] for k in res["kernels"] if "CHUNK" in k["constexprs"]}
+        # the fused combine's variant of the split kernel compiled besides the plain one
+        assert {k["constexprs"].get("FUSED") for k in split} == {0, 1}, res
+        chunks = {k["constexprs"]["CHUNK"] for k in res["kernels"]
+                  if "CHUNK" in k["constexprs"] and k["kernel"] != "_parallax_split_kernel"}
         assert chunks == {module.combine_chunk(16, interp=False)} != {module.INTERPRETED_COMBINE_CHUNK}, res
     else:
         assert module.BLOCK_N != module.INTERPRETED_BLOCK_N, res

@@ -175,11 +175,12 @@ def test_lla_decode_keyed_solve_is_the_forward_row(monkeypatch, family, params, 
 
 
 # the key passes' layouts (tile, warps, the product's (positions, D) accumulator); the
-# interpreter takes its own tile and 4 warps, so there the accumulator alone varies
+# interpreter takes its own tile and 4 warps, so there only the accumulator is new (the
+# default layout is the other keyed tests')
 KEY_PASS_LAYOUTS = [(64, 4, False), (64, 4, True), (16, 4, True), (32, 8, True), (16, 1, False)]
 
 
-@pytest.mark.parametrize("block_n, warps, acc2d", KEY_PASS_LAYOUTS if DEVICE == "cuda" else KEY_PASS_LAYOUTS[:2],
+@pytest.mark.parametrize("block_n, warps, acc2d", KEY_PASS_LAYOUTS if DEVICE == "cuda" else KEY_PASS_LAYOUTS[1:2],
                          ids=lambda x: str(x))
 def test_keyed_solve_in_every_key_pass_layout(monkeypatch, block_n, warps, acc2d):
     """Every layout of the key passes (scripts/profile_decode_kernels.py --variant times them)
@@ -243,6 +244,44 @@ PARALLAX_CASES = [
 def test_parallax_decode_every_position_is_the_forward_row(family, params, S, dtype, split, rsize):
     p = _problem(family, params, S, dtype)
     assert_within_budget(_parallax_verdict(p, _probe(p, size=rsize), split=split))
+
+
+# the fused combine (parallax_decode.FUSED_MAX_SPLITS): every call fuses
+FUSE_ALL = 1 << 30
+FUSED_CASES = [c for c in PARALLAX_CASES if c.id in ("fp32-S45-split16", "bf16-S33", "fp32-large-norm30")]
+
+
+def _fused_only(monkeypatch):
+    """Fuse every call, and make a launch of the separate combine an error."""
+    import parallax_decode as package
+
+    def no_combine(*args, **kwargs):
+        raise AssertionError("the separate combine ran: the call did not fuse")
+
+    monkeypatch.setattr(package, "FUSED_MAX_SPLITS", FUSE_ALL)
+    monkeypatch.setattr(package, "_combine", no_combine)
+
+
+@pytest.mark.parametrize("family, params, S, dtype, split, rsize", FUSED_CASES)
+def test_parallax_fused_combine_is_the_forward_row(monkeypatch, family, params, S, dtype, split, rsize):
+    """The last split program of each head combines the head's splits (FUSED_CHUNK at a
+    time, so several chunks at split 16 and S = 45): every position is the forward's row."""
+    _fused_only(monkeypatch)
+    p = _problem(family, params, S, dtype)
+    assert_within_budget(_parallax_verdict(p, _probe(p, size=rsize), split=split))
+
+
+def test_parallax_fused_plan_leaves_its_count_zero(monkeypatch):
+    """A fused plan's count a head is zero after every run, so each replay combines again: a
+    second run into a NaN-filled output is the first, bit for bit."""
+    _fused_only(monkeypatch)
+    q, r, kc, vc, lens = _plan_inputs()
+    plan = _plan_for("parallax", kc, vc, lens, num_heads=4, split=_n(16))
+    first = plan.run(q, r)
+    assert plan.count is not None and int(plan.count.abs().sum()) == 0
+    again = torch.full_like(first, float("nan"))
+    plan.run(q, r, out=again)
+    assert torch.equal(again, first) and int(plan.count.abs().sum()) == 0
 
 
 @pytest.mark.parametrize("offset", [1e3, 1e4])

@@ -61,6 +61,15 @@ SPLIT_WARPS = 1
 # with a 4k cache, 1.50x SDPA against 1.68x at D = 64 (4 tiles a split); 8 tiles a split
 # (32 programs at D = 128) took 1.94x against 1.42x
 ONE_LEVEL_MAX_TILES = 4
+# the most splits a head may have for the split kernel to combine them itself (0: never): the
+# last program of a head to finish (an atomic count of the head's programs) merges the head's
+# splits, FUSED_CHUNK at a time, so that a step is one launch instead of two or three, whose
+# dependent latencies dominate a small cache. Off until measured on a GPU (docs/decode.md
+# "Open"; scripts/decode_sweeps.sh)
+FUSED_MAX_SPLITS = 0
+# splits the fused combine loads at once: the split kernel's one warp holds 2 FUSED_CHUNK Dv
+# floats of nu' and X (8 at Dv = 128: 64 registers a thread)
+FUSED_CHUNK = 8
 # cache tiles a split program keeps in flight (cp.async into shared memory) while it works on
 # the one before: the split kernel is memory-bound, and without them each program waits for
 # every tile's load before computing (Triton pipelines only the loads of dot products unless
@@ -151,9 +160,13 @@ def _merge(om_a, nu_a, db_a, x_a, om_b, nu_b, db_b, x_b):
 # (== 1, divisible by 16, other) of each, and the test suites draw many shapes; row
 # offsets need no divisibility facts from them, since D and DV are constexpr.
 @triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
-def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
+def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S, CNT, O,
                            H, G, T, n_splits, split, scale,
-                           D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+                           D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+                           FUSED: tl.constexpr, CHUNK: tl.constexpr):
+    """Program (split, head): the split's centred moments. With FUSED, the head's last program
+    to store them (CNT: an int32 count a head, 0 on entry and left 0) also combines the head's
+    splits into O, CHUNK at a time."""
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     b, kvh = _head(bh, H, G)
@@ -200,10 +213,20 @@ def _parallax_split_kernel(Q, R, K, V, LENS, M_S, OM_S, DB_S, NU_S, X_S,
     # an empty split (start >= L) stores m = -inf and omega = 0: no weight in the combine
     _store_moments(M_S, OM_S, DB_S, NU_S, X_S, bh.to(tl.int64) * n_splits + pid_s, m_i, omega, dbar, nu, x,
                    offs_v, DV)
+    if FUSED:
+        # every thread's stores before the count (a release at device scope); the program that
+        # counts last acquires the others' and combines: the order of the splits in the
+        # combine is their index order, whichever program is last, so o is deterministic
+        tl.debug_barrier()
+        ticket = tl.atomic_add(CNT + bh, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_splits - 1:
+            _combine_head(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O, bh, H, G, T, n_splits, split, DV, CHUNK, True)
+            # the count back to 0 for the next call on the same buffer (a plan's, a graph's replay)
+            tl.atomic_xchg(CNT + bh, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _chunk_moments(M_S, OM_S, DB_S, NU_S, X_S, row, live, offs_v, DV: tl.constexpr):
+def _chunk_moments(M_S, OM_S, DB_S, NU_S, X_S, row, live, offs_v, DV: tl.constexpr, L2: tl.constexpr = False):
     """Centred moments of the live splits at rows ``row``, against their own max m_c: weights
     w_i = f_i omega_i with f_i = exp(m_i - m_c), omega_c = sum_i w_i, the means nu'_c, dbar_c as
     w-weighted means, and X_c = sum_i f_i X_i + sum_i w_i (nu'_i - nu'_c)(dbar_i - dbar_c), the
@@ -211,18 +234,20 @@ def _chunk_moments(M_S, OM_S, DB_S, NU_S, X_S, row, live, offs_v, DV: tl.constex
     live and every live split holds a cache position, so m_c is finite; the split attaining it
     has f = 1 and omega >= 1 (its own tiles' maxima weigh exp(0) = 1), so omega_c >= 1 and the
     means divide by no sum that underflowed. A split whose weights underflow against m_c
-    (f = 0) adds nothing, as in _merge; a masked one neither."""
-    m_s = tl.load(M_S + row, mask=live, other=float("-inf"))
+    (f = 0) adds nothing, as in _merge; a masked one neither. With L2, the loads bypass the
+    SM's L1 (moments other programs of the same launch stored: the fused combine)."""
+    CM: tl.constexpr = ".cg" if L2 else ""
+    m_s = tl.load(M_S + row, mask=live, other=float("-inf"), cache_modifier=CM)
     m_c = tl.max(m_s, 0)
     f = tl.where(live, tl.exp(m_s - m_c), 0.0)
-    w = f * tl.load(OM_S + row, mask=live, other=0.0)
+    w = f * tl.load(OM_S + row, mask=live, other=0.0, cache_modifier=CM)
     om_c = tl.sum(w, 0)
     p = w / om_c
-    nu_s = tl.load(NU_S + row[:, None] * DV + offs_v[None, :], mask=live[:, None], other=0.0)
-    db_s = tl.load(DB_S + row, mask=live, other=0.0)
+    nu_s = tl.load(NU_S + row[:, None] * DV + offs_v[None, :], mask=live[:, None], other=0.0, cache_modifier=CM)
+    db_s = tl.load(DB_S + row, mask=live, other=0.0, cache_modifier=CM)
     nu_c = tl.sum(p[:, None] * nu_s, 0)
     db_c = tl.sum(p * db_s, 0)
-    x_s = tl.load(X_S + row[:, None] * DV + offs_v[None, :], mask=live[:, None], other=0.0)
+    x_s = tl.load(X_S + row[:, None] * DV + offs_v[None, :], mask=live[:, None], other=0.0, cache_modifier=CM)
     x_c = tl.sum(f[:, None] * x_s + (w * (db_s - db_c))[:, None] * (nu_s - nu_c[None, :]), 0)
     return m_c, om_c, nu_c, db_c, x_c
 
@@ -247,12 +272,11 @@ def _parallax_group_kernel(LENS, M_S, OM_S, DB_S, NU_S, X_S, M_G, OM_G, DB_G, NU
                        offs_v, DV)
 
 
-@triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits', 'split'))
-def _parallax_combine_kernel(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O,
-                             H, G, T, n_splits, split, DV: tl.constexpr, CHUNK: tl.constexpr):
-    """One program per head: its used splits, CHUNK at a time, each chunk summarised by
+@triton.jit
+def _combine_head(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O, bh, H, G, T, n_splits, split, DV: tl.constexpr,
+                  CHUNK: tl.constexpr, L2: tl.constexpr):
+    """o of head bh from its used splits, CHUNK at a time, each chunk summarised by
     _chunk_moments and the chunks merged in order by _merge."""
-    bh = tl.program_id(0)
     b, kvh = _head(bh, H, G)
     used = tl.cdiv(tl.load(LENS + b), split)
     offs_v = tl.arange(0, DV)
@@ -265,7 +289,7 @@ def _parallax_combine_kernel(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O,
     x = tl.zeros([DV], dtype=tl.float32)
     for c0 in range(0, used, CHUNK):
         m_c, om_c, nu_c, db_c, x_c = _chunk_moments(M_S, OM_S, DB_S, NU_S, X_S, base + c0 + offs_c,
-                                                    (c0 + offs_c) < used, offs_v, DV)
+                                                    (c0 + offs_c) < used, offs_v, DV, L2)
         m_new = tl.maximum(m_i, m_c)
         alpha = tl.exp(m_i - m_new)
         beta = tl.exp(m_c - m_new)
@@ -274,6 +298,14 @@ def _parallax_combine_kernel(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O,
     v0 = tl.load(V + kvh * T * DV + offs_v).to(tl.float32)
     o = (v0 + nu) - x / omega
     tl.store(O + bh.to(tl.int64) * DV + offs_v, o.to(O.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits', 'split'))
+def _parallax_combine_kernel(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O,
+                             H, G, T, n_splits, split, DV: tl.constexpr, CHUNK: tl.constexpr):
+    """One program per head: _combine_head."""
+    _combine_head(V, LENS, M_S, OM_S, DB_S, NU_S, X_S, O, tl.program_id(0), H, G, T, n_splits, split, DV, CHUNK,
+                  False)
 
 
 def _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp):
@@ -318,14 +350,23 @@ def _lengths_on(lens, dev):
     return lens.to(dtype=torch.int32).to(device=dev, non_blocking=True)
 
 
-def _launch_split(q, r, k_cache, v_cache, lens_d, moments, split, scale, bn):
+def _fuses(n_splits: int) -> bool:
+    """Whether the split kernel combines a call of n_splits splits a head itself."""
+    return n_splits <= FUSED_MAX_SPLITS
+
+
+def _launch_split(q, r, k_cache, v_cache, lens_d, moments, split, scale, bn, fused=None):
+    """The split kernel; ``fused``: (count, o) for the split kernel to combine into o itself,
+    count an int32 zero a head (left zero)."""
     B, H, D = q.shape
     Hk, T, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
     n_splits = moments[3].shape[1]
+    # without fusion the count and o are not read: the moments stand in for their pointers
+    cnt, o = fused if fused is not None else (moments[0], moments[0])
     _parallax_split_kernel[(n_splits, B * H)](
-        q.contiguous(), r.contiguous(), k_cache.contiguous(), v_cache.contiguous(), lens_d, *moments,
+        q.contiguous(), r.contiguous(), k_cache.contiguous(), v_cache.contiguous(), lens_d, *moments, cnt, o,
         H, H // Hk, T, n_splits, split, float(scale), D=D, DV=Dv, BLOCK_N=bn, STAGES=SPLIT_STAGES,
-        num_warps=SPLIT_WARPS)
+        FUSED=int(fused is not None), CHUNK=FUSED_CHUNK, num_warps=SPLIT_WARPS)
 
 
 def _partials(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp):
@@ -406,16 +447,26 @@ def parallax_decode(q, r, k_cache, v_cache, lengths, *, qk_scale=None, split=Non
     """
     # the environment read once a call: the tile, split and chunk all follow from it
     interp = _interpreting()
-    parts = _partials(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp)
-    return _combine(*parts, q, v_cache, combine_chunk(v_cache.shape[-1], interp))
+    lens, scale, split, bn = _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp)
+    B, H, _ = q.shape
+    n_splits, Dv = _cdiv(k_cache.shape[2], split), v_cache.shape[-1]
+    moments = _moments(B * H, n_splits, Dv, q.device)
+    lens_d = _lengths_on(lens, q.device)
+    if _fuses(n_splits):
+        o = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
+        cnt = torch.zeros(B * H, device=q.device, dtype=torch.int32)
+        _launch_split(q, r, k_cache, v_cache, lens_d, moments, split, scale, bn, (cnt, o))
+        return o
+    _launch_split(q, r, k_cache, v_cache, lens_d, moments, split, scale, bn)
+    return _combine(*moments, split, lens_d, q, v_cache, combine_chunk(Dv, interp))
 
 
 class ParallaxDecodePlan:
     """parallax_decode for one cache, prepared once: ``parallax_decode_plan`` checks the cache
     and the lengths and holds the split size, the device lengths and the split kernel's
     moments; ``run(q, r)`` then checks q and r against the plan (shape, dtype, device: no
-    device work) and launches the two kernels. With ``check_finite=False`` a run allocates
-    at most its output (none with ``out=``), copies nothing to the device and never waits
+    device work) and launches its kernels (one to three). With ``check_finite=False`` a
+    run allocates at most its output (none with ``out=``), copies nothing to the device and never waits
     for it, so it can be captured in a CUDA graph, whose replays read the cache, q, r and
     the lengths as they are at replay time. ``set_lengths`` checks new lengths and writes them
     into the plan's device copy (outside a capture: it copies from the host). The split size
@@ -441,6 +492,9 @@ class ParallaxDecodePlan:
         self.lens_d = _lengths_on(lens, self.device)
         self.chunk = combine_chunk(v_cache.shape[-1], self.interp)
         self.groups = _groups(B * H, self.moments[3].shape[1], self.chunk, v_cache.shape[-1], self.device)
+        # the fused combine's count a head, zeroed once: every run leaves it zero
+        self.count = (torch.zeros(B * H, device=self.device, dtype=torch.int32)
+                      if _fuses(self.moments[3].shape[1]) else None)
 
     def set_lengths(self, lengths) -> None:
         """Check ``lengths`` against the cache and write them into the plan's device copy."""
@@ -457,6 +511,12 @@ class ParallaxDecodePlan:
                           contiguous=True)
         if check_finite:
             check_cache_finite(q, self.k_cache, self.v_cache, self.lengths, (("r", r),))
+        if self.count is not None:
+            o = torch.empty(self.shape[:2] + (self.v_cache.shape[-1],), device=self.device,
+                            dtype=self.dtype) if out is None else out
+            _launch_split(q, r, self.k_cache, self.v_cache, self.lens_d, self.moments, self.split, self.scale,
+                          self.bn, (self.count, o))
+            return o
         _launch_split(q, r, self.k_cache, self.v_cache, self.lens_d, self.moments, self.split, self.scale, self.bn)
         return _combine(*self.moments, self.split, self.lens_d, q, self.v_cache, self.chunk, out, self.groups)
 

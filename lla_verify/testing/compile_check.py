@@ -130,6 +130,13 @@ def _calls(full: bool, dims=None):
                 q1, r1 = (torch.randn(1, 1, D, dtype=dt) for _ in range(2))
                 k1, v1 = (torch.randn(1, 1, 2048, D, dtype=dt) for _ in range(2))
                 parallax_decode.parallax_decode(q1, r1, k1, v1, torch.tensor([2048]), split=16, check_finite=False)
+                # the split kernel with the fused combine (off by default: FUSED_MAX_SPLITS)
+                fused = parallax_decode.FUSED_MAX_SPLITS
+                parallax_decode.FUSED_MAX_SPLITS = 1 << 30
+                try:
+                    parallax_decode.parallax_decode(*_decode_inputs(dt, D), check_finite=False)
+                finally:
+                    parallax_decode.FUSED_MAX_SPLITS = fused
 
             name = str(dt).removeprefix("torch.")
             out += [(f"lla_triton {name} D={D}", lla), (f"parallax_triton {name} D={D}", parallax),
