@@ -44,9 +44,10 @@ timeout -s INT 200 $prof --op lla --solver keyed --calls 3 \
   --variant "b32w4acc-r4-s4:$K.KEY_PASS_BLOCK_N=32;$K.KEY_PASS_ACC2D=True;$K.KEY_PASS_STAGES=4;$L.RESIDENT_PER_SM=$(all 4)" \
   > "$out/sweep-lla-keyed.txt" 2>&1; echo "rc=$?" >> "$out/sweep-lla-keyed.txt"
 
-# parallax_decode at D = 64, where large caches miss 1.2x: programs an SM, tile, stages, warps
+# parallax_decode: at D = 64, where large caches miss 1.2x, programs an SM, tile, stages, warps;
+# at small caches, where two or three dependent launches miss it, the fused combine
 timeout -s INT 150 $prof --op parallax --calls 5 \
-  --shapes 64:131072:64,16:131072:64,64:32768:64,16:32768:64,16:4096:64,1:4096:64,64:131072:128 \
+  --shapes 64:131072:64,16:131072:64,64:32768:64,16:32768:64,16:4096:64,1:4096:64,1:32768:64,1:4096:128,16:4096:128,64:131072:128 \
   --variant "r16:$P.RESIDENT_PER_SM={16:16,32:16,64:16,128:8}" \
   --variant "r12:$P.RESIDENT_PER_SM={16:12,32:12,64:12,128:8}" \
   --variant "bn32:$P.BLOCK_N=32" \
@@ -54,4 +55,7 @@ timeout -s INT 150 $prof --op parallax --calls 5 \
   --variant "bn32-w2:$P.BLOCK_N=32;$P.SPLIT_WARPS=2" \
   --variant "s4:$P.SPLIT_STAGES=4" \
   --variant "s5-r16:$P.SPLIT_STAGES=5;$P.RESIDENT_PER_SM={16:16,32:16,64:16,128:8}" \
+  --variant "fused64:$P.FUSED_MAX_SPLITS=64" \
+  --variant "fused64-c16:$P.FUSED_MAX_SPLITS=64;$P.FUSED_CHUNK=16" \
+  --variant "fused-all:$P.FUSED_MAX_SPLITS=100000" \
   > "$out/sweep-parallax.txt" 2>&1; echo "rc=$?" >> "$out/sweep-parallax.txt"
