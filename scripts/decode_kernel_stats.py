@@ -15,7 +15,6 @@ reads see uninitialised flags, so it may also compile the Sigma path it hands ov
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -28,8 +27,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default=None, help="only launches whose kernel name contains this")
     ap.add_argument("--variant", action="append", default=[], help="NAME:MODULE.ATTR=VALUE;... (repeatable)")
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("decode_kernel_stats: unset TRITON_INTERPRET (the interpreter never compiles)", file=sys.stderr)
+    from lla_verify.testing.compile_check import interpreter_refused
+
+    if interpreter_refused("decode_kernel_stats"):
         return 2
     import torch
     from triton.runtime.jit import JITFunction

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
 import subprocess
 import sys
@@ -139,8 +138,9 @@ def main(argv=None) -> int:
                     help="tile configurations in place of GPU_CONFIGS' for every head dim: "
                          "'BM,BN,WARPS,STAGES' for every kernel, or 'fwd=..;dq=..;dkdv=..'")
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("parallax_kernel_stats: unset TRITON_INTERPRET (the interpreter never compiles)", file=sys.stderr)
+    from lla_verify.testing.compile_check import interpreter_refused
+
+    if interpreter_refused("parallax_kernel_stats"):
         return 2
     if args.package:
         sys.path.insert(0, str(Path(args.package).resolve().parent))

@@ -29,6 +29,15 @@ import traceback
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
 
 
+def interpreter_refused(tool: str) -> bool:
+    """Whether TRITON_INTERPRET=1 is set, under which no kernel compiles (with a message
+    naming ``tool``): Triton decides at decoration time, so the tool cannot lift it."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    print(f"{tool}: unset TRITON_INTERPRET (the interpreter never compiles)", file=sys.stderr)
+    return True
+
+
 def _install(arch: int, compiled: list) -> None:
     import torch
     from triton.backends.compiler import GPUTarget
@@ -152,8 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="configurations whose label contains this, e.g. 'parallax_triton' or 'lla_decode float32'")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("compile_check: unset TRITON_INTERPRET (the interpreter never compiles)", file=sys.stderr)
+    if interpreter_refused("compile_check"):
         return 2
     compiled: list = []
     _install(args.arch, compiled)
