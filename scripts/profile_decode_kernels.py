@@ -12,6 +12,13 @@ literal) and restored after it, and gives each variant's largest difference from
 package's own output, so that a fast variant that computes something else shows.
 
     --solver keyed --variant "bn32w8:lla_decode.keyed.KEY_PASS_BLOCK_N=32;lla_decode.keyed.KEY_PASS_WARPS=8"
+
+The kernels' device times leave out the gaps between dependent launches, which is what a
+change in the number of launches moves. --graphs adds each variant's step captured in a CUDA
+graph through its package's plan (built with the variant set) and timed over replays by
+do_bench, beside SDPA's graph, as bench-decode --graphs times them, and a closing table of
+graph time / SDPA's graph time by shape and variant. The keyed solve reads a flag on the host
+and is not captured.
 """
 
 from __future__ import annotations
@@ -74,6 +81,28 @@ def applied(sets):
             setattr(m, attr, value)
 
 
+def graph_ms(fn) -> tuple[float | None, str]:
+    """(ms of a replay, "") of ``fn`` captured in a CUDA graph, or (None, why not)."""
+    from triton.testing import do_bench
+
+    from lla_verify.commands.bench_decode import GraphUnavailable, graphed
+
+    try:
+        replay, _ = graphed(fn)
+    except GraphUnavailable as exc:
+        return None, str(exc)
+    return do_bench(replay), ""
+
+
+def summary(ratios: dict, names: list[str]) -> str:
+    """Markdown table of graph time / SDPA's graph time, rows by shape, columns by variant."""
+    lines = ["| B,H,T,D | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for shape, row in ratios.items():
+        cells = [f"{row[n]:.2f}x" if row.get(n) is not None else "-" for n in names]
+        lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--op", choices=("lla", "parallax"), default="lla")
@@ -82,6 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ridge-lambda", type=float, default=0.1)
     ap.add_argument("--solver", choices=("sigma", "keyed"), default="sigma", help="lla_decode's solver")
     ap.add_argument("--variant", action="append", default=[], help="NAME:MODULE.ATTR=VALUE;... (repeatable)")
+    ap.add_argument("--graphs", action="store_true", help="also time each step as a CUDA graph replay (plans)")
     args = ap.parse_args(argv)
     variants = [("package", [])] + [parse_variant(v) for v in args.variant]
     if not torch.cuda.is_available():
@@ -90,6 +120,7 @@ def main(argv=None) -> int:
     import lla_decode
     import parallax_decode
 
+    ratios: dict = {}
     solver = f", solver {args.solver}" if args.op == "lla" else ""
     print(f"device: {torch.cuda.get_device_name()}, op {args.op}{solver}, ms of device time a call by kernel")
     for sh in args.shapes.split(","):
@@ -104,19 +135,34 @@ def main(argv=None) -> int:
                                                check_finite=False, solver=args.solver)
         else:
             fn = lambda: parallax_decode.parallax_decode(q, r, k, v, lengths, check_finite=False)  # noqa: E731
-        sdpa = kernel_times(lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v), args.calls)
-        print(f"{B},1,{T},{D} [SDPA]: total {sum(sdpa.values()):.3f} ms", flush=True)
+        sdpa_fn = lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v)  # noqa: E731
+        sdpa = kernel_times(sdpa_fn, args.calls)
+        shape = f"{B},1,{T},{D}"
+        g_sdpa = graph_ms(sdpa_fn)[0] if args.graphs else None
+        print(f"{shape} [SDPA]: total {sum(sdpa.values()):.3f} ms"
+              + (f", graph {g_sdpa:.4f} ms" if g_sdpa is not None else ""), flush=True)
         ref = None
         for name, sets in variants:
             with applied(sets):
                 out = fn()
                 times = kernel_times(fn, args.calls)
+                if args.graphs and not (args.op == "lla" and args.solver == "keyed"):
+                    if args.op == "lla":
+                        plan = lla_decode.lla_decode_plan(k, v, lengths, ridge_lambda=args.ridge_lambda)
+                        step = lambda: plan.run(q, check_finite=False)  # noqa: E731
+                    else:
+                        plan = parallax_decode.parallax_decode_plan(k, v, lengths)
+                        step = lambda: plan.run(q, r, check_finite=False)  # noqa: E731
+                    g_ms, why = graph_ms(step)
+                    ratios.setdefault(shape, {})[name] = g_ms / g_sdpa if g_ms is not None and g_sdpa else None
+                    print(f"{shape} [{name}] graph " + (f"{g_ms:.4f} ms" if g_ms is not None else why), flush=True)
             ref = out if ref is None else ref
             diff = (out.float() - ref.float()).abs().max().item()
             total = sum(times.values())
             parts = ", ".join(f"{k[:40]} {ms:.3f}" for k, ms in sorted(times.items(), key=lambda x: -x[1]))
-            print(f"{B},1,{T},{D} [{name}]: total {total:.3f} ms, max |o - package o| {diff:.2e}: {parts}",
-                  flush=True)
+            print(f"{shape} [{name}]: total {total:.3f} ms, max |o - package o| {diff:.2e}: {parts}", flush=True)
+    if ratios:
+        print("\ngraph time / SDPA's graph time\n\n" + summary(ratios, [n for n, _ in variants]))
     return 0
 
 
