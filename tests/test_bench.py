@@ -164,7 +164,7 @@ DECODE_GRAPH_COLUMNS = ["graph ms", "graph / SDPA graph", "graph / measured peak
 @needs_interpreter
 def test_bench_decode_times_the_keyed_solver(tmp_path):
     """--lla-solver keyed: lla_decode's keyed solve timed and judged like the Sigma one, its
-    iterations reported; on the CPU its graph columns run the plain call."""
+    iterations reported; on the CPU its graph columns run its plan (the fixed launch schedule)."""
     status, text = _run(tmp_path, "bench-decode", "--kernels", "lla", "--lla-solver", "keyed", "--graphs")
     assert status == 0, text
     assert "--lla-solver keyed" in text.splitlines()[0]
@@ -245,6 +245,27 @@ def test_graphed_replays_the_plan_and_names_a_call_it_cannot_capture():
     replay()
     torch.cuda.synchronize()
     assert torch.equal(out, lla_decode.lla_decode(q, k, v, lengths, ridge_lambda=0.1))
+    # the keyed solve's plan: every launch made and gated on the device, so it captures too
+    kplan = lla_decode.lla_decode_plan(k, v, lengths, ridge_lambda=0.1, solver="keyed")
+    replay, out = graphed(lambda: kplan.run(q, check_finite=False))
+    q.copy_(torch.randn(q.shape, device="cuda", generator=g))
+    replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, lla_decode.lla_decode(q, k, v, lengths, ridge_lambda=0.1, solver="keyed"))
+    # the fused Parallax combine's plan: its count is the plan's, left zero by every replay
+    fused = parallax_decode.FUSED_MAX_SPLITS
+    parallax_decode.FUSED_MAX_SPLITS = 1 << 30
+    try:
+        fplan = parallax_decode.parallax_decode_plan(k, v, lengths)
+    finally:
+        parallax_decode.FUSED_MAX_SPLITS = fused
+    replay, out = graphed(lambda: fplan.run(q, r, check_finite=False))
+    for _ in range(2):
+        q.copy_(torch.randn(q.shape, device="cuda", generator=g))
+        replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, parallax_decode.parallax_decode(q, r, k, v, lengths))
+    assert int(fplan.count.abs().sum()) == 0
     # a device-to-host read inside the capture, in a process of its own: a failed capture may
     # leave the CUDA context unusable for the tests after it in this worker
     import subprocess

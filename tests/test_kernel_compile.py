@@ -68,3 +68,6 @@ def test_decode_compiles_for_sm90_at_the_gpu_tile(tmp_path, pkg):
         assert chunks == {module.combine_chunk(16, interp=False)} != {module.INTERPRETED_COMBINE_CHUNK}, res
     else:
         assert module.BLOCK_N != module.INTERPRETED_BLOCK_N, res
+        # the Sigma kernels both ungated and gated (the keyed solve's hand-over)
+        for name in ("_lla_split_kernel", "_lla_sigma_sum_kernel", "_lla_solve_kernel"):
+            assert {k["constexprs"].get("GATED") for k in res["kernels"] if k["kernel"] == name} == {0, 1}, name

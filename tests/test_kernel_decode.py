@@ -124,9 +124,10 @@ def test_lla_decode_every_position_is_the_forward_row(family, params, S, dtype, 
 
 
 def test_keyed_solve_hands_a_call_past_its_cap_to_the_sigma_solve(monkeypatch):
-    """A call with a head still iterating at KEYED_MAX_ITERS is solved by the Sigma path: the
-    output and statistics are the Sigma solve's, bit for bit; under the cap they are the keyed
-    solve's own (fewer iterations on these heads, a different rounding)."""
+    """Heads still iterating at KEYED_MAX_ITERS are solved by the Sigma path (here every head:
+    each needs more than 2 iterations): the output and statistics are the Sigma solve's, bit
+    for bit; under the cap they are the keyed solve's own (fewer iterations on these heads, a
+    different rounding)."""
     from lla_decode import keyed
 
     q, k, v, lens = _args()
@@ -142,6 +143,38 @@ def test_keyed_solve_hands_a_call_past_its_cap_to_the_sigma_solve(monkeypatch):
     # a cap at or above cg_max_iters is no cap: the keyed solve reports its own stop
     few_o, few_st = lla_decode(q, k, v, lens, ridge_lambda=0.1, return_stats=True, solver="keyed", cg_max_iters=2)
     assert int(few_st["cg_iters"].max()) == 2 and not torch.equal(few_o, sigma_o)
+
+
+def test_keyed_hand_over_is_per_head_and_a_plan_runs_it_on_the_device(monkeypatch):
+    """Heads still iterating at KEYED_MAX_ITERS are handed to the Sigma solve one by one: a
+    head that converged keeps the keyed output and statistics, one that did not gets the
+    Sigma solve's, bit for bit. A keyed plan's run (every launch made, gated on the device, no
+    host read: what a CUDA graph captures) gives the same, capped or not."""
+    from lla_decode import keyed, lla_decode_plan
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, *shape, generator=gen).to(DEVICE) for shape in ((16,), (24, 16), (24, 16)))
+    lens = torch.tensor([24, 17])
+    # lambda 10 converges in 6 keyed iterations, 1e-4 in 18-20
+    lam = torch.tensor([[10.0, 1e-4], [1e-4, 10.0]], device=DEVICE)
+    keyed_o, keyed_st = lla_decode(q, k, v, lens, ridge_lambda=lam, return_stats=True, solver="keyed")
+    sigma_o, sigma_st = lla_decode(q, k, v, lens, ridge_lambda=lam, return_stats=True)
+    plan = lla_decode_plan(k, v, lens, ridge_lambda=lam, solver="keyed")
+    plan_o, plan_st = plan.run(q, return_stats=True)
+    assert torch.equal(plan_o, keyed_o)
+    for name, val in keyed_st.items():
+        assert torch.equal(plan_st[name], val), name
+
+    cap = 8
+    kept = keyed_st["cg_iters"] <= cap
+    assert bool(kept.any()) and not bool(kept.all()), keyed_st["cg_iters"]
+    monkeypatch.setattr(keyed, "KEYED_MAX_ITERS", cap)
+    for o, st in (lla_decode(q, k, v, lens, ridge_lambda=lam, return_stats=True, solver="keyed"),
+                  plan.run(q, return_stats=True)):
+        assert torch.equal(o[kept], keyed_o[kept]) and torch.equal(o[~kept], sigma_o[~kept])
+        for name in keyed_st:
+            assert torch.equal(st[name][kept], keyed_st[name][kept]), name
+            assert torch.equal(st[name][~kept], sigma_st[name][~kept]), name
 
 
 # the keyed solve runs a launch pair an iteration, each over every (split, head) program, which

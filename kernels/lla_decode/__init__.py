@@ -177,9 +177,21 @@ def _split_program(Q, K, V, LENS, H, G, T, split, pid_s, bh, D: tl.constexpr, DV
 # Integer arguments left unspecialised: Triton would compile one variant per class
 # (== 1, divisible by 16, other) of each, and the test suites draw many shapes; row
 # offsets need no divisibility facts from them, since D and DV are constexpr.
+@triton.jit
+def _gate(GATE, bh, GATED: tl.constexpr):
+    """Whether head bh is solved: with GATED, where GATE (int32 a head) is nonzero (the keyed
+    solve's hand-over of the heads still iterating at its cap), else every head."""
+    if GATED:
+        run = tl.load(GATE + bh) != 0
+    else:
+        run = bh >= 0
+    return run
+
+
 @triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
-def _lla_split_kernel(Q, K, V, LENS, M_S, OM_S, MU_S, SIG_S, H, G, T, n_splits, split, scale,
-                      D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr):
+def _lla_split_kernel(Q, K, V, LENS, GATE, M_S, OM_S, MU_S, SIG_S, H, G, T, n_splits, split, scale,
+                      D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BS: tl.constexpr,
+                      GATED: tl.constexpr):
     """Program (split, head, blk) accumulates the block (I, J) of Sigma_s, rows I = bi BS..,
     columns J = bj BS.., for the blk-th block on or above the diagonal in row order (NB = D / BS
     block rows, row t holding NB - t of them: at NB = 2 (0, 0), (0, 1), (1, 1)), and stores it
@@ -192,6 +204,8 @@ def _lla_split_kernel(Q, K, V, LENS, M_S, OM_S, MU_S, SIG_S, H, G, T, n_splits, 
     blk = tl.program_id(0)
     pid_s, bh, start, end, q, Kb, Vb, k0 = _split_program(Q, K, V, LENS, H, G, T, split, tl.program_id(1),
                                                           tl.program_id(2), D, DV)
+    # a head not solved reads no tile (its partials, stored as an empty split's, go unread)
+    end = tl.where(_gate(GATE, bh, GATED), end, start)
     NB: tl.constexpr = D // BS
     # bi: the block rows whose first block (t NB - t (t - 1) / 2) is at or before blk
     bi = blk * 0
@@ -300,12 +314,13 @@ def _head_lambda(LAM, bh, LAM_PER_HEAD: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=('H', 'n_splits'))
-def _lla_sigma_sum_kernel(LENS, M_S, SIG_S, SIG, H, n_splits, split, D: tl.constexpr, BE: tl.constexpr,
-                          CHUNK: tl.constexpr):
+def _lla_sigma_sum_kernel(LENS, GATE, M_S, SIG_S, SIG, H, n_splits, split, D: tl.constexpr, BE: tl.constexpr,
+                          CHUNK: tl.constexpr, GATED: tl.constexpr):
     """Program (element block, head): BE entries of sum_s exp(m_s - M) Sigma_s in fp64, the
     splits' loads pipelined; the solve kernel reads the sum. Many programs a head share the
     D x D x n_splits fp64 partials' read, which a single program per head serialised."""
     bh, used, base = _head_splits(LENS, H, n_splits, split)
+    used = tl.where(_gate(GATE, bh, GATED), used, 0)
     big = _head_max(M_S, base, used, CHUNK)
     offs_e = tl.program_id(1) * BE + tl.arange(0, BE)
     acc = tl.zeros([BE], dtype=tl.float64)
@@ -336,12 +351,15 @@ def _sigma_matvec(SIGh, sig, p, offs_d, D: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=('H', 'n_splits', 'cg_max_iters'))
-def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG, M_OUT, OM_OUT, RHO, ITERS, RES, SERR,
+def _lla_solve_kernel(LENS, LAM, GATE, M_S, OM_S, MU_S, SIG, M_OUT, OM_OUT, RHO, ITERS, RES, SERR,
                       H, n_splits, split, cg_tol, cg_max_iters, D: tl.constexpr, CHUNK: tl.constexpr,
-                      LAM_PER_HEAD: tl.constexpr, ROWS: tl.constexpr):
+                      LAM_PER_HEAD: tl.constexpr, ROWS: tl.constexpr, GATED: tl.constexpr):
     """LAM: lambda per head (B*H fp32) with LAM_PER_HEAD, else one lambda for every head (a
-    float argument: no device array to fill per call)."""
+    float argument: no device array to fill per call). A head not solved (GATE) reads no
+    split (mu = 0: CG stops at once) and stores nothing."""
     bh, used, base = _head_splits(LENS, H, n_splits, split)
+    run = _gate(GATE, bh, GATED)
+    used = tl.where(run, used, 0)
     offs_d = tl.arange(0, D)
     big, omega, mu = _head_sums(M_S, OM_S, MU_S, base, used, D, CHUNK)
     sig_h = SIG + bh.to(tl.int64) * D * D
@@ -381,14 +399,14 @@ def _lla_solve_kernel(LENS, LAM, M_S, OM_S, MU_S, SIG, M_OUT, OM_OUT, RHO, ITERS
     tres = mu - (_sigma_matvec(sig_h, sig, rho, offs_d, D, ROWS) + ridge * rho)
     tn = tl.sqrt(tl.sum(tres * tres, 0))
     mn = tl.sqrt(mu2)
-    tl.store(M_OUT + bh, big)
-    tl.store(OM_OUT + bh, omega)
-    tl.store(RHO + bh.to(tl.int64) * D + offs_d, rho.to(tl.float32))
-    tl.store(ITERS + bh, it)
-    tl.store(RES + bh, tl.where(mn > 0.0, tn / tl.where(mn > 0.0, mn, 1.0), 0.0).to(tl.float32))
+    tl.store(M_OUT + bh, big, mask=run)
+    tl.store(OM_OUT + bh, omega, mask=run)
+    tl.store(RHO + bh.to(tl.int64) * D + offs_d, rho.to(tl.float32), mask=offs_d < tl.where(run, D, 0))
+    tl.store(ITERS + bh, it, mask=run)
+    tl.store(RES + bh, tl.where(mn > 0.0, tn / tl.where(mn > 0.0, mn, 1.0), 0.0).to(tl.float32), mask=run)
     # <mu, Sigma^-1 mu - rho> = <rho, r> exactly for symmetric Sigma: the solve's error in
     # den is at most |rho| |r|, 2x for safety as in the forward kernel's guard
-    tl.store(SERR + bh, (2.0 * tl.sqrt(tl.sum(rho * rho, 0)) * tn).to(tl.float32))
+    tl.store(SERR + bh, (2.0 * tl.sqrt(tl.sum(rho * rho, 0)) * tn).to(tl.float32), mask=run)
 
 
 @triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
@@ -548,13 +566,28 @@ def _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max
 def _launch(prep: _Prepared, q, k_cache, v_cache, combine, out=None):
     """The five launches of a prepared call (``out``: o's storage, else a new tensor). No host
     copy and no synchronisation: a CUDA graph can capture it."""
-    B, H, D = q.shape
-    Hk, T, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
-    split, n_splits, bn, interp, lens_d = prep.split, prep.n_splits, prep.bn, prep.interp, prep.lens_d
-    N = B * H
-    dev = q.device
+    N, D = q.shape[0] * q.shape[1], q.shape[2]
     qc, kc, vc = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
-    G = H // Hk
+    m_g, om_g, res, serr, den = _f32_arrays(5, N, q.device)
+    rho = torch.empty(N, D, device=q.device, dtype=torch.float32)
+    iters = torch.empty(N, device=q.device, dtype=torch.int32)
+    parts = _sigma_solve(prep, qc, kc, vc, (m_g, om_g, rho, iters, res, serr), combine=combine)
+    o, fb = _output_and_finish(prep, qc, kc, vc, m_g, rho, serr, den, out)
+    return o, (iters, res, om_g, den, fb), parts
+
+
+def _sigma_solve(prep: _Prepared, qc, kc, vc, outs, gate=None, combine=None):
+    """The Sigma pass, its sum and the solve, writing outs = (M, Omega, rho (fp32), iterations,
+    residual, solve error bound) per head; with ``gate`` (int32 a head) only the heads where
+    it is nonzero, the others' entries untouched (no head's partials are read for them).
+    Returns the split kernel's partials as ``_parts``' arguments."""
+    B, H, D = qc.shape
+    Hk, T, Dv = kc.shape[1], kc.shape[2], vc.shape[-1]
+    split, n_splits, bn, interp, lens_d = prep.split, prep.n_splits, prep.bn, prep.interp, prep.lens_d
+    N, G, dev = B * H, H // Hk, qc.device
+    gated = gate is not None
+    # not read ungated: the lengths stand in for the pointer
+    gate = gate if gated else lens_d
 
     m_s, om_s = _f32_arrays(2, N * n_splits, dev)
     mu_s = torch.empty(N, n_splits, D, device=dev, dtype=torch.float32)
@@ -562,9 +595,9 @@ def _launch(prep: _Prepared, q, k_cache, v_cache, combine, out=None):
     # Sigma in blocks of BS x BS: those on and above the diagonal, one program each
     bs = min(D, INTERPRETED_SIGMA_BLOCK if interp else SIGMA_BLOCK)
     n_blocks = (D // bs) * (D // bs + 1) // 2
-    _lla_split_kernel[(n_blocks, n_splits, N)](qc, kc, vc, lens_d, m_s, om_s, mu_s, sig_s, H, G, T, n_splits,
+    _lla_split_kernel[(n_blocks, n_splits, N)](qc, kc, vc, lens_d, gate, m_s, om_s, mu_s, sig_s, H, G, T, n_splits,
                                                split, float(prep.scale), D=D, DV=Dv, BLOCK_N=bn, BS=bs,
-                                               num_warps=SPLIT_WARPS)
+                                               GATED=int(gated), num_warps=SPLIT_WARPS)
     parts = (m_s, om_s, mu_s, sig_s, split, lens_d, N, n_splits)
     if combine is not None:
         parts = _parts(*parts)
@@ -577,21 +610,16 @@ def _launch(prep: _Prepared, q, k_cache, v_cache, combine, out=None):
     else:
         n_solve, split_solve = n_splits, split
 
-    m_g, om_g, res, serr, den = _f32_arrays(5, N, dev)
-    rho = torch.empty(N, D, device=dev, dtype=torch.float32)
-    iters = torch.empty(N, device=dev, dtype=torch.int32)
     sig = torch.empty(N, D, D, device=dev, dtype=torch.float64)
     be = min(D * D, SIGMA_SUM_BLOCK)
-    _lla_sigma_sum_kernel[(N, D * D // be)](lens_d, m_s, sig_s, sig, H, n_solve, split_solve, D=D, BE=be,
-                                            CHUNK=_chunk(1, interp), num_warps=4)
-    _lla_solve_kernel[(N,)](lens_d, prep.lam, m_s, om_s, mu_s, sig, m_g, om_g, rho, iters, res, serr,
+    _lla_sigma_sum_kernel[(N, D * D // be)](lens_d, gate, m_s, sig_s, sig, H, n_solve, split_solve, D=D, BE=be,
+                                            CHUNK=_chunk(1, interp), GATED=int(gated), num_warps=4)
+    _lla_solve_kernel[(N,)](lens_d, prep.lam, gate, m_s, om_s, mu_s, sig, *outs,
                             H, n_solve, split_solve, float(prep.tol), int(prep.max_iters), D=D,
                             CHUNK=_chunk(D, interp), LAM_PER_HEAD=prep.lam_per_head,
-                            ROWS=min(D, 16) if interp else SOLVE_ROWS[D],
+                            ROWS=min(D, 16) if interp else SOLVE_ROWS[D], GATED=int(gated),
                             num_warps=4 if interp else SOLVE_WARPS[D])
-
-    o, fb = _output_and_finish(prep, qc, kc, vc, m_g, rho, serr, den, out)
-    return o, (iters, res, om_g, den, fb), parts
+    return parts
 
 
 def _output_and_finish(prep: _Prepared, qc, kc, vc, m_g, rho, serr, den, out):
@@ -662,16 +690,15 @@ def lla_decode(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_
     None picks one from the shape). ``solver``: "sigma" (the cache's Sigma formed in fp64 and
     solved on the device) or "keyed" (each CG product a pass over the keys, as the forward
     kernel's; the host reads whether any head still iterates after iterations 4, 8, 16, ...,
-    so a call waits for the device: not for a CUDA graph); docs/decode.md compares them.
+    so a call waits for the device: a plan's run does not, and a CUDA graph captures that);
+    docs/decode.md compares them.
     """
     if solver == "keyed":
         from .keyed import launch as keyed_launch
 
         prep = _prepare(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps,
                         split, check_finite)
-        keyed = keyed_launch(prep, q, k_cache, v_cache)
-        # None: a head still iterated at the keyed solve's cap, and the Sigma path solves the call
-        o, raw = keyed if keyed is not None else _launch(prep, q, k_cache, v_cache, None)[:2]
+        o, raw = keyed_launch(prep, q, k_cache, v_cache)
     elif solver == "sigma":
         o, raw, _ = _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters,
                             delta_eps, split, check_finite, None)
@@ -686,7 +713,8 @@ class LLADecodePlan:
     """lla_decode for one cache, prepared once (``lla_decode_plan``): every check of the cache,
     the lengths, lambda and the options, the split size, and the lengths' device copy. A
     ``run(q)`` checks q against the plan (shape, dtype, device: no device work) and makes the
-    five launches; with ``check_finite=False`` it copies nothing to the device and never
+    solver's launches (five for the Sigma solve; a fixed count for the keyed one); with
+    ``check_finite=False`` it copies nothing to the device and never
     waits for it (its workspaces are allocations, which a CUDA graph captures), so a graph can
     capture it and its replays read the cache, q and the lengths as they are then. Lambda and
     the options are fixed at planning. ``set_lengths`` checks new lengths and writes them into
@@ -694,7 +722,10 @@ class LLADecodePlan:
     place, so it must be contiguous."""
 
     def __init__(self, k_cache, v_cache, lengths, *, ridge_lambda, num_heads=None, qk_scale=None,
-                 cg_tol=DEFAULT_CG_TOL, cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None):
+                 cg_tol=DEFAULT_CG_TOL, cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, solver="sigma"):
+        if solver not in ("sigma", "keyed"):
+            raise LLAInputError(f"solver: expected 'sigma' or 'keyed', got {solver!r}")
+        self.solver = solver
         check_plan_cache(k_cache, v_cache)
         B, Hk, _, D = k_cache.shape
         H = check_num_heads(num_heads, Hk)
@@ -721,16 +752,26 @@ class LLADecodePlan:
                           contiguous=True)
         if check_finite:
             check_cache_finite(q, self.k_cache, self.v_cache, self.prep.lens)
-        o, raw, _ = _launch(self.prep, q, self.k_cache, self.v_cache, None, out)
+        if self.solver == "keyed":
+            from .keyed import launch as keyed_launch
+
+            # every iteration's launches made, gated on the device: no host read
+            o, raw = keyed_launch(self.prep, q, self.k_cache, self.v_cache, out, fixed=True)
+        else:
+            o, raw, _ = _launch(self.prep, q, self.k_cache, self.v_cache, None, out)
         if not return_stats:
             return o
         return o, _stats(raw, *self.shape[:2])._asdict()
 
 
 def lla_decode_plan(k_cache, v_cache, lengths, *, ridge_lambda, num_heads=None, qk_scale=None, cg_tol=DEFAULT_CG_TOL,
-                    cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None):
+                    cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, solver="sigma"):
     """An LLADecodePlan: lla_decode's checks and launch sizes for this cache, lengths, lambda
     and options, done once; ``plan.run(q)`` is then the decode step (q of shape
-    (B, num_heads, D), num_heads defaulting to the cache's H_kv)."""
+    (B, num_heads, D), num_heads defaulting to the cache's H_kv). ``solver`` as lla_decode's;
+    a keyed plan's run makes every iteration's launches (min(cg_max_iters, KEYED_MAX_ITERS)
+    of them, those of converged heads doing nothing) and the Sigma hand-over's, with no host
+    read."""
     return LLADecodePlan(k_cache, v_cache, lengths, ridge_lambda=ridge_lambda, num_heads=num_heads,
-                         qk_scale=qk_scale, cg_tol=cg_tol, cg_max_iters=cg_max_iters, delta_eps=delta_eps, split=split)
+                         qk_scale=qk_scale, cg_tol=cg_tol, cg_max_iters=cg_max_iters, delta_eps=delta_eps, split=split,
+                         solver=solver)

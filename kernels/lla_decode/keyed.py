@@ -17,9 +17,11 @@ where the Sigma path's pass costs 2 D^2 fp64 tensor-core operations a key.
 Launches: the statistics pass (m, omega, mu a split), the start of the solve (per head: the
 rescaled sums, rho = 0, the residual mu), then per iteration a product pass and a CG update
 (per head; a head that has converged skips both), one more product with rho for the true
-residual, and the package's output pass and finish. The host checks whether any head is
+residual, the Sigma solve of the heads still iterating at KEYED_MAX_ITERS (gated per head),
+and the package's output pass and finish. A call checks on the host whether any head is
 still iterating after iterations 4, 8, 16, ...: one device-to-host read each, and a launch
-with every head converged costs only its launch.
+with every head converged costs only its launch. A plan's run (``fixed``) makes every
+launch with no host read, so a CUDA graph can capture it.
 """
 
 from __future__ import annotations
@@ -31,15 +33,15 @@ import triton.language as tl
 from lla_contract.host import f32_arrays as _f32_arrays
 
 from . import (_chunk, _head_lambda, _head_splits, _head_sums, _key_tile, _output_and_finish, _scalar,
-               _split_program)
+               _sigma_solve, _split_program)
 
 # the first iteration after which the host reads whether a head still iterates; then every
 # doubling (a read is a synchronisation: rare, since a launch after convergence only costs
 # its launch)
 FIRST_CHECK = 4
-# keyed iterations (cache passes) before a call whose heads have not all converged is solved
-# by the Sigma path instead, whose iterations read no cache: a speed rule, not an accuracy one
-# (both solves are in one accuracy class), and not yet measured on a GPU
+# keyed iterations (cache passes) after which a head that has not converged is solved by the
+# Sigma path instead, whose iterations read no cache: a speed rule, not an accuracy one (both
+# solves are in one accuracy class), and not yet measured on a GPU
 KEYED_MAX_ITERS = 32
 # the key passes' tiles (the statistics pass and every product): positions a tile, warps,
 # tiles in flight, and whether a product pass keeps y = sum_j w_j <z_j, p> z_j as a
@@ -223,11 +225,14 @@ def _keyed_residual_kernel(LENS, Y_S, PAP_S, RIDGE, MU, RHO, RHO32, RES_OUT, SER
     tl.store(SERR + bh, (2.0 * tl.sqrt(tl.sum(rho * rho, 0)) * tn).to(tl.float32))
 
 
-def launch(prep, q, k_cache, v_cache, out=None):
+def launch(prep, q, k_cache, v_cache, out=None, fixed=False):
     """The keyed solve's launches for a prepared call (lla_decode's ``_Prepared``): returns
-    (o, (iters, res, om_g, den, fb)) as the Sigma path's ``_launch`` does, or None when a head
-    still iterates after KEYED_MAX_ITERS iterations (below cg_max_iters): the caller then
-    solves the call by the Sigma path."""
+    (o, (iters, res, om_g, den, fb)) as the Sigma path's ``_launch`` does. A head still
+    iterating after KEYED_MAX_ITERS iterations (below cg_max_iters) is handed to the Sigma
+    solve, its output and statistics then the Sigma solve's. ``fixed``: every iteration's
+    launches and the hand-over's are made whatever the heads' state (those of converged heads
+    do nothing), with no host read: a CUDA graph can capture the call. Otherwise the host
+    reads whether any head still iterates after iterations 4, 8, 16, ... and stops there."""
     B, H, D = q.shape
     Hk, T = k_cache.shape[1], k_cache.shape[2]
     split, n_splits, bn, interp, lens_d = prep.split, prep.n_splits, prep.bn, prep.interp, prep.lens_d
@@ -260,18 +265,21 @@ def launch(prep, q, k_cache, v_cache, out=None):
         _keyed_update_kernel[(N,)](lens_d, y_s, pap_s, ridge, rho, resid, p, rr, thresh, act, iters,
                                    H, n_splits, split, int(prep.max_iters), D=D, CHUNK=chunk, num_warps=4)
         done += 1
-        if done == check_at:
+        if not fixed and done == check_at:
             if not bool(act.any()):
                 break
             check_at *= 2
-    if done == cap < prep.max_iters and bool(act.any()):
-        return None
     # the true residual: one more product, with rho, for every head
     _keyed_product_kernel[(n_splits, N)](qc, kc, lens_d, m_g, rho, act, y_s, pap_s, H, G, T, n_splits, split,
                                          scale, GATED=False, ACC2D=KEY_PASS_ACC2D, **kpass)
     rho32 = torch.empty(N, D, device=dev, dtype=torch.float32)
     _keyed_residual_kernel[(N,)](lens_d, y_s, pap_s, ridge, mu, rho, rho32, res, serr, H, n_splits, split, D=D,
                                  CHUNK=chunk, num_warps=4)
+    # the heads still iterating at the cap (act nonzero: never when the cap is cg_max_iters,
+    # where the update clears it) are solved again by the Sigma solve, which overwrites their
+    # M, Omega, rho, iterations, residual and error bound
+    if cap < prep.max_iters and (fixed or bool(act.any())):
+        _sigma_solve(prep, qc, kc, vc, (m_g, om_g, rho32, iters, res, serr), gate=act)
 
     o, fb = _output_and_finish(prep, qc, kc, vc, m_g, rho32, serr, den, out)
     return o, (iters, res, om_g, den, fb)

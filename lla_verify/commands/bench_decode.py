@@ -78,8 +78,8 @@ def register(sub) -> None:
     p.add_argument("--kernels", default="parallax,lla", help="comma list among parallax,lla")
     p.add_argument("--ridge-lambda", type=float_in(1e-3, 1e2), default=0.1, help="LLA's lambda")
     p.add_argument("--lla-solver", choices=("sigma", "keyed"), default="sigma",
-                   help="the built-in lla_decode's solver (docs/decode.md); the keyed solve reads a flag from the "
-                        "device every few iterations, so its graph columns say it cannot be captured")
+                   help="the built-in lla_decode's solver (docs/decode.md); its graph columns capture the "
+                        "solver's plan (the keyed one with its fixed launch schedule)")
     p.add_argument("--lla-impl", default=DEFAULT_IMPLS["lla"],
                    help="MODULE:CALLABLE with fn(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale) -> o")
     p.add_argument("--parallax-impl", default=DEFAULT_IMPLS["parallax"],
@@ -489,14 +489,12 @@ def _graph_cells(kern, name, fn, is_builtin, inputs, case: FixedHead, args, time
         call = lambda: plan.run(q, r, check_finite=False)  # noqa: E731
     elif kern == "parallax":
         call = lambda: fn(q, r, k, v, lengths, qk_scale=scale)  # noqa: E731
-    elif is_builtin and args.lla_solver == "sigma":
+    elif is_builtin:
         import lla_decode
 
-        plan = lla_decode.lla_decode_plan(k, v, lengths, ridge_lambda=args.ridge_lambda, qk_scale=scale)
+        plan = lla_decode.lla_decode_plan(k, v, lengths, ridge_lambda=args.ridge_lambda, qk_scale=scale,
+                                          solver=args.lla_solver)
         call = lambda: plan.run(q, check_finite=False)  # noqa: E731
-    elif is_builtin:
-        call = lambda: fn(q, k, v, lengths, ridge_lambda=args.ridge_lambda, qk_scale=scale,  # noqa: E731
-                          check_finite=False, solver=args.lla_solver)
     else:
         call = lambda: fn(q, k, v, lengths, ridge_lambda=args.ridge_lambda, qk_scale=scale)  # noqa: E731
     try:

@@ -130,6 +130,17 @@ def _calls(full: bool, dims=None):
                 # the keyed solve's kernels (its loop reads a flag from the device: zeros here)
                 lla_decode.lla_decode(q, kc, vc, lens, ridge_lambda=0.1, check_finite=False, solver="keyed",
                                       cg_max_iters=1)
+                # a keyed plan past its cap: the Sigma kernels gated by the hand-over's flags
+                from lla_decode import keyed
+
+                cap = keyed.KEYED_MAX_ITERS
+                keyed.KEYED_MAX_ITERS = 1
+                try:
+                    plan = lla_decode.lla_decode_plan(kc, vc, lens, ridge_lambda=0.1, num_heads=q.shape[1],
+                                                      cg_max_iters=2, solver="keyed")
+                    plan.run(q, check_finite=False)
+                finally:
+                    keyed.KEYED_MAX_ITERS = cap
 
             def parallax_dec(dt=dt, D=D):
                 import parallax_decode
