@@ -37,9 +37,9 @@ timeout -s INT 280 $prof --op lla --solver sigma --calls 3 \
 }
 
 # lla_decode, keyed solve: the key passes' tile, warps and accumulator, and the split's programs
-# (not capturable: kernel device times only)
+# (its graph is the plan's fixed schedule; "cap8" asks what fewer empty launches save)
 keyed() {
-timeout -s INT 200 $prof --op lla --solver keyed --calls 3 \
+timeout -s INT 280 $prof --op lla --solver keyed --calls 3 \
   --shapes 64:131072:128,64:131072:64,16:32768:128,1:4096:128 \
   --variant "acc64:$K.KEY_PASS_ACC2D=True" \
   --variant "b16w4acc:$K.KEY_PASS_BLOCK_N=16;$K.KEY_PASS_ACC2D=True" \
@@ -49,6 +49,7 @@ timeout -s INT 200 $prof --op lla --solver keyed --calls 3 \
   --variant "b16w2-r8:$K.KEY_PASS_BLOCK_N=16;$K.KEY_PASS_WARPS=2;$L.RESIDENT_PER_SM=$(all 8)" \
   --variant "b16w4acc-r8:$K.KEY_PASS_BLOCK_N=16;$K.KEY_PASS_ACC2D=True;$L.RESIDENT_PER_SM=$(all 8)" \
   --variant "b32w4acc-r4-s4:$K.KEY_PASS_BLOCK_N=32;$K.KEY_PASS_ACC2D=True;$K.KEY_PASS_STAGES=4;$L.RESIDENT_PER_SM=$(all 4)" \
+  --variant "cap8:$K.KEYED_MAX_ITERS=8" \
   > "$out/sweep-lla-keyed.txt" 2>&1; echo "rc=$?" >> "$out/sweep-lla-keyed.txt"
 }
 

@@ -17,8 +17,9 @@ The kernels' device times leave out the gaps between dependent launches, which i
 change in the number of launches moves. --graphs adds each variant's step captured in a CUDA
 graph through its package's plan (built with the variant set) and timed over replays by
 do_bench, beside SDPA's graph, as bench-decode --graphs times them, and a closing table of
-graph time / SDPA's graph time by shape and variant. The keyed solve reads a flag on the host
-and is not captured.
+graph time / SDPA's graph time by shape and variant. The keyed solve's plan makes its whole
+launch schedule (KEYED_MAX_ITERS iteration pairs, most of them empty), so its graph time
+counts launches that a plain call, which stops at convergence, does not make.
 """
 
 from __future__ import annotations
@@ -146,9 +147,10 @@ def main(argv=None) -> int:
             with applied(sets):
                 out = fn()
                 times = kernel_times(fn, args.calls)
-                if args.graphs and not (args.op == "lla" and args.solver == "keyed"):
+                if args.graphs:
                     if args.op == "lla":
-                        plan = lla_decode.lla_decode_plan(k, v, lengths, ridge_lambda=args.ridge_lambda)
+                        plan = lla_decode.lla_decode_plan(k, v, lengths, ridge_lambda=args.ridge_lambda,
+                                                          solver=args.solver)
                         step = lambda: plan.run(q, check_finite=False)  # noqa: E731
                     else:
                         plan = parallax_decode.parallax_decode_plan(k, v, lengths)
