@@ -369,13 +369,19 @@ def _launch_split(q, r, k_cache, v_cache, lens_d, moments, split, scale, bn, fus
         FUSED=int(fused is not None), CHUNK=FUSED_CHUNK, num_warps=SPLIT_WARPS)
 
 
-def _partials(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp):
-    """The split kernel's launch: (m, omega, dbar, nu', X, split, device lengths); m, omega
-    and dbar flat, at least B*H*n_splits entries."""
+def _setup(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp):
+    """A call's checks and buffers: (moments, split, device lengths, scale, tile)."""
     lens, scale, split, bn = _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp)
     B, H, _ = q.shape
     moments = _moments(B * H, _cdiv(k_cache.shape[2], split), v_cache.shape[-1], q.device)
-    lens_d = _lengths_on(lens, q.device)
+    return moments, split, _lengths_on(lens, q.device), scale, bn
+
+
+def _partials(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp):
+    """The split kernel's launch: (m, omega, dbar, nu', X, split, device lengths); m, omega
+    and dbar flat, at least B*H*n_splits entries."""
+    moments, split, lens_d, scale, bn = _setup(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite,
+                                               interp)
     _launch_split(q, r, k_cache, v_cache, lens_d, moments, split, scale, bn)
     return (*moments, split, lens_d)
 
@@ -447,12 +453,11 @@ def parallax_decode(q, r, k_cache, v_cache, lengths, *, qk_scale=None, split=Non
     """
     # the environment read once a call: the tile, split and chunk all follow from it
     interp = _interpreting()
-    lens, scale, split, bn = _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp)
+    moments, split, lens_d, scale, bn = _setup(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite,
+                                               interp)
     B, H, _ = q.shape
-    n_splits, Dv = _cdiv(k_cache.shape[2], split), v_cache.shape[-1]
-    moments = _moments(B * H, n_splits, Dv, q.device)
-    lens_d = _lengths_on(lens, q.device)
-    if _fuses(n_splits):
+    Dv = v_cache.shape[-1]
+    if _fuses(moments[3].shape[1]):
         o = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
         cnt = torch.zeros(B * H, device=q.device, dtype=torch.int32)
         _launch_split(q, r, k_cache, v_cache, lens_d, moments, split, scale, bn, (cnt, o))
