@@ -601,6 +601,12 @@ def test_plan_bad_input_is_named(kernel, what, match):
         calls[what]()
 
 
+def test_lla_plan_checks_its_solver():
+    _, _, kc, vc, lens = _plan_inputs()
+    with pytest.raises(LLAInputError, match=r"^solver: expected 'sigma' or 'keyed', got 'cholesky'"):
+        _plan_for("lla", kc, vc, lens, solver="cholesky")
+
+
 def test_parallax_plan_checks_its_probe():
     q, r, kc, vc, lens = _plan_inputs()
     _, run, _ = _planned("parallax", kc, vc, lens)
