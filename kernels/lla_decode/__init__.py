@@ -179,8 +179,9 @@ def _split_program(Q, K, V, LENS, H, G, T, split, pid_s, bh, D: tl.constexpr, DV
 # offsets need no divisibility facts from them, since D and DV are constexpr.
 @triton.jit
 def _gate(GATE, bh, GATED: tl.constexpr):
-    """Whether head bh is solved: with GATED, where GATE (int32 a head) is nonzero (the keyed
-    solve's hand-over of the heads still iterating at its cap), else every head."""
+    """Whether head bh takes part in a launch: with GATED, where GATE (int32 a head) is
+    nonzero (the keyed solve's heads still iterating; those handed to the Sigma solve at its
+    cap), else every head."""
     if GATED:
         run = tl.load(GATE + bh) != 0
     else:

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from lla_contract.host import f32_arrays as _f32_arrays
 
-from . import (_chunk, _head_lambda, _head_splits, _head_sums, _key_tile, _output_and_finish, _scalar,
+from . import (_chunk, _gate, _head_lambda, _head_splits, _head_sums, _key_tile, _output_and_finish, _scalar,
                _sigma_solve, _split_program)
 
 # the first iteration after which the host reads whether a head still iterates; then every
@@ -149,15 +149,10 @@ def _keyed_product_kernel(Q, K, LENS, M_G, P, ACT, Y_S, PAP_S, H, G, T, n_splits
     """Per (split, head): y_s = sum_j w_j <z_j, p> z_j and sum_j w_j <z_j, p>^2 over the
     split, w_j against the head's global max (so the splits add without rescaling). With
     GATED, a head that has converged (ACT 0) does nothing."""
-    pid_s = tl.program_id(0)
     bh = tl.program_id(1)
-    if GATED:
-        if tl.load(ACT + bh) != 0:
-            _product(Q, K, LENS, M_G, P, Y_S, PAP_S, H, G, T, n_splits, split, scale, pid_s, bh, D, BLOCK_N,
-                     STAGES, ACC2D)
-    else:
-        _product(Q, K, LENS, M_G, P, Y_S, PAP_S, H, G, T, n_splits, split, scale, pid_s, bh, D, BLOCK_N, STAGES,
-                 ACC2D)
+    if _gate(ACT, bh, GATED):
+        _product(Q, K, LENS, M_G, P, Y_S, PAP_S, H, G, T, n_splits, split, scale, tl.program_id(0), bh, D, BLOCK_N,
+                 STAGES, ACC2D)
 
 
 @triton.jit

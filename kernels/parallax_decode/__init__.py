@@ -369,6 +369,15 @@ def _launch_split(q, r, k_cache, v_cache, lens_d, moments, split, scale, bn, fus
         FUSED=int(fused is not None), CHUNK=FUSED_CHUNK, num_warps=SPLIT_WARPS)
 
 
+def _fused_step(q, r, k_cache, v_cache, lens_d, moments, split, scale, bn, count, o=None):
+    """The one launch of a fused call: the split kernel combining into ``o`` (else a new
+    tensor), with ``count`` an int32 zero a head (left zero)."""
+    if o is None:
+        o = torch.empty(*q.shape[:2], v_cache.shape[-1], device=q.device, dtype=q.dtype)
+    _launch_split(q, r, k_cache, v_cache, lens_d, moments, split, scale, bn, (count, o))
+    return o
+
+
 def _setup(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp):
     """A call's checks and buffers: (moments, split, device lengths, scale, tile)."""
     lens, scale, split, bn = _check(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite, interp)
@@ -455,15 +464,11 @@ def parallax_decode(q, r, k_cache, v_cache, lengths, *, qk_scale=None, split=Non
     interp = _interpreting()
     moments, split, lens_d, scale, bn = _setup(q, r, k_cache, v_cache, lengths, qk_scale, split, check_finite,
                                                interp)
-    B, H, _ = q.shape
-    Dv = v_cache.shape[-1]
     if _fuses(moments[3].shape[1]):
-        o = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
-        cnt = torch.zeros(B * H, device=q.device, dtype=torch.int32)
-        _launch_split(q, r, k_cache, v_cache, lens_d, moments, split, scale, bn, (cnt, o))
-        return o
+        count = torch.zeros(q.shape[0] * q.shape[1], device=q.device, dtype=torch.int32)
+        return _fused_step(q, r, k_cache, v_cache, lens_d, moments, split, scale, bn, count)
     _launch_split(q, r, k_cache, v_cache, lens_d, moments, split, scale, bn)
-    return _combine(*moments, split, lens_d, q, v_cache, combine_chunk(Dv, interp))
+    return _combine(*moments, split, lens_d, q, v_cache, combine_chunk(v_cache.shape[-1], interp))
 
 
 class ParallaxDecodePlan:
@@ -517,11 +522,8 @@ class ParallaxDecodePlan:
         if check_finite:
             check_cache_finite(q, self.k_cache, self.v_cache, self.lengths, (("r", r),))
         if self.count is not None:
-            o = torch.empty(self.shape[:2] + (self.v_cache.shape[-1],), device=self.device,
-                            dtype=self.dtype) if out is None else out
-            _launch_split(q, r, self.k_cache, self.v_cache, self.lens_d, self.moments, self.split, self.scale,
-                          self.bn, (self.count, o))
-            return o
+            return _fused_step(q, r, self.k_cache, self.v_cache, self.lens_d, self.moments, self.split, self.scale,
+                               self.bn, self.count, out)
         _launch_split(q, r, self.k_cache, self.v_cache, self.lens_d, self.moments, self.split, self.scale, self.bn)
         return _combine(*self.moments, self.split, self.lens_d, q, self.v_cache, self.chunk, out, self.groups)
 
