@@ -3,9 +3,9 @@ entries with an "op", what ``lla-verify hunt --op OP --add-regression`` stores),
 checked on every run through the operators table (registry/operators.py), exactly as
 ``lla-verify check --op OP --case SPEC`` replays it.
 
-The implementation under test: ``--lla-parallax-impl`` for Parallax; each decode
-operator's default implementation (the Triton decode kernels), skipped with the reason
-where it cannot run here.
+The implementation under test: ``--lla-parallax-impl`` for Parallax, ``--lla-decode-impl``
+and ``--lla-parallax-decode-impl`` for the decodes (default: the Triton decode kernels),
+each skipped with the reason where it cannot run here.
 """
 
 from __future__ import annotations
@@ -23,22 +23,17 @@ _STORED = Path(str(resources.files(__package__).joinpath("regressions.json")))
 PINNED = [(op, case) for op in OPERATORS if op != "lla" for case in pinned(op, path=_STORED)]
 
 
-def _impl(op_name, request, device):
-    if op_name == "parallax":
-        return request.getfixturevalue("parallax_impl")
-    op = OPERATORS[op_name]
-    why = op.prepare(op.default_impl, device)
-    impl = op.resolve(op.default_impl)
-    why = why or op.available(impl, device)
-    if why:
-        pytest.skip(f"{op_name} implementation {op.default_impl} unavailable: {why}")
-    return impl
+FIXTURES = {"parallax": "parallax_impl", "lla-decode": "decode_impl", "parallax-decode": "parallax_decode_impl"}
+
+
+def _impl(op_name, request):
+    return request.getfixturevalue(FIXTURES[op_name])
 
 
 @pytest.mark.parametrize("op_name, case", PINNED, ids=[f"{op}:{c.spec()}" for op, c in PINNED])
 def test_operator_pinned_regressions(op_name, case, request, device):
     op = OPERATORS[op_name]
-    impl = _impl(op_name, request, device)
+    impl = _impl(op_name, request)
     reason = op.supports(impl, case)
     if reason:
         pytest.skip(reason)

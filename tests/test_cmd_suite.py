@@ -73,3 +73,20 @@ def test_parallax_impl_passes_through_and_a_bad_one_is_exit_2(pytest_exits, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--parallax-impl" in err and "nope" in err, err
     assert len(pytest_exits) == 2  # the second run never started pytest
+
+
+@pytest.mark.parametrize("opt, plugin_opt, good", [
+    ("--decode-impl", "--lla-decode-impl", "lla-decode-oracle"),
+    ("--parallax-decode-impl", "--lla-parallax-decode-impl", "lla_verify.testing.mutants:pxdec_split_control"),
+])
+def test_decode_impls_pass_through_and_a_bad_one_is_exit_2(pytest_exits, capsys, opt, plugin_opt, good):
+    assert cli.main(["suite", "--impl", "torch-fp32", opt, good]) == 0
+    cmd = pytest_exits[1]
+    assert cmd[cmd.index(plugin_opt) + 1] == good
+    # another operator's built-in is refused by name
+    wrong = "lla-decode-oracle" if "parallax" in opt else "parallax-decode-oracle"
+    for bad in ("nope", "no_such_module_xyz:fn", wrong):
+        assert cli.main(["suite", "--impl", "torch-fp32", opt, bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and opt in err and plugin_opt not in err, err
+    assert len(pytest_exits) == 2  # no bad run started pytest

@@ -59,3 +59,29 @@ def test_the_cases_reach_the_references_guards():
     # the bitwise comparison means most where the reference departs from a plain solve
     specs = [parse_case(s).build() for s in SPECS]
     assert sum(_chol_fails(p) for p in specs) >= 2
+
+
+def test_split_combine_controls_are_the_decode_references_and_the_mutants_differ_past_one_split():
+    """The split-combine decode mutants' controls (the rescale kept) are the float64 decode
+    references to float64 rounding; the mutants equal their controls bit for bit while the
+    cache holds one split (the bug has nothing to rescale) and differ once it holds two."""
+    from lla_verify.oracles.decode import lla_decode_reference, parallax_decode_reference
+    from lla_verify.testing.decode import every_position
+
+    p = parse_case("gaussian:lam=0.1:B=1,H=2,S=40,D=16,dtype=float32,seed=3").build("cpu")
+    r = torch.randn(p.q.shape, generator=torch.Generator().manual_seed(0))
+    lam = p.lam_tensor[..., None]
+    qd, kc, vc, lens, (lam_d, rd) = every_position(p.q, p.k, p.v, lam, r)
+    lam_d = lam_d[..., 0]
+    one_split = lens <= mutants.SPLIT
+    for name, ref, ctrl, bug, args, kw in [
+        ("lla", lla_decode_reference, mutants.dec_split_control, mutants.dec_unscaled_split_combine,
+         (qd, kc, vc, lens), {"ridge_lambda": lam_d}),
+        ("parallax", parallax_decode_reference, mutants.pxdec_split_control, mutants.pxdec_unscaled_split_combine,
+         (qd, rd, kc, vc, lens), {}),
+    ]:
+        want, got, wrong = ref(*args, **kw), ctrl(*args, **kw), bug(*args, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12, msg=lambda m: f"{name} control: {m}")
+        _same(wrong[one_split], got[one_split], f"{name} mutant within one split")
+        err = (wrong[~one_split] - got[~one_split]).norm(dim=-1) / got[~one_split].norm(dim=-1)
+        assert bool((err > 1e-3).all()), f"{name} mutant past one split: relative differences {err.min():.3g}.."

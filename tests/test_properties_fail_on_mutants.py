@@ -95,6 +95,46 @@ def test_parallax_mutants_are_killed_and_the_reference_passes():
     _assert_passes(_run_property(nodes[0], "torch-fp32", *nodes[1:]), "parallax-dense control")
 
 
+# Each decode planted bug (mutants.DECODE_MUTANTS, PARALLAX_DECODE_MUTANTS) against one
+# property of properties/test_decode.py that kills it, with --lla-decode-impl and
+# --lla-parallax-decode-impl; the controls (a split combine with its rescale, the same
+# code as the split-combine mutants) pass every one of those properties.
+DECODE = "properties/test_decode.py::"
+DECODE_KILLS = {
+    "dec_off_by_one_length": DECODE + "test_lla_decode_is_the_forward_row",
+    "dec_stale_length": DECODE + "test_ragged_batch_lla_decode",
+    "dec_unscaled_split_combine": DECODE + "test_lla_decode_is_the_forward_row",
+}
+PARALLAX_DECODE_KILLS = {
+    "pxdec_off_by_one_length": DECODE + "test_token_by_token_parallax_decode",
+    "pxdec_stale_length": DECODE + "test_ragged_batch_parallax_decode",
+    "pxdec_dropped_nu": DECODE + "test_parallax_decode_is_the_forward_row",
+    "pxdec_unscaled_split_combine": DECODE + "test_parallax_decode_is_the_forward_row",
+}
+DECODE_CONTROLS = ("--lla-decode-impl", "lla_verify.testing.mutants:dec_split_control",
+                   "--lla-parallax-decode-impl", "lla_verify.testing.mutants:pxdec_split_control")
+
+
+def test_decode_mutants_are_killed_and_the_controls_pass():
+    from lla_verify.testing import mutants
+
+    assert set(DECODE_KILLS) == set(mutants.DECODE_MUTANTS), "an LLA decode mutant without a kill here"
+    assert set(PARALLAX_DECODE_KILLS) == set(mutants.PARALLAX_DECODE_MUTANTS), "a Parallax decode mutant without one"
+    M = "lla_verify.testing.mutants:"
+    with ThreadPoolExecutor(2) as pool:
+        runs = {name: pool.submit(_run_property, node, "torch-fp32", "--hypothesis-profile", "triage",
+                                  *DECODE_CONTROLS, "--lla-decode-impl", M + name)
+                for name, node in DECODE_KILLS.items()}
+        runs.update({name: pool.submit(_run_property, node, "torch-fp32", "--hypothesis-profile", "triage",
+                                       *DECODE_CONTROLS, "--lla-parallax-decode-impl", M + name)
+                     for name, node in PARALLAX_DECODE_KILLS.items()})
+        nodes = sorted(set(DECODE_KILLS.values()) | set(PARALLAX_DECODE_KILLS.values()))
+        control = pool.submit(_run_property, nodes[0], "torch-fp32", *DECODE_CONTROLS, *nodes[1:])
+    for name, run in runs.items():
+        _assert_fails(run.result(), name)
+    _assert_passes(control.result(), "decode controls")
+
+
 def test_dv_sum_names_a_nonfinite_dv_and_takes_its_budget_from_the_oracle():
     """A NaN dv (the public kernel's #7) fails the dv-sum property by name; its allowance
     is the problem's, so the NaN cannot make it "nan > nan"."""
@@ -113,3 +153,16 @@ def test_score_shift_invariance_catches_a_missing_max_subtraction():
     out = _run_property(node, "lla_verify.testing.mutants:no_max_subtraction", "--hypothesis-profile", "triage")
     _assert_fails(out, "no_max_subtraction")
     assert "non-finite output after a per-row score shift" in out.stdout, out.stdout[-3000:]
+
+
+def test_decode_properties_name_a_bad_impl_and_why_a_package_kernel_cannot_run():
+    node = DECODE + "test_lla_decode_is_the_forward_row"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", "--lla-device", "cpu", node]
+    bad = subprocess.run(base + ["--lla-decode-impl", "no-such-decode"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode == 4 and "--lla-decode-impl" in bad.stderr + bad.stdout, bad.stdout[-2000:] + bad.stderr
+    # the package's kernels on CPU need the interpreter: a skip that says so, not a crash
+    # and not a silent switch of the process to the interpreter
+    out = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "1 skipped" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout[-2000:]

@@ -1,7 +1,8 @@
 """``lla-verify suite``: the property suite, installed with lla-verify, run by pytest.
 
-    lla-verify suite --impl mypkg:fn [--parallax-impl NAME|MODULE:CALLABLE] [--device cpu|cuda|auto]
-                     [-- PYTEST_ARGS ...]
+    lla-verify suite --impl mypkg:fn [--parallax-impl NAME|MODULE:CALLABLE]
+                     [--decode-impl NAME|MODULE:CALLABLE] [--parallax-decode-impl NAME|MODULE:CALLABLE]
+                     [--device cpu|cuda|auto] [-- PYTEST_ARGS ...]
 
 is ``python -m pytest -p lla_verify.testing.pytest_plugin --pyargs lla_verify_properties
 --lla-impl mypkg:fn --lla-device ... PYTEST_ARGS`` run from the current folder, so a
@@ -36,10 +37,18 @@ def _suite_args() -> list[str] | None:
     return [str(src)] if (src / "__init__.py").is_file() else None
 
 
-def pytest_command(impl: str, device: str, pytest_args: list[str], parallax_impl: str | None = None) -> list[str]:
-    px = ["--lla-parallax-impl", parallax_impl] if parallax_impl else []
+# the suite command's options for the other operators' implementations, and the plugin's
+OTHER_IMPLS = (("parallax_impl", "--parallax-impl", "--lla-parallax-impl", "parallax"),
+               ("decode_impl", "--decode-impl", "--lla-decode-impl", "lla-decode"),
+               ("parallax_decode_impl", "--parallax-decode-impl", "--lla-parallax-decode-impl", "parallax-decode"))
+
+
+def pytest_command(impl: str, device: str, pytest_args: list[str], parallax_impl: str | None = None,
+                   decode_impl: str | None = None, parallax_decode_impl: str | None = None) -> list[str]:
+    given = {"parallax_impl": parallax_impl, "decode_impl": decode_impl, "parallax_decode_impl": parallax_decode_impl}
+    more = [x for attr, _, plugin_opt, _ in OTHER_IMPLS if given[attr] for x in (plugin_opt, given[attr])]
     return [sys.executable, "-m", "pytest", "-p", "lla_verify.testing.pytest_plugin", *(_suite_args() or []),
-            "--lla-impl", impl, *px, "--lla-device", device, *pytest_args]
+            "--lla-impl", impl, *more, "--lla-device", device, *pytest_args]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -55,18 +64,23 @@ def _run(args: argparse.Namespace) -> int:
     sys.path.insert(0, os.getcwd())
     try:
         get_impl(args.impl)
-        if args.parallax_impl:
-            from lla_verify.registry.parallax import get_parallax_impl
+        from lla_verify.registry.operators import get_operator
 
-            get_parallax_impl(args.parallax_impl)
+        for attr, opt, _, op in OTHER_IMPLS:
+            if getattr(args, attr):
+                get_operator(op).resolve(getattr(args, attr), opt)
     except LLAInputError as exc:
-        raise UsageError(str(exc).replace("--lla-impl", "--impl").replace("--lla-parallax-impl", "--parallax-impl")) from None
+        msg = str(exc).replace("--lla-impl", "--impl")
+        for _, opt, plugin_opt, _ in OTHER_IMPLS:
+            msg = msg.replace(plugin_opt, opt)
+        raise UsageError(msg) from None
     finally:
         sys.path.remove(os.getcwd())
     rest = list(args.pytest_args)
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    rc = subprocess.run(pytest_command(args.impl, args.device, rest, args.parallax_impl)).returncode
+    rc = subprocess.run(pytest_command(args.impl, args.device, rest, args.parallax_impl, args.decode_impl,
+                                       args.parallax_decode_impl)).returncode
     return _USAGE_ERROR if rc == _PYTEST_USAGE_ERROR else rc
 
 
@@ -79,6 +93,13 @@ def register(sub) -> None:
     p.add_argument("--parallax-impl", default=None,
                    help="Parallax implementation for properties/test_parallax*.py: built-in name (parallax-dense, "
                         "parallax-oracle, parallax-triton) or MODULE:CALLABLE; default parallax-dense")
+    p.add_argument("--decode-impl", default=None,
+                   help="LLA decode implementation for properties/test_decode.py: built-in name (lla-decode-triton, "
+                        "lla-decode-keyed, lla-decode-oracle) or MODULE:CALLABLE; default lla-decode-triton")
+    p.add_argument("--parallax-decode-impl", default=None,
+                   help="Parallax decode implementation for properties/test_decode.py: built-in name "
+                        "(parallax-decode-triton, parallax-decode-oracle) or MODULE:CALLABLE; default "
+                        "parallax-decode-triton")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="device the implementation runs on (auto: cuda if available)")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST_ARGS",

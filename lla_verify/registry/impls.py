@@ -61,6 +61,9 @@ class Impl:
     # the operator it computes: "lla" (the protocol above) or "parallax"
     # (registry/parallax.py: fn(q, k, v, r, *, qk_scale) -> o)
     operator: str = "lla"
+    # keywords beyond its protocol that it accepts and a property may draw (the built-in
+    # decode kernels: "split", the cache positions a program reads)
+    options: tuple = ()
 
     @property
     def u(self) -> float:

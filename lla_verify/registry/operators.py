@@ -297,29 +297,29 @@ def _parallax_check(case, impl, device, backward):
 
 
 # ------------------------------------------------------------------ decodes
-def _lla_decode_solve(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, solver: str, stats: bool):
+def _lla_decode_solve(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, solver: str, stats: bool, split):
     import lla_decode
 
     return lla_decode.lla_decode(q, k_cache, v_cache, lengths, ridge_lambda=ridge_lambda, qk_scale=qk_scale,
-                                 return_stats=stats, solver=solver)
+                                 return_stats=stats, solver=solver, split=split)
 
 
 # module-level functions, not closures: the audit pickles an implementation into its worker
 # processes (a closure cannot be, and its cells would run unprotected in the audit's own)
-def _lla_decode_triton(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
-    return _lla_decode_solve(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, "sigma", False)
+def _lla_decode_triton(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, split=None):
+    return _lla_decode_solve(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, "sigma", False, split)
 
 
-def _lla_decode_triton_stats(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
-    return _lla_decode_solve(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, "sigma", True)
+def _lla_decode_triton_stats(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, split=None):
+    return _lla_decode_solve(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, "sigma", True, split)
 
 
-def _lla_decode_keyed(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
-    return _lla_decode_solve(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, "keyed", False)
+def _lla_decode_keyed(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, split=None):
+    return _lla_decode_solve(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, "keyed", False, split)
 
 
-def _lla_decode_keyed_stats(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
-    return _lla_decode_solve(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, "keyed", True)
+def _lla_decode_keyed_stats(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, split=None):
+    return _lla_decode_solve(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, "keyed", True, split)
 
 
 def _lla_decode_oracle(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
@@ -328,10 +328,10 @@ def _lla_decode_oracle(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=N
     return lla_decode_reference(q, k_cache, v_cache, lengths, ridge_lambda=ridge_lambda, qk_scale=qk_scale)
 
 
-def _parallax_decode_triton(q, r, k_cache, v_cache, lengths, *, qk_scale=None):
+def _parallax_decode_triton(q, r, k_cache, v_cache, lengths, *, qk_scale=None, split=None):
     import parallax_decode
 
-    return parallax_decode.parallax_decode(q, r, k_cache, v_cache, lengths, qk_scale=qk_scale)
+    return parallax_decode.parallax_decode(q, r, k_cache, v_cache, lengths, qk_scale=qk_scale, split=split)
 
 
 def _parallax_decode_oracle(q, r, k_cache, v_cache, lengths, *, qk_scale=None):
@@ -355,7 +355,7 @@ _ORACLE_DTYPES = (torch.float64,) + _impls.ALL_DTYPES
 def _lla_decode_record(name: str, forward, forward_with_stats, description: str):
     return _impls.Impl(name=name, forward=forward, forward_with_stats=forward_with_stats, operator="lla-decode",
                        description=description, head_dims=DECODE_HEAD_DIMS, compute_dtype=torch.float32,
-                       solver_tol=_decode_cg_tol(), supports_grad=False, grads=())
+                       solver_tol=_decode_cg_tol(), supports_grad=False, grads=(), options=("split",))
 
 
 def _lla_decode_builtins() -> dict:
@@ -383,7 +383,7 @@ def _parallax_decode_builtins() -> dict:
             name="parallax-decode-triton", forward=_parallax_decode_triton, operator="parallax-decode",
             description="parallax_decode: flash-decoding Parallax in Triton (centred split moments), fp32 "
                         "accumulation", head_dims=DECODE_HEAD_DIMS, compute_dtype=torch.float32,
-            supports_grad=False, grads=()),
+            supports_grad=False, grads=(), options=("split",)),
         "parallax-decode-oracle": lambda: Impl(
             name="parallax-decode-oracle", forward=_parallax_decode_oracle, operator="parallax-decode",
             description="the float64 Parallax decode reference (oracles.decode)", dtypes=_ORACLE_DTYPES,
@@ -407,12 +407,16 @@ def _decode_resolver(op: str, table: Callable, example: str):
     return resolve
 
 
+# the built-ins that run a kernels/ package (Triton: compiled, or the interpreter on CPU)
+PACKAGE_BUILTINS = ("lla-decode-triton", "lla-decode-keyed", "parallax-decode-triton")
+
+
 def _decode_available(module: str):
     def available(impl, device):
         why = impl.supports(device=device)
         if why:
             return why
-        if impl.name.endswith("-triton"):
+        if impl.name in PACKAGE_BUILTINS:
             return _triton_env(impl.name, device, module)
         return None
     return available

@@ -168,8 +168,8 @@ def _parallax_dense(q, k, v, r, *, qk_scale=None, bug: str = ""):
         nuc = pc @ vc
     else:
         pc, nuc = p, nu
+    proj = _projections(pc, kc, rc)
     kbar = pc @ kc
-    proj = ((kc[..., None, :, :] - kbar[..., :, None, :]) * rc[..., :, None, :]).sum(-1)  # <k_j - kbar_i, r_i>
     if bug == "uncentred":
         # the streaming expansion sum_j p_ij v_j <k_j, r_i> - nu_i <kbar_i, r_i>, which
         # cancels when the keys share an offset
@@ -177,9 +177,20 @@ def _parallax_dense(q, k, v, r, *, qk_scale=None, bug: str = ""):
         corr = (pc * kr) @ vc - nuc * (kbar * rc).sum(-1, keepdim=True)
     else:
         wts = w if bug == "unnormalised_probe" else pc  # w: exp(a - m) without dividing by omega_i
-        corr = (wts * proj) @ vc - nuc * (wts * proj).sum(-1, keepdim=True)
+        corr = _correction(wts, proj, vc, nuc)
     o = -corr if bug == "dropped_nu" else nu - corr
     return o.to(q.dtype)
+
+
+def _projections(pc, kc, rc):
+    """<k_j - kbar_i, r_i> (..., S_q, S_k) for the weights pc (..., S_q, S_k)."""
+    kbar = pc @ kc
+    return ((kc[..., None, :, :] - kbar[..., :, None, :]) * rc[..., :, None, :]).sum(-1)
+
+
+def _correction(wts, proj, vc, nuc):
+    """C_i r_i = sum_j wts_ij <k_j - kbar_i, r_i> (v_j - nu_i), the value side centred."""
+    return (wts * proj) @ vc - nuc * (wts * proj).sum(-1, keepdim=True)
 
 
 def _make_px(bug: str, doc: str):
@@ -259,6 +270,92 @@ def pxdec_dropped_nu(q, r, k_cache, v_cache, lengths, *, qk_scale=None):
     return o - parallax_decode_reference(q, torch.zeros_like(r), k_cache, v_cache, lengths, qk_scale=qk_scale)
 
 
-DECODE_MUTANTS = {"dec_off_by_one_length": dec_off_by_one_length, "dec_stale_length": dec_stale_length}
+# ---- a flash-decoding split combine: the cache cut into splits of SPLIT positions, each
+# summed against its own maximum m_s, and the splits' sums added after rescaling each by
+# exp(m_s - M), M the largest. The sums are linear in the weights, so a combine is exactly
+# the one-pass computation with the weights it leaves each key: the rescale forgotten,
+# key j of split s weighs exp(a_j - m_s) instead of exp(a_j - M). The decode rows below
+# are float64 and the dense pieces' own (oracles/dense.py for LLA, the centred Parallax
+# above), so the controls (the rescale kept) differ from the decode oracles by float64
+# rounding alone.
+
+SPLIT = 16  # the split a flash-decoding kernel would use (the interpreted kernels' tile)
+
+
+def _split_weights(a, rescaled: bool):
+    """The weights (..., L) a split combine gives the scores a (..., L)."""
+    L = a.shape[-1]
+    split_of = torch.arange(L, device=a.device) // SPLIT
+    m_s = torch.full((*a.shape[:-1], int(split_of[-1]) + 1), float("-inf"), dtype=a.dtype, device=a.device)
+    m_s = m_s.scatter_reduce(-1, split_of.expand_as(a), a, "amax")
+    m_j = m_s[..., split_of]
+    w = torch.exp(a - m_j)
+    if rescaled:
+        w = w * torch.exp(m_j - a.amax(-1, keepdim=True))
+    return w
+
+
+def _split_rows(q, k_cache, v_cache, lengths, extra=()):
+    """Per sequence: the query row (1, H, 1, D) (and extras), keys and values of its prefix, in float64."""
+    from lla_verify.oracles.decode import _prefixes
+
+    for b, L, rows, kb, vb in _prefixes(q, k_cache, v_cache, lengths, extra):
+        yield b, [t[:, :, -1:].double() for t in rows], kb.double(), vb.double()
+
+
+def _lla_split_decode(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale, rescaled: bool):
+    from lla_contract import check_lambda
+
+    scale = check_scale(qk_scale, q.shape[-1])
+    lam_bh = check_lambda(ridge_lambda, tuple(q.shape[:2]), q.device, dtype=torch.float64)
+    out = []
+    for b, (qb,), kb, vb in _split_rows(q, k_cache, v_cache, lengths):
+        w = _split_weights(scale * (qb @ kb.transpose(-1, -2)), rescaled)  # (1, H, 1, L)
+        omega = w.sum(-1)
+        z, mu, sig = moments(w, qb, kb, lam_bh[b][None, :, None] * omega)
+        rho, solved = guarded_solve(sig, mu)
+        out.append(guarded_combine(w, omega, z, vb, rho, solved)[:, :, 0])
+    return torch.cat(out, 0)
+
+
+def _parallax_split_decode(q, r, k_cache, v_cache, lengths, *, qk_scale, rescaled: bool):
+    from lla_contract import check_probe
+
+    check_probe(r, q)
+    scale = check_scale(qk_scale, q.shape[-1])
+    out = []
+    for b, (qb, rb), kb, vb in _split_rows(q, k_cache, v_cache, lengths, (r,)):
+        w = _split_weights(scale * (qb @ kb.transpose(-1, -2)), rescaled)
+        pc = w / w.sum(-1, keepdim=True)
+        nu = pc @ vb
+        out.append((nu - _correction(pc, _projections(pc, kb, rb), vb, nu))[:, :, 0])
+    return torch.cat(out, 0)
+
+
+def dec_unscaled_split_combine(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
+    """LLA decode whose split combine adds the splits' sums without rescaling each by exp(m_s - M)."""
+    return _lla_split_decode(q, k_cache, v_cache, lengths, ridge_lambda=ridge_lambda, qk_scale=qk_scale,
+                             rescaled=False)
+
+
+def dec_split_control(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None):
+    """The same split computation with the rescale (the control: no bug)."""
+    return _lla_split_decode(q, k_cache, v_cache, lengths, ridge_lambda=ridge_lambda, qk_scale=qk_scale,
+                             rescaled=True)
+
+
+def pxdec_unscaled_split_combine(q, r, k_cache, v_cache, lengths, *, qk_scale=None):
+    """Parallax decode whose split combine adds the splits' sums without rescaling each by exp(m_s - M)."""
+    return _parallax_split_decode(q, r, k_cache, v_cache, lengths, qk_scale=qk_scale, rescaled=False)
+
+
+def pxdec_split_control(q, r, k_cache, v_cache, lengths, *, qk_scale=None):
+    """The same split computation with the rescale (the control: no bug)."""
+    return _parallax_split_decode(q, r, k_cache, v_cache, lengths, qk_scale=qk_scale, rescaled=True)
+
+
+DECODE_MUTANTS = {"dec_off_by_one_length": dec_off_by_one_length, "dec_stale_length": dec_stale_length,
+                  "dec_unscaled_split_combine": dec_unscaled_split_combine}
 PARALLAX_DECODE_MUTANTS = {"pxdec_off_by_one_length": pxdec_off_by_one_length,
-                           "pxdec_stale_length": pxdec_stale_length, "pxdec_dropped_nu": pxdec_dropped_nu}
+                           "pxdec_stale_length": pxdec_stale_length, "pxdec_dropped_nu": pxdec_dropped_nu,
+                           "pxdec_unscaled_split_combine": pxdec_unscaled_split_combine}

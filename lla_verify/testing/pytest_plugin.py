@@ -15,6 +15,10 @@ turns it off.
 --lla-device cpu|cuda|auto        where it runs (auto: cuda when available)
 --lla-parallax-impl NAME|MODULE:CALLABLE   the Parallax implementation under test
                                   (default: parallax-dense, the fp32 dense reference)
+--lla-decode-impl NAME|MODULE:CALLABLE     the LLA decode implementation under test
+                                  (default: lla-decode-triton, kernels/lla_decode)
+--lla-parallax-decode-impl NAME|MODULE:CALLABLE   the Parallax decode implementation
+                                  (default: parallax-decode-triton, kernels/parallax_decode)
 
 Hypothesis profiles (select with --hypothesis-profile):
 
@@ -88,6 +92,15 @@ def pytest_addoption(parser):
     g.addoption("--lla-parallax-impl", default=os.environ.get("LLA_PARALLAX_IMPL", "parallax-dense"),
                 help="Parallax implementation under test: a built-in name (parallax-dense, parallax-oracle, "
                      "parallax-triton) or MODULE:CALLABLE following fn(q, k, v, r, *, qk_scale) -> o")
+    g.addoption("--lla-decode-impl", default=os.environ.get("LLA_DECODE_IMPL", "lla-decode-triton"),
+                help="LLA decode implementation under test (properties/test_decode.py): a built-in name "
+                     "(lla-decode-triton, lla-decode-keyed, lla-decode-oracle) or MODULE:CALLABLE following "
+                     "fn(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale) -> o")
+    g.addoption("--lla-parallax-decode-impl",
+                default=os.environ.get("LLA_PARALLAX_DECODE_IMPL", "parallax-decode-triton"),
+                help="Parallax decode implementation under test (properties/test_decode.py): a built-in name "
+                     "(parallax-decode-triton, parallax-decode-oracle) or MODULE:CALLABLE following "
+                     "fn(q, r, k_cache, v_cache, lengths, *, qk_scale) -> o")
     g.addoption("--lla-device", default=os.environ.get("LLA_DEVICE", "auto"), choices=("auto", "cpu", "cuda"),
                 help="device the implementation runs on (auto: cuda if available)")
     g.addoption("--lla-tensor-cores", action="store_true",
@@ -158,6 +171,7 @@ def pytest_configure(config):
     from lla_verify import trust
 
     trust.CALL_LIMIT = limit or None
+    _check_decode_names(config)
     _warm_up(config)
     if config.getoption("--lla-tensor-cores") and os.environ.get("TRITON_INTERPRET", "0") == "1":
         from lla_verify.testing import tensor_cores
@@ -196,8 +210,12 @@ def _warm_up(config) -> None:
         return
     from lla_verify.testing import warmup
 
-    # the decode properties always run the decode kernels; the others only when picked
-    packages = ["lla_decode", "parallax_decode"]
+    # each package only when a property runs it
+    packages = []
+    if config.getoption("--lla-decode-impl") in ("lla-decode-triton", "lla-decode-keyed"):
+        packages.append("lla_decode")
+    if config.getoption("--lla-parallax-decode-impl") == "parallax-decode-triton":
+        packages.append("parallax_decode")
     if config.getoption("--lla-impl") == "triton":
         packages[:0] = warmup.LLA_VARIANTS
     if config.getoption("--lla-parallax-impl") == "parallax-triton":
@@ -242,7 +260,9 @@ def pytest_report_header(config):
         desc = f"unresolved: {exc}"
     pin = f"worker pinned to GPU {PINNED}" if PINNED is not None else "no GPU pinning"
     px_spec = config.getoption("--lla-parallax-impl")
-    return [f"lla-verify: impl={spec} ({desc}); parallax impl={px_spec}; device={_device(config)}; {pin}; "
+    dec = (f"decode impls={config.getoption('--lla-decode-impl')}, "
+           f"{config.getoption('--lla-parallax-decode-impl')}")
+    return [f"lla-verify: impl={spec} ({desc}); parallax impl={px_spec}; {dec}; device={_device(config)}; {pin}; "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
             + ("; tensor-core rounding emulated" if config.getoption("--lla-tensor-cores") else "")
             + ("; GPU fp32 dot and exp emulated" if config.getoption("--lla-gpu-fp32") else "")]
@@ -289,6 +309,64 @@ def parallax_impl(pytestconfig, device):
     reason = is_parallax_available(record, device)
     if reason:
         pytest.skip(f"Parallax implementation {record.name} unavailable: {reason}")
+    return record
+
+
+def _check_decode_names(config) -> None:
+    """A decode implementation that is neither a built-in name nor MODULE:CALLABLE is a usage
+    error before any test runs (a MODULE:CALLABLE is imported by its first property, so
+    that importing it cannot change how the package kernels compile)."""
+    from lla_verify.registry.operators import get_operator
+
+    for op, opt in (("lla-decode", "--lla-decode-impl"), ("parallax-decode", "--lla-parallax-decode-impl")):
+        spec = config.getoption(opt)
+        builtins = get_operator(op).builtins
+        if ":" not in spec and spec not in builtins:
+            raise pytest.UsageError(f"{opt}: unknown implementation {spec!r}; expected one of {list(builtins)} "
+                                    f"or MODULE:CALLABLE")
+
+
+def _decode_impl(config, op: str, opt: str):
+    from lla_contract import LLAInputError
+    from lla_verify.registry.operators import get_operator
+
+    operator = get_operator(op)
+    try:
+        record = operator.resolve(config.getoption(opt), opt)
+    except LLAInputError as exc:
+        raise pytest.UsageError(str(exc))
+    return operator, record
+
+
+def _decode_reason(operator, record, device) -> str | None:
+    from lla_verify.registry.operators import PACKAGE_BUILTINS
+
+    # the registry would switch the interpreter on for a CPU run; a test process must not
+    # change how the kernels of its other tests compile, so it says what is missing instead
+    if (record.name in PACKAGE_BUILTINS and device == "cpu"
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        return "its Triton kernels need TRITON_INTERPRET=1 on CPU"
+    return operator.available(record, device)
+
+
+@pytest.fixture(scope="session")
+def decode_impl(pytestconfig, device):
+    """The LLA decode implementation under test (--lla-decode-impl), resolved through the
+    registry's lla-decode operator; skipped with the reason when it cannot run here."""
+    operator, record = _decode_impl(pytestconfig, "lla-decode", "--lla-decode-impl")
+    reason = _decode_reason(operator, record, device)
+    if reason:
+        pytest.skip(f"LLA decode implementation {record.name} unavailable: {reason}")
+    return record
+
+
+@pytest.fixture(scope="session")
+def parallax_decode_impl(pytestconfig, device):
+    """The Parallax decode implementation under test (--lla-parallax-decode-impl)."""
+    operator, record = _decode_impl(pytestconfig, "parallax-decode", "--lla-parallax-decode-impl")
+    reason = _decode_reason(operator, record, device)
+    if reason:
+        pytest.skip(f"Parallax decode implementation {record.name} unavailable: {reason}")
     return record
 
 
