@@ -166,3 +166,26 @@ def test_decode_properties_name_a_bad_impl_and_why_a_package_kernel_cannot_run()
     # and not a silent switch of the process to the interpreter
     out = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "1 skipped" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout[-2000:]
+
+
+# decode implementations that break the calling contract (tests/test_operators.py): the
+# decode properties fail each, naming what it did, as check and the audit do
+MISBEHAVING_DECODES = [
+    ("--lla-decode-impl", "dec_mutates_lengths", "test_lla_decode_is_the_forward_row", "modified its inputs: lengths"),
+    ("--lla-decode-impl", "dec_returns_list", "test_ragged_batch_lla_decode", "returned list"),
+    ("--lla-parallax-decode-impl", "pxdec_raises", "test_token_by_token_parallax_decode", "kernel launch failed"),
+    ("--lla-parallax-decode-impl", "pxdec_hangs", "test_parallax_decode_is_the_forward_row", "timed out"),
+]
+
+
+def test_decode_properties_fail_an_implementation_that_breaks_the_contract():
+    def run(opt, name, prop):
+        return _run_property(DECODE + prop, "torch-fp32", "--hypothesis-profile", "triage", "--lla-call-timeout", "3",
+                             *DECODE_CONTROLS, opt, f"tests.test_operators:{name}")
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = [(name, words, pool.submit(run, opt, name, prop)) for opt, name, prop, words in MISBEHAVING_DECODES]
+    for name, words, fut in runs:
+        out = fut.result()
+        _assert_fails(out, name)
+        assert words in out.stdout, f"{name}: the failure does not say {words!r}\n{out.stdout[-3000:]}"
