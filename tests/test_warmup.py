@@ -66,3 +66,32 @@ def test_lla_variants_reach_the_anchor_rounds(monkeypatch):
     warmup.run_one("lla_triton-cg", "float32", 16, device="cpu")
     warmup.run_one("lla_triton-rho", "float32", 16, device="cpu")
     assert {stats for n, first, stats in seen if n == "_lla_fwd_kernel" and first is False} == {True, False}, seen
+
+
+def test_the_plugin_warms_the_packages_its_implementations_run(monkeypatch):
+    """On CUDA the plugin compiles, before the tests, the packages the chosen implementations
+    run, and no other: a decode MODULE:CALLABLE leaves its package out."""
+    import types
+
+    import torch
+
+    from lla_verify.testing import pytest_plugin
+
+    asked = []
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(warmup, "warm", lambda packages, device: asked.append(list(packages)) or [])
+
+    def config(**opts):
+        o = {"--lla-no-warmup": False, "--lla-device": "cuda", "--lla-impl": "torch-fp32",
+             "--lla-parallax-impl": "parallax-dense", "--lla-decode-impl": "lla-decode-triton",
+             "--lla-parallax-decode-impl": "parallax-decode-triton", **opts}
+        return types.SimpleNamespace(getoption=o.__getitem__,
+                                     option=types.SimpleNamespace(help=False, collectonly=False))
+
+    pytest_plugin._warm_up(config())
+    pytest_plugin._warm_up(config(**{"--lla-decode-impl": "mypkg:dec", "--lla-parallax-impl": "parallax-triton"}))
+    pytest_plugin._warm_up(config(**{"--lla-decode-impl": "lla-decode-keyed",
+                                     "--lla-parallax-decode-impl": "parallax-decode-oracle"}))
+    assert asked == [["lla_decode", "parallax_decode"], ["parallax_decode", "parallax_triton"], ["lla_decode"]]

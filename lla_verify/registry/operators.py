@@ -407,8 +407,9 @@ def _decode_resolver(op: str, table: Callable, example: str):
     return resolve
 
 
-# the built-ins that run a kernels/ package (Triton: compiled, or the interpreter on CPU)
-PACKAGE_BUILTINS = ("lla-decode-triton", "lla-decode-keyed", "parallax-decode-triton")
+# the built-ins that run a kernels/ package (Triton: compiled, or the interpreter on CPU), and its module
+PACKAGE_BUILTINS = {"lla-decode-triton": "lla_decode", "lla-decode-keyed": "lla_decode",
+                    "parallax-decode-triton": "parallax_decode"}
 
 
 def _decode_available(module: str):

@@ -210,12 +210,11 @@ def _warm_up(config) -> None:
         return
     from lla_verify.testing import warmup
 
+    from lla_verify.registry.operators import PACKAGE_BUILTINS
+
     # each package only when a property runs it
-    packages = []
-    if config.getoption("--lla-decode-impl") in ("lla-decode-triton", "lla-decode-keyed"):
-        packages.append("lla_decode")
-    if config.getoption("--lla-parallax-decode-impl") == "parallax-decode-triton":
-        packages.append("parallax_decode")
+    decodes = [config.getoption(o) for o in ("--lla-decode-impl", "--lla-parallax-decode-impl")]
+    packages = sorted({PACKAGE_BUILTINS[s] for s in decodes if s in PACKAGE_BUILTINS})
     if config.getoption("--lla-impl") == "triton":
         packages[:0] = warmup.LLA_VARIANTS
     if config.getoption("--lla-parallax-impl") == "parallax-triton":
