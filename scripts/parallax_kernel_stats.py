@@ -134,6 +134,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--S", type=int, default=2048, help="sequence length of the compiled call (default 2048)")
     ap.add_argument("--package", default=None, help="directory of a parallax_triton copy to measure instead")
+    ap.add_argument("--bf16-weights", action="store_true",
+                    help="also compile a forward outside autograd with kernels.FAST_BF16_WEIGHTS on (its fast tiles' "
+                         "value products as bf16 products; docs/kernels-parallax.md §3, 'bf16 weights')")
     ap.add_argument("--config", default=None,
                     help="tile configurations in place of GPU_CONFIGS' for every head dim: "
                          "'BM,BN,WARPS,STAGES' for every kernel, or 'fwd=..;dq=..;dkdv=..'")
@@ -193,7 +196,16 @@ def main(argv=None) -> int:
             q, k, v, r = (torch.randn(1, 1, args.S, D, dtype=dt, requires_grad=True) for _ in range(4))
             o = parallax_triton.parallax_attention(q, k, v, r, check_finite=False)
             o.backward(torch.ones_like(o))
-            print(f"\n## {dname} D={D}")
+            if args.bf16_weights:
+                kmod = sys.modules[parallax_triton.__name__ + ".kernels"]
+                kmod.FAST_BF16_WEIGHTS, was = True, kmod.FAST_BF16_WEIGHTS
+                try:
+                    with torch.no_grad():
+                        parallax_triton.parallax_attention(q, k, v, r, check_finite=False)
+                finally:
+                    kmod.FAST_BF16_WEIGHTS = was
+            print(f"\n## {dname} D={D}" + (" (the last launches: a forward with bf16 weights)"
+                                            if args.bf16_weights else ""))
             for e in launches[start:]:
                 c = e["constexprs"]
                 status = "REJECTED (shared memory)" if e["rejected"] else "launched"

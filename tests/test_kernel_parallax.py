@@ -640,3 +640,65 @@ def test_bad_arguments_name_the_argument(change, pattern):
 def test_bad_scale(qk_scale):
     with pytest.raises(LLAInputError, match="^qk_scale: "):
         parallax_attention(*_inputs("gaussian", S=16), qk_scale=qk_scale)
+
+
+# ----------------------------------------------------------------------------- bf16 weights
+# every case family with the probe families in turn, bf16: the registry's cases, not this
+# file's, so that the forward is judged where the property suite judges it
+BF16_WEIGHT_CASES = [f"{fam}::B=1,H=2,S=37,D=16,dtype=bfloat16,seed={i};probe={probe}"
+                     for i, (fam, probe) in enumerate(zip(
+                         ("gaussian", "subspace", "clusters", "duplicates", "bandwidth", "early", "offset",
+                          "large_norm", "linear_values", "lambda_decades", "spectrum"),
+                         ("random", "lla", "random", "small_eig", "large", "random", "lla", "random", "lla",
+                          "zero", "random")))]
+
+
+def test_bf16_weights_meet_the_forward_budget_and_target_on_every_family(monkeypatch):
+    """FAST_BF16_WEIGHTS (docs/kernels-parallax.md §3, "bf16 weights"): a forward outside
+    autograd whose fast tiles merge with bf16 weights is within the Parallax budget and issue
+    22's target on every case family, and differs from the tf32x3 merge wherever a tile is fast."""
+    from parallax_triton import kernels as K
+
+    from lla_verify.registry.parallax import parse_parallax_case
+
+    used = 0
+    for spec in BF16_WEIGHT_CASES:
+        p = parse_parallax_case(spec).build(DEVICE)
+        monkeypatch.setattr(K, "FAST_BF16_WEIGHTS", False)
+        base = parallax_attention(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale)
+        monkeypatch.setattr(K, "FAST_BF16_WEIGHTS", True)
+        o = parallax_attention(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale)
+        verdict = check_parallax_forward(p.q, p.k, p.v, p.r, o, impl="parallax_triton[bf16 weights]", case=spec,
+                                         qk_scale=p.qk_scale)
+        assert verdict.passed, verdict.message
+        o64 = parallax_forward(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale)
+        allowed, _ = kernel_target(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale, o64=o64)
+        err = (o.double() - o64).norm(dim=-1)
+        assert bool((err <= allowed).all()), f"{spec}: target ratio {float((err / allowed).max()):.3g}"
+        used += not torch.equal(o, base)
+    # a lever that is never pulled passes the above: most of these cases have fast tiles
+    assert used >= len(BF16_WEIGHT_CASES) // 2, f"bf16 weights changed {used} of {len(BF16_WEIGHT_CASES)} outputs"
+
+
+def test_bf16_weights_stay_out_of_a_forward_a_backward_reads(monkeypatch):
+    """The backward's dq and dr take the forward's row statistics at fp32 accuracy (with
+    bf16 weights they missed the gradient budget by up to 1.6x on the subspace and clusters
+    families): under autograd the forward and the gradients are the tf32x3 merge's, bit for bit."""
+    from parallax_triton import kernels as K
+
+    from lla_verify.registry.parallax import parse_parallax_case
+
+    p = parse_parallax_case("subspace::B=1,H=1,S=33,D=16,dtype=bfloat16,seed=2;probe=random").build(DEVICE)
+    do = torch.randn(p.v.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(p.v)
+    runs = []
+    for on in (False, True):
+        monkeypatch.setattr(K, "FAST_BF16_WEIGHTS", on)
+        leaves = tuple(t.detach().clone().requires_grad_(True) for t in (p.q, p.k, p.v, p.r))
+        o = parallax_attention(*leaves, qk_scale=p.qk_scale)
+        runs.append((o.detach(),) + torch.autograd.grad(o, leaves, do))
+        with torch.no_grad():
+            runs[-1] += (parallax_attention(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale),)
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dr"), runs[0], runs[1]):
+        assert torch.equal(a, b), f"{name} changed under autograd with bf16 weights on"
+    # outside autograd the lever is pulled on this case (its tiles are fast)
+    assert not torch.equal(runs[0][-1], runs[1][-1])

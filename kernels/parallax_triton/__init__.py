@@ -51,7 +51,10 @@ def parallax_attention(q, k, v, r, *, qk_scale=None, check_finite=True):
         from .autograd import ParallaxFunction
         o3 = ParallaxFunction.apply(q3, k3, v3, r3, scale)
     else:
-        o3 = parallax_forward_kernel(q3, k3, v3, r3, scale).o
+        # no backward reads this forward's row statistics: bf16 weights are allowed
+        from . import kernels
+
+        o3 = parallax_forward_kernel(q3, k3, v3, r3, scale, bf16_weights=kernels.FAST_BF16_WEIGHTS).o
     return o3.reshape(v.shape)
 
 

@@ -405,16 +405,43 @@ def _fwd_merge(w, d, vp, alpha, l_i, nu, dbar, cm, PREC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_split_tile(a_hi, a_rem, s_hi, rem, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref,
-                    t_rem, j_ref, s_a, s_r, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-                    HAS_REM: tl.constexpr):
+def _fwd_merge16(w, d, v16, cv, alpha, l_i, nu, dbar, cm, EXACT: tl.constexpr):
+    """_fwd_merge with the tile's weights rounded to bf16, w~ = bf16(w), on a fast tile of
+    bf16 inputs (FAST_BF16_WEIGHTS; docs/kernels-parallax.md §3, "bf16 weights"): every sum
+    takes w~, so the row is exact for weights perturbed by at most 2^-9 relatively, and
+    w~ v is one bf16 product with exact products against the raw bf16 values. The
+    co-moment's weights w~ (d - dbar) go in as two bf16 parts (e perturbed by at most 2^-17
+    relatively), the value side centred through the parts' own sum."""
+    wt = w.to(tl.bfloat16).to(w.dtype)
+    w_a = l_i * alpha
+    sw = tl.sum(wt, 1)
+    w_ab = w_a + sw
+    inv = 1.0 / w_ab
+    # sum_j w~_j (v_j - v_0) = w~ v - (sum_j w~_j) v_0
+    nu_new = (w_a[:, None] * nu + (_dot16(wt, v16, EXACT) - sw[:, None] * cv[None, :])) * inv[:, None]
+    dbar_new = (w_a * dbar + tl.sum(wt * d, 1)) * inv
+    we = wt * (d - dbar_new[:, None])
+    we1 = we.to(tl.bfloat16).to(we.dtype)
+    we2 = (we - we1).to(tl.bfloat16).to(we.dtype)
+    # sum_j we_j (v_j - v_0 - nu_new) with we = we1 + we2 exactly as summed here
+    cm_b = (_dot16(we1, v16, EXACT) + _dot16(we2, v16, EXACT)
+            - (cv[None, :] + nu_new) * tl.sum(we1 + we2, 1)[:, None])
+    cm = cm * alpha[:, None] + cm_b + (w_a * (dbar - dbar_new))[:, None] * (nu - nu_new)
+    return w_ab, nu_new, dbar_new, cm
+
+
+@triton.jit
+def _fwd_split_tile(a_hi, a_rem, s_hi, rem, vp, v16, cv, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm,
+                    t_ref, t_rem, j_ref, s_a, s_r, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+                    HAS_REM: tl.constexpr, W16: tl.constexpr, EXACT: tl.constexpr):
     """One key tile of the split forward from its scores (a_hi + a_rem, unscaled) and d
     (s_hi + rem), every entry either exact hi part and remainder or plain product and 0.
     The scores and d are kept relative to the row's heaviest key so far, j_ref, whose
     entries are s_a, s_r (scores) and t_ref, t_rem (d): the running maximum is 0 once a row
     has seen a key, and d is exactly 0 at that key. HAS_REM = False: a fast tile, every
     remainder 0 and not formed; each value below is then bitwise the one a tile with
-    remainders gives a plain entry."""
+    remainders gives a plain entry. W16 (a fast tile of bf16 inputs, FAST_BF16_WEIGHTS):
+    the merge with bf16 weights against the raw values v16 (_fwd_merge16)."""
     col = tl.arange(0, BLOCK_N)
     if HAS_REM:
         x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
@@ -454,7 +481,10 @@ def _fwd_split_tile(a_hi, a_rem, s_hi, rem, vp, offs_m, offs_n, start_n, S, scal
         d = (s_hi - t_ref[:, None]) + (rem - t_rem[:, None])
     else:
         d = (s_hi - t_ref[:, None]) - t_rem[:, None]
-    w_ab, nu_new, dbar_new, cm = _fwd_merge(w, d, vp, alpha, l_i, nu, dbar, cm, PREC)
+    if W16:
+        w_ab, nu_new, dbar_new, cm = _fwd_merge16(w, d, v16, cv, alpha, l_i, nu, dbar, cm, EXACT)
+    else:
+        w_ab, nu_new, dbar_new, cm = _fwd_merge(w, d, vp, alpha, l_i, nu, dbar, cm, PREC)
     return m_new, w_ab, nu_new, dbar_new, cm, t_ref, t_rem, j_ref, s_a, s_r
 
 
@@ -468,8 +498,8 @@ def _fwd_general_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, k_dot, kp, vp, KPA
                               PREC, SPREC, EXACT, B16)
     s_hi, rem = _d_pair(rf, r16, r_hi, r_lo, k_dot, kp, KPARTS, kbase, offs_n, S, N_HEADS, rn, kdn, c0, td, D,
                         ACC, PREC, EXACT, B16)
-    return _fwd_split_tile(a_hi, a_rem, s_hi, rem, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm,
-                           t_ref, t_rem, j_ref, s_a, s_r, BLOCK_N, MASK, PREC, True)
+    return _fwd_split_tile(a_hi, a_rem, s_hi, rem, vp, vp, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar,
+                           cm, t_ref, t_rem, j_ref, s_a, s_r, BLOCK_N, MASK, PREC, True, False, EXACT)
 
 
 @triton.jit
@@ -478,11 +508,12 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORM
               nu, dbar, cm, t_ref, t_rem, j_ref, s_a, s_r, qn, rn, c0, ta, td,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
               MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-              SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr, FAST_ONLY: tl.constexpr):
+              SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr, FAST_ONLY: tl.constexpr,
+              W16: tl.constexpr):
     """Merge one key tile into the running (m, W, nu, dbar, M) of each query; with the
     split, the scores and d relative to the row's heaviest key so far (_fwd_split_tile)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_dot, kp, vp, _v_dot = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
+    k_dot, kp, vp, v_dot = _load_keys(K, V, kbase, vbase, offs_n, S, ck, cv, D, DV, UPCAST, ACC)
     if SPLIT_D:
         # a_ij - a_i,ref = s <q_i, k_j - k_ref>: a score rounded on its own carries up to half
         # an ulp of |a_ij|, which moves p_ij by that much relatively where the softmax is steep,
@@ -500,8 +531,8 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORM
             a_pl = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC)
             d_pl = _d_plain(rf, r16, k_dot, kp, c0, PREC, EXACT, B16)
             m_new, w_ab, nu_new, dbar_new, cm, t_ref, t_rem, j_ref, s_a, s_r = _fwd_split_tile(
-                a_pl, a_pl, d_pl, d_pl, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref, t_rem,
-                j_ref, s_a, s_r, BLOCK_N, MASK, PREC, False)
+                a_pl, a_pl, d_pl, d_pl, vp, v_dot, cv, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm,
+                t_ref, t_rem, j_ref, s_a, s_r, BLOCK_N, MASK, PREC, False, W16, EXACT)
         else:
             ok_n = offs_n < S
             kn = _norm(NORMS, nbase + offs_n, ok_n, NM_KN)
@@ -510,8 +541,8 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORM
                 a_pl = tl.dot(q_dot, tl.trans(k_dot), input_precision=SPREC).to(ACC)
                 d_pl = _d_plain(rf, r16, k_dot, kp, c0, PREC, EXACT, B16)
                 m_new, w_ab, nu_new, dbar_new, cm, t_ref, t_rem, j_ref, s_a, s_r = _fwd_split_tile(
-                    a_pl, a_pl, d_pl, d_pl, vp, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm, t_ref,
-                    t_rem, j_ref, s_a, s_r, BLOCK_N, MASK, PREC, False)
+                    a_pl, a_pl, d_pl, d_pl, vp, v_dot, cv, offs_m, offs_n, start_n, S, scale, m_i, l_i, nu, dbar, cm,
+                    t_ref, t_rem, j_ref, s_a, s_r, BLOCK_N, MASK, PREC, False, W16, EXACT)
             else:
                 m_new, w_ab, nu_new, dbar_new, cm, t_ref, t_rem, j_ref, s_a, s_r = _fwd_general_tile(
                     q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, k_dot, kp, vp, KPARTS, N_HEADS, kbase, offs_m, offs_n,
@@ -538,7 +569,8 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORM
 def _px_fwd_kernel(Q, K, V, R, KPARTS, NORMS, O, M, LW, SA, SR, NUP, DBAR, CR, TREF, TREM, REF, S, scale, ta, td,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SPREC: tl.constexpr,
-                   SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr, MODE: tl.constexpr):
+                   SPLIT_D: tl.constexpr, EXACT: tl.constexpr, B16: tl.constexpr, MODE: tl.constexpr,
+                   W16: tl.constexpr):
     n_tiles = tl.cdiv(S, BLOCK_M)
     # late query tiles do the most work: launch them first for a balanced tail
     pid_m = n_tiles - 1 - tl.program_id(0)
@@ -608,14 +640,14 @@ def _px_fwd_kernel(Q, K, V, R, KPARTS, NORMS, O, M, LW, SA, SR, NUP, DBAR, CR, T
             start_n, S, scale, offs_m, m_i, l_i, nup,
             dbar, cm, t_ref, t_rem, j_ref, s_a, s_r, qn, rn, c0, ta, td, D, DV, BLOCK_N, UPCAST, False, ACC, PREC, SPREC,
             SPLIT_D, EXACT, B16,
-            MODE == 1)
+            MODE == 1, W16)
     for start_n in range(lo_full, hi, BLOCK_N):
         m_i, l_i, nup, dbar, cm, t_ref, t_rem, j_ref, s_a, s_r = _fwd_tile(
             q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORMS, tl.num_programs(1), kbase, vbase, nbase,
             start_n, S, scale, offs_m, m_i, l_i, nup,
             dbar, cm, t_ref, t_rem, j_ref, s_a, s_r, qn, rn, c0, ta, td, D, DV, BLOCK_N, UPCAST, True, ACC, PREC, SPREC,
             SPLIT_D, EXACT, B16,
-            MODE == 1)
+            MODE == 1, W16)
     # l_i >= 1 on every row a program runs (its heaviest key weighs 1); 0 only where the
     # launch's MODE skips the program, whose stores are masked
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
@@ -938,6 +970,11 @@ def gpu_config(kind: str, D: int, dtype) -> tuple:
         return GPU_CONFIGS[kind][D]
     return NARROW_CONFIGS[D]
 INTERP_CONFIG = (16, 16, 1, 1)
+# bf16 inputs, a forward without a backward (parallax_attention outside autograd): fast tiles
+# merge with bf16 weights (_fwd_merge16; docs/kernels-parallax.md §3, "bf16 weights"), 5 bf16
+# units of tensor-core work a fast tile instead of 14. Read at call time; off until a GPU
+# has timed it against the tf32x3 products
+FAST_BF16_WEIGHTS = False
 
 
 def _is_out_of_resources(exc: Exception) -> bool:
@@ -1049,14 +1086,18 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None, fast=None) -> ForwardOut:
+def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None, fast=None,
+                            bf16_weights=False) -> ForwardOut:
     """Launch the forward on flattened heads: q, k, r (N, S, D), v (N, S, Dv), contiguous, one dtype.
 
     split_d: refer d_ij and the scores to each row's heaviest key through exact split
     products (docs/kernels-parallax.md §3, §5), for every dtype but float64 (whose single
     products round at u64). None (the default) or True: split; False: single products, for
     measuring what the split costs and buys. fast: which entries of the split take the plain
-    product instead (fast_thresholds: None, the derived test; True, all; False, none)."""
+    product instead (fast_thresholds: None, the derived test; True, all; False, none).
+    bf16_weights: for bf16 inputs, fast tiles merge with bf16 weights (_fwd_merge16) -- a
+    forward that no backward reads: the backward's dq and dr need the row statistics at
+    fp32 accuracy (docs/kernels-parallax.md §3, "bf16 weights")."""
     N, S, D = q.shape
     DV = v.shape[-1]
     acc = _acc_dtype(q.dtype)
@@ -1082,7 +1123,8 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None, fas
                 DV, q.dtype, used,
                 # float64 keeps d's rounding at u64 |d| without the split; 8-bit parts are exact
                 # bf16 operands (the interpreter's bf16 dot is broken: fp32 there)
-                SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16", B16=b16, MODE=mode)
+                SPLIT_D=split, EXACT="ieee" if interpreting() else "bf16", B16=b16, MODE=mode,
+                W16=b16 and bool(bf16_weights))
     return ForwardOut(o, m, lw, nup, dbar, cr, tref, trem, ref, sa, sr, split, norms, ta, td)
 
 
