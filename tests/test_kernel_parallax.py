@@ -702,3 +702,31 @@ def test_bf16_weights_stay_out_of_a_forward_a_backward_reads(monkeypatch):
         assert torch.equal(a, b), f"{name} changed under autograd with bf16 weights on"
     # outside autograd the lever is pulled on this case (its tiles are fast)
     assert not torch.equal(runs[0][-1], runs[1][-1])
+
+
+def test_bf16_weights_argument(monkeypatch):
+    """parallax_attention(bf16_weights=...) overrides the module default outside autograd, and
+    asking for it where a backward will read the forward is an error naming the argument;
+    the registry's parallax-triton-bf16w is the lever outside autograd and parallax-triton under it."""
+    from parallax_triton import kernels as K
+
+    from lla_verify.registry.parallax import get_parallax_impl, parse_parallax_case
+
+    p = parse_parallax_case("gaussian::B=1,H=1,S=20,D=16,dtype=bfloat16,seed=0;probe=random").build(DEVICE)
+    monkeypatch.setattr(K, "FAST_BF16_WEIGHTS", False)
+    plain = parallax_attention(p.q, p.k, p.v, p.r)
+    on = parallax_attention(p.q, p.k, p.v, p.r, bf16_weights=True)
+    assert not torch.equal(plain, on)
+    monkeypatch.setattr(K, "FAST_BF16_WEIGHTS", True)
+    assert torch.equal(parallax_attention(p.q, p.k, p.v, p.r), on)
+    assert torch.equal(parallax_attention(p.q, p.k, p.v, p.r, bf16_weights=False), plain)
+    monkeypatch.setattr(K, "FAST_BF16_WEIGHTS", False)
+    rec = get_parallax_impl("parallax-triton-bf16w")
+    with torch.no_grad():
+        assert torch.equal(rec.forward(p.q, p.k, p.v, p.r), on)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (p.q, p.k, p.v, p.r)]
+    assert torch.equal(rec.forward(*leaves).detach(), plain)
+    with pytest.raises(LLAInputError, match="bf16_weights: True needs a forward outside autograd"):
+        parallax_attention(*leaves, bf16_weights=True)
+    with pytest.raises(LLAInputError, match="bf16_weights: expected None, True or False, got 'yes'"):
+        parallax_attention(p.q, p.k, p.v, p.r, bf16_weights="yes")

@@ -91,11 +91,13 @@ def test_builtin_records_and_external_callables():
 def test_parallax_triton_is_unavailable_with_its_reason_when_it_does_not_import(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setitem(sys.modules, "parallax_triton", None)  # import raises ImportError
-    rec = get_parallax_impl("parallax-triton")
-    why = is_parallax_available(rec, "cpu")
-    assert why is not None and "parallax_triton does not import" in why
-    monkeypatch.delenv("TRITON_INTERPRET")
-    assert "interpreter" in is_parallax_available(rec, "cpu")
+    for name in ("parallax-triton", "parallax-triton-bf16w"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        rec = get_parallax_impl(name)
+        why = is_parallax_available(rec, "cpu")
+        assert why is not None and "parallax_triton does not import" in why, name
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert "interpreter" in is_parallax_available(rec, "cpu"), name
     assert is_parallax_available(get_parallax_impl("parallax-dense"), "cpu") is None
 
 

@@ -18,13 +18,18 @@ __all__ = ["parallax_attention", "parallax_forward_kernel", "parallax_backward_k
            "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "LLAInputError"]
 
 
-def parallax_attention(q, k, v, r, *, qk_scale=None, check_finite=True):
+def parallax_attention(q, k, v, r, *, qk_scale=None, check_finite=True, bf16_weights=None):
     """Causal Parallax o_i = nu_i - C_i r_i (SPEC 9).
 
     q, k, r: (B, H, S, D) or (B, S, D); v: the same leading shape with its own Dv. One
     dtype for all four: fp32, bf16, fp16 or float64 (float64 computes in float64). D and
     Dv in {16, 32, 64, 128}. qk_scale defaults to 1/sqrt(D). Returns o of v's shape in
     the inputs' dtype, differentiable in q, k, v and r.
+
+    bf16_weights: for bf16 inputs in a forward outside autograd, merge the fast tiles with
+    bf16 weights (docs/kernels-parallax.md §3, "bf16 weights"); None takes
+    kernels.FAST_BF16_WEIGHTS. True under autograd (an input requiring grad, grad enabled)
+    is an error: the backward needs the row statistics at fp32 accuracy.
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("r", r)):
         if not isinstance(t, torch.Tensor):
@@ -47,14 +52,20 @@ def parallax_attention(q, k, v, r, *, qk_scale=None, check_finite=True):
     N = q.numel() // (S * D)
     q3, k3, r3 = (t.reshape(N, S, D).contiguous() for t in (q, k, r))
     v3 = v.reshape(N, S, Dv).contiguous()
+    if bf16_weights not in (None, True, False):
+        raise LLAInputError(f"bf16_weights: expected None, True or False, got {bf16_weights!r}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, r)):
+        if bf16_weights:
+            raise LLAInputError("bf16_weights: True needs a forward outside autograd (no input requiring grad, or "
+                                "torch.no_grad()): the backward needs the row statistics at fp32 accuracy")
         from .autograd import ParallaxFunction
         o3 = ParallaxFunction.apply(q3, k3, v3, r3, scale)
     else:
         # no backward reads this forward's row statistics: bf16 weights are allowed
         from . import kernels
 
-        o3 = parallax_forward_kernel(q3, k3, v3, r3, scale, bf16_weights=kernels.FAST_BF16_WEIGHTS).o
+        w16 = kernels.FAST_BF16_WEIGHTS if bf16_weights is None else bf16_weights
+        o3 = parallax_forward_kernel(q3, k3, v3, r3, scale, bf16_weights=w16).o
     return o3.reshape(v.shape)
 
 

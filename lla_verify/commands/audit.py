@@ -364,8 +364,8 @@ def register(sub) -> None:
                    help="the operators to audit, comma-separated: lla, parallax, lla-decode, parallax-decode, or all "
                         "(default: all; one whose default implementation cannot run here is left out, with a note)")
     p.add_argument("--parallax-impl", default=None, metavar="IMPL",
-                   help="the Parallax implementation: parallax-triton, parallax-dense, parallax-oracle or "
-                        "MODULE:CALLABLE fn(q, k, v, r, *, qk_scale) (default: parallax-triton)")
+                   help="the Parallax implementation: parallax-triton, parallax-triton-bf16w, parallax-dense, "
+                        "parallax-oracle or MODULE:CALLABLE fn(q, k, v, r, *, qk_scale) (default: parallax-triton)")
     p.add_argument("--decode-impl", default=None, metavar="IMPL",
                    help="the LLA decode implementation: lla-decode-triton, lla-decode-keyed, lla-decode-oracle or "
                         "MODULE:CALLABLE fn(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale) "

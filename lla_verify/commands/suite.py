@@ -92,7 +92,8 @@ def register(sub) -> None:
     p.add_argument("--impl", required=True, help="implementation: built-in name or MODULE:CALLABLE")
     p.add_argument("--parallax-impl", default=None,
                    help="Parallax implementation for properties/test_parallax*.py: built-in name (parallax-dense, "
-                        "parallax-oracle, parallax-triton) or MODULE:CALLABLE; default parallax-dense")
+                        "parallax-oracle, parallax-triton, parallax-triton-bf16w) or MODULE:CALLABLE; "
+                        "default parallax-dense")
     p.add_argument("--decode-impl", default=None,
                    help="LLA decode implementation for properties/test_decode.py: built-in name (lla-decode-triton, "
                         "lla-decode-keyed, lla-decode-oracle) or MODULE:CALLABLE; default lla-decode-triton")

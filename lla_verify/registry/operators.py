@@ -64,6 +64,7 @@ from lla_verify.registry.cases import DTYPES, Case, parse_case
 
 # the Triton built-ins of every operator, and the module each imports
 TRITON_BUILTINS = {"triton": "lla_triton", "parallax-triton": "parallax_triton",
+                   "parallax-triton-bf16w": "parallax_triton",
                    "lla-decode-triton": "lla_decode", "lla-decode-keyed": "lla_decode",
                    "parallax-decode-triton": "parallax_decode"}
 COTANGENT_SEED = 1234  # the fixed cotangent of a gradient check (audit/cell.py's, for the same cells)
@@ -257,8 +258,8 @@ def _parallax_resolve(spec, opt):
 def _parallax_available(impl, device):
     from lla_verify.registry.parallax import is_parallax_available
 
-    if impl.name == "parallax-triton":
-        why = _triton_env(impl.name, device, "parallax_triton")
+    if impl.name in TRITON_BUILTINS:
+        why = _triton_env(impl.name, device, TRITON_BUILTINS[impl.name])
         if why:
             return why
     return is_parallax_available(impl, device)
@@ -407,17 +408,12 @@ def _decode_resolver(op: str, table: Callable, example: str):
     return resolve
 
 
-# the built-ins that run a kernels/ package (Triton: compiled, or the interpreter on CPU), and its module
-PACKAGE_BUILTINS = {"lla-decode-triton": "lla_decode", "lla-decode-keyed": "lla_decode",
-                    "parallax-decode-triton": "parallax_decode"}
-
-
 def _decode_available(module: str):
     def available(impl, device):
         why = impl.supports(device=device)
         if why:
             return why
-        if impl.name in PACKAGE_BUILTINS:
+        if impl.name in TRITON_BUILTINS:
             return _triton_env(impl.name, device, module)
         return None
     return available
@@ -478,7 +474,8 @@ OPERATORS: dict[str, Operator] = {
         _lla_check, _lla_build),
     "parallax": Operator(
         "parallax", "Parallax o = nu - C r, the forward (and gradients dq, dk, dv, dr)",
-        "CASE;probe=NAME[:p=v,...]", "parallax-triton", ("parallax-dense", "parallax-oracle", "parallax-triton"),
+        "CASE;probe=NAME[:p=v,...]", "parallax-triton",
+        ("parallax-dense", "parallax-oracle", "parallax-triton", "parallax-triton-bf16w"),
         True, _parallax_parse, _parallax_resolve, _parallax_available, _parallax_check, _parallax_build),
     "lla-decode": Operator(
         "lla-decode", "LLA decode: one query against a KV cache, every position judged against the forward's row",

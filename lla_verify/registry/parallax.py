@@ -247,6 +247,15 @@ def _triton_forward(q, k, v, r, *, qk_scale=None):
     return parallax_triton.parallax_attention(q, k, v, r, qk_scale=qk_scale)
 
 
+def _triton_bf16w_forward(q, k, v, r, *, qk_scale=None):
+    import parallax_triton
+
+    # the lever where parallax_triton allows it, a forward no backward reads; a call for
+    # gradients gets the tf32x3 merge, as parallax_attention's own default does
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, r))
+    return parallax_triton.parallax_attention(q, k, v, r, qk_scale=qk_scale, bf16_weights=not grads)
+
+
 def _builtin() -> dict[str, Callable[[], Impl]]:
     return {
         "parallax-dense": lambda: Impl(
@@ -260,6 +269,12 @@ def _builtin() -> dict[str, Callable[[], Impl]]:
         "parallax-triton": lambda: Impl(
             name="parallax-triton", forward=_triton_forward, operator=OPERATOR,
             description="parallax_triton: one-pass Parallax in Triton over FlashAttention's tiles, fp32 accumulation",
+            head_dims=(16, 32, 64, 128), devices=("cuda", "cpu"), compute_dtype=torch.float32,
+            grads=("dq", "dk", "dv", "dr")),
+        "parallax-triton-bf16w": lambda: Impl(
+            name="parallax-triton-bf16w", forward=_triton_bf16w_forward, operator=OPERATOR,
+            description="parallax_triton with bf16 weights on the fast tiles of a forward outside autograd "
+                        "(bf16 inputs; docs/kernels-parallax.md §3); gradients as parallax-triton's",
             head_dims=(16, 32, 64, 128), devices=("cuda", "cpu"), compute_dtype=torch.float32,
             grads=("dq", "dk", "dv", "dr")),
     }
@@ -288,7 +303,7 @@ def is_parallax_available(impl: Impl, device: str) -> str | None:
     reason = impl.supports(device=device)
     if reason:
         return reason
-    if impl.name == "parallax-triton":
+    if impl.name in ("parallax-triton", "parallax-triton-bf16w"):
         if torch.device(device).type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return "the Triton kernel runs on CPU only through the interpreter (set TRITON_INTERPRET=1)"
         try:

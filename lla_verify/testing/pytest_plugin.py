@@ -91,7 +91,8 @@ def pytest_addoption(parser):
                      "or MODULE:CALLABLE following fn(q, k, v, *, ridge_lambda, qk_scale) -> o")
     g.addoption("--lla-parallax-impl", default=os.environ.get("LLA_PARALLAX_IMPL", "parallax-dense"),
                 help="Parallax implementation under test: a built-in name (parallax-dense, parallax-oracle, "
-                     "parallax-triton) or MODULE:CALLABLE following fn(q, k, v, r, *, qk_scale) -> o")
+                     "parallax-triton, parallax-triton-bf16w) or MODULE:CALLABLE following "
+                     "fn(q, k, v, r, *, qk_scale) -> o")
     g.addoption("--lla-decode-impl", default=os.environ.get("LLA_DECODE_IMPL", "lla-decode-triton"),
                 help="LLA decode implementation under test (properties/test_decode.py): a built-in name "
                      "(lla-decode-triton, lla-decode-keyed, lla-decode-oracle) or MODULE:CALLABLE following "
@@ -210,15 +211,13 @@ def _warm_up(config) -> None:
         return
     from lla_verify.testing import warmup
 
-    from lla_verify.registry.operators import PACKAGE_BUILTINS
+    from lla_verify.registry.operators import TRITON_BUILTINS
 
     # each package only when a property runs it
-    decodes = [config.getoption(o) for o in ("--lla-decode-impl", "--lla-parallax-decode-impl")]
-    packages = sorted({PACKAGE_BUILTINS[s] for s in decodes if s in PACKAGE_BUILTINS})
+    others = [config.getoption(o) for o in ("--lla-decode-impl", "--lla-parallax-decode-impl", "--lla-parallax-impl")]
+    packages = sorted({TRITON_BUILTINS[s] for s in others if s in TRITON_BUILTINS})
     if config.getoption("--lla-impl") == "triton":
         packages[:0] = warmup.LLA_VARIANTS
-    if config.getoption("--lla-parallax-impl") == "parallax-triton":
-        packages.append("parallax_triton")
     t0 = time.perf_counter()
     res = warmup.warm(packages, device="cuda")
     bad = [f"{p} {dt} D={d}: {err}" for p, dt, d, _, err in res if err is not None]
@@ -338,11 +337,11 @@ def _decode_impl(config, op: str, opt: str):
 
 
 def _decode_reason(operator, record, device) -> str | None:
-    from lla_verify.registry.operators import PACKAGE_BUILTINS
+    from lla_verify.registry.operators import TRITON_BUILTINS
 
     # the registry would switch the interpreter on for a CPU run; a test process must not
     # change how the kernels of its other tests compile, so it says what is missing instead
-    if (record.name in PACKAGE_BUILTINS and device == "cpu"
+    if (record.name in TRITON_BUILTINS and device == "cpu"
             and os.environ.get("TRITON_INTERPRET") != "1"):
         return "its Triton kernels need TRITON_INTERPRET=1 on CPU"
     return operator.available(record, device)
