@@ -1,7 +1,7 @@
 """What bf16 weights in the Parallax forward's value products would cost in accuracy.
 
     PYTHONPATH=.:kernels python scripts/study_parallax_bf16_weights.py [--S 64 256] [--dims 16 64]
-        [--seeds 4] [--out FILE.md]
+        [--seeds 4] [--orderings N] [--out FILE.md]
 
 On a fast tile (docs/kernels-parallax.md §3, "Fast tiles") the forward forms the scores
 and d in one bf16 product each, and the value products w vp and we vp at tf32x3: 12 of the
@@ -127,6 +127,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dims", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--seeds", type=int, default=4, help="seed 0 the easy parameters, the others drawn")
     ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3], help="bf16 parts of we to try")
+    ap.add_argument("--orderings", type=int, default=None,
+                    help="coordinate orderings of the target's dense error (default: the target's own, "
+                         "budget.parallax.TARGET_ORDERINGS; fewer run faster at large S and D)")
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = ap.parse_args(argv)
     try:
@@ -148,7 +151,8 @@ def main(argv=None) -> int:
         except ProbeOutOfRange:
             continue
         o64 = parallax_forward(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale)
-        allowed, _ = kernel_target(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale, o64=o64)
+        extra = {} if args.orderings is None else {"orderings": args.orderings}
+        allowed, _ = kernel_target(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale, o64=o64, **extra)
         share = fast_share(p.q, p.k, p.r, p.qk_scale, D)
         key = (fam, probe)
         w = worst.setdefault(key, {"share": 1.0, "budget": [0.0] * len(variants), "target": [0.0] * len(variants)})
