@@ -379,53 +379,50 @@ def _program_runs(ba, ta, bd, td, MODE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_merge(w, d, vp, alpha, l_i, nu, dbar, cm, PREC: tl.constexpr):
+def _fwd_merge(w, d, vp, v16, cv, alpha, l_i, nu, dbar, cm, PREC: tl.constexpr, W16: tl.constexpr,
+               EXACT: tl.constexpr):
     """Merge a tile's weights w and d (against the row's reference) into the running (W,
     nu, dbar, M) of each query: Chan et al.'s update of a co-moment, M = sum_j w_j (vp_j -
-    nu)(d_j - dbar) in the weights of the running maximum."""
+    nu)(d_j - dbar) in the weights of the running maximum.
+
+    W16 (a fast tile of bf16 inputs, FAST_BF16_WEIGHTS; docs/kernels-parallax.md §3, "bf16
+    weights"): the weights rounded to bf16, w~ = bf16(w), in every sum below, so the row is
+    exact for weights perturbed by at most 2^-9 relatively; w~ v one bf16 product with exact
+    products against the raw bf16 values v16, and the co-moment's weights w~ (d - dbar) in
+    two bf16 parts (e perturbed by at most 2^-17 relatively)."""
+    if W16:
+        w = w.to(tl.bfloat16).to(w.dtype)
     w_a = l_i * alpha
-    w_ab = w_a + tl.sum(w, 1)
+    sw = tl.sum(w, 1)
+    w_ab = w_a + sw
     # w_ab >= 1 (the row's maximum weighs 1), while a tile's own weight may underflow to
     # zero or a subnormal: so the tile is centred on the merged means, never divided by
     # its own weight, and a row that sees no key of the tile is left as it was
     inv = 1.0 / w_ab
-    # w vp stays a product of the anchored values for bf16 inputs too: w v - W v_0 through
-    # exact bf16 products would round at u |v|, and on a one-hot row nu_i - v_ref would no
-    # longer be exact, which the backward's gv needs at the heavy key (docs/kernels-parallax.md §5)
-    nu_new = (w_a[:, None] * nu + tl.dot(w, vp, input_precision=PREC)) * inv[:, None]
+    if W16:
+        # sum_j w~_j (v_j - v_0) = w~ v - (sum_j w~_j) v_0
+        wvp = _dot16(w, v16, EXACT) - sw[:, None] * cv[None, :]
+    else:
+        # w vp stays a product of the anchored values for bf16 inputs too: w v - W v_0
+        # through exact bf16 products would round at u |v|, and on a one-hot row nu_i - v_ref
+        # would no longer be exact, which the backward's gv needs at the heavy key
+        # (docs/kernels-parallax.md §5)
+        wvp = tl.dot(w, vp, input_precision=PREC)
+    nu_new = (w_a[:, None] * nu + wvp) * inv[:, None]
     dbar_new = (w_a * dbar + tl.sum(w * d, 1)) * inv
     # sum_j w_ij (vp_j - nu_new)(d_ij - dbar_new), the value side centred through the
     # second term because nu_new differs per query and cannot enter the product
     we = w * (d - dbar_new[:, None])
-    cm_b = tl.dot(we, vp, input_precision=PREC) - nu_new * tl.sum(we, 1)[:, None]
+    if W16:
+        # we = we1 + we2 exactly as summed here, against v_j - v_0 - nu_new
+        we1 = we.to(tl.bfloat16).to(we.dtype)
+        we2 = (we - we1).to(tl.bfloat16).to(we.dtype)
+        cm_b = (_dot16(we1, v16, EXACT) + _dot16(we2, v16, EXACT)
+                - (cv[None, :] + nu_new) * tl.sum(we1 + we2, 1)[:, None])
+    else:
+        cm_b = tl.dot(we, vp, input_precision=PREC) - nu_new * tl.sum(we, 1)[:, None]
     # Chan et al.: moving the old moment from its means to the merged ones adds
     # w_a (nu - nu_new)(dbar - dbar_new)
-    cm = cm * alpha[:, None] + cm_b + (w_a * (dbar - dbar_new))[:, None] * (nu - nu_new)
-    return w_ab, nu_new, dbar_new, cm
-
-
-@triton.jit
-def _fwd_merge16(w, d, v16, cv, alpha, l_i, nu, dbar, cm, EXACT: tl.constexpr):
-    """_fwd_merge with the tile's weights rounded to bf16, w~ = bf16(w), on a fast tile of
-    bf16 inputs (FAST_BF16_WEIGHTS; docs/kernels-parallax.md §3, "bf16 weights"): every sum
-    takes w~, so the row is exact for weights perturbed by at most 2^-9 relatively, and
-    w~ v is one bf16 product with exact products against the raw bf16 values. The
-    co-moment's weights w~ (d - dbar) go in as two bf16 parts (e perturbed by at most 2^-17
-    relatively), the value side centred through the parts' own sum."""
-    wt = w.to(tl.bfloat16).to(w.dtype)
-    w_a = l_i * alpha
-    sw = tl.sum(wt, 1)
-    w_ab = w_a + sw
-    inv = 1.0 / w_ab
-    # sum_j w~_j (v_j - v_0) = w~ v - (sum_j w~_j) v_0
-    nu_new = (w_a[:, None] * nu + (_dot16(wt, v16, EXACT) - sw[:, None] * cv[None, :])) * inv[:, None]
-    dbar_new = (w_a * dbar + tl.sum(wt * d, 1)) * inv
-    we = wt * (d - dbar_new[:, None])
-    we1 = we.to(tl.bfloat16).to(we.dtype)
-    we2 = (we - we1).to(tl.bfloat16).to(we.dtype)
-    # sum_j we_j (v_j - v_0 - nu_new) with we = we1 + we2 exactly as summed here
-    cm_b = (_dot16(we1, v16, EXACT) + _dot16(we2, v16, EXACT)
-            - (cv[None, :] + nu_new) * tl.sum(we1 + we2, 1)[:, None])
     cm = cm * alpha[:, None] + cm_b + (w_a * (dbar - dbar_new))[:, None] * (nu - nu_new)
     return w_ab, nu_new, dbar_new, cm
 
@@ -441,7 +438,7 @@ def _fwd_split_tile(a_hi, a_rem, s_hi, rem, vp, v16, cv, offs_m, offs_n, start_n
     has seen a key, and d is exactly 0 at that key. HAS_REM = False: a fast tile, every
     remainder 0 and not formed; each value below is then bitwise the one a tile with
     remainders gives a plain entry. W16 (a fast tile of bf16 inputs, FAST_BF16_WEIGHTS):
-    the merge with bf16 weights against the raw values v16 (_fwd_merge16)."""
+    the merge with bf16 weights against the raw values v16 (_fwd_merge)."""
     col = tl.arange(0, BLOCK_N)
     if HAS_REM:
         x = _masked(((a_hi - s_a[:, None]) + (a_rem - s_r[:, None])) * scale, offs_m, offs_n, S, MASK)
@@ -481,10 +478,7 @@ def _fwd_split_tile(a_hi, a_rem, s_hi, rem, vp, v16, cv, offs_m, offs_n, start_n
         d = (s_hi - t_ref[:, None]) + (rem - t_rem[:, None])
     else:
         d = (s_hi - t_ref[:, None]) - t_rem[:, None]
-    if W16:
-        w_ab, nu_new, dbar_new, cm = _fwd_merge16(w, d, v16, cv, alpha, l_i, nu, dbar, cm, EXACT)
-    else:
-        w_ab, nu_new, dbar_new, cm = _fwd_merge(w, d, vp, alpha, l_i, nu, dbar, cm, PREC)
+    w_ab, nu_new, dbar_new, cm = _fwd_merge(w, d, vp, v16, cv, alpha, l_i, nu, dbar, cm, PREC, W16, EXACT)
     return m_new, w_ab, nu_new, dbar_new, cm, t_ref, t_rem, j_ref, s_a, s_r
 
 
@@ -560,7 +554,7 @@ def _fwd_tile(q_dot, q_hi, q_lo, rf, r16, r_hi, r_lo, ck, cv, K, V, KPARTS, NORM
         j_ref = tl.where(moved, start_n + tl.argmax(a, 1), j_ref)
         # d_ij against the anchored keys: O(spread |r_i|), never O(|k_j| |r_i|)
         d = tl.dot(rf, tl.trans(kp), input_precision=PREC)
-        w_ab, nu_new, dbar_new, cm = _fwd_merge(w, d, vp, alpha, l_i, nu, dbar, cm, PREC)
+        w_ab, nu_new, dbar_new, cm = _fwd_merge(w, d, vp, vp, cv, alpha, l_i, nu, dbar, cm, PREC, False, EXACT)
     return m_new, w_ab, nu_new, dbar_new, cm, t_ref, t_rem, j_ref, s_a, s_r
 
 
@@ -971,7 +965,7 @@ def gpu_config(kind: str, D: int, dtype) -> tuple:
     return NARROW_CONFIGS[D]
 INTERP_CONFIG = (16, 16, 1, 1)
 # bf16 inputs, a forward without a backward (parallax_attention outside autograd): fast tiles
-# merge with bf16 weights (_fwd_merge16; docs/kernels-parallax.md §3, "bf16 weights"), 5 bf16
+# merge with bf16 weights (_fwd_merge W16; docs/kernels-parallax.md §3, "bf16 weights"), 5 bf16
 # units of tensor-core work a fast tile instead of 14. Read at call time; off until a GPU
 # has timed it against the tf32x3 products
 FAST_BF16_WEIGHTS = False
@@ -1095,7 +1089,7 @@ def parallax_forward_kernel(q, k, v, r, scale, *, config=None, split_d=None, fas
     products round at u64). None (the default) or True: split; False: single products, for
     measuring what the split costs and buys. fast: which entries of the split take the plain
     product instead (fast_thresholds: None, the derived test; True, all; False, none).
-    bf16_weights: for bf16 inputs, fast tiles merge with bf16 weights (_fwd_merge16) -- a
+    bf16_weights: for bf16 inputs, fast tiles merge with bf16 weights (_fwd_merge's W16): a
     forward that no backward reads: the backward's dq and dr need the row statistics at
     fp32 accuracy (docs/kernels-parallax.md §3, "bf16 weights")."""
     N, S, D = q.shape
