@@ -119,6 +119,10 @@ def _calls(full: bool, dims=None):
                 q, k, v, r = (torch.randn(1, 2, 256, D, dtype=dt, requires_grad=True) for _ in range(4))
                 o = parallax_triton.parallax_attention(q, k, v, r, check_finite=False)
                 o.backward(torch.ones_like(o))
+                if dt == torch.bfloat16:
+                    # the forward with bf16 weights (off by default: FAST_BF16_WEIGHTS)
+                    with torch.no_grad():
+                        parallax_triton.parallax_attention(q, k, v, r, check_finite=False, bf16_weights=True)
 
             def lla_dec(dt=dt, D=D):
                 import lla_decode
