@@ -21,6 +21,11 @@ largest difference between the two copies' outputs and gradients on the timed in
 (scripts/parallax_kernel_stats.py's --config syntax: 'BM,BN,WARPS,STAGES' for every kernel,
 or 'fwd=..;dq=..;dkdv=..'), as extra columns 'new[i]'; the accuracy rows use the defaults.
 
+``--set NAME=VALUE ...`` sets constants of the new copy's kernels module before it runs
+(Python literals), e.g. ``--old kernels/parallax_triton --set FAST_BF16_WEIGHTS=True`` times
+the forward with bf16 weights (docs/kernels-parallax.md §3; the forward alone: the step runs
+under autograd, where the lever is off) against the default in one run.
+
 ``--smoke`` runs one tiny shape on the CPU through the Triton interpreter (set
 TRITON_INTERPRET=1): it exercises the script; its times are meaningless.
 """
@@ -67,7 +72,10 @@ def _judge(fn, D: int, S: int):
     gen = torch.Generator().manual_seed(COTANGENT_SEED)
     do = torch.randn(tuple(p.v.shape), generator=gen, dtype=torch.float64).to(p.q.dtype).to(p.q.device)
     grads = torch.autograd.grad(o, leaves, do)
-    vf = check_parallax_forward(p.q, p.k, p.v, p.r, o.detach(), impl="ab", case=case, qk_scale=p.qk_scale)
+    # the forward judged as it is timed, outside autograd (where a copy may take bf16 weights)
+    with torch.no_grad():
+        o = fn(p.q, p.k, p.v, p.r, qk_scale=p.qk_scale)
+    vf = check_parallax_forward(p.q, p.k, p.v, p.r, o, impl="ab", case=case, qk_scale=p.qk_scale)
     vb = check_parallax_backward(p.q, p.k, p.v, p.r, do, grads, impl="ab", case=case, qk_scale=p.qk_scale)
     return vf, vb
 
@@ -86,6 +94,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default=None, help="B,H,S,D;... (default issue 22's four)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--new-configs", nargs="*", default=[], help="extra tile configurations of the new copy")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="constants of the new copy's kernels module (Python literals)")
     ap.add_argument("--smoke", action="store_true", help="one tiny shape on the CPU (TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
     global DEVICE
@@ -105,6 +115,13 @@ def main(argv=None):
     import sys
 
     new_kernels = sys.modules["parallax_triton_new.kernels"]
+    import ast
+
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not hasattr(new_kernels, name):
+            ap.error(f"--set {item!r}: expected NAME=VALUE with NAME a constant of {new_kernels.__name__}")
+        setattr(new_kernels, name, ast.literal_eval(value))
     defaults = copy.deepcopy(new_kernels.GPU_CONFIGS)
     variants = {f"new[{i}]": spec for i, spec in enumerate(args.new_configs)}
 
@@ -125,7 +142,8 @@ def main(argv=None):
     table = Table()
     emit = table.emit
     emit(versions_line(date=True) if DEVICE == "cuda" else "SMOKE RUN on the CPU: every time below is meaningless")
-    emit(f"old: {args.old}; new: {args.new}; bf16, causal; SDPA flash; median of {args.rounds} interleaved rounds")
+    emit(f"old: {args.old}; new: {args.new}" + (f" with {', '.join(args.set)}" if args.set else "")
+         + f"; bf16, causal; SDPA flash; median of {args.rounds} interleaved rounds")
     for name, spec in variants.items():
         emit(f"{name}: the new copy with --config {spec!r}")
     emit()
