@@ -168,16 +168,15 @@ def _parallax_dense(q, k, v, r, *, qk_scale=None, bug: str = ""):
         nuc = pc @ vc
     else:
         pc, nuc = p, nu
-    proj = _projections(pc, kc, rc)
-    kbar = pc @ kc
     if bug == "uncentred":
         # the streaming expansion sum_j p_ij v_j <k_j, r_i> - nu_i <kbar_i, r_i>, which
         # cancels when the keys share an offset
+        kbar = pc @ kc
         kr = (kc[..., None, :, :] * rc[..., :, None, :]).sum(-1)
         corr = (pc * kr) @ vc - nuc * (kbar * rc).sum(-1, keepdim=True)
     else:
         wts = w if bug == "unnormalised_probe" else pc  # w: exp(a - m) without dividing by omega_i
-        corr = _correction(wts, proj, vc, nuc)
+        corr = _correction(wts, _projections(pc, kc, rc), vc, nuc)
     o = -corr if bug == "dropped_nu" else nu - corr
     return o.to(q.dtype)
 
