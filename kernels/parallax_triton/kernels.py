@@ -966,9 +966,10 @@ def gpu_config(kind: str, D: int, dtype) -> tuple:
 INTERP_CONFIG = (16, 16, 1, 1)
 # bf16 inputs, a forward without a backward (parallax_attention outside autograd): fast tiles
 # merge with bf16 weights (_fwd_merge W16; docs/kernels-parallax.md §3, "bf16 weights"), 5 bf16
-# units of tensor-core work a fast tile instead of 14. Read at call time; off until a GPU
-# has timed it against the tf32x3 products
-FAST_BF16_WEIGHTS = False
+# units of tensor-core work a fast tile instead of 14: on the H200 0.50-0.55x the forward time
+# of the tf32x3 merge at issue 22's shapes (docs/performance.md). Read at call time; False
+# keeps the tf32x3 merge everywhere
+FAST_BF16_WEIGHTS = True
 
 
 def _is_out_of_resources(exc: Exception) -> bool:
