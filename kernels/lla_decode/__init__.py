@@ -54,9 +54,12 @@ DEFAULT_DELTA_EPS = 2.0**-22
 # from ptxas's registers a thread: 65536 / (128 x regs)). With no split size given, the output
 # pass, a memory-bound read of the cache like Parallax's, aims at one wave of the SMs.
 RESIDENT_PER_SM = {16: 4, 32: 4, 64: 4, 128: 2}
-# A split's Sigma_s (8 D^2 bytes, written once and read once) costs at most half the cache
-# bytes it summarises (4 D a position at 16 bits): a split holds at least 8 D positions.
-MIN_SPLIT_PER_DIM = 8
+# A split holds at least 2 D positions: its Sigma_s (8 D^2 bytes, written once and read once)
+# then costs at most the cache bytes it summarises (4 D a position at 16 bits). A longer floor
+# leaves SMs idle at small caches: on the H200 at batch 1, 4k positions, D = 128, a floor of
+# 8 D (4 splits) took 21.1x SDPA's graph time and 2 D 11.9x, and no point of
+# scripts/decode_sweeps.sh's sigma sweep was slower with 2 D (docs/decode.md, "Speed").
+MIN_SPLIT_PER_DIM = 2
 OUT_STAGES = 3
 # the output pass's warps and cache positions per tile (its split is a multiple of BLOCK_N,
 # which this divides): the pass is memory-bound like Parallax's split kernel, whose best

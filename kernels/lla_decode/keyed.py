@@ -52,7 +52,9 @@ KEYED_MAX_ITERS = 32
 KEY_PASS_BLOCK_N = 64
 KEY_PASS_WARPS = 4
 KEY_PASS_STAGES = 3
-KEY_PASS_ACC2D = False
+# the (positions, D) accumulator: on the H200 0.67-0.79x the keyed step's graph time with the column
+# sums at every point of scripts/decode_sweeps.sh's keyed sweep, outputs bit for bit the same
+KEY_PASS_ACC2D = True
 
 
 @triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
