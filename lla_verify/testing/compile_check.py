@@ -120,7 +120,7 @@ def _calls(full: bool, dims=None):
                 o = parallax_triton.parallax_attention(q, k, v, r, check_finite=False)
                 o.backward(torch.ones_like(o))
                 if dt == torch.bfloat16:
-                    # the forward with bf16 weights (off by default: FAST_BF16_WEIGHTS)
+                    # the forward with bf16 weights (outside autograd: FAST_BF16_WEIGHTS)
                     with torch.no_grad():
                         parallax_triton.parallax_attention(q, k, v, r, check_finite=False, bf16_weights=True)
 
