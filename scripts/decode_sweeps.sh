@@ -2,14 +2,14 @@
 # The decode kernels' layout sweeps, each variant's per-kernel device time beside SDPA's in one
 # run (scripts/profile_decode_kernels.py --variant), on a CUDA machine from the repository root:
 #
-#     bash scripts/decode_sweeps.sh OUTDIR [sigma] [keyed] [parallax]
+#     bash scripts/decode_sweeps.sh OUTDIR [sigma] [keyed] [parallax] [passes]
 #
-# (all three by default; each takes a few minutes, so one GPU call may take one or two)
+# (sigma, keyed and parallax by default; each takes a few minutes, so one GPU call may take one or two)
 # What each sweep asks is in docs/decode.md ("Open"); `scripts/decode_kernel_stats.py` gives the
 # same variants' registers and spills without a GPU. A sweep chooses defaults; the table of
 # record is then `lla-verify bench-decode --graphs` (docs/performance.md).
 set -u
-out=${1:?usage: decode_sweeps.sh OUTDIR [sigma] [keyed] [parallax]}
+out=${1:?usage: decode_sweeps.sh OUTDIR [sigma] [keyed] [parallax] [passes]}
 shift
 sweeps=${*:-sigma keyed parallax}
 mkdir -p "$out"
@@ -71,9 +71,31 @@ timeout -s INT 280 $prof --op parallax --calls 5 \
   > "$out/sweep-parallax.txt" 2>&1; echo "rc=$?" >> "$out/sweep-parallax.txt"
 }
 
+# lla_decode's memory-bound passes on splits of their own (lla_decode.pass_split, at most
+# PASS_MAX_SPLITS a head): the output pass (both solves), and the keyed solve's product and
+# statistics passes, each with the narrow tiles and many programs an SM that Parallax's split
+# kernel runs best with
+passes() {
+timeout -s INT 140 $prof --op lla --solver sigma --calls 3 \
+  --shapes 1:4096:128,16:4096:128,64:4096:128,1:32768:128,16:32768:128,64:131072:128,64:131072:64,1:4096:64 \
+  --variant "out-r8-b16w1:$L.OUT_RESIDENT_PER_SM=$(all 8);$L.OUT_BLOCK_N=16;$L.OUT_WARPS=1" \
+  --variant "out-r8-b32w2:$L.OUT_RESIDENT_PER_SM=$(all 8);$L.OUT_BLOCK_N=32;$L.OUT_WARPS=2" \
+  --variant "out-r16-b16w1:$L.OUT_RESIDENT_PER_SM=$(all 16);$L.OUT_BLOCK_N=16;$L.OUT_WARPS=1" \
+  > "$out/sweep-lla-passes-sigma.txt" 2>&1; echo "rc=$?" >> "$out/sweep-lla-passes-sigma.txt"
+timeout -s INT 200 $prof --op lla --solver keyed --calls 3 \
+  --shapes 64:131072:128,64:131072:64,16:131072:128,16:32768:128,1:32768:128,1:4096:128 \
+  --variant "out8:$L.OUT_RESIDENT_PER_SM=$(all 8);$L.OUT_BLOCK_N=16;$L.OUT_WARPS=1" \
+  --variant "prod-r8-b16:$L.OUT_RESIDENT_PER_SM=$(all 8);$L.OUT_BLOCK_N=16;$L.OUT_WARPS=1;$K.KEY_PRODUCT_RESIDENT_PER_SM=$(all 8);$K.KEY_PASS_BLOCK_N=16;$K.KEY_STATS_BLOCK_N=64" \
+  --variant "prod-r4-b32:$L.OUT_RESIDENT_PER_SM=$(all 8);$L.OUT_BLOCK_N=16;$L.OUT_WARPS=1;$K.KEY_PRODUCT_RESIDENT_PER_SM=$(all 4);$K.KEY_PASS_BLOCK_N=32;$K.KEY_STATS_BLOCK_N=64" \
+  --variant "stats-r8-b16w1:$L.OUT_RESIDENT_PER_SM=$(all 8);$L.OUT_BLOCK_N=16;$L.OUT_WARPS=1;$K.KEY_STATS_RESIDENT_PER_SM=$(all 8);$K.KEY_STATS_BLOCK_N=16;$K.KEY_STATS_WARPS=1" \
+  --variant "both:$L.OUT_RESIDENT_PER_SM=$(all 8);$L.OUT_BLOCK_N=16;$L.OUT_WARPS=1;$K.KEY_PRODUCT_RESIDENT_PER_SM=$(all 8);$K.KEY_PASS_BLOCK_N=16;$K.KEY_STATS_RESIDENT_PER_SM=$(all 8);$K.KEY_STATS_BLOCK_N=16;$K.KEY_STATS_WARPS=1" \
+  --variant "both-p4:$L.OUT_RESIDENT_PER_SM=$(all 8);$L.OUT_BLOCK_N=16;$L.OUT_WARPS=1;$K.KEY_PRODUCT_RESIDENT_PER_SM=$(all 4);$K.KEY_PASS_BLOCK_N=32;$K.KEY_STATS_RESIDENT_PER_SM=$(all 8);$K.KEY_STATS_BLOCK_N=16;$K.KEY_STATS_WARPS=1" \
+  > "$out/sweep-lla-passes-keyed.txt" 2>&1; echo "rc=$?" >> "$out/sweep-lla-passes-keyed.txt"
+}
+
 for sweep in $sweeps; do
   case $sweep in
-    sigma|keyed|parallax) $sweep ;;
-    *) echo "decode_sweeps.sh: unknown sweep $sweep (sigma, keyed, parallax)" >&2; exit 2 ;;
+    sigma|keyed|parallax|passes) $sweep ;;
+    *) echo "decode_sweeps.sh: unknown sweep $sweep (sigma, keyed, parallax, passes)" >&2; exit 2 ;;
   esac
 done

@@ -249,6 +249,43 @@ def test_output_pass_on_a_split_of_its_own(monkeypatch, solver):
     assert_within_budget(_judge_lla(p, split=None, solver=solver))
 
 
+def test_keyed_passes_on_splits_of_their_own(monkeypatch):
+    """With KEY_PRODUCT_RESIDENT_PER_SM and KEY_STATS_RESIDENT_PER_SM set, the keyed solve's
+    product and statistics passes split the cache apart from each other and from the Sigma
+    pass (the start sums the statistics' partials, each update the products'): the rows are
+    the forward's all the same."""
+    import lla_decode as package
+    from lla_decode import keyed
+
+    monkeypatch.setattr(keyed, "KEY_PRODUCT_RESIDENT_PER_SM", {16: 8, 32: 8, 64: 8, 128: 8})
+    monkeypatch.setattr(keyed, "KEY_STATS_RESIDENT_PER_SM", {16: 2, 32: 2, 64: 2, 128: 2})
+    (case,) = [c for c in LLA_CASES if c.id == "fp32-lam0.1-S45-split16"]
+    family, params, S, dtype, _, D = case.values
+    p = _problem(family, params, S, dtype, D=D)
+    qd, kc, vc, lens, _ = every_position(p.q, p.k, p.v)
+    prep = package._prepare(qd, kc, vc, lens, 0.1, None, package.DEFAULT_CG_TOL, None, package.DEFAULT_DELTA_EPS,
+                            None, True)
+    N, T = qd.shape[0] * qd.shape[1], kc.shape[2]
+    product = package.pass_split(T, N, prep.bn, prep.sms, keyed.KEY_PRODUCT_RESIDENT_PER_SM, D, prep.split)
+    stats = package.pass_split(T, N, prep.bn, prep.sms, keyed.KEY_STATS_RESIDENT_PER_SM, D, prep.split)
+    assert len({product, stats, prep.split}) == 3, (product, stats, prep.split)
+    _keyed_alone(monkeypatch)
+    assert_within_budget(_judge_lla(p, split=None, solver="keyed"))
+
+
+def test_a_pass_of_its_own_caps_its_splits_a_head():
+    """A pass on a split of its own takes at most PASS_MAX_SPLITS splits a head, whatever the
+    SMs, and one wave of them otherwise; with no programs an SM given it keeps the default."""
+    import lla_decode as package
+
+    cap, bn = package.PASS_MAX_SPLITS, 64
+    for heads, sms in ((1, 132), (1, 10_000), (4, 132), (64, 132)):
+        split = package.pass_split(1 << 17, heads, bn, sms, {64: 8}, 64, 0)
+        n = -(-(1 << 17) // split)
+        assert split % bn == 0 and n <= cap and n * heads <= max(heads, sms * 8), (heads, sms, split)
+    assert package.pass_split(1 << 17, 1, bn, 132, None, 64, 4096) == 4096
+
+
 def _wide_values(p: Problem, Dv: int) -> Problem:
     gen = torch.Generator().manual_seed(11)
     v = torch.randn(*p.v.shape[:-1], Dv, generator=gen, dtype=torch.float64).to(p.v.dtype).to(DEVICE)

@@ -72,6 +72,11 @@ OUT_BLOCK_N = 64
 # a 4k cache, 4 splits of 1024 positions at D = 128), since each of its splits writes a
 # D x D partial; the output pass's partials are Dv + 3 floats a split and need no such floor
 OUT_RESIDENT_PER_SM = None
+# at most this many splits a head for a pass on a split of its own (the output pass's, the
+# keyed solve's): one program a head sums them in order, CHUNK at a time, so without a cap a
+# few heads on many SMs hand it a long chain of dependent loads (on an H200 at batch 1 with
+# 32k positions, 1056 splits of the output pass took the finish 72 us, against 3 us for 32)
+PASS_MAX_SPLITS = 64
 # the split kernel's warps: its fp64 BS x BS accumulator and tile operands spill from 4 warps'
 # registers (ptxas: 255 registers and a stack)
 SPLIT_WARPS = 8
@@ -121,6 +126,16 @@ def choose_split(t_max: int, n_heads: int, block_n: int, slots: int, min_split: 
     n_tiles = _cdiv(t_max, block_n)
     n_splits = max(1, min(n_tiles // max(1, _cdiv(min_split, block_n)), slots // n_heads))
     return _cdiv(n_tiles, n_splits) * block_n
+
+
+def pass_split(t_max: int, n_heads: int, block_n: int, sms: int, resident, width: int, default: int) -> int:
+    """The split of a pass that takes one of its own: ``default`` when ``resident`` (programs
+    an SM, by width) is None, else one wave of ``resident[width]`` programs an SM, at most
+    PASS_MAX_SPLITS splits a head, each a multiple of ``block_n``."""
+    if resident is None:
+        return default
+    slots = min(sms * resident[width], n_heads * PASS_MAX_SPLITS)
+    return choose_split(t_max, n_heads, block_n, slots, block_n)
 
 
 def _chunk(width: int, interp: bool) -> int:
@@ -512,6 +527,8 @@ class _Prepared(NamedTuple):
     bn: int
     interp: bool
     out_split: int  # the output pass's split (a multiple of its tile); ``split`` unless chosen apart
+    sms: int  # the device's SMs (the keyed solve's passes choose their splits from it)
+    chosen: bool  # the splits were chosen here (no ``split`` given): passes may take their own
 
 
 def _prepare(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps, split,
@@ -537,13 +554,11 @@ def _prepare(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_ma
     tol, max_iters = _check_options(cg_tol, cg_max_iters, D)
     interp = _interpreting()
     bn = _block_n(interp)
+    sms = _sm_count(q.device)
+    chosen = split is None
     if split is None:
-        sms = _sm_count(q.device)
         split = choose_split(T, B * H, bn, sms * RESIDENT_PER_SM[max(D, Dv)], MIN_SPLIT_PER_DIM * D)
-        out_split = split
-        if OUT_RESIDENT_PER_SM is not None:
-            out_bn = bn if interp else OUT_BLOCK_N
-            out_split = choose_split(T, B * H, out_bn, sms * OUT_RESIDENT_PER_SM[max(D, Dv)], out_bn)
+        out_split = pass_split(T, B * H, bn if interp else OUT_BLOCK_N, sms, OUT_RESIDENT_PER_SM, max(D, Dv), split)
     elif isinstance(split, bool) or not isinstance(split, int) or split < bn or split % bn:
         raise LLAInputError(f"split: expected None or a positive multiple of the tile {bn}, got {split!r}")
     else:
@@ -553,7 +568,7 @@ def _prepare(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_ma
     # asynchronous copy is safe to drop.
     lens_d = lens.to(dtype=torch.int32).to(device=q.device, non_blocking=True)
     return _Prepared(lens, lens_d, lam, lam_per_head, scale, eps, tol, max_iters, split, _cdiv(T, split), bn, interp,
-                     out_split)
+                     out_split, sms, chosen)
 
 
 def _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps, split,

@@ -32,8 +32,8 @@ import triton.language as tl
 
 from lla_contract.host import f32_arrays as _f32_arrays
 
-from . import (_chunk, _gate, _head_lambda, _head_splits, _head_sums, _key_tile, _output_and_finish, _scalar,
-               _sigma_solve, _split_program)
+from . import (_cdiv, _chunk, _gate, _head_lambda, _head_splits, _head_sums, _key_tile, _output_and_finish, _scalar,
+               _sigma_solve, _split_program, pass_split)
 
 # the first iteration after which the host reads whether a head still iterates; then every
 # doubling (a read is a synchronisation: rare, since a launch after convergence only costs
@@ -55,6 +55,15 @@ KEY_PASS_STAGES = 3
 # the (positions, D) accumulator: on the H200 0.67-0.79x the keyed step's graph time with the column
 # sums at every point of scripts/decode_sweeps.sh's keyed sweep, outputs bit for bit the same
 KEY_PASS_ACC2D = True
+# splits of their own for the product passes and the statistics pass: programs an SM by D
+# (lla_decode.pass_split), None for lla_decode's split. Each pass's partials are summed per
+# head by the launch after it, so each may split the cache its own way. The statistics pass
+# keeps its own tile and warps (None: the products'), since a tile that suits the products'
+# fp64 accumulator need not suit its fp32 sums.
+KEY_PRODUCT_RESIDENT_PER_SM = None
+KEY_STATS_RESIDENT_PER_SM = None
+KEY_STATS_BLOCK_N = None
+KEY_STATS_WARPS = None
 
 
 @triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
@@ -232,27 +241,36 @@ def launch(prep, q, k_cache, v_cache, out=None, fixed=False):
     reads whether any head still iterates after iterations 4, 8, 16, ... and stops there."""
     B, H, D = q.shape
     Hk, T = k_cache.shape[1], k_cache.shape[2]
-    split, n_splits, bn, interp, lens_d = prep.split, prep.n_splits, prep.bn, prep.interp, prep.lens_d
+    bn, interp, lens_d = prep.bn, prep.interp, prep.lens_d
     N, G, dev = B * H, H // Hk, q.device
     qc, kc, vc = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     scale = float(prep.scale)
     chunk = _chunk(D, interp)
     kbn, kwarps = (bn, 4) if interp else (KEY_PASS_BLOCK_N, KEY_PASS_WARPS)
-    if split % kbn:
-        raise ValueError(f"KEY_PASS_BLOCK_N {kbn} does not divide the split {split}")
+    sbn = bn if interp else (KEY_STATS_BLOCK_N or KEY_PASS_BLOCK_N)
+    swarps = 4 if interp else (KEY_STATS_WARPS or KEY_PASS_WARPS)
+    # each pass on its own split where the call chose the splits, else on the one given
+    own = prep.chosen
+    split = pass_split(T, N, kbn, prep.sms, KEY_PRODUCT_RESIDENT_PER_SM if own else None, D, prep.split)
+    s_split = pass_split(T, N, sbn, prep.sms, KEY_STATS_RESIDENT_PER_SM if own else None, D, prep.split)
+    for name, tile, length in (("KEY_PASS_BLOCK_N", kbn, split), ("KEY_STATS_BLOCK_N", sbn, s_split)):
+        if length % tile:
+            raise ValueError(f"{name} {tile} does not divide the split {length}")
+    n_splits, s_splits = _cdiv(T, split), _cdiv(T, s_split)
     kpass = dict(D=D, BLOCK_N=kbn, STAGES=KEY_PASS_STAGES, num_warps=kwarps)
 
-    m_s, om_s = _f32_arrays(2, N * n_splits, dev)
-    mu_s = torch.empty(N, n_splits, D, device=dev, dtype=torch.float32)
+    m_s, om_s = _f32_arrays(2, N * s_splits, dev)
+    mu_s = torch.empty(N, s_splits, D, device=dev, dtype=torch.float32)
     y_s = torch.empty(N, n_splits, D, device=dev, dtype=torch.float64)
     pap_s = torch.empty(N * n_splits, device=dev, dtype=torch.float64)
-    _keyed_stats_kernel[(n_splits, N)](qc, kc, lens_d, m_s, om_s, mu_s, H, G, T, n_splits, split, scale, **kpass)
+    _keyed_stats_kernel[(s_splits, N)](qc, kc, lens_d, m_s, om_s, mu_s, H, G, T, s_splits, s_split, scale, D=D,
+                                       BLOCK_N=sbn, STAGES=KEY_PASS_STAGES, num_warps=swarps)
     m_g, om_g, res, serr, den = _f32_arrays(5, N, dev)
     ridge, rr, thresh = torch.empty(3, N, device=dev, dtype=torch.float64).unbind(0)
     mu, rho, resid, p = torch.empty(4, N, D, device=dev, dtype=torch.float64).unbind(0)
     act, iters = torch.empty(2, N, device=dev, dtype=torch.int32).unbind(0)
     _keyed_start_kernel[(N,)](lens_d, prep.lam, m_s, om_s, mu_s, m_g, om_g, ridge, mu, rho, resid, p, rr, thresh,
-                              act, iters, H, n_splits, split, float(prep.tol), int(prep.max_iters), D=D,
+                              act, iters, H, s_splits, s_split, float(prep.tol), int(prep.max_iters), D=D,
                               CHUNK=chunk, LAM_PER_HEAD=prep.lam_per_head, num_warps=4)
     cap = min(prep.max_iters, KEYED_MAX_ITERS)
     done, check_at = 0, FIRST_CHECK
