@@ -135,7 +135,8 @@ def test_bench_decode_smoke_table(tmp_path):
     assert "peak bandwidth: measured device-to-device copy" in text and "nominal" in text
     (cols, rows), = _tables(text)
     assert cols == DECODE_COLUMNS
-    assert [r["kernel"] for r in rows] == ["SDPA", "parallax_decode", "lla_decode"]
+    # the default solver is auto's choice, named in the row: the Sigma solve at D = 16
+    assert [r["kernel"] for r in rows] == ["SDPA", "parallax_decode", "lla_decode (sigma)"]
     assert {r["B,H,T,D"] for r in rows} == {"2,1,48,16"}
     px, lla = rows[1], rows[2]
     assert px["target"] == "<= 1.2x"
@@ -169,7 +170,7 @@ def test_bench_decode_times_the_keyed_solver(tmp_path):
     assert status == 0, text
     assert "--lla-solver keyed" in text.splitlines()[0]
     (cols, rows), = _tables(text)
-    assert [r["kernel"] for r in rows] == ["SDPA", "lla_decode"]
+    assert [r["kernel"] for r in rows] == ["SDPA", "lla_decode (keyed)"]
     mean, mx = rows[1]["CG iters mean/max"].split("/")
     assert 0 < float(mean) <= int(mx) and rows[1]["target"] == f"<= {int(mx) + 2}x"
     assert 0.0 <= float(rows[1]["err / allowed"]) <= 1.0 and 0.0 <= float(rows[1]["graph err / allowed"]) <= 1.0
@@ -184,7 +185,7 @@ def test_bench_decode_graph_columns(tmp_path):
     assert "--graphs on the CPU: no graph is captured" in text
     (cols, rows), = _tables(text)
     assert cols == DECODE_COLUMNS + DECODE_GRAPH_COLUMNS
-    assert [r["kernel"] for r in rows] == ["SDPA", "parallax_decode", "lla_decode"]
+    assert [r["kernel"] for r in rows] == ["SDPA", "parallax_decode", "lla_decode (sigma)"]
     assert rows[0]["graph / SDPA graph"] == "1.00x"
     for r in rows[1:]:
         assert float(r["graph ms"]) > 0 and r["graph met"] in ("met", "NOT MET"), r

@@ -158,7 +158,7 @@ def test_keyed_hand_over_is_per_head_and_a_plan_runs_it_on_the_device(monkeypatc
     # lambda 10 converges in 6 keyed iterations, 1e-4 in 18-20
     lam = torch.tensor([[10.0, 1e-4], [1e-4, 10.0]], device=DEVICE)
     keyed_o, keyed_st = lla_decode(q, k, v, lens, ridge_lambda=lam, return_stats=True, solver="keyed")
-    sigma_o, sigma_st = lla_decode(q, k, v, lens, ridge_lambda=lam, return_stats=True)
+    sigma_o, sigma_st = lla_decode(q, k, v, lens, ridge_lambda=lam, return_stats=True, solver="sigma")
     plan = lla_decode_plan(k, v, lens, ridge_lambda=lam, solver="keyed")
     plan_o, plan_st = plan.run(q, return_stats=True)
     assert torch.equal(plan_o, keyed_o)
@@ -175,6 +175,32 @@ def test_keyed_hand_over_is_per_head_and_a_plan_runs_it_on_the_device(monkeypatc
         for name in keyed_st:
             assert torch.equal(st[name][kept], keyed_st[name][kept]), name
             assert torch.equal(st[name][~kept], sigma_st[name][~kept]), name
+
+
+def test_auto_solver_takes_the_keyed_solve_from_its_threshold(monkeypatch):
+    """solver="auto" is the keyed solve where the call reads at least KEYED_MIN_POSITIONS[D]
+    positions over its query heads (H x the sum of the lengths), else the Sigma solve: bit
+    for bit the chosen solver's output and statistics, in a call and in a plan (which
+    chooses once, by its planning lengths)."""
+    import lla_decode as package
+    from lla_decode import lla_decode_plan
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, *shape, generator=gen).to(DEVICE) for shape in ((16,), (24, 16), (24, 16)))
+    lens = torch.tensor([24, 17])
+    positions = 2 * (24 + 17)
+    runs = {s: lla_decode(q, k, v, lens, ridge_lambda=0.1, return_stats=True, solver=s) for s in ("sigma", "keyed")}
+    assert not torch.equal(runs["sigma"][1]["cg_iters"], runs["keyed"][1]["cg_iters"]) or \
+        not torch.equal(runs["sigma"][0], runs["keyed"][0])
+    for threshold, expected in ((positions, "keyed"), (positions + 1, "sigma")):
+        monkeypatch.setattr(package, "KEYED_MIN_POSITIONS", {16: threshold, 32: 1, 64: 1, 128: 1})
+        plan = lla_decode_plan(k, v, lens, ridge_lambda=0.1, solver="auto")
+        assert plan.solver == expected
+        for o, st in (lla_decode(q, k, v, lens, ridge_lambda=0.1, return_stats=True, solver="auto"),
+                      plan.run(q, return_stats=True)):
+            assert torch.equal(o, runs[expected][0]), expected
+            for name, val in runs[expected][1].items():
+                assert torch.equal(st[name], val), (expected, name)
 
 
 # the keyed solve runs a launch pair an iteration, each over every (split, head) program, which
@@ -243,7 +269,8 @@ def test_output_pass_on_a_split_of_its_own(monkeypatch, solver):
     qd, kc, vc, lens, _ = every_position(p.q, p.k, p.v)
     prep = package._prepare(qd, kc, vc, lens, 0.1, None, package.DEFAULT_CG_TOL, None, package.DEFAULT_DELTA_EPS,
                             None, True)
-    assert prep.out_split < prep.split and prep.out_split % prep.bn == 0, prep
+    tile = prep.bn if prep.interp else package.OUT_BLOCK_N
+    assert prep.out_own and prep.out_split < prep.split and prep.out_split % tile == 0, prep
     if solver == "keyed":
         _keyed_alone(monkeypatch)
     assert_within_budget(_judge_lla(p, split=None, solver=solver))
@@ -257,8 +284,6 @@ def test_keyed_passes_on_splits_of_their_own(monkeypatch):
     import lla_decode as package
     from lla_decode import keyed
 
-    monkeypatch.setattr(keyed, "KEY_PRODUCT_RESIDENT_PER_SM", {16: 8, 32: 8, 64: 8, 128: 8})
-    monkeypatch.setattr(keyed, "KEY_STATS_RESIDENT_PER_SM", {16: 2, 32: 2, 64: 2, 128: 2})
     (case,) = [c for c in LLA_CASES if c.id == "fp32-lam0.1-S45-split16"]
     family, params, S, dtype, _, D = case.values
     p = _problem(family, params, S, dtype, D=D)
@@ -266,8 +291,20 @@ def test_keyed_passes_on_splits_of_their_own(monkeypatch):
     prep = package._prepare(qd, kc, vc, lens, 0.1, None, package.DEFAULT_CG_TOL, None, package.DEFAULT_DELTA_EPS,
                             None, True)
     N, T = qd.shape[0] * qd.shape[1], kc.shape[2]
-    product = package.pass_split(T, N, prep.bn, prep.sms, keyed.KEY_PRODUCT_RESIDENT_PER_SM, D, prep.split)
-    stats = package.pass_split(T, N, prep.bn, prep.sms, keyed.KEY_STATS_RESIDENT_PER_SM, D, prep.split)
+    # programs an SM that give the two passes splits apart from each other and from the Sigma
+    # pass's, at this machine's tiles and SMs
+    tile = (lambda t: prep.bn if prep.interp else t)
+    own = {}
+    for r in (1, 2, 4, 8, 16, 32, 64):
+        for name, t in (("product", keyed.KEY_PASS_BLOCK_N), ("stats", keyed.KEY_STATS_BLOCK_N)):
+            sp = package.pass_split(T, N, tile(t), prep.sms, {D: r}, D, prep.split)
+            if sp is not None and sp != prep.split:
+                own.setdefault(name, {}).setdefault(sp, r)
+    pairs = [(a, b) for a in own.get("product", {}) for b in own.get("stats", {}) if a != b]
+    assert pairs, own
+    product, stats = pairs[0]
+    monkeypatch.setattr(keyed, "KEY_PRODUCT_RESIDENT_PER_SM", {D: own["product"][product]})
+    monkeypatch.setattr(keyed, "KEY_STATS_RESIDENT_PER_SM", {D: own["stats"][stats]})
     assert len({product, stats, prep.split}) == 3, (product, stats, prep.split)
     _keyed_alone(monkeypatch)
     assert_within_budget(_judge_lla(p, split=None, solver="keyed"))
@@ -275,15 +312,18 @@ def test_keyed_passes_on_splits_of_their_own(monkeypatch):
 
 def test_a_pass_of_its_own_caps_its_splits_a_head():
     """A pass on a split of its own takes at most PASS_MAX_SPLITS splits a head, whatever the
-    SMs, and one wave of them otherwise; with no programs an SM given it keeps the default."""
+    SMs, and one wave of them otherwise; it keeps the shared split (None) where its own would
+    be longer, or with no programs an SM given."""
     import lla_decode as package
 
-    cap, bn = package.PASS_MAX_SPLITS, 64
+    cap, bn, T = package.PASS_MAX_SPLITS, 64, 1 << 17
     for heads, sms in ((1, 132), (1, 10_000), (4, 132), (64, 132)):
-        split = package.pass_split(1 << 17, heads, bn, sms, {64: 8}, 64, 0)
-        n = -(-(1 << 17) // split)
+        split = package.pass_split(T, heads, bn, sms, {64: 8}, 64, T)
+        n = -(-T // split)
         assert split % bn == 0 and n <= cap and n * heads <= max(heads, sms * 8), (heads, sms, split)
-    assert package.pass_split(1 << 17, 1, bn, 132, None, 64, 4096) == 4096
+        assert package.pass_split(T, heads, bn, sms, {64: 8}, 64, split - bn) is None
+        assert package.pass_split(T, heads, bn, sms, {64: 8}, 64, split) == split
+    assert package.pass_split(T, 1, bn, 132, None, 64, 4096) is None
 
 
 def _wide_values(p: Problem, Dv: int) -> Problem:
@@ -640,7 +680,7 @@ def test_plan_bad_input_is_named(kernel, what, match):
 
 def test_lla_plan_checks_its_solver():
     _, _, kc, vc, lens = _plan_inputs()
-    with pytest.raises(LLAInputError, match=r"^solver: expected 'sigma' or 'keyed', got 'cholesky'"):
+    with pytest.raises(LLAInputError, match=r"^solver: expected one of 'sigma', 'keyed', 'auto', got 'cholesky'"):
         _plan_for("lla", kc, vc, lens, solver="cholesky")
 
 
@@ -849,7 +889,7 @@ def test_nan_past_the_length_is_not_an_error():
     ({"ridge_lambda": -1.0}, "ridge_lambda"), ({"ridge_lambda": 0.1, "cg_tol": -1}, "cg_tol"),
     ({"ridge_lambda": 0.1, "cg_max_iters": 1.5}, "cg_max_iters"), ({"ridge_lambda": 0.1, "split": 20}, "split"),
     ({"ridge_lambda": 0.1, "qk_scale": float("nan")}, "qk_scale"), ({"ridge_lambda": torch.ones(3)}, "ridge_lambda"),
-    ({"ridge_lambda": 0.1, "solver": "cholesky"}, "^solver: expected 'sigma' or 'keyed', got 'cholesky'"),
+    ({"ridge_lambda": 0.1, "solver": "cholesky"}, "^solver: expected one of 'sigma', 'keyed', 'auto', got 'cholesky'"),
     # the keyed solve takes the same checks
     ({"ridge_lambda": -1.0, "solver": "keyed"}, "ridge_lambda"),
     ({"ridge_lambda": 0.1, "split": 20, "solver": "keyed"}, "split"),

@@ -61,21 +61,24 @@ RESIDENT_PER_SM = {16: 4, 32: 4, 64: 4, 128: 2}
 # scripts/decode_sweeps.sh's sigma sweep was slower with 2 D (docs/decode.md, "Speed").
 MIN_SPLIT_PER_DIM = 2
 OUT_STAGES = 3
-# the output pass's warps and cache positions per tile (its split is a multiple of BLOCK_N,
-# which this divides): the pass is memory-bound like Parallax's split kernel, whose best
-# setting on an H200 was one warp over 16 positions; this one's is yet to be measured
-# (scripts/study_decode_variants.py --op lla)
-OUT_WARPS = 4
-OUT_BLOCK_N = 64
-# output-pass programs an SM for a split of the output pass's own, by max(D, Dv): None gives
-# the output pass the Sigma pass's split, which MIN_SPLIT_PER_DIM keeps long (at batch 1 with
-# a 4k cache, 4 splits of 1024 positions at D = 128), since each of its splits writes a
-# D x D partial; the output pass's partials are Dv + 3 floats a split and need no such floor
-OUT_RESIDENT_PER_SM = None
-# at most this many splits a head for a pass on a split of its own (the output pass's, the
-# keyed solve's): one program a head sums them in order, CHUNK at a time, so without a cap a
-# few heads on many SMs hand it a long chain of dependent loads (on an H200 at batch 1 with
-# 32k positions, 1056 splits of the output pass took the finish 72 us, against 3 us for 32)
+# The memory-bound passes (the output pass here, the keyed solve's key passes) on splits of
+# their own (pass_split): programs an SM by max(D, Dv), and the tile and warps such a split
+# runs with. The Sigma pass's split, which MIN_SPLIT_PER_DIM keeps long since each of its
+# splits writes a D x D partial, leaves few programs an SM at large caches; the output pass's
+# partials are Dv + 3 floats a split. On an H200 (scripts/decode_sweeps.sh passes), 8 one-warp
+# programs an SM over 16-position tiles took the output pass from 2.18 to 0.96 ms at batch 64
+# with 128k positions (D = 128), 1.00 to 0.48 ms at D = 64, and 0.075 to 0.041 ms at batch 64
+# with 4k. A pass keeps the shared split, with SHARED_TILE_WARPS warps over BLOCK_N-position
+# tiles, where its own would be longer (PASS_MAX_SPLITS binds: batch 1 with 32k positions,
+# where the own split's 64 one-warp programs took 0.039 ms against 0.014).
+OUT_RESIDENT_PER_SM = {16: 8, 32: 8, 64: 8, 128: 8}
+OUT_BLOCK_N = 16
+OUT_WARPS = 1
+SHARED_TILE_WARPS = 4
+# at most this many splits a head for a pass on a split of its own: one program a head sums
+# them in order, CHUNK at a time, so without a cap a few heads on many SMs hand it a long
+# chain of dependent loads (on an H200 at batch 1 with 32k positions, 1056 splits of the
+# output pass took the finish 72 us, against 3 us for 32)
 PASS_MAX_SPLITS = 64
 # the split kernel's warps: its fp64 BS x BS accumulator and tile operands spill from 4 warps'
 # registers (ptxas: 255 registers and a stack)
@@ -96,6 +99,35 @@ SOLVE_ROWS = {16: 16, 32: 32, 64: 64, 128: 16}
 # (64 at D = 64 over 4 warps; at D = 128 it needs 16 warps for the same)
 SOLVE_WARPS = {16: 4, 32: 4, 64: 4, 128: 4}
 SIGMA_SUM_BLOCK = 1024  # fp64 entries of Sigma a summing program owns (D^2 / this programs a head)
+# solver="auto": the keyed solve where a call reads at least this many cache positions over
+# its query heads (H x the sum of the lengths), by D, else the Sigma solve; None: the Sigma
+# solve always. The Sigma pass costs 2 D^2 fp64 tensor-core operations a position, a keyed
+# iteration a read of the keys, and the keyed solve's launches (two an iteration) cost latency
+# that only a large read hides. From bench-decode --graphs with each solve on one H200
+# (docs/performance.md, "Decode against SDPA"): at D = 128 the keyed solve is the faster from
+# 131072 positions (1 x 128k: 11.5x SDPA against 13.2x; 64 x 4k: 13.8x against 14.7x) and the
+# slower at 65536 and below (16 x 4k: 19.8x against 12.6x); at D = 64 from 2^21 (16 x 128k:
+# 6.9x against 8.7x) and the slower at 2^19 and below (16 x 32k: 9.0x against 7.0x). D = 16
+# and 32 are not measured.
+KEYED_MIN_POSITIONS = {16: None, 32: None, 64: 1 << 21, 128: 1 << 17}
+SOLVERS = ("sigma", "keyed", "auto")
+
+
+def choose_solver(positions: int, D: int) -> str:
+    """solver="auto"'s choice for a call reading ``positions`` cache positions over its query
+    heads at head dim D."""
+    least = KEYED_MIN_POSITIONS.get(D)
+    return "keyed" if least is not None and positions >= least else "sigma"
+
+
+def _resolve_solver(solver, prep, H: int, D: int) -> str:
+    if solver not in SOLVERS:
+        raise LLAInputError(f"solver: expected one of {', '.join(map(repr, SOLVERS))}, got {solver!r}")
+    if solver == "auto":
+        return choose_solver(H * int(prep.lens.sum()), D)
+    return solver
+
+
 # cache positions per tile: a split is a multiple of it. The interpreter runs each program
 # as numpy, where small tiles keep the CPU tests fast.
 BLOCK_N = 64
@@ -128,14 +160,16 @@ def choose_split(t_max: int, n_heads: int, block_n: int, slots: int, min_split: 
     return _cdiv(n_tiles, n_splits) * block_n
 
 
-def pass_split(t_max: int, n_heads: int, block_n: int, sms: int, resident, width: int, default: int) -> int:
-    """The split of a pass that takes one of its own: ``default`` when ``resident`` (programs
-    an SM, by width) is None, else one wave of ``resident[width]`` programs an SM, at most
-    PASS_MAX_SPLITS splits a head, each a multiple of ``block_n``."""
+def pass_split(t_max: int, n_heads: int, block_n: int, sms: int, resident, width: int, shared: int):
+    """A pass's own split, or None where it keeps the ``shared`` one: ``resident`` (programs an
+    SM, by width) is None, or its own split would be longer than the shared one. Its own split
+    is one wave of ``resident[width]`` programs an SM, at most PASS_MAX_SPLITS splits a head,
+    each a multiple of ``block_n``."""
     if resident is None:
-        return default
+        return None
     slots = min(sms * resident[width], n_heads * PASS_MAX_SPLITS)
-    return choose_split(t_max, n_heads, block_n, slots, block_n)
+    own = choose_split(t_max, n_heads, block_n, slots, block_n)
+    return own if own <= shared else None
 
 
 def _chunk(width: int, interp: bool) -> int:
@@ -527,6 +561,7 @@ class _Prepared(NamedTuple):
     bn: int
     interp: bool
     out_split: int  # the output pass's split (a multiple of its tile); ``split`` unless chosen apart
+    out_own: bool  # out_split is the output pass's own (OUT_BLOCK_N, OUT_WARPS), else the shared split
     sms: int  # the device's SMs (the keyed solve's passes choose their splits from it)
     chosen: bool  # the splits were chosen here (no ``split`` given): passes may take their own
 
@@ -558,17 +593,18 @@ def _prepare(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_ma
     chosen = split is None
     if split is None:
         split = choose_split(T, B * H, bn, sms * RESIDENT_PER_SM[max(D, Dv)], MIN_SPLIT_PER_DIM * D)
-        out_split = pass_split(T, B * H, bn if interp else OUT_BLOCK_N, sms, OUT_RESIDENT_PER_SM, max(D, Dv), split)
+        own = pass_split(T, B * H, bn if interp else OUT_BLOCK_N, sms, OUT_RESIDENT_PER_SM, max(D, Dv), split)
+        out_split, out_own = (split, False) if own is None else (own, True)
     elif isinstance(split, bool) or not isinstance(split, int) or split < bn or split % bn:
         raise LLAInputError(f"split: expected None or a positive multiple of the tile {bn}, got {split!r}")
     else:
-        out_split = split
+        out_split, out_own = split, False
     # lens is on the host (check_cache); a blocking copy would wait for the stream to drain
     # before every launch. A pageable source is staged before the call returns, so the
     # asynchronous copy is safe to drop.
     lens_d = lens.to(dtype=torch.int32).to(device=q.device, non_blocking=True)
     return _Prepared(lens, lens_d, lam, lam_per_head, scale, eps, tol, max_iters, split, _cdiv(T, split), bn, interp,
-                     out_split, sms, chosen)
+                     out_split, out_own, sms, chosen)
 
 
 def _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps, split,
@@ -655,10 +691,12 @@ def _output_and_finish(prep: _Prepared, qc, kc, vc, m_g, rho, serr, den, out):
     den_s, mag_s, omw_s = _f32_arrays(3, N * n_splits, dev)
     # the output pass's tile and warps are read at call time: scripts/study_decode_variants.py
     # sets them on the package for its variants
-    out_bn = prep.bn if interp else OUT_BLOCK_N
+    out_bn, out_warps = (OUT_BLOCK_N, OUT_WARPS) if prep.out_own else (prep.bn, SHARED_TILE_WARPS)
+    if interp:
+        out_bn = prep.bn
     _lla_out_kernel[(n_splits, N)](qc, kc, vc, lens_d, m_g, rho, acc_s, acc0_s, den_s, mag_s, omw_s,
                                    H, H // Hk, T, n_splits, split, float(prep.scale), D=D, DV=Dv, BLOCK_N=out_bn,
-                                   STAGES=OUT_STAGES, num_warps=OUT_WARPS)
+                                   STAGES=OUT_STAGES, num_warps=out_warps)
     o = torch.empty(B, H, Dv, device=dev, dtype=qc.dtype) if out is None else out
     fb = torch.empty(N, device=dev, dtype=torch.int8)
     _lla_finish_kernel[(N,)](lens_d, acc_s, acc0_s, den_s, mag_s, omw_s, serr, o, den, fb,
@@ -695,7 +733,7 @@ def lla_decode_stages(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=No
 
 def lla_decode(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_tol=DEFAULT_CG_TOL,
                cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, return_stats=False,
-               check_finite=True, solver="sigma"):
+               check_finite=True, solver="auto"):
     """LLA for one query per (batch, head) against a cache (docs/decode.md).
 
     q: (B, H, D); k_cache (B, H_kv, T_max, D), v_cache (B, H_kv, T_max, Dv), H_kv dividing H
@@ -707,22 +745,22 @@ def lla_decode(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_
     relative residual), omega, delta (den as summed) and fallback (the delta guard served
     the softmax average). ``split``: cache positions per program (a multiple of the tile;
     None picks one from the shape). ``solver``: "sigma" (the cache's Sigma formed in fp64 and
-    solved on the device) or "keyed" (each CG product a pass over the keys, as the forward
+    solved on the device), "keyed" (each CG product a pass over the keys, as the forward
     kernel's; the host reads whether any head still iterates after iterations 4, 8, 16, ...,
-    so a call waits for the device: a plan's run does not, and a CUDA graph captures that);
-    docs/decode.md compares them.
+    so a call waits for the device: a plan's run does not, and a CUDA graph captures that) or
+    "auto" (the keyed solve from KEYED_MIN_POSITIONS[D] cache positions over the query heads,
+    else the Sigma solve); docs/decode.md compares them.
     """
-    if solver == "keyed":
+    if solver not in SOLVERS:
+        raise LLAInputError(f"solver: expected one of {', '.join(map(repr, SOLVERS))}, got {solver!r}")
+    prep = _prepare(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps,
+                    split, check_finite)
+    if _resolve_solver(solver, prep, q.shape[1], q.shape[2]) == "keyed":
         from .keyed import launch as keyed_launch
 
-        prep = _prepare(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps,
-                        split, check_finite)
         o, raw = keyed_launch(prep, q, k_cache, v_cache)
-    elif solver == "sigma":
-        o, raw, _ = _stages(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters,
-                            delta_eps, split, check_finite, None)
     else:
-        raise LLAInputError(f"solver: expected 'sigma' or 'keyed', got {solver!r}")
+        o, raw, _ = _launch(prep, q, k_cache, v_cache, None)
     if not return_stats:
         return o
     return o, _stats(raw, *q.shape[:2])._asdict()
@@ -741,10 +779,9 @@ class LLADecodePlan:
     place, so it must be contiguous."""
 
     def __init__(self, k_cache, v_cache, lengths, *, ridge_lambda, num_heads=None, qk_scale=None,
-                 cg_tol=DEFAULT_CG_TOL, cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, solver="sigma"):
-        if solver not in ("sigma", "keyed"):
-            raise LLAInputError(f"solver: expected 'sigma' or 'keyed', got {solver!r}")
-        self.solver = solver
+                 cg_tol=DEFAULT_CG_TOL, cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, solver="auto"):
+        if solver not in SOLVERS:
+            raise LLAInputError(f"solver: expected one of {', '.join(map(repr, SOLVERS))}, got {solver!r}")
         check_plan_cache(k_cache, v_cache)
         B, Hk, _, D = k_cache.shape
         H = check_num_heads(num_heads, Hk)
@@ -752,6 +789,8 @@ class LLADecodePlan:
         like = torch.empty((B, H, D), device=k_cache.device, dtype=k_cache.dtype)
         self.prep = _prepare(like, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters,
                              delta_eps, split, False)
+        # "auto" chooses once, by the planning lengths: a captured step keeps its launches
+        self.solver = _resolve_solver(solver, self.prep, H, D)
         self.k_cache, self.v_cache = k_cache, v_cache
         self.shape, self.dtype, self.device = (B, H, D), k_cache.dtype, k_cache.device
 
@@ -784,7 +823,7 @@ class LLADecodePlan:
 
 
 def lla_decode_plan(k_cache, v_cache, lengths, *, ridge_lambda, num_heads=None, qk_scale=None, cg_tol=DEFAULT_CG_TOL,
-                    cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, solver="sigma"):
+                    cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, solver="auto"):
     """An LLADecodePlan: lla_decode's checks and launch sizes for this cache, lengths, lambda
     and options, done once; ``plan.run(q)`` is then the decode step (q of shape
     (B, num_heads, D), num_heads defaulting to the cache's H_kv). ``solver`` as lla_decode's;

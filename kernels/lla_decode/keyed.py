@@ -32,8 +32,8 @@ import triton.language as tl
 
 from lla_contract.host import f32_arrays as _f32_arrays
 
-from . import (_cdiv, _chunk, _gate, _head_lambda, _head_splits, _head_sums, _key_tile, _output_and_finish, _scalar,
-               _sigma_solve, _split_program, pass_split)
+from . import (SHARED_TILE_WARPS, _cdiv, _chunk, _gate, _head_lambda, _head_splits, _head_sums, _key_tile,
+               _output_and_finish, _scalar, _sigma_solve, _split_program, pass_split)
 
 # the first iteration after which the host reads whether a head still iterates; then every
 # doubling (a read is a synchronisation: rare, since a launch after convergence only costs
@@ -43,27 +43,29 @@ FIRST_CHECK = 4
 # Sigma path instead, whose iterations read no cache: a speed rule, not an accuracy one (both
 # solves are in one accuracy class), and not yet measured on a GPU
 KEYED_MAX_ITERS = 32
-# the key passes' tiles (the statistics pass and every product): positions a tile, warps,
-# tiles in flight, and whether a product pass keeps y = sum_j w_j <z_j, p> z_j as a
-# (positions, D) fp64 accumulator summed over the positions once at the end, instead of a
-# column sum of every tile (with several warps, a cross-warp exchange through shared memory
-# a tile). Read at call time (scripts/profile_decode_kernels.py --variant sets them); the
-# tile must divide the split (a multiple of lla_decode's BLOCK_N).
-KEY_PASS_BLOCK_N = 64
+# the key passes' tiles: positions a tile, warps, tiles in flight, and whether a product pass
+# keeps y = sum_j w_j <z_j, p> z_j as a (positions, D) fp64 accumulator summed over the
+# positions once at the end, instead of a column sum of every tile (with several warps, a
+# cross-warp exchange through shared memory a tile). The tile and warps are those of a pass
+# on a split of its own (lla_decode.pass_split); on the shared split a pass takes lla_decode's
+# BLOCK_N and SHARED_TILE_WARPS. Read at call time (scripts/profile_decode_kernels.py
+# --variant sets them).
+KEY_PASS_BLOCK_N = 16
 KEY_PASS_WARPS = 4
 KEY_PASS_STAGES = 3
 # the (positions, D) accumulator: on the H200 0.67-0.79x the keyed step's graph time with the column
 # sums at every point of scripts/decode_sweeps.sh's keyed sweep, outputs bit for bit the same
 KEY_PASS_ACC2D = True
-# splits of their own for the product passes and the statistics pass: programs an SM by D
-# (lla_decode.pass_split), None for lla_decode's split. Each pass's partials are summed per
-# head by the launch after it, so each may split the cache its own way. The statistics pass
-# keeps its own tile and warps (None: the products'), since a tile that suits the products'
-# fp64 accumulator need not suit its fp32 sums.
-KEY_PRODUCT_RESIDENT_PER_SM = None
-KEY_STATS_RESIDENT_PER_SM = None
-KEY_STATS_BLOCK_N = None
-KEY_STATS_WARPS = None
+# splits of their own for the product passes and the statistics pass (programs an SM by D;
+# None: lla_decode's split). Each pass's partials are summed per head by the launch after
+# it, so each may split the cache its own way. On an H200 (scripts/decode_sweeps.sh passes),
+# with the output pass's own split: products 6.20 -> 4.35 ms and statistics 1.36 -> 0.72 ms
+# at batch 64 with 128k positions, D = 128 (the step 9.83 -> 6.16 ms graphed); 2.58 -> 1.81 ms
+# at batch 16 with 128k; 4.09 -> 3.09 ms at batch 64, D = 64.
+KEY_PRODUCT_RESIDENT_PER_SM = {16: 8, 32: 8, 64: 8, 128: 8}
+KEY_STATS_RESIDENT_PER_SM = {16: 8, 32: 8, 64: 8, 128: 8}
+KEY_STATS_BLOCK_N = 16
+KEY_STATS_WARPS = 1
 
 
 @triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
@@ -246,13 +248,18 @@ def launch(prep, q, k_cache, v_cache, out=None, fixed=False):
     qc, kc, vc = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     scale = float(prep.scale)
     chunk = _chunk(D, interp)
-    kbn, kwarps = (bn, 4) if interp else (KEY_PASS_BLOCK_N, KEY_PASS_WARPS)
-    sbn = bn if interp else (KEY_STATS_BLOCK_N or KEY_PASS_BLOCK_N)
-    swarps = 4 if interp else (KEY_STATS_WARPS or KEY_PASS_WARPS)
-    # each pass on its own split where the call chose the splits, else on the one given
+    # each pass on a split of its own where the call chose the splits and its own is no
+    # longer than the shared one, else on the shared split with the shared tile
     own = prep.chosen
-    split = pass_split(T, N, kbn, prep.sms, KEY_PRODUCT_RESIDENT_PER_SM if own else None, D, prep.split)
-    s_split = pass_split(T, N, sbn, prep.sms, KEY_STATS_RESIDENT_PER_SM if own else None, D, prep.split)
+
+    def layout(resident, tile, warps):
+        mine = pass_split(T, N, bn if interp else tile, prep.sms, resident if own else None, D, prep.split)
+        if mine is None:
+            return prep.split, bn, 4 if interp else SHARED_TILE_WARPS
+        return mine, (bn if interp else tile), (4 if interp else warps)
+
+    split, kbn, kwarps = layout(KEY_PRODUCT_RESIDENT_PER_SM, KEY_PASS_BLOCK_N, KEY_PASS_WARPS)
+    s_split, sbn, swarps = layout(KEY_STATS_RESIDENT_PER_SM, KEY_STATS_BLOCK_N, KEY_STATS_WARPS)
     for name, tile, length in (("KEY_PASS_BLOCK_N", kbn, split), ("KEY_STATS_BLOCK_N", sbn, s_split)):
         if length % tile:
             raise ValueError(f"{name} {tile} does not divide the split {length}")

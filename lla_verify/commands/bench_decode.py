@@ -77,9 +77,10 @@ def register(sub) -> None:
     p.add_argument("--heads", type=int_in(1), default=1, help="heads per sequence (query and key-value alike)")
     p.add_argument("--kernels", default="parallax,lla", help="comma list among parallax,lla")
     p.add_argument("--ridge-lambda", type=float_in(1e-3, 1e2), default=0.1, help="LLA's lambda")
-    p.add_argument("--lla-solver", choices=("sigma", "keyed"), default="sigma",
-                   help="the built-in lla_decode's solver (docs/decode.md); its graph columns capture the "
-                        "solver's plan (the keyed one with its fixed launch schedule)")
+    p.add_argument("--lla-solver", choices=("auto", "sigma", "keyed"), default="auto",
+                   help="the built-in lla_decode's solver (docs/decode.md; auto: the package's choice by cache "
+                        "positions and D); its graph columns capture the solver's plan (the keyed one with its "
+                        "fixed launch schedule)")
     p.add_argument("--lla-impl", default=DEFAULT_IMPLS["lla"],
                    help="MODULE:CALLABLE with fn(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale) -> o")
     p.add_argument("--parallax-impl", default=DEFAULT_IMPLS["parallax"],
@@ -444,6 +445,14 @@ def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer
             name, target, iters = "parallax_decode", PARALLAX_TARGET, "-"
         else:
             name = "lla_decode"
+            if builtin[kern]:
+                # the solve that ran: auto's choice, by the package's own rule
+                import lla_decode
+
+                solve = args.lla_solver
+                if solve == "auto":
+                    solve = lla_decode.choose_solver(H * int(lengths.sum()), D)
+                name = f"lla_decode ({solve})"
             if stats is not None:
                 it = stats["cg_iters"].float()
                 target = float(it.max()) + LLA_EXTRA
