@@ -255,6 +255,20 @@ def test_keyed_solve_in_every_key_pass_layout(monkeypatch, block_n, warps, acc2d
         assert_within_budget(_judge_lla(_problem(family, params, S, dtype, D=D), split=split, solver="keyed"))
 
 
+def _split_case():
+    """The split tests' problem, its D, and the every-position call's heads, cache length and
+    prepared launch sizes (B * S sequences of the S-position cache) at the package's settings."""
+    import lla_decode as package
+
+    (case,) = [c for c in LLA_CASES if c.id == "fp32-lam0.1-S45-split16"]
+    family, params, S, dtype, _, D = case.values
+    p = _problem(family, params, S, dtype, D=D)
+    qd, kc, vc, lens, _ = every_position(p.q, p.k, p.v)
+    prep = package._prepare(qd, kc, vc, lens, 0.1, None, package.DEFAULT_CG_TOL, None, package.DEFAULT_DELTA_EPS,
+                            None, True)
+    return p, D, qd.shape[0] * qd.shape[1], kc.shape[2], prep
+
+
 @pytest.mark.parametrize("solver", ["sigma", "keyed"])
 def test_output_pass_on_a_split_of_its_own(monkeypatch, solver):
     """With OUT_RESIDENT_PER_SM set, the output pass takes a finer split than the Sigma
@@ -262,13 +276,7 @@ def test_output_pass_on_a_split_of_its_own(monkeypatch, solver):
     import lla_decode as package
 
     monkeypatch.setattr(package, "OUT_RESIDENT_PER_SM", {16: 8, 32: 8, 64: 8, 128: 8})
-    (case,) = [c for c in LLA_CASES if c.id == "fp32-lam0.1-S45-split16"]
-    family, params, S, dtype, _, D = case.values
-    p = _problem(family, params, S, dtype, D=D)
-    # the every-position call's own shapes: B * S sequences of the S-position cache
-    qd, kc, vc, lens, _ = every_position(p.q, p.k, p.v)
-    prep = package._prepare(qd, kc, vc, lens, 0.1, None, package.DEFAULT_CG_TOL, None, package.DEFAULT_DELTA_EPS,
-                            None, True)
+    p, D, N, T, prep = _split_case()
     tile = prep.bn if prep.interp else package.OUT_BLOCK_N
     assert prep.out_own and prep.out_split < prep.split and prep.out_split % tile == 0, prep
     if solver == "keyed":
@@ -284,13 +292,7 @@ def test_keyed_passes_on_splits_of_their_own(monkeypatch):
     import lla_decode as package
     from lla_decode import keyed
 
-    (case,) = [c for c in LLA_CASES if c.id == "fp32-lam0.1-S45-split16"]
-    family, params, S, dtype, _, D = case.values
-    p = _problem(family, params, S, dtype, D=D)
-    qd, kc, vc, lens, _ = every_position(p.q, p.k, p.v)
-    prep = package._prepare(qd, kc, vc, lens, 0.1, None, package.DEFAULT_CG_TOL, None, package.DEFAULT_DELTA_EPS,
-                            None, True)
-    N, T = qd.shape[0] * qd.shape[1], kc.shape[2]
+    p, D, N, T, prep = _split_case()
     # programs an SM that give the two passes splits apart from each other and from the Sigma
     # pass's, at this machine's tiles and SMs
     tile = (lambda t: prep.bn if prep.interp else t)
