@@ -40,6 +40,7 @@ from lla_contract.host import (cdiv as _cdiv, f32_arrays as _f32_arrays, interpr
                                sm_count as _sm_count)
 
 __all__ = ["lla_decode", "lla_decode_stages", "lla_decode_plan", "LLADecodePlan", "LLAInputError", "DEFAULT_CG_TOL",
+           "resolve_solver",
            "DEFAULT_DELTA_EPS",
            "CG_ITERS_PER_DIM", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "BLOCK_N",
            "INTERPRETED_BLOCK_N", "tile_size"]
@@ -120,11 +121,13 @@ def choose_solver(positions: int, D: int) -> str:
     return "keyed" if least is not None and positions >= least else "sigma"
 
 
-def _resolve_solver(solver, prep, H: int, D: int) -> str:
+def resolve_solver(solver, lengths, H: int, D: int) -> str:
+    """The solve a call with ``solver`` makes ("sigma" or "keyed"), for ``lengths`` (B,) on the
+    host and H query heads at head dim D; an unknown name is an LLAInputError."""
     if solver not in SOLVERS:
         raise LLAInputError(f"solver: expected one of {', '.join(map(repr, SOLVERS))}, got {solver!r}")
     if solver == "auto":
-        return choose_solver(H * int(prep.lens.sum()), D)
+        return choose_solver(H * int(lengths.sum()), D)
     return solver
 
 
@@ -751,11 +754,9 @@ def lla_decode(q, k_cache, v_cache, lengths, *, ridge_lambda, qk_scale=None, cg_
     "auto" (the keyed solve from KEYED_MIN_POSITIONS[D] cache positions over the query heads,
     else the Sigma solve); docs/decode.md compares them.
     """
-    if solver not in SOLVERS:
-        raise LLAInputError(f"solver: expected one of {', '.join(map(repr, SOLVERS))}, got {solver!r}")
     prep = _prepare(q, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters, delta_eps,
                     split, check_finite)
-    if _resolve_solver(solver, prep, q.shape[1], q.shape[2]) == "keyed":
+    if resolve_solver(solver, prep.lens, q.shape[1], q.shape[2]) == "keyed":
         from .keyed import launch as keyed_launch
 
         o, raw = keyed_launch(prep, q, k_cache, v_cache)
@@ -780,8 +781,6 @@ class LLADecodePlan:
 
     def __init__(self, k_cache, v_cache, lengths, *, ridge_lambda, num_heads=None, qk_scale=None,
                  cg_tol=DEFAULT_CG_TOL, cg_max_iters=None, delta_eps=DEFAULT_DELTA_EPS, split=None, solver="auto"):
-        if solver not in SOLVERS:
-            raise LLAInputError(f"solver: expected one of {', '.join(map(repr, SOLVERS))}, got {solver!r}")
         check_plan_cache(k_cache, v_cache)
         B, Hk, _, D = k_cache.shape
         H = check_num_heads(num_heads, Hk)
@@ -790,7 +789,7 @@ class LLADecodePlan:
         self.prep = _prepare(like, k_cache, v_cache, lengths, ridge_lambda, qk_scale, cg_tol, cg_max_iters,
                              delta_eps, split, False)
         # "auto" chooses once, by the planning lengths: a captured step keeps its launches
-        self.solver = _resolve_solver(solver, self.prep, H, D)
+        self.solver = resolve_solver(solver, self.prep.lens, H, D)
         self.k_cache, self.v_cache = k_cache, v_cache
         self.shape, self.dtype, self.device = (B, H, D), k_cache.dtype, k_cache.device
 

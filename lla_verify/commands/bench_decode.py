@@ -449,10 +449,7 @@ def _combo(B, T, D, case: FixedHead, impls, builtin, kernels, args, timer: Timer
                 # the solve that ran: auto's choice, by the package's own rule
                 import lla_decode
 
-                solve = args.lla_solver
-                if solve == "auto":
-                    solve = lla_decode.choose_solver(H * int(lengths.sum()), D)
-                name = f"lla_decode ({solve})"
+                name = f"lla_decode ({lla_decode.resolve_solver(args.lla_solver, lengths, H, D)})"
             if stats is not None:
                 it = stats["cg_iters"].float()
                 target = float(it.max()) + LLA_EXTRA
