@@ -271,8 +271,9 @@ def _split_case():
 
 @pytest.mark.parametrize("solver", ["sigma", "keyed"])
 def test_output_pass_on_a_split_of_its_own(monkeypatch, solver):
-    """With OUT_RESIDENT_PER_SM set, the output pass takes a finer split than the Sigma
-    pass's (whose D x D partials keep it long): the rows are the forward's all the same."""
+    """With 8 output-pass programs an SM (OUT_RESIDENT_PER_SM, pinned here as the package
+    sets it), the output pass takes a finer split than the Sigma pass's (whose D x D partials
+    keep it long): the rows are the forward's all the same."""
     import lla_decode as package
 
     monkeypatch.setattr(package, "OUT_RESIDENT_PER_SM", {16: 8, 32: 8, 64: 8, 128: 8})

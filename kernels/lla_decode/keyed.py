@@ -253,10 +253,12 @@ def launch(prep, q, k_cache, v_cache, out=None, fixed=False):
     own = prep.chosen
 
     def layout(resident, tile, warps):
-        mine = pass_split(T, N, bn if interp else tile, prep.sms, resident if own else None, D, prep.split)
+        if interp:
+            tile, warps = bn, 4
+        mine = pass_split(T, N, tile, prep.sms, resident if own else None, D, prep.split)
         if mine is None:
             return prep.split, bn, 4 if interp else SHARED_TILE_WARPS
-        return mine, (bn if interp else tile), (4 if interp else warps)
+        return mine, tile, warps
 
     split, kbn, kwarps = layout(KEY_PRODUCT_RESIDENT_PER_SM, KEY_PASS_BLOCK_N, KEY_PASS_WARPS)
     s_split, sbn, swarps = layout(KEY_STATS_RESIDENT_PER_SM, KEY_STATS_BLOCK_N, KEY_STATS_WARPS)
