@@ -59,9 +59,10 @@ KEY_PASS_ACC2D = True
 # splits of their own for the product passes and the statistics pass (programs an SM by D;
 # None: lla_decode's split). Each pass's partials are summed per head by the launch after
 # it, so each may split the cache its own way. On an H200 (scripts/decode_sweeps.sh passes),
-# with the output pass's own split: products 6.20 -> 4.35 ms and statistics 1.36 -> 0.72 ms
-# at batch 64 with 128k positions, D = 128 (the step 9.83 -> 6.16 ms graphed); 2.58 -> 1.81 ms
-# at batch 16 with 128k; 4.09 -> 3.09 ms at batch 64, D = 64.
+# with the output pass's own split, own splits against the shared one: products 4.35 against
+# 6.20 ms and statistics 0.72 against 1.36 ms at batch 64 with 128k positions, D = 128 (the
+# step graphed 6.16 against 9.83 ms); the step 1.81 against 2.58 ms at batch 16 with 128k, and
+# 3.09 against 4.09 ms at batch 64, D = 64.
 KEY_PRODUCT_RESIDENT_PER_SM = {16: 8, 32: 8, 64: 8, 128: 8}
 KEY_STATS_RESIDENT_PER_SM = {16: 8, 32: 8, 64: 8, 128: 8}
 KEY_STATS_BLOCK_N = 16
