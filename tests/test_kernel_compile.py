@@ -40,7 +40,7 @@ def test_forward_and_backward_compile_for_sm90(tmp_path, pkg):
 DECODE_KERNELS = {
     "lla_decode": {"_lla_split_kernel", "_lla_sigma_sum_kernel", "_lla_solve_kernel", "_lla_out_kernel",
                    "_lla_finish_kernel", "_keyed_stats_kernel", "_keyed_start_kernel", "_keyed_product_kernel",
-                   "_keyed_update_kernel", "_keyed_residual_kernel"},
+                   "_keyed_update_kernel"},
     "parallax_decode": {"_parallax_split_kernel", "_parallax_group_kernel", "_parallax_combine_kernel"},
 }
 

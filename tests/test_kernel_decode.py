@@ -177,6 +177,57 @@ def test_keyed_hand_over_is_per_head_and_a_plan_runs_it_on_the_device(monkeypatc
             assert torch.equal(st[name][~kept], sigma_st[name][~kept]), name
 
 
+def _cg64(sig, mu, steps):
+    """``steps`` iterations of plain CG from rho = 0 on float64 (..., D, D) systems."""
+    rho = torch.zeros_like(mu)
+    res, p = mu.clone(), mu.clone()
+    for _ in range(steps):
+        ap = (sig @ p[..., None])[..., 0]
+        rr = (res * res).sum(-1, keepdim=True)
+        alpha = rr / (p * ap).sum(-1, keepdim=True)
+        rho, res = rho + alpha * p, res - alpha * ap
+        p = res + (res * res).sum(-1, keepdim=True) / rr * p
+    return rho
+
+
+def test_keyed_residual_is_the_true_residual_of_its_iterations():
+    """The keyed solve's cg_residual, which the output pass and the finish form from the keys'
+    product with the solve's rho (no pass of its own), is |mu - Sigma rho| / |mu| for rho after
+    its iterations: float64 CG on the oracle's Sigma and mu, run as many steps, has the same
+    residual to the fp32 factors' rounding. A product that drops or doubles a factor is off
+    by O(1)."""
+    from lla_verify.oracles.float64 import lla_forward_details, sigma_matrices
+
+    gen = torch.Generator().manual_seed(3)
+    B, H, T, D = 2, 2, 24, 16
+    q, k, v = (torch.randn(B, H, *shape, generator=gen) for shape in ((D,), (T, D), (T, D)))
+    lens = torch.tensor([24, 17])
+    lam = 0.05
+    sig, mu = [], []
+    for b in range(B):
+        L = int(lens[b])
+        qb = q[b:b + 1, :, None, :].expand(1, H, L, D)
+        kb = k[b:b + 1, :, :L]
+        sig.append(sigma_matrices(qb, kb, ridge_lambda=lam)[0, :, L - 1])
+        mu.append(lla_forward_details(qb, kb, v[b:b + 1, :, :L], ridge_lambda=lam).mu[0, :, L - 1])
+    sig, mu = torch.stack(sig), torch.stack(mu)
+    q, k, v = (t.to(DEVICE) for t in (q, k, v))
+    compared = 0
+    for steps in (1, 2, 3):
+        _, st = lla_decode(q, k, v, lens, ridge_lambda=lam, return_stats=True, solver="keyed", cg_max_iters=steps)
+        assert bool((st["cg_iters"] == steps).all()), st["cg_iters"]
+        rho = _cg64(sig, mu, steps)
+        want = (mu - (sig @ rho[..., None])[..., 0]).norm(dim=-1) / mu.norm(dim=-1)
+        got = st["cg_residual"].double().cpu()
+        assert bool((want > 1e-3).all()), want
+        # the fp32 factors round each term at a few u32 (6e-8), which the steps grow by about
+        # kappa a step: the residuals agree within 7e-7 here (1 to 3 steps), against 1e-3 for
+        # a product 0.1% off
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0, msg=lambda m: f"{steps} CG steps: {m}")
+        compared += want.numel()
+    assert compared == 3 * B * H
+
+
 def test_auto_solver_takes_the_keyed_solve_from_its_threshold(monkeypatch):
     """solver="auto" is the keyed solve where the call reads at least KEYED_MIN_POSITIONS[D]
     positions over its query heads (H x the sum of the lengths), else the Sigma solve: bit

@@ -466,9 +466,14 @@ def _lla_solve_kernel(LENS, LAM, GATE, M_S, OM_S, MU_S, SIG, M_OUT, OM_OUT, RHO,
 
 
 @triton.jit(do_not_specialize=('H', 'G', 'T', 'n_splits'))
-def _lla_out_kernel(Q, K, V, LENS, M_G, RHO, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S,
+def _lla_out_kernel(Q, K, V, LENS, M_G, RHO, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S, RHO64, Y_S,
                     H, G, T, n_splits, split, scale,
-                    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+                    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+                    RESID: tl.constexpr):
+    """Per (split, head): the output's sums against the global max. RESID (the keyed solve):
+    besides, y_s = sum_j w_j <z_j, rho> z_j with the solve's fp64 rho, as the keyed product
+    forms it (fp32 factors, fp64 products and sums), for the finish's true residual: the
+    pass reads the keys anyway, so the residual costs no pass of its own."""
     pid_s, bh, start, end, q, Kb, Vb, k0 = _split_program(Q, K, V, LENS, H, G, T, split, tl.program_id(0),
                                                           tl.program_id(1), D, DV)
     offs_d = tl.arange(0, D)
@@ -480,6 +485,9 @@ def _lla_out_kernel(Q, K, V, LENS, M_G, RHO, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S,
     den = _scalar(0.0)
     mag = _scalar(0.0)
     omw = _scalar(0.0)
+    if RESID:
+        rho64 = tl.load(RHO64 + bh.to(tl.int64) * D + offs_d)
+        y = tl.zeros([D], dtype=tl.float64)
     # cache tiles loaded STAGES - 1 ahead (cp.async): Triton pipelines only dot operands
     # unless asked, and this pass is memory-bound
     for start_n in tl.range(start, end, BLOCK_N, num_stages=STAGES):
@@ -494,7 +502,13 @@ def _lla_out_kernel(Q, K, V, LENS, M_G, RHO, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S,
         # the size of what den's rounding acts on (the forward kernel's guard)
         mag += tl.sum(w * (1.0 + tl.abs(t)), 0)
         omw += tl.sum(w, 0)
+        if RESID:
+            z64 = z.to(tl.float64)
+            w64 = w.to(tl.float64)
+            y += tl.sum((w64 * tl.sum(z64 * rho64[None, :], 1))[:, None] * z64, 0)
     row = bh.to(tl.int64) * n_splits + pid_s
+    if RESID:
+        tl.store(Y_S + row * D + offs_d, y)
     tl.store(ACC_S + row * DV + offs_v, acc)
     tl.store(ACC0_S + row * DV + offs_v, acc0)
     tl.store(DEN_S + row, den)
@@ -504,8 +518,35 @@ def _lla_out_kernel(Q, K, V, LENS, M_G, RHO, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S,
 
 @triton.jit(do_not_specialize=('H', 'n_splits'))
 def _lla_finish_kernel(LENS, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S, SERR, O, DEN_OUT, FB_OUT,
-                       H, n_splits, split, delta_eps, DV: tl.constexpr, CHUNK: tl.constexpr):
+                       Y_S, MU, RIDGE, RHO64, RES, HANDED, H, n_splits, split, delta_eps,
+                       DV: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr, RESID: tl.constexpr):
+    """Per head: the output from the splits' sums, with the delta guard. RESID (the keyed
+    solve): first the true relative residual |mu - Sigma rho| / |mu| from the output pass's
+    y_s (CG's recursive residual drifts from it) and the solve's error bound 2 |rho| |r| on
+    den (as the Sigma solve forms them), stored as the head's statistics; a head handed to
+    the Sigma solve (HANDED nonzero) keeps that solve's."""
     bh, used, base = _head_splits(LENS, H, n_splits, split)
+    if RESID:
+        h = bh.to(tl.int64)
+        offs_d = tl.arange(0, D)
+        offs_c = tl.arange(0, CHUNK)
+        y = tl.zeros([D], dtype=tl.float64)
+        for c0 in range(0, used, CHUNK):
+            live = c0 + offs_c < used
+            row = base + c0 + offs_c
+            y += tl.sum(tl.load(Y_S + row[:, None] * D + offs_d[None, :], mask=live[:, None], other=0.0), 0)
+        rho = tl.load(RHO64 + h * D + offs_d)
+        mu = tl.load(MU + h * D + offs_d)
+        tres = mu - (y + tl.load(RIDGE + bh) * rho)
+        tn = tl.sqrt(tl.sum(tres * tres, 0))
+        mn = tl.sqrt(tl.sum(mu * mu, 0))
+        mine = tl.load(HANDED + bh) == 0
+        bound = (2.0 * tl.sqrt(tl.sum(rho * rho, 0)) * tn).to(tl.float32)
+        tl.store(RES + bh, tl.where(mn > 0.0, tn / tl.where(mn > 0.0, mn, 1.0), 0.0).to(tl.float32), mask=mine)
+        tl.store(SERR + bh, bound, mask=mine)
+        serr = tl.where(mine, bound, tl.load(SERR + bh))
+    else:
+        serr = tl.load(SERR + bh)
     offs_v = tl.arange(0, DV)
     offs_c = tl.arange(0, CHUNK)
     acc = tl.zeros([DV], dtype=tl.float32)
@@ -525,7 +566,7 @@ def _lla_finish_kernel(LENS, ACC_S, ACC0_S, DEN_S, MAG_S, OMW_S, SERR, O, DEN_OU
         omw += tl.sum(tl.load(OMW_S + row, mask=live, other=0.0), 0)
     # delta guard (docs/kernels.md): a den inside its rounding and solve error has no
     # correct digit; such a query returns the softmax average (rho = 0) instead
-    fallback = tl.abs(den) <= delta_eps * mag + tl.load(SERR + bh)
+    fallback = tl.abs(den) <= delta_eps * mag + serr
     o = tl.where(fallback, acc0 / omw, acc / tl.where(fallback | (den == 0.0), 1.0, den))
     tl.store(O + bh.to(tl.int64) * DV + offs_v, o.to(O.dtype.element_ty))
     tl.store(DEN_OUT + bh, den)
@@ -680,9 +721,12 @@ def _sigma_solve(prep: _Prepared, qc, kc, vc, outs, gate=None, combine=None):
     return parts
 
 
-def _output_and_finish(prep: _Prepared, qc, kc, vc, m_g, rho, serr, den, out):
+def _output_and_finish(prep: _Prepared, qc, kc, vc, m_g, rho, serr, den, out, resid=None):
     """The output pass and the finish, for either solve: o (``out``, else a new tensor) and
-    the fallback flags; den is written. rho is fp32 (N, D), m_g and serr fp32 (N,)."""
+    the fallback flags; den is written. rho is fp32 (N, D), m_g and serr fp32 (N,).
+    ``resid`` (the keyed solve): (mu, ridge, rho64, res, handed), with which the output pass
+    and the finish also form the true residual and the error bound serr (written into
+    ``res`` and ``serr`` but where ``handed`` is nonzero)."""
     B, H, D = qc.shape
     Hk, T, Dv = kc.shape[1], kc.shape[2], vc.shape[-1]
     # the output pass's own split (prep.split unless chosen apart): its partials are summed
@@ -697,13 +741,20 @@ def _output_and_finish(prep: _Prepared, qc, kc, vc, m_g, rho, serr, den, out):
     out_bn, out_warps = (OUT_BLOCK_N, OUT_WARPS) if prep.out_own else (prep.bn, SHARED_TILE_WARPS)
     if interp:
         out_bn = prep.bn
-    _lla_out_kernel[(n_splits, N)](qc, kc, vc, lens_d, m_g, rho, acc_s, acc0_s, den_s, mag_s, omw_s,
+    if resid is None:
+        # not read: RESID is off
+        mu, ridge, rho64, res, handed, y_s = serr, serr, serr, serr, serr, serr
+    else:
+        mu, ridge, rho64, res, handed = resid
+        y_s = torch.empty(N, n_splits, D, device=dev, dtype=torch.float64)
+    _lla_out_kernel[(n_splits, N)](qc, kc, vc, lens_d, m_g, rho, acc_s, acc0_s, den_s, mag_s, omw_s, rho64, y_s,
                                    H, H // Hk, T, n_splits, split, float(prep.scale), D=D, DV=Dv, BLOCK_N=out_bn,
-                                   STAGES=OUT_STAGES, num_warps=out_warps)
+                                   STAGES=OUT_STAGES, RESID=resid is not None, num_warps=out_warps)
     o = torch.empty(B, H, Dv, device=dev, dtype=qc.dtype) if out is None else out
     fb = torch.empty(N, device=dev, dtype=torch.int8)
     _lla_finish_kernel[(N,)](lens_d, acc_s, acc0_s, den_s, mag_s, omw_s, serr, o, den, fb,
-                             H, n_splits, split, float(prep.eps), DV=Dv, CHUNK=_chunk(Dv, interp), num_warps=4)
+                             y_s, mu, ridge, rho64, res, handed, H, n_splits, split, float(prep.eps), DV=Dv,
+                             CHUNK=_chunk(Dv, interp), D=D, RESID=resid is not None, num_warps=4)
     return o, fb
 
 

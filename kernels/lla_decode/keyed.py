@@ -16,11 +16,13 @@ where the Sigma path's pass costs 2 D^2 fp64 tensor-core operations a key.
 
 Launches: the statistics pass (m, omega, mu a split), the start of the solve (per head: the
 rescaled sums, rho = 0, the residual mu), then per iteration a product pass and a CG update
-(per head; a head that has converged skips both), one more product with rho for the true
-residual, the Sigma solve of the heads still iterating at KEYED_MAX_ITERS (gated per head),
-and the package's output pass and finish. A call checks on the host whether any head is
-still iterating after iterations 4, 8, 16, ...: one device-to-host read each, and a launch
-with every head converged costs only its launch. A plan's run (``fixed``) makes every
+(per head; a head that has converged skips both), the Sigma solve of the heads still
+iterating at KEYED_MAX_ITERS (gated per head), and the package's output pass and finish.
+The true residual needs one more product, with rho: the output pass forms it as it reads
+the keys (RESID), so it costs no pass of its own, and the finish turns it into the
+residual and the solve's error bound that the delta guard reads. A call checks on the host
+whether any head is still iterating after iterations 4, 8, 16, ...: one device-to-host read
+each, and a launch with every head converged costs only its launch. A plan's run (``fixed``) makes every
 launch with no host read, so a CUDA graph can capture it.
 """
 
@@ -95,12 +97,12 @@ def _keyed_stats_kernel(Q, K, LENS, M_S, OM_S, MU_S, H, G, T, n_splits, split, s
 
 
 @triton.jit(do_not_specialize=('H', 'n_splits', 'cg_max_iters'))
-def _keyed_start_kernel(LENS, LAM, M_S, OM_S, MU_S, M_OUT, OM_OUT, RIDGE, MU, RHO, RES, P, RR, THRESH, ACT, IT,
-                        H, n_splits, split, cg_tol, cg_max_iters, D: tl.constexpr, CHUNK: tl.constexpr,
+def _keyed_start_kernel(LENS, LAM, M_S, OM_S, MU_S, M_OUT, OM_OUT, RIDGE, MU, RHO, RHO32, RES, P, RR, THRESH, ACT,
+                        IT, H, n_splits, split, cg_tol, cg_max_iters, D: tl.constexpr, CHUNK: tl.constexpr,
                         LAM_PER_HEAD: tl.constexpr):
     """Per head: M, Omega and mu (fp64) from the splits, the ridge lambda Omega, and CG's
-    start: rho = 0, residual and direction mu; a head with mu = 0 (the first token) starts
-    done at rho = 0."""
+    start: rho = 0 (and its fp32 copy for the output pass), residual and direction mu; a
+    head with mu = 0 (the first token) starts done at rho = 0."""
     bh, used, base = _head_splits(LENS, H, n_splits, split)
     offs_d = tl.arange(0, D)
     big, omega, mu = _head_sums(M_S, OM_S, MU_S, base, used, D, CHUNK)
@@ -113,6 +115,7 @@ def _keyed_start_kernel(LENS, LAM, M_S, OM_S, MU_S, M_OUT, OM_OUT, RIDGE, MU, RH
     tl.store(RIDGE + bh, (lam * omega).to(tl.float64))
     tl.store(MU + h * D + offs_d, mu)
     tl.store(RHO + h * D + offs_d, tl.zeros([D], dtype=tl.float64))
+    tl.store(RHO32 + h * D + offs_d, tl.zeros([D], dtype=tl.float32))
     tl.store(RES + h * D + offs_d, mu)
     tl.store(P + h * D + offs_d, mu)
     tl.store(RR + bh, rr)
@@ -187,9 +190,10 @@ def _summed_product(LENS, Y_S, PAP_S, H, n_splits, split, D: tl.constexpr, CHUNK
 
 
 @triton.jit(do_not_specialize=('H', 'n_splits', 'cg_max_iters'))
-def _keyed_update_kernel(LENS, Y_S, PAP_S, RIDGE, RHO, RES, P, RR, THRESH, ACT, IT,
+def _keyed_update_kernel(LENS, Y_S, PAP_S, RIDGE, RHO, RHO32, RES, P, RR, THRESH, ACT, IT,
                          H, n_splits, split, cg_max_iters, D: tl.constexpr, CHUNK: tl.constexpr):
-    """Per head still iterating: one CG step from the summed product (fp64)."""
+    """Per head still iterating: one CG step from the summed product (fp64), rho's fp32
+    copy (the output pass's) with it."""
     if tl.load(ACT + tl.program_id(0)) != 0:
         bh, y, pap = _summed_product(LENS, Y_S, PAP_S, H, n_splits, split, D, CHUNK)
         h = bh.to(tl.int64)
@@ -208,30 +212,12 @@ def _keyed_update_kernel(LENS, Y_S, PAP_S, RIDGE, RHO, RES, P, RR, THRESH, ACT, 
         beta = tl.where(rr > 0.0, rr_new / tl.where(rr > 0.0, rr, 1.0), 0.0)
         it = tl.load(IT + bh) + 1
         tl.store(RHO + h * D + offs_d, rho)
+        tl.store(RHO32 + h * D + offs_d, rho.to(tl.float32))
         tl.store(RES + h * D + offs_d, res)
         tl.store(P + h * D + offs_d, res + beta * p)
         tl.store(RR + bh, rr_new)
         tl.store(IT + bh, it)
         tl.store(ACT + bh, (ok & (rr_new > tl.load(THRESH + bh)) & (it < cg_max_iters)).to(tl.int32))
-
-
-@triton.jit(do_not_specialize=('H', 'n_splits'))
-def _keyed_residual_kernel(LENS, Y_S, PAP_S, RIDGE, MU, RHO, RHO32, RES_OUT, SERR, H, n_splits, split,
-                           D: tl.constexpr, CHUNK: tl.constexpr):
-    """Per head, from the product with rho: the true relative residual |mu - Sigma rho| / |mu|
-    (CG's recursive one drifts from it), the solve's error bound 2 |rho| |r| on den (as in the
-    Sigma solve), and rho in fp32 for the output pass."""
-    bh, y, _ = _summed_product(LENS, Y_S, PAP_S, H, n_splits, split, D, CHUNK)
-    h = bh.to(tl.int64)
-    offs_d = tl.arange(0, D)
-    rho = tl.load(RHO + h * D + offs_d)
-    mu = tl.load(MU + h * D + offs_d)
-    tres = mu - (y + tl.load(RIDGE + bh) * rho)
-    tn = tl.sqrt(tl.sum(tres * tres, 0))
-    mn = tl.sqrt(tl.sum(mu * mu, 0))
-    tl.store(RHO32 + h * D + offs_d, rho.to(tl.float32))
-    tl.store(RES_OUT + bh, tl.where(mn > 0.0, tn / tl.where(mn > 0.0, mn, 1.0), 0.0).to(tl.float32))
-    tl.store(SERR + bh, (2.0 * tl.sqrt(tl.sum(rho * rho, 0)) * tn).to(tl.float32))
 
 
 def launch(prep, q, k_cache, v_cache, out=None, fixed=False):
@@ -279,32 +265,29 @@ def launch(prep, q, k_cache, v_cache, out=None, fixed=False):
     ridge, rr, thresh = torch.empty(3, N, device=dev, dtype=torch.float64).unbind(0)
     mu, rho, resid, p = torch.empty(4, N, D, device=dev, dtype=torch.float64).unbind(0)
     act, iters = torch.empty(2, N, device=dev, dtype=torch.int32).unbind(0)
-    _keyed_start_kernel[(N,)](lens_d, prep.lam, m_s, om_s, mu_s, m_g, om_g, ridge, mu, rho, resid, p, rr, thresh,
-                              act, iters, H, s_splits, s_split, float(prep.tol), int(prep.max_iters), D=D,
+    rho32 = torch.empty(N, D, device=dev, dtype=torch.float32)
+    _keyed_start_kernel[(N,)](lens_d, prep.lam, m_s, om_s, mu_s, m_g, om_g, ridge, mu, rho, rho32, resid, p, rr,
+                              thresh, act, iters, H, s_splits, s_split, float(prep.tol), int(prep.max_iters), D=D,
                               CHUNK=chunk, LAM_PER_HEAD=prep.lam_per_head, num_warps=4)
     cap = min(prep.max_iters, KEYED_MAX_ITERS)
     done, check_at = 0, FIRST_CHECK
     while done < cap:
         _keyed_product_kernel[(n_splits, N)](qc, kc, lens_d, m_g, p, act, y_s, pap_s, H, G, T, n_splits, split,
                                              scale, GATED=True, ACC2D=KEY_PASS_ACC2D, **kpass)
-        _keyed_update_kernel[(N,)](lens_d, y_s, pap_s, ridge, rho, resid, p, rr, thresh, act, iters,
+        _keyed_update_kernel[(N,)](lens_d, y_s, pap_s, ridge, rho, rho32, resid, p, rr, thresh, act, iters,
                                    H, n_splits, split, int(prep.max_iters), D=D, CHUNK=chunk, num_warps=4)
         done += 1
         if not fixed and done == check_at:
             if not bool(act.any()):
                 break
             check_at *= 2
-    # the true residual: one more product, with rho, for every head
-    _keyed_product_kernel[(n_splits, N)](qc, kc, lens_d, m_g, rho, act, y_s, pap_s, H, G, T, n_splits, split,
-                                         scale, GATED=False, ACC2D=KEY_PASS_ACC2D, **kpass)
-    rho32 = torch.empty(N, D, device=dev, dtype=torch.float32)
-    _keyed_residual_kernel[(N,)](lens_d, y_s, pap_s, ridge, mu, rho, rho32, res, serr, H, n_splits, split, D=D,
-                                 CHUNK=chunk, num_warps=4)
     # the heads still iterating at the cap (act nonzero: never when the cap is cg_max_iters,
     # where the update clears it) are solved again by the Sigma solve, which overwrites their
     # M, Omega, rho, iterations, residual and error bound
     if cap < prep.max_iters and (fixed or bool(act.any())):
         _sigma_solve(prep, qc, kc, vc, (m_g, om_g, rho32, iters, res, serr), gate=act)
-
-    o, fb = _output_and_finish(prep, qc, kc, vc, m_g, rho32, serr, den, out)
+    # the true residual |mu - Sigma rho| / |mu| and the solve's error bound on den come with
+    # the output pass (its keys' product with the fp64 rho) and the finish, but for the heads
+    # handed over, which keep the Sigma solve's
+    o, fb = _output_and_finish(prep, qc, kc, vc, m_g, rho32, serr, den, out, resid=(mu, ridge, rho, res, act))
     return o, (iters, res, om_g, den, fb)
