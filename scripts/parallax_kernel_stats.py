@@ -61,20 +61,30 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
             "stack": int(stack.group(1)) if stack else -1}
 
 
-def sass_mma(cubin: bytes) -> collections.Counter:
-    """Tensor-core instructions in the cubin's SASS by opcode with its modifiers
-    (e.g. HGMMA.64x64x16.F32.BF16), a static count (each executes once per loop trip)."""
+def _sass(cubin: bytes) -> str:
+    """The cubin's SASS as cuobjdump prints it."""
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / "k.cubin"
         f.write_bytes(cubin)
-        res = subprocess.run([_tool("cuobjdump"), "-sass", str(f)], capture_output=True, text=True)
+        return subprocess.run([_tool("cuobjdump"), "-sass", str(f)], capture_output=True, text=True).stdout
+
+
+def sass_mma(sass: str) -> collections.Counter:
+    """Tensor-core instructions in the SASS by opcode with its modifiers
+    (e.g. HGMMA.64x64x16.F32.BF16), a static count (each executes once per loop trip)."""
     out = collections.Counter()
-    for m in re.finditer(r"\b(HGMMA|HMMA|IMMA|DMMA)(\.[\w.]+)?", res.stdout):
+    for m in re.finditer(r"\b(HGMMA|HMMA|IMMA|DMMA)(\.[\w.]+)?", sass):
         op = m.group(0)
         # drop the scheduling suffixes that do not name the shape or the types
         op = re.sub(r"\.(gsb\d|tnspA|tnspB)\b", "", op)
         out[op] += 1
     return out
+
+
+def sass_total(sass: str) -> int:
+    """Every instruction of the SASS, a static count: beside the MMA count, what a launch's
+    loop does besides its products (exp, reductions, conversions, spills)."""
+    return len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+[@!A-Z]", sass))
 
 
 def ttgir_dots(ttgir: str) -> collections.Counter:
@@ -92,7 +102,7 @@ def ttgir_dots(ttgir: str) -> collections.Counter:
     return out
 
 
-KINDS = ("fwd", "dq", "dkdv")
+KINDS = ("fwd", "dq", "dkdv", "infer")
 
 
 def parse_configs(spec: str) -> dict:
@@ -170,7 +180,9 @@ def main(argv=None) -> int:
         entry = dict(compiled[-1])
         entry["num_stages"] = int(getattr(kernel.metadata, "num_stages", 0))
         entry.update(ptxas_usage(kernel.asm["ptx"], args.arch))
-        entry["sass"] = sass_mma(kernel.asm["cubin"])
+        sass = _sass(kernel.asm["cubin"])
+        entry["sass"] = sass_mma(sass)
+        entry["sass_total"] = sass_total(sass)
         entry["ttgir"] = ttgir_dots(kernel.asm["ttgir"])
         launches.append(entry)
         return kernel
@@ -213,7 +225,8 @@ def main(argv=None) -> int:
                       f"warps={e['num_warps']} stages={e['num_stages']} {status}: regs {e['regs']}, "
                       f"spill st/ld {e['spill_st']}/{e['spill_ld']} B, stack {e['stack']} B, "
                       f"shared {e['shared']} B")
-                print("    SASS: " + (", ".join(f"{n} {op}" for op, n in sorted(e["sass"].items())) or "no MMA"))
+                print("    SASS: " + (", ".join(f"{n} {op}" for op, n in sorted(e["sass"].items())) or "no MMA")
+                      + f"; {e.get('sass_total', -1)} instructions in all")
                 print("    TTGIR: " + (", ".join(f"{n} {op}" for op, n in sorted(e["ttgir"].items())) or "no dot"))
     return 0
 

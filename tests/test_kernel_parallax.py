@@ -89,10 +89,12 @@ def test_forward_families(family, dtype):
     _judge_forward(*_inputs(family, dtype=dtype), f"{family} S=37 D=16 {dtype}")
 
 
+# bf16 outside autograd: the inference kernel on the fast rows (docs/kernels-parallax.md §3)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
 @pytest.mark.parametrize("family", ("gaussian", "key_offset_large_probe"))
 @pytest.mark.parametrize("D", (32, 64))
-def test_forward_wider_heads(family, D):
-    _judge_forward(*_inputs(family, S=48, D=D, H=1), f"{family} S=48 D={D}")
+def test_forward_wider_heads(family, D, dtype):
+    _judge_forward(*_inputs(family, S=48, D=D, H=1, dtype=dtype), f"{family} S=48 D={D} {dtype}")
 
 
 def test_head_dim_128():
@@ -101,8 +103,10 @@ def test_head_dim_128():
     _judge_backward(q, k, v, r, "key_offset_large_probe S=20 D=128 Dv=64")
 
 
-def test_forward_value_width_differs():
-    _judge_forward(*_inputs("large_probe", S=29, D=16, Dv=32), "large_probe D=16 Dv=32")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+@pytest.mark.parametrize("family", ("large_probe", "gaussian"))
+def test_forward_value_width_differs(family, dtype):
+    _judge_forward(*_inputs(family, S=29, D=16, Dv=32, dtype=dtype), f"{family} D=16 Dv=32 {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -659,14 +663,18 @@ BF16_WEIGHT_CASES = [f"{fam}::B=1,H=2,S=37,D=16,dtype=bfloat16,seed={i};probe={p
                           "zero", "random")))]
 
 
-def test_bf16_weights_meet_the_forward_budget_and_target_on_every_family(monkeypatch):
+@pytest.mark.parametrize("we_parts", [2, 1])
+def test_bf16_weights_meet_the_forward_budget_and_target_on_every_family(monkeypatch, we_parts):
     """FAST_BF16_WEIGHTS (docs/kernels-parallax.md §3, "bf16 weights"): a forward outside
     autograd whose fast tiles merge with bf16 weights is within the Parallax budget and issue
-    22's target on every case family, and differs from the tf32x3 merge wherever a tile is fast."""
+    22's target on every case family, and differs from the tf32x3 merge wherever a tile is fast;
+    with the inference kernel's co-moment weights in two bf16 parts (the default) or one
+    (kernels.INFER_WE_PARTS)."""
     from parallax_triton import kernels as K
 
     from lla_verify.registry.parallax import parse_parallax_case
 
+    monkeypatch.setattr(K, "INFER_WE_PARTS", we_parts)
     used = 0
     for spec in BF16_WEIGHT_CASES:
         p = parse_parallax_case(spec).build(DEVICE)
@@ -684,6 +692,48 @@ def test_bf16_weights_meet_the_forward_budget_and_target_on_every_family(monkeyp
         used += not torch.equal(o, base)
     # a lever that is never pulled passes the above: most of these cases have fast tiles
     assert used >= len(BF16_WEIGHT_CASES) // 2, f"bf16 weights changed {used} of {len(BF16_WEIGHT_CASES)} outputs"
+
+
+def test_forward_outside_autograd_takes_each_row_by_its_own_prefix():
+    """Outside autograd (bf16 weights), a row whose every entry is fast by its own bounds and
+    the keys up to it (kernels._fast_rows) is computed by inference._px_fwd_infer_kernel,
+    any other row by the split kernel: one large key at position 21 sends rows 21.. to the
+    split kernel (bitwise apart from the inference kernel's rows there, and within budget and
+    issue 22's target), while rows 0..20, some of them in the same query tile as row 21, are
+    the inference kernel's bit for bit and the same as without the large key (causal)."""
+    from parallax_triton.kernels import NORM_NAMES, fast_thresholds, infer_fast_rows, parallax_forward_kernel
+
+    q, k, v, r = _inputs("gaussian", S=40, H=1, dtype=torch.bfloat16, seed=4)
+    big = k.clone()
+    big[..., 21, :] *= 1000.0
+    flat = [t.reshape(1, 40, -1).contiguous() for t in (q, big, v, r)]
+    scale = 16 ** -0.5
+    out = parallax_forward_kernel(*flat, scale, bf16_weights=True)
+    norms = out.norms[0]
+    ta, td = fast_thresholds(torch.bfloat16, 16)
+    col = NORM_NAMES.index
+    fast = ((norms[:, col("qn")] * norms[:, col("kn")].cummax(0).values <= ta)
+            & (norms[:, col("rn")] * norms[:, col("kdn")].cummax(0).values <= td))
+    assert bool(fast[:21].all()) and not bool(fast[21:].any()), fast
+    # the inference kernel writes those rows and no other
+    written = torch.full_like(flat[2], float("nan"))
+    infer_fast_rows(*flat, scale, out.norms, out.ta, out.td, written)
+    assert torch.equal(~written[0].isnan().any(-1), fast)
+    everything_fast = parallax_forward_kernel(*flat, scale, bf16_weights=True, fast=True).o[0]
+    o = out.o[0]
+    assert torch.equal(o[:21], everything_fast[:21])
+    assert not torch.equal(o[21:], everything_fast[21:])
+    plain = parallax_forward_kernel(*(t.reshape(1, 40, -1).contiguous() for t in (q, k, v, r)), scale,
+                                    bf16_weights=True).o[0]
+    assert torch.equal(o[:21], plain[:21])
+    case = "gaussian bf16 S=40 D=16, key 21 x1000"
+    verdict = check_parallax_forward(q, big, v, r, out.o.reshape(v.shape), impl="parallax_triton[bf16 weights]",
+                                     case=case)
+    assert verdict.passed, verdict.message
+    o64 = parallax_forward(q, big, v, r)
+    allowed, _ = kernel_target(q, big, v, r, o64=o64)
+    err = (out.o.reshape(v.shape).double() - o64).norm(dim=-1)
+    assert bool((err <= allowed).all()), f"{case}: target ratio {float((err / allowed).max()):.3g}"
 
 
 def test_bf16_weights_stay_out_of_a_forward_a_backward_reads(monkeypatch):

@@ -28,15 +28,15 @@ def test_lla_variants_compile_the_flags_the_properties_use(monkeypatch):
     assert set(warmup.LLA_VARIANTS) <= set(warmup.DEFAULT_PACKAGES)
 
 
-def _launches(monkeypatch):
-    """Record (kernel name, FIRST, WANT_STATS) of every interpreted Triton launch."""
+def _launches(monkeypatch, flags=("FIRST", "WANT_STATS")):
+    """Record (kernel name, *the values of ``flags``) of every interpreted Triton launch."""
     from triton.runtime import interpreter
 
     seen = []
     real = interpreter.InterpretedFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        seen.append((self.fn.__name__, kwargs.get("FIRST"), kwargs.get("WANT_STATS")))
+        seen.append((self.fn.__name__, *(kwargs.get(f) for f in flags)))
         return real(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
@@ -66,6 +66,22 @@ def test_lla_variants_reach_the_anchor_rounds(monkeypatch):
     warmup.run_one("lla_triton-cg", "float32", 16, device="cpu")
     warmup.run_one("lla_triton-rho", "float32", 16, device="cpu")
     assert {stats for n, first, stats in seen if n == "_lla_fwd_kernel" and first is False} == {True, False}, seen
+
+
+def test_parallax_job_compiles_the_forward_outside_autograd(monkeypatch):
+    # Most Parallax properties call the kernel outside autograd, where a bf16 forward runs the
+    # inference kernel and the split kernel's MODE 3 (docs/kernels-parallax.md §3): other
+    # compiles than the autograd forward's MODE 1 and 2, which the warm-up must reach too
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        import pytest
+
+        pytest.skip("records the interpreter's launches (TRITON_INTERPRET=1)")
+    seen = _launches(monkeypatch, flags=("MODE",))
+    warmup.run_one("parallax_triton", "bfloat16", 16, device="cpu")
+    assert {("_px_fwd_infer_kernel", None), ("_px_fwd_kernel", 3), ("_px_fwd_kernel", 1),
+            ("_px_fwd_kernel", 2)} <= set(seen), seen
 
 
 def test_the_plugin_warms_the_packages_its_implementations_run(monkeypatch):

@@ -90,6 +90,10 @@ def run_one(package: str, dtype: str, D: int, device: str = "cuda") -> None:
             import parallax_triton
 
             o = parallax_triton.parallax_attention(*xs)
+            # outside autograd a bf16 forward takes bf16 weights: the inference kernel and the
+            # split kernel's MODE 3, compiles of their own that most properties call
+            with torch.no_grad():
+                parallax_triton.parallax_attention(*xs)
         o.float().square().sum().backward()
     else:
         q, k, v = _inputs(dtype, D, S, device)
