@@ -882,3 +882,40 @@ def test_an_array_of_another_shape_is_infinite_drift():
     fresh = dict(stored, o=stored["o"][..., :-1])
     dr = gregen.drift(stored, fresh)
     assert not dr.ok and dr.where.startswith("o") and dr.max_rel == math.inf, dr
+
+
+def test_an_eigenvector_probe_moved_by_the_eigensolver_is_judged_on_the_stored_one(monkeypatch, capsys):
+    """The small_eig probe follows the platform's eigensolver as far as its eigenvalue's gap
+    allows (ParallaxCase.probe_cond): rebuilt through an eigensolver with a backward error
+    of a few D u64 |C_i| (another CPU's LAPACK), a large-norm golden's probe moves by more
+    than a float32 rounding step, and the check still passes, on the stored r; moved far
+    past its derivation's noise, the check names r as changed."""
+    from lla_verify.registry import parallax as rpx
+
+    real = rpx._weighted_key_cov
+    stored_r = gstore.read_arrays(gstore.DEFAULT_DIR / gcat.get_golden(PX_MEDIUM).file)["r"]
+
+    def perturbed(t):
+        def cov(q, k, scale):
+            c = real(q, k, scale)
+            e = torch.randn(c.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            e = e + e.transpose(-1, -2)
+            size = t * q.shape[-1] * torch.linalg.matrix_norm(c, ord=2)
+            return c + e * (size / torch.linalg.matrix_norm(e, ord=2).clamp_min(1e-300))[..., None, None]
+        return cov
+
+    monkeypatch.setattr(rpx, "_weighted_key_cov", perturbed(4 * 2.0**-53))
+    g = gcat.get_golden(PX_MEDIUM)
+    rebuilt = g.case.build().r
+    assert not torch.equal(rebuilt, stored_r)
+    # the rounding step alone does not cover it: the eigensolver's share is needed
+    assert gregen.derived_input_drift(stored_r, rebuilt, 0.0) > 1.0
+    assert gregen.probe_drift(g, stored_r, rebuilt, 0.0) <= 1.0
+    assert main(["goldens", "regen", "--check", "--only", PX_MEDIUM]) == 0
+    assert "r rebuilds within one rounding" in capsys.readouterr().out
+    code, (res,) = gcompare.compare(gstore.DEFAULT_DIR, _op_impl("parallax", "parallax-dense"), op="parallax",
+                                    only=[PX_MEDIUM], isolate=False)
+    assert code == 0, res
+    monkeypatch.setattr(rpx, "_weighted_key_cov", perturbed(1e-3))
+    assert main(["goldens", "regen", "--check", "--only", PX_MEDIUM]) == 1
+    assert "the case no longer rebuilds the stored inputs ['r']" in capsys.readouterr().out

@@ -180,3 +180,54 @@ def test_the_small_eig_direction_is_the_keys_and_not_the_eigensolvers():
     u5 = eigenspace_direction(ev, vec, 5, g)
     assert torch.allclose(u5.abs(), vec[:, 5].abs(), atol=1e-12) and float(u5 @ g) > 0
     assert torch.allclose(eigenspace_direction(ev, -vec, 5, g), u5, atol=1e-12)
+
+
+SMALL_EIG_CASES = (
+    "large_norm:factor=100,lam=1:B=1,H=1,S=48,D=16,dtype=float32,seed=0;probe=small_eig:amp=1",
+    "offset:offset=10000:B=1,H=1,S=48,D=16,dtype=float32,seed=0;probe=small_eig",
+    "gaussian::B=1,H=2,S=24,D=8,dtype=float32,seed=3;probe=small_eig:index=2",
+    "duplicates:pool=4:B=1,H=1,S=32,D=8,dtype=float32,seed=1;probe=small_eig",
+)
+
+
+def _sym_perturbation(cov, size, gen):
+    """A random symmetric E per row with |E_i|_2 = size_i."""
+    e = torch.randn(cov.shape, generator=gen, dtype=torch.float64)
+    e = e + e.transpose(-1, -2)
+    return e * (size / torch.linalg.matrix_norm(e, ord=2))[..., None, None]
+
+
+def test_small_eig_cond_bounds_what_an_eigensolver_backward_error_does_to_the_probe():
+    """ProbeFamily.cond of small_eig: each row's probe, rebuilt from its covariance plus an
+    eigensolver's backward error (a symmetric E_i of norm t D |C_i|, t in the first-order
+    range), moves by at most cond_i t relatively; and the bound is not vacuous: somewhere
+    the move reaches a hundredth of it (a condition made 100x too large fails here)."""
+    from lla_verify.registry.parallax import small_eig_of_cov
+
+    gen = torch.Generator().manual_seed(5)
+    worst = 0.0
+    for spec in SMALL_EIG_CASES:
+        case = parse_parallax_case(spec)
+        _, params, base, q, k, v, probe_gen = case._probe_inputs()
+        seed = probe_gen.initial_seed()
+        cov = _weighted_key_cov(q, k, base.qk_scale)
+        r0 = small_eig_of_cov(params, cov, k, torch.Generator().manual_seed(seed))
+        assert torch.equal(r0.to(base.q.dtype), case.build().r)  # the probe the case builds
+        cond = case.probe_cond()
+        assert bool((cond >= 0).all()) and bool(torch.isfinite(cond).all()), spec
+        D = q.shape[-1]
+        for t in (1e-14, 1e-13, 1e-12):
+            for _ in range(3):
+                e = _sym_perturbation(cov, t * D * torch.linalg.matrix_norm(cov, ord=2), gen)
+                r1 = small_eig_of_cov(params, cov + e, k, torch.Generator().manual_seed(seed))
+                moved = (r1 - r0).norm(dim=-1) / r0.norm(dim=-1)
+                ratio = torch.where(cond > 0, moved / (cond * t), torch.where(moved > 0, math.inf, 0.0))
+                assert float(ratio.max()) <= 1.0, (spec, t, float(ratio.max()))
+                worst = max(worst, float(ratio.max()))
+    assert worst >= 1e-2, worst
+
+
+def test_probes_without_an_eigensolver_have_no_condition_of_their_own():
+    for probe in ("zero", "random", "large", "lla"):
+        case = parse_parallax_case(f"gaussian::B=1,H=1,S=8,D=4,dtype=float32,seed=0;probe={probe}")
+        assert PROBES[probe].cond is None and torch.equal(case.probe_cond(), torch.zeros(1, 1, 8, dtype=torch.float64))

@@ -107,10 +107,12 @@ def _undefined_masked(key: str, t: torch.Tensor, undefined: torch.Tensor | None)
     return torch.where(mask, torch.full_like(t, math.nan), t)
 
 
-def derived_input_drift(stored: torch.Tensor, fresh: torch.Tensor, tol: float) -> float:
-    """|stored - fresh| of a derived input in units of one rounding step of its dtype (plus
-    the float64 noise of its derivation, tol times its RMS): at most 1 when the two differ
-    by the rounding of float64's last bits only."""
+def derived_input_drift(stored: torch.Tensor, fresh: torch.Tensor, tol: float, row_rel=None) -> float:
+    """|stored - fresh| of a derived input in units of one rounding step of its dtype, plus
+    the float64 noise of its derivation: tol times its RMS, and ``row_rel`` (broadcast over
+    every axis but the last) times each row's norm, for a derivation whose rows are
+    conditioned apart (probe_drift). At most 1 when the two differ by the rounding of
+    float64's last bits only."""
     from lla_verify.registry.precision import unit_roundoff
 
     a, b = stored.to(torch.float64), fresh.to(torch.float64)
@@ -120,8 +122,20 @@ def derived_input_drift(stored: torch.Tensor, fresh: torch.Tensor, tol: float) -
     a, b = torch.where(fin, a, 0.0), torch.where(fin, b, 0.0)
     rms = float(a.square().mean().sqrt()) if a.numel() else 0.0
     step = 2 * unit_roundoff(stored.dtype) * torch.maximum(a.abs(), b.abs()) + tol * rms
+    if row_rel is not None:
+        rows = torch.maximum(a.norm(dim=-1), b.norm(dim=-1))
+        step = step + (row_rel.to(torch.float64) * rows)[..., None]
     ratio = torch.where(a == b, torch.zeros_like(a), (a - b).abs() / step.clamp_min(torch.finfo(torch.float64).tiny))
     return float(ratio.max()) if ratio.numel() else 0.0
+
+
+def probe_drift(g, stored_r: torch.Tensor, fresh_r: torch.Tensor, tol: float) -> float:
+    """derived_input_drift of a Parallax golden's probe (as stored: a decode golden's by
+    decoded row), each row allowed NOISE_FACTOR u64 times its condition in the probe
+    family's float64 derivation (ParallaxCase.probe_cond: an eigenvector probe moves with
+    the platform's eigensolver as far as its eigenvalue's gap allows)."""
+    rel = NOISE_FACTOR * U64 * g.case.probe_cond()
+    return derived_input_drift(stored_probe(g, stored_r), stored_probe(g, fresh_r), tol, row_rel=rel)
 
 
 def drift(stored: dict, fresh: dict) -> Drift:
@@ -160,16 +174,17 @@ def drift(stored: dict, fresh: dict) -> Drift:
 # ------------------------------------------------------------------ regen / check
 def _on_stored_derived_inputs(g, stored: dict, fresh: dict) -> tuple[dict, str]:
     """When a derived input (the probe r) rebuilds within one rounding step of its dtype
-    but not bit for bit, the outputs recomputed on the stored one, so that their drift is
+    and its derivation's float64 noise (probe_drift) but not bit for bit, the outputs recomputed on the stored one, so that their drift is
     the oracle's alone; else ``fresh`` as it is (and drift names the input)."""
     moved = any(k in stored and k in fresh and not torch.equal(stored[k], fresh[k]) for k in DERIVED_INPUTS)
     if not moved or g.op not in ("parallax", "parallax-decode"):
         return fresh, ""
-    steps = derived_input_drift(stored["r"], fresh["r"], noise_tol(fresh))
+    steps = probe_drift(g, stored["r"], fresh["r"], noise_tol(fresh))
     if steps > 1.0:
         return fresh, ""
-    return compute(g, r=stored_probe(g, stored["r"])), (f"r rebuilds within one rounding of {stored['r'].dtype} ({steps:.2g} of a step: "
-                             "float64's last bits); the outputs are compared on the stored r")
+    return compute(g, r=stored_probe(g, stored["r"])), (
+        f"r rebuilds within one rounding of {stored['r'].dtype} and its derivation's float64 noise ({steps:.2g} of "
+        "that step: float64's last bits, the platform's eigensolver); the outputs are compared on the stored r")
 
 
 def say(msg: str = "") -> None:

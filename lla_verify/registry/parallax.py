@@ -44,6 +44,10 @@ class ProbeFamily:
     targets: str
     params: tuple[Param, ...]
     build: Callable  # (params, q, k, v, lam, scale, gen) -> r in float64, q's shape
+    # (params, q, k, v, lam, scale, gen) -> (..., S) float64, the row's condition in the
+    # float64 derivation: |dr_i| / |r_i| <= cond_i u64 to first order, where another
+    # platform's LAPACK and BLAS round differently (None: r moves by its last bits alone)
+    cond: Callable | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -110,9 +114,16 @@ def _small_eig(p, q, k, v, lam, scale, gen):
     # r_i along the eigenvector of the smallest eigenvalue of the weighted key covariance,
     # scaled so that its projections <k_j - kbar_i, r_i> have RMS amp: a large probe in
     # the directions where the keys barely vary, the direction LLA's rho amplifies.
-    cov = _weighted_key_cov(q, k, scale)
+    return small_eig_of_cov(p, _weighted_key_cov(q, k, scale), k, gen)
+
+
+def small_eig_of_cov(p, cov, k, gen):
+    """_small_eig's probe from the covariances ``cov`` (..., S, D, D) of keys ``k``: apart,
+    so that a test can hand it a perturbed covariance (as another platform's eigensolver
+    sees one) and hold the change against _small_eig_cond."""
+    D = k.shape[-1]
     ev, vec = torch.linalg.eigh(cov)
-    idx = min(int(p["index"]), q.shape[-1] - 1)
+    idx = min(int(p["index"]), D - 1)
     lam_i = ev[..., idx]
     # The eigenvector itself is not a function of the keys: its sign is free, and where the
     # eigenvalue is repeated (every early row, whose covariance has rank below D, has a
@@ -120,12 +131,59 @@ def _small_eig(p, q, k, v, lam, scale, gen):
     # platform's LAPACK. The projection onto the eigenspace is a function of the keys: u is
     # a fixed vector projected onto it (eigenvalues within 1e-8 of the largest count as
     # equal), sign included.
-    u = eigenspace_direction(ev, vec, idx, torch.randn(q.shape[-1], generator=gen, dtype=torch.float64))
+    u = eigenspace_direction(ev, vec, idx, torch.randn(D, generator=gen, dtype=torch.float64))
     # an eigenvalue below 1e-6 of the keys' squared spread (early rows, duplicate keys)
     # counts as that: |r_i| stays within 1e3 amp / spread, finite in every dtype
     floor = (1e-6 * _key_spread(k).pow(2))[..., 0].expand_as(lam_i)
     sign = torch.where(torch.rand(lam_i.shape, generator=gen, dtype=torch.float64) < 0.5, -1.0, 1.0)
     return sign[..., None] * p["amp"] * u / torch.maximum(lam_i, floor).sqrt()[..., None]
+
+
+def _small_eig_cond(p, q, k, v, lam, scale, gen):
+    """Per row, |dr_i| / |r_i| per unit u64 of _small_eig's eigensolver, to first order.
+
+    The eigensolver is the step whose rounding follows the platform (its LAPACK: the
+    library, and the code path it picks for the processor), and a backward-stable one
+    returns the exact eigensystem of C_i + E_i with |E_i| <= D u64 |C_i| (up to a modest
+    constant); call that bound e_i u64. Then (Weyl) each eigenvalue moves by at most |E_i|,
+    so 1 / sqrt(max(lam_i, floor)) by |E_i| / (2 max(lam_i, floor)) relatively, and
+    (Davis-Kahan) the projector P onto the eigenspace by |E_i| / sep_i, sep_i the distance of
+    its eigenvalues from the rest (gap_i, the nearest outside, less spread_i, the farthest
+    inside), so u = P g / |P g| by 2 |E_i| |g| / (sep_i |P g|). The eigenspace is the
+    eigenvalues within tol_i = 1e-8 |C_i| of lam_i (eigenspace_direction): a perturbation
+    of half the distance to that edge, flip_i = min(gap_i - tol_i, tol_i - spread_i) / 2
+    (the second only where other eigenvalues are inside), moves one across it, and u
+    anywhere; 2 e_i / flip_i charges that, so that the allowance passes 2 |r_i| by the time
+    the noise reaches the edge. Where flip_i <= 0 the condition is inf.
+
+    The covariance before it (products, softmax) is formed by torch's own float64 kernels,
+    which this does not bound: where another platform sums those differently, a golden's
+    rebuilt probe shows as changed (goldens.regen.probe_drift)."""
+    D = q.shape[-1]
+    g = torch.randn(D, generator=gen, dtype=torch.float64)  # the draw _small_eig projects
+    cov = _weighted_key_cov(q, k, scale)
+    ev, vec = torch.linalg.eigh(cov)
+    idx = min(int(p["index"]), D - 1)
+    lam_i = ev[..., idx]
+    top = ev.abs().amax(-1)
+    tol = 1e-8 * top
+    dist = (ev - lam_i[..., None]).abs()
+    member = dist <= tol[..., None]
+    gap = torch.where(member, math.inf, dist).amin(-1)
+    spread = torch.where(member, dist, 0.0).amax(-1)
+    others = member.sum(-1) > 1
+    flip = 0.5 * torch.minimum(gap - tol, torch.where(others, tol - spread, math.inf))
+    sep = gap - spread
+    e = D * top
+    tiny = torch.finfo(torch.float64).tiny
+    pg = (vec @ (member.to(vec.dtype) * (vec.transpose(-1, -2) @ g))[..., None])[..., 0].norm(dim=-1)
+    lift = g.norm() / pg.clamp_min(tiny)
+    floor = (1e-6 * _key_spread(k).pow(2))[..., 0].expand_as(lam_i)
+    # gap = inf (every eigenvalue inside): P = I whatever the perturbation, no direction term
+    direction = 2.0 * e * lift / sep.clamp_min(tiny) + 2.0 * e / flip.clamp_min(tiny)
+    cond = torch.where(flip > 0, direction, math.inf) + 0.5 * e / torch.maximum(lam_i, floor)
+    # a covariance of exact zeros (the first row, identical keys) has no rounding to move it
+    return torch.where(e > 0, cond, torch.zeros_like(cond))
 
 
 PROBES: dict[str, ProbeFamily] = {}
@@ -147,7 +205,7 @@ _register(ProbeFamily("small_eig", "r_i along the smallest eigenvectors of the w
                       (Param("amp", 1e-2, 1e2, 1.0),
                        Param("index", 0, 3, 0, log=False, integer=True,
                              doc="which eigenvector, from the smallest; min(index, D - 1) is used")),
-                      _small_eig))
+                      _small_eig, _small_eig_cond))
 
 PROBE_ORDER = tuple(PROBES)  # 'zero' first: sampled_from shrinks towards it
 
@@ -192,7 +250,8 @@ class ParallaxCase:
         ps = ",".join(f"{key}={_fmt(val)}" for key, val in sorted(self.probe_params.items()))
         return f"{self.case.spec()}{PROBE_SEP}{self.probe}" + (f":{ps}" if ps else "")
 
-    def build(self, device="cpu") -> ParallaxProblem:
+    def _probe_inputs(self):
+        """(family, params, base problem, float64 q, k, v, the probe's generator)."""
         c = self.case
         fam = get_probe(self.probe)
         params = fam.easy()
@@ -202,6 +261,21 @@ class ParallaxCase:
         # its own stream: the same Case gives the same q, k, v under every probe
         q, k, v = (t.to(torch.float64) for t in (base.q, base.k, base.v))
         gen = torch.Generator().manual_seed((int(c.seed) * 7919 + 17) % (2**32))
+        return fam, params, base, q, k, v, gen
+
+    def probe_cond(self) -> torch.Tensor:
+        """(B, H, S) float64: each row's condition in the probe's float64 derivation
+        (ProbeFamily.cond; zeros for a family without one): how far, relative to |r_i| and
+        per unit u64, another platform's rounding may move r_i before its rounding to the
+        case's dtype."""
+        fam, params, base, q, k, v, gen = self._probe_inputs()
+        if fam.cond is None:
+            return torch.zeros(q.shape[:-1], dtype=torch.float64)
+        return fam.cond(params, q, k, v, base.ridge_lambda, base.qk_scale, gen)
+
+    def build(self, device="cpu") -> ParallaxProblem:
+        c = self.case
+        fam, params, base, q, k, v, gen = self._probe_inputs()
         r = fam.build(params, q, k, v, base.ridge_lambda, base.qk_scale, gen)
         dt = DTYPES[c.dtype]
         r_dt = r.to(dt)
