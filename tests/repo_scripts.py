@@ -17,3 +17,26 @@ def load(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def recording_python(folder: Path) -> tuple[Path, Path]:
+    """A stand-in for python (a shell script's PY) that appends each command line it is
+    given, shell-quoted, to a log and prints a pytest summary line: what a GPU script would
+    run, read back without a GPU. Returns (the stand-in, its log)."""
+    import shlex
+    import stat
+
+    log = folder / "calls.log"
+    py = folder / "py"
+    py.write_text("#!/usr/bin/env bash\n"
+                  f'printf "%s\\n" "$(printf "%q " "$@")" >> {shlex.quote(str(log))}\n'
+                  'echo "3 passed in 0.01s"\n')
+    py.chmod(py.stat().st_mode | stat.S_IXUSR)
+    return py, log
+
+
+def recorded_calls(log: Path) -> list[list[str]]:
+    """The command lines a recording_python logged, split as the shell would."""
+    import shlex
+
+    return [shlex.split(line) for line in log.read_text().splitlines()] if log.exists() else []

@@ -12,9 +12,7 @@ from __future__ import annotations
 import ast
 import importlib
 import os
-import shlex
 import shutil
-import stat
 import subprocess
 from pathlib import Path
 
@@ -30,16 +28,10 @@ needs_shell = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("tim
 
 
 def _run(tmp_path, part: str, **env_extra):
-    log = tmp_path / "calls.log"
-    py = tmp_path / "py"
-    py.write_text("#!/usr/bin/env bash\n"
-                  f'printf "%s\\n" "$(printf "%q " "$@")" >> {shlex.quote(str(log))}\n'
-                  'echo "3 passed in 0.01s"\n')
-    py.chmod(py.stat().st_mode | stat.S_IXUSR)
+    py, log = repo_scripts.recording_python(tmp_path)
     env = dict(os.environ, PY=str(py), OUT=str(tmp_path / "out"), **env_extra)
     res = subprocess.run(["bash", str(SCRIPT), part], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    calls = [shlex.split(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return res, calls
+    return res, repo_scripts.recorded_calls(log)
 
 
 @needs_shell

@@ -9,13 +9,13 @@ summary line, so what it would run on the GPU is read back without a GPU.
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
-import stat
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests import repo_scripts
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu-seeds.sh"
@@ -25,16 +25,11 @@ pytestmark = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("time
 
 
 def _run(tmp_path, **env_extra) -> tuple[list[list[str]], str]:
-    log = tmp_path / "calls.log"
-    py = tmp_path / "py"
-    py.write_text("#!/usr/bin/env bash\n"
-                  f'printf "%s\\n" "$(printf "%q " "$@")" >> {shlex.quote(str(log))}\n'
-                  'echo "3 passed in 0.01s"\n')
-    py.chmod(py.stat().st_mode | stat.S_IXUSR)
+    py, log = repo_scripts.recording_python(tmp_path)
     env = dict(os.environ, PY=str(py), OUT=str(tmp_path / "out"), SEEDS="3 4 5", **env_extra)
     res = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
-    return [shlex.split(line) for line in log.read_text().splitlines()], (tmp_path / "out" / "seeds.txt").read_text()
+    return repo_scripts.recorded_calls(log), (tmp_path / "out" / "seeds.txt").read_text()
 
 
 def _seed(cmd) -> str:
