@@ -174,8 +174,9 @@ def drift(stored: dict, fresh: dict) -> Drift:
 # ------------------------------------------------------------------ regen / check
 def _on_stored_derived_inputs(g, stored: dict, fresh: dict) -> tuple[dict, str]:
     """When a derived input (the probe r) rebuilds within one rounding step of its dtype
-    and its derivation's float64 noise (probe_drift) but not bit for bit, the outputs recomputed on the stored one, so that their drift is
-    the oracle's alone; else ``fresh`` as it is (and drift names the input)."""
+    and its derivation's float64 noise (probe_drift) but not bit for bit, the outputs
+    recomputed on the stored one, so that their drift is the oracle's alone; else
+    ``fresh`` as it is (and drift names the input)."""
     moved = any(k in stored and k in fresh and not torch.equal(stored[k], fresh[k]) for k in DERIVED_INPUTS)
     if not moved or g.op not in ("parallax", "parallax-decode"):
         return fresh, ""

@@ -46,7 +46,7 @@ class ProbeFamily:
     build: Callable  # (params, q, k, v, lam, scale, gen) -> r in float64, q's shape
     # (params, q, k, v, lam, scale, gen) -> (..., S) float64, the row's condition in the
     # float64 derivation: |dr_i| / |r_i| <= cond_i u64 to first order, where another
-    # platform's LAPACK and BLAS round differently (None: r moves by its last bits alone)
+    # platform's eigensolver rounds differently (None: r moves by its last bits alone)
     cond: Callable | None = None
 
     def param(self, name: str) -> Param:
@@ -99,14 +99,26 @@ def _weighted_key_cov(q, k, scale):
     return (p[..., None] * dev).transpose(-1, -2) @ dev
 
 
+def eigenspace_members(ev: torch.Tensor, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(member, tol): which eigenvalues (``ev`` ascending, as torch.linalg.eigh returns them)
+    count as equal to ``ev[..., idx]``, those within tol = 1e-8 |largest|, as a (..., D)
+    mask, and tol (...,)."""
+    tol = 1e-8 * ev[..., -1].abs().clamp_min(torch.finfo(torch.float64).tiny)
+    return (ev - ev[..., idx:idx + 1]).abs() <= tol[..., None], tol
+
+
+def eigenspace_projection(ev: torch.Tensor, vec: torch.Tensor, idx: int, g: torch.Tensor) -> torch.Tensor:
+    """The projection of ``g`` (D,) onto the eigenspace of ``ev[..., idx]`` (eigenspace_members)."""
+    member = eigenspace_members(ev, idx)[0].to(vec.dtype)
+    return (vec @ (member * (vec.transpose(-1, -2) @ g))[..., None])[..., 0]
+
+
 def eigenspace_direction(ev: torch.Tensor, vec: torch.Tensor, idx: int, g: torch.Tensor) -> torch.Tensor:
     """The unit vector along the projection of ``g`` (D,) onto the eigenspace of eigenvalue
     ``ev[..., idx]`` (``ev``, ``vec`` as torch.linalg.eigh returns them; eigenvalues within
     1e-8 of the largest count as equal): the same whichever basis of that eigenspace, and
     whichever signs, the eigensolver returns."""
-    tol = 1e-8 * ev[..., -1:].abs().clamp_min(torch.finfo(torch.float64).tiny)
-    member = ((ev - ev[..., idx:idx + 1]).abs() <= tol).to(vec.dtype)  # (..., D)
-    u = (vec @ (member * (vec.transpose(-1, -2) @ g))[..., None])[..., 0]
+    u = eigenspace_projection(ev, vec, idx, g)
     return u / u.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
 
 
@@ -150,7 +162,7 @@ def _small_eig_cond(p, q, k, v, lam, scale, gen):
     (Davis-Kahan) the projector P onto the eigenspace by |E_i| / sep_i, sep_i the distance of
     its eigenvalues from the rest (gap_i, the nearest outside, less spread_i, the farthest
     inside), so u = P g / |P g| by 2 |E_i| |g| / (sep_i |P g|). The eigenspace is the
-    eigenvalues within tol_i = 1e-8 |C_i| of lam_i (eigenspace_direction): a perturbation
+    eigenvalues within tol_i = 1e-8 |C_i| of lam_i (eigenspace_members): a perturbation
     of half the distance to that edge, flip_i = min(gap_i - tol_i, tol_i - spread_i) / 2
     (the second only where other eigenvalues are inside), moves one across it, and u
     anywhere; 2 e_i / flip_i charges that, so that the allowance passes 2 |r_i| by the time
@@ -166,9 +178,8 @@ def _small_eig_cond(p, q, k, v, lam, scale, gen):
     idx = min(int(p["index"]), D - 1)
     lam_i = ev[..., idx]
     top = ev.abs().amax(-1)
-    tol = 1e-8 * top
+    member, tol = eigenspace_members(ev, idx)
     dist = (ev - lam_i[..., None]).abs()
-    member = dist <= tol[..., None]
     gap = torch.where(member, math.inf, dist).amin(-1)
     spread = torch.where(member, dist, 0.0).amax(-1)
     others = member.sum(-1) > 1
@@ -176,10 +187,9 @@ def _small_eig_cond(p, q, k, v, lam, scale, gen):
     sep = gap - spread
     e = D * top
     tiny = torch.finfo(torch.float64).tiny
-    pg = (vec @ (member.to(vec.dtype) * (vec.transpose(-1, -2) @ g))[..., None])[..., 0].norm(dim=-1)
-    lift = g.norm() / pg.clamp_min(tiny)
+    lift = g.norm() / eigenspace_projection(ev, vec, idx, g).norm(dim=-1).clamp_min(tiny)
     floor = (1e-6 * _key_spread(k).pow(2))[..., 0].expand_as(lam_i)
-    # gap = inf (every eigenvalue inside): P = I whatever the perturbation, no direction term
+    # every eigenvalue inside (gap = inf): P = I, and only the edge can move it
     direction = 2.0 * e * lift / sep.clamp_min(tiny) + 2.0 * e / flip.clamp_min(tiny)
     cond = torch.where(flip > 0, direction, math.inf) + 0.5 * e / torch.maximum(lam_i, floor)
     # a covariance of exact zeros (the first row, identical keys) has no rounding to move it
