@@ -91,9 +91,11 @@ def run_one(package: str, dtype: str, D: int, device: str = "cuda") -> None:
 
             o = parallax_triton.parallax_attention(*xs)
             # outside autograd a bf16 forward takes bf16 weights: the inference kernel and the
-            # split kernel's MODE 3, compiles of their own that most properties call
-            with torch.no_grad():
-                parallax_triton.parallax_attention(*xs)
+            # split kernel's MODE 3, compiles of their own that most properties call (other
+            # dtypes run the autograd forward's kernels there, compiled above)
+            if dtype == "bfloat16":
+                with torch.no_grad():
+                    parallax_triton.parallax_attention(*xs)
         o.float().square().sum().backward()
     else:
         q, k, v = _inputs(dtype, D, S, device)
